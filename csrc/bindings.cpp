@@ -1,0 +1,92 @@
+// pybind11 module unmask._C: raw pointers, shapes, strides and streams in; no
+// validation beyond what keeps the process alive (python/unmask/ops.py validates).
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "unmask/cuda_info.h"
+#include "unmask/rng.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+using namespace unmask;
+
+namespace {
+
+template <typename T>
+T* as_pointer(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+void raise_on_error(Status status, const char* op) {
+  if (status == Status::kOk) return;
+  const std::string where = std::string("unmask._C.") + op + ": ";
+  switch (status) {
+    case Status::kInvalidArgument: throw py::value_error(where + "invalid argument");
+    case Status::kCudaError: throw std::runtime_error(where + last_cuda_error());
+    case Status::kUnsupported:
+      PyErr_SetString(PyExc_NotImplementedError, (where + "not supported by this build").c_str());
+      throw py::error_already_set();
+    default: throw std::runtime_error(where + status_name(status));
+  }
+}
+
+DrawParams draw_params(std::uintptr_t out, int64_t rows, int64_t cols, int64_t row_begin,
+                       uint64_t seed, uint32_t offset, uint32_t stream) {
+  return DrawParams{as_pointer<uint32_t>(out), rows, cols, row_begin, seed, offset,
+                    static_cast<RngStream>(stream)};
+}
+
+int openmp_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "unmask native kernels (C++ CPU, CUDA where built)";
+
+  m.def("cuda_compiled", &cuda_compiled);
+  m.def("cuda_device_count", &cuda_device_count);
+  m.def("openmp_threads", &openmp_threads);
+
+  m.def(
+      "fill_draws_cpu",
+      [](std::uintptr_t out, int64_t rows, int64_t cols, int64_t row_begin, uint64_t seed,
+         uint32_t offset, uint32_t stream) {
+        py::gil_scoped_release release;
+        raise_on_error(fill_draws_cpu(draw_params(out, rows, cols, row_begin, seed, offset, stream)),
+                       "fill_draws_cpu");
+      },
+      py::arg("out"), py::arg("rows"), py::arg("cols"), py::arg("row_begin"), py::arg("seed"),
+      py::arg("offset"), py::arg("stream"));
+
+  m.def(
+      "fill_draws_cuda",
+      [](std::uintptr_t out, int64_t rows, int64_t cols, int64_t row_begin, uint64_t seed,
+         uint32_t offset, uint32_t stream, std::uintptr_t cuda_stream) {
+        raise_on_error(fill_draws_cuda(draw_params(out, rows, cols, row_begin, seed, offset, stream),
+                                       as_pointer<void>(cuda_stream)),
+                       "fill_draws_cuda");
+      },
+      py::arg("out"), py::arg("rows"), py::arg("cols"), py::arg("row_begin"), py::arg("seed"),
+      py::arg("offset"), py::arg("stream"), py::arg("cuda_stream"));
+
+  m.def(
+      "philox_blocks_cpu",
+      [](std::uintptr_t counters, std::uintptr_t out, int64_t n, uint32_t key0, uint32_t key1) {
+        py::gil_scoped_release release;
+        raise_on_error(philox_blocks_cpu(PhiloxBlockParams{as_pointer<const uint32_t>(counters),
+                                                           as_pointer<uint32_t>(out), n, key0, key1}),
+                       "philox_blocks_cpu");
+      },
+      py::arg("counters"), py::arg("out"), py::arg("n"), py::arg("key0"), py::arg("key1"));
+}

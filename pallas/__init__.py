@@ -1,0 +1,1 @@
+"""JAX Pallas kernels, installed as unmask.pallas (sources live in pallas/)."""
