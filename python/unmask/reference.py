@@ -1,0 +1,252 @@
+"""The specification of unmask's three kernels, in plain PyTorch.
+
+Readable before fast: every C++, CUDA and Pallas kernel is tested against these
+functions (DESIGN.md, Contracts). They take already-validated arguments; the public
+entry points in unmask.ops validate and then dispatch here or to a native kernel.
+
+Precision: attention computes in float32 (float64 for float64 inputs), so a test
+that wants a high-precision answer passes float64 tensors. sample computes the
+filters and confidences in float64 from the float32 value of each logit, and the
+Gumbel noise in float64 from the exact uniform of rng.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from unmask import rng
+
+CONFIDENCE_KINDS = ("prob", "margin", "entropy", "random")
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def visibility(
+    batch: int,
+    q_len: int,
+    k_len: int,
+    *,
+    kv_len: torch.Tensor | None = None,
+    key_valid: torch.Tensor | None = None,
+    block_size: int | None = None,
+    q_offset: int = 0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """visible[b, i, j]: may query i of batch b see key j? Bool [B, Lq, Lk]."""
+    keys = torch.arange(k_len, device=device)
+    visible = torch.ones(batch, q_len, k_len, dtype=torch.bool, device=device)
+    if kv_len is not None:
+        visible &= (keys[None, :] < kv_len.to(device)[:, None])[:, None, :]
+    if key_valid is not None:
+        visible &= key_valid.to(device=device, dtype=torch.bool)[:, None, :]
+    if block_size is not None:
+        query_pos = q_offset + torch.arange(q_len, device=device)
+        # Block diffusion: a query sees every key of its own block and of earlier ones.
+        visible &= ((keys[None, :] // block_size) <= (query_pos[:, None] // block_size))[None]
+    return visible
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    kv_len: torch.Tensor | None = None,
+    key_valid: torch.Tensor | None = None,
+    block_size: int | None = None,
+    q_offset: int = 0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Masked bidirectional attention. q [B, Lq, Hq, D], k and v [B, Lk, Hkv, D] -> [B, Lq, Hq, D].
+
+    Query head h reads key/value head h // (Hq // Hkv) (GQA). A query that sees no
+    key gets zeros.
+    """
+    batch, q_len, q_heads, head_dim = q.shape
+    k_len, kv_heads = k.shape[1], k.shape[2]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+
+    group = q_heads // kv_heads
+    k = k.to(compute).repeat_interleave(group, dim=2)
+    v = v.to(compute).repeat_interleave(group, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(compute), k) * scale
+
+    visible = visibility(
+        batch, q_len, k_len, kv_len=kv_len, key_valid=key_valid,
+        block_size=block_size, q_offset=q_offset, device=q.device,
+    )[:, None]  # broadcast over heads
+    scores = scores.masked_fill(~visible, float("-inf"))
+    sees_a_key = visible.any(dim=-1, keepdim=True)
+    probs = torch.where(sees_a_key, torch.softmax(scores, dim=-1), 0.0)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
+    return out.to(q.dtype)
+
+
+# --------------------------------------------------------------------------- sample
+
+
+def keep_top_k(x: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Bool [N, V]: the top_k largest entries of each row, ties to the lower id."""
+    vocab = x.shape[-1]
+    if top_k <= 0 or top_k >= vocab:
+        return torch.ones_like(x, dtype=torch.bool)
+    # A stable descending sort keeps equal values in id order, so ties go to the lower id.
+    order = torch.sort(x, dim=-1, descending=True, stable=True).indices
+    keep = torch.zeros_like(x, dtype=torch.bool)
+    return keep.scatter(-1, order[:, :top_k], True)
+
+
+def keep_top_p(x: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Bool [N, V]: the smallest most-likely set whose softmax mass reaches top_p.
+
+    x holds -inf where earlier filters removed a token. A token is kept when the mass
+    of the tokens ranked before it is still below top_p, so the most likely token is
+    always kept and the last kept token is the one that crosses top_p.
+    """
+    if top_p >= 1.0:
+        return torch.ones_like(x, dtype=torch.bool)
+    probs = torch.softmax(x.double(), dim=-1)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    keep_sorted = mass_before < top_p
+    keep_sorted[:, 0] = True
+    keep = torch.zeros_like(x, dtype=torch.bool)
+    return keep.scatter(-1, order, keep_sorted)
+
+
+def confidence_of(
+    kept: torch.Tensor,
+    tokens: torch.Tensor,
+    kind: str,
+    conf_temperature: float,
+    *,
+    seed: int,
+    offset: int,
+    row_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Float64 confidence per row of the kept logits (-inf where removed)."""
+    if kind == "random":
+        return rng.random_confidence(seed, row_ids, offset=offset)
+    probs = torch.softmax(kept.double() / conf_temperature, dim=-1)
+    if kind == "prob":
+        return probs.gather(-1, tokens.clamp(min=0)[:, None]).squeeze(-1)
+    if kind == "margin":
+        top2 = probs.topk(min(2, probs.shape[-1]), dim=-1).values
+        second = top2[:, 1] if top2.shape[-1] > 1 else torch.zeros_like(top2[:, 0])
+        return top2[:, 0] - second
+    if kind == "entropy":
+        # sum p log p (negative entropy, higher is more confident), with 0 log 0 = 0.
+        return torch.where(probs > 0, probs * torch.log(probs), 0.0).sum(dim=-1)
+    raise ValueError(f"confidence must be one of {CONFIDENCE_KINDS}, got {kind!r}")
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    banned: torch.Tensor | None = None,
+    confidence: str = "prob",
+    conf_temperature: float = 1.0,
+    seed: int = 0,
+    offset: int = 0,
+    rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token and its confidence per row of logits [..., V].
+
+    Returns tokens (int64) and conf (float32) of shape logits.shape[:-1]. Rows not in
+    `rows`, and rows with no finite kept logit or with a NaN or +inf kept logit, get
+    token -1 and conf -inf. The RNG row id of a row is its index in the flattened
+    leading dimensions.
+    """
+    lead_shape, vocab = logits.shape[:-1], logits.shape[-1]
+    flat = logits.reshape(-1, vocab)
+    device = logits.device
+    row_ids = torch.arange(flat.shape[0], device=device) if rows is None else rows.to(device).reshape(-1)
+
+    x = flat[row_ids].float().double()  # the float32 value of each logit, computed on in float64
+    if banned is not None and banned.numel() > 0:
+        x[:, banned.to(device)] = float("-inf")
+    bad = torch.isnan(x) | torch.isposinf(x)
+    x = x.masked_fill(bad, float("-inf"))
+
+    x = x.masked_fill(~keep_top_k(x, top_k), float("-inf"))
+    x = x.masked_fill(~keep_top_p(x, top_p), float("-inf"))
+
+    if temperature == 0.0:
+        scores = x
+    else:
+        scores = x / temperature + rng.gumbel(seed, row_ids, vocab, offset=offset).to(device)
+    tokens = scores.argmax(dim=-1)  # first maximum: ties go to the lower id
+    conf = confidence_of(x, tokens, confidence, conf_temperature, seed=seed, offset=offset, row_ids=row_ids)
+
+    invalid = bad.any(dim=-1) | ~torch.isfinite(x).any(dim=-1)
+    tokens = tokens.masked_fill(invalid, -1)
+    conf = conf.masked_fill(invalid, float("-inf"))
+
+    all_tokens = torch.full((flat.shape[0],), -1, dtype=torch.int64, device=device)
+    all_conf = torch.full((flat.shape[0],), float("-inf"), dtype=torch.float32, device=device)
+    all_tokens[row_ids] = tokens
+    all_conf[row_ids] = conf.float()
+    return all_tokens.reshape(lead_shape), all_conf.reshape(lead_shape)
+
+
+# --------------------------------------------------------------------------- commit
+
+
+def rank_by_confidence(conf: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """rank[b, j]: 0 for the best eligible position of row b, then 1, ...; ineligible last.
+
+    Best means highest conf, ties to the lower position: a stable descending sort by
+    conf, then a stable sort that moves the eligible positions first.
+    """
+    by_conf = torch.sort(conf.double(), dim=-1, descending=True, stable=True).indices
+    eligible_first = torch.sort((~eligible.gather(-1, by_conf)).to(torch.uint8), dim=-1, stable=True).indices
+    order = by_conf.gather(-1, eligible_first)
+    positions = torch.arange(conf.shape[-1], device=conf.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
+
+
+def commit_counts(
+    conf: torch.Tensor,
+    eligible: torch.Tensor,
+    *,
+    k: torch.Tensor | None = None,
+    threshold: float | None = None,
+    factor: float | None = None,
+) -> torch.Tensor:
+    """How many positions each row commits (int64 [B]), from exactly one of the modes."""
+    n_eligible = eligible.sum(dim=-1)
+    if k is not None:
+        return torch.minimum(k.to(n_eligible.device, torch.int64), n_eligible)
+    ranked = torch.sort(torch.where(eligible, conf.double(), float("-inf")), dim=-1, descending=True).values
+    at_least_one = (n_eligible > 0).to(torch.int64)
+    if threshold is not None:
+        passing = (eligible & (conf.double() > threshold)).sum(dim=-1)
+        return torch.maximum(passing, at_least_one)
+    # Factor rule: (n + 1) * (1 - c_n) grows with n, so the n that satisfy it form a prefix.
+    n = torch.arange(1, conf.shape[-1] + 1, device=conf.device, dtype=torch.float64)
+    passes = ((n + 1) * (1 - ranked) < factor) & (n <= n_eligible[:, None])
+    return torch.maximum(passes.sum(dim=-1), at_least_one)
+
+
+def commit(
+    x: torch.Tensor,
+    tokens: torch.Tensor,
+    conf: torch.Tensor,
+    eligible: torch.Tensor,
+    *,
+    k: torch.Tensor | None = None,
+    threshold: float | None = None,
+    factor: float | None = None,
+) -> torch.Tensor:
+    """Confidence-based unmasking of the canvas x [B, L], in place; returns committed [B, L]."""
+    counts = commit_counts(conf, eligible, k=k, threshold=threshold, factor=factor)
+    committed = (rank_by_confidence(conf, eligible) < counts[:, None]) & eligible
+    x[committed] = tokens[committed].to(x.dtype)
+    return committed
