@@ -1,0 +1,164 @@
+"""Checkpoints in LLaDA's on-disk format: config.json plus safetensors (one file, or
+shards with model.safetensors.index.json), with LLaDA's tensor names."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from unmask.models.config import ModelConfig
+from unmask.models.transformer import DiffusionTransformer
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# Our parameter names -> LLaDA's. {i} is the layer index.
+_LLADA_LAYER_NAMES = {
+    "attn_norm.weight": "attn_norm.weight",
+    "q_proj.weight": "q_proj.weight",
+    "q_proj.bias": "q_proj.bias",
+    "k_proj.weight": "k_proj.weight",
+    "k_proj.bias": "k_proj.bias",
+    "v_proj.weight": "v_proj.weight",
+    "v_proj.bias": "v_proj.bias",
+    "o_proj.weight": "attn_out.weight",
+    "mlp_norm.weight": "ff_norm.weight",
+    "gate_proj.weight": "ff_proj.weight",
+    "up_proj.weight": "up_proj.weight",
+    "down_proj.weight": "ff_out.weight",
+}
+_LLADA_GLOBAL_NAMES = {
+    "embed.weight": "model.transformer.wte.weight",
+    "final_norm.weight": "model.transformer.ln_f.weight",
+    "lm_head.weight": "model.transformer.ff_out.weight",
+}
+_LAYER_PATTERN = re.compile(r"layers\.(\d+)\.(.+)")
+
+
+def llada_name(ours: str) -> str:
+    if ours in _LLADA_GLOBAL_NAMES:
+        return _LLADA_GLOBAL_NAMES[ours]
+    match = _LAYER_PATTERN.fullmatch(ours)
+    if match is None or match.group(2) not in _LLADA_LAYER_NAMES:
+        raise KeyError(f"no LLaDA name for parameter {ours!r}")
+    return f"model.transformer.blocks.{match.group(1)}.{_LLADA_LAYER_NAMES[match.group(2)]}"
+
+
+def _expected_names(model: DiffusionTransformer) -> dict[str, str]:
+    """LLaDA name -> our name, for every tensor the checkpoint must hold."""
+    names = {}
+    for ours in model.state_dict():
+        if ours == "lm_head.weight" and model.config.weight_tying:
+            continue  # tied to the embedding: LLaDA stores no separate head
+        names[llada_name(ours)] = ours
+    return names
+
+
+def save_pretrained(model: DiffusionTransformer, directory: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write config.json and the weights (sharded above max_shard_bytes) in LLaDA's format."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_llada_json()
+    config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    state = model.state_dict()
+    tensors = {name: state[ours].detach().contiguous().cpu() for name, ours in _expected_names(model).items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = tensor
+        shard_bytes += size
+    if len(shards) == 1:
+        save_file(shards[0], directory / SINGLE_FILE, metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for index, shard in enumerate(shards, start=1):
+        file_name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / file_name, metadata={"format": "pt"})
+        weight_map.update({name: file_name for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index_json, indent=2) + "\n")
+
+
+def _weight_files(directory: Path) -> dict[str, list[str]]:
+    """safetensors file -> the tensor names it holds."""
+    if (directory / INDEX_FILE).exists():
+        weight_map = json.loads((directory / INDEX_FILE).read_text())["weight_map"]
+        files: dict[str, list[str]] = {}
+        for name, file_name in weight_map.items():
+            files.setdefault(file_name, []).append(name)
+        return files
+    if (directory / SINGLE_FILE).exists():
+        with safe_open(directory / SINGLE_FILE, framework="pt") as handle:
+            return {SINGLE_FILE: list(handle.keys())}
+    raise FileNotFoundError(f"{directory} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+
+def from_pretrained(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> DiffusionTransformer:
+    """Load a LLaDA-format checkpoint directory (config.json, safetensors, optional tokenizer.json).
+
+    Tensors go straight from the file to `device` in their stored dtype (or `dtype`):
+    a bf16 checkpoint never passes through float32.
+    """
+    directory = Path(path)
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"path: no config.json in {directory}")
+    fields = json.loads((directory / "config.json").read_text())
+    model_type = fields.get("model_type")
+    if model_type != "llada":
+        raise ValueError(f"config.json model_type must be 'llada', got {model_type!r}")
+    config = ModelConfig.from_llada_json(fields)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+
+    with torch.device("meta"):
+        model = DiffusionTransformer(config)
+    expected = _expected_names(model)
+    meta_state = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for file_name, names in _weight_files(directory).items():
+        with safe_open(directory / file_name, framework="pt", device=str(device)) as handle:
+            for name in names:
+                if name not in expected:
+                    unexpected.append(name)
+                    continue
+                tensor = handle.get_tensor(name)
+                ours = expected[name]
+                if tuple(tensor.shape) != tuple(meta_state[ours].shape):
+                    raise ValueError(
+                        f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
+                        f"the config implies {tuple(meta_state[ours].shape)}"
+                    )
+                state[ours] = tensor.to(dtype) if dtype is not None else tensor
+    missing = sorted(name for name, ours in expected.items() if ours not in state)
+    if missing:
+        raise ValueError(f"checkpoint {directory} is missing tensors: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    if unexpected:
+        raise ValueError(f"checkpoint {directory} has unexpected tensors: {sorted(unexpected)[:10]}")
+    if config.weight_tying:
+        state["lm_head.weight"] = state["embed.weight"]
+    model.load_state_dict(state, assign=True)
+    if config.weight_tying:
+        model.lm_head.weight = model.embed.weight
+    model.eval()
+    if (directory / "tokenizer.json").exists():
+        from tokenizers import Tokenizer
+
+        model.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    return model

@@ -1,0 +1,87 @@
+"""Model configuration: one dataclass for the bidirectional transformer.
+
+Field names follow LLaDA's config.json (d_model, n_layers, ...), so a LLaDA
+checkpoint's config maps onto it directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+# LLaDA-8B's token ids (its tokenizer): the mask token and <|endoftext|>.
+LLADA_MASK_ID = 126336
+LLADA_EOS_ID = 126081
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    d_model: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    mlp_hidden_size: int = 12288
+    vocab_size: int = 126464
+    embedding_size: int = 126464
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+    mask_token_id: int = LLADA_MASK_ID
+    eos_token_id: int = LLADA_EOS_ID
+    weight_tying: bool = False
+    include_qkv_bias: bool = False
+    # Block diffusion: attention lets position p see key j when j // block_size <= p // block_size.
+    block_size: int | None = None
+    model_type: str = "llada"
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size", "embedding_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"config.{name} must be a positive int, got {value!r}")
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(f"config.d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(f"config.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head dim d_model / n_heads must be even for rotary embeddings, got {self.head_dim}")
+        if self.embedding_size < self.vocab_size:
+            raise ValueError(f"config.embedding_size ({self.embedding_size}) must be >= vocab_size ({self.vocab_size})")
+        for name in ("mask_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if not 0 <= value < self.embedding_size:
+                raise ValueError(f"config.{name} ({value}) must lie in [0, embedding_size={self.embedding_size})")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"config.block_size must be None or >= 1, got {self.block_size}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_llada_json(self) -> dict[str, Any]:
+        """config.json in LLaDA's field names (plus the fields its loader expects)."""
+        fields = dataclasses.asdict(self)
+        fields.pop("block_size")
+        if self.block_size is not None:
+            fields["block_size"] = self.block_size
+        fields.update(
+            architectures=["LLaDAModelLM"],
+            block_type="llama",
+            activation_type="silu",
+            layer_norm_type="rms",
+            rope=True,
+            include_bias=False,
+            pad_token_id=self.eos_token_id,
+        )
+        return fields
+
+    @classmethod
+    def from_llada_json(cls, fields: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {key: value for key, value in fields.items() if key in names}
+        if known.get("n_kv_heads") is None:
+            known["n_kv_heads"] = fields.get("n_heads", cls.n_heads)
+        if known.get("mlp_hidden_size") is None and "mlp_ratio" in fields:
+            known["mlp_hidden_size"] = fields["mlp_ratio"] * fields["d_model"]
+        if known.get("embedding_size") is None:
+            known["embedding_size"] = fields.get("vocab_size", cls.vocab_size)
+        return cls(**known)
