@@ -1,0 +1,426 @@
+"""Block-parallel decoding for masked diffusion LMs (DESIGN.md, The sampler).
+
+generate() writes a canvas of mask tokens after each (left-padded) prompt and fills
+it block by block, left to right. Each step runs the model once, samples a token and
+a confidence for every masked position of the active block (unmask.ops.sample) and
+commits some of them (unmask.ops.commit):
+
+- steps (LLaDA): a block with m masked positions and s steps commits m // s tokens
+  per step, plus one in each of the first m % s steps;
+- threshold / factor (parallel decoding): every position whose confidence passes,
+  at least one per step, until the block has no mask.
+
+infill() runs the same loop over masks wherever they stand in a given sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from unmask import ops
+
+REMASKING_TO_CONFIDENCE = {
+    "low_confidence": "prob",
+    "margin": "margin",
+    "entropy": "entropy",
+    "random": "random",
+}
+
+Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    """tokens [B, gen_length]; sequences [B, P + gen_length] (left-padded prompt, then output)."""
+
+    tokens: torch.Tensor
+    sequences: torch.Tensor
+    nfe: int  # model evaluations; with cfg_scale > 0 each runs on a doubled batch
+    steps_per_block: list[int]
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens.numel() / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sampling:
+    temperature: float
+    top_k: int
+    top_p: float
+    confidence: str
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    """How a block decides how many positions to commit each step (exactly one is set)."""
+
+    steps_per_block: int | None = None
+    threshold: float | None = None
+    factor: float | None = None
+
+
+# --------------------------------------------------------------------------- small pure pieces
+
+
+def schedule_counts(masked: torch.Tensor, steps: int) -> torch.Tensor:
+    """counts[b, i]: tokens row b commits at step i, for masked[b] positions over `steps` steps.
+
+    m // s each step plus one for the first m % s steps (LLaDA's schedule), so the
+    counts of a row sum to m.
+    """
+    base = masked // steps
+    remainder = masked % steps
+    step = torch.arange(steps, device=masked.device)
+    return base[:, None] + (step[None, :] < remainder[:, None]).to(masked.dtype)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None):
+    """Token-id lists of different lengths -> ids [B, P] and attention mask [B, P] (left padding)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.int64)
+            mask[row, width - len(prompt):] = True
+    return ids.to(device), mask.to(device)
+
+
+def model_logits(model, x: torch.Tensor, attention_mask: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
+    """Logits [B, end - start, V] of positions start..end-1.
+
+    The unmask model runs its LM head on those positions only; any other callable
+    returning logits [B, L, V] (or an object with .logits) is sliced afterwards.
+    """
+    from unmask.models import DiffusionTransformer
+
+    if isinstance(model, DiffusionTransformer):
+        return model(x, attention_mask, logit_positions=slice(start, end))
+    out = model(x, attention_mask=attention_mask)
+    logits = getattr(out, "logits", out)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != x.shape:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"model must return logits [B, L, V] = [{x.shape[0]}, {x.shape[1]}, V], got {shape}")
+    return logits[:, start:end]
+
+
+def guided_logits(model, x, attention_mask, prompt_positions, mask_id: int, cfg_scale: float, start: int, end: int):
+    """Classifier-free guidance: un + (cfg_scale + 1) * (cond - un), the unconditional pass
+    seeing the prompt replaced by masks; both passes in one batched call."""
+    if cfg_scale == 0.0:
+        return model_logits(model, x, attention_mask, start, end)
+    unconditional = x.masked_fill(prompt_positions, mask_id)
+    both_mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
+    cond, uncond = model_logits(model, torch.cat([x, unconditional]), both_mask, start, end).chunk(2)
+    return uncond + (cfg_scale + 1.0) * (cond - uncond)
+
+
+# --------------------------------------------------------------------------- the step loop
+
+
+def _decode(
+    model,
+    x: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    blocks: list[tuple[int, int]],
+    rule: _Rule,
+    sampling: _Sampling,
+    *,
+    mask_id: int,
+    cfg_scale: float,
+    prompt_positions: torch.Tensor,
+    eos_id: int | None,
+    generation_start: int,
+    callback: Callback | None,
+) -> tuple[int, list[int]]:
+    """Fill the masks of x block by block, in place. Returns (nfe, steps per block).
+
+    eos_id set: after each block, a row whose generated text holds EOS stops and the
+    rest of it becomes EOS; decoding ends when no row is running.
+    """
+    batch = x.shape[0]
+    running = torch.ones(batch, dtype=torch.bool, device=x.device)
+    nfe = 0
+    steps_per_block = []
+    for start, end in blocks:
+        masked = (x[:, start:end] == mask_id) & running[:, None]
+        counts = None
+        if rule.steps_per_block is not None:
+            counts = schedule_counts(masked.sum(dim=1), rule.steps_per_block)
+        block_steps = 0
+        step_budget = rule.steps_per_block if counts is not None else end - start
+        for step in range(step_budget):
+            eligible = (x[:, start:end] == mask_id) & running[:, None]
+            if counts is not None:
+                k = counts[:, step]
+                if not bool(k.any()):
+                    continue  # this step commits nothing in any row: no model call needed
+                mode = {"k": k}
+            else:
+                if not bool(eligible.any()):
+                    break
+                mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
+            logits = guided_logits(model, x, attention_mask, prompt_positions, mask_id, cfg_scale, start, end)
+            if mask_id >= logits.shape[-1]:
+                raise ValueError(f"mask_id={mask_id} lies outside the model's vocabulary (V={logits.shape[-1]})")
+            tokens, conf = ops.sample(
+                logits,
+                temperature=sampling.temperature,
+                top_k=sampling.top_k,
+                top_p=sampling.top_p,
+                banned=[mask_id],
+                confidence=sampling.confidence,
+                seed=sampling.seed,
+                offset=nfe,
+                rows=torch.nonzero(eligible.reshape(-1)).flatten(),
+            )
+            block = x[:, start:end].clone()
+            committed = ops.commit(block, tokens, conf, eligible, **mode)
+            x[:, start:end] = block
+            nfe += 1
+            block_steps += 1
+            if callback is not None:
+                everywhere = torch.zeros_like(x, dtype=torch.bool)
+                everywhere[:, start:end] = committed
+                callback(nfe - 1, x, everywhere)
+        steps_per_block.append(block_steps)
+        if eos_id is not None:
+            running &= ~_stop_rows_at_eos(x, generation_start, end, eos_id, running)
+            if not bool(running.any()):
+                break
+    return nfe, steps_per_block
+
+
+def _stop_rows_at_eos(x: torch.Tensor, generation_start: int, decoded_end: int, eos_id: int, running: torch.Tensor):
+    """Rows (still running) whose decoded text holds EOS: everything after their first EOS
+    becomes EOS. Returns the bool [B] of rows that stop."""
+    decoded = x[:, generation_start:decoded_end]
+    stops = (decoded == eos_id).any(dim=1) & running
+    if bool(stops.any()):
+        positions = torch.arange(x.shape[1] - generation_start, device=x.device)
+        first_eos = torch.where(decoded == eos_id, positions[: decoded.shape[1]], x.shape[1]).min(dim=1).values
+        after = (positions[None, :] > first_eos[:, None]) & stops[:, None]
+        x[:, generation_start:] = x[:, generation_start:].masked_fill(after, eos_id)
+    return stops
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _special_id(model, given: int | None, attr: str, config_attr: str) -> int | None:
+    if given is not None:
+        return given
+    if hasattr(model, attr):
+        return getattr(model, attr)
+    return getattr(getattr(model, "config", None), config_attr, None)
+
+
+def _rule(steps, threshold, factor, *, num_blocks: int, default_steps: int) -> _Rule:
+    given = [name for name, value in (("steps", steps), ("threshold", threshold), ("factor", factor)) if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"give at most one of steps, threshold, factor; got {given}")
+    if threshold is not None:
+        ops._check_float("threshold", threshold)
+        return _Rule(threshold=float(threshold))
+    if factor is not None:
+        ops._check_float("factor", factor, positive=True)
+        return _Rule(factor=float(factor))
+    steps = default_steps if steps is None else steps
+    _check_positive_int("steps", steps)
+    if steps % num_blocks != 0:
+        raise ValueError(f"steps={steps} must be a multiple of the number of blocks ({num_blocks})")
+    return _Rule(steps_per_block=steps // num_blocks)
+
+
+def _sampling(temperature, top_k, top_p, remasking, seed) -> _Sampling:
+    if remasking not in REMASKING_TO_CONFIDENCE:
+        raise ValueError(f"remasking must be one of {tuple(REMASKING_TO_CONFIDENCE)}, got {remasking!r}")
+    ops._check_float("temperature", temperature, nonnegative=True)
+    ops._check_int("top_k", top_k, low=0)
+    ops._check_float("top_p", top_p, positive=True)
+    if top_p > 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    from unmask.rng import check_seed
+
+    check_seed(seed)
+    return _Sampling(float(temperature), top_k, float(top_p), REMASKING_TO_CONFIDENCE[remasking], seed)
+
+
+def _prompt_batch(prompts, attention_mask, pad_id: int, device):
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dtype not in ops.INT_DTYPES or prompts.dim() != 2:
+            raise ValueError(f"prompts must be an int tensor [B, P], got {prompts.dtype} {tuple(prompts.shape)}")
+        if prompts.shape[0] == 0:
+            raise ValueError("prompts: empty batch (B = 0)")
+        ids = prompts.to(device=device, dtype=torch.int64)
+        if attention_mask is None:
+            return ids, torch.ones_like(ids, dtype=torch.bool)
+        if tuple(attention_mask.shape) != tuple(prompts.shape):
+            raise ValueError(f"attention_mask must have the prompts' shape {tuple(prompts.shape)}, got {tuple(attention_mask.shape)}")
+        return ids, attention_mask.to(device=device, dtype=torch.bool)
+    if attention_mask is not None:
+        raise ValueError("attention_mask goes with a prompts tensor; lists of token ids are padded here")
+    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+        raise ValueError(f"prompts must be a non-empty list of token-id lists or an int tensor [B, P], got {prompts!r}")
+    for row, prompt in enumerate(prompts):
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and t >= 0 for t in prompt):
+            raise ValueError(f"prompts[{row}] must be a list of non-negative token ids")
+    return left_pad(prompts, pad_id, device)
+
+
+def _model_device(model, device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if isinstance(model, torch.nn.Module):
+        for param in model.parameters():
+            return param.device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def generate(
+    model,
+    prompts,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    gen_length: int = 128,
+    block_length: int = 32,
+    steps: int | None = None,
+    threshold: float | None = None,
+    factor: float | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    remasking: str = "low_confidence",
+    cfg_scale: float = 0.0,
+    mask_id: int | None = None,
+    eos_id: int | None = None,
+    stop_at_eos: bool = True,
+    seed: int = 0,
+    callback: Callback | None = None,
+    device: torch.device | str | None = None,
+) -> GenerateOutput:
+    """Decode gen_length tokens after each prompt with a masked diffusion LM.
+
+    model: the unmask model, or any callable model(input_ids, attention_mask=None)
+    returning logits [B, L, V] (or an object with .logits). prompts: an int tensor
+    [B, P] (attention_mask [B, P] marks real tokens) or a list of token-id lists,
+    left-padded here. Exactly one of steps (default gen_length: one token per step),
+    threshold or factor picks the commit rule. callback(step, canvas, committed)
+    runs after every step.
+    """
+    _check_positive_int("gen_length", gen_length)
+    _check_positive_int("block_length", block_length)
+    if gen_length % block_length != 0:
+        raise ValueError(f"block_length={block_length} must divide gen_length={gen_length}")
+    num_blocks = gen_length // block_length
+    rule = _rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=gen_length)
+    sampling = _sampling(temperature, top_k, top_p, remasking, seed)
+    ops._check_float("cfg_scale", cfg_scale, nonnegative=True)
+    mask_id = _special_id(model, mask_id, "mask_id", "mask_token_id")
+    if mask_id is None:
+        raise ValueError("mask_id: the model does not name its mask token; pass mask_id=")
+    ops._check_int("mask_id", mask_id, low=0)
+    eos_id = _special_id(model, eos_id, "eos_id", "eos_token_id")
+    if eos_id is not None:
+        ops._check_int("eos_id", eos_id, low=0)
+
+    device = _model_device(model, device)
+    ids, prompt_mask = _prompt_batch(prompts, attention_mask, eos_id if eos_id is not None else 0, device)
+    if bool((ids.masked_fill(~prompt_mask, -1) == mask_id).any()):
+        raise ValueError(f"prompts contain mask_id={mask_id}; use unmask.infill to fill masks inside a text")
+    batch, prompt_len = ids.shape
+    x = torch.cat([ids, torch.full((batch, gen_length), mask_id, dtype=torch.int64, device=device)], dim=1)
+    canvas_mask = torch.cat([prompt_mask, torch.ones(batch, gen_length, dtype=torch.bool, device=device)], dim=1)
+    # Padding is invisible to attention; with no padding, pass no mask at all.
+    model_mask = None if bool(canvas_mask.all()) else canvas_mask
+    prompt_positions = torch.zeros_like(x, dtype=torch.bool)
+    prompt_positions[:, :prompt_len] = prompt_mask
+
+    blocks = [(prompt_len + i * block_length, prompt_len + (i + 1) * block_length) for i in range(num_blocks)]
+    started = time.perf_counter()
+    with torch.inference_mode():
+        nfe, steps_per_block = _decode(
+            model, x, model_mask, blocks, rule, sampling,
+            mask_id=mask_id, cfg_scale=float(cfg_scale), prompt_positions=prompt_positions,
+            eos_id=eos_id if stop_at_eos else None, generation_start=prompt_len, callback=callback,
+        )
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    seconds = time.perf_counter() - started
+    return GenerateOutput(x[:, prompt_len:].clone(), x, nfe, steps_per_block, seconds)
+
+
+def infill(
+    model,
+    ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    block_length: int | None = None,
+    steps: int | None = None,
+    threshold: float | None = None,
+    factor: float | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    remasking: str = "low_confidence",
+    mask_id: int | None = None,
+    seed: int = 0,
+    callback: Callback | None = None,
+) -> GenerateOutput:
+    """Decode the mask tokens of ids [B, L] wherever they stand (editing, fill-in-the-middle).
+
+    Blocks of block_length (default: the whole sequence) go left to right; steps
+    defaults to one token per step for the row with the most masks per block.
+    Returns the filled ids as .tokens (and .sequences).
+    """
+    mask_id = _special_id(model, mask_id, "mask_id", "mask_token_id")
+    if mask_id is None:
+        raise ValueError("mask_id: the model does not name its mask token; pass mask_id=")
+    ops._check_int("mask_id", mask_id, low=0)
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in ops.INT_DTYPES or ids.dim() != 2:
+        raise ValueError(f"ids must be an int tensor [B, L], got {getattr(ids, 'dtype', type(ids).__name__)}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"ids must be non-empty, got shape {tuple(ids.shape)}")
+    length = ids.shape[1]
+    block_length = length if block_length is None else block_length
+    _check_positive_int("block_length", block_length)
+    if length % block_length != 0:
+        raise ValueError(f"block_length={block_length} must divide the sequence length {length}")
+    num_blocks = length // block_length
+    x = ids.to(device=_model_device(model, None), dtype=torch.int64).clone()
+    masked_per_block = (x == mask_id).reshape(x.shape[0], num_blocks, block_length).sum(dim=-1)
+    default_steps = max(1, int(masked_per_block.max())) * num_blocks
+    rule = _rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=default_steps)
+    sampling = _sampling(temperature, top_k, top_p, remasking, seed)
+    model_mask = None
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != tuple(ids.shape):
+            raise ValueError(f"attention_mask must have the shape of ids {tuple(ids.shape)}, got {tuple(attention_mask.shape)}")
+        model_mask = attention_mask.to(device=x.device, dtype=torch.bool)
+        x = x.masked_fill(~model_mask & (x == mask_id), 0)  # padding is never decoded
+
+    blocks = [(i * block_length, (i + 1) * block_length) for i in range(num_blocks)]
+    started = time.perf_counter()
+    with torch.inference_mode():
+        nfe, steps_per_block = _decode(
+            model, x, model_mask, blocks, rule, sampling,
+            mask_id=mask_id, cfg_scale=0.0, prompt_positions=torch.zeros_like(x, dtype=torch.bool),
+            eos_id=None, generation_start=0, callback=callback,
+        )
+    seconds = time.perf_counter() - started
+    return GenerateOutput(x.clone(), x, nfe, steps_per_block, seconds)
