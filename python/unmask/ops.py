@@ -400,3 +400,18 @@ def philox_draws(
     else:
         raise NotImplementedError(f"philox_draws supports cpu and cuda devices, got {device}")
     return out.to(torch.int64) & 0xFFFFFFFF
+
+
+def philox_blocks(counters: torch.Tensor, key0: int, key1: int) -> torch.Tensor:
+    """The C++ header's plain philox4x32_10 over counters [n, 4] (int64 words) -> [n, 4] words."""
+    _check_tensor("counters", counters, dtypes=(torch.int64,), ndim=2)
+    if counters.shape[1] != 4:
+        raise ValueError(f"counters must be [n, 4], got shape {tuple(counters.shape)}")
+    _check_int("key0", key0, low=0, high=2**32)
+    _check_int("key1", key1, low=0, high=2**32)
+    if _C is None:
+        raise RuntimeError("unmask._C is not built: install the package (pip install .)")
+    words = (counters.cpu() & 0xFFFFFFFF).to(torch.int32).contiguous()  # keeps the low 32 bits
+    out = torch.empty_like(words)
+    _C.philox_blocks_cpu(words.data_ptr(), out.data_ptr(), words.shape[0], key0, key1)
+    return out.to(torch.int64) & 0xFFFFFFFF

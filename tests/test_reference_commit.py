@@ -1,0 +1,111 @@
+"""commit: count, threshold and factor modes against a per-row implementation written here."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from unmask import ops
+
+
+def best_first(conf_row, eligible_row):
+    """Eligible positions by descending conf, ties to the lower position."""
+    positions = [j for j in range(len(conf_row)) if eligible_row[j]]
+    return sorted(positions, key=lambda j: (-float(conf_row[j]), j))
+
+
+def expected_commit(conf, eligible, *, k=None, threshold=None, factor=None):
+    out = torch.zeros_like(eligible)
+    for b in range(conf.shape[0]):
+        order = best_first(conf[b], eligible[b])
+        if k is not None:
+            n = min(int(k[b]), len(order))
+        elif threshold is not None:
+            n = sum(1 for j in order if float(conf[b, j]) > threshold)
+            n = max(n, 1) if order else 0
+        else:
+            n = 0
+            for rank, j in enumerate(order, start=1):
+                if (rank + 1) * (1 - float(conf[b, j])) < factor:
+                    n = rank
+            n = max(n, 1) if order else 0
+        out[b, order[:n]] = True
+    return out
+
+
+def canvas(batch, length, seed, ties):
+    gen = torch.Generator().manual_seed(seed)
+    conf = torch.rand(batch, length, generator=gen)
+    if ties:  # few distinct values: many exact ties
+        conf = (conf * 4).floor() / 4
+    eligible = torch.rand(batch, length, generator=gen) > 0.4
+    tokens = torch.randint(0, 1000, (batch, length), generator=gen)
+    x = torch.full((batch, length), -7, dtype=torch.int64)
+    return x, tokens, conf, eligible
+
+
+shapes = dict(batch=st.integers(1, 4), length=st.integers(1, 40), seed=st.integers(0, 2**20), ties=st.booleans())
+
+
+def check(x, tokens, committed, expected):
+    assert torch.equal(committed, expected)
+    assert torch.equal(x[committed], tokens[committed])
+    assert (x[~committed] == -7).all(), "positions not committed must stay as they were"
+
+
+@given(**shapes, k=st.integers(0, 45))
+def test_count_mode(batch, length, seed, ties, k):
+    x, tokens, conf, eligible = canvas(batch, length, seed, ties)
+    ks = torch.randint(0, k + 1, (batch,))
+    committed = ops.commit(x, tokens, conf, eligible, k=ks)
+    check(x, tokens, committed, expected_commit(conf, eligible, k=ks))
+    assert torch.equal(committed.sum(1), torch.minimum(ks, eligible.sum(1)))
+    assert not (committed & ~eligible).any()
+
+
+@given(**shapes, threshold=st.floats(-0.5, 1.5))
+def test_threshold_mode(batch, length, seed, ties, threshold):
+    x, tokens, conf, eligible = canvas(batch, length, seed, ties)
+    committed = ops.commit(x, tokens, conf, eligible, threshold=threshold)
+    check(x, tokens, committed, expected_commit(conf, eligible, threshold=threshold))
+    assert ((committed.sum(1) >= 1) == eligible.any(1)).all(), "at least one per row while any is eligible"
+
+
+@given(**shapes, factor=st.floats(0.01, 4.0))
+def test_factor_mode(batch, length, seed, ties, factor):
+    x, tokens, conf, eligible = canvas(batch, length, seed, ties)
+    committed = ops.commit(x, tokens, conf, eligible, factor=factor)
+    check(x, tokens, committed, expected_commit(conf, eligible, factor=factor))
+
+
+def test_ties_go_to_the_lower_position():
+    x = torch.zeros(1, 5, dtype=torch.int64)
+    conf = torch.tensor([[0.5, 0.9, 0.5, 0.9, 0.5]])
+    committed = ops.commit(x, torch.arange(1, 6)[None], conf, torch.ones(1, 5, dtype=torch.bool), k=3)
+    assert committed.tolist() == [[True, True, False, True, False]]
+    assert x.tolist() == [[1, 2, 0, 4, 0]]
+
+
+def test_int_k_broadcasts_and_nothing_eligible_commits_nothing():
+    x = torch.zeros(2, 4, dtype=torch.int64)
+    eligible = torch.tensor([[True, True, False, False], [False] * 4])
+    committed = ops.commit(x, torch.ones(2, 4, dtype=torch.int64), torch.rand(2, 4), eligible, k=3)
+    assert committed.sum(1).tolist() == [2, 0]
+    for mode in ({"threshold": 2.0}, {"factor": 0.1}):
+        assert ops.commit(x, x, torch.rand(2, 4), eligible, **mode).sum(1).tolist() == [1, 0]
+
+
+def test_factor_rule_worked_example():
+    # c = 0.99, 0.95, 0.9, 0.5: (n + 1)(1 - c_n) = 0.02, 0.15, 0.4, 2.5; factor 1 commits 3.
+    conf = torch.tensor([[0.9, 0.5, 0.99, 0.95]])
+    committed = ops.commit(torch.zeros(1, 4, dtype=torch.int64), torch.ones(1, 4, dtype=torch.int64), conf,
+                           torch.ones(1, 4, dtype=torch.bool), factor=1.0)
+    assert committed.tolist() == [[True, False, True, True]]
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_canvas_dtypes(dtype):
+    x = torch.zeros(1, 3, dtype=dtype)
+    ops.commit(x, torch.tensor([[4, 5, 6]], dtype=dtype), torch.tensor([[0.1, 0.8, 0.3]]),
+               torch.ones(1, 3, dtype=torch.bool), k=1)
+    assert x.tolist() == [[0, 5, 0]] and x.dtype == dtype

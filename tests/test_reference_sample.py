@@ -1,0 +1,199 @@
+"""sample: argmax at temperature 0, filters, confidences, and Gumbel-max statistics."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from unmask import ops, reference, rng
+
+
+def random_logits(rows, vocab, seed, dtype=torch.float32, scale=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, vocab, generator=gen) * scale).to(dtype)
+
+
+@given(
+    rows=st.integers(1, 9),
+    vocab=st.sampled_from([1, 2, 17, 1019]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    seed=st.integers(0, 2**20),
+)
+def test_temperature_zero_is_argmax(rows, vocab, dtype, seed):
+    logits = random_logits(rows, vocab, seed, dtype)
+    tokens, conf = ops.sample(logits)
+    assert torch.equal(tokens, logits.float().argmax(dim=-1))
+    expected = torch.softmax(logits.double(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    torch.testing.assert_close(conf.double(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_ties_go_to_the_lower_id():
+    logits = torch.tensor([[0.0, 2.0, 1.0, 2.0], [5.0, 5.0, 5.0, 5.0]])
+    assert ops.sample(logits)[0].tolist() == [1, 0]
+    assert ops.sample(logits, top_k=1, temperature=1.0)[0].tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 5.0])
+def test_banned_ids_never_come_out(temperature):
+    logits = random_logits(512, 17, 0)
+    banned = [int(i) for i in logits.argmax(dim=-1)[:3]] + [0]
+    for seed in range(5):
+        tokens, _ = ops.sample(logits, temperature=temperature, banned=banned, seed=seed)
+        assert not torch.isin(tokens, torch.tensor(banned)).any()
+
+
+@given(seed=st.integers(0, 2**32), temperature=st.floats(0.1, 10.0))
+def test_top_k_one_is_argmax(seed, temperature):
+    logits = random_logits(16, 33, seed)
+    tokens, _ = ops.sample(logits, temperature=temperature, top_k=1, seed=seed)
+    assert torch.equal(tokens, logits.argmax(dim=-1))
+
+
+def test_top_k_samples_stay_in_the_top_k():
+    logits = random_logits(256, 50, 1, scale=0.1)  # nearly flat: sampling roams everywhere it may
+    top5 = logits.topk(5, dim=-1).indices
+    tokens, _ = ops.sample(logits, temperature=10.0, top_k=5, seed=3)
+    assert (top5 == tokens[:, None]).any(dim=-1).all()
+    assert len(set(tokens.tolist())) > 5  # not stuck on a few ids
+
+
+@given(seed=st.integers(0, 2**20), top_p=st.floats(0.01, 0.999))
+def test_top_p_keeps_the_minimal_set(seed, top_p):
+    logits = random_logits(4, 23, seed).double()
+    keep = reference.keep_top_p(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    for row in range(logits.shape[0]):
+        kept = probs[row][keep[row]]
+        assert float(kept.sum()) >= top_p - 1e-12, "kept mass must reach top_p"
+        assert float(kept.sum() - kept.min()) < top_p, "dropping the least likely kept token must fall short"
+        dropped = probs[row][~keep[row]]
+        if dropped.numel():
+            assert float(kept.min()) >= float(dropped.max()), "kept tokens are the most likely"
+
+
+def test_top_p_then_samples_stay_in_the_nucleus():
+    logits = random_logits(128, 40, 2)
+    keep = reference.keep_top_p(logits.double(), 0.6)
+    tokens, _ = ops.sample(logits, temperature=1.0, top_p=0.6, seed=9)
+    assert keep.gather(-1, tokens[:, None]).all()
+
+
+def test_confidence_kinds_match_their_definitions():
+    logits = random_logits(7, 29, 4)
+    p = torch.softmax(logits.double() / 0.7, dim=-1)
+    tokens, prob = ops.sample(logits, confidence="prob", conf_temperature=0.7)
+    torch.testing.assert_close(prob.double(), p.gather(-1, tokens[:, None]).squeeze(-1), rtol=1e-6, atol=0)
+    _, margin = ops.sample(logits, confidence="margin", conf_temperature=0.7)
+    top2 = p.topk(2, dim=-1).values
+    torch.testing.assert_close(margin.double(), top2[:, 0] - top2[:, 1], rtol=1e-6, atol=1e-7)
+    _, entropy = ops.sample(logits, confidence="entropy", conf_temperature=0.7)
+    torch.testing.assert_close(entropy.double(), (p * p.log()).sum(dim=-1), rtol=1e-6, atol=0)
+    _, random = ops.sample(logits, confidence="random", seed=11, offset=5)
+    expected = rng.uniform_from_draws(rng.draws(11, torch.arange(7), 1, offset=5, stream=1)[:, 0])
+    torch.testing.assert_close(random.double(), expected, rtol=1e-7, atol=0)
+
+
+def test_margin_with_one_kept_token_is_its_probability():
+    logits = torch.tensor([[1.0, 3.0, 2.0]])
+    _, margin = ops.sample(logits, confidence="margin", top_k=1)
+    assert margin.item() == 1.0
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_token_frequencies_match_softmax(temperature):
+    base = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0, 2.0])
+    draws = 40000
+    logits = base.expand(draws, -1).contiguous()  # one row per draw: rows get independent noise
+    tokens, _ = ops.sample(logits, temperature=temperature, seed=1234)
+    counts = torch.bincount(tokens, minlength=6).double()
+    probs = torch.softmax(base.double() / temperature, dim=0)
+    # 5 degrees of freedom: P(chi2 > 25) < 2e-4 for a correct sampler.
+    assert chi_square(counts, probs) < 25.0, (counts / draws, probs)
+    # A sampler that ignored the temperature would fail by far.
+    assert temperature == 1.0 or chi_square(counts, torch.softmax(base.double(), 0)) > 100
+
+
+def test_frequencies_with_top_k_match_the_renormalised_top_k():
+    base = torch.tensor([0.3, 1.2, -0.4, 0.9, 0.0, 1.1])
+    tokens, _ = ops.sample(base.expand(30000, -1).contiguous(), temperature=1.0, top_k=3, seed=7)
+    counts = torch.bincount(tokens, minlength=6).double()
+    keep = torch.tensor([False, True, False, True, False, True])
+    probs = torch.softmax(base.double().masked_fill(~keep, -math.inf), dim=0)
+    assert counts[~keep].sum() == 0
+    assert chi_square(counts[keep], probs[keep]) < 20.0  # 2 dof, P < 5e-5
+
+
+def test_a_seed_reproduces_and_another_differs():
+    logits = random_logits(64, 100, 5, scale=0.5)
+    a = ops.sample(logits, temperature=1.0, seed=42, offset=3)
+    b = ops.sample(logits, temperature=1.0, seed=42, offset=3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], ops.sample(logits, temperature=1.0, seed=43, offset=3)[0])
+    assert not torch.equal(a[0], ops.sample(logits, temperature=1.0, seed=42, offset=4)[0])
+
+
+def test_rows_restricts_work_and_keeps_row_ids():
+    logits = random_logits(10, 31, 6).reshape(2, 5, 31)
+    full_tokens, full_conf = ops.sample(logits, temperature=1.0, seed=8)
+    rows = torch.tensor([7, 0, 3])
+    tokens, conf = ops.sample(logits, temperature=1.0, seed=8, rows=rows)
+    flat_tokens, flat_conf = tokens.reshape(-1), conf.reshape(-1)
+    assert torch.equal(flat_tokens[rows], full_tokens.reshape(-1)[rows])
+    assert torch.equal(flat_conf[rows], full_conf.reshape(-1)[rows])
+    others = torch.ones(10, dtype=torch.bool)
+    others[rows] = False
+    assert (flat_tokens[others] == -1).all() and torch.isneginf(flat_conf[others]).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_rows_are_reported(bad):
+    logits = random_logits(3, 8, 7)
+    logits[1, 4] = bad
+    with pytest.raises(ops.InvalidLogitsError, match=r"row ids \[1\]"):
+        ops.sample(logits)
+    tokens, conf = ops.sample(logits, check=False)
+    assert tokens[1] == -1 and torch.isneginf(conf[1])
+    assert tokens[0] >= 0 and tokens[2] >= 0
+
+
+def test_row_with_no_finite_kept_logit_is_reported():
+    logits = random_logits(2, 5, 8)
+    logits[0] = -math.inf
+    with pytest.raises(ValueError, match="no finite kept logit"):
+        ops.sample(logits)
+    logits = random_logits(2, 5, 8)
+    logits[1, :4] = -math.inf  # only id 4 is finite, and it is banned
+    with pytest.raises(ValueError):
+        ops.sample(logits, banned=[4])
+
+
+def test_nan_on_a_banned_id_is_ignored():
+    logits = random_logits(2, 5, 9)
+    logits[:, 2] = float("nan")
+    tokens, _ = ops.sample(logits, banned=[2])
+    assert (tokens >= 0).all() and (tokens != 2).all()
+
+
+def test_vocabulary_of_one():
+    tokens, conf = ops.sample(torch.randn(3, 1), temperature=1.0)
+    assert tokens.tolist() == [0, 0, 0] and torch.all(conf == 1.0)
+
+
+def test_empty_batch():
+    tokens, conf = ops.sample(torch.empty(0, 17))
+    assert tokens.shape == (0,) and conf.shape == (0,)
+    tokens, conf = ops.sample(torch.empty(2, 0, 17), rows=torch.empty(0, dtype=torch.int64))
+    assert tokens.shape == (2, 0)
+
+
+def test_shapes_follow_leading_dimensions():
+    tokens, conf = ops.sample(torch.randn(2, 3, 11))
+    assert tokens.shape == (2, 3) and tokens.dtype == torch.int64
+    assert conf.shape == (2, 3) and conf.dtype == torch.float32
