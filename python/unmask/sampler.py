@@ -227,6 +227,18 @@ def _special_id(model, given: int | None, attr: str, config_attr: str) -> int | 
     return getattr(getattr(model, "config", None), config_attr, None)
 
 
+def _mask_id(model, given: int | None) -> int:
+    mask_id = _special_id(model, given, "mask_id", "mask_token_id")
+    if mask_id is None:
+        raise ValueError("mask_id: the model does not name its mask token; pass mask_id=")
+    ops._check_int("mask_id", mask_id, low=0)
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "embedding_size", None) or getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and mask_id >= vocab:
+        raise ValueError(f"mask_id={mask_id} lies outside the model's vocabulary (V={vocab})")
+    return mask_id
+
+
 def _rule(steps, threshold, factor, *, num_blocks: int, default_steps: int) -> _Rule:
     given = [name for name, value in (("steps", steps), ("threshold", threshold), ("factor", factor)) if value is not None]
     if len(given) > 1:
@@ -331,10 +343,7 @@ def generate(
     rule = _rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=gen_length)
     sampling = _sampling(temperature, top_k, top_p, remasking, seed)
     ops._check_float("cfg_scale", cfg_scale, nonnegative=True)
-    mask_id = _special_id(model, mask_id, "mask_id", "mask_token_id")
-    if mask_id is None:
-        raise ValueError("mask_id: the model does not name its mask token; pass mask_id=")
-    ops._check_int("mask_id", mask_id, low=0)
+    mask_id = _mask_id(model, mask_id)
     eos_id = _special_id(model, eos_id, "eos_id", "eos_token_id")
     if eos_id is not None:
         ops._check_int("eos_id", eos_id, low=0)
@@ -388,10 +397,7 @@ def infill(
     defaults to one token per step for the row with the most masks per block.
     Returns the filled ids as .tokens (and .sequences).
     """
-    mask_id = _special_id(model, mask_id, "mask_id", "mask_token_id")
-    if mask_id is None:
-        raise ValueError("mask_id: the model does not name its mask token; pass mask_id=")
-    ops._check_int("mask_id", mask_id, low=0)
+    mask_id = _mask_id(model, mask_id)
     if not isinstance(ids, torch.Tensor) or ids.dtype not in ops.INT_DTYPES or ids.dim() != 2:
         raise ValueError(f"ids must be an int tensor [B, L], got {getattr(ids, 'dtype', type(ids).__name__)}")
     if ids.shape[0] == 0 or ids.shape[1] == 0:

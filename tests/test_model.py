@@ -1,0 +1,167 @@
+"""The transformer and LLaDA-format checkpoints, against a plain forward written here
+from the LLaDA tensor names."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import unmask
+from tests.conftest import tiny_config, tiny_model
+
+
+def plain_llada_forward(tensors, config, ids, attention_mask=None):
+    """LLaDA's forward from its checkpoint tensors, one operation per line, float64."""
+    t = {name: value.double() for name, value in tensors.items()}
+    pre = "model.transformer."
+    heads, kv_heads = config["n_heads"], config["n_kv_heads"]
+    head_dim = config["d_model"] // heads
+    length = ids.shape[1]
+
+    def rms(x, weight):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + config["rms_norm_eps"]) * weight
+
+    def rope(x):  # x [B, L, H, D]; rotate-half with positions 0..L-1
+        freqs = 1.0 / config["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angle = torch.arange(length, dtype=torch.float64)[:, None] * freqs[None, :]
+        cos, sin = angle.cos().repeat(1, 2)[None, :, None], angle.sin().repeat(1, 2)[None, :, None]
+        first, second = x[..., : head_dim // 2], x[..., head_dim // 2:]
+        return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+    h = t[pre + "wte.weight"][ids]
+    for i in range(config["n_layers"]):
+        b = f"{pre}blocks.{i}."
+        a = rms(h, t[b + "attn_norm.weight"])
+        q = (a @ t[b + "q_proj.weight"].T).view(*ids.shape, heads, head_dim)
+        k = (a @ t[b + "k_proj.weight"].T).view(*ids.shape, kv_heads, head_dim)
+        v = (a @ t[b + "v_proj.weight"].T).view(*ids.shape, kv_heads, head_dim)
+        q, k = rope(q), rope(k)
+        k = k.repeat_interleave(heads // kv_heads, dim=2)
+        v = v.repeat_interleave(heads // kv_heads, dim=2)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
+        if attention_mask is not None:
+            scores = scores.masked_fill(~attention_mask[:, None, None, :], float("-inf"))
+        attn = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(*ids.shape, -1)
+        h = h + attn @ t[b + "attn_out.weight"].T
+        f = rms(h, t[b + "ff_norm.weight"])
+        gate, up = f @ t[b + "ff_proj.weight"].T, f @ t[b + "up_proj.weight"].T
+        h = h + (torch.nn.functional.silu(gate) * up) @ t[b + "ff_out.weight"].T
+    return rms(h, t[pre + "ln_f.weight"]) @ t[pre + "ff_out.weight"].T
+
+
+def test_loaded_model_matches_plain_llada_forward(tmp_path):
+    unmask.save_pretrained(tiny_model(seed=3), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "llada"
+    for field in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size",
+                  "embedding_size", "rope_theta", "rms_norm_eps", "mask_token_id", "eos_token_id", "weight_tying"):
+        assert field in config
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert "model.transformer.blocks.1.ff_proj.weight" in tensors
+    model = unmask.from_pretrained(tmp_path)
+    ids = torch.randint(0, 61, (2, 13))
+    mask = torch.ones(2, 13, dtype=torch.bool)
+    mask[1, :4] = False
+    expected = plain_llada_forward(tensors, config, ids, mask)
+    with torch.no_grad():
+        got = model(ids, mask)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_sharded_round_trip_and_bf16_stays_bf16(tmp_path):
+    model = tiny_model(seed=4).to(torch.bfloat16)
+    unmask.save_pretrained(model, tmp_path, max_shard_bytes=4096)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    loaded = unmask.from_pretrained(tmp_path)
+    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    as_fp32 = unmask.from_pretrained(tmp_path, dtype=torch.float32)
+    assert as_fp32.embed.weight.dtype == torch.float32
+
+
+def test_weight_tying(tmp_path):
+    model = unmask.DiffusionTransformer.random(tiny_config(weight_tying=True), seed=2)
+    assert model.lm_head.weight is model.embed.weight
+    unmask.save_pretrained(model, tmp_path)
+    assert "model.transformer.ff_out.weight" not in load_file(tmp_path / "model.safetensors")
+    loaded = unmask.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is loaded.embed.weight
+    ids = torch.randint(0, 61, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model(ids))
+
+
+def test_left_padding_is_invisible():
+    # Rotary attention depends on relative positions only, so a left-padded prompt gives
+    # the same logits for its real tokens as the unpadded one.
+    model = tiny_model(seed=5)
+    ids = torch.randint(0, 59, (1, 9))
+    padded = torch.cat([torch.full((1, 4), 7), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.bool), torch.ones(1, 9, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(padded, mask)[:, 4:], model(ids), rtol=1e-4, atol=1e-5)
+
+
+def test_logit_positions_select_the_head_rows():
+    model = tiny_model(seed=6)
+    ids = torch.randint(0, 59, (2, 10))
+    with torch.no_grad():
+        full = model(ids)
+        torch.testing.assert_close(model(ids, logit_positions=slice(3, 7)), full[:, 3:7])
+
+
+def test_block_causal_model_hides_later_blocks():
+    model = unmask.DiffusionTransformer.random(tiny_config(block_size=4), seed=7, std=0.3)
+    ids = torch.randint(0, 59, (1, 12))
+    changed = ids.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 59
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    torch.testing.assert_close(a[:, :8], b[:, :8])
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_tokenizer_is_loaded_when_present(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    unmask.save_pretrained(tiny_model(), tmp_path)
+    tokenizer = Tokenizer(models.WordLevel({"hello": 0, "world": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    loaded = unmask.from_pretrained(tmp_path)
+    assert loaded.tokenizer.encode("hello world").ids == [0, 1]
+
+
+def test_checkpoint_errors_name_the_tensor(tmp_path):
+    unmask.save_pretrained(tiny_model(), tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    missing = dict(tensors)
+    del missing["model.transformer.blocks.0.q_proj.weight"]
+    save_file(missing, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="missing tensors.*blocks.0.q_proj.weight"):
+        unmask.from_pretrained(tmp_path)
+    wrong = dict(tensors)
+    wrong["model.transformer.ln_f.weight"] = torch.ones(7)
+    save_file(wrong, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="ln_f.weight has shape"):
+        unmask.from_pretrained(tmp_path)
+    extra = dict(tensors)
+    extra["model.transformer.extra.weight"] = torch.ones(1)
+    save_file(extra, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="unexpected tensors.*extra.weight"):
+        unmask.from_pretrained(tmp_path)
+
+
+def test_unknown_model_type(tmp_path):
+    unmask.save_pretrained(tiny_model(), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="model_type"):
+        unmask.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        unmask.from_pretrained(tmp_path / "nowhere")

@@ -1,0 +1,247 @@
+"""The sampler: LLaDA parity at temperature 0, and the properties every decode must have."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import unmask
+from unmask.sampler import schedule_counts
+from tests.conftest import tiny_model
+
+MASK = 60
+EOS = 59
+
+
+class NeverPredictsMask(torch.nn.Module):
+    """LLaDA's published loop takes the argmax over the whole vocabulary; unmask never
+    samples the mask id. Real checkpoints never rank the mask id first; a random tiny
+    model might, so for parity the mask logit is -1e4: finite, so CFG arithmetic stays
+    finite, and exp(-1e4) underflows to exactly 0, so every other softmax probability
+    is the one unmask computes with the mask id banned."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.mask_id = model.mask_id
+        self.eos_id = model.eos_id
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = self.model(input_ids, attention_mask).clone()
+        logits[..., self.mask_id] = -1e4
+        return logits
+
+
+def llada_generate(model, prompt, attention_mask, *, steps, gen_length, block_length, cfg_scale, mask_id):
+    """LLaDA's published generate() at temperature 0 with low_confidence remasking, rewritten
+    from its description: per-row schedule, argmax, softmax probability of the argmax,
+    -inf beyond the active block and on decoded positions, per-row top-k commit."""
+    batch, prompt_len = prompt.shape
+    x = torch.full((batch, prompt_len + gen_length), mask_id, dtype=torch.long)
+    x[:, :prompt_len] = prompt
+    full_mask = None
+    if attention_mask is not None:
+        full_mask = torch.cat([attention_mask, torch.ones(batch, gen_length, dtype=torch.bool)], dim=1)
+    prompt_index = torch.zeros_like(x, dtype=torch.bool)
+    prompt_index[:, :prompt_len] = True
+    num_blocks = gen_length // block_length
+    steps_per_block = steps // num_blocks
+    for block in range(num_blocks):
+        start = prompt_len + block * block_length
+        end = start + block_length
+        block_masks = (x[:, start:end] == mask_id).sum(dim=1)
+        per_step = []
+        for i in range(steps_per_block):
+            per_step.append(block_masks // steps_per_block + (i < block_masks % steps_per_block).long())
+        for i in range(steps_per_block):
+            mask_index = x == mask_id
+            if cfg_scale > 0:
+                un_x = x.clone()
+                un_x[prompt_index] = mask_id
+                both_mask = None if full_mask is None else torch.cat([full_mask, full_mask])
+                both = model(torch.cat([x, un_x]), both_mask)
+                cond, uncond = both.chunk(2)
+                logits = uncond + (cfg_scale + 1) * (cond - uncond)
+            else:
+                logits = model(x, full_mask)
+            x0 = logits.argmax(dim=-1)
+            p = F.softmax(logits.double(), dim=-1)
+            x0_p = p.gather(-1, x0[..., None]).squeeze(-1)
+            x0_p[:, end:] = float("-inf")
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, torch.tensor(float("-inf"), dtype=torch.float64))
+            transfer = torch.zeros_like(x0, dtype=torch.bool)
+            for row in range(batch):
+                _, chosen = confidence[row].topk(int(per_step[i][row]))
+                transfer[row, chosen] = True
+            x[transfer] = x0[transfer]
+    return x[:, prompt_len:]
+
+
+PARITY_CASES = [
+    # gen_length, block_length, steps, cfg_scale
+    (16, 16, 16, 0.0),
+    (16, 8, 8, 0.0),
+    (24, 8, 6, 0.0),  # 8 masks over 2 steps per block
+    (20, 4, 15, 0.0),  # 4 masks over 3 steps: the m % s remainder
+    (16, 8, 4, 1.5),
+]
+
+
+@pytest.mark.parametrize("gen_length,block_length,steps,cfg_scale", PARITY_CASES)
+def test_llada_parity_batch_one(gen_length, block_length, steps, cfg_scale):
+    model = NeverPredictsMask(tiny_model(seed=1))
+    prompt = torch.tensor([[3, 14, 15, 9, 26]])
+    with torch.no_grad():
+        expected = llada_generate(model, prompt, None, steps=steps, gen_length=gen_length,
+                                  block_length=block_length, cfg_scale=cfg_scale, mask_id=MASK)
+    out = unmask.generate(model, prompt, gen_length=gen_length, block_length=block_length, steps=steps,
+                          cfg_scale=cfg_scale, stop_at_eos=False)
+    assert torch.equal(out.tokens, expected)
+    assert len(set(out.tokens.flatten().tolist())) > 2, "the test model must not be degenerate"
+
+
+@pytest.mark.parametrize("gen_length,block_length,steps,cfg_scale", PARITY_CASES)
+def test_llada_parity_batch_three_left_padded(gen_length, block_length, steps, cfg_scale):
+    model = NeverPredictsMask(tiny_model(seed=2))
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23]]
+    ids, attention_mask = unmask.sampler.left_pad(prompts, pad_id=0)
+    with torch.no_grad():
+        expected = llada_generate(model, ids, attention_mask, steps=steps, gen_length=gen_length,
+                                  block_length=block_length, cfg_scale=cfg_scale, mask_id=MASK)
+    out = unmask.generate(model, prompts, gen_length=gen_length, block_length=block_length, steps=steps,
+                          cfg_scale=cfg_scale, stop_at_eos=False)
+    assert torch.equal(out.tokens, expected)
+    tensor_out = unmask.generate(model, ids, attention_mask=attention_mask, gen_length=gen_length,
+                                 block_length=block_length, steps=steps, cfg_scale=cfg_scale, stop_at_eos=False)
+    assert torch.equal(tensor_out.tokens, expected)
+
+
+def test_unmask_model_directly_matches_parity_wrapper_when_mask_is_never_argmax():
+    # The unmask model with its LM head on the active block only gives the same tokens as
+    # the full-canvas callable.
+    model = tiny_model(seed=3)
+    prompts = [[1, 2, 3], [4]]
+    direct = unmask.generate(model, prompts, gen_length=8, block_length=4, steps=8, stop_at_eos=False)
+    wrapped = unmask.generate(lambda ids, attention_mask=None: model(ids, attention_mask), prompts,
+                              gen_length=8, block_length=4, steps=8, mask_id=MASK, stop_at_eos=False)
+    assert torch.equal(direct.tokens, wrapped.tokens)
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "margin", "entropy", "random"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_every_step_commits_its_scheduled_count(remasking, temperature):
+    model = tiny_model(seed=4)
+    gen_length, block_length, steps = 12, 6, 8  # 6 masks over 4 steps: 2, 2, 1, 1
+    log = []
+
+    def callback(step, canvas, committed):
+        log.append((step, canvas.clone(), committed.clone()))
+
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    out = unmask.generate(model, prompts, gen_length=gen_length, block_length=block_length, steps=steps,
+                          remasking=remasking, temperature=temperature, seed=5, callback=callback,
+                          stop_at_eos=False)
+    assert out.nfe == steps == len(log)
+    assert out.steps_per_block == [4, 4]
+    assert [int(c[2][0].sum()) for c in log] == [2, 2, 1, 1] * 2
+    assert [entry[0] for entry in log] == list(range(steps))
+    prompt_width = 4
+    assert torch.equal(out.sequences[1, 2:prompt_width], torch.tensor([5, 6])), "the prompt never changes"
+    assert torch.equal(out.sequences[0, :prompt_width], torch.tensor([1, 2, 3, 4]))
+    assert not (out.tokens == MASK).any(), "no mask remains and the mask id is never produced"
+    for _, canvas, committed in log:
+        assert not (canvas[committed] == MASK).any()
+
+
+def test_schedule_counts_follow_llada():
+    counts = schedule_counts(torch.tensor([7, 3, 0]), 3)
+    assert counts.tolist() == [[3, 2, 2], [1, 1, 1], [0, 0, 0]]
+    assert counts.sum(1).tolist() == [7, 3, 0]
+
+
+@pytest.mark.parametrize("rule", [{"threshold": 0.3}, {"threshold": 0.99}, {"factor": 1.0}])
+def test_parallel_decoding_fills_every_block(rule):
+    model = tiny_model(seed=5)
+    out = unmask.generate(model, [[1, 2], [3, 4, 5]], gen_length=16, block_length=8, stop_at_eos=False, **rule)
+    assert not (out.tokens == MASK).any()
+    assert out.nfe == sum(out.steps_per_block)
+    assert all(1 <= s <= 8 for s in out.steps_per_block)
+
+
+def test_low_threshold_commits_many_tokens_per_step():
+    model = tiny_model(seed=5)
+    fast = unmask.generate(model, [[1, 2]], gen_length=16, block_length=8, threshold=-1.0, stop_at_eos=False)
+    assert fast.nfe == 2  # every position passes: one step per block
+
+
+def test_same_seed_same_output_and_seed_matters():
+    model = tiny_model(seed=6, std=0.1)
+    kwargs = dict(gen_length=16, block_length=8, steps=8, temperature=1.0, stop_at_eos=False)
+    a = unmask.generate(model, [[1, 2, 3]], seed=11, **kwargs)
+    b = unmask.generate(model, [[1, 2, 3]], seed=11, **kwargs)
+    c = unmask.generate(model, [[1, 2, 3]], seed=12, **kwargs)
+    assert torch.equal(a.tokens, b.tokens)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+class ScriptedModel:
+    """Logits that put EOS first at chosen generated positions and token 7 elsewhere."""
+
+    mask_id = MASK
+    eos_id = EOS
+
+    def __init__(self, eos_positions):
+        self.eos_positions = eos_positions  # row -> positions (absolute) that predict EOS
+        self.calls = 0
+
+    def __call__(self, input_ids, attention_mask=None):
+        self.calls += 1
+        logits = torch.zeros(*input_ids.shape, 61)
+        logits[..., 7] = 5.0
+        for row, positions in self.eos_positions.items():
+            for position in positions:
+                logits[row, position, EOS] = 10.0
+        return logits
+
+
+def test_eos_stops_rows_and_fills_the_rest():
+    # Prompt width 2, blocks of 4: row 0 says EOS at generated position 1, row 1 at 5.
+    model = ScriptedModel({0: [3], 1: [7]})
+    out = unmask.generate(model, [[1, 2], [3, 4]], gen_length=12, block_length=4, steps=12)
+    assert out.tokens[0].tolist() == [7, EOS] + [EOS] * 10
+    assert out.tokens[1].tolist() == [7, 7, 7, 7, 7, EOS] + [EOS] * 6
+    assert out.steps_per_block == [4, 4]  # the third block never ran: every row had stopped
+    assert out.nfe == 8 == model.calls
+    keep_going = unmask.generate(ScriptedModel({0: [3], 1: [7]}), [[1, 2], [3, 4]], gen_length=12,
+                                 block_length=4, steps=12, stop_at_eos=False)
+    assert keep_going.nfe == 12 and keep_going.tokens[0, 2] == 7
+
+
+def test_infill_fills_masks_where_they_stand():
+    model = tiny_model(seed=7)
+    ids = torch.tensor([[1, MASK, MASK, 4, MASK, 6, 7, MASK], [MASK, 2, 3, 4, 5, 6, 7, 8]])
+    out = unmask.infill(model, ids)
+    assert not (out.tokens == MASK).any()
+    unmasked = ids != MASK
+    assert torch.equal(out.tokens[unmasked], ids[unmasked])
+    assert out.nfe == 4  # one token per step for the row with the most masks
+    by_blocks = unmask.infill(model, ids, block_length=4, threshold=0.0)
+    assert not (by_blocks.tokens == MASK).any()
+
+
+def test_generic_callable_with_logits_attribute():
+    model = tiny_model(seed=8)
+
+    class Output:
+        def __init__(self, logits):
+            self.logits = logits
+
+    out = unmask.generate(lambda ids, attention_mask=None: Output(model(ids, attention_mask)), [[1, 2]],
+                          gen_length=4, block_length=4, steps=4, mask_id=MASK, stop_at_eos=False)
+    assert torch.equal(out.tokens, unmask.generate(model, [[1, 2]], gen_length=4, block_length=4, steps=4,
+                                                    stop_at_eos=False).tokens)
+
+
+def test_result_reports_timing():
+    out = unmask.generate(tiny_model(), [[1]], gen_length=4, block_length=4, steps=2)
+    assert out.seconds > 0 and out.tokens_per_second > 0
