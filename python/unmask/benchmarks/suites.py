@@ -1,0 +1,129 @@
+"""The microbenchmarks: sample, commit and attention, each beside its baselines in one run."""
+
+from __future__ import annotations
+
+
+import torch
+
+from unmask import ops, reference
+from unmask.benchmarks.harness import Row, median_seconds, read_bandwidth
+
+
+def _rotating(make: callable, count: int) -> list:
+    return [make(i) for i in range(count)]
+
+
+def bench_sample(device: torch.device, shapes: list[tuple[int, int]], dtypes: list[torch.dtype], *,
+                 peak_gbps: float, temperature: float = 1.0, reps: int = 10) -> list[Row]:
+    """Bytes moved = logits read once + tokens and confidences written."""
+    rows = []
+    for n, vocab in shapes:
+        for dtype in dtypes:
+            # Enough copies to exceed a CPU's last-level cache between repetitions.
+            copies = max(1, min(4, (256 * 2**20) // max(1, n * vocab * 2)))
+            inputs = _rotating(lambda i: torch.randn(n, vocab, device=device).to(dtype), copies)
+            moved = n * vocab * torch.tensor([], dtype=dtype).element_size() + n * 12
+            impls = {
+                "reference (eager)": lambda i: reference.sample(inputs[i % copies], temperature=temperature, seed=i),
+                f"unmask.ops [{ops.backend_for('sample', device)}]": lambda i: ops.sample(
+                    inputs[i % copies], temperature=temperature, seed=i, check=False),
+            }
+            baseline = None
+            for name, fn in impls.items():
+                seconds = median_seconds(fn, device, reps=reps)
+                baseline = baseline or seconds
+                gbps = moved / seconds / 1e9
+                rows.append(Row("sample", name, {"N": n, "V": vocab, "T": temperature}, str(dtype).removeprefix("torch."),
+                                seconds * 1e3, gbps=gbps, fraction_of_peak=gbps / peak_gbps, peak="read bandwidth",
+                                speedup_vs_baseline=baseline / seconds))
+    return rows
+
+
+def bench_commit(device: torch.device, shapes: list[tuple[int, int]], *, reps: int = 20) -> list[Row]:
+    rows = []
+    for batch, length in shapes:
+        gen = torch.Generator().manual_seed(0)
+        conf = torch.rand(batch, length, generator=gen).to(device)
+        eligible = (torch.rand(batch, length, generator=gen) > 0.3).to(device)
+        tokens = torch.randint(0, 1000, (batch, length), generator=gen).to(device)
+        canvas = torch.zeros(batch, length, dtype=torch.int64, device=device)
+        for mode in ({"k": 4}, {"threshold": 0.9}, {"factor": 1.0}):
+            k = torch.full((batch,), 4, device=device) if "k" in mode else None
+            args = {"k": k} if k is not None else mode
+            impls = {
+                "reference (eager)": lambda i: reference.commit(canvas, tokens, conf, eligible, **args),
+                f"unmask.ops [{ops.backend_for('commit', device)}]": lambda i: ops.commit(canvas, tokens, conf, eligible, **mode),
+            }
+            baseline = None
+            for name, fn in impls.items():
+                seconds = median_seconds(fn, device, reps=reps)
+                baseline = baseline or seconds
+                rows.append(Row("commit", name, {"B": batch, "L": length, "mode": next(iter(mode))}, "int64",
+                                seconds * 1e3, speedup_vs_baseline=baseline / seconds))
+    return rows
+
+
+def bench_attention(device: torch.device, shapes: list[tuple[int, int, int, int]], dtype: torch.dtype, *,
+                    reps: int = 5) -> list[Row]:
+    """FLOPs = 4 * B * H * Lq * Lk * D, with no discount for masking."""
+    rows = []
+    for batch, length, heads, head_dim in shapes:
+        q, k, v = (torch.randn(batch, length, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
+        flops = 4 * batch * heads * length * length * head_dim
+        key_valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+        key_valid[:, : length // 8] = False  # left padding
+        block = 32
+        block_mask = reference.visibility(batch, length, length, key_valid=key_valid, block_size=block, device=device)
+
+        def sdpa(mask):
+            qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
+
+        cases = {
+            "none": {
+                "torch SDPA": lambda i: sdpa(None),
+                f"unmask.ops [{ops.backend_for('attention', device)}]": lambda i: ops.attention(q, k, v),
+            },
+            "block+pad": {
+                "torch SDPA (bool mask)": lambda i: sdpa(block_mask[:, None]),
+                f"unmask.ops [{ops.backend_for('attention', device)}]": lambda i: ops.attention(
+                    q, k, v, key_valid=key_valid, block_size=block),
+            },
+        }
+        for mask_kind, impls in cases.items():
+            baseline = None
+            for name, fn in impls.items():
+                seconds = median_seconds(fn, device, reps=reps)
+                baseline = baseline or seconds
+                rows.append(Row("attention", name, {"B": batch, "L": length, "H": heads, "D": head_dim, "mask": mask_kind},
+                                str(dtype).removeprefix("torch."), seconds * 1e3, gflops=flops / seconds / 1e9,
+                                speedup_vs_baseline=baseline / seconds))
+    return rows
+
+
+def quick(device: torch.device) -> tuple[list[Row], dict]:
+    """A short run of every benchmark on small shapes (`unmask bench --quick`)."""
+    peak = read_bandwidth(device, megabytes=256)
+    rows = bench_sample(device, [(32, 32768)], [torch.float32, torch.bfloat16], peak_gbps=peak, reps=5)
+    rows += bench_commit(device, [(8, 256)], reps=10)
+    rows += bench_attention(device, [(1, 256, 8, 64)], torch.float32, reps=3)
+    return rows, {"read_bandwidth_gbps": peak}
+
+
+def full_sample(device: torch.device) -> tuple[list[Row], dict]:
+    peak = read_bandwidth(device)
+    shapes = [(32, 126464), (256, 126464), (256, 152064)]
+    return bench_sample(device, shapes, [torch.float32, torch.bfloat16], peak_gbps=peak), {"read_bandwidth_gbps": peak}
+
+
+def full_attention(device: torch.device) -> tuple[list[Row], dict]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return bench_attention(device, [(1, 1024, 32, 128)], dtype), {}
+
+
+def full_commit(device: torch.device) -> tuple[list[Row], dict]:
+    return bench_commit(device, [(1, 32), (8, 256), (64, 1024)]), {}
+
+
+__all__ = ["bench_attention", "bench_commit", "bench_sample", "full_attention", "full_commit", "full_sample",
+           "math", "quick"]

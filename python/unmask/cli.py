@@ -1,0 +1,199 @@
+"""The `unmask` command: info, generate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+
+def backend_status() -> list[tuple[str, str, str]]:
+    """(backend, state, detail) rows for `unmask info` and the README table."""
+    from unmask import ops
+
+    rows = []
+    native = ops._C is not None
+    rows.append(("C++ extension (unmask._C)", "built" if native else "missing",
+                 f"OpenMP threads: {ops._C.openmp_threads()}" if native else "pip install . builds it"))
+    cpu_kernels = sorted(name for name, device in ops.NATIVE_KERNELS if device == "cpu")
+    rows.append(("C++ CPU kernels", "usable" if cpu_kernels else "none yet",
+                 ", ".join(cpu_kernels) or "CPU tensors use unmask.reference"))
+    cuda_built = native and ops._C.cuda_compiled()
+    rows.append(("CUDA kernels compiled", "yes" if cuda_built else "no",
+                 "sm_80, sm_90 by default" if cuda_built else "built only where nvcc is found"))
+    devices = ops._C.cuda_device_count() if native else 0
+    gpu_detail = torch.cuda.get_device_name(0) if devices and torch.cuda.is_available() else "no CUDA device visible"
+    rows.append(("GPU present", "yes" if devices else "no", gpu_detail))
+    cuda_kernels = sorted(name for name, device in ops.NATIVE_KERNELS if device == "cuda")
+    rows.append(("CUDA kernels usable", "yes" if cuda_kernels and devices else "no",
+                 ", ".join(cuda_kernels) or "CUDA tensors use unmask.reference"))
+    try:
+        import jax
+
+        rows.append(("JAX / Pallas", "installed", f"jax {jax.__version__}, backend {jax.default_backend()}"))
+    except ImportError:
+        rows.append(("JAX / Pallas", "not installed", "pip install .[jax]"))
+    return rows
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import unmask
+    from unmask import ops
+
+    print(f"unmask {unmask.__version__}  torch {torch.__version__}  python {platform.python_version()}  "
+          f"numpy {importlib.metadata.version('numpy')}")
+    forced = "UNMASK_BACKEND=reference (forced)" if os.environ.get("UNMASK_BACKEND") == "reference" else "auto"
+    print(f"dispatch: {forced}")
+    rows = backend_status()
+    width = max(len(r[0]) for r in rows)
+    for name, state, detail in rows:
+        print(f"  {name:<{width}}  {state:<13}  {detail}")
+    return 0
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError as error:
+        raise SystemExit(f"--ids must be integers separated by commas or spaces: {error}") from None
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    return choices[name]
+
+
+class CanvasPrinter:
+    """Shows the canvas after every step: committed tokens appear in place of masks."""
+
+    def __init__(self, tokenizer, mask_id: int, prompt_width: int, stream=None):
+        self.tokenizer, self.mask_id, self.prompt_width = tokenizer, mask_id, prompt_width
+        self.stream = sys.stdout if stream is None else stream
+        self.interactive = self.stream.isatty()
+
+    def render(self, ids: list[int]) -> str:
+        pieces = []
+        for token in ids:
+            if token == self.mask_id:
+                pieces.append("_")
+            elif self.tokenizer is not None:
+                pieces.append(self.tokenizer.decode([token]))
+            else:
+                pieces.append(f"{token} ")
+        return "".join(pieces)
+
+    def __call__(self, step: int, canvas: torch.Tensor, committed: torch.Tensor) -> None:
+        line = f"step {step + 1:>4} +{int(committed[0].sum()):>2} | {self.render(canvas[0, self.prompt_width:].tolist())}"
+        if self.interactive:
+            self.stream.write("\r\x1b[2K" + line[: 200])
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import unmask
+
+    if args.model is None:
+        raise SystemExit("--model DIR is required: a directory in the LLaDA format (config.json, safetensors)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = unmask.from_pretrained(args.model, dtype=_dtype(args.dtype), device=device)
+    tokenizer = model.tokenizer
+    if args.ids is not None:
+        prompt = _parse_ids(args.ids)
+    elif args.prompt is not None:
+        if tokenizer is None:
+            raise SystemExit(f"--prompt needs tokenizer.json in {args.model}; pass token ids with --ids instead")
+        prompt = tokenizer.encode(args.prompt).ids
+    else:
+        raise SystemExit("give --prompt TEXT or --ids 1,2,3")
+    printer = None if args.quiet else CanvasPrinter(tokenizer, model.mask_id, len(prompt))
+    out = unmask.generate(
+        model, [prompt], gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
+        threshold=args.threshold, factor=args.factor, temperature=args.temperature, remasking=args.remasking,
+        cfg_scale=args.cfg_scale, seed=args.seed, callback=printer,
+    )
+    if printer is not None and printer.interactive:
+        print()
+    tokens = out.tokens[0].tolist()
+    if model.eos_id in tokens:
+        tokens = tokens[: tokens.index(model.eos_id)]
+    print(tokenizer.decode(tokens) if tokenizer is not None else " ".join(map(str, tokens)))
+    print(f"NFE {out.nfe}  steps per block {out.steps_per_block}  {out.seconds:.2f} s  "
+          f"{out.tokens_per_second:.1f} tokens/s", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from unmask.benchmarks import harness, suites
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.quick:
+        rows, peaks = suites.quick(device)
+    else:
+        rows, peaks = [], {}
+        for name in args.only or ["sample", "attention", "commit"]:
+            more, more_peaks = getattr(suites, f"full_{name}")(device)
+            rows += more
+            peaks.update(more_peaks)
+    print(f"device: {harness.device_name(device)}  commit: {harness.git_commit()}")
+    for key, value in peaks.items():
+        print(f"measured {key.replace('_', ' ')}: {value:.1f}")
+    print(harness.format_table(rows))
+    harness.write_rows(rows, device, Path(args.out) if args.out else None)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unmask", description="kernels and sampler for masked diffusion LMs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    info = commands.add_parser("info", help="versions and which backends are built and usable")
+    info.set_defaults(run=cmd_info)
+
+    gen = commands.add_parser("generate", help="generate text with a checkpoint, showing the canvas fill in")
+    gen.add_argument("--model", help="checkpoint directory (LLaDA format)")
+    gen.add_argument("--prompt", help="prompt text (needs tokenizer.json in the model directory)")
+    gen.add_argument("--ids", help="prompt token ids, e.g. 1,2,3")
+    gen.add_argument("--gen-length", type=int, default=64)
+    gen.add_argument("--block-length", type=int, default=32)
+    rule = gen.add_mutually_exclusive_group()
+    rule.add_argument("--steps", type=int)
+    rule.add_argument("--threshold", type=float)
+    rule.add_argument("--factor", type=float)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "margin", "entropy", "random"])
+    gen.add_argument("--cfg-scale", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    gen.add_argument("--quiet", action="store_true", help="print only the result")
+    gen.set_defaults(run=cmd_generate)
+
+    bench = commands.add_parser("bench", help="microbenchmarks against the baselines, in roofline units")
+    bench.add_argument("--quick", action="store_true", help="a short run on small shapes")
+    bench.add_argument("--only", nargs="+", choices=["sample", "attention", "commit"])
+    bench.add_argument("--device")
+    bench.add_argument("--out", help="append JSON lines to this file (e.g. bench/results/cpu.jsonl)")
+    bench.set_defaults(run=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"unmask {args.command}: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

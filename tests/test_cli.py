@@ -1,0 +1,59 @@
+"""The unmask command: info, generate (ids and tokenizer text), bench --quick."""
+
+import json
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+
+import unmask
+from unmask import cli
+from tests.conftest import tiny_model
+
+
+def test_info_lists_backends(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for fragment in ("unmask", "torch", "C++ extension", "CUDA kernels compiled", "GPU present", "JAX / Pallas"):
+        assert fragment in out
+
+
+def test_generate_from_ids(tmp_path, capsys):
+    unmask.save_pretrained(tiny_model(seed=2), tmp_path)
+    assert cli.main(["generate", "--model", str(tmp_path), "--ids", "1,2,3", "--gen-length", "8",
+                     "--block-length", "4", "--steps", "4"]) == 0
+    captured = capsys.readouterr()
+    assert "step    1" in captured.out and "step    4" in captured.out
+    assert "NFE 4" in captured.err
+    result_line = captured.out.strip().splitlines()[-1]
+    assert all(token.isdigit() for token in result_line.split())
+
+
+def test_generate_from_text_with_tokenizer(tmp_path, capsys):
+    unmask.save_pretrained(tiny_model(seed=2), tmp_path)
+    vocab = {f"w{i}": i for i in range(61)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    assert cli.main(["generate", "--model", str(tmp_path), "--prompt", "w1 w2", "--gen-length", "4",
+                     "--block-length", "4", "--threshold", "0.5", "--quiet"]) == 0
+    assert "w" in capsys.readouterr().out
+
+
+def test_generate_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    unmask.save_pretrained(tiny_model(), tmp_path)
+    assert cli.main(["generate", "--model", str(tmp_path), "--ids", "1", "--gen-length", "10",
+                     "--block-length", "4"]) == 2
+    assert "block_length=4 must divide gen_length=10" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="tokenizer.json"):
+        cli.main(["generate", "--model", str(tmp_path), "--prompt", "hello"])
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_json_lines(tmp_path, capsys):
+    out = tmp_path / "results.jsonl"
+    assert cli.main(["bench", "--quick", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {row["bench"] for row in rows} == {"sample", "commit", "attention"}
+    for row in rows:
+        assert row["median_ms"] > 0 and row["device"] and row["commit"]
