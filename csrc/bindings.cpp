@@ -5,8 +5,10 @@
 #include <cstdint>
 #include <string>
 
+#include "unmask/commit.h"
 #include "unmask/cuda_info.h"
 #include "unmask/rng.h"
+#include "unmask/sample.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -79,6 +81,38 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("out"), py::arg("rows"), py::arg("cols"), py::arg("row_begin"), py::arg("seed"),
       py::arg("offset"), py::arg("stream"), py::arg("cuda_stream"));
+
+  m.def(
+      "sample_cpu",
+      [](std::uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab, std::uintptr_t rows, int64_t n_selected,
+         std::uintptr_t banned, int64_t n_banned, double temperature, int64_t top_k, double top_p, int confidence,
+         double conf_temperature, uint64_t seed, uint32_t offset, std::uintptr_t tokens, std::uintptr_t conf) {
+        SampleParams params{as_pointer<const void>(logits), static_cast<ScalarType>(dtype), n_rows, vocab,
+                            as_pointer<const int64_t>(rows), n_selected, as_pointer<const int64_t>(banned),
+                            n_banned, temperature, top_k, top_p, static_cast<ConfidenceKind>(confidence),
+                            conf_temperature, seed, offset, as_pointer<int64_t>(tokens), as_pointer<float>(conf)};
+        py::gil_scoped_release release;
+        raise_on_error(sample_cpu(params), "sample_cpu");
+      },
+      py::arg("logits"), py::arg("dtype"), py::arg("n_rows"), py::arg("vocab"), py::arg("rows"),
+      py::arg("n_selected"), py::arg("banned"), py::arg("n_banned"), py::arg("temperature"), py::arg("top_k"),
+      py::arg("top_p"), py::arg("confidence"), py::arg("conf_temperature"), py::arg("seed"), py::arg("offset"),
+      py::arg("tokens"), py::arg("conf"));
+
+  m.def(
+      "commit_cpu",
+      [](std::uintptr_t canvas, std::uintptr_t tokens, std::uintptr_t conf, std::uintptr_t eligible,
+         std::uintptr_t committed, int64_t batch, int64_t length, int mode, std::uintptr_t k, double threshold,
+         double factor) {
+        CommitParams params{as_pointer<int64_t>(canvas), as_pointer<const int64_t>(tokens),
+                            as_pointer<const float>(conf), as_pointer<const bool>(eligible),
+                            as_pointer<bool>(committed), batch, length, static_cast<CommitMode>(mode),
+                            as_pointer<const int64_t>(k), threshold, factor};
+        py::gil_scoped_release release;
+        raise_on_error(commit_cpu(params), "commit_cpu");
+      },
+      py::arg("canvas"), py::arg("tokens"), py::arg("conf"), py::arg("eligible"), py::arg("committed"),
+      py::arg("batch"), py::arg("length"), py::arg("mode"), py::arg("k"), py::arg("threshold"), py::arg("factor"));
 
   m.def(
       "philox_blocks_cpu",

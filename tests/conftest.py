@@ -9,7 +9,7 @@ import unmask
 # Hypothesis: a fixed budget per property keeps the suite inside CI's time; derandomised
 # in CI so a red run is reproducible from its log.
 settings.register_profile(
-    "default", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    "default", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 )
 settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
@@ -34,3 +34,10 @@ def tiny_config(**overrides) -> unmask.ModelConfig:
 def tiny_model(seed: int = 0, std: float = 0.3, **overrides) -> unmask.DiffusionTransformer:
     """A random model with weights large enough that its logits vary from position to position."""
     return unmask.DiffusionTransformer.random(tiny_config(**overrides), seed=seed, std=std)
+
+
+@pytest.fixture(params=["reference", "native"])
+def backend(request, monkeypatch):
+    """Run a test once through the reference and once through the native kernel of the device."""
+    monkeypatch.setenv("UNMASK_BACKEND", request.param)
+    return request.param

@@ -415,3 +415,12 @@ def philox_blocks(counters: torch.Tensor, key0: int, key1: int) -> torch.Tensor:
     out = torch.empty_like(words)
     _C.philox_blocks_cpu(words.data_ptr(), out.data_ptr(), words.shape[0], key0, key1)
     return out.to(torch.int64) & 0xFFFFFFFF
+
+
+def _register_native_kernels() -> None:
+    from unmask import native
+
+    native.register()
+
+
+_register_native_kernels()

@@ -199,13 +199,19 @@ def sample(
 # --------------------------------------------------------------------------- commit
 
 
+def ranking_confidence(conf: torch.Tensor) -> torch.Tensor:
+    """conf in float64 with NaN ranked as -inf: a NaN confidence is never preferred."""
+    conf = conf.double()
+    return conf.masked_fill(torch.isnan(conf), float("-inf"))
+
+
 def rank_by_confidence(conf: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
     """rank[b, j]: 0 for the best eligible position of row b, then 1, ...; ineligible last.
 
     Best means highest conf, ties to the lower position: a stable descending sort by
     conf, then a stable sort that moves the eligible positions first.
     """
-    by_conf = torch.sort(conf.double(), dim=-1, descending=True, stable=True).indices
+    by_conf = torch.sort(ranking_confidence(conf), dim=-1, descending=True, stable=True).indices
     eligible_first = torch.sort((~eligible.gather(-1, by_conf)).to(torch.uint8), dim=-1, stable=True).indices
     order = by_conf.gather(-1, eligible_first)
     positions = torch.arange(conf.shape[-1], device=conf.device).expand_as(order)
@@ -224,10 +230,11 @@ def commit_counts(
     n_eligible = eligible.sum(dim=-1)
     if k is not None:
         return torch.minimum(k.to(n_eligible.device, torch.int64), n_eligible)
-    ranked = torch.sort(torch.where(eligible, conf.double(), float("-inf")), dim=-1, descending=True).values
+    conf = ranking_confidence(conf)
+    ranked = torch.sort(torch.where(eligible, conf, float("-inf")), dim=-1, descending=True).values
     at_least_one = (n_eligible > 0).to(torch.int64)
     if threshold is not None:
-        passing = (eligible & (conf.double() > threshold)).sum(dim=-1)
+        passing = (eligible & (conf > threshold)).sum(dim=-1)
         return torch.maximum(passing, at_least_one)
     # Factor rule: (n + 1) * (1 - c_n) grows with n, so the n that satisfy it form a prefix.
     n = torch.arange(1, conf.shape[-1] + 1, device=conf.device, dtype=torch.float64)

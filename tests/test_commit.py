@@ -1,4 +1,5 @@
-"""commit: count, threshold and factor modes against a per-row implementation written here."""
+"""commit: count, threshold and factor modes against a per-row implementation written here,
+through the reference and the native kernel (the `backend` fixture)."""
 
 import pytest
 import torch
@@ -6,6 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from unmask import ops
+
+pytestmark = pytest.mark.usefixtures("backend")
 
 
 def best_first(conf_row, eligible_row):

@@ -1,0 +1,67 @@
+// commit on the CPU: per row, rank the eligible positions by (conf desc, position asc)
+// and commit a prefix whose length the mode decides. Rows are short (a block of 32-1024
+// positions), so a sort per row costs less than the launch of anything cleverer.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "unmask/commit.h"
+
+namespace unmask {
+namespace {
+
+int64_t commit_count(const CommitParams& p, int64_t row, const std::vector<std::pair<double, int64_t>>& ranked) {
+  const int64_t eligible = static_cast<int64_t>(ranked.size());
+  if (eligible == 0) return 0;
+  switch (p.mode) {
+    case CommitMode::kCount: return std::min(std::max<int64_t>(p.k[row], 0), eligible);
+    case CommitMode::kThreshold: {
+      int64_t passing = 0;
+      while (passing < eligible && ranked[passing].first > p.threshold) ++passing;
+      return std::max<int64_t>(passing, 1);
+    }
+    case CommitMode::kFactor: {
+      // (n + 1) * (1 - c_n) grows with n: the n that satisfy the rule form a prefix.
+      int64_t n = 0;
+      while (n < eligible && (n + 2) * (1.0 - ranked[n].first) < p.factor) ++n;
+      return std::max<int64_t>(n, 1);
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+Status commit_cpu(const CommitParams& p) {
+  if (p.batch < 0 || p.length < 0 || (p.batch * p.length > 0 &&
+      (p.canvas == nullptr || p.tokens == nullptr || p.conf == nullptr || p.eligible == nullptr ||
+       p.committed == nullptr)) || (p.mode == CommitMode::kCount && p.batch > 0 && p.k == nullptr)) {
+    return Status::kInvalidArgument;
+  }
+#pragma omp parallel for schedule(static) if (p.batch * p.length > 4096)
+  for (int64_t row = 0; row < p.batch; ++row) {
+    const int64_t base = row * p.length;
+    std::vector<std::pair<double, int64_t>> ranked;  // (conf, position) of eligible positions
+    ranked.reserve(p.length);
+    for (int64_t j = 0; j < p.length; ++j) {
+      p.committed[base + j] = false;
+      if (!p.eligible[base + j]) continue;
+      const float c = p.conf[base + j];
+      ranked.emplace_back(std::isnan(c) ? -std::numeric_limits<double>::infinity() : static_cast<double>(c), j);
+    }
+    std::sort(ranked.begin(), ranked.end(), [](const auto& a, const auto& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    });
+    const int64_t n = commit_count(p, row, ranked);
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t j = ranked[r].second;
+      p.committed[base + j] = true;
+      p.canvas[base + j] = p.tokens[base + j];
+    }
+  }
+  return Status::kOk;
+}
+
+}  // namespace unmask

@@ -1,0 +1,353 @@
+// sample on the CPU: every row of logits is read from memory once.
+//
+// Per row (one OpenMP thread per row):
+//   load    read the row once, convert to float into a per-thread buffer that stays in
+//           L2 (V = 152064 floats = 594 KiB), ban ids, and find max, first argmax and
+//           NaN/+inf in the same chunked pass;
+//   filter  top_k / top_p as a kept prefix of the order (value desc, id asc), found by
+//           radix selection on the float bits: three histogram passes over the buffer,
+//           no sort of the vocabulary;
+//   sums    one pass for the softmax denominator, sum e*z (entropy) and the runner-up
+//           (margin) under conf_temperature;
+//   token   temperature 0: the first argmax. T > 0: Gumbel-max over the kept ids,
+//           drawing noise only for ids that can still win: no Gumbel draw exceeds
+//           kGumbelMax, so an id with x / T + kGumbelMax <= best is skipped.
+// Passes after the load read the buffer from cache, so DRAM traffic is N * V * size.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include "unmask/philox.h"
+#include "unmask/sample.h"
+#include "vec_math.h"
+
+namespace unmask {
+namespace {
+
+using cpu::exp_nonpositive;
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+// The largest Gumbel draw is -log(-log(1 - 2^-25)) = 17.33; 17.5 leaves margin.
+constexpr double kGumbelMax = 17.5;
+constexpr int64_t kChunk = 2048;  // 8 KiB of floats: a chunk stays in L1 between its passes
+constexpr int kLanes = 16;        // independent max/argmax lanes the compiler maps to one AVX-512 vector
+
+// The kept ids: x > value, or x == value and id <= last_tie. With no filter, `all`.
+struct Kept {
+  float value = -kInf;
+  int64_t last_tie = std::numeric_limits<int64_t>::max();
+  bool all = true;
+  bool contains(float x, int64_t id) const { return x > value || (x == value && id <= last_tie); }
+};
+
+struct RowScan {
+  float max = -kInf;
+  int64_t argmax = 0;
+  bool bad = false;  // a NaN or +inf logit outside the banned ids
+};
+
+void convert_chunk(const SampleParams& p, int64_t row, int64_t begin, int64_t count, float* out) {
+  const int64_t base = row * p.vocab + begin;
+  switch (p.dtype) {
+    case ScalarType::kFloat32:
+      std::memcpy(out, static_cast<const float*>(p.logits) + base, count * sizeof(float));
+      return;
+    case ScalarType::kBFloat16: {
+      const uint16_t* src = static_cast<const uint16_t*>(p.logits) + base;
+#pragma omp simd
+      for (int64_t i = 0; i < count; ++i) out[i] = cpu::bf16_to_float(src[i]);
+      return;
+    }
+    case ScalarType::kFloat16: {
+      const uint16_t* src = static_cast<const uint16_t*>(p.logits) + base;
+      int64_t i = 0;
+#if defined(__F16C__)
+      for (; i + 8 <= count; i += 8) {
+        const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(half));
+      }
+#endif
+      for (; i < count; ++i) out[i] = cpu::fp16_to_float(src[i]);
+      return;
+    }
+  }
+}
+
+// Load the row into buf with banned ids at -inf, and scan it, one chunk at a time.
+RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf) {
+  float lane_max[kLanes];
+  int64_t lane_arg[kLanes];
+  std::fill(lane_max, lane_max + kLanes, -kInf);
+  std::fill(lane_arg, lane_arg + kLanes, int64_t{0});
+  int bad = 0;
+  const int64_t* banned = p.banned;
+  const int64_t* banned_end = p.banned + p.n_banned;
+  for (int64_t begin = 0; begin < p.vocab; begin += kChunk) {
+    const int64_t count = std::min(kChunk, p.vocab - begin);
+    float* chunk = buf + begin;
+    convert_chunk(p, row, begin, count, chunk);
+    for (; banned != banned_end && *banned < begin + count; ++banned) chunk[*banned - begin] = -kInf;
+#pragma omp simd reduction(| : bad)
+    for (int64_t i = 0; i < count; ++i) bad |= !(chunk[i] < kInf);
+    int64_t i = 0;
+    for (; i + kLanes <= count; i += kLanes) {
+      for (int lane = 0; lane < kLanes; ++lane) {
+        const float x = chunk[i + lane];
+        const bool better = x > lane_max[lane];  // strict: each lane keeps its first maximum
+        lane_max[lane] = better ? x : lane_max[lane];
+        lane_arg[lane] = better ? begin + i + lane : lane_arg[lane];
+      }
+    }
+    for (; i < count; ++i) {
+      const int lane = static_cast<int>(i % kLanes);
+      if (chunk[i] > lane_max[lane]) {
+        lane_max[lane] = chunk[i];
+        lane_arg[lane] = begin + i;
+      }
+    }
+  }
+  RowScan scan;
+  scan.bad = bad != 0;
+  scan.argmax = p.vocab;  // no finite or -inf maximum found yet
+  for (int lane = 0; lane < kLanes; ++lane) {
+    if (lane_max[lane] > scan.max || (lane_max[lane] == scan.max && lane_arg[lane] < scan.argmax)) {
+      scan.max = lane_max[lane];
+      scan.argmax = lane_arg[lane];
+    }
+  }
+  if (scan.argmax == p.vocab) scan.argmax = 0;
+  return scan;
+}
+
+// Radix selection over order keys, 11 + 11 + 10 bits: `weight(i)` is what each id
+// contributes (1 for top-k, its probability mass for top-p); returns the largest value t
+// whose cumulative weight from the top reaches `target`, and the weight of the values
+// above t. Elements outside `kept` weigh nothing.
+template <typename Weight>
+float radix_select(const float* buf, int64_t vocab, double target, const Kept& kept, Weight weight,
+                   double* weight_above) {
+  constexpr int kShifts[3] = {21, 10, 0};
+  constexpr int kWidths[3] = {11, 11, 10};
+  std::vector<double> hist(1 << 11);
+  uint32_t prefix = 0, prefix_mask = 0;
+  double above = 0.0;
+  for (int level = 0; level < 3; ++level) {
+    const int shift = kShifts[level];
+    const uint32_t bins = 1u << kWidths[level];
+    std::fill(hist.begin(), hist.begin() + bins, 0.0);
+    for (int64_t i = 0; i < vocab; ++i) {
+      const float x = buf[i];
+      if (!kept.contains(x, i)) continue;
+      const uint32_t key = cpu::order_key(x);
+      if ((key & prefix_mask) == prefix) hist[(key >> shift) & (bins - 1)] += weight(i);
+    }
+    uint32_t chosen = 0;
+    bool found = false;
+    for (uint32_t bin = bins; bin-- > 0;) {
+      if (hist[bin] > 0 && above + hist[bin] >= target) {
+        chosen = bin;
+        found = true;
+        break;
+      }
+      above += hist[bin];
+    }
+    if (!found) {  // rounding left the total short of target: keep everything kept so far
+      *weight_above = -1.0;
+      return kept.value;
+    }
+    prefix |= chosen << shift;
+    prefix_mask |= (bins - 1) << shift;
+  }
+  *weight_above = above;
+  return cpu::key_to_float(prefix);
+}
+
+// Among ids with value t (in id order), keep while the weight before the id is below
+// target; returns the last kept id.
+template <typename Weight>
+int64_t last_kept_tie(const float* buf, int64_t vocab, float t, double above, double target, const Kept& kept,
+                      Weight weight) {
+  int64_t last = -1;
+  double before = above;
+  for (int64_t i = 0; i < vocab && before < target; ++i) {
+    if (buf[i] == t && kept.contains(buf[i], i)) {
+      before += weight(i);
+      last = i;
+    }
+  }
+  return last;
+}
+
+Kept top_k_filter(const float* buf, int64_t vocab, int64_t k) {
+  Kept all;
+  auto one = [](int64_t) { return 1.0; };
+  double above = 0.0;
+  const float t = radix_select(buf, vocab, static_cast<double>(k), all, one, &above);
+  Kept kept;
+  kept.all = false;
+  kept.value = t;
+  kept.last_tie = last_kept_tie(buf, vocab, t, above, static_cast<double>(k), all, one);
+  return kept;
+}
+
+Kept top_p_filter(const float* buf, int64_t vocab, float max, double top_p, const Kept& kept, float* mass) {
+  double total = 0.0;
+  for (int64_t i = 0; i < vocab; ++i) {
+    const float x = buf[i];
+    mass[i] = (kept.contains(x, i) && x != -kInf) ? static_cast<float>(std::exp(static_cast<double>(x) - max)) : 0.0f;
+    total += mass[i];
+  }
+  const double target = top_p * total;
+  auto weight = [mass](int64_t i) { return static_cast<double>(mass[i]); };
+  double above = 0.0;
+  const float t = radix_select(buf, vocab, target, kept, weight, &above);
+  if (above < 0.0) return kept;
+  Kept nucleus;
+  nucleus.all = false;
+  nucleus.value = t;
+  nucleus.last_tie = last_kept_tie(buf, vocab, t, above, target, kept, weight);
+  return nucleus;
+}
+
+struct ConfidenceSums {
+  double sum = 0.0;       // sum of e_i = exp(z_i), z_i = (x_i - max) / conf_temperature, over kept ids
+  double weighted = 0.0;  // sum of e_i * z_i
+  float runner_up = -kInf;  // the largest kept logit other than the argmax id
+};
+
+ConfidenceSums confidence_sums(const float* buf, int64_t vocab, float max, double conf_temperature,
+                               const Kept& kept, int64_t argmax) {
+  ConfidenceSums sums;
+  const float inv_t = static_cast<float>(1.0 / conf_temperature);
+  for (int64_t begin = 0; begin < vocab; begin += kChunk) {
+    const int64_t end = std::min(vocab, begin + kChunk);
+    float sum = 0.0f, weighted = 0.0f, runner_up = -kInf;
+#pragma omp simd reduction(+ : sum, weighted) reduction(max : runner_up)
+    for (int64_t i = begin; i < end; ++i) {
+      const float x = buf[i];
+      const bool in = kept.all || kept.contains(x, i);
+      const bool counts = in && x != -kInf;
+      const float z = counts ? (x - max) * inv_t : 0.0f;
+      const float e = counts ? exp_nonpositive(z) : 0.0f;
+      sum += e;
+      weighted += e * z;
+      runner_up = (in && i != argmax && x > runner_up) ? x : runner_up;
+    }
+    sums.sum += sum;  // chunk partials in float, the row total in double
+    sums.weighted += weighted;
+    sums.runner_up = std::max(sums.runner_up, runner_up);
+  }
+  return sums;
+}
+
+double gumbel(uint64_t seed, int64_t col, uint32_t row, uint32_t offset) {
+  const double u = uniform_from_draw(
+      unmask_draw(seed, static_cast<uint32_t>(col), row, offset, RngStream::kGumbel));
+  return -std::log(-std::log(u));
+}
+
+// argmax over kept ids of x / T + g, ties to the lower id (the reference's argmax).
+int64_t gumbel_max(const float* buf, int64_t vocab, double temperature, const Kept& kept, int64_t argmax,
+                   uint64_t seed, uint32_t row, uint32_t offset) {
+  int64_t best_id = argmax;
+  double best = static_cast<double>(buf[argmax]) / temperature + gumbel(seed, argmax, row, offset);
+  // Ids with x <= cutoff cannot beat `best`; the cutoff is lowered by a relative margin
+  // so the float comparison never skips an id the double comparison would keep.
+  auto cutoff_for = [temperature](double score) {
+    const double c = (score - kGumbelMax) * temperature;
+    return static_cast<float>(c - std::fabs(c) * 1e-5 - 1e-30);
+  };
+  float cutoff = cutoff_for(best);
+  for (int64_t i = 0; i < vocab; ++i) {
+    const float x = buf[i];
+    if (!(x > cutoff) || i == argmax || !(kept.all || kept.contains(x, i))) continue;
+    const double score = static_cast<double>(x) / temperature + gumbel(seed, i, row, offset);
+    if (score > best || (score == best && i < best_id)) {
+      best = score;
+      best_id = i;
+      cutoff = cutoff_for(best);
+    }
+  }
+  return best_id;
+}
+
+void sample_row(const SampleParams& p, int64_t row, float* buf, float* mass) {
+  const RowScan scan = load_and_scan(p, row, buf);
+  if (scan.bad || !(scan.max > -kInf)) {
+    p.tokens[row] = -1;
+    p.conf[row] = -kInf;
+    return;
+  }
+  Kept kept;
+  if (p.top_k > 0 && p.top_k < p.vocab) kept = top_k_filter(buf, p.vocab, p.top_k);
+  if (p.top_p < 1.0) kept = top_p_filter(buf, p.vocab, scan.max, p.top_p, kept, mass);
+
+  const uint32_t row_id = static_cast<uint32_t>(row);
+  const int64_t token = p.temperature == 0.0
+                            ? scan.argmax
+                            : gumbel_max(buf, p.vocab, p.temperature, kept, scan.argmax, p.seed, row_id, p.offset);
+  double conf;
+  if (p.confidence == ConfidenceKind::kRandom) {
+    conf = uniform_from_draw(unmask_draw(p.seed, 0, row_id, p.offset, RngStream::kRandomConfidence));
+  } else {
+    const ConfidenceSums sums = confidence_sums(buf, p.vocab, scan.max, p.conf_temperature, kept, scan.argmax);
+    auto prob_of = [&](float x) { return std::exp((static_cast<double>(x) - scan.max) / p.conf_temperature) / sums.sum; };
+    switch (p.confidence) {
+      case ConfidenceKind::kProb: conf = prob_of(buf[token]); break;
+      case ConfidenceKind::kMargin:
+        conf = 1.0 / sums.sum - (sums.runner_up == -kInf ? 0.0 : prob_of(sums.runner_up));
+        break;
+      default: conf = sums.weighted / sums.sum - std::log(sums.sum); break;  // sum p log p
+    }
+  }
+  p.tokens[row] = token;
+  p.conf[row] = static_cast<float>(conf);
+}
+
+}  // namespace
+
+Status sample_cpu(const SampleParams& p) {
+  if (p.n_rows < 0 || p.vocab < 1 || p.n_selected < 0 || p.n_banned < 0 ||
+      (p.n_rows > 0 && (p.logits == nullptr || p.tokens == nullptr || p.conf == nullptr)) ||
+      (p.n_selected > 0 && p.rows == nullptr) || !(p.temperature >= 0.0) ||
+      !(p.conf_temperature > 0.0) || p.top_k < 0 || !(p.top_p > 0.0 && p.top_p <= 1.0)) {
+    return Status::kInvalidArgument;
+  }
+  for (int64_t i = 0; i < p.n_banned; ++i) {
+    if (p.banned[i] < 0 || p.banned[i] >= p.vocab || (i > 0 && p.banned[i] <= p.banned[i - 1])) {
+      return Status::kInvalidArgument;  // must be sorted, unique and inside the vocabulary
+    }
+  }
+  const bool all_rows = p.rows == nullptr;
+  const int64_t work = all_rows ? p.n_rows : p.n_selected;
+  if (!all_rows) {
+    for (int64_t i = 0; i < p.n_rows; ++i) {
+      p.tokens[i] = -1;
+      p.conf[i] = -kInf;
+    }
+    for (int64_t i = 0; i < p.n_selected; ++i) {
+      if (p.rows[i] < 0 || p.rows[i] >= p.n_rows) return Status::kInvalidArgument;
+    }
+  }
+  const bool needs_mass = p.top_p < 1.0;
+#pragma omp parallel if (work > 1)
+  {
+    // Reused across calls: a fresh 600 KiB buffer per call would page-fault every step.
+    thread_local std::vector<float> buf, mass;
+    buf.resize(p.vocab);
+    mass.resize(needs_mass ? p.vocab : 0);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < work; ++i) {
+      sample_row(p, all_rows ? i : p.rows[i], buf.data(), mass.data());
+    }
+  }
+  return Status::kOk;
+}
+
+}  // namespace unmask

@@ -1,0 +1,77 @@
+// Small math helpers written so that GCC and Clang vectorise the loops that call them
+// (std::exp does not vectorise without -ffast-math, which would also drop the NaN
+// checks the sampler relies on).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace unmask::cpu {
+
+inline float bits_to_float(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+inline uint32_t float_to_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits;
+}
+
+inline float bf16_to_float(uint16_t bits) { return bits_to_float(static_cast<uint32_t>(bits) << 16); }
+
+// IEEE half to float without branches on the common path: normals and zeros by
+// rebiasing the exponent, subnormals through a float multiply, inf/NaN by forcing the
+// exponent to all ones.
+inline float fp16_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1Fu;
+  const uint32_t mantissa = h & 0x3FFu;
+  float magnitude;
+  if (exponent == 0) {
+    magnitude = static_cast<float>(mantissa) * (1.0f / 16777216.0f);  // mantissa * 2^-24
+  } else if (exponent == 31) {
+    magnitude = bits_to_float(0x7F800000u | (mantissa << 13));
+  } else {
+    magnitude = bits_to_float(((exponent + 112u) << 23) | (mantissa << 13));
+  }
+  return bits_to_float(float_to_bits(magnitude) | sign);
+}
+
+// e^x for x <= 0 (the sampler only exponentiates logit - max). Range reduction
+// x = k ln2 + r, |r| <= ln2 / 2, then a degree-7 Taylor polynomial: relative error
+// below 1e-8 before the final rounding, i.e. within an ulp or two of std::exp.
+// Inputs below -87 (and -inf) return 2^-126-ish instead of 0: negligible next to the
+// max term, which contributes exactly 1 to every sum this is used in.
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - k * 0.693145751953125f) - k * 1.428606765330187e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t exponent_bits = (static_cast<int32_t>(k) + 127) << 23;
+  return p * bits_to_float(static_cast<uint32_t>(exponent_bits));
+}
+
+// Monotone map of a float to uint32: a > b  <=>  key(a) > key(b) (NaN excluded; -0
+// and +0 share a key, as they compare equal). Radix selection on these keys finds the
+// k-th largest logit without sorting.
+inline uint32_t order_key(float value) {
+  const uint32_t bits = value == 0.0f ? 0u : float_to_bits(value);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+inline float key_to_float(uint32_t key) {
+  return bits_to_float((key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key);
+}
+
+}  // namespace unmask::cpu

@@ -1,0 +1,64 @@
+"""Native kernels as unmask.ops implementations: tensors in, pointers to unmask._C out.
+
+Each adapter has the reference's signature, takes arguments unmask.ops has already
+validated, and registers itself in ops.NATIVE_KERNELS for the device it serves.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unmask import ops
+
+_C = ops._C
+
+SCALAR_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+CONFIDENCE_KINDS = {"prob": 0, "margin": 1, "entropy": 2, "random": 3}
+COMMIT_MODES = {"k": 0, "threshold": 1, "factor": 2}
+
+
+def _address(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+def sample_cpu(logits, *, temperature, top_k, top_p, banned, confidence, conf_temperature, seed, offset, rows):
+    lead_shape, vocab = logits.shape[:-1], logits.shape[-1]
+    flat = logits.reshape(-1, vocab).contiguous()
+    n_rows = flat.shape[0]
+    tokens = torch.empty(n_rows, dtype=torch.int64)
+    conf = torch.empty(n_rows, dtype=torch.float32)
+    banned = None if banned is None else torch.unique(banned.to(torch.int64)).contiguous()  # sorted, unique
+    rows = None if rows is None else rows.to(torch.int64).contiguous()
+    _C.sample_cpu(
+        flat.data_ptr(), SCALAR_TYPES[flat.dtype], n_rows, vocab, _address(rows),
+        0 if rows is None else rows.numel(), _address(banned), 0 if banned is None else banned.numel(),
+        temperature, top_k, top_p, CONFIDENCE_KINDS[confidence], conf_temperature, seed, offset,
+        tokens.data_ptr(), conf.data_ptr(),
+    )
+    return tokens.reshape(lead_shape), conf.reshape(lead_shape)
+
+
+def commit_cpu(x, tokens, conf, eligible, *, k=None, threshold=None, factor=None):
+    if x.dtype != torch.int64 or not x.is_contiguous():
+        from unmask import reference  # the kernel writes an int64 canvas in place
+
+        return reference.commit(x, tokens, conf, eligible, k=k, threshold=threshold, factor=factor)
+    batch, length = x.shape
+    committed = torch.empty(batch, length, dtype=torch.bool)
+    tokens = tokens.to(torch.int64).contiguous()
+    conf = conf.to(torch.float32).contiguous()
+    eligible = eligible.contiguous()
+    counts = None if k is None else k.to(torch.int64).contiguous()
+    mode = "k" if k is not None else "threshold" if threshold is not None else "factor"
+    _C.commit_cpu(
+        x.data_ptr(), tokens.data_ptr(), conf.data_ptr(), eligible.data_ptr(), committed.data_ptr(), batch, length,
+        COMMIT_MODES[mode], _address(counts), threshold or 0.0, factor or 0.0,
+    )
+    return committed
+
+
+def register() -> None:
+    if _C is None:
+        return
+    ops.NATIVE_KERNELS[("sample", "cpu")] = sample_cpu
+    ops.NATIVE_KERNELS[("commit", "cpu")] = commit_cpu
