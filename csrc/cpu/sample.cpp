@@ -36,7 +36,6 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // The largest Gumbel draw is -log(-log(1 - 2^-25)) = 17.33; 17.5 leaves margin.
 constexpr double kGumbelMax = 17.5;
 constexpr int64_t kChunk = 2048;  // 8 KiB of floats: a chunk stays in L1 between its passes
-constexpr int kLanes = 16;        // independent max/argmax lanes the compiler maps to one AVX-512 vector
 
 // The kept ids: x > value, or x == value and id <= last_tie. With no filter, `all`.
 struct Kept {
@@ -50,6 +49,11 @@ struct RowScan {
   float max = -kInf;
   int64_t argmax = 0;
   bool bad = false;  // a NaN or +inf logit outside the banned ids
+  // With the confidence sums fused into the load: sum of e_i = exp(z_i) and of e_i * z_i,
+  // z_i = (x_i - max) * inv_t, over every id (valid only when nothing is filtered).
+  bool has_sums = false;
+  double sum = 0.0;
+  double weighted = 0.0;
 };
 
 void convert_chunk(const SampleParams& p, int64_t row, int64_t begin, int64_t count, float* out) {
@@ -79,12 +83,14 @@ void convert_chunk(const SampleParams& p, int64_t row, int64_t begin, int64_t co
   }
 }
 
-// Load the row into buf with banned ids at -inf, and scan it, one chunk at a time.
-RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf) {
-  float lane_max[kLanes];
-  int64_t lane_arg[kLanes];
-  std::fill(lane_max, lane_max + kLanes, -kInf);
-  std::fill(lane_arg, lane_arg + kLanes, int64_t{0});
+// Load the row into buf with banned ids at -inf, and scan it one L1-sized chunk at a
+// time: max, first argmax and NaN/+inf, and with fuse_sums the softmax sums as an online
+// softmax (Milakov and Gimelshein, 2018) rescaled whenever a chunk raises the maximum,
+// so the row costs a single trip from memory.
+RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool fuse_sums, bool with_weighted,
+                      float inv_t) {
+  RowScan scan;
+  scan.has_sums = fuse_sums;
   int bad = 0;
   const int64_t* banned = p.banned;
   const int64_t* banned_end = p.banned + p.n_banned;
@@ -93,35 +99,49 @@ RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf) {
     float* chunk = buf + begin;
     convert_chunk(p, row, begin, count, chunk);
     for (; banned != banned_end && *banned < begin + count; ++banned) chunk[*banned - begin] = -kInf;
-#pragma omp simd reduction(| : bad)
-    for (int64_t i = 0; i < count; ++i) bad |= !(chunk[i] < kInf);
-    int64_t i = 0;
-    for (; i + kLanes <= count; i += kLanes) {
-      for (int lane = 0; lane < kLanes; ++lane) {
-        const float x = chunk[i + lane];
-        const bool better = x > lane_max[lane];  // strict: each lane keeps its first maximum
-        lane_max[lane] = better ? x : lane_max[lane];
-        lane_arg[lane] = better ? begin + i + lane : lane_arg[lane];
-      }
+    float chunk_max = -kInf;
+#pragma omp simd reduction(max : chunk_max) reduction(| : bad)
+    for (int64_t i = 0; i < count; ++i) {
+      const float x = chunk[i];
+      bad |= !(x < kInf);
+      chunk_max = x > chunk_max ? x : chunk_max;  // NaN never wins a comparison
     }
-    for (; i < count; ++i) {
-      const int lane = static_cast<int>(i % kLanes);
-      if (chunk[i] > lane_max[lane]) {
-        lane_max[lane] = chunk[i];
-        lane_arg[lane] = begin + i;
+    if (chunk_max > scan.max) {  // rare after the first chunks: find where, rescale the sums
+      int64_t first = 0;
+      while (!(chunk[first] == chunk_max)) ++first;
+      if (scan.max > -kInf) {
+        const double shift = (static_cast<double>(scan.max) - chunk_max) * inv_t;
+        const double factor = std::exp(shift);
+        scan.weighted = factor * (scan.weighted + shift * scan.sum);
+        scan.sum *= factor;
       }
+      scan.max = chunk_max;
+      scan.argmax = begin + first;
+    }
+    if (fuse_sums && scan.max > -kInf) {
+      const float max = scan.max;
+      float sum = 0.0f, weighted = 0.0f;
+      if (with_weighted) {
+#pragma omp simd reduction(+ : sum, weighted)
+        for (int64_t i = 0; i < count; ++i) {
+          const float x = chunk[i];
+          const bool counts = x != -kInf;  // keeps -inf * 0 out of the weighted sum
+          const float z = counts ? (x - max) * inv_t : 0.0f;
+          const float e = counts ? exp_nonpositive(z) : 0.0f;
+          sum += e;
+          weighted += e * z;
+        }
+      } else {
+        // -inf logits (banned ids) add exp(-87) ~ 1.6e-38 each: below float resolution of a
+        // sum that the maximum alone makes >= 1.
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < count; ++i) sum += exp_nonpositive((chunk[i] - max) * inv_t);
+      }
+      scan.sum += sum;  // chunk partials in float, the row total in double
+      scan.weighted += weighted;
     }
   }
-  RowScan scan;
   scan.bad = bad != 0;
-  scan.argmax = p.vocab;  // no finite or -inf maximum found yet
-  for (int lane = 0; lane < kLanes; ++lane) {
-    if (lane_max[lane] > scan.max || (lane_max[lane] == scan.max && lane_arg[lane] < scan.argmax)) {
-      scan.max = lane_max[lane];
-      scan.argmax = lane_arg[lane];
-    }
-  }
-  if (scan.argmax == p.vocab) scan.argmax = 0;
   return scan;
 }
 
@@ -221,17 +241,21 @@ struct ConfidenceSums {
   float runner_up = -kInf;  // the largest kept logit other than the argmax id
 };
 
-ConfidenceSums confidence_sums(const float* buf, int64_t vocab, float max, double conf_temperature,
-                               const Kept& kept, int64_t argmax) {
+// One pass over the row; the filtered variant tests each id against the kept prefix.
+template <bool kFiltered>
+ConfidenceSums confidence_sums_pass(const float* buf, int64_t vocab, float max, float inv_t, const Kept& kept,
+                                    int64_t argmax) {
   ConfidenceSums sums;
-  const float inv_t = static_cast<float>(1.0 / conf_temperature);
+  const float kept_value = kept.value;
+  const int64_t kept_last_tie = kept.last_tie;
   for (int64_t begin = 0; begin < vocab; begin += kChunk) {
     const int64_t end = std::min(vocab, begin + kChunk);
     float sum = 0.0f, weighted = 0.0f, runner_up = -kInf;
 #pragma omp simd reduction(+ : sum, weighted) reduction(max : runner_up)
     for (int64_t i = begin; i < end; ++i) {
       const float x = buf[i];
-      const bool in = kept.all || kept.contains(x, i);
+      bool in = true;
+      if constexpr (kFiltered) in = x > kept_value || (x == kept_value && i <= kept_last_tie);
       const bool counts = in && x != -kInf;
       const float z = counts ? (x - max) * inv_t : 0.0f;
       const float e = counts ? exp_nonpositive(z) : 0.0f;
@@ -244,6 +268,13 @@ ConfidenceSums confidence_sums(const float* buf, int64_t vocab, float max, doubl
     sums.runner_up = std::max(sums.runner_up, runner_up);
   }
   return sums;
+}
+
+ConfidenceSums confidence_sums(const float* buf, int64_t vocab, float max, double conf_temperature,
+                               const Kept& kept, int64_t argmax) {
+  const float inv_t = static_cast<float>(1.0 / conf_temperature);
+  return kept.all ? confidence_sums_pass<false>(buf, vocab, max, inv_t, kept, argmax)
+                  : confidence_sums_pass<true>(buf, vocab, max, inv_t, kept, argmax);
 }
 
 double gumbel(uint64_t seed, int64_t col, uint32_t row, uint32_t offset) {
@@ -278,7 +309,11 @@ int64_t gumbel_max(const float* buf, int64_t vocab, double temperature, const Ke
 }
 
 void sample_row(const SampleParams& p, int64_t row, float* buf, float* mass) {
-  const RowScan scan = load_and_scan(p, row, buf);
+  const bool filtered = (p.top_k > 0 && p.top_k < p.vocab) || p.top_p < 1.0;
+  const bool fuse_sums = !filtered && (p.confidence == ConfidenceKind::kProb || p.confidence == ConfidenceKind::kEntropy);
+  const float inv_t = static_cast<float>(1.0 / p.conf_temperature);
+  const RowScan scan =
+      load_and_scan(p, row, buf, fuse_sums, p.confidence == ConfidenceKind::kEntropy, inv_t);
   if (scan.bad || !(scan.max > -kInf)) {
     p.tokens[row] = -1;
     p.conf[row] = -kInf;
@@ -296,7 +331,13 @@ void sample_row(const SampleParams& p, int64_t row, float* buf, float* mass) {
   if (p.confidence == ConfidenceKind::kRandom) {
     conf = uniform_from_draw(unmask_draw(p.seed, 0, row_id, p.offset, RngStream::kRandomConfidence));
   } else {
-    const ConfidenceSums sums = confidence_sums(buf, p.vocab, scan.max, p.conf_temperature, kept, scan.argmax);
+    ConfidenceSums sums;
+    if (scan.has_sums) {
+      sums.sum = scan.sum;
+      sums.weighted = scan.weighted;
+    } else {
+      sums = confidence_sums(buf, p.vocab, scan.max, p.conf_temperature, kept, scan.argmax);
+    }
     auto prob_of = [&](float x) { return std::exp((static_cast<double>(x) - scan.max) / p.conf_temperature) / sums.sum; };
     switch (p.confidence) {
       case ConfidenceKind::kProb: conf = prob_of(buf[token]); break;

@@ -3,6 +3,7 @@
 // checks the sampler relies on).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -47,7 +48,7 @@ inline float fp16_to_float(uint16_t h) {
 // Inputs below -87 (and -inf) return 2^-126-ish instead of 0: negligible next to the
 // max term, which contributes exactly 1 to every sum this is used in.
 inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
+  x = std::max(x, -87.0f);
   const float k = std::floor(x * 1.44269504088896341f + 0.5f);
   const float r = (x - k * 0.693145751953125f) - k * 1.428606765330187e-06f;
   float p = 1.0f / 5040.0f;
