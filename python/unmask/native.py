@@ -21,12 +21,15 @@ def _address(tensor: torch.Tensor | None) -> int:
     return 0 if tensor is None else tensor.data_ptr()
 
 
-def sample_cpu(logits, *, temperature, top_k, top_p, banned, confidence, conf_temperature, seed, offset, rows):
+def sample_cpu(logits, *, temperature, top_k, top_p, banned, confidence, conf_temperature, seed, offset, rows,
+               out=None):
+    """out: optional (tokens int64 [N], conf float32 [N]) to write into (tests poison them)."""
     lead_shape, vocab = logits.shape[:-1], logits.shape[-1]
     flat = logits.reshape(-1, vocab).contiguous()
     n_rows = flat.shape[0]
-    tokens = torch.empty(n_rows, dtype=torch.int64)
-    conf = torch.empty(n_rows, dtype=torch.float32)
+    if out is None:
+        out = (torch.empty(n_rows, dtype=torch.int64), torch.empty(n_rows, dtype=torch.float32))
+    tokens, conf = out
     banned = None if banned is None else torch.unique(banned.to(torch.int64)).contiguous()  # sorted, unique
     rows = None if rows is None else rows.to(torch.int64).contiguous()
     _C.sample_cpu(
@@ -38,13 +41,14 @@ def sample_cpu(logits, *, temperature, top_k, top_p, banned, confidence, conf_te
     return tokens.reshape(lead_shape), conf.reshape(lead_shape)
 
 
-def commit_cpu(x, tokens, conf, eligible, *, k=None, threshold=None, factor=None):
+def commit_cpu(x, tokens, conf, eligible, *, k=None, threshold=None, factor=None, out=None):
+    """out: optional bool [B, L] to write the committed mask into (tests poison it)."""
     if x.dtype != torch.int64 or not x.is_contiguous():
         from unmask import reference  # the kernel writes an int64 canvas in place
 
         return reference.commit(x, tokens, conf, eligible, k=k, threshold=threshold, factor=factor)
     batch, length = x.shape
-    committed = torch.empty(batch, length, dtype=torch.bool)
+    committed = torch.empty(batch, length, dtype=torch.bool) if out is None else out
     tokens = tokens.to(torch.int64).contiguous()
     conf = conf.to(torch.float32).contiguous()
     eligible = eligible.contiguous()

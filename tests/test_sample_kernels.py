@@ -1,0 +1,146 @@
+"""The native CPU sample and commit kernels against the reference, element by element,
+on odd and real vocabulary sizes, with poisoned outputs."""
+
+import math
+
+import pytest
+import torch
+
+from unmask import native, ops, reference, rng
+
+pytestmark = pytest.mark.skipif(ops._C is None, reason="unmask._C not built")
+
+# z = (x - max) / conf_temperature is formed in float32 (|z| * 2^-24 relative error in
+# each exponent, |z| <= 30 here) and summed in float32 chunks: 1e-5 relative covers both.
+CONF_RTOL = 1e-5
+POISON_TOKEN = 987654321
+
+
+def run_native(logits, rows=None, **kwargs):
+    n = logits.numel() // logits.shape[-1]
+    out = (torch.full((n,), POISON_TOKEN, dtype=torch.int64), torch.full((n,), float("nan")))
+    args = dict(temperature=0.0, top_k=0, top_p=1.0, banned=None, confidence="prob", conf_temperature=1.0,
+                seed=0, offset=0)
+    args.update(kwargs)
+    if isinstance(args["banned"], list):
+        args["banned"] = torch.tensor(args["banned"], dtype=torch.int64)
+    tokens, conf = native.sample_cpu(logits, rows=rows, out=out, **args)
+    assert not (tokens == POISON_TOKEN).any() and not torch.isnan(conf).any(), "every output must be written"
+    return tokens, conf
+
+
+def gumbel_scores(logits, tokens, temperature, seed, offset):
+    """The reference's float64 score x / T + g of each row's token."""
+    flat = logits.reshape(-1, logits.shape[-1]).float().double()
+    rows = torch.arange(flat.shape[0])
+    g = rng.gumbel(seed, rows, flat.shape[-1], offset=offset)
+    return (flat / temperature + g).gather(-1, tokens.reshape(-1, 1).clamp(min=0)).squeeze(-1)
+
+
+def assert_same_tokens(logits, expected, got, *, temperature, seed, offset):
+    """Equal, except where the two tokens' exact scores are within rounding of each other
+    (a near-tie that the last bit of a log may flip)."""
+    mismatch = (expected != got).reshape(-1)
+    if temperature == 0 or not mismatch.any():
+        assert torch.equal(expected, got), f"{int(mismatch.sum())} rows differ"
+        return
+    a = gumbel_scores(logits, expected, temperature, seed, offset)[mismatch]
+    b = gumbel_scores(logits, got, temperature, seed, offset)[mismatch]
+    assert torch.allclose(a, b, rtol=1e-12, atol=0), f"rows {mismatch.nonzero().flatten().tolist()} differ by {a - b}"
+
+
+CASES = [
+    # rows, V, dtype, kwargs
+    (1, 1, torch.float32, {}),
+    (3, 2, torch.float32, dict(temperature=1.0)),
+    (31, 17, torch.float16, dict(temperature=0.7, confidence="margin")),
+    (33, 1019, torch.bfloat16, dict(temperature=1.5, top_k=7)),
+    (17, 1023, torch.float32, dict(top_p=0.9, confidence="entropy")),
+    (5, 1024, torch.float16, dict(temperature=1.0, top_k=50, top_p=0.8, conf_temperature=0.5)),
+    (9, 1025, torch.bfloat16, dict(temperature=0.3, banned=[0, 1024, 500], confidence="random", seed=77)),
+    (4, 2049, torch.float32, dict(temperature=2.0, top_k=1)),
+    (3, 126464, torch.bfloat16, dict(temperature=1.0, banned=[126336], offset=12, seed=2**63 + 5)),
+    (2, 152064, torch.float32, dict(top_p=0.95, temperature=0.8, confidence="margin", banned=[151666])),
+    (2, 152064, torch.float16, dict(confidence="entropy", conf_temperature=2.0)),
+]
+
+
+@pytest.mark.parametrize("n_rows,vocab,dtype,kwargs", CASES, ids=[f"{c[0]}x{c[1]}-{str(c[2])[6:]}-{i}" for i, c in enumerate(CASES)])
+def test_native_sample_equals_reference(n_rows, vocab, dtype, kwargs):
+    gen = torch.Generator().manual_seed(vocab + n_rows)
+    logits = (torch.randn(n_rows, vocab, generator=gen) * 4).to(dtype)
+    expected_tokens, expected_conf = reference.sample(logits, **{**kwargs, "banned": _banned(kwargs)})
+    tokens, conf = run_native(logits, **kwargs)
+    assert_same_tokens(logits, expected_tokens, tokens, temperature=kwargs.get("temperature", 0.0),
+                       seed=kwargs.get("seed", 0), offset=kwargs.get("offset", 0))
+    same = tokens == expected_tokens
+    torch.testing.assert_close(conf[same].double(), expected_conf[same].double(), rtol=CONF_RTOL, atol=1e-9)
+
+
+def _banned(kwargs):
+    banned = kwargs.get("banned")
+    return None if banned is None else torch.tensor(banned)
+
+
+def test_rows_subset_writes_every_row():
+    logits = torch.randn(40, 333)
+    rows = torch.tensor([39, 0, 17, 5])
+    tokens, conf = run_native(logits, rows=rows, temperature=1.0, seed=3)
+    expected_tokens, expected_conf = reference.sample(logits, temperature=1.0, seed=3, rows=rows)
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(conf, expected_conf, rtol=CONF_RTOL, atol=0)
+
+
+def test_ties_and_signed_zeros():
+    logits = torch.tensor([[0.0, -0.0, 0.0, -1.0], [-0.0, 0.0, -0.0, -0.0], [2.0, 3.0, 3.0, 1.0]])
+    for kwargs in ({}, {"top_k": 2}, {"top_k": 1, "temperature": 1.0}, {"top_p": 0.5}):
+        expected = reference.sample(logits, **kwargs)
+        got = run_native(logits, **kwargs)
+        assert torch.equal(got[0], expected[0]), kwargs
+        torch.testing.assert_close(got[1], expected[1], rtol=CONF_RTOL, atol=0)
+
+
+def test_invalid_rows():
+    logits = torch.randn(5, 64)
+    logits[0, 3] = float("nan")
+    logits[1, 9] = float("inf")
+    logits[2] = float("-inf")
+    logits[3, :] = float("-inf")
+    logits[3, 10] = 1.0  # only id 10 is finite, and it is banned below
+    tokens, conf = run_native(logits, banned=[10])
+    assert tokens[:4].tolist() == [-1, -1, -1, -1] and torch.isneginf(conf[:4]).all()
+    assert tokens[4] >= 0
+
+
+def test_near_tie_may_flip_only_within_rounding():
+    """Two ids whose exact Gumbel scores tie to float64 rounding: either may win, and the
+    comparison helper accepts exactly that."""
+    seed, vocab, temperature = 5, 64, 1.0
+    g = rng.gumbel(seed, torch.tensor([0]), vocab)[0]
+    logits = torch.full((1, vocab), -30.0)
+    logits[0, 3] = 1.0
+    logits[0, 40] = float(torch.tensor(1.0 + float(g[3]) - float(g[40]), dtype=torch.float32))
+    expected = reference.sample(logits, temperature=temperature, seed=seed)[0]
+    got = run_native(logits, temperature=temperature, seed=seed)[0]
+    assert int(got) in (3, 40) and int(expected) in (3, 40)
+    score_3 = 1.0 + float(g[3])
+    score_40 = float(logits[0, 40]) + float(g[40])
+    assert math.isclose(score_3, score_40, rel_tol=1e-6), "the case must really be a near-tie"
+    assert_same_tokens(logits, expected, got, temperature=temperature, seed=seed, offset=0)
+
+
+def test_native_commit_writes_every_element():
+    gen = torch.Generator().manual_seed(0)
+    for batch, length in [(1, 1), (3, 17), (5, 99), (2, 1025)]:
+        conf = torch.rand(batch, length, generator=gen)
+        conf[0, 0] = float("nan")
+        eligible = torch.rand(batch, length, generator=gen) > 0.5
+        tokens = torch.randint(0, 100, (batch, length), generator=gen)
+        for mode in ({"k": torch.randint(0, length + 1, (batch,), generator=gen)}, {"threshold": 0.7}, {"factor": 1.5}):
+            x_native = torch.full((batch, length), -1, dtype=torch.int64)
+            x_reference = x_native.clone()
+            out = torch.ones(batch, length, dtype=torch.bool)  # poison: every False must be written
+            committed = native.commit_cpu(x_native, tokens, conf, eligible, out=out, **mode)
+            expected = reference.commit(x_reference, tokens, conf, eligible, **mode)
+            assert torch.equal(committed, expected), mode
+            assert torch.equal(x_native, x_reference), mode
