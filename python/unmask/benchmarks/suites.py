@@ -9,33 +9,59 @@ from unmask import ops, reference
 from unmask.benchmarks.harness import Row, median_seconds, read_bandwidth
 
 
-def _rotating(make: callable, count: int) -> list:
+def llada_float64_sample(logits: torch.Tensor, temperature: float, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What LLaDA's published generate() does per step, as a baseline: logits cast to
+    float64, torch.rand noise, exp(logits) / (-log u)^T, argmax, softmax confidence."""
+    logits = logits.to(torch.float64)
+    if temperature > 0:
+        noise = torch.rand_like(logits)
+        scores = logits.exp() / (-torch.log(noise)) ** temperature
+    else:
+        scores = logits
+    tokens = scores.argmax(dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def rotating_inputs(make, bytes_each: int, total_bytes: int = 2**30, most: int = 16) -> list:
+    """Copies of an input, enough that cycling through them exceeds every cache level
+    (this machine's L3 is 260 MB), so each timed run reads from DRAM."""
+    count = max(2, min(most, -(-total_bytes // max(1, bytes_each))))
     return [make(i) for i in range(count)]
 
 
 def bench_sample(device: torch.device, shapes: list[tuple[int, int]], dtypes: list[torch.dtype], *,
-                 peak_gbps: float, temperature: float = 1.0, reps: int = 10) -> list[Row]:
-    """Bytes moved = logits read once + tokens and confidences written."""
+                 peak_gbps: float, temperature: float = 0.0, reps: int = 10, baselines: tuple[str, ...] = ("reference",),
+                 total_bytes: int = 2**30) -> list[Row]:
+    """Bytes moved = logits read once + tokens (8 B) and confidences (4 B) written."""
     rows = []
+    compiled_reference = None
     for n, vocab in shapes:
         for dtype in dtypes:
-            # Enough copies to exceed a CPU's last-level cache between repetitions.
-            copies = max(1, min(4, (256 * 2**20) // max(1, n * vocab * 2)))
-            inputs = _rotating(lambda i: torch.randn(n, vocab, device=device).to(dtype), copies)
-            moved = n * vocab * torch.tensor([], dtype=dtype).element_size() + n * 12
-            impls = {
-                "reference (eager)": lambda i: reference.sample(inputs[i % copies], temperature=temperature, seed=i),
-                f"unmask.ops [{ops.backend_for('sample', device)}]": lambda i: ops.sample(
-                    inputs[i % copies], temperature=temperature, seed=i, check=False),
-            }
+            size = n * vocab * torch.tensor([], dtype=dtype).element_size()
+            inputs = rotating_inputs(lambda i: (torch.randn(n, vocab, device=device) * 3).to(dtype), size, total_bytes)
+            count = len(inputs)
+            moved = size + n * 12
+            backend = ops.backend_for("sample", device)
+            impls = {}
+            if "reference" in baselines:
+                impls["reference (eager)"] = lambda i: reference.sample(inputs[i % count], temperature=temperature, seed=i)
+            if "compiled" in baselines:
+                compiled_reference = compiled_reference or torch.compile(reference.sample, dynamic=False)
+                impls["reference (compiled)"] = lambda i: compiled_reference(inputs[i % count], temperature=temperature, seed=i)
+            if "llada" in baselines:
+                impls["LLaDA float64 path"] = lambda i: llada_float64_sample(inputs[i % count], temperature, vocab - 1)
+            impls[f"unmask.ops [{backend}]"] = lambda i: ops.sample(
+                inputs[i % count], temperature=temperature, seed=i, banned=[vocab - 1], check=False)
             baseline = None
             for name, fn in impls.items():
-                seconds = median_seconds(fn, device, reps=reps)
+                seconds = median_seconds(fn, device, reps=reps if "unmask" in name else min(reps, 3), warmup=1 if "unmask" not in name else 3)
                 baseline = baseline or seconds
                 gbps = moved / seconds / 1e9
                 rows.append(Row("sample", name, {"N": n, "V": vocab, "T": temperature}, str(dtype).removeprefix("torch."),
                                 seconds * 1e3, gbps=gbps, fraction_of_peak=gbps / peak_gbps, peak="read bandwidth",
                                 speedup_vs_baseline=baseline / seconds))
+            del inputs
     return rows
 
 
@@ -104,16 +130,21 @@ def bench_attention(device: torch.device, shapes: list[tuple[int, int, int, int]
 def quick(device: torch.device) -> tuple[list[Row], dict]:
     """A short run of every benchmark on small shapes (`unmask bench --quick`)."""
     peak = read_bandwidth(device, megabytes=256)
-    rows = bench_sample(device, [(32, 32768)], [torch.float32, torch.bfloat16], peak_gbps=peak, reps=5)
+    rows = bench_sample(device, [(32, 32768)], [torch.float32, torch.bfloat16], peak_gbps=peak, reps=5,
+                        total_bytes=64 * 2**20)
     rows += bench_commit(device, [(8, 256)], reps=10)
     rows += bench_attention(device, [(1, 256, 8, 64)], torch.float32, reps=3)
     return rows, {"read_bandwidth_gbps": peak}
 
 
 def full_sample(device: torch.device) -> tuple[list[Row], dict]:
-    peak = read_bandwidth(device)
+    peak = read_bandwidth(device, megabytes=1024)
     shapes = [(32, 126464), (256, 126464), (256, 152064)]
-    return bench_sample(device, shapes, [torch.float32, torch.bfloat16], peak_gbps=peak), {"read_bandwidth_gbps": peak}
+    rows = []
+    for temperature in (0.0, 1.0):
+        rows += bench_sample(device, shapes, [torch.float32, torch.bfloat16], peak_gbps=peak, temperature=temperature,
+                             baselines=("reference", "compiled", "llada"))
+    return rows, {"read_bandwidth_gbps": peak}
 
 
 def full_attention(device: torch.device) -> tuple[list[Row], dict]:
