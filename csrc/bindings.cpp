@@ -1,10 +1,14 @@
 // pybind11 module unmask._C: raw pointers, shapes, strides and streams in; no
 // validation beyond what keeps the process alive (python/unmask/ops.py validates).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
 
 #include <cstdint>
 #include <string>
 
+#include "unmask/attention.h"
 #include "unmask/commit.h"
 #include "unmask/cuda_info.h"
 #include "unmask/rng.h"
@@ -98,6 +102,25 @@ PYBIND11_MODULE(_C, m) {
       py::arg("n_selected"), py::arg("banned"), py::arg("n_banned"), py::arg("temperature"), py::arg("top_k"),
       py::arg("top_p"), py::arg("confidence"), py::arg("conf_temperature"), py::arg("seed"), py::arg("offset"),
       py::arg("tokens"), py::arg("conf"));
+
+  m.def(
+      "attention_cpu",
+      [](std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out, int dtype,
+         std::array<int64_t, 6> sizes, std::array<int64_t, 3> q_stride, std::array<int64_t, 3> k_stride,
+         std::array<int64_t, 3> v_stride, std::array<int64_t, 3> out_stride, std::uintptr_t kv_len,
+         std::uintptr_t key_valid, int64_t block_size, int64_t q_offset, float scale) {
+        AttentionParams params{as_pointer<const void>(q), as_pointer<const void>(k), as_pointer<const void>(v),
+                               as_pointer<void>(out), static_cast<ScalarType>(dtype), sizes[0], sizes[1], sizes[2],
+                               sizes[3], sizes[4], sizes[5], {q_stride[0], q_stride[1], q_stride[2]},
+                               {k_stride[0], k_stride[1], k_stride[2]}, {v_stride[0], v_stride[1], v_stride[2]},
+                               {out_stride[0], out_stride[1], out_stride[2]}, as_pointer<const int64_t>(kv_len),
+                               as_pointer<const bool>(key_valid), block_size, q_offset, scale};
+        py::gil_scoped_release release;
+        raise_on_error(attention_cpu(params), "attention_cpu");
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("dtype"),
+      py::arg("sizes"), py::arg("q_stride"), py::arg("k_stride"), py::arg("v_stride"), py::arg("out_stride"),
+      py::arg("kv_len"), py::arg("key_valid"), py::arg("block_size"), py::arg("q_offset"), py::arg("scale"));
 
   m.def(
       "commit_cpu",

@@ -76,3 +76,30 @@ inline float key_to_float(uint32_t key) {
 }
 
 }  // namespace unmask::cpu
+
+namespace unmask::cpu {
+
+// float -> bfloat16 bits, round to nearest even (NaN stays NaN).
+inline uint16_t float_to_bf16(float value) {
+  const uint32_t bits = float_to_bits(value);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// float -> IEEE half bits, round to nearest even, with overflow to inf and subnormals.
+inline uint16_t float_to_fp16(float value) {
+  const uint32_t bits = float_to_bits(value);
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const uint32_t magnitude = bits & 0x7FFFFFFFu;
+  if (magnitude > 0x7F800000u) return sign | 0x7E00u;                 // NaN
+  if (magnitude >= 0x477FF000u) return sign | 0x7C00u;                // rounds to >= 65520: inf
+  if (magnitude < 0x38800000u) {                                      // below 2^-14: subnormal half
+    const float scaled = bits_to_float(magnitude) * 16777216.0f;      // value * 2^24, exact
+    return sign | static_cast<uint16_t>(std::nearbyint(scaled));      // current mode: nearest even
+  }
+  const uint32_t rebiased = magnitude - 0x38000000u;                  // exponent bias 127 -> 15
+  const uint32_t rounded = rebiased + 0xFFFu + ((rebiased >> 13) & 1u);
+  return sign | static_cast<uint16_t>(rounded >> 13);
+}
+
+}  // namespace unmask::cpu

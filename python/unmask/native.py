@@ -61,8 +61,25 @@ def commit_cpu(x, tokens, conf, eligible, *, k=None, threshold=None, factor=None
     return committed
 
 
+def attention_cpu(q, k, v, *, kv_len, key_valid, block_size, q_offset, scale, out=None):
+    """out: optional tensor like q to write into (tests poison it)."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
+    kv_len = None if kv_len is None else kv_len.to(torch.int64).contiguous()
+    key_valid = None if key_valid is None else key_valid.contiguous()
+    batch, q_len, q_heads, head_dim = q.shape
+    _C.attention_cpu(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), SCALAR_TYPES[q.dtype],
+        [batch, q_len, k.shape[1], q_heads, k.shape[2], head_dim],
+        list(q.stride()[:3]), list(k.stride()[:3]), list(v.stride()[:3]), list(out.stride()[:3]),
+        _address(kv_len), _address(key_valid), block_size or 0, q_offset, scale,
+    )
+    return out
+
+
 def register() -> None:
     if _C is None:
         return
     ops.NATIVE_KERNELS[("sample", "cpu")] = sample_cpu
     ops.NATIVE_KERNELS[("commit", "cpu")] = commit_cpu
+    ops.NATIVE_KERNELS[("attention", "cpu")] = attention_cpu

@@ -4,10 +4,10 @@
 #include <cstdint>
 
 #include "unmask/status.h"
+#include "unmask/types.h"
 
 namespace unmask {
 
-enum class ScalarType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 enum class ConfidenceKind : int { kProb = 0, kMargin = 1, kEntropy = 2, kRandom = 3 };
 
 struct SampleParams {
