@@ -144,3 +144,15 @@ def test_native_commit_writes_every_element():
             expected = reference.commit(x_reference, tokens, conf, eligible, **mode)
             assert torch.equal(committed, expected), mode
             assert torch.equal(x_native, x_reference), mode
+
+
+@pytest.mark.parametrize("temperature", [0.05, 1.0, 50.0])
+@pytest.mark.parametrize("scale", [0.01, 3.0, 30.0])
+def test_gumbel_bound_never_drops_the_winner(temperature, scale):
+    """The native kernel draws exact noise only for ids that pass a float bound; over many
+    rows of flat and of peaked logits, at low and high temperature, the winner must match."""
+    gen = torch.Generator().manual_seed(int(temperature * 100 + scale))
+    logits = torch.randn(256, 4099, generator=gen) * scale
+    expected = reference.sample(logits, temperature=temperature, seed=99, offset=4)[0]
+    got = run_native(logits, temperature=temperature, seed=99, offset=4)[0]
+    assert_same_tokens(logits, expected, got, temperature=temperature, seed=99, offset=4)

@@ -27,7 +27,7 @@
 namespace unmask {
 namespace {
 
-using cpu::exp_nonpositive;
+using cpu::fast_exp;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kKeyTile = 64;    // S row = 4 zmm; a K^T tile of D=128 is 32 KiB, L1-sized
@@ -342,11 +342,11 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b
       float tile_sum = 0.0f;
 #pragma omp simd reduction(+ : tile_sum)
       for (int64_t j = 0; j < kKeyTile; ++j) {
-        const float e = exp_nonpositive(srow[j] - new_max);
+        const float e = fast_exp(srow[j] - new_max);
         srow[j] = e;
         tile_sum += e;
       }
-      buf.alpha[r] = buf.row_max[r] == -kInf ? 0.0f : exp_nonpositive(buf.row_max[r] - new_max);
+      buf.alpha[r] = buf.row_max[r] == -kInf ? 0.0f : fast_exp(buf.row_max[r] - new_max);
       buf.row_sum[r] = buf.row_sum[r] * buf.alpha[r] + tile_sum;
       buf.row_max[r] = new_max;
     }

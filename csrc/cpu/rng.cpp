@@ -1,5 +1,7 @@
 #include "unmask/rng.h"
 
+#include "philox_rows.h"
+
 namespace unmask {
 
 Status fill_draws_cpu(const DrawParams& p) {
@@ -10,13 +12,12 @@ Status fill_draws_cpu(const DrawParams& p) {
   for (int64_t r = 0; r < p.rows; ++r) {
     const uint32_t row = static_cast<uint32_t>(p.row_begin + r);
     uint32_t* out_row = p.out + r * p.cols;
-    // One Philox call yields four consecutive columns.
-    for (int64_t quad = 0; quad * 4 < p.cols; ++quad) {
+    const int64_t whole_quads = p.cols / 4;
+    cpu::philox_row_words(p.seed, row, p.offset, p.stream, 0, whole_quads, out_row);
+    if (p.cols % 4 != 0) {  // a partial last quad: one more block, some of its words
       const Philox4x32 block =
-          unmask_draw_quad(p.seed, static_cast<uint32_t>(quad), row, p.offset, p.stream);
-      for (int64_t word = 0; word < 4 && quad * 4 + word < p.cols; ++word) {
-        out_row[quad * 4 + word] = block.v[word];
-      }
+          unmask_draw_quad(p.seed, static_cast<uint32_t>(whole_quads), row, p.offset, p.stream);
+      for (int64_t word = 0; word < p.cols % 4; ++word) out_row[whole_quads * 4 + word] = block.v[word];
     }
   }
   return Status::kOk;

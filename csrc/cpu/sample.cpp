@@ -9,9 +9,9 @@
 //           no sort of the vocabulary;
 //   sums    one pass for the softmax denominator, sum e*z (entropy) and the runner-up
 //           (margin) under conf_temperature;
-//   token   temperature 0: the first argmax. T > 0: Gumbel-max over the kept ids,
-//           drawing noise only for ids that can still win: no Gumbel draw exceeds
-//           kGumbelMax, so an id with x / T + kGumbelMax <= best is skipped.
+//   token   temperature 0: the first argmax. T > 0: Gumbel-max over the kept ids; a
+//           vectorised bound on each id's uniform draw leaves only the ids that can
+//           still win for the exact float64 score (see gumbel_max).
 // Passes after the load read the buffer from cache, so DRAM traffic is N * V * size.
 #include <algorithm>
 #include <cmath>
@@ -24,13 +24,14 @@
 #endif
 
 #include "unmask/philox.h"
+#include "philox_rows.h"
 #include "unmask/sample.h"
 #include "vec_math.h"
 
 namespace unmask {
 namespace {
 
-using cpu::exp_nonpositive;
+using cpu::fast_exp;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 // The largest Gumbel draw is -log(-log(1 - 2^-25)) = 17.33; 17.5 leaves margin.
@@ -127,7 +128,7 @@ RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool fuse_
           const float x = chunk[i];
           const bool counts = x != -kInf;  // keeps -inf * 0 out of the weighted sum
           const float z = counts ? (x - max) * inv_t : 0.0f;
-          const float e = counts ? exp_nonpositive(z) : 0.0f;
+          const float e = counts ? fast_exp(z) : 0.0f;
           sum += e;
           weighted += e * z;
         }
@@ -135,7 +136,7 @@ RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool fuse_
         // -inf logits (banned ids) add exp(-87) ~ 1.6e-38 each: below float resolution of a
         // sum that the maximum alone makes >= 1.
 #pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < count; ++i) sum += exp_nonpositive((chunk[i] - max) * inv_t);
+        for (int64_t i = 0; i < count; ++i) sum += fast_exp((chunk[i] - max) * inv_t);
       }
       scan.sum += sum;  // chunk partials in float, the row total in double
       scan.weighted += weighted;
@@ -258,7 +259,7 @@ ConfidenceSums confidence_sums_pass(const float* buf, int64_t vocab, float max, 
       if constexpr (kFiltered) in = x > kept_value || (x == kept_value && i <= kept_last_tie);
       const bool counts = in && x != -kInf;
       const float z = counts ? (x - max) * inv_t : 0.0f;
-      const float e = counts ? exp_nonpositive(z) : 0.0f;
+      const float e = counts ? fast_exp(z) : 0.0f;
       sum += e;
       weighted += e * z;
       runner_up = (in && i != argmax && x > runner_up) ? x : runner_up;
@@ -277,32 +278,65 @@ ConfidenceSums confidence_sums(const float* buf, int64_t vocab, float max, doubl
                   : confidence_sums_pass<true>(buf, vocab, max, inv_t, kept, argmax);
 }
 
+double gumbel_from_word(uint32_t word) { return -std::log(-std::log(uniform_from_draw(word))); }
+
 double gumbel(uint64_t seed, int64_t col, uint32_t row, uint32_t offset) {
-  const double u = uniform_from_draw(
-      unmask_draw(seed, static_cast<uint32_t>(col), row, offset, RngStream::kGumbel));
-  return -std::log(-std::log(u));
+  return gumbel_from_word(unmask_draw(seed, static_cast<uint32_t>(col), row, offset, RngStream::kGumbel));
 }
 
 // argmax over kept ids of x / T + g, ties to the lower id (the reference's argmax).
+//
+// Exact, with the float64 scores of the reference, but without two float64 logs per id:
+// id i beats the best score so far only if g_i > d_i = best - x_i / T, that is
+// u_i > exp(-exp(-d_i)). A vectorised float pass compares each id's 24-bit uniform
+// against that bound, loosened by a margin that covers float rounding, and only the
+// few ids that pass get the exact float64 score. Chunks whose largest logit cannot
+// reach best - kGumbelMax are skipped without drawing noise at all.
 int64_t gumbel_max(const float* buf, int64_t vocab, double temperature, const Kept& kept, int64_t argmax,
                    uint64_t seed, uint32_t row, uint32_t offset) {
+  constexpr int64_t kNoiseChunk = 1024;  // a multiple of 4: whole Philox blocks
+  alignas(64) uint32_t words[kNoiseChunk];
+  alignas(64) uint8_t passes[kNoiseChunk];
   int64_t best_id = argmax;
   double best = static_cast<double>(buf[argmax]) / temperature + gumbel(seed, argmax, row, offset);
-  // Ids with x <= cutoff cannot beat `best`; the cutoff is lowered by a relative margin
-  // so the float comparison never skips an id the double comparison would keep.
-  auto cutoff_for = [temperature](double score) {
-    const double c = (score - kGumbelMax) * temperature;
-    return static_cast<float>(c - std::fabs(c) * 1e-5 - 1e-30);
-  };
-  float cutoff = cutoff_for(best);
-  for (int64_t i = 0; i < vocab; ++i) {
-    const float x = buf[i];
-    if (!(x > cutoff) || i == argmax || !(kept.all || kept.contains(x, i))) continue;
-    const double score = static_cast<double>(x) / temperature + gumbel(seed, i, row, offset);
-    if (score > best || (score == best && i < best_id)) {
-      best = score;
-      best_id = i;
-      cutoff = cutoff_for(best);
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  for (int64_t begin = 0; begin < vocab; begin += kNoiseChunk) {
+    const int64_t count = std::min(kNoiseChunk, vocab - begin);
+    float chunk_max = -kInf;
+#pragma omp simd reduction(max : chunk_max)
+    for (int64_t i = 0; i < count; ++i) chunk_max = buf[begin + i] > chunk_max ? buf[begin + i] : chunk_max;
+    if (static_cast<double>(chunk_max) / temperature + kGumbelMax <= best) continue;
+
+    cpu::philox_row_words(seed, row, offset, RngStream::kGumbel, static_cast<uint32_t>(begin / 4), (count + 3) / 4,
+                          words);
+    // d_i in float carries |x / T| and |best| times 2^-24 of error: subtract a margin of
+    // 1e-4 (1 + |best|), then shrink the uniform bound by 1e-5 relative for the two exps.
+    const float best_low = static_cast<float>(best - 1e-4 * (1.0 + std::fabs(best)));
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) {
+      const float d = best_low - buf[begin + i] * inv_t;
+      const float bound = fast_exp(-fast_exp(std::min(-d, 80.0f))) * (1.0f - 1e-5f);
+      const float u = static_cast<float>(words[i] >> 8) * (1.0f / 16777216.0f) + (0.5f / 16777216.0f);
+      passes[i] = u > bound;
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      if (i % 8 == 0 && i + 8 <= count) {  // most ids fail the bound: skip eight at a time
+        uint64_t eight;
+        std::memcpy(&eight, passes + i, sizeof eight);
+        if (eight == 0) {
+          i += 7;
+          continue;
+        }
+      }
+      if (!passes[i]) continue;
+      const int64_t id = begin + i;
+      const float x = buf[id];
+      if (id == argmax || x == -kInf || !(kept.all || kept.contains(x, id))) continue;
+      const double score = static_cast<double>(x) / temperature + gumbel_from_word(words[i]);
+      if (score > best || (score == best && id < best_id)) {
+        best = score;
+        best_id = id;
+      }
     }
   }
   return best_id;

@@ -42,12 +42,12 @@ inline float fp16_to_float(uint16_t h) {
   return bits_to_float(float_to_bits(magnitude) | sign);
 }
 
-// e^x for x <= 0 (the sampler only exponentiates logit - max). Range reduction
-// x = k ln2 + r, |r| <= ln2 / 2, then a degree-7 Taylor polynomial: relative error
-// below 1e-8 before the final rounding, i.e. within an ulp or two of std::exp.
-// Inputs below -87 (and -inf) return 2^-126-ish instead of 0: negligible next to the
-// max term, which contributes exactly 1 to every sum this is used in.
-inline float exp_nonpositive(float x) {
+// e^x for x <= 88 (the kernels exponentiate logit - max <= 0, and Gumbel bounds up to
+// ~3). Range reduction x = k ln2 + r, |r| <= ln2 / 2, then a degree-7 Taylor polynomial:
+// relative error below 1e-8 before the final rounding, within an ulp or two of
+// std::exp. Inputs below -87 (and -inf) return ~1.6e-38 instead of 0: negligible next
+// to the max term, which contributes exactly 1 to every sum this is used in.
+inline float fast_exp(float x) {
   x = std::max(x, -87.0f);
   const float k = std::floor(x * 1.44269504088896341f + 0.5f);
   const float r = (x - k * 0.693145751953125f) - k * 1.428606765330187e-06f;
