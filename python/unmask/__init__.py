@@ -9,7 +9,7 @@ kernel for the device or to unmask.reference, the specification).
 """
 
 from unmask import ops, reference, rng
-from unmask.models import DiffusionTransformer, ModelConfig, from_pretrained, save_pretrained
+from unmask.models import DiffusionTransformer, KVCache, ModelConfig, from_pretrained, save_pretrained
 from unmask.sampler import GenerateOutput, generate, infill
 
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DiffusionTransformer",
     "GenerateOutput",
+    "KVCache",
     "ModelConfig",
     "from_pretrained",
     "generate",

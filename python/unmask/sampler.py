@@ -93,16 +93,21 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
     return ids.to(device), mask.to(device)
 
 
-def model_logits(model, x: torch.Tensor, attention_mask: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
+CACHE_MODES = (None, "prefix", "dual")
+
+
+def model_logits(model, x: torch.Tensor, attention_mask: torch.Tensor | None, start: int, end: int, *,
+                 cache=None, segment: tuple[int, int] | None = None) -> torch.Tensor:
     """Logits [B, end - start, V] of positions start..end-1.
 
-    The unmask model runs its LM head on those positions only; any other callable
-    returning logits [B, L, V] (or an object with .logits) is sliced afterwards.
+    The unmask model runs its LM head on those positions only (and, with a cache, its
+    layers on `segment` only); any other callable returning logits [B, L, V] (or an
+    object with .logits) runs on the whole canvas and is sliced afterwards.
     """
     from unmask.models import DiffusionTransformer
 
     if isinstance(model, DiffusionTransformer):
-        return model(x, attention_mask, logit_positions=slice(start, end))
+        return model(x, attention_mask, logit_positions=slice(start, end), cache=cache, segment=segment)
     out = model(x, attention_mask=attention_mask)
     logits = getattr(out, "logits", out)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != x.shape:
@@ -111,31 +116,63 @@ def model_logits(model, x: torch.Tensor, attention_mask: torch.Tensor | None, st
     return logits[:, start:end]
 
 
-def guided_logits(model, x, attention_mask, prompt_positions, mask_id: int, cfg_scale: float, start: int, end: int):
+def guided_logits(model, x, attention_mask, prompt_positions, mask_id: int, cfg_scale: float, start: int, end: int,
+                  *, cache=None, segment: tuple[int, int] | None = None):
     """Classifier-free guidance: un + (cfg_scale + 1) * (cond - un), the unconditional pass
     seeing the prompt replaced by masks; both passes in one batched call."""
     if cfg_scale == 0.0:
-        return model_logits(model, x, attention_mask, start, end)
+        return model_logits(model, x, attention_mask, start, end, cache=cache, segment=segment)
     unconditional = x.masked_fill(prompt_positions, mask_id)
     both_mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
-    cond, uncond = model_logits(model, torch.cat([x, unconditional]), both_mask, start, end).chunk(2)
+    both = model_logits(model, torch.cat([x, unconditional]), both_mask, start, end, cache=cache, segment=segment)
+    cond, uncond = both.chunk(2)
     return uncond + (cfg_scale + 1.0) * (cond - uncond)
+
+
+class _StepModel:
+    """One model evaluation per step, with or without a key/value cache.
+
+    cache "prefix": the block's first step runs the whole canvas and fills the cache;
+    later steps recompute the block and everything after it, reusing the keys and
+    values of the finished prefix. "dual": later steps recompute the block alone,
+    reusing the prefix and the (still masked) suffix as they were at the block's start.
+    A model that predicts position i from i - 1 (Dream) also recomputes the position
+    just before the block, whose hidden state gives the block's first logits.
+    """
+
+    def __init__(self, model, cache: str | None, attention_mask, prompt_positions, mask_id: int, cfg_scale: float):
+        self.model, self.cache_mode = model, cache
+        self.attention_mask, self.prompt_positions = attention_mask, prompt_positions
+        self.mask_id, self.cfg_scale = mask_id, cfg_scale
+        self.cache = None
+
+    def __call__(self, x: torch.Tensor, start: int, end: int, first_step_of_block: bool) -> torch.Tensor:
+        segment = None
+        if self.cache_mode is not None:
+            if self.cache is None:
+                from unmask.models import KVCache
+
+                rows = x.shape[0] * (2 if self.cfg_scale > 0 else 1)
+                param = next(self.model.parameters())
+                self.cache = KVCache(self.model.config, rows, x.shape[1], dtype=param.dtype, device=param.device)
+            if not first_step_of_block:
+                first = max(start - 1, 0) if self.model.config.shift_logits else start
+                segment = (first, end if self.cache_mode == "dual" else x.shape[1])
+        return guided_logits(self.model, x, self.attention_mask, self.prompt_positions, self.mask_id,
+                             self.cfg_scale, start, end, cache=self.cache, segment=segment)
 
 
 # --------------------------------------------------------------------------- the step loop
 
 
 def _decode(
-    model,
+    step_model: _StepModel,
     x: torch.Tensor,
-    attention_mask: torch.Tensor | None,
     blocks: list[tuple[int, int]],
     rule: _Rule,
     sampling: _Sampling,
     *,
     mask_id: int,
-    cfg_scale: float,
-    prompt_positions: torch.Tensor,
     eos_id: int | None,
     generation_start: int,
     callback: Callback | None,
@@ -167,7 +204,7 @@ def _decode(
                 if not bool(eligible.any()):
                     break
                 mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
-            logits = guided_logits(model, x, attention_mask, prompt_positions, mask_id, cfg_scale, start, end)
+            logits = step_model(x, start, end, first_step_of_block=block_steps == 0)
             if mask_id >= logits.shape[-1]:
                 raise ValueError(f"mask_id={mask_id} lies outside the model's vocabulary (V={logits.shape[-1]})")
             tokens, conf = ops.sample(
@@ -225,6 +262,15 @@ def _special_id(model, given: int | None, attr: str, config_attr: str) -> int | 
     if hasattr(model, attr):
         return getattr(model, attr)
     return getattr(getattr(model, "config", None), config_attr, None)
+
+
+def _check_cache(model, cache) -> None:
+    from unmask.models import DiffusionTransformer
+
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+    if cache is not None and not isinstance(model, DiffusionTransformer):
+        raise ValueError(f"cache={cache!r} needs the unmask model (unmask.from_pretrained); got {type(model).__name__}")
 
 
 def _mask_id(model, given: int | None) -> int:
@@ -324,6 +370,7 @@ def generate(
     stop_at_eos: bool = True,
     seed: int = 0,
     callback: Callback | None = None,
+    cache: str | None = None,
     device: torch.device | str | None = None,
 ) -> GenerateOutput:
     """Decode gen_length tokens after each prompt with a masked diffusion LM.
@@ -333,7 +380,9 @@ def generate(
     [B, P] (attention_mask [B, P] marks real tokens) or a list of token-id lists,
     left-padded here. Exactly one of steps (default gen_length: one token per step),
     threshold or factor picks the commit rule. callback(step, canvas, committed)
-    runs after every step.
+    runs after every step. cache: None (a full forward every step), "prefix" or
+    "dual" (reuse keys and values across the steps of a block; exact for block-causal
+    models, an approximation for bidirectional ones), for the unmask model only.
     """
     _check_positive_int("gen_length", gen_length)
     _check_positive_int("block_length", block_length)
@@ -343,6 +392,7 @@ def generate(
     rule = _rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=gen_length)
     sampling = _sampling(temperature, top_k, top_p, remasking, seed)
     ops._check_float("cfg_scale", cfg_scale, nonnegative=True)
+    _check_cache(model, cache)
     mask_id = _mask_id(model, mask_id)
     eos_id = _special_id(model, eos_id, "eos_id", "eos_token_id")
     if eos_id is not None:
@@ -363,10 +413,10 @@ def generate(
     blocks = [(prompt_len + i * block_length, prompt_len + (i + 1) * block_length) for i in range(num_blocks)]
     started = time.perf_counter()
     with torch.inference_mode():
+        step_model = _StepModel(model, cache, model_mask, prompt_positions, mask_id, float(cfg_scale))
         nfe, steps_per_block = _decode(
-            model, x, model_mask, blocks, rule, sampling,
-            mask_id=mask_id, cfg_scale=float(cfg_scale), prompt_positions=prompt_positions,
-            eos_id=eos_id if stop_at_eos else None, generation_start=prompt_len, callback=callback,
+            step_model, x, blocks, rule, sampling,
+            mask_id=mask_id, eos_id=eos_id if stop_at_eos else None, generation_start=prompt_len, callback=callback,
         )
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
@@ -423,10 +473,10 @@ def infill(
     blocks = [(i * block_length, (i + 1) * block_length) for i in range(num_blocks)]
     started = time.perf_counter()
     with torch.inference_mode():
+        step_model = _StepModel(model, None, model_mask, torch.zeros_like(x, dtype=torch.bool), mask_id, 0.0)
         nfe, steps_per_block = _decode(
-            model, x, model_mask, blocks, rule, sampling,
-            mask_id=mask_id, cfg_scale=0.0, prompt_positions=torch.zeros_like(x, dtype=torch.bool),
-            eos_id=None, generation_start=0, callback=callback,
+            step_model, x, blocks, rule, sampling,
+            mask_id=mask_id, eos_id=None, generation_start=0, callback=callback,
         )
     seconds = time.perf_counter() - started
     return GenerateOutput(x.clone(), x, nfe, steps_per_block, seconds)

@@ -35,7 +35,6 @@ def bench_sample(device: torch.device, shapes: list[tuple[int, int]], dtypes: li
                  total_bytes: int = 2**30) -> list[Row]:
     """Bytes moved = logits read once + tokens (8 B) and confidences (4 B) written."""
     rows = []
-    compiled_reference = None
     for n, vocab in shapes:
         for dtype in dtypes:
             size = n * vocab * torch.tensor([], dtype=dtype).element_size()
@@ -47,7 +46,10 @@ def bench_sample(device: torch.device, shapes: list[tuple[int, int]], dtypes: li
             if "reference" in baselines:
                 impls["reference (eager)"] = lambda i: reference.sample(inputs[i % count], temperature=temperature, seed=i)
             if "compiled" in baselines:
-                compiled_reference = compiled_reference or torch.compile(reference.sample, dynamic=False)
+                # A fresh compile per shape and dtype: dynamo's recompile limit would
+                # otherwise send later shapes back to eager without saying so in the table.
+                torch._dynamo.reset()
+                compiled_reference = torch.compile(reference.sample, dynamic=False)
                 impls["reference (compiled)"] = lambda i: compiled_reference(inputs[i % count], temperature=temperature, seed=0)
             if "llada" in baselines:
                 impls["LLaDA float64 path"] = lambda i: llada_float64_sample(inputs[i % count], temperature, vocab - 1)
@@ -89,8 +91,27 @@ def bench_commit(device: torch.device, shapes: list[tuple[int, int]], *, reps: i
     return rows
 
 
+def flex_attention_baseline(q, k, v, key_valid, block):
+    """FlexAttention with the block-causal + padding block mask, compiled; None where it
+    does not run on this device or torch build."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        def visible(b, h, q_idx, kv_idx):
+            return key_valid[b, kv_idx] & (kv_idx // block <= q_idx // block)
+
+        block_mask = create_block_mask(visible, q.shape[0], None, q.shape[1], k.shape[1], device=q.device)
+        compiled = torch.compile(flex_attention, dynamic=False)
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        run = lambda i: compiled(qt, kt, vt, block_mask=block_mask)  # noqa: E731
+        run(0)
+        return run
+    except Exception:  # noqa: BLE001 - any failure means "baseline unavailable here"
+        return None
+
+
 def bench_attention(device: torch.device, shapes: list[tuple[int, int, int, int]], dtype: torch.dtype, *,
-                    reps: int = 5) -> list[Row]:
+                    reps: int = 5, flex_attention: bool = False) -> list[Row]:
     """FLOPs = 4 * B * H * Lq * Lk * D, with no discount for masking."""
     rows = []
     for batch, length, heads, head_dim in shapes:
@@ -105,6 +126,8 @@ def bench_attention(device: torch.device, shapes: list[tuple[int, int, int, int]
             qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
 
+        flex = flex_attention_baseline(q, k, v, key_valid, block) if flex_attention else None
+
         cases = {
             "none": {
                 "torch SDPA": lambda i: sdpa(None),
@@ -112,6 +135,7 @@ def bench_attention(device: torch.device, shapes: list[tuple[int, int, int, int]
             },
             "block+pad": {
                 "torch SDPA (bool mask)": lambda i: sdpa(block_mask[:, None]),
+                **({"FlexAttention (compiled)": flex} if flex is not None else {}),
                 f"unmask.ops [{ops.backend_for('attention', device)}]": lambda i: ops.attention(
                     q, k, v, key_valid=key_valid, block_size=block),
             },
@@ -149,7 +173,7 @@ def full_sample(device: torch.device) -> tuple[list[Row], dict]:
 
 def full_attention(device: torch.device) -> tuple[list[Row], dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return bench_attention(device, [(1, 1024, 32, 128)], dtype), {}
+    return bench_attention(device, [(1, 1024, 32, 128)], dtype, flex_attention=True), {}
 
 
 def full_commit(device: torch.device) -> tuple[list[Row], dict]:

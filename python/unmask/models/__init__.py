@@ -2,6 +2,6 @@
 
 from unmask.models.checkpoint import from_pretrained, save_pretrained
 from unmask.models.config import ModelConfig
-from unmask.models.transformer import DiffusionTransformer
+from unmask.models.transformer import DiffusionTransformer, KVCache
 
-__all__ = ["DiffusionTransformer", "ModelConfig", "from_pretrained", "save_pretrained"]
+__all__ = ["DiffusionTransformer", "KVCache", "ModelConfig", "from_pretrained", "save_pretrained"]

@@ -1,10 +1,13 @@
-"""Checkpoints in LLaDA's on-disk format: config.json plus safetensors (one file, or
-shards with model.safetensors.index.json), with LLaDA's tensor names."""
+"""Checkpoints in the published on-disk formats of LLaDA and Dream: config.json plus
+safetensors (one file, or shards with model.safetensors.index.json), with each
+family's own tensor names."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,53 +20,106 @@ from unmask.models.transformer import DiffusionTransformer
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-# Our parameter names -> LLaDA's. {i} is the layer index.
-_LLADA_LAYER_NAMES = {
-    "attn_norm.weight": "attn_norm.weight",
-    "q_proj.weight": "q_proj.weight",
-    "q_proj.bias": "q_proj.bias",
-    "k_proj.weight": "k_proj.weight",
-    "k_proj.bias": "k_proj.bias",
-    "v_proj.weight": "v_proj.weight",
-    "v_proj.bias": "v_proj.bias",
-    "o_proj.weight": "attn_out.weight",
-    "mlp_norm.weight": "ff_norm.weight",
-    "gate_proj.weight": "ff_proj.weight",
-    "up_proj.weight": "up_proj.weight",
-    "down_proj.weight": "ff_out.weight",
-}
-_LLADA_GLOBAL_NAMES = {
-    "embed.weight": "model.transformer.wte.weight",
-    "final_norm.weight": "model.transformer.ln_f.weight",
-    "lm_head.weight": "model.transformer.ff_out.weight",
-}
 _LAYER_PATTERN = re.compile(r"layers\.(\d+)\.(.+)")
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointFormat:
+    """A family's on-disk names: config.json's model_type and its tensor names."""
+
+    model_type: str  # as config.json spells it
+    global_names: dict[str, str]  # our parameter name -> the checkpoint's
+    layer_prefix: str  # "{i}" stands for the layer index
+    layer_names: dict[str, str]
+    config_from_json: Callable[[dict], ModelConfig]
+    config_to_json: Callable[[ModelConfig], dict]
+
+    def tensor_name(self, ours: str) -> str:
+        if ours in self.global_names:
+            return self.global_names[ours]
+        match = _LAYER_PATTERN.fullmatch(ours)
+        if match is None or match.group(2) not in self.layer_names:
+            raise KeyError(f"no {self.model_type} name for parameter {ours!r}")
+        return self.layer_prefix.format(i=match.group(1)) + self.layer_names[match.group(2)]
+
+
+LLADA = CheckpointFormat(
+    model_type="llada",
+    global_names={
+        "embed.weight": "model.transformer.wte.weight",
+        "final_norm.weight": "model.transformer.ln_f.weight",
+        "lm_head.weight": "model.transformer.ff_out.weight",
+    },
+    layer_prefix="model.transformer.blocks.{i}.",
+    layer_names={
+        "attn_norm.weight": "attn_norm.weight",
+        "q_proj.weight": "q_proj.weight",
+        "q_proj.bias": "q_proj.bias",
+        "k_proj.weight": "k_proj.weight",
+        "k_proj.bias": "k_proj.bias",
+        "v_proj.weight": "v_proj.weight",
+        "v_proj.bias": "v_proj.bias",
+        "o_proj.weight": "attn_out.weight",
+        "mlp_norm.weight": "ff_norm.weight",
+        "gate_proj.weight": "ff_proj.weight",
+        "up_proj.weight": "up_proj.weight",
+        "down_proj.weight": "ff_out.weight",
+    },
+    config_from_json=ModelConfig.from_llada_json,
+    config_to_json=ModelConfig.to_llada_json,
+)
+
+DREAM = CheckpointFormat(
+    model_type="Dream",
+    global_names={
+        "embed.weight": "model.embed_tokens.weight",
+        "final_norm.weight": "model.norm.weight",
+        "lm_head.weight": "lm_head.weight",
+    },
+    layer_prefix="model.layers.{i}.",
+    layer_names={
+        "attn_norm.weight": "input_layernorm.weight",
+        "q_proj.weight": "self_attn.q_proj.weight",
+        "q_proj.bias": "self_attn.q_proj.bias",
+        "k_proj.weight": "self_attn.k_proj.weight",
+        "k_proj.bias": "self_attn.k_proj.bias",
+        "v_proj.weight": "self_attn.v_proj.weight",
+        "v_proj.bias": "self_attn.v_proj.bias",
+        "o_proj.weight": "self_attn.o_proj.weight",
+        "mlp_norm.weight": "post_attention_layernorm.weight",
+        "gate_proj.weight": "mlp.gate_proj.weight",
+        "up_proj.weight": "mlp.up_proj.weight",
+        "down_proj.weight": "mlp.down_proj.weight",
+    },
+    config_from_json=ModelConfig.from_dream_json,
+    config_to_json=ModelConfig.to_dream_json,
+)
+
+FORMATS = {"llada": LLADA, "Dream": DREAM}
+_FORMAT_OF_FAMILY = {"llada": LLADA, "dream": DREAM}
+
+
 def llada_name(ours: str) -> str:
-    if ours in _LLADA_GLOBAL_NAMES:
-        return _LLADA_GLOBAL_NAMES[ours]
-    match = _LAYER_PATTERN.fullmatch(ours)
-    if match is None or match.group(2) not in _LLADA_LAYER_NAMES:
-        raise KeyError(f"no LLaDA name for parameter {ours!r}")
-    return f"model.transformer.blocks.{match.group(1)}.{_LLADA_LAYER_NAMES[match.group(2)]}"
+    return LLADA.tensor_name(ours)
 
 
 def _expected_names(model: DiffusionTransformer) -> dict[str, str]:
-    """LLaDA name -> our name, for every tensor the checkpoint must hold."""
+    """Checkpoint name -> our name, for every tensor the checkpoint must hold."""
+    checkpoint_format = _FORMAT_OF_FAMILY[model.config.model_type]
     names = {}
     for ours in model.state_dict():
         if ours == "lm_head.weight" and model.config.weight_tying:
-            continue  # tied to the embedding: LLaDA stores no separate head
-        names[llada_name(ours)] = ours
+            continue  # tied to the embedding: no separate head is stored
+        names[checkpoint_format.tensor_name(ours)] = ours
     return names
 
 
 def save_pretrained(model: DiffusionTransformer, directory: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write config.json and the weights (sharded above max_shard_bytes) in LLaDA's format."""
+    """Write config.json and the weights (sharded above max_shard_bytes) in the model
+    family's published format (LLaDA's or Dream's names)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = model.config.to_llada_json()
+    config = _FORMAT_OF_FAMILY[model.config.model_type].config_to_json(model.config)
     config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
@@ -111,7 +167,7 @@ def from_pretrained(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> DiffusionTransformer:
-    """Load a LLaDA-format checkpoint directory (config.json, safetensors, optional tokenizer.json).
+    """Load a LLaDA or Dream checkpoint directory (config.json, safetensors, optional tokenizer.json).
 
     Tensors go straight from the file to `device` in their stored dtype (or `dtype`):
     a bf16 checkpoint never passes through float32.
@@ -121,9 +177,9 @@ def from_pretrained(
         raise FileNotFoundError(f"path: no config.json in {directory}")
     fields = json.loads((directory / "config.json").read_text())
     model_type = fields.get("model_type")
-    if model_type != "llada":
-        raise ValueError(f"config.json model_type must be 'llada', got {model_type!r}")
-    config = ModelConfig.from_llada_json(fields)
+    if model_type not in FORMATS:
+        raise ValueError(f"config.json model_type must be one of {sorted(FORMATS)}, got {model_type!r}")
+    config = FORMATS[model_type].config_from_json(fields)
     device = torch.device(device) if device is not None else torch.device("cpu")
 
     with torch.device("meta"):

@@ -12,6 +12,11 @@ from typing import Any
 # LLaDA-8B's token ids (its tokenizer): the mask token and <|endoftext|>.
 LLADA_MASK_ID = 126336
 LLADA_EOS_ID = 126081
+# Dream-v0's (Qwen2.5 tokenizer): <|mask|> and <|endoftext|>.
+DREAM_MASK_ID = 151666
+DREAM_EOS_ID = 151643
+
+MODEL_TYPES = ("llada", "dream")
 
 
 @dataclasses.dataclass
@@ -31,7 +36,7 @@ class ModelConfig:
     include_qkv_bias: bool = False
     # Block diffusion: attention lets position p see key j when j // block_size <= p // block_size.
     block_size: int | None = None
-    model_type: str = "llada"
+    model_type: str = "llada"  # "dream": logits shifted right by one, positions over real tokens
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size", "embedding_size"):
@@ -50,12 +55,67 @@ class ModelConfig:
             value = getattr(self, name)
             if not 0 <= value < self.embedding_size:
                 raise ValueError(f"config.{name} ({value}) must lie in [0, embedding_size={self.embedding_size})")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"config.model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"config.block_size must be None or >= 1, got {self.block_size}")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def shift_logits(self) -> bool:
+        """Dream predicts the token at position i from the hidden state at i - 1."""
+        return self.model_type == "dream"
+
+    @property
+    def positions_over_real_tokens(self) -> bool:
+        return self.model_type == "dream"
+
+    def to_dream_json(self) -> dict[str, Any]:
+        """config.json in Dream's (Qwen2) field names."""
+        fields = {
+            "architectures": ["DreamModel"],
+            "model_type": "Dream",
+            "hidden_size": self.d_model,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "intermediate_size": self.mlp_hidden_size,
+            "vocab_size": self.vocab_size,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "mask_token_id": self.mask_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.eos_token_id,
+            "tie_word_embeddings": self.weight_tying,
+            "hidden_act": "silu",
+        }
+        if self.block_size is not None:
+            fields["block_size"] = self.block_size
+        return fields
+
+    @classmethod
+    def from_dream_json(cls, fields: dict[str, Any]) -> ModelConfig:
+        n_heads = fields["num_attention_heads"]
+        return cls(
+            d_model=fields["hidden_size"],
+            n_layers=fields["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=fields.get("num_key_value_heads") or n_heads,
+            mlp_hidden_size=fields["intermediate_size"],
+            vocab_size=fields["vocab_size"],
+            embedding_size=fields["vocab_size"],
+            rope_theta=fields.get("rope_theta", 1000000.0),
+            rms_norm_eps=fields.get("rms_norm_eps", 1e-6),
+            mask_token_id=fields.get("mask_token_id", DREAM_MASK_ID),
+            eos_token_id=fields.get("eos_token_id", DREAM_EOS_ID),
+            weight_tying=fields.get("tie_word_embeddings", False),
+            include_qkv_bias=True,
+            block_size=fields.get("block_size"),
+            model_type="dream",
+        )
 
     def to_llada_json(self) -> dict[str, Any]:
         """config.json in LLaDA's field names (plus the fields its loader expects)."""

@@ -42,6 +42,25 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x32 * cos + rotated * sin).to(x.dtype)
 
 
+class KVCache:
+    """Keys (after rotary embedding) and values of every layer for a whole canvas.
+
+    generate(cache=...) fills it with one full forward at the start of a block and then
+    recomputes only a segment of positions per step (the block, or the block and what
+    follows it), writing that segment's keys and values in place: positions outside the
+    segment keep the keys and values of the block's start (DESIGN.md, cache).
+    """
+
+    def __init__(self, config: ModelConfig, batch: int, length: int, *, dtype: torch.dtype, device: torch.device):
+        shape = (batch, length, config.n_kv_heads, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.keys[0].shape[:2]) if self.keys else (0, 0)
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -58,7 +77,10 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(d, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_valid: torch.Tensor | None,
+                cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
+        """x holds positions start .. start + x.shape[1] - 1; with a cache, their keys and
+        values are written into it and the queries attend over the whole cached canvas."""
         batch, length, _ = x.shape
         c = self.config
         h = self.attn_norm(x)
@@ -66,7 +88,11 @@ class Block(nn.Module):
         k = self.k_proj(h).view(batch, length, c.n_kv_heads, c.head_dim)
         v = self.v_proj(h).view(batch, length, c.n_kv_heads, c.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        attn = ops.attention(q, k, v, key_valid=key_valid, block_size=c.block_size)
+        if cache is not None:
+            cache.keys[layer][:, start:start + length] = k
+            cache.values[layer][:, start:start + length] = v
+            k, v = cache.keys[layer], cache.values[layer]
+        attn = ops.attention(q, k, v, key_valid=key_valid, block_size=c.block_size, q_offset=start)
         x = x + self.o_proj(attn.reshape(batch, length, c.d_model))
         h = self.mlp_norm(x)
         return x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
@@ -108,17 +134,31 @@ class DiffusionTransformer(nn.Module):
                     param.normal_(0.0, std, generator=generator)
         return model.to(device=device, dtype=dtype).eval()
 
+    def positions(self, attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+        """Rotary positions [1 or B, L]: 0..L-1 (LLaDA), or counted over real tokens when
+        prompts are left-padded (Dream). Rotary attention is relative, so the two agree
+        on every real token; they differ only on the padding, which no query sees."""
+        if attention_mask is None or not self.config.positions_over_real_tokens:
+            return torch.arange(length, device=device)[None]
+        return (attention_mask.to(device=device, dtype=torch.int64).cumsum(dim=1) - 1).clamp(min=0)
+
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         *,
         logit_positions: slice | torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        segment: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Logits [B, L, V]; with logit_positions (a slice or index over L) only those positions.
 
         attention_mask [B, L] marks real tokens: keys at False positions are invisible
-        (left padding). Positions stay 0..L-1, as in LLaDA.
+        (left padding). Dream-style models (config.shift_logits) predict position i from
+        the hidden state at i - 1. With a cache and no segment, the forward runs over the
+        whole canvas and fills the cache; with segment=(start, end) it computes only those
+        positions, attending over the cached keys and values of every other position, and
+        logit_positions must fall inside the segment (one position later when shifted).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
@@ -128,11 +168,24 @@ class DiffusionTransformer(nn.Module):
             if tuple(attention_mask.shape) != (batch, length):
                 raise ValueError(f"attention_mask must have shape {(batch, length)}, got {tuple(attention_mask.shape)}")
             key_valid = attention_mask.to(device=input_ids.device, dtype=torch.bool)
-        positions = torch.arange(length, device=input_ids.device)[None]
+        start, end = (0, length) if segment is None else segment
+        if segment is not None:
+            if cache is None:
+                raise ValueError("segment needs a cache holding the keys and values of the other positions")
+            if not 0 <= start < end <= length:
+                raise ValueError(f"segment must satisfy 0 <= start < end <= {length}, got {segment}")
+        if cache is not None and cache.shape != (batch, length):
+            raise ValueError(f"cache holds a [{cache.shape[0]}, {cache.shape[1]}] canvas, input_ids is [{batch}, {length}]")
+
+        positions = self.positions(attention_mask, batch, length, input_ids.device)[:, start:end]
         cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
-        x = self.embed(input_ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin, key_valid)
-        if logit_positions is not None:
-            x = x[:, logit_positions]
+        x = self.embed(input_ids[:, start:end])
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, key_valid, cache=cache, layer=index, start=start)
+        if logit_positions is not None or self.config.shift_logits:
+            wanted = torch.arange(length, device=x.device)
+            if logit_positions is not None:
+                wanted = wanted[logit_positions]
+            source = (wanted - 1).clamp(min=0) if self.config.shift_logits else wanted
+            x = x[:, source - start]
         return self.lm_head(self.final_norm(x))

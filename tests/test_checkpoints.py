@@ -1,0 +1,142 @@
+"""Dream checkpoints written here in the published on-disk format (Qwen2 names, qkv bias,
+logits shifted by one), loaded by unmask and checked against a plain forward."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import unmask
+
+DREAM_CONFIG = {
+    "architectures": ["DreamModel"],
+    "model_type": "Dream",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "vocab_size": 50,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "mask_token_id": 49,
+    "eos_token_id": 48,
+    "pad_token_id": 48,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "torch_dtype": "bfloat16",
+}
+
+
+def dream_tensors(config, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    kv = config["num_key_value_heads"] * d // config["num_attention_heads"]
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen) * 0.3
+
+    tensors = {"model.embed_tokens.weight": rand(v, d), "model.norm.weight": 1 + rand(d), "lm_head.weight": rand(v, d)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        tensors.update({
+            p + "input_layernorm.weight": 1 + rand(d),
+            p + "post_attention_layernorm.weight": 1 + rand(d),
+            p + "self_attn.q_proj.weight": rand(d, d), p + "self_attn.q_proj.bias": rand(d),
+            p + "self_attn.k_proj.weight": rand(kv, d), p + "self_attn.k_proj.bias": rand(kv),
+            p + "self_attn.v_proj.weight": rand(kv, d), p + "self_attn.v_proj.bias": rand(kv),
+            p + "self_attn.o_proj.weight": rand(d, d),
+            p + "mlp.gate_proj.weight": rand(f, d), p + "mlp.up_proj.weight": rand(f, d),
+            p + "mlp.down_proj.weight": rand(d, f),
+        })
+    return tensors
+
+
+def plain_dream_forward(t, config, ids, attention_mask):
+    """Qwen2 blocks, bidirectional, positions counted over real tokens, logits shifted right."""
+    t = {name: value.double() for name, value in t.items()}
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config["hidden_size"] // heads
+    positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0).double()
+
+    def rms(x, w):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + config["rms_norm_eps"]) * w
+
+    def rope(x):
+        freqs = 1.0 / config["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angle = positions[..., None] * freqs
+        cos, sin = angle.cos().repeat(1, 1, 2)[:, :, None], angle.sin().repeat(1, 1, 2)[:, :, None]
+        half = head_dim // 2
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+    h = t["model.embed_tokens.weight"][ids]
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        a = rms(h, t[p + "input_layernorm.weight"])
+        q = (a @ t[p + "self_attn.q_proj.weight"].T + t[p + "self_attn.q_proj.bias"]).view(*ids.shape, heads, head_dim)
+        k = (a @ t[p + "self_attn.k_proj.weight"].T + t[p + "self_attn.k_proj.bias"]).view(*ids.shape, kv_heads, head_dim)
+        v = (a @ t[p + "self_attn.v_proj.weight"].T + t[p + "self_attn.v_proj.bias"]).view(*ids.shape, kv_heads, head_dim)
+        q, k = rope(q), rope(k)
+        k, v = (z.repeat_interleave(heads // kv_heads, dim=2) for z in (k, v))
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
+        scores = scores.masked_fill(~attention_mask[:, None, None, :], float("-inf"))
+        h = h + torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(*ids.shape, -1) @ t[p + "self_attn.o_proj.weight"].T
+        m = rms(h, t[p + "post_attention_layernorm.weight"])
+        h = h + (torch.nn.functional.silu(m @ t[p + "mlp.gate_proj.weight"].T) * (m @ t[p + "mlp.up_proj.weight"].T)) @ t[p + "mlp.down_proj.weight"].T
+    logits = rms(h, t["model.norm.weight"]) @ t["lm_head.weight"].T
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+
+def write_dream(directory, tensors, config=DREAM_CONFIG, shards=2):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    names = sorted(tensors)
+    weight_map = {}
+    for shard in range(shards):
+        file_name = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors"
+        part = {name: tensors[name].to(torch.bfloat16).contiguous() for name in names[shard::shards]}
+        save_file(part, directory / file_name, metadata={"format": "pt"})
+        weight_map.update({name: file_name for name in part})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_dream_checkpoint_matches_plain_forward(tmp_path):
+    tensors = dream_tensors(DREAM_CONFIG)
+    write_dream(tmp_path, tensors)
+    model = unmask.from_pretrained(tmp_path)
+    assert model.config.model_type == "dream" and model.config.include_qkv_bias
+    assert model.embed.weight.dtype == torch.bfloat16, "bf16 weights load as bf16"
+    model = model.float()
+    ids = torch.randint(0, 48, (2, 11))
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[1, :3] = False
+    stored = {name: value.to(torch.bfloat16).float() for name, value in tensors.items()}
+    expected = plain_dream_forward(stored, DREAM_CONFIG, ids, mask)
+    with torch.no_grad():
+        got = model(ids, mask)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(ids, mask, logit_positions=slice(4, 9)), got[:, 4:9])
+
+
+def test_dream_round_trip_and_generate(tmp_path):
+    write_dream(tmp_path / "a", dream_tensors(DREAM_CONFIG, seed=1))
+    model = unmask.from_pretrained(tmp_path / "a", dtype=torch.float32)
+    unmask.save_pretrained(model, tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["model_type"] == "Dream"
+    again = unmask.from_pretrained(tmp_path / "b")
+    ids = torch.randint(0, 48, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), model(ids))
+    out = unmask.generate(model, [[1, 2, 3]], gen_length=8, block_length=4, steps=8)
+    assert not (out.tokens == 49).any()
+
+
+def test_dream_mismatched_tensor_is_named(tmp_path):
+    tensors = dream_tensors(DREAM_CONFIG)
+    tensors["model.layers.1.self_attn.k_proj.bias"] = torch.zeros(5)
+    write_dream(tmp_path, tensors, shards=1)
+    with pytest.raises(ValueError, match="layers.1.self_attn.k_proj.bias has shape"):
+        unmask.from_pretrained(tmp_path)
