@@ -12,8 +12,10 @@ from unmask.benchmarks import harness
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def parse(description: str) -> argparse.Namespace:
+def parse(description: str, extra=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
+    if extra is not None:
+        extra(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="JSON lines file (default bench/results/<device type>.jsonl)")
     parser.add_argument("--no-save", action="store_true", help="print only")

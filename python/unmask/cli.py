@@ -98,6 +98,20 @@ class CanvasPrinter:
         self.stream.flush()
 
 
+def chat_prompt(model_dir: str, text: str) -> list[int]:
+    """The Instruct models' chat template around one user turn, through transformers."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise SystemExit("--chat applies the model's chat template through transformers: pip install 'unmask[hf]'") from None
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not getattr(tokenizer, "chat_template", None):
+        raise SystemExit(f"--chat: {model_dir} has no chat template (a Base model?); drop --chat")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    return [int(t) for t in ids]
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import unmask
 
@@ -108,6 +122,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tokenizer = model.tokenizer
     if args.ids is not None:
         prompt = _parse_ids(args.ids)
+    elif args.prompt is not None and args.chat:
+        prompt = chat_prompt(args.model, args.prompt)
     elif args.prompt is not None:
         if tokenizer is None:
             raise SystemExit(f"--prompt needs tokenizer.json in {args.model}; pass token ids with --ids instead")
@@ -118,7 +134,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = unmask.generate(
         model, [prompt], gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
         threshold=args.threshold, factor=args.factor, temperature=args.temperature, remasking=args.remasking,
-        cfg_scale=args.cfg_scale, seed=args.seed, callback=printer,
+        cfg_scale=args.cfg_scale, seed=args.seed, callback=printer, cache=args.cache,
     )
     if printer is not None and printer.interactive:
         print()
@@ -159,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=cmd_info)
 
     gen = commands.add_parser("generate", help="generate text with a checkpoint, showing the canvas fill in")
-    gen.add_argument("--model", help="checkpoint directory (LLaDA format)")
+    gen.add_argument("--model", help="checkpoint directory (LLaDA or Dream format)")
     gen.add_argument("--prompt", help="prompt text (needs tokenizer.json in the model directory)")
     gen.add_argument("--ids", help="prompt token ids, e.g. 1,2,3")
     gen.add_argument("--gen-length", type=int, default=64)
@@ -171,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "margin", "entropy", "random"])
     gen.add_argument("--cfg-scale", type=float, default=0.0)
+    gen.add_argument("--cache", choices=["prefix", "dual"], help="reuse keys and values within a block")
+    gen.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template (transformers)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])

@@ -161,9 +161,9 @@ def quick(device: torch.device) -> tuple[list[Row], dict]:
     return rows, {"read_bandwidth_gbps": peak}
 
 
-def full_sample(device: torch.device) -> tuple[list[Row], dict]:
+def full_sample(device: torch.device, shapes: list[tuple[int, int]] | None = None) -> tuple[list[Row], dict]:
     peak = read_bandwidth(device, megabytes=1024)
-    shapes = [(32, 126464), (256, 126464), (256, 152064)]
+    shapes = shapes or [(32, 126464), (256, 126464), (256, 152064)]
     rows = []
     for temperature in (0.0, 1.0):
         rows += bench_sample(device, shapes, [torch.float32, torch.bfloat16], peak_gbps=peak, temperature=temperature,
