@@ -20,7 +20,7 @@ from unmask.benchmarks.llada_baseline import llada_generate
 
 SHAPES = {
     # name: (config fields, prompt length)
-    "small": (dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=8, mlp_hidden_size=704, vocab_size=8192,
+    "small": (dict(d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, mlp_hidden_size=704, vocab_size=8192,
                    embedding_size=8192, mask_token_id=8191, eos_token_id=8190), 64),
     "llada-8b": (dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, mlp_hidden_size=12288,
                       vocab_size=126464, embedding_size=126464), 256),
@@ -44,7 +44,7 @@ def main() -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = harness.copy_bandwidth(device) / 2  # read bandwidth share of a copy
     floor_ms = weight_bytes / bandwidth / 1e6
-    prompt = torch.randint(0, fields["vocab_size"] - 2, (1, prompt_len), device=device)
+    prompt = torch.randint(0, fields["vocab_size"] - 2, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
     gen, block = args.gen_length, args.block_length
     rows = []
 
@@ -75,7 +75,7 @@ def main() -> None:
     for row in rows:
         row.speedup_vs_baseline = baseline / row.median_ms
     print(f"device: {harness.device_name(device)}  commit: {harness.git_commit()}")
-    print(f"weights {weight_bytes / 1e9:.3f} GB; read bandwidth {bandwidth / 1e9:.1f} GB/s; floor {floor_ms:.3f} ms/step")
+    print(f"weights {weight_bytes / 1e9:.3f} GB; read bandwidth {bandwidth:.1f} GB/s; floor {floor_ms:.3f} ms/step")
     print(harness.format_table(rows))
     for row in rows:
         print(f"  {row.impl:<24} {row.extra['tokens_per_second']:8.1f} tokens/s  agreement {row.extra['token_agreement_with_uncached']}")

@@ -19,8 +19,16 @@ def tiny_qwen2(attn_implementation):
     return transformers.Qwen2ForCausalLM(config).eval()
 
 
-def test_unmask_attention_matches_eager_in_a_causal_model():
+def test_unmask_attention_matches_eager_in_a_causal_model(monkeypatch):
     unmask_hf.register()
+    calls = []
+    real_attention = unmask_hf.ops.attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_attention(*args, **kwargs)
+
+    monkeypatch.setattr(unmask_hf.ops, "attention", spy)
     eager = tiny_qwen2("eager")
     ours = tiny_qwen2("unmask")
     ours.load_state_dict(eager.state_dict())
@@ -32,6 +40,8 @@ def test_unmask_attention_matches_eager_in_a_causal_model():
         got = ours(input_ids=ids, attention_mask=mask).logits
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-4)
+    assert len(calls) == 2, "one unmask attention call per layer"
+    assert calls[0]["block_size"] == 1 and calls[0]["key_valid"].tolist() == real.tolist()
 
 
 def test_structured_mask_rejects_arbitrary_masks():

@@ -41,7 +41,7 @@ def structured_mask(attention_mask: torch.Tensor | None, batch: int, q_len: int,
     queries = torch.arange(q_len, device=device) + q_offset
     causal_visible = keys[None, :] <= queries[:, None]
     for is_causal in ((True, False) if causal else (False, True)):
-        rebuilt = key_valid[:, None, :] & (causal_visible[None] if is_causal else True)
+        rebuilt = key_valid[:, None, :] & causal_visible[None] if is_causal else key_valid[:, None, :].expand_as(visible)
         # Rows of padding queries are free: transformers may unmask them to avoid NaN,
         # and their outputs are never read.
         real_query = key_valid[:, q_offset:] if q_len <= k_len else torch.ones(batch, q_len, dtype=torch.bool)
