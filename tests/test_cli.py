@@ -57,3 +57,22 @@ def test_bench_quick_writes_json_lines(tmp_path, capsys):
     assert {row["bench"] for row in rows} == {"sample", "commit", "attention"}
     for row in rows:
         assert row["median_ms"] > 0 and row["device"] and row["commit"]
+
+
+def test_generate_with_cache(tmp_path, capsys):
+    unmask.save_pretrained(tiny_model(seed=2), tmp_path)
+    assert cli.main(["generate", "--model", str(tmp_path), "--ids", "1,2,3", "--gen-length", "8",
+                     "--block-length", "4", "--steps", "8", "--cache", "dual", "--quiet"]) == 0
+    assert "NFE 8" in capsys.readouterr().err
+
+
+def test_chat_template_through_transformers(tmp_path):
+    pytest.importorskip("transformers", reason="the hf extra")
+    vocab = {"<s>": 0, "user": 1, "assistant": 2, "hello": 3, "[UNK]": 4, ":": 5}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, "unk_token": "[UNK]"}))
+    assert cli.chat_prompt(str(tmp_path), "hello") == [1, 5, 3, 2, 5]  # "user: hello assistant:"
