@@ -1,0 +1,164 @@
+"""unmask.jax.attention / sample / commit: the Pallas kernels behind validated, jit-able
+functions with the contracts of DESIGN.md. interpret=None runs the kernels in Pallas's
+interpreter on CPU (no accelerator needed) and compiled elsewhere."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from unmask.pallas import attention as attention_kernel
+from unmask.pallas import commit as commit_kernel
+from unmask.pallas import sample as sample_kernel
+
+CONFIDENCE_KINDS = sample_kernel.CONFIDENCE_KINDS
+_INT32_MAX = jnp.iinfo(jnp.int32).max
+
+
+def default_interpret(interpret: bool | None) -> bool:
+    return jax.default_backend() == "cpu" if interpret is None else interpret
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _int32_bits(value: int) -> int:
+    """A uint32 value as the int32 with the same bits (scalar prefetch operands are int32)."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= (1 << 31) else value
+
+
+def kept_prefix(x: jnp.ndarray, top_k: int, top_p: float) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The kept ids of each row as a prefix of the order (value desc, id asc): the value of
+    the last kept id and that id. x: float32 [N, V], -inf where banned."""
+    n_rows, vocab = x.shape
+    if (top_k <= 0 or top_k >= vocab) and top_p >= 1.0:
+        return jnp.full((n_rows,), -jnp.inf, jnp.float32), jnp.full((n_rows,), _INT32_MAX, jnp.int32)
+    order = jnp.argsort(-x, axis=-1, stable=True)  # stable: equal values stay in id order
+    ordered = jnp.take_along_axis(x, order, axis=-1)
+    last = jnp.full((n_rows,), vocab - 1, jnp.int32)
+    if 0 < top_k < vocab:
+        last = jnp.minimum(last, top_k - 1)
+    if top_p < 1.0:
+        in_top_k = jnp.arange(vocab)[None, :] <= last[:, None]
+        probs = jax.nn.softmax(jnp.where(in_top_k, ordered, -jnp.inf), axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        last = jnp.minimum(last, jnp.maximum(jnp.sum(mass_before < top_p, axis=-1) - 1, 0).astype(jnp.int32))
+    rows = jnp.arange(n_rows)
+    return ordered[rows, last], order[rows, last].astype(jnp.int32)
+
+
+def sample(logits, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, banned=None,
+           confidence: str = "prob", conf_temperature: float = 1.0, seed: int = 0, offset=0, rows=None,
+           interpret: bool | None = None, tile_v: int = 2048):
+    """One token (int32) and its confidence (float32) per row of logits [..., V].
+
+    Rows with NaN or +inf kept logits, or no finite kept logit, get -1 and -inf (this
+    function does not raise on them: under jit it cannot look at the values). offset may
+    be a traced integer; everything else that shapes the kernel is static.
+    """
+    if logits.ndim < 2:
+        raise ValueError(f"logits must be [N, V] or [B, L, V], got shape {logits.shape}")
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise TypeError(f"logits must be a float array, got {logits.dtype}")
+    if confidence not in CONFIDENCE_KINDS:
+        raise ValueError(f"confidence must be one of {CONFIDENCE_KINDS}, got {confidence!r}")
+    if temperature < 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if conf_temperature <= 0:
+        raise ValueError(f"conf_temperature must be > 0, got {conf_temperature}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must lie in [0, 2**64), got {seed}")
+    lead, vocab = logits.shape[:-1], logits.shape[-1]
+    flat = logits.reshape(-1, vocab)
+    n_rows = flat.shape[0]
+    tile_v = min(tile_v, _round_up(vocab, 128))
+    padded_rows, padded_vocab = _round_up(max(n_rows, 1), sample_kernel.ROW_BLOCK), _round_up(vocab, tile_v)
+
+    banned_mask = jnp.zeros((1, padded_vocab), jnp.int32).at[0, vocab:].set(1)
+    if banned is not None:
+        banned_ids = jnp.asarray(banned, jnp.int32).reshape(-1)
+        banned_mask = banned_mask.at[0, banned_ids].set(1)
+    x = flat.astype(jnp.float32)
+    x = jnp.where(banned_mask[:, :vocab] != 0, -jnp.inf, x)
+    kept_value, kept_last = kept_prefix(jnp.where(jnp.isnan(x), -jnp.inf, x), top_k, top_p)
+
+    pad = ((0, padded_rows - n_rows), (0, padded_vocab - vocab))
+    scalars = jnp.stack([jnp.int32(_int32_bits(seed)), jnp.int32(_int32_bits(seed >> 32)),
+                         jax.lax.bitcast_convert_type(jnp.asarray(offset, jnp.uint32), jnp.int32)])
+    tokens, conf = sample_kernel.sample_pallas(
+        jnp.pad(flat, pad, constant_values=-jnp.inf), banned_mask,
+        jnp.pad(kept_value, (0, padded_rows - n_rows))[:, None],
+        jnp.pad(kept_last, (0, padded_rows - n_rows))[:, None], scalars,
+        temperature=float(temperature), confidence=confidence, conf_temperature=float(conf_temperature),
+        tile_v=tile_v, interpret=default_interpret(interpret),
+    )
+    tokens, conf = tokens[:n_rows, 0], conf[:n_rows, 0]
+    if rows is not None:
+        selected = jnp.zeros((n_rows,), bool).at[jnp.asarray(rows)].set(True)
+        tokens = jnp.where(selected, tokens, -1)
+        conf = jnp.where(selected, conf, -jnp.inf)
+    return tokens.reshape(lead), conf.reshape(lead)
+
+
+def attention(q, k, v, *, kv_len=None, key_valid=None, block_size: int | None = None, q_offset: int = 0,
+              scale: float | None = None, interpret: bool | None = None):
+    """Masked bidirectional attention: q [B, Lq, Hq, D], k and v [B, Lk, Hkv, D] -> [B, Lq, Hq, D]."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be [B, L, H, D], got {q.shape}, {k.shape}, {v.shape}")
+    batch, q_len, q_heads, head_dim = q.shape
+    k_len, kv_heads = k.shape[1], k.shape[2]
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"k and v must be [B, Lk, Hkv, D] with q's B and D, got {k.shape} and {v.shape}")
+    if q_heads % kv_heads != 0:
+        raise ValueError(f"q heads ({q_heads}) must be a multiple of k/v heads ({kv_heads})")
+    if block_size is not None and block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    tile_q = 128 if q_len >= 128 else _round_up(max(q_len, 1), 8)
+    tile_k = 128
+    padded_q, padded_k = _round_up(max(q_len, 1), tile_q), _round_up(max(k_len, 1), tile_k)
+    valid = jnp.ones((batch, k_len), bool) if key_valid is None else jnp.asarray(key_valid, bool)
+    if kv_len is not None:
+        valid &= jnp.arange(k_len)[None, :] < jnp.asarray(kv_len)[:, None]
+    valid = jnp.pad(valid, ((0, 0), (0, padded_k - k_len))).astype(jnp.int32)[:, None, :]
+
+    def heads_first(x, length):
+        return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+    out = attention_kernel.attention_pallas(
+        heads_first(q, padded_q), heads_first(k, padded_k), heads_first(v, padded_k), valid,
+        block_size=block_size or 0, q_offset=int(q_offset), scale=scale, tile_q=tile_q, tile_k=tile_k,
+        interpret=default_interpret(interpret),
+    )
+    return out.transpose(0, 2, 1, 3)[:, :q_len]
+
+
+def commit(x, tokens, conf, eligible, *, k=None, threshold: float | None = None, factor: float | None = None,
+           interpret: bool | None = None):
+    """Confidence-based unmasking of canvas x [B, L]; returns (new canvas, committed bool).
+    JAX arrays are immutable: the new canvas is returned instead of written in place."""
+    modes = [name for name, value in (("k", k), ("threshold", threshold), ("factor", factor)) if value is not None]
+    if len(modes) != 1:
+        raise ValueError(f"commit takes exactly one of k, threshold, factor; got {modes or 'none'}")
+    if x.ndim != 2 or tokens.shape != x.shape or conf.shape != x.shape or eligible.shape != x.shape:
+        raise ValueError(f"x, tokens, conf, eligible must share a [B, L] shape, got {x.shape}, {tokens.shape}, "
+                         f"{conf.shape}, {eligible.shape}")
+    batch, length = x.shape
+    padded = _round_up(max(batch, 1), commit_kernel.ROW_BLOCK)
+    counts = jnp.zeros((batch,), jnp.int32) if k is None else jnp.broadcast_to(jnp.asarray(k, jnp.int32), (batch,))
+
+    def pad(a, dtype):
+        return jnp.pad(jnp.asarray(a).astype(dtype), ((0, padded - batch), (0, 0)))
+
+    new_x, committed = commit_kernel.commit_pallas(
+        pad(x, jnp.int32), pad(tokens, jnp.int32), pad(conf, jnp.float32), pad(eligible, jnp.int32),
+        pad(counts[:, None], jnp.int32), mode=modes[0], threshold=float(threshold or 0.0),
+        factor=float(factor or 0.0), interpret=default_interpret(interpret),
+    )
+    return new_x[:batch].astype(x.dtype), committed[:batch] != 0

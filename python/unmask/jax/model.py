@@ -1,0 +1,114 @@
+"""The bidirectional transformer as a pure JAX function over a parameter pytree, with
+attention through the Pallas kernel. Weights come from the torch model (a state dict
+or a checkpoint directory), so both frameworks run the same checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unmask.jax.kernels import attention, default_interpret
+from unmask.models.config import ModelConfig
+
+
+def params_from_state_dict(state_dict, config: ModelConfig, dtype=jnp.float32) -> dict:
+    """A pytree of jnp arrays from the torch model's state_dict (our parameter names)."""
+    def get(name):
+        return jnp.asarray(state_dict[name].detach().float().cpu().numpy(), dtype)
+
+    layers = []
+    for i in range(config.n_layers):
+        prefix = f"layers.{i}."
+        layer = {name: get(prefix + name + ".weight") for name in
+                 ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm", "gate_proj", "up_proj", "down_proj")}
+        if config.include_qkv_bias:
+            layer.update({f"{name}_bias": get(prefix + name + ".bias") for name in ("q_proj", "k_proj", "v_proj")})
+        layers.append(layer)
+    head = "embed.weight" if config.weight_tying else "lm_head.weight"
+    return {"embed": get("embed.weight"), "layers": layers, "final_norm": get("final_norm.weight"), "lm_head": get(head)}
+
+
+def _rms_norm(x, weight, eps):
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps) * weight).astype(x.dtype)
+
+
+def _rotary(x, positions, theta):
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    half = head_dim // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def forward(params, input_ids, attention_mask, *, config: ModelConfig, logit_start: int, logit_end: int,
+            interpret: bool):
+    """Logits [B, logit_end - logit_start, V] (Dream: shifted right by one)."""
+    batch, length = input_ids.shape
+    c = config
+    if attention_mask is not None and c.positions_over_real_tokens:
+        positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+    else:
+        positions = jnp.broadcast_to(jnp.arange(length)[None], (1, length))
+    x = params["embed"][input_ids]
+    for layer in params["layers"]:
+        h = _rms_norm(x, layer["attn_norm"], c.rms_norm_eps)
+        q, k, v = (h @ layer[name].T for name in ("q_proj", "k_proj", "v_proj"))
+        if c.include_qkv_bias:
+            q, k, v = q + layer["q_proj_bias"], k + layer["k_proj_bias"], v + layer["v_proj_bias"]
+        q = _rotary(q.reshape(batch, length, c.n_heads, c.head_dim), positions, c.rope_theta)
+        k = _rotary(k.reshape(batch, length, c.n_kv_heads, c.head_dim), positions, c.rope_theta)
+        v = v.reshape(batch, length, c.n_kv_heads, c.head_dim)
+        out = attention(q, k, v, key_valid=attention_mask, block_size=c.block_size, interpret=interpret)
+        x = x + out.reshape(batch, length, c.d_model) @ layer["o_proj"].T
+        h = _rms_norm(x, layer["mlp_norm"], c.rms_norm_eps)
+        x = x + (jax.nn.silu(h @ layer["gate_proj"].T) * (h @ layer["up_proj"].T)) @ layer["down_proj"].T
+    wanted = jnp.arange(logit_start, logit_end)
+    source = jnp.maximum(wanted - 1, 0) if c.shift_logits else wanted
+    return _rms_norm(x[:, source], params["final_norm"], c.rms_norm_eps) @ params["lm_head"].T
+
+
+@dataclasses.dataclass
+class JaxModel:
+    """params + config, callable like the torch model: model(ids, attention_mask) -> logits."""
+
+    params: dict
+    config: ModelConfig
+    interpret: bool | None = None
+
+    @property
+    def mask_id(self) -> int:
+        return self.config.mask_token_id
+
+    @property
+    def eos_id(self) -> int:
+        return self.config.eos_token_id
+
+    @functools.cached_property
+    def _jitted(self):
+        return jax.jit(functools.partial(forward, config=self.config, interpret=default_interpret(self.interpret)),
+                       static_argnames=("logit_start", "logit_end"))
+
+    def __call__(self, input_ids, attention_mask=None, *, logit_start: int = 0, logit_end: int | None = None):
+        input_ids = jnp.asarray(np.asarray(input_ids), jnp.int32)
+        mask = None if attention_mask is None else jnp.asarray(np.asarray(attention_mask), bool)
+        end = input_ids.shape[1] if logit_end is None else logit_end
+        return self._jitted(self.params, input_ids, mask, logit_start=logit_start, logit_end=end)
+
+
+def from_torch(model, *, dtype=jnp.float32, interpret: bool | None = None) -> JaxModel:
+    """The JAX twin of an unmask.DiffusionTransformer (same weights)."""
+    return JaxModel(params_from_state_dict(model.state_dict(), model.config, dtype), model.config, interpret)
+
+
+def from_pretrained(path, *, dtype=jnp.float32, interpret: bool | None = None) -> JaxModel:
+    """Load a LLaDA or Dream checkpoint directory into JAX (through the torch loader)."""
+    from unmask.models import from_pretrained as torch_from_pretrained
+
+    return from_torch(torch_from_pretrained(path), dtype=dtype, interpret=interpret)

@@ -1,0 +1,85 @@
+"""Plain jnp references of the three kernels (the contracts of DESIGN.md), for testing the
+Pallas kernels without torch. Readable before fast: full-row sorts and dense masks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from unmask.jax.kernels import kept_prefix
+from unmask.pallas import philox
+
+
+def attention(q, k, v, *, kv_len=None, key_valid=None, block_size=None, q_offset=0, scale=None):
+    batch, q_len, q_heads, head_dim = q.shape
+    k_len, kv_heads = k.shape[1], k.shape[2]
+    scale = head_dim**-0.5 if scale is None else scale
+    k = jnp.repeat(k.astype(jnp.float32), q_heads // kv_heads, axis=2)
+    v = jnp.repeat(v.astype(jnp.float32), q_heads // kv_heads, axis=2)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k) * scale
+    keys = jnp.arange(k_len)
+    visible = jnp.ones((batch, q_len, k_len), bool)
+    if kv_len is not None:
+        visible &= (keys[None, :] < jnp.asarray(kv_len)[:, None])[:, None, :]
+    if key_valid is not None:
+        visible &= jnp.asarray(key_valid, bool)[:, None, :]
+    if block_size is not None:
+        queries = q_offset + jnp.arange(q_len)
+        visible &= (keys[None, :] // block_size <= queries[:, None] // block_size)[None]
+    scores = jnp.where(visible[:, None], scores, -jnp.inf)
+    probs = jnp.where(visible[:, None].any(-1, keepdims=True), jax.nn.softmax(scores, axis=-1), 0.0)
+    probs = jnp.nan_to_num(probs)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v).astype(q.dtype)
+
+
+def sample(logits, *, temperature=0.0, top_k=0, top_p=1.0, banned=None, confidence="prob", conf_temperature=1.0,
+           seed=0, offset=0):
+    lead, vocab = logits.shape[:-1], logits.shape[-1]
+    x = logits.reshape(-1, vocab).astype(jnp.float32)
+    if banned is not None:
+        x = x.at[:, jnp.asarray(banned)].set(-jnp.inf)
+    bad = jnp.any(jnp.isnan(x) | (x == jnp.inf), axis=-1)
+    x = jnp.where(jnp.isnan(x), -jnp.inf, x)
+    kept_value, kept_last = kept_prefix(x, top_k, top_p)
+    ids = jnp.arange(vocab)[None, :]
+    kept = (x > kept_value[:, None]) | ((x == kept_value[:, None]) & (ids <= kept_last[:, None]))
+    x = jnp.where(kept, x, -jnp.inf)
+    rows = jnp.arange(x.shape[0], dtype=jnp.uint32)[:, None]
+    seed_lo, seed_hi = jnp.uint32(seed & 0xFFFFFFFF), jnp.uint32(seed >> 32)
+    if temperature > 0:
+        g = philox.gumbel_from_draws(philox.draws(seed_lo, seed_hi, rows, ids.astype(jnp.uint32), offset, 0))
+        tokens = jnp.argmax(x / temperature + g, axis=-1)
+    else:
+        tokens = jnp.argmax(x, axis=-1)
+    probs = jax.nn.softmax(x / conf_temperature, axis=-1)
+    if confidence == "prob":
+        conf = jnp.take_along_axis(probs, tokens[:, None], axis=-1)[:, 0]
+    elif confidence == "margin":
+        top2 = jax.lax.top_k(probs, min(2, vocab))[0]
+        conf = top2[:, 0] - (top2[:, 1] if vocab > 1 else 0.0)
+    elif confidence == "entropy":
+        conf = jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0), axis=-1)
+    else:
+        conf = philox.uniform_from_draws(philox.draws(seed_lo, seed_hi, rows[:, 0], jnp.zeros_like(rows[:, 0]), offset, 1))
+    invalid = bad | ~jnp.any(jnp.isfinite(x), axis=-1)
+    tokens = jnp.where(invalid, -1, tokens).astype(jnp.int32)
+    conf = jnp.where(invalid, -jnp.inf, conf).astype(jnp.float32)
+    return tokens.reshape(lead), conf.reshape(lead)
+
+
+def commit(x, tokens, conf, eligible, *, k=None, threshold=None, factor=None):
+    conf = jnp.where(jnp.isnan(conf), -jnp.inf, conf.astype(jnp.float32))
+    length = x.shape[1]
+    # Sort key: eligible first, then conf descending, then position ascending (a stable sort).
+    order = jnp.lexsort((jnp.arange(length)[None, :].repeat(x.shape[0], 0), -conf, ~eligible), axis=-1)
+    rank = jnp.argsort(order, axis=-1)
+    n_eligible = jnp.sum(eligible, axis=-1)
+    if k is not None:
+        n = jnp.minimum(jnp.asarray(k), n_eligible)
+    elif threshold is not None:
+        n = jnp.maximum(jnp.sum(eligible & (conf > threshold), axis=-1), (n_eligible > 0).astype(jnp.int32))
+    else:
+        passes = eligible & ((rank + 2) * (1.0 - conf) < factor)
+        n = jnp.maximum(jnp.sum(passes, axis=-1), (n_eligible > 0).astype(jnp.int32))
+    committed = eligible & (rank < n[:, None])
+    return jnp.where(committed, tokens, x), committed

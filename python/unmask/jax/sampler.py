@@ -1,0 +1,97 @@
+"""unmask.jax.generate: the sampler of unmask.generate over JAX arrays and the Pallas
+kernels, with the same arguments (no KV caches yet) and the same results: at
+temperature 0 it produces the torch sampler's tokens, and with a seed the same noise
+(the Philox draws are bit-identical; only float near-ties may differ)."""
+
+from __future__ import annotations
+
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from unmask import sampler as torch_sampler
+from unmask.jax.kernels import commit, sample
+from unmask.jax.model import JaxModel
+
+
+def _block_logits(model: JaxModel, x, mask, prompt_positions, mask_id: int, cfg_scale: float, start: int, end: int):
+    if cfg_scale == 0.0:
+        return model(x, mask, logit_start=start, logit_end=end)
+    unconditional = jnp.where(prompt_positions, mask_id, x)
+    both_mask = None if mask is None else jnp.concatenate([mask, mask])
+    both = model(jnp.concatenate([x, unconditional]), both_mask, logit_start=start, logit_end=end)
+    cond, uncond = jnp.split(both, 2)
+    return uncond + (cfg_scale + 1.0) * (cond - uncond)
+
+
+def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int = 128, block_length: int = 32,
+             steps: int | None = None, threshold: float | None = None, factor: float | None = None,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, remasking: str = "low_confidence",
+             cfg_scale: float = 0.0, mask_id: int | None = None, eos_id: int | None = None, stop_at_eos: bool = True,
+             seed: int = 0, callback=None) -> torch_sampler.GenerateOutput:
+    """As unmask.generate; tokens and sequences come back as jnp arrays."""
+    torch_sampler._check_positive_int("gen_length", gen_length)
+    torch_sampler._check_positive_int("block_length", block_length)
+    if gen_length % block_length != 0:
+        raise ValueError(f"block_length={block_length} must divide gen_length={gen_length}")
+    num_blocks = gen_length // block_length
+    rule = torch_sampler._rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=gen_length)
+    sampling = torch_sampler._sampling(temperature, top_k, top_p, remasking, seed)
+    mask_id = torch_sampler._mask_id(model, mask_id)
+    eos_id = torch_sampler._special_id(model, eos_id, "eos_id", "eos_token_id") if stop_at_eos else None
+
+    if isinstance(prompts, (list, tuple)):
+        ids, prompt_mask = torch_sampler._prompt_batch(prompts, None, eos_id if eos_id is not None else 0, "cpu")
+    else:
+        ids, prompt_mask = torch_sampler._prompt_batch(torch.as_tensor(np.asarray(prompts)), None if attention_mask is None
+                                                       else torch.as_tensor(np.asarray(attention_mask)), 0, "cpu")
+    ids, prompt_mask = ids.numpy(), prompt_mask.numpy()
+    batch, prompt_len = ids.shape
+    x = jnp.asarray(np.concatenate([ids, np.full((batch, gen_length), mask_id)], axis=1), jnp.int32)
+    canvas_mask = np.concatenate([prompt_mask, np.ones((batch, gen_length), bool)], axis=1)
+    model_mask = None if canvas_mask.all() else jnp.asarray(canvas_mask)
+    prompt_positions = jnp.asarray(np.concatenate([prompt_mask, np.zeros((batch, gen_length), bool)], axis=1))
+
+    started = time.perf_counter()
+    running = np.ones(batch, bool)
+    nfe, steps_per_block = 0, []
+    for block in range(num_blocks):
+        start, end = prompt_len + block * block_length, prompt_len + (block + 1) * block_length
+        masked = (np.asarray(x[:, start:end]) == mask_id) & running[:, None]
+        counts = None
+        if rule.steps_per_block is not None:
+            counts = torch_sampler.schedule_counts(torch.as_tensor(masked.sum(1)), rule.steps_per_block).numpy()
+        block_steps = 0
+        for step in range(rule.steps_per_block if counts is not None else end - start):
+            eligible = (np.asarray(x[:, start:end]) == mask_id) & running[:, None]
+            if counts is not None:
+                if not counts[:, step].any():
+                    continue
+                mode = {"k": jnp.asarray(counts[:, step])}
+            elif not eligible.any():
+                break
+            else:
+                mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
+            logits = _block_logits(model, x, model_mask, prompt_positions, mask_id, float(cfg_scale), start, end)
+            tokens, conf = sample(logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                                  banned=[mask_id], confidence=sampling.confidence, seed=sampling.seed, offset=nfe)
+            if (np.asarray(tokens)[eligible] < 0).any():
+                raise ValueError("logits: rows with NaN or +inf logits or no finite kept logit")
+            new_block, committed = commit(x[:, start:end], tokens, conf, jnp.asarray(eligible), **mode)
+            x = x.at[:, start:end].set(new_block)
+            nfe += 1
+            block_steps += 1
+            if callback is not None:
+                everywhere = jnp.zeros(x.shape, bool).at[:, start:end].set(committed)
+                callback(nfe - 1, x, everywhere)
+        steps_per_block.append(block_steps)
+        if eos_id is not None:
+            canvas = torch.as_tensor(np.asarray(x)).long()
+            running &= ~torch_sampler._stop_rows_at_eos(canvas, prompt_len, end, eos_id, torch.as_tensor(running)).numpy()
+            x = jnp.asarray(canvas.numpy(), jnp.int32)
+            if not running.any():
+                break
+    seconds = time.perf_counter() - started
+    return torch_sampler.GenerateOutput(x[:, prompt_len:], x, nfe, steps_per_block, seconds)

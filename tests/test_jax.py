@@ -1,0 +1,193 @@
+"""The JAX path: Pallas kernels (interpret mode on CPU) against the jnp references and the
+torch reference, RNG bit-exactness across torch, C++ and JAX, and unmask.jax.generate
+equal to unmask.generate.
+
+As in JAX's own Pallas tests, one test class holds the checks and a subclass reruns
+them with INTERPRET on: on a CPU-only machine only the interpret class runs; on an
+accelerator the compiled class runs too.
+"""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+jax = pytest.importorskip("jax", reason="JAX is not installed (pip install 'unmask[jax]')")
+import jax.numpy as jnp  # noqa: E402
+
+import unmask  # noqa: E402
+import unmask.jax as uj  # noqa: E402
+from unmask import ops, reference, rng  # noqa: E402
+from unmask.jax import reference as jnp_reference  # noqa: E402
+from unmask.pallas import philox  # noqa: E402
+from tests.conftest import tiny_model  # noqa: E402
+
+CONF_RTOL = 2e-5  # float32 throughout: exp/log rounding on |z| <= 30 plus float32 sums
+
+
+def to_jax(tensor):
+    return None if tensor is None else jnp.asarray(tensor.numpy())
+
+
+class TestPallasCompiled:
+    INTERPRET = False
+
+    @pytest.fixture(autouse=True)
+    def _needs_backend(self):
+        if not self.INTERPRET and jax.default_backend() == "cpu":
+            pytest.skip("compiled Pallas needs a TPU or GPU; the interpret class covers CPU")
+
+    @pytest.mark.parametrize("vocab,rows,dtype,kwargs", [
+        (1, 3, torch.float32, {}),
+        (17, 5, torch.float32, dict(temperature=1.0, seed=3)),
+        (1019, 9, torch.bfloat16, dict(temperature=0.7, top_k=7, confidence="margin", offset=4)),
+        (1025, 4, torch.float16, dict(top_p=0.8, temperature=1.0, confidence="entropy", conf_temperature=0.5)),
+        (300, 16, torch.float32, dict(confidence="random", seed=2**63 + 9, banned=[0, 299])),
+    ])
+    def test_sample(self, vocab, rows, dtype, kwargs):
+        gen = torch.Generator().manual_seed(vocab)
+        logits = (torch.randn(rows, vocab, generator=gen) * 3).to(dtype)
+        logits[-1, 1 % vocab] = float("nan")  # a NaN row is reported as -1 / -inf
+        kwargs = dict(kwargs)  # parametrised dicts are shared between the two classes
+        banned = kwargs.pop("banned", None)
+        tokens, conf = uj.sample(jnp.asarray(logits.float().numpy()).astype(_jax_dtype(dtype)), banned=banned,
+                                 interpret=self.INTERPRET, **kwargs)
+        expected_tokens, expected_conf = reference.sample(
+            logits, banned=None if banned is None else torch.tensor(banned), **kwargs)
+        ref_tokens, ref_conf = jnp_reference.sample(jnp.asarray(logits.float().numpy()).astype(_jax_dtype(dtype)),
+                                                    banned=banned, **kwargs)
+        assert np.array_equal(np.asarray(tokens), expected_tokens.numpy())
+        assert np.array_equal(np.asarray(tokens), np.asarray(ref_tokens))
+        np.testing.assert_allclose(np.asarray(conf), expected_conf.numpy(), rtol=CONF_RTOL, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(conf), np.asarray(ref_conf), rtol=CONF_RTOL, atol=1e-7)
+        assert int(tokens[-1]) == -1
+
+    def test_sample_statistics_match_softmax(self):
+        base = np.array([1.0, 0.5, 0.0, -0.5, -1.0, 2.0], np.float32)
+        logits = jnp.asarray(np.tile(base, (4000, 1)))
+        tokens, _ = uj.sample(logits, temperature=1.0, seed=5, interpret=self.INTERPRET)
+        counts = np.bincount(np.asarray(tokens), minlength=6)
+        probs = np.exp(base - base.max()) / np.exp(base - base.max()).sum()
+        chi2 = float(((counts - probs * 4000) ** 2 / (probs * 4000)).sum())
+        assert chi2 < 25.0, (counts, probs)  # 5 degrees of freedom, P < 2e-4
+
+    @pytest.mark.parametrize("q_len,k_len,group,masks", [
+        (1, 1, 1, {}),
+        (17, 99, 4, dict(block_size=8)),
+        (99, 17, 1, dict(key_valid=True)),
+        (40, 130, 8, dict(kv_len=True, block_size=16, q_offset=32)),
+    ])
+    def test_attention(self, q_len, k_len, group, masks):
+        gen = torch.Generator().manual_seed(q_len + k_len)
+        q = torch.randn(2, q_len, 8, 64, generator=gen)
+        k = torch.randn(2, k_len, 8 // group, 64, generator=gen)
+        v = torch.randn(2, k_len, 8 // group, 64, generator=gen)
+        kwargs = dict(masks)
+        if kwargs.pop("key_valid", False):
+            kwargs["key_valid"] = torch.rand(2, k_len, generator=gen) > 0.3
+        if kwargs.pop("kv_len", False):
+            kwargs["kv_len"] = torch.tensor([0, k_len // 2])
+        jax_kwargs = {name: to_jax(value) if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
+        out = uj.attention(to_jax(q), to_jax(k), to_jax(v), interpret=self.INTERPRET, **jax_kwargs)
+        expected = reference.attention(q.double(), k.double(), v.double(), **kwargs).numpy()
+        np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=2e-5)
+        np.testing.assert_allclose(np.asarray(jnp_reference.attention(to_jax(q), to_jax(k), to_jax(v), **jax_kwargs)),
+                                   expected, rtol=1e-4, atol=2e-5)
+
+    @pytest.mark.parametrize("mode", [dict(k=[2, 0, 5]), dict(threshold=0.5), dict(factor=1.2)])
+    def test_commit(self, mode):
+        gen = torch.Generator().manual_seed(1)
+        x = torch.full((3, 37), -1, dtype=torch.long)
+        tokens = torch.randint(0, 50, (3, 37), generator=gen)
+        conf = (torch.rand(3, 37, generator=gen) * 4).floor() / 4  # many exact ties
+        eligible = torch.rand(3, 37, generator=gen) > 0.3
+        torch_mode = {name: torch.tensor(value) if isinstance(value, list) else value for name, value in mode.items()}
+        jax_mode = {name: jnp.asarray(value) if isinstance(value, list) else value for name, value in mode.items()}
+        expected_x = x.clone()
+        expected = reference.commit(expected_x, tokens, conf, eligible, **torch_mode)
+        args = (to_jax(x), to_jax(tokens), to_jax(conf), to_jax(eligible))
+        new_x, committed = uj.commit(*args, interpret=self.INTERPRET, **jax_mode)
+        assert np.array_equal(np.asarray(committed), expected.numpy())
+        assert np.array_equal(np.asarray(new_x), expected_x.numpy())
+        ref_x, ref_committed = jnp_reference.commit(*args, **jax_mode)
+        assert np.array_equal(np.asarray(ref_committed), expected.numpy())
+
+    def test_jit_and_vmap(self):
+        logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 5, 40)).astype(np.float32))
+        step = jax.jit(lambda lg, offset: uj.sample(lg, temperature=1.0, seed=1, offset=offset,
+                                                    interpret=self.INTERPRET))
+        a, b = step(logits, 3), uj.sample(logits, temperature=1.0, seed=1, offset=3, interpret=self.INTERPRET)
+        assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+        q = jnp.asarray(np.random.default_rng(1).normal(size=(3, 1, 9, 2, 64)).astype(np.float32))
+        batched = jax.vmap(lambda t: uj.attention(t, t, t, interpret=self.INTERPRET))(q)
+        for i in range(3):
+            np.testing.assert_allclose(np.asarray(batched[i]),
+                                       np.asarray(uj.attention(q[i], q[i], q[i], interpret=self.INTERPRET)),
+                                       rtol=1e-6, atol=1e-6)
+
+
+class TestPallasInterpret(TestPallasCompiled):
+    INTERPRET = True
+
+
+def _jax_dtype(dtype):
+    return {torch.float32: jnp.float32, torch.float16: jnp.float16, torch.bfloat16: jnp.bfloat16}[dtype]
+
+
+def test_philox_bit_exact_across_torch_cpp_and_jax():
+    seed, rows, cols = 0x0123456789ABCDEF, 64, 1023
+    words = philox.draws(jnp.uint32(seed & 0xFFFFFFFF), jnp.uint32(seed >> 32),
+                         jnp.arange(rows, dtype=jnp.uint32)[:, None], jnp.arange(cols, dtype=jnp.uint32)[None, :], 77, 1)
+    spec = rng.draws(seed, torch.arange(rows), cols, offset=77, stream=1).numpy()
+    assert np.array_equal(np.asarray(words).astype(np.int64), spec)
+    if ops._C is not None:
+        assert np.array_equal(spec, ops.philox_draws(seed, rows, cols, offset=77, stream=1).numpy())
+    kat = philox.philox4x32_10(*(jnp.uint32(c) for c in (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344)),
+                               0xA4093822, 0x299F31D0)
+    assert [int(w) for w in kat] == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+def test_gumbel_in_float32_never_overflows():
+    extremes = jnp.asarray([0, 255, 0xFFFFFFFF, 0xFFFFFF00, 0x80000000], jnp.uint32)
+    g = np.asarray(philox.gumbel_from_draws(extremes))
+    exact = rng.gumbel_from_draws(torch.tensor([0, 255, 0xFFFFFFFF, 0xFFFFFF00, 0x80000000])).numpy()
+    assert np.isfinite(g).all()
+    np.testing.assert_allclose(g, exact, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(steps=8, block_length=4),
+    dict(threshold=0.3, block_length=8),
+    dict(steps=8, block_length=4, cfg_scale=1.0, remasking="margin"),
+])
+def test_generate_equals_torch_generate(kwargs):
+    model = tiny_model(seed=2)
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    expected = unmask.generate(model, prompts, gen_length=8, stop_at_eos=False, **kwargs)
+    got = uj.generate(uj.from_torch(model), prompts, gen_length=8, stop_at_eos=False, **kwargs)
+    assert np.array_equal(np.asarray(got.tokens), expected.tokens.numpy())
+    assert got.nfe == expected.nfe and got.steps_per_block == expected.steps_per_block
+
+
+def test_jax_model_matches_torch_model_on_dream_checkpoints(tmp_path):
+    config = unmask.ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=48, vocab_size=40,
+                                embedding_size=40, mask_token_id=39, eos_token_id=38, include_qkv_bias=True,
+                                model_type="dream")
+    model = unmask.DiffusionTransformer.random(config, seed=3, std=0.3)
+    unmask.save_pretrained(model, tmp_path)
+    jax_model = uj.from_pretrained(tmp_path)
+    ids = torch.randint(0, 38, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[0, :2] = False
+    with torch.no_grad():
+        expected = model(ids, mask).numpy()
+    np.testing.assert_allclose(np.asarray(jax_model(ids.numpy(), mask.numpy())), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_unmask_imports_without_jax():
+    code = "import sys; sys.modules['jax'] = None; import unmask; print(unmask.generate.__name__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "generate" in result.stdout
