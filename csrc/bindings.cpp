@@ -13,6 +13,7 @@
 #include "unmask/cuda_info.h"
 #include "unmask/rng.h"
 #include "unmask/sample.h"
+#include "unmask/sample_cuda.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -45,6 +46,24 @@ DrawParams draw_params(std::uintptr_t out, int64_t rows, int64_t cols, int64_t r
                        uint64_t seed, uint32_t offset, uint32_t stream) {
   return DrawParams{as_pointer<uint32_t>(out), rows, cols, row_begin, seed, offset,
                     static_cast<RngStream>(stream)};
+}
+
+SampleParams sample_params(std::uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab, std::uintptr_t rows,
+                           int64_t n_selected, std::uintptr_t banned, int64_t n_banned, double temperature,
+                           int64_t top_k, double top_p, int confidence, double conf_temperature, uint64_t seed,
+                           uint32_t offset, std::uintptr_t tokens, std::uintptr_t conf) {
+  return SampleParams{as_pointer<const void>(logits), static_cast<ScalarType>(dtype), n_rows, vocab,
+                      as_pointer<const int64_t>(rows), n_selected, as_pointer<const int64_t>(banned), n_banned,
+                      temperature, top_k, top_p, static_cast<ConfidenceKind>(confidence), conf_temperature, seed,
+                      offset, as_pointer<int64_t>(tokens), as_pointer<float>(conf)};
+}
+
+CommitParams commit_params(std::uintptr_t canvas, std::uintptr_t tokens, std::uintptr_t conf, std::uintptr_t eligible,
+                           std::uintptr_t committed, int64_t batch, int64_t length, int mode, std::uintptr_t k,
+                           double threshold, double factor) {
+  return CommitParams{as_pointer<int64_t>(canvas), as_pointer<const int64_t>(tokens), as_pointer<const float>(conf),
+                      as_pointer<const bool>(eligible), as_pointer<bool>(committed), batch, length,
+                      static_cast<CommitMode>(mode), as_pointer<const int64_t>(k), threshold, factor};
 }
 
 int openmp_threads() {
@@ -91,10 +110,9 @@ PYBIND11_MODULE(_C, m) {
       [](std::uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab, std::uintptr_t rows, int64_t n_selected,
          std::uintptr_t banned, int64_t n_banned, double temperature, int64_t top_k, double top_p, int confidence,
          double conf_temperature, uint64_t seed, uint32_t offset, std::uintptr_t tokens, std::uintptr_t conf) {
-        SampleParams params{as_pointer<const void>(logits), static_cast<ScalarType>(dtype), n_rows, vocab,
-                            as_pointer<const int64_t>(rows), n_selected, as_pointer<const int64_t>(banned),
-                            n_banned, temperature, top_k, top_p, static_cast<ConfidenceKind>(confidence),
-                            conf_temperature, seed, offset, as_pointer<int64_t>(tokens), as_pointer<float>(conf)};
+        const SampleParams params = sample_params(logits, dtype, n_rows, vocab, rows, n_selected, banned, n_banned,
+                                                  temperature, top_k, top_p, confidence, conf_temperature, seed,
+                                                  offset, tokens, conf);
         py::gil_scoped_release release;
         raise_on_error(sample_cpu(params), "sample_cpu");
       },
@@ -102,6 +120,31 @@ PYBIND11_MODULE(_C, m) {
       py::arg("n_selected"), py::arg("banned"), py::arg("n_banned"), py::arg("temperature"), py::arg("top_k"),
       py::arg("top_p"), py::arg("confidence"), py::arg("conf_temperature"), py::arg("seed"), py::arg("offset"),
       py::arg("tokens"), py::arg("conf"));
+
+  m.def(
+      "sample_cuda",
+      [](std::uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab, std::uintptr_t rows, int64_t n_selected,
+         std::uintptr_t banned, int64_t n_banned, double temperature, double conf_temperature, int confidence,
+         uint64_t seed, uint32_t offset, std::uintptr_t seed_device, std::uintptr_t offset_device,
+         std::uintptr_t workspace, int64_t workspace_bytes, std::uintptr_t tokens, std::uintptr_t conf,
+         std::uintptr_t cuda_stream) {
+        const SampleParams params = sample_params(logits, dtype, n_rows, vocab, rows, n_selected, banned, n_banned,
+                                                  temperature, 0, 1.0, confidence, conf_temperature, seed, offset,
+                                                  tokens, conf);
+        SampleCudaExtras extras;
+        extras.seed_device = as_pointer<const uint64_t>(seed_device);
+        extras.offset_device = as_pointer<const uint32_t>(offset_device);
+        extras.workspace = as_pointer<void>(workspace);
+        extras.workspace_bytes = workspace_bytes;
+        raise_on_error(sample_cuda(params, extras, as_pointer<void>(cuda_stream)), "sample_cuda");
+      },
+      py::arg("logits"), py::arg("dtype"), py::arg("n_rows"), py::arg("vocab"), py::arg("rows"),
+      py::arg("n_selected"), py::arg("banned"), py::arg("n_banned"), py::arg("temperature"),
+      py::arg("conf_temperature"), py::arg("confidence"), py::arg("seed"), py::arg("offset"), py::arg("seed_device"),
+      py::arg("offset_device"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("tokens"), py::arg("conf"),
+      py::arg("cuda_stream"));
+
+  m.def("sample_cuda_workspace_bytes", &sample_cuda_workspace_bytes, py::arg("rows"), py::arg("vocab"));
 
   m.def(
       "attention_cpu",
@@ -127,15 +170,26 @@ PYBIND11_MODULE(_C, m) {
       [](std::uintptr_t canvas, std::uintptr_t tokens, std::uintptr_t conf, std::uintptr_t eligible,
          std::uintptr_t committed, int64_t batch, int64_t length, int mode, std::uintptr_t k, double threshold,
          double factor) {
-        CommitParams params{as_pointer<int64_t>(canvas), as_pointer<const int64_t>(tokens),
-                            as_pointer<const float>(conf), as_pointer<const bool>(eligible),
-                            as_pointer<bool>(committed), batch, length, static_cast<CommitMode>(mode),
-                            as_pointer<const int64_t>(k), threshold, factor};
+        const CommitParams params =
+            commit_params(canvas, tokens, conf, eligible, committed, batch, length, mode, k, threshold, factor);
         py::gil_scoped_release release;
         raise_on_error(commit_cpu(params), "commit_cpu");
       },
       py::arg("canvas"), py::arg("tokens"), py::arg("conf"), py::arg("eligible"), py::arg("committed"),
       py::arg("batch"), py::arg("length"), py::arg("mode"), py::arg("k"), py::arg("threshold"), py::arg("factor"));
+
+  m.def(
+      "commit_cuda",
+      [](std::uintptr_t canvas, std::uintptr_t tokens, std::uintptr_t conf, std::uintptr_t eligible,
+         std::uintptr_t committed, int64_t batch, int64_t length, int mode, std::uintptr_t k, double threshold,
+         double factor, std::uintptr_t cuda_stream) {
+        const CommitParams params =
+            commit_params(canvas, tokens, conf, eligible, committed, batch, length, mode, k, threshold, factor);
+        raise_on_error(commit_cuda(params, as_pointer<void>(cuda_stream)), "commit_cuda");
+      },
+      py::arg("canvas"), py::arg("tokens"), py::arg("conf"), py::arg("eligible"), py::arg("committed"),
+      py::arg("batch"), py::arg("length"), py::arg("mode"), py::arg("k"), py::arg("threshold"), py::arg("factor"),
+      py::arg("cuda_stream"));
 
   m.def(
       "philox_blocks_cpu",

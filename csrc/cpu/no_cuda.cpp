@@ -1,6 +1,8 @@
 // Compiled only when the build has no CUDA: the CUDA entry points report that.
+#include "unmask/commit.h"
 #include "unmask/cuda_info.h"
 #include "unmask/rng.h"
+#include "unmask/sample_cuda.h"
 
 namespace unmask {
 
@@ -9,5 +11,9 @@ int cuda_device_count() { return 0; }
 std::string last_cuda_error() { return "unmask was built without CUDA"; }
 
 Status fill_draws_cuda(const DrawParams&, void*) { return Status::kUnsupported; }
+Status sample_cuda(const SampleParams&, const SampleCudaExtras&, void*) { return Status::kUnsupported; }
+Status commit_cuda(const CommitParams&, void*) { return Status::kUnsupported; }
+int sample_cuda_splits(int64_t, int64_t) { return 1; }
+int64_t sample_cuda_workspace_bytes(int64_t, int64_t) { return 0; }
 
 }  // namespace unmask

@@ -77,9 +77,63 @@ def attention_cpu(q, k, v, *, kv_len, key_valid, block_size, q_offset, scale, ou
     return out
 
 
+def _stream(tensor: torch.Tensor) -> int:
+    return torch.cuda.current_stream(tensor.device).cuda_stream
+
+
+def sample_cuda(logits, *, temperature, top_k, top_p, banned, confidence, conf_temperature, seed, offset, rows,
+                out=None):
+    """The fused CUDA kernel; top_k / top_p are not fused on CUDA yet and take the reference."""
+    if (0 < top_k < logits.shape[-1]) or top_p < 1.0:
+        from unmask import reference
+
+        return reference.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, banned=banned,
+                                confidence=confidence, conf_temperature=conf_temperature, seed=seed, offset=offset,
+                                rows=rows)
+    lead_shape, vocab = logits.shape[:-1], logits.shape[-1]
+    flat = logits.reshape(-1, vocab).contiguous()
+    n_rows, device = flat.shape[0], flat.device
+    if out is None:
+        out = (torch.empty(n_rows, dtype=torch.int64, device=device), torch.empty(n_rows, dtype=torch.float32, device=device))
+    tokens, conf = out
+    banned = None if banned is None else torch.unique(banned.to(torch.int64)).contiguous()
+    rows = None if rows is None else rows.to(torch.int64).contiguous()
+    work = n_rows if rows is None else rows.numel()
+    workspace = torch.empty(max(1, _C.sample_cuda_workspace_bytes(work, vocab)), dtype=torch.uint8, device=device)
+    _C.sample_cuda(
+        flat.data_ptr(), SCALAR_TYPES[flat.dtype], n_rows, vocab, _address(rows), 0 if rows is None else rows.numel(),
+        _address(banned), 0 if banned is None else banned.numel(), temperature, conf_temperature,
+        CONFIDENCE_KINDS[confidence], seed, offset, 0, 0, workspace.data_ptr(), workspace.numel(),
+        tokens.data_ptr(), conf.data_ptr(), _stream(flat),
+    )
+    return tokens.reshape(lead_shape), conf.reshape(lead_shape)
+
+
+def commit_cuda(x, tokens, conf, eligible, *, k=None, threshold=None, factor=None, out=None):
+    if x.dtype != torch.int64 or not x.is_contiguous() or x.shape[1] > 4096:
+        from unmask import reference  # the kernel writes an int64 canvas of rows up to 4096 in place
+
+        return reference.commit(x, tokens, conf, eligible, k=k, threshold=threshold, factor=factor)
+    batch, length = x.shape
+    committed = torch.empty(batch, length, dtype=torch.bool, device=x.device) if out is None else out
+    tokens = tokens.to(torch.int64).contiguous()
+    conf = conf.to(torch.float32).contiguous()
+    eligible = eligible.contiguous()
+    counts = None if k is None else k.to(torch.int64).contiguous()
+    mode = "k" if k is not None else "threshold" if threshold is not None else "factor"
+    _C.commit_cuda(
+        x.data_ptr(), tokens.data_ptr(), conf.data_ptr(), eligible.data_ptr(), committed.data_ptr(), batch, length,
+        COMMIT_MODES[mode], _address(counts), threshold or 0.0, factor or 0.0, _stream(x),
+    )
+    return committed
+
+
 def register() -> None:
     if _C is None:
         return
+    if _C.cuda_compiled():
+        ops.NATIVE_KERNELS[("sample", "cuda")] = sample_cuda
+        ops.NATIVE_KERNELS[("commit", "cuda")] = commit_cuda
     ops.NATIVE_KERNELS[("sample", "cpu")] = sample_cpu
     ops.NATIVE_KERNELS[("commit", "cpu")] = commit_cpu
     ops.NATIVE_KERNELS[("attention", "cpu")] = attention_cpu

@@ -24,5 +24,7 @@ struct CommitParams {
 };
 
 Status commit_cpu(const CommitParams& params);
+// One block per row; rows up to 4096 positions (longer: Status::kUnsupported).
+Status commit_cuda(const CommitParams& params, void* stream);
 
 }  // namespace unmask

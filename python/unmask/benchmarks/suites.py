@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from unmask import ops, reference
-from unmask.benchmarks.harness import Row, median_seconds, read_bandwidth
+from unmask.benchmarks.harness import Row, copy_bandwidth, median_seconds, read_bandwidth
 
 
 def llada_float64_sample(logits: torch.Tensor, temperature: float, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +162,8 @@ def quick(device: torch.device) -> tuple[list[Row], dict]:
 
 
 def full_sample(device: torch.device, shapes: list[tuple[int, int]] | None = None) -> tuple[list[Row], dict]:
-    peak = read_bandwidth(device, megabytes=1024)
+    # GPU: against device-to-device copy bandwidth (issue 4's yardstick); CPU: a read.
+    peak = copy_bandwidth(device, megabytes=1024) if device.type == "cuda" else read_bandwidth(device, megabytes=1024)
     shapes = shapes or [(32, 126464), (256, 126464), (256, 152064)]
     rows = []
     for temperature in (0.0, 1.0):

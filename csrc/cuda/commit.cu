@@ -1,0 +1,78 @@
+// commit on CUDA: one block per canvas row, one launch for the batch, in place.
+// Each position's rank among the eligible ones (higher confidence first, ties to the
+// lower position) is counted in shared memory, O(L^2 / threads) per row: for blocks
+// of 32-4096 positions that is a few microseconds, less than a sort's launches.
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+#include "cuda_check.cuh"
+#include "unmask/commit.h"
+
+namespace unmask {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxLength = 4096;  // conf, eligible and rank of a row: 36 KiB of shared memory
+
+__global__ void __launch_bounds__(kThreads) commit_kernel(CommitParams p) {
+  extern __shared__ unsigned char shared[];
+  float* conf = reinterpret_cast<float*>(shared);
+  int* rank = reinterpret_cast<int*>(conf + p.length);
+  bool* eligible = reinterpret_cast<bool*>(rank + p.length);
+  __shared__ int eligible_count, passing_count;
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * p.length;
+  if (threadIdx.x == 0) eligible_count = passing_count = 0;
+  for (int64_t j = threadIdx.x; j < p.length; j += kThreads) {
+    const float c = p.conf[base + j];
+    conf[j] = isnan(c) ? -INFINITY : c;  // a NaN confidence ranks as -inf
+    eligible[j] = p.eligible[base + j];
+  }
+  __syncthreads();
+
+  int my_eligible = 0, my_passing = 0;
+  for (int64_t j = threadIdx.x; j < p.length; j += kThreads) {
+    int r = 0;
+    if (eligible[j]) {
+      for (int64_t i = 0; i < p.length; ++i) r += eligible[i] && (conf[i] > conf[j] || (conf[i] == conf[j] && i < j));
+      ++my_eligible;
+      if (p.mode == CommitMode::kThreshold) my_passing += static_cast<double>(conf[j]) > p.threshold;
+      // Factor: the eligible position of rank r holds c_{r+1}; the passing ranks form a prefix.
+      if (p.mode == CommitMode::kFactor) my_passing += (r + 2) * (1.0 - static_cast<double>(conf[j])) < p.factor;
+    }
+    rank[j] = r;
+  }
+  atomicAdd(&eligible_count, my_eligible);
+  atomicAdd(&passing_count, my_passing);
+  __syncthreads();
+
+  int64_t n;
+  if (p.mode == CommitMode::kCount) {
+    const int64_t k = p.k[blockIdx.x] > 0 ? p.k[blockIdx.x] : 0;
+    n = k < eligible_count ? k : eligible_count;
+  } else {
+    n = passing_count > 0 ? passing_count : (eligible_count > 0 ? 1 : 0);  // at least one while any is eligible
+  }
+  for (int64_t j = threadIdx.x; j < p.length; j += kThreads) {
+    const bool commit = eligible[j] && rank[j] < n;
+    p.committed[base + j] = commit;
+    if (commit) p.canvas[base + j] = p.tokens[base + j];
+  }
+}
+
+}  // namespace
+
+Status commit_cuda(const CommitParams& p, void* stream) {
+  if (p.batch < 0 || p.length < 0 || p.length > kMaxLength ||
+      (p.batch * p.length > 0 && (p.canvas == nullptr || p.tokens == nullptr || p.conf == nullptr ||
+                                  p.eligible == nullptr || p.committed == nullptr)) ||
+      (p.mode == CommitMode::kCount && p.batch > 0 && p.k == nullptr)) {
+    return p.length > kMaxLength ? Status::kUnsupported : Status::kInvalidArgument;
+  }
+  if (p.batch == 0 || p.length == 0) return Status::kOk;
+  const size_t shared = static_cast<size_t>(p.length) * (sizeof(float) + sizeof(int) + sizeof(bool));
+  commit_kernel<<<static_cast<unsigned>(p.batch), kThreads, shared, static_cast<cudaStream_t>(stream)>>>(p);
+  return check_launch();
+}
+
+}  // namespace unmask

@@ -1,0 +1,27 @@
+// The CUDA sample launcher: SampleParams plus what only the GPU path needs.
+#pragma once
+
+#include <cstdint>
+
+#include "unmask/sample.h"
+
+namespace unmask {
+
+struct SampleCudaExtras {
+  // Optional device scalars overriding SampleParams::seed / offset, read inside the
+  // kernels, so a captured CUDA graph can be replayed with a new seed or step.
+  const uint64_t* seed_device = nullptr;
+  const uint32_t* offset_device = nullptr;
+  void* workspace = nullptr;  // sample_cuda_workspace_bytes(rows, vocab) bytes of device memory
+  int64_t workspace_bytes = 0;
+  int64_t row_base = 0;  // set by the launcher when it splits a launch; callers leave 0
+};
+
+// Splits per row, so that rows * splits blocks fill the GPU.
+int sample_cuda_splits(int64_t rows, int64_t vocab);
+int64_t sample_cuda_workspace_bytes(int64_t rows, int64_t vocab);
+
+// top_k / top_p are not implemented on CUDA yet: Status::kUnsupported.
+Status sample_cuda(const SampleParams& params, const SampleCudaExtras& extras, void* stream);
+
+}  // namespace unmask

@@ -1,0 +1,109 @@
+"""CUDA sample and commit kernels against the reference (run on a GPU, skipped elsewhere)."""
+
+import pytest
+import torch
+
+from unmask import native, ops, reference
+from tests.conftest import requires_gpu
+from tests.test_sample_kernels import CONF_RTOL, POISON_TOKEN, assert_same_tokens
+
+pytestmark = [requires_gpu, pytest.mark.skipif(ops._C is None or not ops._C.cuda_compiled(),
+                                               reason="unmask._C built without CUDA")]
+
+
+def run_cuda(logits, rows=None, **kwargs):
+    n = logits.numel() // logits.shape[-1]
+    out = (torch.full((n,), POISON_TOKEN, dtype=torch.int64, device="cuda"),
+           torch.full((n,), float("nan"), device="cuda"))
+    args = dict(temperature=0.0, top_k=0, top_p=1.0, banned=None, confidence="prob", conf_temperature=1.0,
+                seed=0, offset=0)
+    args.update(kwargs)
+    if isinstance(args["banned"], list):
+        args["banned"] = torch.tensor(args["banned"], dtype=torch.int64, device="cuda")
+    tokens, conf = native.sample_cuda(logits, rows=rows, out=out, **args)
+    torch.cuda.synchronize()
+    assert not (tokens == POISON_TOKEN).any() and not torch.isnan(conf).any(), "every output must be written"
+    return tokens.cpu(), conf.cpu()
+
+
+CASES = [
+    (1, 17, torch.float32, {}),
+    (31, 1019, torch.float16, dict(temperature=0.7, confidence="margin")),
+    (32, 126464, torch.bfloat16, dict(temperature=1.0, banned=[126336], seed=2**63 + 1, offset=9)),
+    (32, 126464, torch.float32, dict(confidence="entropy", conf_temperature=0.5)),
+    (4097, 17, torch.bfloat16, dict(temperature=1.5, confidence="random", seed=5)),
+    (3, 152064, torch.float16, dict(temperature=1.0, banned=[151666, 0])),
+    (256, 1025, torch.float32, dict(temperature=0.3, confidence="margin", banned=[1024])),
+]
+
+
+@pytest.mark.parametrize("n_rows,vocab,dtype,kwargs", CASES, ids=[f"{c[0]}x{c[1]}-{str(c[2])[6:]}" for c in CASES])
+def test_cuda_sample_equals_reference(n_rows, vocab, dtype, kwargs):
+    gen = torch.Generator().manual_seed(n_rows + vocab)
+    logits = (torch.randn(n_rows, vocab, generator=gen) * 4).to(dtype)
+    banned = kwargs.get("banned")
+    expected_tokens, expected_conf = reference.sample(
+        logits, **{**kwargs, "banned": None if banned is None else torch.tensor(banned)})
+    tokens, conf = run_cuda(logits.cuda(), **kwargs)
+    assert_same_tokens(logits, expected_tokens, tokens, temperature=kwargs.get("temperature", 0.0),
+                       seed=kwargs.get("seed", 0), offset=kwargs.get("offset", 0))
+    same = tokens == expected_tokens
+    torch.testing.assert_close(conf[same].double(), expected_conf[same].double(), rtol=CONF_RTOL, atol=1e-9)
+
+
+def test_cuda_rows_and_invalid_rows():
+    logits = torch.randn(40, 333)
+    logits[5, 7] = float("nan")
+    logits[6] = float("-inf")
+    rows = torch.tensor([39, 0, 5, 6, 17])
+    tokens, conf = run_cuda(logits.cuda(), rows=rows.cuda(), temperature=1.0, seed=3)
+    expected_tokens, expected_conf = reference.sample(logits, temperature=1.0, seed=3, rows=rows)
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(conf, expected_conf, rtol=CONF_RTOL, atol=0)
+
+
+@pytest.mark.parametrize("length", [1, 17, 99, 1025, 4096])
+@pytest.mark.parametrize("mode", ["k", "threshold", "factor"])
+def test_cuda_commit_equals_reference(length, mode):
+    gen = torch.Generator().manual_seed(length)
+    batch = 5
+    conf = (torch.rand(batch, length, generator=gen) * 8).floor() / 8  # many exact ties
+    conf[0, 0] = float("nan")
+    eligible = torch.rand(batch, length, generator=gen) > 0.4
+    tokens = torch.randint(0, 1000, (batch, length), generator=gen)
+    kwargs = {"k": torch.randint(0, length + 1, (batch,), generator=gen)} if mode == "k" else (
+        {"threshold": 0.6} if mode == "threshold" else {"factor": 1.5})
+    x = torch.full((batch, length), -1, dtype=torch.int64)
+    expected_x = x.clone()
+    expected = reference.commit(expected_x, tokens, conf, eligible, **kwargs)
+    x_gpu = x.cuda()
+    out = torch.ones(batch, length, dtype=torch.bool, device="cuda")  # poison
+    cuda_kwargs = {name: value.cuda() if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
+    committed = native.commit_cuda(x_gpu, tokens.cuda(), conf.cuda(), eligible.cuda(), out=out, **cuda_kwargs)
+    assert torch.equal(committed.cpu(), expected)
+    assert torch.equal(x_gpu.cpu(), expected_x)
+
+
+def test_sampler_step_captures_in_a_cuda_graph():
+    logits = torch.randn(2, 32, 126464, device="cuda", dtype=torch.bfloat16)
+    eligible = torch.rand(2, 32, device="cuda") > 0.3
+    k = torch.full((2,), 4, dtype=torch.int64, device="cuda")
+
+    def step(canvas):
+        tokens, conf = ops.sample(logits, temperature=1.0, seed=7, offset=3, check=False)
+        return ops.commit(canvas, tokens, conf, eligible, k=k)
+
+    eager_canvas = torch.zeros(2, 32, dtype=torch.int64, device="cuda")
+    expected = step(eager_canvas)
+    canvas = torch.zeros_like(eager_canvas)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(torch.zeros_like(canvas))  # warm up allocations outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        committed = step(canvas)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(committed, expected) and torch.equal(canvas, eager_canvas)
