@@ -154,8 +154,10 @@ __global__ void __launch_bounds__(kThreads) sample_partial_kernel(SampleParams p
   const int split = blockIdx.x;
   const int64_t index = extras.row_base + blockIdx.y;  // blockIdx.y counts rows within this launch
   const int64_t row = p.rows != nullptr ? p.rows[index] : index;
-  const int64_t segment = (p.vocab + gridDim.x - 1) / gridDim.x;
-  const int64_t begin = split * segment;
+  // Segments are whole 16-byte vectors (8 elements covers every dtype), so when a row
+  // starts 16-byte aligned every block's segment does too.
+  const int64_t segment = ((p.vocab + gridDim.x - 1) / gridDim.x + 7) / 8 * 8;
+  const int64_t begin = split * segment < p.vocab ? split * segment : p.vocab;
   const int64_t end = begin + segment < p.vocab ? begin + segment : p.vocab;
   RowContext ctx;
   ctx.seed = extras.seed_device != nullptr ? *extras.seed_device : p.seed;
