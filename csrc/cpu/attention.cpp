@@ -64,7 +64,7 @@ void store_row(void* base, ScalarType dtype, int64_t offset, int64_t n, const fl
 // ------------------------------------------------------------------ micro-kernels
 
 // s[r][0:64] = sum_d q[r][d] * kt[d][0:64] for `rows` rows (q rows `dim` apart).
-void qk_generic(const float* q, int64_t rows, int64_t dim, const float* kt, float* s) {
+[[maybe_unused]] void qk_generic(const float* q, int64_t rows, int64_t dim, const float* kt, float* s) {
   for (int64_t r = 0; r < rows; ++r) {
     float acc[kKeyTile] = {};
     for (int64_t d = 0; d < dim; ++d) {

@@ -41,23 +41,38 @@ def sample_cpu(logits, *, temperature, top_k, top_p, banned, confidence, conf_te
     return tokens.reshape(lead_shape), conf.reshape(lead_shape)
 
 
-def commit_cpu(x, tokens, conf, eligible, *, k=None, threshold=None, factor=None, out=None):
-    """out: optional bool [B, L] to write the committed mask into (tests poison it)."""
-    if x.dtype != torch.int64 or not x.is_contiguous():
-        from unmask import reference  # the kernel writes an int64 canvas in place
-
-        return reference.commit(x, tokens, conf, eligible, k=k, threshold=threshold, factor=factor)
+def _commit_arguments(x, tokens, conf, eligible, k, threshold, factor, out):
+    """The committed output and the pointer arguments shared by the CPU and CUDA commit kernels."""
     batch, length = x.shape
-    committed = torch.empty(batch, length, dtype=torch.bool) if out is None else out
+    committed = torch.empty(batch, length, dtype=torch.bool, device=x.device) if out is None else out
     tokens = tokens.to(torch.int64).contiguous()
     conf = conf.to(torch.float32).contiguous()
     eligible = eligible.contiguous()
     counts = None if k is None else k.to(torch.int64).contiguous()
     mode = "k" if k is not None else "threshold" if threshold is not None else "factor"
-    _C.commit_cpu(
-        x.data_ptr(), tokens.data_ptr(), conf.data_ptr(), eligible.data_ptr(), committed.data_ptr(), batch, length,
-        COMMIT_MODES[mode], _address(counts), threshold or 0.0, factor or 0.0,
-    )
+    keep_alive = (tokens, conf, eligible, counts)  # the pointers below point into these
+    arguments = (x.data_ptr(), tokens.data_ptr(), conf.data_ptr(), eligible.data_ptr(), committed.data_ptr(), batch,
+                 length, COMMIT_MODES[mode], _address(counts), threshold or 0.0, factor or 0.0)
+    return committed, arguments, keep_alive
+
+
+def _commit_on_reference(x, tokens, conf, eligible, k, threshold, factor, max_length=None):
+    """The kernels write an int64, contiguous canvas in place (CUDA: rows up to max_length);
+    anything else takes the reference."""
+    if x.dtype == torch.int64 and x.is_contiguous() and (max_length is None or x.shape[1] <= max_length):
+        return None
+    from unmask import reference
+
+    return reference.commit(x, tokens, conf, eligible, k=k, threshold=threshold, factor=factor)
+
+
+def commit_cpu(x, tokens, conf, eligible, *, k=None, threshold=None, factor=None, out=None):
+    """out: optional bool [B, L] to write the committed mask into (tests poison it)."""
+    fallback = _commit_on_reference(x, tokens, conf, eligible, k, threshold, factor)
+    if fallback is not None:
+        return fallback
+    committed, arguments, _keep_alive = _commit_arguments(x, tokens, conf, eligible, k, threshold, factor, out)
+    _C.commit_cpu(*arguments)
     return committed
 
 
@@ -110,21 +125,11 @@ def sample_cuda(logits, *, temperature, top_k, top_p, banned, confidence, conf_t
 
 
 def commit_cuda(x, tokens, conf, eligible, *, k=None, threshold=None, factor=None, out=None):
-    if x.dtype != torch.int64 or not x.is_contiguous() or x.shape[1] > 4096:
-        from unmask import reference  # the kernel writes an int64 canvas of rows up to 4096 in place
-
-        return reference.commit(x, tokens, conf, eligible, k=k, threshold=threshold, factor=factor)
-    batch, length = x.shape
-    committed = torch.empty(batch, length, dtype=torch.bool, device=x.device) if out is None else out
-    tokens = tokens.to(torch.int64).contiguous()
-    conf = conf.to(torch.float32).contiguous()
-    eligible = eligible.contiguous()
-    counts = None if k is None else k.to(torch.int64).contiguous()
-    mode = "k" if k is not None else "threshold" if threshold is not None else "factor"
-    _C.commit_cuda(
-        x.data_ptr(), tokens.data_ptr(), conf.data_ptr(), eligible.data_ptr(), committed.data_ptr(), batch, length,
-        COMMIT_MODES[mode], _address(counts), threshold or 0.0, factor or 0.0, _stream(x),
-    )
+    fallback = _commit_on_reference(x, tokens, conf, eligible, k, threshold, factor, max_length=4096)
+    if fallback is not None:
+        return fallback
+    committed, arguments, _keep_alive = _commit_arguments(x, tokens, conf, eligible, k, threshold, factor, out)
+    _C.commit_cuda(*arguments, _stream(x))
     return committed
 
 
