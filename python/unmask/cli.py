@@ -112,11 +112,22 @@ def chat_prompt(model_dir: str, text: str) -> list[int]:
     return [int(t) for t in ids]
 
 
+def default_model_path() -> Path:
+    """The small model bundled with the package, trained on unmask.tasks (README)."""
+    return Path(__file__).resolve().parent / "data" / "default_model"
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import unmask
 
-    if args.model is None:
-        raise SystemExit("--model DIR is required: a directory in the LLaDA format (config.json, safetensors)")
+    bundled = args.model is None
+    if bundled:
+        args.model = str(default_model_path())
+        if args.prompt is None and args.ids is None:
+            args.prompt = "123+456="
+    # The bundled model answers in 8 positions; real checkpoints default to 64 tokens.
+    args.gen_length = args.gen_length or (8 if bundled else 64)
+    args.block_length = args.block_length or min(32, args.gen_length)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = unmask.from_pretrained(args.model, dtype=_dtype(args.dtype), device=device)
     tokenizer = model.tokenizer
@@ -144,6 +155,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(tokenizer.decode(tokens) if tokenizer is not None else " ".join(map(str, tokens)))
     print(f"NFE {out.nfe}  steps per block {out.steps_per_block}  {out.seconds:.2f} s  "
           f"{out.tokens_per_second:.1f} tokens/s", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from unmask import train
+
+    config = train.TrainConfig(steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+                               max_minutes=args.max_minutes)
+    train.train(args.out, config, resume=not args.no_resume)
+    print((Path(args.out) / "train_result.json").read_text())
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import unmask
+    from unmask import evaluate
+
+    model = unmask.from_pretrained(args.model or default_model_path(), dtype=torch.float32)
+    results = evaluate.evaluate(model, n_per_task=args.n)
+    print(evaluate.format_table(results))
+    if args.json:
+        evaluate.write_json(results, Path(args.json))
+    if args.plot:
+        if evaluate.plot(results, Path(args.plot)):
+            print(f"plot: {args.plot}")
+        else:
+            print("plot skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
     return 0
 
 
@@ -175,11 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=cmd_info)
 
     gen = commands.add_parser("generate", help="generate text with a checkpoint, showing the canvas fill in")
-    gen.add_argument("--model", help="checkpoint directory (LLaDA or Dream format)")
+    gen.add_argument("--model", help="checkpoint directory (LLaDA or Dream format); default: the bundled model")
     gen.add_argument("--prompt", help="prompt text (needs tokenizer.json in the model directory)")
     gen.add_argument("--ids", help="prompt token ids, e.g. 1,2,3")
-    gen.add_argument("--gen-length", type=int, default=64)
-    gen.add_argument("--block-length", type=int, default=32)
+    gen.add_argument("--gen-length", type=int, help="default 64 (8 for the bundled model)")
+    gen.add_argument("--block-length", type=int, help="default min(32, gen length)")
     rule = gen.add_mutually_exclusive_group()
     rule.add_argument("--steps", type=int)
     rule.add_argument("--threshold", type=float)
@@ -194,6 +232,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--quiet", action="store_true", help="print only the result")
     gen.set_defaults(run=cmd_generate)
+
+    train_parser = commands.add_parser("train", help="train a small diffusion model on unmask.tasks (resumable)")
+    train_parser.add_argument("--out", required=True, help="checkpoint directory (LLaDA format)")
+    train_parser.add_argument("--steps", type=int, default=4000)
+    train_parser.add_argument("--seed", type=int, default=0)
+    train_parser.add_argument("--batch-size", type=int, default=128)
+    train_parser.add_argument("--max-minutes", type=float, default=30.0)
+    train_parser.add_argument("--no-resume", action="store_true", help="start over even if --out holds a run")
+    train_parser.set_defaults(run=cmd_train)
+
+    eval_parser = commands.add_parser("eval", help="accuracy, NFE and speed of every decoding strategy on the tasks")
+    eval_parser.add_argument("--model", help="checkpoint directory; default: the bundled model")
+    eval_parser.add_argument("--n", type=int, default=256, help="examples per task")
+    eval_parser.add_argument("--plot", help="write a PNG of accuracy against tokens per step")
+    eval_parser.add_argument("--json", help="write the results as JSON lines")
+    eval_parser.set_defaults(run=cmd_eval)
 
     bench = commands.add_parser("bench", help="microbenchmarks against the baselines, in roofline units")
     bench.add_argument("--quick", action="store_true", help="a short run on small shapes")

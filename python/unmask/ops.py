@@ -128,6 +128,26 @@ def _(q, k, v, kv_len, key_valid, block_size, q_offset, scale):
     return torch.empty_like(q)
 
 
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, kv_len, key_valid, block_size, q_offset, scale = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.masks = dict(kv_len=kv_len, key_valid=key_valid, block_size=block_size or None, q_offset=q_offset, scale=scale)
+
+
+def _attention_backward(ctx, grad_out):
+    """Gradients through the reference (recomputing the forward): the kernels are for
+    inference, and training small models (unmask train) only needs correct gradients."""
+    q, k, v = ctx.saved_tensors
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = reference.attention(*inputs, **ctx.masks)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+    return (*grads, None, None, None, None, None)
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -1,0 +1,151 @@
+"""Training a small masked diffusion model on unmask.tasks (`unmask train`).
+
+The objective of LLaDA (Nie et al., 2025, eq. 3 and its SFT form): per sequence a mask
+ratio t ~ U(eps, 1]; every answer token is masked with probability t (prompt tokens
+never are); the loss is the cross-entropy on the masked tokens weighted by 1 / t,
+averaged over answer tokens. Batches are drawn from a seed and the step number, so a
+resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from unmask import tasks
+from unmask.models import DiffusionTransformer, ModelConfig, from_pretrained, save_pretrained
+
+STATE_FILE = "train_state.pt"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 4000
+    batch_size: int = 128
+    learning_rate: float = 2e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    seed: int = 0
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_hidden_size: int = 384
+    checkpoint_every: int = 250
+    max_minutes: float = 30.0  # stop (and save) when the time is up, wherever the schedule is
+
+
+def model_config(config: TrainConfig, tokenizer: tasks.CharTokenizer) -> ModelConfig:
+    vocab = len(tokenizer.vocab)
+    return ModelConfig(d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads,
+                       n_kv_heads=config.n_heads, mlp_hidden_size=config.mlp_hidden_size, vocab_size=vocab,
+                       embedding_size=vocab, rope_theta=10000.0, mask_token_id=tokenizer.mask_id,
+                       eos_token_id=tokenizer.eos_id)
+
+
+def diffusion_loss(model, ids, attention_mask, answer_positions, mask_id: int, generator: torch.Generator,
+                   eps: float = 1e-3) -> torch.Tensor:
+    batch = ids.shape[0]
+    t = eps + (1 - eps) * torch.rand(batch, generator=generator)
+    masked = (torch.rand(ids.shape, generator=generator) < t[:, None]) & answer_positions
+    noisy = ids.masked_fill(masked, mask_id)
+    logits = model(noisy, attention_mask)
+    ce = F.cross_entropy(logits[masked], ids[masked], reduction="none")
+    weights = (1.0 / t)[:, None].expand_as(masked)[masked]
+    return (ce * weights).sum() / answer_positions.sum()
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def save(out: Path, model, optimizer, step: int, config: TrainConfig, tokenizer: tasks.CharTokenizer) -> None:
+    save_pretrained(model, out)
+    tokenizer.save(out / "tokenizer.json")
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "config": dataclasses.asdict(config)},
+               out / STATE_FILE)
+
+
+@torch.no_grad()
+def exact_match(model, n: int = 256, seed: int = 1_000_003, **generate_kwargs) -> dict[str, float]:
+    """Exact-match accuracy per task on held-out examples (a seed training never uses)."""
+    from unmask.sampler import generate
+
+    tokenizer = tasks.CharTokenizer()
+    scores = {}
+    for task in tasks.TASKS:
+        batch = tasks.examples(n, seed=seed, tasks=(task,))
+        ids, mask, _ = tasks.encode_batch(batch, tokenizer)
+        prompt_ids, prompt_mask = ids[:, :tasks.PROMPT_LENGTH], mask[:, :tasks.PROMPT_LENGTH]
+        out = generate(model, prompt_ids, attention_mask=prompt_mask, gen_length=tasks.ANSWER_LENGTH,
+                       block_length=tasks.ANSWER_LENGTH, stop_at_eos=False, **generate_kwargs)
+        answers = [tokenizer.decode(row) for row in out.tokens.tolist()]
+        scores[task] = sum(a == e.answer for a, e in zip(answers, batch)) / n
+    return scores
+
+
+def train(out: str | Path, config: TrainConfig, *, resume: bool = True, progress: bool = True) -> DiffusionTransformer:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    tokenizer = tasks.CharTokenizer()
+    start_step = 0
+    if resume and (out / STATE_FILE).exists():
+        model = from_pretrained(out, dtype=torch.float32)
+        state = torch.load(out / STATE_FILE, weights_only=False)
+        start_step = state["step"]
+    else:
+        model = DiffusionTransformer.random(model_config(config, tokenizer), seed=config.seed, std=0.02)
+    model.train()
+    for param in model.parameters():
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, 0.98),
+                                  weight_decay=config.weight_decay)
+    if start_step:
+        optimizer.load_state_dict(state["optimizer"])
+
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=config.steps, initial=start_step, desc="train", unit="step")
+        except ImportError:
+            pass
+    started = time.perf_counter()
+    step = start_step
+    for step in range(start_step, config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        batch = tasks.examples(config.batch_size, seed=config.seed * 1_000_003 + step)
+        ids, mask, answers = tasks.encode_batch(batch, tokenizer)
+        generator = torch.Generator().manual_seed(config.seed * 7_919 + step)
+        loss = diffusion_loss(model, ids, mask, answers, tokenizer.mask_id, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        out_of_time = (time.perf_counter() - started) / 60 > config.max_minutes
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps or out_of_time:
+            save(out, model, optimizer, step + 1, config, tokenizer)
+        if out_of_time:
+            break
+    if bar is not None:
+        bar.close()
+    model.eval()
+    scores = exact_match(model)
+    (out / "train_result.json").write_text(json.dumps(
+        {"steps": step + 1, "minutes": (time.perf_counter() - started) / 60, "exact_match_one_token_per_step": scores,
+         "config": dataclasses.asdict(config)}, indent=2) + "\n")
+    return model
