@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_parser = commands.add_parser("train", help="train a small diffusion model on unmask.tasks (resumable)")
     train_parser.add_argument("--out", required=True, help="checkpoint directory (LLaDA format)")
-    train_parser.add_argument("--steps", type=int, default=4000)
+    train_parser.add_argument("--steps", type=int, default=11000)
     train_parser.add_argument("--seed", type=int, default=0)
     train_parser.add_argument("--batch-size", type=int, default=128)
     train_parser.add_argument("--max-minutes", type=float, default=30.0)

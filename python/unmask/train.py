@@ -26,7 +26,7 @@ STATE_FILE = "train_state.pt"
 
 @dataclasses.dataclass
 class TrainConfig:
-    steps: int = 4000
+    steps: int = 11000
     batch_size: int = 128
     learning_rate: float = 2e-3
     warmup_steps: int = 100
