@@ -128,8 +128,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # The bundled model answers in 8 positions; real checkpoints default to 64 tokens.
     args.gen_length = args.gen_length or (8 if bundled else 64)
     args.block_length = args.block_length or min(32, args.gen_length)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = unmask.from_pretrained(args.model, dtype=_dtype(args.dtype), device=device)
+    from unmask import distributed
+
+    parallel = distributed.launched_world_size() > 1  # started by torchrun: tensor-parallel
+    if parallel:
+        mesh = distributed.init(args.device)
+        model = distributed.tensor_parallel(unmask.from_pretrained(args.model, dtype=_dtype(args.dtype)), mesh)
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = unmask.from_pretrained(args.model, dtype=_dtype(args.dtype), device=device)
+    speaks = not parallel or torch.distributed.get_rank() == 0  # one rank prints
     tokenizer = model.tokenizer
     if args.ids is not None:
         prompt = _parse_ids(args.ids)
@@ -141,12 +149,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = tokenizer.encode(args.prompt).ids
     else:
         raise SystemExit("give --prompt TEXT or --ids 1,2,3")
-    printer = None if args.quiet else CanvasPrinter(tokenizer, model.mask_id, len(prompt))
+    printer = None if args.quiet or not speaks else CanvasPrinter(tokenizer, model.mask_id, len(prompt))
     out = unmask.generate(
         model, [prompt], gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
         threshold=args.threshold, factor=args.factor, temperature=args.temperature, remasking=args.remasking,
         cfg_scale=args.cfg_scale, seed=args.seed, callback=printer, cache=args.cache,
     )
+    if parallel:
+        torch.distributed.destroy_process_group()
+    if not speaks:
+        return 0
     if printer is not None and printer.interactive:
         print()
     tokens = out.tokens[0].tolist()
@@ -228,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cache", choices=["prefix", "dual"], help="reuse keys and values within a block")
     gen.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template (transformers)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--device")
+    gen.add_argument("--device", help="cpu or cuda; under torchrun the device type of every rank")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--quiet", action="store_true", help="print only the result")
     gen.set_defaults(run=cmd_generate)

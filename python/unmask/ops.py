@@ -226,16 +226,21 @@ def _sample_op(
         seed=_seed_from_int64(seed), offset=offset, rows=rows,
     )
     if check:
-        flat = tokens.reshape(-1)
-        sampled = flat if rows is None else flat[rows]
-        bad = torch.nonzero(sampled < 0).flatten()
-        if bad.numel() > 0:
-            row_ids = bad if rows is None else rows[bad]
-            raise InvalidLogitsError(
-                f"logits: {bad.numel()} row(s) have NaN or +inf logits or no finite kept logit "
-                f"(flattened row ids {row_ids[:8].tolist()}); pass check=False to get token -1 instead"
-            )
+        raise_on_invalid_rows(tokens, rows)
     return tokens, conf
+
+
+def raise_on_invalid_rows(tokens: torch.Tensor, rows: torch.Tensor | None) -> None:
+    """InvalidLogitsError if a sampled row came back as token -1 (synchronises with the device)."""
+    flat = tokens.reshape(-1)
+    sampled = flat if rows is None else flat[rows]
+    bad = torch.nonzero(sampled < 0).flatten()
+    if bad.numel() > 0:
+        row_ids = bad if rows is None else rows[bad]
+        raise InvalidLogitsError(
+            f"logits: {bad.numel()} row(s) have NaN or +inf logits or no finite kept logit "
+            f"(flattened row ids {row_ids[:8].tolist()}); pass check=False to get token -1 instead"
+        )
 
 
 @_sample_op.register_fake

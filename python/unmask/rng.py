@@ -54,11 +54,13 @@ def check_seed(seed: int) -> None:
         raise ValueError(f"seed must lie in [0, 2**64), got {seed}")
 
 
-def draws(seed: int, rows: torch.Tensor, cols: int, *, offset: int = 0, stream: int = GUMBEL_STREAM) -> torch.Tensor:
-    """The 32-bit draws w[r, c] for the given row ids and columns 0..cols-1 (int64 tensor)."""
+def draws(seed: int, rows: torch.Tensor, cols: int, *, offset: int = 0, stream: int = GUMBEL_STREAM,
+          col_start: int = 0) -> torch.Tensor:
+    """The 32-bit draws w[r, c] for the given row ids and columns col_start..col_start+cols-1
+    (int64 tensor; col_start > 0 for one shard of a vocabulary split across devices)."""
     check_seed(seed)
     rows = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
-    col = torch.arange(cols, dtype=torch.int64, device=rows.device)
+    col = torch.arange(col_start, col_start + cols, dtype=torch.int64, device=rows.device)
     quad = (col // 4).expand(rows.numel(), cols)
     counter = torch.stack(
         [
@@ -82,9 +84,9 @@ def gumbel_from_draws(w: torch.Tensor) -> torch.Tensor:
     return -torch.log(-torch.log(uniform_from_draws(w)))
 
 
-def gumbel(seed: int, rows: torch.Tensor, cols: int, *, offset: int = 0) -> torch.Tensor:
-    """Gumbel noise g[r, c] in float64 for token sampling (stream 0)."""
-    return gumbel_from_draws(draws(seed, rows, cols, offset=offset, stream=GUMBEL_STREAM))
+def gumbel(seed: int, rows: torch.Tensor, cols: int, *, offset: int = 0, col_start: int = 0) -> torch.Tensor:
+    """Gumbel noise g[r, c] in float64 for token sampling (stream 0), columns from col_start."""
+    return gumbel_from_draws(draws(seed, rows, cols, offset=offset, stream=GUMBEL_STREAM, col_start=col_start))
 
 
 def random_confidence(seed: int, rows: torch.Tensor, *, offset: int = 0) -> torch.Tensor:

@@ -150,11 +150,8 @@ class _StepModel:
         segment = None
         if self.cache_mode is not None:
             if self.cache is None:
-                from unmask.models import KVCache
-
                 rows = x.shape[0] * (2 if self.cfg_scale > 0 else 1)
-                param = next(self.model.parameters())
-                self.cache = KVCache(self.model.config, rows, x.shape[1], dtype=param.dtype, device=param.device)
+                self.cache = self.model.new_cache(rows, x.shape[1])
             if not first_step_of_block:
                 first = max(start - 1, 0) if self.model.config.shift_logits else start
                 segment = (first, end if self.cache_mode == "dual" else x.shape[1])
@@ -183,6 +180,10 @@ def _decode(
     rest of it becomes EOS; decoding ends when no row is running.
     """
     batch = x.shape[0]
+    # A tensor-parallel model (unmask.distributed) returns its rank's slice of the
+    # vocabulary; its shard samples across the ranks without gathering the logits.
+    vocab_shard = getattr(step_model.model, "vocab_shard", None)
+    sample = ops.sample if vocab_shard is None else vocab_shard.sample
     running = torch.ones(batch, dtype=torch.bool, device=x.device)
     nfe = 0
     steps_per_block = []
@@ -205,9 +206,10 @@ def _decode(
                     break
                 mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
             logits = step_model(x, start, end, first_step_of_block=block_steps == 0)
-            if mask_id >= logits.shape[-1]:
-                raise ValueError(f"mask_id={mask_id} lies outside the model's vocabulary (V={logits.shape[-1]})")
-            tokens, conf = ops.sample(
+            vocab = logits.shape[-1] if vocab_shard is None else vocab_shard.vocab
+            if mask_id >= vocab:
+                raise ValueError(f"mask_id={mask_id} lies outside the model's vocabulary (V={vocab})")
+            tokens, conf = sample(
                 logits,
                 temperature=sampling.temperature,
                 top_k=sampling.top_k,

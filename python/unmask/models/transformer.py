@@ -51,8 +51,10 @@ class KVCache:
     segment keep the keys and values of the block's start (DESIGN.md, cache).
     """
 
-    def __init__(self, config: ModelConfig, batch: int, length: int, *, dtype: torch.dtype, device: torch.device):
-        shape = (batch, length, config.n_kv_heads, config.head_dim)
+    def __init__(self, config: ModelConfig, batch: int, length: int, *, dtype: torch.dtype, device: torch.device,
+                 kv_heads: int | None = None):
+        # kv_heads: the heads this process holds (fewer than config.n_kv_heads under tensor parallelism).
+        shape = (batch, length, config.n_kv_heads if kv_heads is None else kv_heads, config.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
 
@@ -84,16 +86,18 @@ class Block(nn.Module):
         batch, length, _ = x.shape
         c = self.config
         h = self.attn_norm(x)
-        q = self.q_proj(h).view(batch, length, c.n_heads, c.head_dim)
-        k = self.k_proj(h).view(batch, length, c.n_kv_heads, c.head_dim)
-        v = self.v_proj(h).view(batch, length, c.n_kv_heads, c.head_dim)
+        # Heads counted from the projections, not the config: under tensor parallelism
+        # (unmask.distributed) each rank holds a contiguous slice of the heads.
+        q = self.q_proj(h).view(batch, length, -1, c.head_dim)
+        k = self.k_proj(h).view(batch, length, -1, c.head_dim)
+        v = self.v_proj(h).view(batch, length, -1, c.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             cache.keys[layer][:, start:start + length] = k
             cache.values[layer][:, start:start + length] = v
             k, v = cache.keys[layer], cache.values[layer]
         attn = ops.attention(q, k, v, key_valid=key_valid, block_size=c.block_size, q_offset=start)
-        x = x + self.o_proj(attn.reshape(batch, length, c.d_model))
+        x = x + self.o_proj(attn.reshape(batch, length, -1))
         h = self.mlp_norm(x)
         return x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
 
@@ -111,6 +115,9 @@ class DiffusionTransformer(nn.Module):
         if config.weight_tying:
             self.lm_head.weight = self.embed.weight
         self.tokenizer = None  # a tokenizers.Tokenizer when loaded from a directory that has one
+        # Set by unmask.distributed.tensor_parallel: the LM head then returns this rank's
+        # slice of the vocabulary, and the sampler samples across the ranks.
+        self.vocab_shard = None
 
     @property
     def mask_id(self) -> int:
@@ -133,6 +140,14 @@ class DiffusionTransformer(nn.Module):
                 else:  # projections, embeddings and qkv biases alike
                     param.normal_(0.0, std, generator=generator)
         return model.to(device=device, dtype=dtype).eval()
+
+    def new_cache(self, batch: int, length: int) -> KVCache:
+        """An empty KVCache for a [batch, length] canvas, with the heads this process holds."""
+        k_proj = self.layers[0].k_proj.weight if len(self.layers) else None
+        local = getattr(k_proj, "to_local", lambda: k_proj)()  # a DTensor under tensor parallelism
+        kv_heads = self.config.n_kv_heads if local is None else local.shape[0] // self.config.head_dim
+        embed = self.embed.weight
+        return KVCache(self.config, batch, length, dtype=embed.dtype, device=embed.device, kv_heads=kv_heads)
 
     def positions(self, attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
         """Rotary positions [1 or B, L]: 0..L-1 (LLaDA), or counted over real tokens when

@@ -1,0 +1,259 @@
+"""Tensor parallelism for the unmask model over torch.distributed (a DeviceMesh).
+
+Megatron-style sharding through PyTorch's own tensor-parallel API
+(torch.distributed.tensor.parallel.parallelize_module), so it runs wherever
+torch.distributed does: NCCL on GPUs, gloo on CPUs.
+
+- q, k, v projections and the MLP's gate and up projections are split by output
+  columns (each rank holds a contiguous slice of the heads and of the MLP hidden
+  units); o_proj and down_proj are split by input rows, so each rank's partial sum is
+  completed by one all-reduce after attention and one after the MLP.
+- The LM head is split over the vocabulary and its logits stay split: each rank
+  samples and scores its vocabulary shard (shard_statistics) and an all-gather of a
+  few float64 numbers per row picks the winner (combine_statistics). The token and
+  its confidence are the single-device ones (the RNG draw of id i does not depend on
+  which rank holds i), and full logits are never gathered, except for top_k / top_p,
+  whose kept set depends on the whole row: those gather the rows' logits and sample
+  them with unmask.ops.sample (exact, and rare in diffusion decoding).
+- Embeddings and norms are replicated.
+
+    torchrun --nproc-per-node 8 -m unmask generate --model DIR --prompt TEXT
+
+or in a script launched by torchrun:
+
+    mesh = unmask.distributed.init()
+    model = unmask.distributed.tensor_parallel(unmask.from_pretrained(DIR, dtype=torch.bfloat16), mesh)
+    out = unmask.generate(model, prompts, ...)   # every rank gets the same tokens
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from unmask import ops, rng
+
+# Columns of the per-row statistics one rank computes over its vocabulary shard.
+STAT_MAX, STAT_BEST, STAT_BEST_ID, STAT_BEST_LOGIT, STAT_SECOND, STAT_SUM, STAT_WEIGHTED, STAT_BAD = range(8)
+N_STATS = 8
+
+COLUMN_SPLIT = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW_SPLIT = ("o_proj", "down_proj")
+
+
+def launched_world_size() -> int:
+    """The number of processes torchrun (or another launcher) started, 1 when run alone."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init(device_type: str | None = None):
+    """Join the process group a launcher such as torchrun set up; returns a 1-D DeviceMesh
+    named "tp" over every rank. NCCL with one GPU per rank (cuda:LOCAL_RANK) where CUDA
+    is available, gloo on CPUs."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return init_device_mesh(device_type, (launched_world_size(),), mesh_dim_names=("tp",))
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabShard:
+    """The slice [start, start + size) of a vocabulary of `vocab` ids that this rank's LM
+    head computes; `sizes` lists every rank's slice length in rank order."""
+
+    start: int
+    size: int
+    vocab: int
+    sizes: tuple[int, ...]
+    group: dist.ProcessGroup
+
+    def sample(self, logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               banned=None, confidence: str = "prob", conf_temperature: float = 1.0, seed: int = 0, offset: int = 0,
+               rows: torch.Tensor | None = None, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """unmask.ops.sample over logits split by vocabulary: logits [..., size] hold this
+        rank's ids; every rank returns the same tokens (global ids) and confidences."""
+        if logits.shape[-1] != self.size:
+            raise ValueError(f"logits must hold this rank's {self.size} vocabulary ids, got shape {tuple(logits.shape)}")
+        if (0 < top_k < self.vocab) or top_p < 1.0:
+            full = self.gather(logits)
+            return ops.sample(full, temperature=temperature, top_k=top_k, top_p=top_p, banned=banned,
+                              confidence=confidence, conf_temperature=conf_temperature, seed=seed, offset=offset,
+                              rows=rows, check=check)
+        lead = logits.shape[:-1]
+        flat = logits.reshape(-1, self.size)
+        row_ids = torch.arange(flat.shape[0], device=flat.device) if rows is None else rows.to(flat.device).reshape(-1)
+        banned_ids = _banned_ids(banned, self.vocab, flat.device)
+        stats = shard_statistics(flat[row_ids], row_ids, self.start, banned=banned_ids, temperature=temperature,
+                                 conf_temperature=conf_temperature, seed=seed, offset=offset)
+        everyone = [torch.empty_like(stats) for _ in self.sizes]
+        dist.all_gather(everyone, stats, group=self.group)
+        tokens, conf = combine_statistics(torch.stack(everyone), row_ids, confidence=confidence,
+                                          temperature=temperature, conf_temperature=conf_temperature, seed=seed,
+                                          offset=offset)
+        all_tokens = torch.full((flat.shape[0],), -1, dtype=torch.int64, device=flat.device)
+        all_conf = torch.full((flat.shape[0],), float("-inf"), dtype=torch.float32, device=flat.device)
+        all_tokens[row_ids] = tokens
+        all_conf[row_ids] = conf
+        if check:
+            ops.raise_on_invalid_rows(all_tokens, rows)
+        return all_tokens.reshape(lead), all_conf.reshape(lead)
+
+    def gather(self, logits: torch.Tensor) -> torch.Tensor:
+        """The full logits [..., vocab] on every rank (shards padded to a common width)."""
+        width = max(self.sizes)
+        padded = nn.functional.pad(logits, (0, width - self.size)).contiguous()
+        pieces = [torch.empty_like(padded) for _ in self.sizes]
+        dist.all_gather(pieces, padded, group=self.group)
+        return torch.cat([piece[..., :size] for piece, size in zip(pieces, self.sizes)], dim=-1)
+
+
+def _banned_ids(banned, vocab: int, device) -> torch.Tensor | None:
+    if banned is None:
+        return None
+    return ops._banned_tensor(banned, vocab, device)
+
+
+# --------------------------------------------------------------------------- sampling a shard
+
+
+def shard_statistics(logits: torch.Tensor, row_ids: torch.Tensor, col_start: int, *, banned: torch.Tensor | None,
+                     temperature: float, conf_temperature: float, seed: int, offset: int) -> torch.Tensor:
+    """Per-row statistics [R, N_STATS] (float64) of one vocabulary shard: logits [R, size]
+    hold ids col_start.. of rows row_ids. Computed as unmask.reference.sample computes
+    the whole row (float64 from each logit's float32 value, the same Gumbel draws), so
+    combine_statistics reproduces its token exactly and its confidence to rounding.
+
+    max (kept logit), best (Gumbel score, or the max at T = 0) and its global id and
+    logit, the second-largest kept logit (margin), sum of exp(y - max_y) and of
+    exp(y - max_y) * (y - max_y) with y = logit / conf_temperature, and a NaN/+inf flag.
+    """
+    x = logits.float().double()
+    if banned is not None and banned.numel() > 0:
+        local = banned[(banned >= col_start) & (banned < col_start + x.shape[-1])] - col_start
+        x[:, local] = float("-inf")
+    bad = torch.isnan(x) | torch.isposinf(x)
+    x = x.masked_fill(bad, float("-inf"))
+    neg_inf = torch.full((x.shape[0],), float("-inf"), dtype=torch.float64, device=x.device)
+
+    top2 = x.topk(min(2, x.shape[-1]), dim=-1).values
+    largest = top2[:, 0]
+    second = top2[:, 1] if top2.shape[-1] > 1 else neg_inf
+    if temperature == 0.0:
+        scores = x
+    else:
+        scores = x / temperature + rng.gumbel(seed, row_ids, x.shape[-1], offset=offset, col_start=col_start).to(x.device)
+    best, best_local = scores.max(dim=-1)  # first maximum: ties go to the lower id
+    best_logit = x.gather(-1, best_local[:, None]).squeeze(-1)
+
+    y = x / conf_temperature
+    y_max = y.max(dim=-1, keepdim=True).values
+    shifted = y - torch.where(torch.isfinite(y_max), y_max, 0.0)
+    weights = torch.exp(shifted)
+    total = weights.sum(dim=-1)
+    weighted = torch.where(weights > 0, weights * shifted, 0.0).sum(dim=-1)
+    return torch.stack([largest, best, (best_local + col_start).double(), best_logit, second, total, weighted,
+                        bad.any(dim=-1).double()], dim=-1)
+
+
+def combine_statistics(stats: torch.Tensor, row_ids: torch.Tensor, *, confidence: str, temperature: float,
+                       conf_temperature: float, seed: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens (int64) and confidences (float32) [R] from every shard's statistics [W, R, N_STATS].
+
+    The winner is the shard with the best score, ties to the lower id (whatever the
+    shard order). The softmax sums of the shards are rescaled to the global maximum
+    (the online-softmax merge) before the confidence is formed.
+    """
+    best = stats[..., STAT_BEST]
+    top = best.max(dim=0).values
+    ids = torch.where(best == top, stats[..., STAT_BEST_ID], float("inf"))
+    winner = ids.argmin(dim=0)
+    pick = lambda column: stats[..., column].gather(0, winner[None]).squeeze(0)  # noqa: E731
+    tokens = pick(STAT_BEST_ID).to(torch.int64)
+
+    shard_max = stats[..., STAT_MAX]
+    global_max = shard_max.max(dim=0).values
+    invalid = (stats[..., STAT_BAD] > 0).any(dim=0) | ~torch.isfinite(global_max)
+    y_max = torch.where(torch.isfinite(global_max), global_max / conf_temperature, 0.0)
+    shard_y_max = torch.where(torch.isfinite(shard_max), shard_max / conf_temperature, y_max)
+    rescale = torch.exp(shard_y_max - y_max)  # 1 for the shard holding the maximum
+    total = (stats[..., STAT_SUM] * rescale).sum(dim=0)
+
+    def prob_of(logit):
+        return torch.exp(logit / conf_temperature - y_max) / total
+
+    if confidence == "random":
+        conf = rng.random_confidence(seed, row_ids, offset=offset).to(stats.device)
+    elif confidence == "prob":
+        conf = prob_of(pick(STAT_BEST_LOGIT))
+    elif confidence == "margin":
+        candidates = torch.cat([shard_max, stats[..., STAT_SECOND]], dim=0)
+        top2 = candidates.topk(2, dim=0).values
+        conf = prob_of(top2[0]) - prob_of(top2[1])
+    elif confidence == "entropy":
+        # sum_i p_i log p_i = (sum_i e_i a_i) / Z - log Z, with a_i = y_i - y_max, e_i = exp(a_i):
+        # a shard's sum of e * (y - its own max) moves to the global max by adding its shift.
+        shift = shard_y_max - y_max
+        weighted = (rescale * (stats[..., STAT_WEIGHTED] + stats[..., STAT_SUM] * shift)).sum(dim=0)
+        conf = weighted / total - torch.log(total)
+    else:
+        raise ValueError(f"confidence must be one of {ops.CONFIDENCE_KINDS}, got {confidence!r}")
+    tokens = tokens.masked_fill(invalid, -1)
+    conf = conf.masked_fill(invalid, float("-inf"))
+    return tokens, conf.float()
+
+
+# --------------------------------------------------------------------------- sharding the model
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def tensor_parallel(model, mesh=None):
+    """Shard an unmask DiffusionTransformer over a 1-D DeviceMesh (default: init()), in
+    place, and return it. Every rank must hold the same weights (load the same checkpoint,
+    or seed the random initialisation). Afterwards model(...) returns this rank's slice
+    of the vocabulary and unmask.generate samples across the ranks."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from unmask.models import DiffusionTransformer
+
+    if not isinstance(model, DiffusionTransformer):
+        raise TypeError(f"model must be an unmask DiffusionTransformer, got {type(model).__name__}")
+    if getattr(model, "vocab_shard", None) is not None:
+        raise ValueError("model is already tensor-parallel")
+    mesh = init() if mesh is None else mesh
+    if mesh.ndim != 1:
+        raise ValueError(f"mesh must be one-dimensional (the tensor-parallel ranks), got {mesh.ndim} dimensions")
+    world = mesh.size()
+    config = model.config
+    for name in ("n_heads", "n_kv_heads", "mlp_hidden_size"):
+        value = getattr(config, name)
+        if value % world != 0:
+            raise ValueError(f"config.{name}={value} must be a multiple of the number of ranks ({world})")
+
+    if config.weight_tying:  # the head is split over the vocabulary; the embedding stays whole
+        model.lm_head.weight = nn.Parameter(model.embed.weight.detach().clone())
+    model.to(torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else "cpu")
+    plan = {}
+    for index in range(config.n_layers):
+        plan.update({f"layers.{index}.{name}": ColwiseParallel() for name in COLUMN_SPLIT})
+        plan.update({f"layers.{index}.{name}": RowwiseParallel() for name in ROW_SPLIT})
+    plan["lm_head"] = ColwiseParallel(output_layouts=Shard(-1))
+    parallelize_module(model, mesh, plan)
+
+    group = mesh.get_group()
+    size = _local(model.lm_head.weight).shape[0]
+    sizes = [torch.zeros(1, dtype=torch.int64, device=model.embed.weight.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([size], device=model.embed.weight.device), group=group)
+    sizes = tuple(int(s) for s in sizes)
+    rank = dist.get_rank(group)
+    model.vocab_shard = VocabShard(sum(sizes[:rank]), size, config.embedding_size, sizes, group)
+    return model

@@ -1,0 +1,61 @@
+"""Run by tests/test_distributed.py under torchrun (2 CPU processes, gloo): the tiny
+models and decoding cases, generated tensor-parallel; rank 0 writes the tokens as JSON.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed_worker.py OUT.json
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import unmask  # noqa: E402
+from unmask import distributed  # noqa: E402
+from tests.conftest import tiny_model  # noqa: E402
+
+PROMPTS = [[5, 9, 3, 7, 1], [11, 2], [4, 4, 8]]  # ragged: left-padded inside generate
+
+# (name, model overrides, generate arguments). The tiny model's 4 query heads, 2 key/value
+# heads (GQA), 48 MLP units and 61 vocabulary ids (an uneven 31 + 30 split) all shard over 2 ranks.
+CASES = [
+    ("greedy-steps", {}, dict(gen_length=16, block_length=8, steps=16)),
+    ("temperature-1", {}, dict(gen_length=16, block_length=8, steps=8, temperature=1.0, seed=7)),
+    ("threshold-margin", {}, dict(gen_length=16, block_length=4, threshold=0.3, remasking="margin")),
+    ("factor-entropy-cfg", {}, dict(gen_length=8, block_length=8, factor=1.0, remasking="entropy", cfg_scale=0.5)),
+    ("random-remasking", {}, dict(gen_length=8, block_length=4, steps=4, temperature=0.5, remasking="random", seed=3)),
+    ("top-k-top-p", {}, dict(gen_length=8, block_length=8, steps=8, temperature=1.0, top_k=7, top_p=0.9, seed=1)),
+    ("dual-cache", {}, dict(gen_length=16, block_length=8, steps=16, cache="dual")),
+    ("qkv-bias-tied-shifted", dict(include_qkv_bias=True, weight_tying=True, model_type="dream"),
+     dict(gen_length=8, block_length=8, steps=8, temperature=1.0, seed=2)),
+]
+
+
+def model_for(overrides: dict) -> unmask.DiffusionTransformer:
+    return tiny_model(seed=4, **overrides)
+
+
+def run_case(model, arguments: dict) -> list[list[int]]:
+    return unmask.generate(model, PROMPTS, **arguments).tokens.tolist()
+
+
+def main(out_path: str) -> None:
+    mesh = distributed.init("cpu")
+    results = {}
+    for name, overrides, arguments in CASES:
+        model = distributed.tensor_parallel(model_for(overrides), mesh)
+        results[name] = run_case(model, arguments)
+    try:
+        distributed.tensor_parallel(model_for(dict(n_heads=4, n_kv_heads=1)), mesh)
+        results["error"] = None
+    except ValueError as error:
+        results["error"] = str(error)
+    if torch.distributed.get_rank() == 0:
+        Path(out_path).write_text(json.dumps(results))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
