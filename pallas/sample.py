@@ -35,6 +35,13 @@ def _as_uint32(value):
     return jax.lax.bitcast_convert_type(value, jnp.uint32)
 
 
+def _row_ids(scalars_ref, row_block, shape):
+    """The RNG row id of each row of a tile: its index in the caller's flattened rows,
+    plus the row base (scalars[3]) when the rows are one device's slice of a larger batch."""
+    local = row_block * ROW_BLOCK + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+    return (local + scalars_ref[3]).astype(jnp.uint32)
+
+
 def _sample_kernel(scalars_ref, logits_ref, banned_ref, kept_value_ref, kept_last_ref,  # inputs
                    tokens_ref, conf_ref,  # outputs
                    max_ref, arg_ref, sum_ref, weighted_ref, kept_max_ref, runner_ref, best_ref, best_id_ref, best_x_ref,
@@ -97,7 +104,7 @@ def _sample_kernel(scalars_ref, logits_ref, banned_ref, kept_value_ref, kept_las
     kept_max_ref[...] = jnp.maximum(old_kept_max, kept_max)
 
     if temperature > 0.0:
-        rows = (row_block * ROW_BLOCK + jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)).astype(jnp.uint32)
+        rows = _row_ids(scalars_ref, row_block, x.shape)
         seed_lo, seed_hi, offset = (_as_uint32(scalars_ref[i]) for i in range(3))
         words = philox.draws(seed_lo, seed_hi, rows, cols.astype(jnp.uint32), offset, 0)
         score = jnp.where(counts, kept_x / jnp.float32(temperature) + philox.gumbel_from_draws(words), neg_inf)
@@ -125,7 +132,7 @@ def _sample_kernel(scalars_ref, logits_ref, banned_ref, kept_value_ref, kept_las
         elif confidence == "entropy":
             conf = weighted_ref[...] / total - jnp.log(total)
         else:
-            rows = (row_block * ROW_BLOCK + jax.lax.broadcasted_iota(jnp.int32, token.shape, 0)).astype(jnp.uint32)
+            rows = _row_ids(scalars_ref, row_block, token.shape)
             words = philox.draws(_as_uint32(scalars_ref[0]), _as_uint32(scalars_ref[1]), rows, jnp.zeros_like(rows),
                                  _as_uint32(scalars_ref[2]), 1)
             conf = philox.uniform_from_draws(words)
@@ -138,8 +145,8 @@ def _sample_kernel(scalars_ref, logits_ref, banned_ref, kept_value_ref, kept_las
 def sample_pallas(logits, banned_mask, kept_value, kept_last, scalars, *, temperature: float, confidence: str,
                   conf_temperature: float, tile_v: int = 2048, interpret: bool = False):
     """logits [N, V] (N a multiple of 8, V of tile_v), banned_mask [1, V] int32 (1 = never
-    sampled, padding included), kept_value / kept_last [N, 1], scalars int32 [3] =
-    (seed low, seed high, offset) as two's complement. Returns tokens int32 [N, 1] and
+    sampled, padding included), kept_value / kept_last [N, 1], scalars int32 [4] =
+    (seed low, seed high, offset, row base) as two's complement. Returns tokens int32 [N, 1] and
     conf float32 [N, 1]."""
     n_rows, vocab = logits.shape
     grid = (n_rows // ROW_BLOCK, vocab // tile_v)

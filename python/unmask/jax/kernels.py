@@ -53,12 +53,14 @@ def kept_prefix(x: jnp.ndarray, top_k: int, top_p: float) -> tuple[jnp.ndarray, 
 
 def sample(logits, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, banned=None,
            confidence: str = "prob", conf_temperature: float = 1.0, seed: int = 0, offset=0, rows=None,
-           interpret: bool | None = None, tile_v: int = 2048):
+           interpret: bool | None = None, tile_v: int = 2048, row_base=0):
     """One token (int32) and its confidence (float32) per row of logits [..., V].
 
     Rows with NaN or +inf kept logits, or no finite kept logit, get -1 and -inf (this
     function does not raise on them: under jit it cannot look at the values). offset may
-    be a traced integer; everything else that shapes the kernel is static.
+    be a traced integer; everything else that shapes the kernel is static. row_base
+    (traced too) is added to each row's RNG row id: a device sampling rows
+    row_base.. of a batch split across devices draws that batch's noise.
     """
     if logits.ndim < 2:
         raise ValueError(f"logits must be [N, V] or [B, L, V], got shape {logits.shape}")
@@ -90,7 +92,8 @@ def sample(logits, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1
 
     pad = ((0, padded_rows - n_rows), (0, padded_vocab - vocab))
     scalars = jnp.stack([jnp.int32(_int32_bits(seed)), jnp.int32(_int32_bits(seed >> 32)),
-                         jax.lax.bitcast_convert_type(jnp.asarray(offset, jnp.uint32), jnp.int32)])
+                         jax.lax.bitcast_convert_type(jnp.asarray(offset, jnp.uint32), jnp.int32),
+                         jnp.asarray(row_base, jnp.int32)])
     tokens, conf = sample_kernel.sample_pallas(
         jnp.pad(flat, pad, constant_values=-jnp.inf), banned_mask,
         jnp.pad(kept_value, (0, padded_rows - n_rows))[:, None],

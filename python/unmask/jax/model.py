@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unmask.jax.kernels import attention, default_interpret
+from unmask.jax.kernels import attention, default_interpret, sample
 from unmask.models.config import ModelConfig
 
 
@@ -48,8 +48,10 @@ def _rotary(x, positions, theta):
 
 
 def forward(params, input_ids, attention_mask, *, config: ModelConfig, logit_start: int, logit_end: int,
-            interpret: bool):
-    """Logits [B, logit_end - logit_start, V] (Dream: shifted right by one)."""
+            interpret: bool, attention_fn=attention):
+    """Logits [B, logit_end - logit_start, V] (Dream: shifted right by one; V may carry
+    zero-weight padding ids beyond the vocabulary, see unmask.jax.sharding).
+    attention_fn: the attention kernel call (unmask.jax.sharding wraps it in shard_map)."""
     batch, length = input_ids.shape
     c = config
     if attention_mask is not None and c.positions_over_real_tokens:
@@ -65,7 +67,7 @@ def forward(params, input_ids, attention_mask, *, config: ModelConfig, logit_sta
         q = _rotary(q.reshape(batch, length, c.n_heads, c.head_dim), positions, c.rope_theta)
         k = _rotary(k.reshape(batch, length, c.n_kv_heads, c.head_dim), positions, c.rope_theta)
         v = v.reshape(batch, length, c.n_kv_heads, c.head_dim)
-        out = attention(q, k, v, key_valid=attention_mask, block_size=c.block_size, interpret=interpret)
+        out = attention_fn(q, k, v, key_valid=attention_mask, block_size=c.block_size, interpret=interpret)
         x = x + out.reshape(batch, length, c.d_model) @ layer["o_proj"].T
         h = _rms_norm(x, layer["mlp_norm"], c.rms_norm_eps)
         x = x + (jax.nn.silu(h @ layer["gate_proj"].T) * (h @ layer["up_proj"].T)) @ layer["down_proj"].T
@@ -92,14 +94,24 @@ class JaxModel:
 
     @functools.cached_property
     def _jitted(self):
-        return jax.jit(functools.partial(forward, config=self.config, interpret=default_interpret(self.interpret)),
+        return jax.jit(functools.partial(forward, config=self.config, interpret=default_interpret(self.interpret),
+                                         attention_fn=self.attention_fn),
                        static_argnames=("logit_start", "logit_end"))
+
+    @property
+    def attention_fn(self):
+        return attention
 
     def __call__(self, input_ids, attention_mask=None, *, logit_start: int = 0, logit_end: int | None = None):
         input_ids = jnp.asarray(np.asarray(input_ids), jnp.int32)
         mask = None if attention_mask is None else jnp.asarray(np.asarray(attention_mask), bool)
         end = input_ids.shape[1] if logit_end is None else logit_end
-        return self._jitted(self.params, input_ids, mask, logit_start=logit_start, logit_end=end)
+        logits = self._jitted(self.params, input_ids, mask, logit_start=logit_start, logit_end=end)
+        return logits[..., :self.config.embedding_size]  # drop any padding ids of a sharded head
+
+    def sample_logits(self, logits, **kwargs):
+        """unmask.jax.sample with this model's interpret setting; the sampler calls this."""
+        return sample(logits, interpret=self.interpret, **kwargs)
 
 
 def from_torch(model, *, dtype=jnp.float32, interpret: bool | None = None) -> JaxModel:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from unmask import sampler as torch_sampler
-from unmask.jax.kernels import commit, sample
+from unmask.jax.kernels import commit
 from unmask.jax.model import JaxModel
 
 
@@ -75,7 +75,7 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
             else:
                 mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
             logits = _block_logits(model, x, model_mask, prompt_positions, mask_id, float(cfg_scale), start, end)
-            tokens, conf = sample(logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+            tokens, conf = model.sample_logits(logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                                   banned=[mask_id], confidence=sampling.confidence, seed=sampling.seed, offset=nfe)
             if (np.asarray(tokens)[eligible] < 0).any():
                 raise ValueError("logits: rows with NaN or +inf logits or no finite kept logit")
@@ -88,7 +88,7 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
                 callback(nfe - 1, x, everywhere)
         steps_per_block.append(block_steps)
         if eos_id is not None:
-            canvas = torch.as_tensor(np.asarray(x)).long()
+            canvas = torch.from_numpy(np.array(x)).long()  # a writable copy
             running &= ~torch_sampler._stop_rows_at_eos(canvas, prompt_len, end, eos_id, torch.as_tensor(running)).numpy()
             x = jnp.asarray(canvas.numpy(), jnp.int32)
             if not running.any():

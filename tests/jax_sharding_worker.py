@@ -1,0 +1,63 @@
+"""Run by tests/test_jax_sharding.py in a fresh process with 8 host devices: the JAX model
+sharded over a mesh against one device; prints the comparisons as JSON.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/jax_sharding_worker.py
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import unmask  # noqa: E402
+import unmask.jax as uj  # noqa: E402
+from unmask.jax import sharding  # noqa: E402
+from tests.conftest import tiny_model  # noqa: E402
+
+PROMPTS = [[5, 9, 3, 7, 1], [11, 2], [4, 4, 8]]  # ragged: left padding inside generate
+CASES = {
+    "greedy": dict(gen_length=8, block_length=4, steps=8),
+    "temperature-1": dict(gen_length=8, block_length=8, steps=4, temperature=1.0, seed=3),
+    "threshold-margin-cfg": dict(gen_length=8, block_length=8, threshold=0.3, remasking="margin", cfg_scale=0.5),
+}
+
+
+def as_list(array) -> list:
+    return np.asarray(array).tolist()
+
+
+def main() -> None:
+    results = {"devices": len(jax.devices())}
+    # 16 query heads over 8 key/value heads (GQA), 48 MLP units, 61 vocabulary ids (padded to 64).
+    torch_model = tiny_model(seed=4, d_model=64, n_heads=16, n_kv_heads=8)
+    single = uj.from_torch(torch_model)
+    sharded = sharding.shard(single)
+    results["q_proj_spec"] = list(sharded.params["layers"][0]["q_proj"].sharding.spec)
+    results["q_proj_devices"] = len(sharded.params["layers"][0]["q_proj"].sharding.device_set)
+    results["lm_head_shape"] = list(sharded.params["lm_head"].shape)
+    for name, arguments in CASES.items():
+        results[name] = {
+            "sharded": as_list(uj.generate(sharded, PROMPTS, **arguments).tokens),
+            "single": as_list(uj.generate(single, PROMPTS, **arguments).tokens),
+            "torch": unmask.generate(torch_model, PROMPTS, **arguments).tokens.tolist(),
+        }
+    logits = jax.random.normal(jax.random.key(0), (3, 7, 300)) * 3
+    kwargs = dict(temperature=0.8, confidence="entropy", seed=11, offset=5, banned=[299], rows=np.array([0, 4, 20]))
+    results["sample"] = {
+        "sharded": [as_list(a) for a in sharded.sample_logits(logits, **kwargs)],
+        "single": [as_list(a) for a in uj.sample(logits, **kwargs)],
+    }
+    try:
+        sharding.shard(uj.from_torch(tiny_model(seed=4, n_heads=4, n_kv_heads=2)))
+        results["error"] = None
+    except ValueError as error:
+        results["error"] = str(error)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
