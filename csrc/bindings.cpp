@@ -9,6 +9,7 @@
 #include <string>
 
 #include "unmask/attention.h"
+#include "unmask/attention_cuda.h"
 #include "unmask/commit.h"
 #include "unmask/cuda_info.h"
 #include "unmask/rng.h"
@@ -64,6 +65,19 @@ CommitParams commit_params(std::uintptr_t canvas, std::uintptr_t tokens, std::ui
   return CommitParams{as_pointer<int64_t>(canvas), as_pointer<const int64_t>(tokens), as_pointer<const float>(conf),
                       as_pointer<const bool>(eligible), as_pointer<bool>(committed), batch, length,
                       static_cast<CommitMode>(mode), as_pointer<const int64_t>(k), threshold, factor};
+}
+
+AttentionParams attention_params(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out, int dtype,
+                                 const std::array<int64_t, 6>& sizes, const std::array<int64_t, 3>& q_stride,
+                                 const std::array<int64_t, 3>& k_stride, const std::array<int64_t, 3>& v_stride,
+                                 const std::array<int64_t, 3>& out_stride, std::uintptr_t kv_len,
+                                 std::uintptr_t key_valid, int64_t block_size, int64_t q_offset, float scale) {
+  return AttentionParams{as_pointer<const void>(q), as_pointer<const void>(k), as_pointer<const void>(v),
+                         as_pointer<void>(out), static_cast<ScalarType>(dtype), sizes[0], sizes[1], sizes[2],
+                         sizes[3], sizes[4], sizes[5], {q_stride[0], q_stride[1], q_stride[2]},
+                         {k_stride[0], k_stride[1], k_stride[2]}, {v_stride[0], v_stride[1], v_stride[2]},
+                         {out_stride[0], out_stride[1], out_stride[2]}, as_pointer<const int64_t>(kv_len),
+                         as_pointer<const bool>(key_valid), block_size, q_offset, scale};
 }
 
 int openmp_threads() {
@@ -152,18 +166,50 @@ PYBIND11_MODULE(_C, m) {
          std::array<int64_t, 6> sizes, std::array<int64_t, 3> q_stride, std::array<int64_t, 3> k_stride,
          std::array<int64_t, 3> v_stride, std::array<int64_t, 3> out_stride, std::uintptr_t kv_len,
          std::uintptr_t key_valid, int64_t block_size, int64_t q_offset, float scale) {
-        AttentionParams params{as_pointer<const void>(q), as_pointer<const void>(k), as_pointer<const void>(v),
-                               as_pointer<void>(out), static_cast<ScalarType>(dtype), sizes[0], sizes[1], sizes[2],
-                               sizes[3], sizes[4], sizes[5], {q_stride[0], q_stride[1], q_stride[2]},
-                               {k_stride[0], k_stride[1], k_stride[2]}, {v_stride[0], v_stride[1], v_stride[2]},
-                               {out_stride[0], out_stride[1], out_stride[2]}, as_pointer<const int64_t>(kv_len),
-                               as_pointer<const bool>(key_valid), block_size, q_offset, scale};
+        const AttentionParams params = attention_params(q, k, v, out, dtype, sizes, q_stride, k_stride, v_stride,
+                                                        out_stride, kv_len, key_valid, block_size, q_offset, scale);
         py::gil_scoped_release release;
         raise_on_error(attention_cpu(params), "attention_cpu");
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("dtype"),
       py::arg("sizes"), py::arg("q_stride"), py::arg("k_stride"), py::arg("v_stride"), py::arg("out_stride"),
       py::arg("kv_len"), py::arg("key_valid"), py::arg("block_size"), py::arg("q_offset"), py::arg("scale"));
+
+  m.def(
+      "attention_cuda",
+      [](std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out, int dtype,
+         std::array<int64_t, 6> sizes, std::array<int64_t, 3> q_stride, std::array<int64_t, 3> k_stride,
+         std::array<int64_t, 3> v_stride, std::array<int64_t, 3> out_stride, std::uintptr_t kv_len,
+         std::uintptr_t key_valid, int64_t block_size, int64_t q_offset, float scale, std::uintptr_t workspace,
+         int64_t workspace_bytes, std::uintptr_t cuda_stream) {
+        const AttentionParams params = attention_params(q, k, v, out, dtype, sizes, q_stride, k_stride, v_stride,
+                                                        out_stride, kv_len, key_valid, block_size, q_offset, scale);
+        raise_on_error(attention_cuda(params, as_pointer<void>(workspace), workspace_bytes,
+                                      as_pointer<void>(cuda_stream)),
+                       "attention_cuda");
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("dtype"),
+      py::arg("sizes"), py::arg("q_stride"), py::arg("k_stride"), py::arg("v_stride"), py::arg("out_stride"),
+      py::arg("kv_len"), py::arg("key_valid"), py::arg("block_size"), py::arg("q_offset"), py::arg("scale"),
+      py::arg("workspace"), py::arg("workspace_bytes"), py::arg("cuda_stream"));
+
+  // The shapes, block_size, q_offset and the current device's SM count decide the split
+  // count and so the workspace: no pointers needed.
+  m.def(
+      "attention_cuda_workspace_bytes",
+      [](std::array<int64_t, 6> sizes, int64_t block_size, int64_t q_offset) {
+        AttentionParams params{};
+        params.batch = sizes[0];
+        params.q_len = sizes[1];
+        params.k_len = sizes[2];
+        params.q_heads = sizes[3];
+        params.kv_heads = sizes[4];
+        params.head_dim = sizes[5];
+        params.block_size = block_size;
+        params.q_offset = q_offset;
+        return attention_cuda_workspace_bytes(params);
+      },
+      py::arg("sizes"), py::arg("block_size"), py::arg("q_offset"));
 
   m.def(
       "commit_cpu",

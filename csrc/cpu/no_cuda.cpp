@@ -1,4 +1,5 @@
 // Compiled only when the build has no CUDA: the CUDA entry points report that.
+#include "unmask/attention_cuda.h"
 #include "unmask/commit.h"
 #include "unmask/cuda_info.h"
 #include "unmask/rng.h"
@@ -15,5 +16,7 @@ Status sample_cuda(const SampleParams&, const SampleCudaExtras&, void*) { return
 Status commit_cuda(const CommitParams&, void*) { return Status::kUnsupported; }
 int sample_cuda_splits(int64_t, int64_t) { return 1; }
 int64_t sample_cuda_workspace_bytes(int64_t, int64_t) { return 0; }
+Status attention_cuda(const AttentionParams&, void*, int64_t, void*) { return Status::kUnsupported; }
+int64_t attention_cuda_workspace_bytes(const AttentionParams&) { return 0; }
 
 }  // namespace unmask

@@ -133,12 +133,63 @@ def commit_cuda(x, tokens, conf, eligible, *, k=None, threshold=None, factor=Non
     return committed
 
 
+CUDA_ATTENTION_HEAD_DIMS = (64, 128)
+
+
+def _aligned_for_cuda(t: torch.Tensor) -> torch.Tensor:
+    """The CUDA attention kernel copies rows in 16-byte pieces: a 16-byte aligned start
+    and (batch, position, head) strides that are multiples of 8 elements; anything else
+    is copied to a fresh contiguous tensor."""
+    if t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:3]):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _aligned_output(out: torch.Tensor) -> torch.Tensor:
+    if out.data_ptr() % 16 != 0 or out.stride(-1) != 1 or any(s % 8 for s in out.stride()[:3]):
+        raise ValueError(f"out must be 16-byte aligned with strides a multiple of 8, got strides {out.stride()}")
+    return out
+
+
+def attention_cuda(q, k, v, *, kv_len, key_valid, block_size, q_offset, scale, out=None):
+    """The tensor-core kernel for float16 / bfloat16 with head_dim 64 or 128; float32
+    takes the reference. out: optional tensor like q to write into (tests poison it)."""
+    head_dim = q.shape[-1]
+    if q.dtype == torch.float32:
+        from unmask import reference
+
+        result = reference.attention(q, k, v, kv_len=kv_len, key_valid=key_valid, block_size=block_size,
+                                     q_offset=q_offset, scale=scale)
+        return result if out is None else out.copy_(result)
+    if head_dim not in CUDA_ATTENTION_HEAD_DIMS:
+        raise NotImplementedError(
+            f"head_dim={head_dim} is not supported by the CUDA attention kernel; supported: "
+            + ", ".join(str(d) for d in CUDA_ATTENTION_HEAD_DIMS))
+    q, k, v = (_aligned_for_cuda(t) for t in (q, k, v))
+    out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else _aligned_output(out)
+    kv_len = None if kv_len is None else kv_len.to(torch.int64).contiguous()
+    key_valid = None if key_valid is None else key_valid.contiguous()
+    batch, q_len, q_heads, _ = q.shape
+    sizes = [batch, q_len, k.shape[1], q_heads, k.shape[2], head_dim]
+    with torch.cuda.device(q.device):  # the split count and the launch use the current device
+        workspace = torch.empty(max(1, _C.attention_cuda_workspace_bytes(sizes, block_size or 0, q_offset)),
+                                dtype=torch.uint8, device=q.device)
+        _C.attention_cuda(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), SCALAR_TYPES[q.dtype], sizes,
+            list(q.stride()[:3]), list(k.stride()[:3]), list(v.stride()[:3]), list(out.stride()[:3]),
+            _address(kv_len), _address(key_valid), block_size or 0, q_offset, scale,
+            workspace.data_ptr(), workspace.numel(), _stream(q),
+        )
+    return out
+
+
 def register() -> None:
     if _C is None:
         return
     if _C.cuda_compiled():
         ops.NATIVE_KERNELS[("sample", "cuda")] = sample_cuda
         ops.NATIVE_KERNELS[("commit", "cuda")] = commit_cuda
+        ops.NATIVE_KERNELS[("attention", "cuda")] = attention_cuda
     ops.NATIVE_KERNELS[("sample", "cpu")] = sample_cpu
     ops.NATIVE_KERNELS[("commit", "cpu")] = commit_cpu
     ops.NATIVE_KERNELS[("attention", "cpu")] = attention_cpu

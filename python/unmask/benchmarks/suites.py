@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 
 import torch
 
 from unmask import ops, reference
-from unmask.benchmarks.harness import Row, copy_bandwidth, median_seconds, read_bandwidth
+from unmask.benchmarks.harness import Row, copy_bandwidth, median_seconds, read_bandwidth, synchronize
 
 
 def llada_float64_sample(logits: torch.Tensor, temperature: float, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,6 +152,117 @@ def bench_attention(device: torch.device, shapes: list[tuple[int, int, int, int]
     return rows
 
 
+def matmul_tflops(device: torch.device, *, n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Measured dense matmul throughput (TFLOP/s): the compute yardstick of the attention rows."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    seconds = median_seconds(lambda i: a @ b, device, warmup=3, reps=10)
+    return 2 * n**3 / seconds / 1e12
+
+
+def sdpa_runners(inputs: Callable[[int], tuple], mask: torch.Tensor | None = None) -> dict[str, Callable]:
+    """torch SDPA pinned to each backend that accepts the case (a backend that raises is
+    left out). inputs(i) -> (q, k, v) [B, L, H, D] for run i; GQA through enable_gqa."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q0, k0, _ = inputs(0)
+    kwargs = {"attn_mask": mask}
+    if q0.shape[2] != k0.shape[2]:
+        kwargs["enable_gqa"] = True
+    runners = {}
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                          ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        def run(i, backend=backend):
+            q, k, v = inputs(i)
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **kwargs)
+
+        try:
+            run(0)
+            synchronize(q0.device)
+        except (RuntimeError, TypeError, ValueError, NotImplementedError):
+            continue  # this backend does not take the case (mask, GQA, head dim, device)
+        runners[f"torch SDPA [{name}]"] = run
+    return runners
+
+
+def bench_attention_gpu(device: torch.device, *, reps: int = 10) -> tuple[list[Row], dict]:
+    """bf16, D = 128, H = 32 on CUDA: the unmask kernel beside torch SDPA (each backend that
+    takes the case) and FlexAttention. FLOPs = 4 * B * Hq * Lq * Lk * D with no discount for
+    masking, against a bf16 matmul measured in the same run; the short-query (cached
+    decoding) rows also report GB/s of the K and V reads against device copy bandwidth.
+    speedup_vs_baseline is against the fastest torch implementation of the same case."""
+    dtype, heads, head_dim = torch.bfloat16, 32, 128
+    peaks = {"bf16_matmul_tflops": matmul_tflops(device),
+             "copy_bandwidth_gbps": copy_bandwidth(device, megabytes=1024)}
+    unmask_name = f"unmask.ops [{ops.backend_for('attention', device)}]"
+    rows: list[Row] = []
+
+    def record(impls: dict[str, Callable], shape: dict, flops: int, kv_bytes: int | None = None) -> None:
+        seconds = {name: median_seconds(fn, device, reps=reps) for name, fn in impls.items()}
+        torch_times = [t for name, t in seconds.items() if name != unmask_name]
+        fastest_torch = min(torch_times) if torch_times else None
+        for name, t in seconds.items():
+            tflops = flops / t / 1e12
+            row = Row("attention", name, shape, "bfloat16", t * 1e3, gflops=tflops * 1e3,
+                      fraction_of_peak=tflops / peaks["bf16_matmul_tflops"], peak="bf16 matmul",
+                      speedup_vs_baseline=None if fastest_torch is None else fastest_torch / t,
+                      extra={"tflops": tflops})
+            if kv_bytes is not None:
+                row.gbps = kv_bytes / t / 1e9
+                row.fraction_of_peak, row.peak = row.gbps / peaks["copy_bandwidth_gbps"], "copy bandwidth"
+                row.extra["fraction_of_matmul"] = tflops / peaks["bf16_matmul_tflops"]
+            rows.append(row)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    # Plain bidirectional attention.
+    for batch, length in ((4, 1024), (2, 2048), (1, 4096), (1, 8192)):
+        q, k, v = (randn(batch, length, heads, head_dim) for _ in range(3))
+        impls = sdpa_runners(lambda i: (q, k, v))
+        impls[unmask_name] = lambda i: ops.attention(q, k, v)
+        record(impls, {"B": batch, "Lq": length, "Lk": length, "H": heads, "D": head_dim, "mask": "none"},
+               4 * batch * heads * length * length * head_dim)
+        del q, k, v, impls
+
+    # Block diffusion: block-causal (32) with the first eighth of every row left padding.
+    block = 32
+    for batch, length in ((2, 2048), (1, 8192)):
+        q, k, v = (randn(batch, length, heads, head_dim) for _ in range(3))
+        key_valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+        key_valid[:, : length // 8] = False
+        visible = reference.visibility(batch, length, length, key_valid=key_valid, block_size=block, device=device)
+        impls = sdpa_runners(lambda i: (q, k, v), mask=visible[:, None])
+        flex = flex_attention_baseline(q, k, v, key_valid, block)
+        if flex is not None:
+            impls["FlexAttention (compiled)"] = flex
+        impls[unmask_name] = lambda i: ops.attention(q, k, v, key_valid=key_valid, block_size=block)
+        shape = {"B": batch, "Lq": length, "Lk": length, "H": heads, "D": head_dim, "mask": f"block{block}+pad"}
+        record(impls, shape, 4 * batch * heads * length * length * head_dim)
+        del q, k, v, key_valid, visible, impls, flex
+
+    # Cached decoding: a 32- or 128-token block against 4096 cached keys, MHA and GQA.
+    # Inputs rotate through copies larger than L2 so every run reads K and V from HBM.
+    k_len = 4096
+    for q_len in (32, 128):
+        for kv_heads in (heads, 8):
+            kv_bytes = 2 * k_len * kv_heads * head_dim * 2
+
+            def make(i, q_len=q_len, kv_heads=kv_heads):
+                kv_shape = (1, k_len, kv_heads, head_dim)
+                return randn(1, q_len, heads, head_dim), randn(*kv_shape), randn(*kv_shape)
+
+            inputs = rotating_inputs(make, kv_bytes)
+            count = len(inputs)
+            impls = sdpa_runners(lambda i: inputs[i % count])
+            impls[unmask_name] = lambda i: ops.attention(*inputs[i % count])
+            shape = {"B": 1, "Lq": q_len, "Lk": k_len, "H": heads, "Hkv": kv_heads, "D": head_dim, "mask": "none"}
+            record(impls, shape, 4 * heads * q_len * k_len * head_dim, kv_bytes=kv_bytes)
+            del inputs, impls
+    return rows, peaks
+
+
 def quick(device: torch.device) -> tuple[list[Row], dict]:
     """A short run of every benchmark on small shapes (`unmask bench --quick`)."""
     peak = read_bandwidth(device, megabytes=256)
@@ -173,13 +285,14 @@ def full_sample(device: torch.device, shapes: list[tuple[int, int]] | None = Non
 
 
 def full_attention(device: torch.device) -> tuple[list[Row], dict]:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return bench_attention(device, [(1, 1024, 32, 128)], dtype, flex_attention=True), {}
+    if device.type == "cuda":
+        return bench_attention_gpu(device)
+    return bench_attention(device, [(1, 1024, 32, 128)], torch.float32, flex_attention=True), {}
 
 
 def full_commit(device: torch.device) -> tuple[list[Row], dict]:
     return bench_commit(device, [(1, 32), (8, 256), (64, 1024)]), {}
 
 
-__all__ = ["bench_attention", "bench_commit", "bench_sample", "full_attention", "full_commit", "full_sample",
-           "math", "quick"]
+__all__ = ["bench_attention", "bench_attention_gpu", "bench_commit", "bench_sample", "full_attention", "full_commit",
+           "full_sample", "matmul_tflops", "quick", "sdpa_runners"]

@@ -1,0 +1,20 @@
+// The CUDA attention launcher: AttentionParams plus a workspace and a stream.
+#pragma once
+
+#include <cstdint>
+
+#include "unmask/attention.h"
+
+namespace unmask {
+
+// Device bytes the launch for these params needs as workspace: 0 unless the keys are
+// split across thread blocks (short query blocks against long caches), then the
+// partial outputs of every split. Depends on the current device's SM count.
+int64_t attention_cuda_workspace_bytes(const AttentionParams& params);
+
+// float16 and bfloat16 with head_dim 64 or 128; anything else is Status::kUnsupported.
+// Every pointer must be 16-byte aligned and every stride a multiple of 8 elements
+// (Status::kInvalidArgument otherwise). No host synchronisation.
+Status attention_cuda(const AttentionParams& params, void* workspace, int64_t workspace_bytes, void* stream);
+
+}  // namespace unmask
