@@ -2,22 +2,25 @@
 // softmax and float32 accumulation.
 //
 // 1. Pack: every (batch, kv head) K as K^T tiles [tile][D][kKeyTile], zero-padded past
-//    k_len, and (for float16/bfloat16 inputs) V as float32 [tile][kKeyTile][D]. Packed once and shared by
-//    every query head of the group (GQA reads, never copies, per query head) and every
-//    query tile, so the inner products stream contiguous 64-float rows.
+//    k_len, and V as float32 [tile][kKeyTile][D]. Packed once and shared by every query
+//    head of the group (GQA reads, never copies, per query head) and every query tile,
+//    so the inner products stream contiguous rows. V is packed for float32 too: read in
+//    place, its rows lie H * D floats apart (16 KiB for 32 heads of 128), all in the same
+//    L1 set, and attention measured ~9% slower.
 // 2. One task per (batch, query head, query tile of kQueryTile rows): S = Q K^T for
 //    each key tile the masks leave visible (tiles fully hidden by kv_len, key_valid or
 //    the block-causal mask are skipped, never computed), online softmax, O += P V.
-// With AVX-512 the two products run in register-blocked micro-kernels (24 accumulators
-// of the 32 zmm registers); elsewhere plain loops the compiler vectorises.
+// With AVX-512 or AVX2 + FMA the two products run in register-blocked micro-kernels
+// (6 rows x one band of columns); elsewhere plain loops the compiler vectorises.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -95,100 +98,140 @@ void pv_generic(const float* p, int64_t rows, int64_t keys, int64_t dim, const f
   }
 }
 
+// Register-blocked micro-kernels over one vector type: AVX-512 (16 floats, 32 registers)
+// or AVX2 + FMA (8 floats, 16 registers). A block is kRows = 6 rows by one band of
+// kBandVecs vectors: 6 x 4 zmm = 24 accumulators, or 6 x 2 ymm = 12 accumulators plus
+// 2 loads and a broadcast in 16 ymm registers (the 6 x 16 shape of AVX2 GEMM kernels).
 #if defined(__AVX512F__)
-// 6 rows x 64 keys: 24 accumulators, 4 K^T loads and 6 broadcasts per d.
+#define UNMASK_SIMD_ATTENTION 1
+struct Simd {
+  using Reg = __m512;
+  static constexpr int kWidth = 16;
+  static Reg zero() { return _mm512_setzero_ps(); }
+  static Reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, Reg v) { _mm512_storeu_ps(p, v); }
+  static Reg set1(float x) { return _mm512_set1_ps(x); }
+  static Reg mul(Reg a, Reg b) { return _mm512_mul_ps(a, b); }
+  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
+};
+constexpr int kBandVecs = 4;
+#elif defined(__AVX2__) && defined(__FMA__)
+#define UNMASK_SIMD_ATTENTION 1
+struct Simd {
+  using Reg = __m256;
+  static constexpr int kWidth = 8;
+  static Reg zero() { return _mm256_setzero_ps(); }
+  static Reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, Reg v) { _mm256_storeu_ps(p, v); }
+  static Reg set1(float x) { return _mm256_set1_ps(x); }
+  static Reg mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
+  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
+};
+constexpr int kBandVecs = 2;
+#endif
+
+#if defined(UNMASK_SIMD_ATTENTION)
+constexpr int kBlockRows = 6;
+constexpr int64_t kBand = kBandVecs * Simd::kWidth;  // floats per band: 64 (AVX-512) or 16 (AVX2)
+static_assert(kKeyTile % kBand == 0, "a key tile is a whole number of bands");
+
+// Calls body(std::integral_constant<int, R>, first_row) for blocks of kBlockRows rows,
+// then one block of the remaining 1..5 rows: the row count is a compile-time constant,
+// so every accumulator lives in a register.
+template <typename Body>
+void for_row_blocks(int64_t rows, Body body) {
+  int64_t r = 0;
+  for (; r + kBlockRows <= rows; r += kBlockRows) body(std::integral_constant<int, kBlockRows>{}, r);
+  switch (rows - r) {
+    case 5: body(std::integral_constant<int, 5>{}, r); break;
+    case 4: body(std::integral_constant<int, 4>{}, r); break;
+    case 3: body(std::integral_constant<int, 3>{}, r); break;
+    case 2: body(std::integral_constant<int, 2>{}, r); break;
+    case 1: body(std::integral_constant<int, 1>{}, r); break;
+    default: break;
+  }
+}
+
+// Q rows regrouped for qk_band: each block of up to kBlockRows rows stored d-major
+// ([d][row]), so the kernel's broadcasts walk one pointer instead of kRows row pointers
+// (which spilled to the stack with AVX2's 16 general registers in use).
+void interleave_row_blocks(const float* q, int64_t rows, int64_t dim, float* blocked) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows) {
+    const int64_t block = std::min<int64_t>(kBlockRows, rows - r0);
+    for (int64_t d = 0; d < dim; ++d)
+      for (int64_t r = 0; r < block; ++r) blocked[r0 * dim + d * block + r] = q[(r0 + r) * dim + d];
+  }
+}
+
+// s[r][band] = sum_d q[d][r] * kt[d][band] for kRows rows: kBandVecs K^T loads and kRows
+// broadcasts per d. q is one interleaved block; kt and s point at the band's first
+// column; rows of s are kKeyTile apart.
 template <int kRows>
-void qk_avx512(const float* q, int64_t dim, const float* kt, float* s) {
-  __m512 acc[kRows][4];
+void qk_band(const float* q, int64_t dim, const float* kt, float* s) {
+  typename Simd::Reg acc[kRows][kBandVecs];
   for (int r = 0; r < kRows; ++r)
-    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int c = 0; c < kBandVecs; ++c) acc[r][c] = Simd::zero();
   for (int64_t d = 0; d < dim; ++d) {
-    const float* krow = kt + d * kKeyTile;
-    const __m512 k0 = _mm512_loadu_ps(krow), k1 = _mm512_loadu_ps(krow + 16);
-    const __m512 k2 = _mm512_loadu_ps(krow + 32), k3 = _mm512_loadu_ps(krow + 48);
+    typename Simd::Reg k[kBandVecs];
+    for (int c = 0; c < kBandVecs; ++c) k[c] = Simd::load(kt + d * kKeyTile + c * Simd::kWidth);
     for (int r = 0; r < kRows; ++r) {
-      const __m512 qb = _mm512_set1_ps(q[r * dim + d]);
-      acc[r][0] = _mm512_fmadd_ps(qb, k0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(qb, k1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(qb, k2, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(qb, k3, acc[r][3]);
+      const typename Simd::Reg qb = Simd::set1(q[d * kRows + r]);
+      for (int c = 0; c < kBandVecs; ++c) acc[r][c] = Simd::fmadd(qb, k[c], acc[r][c]);
     }
   }
   for (int r = 0; r < kRows; ++r)
-    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(s + r * kKeyTile + 16 * c, acc[r][c]);
+    for (int c = 0; c < kBandVecs; ++c) Simd::store(s + r * kKeyTile + c * Simd::kWidth, acc[r][c]);
 }
 
-// kRows rows x 64 columns of O (one 64-wide column band of a row `stride` floats long):
-// 24 accumulators, 4 V loads and 6 broadcasts per key. Wider heads take several bands:
-// a 3-row x 128-column block measured at half the speed, its V tile and O rows no
+// kRows rows x one band of O columns (rows `stride` floats apart): o = alpha * o + p V over
+// `keys` keys, kBandVecs V loads and kRows broadcasts per key. Bands rather than whole rows:
+// a 3-row x 128-column AVX-512 block measured at half the speed, its V tile and O rows no
 // longer fitting in L1 together.
 template <int kRows>
-void pv_band_avx512(const float* p, int64_t keys, const float* v, int64_t v_stride, int64_t stride, const float* alpha,
-                    float* o) {
-  __m512 acc[kRows][4];
+void pv_band(const float* p, int64_t keys, const float* v, int64_t v_stride, int64_t stride, const float* alpha,
+             float* o) {
+  typename Simd::Reg acc[kRows][kBandVecs];
   for (int r = 0; r < kRows; ++r) {
-    const __m512 a = _mm512_set1_ps(alpha[r]);
-    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_mul_ps(a, _mm512_loadu_ps(o + r * stride + 16 * c));
+    const typename Simd::Reg a = Simd::set1(alpha[r]);
+    for (int c = 0; c < kBandVecs; ++c) acc[r][c] = Simd::mul(a, Simd::load(o + r * stride + c * Simd::kWidth));
   }
   for (int64_t j = 0; j < keys; ++j) {
-    const float* vrow = v + j * v_stride;
-    const __m512 v0 = _mm512_loadu_ps(vrow), v1 = _mm512_loadu_ps(vrow + 16);
-    const __m512 v2 = _mm512_loadu_ps(vrow + 32), v3 = _mm512_loadu_ps(vrow + 48);
+    typename Simd::Reg vj[kBandVecs];
+    for (int c = 0; c < kBandVecs; ++c) vj[c] = Simd::load(v + j * v_stride + c * Simd::kWidth);
     for (int r = 0; r < kRows; ++r) {
-      const __m512 pb = _mm512_set1_ps(p[r * kKeyTile + j]);
-      acc[r][0] = _mm512_fmadd_ps(pb, v0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(pb, v1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(pb, v2, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(pb, v3, acc[r][3]);
+      const typename Simd::Reg pb = Simd::set1(p[r * kKeyTile + j]);
+      for (int c = 0; c < kBandVecs; ++c) acc[r][c] = Simd::fmadd(pb, vj[c], acc[r][c]);
     }
   }
   for (int r = 0; r < kRows; ++r)
-    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(o + r * stride + 16 * c, acc[r][c]);
-}
-
-template <int kRows>
-void pv_rows_avx512(const float* p, int64_t keys, int64_t dim, const float* v, int64_t v_stride, const float* alpha,
-                    float* o) {
-  for (int64_t band = 0; band < dim; band += 64) {
-    pv_band_avx512<kRows>(p, keys, v + band, v_stride, dim, alpha, o + band);
-  }
+    for (int c = 0; c < kBandVecs; ++c) Simd::store(o + r * stride + c * Simd::kWidth, acc[r][c]);
 }
 #endif
 
+// q: the tile's rows as interleave_row_blocks leaves them (SIMD builds), else row-major.
 void qk_tile(const float* q, int64_t rows, int64_t dim, const float* kt, float* s) {
-#if defined(__AVX512F__)
-  int64_t r = 0;
-  for (; r + 6 <= rows; r += 6) qk_avx512<6>(q + r * dim, dim, kt, s + r * kKeyTile);
-  switch (rows - r) {
-    case 5: qk_avx512<5>(q + r * dim, dim, kt, s + r * kKeyTile); break;
-    case 4: qk_avx512<4>(q + r * dim, dim, kt, s + r * kKeyTile); break;
-    case 3: qk_avx512<3>(q + r * dim, dim, kt, s + r * kKeyTile); break;
-    case 2: qk_avx512<2>(q + r * dim, dim, kt, s + r * kKeyTile); break;
-    case 1: qk_avx512<1>(q + r * dim, dim, kt, s + r * kKeyTile); break;
-    default: break;
-  }
+#if defined(UNMASK_SIMD_ATTENTION)
+  for_row_blocks(rows, [&](auto block_rows, int64_t r) {
+    for (int64_t band = 0; band < kKeyTile; band += kBand) {
+      qk_band<decltype(block_rows)::value>(q + r * dim, dim, kt + band, s + r * kKeyTile + band);
+    }
+  });
 #else
   qk_generic(q, rows, dim, kt, s);
 #endif
 }
 
-// v: `keys` rows of `dim` floats, v_stride apart (the packed tile, or float32 input in place).
+// v: `keys` rows of `dim` floats, v_stride apart.
 void pv_tile(const float* p, int64_t rows, int64_t keys, int64_t dim, const float* v, int64_t v_stride,
              const float* alpha, float* o) {
-#if defined(__AVX512F__)
-  if (dim % 64 == 0) {
-    int64_t r = 0;
-    for (; r + 6 <= rows; r += 6) pv_rows_avx512<6>(p + r * kKeyTile, keys, dim, v, v_stride, alpha + r, o + r * dim);
-    const float* pr = p + r * kKeyTile;
-    float* orow = o + r * dim;
-    switch (rows - r) {
-      case 5: pv_rows_avx512<5>(pr, keys, dim, v, v_stride, alpha + r, orow); break;
-      case 4: pv_rows_avx512<4>(pr, keys, dim, v, v_stride, alpha + r, orow); break;
-      case 3: pv_rows_avx512<3>(pr, keys, dim, v, v_stride, alpha + r, orow); break;
-      case 2: pv_rows_avx512<2>(pr, keys, dim, v, v_stride, alpha + r, orow); break;
-      case 1: pv_rows_avx512<1>(pr, keys, dim, v, v_stride, alpha + r, orow); break;
-      default: break;
-    }
+#if defined(UNMASK_SIMD_ATTENTION)
+  if (dim % kBand == 0) {
+    for_row_blocks(rows, [&](auto block_rows, int64_t r) {
+      for (int64_t band = 0; band < dim; band += kBand) {
+        pv_band<decltype(block_rows)::value>(p + r * kKeyTile, keys, v + band, v_stride, dim, alpha + r,
+                                             o + r * dim + band);
+      }
+    });
     return;
   }
 #endif
@@ -199,8 +242,7 @@ void pv_tile(const float* p, int64_t rows, int64_t keys, int64_t dim, const floa
 
 struct Packed {
   std::vector<float> kt;       // [batch][kv_heads][tiles][D][kKeyTile]
-  std::vector<float> v;        // [batch][kv_heads][tiles][kKeyTile][D]; float16/bfloat16 inputs only
-                               // (float32 V rows are read in place)
+  std::vector<float> v;        // [batch][kv_heads][tiles][kKeyTile][D]
   std::vector<float> key_bias; // [batch][tiles * kKeyTile]: 0 visible, -inf hidden (kv_len, key_valid, padding)
   std::vector<int64_t> visible_keys;  // [batch][tiles]: keys of the tile that key masks leave visible
 };
@@ -215,12 +257,12 @@ Packed& pack_buffers() {
 
 int64_t key_tiles(const AttentionParams& p) { return (p.k_len + kKeyTile - 1) / kKeyTile; }
 
-void pack(const AttentionParams& p, Packed& packed) {
+// Sizes the buffers and builds the key masks (K and V: pack_head).
+void pack_masks(const AttentionParams& p, Packed& packed) {
   const int64_t tiles = key_tiles(p), dim = p.head_dim;
   const int64_t head_tile_floats = tiles * kKeyTile * dim;
   packed.kt.resize(static_cast<size_t>(p.batch * p.kv_heads * head_tile_floats));
-  const bool pack_v = p.dtype != ScalarType::kFloat32;
-  packed.v.resize(pack_v ? packed.kt.size() : 0);
+  packed.v.resize(packed.kt.size());
   packed.key_bias.resize(static_cast<size_t>(p.batch * tiles * kKeyTile));
   packed.visible_keys.resize(static_cast<size_t>(p.batch * tiles));
 
@@ -240,27 +282,35 @@ void pack(const AttentionParams& p, Packed& packed) {
       packed.visible_keys[b * tiles + t] = visible;
     }
   }
+}
 
-#pragma omp parallel for collapse(3) schedule(static)
-  for (int64_t b = 0; b < p.batch; ++b) {
-    for (int64_t h = 0; h < p.kv_heads; ++h) {
-      for (int64_t t = 0; t < tiles; ++t) {
-        float* kt = packed.kt.data() + (b * p.kv_heads + h) * head_tile_floats + t * kKeyTile * dim;
-        float* vt = pack_v ? packed.v.data() + (b * p.kv_heads + h) * head_tile_floats + t * kKeyTile * dim : nullptr;
-        float row[1024];  // head_dim <= 1024 is checked by the launcher
-        for (int64_t j = 0; j < kKeyTile; ++j) {
-          const int64_t key = t * kKeyTile + j;
-          if (key < p.k_len) {
-            load_row(p.k, p.dtype, b * p.k_stride[0] + key * p.k_stride[1] + h * p.k_stride[2], dim, 1.0f, row);
-            for (int64_t d = 0; d < dim; ++d) kt[d * kKeyTile + j] = row[d];
-            if (pack_v) {
-              load_row(p.v, p.dtype, b * p.v_stride[0] + key * p.v_stride[1] + h * p.v_stride[2], dim, 1.0f,
-                       vt + j * dim);
-            }
-          } else {
-            for (int64_t d = 0; d < dim; ++d) kt[d * kKeyTile + j] = 0.0f;
-          }
+// K^T and V tiles of one (batch, kv head).
+void pack_head(const AttentionParams& p, Packed& packed, int64_t b, int64_t h) {
+  const int64_t tiles = key_tiles(p), dim = p.head_dim;
+  const int64_t head_tile_floats = tiles * kKeyTile * dim;
+  for (int64_t t = 0; t < tiles; ++t) {
+    float* kt = packed.kt.data() + (b * p.kv_heads + h) * head_tile_floats + t * kKeyTile * dim;
+    float* vt = packed.v.data() + (b * p.kv_heads + h) * head_tile_floats + t * kKeyTile * dim;
+    // Transpose eight keys at a time: each K^T row then receives 32 contiguous bytes
+    // per pass instead of one float per cache line (a 64-key tile of D = 128 fills L1
+    // by itself).
+    constexpr int64_t kGroup = 8;
+    // Rows dim floats apart, not 1024: rows 4 KiB apart would share L1 sets.
+    float rows[kGroup * 1024];  // head_dim <= 1024 is checked by the launcher
+    for (int64_t j0 = 0; j0 < kKeyTile; j0 += kGroup) {
+      for (int64_t g = 0; g < kGroup; ++g) {
+        const int64_t key = t * kKeyTile + j0 + g;
+        if (key < p.k_len) {
+          load_row(p.k, p.dtype, b * p.k_stride[0] + key * p.k_stride[1] + h * p.k_stride[2], dim, 1.0f,
+                   rows + g * dim);
+          load_row(p.v, p.dtype, b * p.v_stride[0] + key * p.v_stride[1] + h * p.v_stride[2], dim, 1.0f,
+                   vt + (j0 + g) * dim);
+        } else {
+          std::fill(rows + g * dim, rows + (g + 1) * dim, 0.0f);
         }
+      }
+      for (int64_t d = 0; d < dim; ++d) {
+        for (int64_t g = 0; g < kGroup; ++g) kt[d * kKeyTile + j0 + g] = rows[g * dim + d];
       }
     }
   }
@@ -282,7 +332,7 @@ TileVisibility causal_visibility(const AttentionParams& p, int64_t q_begin, int6
 // ------------------------------------------------------------------ one task
 
 struct TaskBuffers {
-  std::vector<float> q, s, o;
+  std::vector<float> q, q_blocked, s, o;
   std::vector<float> row_max, row_sum, alpha;
 };
 
@@ -293,15 +343,18 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b
   const int64_t kv_head = h / (p.q_heads / p.kv_heads);
   const int64_t head_tile_floats = tiles * kKeyTile * dim;
   const float* kt_head = packed.kt.data() + (b * p.kv_heads + kv_head) * head_tile_floats;
-  const bool packed_v = !packed.v.empty();
-  const float* v_head = packed_v ? packed.v.data() + (b * p.kv_heads + kv_head) * head_tile_floats
-                                 : static_cast<const float*>(p.v) + b * p.v_stride[0] + kv_head * p.v_stride[2];
-  const int64_t v_stride = packed_v ? dim : p.v_stride[1];
+  const float* v_head = packed.v.data() + (b * p.kv_heads + kv_head) * head_tile_floats;
 
   for (int64_t r = 0; r < rows; ++r) {
     load_row(p.q, p.dtype, b * p.q_stride[0] + (q_begin + r) * p.q_stride[1] + h * p.q_stride[2], dim, p.scale,
              buf.q.data() + r * dim);
   }
+#if defined(UNMASK_SIMD_ATTENTION)
+  interleave_row_blocks(buf.q.data(), rows, dim, buf.q_blocked.data());
+  const float* q_tile = buf.q_blocked.data();
+#else
+  const float* q_tile = buf.q.data();
+#endif
   std::fill(buf.o.begin(), buf.o.begin() + rows * dim, 0.0f);
   std::fill(buf.row_max.begin(), buf.row_max.begin() + rows, -kInf);
   std::fill(buf.row_sum.begin(), buf.row_sum.begin() + rows, 0.0f);
@@ -315,7 +368,7 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b
     if (causal == TileVisibility::kHidden) continue;
 
     float* s = buf.s.data();
-    qk_tile(buf.q.data(), rows, dim, kt_head + t * kKeyTile * dim, s);
+    qk_tile(q_tile, rows, dim, kt_head + t * kKeyTile * dim, s);
     const float* bias = packed.key_bias.data() + b * tiles * kKeyTile + k_begin;
     const bool key_masked = visible_keys < kKeyTile;  // includes the zero padding past k_len
 
@@ -352,7 +405,7 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b
       buf.row_sum[r] = buf.row_sum[r] * buf.alpha[r] + tile_sum;
       buf.row_max[r] = new_max;
     }
-    pv_tile(s, rows, keys, dim, v_head + k_begin * v_stride, v_stride, buf.alpha.data(), buf.o.data());
+    pv_tile(s, rows, keys, dim, v_head + k_begin * dim, dim, buf.alpha.data(), buf.o.data());
   }
 
   for (int64_t r = 0; r < rows; ++r) {
@@ -377,13 +430,18 @@ Status attention_cpu(const AttentionParams& p) {
   }
   std::lock_guard<std::mutex> lock(pack_mutex);
   Packed& packed = pack_buffers();
-  pack(p, packed);
+  pack_masks(p, packed);
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t h = 0; h < p.kv_heads; ++h) pack_head(p, packed, b, h);
+  }
   const int64_t query_tiles = (p.q_len + kQueryTile - 1) / kQueryTile;
   const int64_t tasks = p.batch * p.q_heads * query_tiles;
 #pragma omp parallel
   {
     TaskBuffers buf;
     buf.q.resize(kQueryTile * p.head_dim);
+    buf.q_blocked.resize(kQueryTile * p.head_dim);
     buf.o.resize(kQueryTile * p.head_dim);
     buf.s.resize(kQueryTile * kKeyTile);
     buf.row_max.resize(kQueryTile);
