@@ -21,6 +21,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+from _common import report  # noqa: E402
+
 SHAPES = {
     # name: (config fields, canvas length, block length)
     "small": (dict(d_model=512, n_layers=4, n_heads=8, n_kv_heads=8, mlp_hidden_size=1408, vocab_size=32000,
@@ -90,15 +92,7 @@ def main() -> None:
                                 str(torch.bfloat16 if args.device == "cuda" else torch.float32).removeprefix("torch."),
                                 measured["seconds"] * 1e3, speedup_vs_baseline=baseline / measured["seconds"],
                                 extra={"threads_per_rank": measured["threads"]}))
-    from _common import RESULTS
-
-    device = torch.device(args.device)
-    print(f"device: {harness.device_name(device)}  commit: {harness.git_commit()}")
-    print(harness.format_table(rows))
-    if not args.no_save:
-        out = args.out or RESULTS / f"{device.type}.jsonl"
-        harness.write_rows(rows, device, out)
-        print(f"appended {len(rows)} rows to {out}")
+    report(args, rows, {})
 
 
 if __name__ == "__main__":
