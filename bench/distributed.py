@@ -55,7 +55,7 @@ def worker(args: argparse.Namespace) -> None:
     seconds = harness.median_seconds(step, device, warmup=2, reps=10, max_seconds=30.0)
     if torch.distributed.get_rank() == 0:
         Path(args.worker_out).write_text(json.dumps({"seconds": seconds, "threads": torch.get_num_threads()}))
-    torch.distributed.destroy_process_group()
+    distributed.shutdown()
 
 
 def main() -> None:

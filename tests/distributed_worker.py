@@ -54,7 +54,7 @@ def main(out_path: str) -> None:
         results["error"] = str(error)
     if torch.distributed.get_rank() == 0:
         Path(out_path).write_text(json.dumps(results))
-    torch.distributed.destroy_process_group()
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cfg_scale=args.cfg_scale, seed=args.seed, callback=printer, cache=args.cache,
     )
     if parallel:
-        torch.distributed.destroy_process_group()
+        distributed.shutdown()
     if not speaks:
         return 0
     if printer is not None and printer.interactive:

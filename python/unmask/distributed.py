@@ -62,6 +62,14 @@ def init(device_type: str | None = None):
     return init_device_mesh(device_type, (launched_world_size(),), mesh_dim_names=("tp",))
 
 
+def shutdown() -> None:
+    """Leave the process group: a barrier first, so no rank tears down its connections
+    while another still uses them (gloo otherwise aborts with "terminate called
+    without an active exception"), then destroy_process_group."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 @dataclasses.dataclass(frozen=True)
 class VocabShard:
     """The slice [start, start + size) of a vocabulary of `vocab` ids that this rank's LM
@@ -88,7 +96,7 @@ class VocabShard:
         lead = logits.shape[:-1]
         flat = logits.reshape(-1, self.size)
         row_ids = torch.arange(flat.shape[0], device=flat.device) if rows is None else rows.to(flat.device).reshape(-1)
-        banned_ids = _banned_ids(banned, self.vocab, flat.device)
+        banned_ids = ops._banned_tensor(banned, self.vocab, flat.device)
         stats = shard_statistics(flat[row_ids], row_ids, self.start, banned=banned_ids, temperature=temperature,
                                  conf_temperature=conf_temperature, seed=seed, offset=offset)
         everyone = [torch.empty_like(stats) for _ in self.sizes]
@@ -111,12 +119,6 @@ class VocabShard:
         pieces = [torch.empty_like(padded) for _ in self.sizes]
         dist.all_gather(pieces, padded, group=self.group)
         return torch.cat([piece[..., :size] for piece, size in zip(pieces, self.sizes)], dim=-1)
-
-
-def _banned_ids(banned, vocab: int, device) -> torch.Tensor | None:
-    if banned is None:
-        return None
-    return ops._banned_tensor(banned, vocab, device)
 
 
 # --------------------------------------------------------------------------- sampling a shard
