@@ -126,3 +126,30 @@ def test_head_dim_96_is_not_implemented():
     q, k, v, _ = cuda_inputs(1, 8, 8, 2, 2, 96, torch.bfloat16, seed=3)
     with pytest.raises(NotImplementedError, match="head_dim=96"):
         native.attention_cuda(q, k, v, kv_len=None, key_valid=None, block_size=None, q_offset=0, scale=96**-0.5)
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_many_blocks_take_the_unsplit_path(head_dim):
+    """More query tiles than SMs: no split, many key tiles skipped by padding and blocks."""
+    batch, q_len, k_len, heads = 4, 1024, 1025, 8
+    sizes = [batch, q_len, k_len, heads, heads, head_dim]
+    assert ops._C.attention_cuda_workspace_bytes(sizes, 8, 3) == 0
+    q, k, v, gen = cuda_inputs(batch, q_len, k_len, heads, heads, head_dim, torch.bfloat16, seed=head_dim)
+    check(q, k, v, **cuda_masks("all", batch, k_len, gen))
+
+
+def test_padded_output_view_is_written_inside_only():
+    q, k, v, _ = cuda_inputs(2, 33, 70, 4, 2, 64, torch.float16, seed=5)
+    buffer = torch.full((2, 33, 4, 72), float("nan"), dtype=torch.float16, device="cuda")
+    out = buffer[..., :64]  # strides (33*4*72, 4*72, 72): multiples of 8, not contiguous
+    args = dict(kv_len=None, key_valid=None, block_size=16, q_offset=0, scale=0.125)
+    native.attention_cuda(q, k, v, out=out, **args)
+    assert torch.isnan(buffer[..., 64:]).all(), "wrote outside the output view"
+    # The same kernel on the same inputs: the output layout must not change a single bit.
+    assert torch.equal(out, native.attention_cuda(q, k, v, **args))
+
+
+def test_more_than_65535_batch_heads():
+    """(batch, kv head) pairs live on gridDim.x, whose limit is 2^31 - 1."""
+    q, k, v, _ = cuda_inputs(2100, 1, 9, 32, 32, 64, torch.bfloat16, seed=6)
+    check(q, k, v)

@@ -1,5 +1,6 @@
 """Dispatch and torch.compile: the custom ops trace whole and pick a backend per device."""
 
+import pytest
 import torch
 
 import unmask
@@ -59,3 +60,21 @@ def test_backend_environment_forces_the_reference(monkeypatch):
 def test_public_api():
     for name in ("generate", "infill", "from_pretrained", "ops", "reference", "ModelConfig"):
         assert hasattr(unmask, name)
+
+
+def test_attention_strides_match_its_fake():
+    """torch.compile plans with the fake's strides: the real op must return the same
+    (contiguous) layout, also for head-major q and on the reference path."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q = torch.randn(2, 4, 5, 16).transpose(1, 2)  # [B, L, H, D] stored head-major
+    k, v = torch.randn(2, 5, 2, 16), torch.randn(2, 5, 2, 16)
+    args = (None, None, 0, 0, 0.25)
+    for backend in ("reference", "native"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("UNMASK_BACKEND", backend)
+            out = torch.ops.unmask.attention(q, k, v, *args)
+        assert out.is_contiguous(), backend
+    with FakeTensorMode() as mode:
+        fake = torch.ops.unmask.attention(mode.from_tensor(q), mode.from_tensor(k), mode.from_tensor(v), *args)
+    assert fake.stride() == out.stride()

@@ -196,7 +196,8 @@ __device__ __forceinline__ uint64_t key_mask(KeyProbe probe) {
 
 // ------------------------------------------------------------------ forward kernel
 
-// Grid: (query tiles of kBlockM packed rows, batch * kv_heads, splits).
+// Grid: (batch * kv_heads, query tiles of kBlockM packed rows, splits): batch * heads on x,
+// whose limit is 2^31 - 1, not 65535.
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(TileConfig<kHeadDim>::kWarps * 32)
     attention_forward_kernel(const AttentionParams p, const Launch a) {
@@ -219,8 +220,9 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim>::kWarps * 32)
   const T* v = static_cast<const T*>(p.v);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int group_id = lane / 4, tig = lane % 4;  // mma fragment coordinates
-  const int64_t batch = blockIdx.y / p.kv_heads, kv_head = blockIdx.y % p.kv_heads;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
+  // blockIdx.x: (batch, kv head), up to 2^31 - 1 of them; blockIdx.y: the query tile.
+  const int64_t batch = blockIdx.x / p.kv_heads, kv_head = blockIdx.x % p.kv_heads;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kBlockM;
   const int rows_here = static_cast<int>(a.rows - row0 < kBlockM ? a.rows - row0 : kBlockM);
   const int warp_row0 = warp * kRowsPerWarp;
   // Warps whose rows all lie past the end (short query blocks) load and synchronise but
@@ -462,7 +464,7 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim>::kWarps * 32)
               pack(o[mt][db][2 * rr] * inv, o[mt][db][2 * rr + 1] * inv, T());
         }
       } else {
-        const int64_t index = static_cast<int64_t>(blockIdx.z) * a.total_rows + blockIdx.y * a.rows + row;
+        const int64_t index = static_cast<int64_t>(blockIdx.z) * a.total_rows + blockIdx.x * a.rows + row;
         float* dst = a.partial_out + index * kHeadDim;
 #pragma unroll
         for (int db = 0; db < kDBlocks; ++db) {
@@ -612,7 +614,7 @@ Status launch(const AttentionParams& p, const Plan& plan, cudaStream_t stream) {
   const Status allowed = allow_shared_memory<T, kHeadDim>();
   if (allowed != Status::kOk) return allowed;
   const Launch& a = plan.launch;
-  const dim3 grid(static_cast<unsigned>(plan.query_tiles), static_cast<unsigned>(p.batch * p.kv_heads),
+  const dim3 grid(static_cast<unsigned>(p.batch * p.kv_heads), static_cast<unsigned>(plan.query_tiles),
                   static_cast<unsigned>(a.splits));
   attention_forward_kernel<T, kHeadDim>
       <<<grid, TileConfig<kHeadDim>::kWarps * 32, shared_bytes<kHeadDim>(), stream>>>(p, a);
@@ -655,8 +657,8 @@ Status attention_cuda(const AttentionParams& p, void* workspace, int64_t workspa
     return Status::kUnsupported;
   }
   if (p.batch * p.q_len == 0) return Status::kOk;
-  // Keys index shared-memory masks as int; blockIdx.y holds (batch, kv head).
-  if (p.k_len > INT32_MAX / 2 || p.batch * p.kv_heads > 65535) return Status::kUnsupported;
+  // Key indices are int in the kernel; gridDim.y holds the query tiles (at most 65535).
+  if (p.k_len > INT32_MAX / 2 || p.batch * p.kv_heads > INT32_MAX) return Status::kUnsupported;
   if (p.q == nullptr || p.out == nullptr || (p.k_len > 0 && (p.k == nullptr || p.v == nullptr))) {
     return Status::kInvalidArgument;
   }
@@ -666,6 +668,7 @@ Status attention_cuda(const AttentionParams& p, void* workspace, int64_t workspa
     return Status::kInvalidArgument;
   }
   Plan launch_plan = plan_launch(p);
+  if (launch_plan.query_tiles > 65535) return Status::kUnsupported;  // gridDim.y: q_len * group > 8M rows
   if (launch_plan.launch.splits > 1) {
     if (workspace == nullptr || workspace_bytes < workspace_bytes_of(launch_plan, p.head_dim) ||
         !aligned16(workspace)) {
