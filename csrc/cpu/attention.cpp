@@ -83,7 +83,7 @@ void store_row(void* base, ScalarType dtype, int64_t offset, int64_t n, const fl
 }
 
 // o[r][:] = alpha[r] * o[r][:] + sum_j p[r][j] * v[j][:] over `keys` keys.
-void pv_generic(const float* p, int64_t rows, int64_t keys, int64_t dim, const float* v, int64_t v_stride,
+void pv_generic(const float* p, int64_t rows, int64_t keys, int64_t dim, const float* v,
                 const float* alpha, float* o) {
   for (int64_t r = 0; r < rows; ++r) {
     float* orow = o + r * dim;
@@ -91,7 +91,7 @@ void pv_generic(const float* p, int64_t rows, int64_t keys, int64_t dim, const f
     for (int64_t d = 0; d < dim; ++d) orow[d] *= alpha[r];
     for (int64_t j = 0; j < keys; ++j) {
       const float pj = p[r * kKeyTile + j];
-      const float* vrow = v + j * v_stride;
+      const float* vrow = v + j * dim;
 #pragma omp simd
       for (int64_t d = 0; d < dim; ++d) orow[d] += pj * vrow[d];
     }
@@ -183,12 +183,12 @@ void qk_band(const float* q, int64_t dim, const float* kt, float* s) {
     for (int c = 0; c < kBandVecs; ++c) Simd::store(s + r * kKeyTile + c * Simd::kWidth, acc[r][c]);
 }
 
-// kRows rows x one band of O columns (rows `stride` floats apart): o = alpha * o + p V over
+// kRows rows x one band of O columns (O and V rows both `stride` floats apart): o = alpha * o + p V over
 // `keys` keys, kBandVecs V loads and kRows broadcasts per key. Bands rather than whole rows:
 // a 3-row x 128-column AVX-512 block measured at half the speed, its V tile and O rows no
 // longer fitting in L1 together.
 template <int kRows>
-void pv_band(const float* p, int64_t keys, const float* v, int64_t v_stride, int64_t stride, const float* alpha,
+void pv_band(const float* p, int64_t keys, const float* v, int64_t stride, const float* alpha,
              float* o) {
   typename Simd::Reg acc[kRows][kBandVecs];
   for (int r = 0; r < kRows; ++r) {
@@ -197,7 +197,7 @@ void pv_band(const float* p, int64_t keys, const float* v, int64_t v_stride, int
   }
   for (int64_t j = 0; j < keys; ++j) {
     typename Simd::Reg vj[kBandVecs];
-    for (int c = 0; c < kBandVecs; ++c) vj[c] = Simd::load(v + j * v_stride + c * Simd::kWidth);
+    for (int c = 0; c < kBandVecs; ++c) vj[c] = Simd::load(v + j * stride + c * Simd::kWidth);
     for (int r = 0; r < kRows; ++r) {
       const typename Simd::Reg pb = Simd::set1(p[r * kKeyTile + j]);
       for (int c = 0; c < kBandVecs; ++c) acc[r][c] = Simd::fmadd(pb, vj[c], acc[r][c]);
@@ -221,21 +221,21 @@ void qk_tile(const float* q, int64_t rows, int64_t dim, const float* kt, float* 
 #endif
 }
 
-// v: `keys` rows of `dim` floats, v_stride apart.
-void pv_tile(const float* p, int64_t rows, int64_t keys, int64_t dim, const float* v, int64_t v_stride,
+// v: the packed tile, `keys` rows of `dim` floats.
+void pv_tile(const float* p, int64_t rows, int64_t keys, int64_t dim, const float* v,
              const float* alpha, float* o) {
 #if defined(UNMASK_SIMD_ATTENTION)
   if (dim % kBand == 0) {
     for_row_blocks(rows, [&](auto block_rows, int64_t r) {
       for (int64_t band = 0; band < dim; band += kBand) {
-        pv_band<decltype(block_rows)::value>(p + r * kKeyTile, keys, v + band, v_stride, dim, alpha + r,
+        pv_band<decltype(block_rows)::value>(p + r * kKeyTile, keys, v + band, dim, alpha + r,
                                              o + r * dim + band);
       }
     });
     return;
   }
 #endif
-  pv_generic(p, rows, keys, dim, v, v_stride, alpha, o);
+  pv_generic(p, rows, keys, dim, v, alpha, o);
 }
 
 // ------------------------------------------------------------------ packing and masks
@@ -405,7 +405,7 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b
       buf.row_sum[r] = buf.row_sum[r] * buf.alpha[r] + tile_sum;
       buf.row_max[r] = new_max;
     }
-    pv_tile(s, rows, keys, dim, v_head + k_begin * dim, dim, buf.alpha.data(), buf.o.data());
+    pv_tile(s, rows, keys, dim, v_head + k_begin * dim, buf.alpha.data(), buf.o.data());
   }
 
   for (int64_t r = 0; r < rows; ++r) {
