@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from unmask import ops, rng
+from unmask import ops, reference, rng
 
 # Columns of the per-row statistics one rank computes over its vocabulary shard.
 STAT_MAX, STAT_BEST, STAT_BEST_ID, STAT_BEST_LOGIT, STAT_SECOND, STAT_SUM, STAT_WEIGHTED, STAT_BAD = range(8)
@@ -135,12 +135,9 @@ def shard_statistics(logits: torch.Tensor, row_ids: torch.Tensor, col_start: int
     logit, the second-largest kept logit (margin), sum of exp(y - max_y) and of
     exp(y - max_y) * (y - max_y) with y = logit / conf_temperature, and a NaN/+inf flag.
     """
-    x = logits.float().double()
-    if banned is not None and banned.numel() > 0:
-        local = banned[(banned >= col_start) & (banned < col_start + x.shape[-1])] - col_start
-        x[:, local] = float("-inf")
-    bad = torch.isnan(x) | torch.isposinf(x)
-    x = x.masked_fill(bad, float("-inf"))
+    if banned is not None:
+        banned = banned[(banned >= col_start) & (banned < col_start + logits.shape[-1])] - col_start
+    x, bad = reference.banned_and_invalid(logits, banned)
     neg_inf = torch.full((x.shape[0],), float("-inf"), dtype=torch.float64, device=x.device)
 
     top2 = x.topk(min(2, x.shape[-1]), dim=-1).values

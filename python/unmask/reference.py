@@ -144,6 +144,16 @@ def confidence_of(
     raise ValueError(f"confidence must be one of {CONFIDENCE_KINDS}, got {kind!r}")
 
 
+def banned_and_invalid(logits: torch.Tensor, banned: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 value of each logit in float64, with banned columns and NaN / +inf at
+    -inf, and bad: where a NaN or +inf stood outside the banned columns (the row is invalid)."""
+    x = logits.float().double()
+    if banned is not None and banned.numel() > 0:
+        x[:, banned] = float("-inf")
+    bad = torch.isnan(x) | torch.isposinf(x)
+    return x.masked_fill(bad, float("-inf")), bad
+
+
 def sample(
     logits: torch.Tensor,
     *,
@@ -169,11 +179,7 @@ def sample(
     device = logits.device
     row_ids = torch.arange(flat.shape[0], device=device) if rows is None else rows.to(device).reshape(-1)
 
-    x = flat[row_ids].float().double()  # the float32 value of each logit, computed on in float64
-    if banned is not None and banned.numel() > 0:
-        x[:, banned.to(device)] = float("-inf")
-    bad = torch.isnan(x) | torch.isposinf(x)
-    x = x.masked_fill(bad, float("-inf"))
+    x, bad = banned_and_invalid(flat[row_ids], None if banned is None else banned.to(device))
 
     x = x.masked_fill(~keep_top_k(x, top_k), float("-inf"))
     x = x.masked_fill(~keep_top_p(x, top_p), float("-inf"))

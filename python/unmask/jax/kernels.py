@@ -101,12 +101,16 @@ def sample(logits, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1
         temperature=float(temperature), confidence=confidence, conf_temperature=float(conf_temperature),
         tile_v=tile_v, interpret=default_interpret(interpret),
     )
-    tokens, conf = tokens[:n_rows, 0], conf[:n_rows, 0]
-    if rows is not None:
-        selected = jnp.zeros((n_rows,), bool).at[jnp.asarray(rows)].set(True)
-        tokens = jnp.where(selected, tokens, -1)
-        conf = jnp.where(selected, conf, -jnp.inf)
-    return tokens.reshape(lead), conf.reshape(lead)
+    return only_rows(tokens[:n_rows, 0].reshape(lead), conf[:n_rows, 0].reshape(lead), rows)
+
+
+def only_rows(tokens, conf, rows):
+    """Token -1 and conf -inf outside rows (indices into the flattened leading dims), as the
+    torch op returns them; every row is computed (TPU grids cover whole tiles)."""
+    if rows is None:
+        return tokens, conf
+    selected = jnp.zeros((tokens.size,), bool).at[jnp.asarray(rows)].set(True).reshape(tokens.shape)
+    return jnp.where(selected, tokens, -1), jnp.where(selected, conf, -jnp.inf)
 
 
 def attention(q, k, v, *, kv_len=None, key_valid=None, block_size: int | None = None, q_offset: int = 0,

@@ -140,12 +140,7 @@ def sharded_sample(mesh: Mesh, logits, *, rows=None, offset=0, banned=None, **kw
     shape and sampling setting; offset (the step) is traced."""
     banned = None if banned is None else tuple(int(t) for t in np.asarray(banned).reshape(-1))
     tokens, conf = _sharded_sample(mesh, logits, jnp.asarray(offset, jnp.uint32), banned=banned, **kwargs)
-    if rows is not None:
-        n_rows = tokens.size
-        selected = jnp.zeros((n_rows,), bool).at[jnp.asarray(rows)].set(True).reshape(tokens.shape)
-        tokens = jnp.where(selected, tokens, -1)
-        conf = jnp.where(selected, conf, -jnp.inf)
-    return tokens, conf
+    return kernels.only_rows(tokens, conf, rows)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=(
