@@ -136,17 +136,19 @@ def commit_cuda(x, tokens, conf, eligible, *, k=None, threshold=None, factor=Non
 CUDA_ATTENTION_HEAD_DIMS = (64, 128)
 
 
-def _aligned_for_cuda(t: torch.Tensor) -> torch.Tensor:
+def _cuda_aligned(t: torch.Tensor) -> bool:
     """The CUDA attention kernel copies rows in 16-byte pieces: a 16-byte aligned start
-    and (batch, position, head) strides that are multiples of 8 elements; anything else
-    is copied to a fresh contiguous tensor."""
-    if t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:3]):
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
+    and (batch, position, head) strides that are multiples of 8 elements."""
+    return t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:3])
+
+
+def _aligned_for_cuda(t: torch.Tensor) -> torch.Tensor:
+    """t itself where the kernel can read it in place, else a fresh contiguous copy."""
+    return t if _cuda_aligned(t) else t.clone(memory_format=torch.contiguous_format)
 
 
 def _aligned_output(out: torch.Tensor) -> torch.Tensor:
-    if out.data_ptr() % 16 != 0 or out.stride(-1) != 1 or any(s % 8 for s in out.stride()[:3]):
+    if not _cuda_aligned(out):
         raise ValueError(f"out must be 16-byte aligned with strides a multiple of 8, got strides {out.stride()}")
     return out
 
