@@ -1,11 +1,12 @@
-// Philox words for a run of columns of one row, sixteen generator calls at a time with
-// AVX-512 (a scalar loop elsewhere). Shared by the raw-draw kernel and the sampler, so
-// the RNG tests that compare fill_draws_cpu with rng.py bit for bit cover this path.
+// Philox words for a run of columns of one row: sixteen generator calls per register
+// with AVX-512, four with AVX2, a scalar loop elsewhere. Shared by the raw-draw kernel
+// and the sampler, so the RNG tests that compare fill_draws_cpu with rng.py bit for bit
+// cover this path.
 #pragma once
 
 #include <cstdint>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -76,6 +77,57 @@ inline void philox_blocks_x16(uint32_t quad_begin, uint32_t row, uint32_t offset
 }  // namespace philox_avx512
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+namespace philox_avx2 {
+
+// Each 32-bit state word lives in the low half of a 64-bit lane, four generators per
+// register. vpmuludq reads only those low halves, so the full 64-bit product serves as
+// both results: its low half is `lo` as it stands (the high half is junk that the next
+// multiply ignores), and one shift gives `hi`. A round is then 2 multiplies, 2 shifts
+// and 4 xors per four generators, with no blends to split and rejoin the halves.
+template <int kGroups>
+inline void philox_blocks_x4(uint32_t quad_begin, uint32_t row, uint32_t offset, uint32_t stream, uint32_t key0,
+                             uint32_t key1, uint32_t* out) {
+  const __m256i lane = _mm256_setr_epi64x(0, 1, 2, 3);
+  const __m256i mul0 = _mm256_set1_epi64x(philox_detail::kMul0);
+  const __m256i mul1 = _mm256_set1_epi64x(philox_detail::kMul1);
+  __m256i c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
+  for (int g = 0; g < kGroups; ++g) {
+    c0[g] = _mm256_add_epi64(_mm256_set1_epi64x(quad_begin + 4 * g), lane);
+    c1[g] = _mm256_set1_epi64x(row);
+    c2[g] = _mm256_set1_epi64x(offset);
+    c3[g] = _mm256_set1_epi64x(stream);
+  }
+  for (int round = 0; round < 10; ++round) {
+    const __m256i k0 = _mm256_set1_epi64x(key0);
+    const __m256i k1 = _mm256_set1_epi64x(key1);
+    for (int g = 0; g < kGroups; ++g) {
+      const __m256i product0 = _mm256_mul_epu32(c0[g], mul0);
+      const __m256i product1 = _mm256_mul_epu32(c2[g], mul1);
+      c0[g] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(product1, 32), c1[g]), k0);
+      c2[g] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(product0, 32), c3[g]), k1);
+      c1[g] = product1;
+      c3[g] = product0;
+    }
+    key0 += philox_detail::kWeyl0;
+    key1 += philox_detail::kWeyl1;
+  }
+  // Words j = 0..3 of generator q go to out[4q + j]: pair (c0, c1) and (c2, c3) into
+  // 64-bit lanes, then pick 128-bit quads.
+  for (int g = 0; g < kGroups; ++g) {
+    const __m256i low = _mm256_blend_epi32(c0[g], _mm256_slli_epi64(c1[g], 32), 0xAA);
+    const __m256i high = _mm256_blend_epi32(c2[g], _mm256_slli_epi64(c3[g], 32), 0xAA);
+    const __m256i even = _mm256_unpacklo_epi64(low, high);  // generators 0 and 2
+    const __m256i odd = _mm256_unpackhi_epi64(low, high);   // generators 1 and 3
+    uint32_t* group_out = out + 16 * g;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(group_out), _mm256_permute2x128_si256(even, odd, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(group_out + 8), _mm256_permute2x128_si256(even, odd, 0x31));
+  }
+}
+
+}  // namespace philox_avx2
+#endif
+
 // out[4 * q + j] = word j of block (quad_begin + q, row, offset, stream), q < quads.
 inline void philox_row_words(uint64_t seed, uint32_t row, uint32_t offset, RngStream stream, uint32_t quad_begin,
                              int64_t quads, uint32_t* out) {
@@ -89,6 +141,15 @@ inline void philox_row_words(uint64_t seed, uint32_t row, uint32_t offset, RngSt
   for (; q + 16 <= quads; q += 16) {
     philox_avx512::philox_blocks_x16<1>(quad_begin + static_cast<uint32_t>(q), row, offset,
                                         static_cast<uint32_t>(stream), key0, key1, out + 4 * q);
+  }
+#elif defined(__AVX2__)
+  for (; q + 12 <= quads; q += 12) {
+    philox_avx2::philox_blocks_x4<3>(quad_begin + static_cast<uint32_t>(q), row, offset,
+                                     static_cast<uint32_t>(stream), key0, key1, out + 4 * q);
+  }
+  for (; q + 4 <= quads; q += 4) {
+    philox_avx2::philox_blocks_x4<1>(quad_begin + static_cast<uint32_t>(q), row, offset,
+                                     static_cast<uint32_t>(stream), key0, key1, out + 4 * q);
   }
 #endif
   for (; q < quads; ++q) {

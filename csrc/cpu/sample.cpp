@@ -26,17 +26,31 @@
 #include "unmask/philox.h"
 #include "philox_rows.h"
 #include "unmask/sample.h"
+#include "sample_simd.h"
 #include "vec_math.h"
 
 namespace unmask {
 namespace {
 
-using cpu::fast_exp;
-
 constexpr float kInf = std::numeric_limits<float>::infinity();
 // The largest Gumbel draw is -log(-log(1 - 2^-25)) = 17.33; 17.5 leaves margin.
 constexpr double kGumbelMax = 17.5;
 constexpr int64_t kChunk = 2048;  // 8 KiB of floats: a chunk stays in L1 between its passes
+// The row buffer is padded with -inf to a multiple of kPad floats, so the vector loops of
+// sample_simd.h (8 floats; 32 for the Gumbel candidates) never need a scalar tail.
+constexpr int64_t kPad = 32;
+
+constexpr int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+int lowest_set_bit(uint32_t bits) {  // bits != 0
+#if defined(_MSC_VER) && !defined(__clang__)
+  unsigned long index;
+  _BitScanForward(&index, bits);
+  return static_cast<int>(index);
+#else
+  return __builtin_ctz(bits);
+#endif
+}
 
 // The kept ids: x > value, or x == value and id <= last_tie. With no filter, `all`.
 struct Kept {
@@ -57,56 +71,46 @@ struct RowScan {
   double weighted = 0.0;
 };
 
-void convert_chunk(const SampleParams& p, int64_t row, int64_t begin, int64_t count, float* out) {
-  const int64_t base = row * p.vocab + begin;
-  switch (p.dtype) {
-    case ScalarType::kFloat32:
-      std::memcpy(out, static_cast<const float*>(p.logits) + base, count * sizeof(float));
-      return;
-    case ScalarType::kBFloat16: {
-      const uint16_t* src = static_cast<const uint16_t*>(p.logits) + base;
-#pragma omp simd
-      for (int64_t i = 0; i < count; ++i) out[i] = cpu::bf16_to_float(src[i]);
-      return;
-    }
-    case ScalarType::kFloat16: {
-      const uint16_t* src = static_cast<const uint16_t*>(p.logits) + base;
-      int64_t i = 0;
-#if defined(__F16C__)
-      for (; i + 8 <= count; i += 8) {
-        const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(half));
-      }
-#endif
-      for (; i < count; ++i) out[i] = cpu::fp16_to_float(src[i]);
-      return;
-    }
-  }
+int64_t element_size(ScalarType dtype) { return dtype == ScalarType::kFloat32 ? 4 : 2; }
+
+const void* source(const SampleParams& p, int64_t row, int64_t col) {
+  return static_cast<const char*>(p.logits) + (row * p.vocab + col) * element_size(p.dtype);
 }
 
-// Load the row into buf with banned ids at -inf, and scan it one L1-sized chunk at a
-// time: max, first argmax and NaN/+inf, and with fuse_sums the softmax sums as an online
-// softmax (Milakov and Gimelshein, 2018) rescaled whenever a chunk raises the maximum,
-// so the row costs a single trip from memory.
+float convert_max_and_bad(const SampleParams& p, int64_t row, int64_t begin, int64_t count, float* out, bool* bad) {
+  const void* src = source(p, row, begin);
+  switch (p.dtype) {
+    case ScalarType::kFloat32: return cpu::convert_max_and_bad<ScalarType::kFloat32>(src, count, out, bad);
+    case ScalarType::kBFloat16: return cpu::convert_max_and_bad<ScalarType::kBFloat16>(src, count, out, bad);
+    case ScalarType::kFloat16: break;
+  }
+  return cpu::convert_max_and_bad<ScalarType::kFloat16>(src, count, out, bad);
+}
+
+// Load the row into buf with banned ids at -inf and the pad past the vocabulary at
+// -inf, and scan it one L1-sized chunk at a time: max, first argmax and NaN/+inf, and
+// with fuse_sums the softmax sums as an online softmax (Milakov and Gimelshein, 2018)
+// rescaled whenever a chunk raises the maximum, so the row costs a single trip from
+// memory.
 RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool fuse_sums, bool with_weighted,
                       float inv_t) {
   RowScan scan;
   scan.has_sums = fuse_sums;
-  int bad = 0;
+  bool bad = false;
   const int64_t* banned = p.banned;
   const int64_t* banned_end = p.banned + p.n_banned;
   for (int64_t begin = 0; begin < p.vocab; begin += kChunk) {
     const int64_t count = std::min(kChunk, p.vocab - begin);
+    const int64_t padded = round_up(count, kPad);
     float* chunk = buf + begin;
-    convert_chunk(p, row, begin, count, chunk);
-    for (; banned != banned_end && *banned < begin + count; ++banned) chunk[*banned - begin] = -kInf;
-    float chunk_max = -kInf;
-#pragma omp simd reduction(max : chunk_max) reduction(| : bad)
-    for (int64_t i = 0; i < count; ++i) {
-      const float x = chunk[i];
-      bad |= !(x < kInf);
-      chunk_max = x > chunk_max ? x : chunk_max;  // NaN never wins a comparison
+    bool chunk_bad = false;
+    float chunk_max = convert_max_and_bad(p, row, begin, count, chunk, &chunk_bad);
+    std::fill(chunk + count, chunk + padded, -kInf);
+    if (banned != banned_end && *banned < begin + count) {  // rare: ban, then rescan the chunk
+      for (; banned != banned_end && *banned < begin + count; ++banned) chunk[*banned - begin] = -kInf;
+      chunk_max = cpu::max_and_bad(chunk, padded, &chunk_bad);
     }
+    bad = bad || chunk_bad;
     if (chunk_max > scan.max) {  // rare after the first chunks: find where, rescale the sums
       int64_t first = 0;
       while (!(chunk[first] == chunk_max)) ++first;
@@ -120,29 +124,20 @@ RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool fuse_
       scan.argmax = begin + first;
     }
     if (fuse_sums && scan.max > -kInf) {
-      const float max = scan.max;
       float sum = 0.0f, weighted = 0.0f;
+      const int64_t next_count = std::min(kChunk, p.vocab - begin - count);
+      const void* next = source(p, row, begin + count);
+      const int64_t next_bytes = next_count * element_size(p.dtype);
       if (with_weighted) {
-#pragma omp simd reduction(+ : sum, weighted)
-        for (int64_t i = 0; i < count; ++i) {
-          const float x = chunk[i];
-          const bool counts = x != -kInf;  // keeps -inf * 0 out of the weighted sum
-          const float z = counts ? (x - max) * inv_t : 0.0f;
-          const float e = counts ? fast_exp(z) : 0.0f;
-          sum += e;
-          weighted += e * z;
-        }
+        cpu::exp_sums<true>(chunk, padded, scan.max, inv_t, &sum, &weighted, next, next_bytes);
       } else {
-        // -inf logits (banned ids) add exp(-87) ~ 1.6e-38 each: below float resolution of a
-        // sum that the maximum alone makes >= 1.
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < count; ++i) sum += fast_exp((chunk[i] - max) * inv_t);
+        cpu::exp_sums<false>(chunk, padded, scan.max, inv_t, &sum, &weighted, next, next_bytes);
       }
       scan.sum += sum;  // chunk partials in float, the row total in double
       scan.weighted += weighted;
     }
   }
-  scan.bad = bad != 0;
+  scan.bad = bad;
   return scan;
 }
 
@@ -249,6 +244,8 @@ ConfidenceSums confidence_sums_pass(const float* buf, int64_t vocab, float max, 
   ConfidenceSums sums;
   const float kept_value = kept.value;
   const int64_t kept_last_tie = kept.last_tie;
+  // Base 2 as in cpu::exp_sums: z2 = (x - max) * inv_t * log2(e), e^z = 2^z2.
+  const float a = inv_t * cpu::kLog2e;
   for (int64_t begin = 0; begin < vocab; begin += kChunk) {
     const int64_t end = std::min(vocab, begin + kChunk);
     float sum = 0.0f, weighted = 0.0f, runner_up = -kInf;
@@ -258,14 +255,14 @@ ConfidenceSums confidence_sums_pass(const float* buf, int64_t vocab, float max, 
       bool in = true;
       if constexpr (kFiltered) in = x > kept_value || (x == kept_value && i <= kept_last_tie);
       const bool counts = in && x != -kInf;
-      const float z = counts ? (x - max) * inv_t : 0.0f;
-      const float e = counts ? fast_exp(z) : 0.0f;
+      const float z = counts ? (x - max) * a : 0.0f;
+      const float e = counts ? cpu::exp2_poly(z) : 0.0f;
       sum += e;
       weighted += e * z;
       runner_up = (in && i != argmax && x > runner_up) ? x : runner_up;
     }
     sums.sum += sum;  // chunk partials in float, the row total in double
-    sums.weighted += weighted;
+    sums.weighted += static_cast<double>(weighted) * cpu::kLn2;
     sums.runner_up = std::max(sums.runner_up, runner_up);
   }
   return sums;
@@ -287,55 +284,43 @@ double gumbel(uint64_t seed, int64_t col, uint32_t row, uint32_t offset) {
 // argmax over kept ids of x / T + g, ties to the lower id (the reference's argmax).
 //
 // Exact, with the float64 scores of the reference, but without two float64 logs per id:
-// id i beats the best score so far only if g_i > d_i = best - x_i / T, that is
-// u_i > exp(-exp(-d_i)). A vectorised float pass compares each id's 24-bit uniform
-// against that bound, loosened by a margin that covers float rounding, and only the
-// few ids that pass get the exact float64 score. Chunks whose largest logit cannot
-// reach best - kGumbelMax are skipped without drawing noise at all.
+// a vectorised pass compares x_i / T plus a log-free upper bound on g_i (see
+// cpu::gumbel_candidates32) against the best score so far, loosened by a margin that
+// covers float rounding, and only the few ids that pass get the exact float64 score.
+// Chunks whose largest logit cannot reach best - kGumbelMax are skipped without
+// drawing noise at all. buf is padded with -inf to a multiple of kPad.
 int64_t gumbel_max(const float* buf, int64_t vocab, double temperature, const Kept& kept, int64_t argmax,
                    uint64_t seed, uint32_t row, uint32_t offset) {
-  constexpr int64_t kNoiseChunk = 1024;  // a multiple of 4: whole Philox blocks
+  constexpr int64_t kNoiseChunk = 1024;  // a multiple of kPad: whole Philox blocks
   alignas(64) uint32_t words[kNoiseChunk];
-  alignas(64) uint8_t passes[kNoiseChunk];
   int64_t best_id = argmax;
   double best = static_cast<double>(buf[argmax]) / temperature + gumbel(seed, argmax, row, offset);
+  // x / T in float carries |x / T| and |best| times 2^-24 of error: a margin of
+  // 1e-4 (1 + |best|) keeps every id that could win.
+  auto loosened = [](double score) { return static_cast<float>(score - 1e-4 * (1.0 + std::fabs(score))); };
+  float best_low = loosened(best);
   const float inv_t = static_cast<float>(1.0 / temperature);
   for (int64_t begin = 0; begin < vocab; begin += kNoiseChunk) {
-    const int64_t count = std::min(kNoiseChunk, vocab - begin);
-    float chunk_max = -kInf;
-#pragma omp simd reduction(max : chunk_max)
-    for (int64_t i = 0; i < count; ++i) chunk_max = buf[begin + i] > chunk_max ? buf[begin + i] : chunk_max;
+    const int64_t padded = round_up(std::min(kNoiseChunk, vocab - begin), kPad);
+    bool unused_bad = false;
+    const float chunk_max = cpu::max_and_bad(buf + begin, padded, &unused_bad);
     if (static_cast<double>(chunk_max) / temperature + kGumbelMax <= best) continue;
 
-    cpu::philox_row_words(seed, row, offset, RngStream::kGumbel, static_cast<uint32_t>(begin / 4), (count + 3) / 4,
+    cpu::philox_row_words(seed, row, offset, RngStream::kGumbel, static_cast<uint32_t>(begin / 4), padded / 4,
                           words);
-    // d_i in float carries |x / T| and |best| times 2^-24 of error: subtract a margin of
-    // 1e-4 (1 + |best|), then shrink the uniform bound by 1e-5 relative for the two exps.
-    const float best_low = static_cast<float>(best - 1e-4 * (1.0 + std::fabs(best)));
-#pragma omp simd
-    for (int64_t i = 0; i < count; ++i) {
-      const float d = best_low - buf[begin + i] * inv_t;
-      const float bound = fast_exp(-fast_exp(std::min(-d, 80.0f))) * (1.0f - 1e-5f);
-      const float u = static_cast<float>(words[i] >> 8) * (1.0f / 16777216.0f) + (0.5f / 16777216.0f);
-      passes[i] = u > bound;
-    }
-    for (int64_t i = 0; i < count; ++i) {
-      if (i % 8 == 0 && i + 8 <= count) {  // most ids fail the bound: skip eight at a time
-        uint64_t eight;
-        std::memcpy(&eight, passes + i, sizeof eight);
-        if (eight == 0) {
-          i += 7;
-          continue;
+    for (int64_t block = 0; block < padded; block += 32) {
+      uint32_t candidates = cpu::gumbel_candidates32(buf + begin + block, words + block, inv_t, best_low);
+      for (; candidates != 0; candidates &= candidates - 1) {
+        const int64_t i = block + lowest_set_bit(candidates);
+        const int64_t id = begin + i;
+        const float x = buf[id];  // pads are -inf and never candidates
+        if (id == argmax || x == -kInf || !(kept.all || kept.contains(x, id))) continue;
+        const double score = static_cast<double>(x) / temperature + gumbel_from_word(words[i]);
+        if (score > best || (score == best && id < best_id)) {
+          best = score;
+          best_id = id;
+          best_low = loosened(best);
         }
-      }
-      if (!passes[i]) continue;
-      const int64_t id = begin + i;
-      const float x = buf[id];
-      if (id == argmax || x == -kInf || !(kept.all || kept.contains(x, id))) continue;
-      const double score = static_cast<double>(x) / temperature + gumbel_from_word(words[i]);
-      if (score > best || (score == best && id < best_id)) {
-        best = score;
-        best_id = id;
       }
     }
   }
@@ -415,7 +400,7 @@ Status sample_cpu(const SampleParams& p) {
   {
     // Reused across calls: a fresh 600 KiB buffer per call would page-fault every step.
     thread_local std::vector<float> buf, mass;
-    buf.resize(p.vocab);
+    buf.resize(round_up(p.vocab, kPad));
     mass.resize(needs_mass ? p.vocab : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < work; ++i) {
