@@ -86,8 +86,8 @@ namespace philox_avx2 {
 // multiply ignores), and one shift gives `hi`. A round is then 2 multiplies, 2 shifts
 // and 4 xors per four generators, with no blends to split and rejoin the halves.
 template <int kGroups>
-inline void philox_blocks_x4(uint32_t quad_begin, uint32_t row, uint32_t offset, uint32_t stream, uint32_t key0,
-                             uint32_t key1, uint32_t* out) {
+inline void philox_blocks_x4(uint32_t quad_begin, uint32_t row, uint32_t offset, uint32_t stream,
+                             const __m256i (&round_keys)[10][2], uint32_t* out) {
   const __m256i lane = _mm256_setr_epi64x(0, 1, 2, 3);
   const __m256i mul0 = _mm256_set1_epi64x(philox_detail::kMul0);
   const __m256i mul1 = _mm256_set1_epi64x(philox_detail::kMul1);
@@ -99,18 +99,14 @@ inline void philox_blocks_x4(uint32_t quad_begin, uint32_t row, uint32_t offset,
     c3[g] = _mm256_set1_epi64x(stream);
   }
   for (int round = 0; round < 10; ++round) {
-    const __m256i k0 = _mm256_set1_epi64x(key0);
-    const __m256i k1 = _mm256_set1_epi64x(key1);
     for (int g = 0; g < kGroups; ++g) {
       const __m256i product0 = _mm256_mul_epu32(c0[g], mul0);
       const __m256i product1 = _mm256_mul_epu32(c2[g], mul1);
-      c0[g] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(product1, 32), c1[g]), k0);
-      c2[g] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(product0, 32), c3[g]), k1);
+      c0[g] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(product1, 32), c1[g]), round_keys[round][0]);
+      c2[g] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(product0, 32), c3[g]), round_keys[round][1]);
       c1[g] = product1;
       c3[g] = product0;
     }
-    key0 += philox_detail::kWeyl0;
-    key1 += philox_detail::kWeyl1;
   }
   // Words j = 0..3 of generator q go to out[4q + j]: pair (c0, c1) and (c2, c3) into
   // 64-bit lanes, then pick 128-bit quads.
@@ -143,13 +139,20 @@ inline void philox_row_words(uint64_t seed, uint32_t row, uint32_t offset, RngSt
                                         static_cast<uint32_t>(stream), key0, key1, out + 4 * q);
   }
 #elif defined(__AVX2__)
+  // The ten round keys, broadcast once: read as memory operands, they leave the 16 ymm
+  // registers to three groups' state (12) and the two multipliers.
+  __m256i round_keys[10][2];
+  for (int round = 0; round < 10; ++round) {
+    round_keys[round][0] = _mm256_set1_epi64x(key0 + round * philox_detail::kWeyl0);
+    round_keys[round][1] = _mm256_set1_epi64x(key1 + round * philox_detail::kWeyl1);
+  }
   for (; q + 12 <= quads; q += 12) {
     philox_avx2::philox_blocks_x4<3>(quad_begin + static_cast<uint32_t>(q), row, offset,
-                                     static_cast<uint32_t>(stream), key0, key1, out + 4 * q);
+                                     static_cast<uint32_t>(stream), round_keys, out + 4 * q);
   }
   for (; q + 4 <= quads; q += 4) {
     philox_avx2::philox_blocks_x4<1>(quad_begin + static_cast<uint32_t>(q), row, offset,
-                                     static_cast<uint32_t>(stream), key0, key1, out + 4 * q);
+                                     static_cast<uint32_t>(stream), round_keys, out + 4 * q);
   }
 #endif
   for (; q < quads; ++q) {
