@@ -62,6 +62,9 @@ CASES = [
     (3, 126464, torch.bfloat16, dict(temperature=1.0, banned=[126336], offset=12, seed=2**63 + 5)),
     (2, 152064, torch.float32, dict(top_p=0.95, temperature=0.8, confidence="margin", banned=[151666])),
     (2, 152064, torch.float16, dict(confidence="entropy", conf_temperature=2.0)),
+    # Greedy with prob confidence streams the row through one chunk slot (no row buffer).
+    (6, 5001, torch.float32, dict()),
+    (5, 4100, torch.bfloat16, dict(banned=[4099, 2048, 7])),
 ]
 
 
@@ -80,6 +83,19 @@ def test_native_sample_equals_reference(n_rows, vocab, dtype, kwargs):
 def _banned(kwargs):
     banned = kwargs.get("banned")
     return None if banned is None else torch.tensor(banned)
+
+
+@pytest.mark.parametrize("confidence", ["prob", "entropy", "margin"])
+def test_confidence_of_large_logits(confidence):
+    """Logits near 3000: an exponent x * a - max * a carries the rounding of max * a
+    (2^-13 here, 1e-4 relative in every term of the sum); the kernel must subtract the
+    maximum first."""
+    gen = torch.Generator().manual_seed(8)
+    logits = torch.randn(7, 3001, generator=gen) * 2 + 3000.0
+    expected = reference.sample(logits, confidence=confidence)
+    got = run_native(logits, confidence=confidence)
+    assert torch.equal(got[0], expected[0])
+    torch.testing.assert_close(got[1].double(), expected[1].double(), rtol=CONF_RTOL, atol=0)
 
 
 def test_rows_subset_writes_every_row():

@@ -92,8 +92,8 @@ float convert_max_and_bad(const SampleParams& p, int64_t row, int64_t begin, int
 // with fuse_sums the softmax sums as an online softmax (Milakov and Gimelshein, 2018)
 // rescaled whenever a chunk raises the maximum, so the row costs a single trip from
 // memory.
-RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool fuse_sums, bool with_weighted,
-                      float inv_t) {
+RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool keep_row, bool fuse_sums,
+                      bool with_weighted, float inv_t) {
   RowScan scan;
   scan.has_sums = fuse_sums;
   bool bad = false;
@@ -102,7 +102,7 @@ RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool fuse_
   for (int64_t begin = 0; begin < p.vocab; begin += kChunk) {
     const int64_t count = std::min(kChunk, p.vocab - begin);
     const int64_t padded = round_up(count, kPad);
-    float* chunk = buf + begin;
+    float* chunk = keep_row ? buf + begin : buf;
     bool chunk_bad = false;
     float chunk_max = convert_max_and_bad(p, row, begin, count, chunk, &chunk_bad);
     std::fill(chunk + count, chunk + padded, -kInf);
@@ -331,8 +331,12 @@ void sample_row(const SampleParams& p, int64_t row, float* buf, float* mass) {
   const bool filtered = (p.top_k > 0 && p.top_k < p.vocab) || p.top_p < 1.0;
   const bool fuse_sums = !filtered && (p.confidence == ConfidenceKind::kProb || p.confidence == ConfidenceKind::kEntropy);
   const float inv_t = static_cast<float>(1.0 / p.conf_temperature);
+  // Only the Gumbel pass, the filters and the margin's runner-up read the row again; the
+  // rest (greedy with prob, entropy or random confidence) needs nothing past each chunk,
+  // so the chunks reuse one L1-sized slot instead of writing 500 KiB a row to L2 and L3.
+  const bool keep_row = filtered || p.temperature > 0.0 || p.confidence == ConfidenceKind::kMargin;
   const RowScan scan =
-      load_and_scan(p, row, buf, fuse_sums, p.confidence == ConfidenceKind::kEntropy, inv_t);
+      load_and_scan(p, row, buf, keep_row, fuse_sums, p.confidence == ConfidenceKind::kEntropy, inv_t);
   if (scan.bad || !(scan.max > -kInf)) {
     p.tokens[row] = -1;
     p.conf[row] = -kInf;
@@ -359,7 +363,7 @@ void sample_row(const SampleParams& p, int64_t row, float* buf, float* mass) {
     }
     auto prob_of = [&](float x) { return std::exp((static_cast<double>(x) - scan.max) / p.conf_temperature) / sums.sum; };
     switch (p.confidence) {
-      case ConfidenceKind::kProb: conf = prob_of(buf[token]); break;
+      case ConfidenceKind::kProb: conf = prob_of(token == scan.argmax ? scan.max : buf[token]); break;
       case ConfidenceKind::kMargin:
         conf = 1.0 / sums.sum - (sums.runner_up == -kInf ? 0.0 : prob_of(sums.runner_up));
         break;
