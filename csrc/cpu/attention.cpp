@@ -30,8 +30,6 @@
 namespace unmask {
 namespace {
 
-using cpu::fast_exp;
-
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kKeyTile = 64;    // S row = 4 zmm; a K^T tile of D=128 is 32 KiB, L1-sized
 // Q, S and O tiles of a task stay in L2 (~160 KiB at D=128), and 126 = 21 blocks of the
@@ -346,8 +344,9 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b
   const float* v_head = packed.v.data() + (b * p.kv_heads + kv_head) * head_tile_floats;
 
   for (int64_t r = 0; r < rows; ++r) {
-    load_row(p.q, p.dtype, b * p.q_stride[0] + (q_begin + r) * p.q_stride[1] + h * p.q_stride[2], dim, p.scale,
-             buf.q.data() + r * dim);
+    // scale * log2(e): scores come out in base 2 for the exp2 of the softmax.
+    load_row(p.q, p.dtype, b * p.q_stride[0] + (q_begin + r) * p.q_stride[1] + h * p.q_stride[2], dim,
+             p.scale * cpu::kLog2e, buf.q.data() + r * dim);
   }
 #if defined(UNMASK_SIMD_ATTENTION)
   interleave_row_blocks(buf.q.data(), rows, dim, buf.q_blocked.data());
@@ -392,16 +391,16 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b
         buf.alpha[r] = 1.0f;
         continue;
       }
-      // Hidden keys (-inf) come out as exp(-87) ~ 1.6e-38 rather than 0: invisible next to
-      // the row maximum's exact 1, and one select fewer in the hottest loop.
+      // Hidden keys (-inf) come out as 2^-126 rather than 0: invisible next to the row
+      // maximum's exact 1, and one select fewer in the hottest loop.
       float tile_sum = 0.0f;
 #pragma omp simd reduction(+ : tile_sum)
       for (int64_t j = 0; j < kKeyTile; ++j) {
-        const float e = fast_exp(srow[j] - new_max);
+        const float e = cpu::exp2_poly(srow[j] - new_max);
         srow[j] = e;
         tile_sum += e;
       }
-      buf.alpha[r] = buf.row_max[r] == -kInf ? 0.0f : fast_exp(buf.row_max[r] - new_max);
+      buf.alpha[r] = buf.row_max[r] == -kInf ? 0.0f : cpu::exp2_poly(buf.row_max[r] - new_max);
       buf.row_sum[r] = buf.row_sum[r] * buf.alpha[r] + tile_sum;
       buf.row_max[r] = new_max;
     }

@@ -22,27 +22,6 @@
 
 namespace unmask::cpu {
 
-constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kLn2 = 0.693147180559945309f;
-
-// 2^r on [-0.5, 0.5]: a degree-5 polynomial fitted for relative error with 2^0 exactly
-// 1, so the row maximum adds exactly 1 to the softmax sum: 9e-8 in exact arithmetic,
-// 1.7e-7 after float Horner rounding (the sampler's confidences are checked to 1e-5).
-// Degree 6 measured 12% slower for error the float sums cannot see.
-constexpr int kExp2Degree = 5;
-constexpr float kExp2Poly[kExp2Degree + 1] = {1.0f, 0.6931470036506653f, 0.24022242426872253f,
-                                              0.05550733581185341f, 0.009671512991189957f, 0.001326472731307149f};
-
-// Scalar 2^z for z in [-126, 1]: the same polynomial, for the portable loops.
-inline float exp2_poly(float z) {
-  z = std::max(z, -126.0f);
-  const float k = std::nearbyint(z);
-  const float r = z - k;
-  float p = kExp2Poly[kExp2Degree];
-  for (int i = kExp2Degree - 1; i >= 0; --i) p = p * r + kExp2Poly[i];
-  return bits_to_float(float_to_bits(p) + (static_cast<uint32_t>(static_cast<int32_t>(k)) << 23));
-}
-
 #if defined(UNMASK_SAMPLE_AVX2)
 // kN groups of eight lanes of 2^z, z <= 1, written step by step across the groups: one
 // 2^z is a chain of ~10 dependent operations (~40 cycles), and interleaving independent
