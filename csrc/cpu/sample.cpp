@@ -42,16 +42,6 @@ constexpr int64_t kPad = 32;
 
 constexpr int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
-int lowest_set_bit(uint32_t bits) {  // bits != 0
-#if defined(_MSC_VER) && !defined(__clang__)
-  unsigned long index;
-  _BitScanForward(&index, bits);
-  return static_cast<int>(index);
-#else
-  return __builtin_ctz(bits);
-#endif
-}
-
 // The kept ids: x > value, or x == value and id <= last_tie. With no filter, `all`.
 struct Kept {
   float value = -kInf;
@@ -112,8 +102,7 @@ RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool keep_
     }
     bad = bad || chunk_bad;
     if (chunk_max > scan.max) {  // rare after the first chunks: find where, rescale the sums
-      int64_t first = 0;
-      while (!(chunk[first] == chunk_max)) ++first;
+      const int64_t first = cpu::first_index_of(chunk, padded, chunk_max);
       if (scan.max > -kInf) {
         const double shift = (static_cast<double>(scan.max) - chunk_max) * inv_t;
         const double factor = std::exp(shift);
@@ -311,7 +300,7 @@ int64_t gumbel_max(const float* buf, int64_t vocab, double temperature, const Ke
     for (int64_t block = 0; block < padded; block += 32) {
       uint32_t candidates = cpu::gumbel_candidates32(buf + begin + block, words + block, inv_t, best_low);
       for (; candidates != 0; candidates &= candidates - 1) {
-        const int64_t i = block + lowest_set_bit(candidates);
+        const int64_t i = block + cpu::lowest_set_bit(candidates);
         const int64_t id = begin + i;
         const float x = buf[id];  // pads are -inf and never candidates
         if (id == argmax || x == -kInf || !(kept.all || kept.contains(x, id))) continue;
