@@ -6,7 +6,8 @@
 //    head of the group (GQA reads, never copies, per query head) and every query tile,
 //    so the inner products stream contiguous rows. V is packed for float32 too: read in
 //    place, its rows lie H * D floats apart (16 KiB for 32 heads of 128), all in the same
-//    L1 set, and attention measured ~9% slower.
+//    L1 set, and attention measured ~9% slower. The packing walks K and V in memory
+//    order (pack_key_tile).
 // 2. One task per (batch, query head, query tile of kQueryTile rows): S = Q K^T for
 //    each key tile the masks leave visible (tiles fully hidden by kv_len, key_valid or
 //    the block-causal mask are skipped, never computed), online softmax, O += P V.
@@ -255,7 +256,7 @@ Packed& pack_buffers() {
 
 int64_t key_tiles(const AttentionParams& p) { return (p.k_len + kKeyTile - 1) / kKeyTile; }
 
-// Sizes the buffers and builds the key masks (K and V: pack_head).
+// Sizes the buffers and builds the key masks (K and V: pack_key_tile).
 void pack_masks(const AttentionParams& p, Packed& packed) {
   const int64_t tiles = key_tiles(p), dim = p.head_dim;
   const int64_t head_tile_floats = tiles * kKeyTile * dim;
@@ -282,31 +283,39 @@ void pack_masks(const AttentionParams& p, Packed& packed) {
   }
 }
 
-// K^T and V tiles of one (batch, kv head).
-void pack_head(const AttentionParams& p, Packed& packed, int64_t b, int64_t h) {
-  const int64_t tiles = key_tiles(p), dim = p.head_dim;
+// The K^T and V tiles of key tile t of batch b, for every kv head. Key-major, the order
+// of the inputs in memory ([B, L, H, D]: a key's heads are adjacent): walked head by
+// head instead, each 512-byte row of a 128-dim head lay 16 KiB from the next, a new
+// page per row that the hardware prefetcher does not cross (packing measured 10.3 ms
+// that way, 8-9 ms this way, of a ~150 ms [1, 1024, 32, 128] call).
+// `staging` holds eight keys of every kv head, [head][key][D], for the K transpose.
+void pack_key_tile(const AttentionParams& p, Packed& packed, int64_t b, int64_t t, std::vector<float>& staging) {
+  const int64_t dim = p.head_dim, tiles = key_tiles(p);
+  const int64_t first = t * kKeyTile;
   const int64_t head_tile_floats = tiles * kKeyTile * dim;
-  for (int64_t t = 0; t < tiles; ++t) {
-    float* kt = packed.kt.data() + (b * p.kv_heads + h) * head_tile_floats + t * kKeyTile * dim;
-    float* vt = packed.v.data() + (b * p.kv_heads + h) * head_tile_floats + t * kKeyTile * dim;
-    // Transpose eight keys at a time: each K^T row then receives 32 contiguous bytes
-    // per pass instead of one float per cache line (a 64-key tile of D = 128 fills L1
-    // by itself).
-    constexpr int64_t kGroup = 8;
-    // Rows dim floats apart, not 1024: rows 4 KiB apart would share L1 sets.
-    float rows[kGroup * 1024];  // head_dim <= 1024 is checked by the launcher
-    for (int64_t j0 = 0; j0 < kKeyTile; j0 += kGroup) {
-      for (int64_t g = 0; g < kGroup; ++g) {
-        const int64_t key = t * kKeyTile + j0 + g;
+  const int64_t tile_offset = t * kKeyTile * dim;
+  // Transpose eight keys at a time: each K^T row then receives 32 contiguous bytes per
+  // pass instead of one float per cache line.
+  constexpr int64_t kGroup = 8;
+  staging.resize(static_cast<size_t>(p.kv_heads * kGroup * dim));
+  for (int64_t j0 = 0; j0 < kKeyTile; j0 += kGroup) {
+    for (int64_t g = 0; g < kGroup; ++g) {
+      const int64_t key = first + j0 + g;
+      for (int64_t h = 0; h < p.kv_heads; ++h) {
+        float* k_row = staging.data() + (h * kGroup + g) * dim;
+        float* v_row = packed.v.data() + (b * p.kv_heads + h) * head_tile_floats + tile_offset + (j0 + g) * dim;
         if (key < p.k_len) {
-          load_row(p.k, p.dtype, b * p.k_stride[0] + key * p.k_stride[1] + h * p.k_stride[2], dim, 1.0f,
-                   rows + g * dim);
-          load_row(p.v, p.dtype, b * p.v_stride[0] + key * p.v_stride[1] + h * p.v_stride[2], dim, 1.0f,
-                   vt + (j0 + g) * dim);
-        } else {
-          std::fill(rows + g * dim, rows + (g + 1) * dim, 0.0f);
+          load_row(p.k, p.dtype, b * p.k_stride[0] + key * p.k_stride[1] + h * p.k_stride[2], dim, 1.0f, k_row);
+          load_row(p.v, p.dtype, b * p.v_stride[0] + key * p.v_stride[1] + h * p.v_stride[2], dim, 1.0f, v_row);
+        } else {  // past k_len: zero scores (masked by key_bias); PV stops at k_len
+          std::fill(k_row, k_row + dim, 0.0f);
+          std::fill(v_row, v_row + dim, 0.0f);
         }
       }
+    }
+    for (int64_t h = 0; h < p.kv_heads; ++h) {
+      float* kt = packed.kt.data() + (b * p.kv_heads + h) * head_tile_floats + tile_offset;
+      const float* rows = staging.data() + h * kGroup * dim;
       for (int64_t d = 0; d < dim; ++d) {
         for (int64_t g = 0; g < kGroup; ++g) kt[d * kKeyTile + j0 + g] = rows[g * dim + d];
       }
@@ -430,9 +439,13 @@ Status attention_cpu(const AttentionParams& p) {
   std::lock_guard<std::mutex> lock(pack_mutex);
   Packed& packed = pack_buffers();
   pack_masks(p, packed);
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t b = 0; b < p.batch; ++b) {
-    for (int64_t h = 0; h < p.kv_heads; ++h) pack_head(p, packed, b, h);
+#pragma omp parallel
+  {
+    std::vector<float> staging;
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < p.batch; ++b) {
+      for (int64_t t = 0; t < key_tiles(p); ++t) pack_key_tile(p, packed, b, t, staging);
+    }
   }
   const int64_t query_tiles = (p.q_len + kQueryTile - 1) / kQueryTile;
   const int64_t tasks = p.batch * p.q_heads * query_tiles;
