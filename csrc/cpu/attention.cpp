@@ -207,33 +207,44 @@ void pv_band(const float* p, int64_t keys, const float* v, int64_t stride, const
 }
 #endif
 
+// row_keys (nullable): for a tile cut by the block-causal diagonal, how many of its
+// keys each row sees (non-decreasing down the rows). A block of rows then computes only
+// the bands of S and the keys of P V its last row can see: the tiles on the diagonal
+// cost about half. Columns of S left unwritten lie past every row's limit, where the
+// softmax writes -inf.
+
 // q: the tile's rows as interleave_row_blocks leaves them (SIMD builds), else row-major.
-void qk_tile(const float* q, int64_t rows, int64_t dim, const float* kt, float* s) {
+void qk_tile(const float* q, int64_t rows, int64_t dim, const float* kt, const int64_t* row_keys, float* s) {
 #if defined(UNMASK_SIMD_ATTENTION)
   for_row_blocks(rows, [&](auto block_rows, int64_t r) {
-    for (int64_t band = 0; band < kKeyTile; band += kBand) {
-      qk_band<decltype(block_rows)::value>(q + r * dim, dim, kt + band, s + r * kKeyTile + band);
+    constexpr int kRows = decltype(block_rows)::value;
+    const int64_t cols = row_keys != nullptr ? row_keys[r + kRows - 1] : kKeyTile;
+    for (int64_t band = 0; band < cols; band += kBand) {
+      qk_band<kRows>(q + r * dim, dim, kt + band, s + r * kKeyTile + band);
     }
   });
 #else
+  (void)row_keys;
   qk_generic(q, rows, dim, kt, s);
 #endif
 }
 
 // v: the packed tile, `keys` rows of `dim` floats.
-void pv_tile(const float* p, int64_t rows, int64_t keys, int64_t dim, const float* v,
+void pv_tile(const float* p, int64_t rows, int64_t keys, int64_t dim, const float* v, const int64_t* row_keys,
              const float* alpha, float* o) {
 #if defined(UNMASK_SIMD_ATTENTION)
   if (dim % kBand == 0) {
     for_row_blocks(rows, [&](auto block_rows, int64_t r) {
+      constexpr int kRows = decltype(block_rows)::value;
+      const int64_t block_keys = row_keys != nullptr ? std::min(keys, row_keys[r + kRows - 1]) : keys;
       for (int64_t band = 0; band < dim; band += kBand) {
-        pv_band<decltype(block_rows)::value>(p + r * kKeyTile, keys, v + band, dim, alpha + r,
-                                             o + r * dim + band);
+        pv_band<kRows>(p + r * kKeyTile, block_keys, v + band, dim, alpha + r, o + r * dim + band);
       }
     });
     return;
   }
 #endif
+  (void)row_keys;
   pv_generic(p, rows, keys, dim, v, alpha, o);
 }
 
@@ -341,6 +352,7 @@ TileVisibility causal_visibility(const AttentionParams& p, int64_t q_begin, int6
 struct TaskBuffers {
   std::vector<float> q, q_blocked, s, o;
   std::vector<float> row_max, row_sum, alpha;
+  std::vector<int64_t> row_keys;
 };
 
 void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b, int64_t h, int64_t q_begin,
@@ -375,8 +387,17 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b
     const TileVisibility causal = causal_visibility(p, q_begin, q_begin + rows, k_begin, k_begin + keys);
     if (causal == TileVisibility::kHidden) continue;
 
+    const int64_t* row_keys = nullptr;
+    if (causal == TileVisibility::kPartial) {
+      // Keys of later blocks than a query's are hidden: row r sees the first row_keys[r].
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t limit = ((p.q_offset + q_begin + r) / p.block_size + 1) * p.block_size - k_begin;
+        buf.row_keys[r] = std::clamp<int64_t>(limit, 0, kKeyTile);
+      }
+      row_keys = buf.row_keys.data();
+    }
     float* s = buf.s.data();
-    qk_tile(q_tile, rows, dim, kt_head + t * kKeyTile * dim, s);
+    qk_tile(q_tile, rows, dim, kt_head + t * kKeyTile * dim, row_keys, s);
     const float* bias = packed.key_bias.data() + b * tiles * kKeyTile + k_begin;
     const bool key_masked = visible_keys < kKeyTile;  // includes the zero padding past k_len
 
@@ -386,11 +407,7 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b
 #pragma omp simd
         for (int64_t j = 0; j < kKeyTile; ++j) srow[j] += bias[j];
       }
-      if (causal == TileVisibility::kPartial) {
-        // Keys of later blocks than this query's: from this column on, hidden.
-        const int64_t limit = ((p.q_offset + q_begin + r) / p.block_size + 1) * p.block_size - k_begin;
-        for (int64_t j = std::max<int64_t>(limit, 0); j < kKeyTile; ++j) srow[j] = -kInf;
-      }
+      if (row_keys != nullptr) std::fill(srow + row_keys[r], srow + kKeyTile, -kInf);
       float tile_max = -kInf;
 #pragma omp simd reduction(max : tile_max)
       for (int64_t j = 0; j < kKeyTile; ++j) tile_max = srow[j] > tile_max ? srow[j] : tile_max;
@@ -413,7 +430,7 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b
       buf.row_sum[r] = buf.row_sum[r] * buf.alpha[r] + tile_sum;
       buf.row_max[r] = new_max;
     }
-    pv_tile(s, rows, keys, dim, v_head + k_begin * dim, buf.alpha.data(), buf.o.data());
+    pv_tile(s, rows, keys, dim, v_head + k_begin * dim, row_keys, buf.alpha.data(), buf.o.data());
   }
 
   for (int64_t r = 0; r < rows; ++r) {
@@ -459,6 +476,7 @@ Status attention_cpu(const AttentionParams& p) {
     buf.row_max.resize(kQueryTile);
     buf.row_sum.resize(kQueryTile);
     buf.alpha.resize(kQueryTile);
+    buf.row_keys.resize(kQueryTile);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t q_tile = task % query_tiles;
