@@ -1,27 +1,25 @@
 // sample on the CPU: every row of logits is read from memory once.
 //
-// Per row (one OpenMP thread per row):
-//   load    read the row once, convert to float into a per-thread buffer that stays in
-//           L2 (V = 152064 floats = 594 KiB), ban ids, and find max, first argmax and
-//           NaN/+inf in the same chunked pass;
+// Per row (one OpenMP thread per row), in chunks of kChunk ids that stay in L1:
+//   load    convert to float, ban ids, and find max, first argmax and NaN/+inf, then
+//           the softmax sums of the chunk (online, rescaled when the maximum rises)
+//           while the next chunk is prefetched. Rows that are read again below keep
+//           the whole row in a per-thread buffer that stays in L2 (V = 152064 floats =
+//           594 KiB); greedy rows reuse one chunk-sized slot.
 //   filter  top_k / top_p as a kept prefix of the order (value desc, id asc), found by
 //           radix selection on the float bits: three histogram passes over the buffer,
 //           no sort of the vocabulary;
-//   sums    one pass for the softmax denominator, sum e*z (entropy) and the runner-up
-//           (margin) under conf_temperature;
+//   sums    for filtered rows and margin: one pass for the softmax denominator, sum
+//           e*z (entropy) and the runner-up (margin) under conf_temperature;
 //   token   temperature 0: the first argmax. T > 0: Gumbel-max over the kept ids; a
-//           vectorised bound on each id's uniform draw leaves only the ids that can
-//           still win for the exact float64 score (see gumbel_max).
-// Passes after the load read the buffer from cache, so DRAM traffic is N * V * size.
+//           vectorised bound on each id's draw leaves only the ids that can still win
+//           for the exact float64 score (see gumbel_max).
+// DRAM traffic is N * V * element size. The vector loops are in sample_simd.h.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
-
-#if defined(__F16C__)
-#include <immintrin.h>
-#endif
 
 #include "unmask/philox.h"
 #include "philox_rows.h"

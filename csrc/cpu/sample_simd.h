@@ -13,7 +13,9 @@
 #include <cstdint>
 #include <limits>
 
-#if defined(__AVX2__) && defined(__FMA__)
+// F16C (half to float) ships with every AVX2 core; a build that enables AVX2 without it
+// takes the portable loops.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define UNMASK_SAMPLE_AVX2 1
 #endif
@@ -125,7 +127,7 @@ inline __m256 load8_as_float(const void* src, int64_t i) {
     if constexpr (kType == ScalarType::kBFloat16) {
       return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
     } else {
-      return _mm256_cvtph_ps(half);  // F16C: every AVX2 x86 core has it
+      return _mm256_cvtph_ps(half);
     }
   }
 }
