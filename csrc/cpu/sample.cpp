@@ -75,11 +75,11 @@ float convert_max_and_bad(const SampleParams& p, int64_t row, int64_t begin, int
   return cpu::convert_max_and_bad<ScalarType::kFloat16>(src, count, out, bad);
 }
 
-// Load the row into buf with banned ids at -inf and the pad past the vocabulary at
-// -inf, and scan it one L1-sized chunk at a time: max, first argmax and NaN/+inf, and
-// with fuse_sums the softmax sums as an online softmax (Milakov and Gimelshein, 2018)
-// rescaled whenever a chunk raises the maximum, so the row costs a single trip from
-// memory.
+// Load the row one L1-sized chunk at a time, into buf at the chunk's place (keep_row)
+// or into one reused chunk slot, with banned ids and the pad past the vocabulary at
+// -inf, and scan it: max, first argmax and NaN/+inf, and with fuse_sums the softmax
+// sums as an online softmax (Milakov and Gimelshein, 2018) rescaled whenever a chunk
+// raises the maximum, so the row costs a single trip from memory.
 RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool keep_row, bool fuse_sums,
                       bool with_weighted, float inv_t) {
   RowScan scan;
