@@ -26,17 +26,17 @@
 namespace unmask::cpu {
 
 #if defined(UNMASK_SAMPLE_AVX2)
-// kN groups of eight lanes of 2^z, z <= 127, written step by step across the groups:
-// one 2^z is a chain of ~10 dependent operations (~40 cycles), and interleaving
-// independent chains in program order lets the out-of-order core keep both FMA pipes
-// busy (one group at a time: 0.36 ns per element on Zen 3; four: 0.25). Each: clamp at -126 (normal floats
-// only; -inf becomes 2^-126, negligible next to the row maximum's 1), round to the
-// nearest integer k, the polynomial in r = z - k, and k added into the exponent bits.
+// kN groups of eight lanes of 2^z for z in [-126, 127] (callers clamp: -inf and very
+// negative scores become 2^-126, negligible next to a row maximum's 1), written step by
+// step across the groups: one 2^z is a chain of ~10 dependent operations (~40 cycles),
+// and interleaving independent chains in program order lets the out-of-order core keep
+// both FMA pipes busy (one group at a time: 0.36 ns per element on Zen 3; four: 0.25).
+// Each: round to the nearest integer k, the polynomial in r = z - k, and k added into
+// the exponent bits.
 template <int kN>
 inline void exp2_avx2(__m256 (&z)[kN]) {
   __m256 k[kN], r[kN];
   for (int g = 0; g < kN; ++g) {
-    z[g] = _mm256_max_ps(z[g], _mm256_set1_ps(-126.0f));
     k[g] = _mm256_round_ps(z[g], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     r[g] = _mm256_sub_ps(z[g], k[g]);
     z[g] = _mm256_set1_ps(kExp2Poly[kExp2Degree]);
@@ -188,7 +188,11 @@ inline void exp_sums(const float* x, int64_t n, float max, float inv_t, float* s
   // |max * a| * 2^-24 to cancellation, 1e-5 relative in e^z for logits near 100.
   const float a = inv_t * kLog2e;
 #if defined(UNMASK_SAMPLE_AVX2)
-  const __m256 va = _mm256_set1_ps(a), vmax = _mm256_set1_ps(max);
+  const __m256 va = _mm256_set1_ps(a), vmax = _mm256_set1_ps(max), lowest = _mm256_set1_ps(-126.0f);
+  // z2 clamped at -126 once, for the exp and for the weighted sum (-inf * 2^-126 = -inf).
+  auto z2 = [&](int64_t at) {
+    return _mm256_max_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + at), vmax), va), lowest);
+  };
   constexpr int kN = 4;  // interleaved 2^z chains (exp2_avx2)
   __m256 sum[kN], wsum[kN];
   for (int g = 0; g < kN; ++g) sum[g] = wsum[g] = _mm256_setzero_ps();
@@ -201,21 +205,19 @@ inline void exp_sums(const float* x, int64_t n, float max, float inv_t, float* s
       _mm_prefetch(ahead, _MM_HINT_T0);
     }
     __m256 z[kN], e[kN];
-    for (int g = 0; g < kN; ++g) e[g] = z[g] = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8 * g), vmax), va);
+    for (int g = 0; g < kN; ++g) e[g] = z[g] = z2(i + 8 * g);
     exp2_avx2(e);
     for (int g = 0; g < kN; ++g) sum[g] = _mm256_add_ps(sum[g], e[g]);
     if constexpr (kWeighted) {
-      for (int g = 0; g < kN; ++g) {
-        wsum[g] = _mm256_fmadd_ps(e[g], _mm256_max_ps(z[g], _mm256_set1_ps(-126.0f)), wsum[g]);
-      }
+      for (int g = 0; g < kN; ++g) wsum[g] = _mm256_fmadd_ps(e[g], z[g], wsum[g]);
     }
   }
   for (; i < n; i += 8) {
-    __m256 z[1] = {_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmax), va)};
-    __m256 e[1] = {z[0]};
+    const __m256 z = z2(i);
+    __m256 e[1] = {z};
     exp2_avx2(e);
     sum[0] = _mm256_add_ps(sum[0], e[0]);
-    if constexpr (kWeighted) wsum[0] = _mm256_fmadd_ps(e[0], _mm256_max_ps(z[0], _mm256_set1_ps(-126.0f)), wsum[0]);
+    if constexpr (kWeighted) wsum[0] = _mm256_fmadd_ps(e[0], z, wsum[0]);
   }
   *sum_out = horizontal_sum(_mm256_add_ps(_mm256_add_ps(sum[0], sum[1]), _mm256_add_ps(sum[2], sum[3])));
   const __m256 weighted = _mm256_add_ps(_mm256_add_ps(wsum[0], wsum[1]), _mm256_add_ps(wsum[2], wsum[3]));
