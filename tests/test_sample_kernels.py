@@ -98,6 +98,41 @@ def test_confidence_of_large_logits(confidence):
     torch.testing.assert_close(got[1].double(), expected[1].double(), rtol=CONF_RTOL, atol=0)
 
 
+def _rows_for_single_pass_chunks(vocab, gen):
+    """Rows whose later chunks (the kernel reads 2048 ids at a time, each after the first
+    in one pass against the maximum so far) raise the maximum a little, raise it so far
+    that the pass must be redone, repeat it (first id wins), or hold NaN or +inf."""
+    logits = torch.randn(10, vocab, generator=gen) * 3
+    logits[0, 5000] = 40.0                      # a modest rise in chunk 2
+    logits[1, 4500] = 400.0                     # a rise far beyond 2^64: the chunk is redone
+    logits[2, 100] = logits[2, 4100] = 30.0     # the maximum twice: the first id wins
+    logits[3, 4200] = logits[3, 4201] = 30.0    # first seen in a later chunk, twice
+    logits[4, 2048:4096] = float("-inf")        # a chunk of -inf only
+    logits[5, vocab - 1] = 50.0                 # the maximum in the short last chunk
+    logits[6, 4097] = float("nan")
+    logits[7, 5500] = float("inf")
+    logits[8, 0] = -300.0                       # and nothing special: 8 is a plain row
+    logits[9, vocab - 1] = float("nan")         # in the scalar tail of the last chunk
+    return logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kwargs", [dict(), dict(confidence="entropy"), dict(conf_temperature=0.05),
+                                    dict(temperature=1.0, seed=4), dict(confidence="entropy", conf_temperature=3.0)])
+def test_single_pass_chunks(dtype, kwargs):
+    vocab = 3 * 2048 + 17
+    logits = _rows_for_single_pass_chunks(vocab, torch.Generator().manual_seed(21)).to(dtype)
+    expected_tokens, expected_conf = reference.sample(logits, **kwargs)
+    tokens, conf = run_native(logits, **kwargs)
+    invalid = [6, 7, 9]
+    assert tokens[invalid].tolist() == [-1, -1, -1] and torch.isneginf(conf[invalid]).all(), "NaN, +inf: invalid"
+    assert_same_tokens(logits, expected_tokens, tokens, temperature=kwargs.get("temperature", 0.0),
+                       seed=kwargs.get("seed", 0), offset=0)
+    if not kwargs.get("temperature"):
+        assert tokens[2] == 100 and tokens[3] == 4200
+    torch.testing.assert_close(conf.double(), expected_conf.double(), rtol=CONF_RTOL, atol=1e-9)
+
+
 def test_rows_subset_writes_every_row():
     logits = torch.randn(40, 333)
     rows = torch.tensor([39, 0, 17, 5])

@@ -21,10 +21,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
+#include "simd.h"
 #include "unmask/attention.h"
 #include "vec_math.h"
 
@@ -97,39 +94,13 @@ void pv_generic(const float* p, int64_t rows, int64_t keys, int64_t dim, const f
   }
 }
 
-// Register-blocked micro-kernels over one vector type: AVX-512 (16 floats, 32 registers)
-// or AVX2 + FMA (8 floats, 16 registers). A block is kRows = 6 rows by one band of
-// kBandVecs vectors: 6 x 4 zmm = 24 accumulators, or 6 x 2 ymm = 12 accumulators plus
-// 2 loads and a broadcast in 16 ymm registers (the 6 x 16 shape of AVX2 GEMM kernels).
-#if defined(__AVX512F__)
-#define UNMASK_SIMD_ATTENTION 1
-struct Simd {
-  using Reg = __m512;
-  static constexpr int kWidth = 16;
-  static Reg zero() { return _mm512_setzero_ps(); }
-  static Reg load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, Reg v) { _mm512_storeu_ps(p, v); }
-  static Reg set1(float x) { return _mm512_set1_ps(x); }
-  static Reg mul(Reg a, Reg b) { return _mm512_mul_ps(a, b); }
-  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
-};
-constexpr int kBandVecs = 4;
-#elif defined(__AVX2__) && defined(__FMA__)
-#define UNMASK_SIMD_ATTENTION 1
-struct Simd {
-  using Reg = __m256;
-  static constexpr int kWidth = 8;
-  static Reg zero() { return _mm256_setzero_ps(); }
-  static Reg load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, Reg v) { _mm256_storeu_ps(p, v); }
-  static Reg set1(float x) { return _mm256_set1_ps(x); }
-  static Reg mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
-  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
-};
-constexpr int kBandVecs = 2;
-#endif
-
-#if defined(UNMASK_SIMD_ATTENTION)
+// Register-blocked micro-kernels over cpu::Simd (simd.h): AVX-512 (16 floats, 32
+// registers) or AVX2 + FMA (8 floats, 16 registers). A block is kRows = 6 rows by one
+// band of kBandVecs vectors: 6 x 4 zmm = 24 accumulators, or 6 x 2 ymm = 12 accumulators
+// plus 2 loads and a broadcast in 16 ymm registers (the 6 x 16 shape of AVX2 GEMM kernels).
+#if defined(UNMASK_SIMD)
+using cpu::Simd;
+constexpr int kBandVecs = Simd::kWidth == 16 ? 4 : 2;
 constexpr int kBlockRows = 6;
 constexpr int64_t kBand = kBandVecs * Simd::kWidth;  // floats per band: 64 (AVX-512) or 16 (AVX2)
 static_assert(kKeyTile % kBand == 0, "a key tile is a whole number of bands");
@@ -167,14 +138,14 @@ void interleave_row_blocks(const float* q, int64_t rows, int64_t dim, float* blo
 // column; rows of s are kKeyTile apart.
 template <int kRows>
 void qk_band(const float* q, int64_t dim, const float* kt, float* s) {
-  typename Simd::Reg acc[kRows][kBandVecs];
+  Simd::Reg acc[kRows][kBandVecs];
   for (int r = 0; r < kRows; ++r)
     for (int c = 0; c < kBandVecs; ++c) acc[r][c] = Simd::zero();
   for (int64_t d = 0; d < dim; ++d) {
-    typename Simd::Reg k[kBandVecs];
+    Simd::Reg k[kBandVecs];
     for (int c = 0; c < kBandVecs; ++c) k[c] = Simd::load(kt + d * kKeyTile + c * Simd::kWidth);
     for (int r = 0; r < kRows; ++r) {
-      const typename Simd::Reg qb = Simd::set1(q[d * kRows + r]);
+      const Simd::Reg qb = Simd::set1(q[d * kRows + r]);
       for (int c = 0; c < kBandVecs; ++c) acc[r][c] = Simd::fmadd(qb, k[c], acc[r][c]);
     }
   }
@@ -189,16 +160,16 @@ void qk_band(const float* q, int64_t dim, const float* kt, float* s) {
 template <int kRows>
 void pv_band(const float* p, int64_t keys, const float* v, int64_t stride, const float* alpha,
              float* o) {
-  typename Simd::Reg acc[kRows][kBandVecs];
+  Simd::Reg acc[kRows][kBandVecs];
   for (int r = 0; r < kRows; ++r) {
-    const typename Simd::Reg a = Simd::set1(alpha[r]);
+    const Simd::Reg a = Simd::set1(alpha[r]);
     for (int c = 0; c < kBandVecs; ++c) acc[r][c] = Simd::mul(a, Simd::load(o + r * stride + c * Simd::kWidth));
   }
   for (int64_t j = 0; j < keys; ++j) {
-    typename Simd::Reg vj[kBandVecs];
+    Simd::Reg vj[kBandVecs];
     for (int c = 0; c < kBandVecs; ++c) vj[c] = Simd::load(v + j * stride + c * Simd::kWidth);
     for (int r = 0; r < kRows; ++r) {
-      const typename Simd::Reg pb = Simd::set1(p[r * kKeyTile + j]);
+      const Simd::Reg pb = Simd::set1(p[r * kKeyTile + j]);
       for (int c = 0; c < kBandVecs; ++c) acc[r][c] = Simd::fmadd(pb, vj[c], acc[r][c]);
     }
   }
@@ -215,7 +186,7 @@ void pv_band(const float* p, int64_t keys, const float* v, int64_t stride, const
 
 // q: the tile's rows as interleave_row_blocks leaves them (SIMD builds), else row-major.
 void qk_tile(const float* q, int64_t rows, int64_t dim, const float* kt, const int64_t* row_keys, float* s) {
-#if defined(UNMASK_SIMD_ATTENTION)
+#if defined(UNMASK_SIMD)
   for_row_blocks(rows, [&](auto block_rows, int64_t r) {
     constexpr int kRows = decltype(block_rows)::value;
     const int64_t cols = row_keys != nullptr ? row_keys[r + kRows - 1] : kKeyTile;
@@ -232,7 +203,7 @@ void qk_tile(const float* q, int64_t rows, int64_t dim, const float* kt, const i
 // v: the packed tile, `keys` rows of `dim` floats.
 void pv_tile(const float* p, int64_t rows, int64_t keys, int64_t dim, const float* v, const int64_t* row_keys,
              const float* alpha, float* o) {
-#if defined(UNMASK_SIMD_ATTENTION)
+#if defined(UNMASK_SIMD)
   if (dim % kBand == 0) {
     for_row_blocks(rows, [&](auto block_rows, int64_t r) {
       constexpr int kRows = decltype(block_rows)::value;
@@ -369,7 +340,7 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b
     load_row(p.q, p.dtype, b * p.q_stride[0] + (q_begin + r) * p.q_stride[1] + h * p.q_stride[2], dim,
              p.scale * cpu::kLog2e, buf.q.data() + r * dim);
   }
-#if defined(UNMASK_SIMD_ATTENTION)
+#if defined(UNMASK_SIMD)
   interleave_row_blocks(buf.q.data(), rows, dim, buf.q_blocked.data());
   const float* q_tile = buf.q_blocked.data();
 #else

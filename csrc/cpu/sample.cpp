@@ -35,7 +35,7 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr double kGumbelMax = 17.5;
 constexpr int64_t kChunk = 2048;  // 8 KiB of floats: a chunk stays in L1 between its passes
 // The row buffer is padded with -inf to a multiple of kPad floats, so the vector loops of
-// sample_simd.h (8 floats; 32 for the Gumbel candidates) never need a scalar tail.
+// sample_simd.h (8 or 16 floats; 32 for the Gumbel candidates) never need a scalar tail.
 constexpr int64_t kPad = 32;
 
 constexpr int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
@@ -65,21 +65,20 @@ const void* source(const SampleParams& p, int64_t row, int64_t col) {
   return static_cast<const char*>(p.logits) + (row * p.vocab + col) * element_size(p.dtype);
 }
 
-float convert_max_and_bad(const SampleParams& p, int64_t row, int64_t begin, int64_t count, float* out, bool* bad) {
-  const void* src = source(p, row, begin);
-  switch (p.dtype) {
-    case ScalarType::kFloat32: return cpu::convert_max_and_bad<ScalarType::kFloat32>(src, count, out, bad);
-    case ScalarType::kBFloat16: return cpu::convert_max_and_bad<ScalarType::kBFloat16>(src, count, out, bad);
-    case ScalarType::kFloat16: break;
-  }
-  return cpu::convert_max_and_bad<ScalarType::kFloat16>(src, count, out, bad);
-}
-
 // Load the row one L1-sized chunk at a time, into buf at the chunk's place (keep_row)
 // or into one reused chunk slot, with banned ids and the pad past the vocabulary at
 // -inf, and scan it: max, first argmax and NaN/+inf, and with fuse_sums the softmax
 // sums as an online softmax (Milakov and Gimelshein, 2018) rescaled whenever a chunk
 // raises the maximum, so the row costs a single trip from memory.
+//
+// With fuse_sums, a chunk after the first (with no banned id in it) takes a single pass
+// (cpu::convert_max_and_sums) with the row maximum so far as its reference. The first
+// chunk, chunks with banned ids and chunks that raise the maximum take two passes over
+// the L1 copy: convert and max, then the sums against the new maximum, so that every
+// term is formed with z <= 0 and the maximum adds exactly 1 (a term summed against the
+// old maximum and rescaled would carry its z's rounding, z * 2^-24, into the sum, and
+// cancel in the entropy's sum e * z). Random rows raise the maximum in ~4 of 62 chunks.
+template <ScalarType kType>
 RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool keep_row, bool fuse_sums,
                       bool with_weighted, float inv_t) {
   RowScan scan;
@@ -87,45 +86,76 @@ RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool keep_
   bool bad = false;
   const int64_t* banned = p.banned;
   const int64_t* banned_end = p.banned + p.n_banned;
+  // Rescale the sums from the reference scan.max to a larger maximum at `at`.
+  auto raise_max = [&](float new_max, int64_t at) {
+    if (scan.max > -kInf) {
+      const double shift = (static_cast<double>(scan.max) - new_max) * inv_t;
+      const double factor = std::exp(shift);
+      scan.weighted = factor * (scan.weighted + shift * scan.sum);
+      scan.sum *= factor;
+    }
+    scan.max = new_max;
+    scan.argmax = at;
+  };
   for (int64_t begin = 0; begin < p.vocab; begin += kChunk) {
     const int64_t count = std::min(kChunk, p.vocab - begin);
     const int64_t padded = round_up(count, kPad);
+    const bool has_banned = banned != banned_end && *banned < begin + count;
+    const void* src = source(p, row, begin);
     float* chunk = keep_row ? buf + begin : buf;
+    if (fuse_sums && !has_banned && scan.max > -kInf && scan.max < kInf) {
+      float sum = 0.0f, weighted = 0.0f;
+      float* out = keep_row ? chunk : nullptr;
+      const float chunk_max =
+          with_weighted ? cpu::convert_max_and_sums<kType, true>(src, count, scan.max, inv_t, out, &sum, &weighted)
+                        : cpu::convert_max_and_sums<kType, false>(src, count, scan.max, inv_t, out, &sum, &weighted);
+      if (chunk_max <= scan.max) {  // no rise (and no +inf): every z <= 0
+        if (std::isnan(sum)) {      // a NaN logit: the row is invalid, and the rest need not be read
+          scan.bad = true;
+          return scan;
+        }
+        if (keep_row) std::fill(chunk + count, chunk + padded, -kInf);
+        scan.sum += sum;  // chunk partials in float, the row total in double
+        scan.weighted += weighted;
+        continue;
+      }
+    }
     bool chunk_bad = false;
-    float chunk_max = convert_max_and_bad(p, row, begin, count, chunk, &chunk_bad);
+    float chunk_max = cpu::convert_max_and_bad<kType>(src, count, chunk, &chunk_bad);
     std::fill(chunk + count, chunk + padded, -kInf);
-    if (banned != banned_end && *banned < begin + count) {  // rare: ban, then rescan the chunk
+    if (has_banned) {  // rare: ban, then rescan the chunk
       for (; banned != banned_end && *banned < begin + count; ++banned) chunk[*banned - begin] = -kInf;
       chunk_max = cpu::max_and_bad(chunk, padded, &chunk_bad);
     }
     bad = bad || chunk_bad;
     if (chunk_max > scan.max) {  // rare after the first chunks: find where, rescale the sums
-      const int64_t first = cpu::first_index_of(chunk, padded, chunk_max);
-      if (scan.max > -kInf) {
-        const double shift = (static_cast<double>(scan.max) - chunk_max) * inv_t;
-        const double factor = std::exp(shift);
-        scan.weighted = factor * (scan.weighted + shift * scan.sum);
-        scan.sum *= factor;
-      }
-      scan.max = chunk_max;
-      scan.argmax = begin + first;
+      raise_max(chunk_max, begin + cpu::first_index_of(chunk, padded, chunk_max));
     }
     if (fuse_sums && scan.max > -kInf) {
       float sum = 0.0f, weighted = 0.0f;
-      const int64_t next_count = std::min(kChunk, p.vocab - begin - count);
-      const void* next = source(p, row, begin + count);
-      const int64_t next_bytes = next_count * element_size(p.dtype);
       if (with_weighted) {
-        cpu::exp_sums<true>(chunk, padded, scan.max, inv_t, &sum, &weighted, next, next_bytes);
+        cpu::exp_sums<true>(chunk, padded, scan.max, inv_t, &sum, &weighted);
       } else {
-        cpu::exp_sums<false>(chunk, padded, scan.max, inv_t, &sum, &weighted, next, next_bytes);
+        cpu::exp_sums<false>(chunk, padded, scan.max, inv_t, &sum, &weighted);
       }
-      scan.sum += sum;  // chunk partials in float, the row total in double
+      scan.sum += sum;
       scan.weighted += weighted;
     }
   }
   scan.bad = bad;
   return scan;
+}
+
+RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool keep_row, bool fuse_sums,
+                      bool with_weighted, float inv_t) {
+  switch (p.dtype) {
+    case ScalarType::kFloat32:
+      return load_and_scan<ScalarType::kFloat32>(p, row, buf, keep_row, fuse_sums, with_weighted, inv_t);
+    case ScalarType::kBFloat16:
+      return load_and_scan<ScalarType::kBFloat16>(p, row, buf, keep_row, fuse_sums, with_weighted, inv_t);
+    case ScalarType::kFloat16: break;
+  }
+  return load_and_scan<ScalarType::kFloat16>(p, row, buf, keep_row, fuse_sums, with_weighted, inv_t);
 }
 
 // Radix selection over order keys, 11 + 11 + 10 bits: `weight(i)` is what each id
