@@ -21,27 +21,6 @@
 
 namespace unmask::cpu {
 
-#if defined(UNMASK_SIMD)
-// kN vectors of 2^z for z in [-126, 126] (callers clamp: -inf and very negative scores
-// become 2^-126, negligible next to a row maximum's 1), written step by step across the
-// vectors: one 2^z is a chain of ~10 dependent operations (~40 cycles), and interleaving
-// independent chains in program order lets the out-of-order core keep both FMA pipes
-// busy (one vector at a time: 0.36 ns per element on Zen 3 with AVX2; four: 0.25).
-// Each: the polynomial in r = z - floor(z), times 2^floor(z).
-template <int kN>
-inline void exp2_interleaved(Simd::Reg (&z)[kN]) {
-  Simd::Reg k[kN], r[kN];
-  for (int g = 0; g < kN; ++g) {
-    r[g] = Simd::split_floor(z[g], &k[g]);
-    z[g] = Simd::set1(kExp2Poly[kExp2Degree]);
-  }
-  for (int i = kExp2Degree - 1; i >= 0; --i) {
-    for (int g = 0; g < kN; ++g) z[g] = Simd::fmadd(z[g], r[g], Simd::set1(kExp2Poly[i]));
-  }
-  for (int g = 0; g < kN; ++g) z[g] = Simd::scale_pow2(z[g], k[g]);
-}
-#endif
-
 // Largest of x[0, n) (n a multiple of Simd::kWidth; NaN never wins), and whether any is
 // NaN or +inf.
 inline float max_and_bad(const float* x, int64_t n, bool* bad) {
