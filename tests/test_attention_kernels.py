@@ -104,3 +104,18 @@ def test_empty_batch_and_empty_keys():
     assert ops.attention(q, k, v).shape == (0, 5, 2, 64)
     q, k, v, _ = random_inputs(1, 5, 0, 2, 2, 64, torch.float32, seed=1)
     assert torch.equal(ops.attention(q, k, v), torch.zeros(1, 5, 2, 64))
+
+
+def test_hidden_keys_weigh_exactly_zero():
+    """Padding keys get weight 0, not a tiny one: with V near the float32 maximum at the
+    hidden keys, any weight above 0 (2^-126 times 3e38 is 3.5) shows in the output."""
+    q, k, v, gen = random_inputs(2, 70, 100, 4, 2, 64, torch.float32, seed=11)
+    key_valid = torch.rand(2, 100, generator=gen) > 0.3
+    key_valid[:, :40] = False  # the whole first key tile but 24 keys: a tile with both kinds
+    v[~key_valid] = 3e38
+    out = torch.full_like(q, float("nan"))
+    native.attention_cpu(q, k, v, kv_len=None, key_valid=key_valid, block_size=None, q_offset=0,
+                         scale=64**-0.5, out=out)
+    exact = reference.attention(q.double(), k.double(), v.double(), key_valid=key_valid)
+    error = (out.double() - exact).abs()
+    assert float(error.max()) < 1e-5, f"max error {float(error.max()):.3g}, mean {float(error.mean()):.3g}"

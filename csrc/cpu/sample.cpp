@@ -2,10 +2,11 @@
 //
 // Per row (one OpenMP thread per row), in chunks of kChunk ids that stay in L1:
 //   load    convert to float, ban ids, and find max, first argmax and NaN/+inf, then
-//           the softmax sums of the chunk (online, rescaled when the maximum rises)
-//           while the next chunk is prefetched. Rows that are read again below keep
-//           the whole row in a per-thread buffer that stays in L2 (V = 152064 floats =
-//           594 KiB); greedy rows reuse one chunk-sized slot.
+//           the softmax sums of the chunk (online, rescaled when the maximum rises);
+//           most chunks in a single pass that prefetches 4 KiB ahead (load_and_scan).
+//           Rows that are read again below keep the whole row in a per-thread buffer
+//           that stays in L2 (V = 152064 floats = 594 KiB); greedy rows reuse one
+//           chunk-sized slot.
 //   filter  top_k / top_p as a kept prefix of the order (value desc, id asc), found by
 //           radix selection on the float bits: three histogram passes over the buffer,
 //           no sort of the vocabulary;
@@ -86,17 +87,6 @@ RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool keep_
   bool bad = false;
   const int64_t* banned = p.banned;
   const int64_t* banned_end = p.banned + p.n_banned;
-  // Rescale the sums from the reference scan.max to a larger maximum at `at`.
-  auto raise_max = [&](float new_max, int64_t at) {
-    if (scan.max > -kInf) {
-      const double shift = (static_cast<double>(scan.max) - new_max) * inv_t;
-      const double factor = std::exp(shift);
-      scan.weighted = factor * (scan.weighted + shift * scan.sum);
-      scan.sum *= factor;
-    }
-    scan.max = new_max;
-    scan.argmax = at;
-  };
   for (int64_t begin = 0; begin < p.vocab; begin += kChunk) {
     const int64_t count = std::min(kChunk, p.vocab - begin);
     const int64_t padded = round_up(count, kPad);
@@ -129,7 +119,15 @@ RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool keep_
     }
     bad = bad || chunk_bad;
     if (chunk_max > scan.max) {  // rare after the first chunks: find where, rescale the sums
-      raise_max(chunk_max, begin + cpu::first_index_of(chunk, padded, chunk_max));
+      const int64_t first = cpu::first_index_of(chunk, padded, chunk_max);
+      if (scan.max > -kInf) {
+        const double shift = (static_cast<double>(scan.max) - chunk_max) * inv_t;
+        const double factor = std::exp(shift);
+        scan.weighted = factor * (scan.weighted + shift * scan.sum);
+        scan.sum *= factor;
+      }
+      scan.max = chunk_max;
+      scan.argmax = begin + first;
     }
     if (fuse_sums && scan.max > -kInf) {
       float sum = 0.0f, weighted = 0.0f;
