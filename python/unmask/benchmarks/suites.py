@@ -50,10 +50,10 @@ def bench_sample(device: torch.device, shapes: list[tuple[int, int]], dtypes: li
                  peaked: bool = False) -> list[Row]:
     """Bytes moved = logits read once + tokens (8 B) and confidences (4 B) written.
 
-    peak_gbps None: the read bandwidth is measured right before each native timing and
-    each group of rows is reported against it (extra.read_bandwidth_gbps). A shared cloud
-    machine's bandwidth drifts by 20-30% over the minutes the baselines take, more than
-    the differences being measured."""
+    peak_gbps None: the native kernel is timed in three rounds, each right after a
+    measurement of the read bandwidth; its time is the median over the rounds, and each
+    group of rows is reported against the median bandwidth (extra.read_bandwidth_gbps). A shared cloud machine's bandwidth drifts by 20-30% over
+    the minutes the baselines take, more than the differences being measured."""
     rows = []
     for n, vocab in shapes:
         for dtype in dtypes:
@@ -79,10 +79,15 @@ def bench_sample(device: torch.device, shapes: list[tuple[int, int]], dtypes: li
             timings = {}
             peak = peak_gbps
             for name, fn in impls.items():
-                native = "unmask" in name
-                if native and peak is None:
-                    peak = read_bandwidth(device, megabytes=1024)
-                timings[name] = median_seconds(fn, device, reps=reps if native else min(reps, 3), warmup=3 if native else 1)
+                if "unmask" not in name:
+                    timings[name] = median_seconds(fn, device, reps=min(reps, 3), warmup=1)
+                elif peak_gbps is not None:
+                    timings[name] = median_seconds(fn, device, reps=reps)
+                else:
+                    rounds = [(read_bandwidth(device, megabytes=1024), median_seconds(fn, device, reps=reps))
+                              for _ in range(3)]
+                    peak = statistics.median(bw for bw, _ in rounds)
+                    timings[name] = statistics.median(t for _, t in rounds)
             baseline = next(iter(timings.values()))
             shape = {"N": n, "V": vocab, "T": temperature, **({"logits": "peaked"} if peaked else {})}
             for name, seconds in timings.items():
