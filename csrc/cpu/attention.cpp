@@ -18,6 +18,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -29,6 +30,23 @@ namespace unmask {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// Buffers the micro-kernels load whole vectors from start on a cache line: malloc's 16-byte
+// alignment splits every 64-byte load across two lines.
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64})); }
+  void deallocate(T* ptr, size_t) { ::operator delete(ptr, std::align_val_t{64}); }
+  template <typename U>
+  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CacheLineAllocator<U>&) const { return false; }
+};
+using AlignedFloats = std::vector<float, CacheLineAllocator<float>>;
 constexpr int64_t kKeyTile = 64;    // S row = 4 zmm; a K^T tile of D=128 is 32 KiB, L1-sized
 // Q, S and O tiles of a task stay in L2 (~160 KiB at D=128), and 126 = 21 blocks of the
 // 6-row micro-kernels: no short remainder block per tile (measured 2% over 128).
@@ -285,9 +303,9 @@ void pv_tile(const float* p, int64_t rows, int64_t keys, int64_t dim, const floa
 // ------------------------------------------------------------------ packing and masks
 
 struct Packed {
-  std::vector<float> kt;       // [batch][kv_heads][tiles][D][kKeyTile]
-  std::vector<float> v;        // [batch][kv_heads][tiles][kKeyTile][D]
-  std::vector<float> key_bias; // [batch][tiles * kKeyTile]: 0 visible, -inf hidden (kv_len, key_valid, padding)
+  AlignedFloats kt;            // [batch][kv_heads][tiles][D][kKeyTile]
+  AlignedFloats v;             // [batch][kv_heads][tiles][kKeyTile][D]
+  AlignedFloats key_bias;      // [batch][tiles * kKeyTile]: 0 visible, -inf hidden (kv_len, key_valid, padding)
   std::vector<int64_t> visible_keys;  // [batch][tiles]: keys of the tile that key masks leave visible
 };
 
@@ -384,7 +402,7 @@ TileVisibility causal_visibility(const AttentionParams& p, int64_t q_begin, int6
 // ------------------------------------------------------------------ one task
 
 struct TaskBuffers {
-  std::vector<float> q, q_blocked, s, o;
+  AlignedFloats q, q_blocked, s, o;
   std::vector<float> row_max, row_sum, alpha;
   std::vector<int64_t> row_keys;
 };
