@@ -4,6 +4,9 @@ On CUDA (bf16, D = 128, H = 32): every torch SDPA backend that takes the case an
 FlexAttention, as a fraction of a bf16 matmul measured in the same run; plain shapes of
 1k-8k tokens, block-causal (32) with padding, and short query blocks (32, 128) against
 4096 cached keys, those also in GB/s of K and V reads against device copy bandwidth.
+On the CPU (float32, [1, 1024, 32, 128], no mask and block-causal 32 with padding):
+torch SDPA, FlexAttention where it compiles, as a fraction of a float32 matmul measured
+in the same run.
 
     python bench/attention.py [--device cpu|cuda] [--out FILE] [--no-save]
 """

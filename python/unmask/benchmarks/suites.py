@@ -143,8 +143,9 @@ def flex_attention_baseline(q, k, v, key_valid, block):
 
 
 def bench_attention(device: torch.device, shapes: list[tuple[int, int, int, int]], dtype: torch.dtype, *,
-                    reps: int = 5, flex_attention: bool = False) -> list[Row]:
-    """FLOPs = 4 * B * H * Lq * Lk * D, with no discount for masking."""
+                    reps: int = 5, flex_attention: bool = False, matmul_gflops: float | None = None) -> list[Row]:
+    """FLOPs = 4 * B * H * Lq * Lk * D, with no discount for masking; matmul_gflops (the
+    same run's dense matmul of this dtype) fills in each row's fraction of peak."""
     rows = []
     for batch, length, heads, head_dim in shapes:
         q, k, v = (torch.randn(batch, length, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
@@ -179,6 +180,8 @@ def bench_attention(device: torch.device, shapes: list[tuple[int, int, int, int]
                 baseline = baseline or seconds
                 rows.append(Row("attention", name, {"B": batch, "L": length, "H": heads, "D": head_dim, "mask": mask_kind},
                                 str(dtype).removeprefix("torch."), seconds * 1e3, gflops=flops / seconds / 1e9,
+                                fraction_of_peak=flops / seconds / 1e9 / matmul_gflops if matmul_gflops else None,
+                                peak=f"{str(dtype).removeprefix('torch.')} matmul" if matmul_gflops else None,
                                 speedup_vs_baseline=baseline / seconds))
     return rows
 
@@ -325,7 +328,11 @@ def full_sample(device: torch.device, shapes: list[tuple[int, int]] | None = Non
 def full_attention(device: torch.device) -> tuple[list[Row], dict]:
     if device.type == "cuda":
         return bench_attention_gpu(device)
-    return bench_attention(device, [(1, 1024, 32, 128)], torch.float32, flex_attention=True), {}
+    # n = 2048: the size at which torch's CPU matmul peaks on the 2-core dev machine.
+    matmul_gflops = matmul_tflops(device, n=2048, dtype=torch.float32) * 1e3
+    rows = bench_attention(device, [(1, 1024, 32, 128)], torch.float32, flex_attention=True,
+                           matmul_gflops=matmul_gflops)
+    return rows, {"float32_matmul_gflops": matmul_gflops}
 
 
 def full_commit(device: torch.device) -> tuple[list[Row], dict]:
