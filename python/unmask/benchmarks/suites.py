@@ -99,7 +99,8 @@ def bench_sample(device: torch.device, shapes: list[tuple[int, int]], dtypes: li
     return rows
 
 
-def bench_commit(device: torch.device, shapes: list[tuple[int, int]], *, reps: int = 20) -> list[Row]:
+def bench_commit(device: torch.device, shapes: list[tuple[int, int]], *, reps: int = 20,
+                 compiled_reference: bool = False) -> list[Row]:
     rows = []
     for batch, length in shapes:
         gen = torch.Generator().manual_seed(0)
@@ -110,8 +111,11 @@ def bench_commit(device: torch.device, shapes: list[tuple[int, int]], *, reps: i
         for mode in ({"k": 4}, {"threshold": 0.9}, {"factor": 1.0}):
             k = torch.full((batch,), 4, device=device) if "k" in mode else None
             args = {"k": k} if k is not None else mode
+            compiled = compiled_baseline(reference.commit, canvas, tokens, conf, eligible,
+                                         **args) if compiled_reference else None
             impls = {
                 "reference (eager)": lambda i: reference.commit(canvas, tokens, conf, eligible, **args),
+                **({"reference (compiled)": compiled} if compiled is not None else {}),
                 f"unmask.ops [{ops.backend_for('commit', device)}]": lambda i: ops.commit(canvas, tokens, conf, eligible, **mode),
             }
             baseline = None
@@ -121,6 +125,20 @@ def bench_commit(device: torch.device, shapes: list[tuple[int, int]], *, reps: i
                 rows.append(Row("commit", name, {"B": batch, "L": length, "mode": next(iter(mode))}, "int64",
                                 seconds * 1e3, speedup_vs_baseline=baseline / seconds))
     return rows
+
+
+def compiled_baseline(fn: Callable, *args, **kwargs) -> Callable | None:
+    """torch.compile of a reference function on fixed inputs (a fresh compile: dynamo's
+    recompile limit would otherwise send later shapes back to eager without saying so),
+    run once to compile; None where it does not compile on this device or torch build."""
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, dynamic=False)
+        run = lambda i: compiled(*args, **kwargs)  # noqa: E731
+        run(0)
+        return run
+    except Exception:  # noqa: BLE001 - any failure means "baseline unavailable here"
+        return None
 
 
 def flex_attention_baseline(q, k, v, key_valid, block):
@@ -143,9 +161,11 @@ def flex_attention_baseline(q, k, v, key_valid, block):
 
 
 def bench_attention(device: torch.device, shapes: list[tuple[int, int, int, int]], dtype: torch.dtype, *,
-                    reps: int = 5, flex_attention: bool = False, matmul_gflops: float | None = None) -> list[Row]:
+                    reps: int = 5, flex_attention: bool = False, reference_baselines: bool = False,
+                    matmul_gflops: float | None = None) -> list[Row]:
     """FLOPs = 4 * B * H * Lq * Lk * D, with no discount for masking; matmul_gflops (the
-    same run's dense matmul of this dtype) fills in each row's fraction of peak."""
+    same run's dense matmul of this dtype) fills in each row's fraction of peak. Ratios
+    are against torch SDPA, the first row of each mask."""
     rows = []
     for batch, length, heads, head_dim in shapes:
         q, k, v = (torch.randn(batch, length, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
@@ -161,16 +181,29 @@ def bench_attention(device: torch.device, shapes: list[tuple[int, int, int, int]
 
         flex = flex_attention_baseline(q, k, v, key_valid, block) if flex_attention else None
 
+        masked = dict(key_valid=key_valid, block_size=block)
+        compiled = {kind: compiled_baseline(reference.attention, q, k, v, **kwargs) if reference_baselines else None
+                    for kind, kwargs in (("none", {}), ("block+pad", masked))}
+
+        def references(kind, kwargs):
+            if not reference_baselines:
+                return {}
+            impls = {"reference (eager)": lambda i: reference.attention(q, k, v, **kwargs)}
+            if compiled[kind] is not None:
+                impls["reference (compiled)"] = compiled[kind]
+            return impls
+
         cases = {
             "none": {
                 "torch SDPA": lambda i: sdpa(None),
+                **references("none", {}),
                 f"unmask.ops [{ops.backend_for('attention', device)}]": lambda i: ops.attention(q, k, v),
             },
             "block+pad": {
                 "torch SDPA (bool mask)": lambda i: sdpa(block_mask[:, None]),
                 **({"FlexAttention (compiled)": flex} if flex is not None else {}),
-                f"unmask.ops [{ops.backend_for('attention', device)}]": lambda i: ops.attention(
-                    q, k, v, key_valid=key_valid, block_size=block),
+                **references("block+pad", masked),
+                f"unmask.ops [{ops.backend_for('attention', device)}]": lambda i: ops.attention(q, k, v, **masked),
             },
         }
         for mask_kind, impls in cases.items():
@@ -331,12 +364,12 @@ def full_attention(device: torch.device) -> tuple[list[Row], dict]:
     # n = 2048: the size at which torch's CPU matmul peaks on the 2-core dev machine.
     matmul_gflops = matmul_tflops(device, n=2048, dtype=torch.float32) * 1e3
     rows = bench_attention(device, [(1, 1024, 32, 128)], torch.float32, flex_attention=True,
-                           matmul_gflops=matmul_gflops)
+                           reference_baselines=True, matmul_gflops=matmul_gflops)
     return rows, {"float32_matmul_gflops": matmul_gflops}
 
 
 def full_commit(device: torch.device) -> tuple[list[Row], dict]:
-    return bench_commit(device, [(1, 32), (8, 256), (64, 1024)]), {}
+    return bench_commit(device, [(1, 32), (8, 256), (64, 1024)], compiled_reference=True), {}
 
 
 __all__ = ["bench_attention", "bench_attention_gpu", "bench_commit", "bench_sample", "full_attention", "full_commit",
