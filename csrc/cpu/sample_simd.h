@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "simd.h"
 #include "unmask/types.h"
@@ -206,20 +207,42 @@ inline float convert_max_and_sums(const void* src, int64_t n, float ref, float i
   constexpr int64_t kStepBytes = kW * kN * (kType == ScalarType::kFloat32 ? 4 : 2);
   constexpr int64_t kPrefetchBytes = 4096;
   const char* ahead = static_cast<const char*>(src) + kPrefetchBytes;
-  for (; i + kW * kN <= n; i += kW * kN, ahead += kStepBytes) {
-    for (int64_t line = 0; line < kStepBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T1);
-    Simd::Reg z[kN], e[kN];
-    for (int g = 0; g < kN; ++g) {
-      const Simd::Reg x = load_as_float<kType>(src, i + kW * g);
-      if (out != nullptr) Simd::store(out + i + kW * g, x);
-      vmax[g] = Simd::max(x, vmax[g]);
-      e[g] = z[g] = Simd::max(lowest, Simd::mul(Simd::sub(x, vref), va));
+  // One loop for rows kept in `out` and one for rows that are not, whose values' order is
+  // then free: bfloat16 loads 64 bytes at a time, split into even and odd elements (a
+  // shift and an and, where widening takes a shuffle and a shift per 32 bytes).
+  auto scan = [&](auto keep) {
+    constexpr bool kKeep = decltype(keep)::value;
+    for (; i + kW * kN <= n; i += kW * kN, ahead += kStepBytes) {
+      for (int64_t line = 0; line < kStepBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T1);
+      Simd::Reg x[kN], z[kN], e[kN];
+      if constexpr (kType == ScalarType::kBFloat16 && !kKeep) {
+        for (int g = 0; g < kN; g += 2) {
+          Simd::load_bf16_even_odd(static_cast<const uint16_t*>(src) + i + kW * g, &x[g], &x[g + 1]);
+        }
+      } else {
+        for (int g = 0; g < kN; ++g) x[g] = load_as_float<kType>(src, i + kW * g);
+      }
+      for (int g = 0; g < kN; ++g) {
+        if constexpr (kKeep) Simd::store(out + i + kW * g, x[g]);
+        vmax[g] = Simd::max(x[g], vmax[g]);
+        z[g] = Simd::mul(Simd::sub(x[g], vref), va);
+        // The clamp keeps e * z finite at -inf logits, and AVX2's 2^z in range; without
+        // either need it is skipped (one of the ~15 vector operations per register:
+        // bfloat16 rows are compute-bound on two cores).
+        if constexpr (kWeighted || !Simd::kExp2AnyInput) z[g] = Simd::max(lowest, z[g]);
+        e[g] = z[g];
+      }
+      exp2_interleaved(e);
+      for (int g = 0; g < kN; ++g) vsum[g] = Simd::add(vsum[g], e[g]);
+      if constexpr (kWeighted) {
+        for (int g = 0; g < kN; ++g) vwsum[g] = Simd::fmadd(e[g], z[g], vwsum[g]);
+      }
     }
-    exp2_interleaved(e);
-    for (int g = 0; g < kN; ++g) vsum[g] = Simd::add(vsum[g], e[g]);
-    if constexpr (kWeighted) {
-      for (int g = 0; g < kN; ++g) vwsum[g] = Simd::fmadd(e[g], z[g], vwsum[g]);
-    }
+  };
+  if (out != nullptr) {
+    scan(std::true_type{});
+  } else {
+    scan(std::false_type{});
   }
   max = Simd::reduce_max(Simd::max(Simd::max(vmax[0], vmax[1]), Simd::max(vmax[2], vmax[3])));
   sum = Simd::reduce_add(Simd::add(Simd::add(vsum[0], vsum[1]), Simd::add(vsum[2], vsum[3])));

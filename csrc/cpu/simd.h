@@ -37,6 +37,12 @@ struct Simd {
   static Reg load_fp16(const uint16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
+  // 2 * kWidth bfloat16 values as floats: the even-indexed ones in *even, the odd in *odd.
+  static void load_bf16_even_odd(const uint16_t* p, Reg* even, Reg* odd) {
+    const __m512i pairs = _mm512_loadu_si512(p);
+    *even = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+    *odd = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
   // float((~w) >> 8) for kWidth 32-bit words: exact, the value is below 2^24.
   static Reg complement_high24(const uint32_t* w) {
     const __m512i words = _mm512_loadu_si512(w);
@@ -61,6 +67,10 @@ struct Simd {
   }
   // x * 2^floor(k) for floor(k) in [-126, 127] and x in [1, 2].
   static Reg scale_pow2(Reg x, Reg k) { return _mm512_scalef_ps(x, k); }
+  // exp2_interleaved is right for every z, not only z >= -126: vreduceps gives 0 for
+  // -inf and vscalefps then 0, large negative z underflow to 0 through subnormals, and NaN
+  // stays NaN. Loops that need no finite z can skip clamping it.
+  static constexpr bool kExp2AnyInput = true;
   // floor(log2 x) for x >= 1, as a float (-inf for 0).
   static Reg exponent(Reg x) { return _mm512_getexp_ps(x); }
 
@@ -90,6 +100,11 @@ struct Simd {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
   }
   static Reg load_fp16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static void load_bf16_even_odd(const uint16_t* p, Reg* even, Reg* odd) {
+    const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    *even = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+    *odd = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
   static Reg complement_high24(const uint32_t* w) {
     const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
     return _mm256_cvtepi32_ps(_mm256_srli_epi32(_mm256_xor_si256(words, _mm256_set1_epi32(-1)), 8));
@@ -110,6 +125,8 @@ struct Simd {
     const __m256i scale = _mm256_slli_epi32(_mm256_cvtps_epi32(k), 23);
     return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(x), scale));
   }
+  // The exponent add is only right for k in [-126, 127]: z must be clamped first.
+  static constexpr bool kExp2AnyInput = false;
   // The exponent field less the bias (-127 for 0).
   static Reg exponent(Reg x) {
     const __m256i biased = _mm256_srli_epi32(_mm256_castps_si256(x), 23);
