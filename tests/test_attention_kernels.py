@@ -107,8 +107,8 @@ def test_empty_batch_and_empty_keys():
 
 
 def test_hidden_keys_weigh_exactly_zero():
-    """Padding keys get weight 0, not a tiny one: with V near the float32 maximum at the
-    hidden keys, any weight above 0 (2^-126 times 3e38 is 3.5) shows in the output."""
+    """Padding keys add nothing, not a tiny weight times their V: with V near the float32
+    maximum at the hidden keys, any weight above 0 (2^-126 times 3e38 is 3.5) would show."""
     q, k, v, gen = random_inputs(2, 70, 100, 4, 2, 64, torch.float32, seed=11)
     key_valid = torch.rand(2, 100, generator=gen) > 0.3
     key_valid[:, :40] = False  # the whole first key tile but 24 keys: a tile with both kinds
@@ -119,3 +119,35 @@ def test_hidden_keys_weigh_exactly_zero():
     exact = reference.attention(q.double(), k.double(), v.double(), key_valid=key_valid)
     error = (out.double() - exact).abs()
     assert float(error.max()) < 1e-5, f"max error {float(error.max()):.3g}, mean {float(error.mean()):.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hidden_keys_are_never_read(dtype):
+    """A cache's rows past kv_len, and keys key_valid hides, may hold anything: NaN there
+    leaves the output bit-identical (0 * NaN in P V would poison it)."""
+    q, k, v, gen = random_inputs(2, 37, 150, 4, 2, 64, dtype, seed=5)
+    kv_len = torch.tensor([90, 150])
+    key_valid = torch.rand(2, 150, generator=gen) > 0.2
+    hidden = (torch.arange(150)[None] >= kv_len[:, None]) | ~key_valid
+    dirty_k, dirty_v = k.clone(), v.clone()
+    dirty_k[hidden], dirty_v[hidden] = float("nan"), float("nan")
+    for block_size in (None, 16):
+        args = dict(kv_len=kv_len, key_valid=key_valid, block_size=block_size)
+        clean = ops.attention(q, k, v, **args)
+        assert not torch.isnan(clean).any()
+        assert torch.equal(ops.attention(q, dirty_k, dirty_v, **args), clean)
+
+
+def test_nan_scores_make_their_rows_nan_as_in_the_reference():
+    """NaN in a visible key, or in a query, makes exactly the rows that see it NaN (the
+    reference's softmax does); every other row is unaffected."""
+    q, k, v, _ = random_inputs(1, 96, 96, 2, 2, 64, torch.float32, seed=9)
+    k[0, 70, 1] = float("nan")  # seen by head 1's queries of blocks 2 (64..95) under blocks of 32
+    q[0, 5, 0] = float("nan")  # one query row of head 0
+    for block_size in (None, 32):
+        out = ops.attention(q, k, v, block_size=block_size)
+        expected = reference.attention(q.double(), k.double(), v.double(), block_size=block_size)
+        assert torch.equal(torch.isnan(out), torch.isnan(expected))
+        assert torch.isnan(out).any()
+        finite = ~torch.isnan(expected)
+        torch.testing.assert_close(out[finite].double(), expected[finite], rtol=2e-5, atol=2e-6)

@@ -47,6 +47,8 @@ BAD_CALLS = [
     ("sample top_p above one", lambda: ops.sample(logits, top_p=1.5), ValueError, "top_p"),
     ("sample confidence", lambda: ops.sample(logits, confidence="max"), ValueError, "confidence"),
     ("sample conf_temperature", lambda: ops.sample(logits, conf_temperature=0.0), ValueError, "conf_temperature"),
+    ("sample tiny conf_temperature", lambda: ops.sample(logits, conf_temperature=1e-39), ValueError,
+     "conf_temperature"),
     ("sample seed", lambda: ops.sample(logits, seed=-5), ValueError, "seed"),
     ("sample offset", lambda: ops.sample(logits, offset=2**32), ValueError, "offset"),
     ("sample rows range", lambda: ops.sample(logits, rows=torch.tensor([3])), ValueError, "rows"),

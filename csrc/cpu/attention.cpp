@@ -30,6 +30,7 @@ namespace unmask {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // Buffers the micro-kernels load whole vectors from start on a cache line: malloc's 16-byte
 // alignment splits every 64-byte load across two lines.
@@ -228,7 +229,8 @@ float bias_and_max(float* srow, const float* bias) {
 // srow[j] = 2^(srow[j] - max) in place; returns their sum. Hidden keys (-inf), and any
 // more than 2^-126 below the maximum, get exactly 0: a weight of 2^-126 times V rounds
 // to a subnormal product, and every FMA that makes one takes a microcode assist (a row
-// of P V over hidden padding keys measured 8x slower on Sapphire Rapids).
+// of P V over hidden padding keys measured 8x slower on Sapphire Rapids). A NaN score
+// (NaN in Q or a visible key) stays NaN and makes the row NaN, as in the reference.
 float exp2_and_sum(float* srow, float max) {
 #if defined(UNMASK_SIMD)
   constexpr int kVecs = kKeyTile / Simd::kWidth;
@@ -236,12 +238,12 @@ float exp2_and_sum(float* srow, float max) {
   Simd::Reg z[kVecs], e[kVecs];
   for (int c = 0; c < kVecs; ++c) {
     z[c] = Simd::sub(Simd::load(srow + c * Simd::kWidth), vmax);
-    e[c] = Simd::max(z[c], lowest);
+    e[c] = Simd::max(lowest, z[c]);  // NaN where z is NaN (max returns its second operand)
   }
   cpu::exp2_interleaved(e);
   Simd::Reg sum = Simd::zero();
   for (int c = 0; c < kVecs; ++c) {
-    e[c] = Simd::keep_or_zero(Simd::at_least(z[c], lowest), e[c]);
+    e[c] = Simd::keep_or_zero(Simd::nan_or_at_least(z[c], lowest), e[c]);
     Simd::store(srow + c * Simd::kWidth, e[c]);
     sum = Simd::add(sum, e[c]);
   }
@@ -251,7 +253,7 @@ float exp2_and_sum(float* srow, float max) {
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < kKeyTile; ++j) {
     const float z = srow[j] - max;
-    const float e = z >= -126.0f ? cpu::exp2_poly(z) : 0.0f;
+    const float e = z < -126.0f ? 0.0f : z == z ? cpu::exp2_poly(z) : z;
     srow[j] = e;
     sum += e;
   }
@@ -357,6 +359,7 @@ void pack_key_tile(const AttentionParams& p, Packed& packed, int64_t b, int64_t 
   const int64_t first = t * kKeyTile;
   const int64_t head_tile_floats = tiles * kKeyTile * dim;
   const int64_t tile_offset = t * kKeyTile * dim;
+  const float* bias = packed.key_bias.data() + b * tiles * kKeyTile + t * kKeyTile;
   // Transpose eight keys at a time: each K^T row then receives 32 contiguous bytes per
   // pass instead of one float per cache line.
   constexpr int64_t kGroup = 8;
@@ -367,10 +370,12 @@ void pack_key_tile(const AttentionParams& p, Packed& packed, int64_t b, int64_t 
       for (int64_t h = 0; h < p.kv_heads; ++h) {
         float* k_row = staging.data() + (h * kGroup + g) * dim;
         float* v_row = packed.v.data() + (b * p.kv_heads + h) * head_tile_floats + tile_offset + (j0 + g) * dim;
-        if (key < p.k_len) {
+        // Hidden keys are never read: a cache's rows past kv_len may hold anything,
+        // NaN included, and 0 * NaN in P V would poison the row.
+        if (bias[j0 + g] == 0.0f) {
           load_row(p.k, p.dtype, b * p.k_stride[0] + key * p.k_stride[1] + h * p.k_stride[2], dim, 1.0f, k_row);
           load_row(p.v, p.dtype, b * p.v_stride[0] + key * p.v_stride[1] + h * p.v_stride[2], dim, 1.0f, v_row);
-        } else {  // past k_len: zero scores (masked by key_bias); PV stops at k_len
+        } else {  // hidden (kv_len, key_valid) or past k_len: zero scores, masked by key_bias
           std::fill(k_row, k_row + dim, 0.0f);
           std::fill(v_row, v_row + dim, 0.0f);
         }
@@ -459,6 +464,9 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b
       const float tile_max = bias_and_max(srow, key_masked ? bias : nullptr);
       const float new_max = std::max(buf.row_max[r], tile_max);
       if (new_max == -kInf) {  // this query has seen no key yet: contributes nothing
+        // unless its scores are NaN (NaN or inf in Q): then, as in the reference, its
+        // output is NaN (the sum stays NaN through every later tile).
+        if (std::any_of(srow, srow + kKeyTile, [](float x) { return x != x; })) buf.row_sum[r] = kNaN;
         std::fill(srow, srow + kKeyTile, 0.0f);
         buf.alpha[r] = 1.0f;
         continue;
@@ -475,7 +483,8 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b
 
   for (int64_t r = 0; r < rows; ++r) {
     float* orow = buf.o.data() + r * dim;
-    const float inv = buf.row_sum[r] > 0.0f ? 1.0f / buf.row_sum[r] : 0.0f;  // no visible key: zeros
+    const float sum = buf.row_sum[r];
+    const float inv = sum > 0.0f ? 1.0f / sum : sum == 0.0f ? 0.0f : kNaN;  // no visible key: zeros
 #pragma omp simd
     for (int64_t d = 0; d < dim; ++d) orow[d] *= inv;
     store_row(p.out, p.dtype, b * p.out_stride[0] + (q_begin + r) * p.out_stride[1] + h * p.out_stride[2], dim, orow);

@@ -84,7 +84,6 @@ RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool keep_
                       bool with_weighted, float inv_t) {
   RowScan scan;
   scan.has_sums = fuse_sums;
-  bool bad = false;
   const int64_t* banned = p.banned;
   const int64_t* banned_end = p.banned + p.n_banned;
   for (int64_t begin = 0; begin < p.vocab; begin += kChunk) {
@@ -93,7 +92,7 @@ RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool keep_
     const bool has_banned = banned != banned_end && *banned < begin + count;
     const void* src = source(p, row, begin);
     float* chunk = keep_row ? buf + begin : buf;
-    if (fuse_sums && !has_banned && scan.max > -kInf && scan.max < kInf) {
+    if (fuse_sums && !has_banned && scan.max > -kInf) {  // (+inf has returned: a bad row)
       float sum = 0.0f, weighted = 0.0f;
       float* out = keep_row ? chunk : nullptr;
       const float chunk_max =
@@ -117,7 +116,10 @@ RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool keep_
       for (; banned != banned_end && *banned < begin + count; ++banned) chunk[*banned - begin] = -kInf;
       chunk_max = cpu::max_and_bad(chunk, padded, &chunk_bad);
     }
-    bad = bad || chunk_bad;
+    if (chunk_bad) {  // a NaN or +inf logit: the row is invalid, and the rest need not be read
+      scan.bad = true;
+      return scan;
+    }
     if (chunk_max > scan.max) {  // rare after the first chunks: find where, rescale the sums
       const int64_t first = cpu::first_index_of(chunk, padded, chunk_max);
       if (scan.max > -kInf) {
@@ -140,7 +142,6 @@ RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool keep_
       scan.weighted += weighted;
     }
   }
-  scan.bad = bad;
   return scan;
 }
 

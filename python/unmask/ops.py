@@ -312,6 +312,8 @@ def sample(
     if confidence not in CONFIDENCE_KINDS:
         raise ValueError(f"confidence must be one of {CONFIDENCE_KINDS}, got {confidence!r}")
     _check_float("conf_temperature", conf_temperature, positive=True)
+    if conf_temperature < 1e-30:  # the kernels scale by 1 / conf_temperature in float32
+        raise ValueError(f"conf_temperature must be >= 1e-30, got {conf_temperature}")
     rng.check_seed(seed)
     _check_int("offset", offset, low=0, high=2**32)
     banned = _banned_tensor(banned, vocab, logits.device)
