@@ -100,9 +100,10 @@ def test_confidence_of_large_logits(confidence):
 
 def _rows_for_single_pass_chunks(vocab, gen):
     """Rows whose later chunks (the kernel reads 2048 ids at a time, each after the first
-    in one pass against the maximum so far) raise the maximum a little, raise it so far
-    that the pass must be redone, repeat it (first id wins), or hold NaN or +inf."""
-    logits = torch.randn(10, vocab, generator=gen) * 3
+    in one pass against the maximum so far) raise the maximum a little (the pass's sums
+    are rescaled), raise it so far that the pass must be redone, repeat it (first id
+    wins), or hold NaN or +inf."""
+    logits = torch.randn(12, vocab, generator=gen) * 3
     logits[0, 5000] = 40.0                      # a modest rise in chunk 2
     logits[1, 4500] = 400.0                     # a rise far beyond 2^64: the chunk is redone
     logits[2, 100] = logits[2, 4100] = 30.0     # the maximum twice: the first id wins
@@ -113,6 +114,8 @@ def _rows_for_single_pass_chunks(vocab, gen):
     logits[7, 5500] = float("inf")
     logits[8, 0] = -300.0                       # and nothing special: 8 is a plain row
     logits[9, vocab - 1] = float("nan")         # in the scalar tail of the last chunk
+    logits[10, vocab - 1] = logits[10].max() + 1.5  # a small rise in the scalar tail
+    logits[11, 4500] = logits[11].max() + 2.5       # a small rise in a vector step
     return logits
 
 
@@ -129,7 +132,7 @@ def test_single_pass_chunks(dtype, kwargs):
     assert_same_tokens(logits, expected_tokens, tokens, temperature=kwargs.get("temperature", 0.0),
                        seed=kwargs.get("seed", 0), offset=0)
     if not kwargs.get("temperature"):
-        assert tokens[2] == 100 and tokens[3] == 4200
+        assert tokens[2] == 100 and tokens[3] == 4200 and tokens[10] == vocab - 1 and tokens[11] == 4500
     torch.testing.assert_close(conf.double(), expected_conf.double(), rtol=CONF_RTOL, atol=1e-9)
 
 

@@ -90,6 +90,25 @@ inline float element_as_float(const void* src, int64_t i) {
   return fp16_to_float(static_cast<const uint16_t*>(src)[i]);
 }
 
+// How far (in base 2) a chunk's maximum may rise above the reference of its single-pass
+// sums for them to be rescaled rather than redone (load_and_scan).
+constexpr float kRescaleLimit = 8.0f;
+
+// first_index_of over the logits themselves, for chunks that were not kept as floats.
+template <ScalarType kType>
+inline int64_t first_index_of_source(const void* src, [[maybe_unused]] int64_t n, float value) {
+  int64_t i = 0;
+#if defined(UNMASK_SIMD)
+  const Simd::Reg target = Simd::set1(value);
+  for (; i + Simd::kWidth <= n; i += Simd::kWidth) {
+    const uint32_t hits = Simd::bits(Simd::equal(load_as_float<kType>(src, i), target));
+    if (hits != 0) return i + lowest_set_bit(hits);
+  }
+#endif
+  while (!(element_as_float<kType>(src, i) == value)) ++i;
+  return i;
+}
+
 // out[0, n) = src[0, n) as float, and in the same pass (the one that reads the logits
 // from memory) their maximum and whether any is NaN or +inf.
 template <ScalarType kType>
@@ -178,8 +197,8 @@ inline void exp_sums(const float* x, int64_t n, float max, float inv_t, float* s
 // The single pass of a chunk whose softmax reference is already known: src[0, n) to
 // float (also stored to out, unless out is null), its maximum, and the softmax sums
 // against `ref`, the row maximum of the earlier chunks: sum of e^z and of e^z * z with
-// z = (x - ref) * inv_t, as in exp_sums. The sums are only right when the returned
-// maximum is at most ref (every z <= 0); otherwise the caller redoes the chunk. Nothing
+// z = (x - ref) * inv_t, as in exp_sums. The sums are right when the returned maximum
+// is at most kRescaleLimit (in base 2) above ref; otherwise the caller redoes the chunk. Nothing
 // is stored and read back, and the loads form one steady stream (the two-pass chunks
 // ran ~40% slower from DRAM than from L2 on a 2-core Sapphire Rapids).
 //
@@ -252,9 +271,9 @@ inline float convert_max_and_sums(const void* src, int64_t n, float ref, float i
     const float x = element_as_float<kType>(src, i);
     if (out != nullptr) out[i] = x;
     max = x > max ? x : max;
-    // Capped at 0 (entries above ref void the sums anyway), so the float to int of 2^z
-    // stays defined for +inf.
-    const float z = std::min(std::max((x - ref) * a, -126.0f), 0.0f);
+    // Capped (sums with entries further above ref are discarded anyway), so the float to
+    // int of 2^z stays defined for +inf.
+    const float z = std::min(std::max((x - ref) * a, -126.0f), kRescaleLimit);
     const float e = x == x ? exp2_poly(z) : x;  // NaN: into the sum, as in the vector loop
     sum += e;
     if constexpr (kWeighted) wsum += e * z;
