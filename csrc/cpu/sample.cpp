@@ -113,8 +113,7 @@ RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool keep_
       // error each; rescaled in double instead of redone (random rows rise ~4 times in 62
       // chunks, and the redo cost ~10% of a bfloat16 row).
       if (!with_weighted && !std::isnan(sum) && (chunk_max - scan.max) * inv_t * cpu::kLog2e <= cpu::kRescaleLimit) {
-        const int64_t first = keep_row ? cpu::first_index_of(chunk, count, chunk_max)
-                                       : cpu::first_index_of_source<kType>(src, count, chunk_max);
+        const int64_t first = cpu::first_index_of<kType>(src, count, chunk_max);
         if (keep_row) std::fill(chunk + count, chunk + padded, -kInf);
         scan.sum = (scan.sum + sum) * std::exp((static_cast<double>(scan.max) - chunk_max) * inv_t);
         scan.max = chunk_max;
@@ -134,7 +133,7 @@ RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool keep_
       return scan;
     }
     if (chunk_max > scan.max) {  // rare after the first chunks: find where, rescale the sums
-      const int64_t first = cpu::first_index_of(chunk, padded, chunk_max);
+      const int64_t first = cpu::first_index_of<ScalarType::kFloat32>(chunk, padded, chunk_max);
       if (scan.max > -kInf) {
         const double shift = (static_cast<double>(scan.max) - chunk_max) * inv_t;
         const double factor = std::exp(shift);

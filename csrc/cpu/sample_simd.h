@@ -58,22 +58,6 @@ inline float max_and_bad(const float* x, int64_t n, bool* bad) {
 #endif
 }
 
-// The first i with x[i] == value; value must occur in x[0, n). A vector of compares at a
-// time: a chunk raises the row maximum a few times per row, and a scalar search for
-// where measured 5% of a greedy row.
-inline int64_t first_index_of(const float* x, [[maybe_unused]] int64_t n, float value) {
-  int64_t i = 0;
-#if defined(UNMASK_SIMD)
-  const Simd::Reg target = Simd::set1(value);
-  for (; i + Simd::kWidth <= n; i += Simd::kWidth) {
-    const uint32_t hits = Simd::bits(Simd::equal(Simd::load(x + i), target));
-    if (hits != 0) return i + lowest_set_bit(hits);
-  }
-#endif
-  while (!(x[i] == value)) ++i;
-  return i;
-}
-
 #if defined(UNMASK_SIMD)
 template <ScalarType kType>
 inline Simd::Reg load_as_float(const void* src, int64_t i) {
@@ -94,9 +78,11 @@ inline float element_as_float(const void* src, int64_t i) {
 // sums for them to be rescaled rather than redone (load_and_scan).
 constexpr float kRescaleLimit = 8.0f;
 
-// first_index_of over the logits themselves, for chunks that were not kept as floats.
+// The first i with x[i] == value, x of kType; value must occur in x[0, n). A vector of
+// compares at a time: a chunk raises the row maximum a few times per row, and a scalar
+// search for where measured 5% of a greedy row.
 template <ScalarType kType>
-inline int64_t first_index_of_source(const void* src, [[maybe_unused]] int64_t n, float value) {
+inline int64_t first_index_of(const void* src, [[maybe_unused]] int64_t n, float value) {
   int64_t i = 0;
 #if defined(UNMASK_SIMD)
   const Simd::Reg target = Simd::set1(value);
