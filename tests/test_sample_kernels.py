@@ -89,7 +89,7 @@ def _banned(kwargs):
 def test_confidence_of_large_logits(confidence):
     """Logits near 3000: an exponent x * a - max * a carries the rounding of max * a
     (2^-13 here, 1e-4 relative in every term of the sum); the kernel must subtract the
-    maximum first."""
+    maximum first, or take that rounding out exactly (the single pass's hi + lo)."""
     gen = torch.Generator().manual_seed(8)
     logits = torch.randn(7, 3001, generator=gen) * 2 + 3000.0
     expected = reference.sample(logits, confidence=confidence)
@@ -134,6 +134,19 @@ def test_single_pass_chunks(dtype, kwargs):
     if not kwargs.get("temperature"):
         assert tokens[2] == 100 and tokens[3] == 4200 and tokens[10] == vocab - 1 and tokens[11] == 4500
     torch.testing.assert_close(conf.double(), expected_conf.double(), rtol=CONF_RTOL, atol=1e-9)
+
+
+def test_sums_when_the_scaled_maximum_leaves_the_float_range():
+    """max * log2(e) / conf_temperature past 3.4e38: the single pass, which forms it,
+    must give way to two passes (ties at the maximum set the confidence: 1/3, then 1)."""
+    logits = torch.full((2, 3 * 2048 + 17), 3e8)
+    logits[:, 5000:5003] += 32.0  # three ties at the maximum, in a chunk after the first
+    logits[1, 100] += 64.0        # a single maximum in the first chunk
+    expected = reference.sample(logits, conf_temperature=1e-30)
+    got = run_native(logits, conf_temperature=1e-30)
+    assert got[0].tolist() == [5000, 100] and torch.equal(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1], rtol=CONF_RTOL, atol=0)
+    torch.testing.assert_close(got[1], torch.tensor([1 / 3, 1.0]), rtol=CONF_RTOL, atol=0)
 
 
 def test_rows_subset_writes_every_row():

@@ -195,11 +195,16 @@ template <ScalarType kType, bool kWeighted>
 inline float convert_max_and_sums(const void* src, int64_t n, float ref, float inv_t, float* out, float* sum_out,
                                   float* weighted_out) {
   const float a = inv_t * kLog2e;  // base 2, as in exp_sums
+  // Without the entropy's e * z, z = x * a - hi in one FMA (rounded once, from the exact
+  // product), where hi + lo = ref * a exactly: every term is then 2^lo too large, a
+  // constant the sum is divided by at the end. The caller keeps ref * a finite.
+  const float hi = ref * a, lo = std::fma(ref, a, -hi);
   float max = -std::numeric_limits<float>::infinity(), sum = 0.0f, wsum = 0.0f;
   int64_t i = 0;
 #if defined(UNMASK_SIMD)
   constexpr int kW = Simd::kWidth, kN = 4;
   const Simd::Reg va = Simd::set1(a), vref = Simd::set1(ref), lowest = Simd::set1(-126.0f);
+  const Simd::Reg minus_hi = Simd::set1(-hi);
   Simd::Reg vmax[kN], vsum[kN], vwsum[kN];
   for (int g = 0; g < kN; ++g) {
     vmax[g] = Simd::set1(max);
@@ -230,7 +235,7 @@ inline float convert_max_and_sums(const void* src, int64_t n, float ref, float i
       for (int g = 0; g < kN; ++g) {
         if constexpr (kKeep) Simd::store(out + i + kW * g, x[g]);
         vmax[g] = Simd::max(x[g], vmax[g]);
-        z[g] = Simd::mul(Simd::sub(x[g], vref), va);
+        z[g] = kWeighted ? Simd::mul(Simd::sub(x[g], vref), va) : Simd::fmadd(x[g], va, minus_hi);
         // The clamp keeps e * z finite at -inf logits, and AVX2's 2^z in range; without
         // either need it is skipped (one of the ~15 vector operations per register:
         // bfloat16 rows are compute-bound on two cores).
@@ -259,12 +264,12 @@ inline float convert_max_and_sums(const void* src, int64_t n, float ref, float i
     max = x > max ? x : max;
     // Capped (sums with entries further above ref are discarded anyway), so the float to
     // int of 2^z stays defined for +inf.
-    const float z = std::min(std::max((x - ref) * a, -126.0f), kRescaleLimit);
+    const float z = std::min(std::max(kWeighted ? (x - ref) * a : std::fma(x, a, -hi), -126.0f), kRescaleLimit);
     const float e = x == x ? exp2_poly(z) : x;  // NaN: into the sum, as in the vector loop
     sum += e;
     if constexpr (kWeighted) wsum += e * z;
   }
-  *sum_out = sum;
+  *sum_out = kWeighted ? sum : static_cast<float>(sum * std::exp2(-static_cast<double>(lo)));
   *weighted_out = wsum * kLn2;
   return max;
 }
