@@ -151,3 +151,11 @@ def test_nan_scores_make_their_rows_nan_as_in_the_reference():
         assert torch.isnan(out).any()
         finite = ~torch.isnan(expected)
         torch.testing.assert_close(out[finite].double(), expected[finite], rtol=2e-5, atol=2e-6)
+    # A NaN query that sees no key (its block's keys all hidden) gets zeros, as in the
+    # reference, though its tile holds keys other queries see.
+    key_valid = torch.ones(1, 96, dtype=torch.bool)
+    key_valid[:, :32] = False
+    out = ops.attention(q, k, v, block_size=32, key_valid=key_valid)
+    expected = reference.attention(q.double(), k.double(), v.double(), block_size=32, key_valid=key_valid)
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    assert torch.equal(out[0, :32], torch.zeros_like(out[0, :32]))

@@ -207,8 +207,9 @@ float bias_and_max(float* srow, const float* bias) {
   Simd::Reg m = Simd::set1(-kInf);
   for (int c = 0; c < kVecs; ++c) {
     Simd::Reg x = Simd::load(srow + c * Simd::kWidth);
-    if (bias != nullptr) {
-      x = Simd::add(x, Simd::load(bias + c * Simd::kWidth));
+    if (bias != nullptr) {  // a select, not an add: a hidden key's NaN score (NaN in Q) is -inf too
+      const Simd::Reg b = Simd::load(bias + c * Simd::kWidth);
+      x = Simd::add(Simd::keep_or_zero(Simd::equal(b, Simd::zero()), x), b);
       Simd::store(srow + c * Simd::kWidth, x);
     }
     m = Simd::max(x, m);
@@ -217,7 +218,7 @@ float bias_and_max(float* srow, const float* bias) {
 #else
   if (bias != nullptr) {
 #pragma omp simd
-    for (int64_t j = 0; j < kKeyTile; ++j) srow[j] += bias[j];
+    for (int64_t j = 0; j < kKeyTile; ++j) srow[j] = bias[j] == 0.0f ? srow[j] : -kInf;
   }
   float max = -kInf;
 #pragma omp simd reduction(max : max)

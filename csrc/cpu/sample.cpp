@@ -93,7 +93,7 @@ RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool keep_
     const void* src = source(p, row, begin);
     float* chunk = keep_row ? buf + begin : buf;
     // (+inf has returned: a bad row; scan.max * a past the float range takes two passes)
-    if (fuse_sums && !has_banned && scan.max > -kInf && std::isfinite(scan.max * inv_t * cpu::kLog2e)) {
+    if (fuse_sums && !has_banned && scan.max > -kInf && std::isfinite(scan.max * (inv_t * cpu::kLog2e))) {
       float sum = 0.0f, weighted = 0.0f;
       float* out = keep_row ? chunk : nullptr;
       const float chunk_max =

@@ -67,10 +67,6 @@ struct Simd {
   }
   // x * 2^floor(k) for floor(k) in [-126, 127] and x in [1, 2].
   static Reg scale_pow2(Reg x, Reg k) { return _mm512_scalef_ps(x, k); }
-  // exp2_interleaved is right for every z, not only z >= -126: vreduceps gives 0 for
-  // -inf and vscalefps then 0, large negative z underflow to 0 through subnormals, and NaN
-  // stays NaN. Loops that need no finite z can skip clamping it.
-  static constexpr bool kExp2AnyInput = true;
   // floor(log2 x) for x >= 1, as a float (-inf for 0).
   static Reg exponent(Reg x) { return _mm512_getexp_ps(x); }
 
@@ -125,8 +121,6 @@ struct Simd {
     const __m256i scale = _mm256_slli_epi32(_mm256_cvtps_epi32(k), 23);
     return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(x), scale));
   }
-  // The exponent add is only right for k in [-126, 127]: z must be clamped first.
-  static constexpr bool kExp2AnyInput = false;
   // The exponent field less the bias (-127 for 0).
   static Reg exponent(Reg x) {
     const __m256i biased = _mm256_srli_epi32(_mm256_castps_si256(x), 23);
