@@ -84,6 +84,19 @@ RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool keep_
                       bool with_weighted, float inv_t) {
   RowScan scan;
   scan.has_sums = fuse_sums;
+  const float base2 = inv_t * cpu::kLog2e;  // z in base 2, as convert_max_and_sums forms it
+  // A chunk raised the row maximum to new_max at `id`: the sums so far, formed against the
+  // old maximum, are rescaled to the new one (the weighted sum is only read for entropy).
+  auto raise_maximum = [&](float new_max, int64_t id) {
+    if (scan.max > -kInf) {
+      const double shift = (static_cast<double>(scan.max) - new_max) * inv_t;
+      const double factor = std::exp(shift);
+      scan.weighted = factor * (scan.weighted + shift * scan.sum);
+      scan.sum *= factor;
+    }
+    scan.max = new_max;
+    scan.argmax = id;
+  };
   const int64_t* banned = p.banned;
   const int64_t* banned_end = p.banned + p.n_banned;
   for (int64_t begin = 0; begin < p.vocab; begin += kChunk) {
@@ -93,7 +106,7 @@ RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool keep_
     const void* src = source(p, row, begin);
     float* chunk = keep_row ? buf + begin : buf;
     // (+inf has returned: a bad row; scan.max * a past the float range takes two passes)
-    if (fuse_sums && !has_banned && scan.max > -kInf && std::isfinite(scan.max * (inv_t * cpu::kLog2e))) {
+    if (fuse_sums && !has_banned && scan.max > -kInf && std::isfinite(scan.max * base2)) {
       float sum = 0.0f, weighted = 0.0f;
       float* out = keep_row ? chunk : nullptr;
       const float chunk_max =
@@ -113,12 +126,10 @@ RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool keep_
       // maximum, have z <= cpu::kRescaleLimit and so at most 8 * 2^-24 * ln 2 = 3.3e-7 relative
       // error each; rescaled in double instead of redone (random rows rise ~4 times in 62
       // chunks, and the redo cost ~10% of a bfloat16 row).
-      if (!with_weighted && !std::isnan(sum) && (chunk_max - scan.max) * inv_t * cpu::kLog2e <= cpu::kRescaleLimit) {
-        const int64_t first = cpu::first_index_of<kType>(src, count, chunk_max);
+      if (!with_weighted && !std::isnan(sum) && (chunk_max - scan.max) * base2 <= cpu::kRescaleLimit) {
         if (keep_row) std::fill(chunk + count, chunk + padded, -kInf);
-        scan.sum = (scan.sum + sum) * std::exp((static_cast<double>(scan.max) - chunk_max) * inv_t);
-        scan.max = chunk_max;
-        scan.argmax = begin + first;
+        scan.sum += sum;
+        raise_maximum(chunk_max, begin + cpu::first_index_of<kType>(src, count, chunk_max));
         continue;
       }
     }
@@ -133,16 +144,8 @@ RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool keep_
       scan.bad = true;
       return scan;
     }
-    if (chunk_max > scan.max) {  // rare after the first chunks: find where, rescale the sums
-      const int64_t first = cpu::first_index_of<ScalarType::kFloat32>(chunk, padded, chunk_max);
-      if (scan.max > -kInf) {
-        const double shift = (static_cast<double>(scan.max) - chunk_max) * inv_t;
-        const double factor = std::exp(shift);
-        scan.weighted = factor * (scan.weighted + shift * scan.sum);
-        scan.sum *= factor;
-      }
-      scan.max = chunk_max;
-      scan.argmax = begin + first;
+    if (chunk_max > scan.max) {  // rare after the first chunks
+      raise_maximum(chunk_max, begin + cpu::first_index_of<ScalarType::kFloat32>(chunk, padded, chunk_max));
     }
     if (fuse_sums && scan.max > -kInf) {
       float sum = 0.0f, weighted = 0.0f;
