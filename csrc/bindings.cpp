@@ -1,16 +1,24 @@
-// pybind11 module unmask._C: raw pointers, shapes, strides and streams in; no
-// validation beyond what keeps the process alive (python/unmask/ops.py validates).
+// pybind11 module unmask._C: the params structs and enums of csrc/include/unmask bound
+// as classes whose fields are set by name (a swapped argument cannot pass silently), and
+// the launchers taking them. A refused call becomes ValueError (invalid argument),
+// NotImplementedError (unsupported) or RuntimeError (CUDA), naming the field and value.
+// python/unmask/native.py fills the structs; python/unmask/validation.py checks the
+// arguments before that.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <array>
-
+#include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "unmask/attention.h"
 #include "unmask/attention_cuda.h"
 #include "unmask/commit.h"
+#include "unmask/cpu_isa.h"
 #include "unmask/cuda_info.h"
 #include "unmask/rng.h"
 #include "unmask/sample.h"
@@ -25,59 +33,220 @@ using namespace unmask;
 
 namespace {
 
+// Thrown for an unsupported status; translated to NotImplementedError (with the GIL held).
+struct Unsupported : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+std::string format_value(double value) {
+  char text[64];
+  if (std::isfinite(value) && value == std::floor(value) && std::fabs(value) < 1e18) {
+    std::snprintf(text, sizeof(text), "%lld", static_cast<long long>(value));
+  } else {
+    std::snprintf(text, sizeof(text), "%.17g", value);
+  }
+  return text;
+}
+
+// Call after the GIL is back: the exceptions are turned into Python ones by pybind11.
+void raise_on_error(const Status& status, const char* op) {
+  if (status.ok()) return;
+  std::string message = std::string("unmask._C.") + op + ": ";
+  if (status.code == StatusCode::kCudaError) throw std::runtime_error(message + last_cuda_error());
+  if (status.field != nullptr) {
+    message += std::string("params.") + status.field + " = " + format_value(status.value) + " " +
+               (status.rule != nullptr ? status.rule : "");
+  } else {
+    message += status.rule != nullptr ? status.rule : "refused";
+  }
+  if (status.code == StatusCode::kUnsupported) throw Unsupported(message);
+  throw py::value_error(message);
+}
+
+// Runs a CPU launcher without the GIL (it may take milliseconds), then raises.
+template <typename Params>
+void run_released(Status (*launcher)(const Params&), const Params& params, const char* op) {
+  Status status;
+  {
+    py::gil_scoped_release release;
+    status = launcher(params);
+  }
+  raise_on_error(status, op);
+}
+
 template <typename T>
 T* as_pointer(std::uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
-void raise_on_error(Status status, const char* op) {
-  if (status == Status::kOk) return;
-  const std::string where = std::string("unmask._C.") + op + ": ";
-  switch (status) {
-    case Status::kInvalidArgument: throw py::value_error(where + "invalid argument");
-    case Status::kCudaError: throw std::runtime_error(where + last_cuda_error());
-    case Status::kUnsupported:
-      PyErr_SetString(PyExc_NotImplementedError, (where + "not supported by this build").c_str());
-      throw py::error_already_set();
-    default: throw std::runtime_error(where + status_name(status));
+// A params struct bound field by field. FIELDS lists every bound name, so the Python side
+// can require each of them to be set (a field left at zero would pass unnoticed).
+template <typename Struct>
+class StructBinder {
+ public:
+  StructBinder(py::module_& m, const char* name, const char* doc) : cls_(m, name, doc, py::module_local()) {
+    cls_.def(py::init<>());
   }
+  template <typename T>
+  StructBinder& value(const char* name, T Struct::*field) {
+    cls_.def_readwrite(name, field);
+    names_.push_back(name);
+    return *this;
+  }
+  // Pointer fields hold device or host addresses as Python ints (tensor.data_ptr()).
+  template <typename T>
+  StructBinder& pointer(const char* name, T* Struct::*field) {
+    cls_.def_property(
+        name, [field](const Struct& s) { return reinterpret_cast<std::uintptr_t>(s.*field); },
+        [field](Struct& s, std::uintptr_t address) { s.*field = as_pointer<T>(address); });
+    names_.push_back(name);
+    return *this;
+  }
+  StructBinder& strides(const char* name, int64_t (Struct::*field)[3]) {
+    cls_.def_property(
+        name,
+        [field](const Struct& s) { return std::array<int64_t, 3>{(s.*field)[0], (s.*field)[1], (s.*field)[2]}; },
+        [field](Struct& s, const std::array<int64_t, 3>& strides) {
+          for (int i = 0; i < 3; ++i) (s.*field)[i] = strides[i];
+        });
+    names_.push_back(name);
+    return *this;
+  }
+  // Call last: records FIELDS and a repr that shows every field.
+  void finish() {
+    cls_.attr("FIELDS") = py::tuple(py::cast(names_));
+    const std::vector<std::string> names = names_;
+    cls_.def("__repr__", [names](const py::object& self) {
+      std::string text = py::str(self.get_type().attr("__name__")).cast<std::string>() + "(";
+      for (size_t i = 0; i < names.size(); ++i) {
+        text += (i ? ", " : "") + names[i] + "=" + py::repr(self.attr(names[i].c_str())).cast<std::string>();
+      }
+      return text + ")";
+    });
+  }
+
+ private:
+  py::class_<Struct> cls_;
+  std::vector<std::string> names_;
+};
+
+void bind_enums(py::module_& m) {
+  py::enum_<ScalarType>(m, "ScalarType", py::module_local())
+      .value("float32", ScalarType::kFloat32)
+      .value("float16", ScalarType::kFloat16)
+      .value("bfloat16", ScalarType::kBFloat16);
+  py::enum_<ConfidenceKind>(m, "ConfidenceKind", py::module_local())
+      .value("prob", ConfidenceKind::kProb)
+      .value("margin", ConfidenceKind::kMargin)
+      .value("entropy", ConfidenceKind::kEntropy)
+      .value("random", ConfidenceKind::kRandom);
+  py::enum_<CommitMode>(m, "CommitMode", py::module_local())
+      .value("count", CommitMode::kCount)
+      .value("threshold", CommitMode::kThreshold)
+      .value("factor", CommitMode::kFactor);
+  py::enum_<RngStream>(m, "RngStream", py::module_local())
+      .value("gumbel", RngStream::kGumbel)
+      .value("random_confidence", RngStream::kRandomConfidence);
 }
 
-DrawParams draw_params(std::uintptr_t out, int64_t rows, int64_t cols, int64_t row_begin,
-                       uint64_t seed, uint32_t offset, uint32_t stream) {
-  return DrawParams{as_pointer<uint32_t>(out), rows, cols, row_begin, seed, offset,
-                    static_cast<RngStream>(stream)};
+void bind_structs(py::module_& m) {
+  StructBinder<SampleParams>(m, "SampleParams", "unmask/sample.h: one sample launch")
+      .pointer("logits", &SampleParams::logits)
+      .value("dtype", &SampleParams::dtype)
+      .value("n_rows", &SampleParams::n_rows)
+      .value("vocab", &SampleParams::vocab)
+      .value("select_rows", &SampleParams::select_rows)
+      .pointer("rows", &SampleParams::rows)
+      .value("n_selected", &SampleParams::n_selected)
+      .pointer("banned", &SampleParams::banned)
+      .value("n_banned", &SampleParams::n_banned)
+      .value("temperature", &SampleParams::temperature)
+      .value("top_k", &SampleParams::top_k)
+      .value("top_p", &SampleParams::top_p)
+      .value("confidence", &SampleParams::confidence)
+      .value("conf_temperature", &SampleParams::conf_temperature)
+      .value("seed", &SampleParams::seed)
+      .value("offset", &SampleParams::offset)
+      .pointer("tokens", &SampleParams::tokens)
+      .pointer("conf", &SampleParams::conf)
+      .finish();
+
+  StructBinder<SampleCudaExtras>(m, "SampleCudaExtras", "unmask/sample_cuda.h: what only the GPU launch needs")
+      .pointer("seed_device", &SampleCudaExtras::seed_device)
+      .pointer("offset_device", &SampleCudaExtras::offset_device)
+      .pointer("workspace", &SampleCudaExtras::workspace)
+      .value("workspace_bytes", &SampleCudaExtras::workspace_bytes)
+      .finish();
+
+  StructBinder<CommitParams>(m, "CommitParams", "unmask/commit.h: one commit launch")
+      .pointer("canvas", &CommitParams::canvas)
+      .pointer("tokens", &CommitParams::tokens)
+      .pointer("conf", &CommitParams::conf)
+      .pointer("eligible", &CommitParams::eligible)
+      .pointer("committed", &CommitParams::committed)
+      .value("batch", &CommitParams::batch)
+      .value("length", &CommitParams::length)
+      .value("mode", &CommitParams::mode)
+      .pointer("k", &CommitParams::k)
+      .value("threshold", &CommitParams::threshold)
+      .value("factor", &CommitParams::factor)
+      .finish();
+
+  StructBinder<AttentionParams>(m, "AttentionParams", "unmask/attention.h: one attention launch")
+      .pointer("q", &AttentionParams::q)
+      .pointer("k", &AttentionParams::k)
+      .pointer("v", &AttentionParams::v)
+      .pointer("out", &AttentionParams::out)
+      .value("dtype", &AttentionParams::dtype)
+      .value("batch", &AttentionParams::batch)
+      .value("q_len", &AttentionParams::q_len)
+      .value("k_len", &AttentionParams::k_len)
+      .value("q_heads", &AttentionParams::q_heads)
+      .value("kv_heads", &AttentionParams::kv_heads)
+      .value("head_dim", &AttentionParams::head_dim)
+      .strides("q_stride", &AttentionParams::q_stride)
+      .strides("k_stride", &AttentionParams::k_stride)
+      .strides("v_stride", &AttentionParams::v_stride)
+      .strides("out_stride", &AttentionParams::out_stride)
+      .pointer("kv_len", &AttentionParams::kv_len)
+      .pointer("key_valid", &AttentionParams::key_valid)
+      .value("block_size", &AttentionParams::block_size)
+      .value("q_offset", &AttentionParams::q_offset)
+      .value("scale", &AttentionParams::scale)
+      .finish();
+
+  StructBinder<DrawParams>(m, "DrawParams", "unmask/rng.h: raw Philox draws")
+      .pointer("out", &DrawParams::out)
+      .value("rows", &DrawParams::rows)
+      .value("cols", &DrawParams::cols)
+      .value("row_begin", &DrawParams::row_begin)
+      .value("seed", &DrawParams::seed)
+      .value("offset", &DrawParams::offset)
+      .value("stream", &DrawParams::stream)
+      .finish();
+
+  StructBinder<PhiloxBlockParams>(m, "PhiloxBlockParams", "unmask/rng.h: the plain generator over counters")
+      .pointer("counters", &PhiloxBlockParams::counters)
+      .pointer("out", &PhiloxBlockParams::out)
+      .value("n", &PhiloxBlockParams::n)
+      .value("key0", &PhiloxBlockParams::key0)
+      .value("key1", &PhiloxBlockParams::key1)
+      .finish();
 }
 
-SampleParams sample_params(std::uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab, std::uintptr_t rows,
-                           int64_t n_selected, std::uintptr_t banned, int64_t n_banned, double temperature,
-                           int64_t top_k, double top_p, int confidence, double conf_temperature, uint64_t seed,
-                           uint32_t offset, std::uintptr_t tokens, std::uintptr_t conf) {
-  return SampleParams{as_pointer<const void>(logits), static_cast<ScalarType>(dtype), n_rows, vocab,
-                      as_pointer<const int64_t>(rows), n_selected, as_pointer<const int64_t>(banned), n_banned,
-                      temperature, top_k, top_p, static_cast<ConfidenceKind>(confidence), conf_temperature, seed,
-                      offset, as_pointer<int64_t>(tokens), as_pointer<float>(conf)};
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> names;
+  for (int i = 0; i < cpu_isa_count(); ++i) names.emplace_back(cpu_isa_name(i));
+  return names;
 }
 
-CommitParams commit_params(std::uintptr_t canvas, std::uintptr_t tokens, std::uintptr_t conf, std::uintptr_t eligible,
-                           std::uintptr_t committed, int64_t batch, int64_t length, int mode, std::uintptr_t k,
-                           double threshold, double factor) {
-  return CommitParams{as_pointer<int64_t>(canvas), as_pointer<const int64_t>(tokens), as_pointer<const float>(conf),
-                      as_pointer<const bool>(eligible), as_pointer<bool>(committed), batch, length,
-                      static_cast<CommitMode>(mode), as_pointer<const int64_t>(k), threshold, factor};
-}
-
-AttentionParams attention_params(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out, int dtype,
-                                 const std::array<int64_t, 6>& sizes, const std::array<int64_t, 3>& q_stride,
-                                 const std::array<int64_t, 3>& k_stride, const std::array<int64_t, 3>& v_stride,
-                                 const std::array<int64_t, 3>& out_stride, std::uintptr_t kv_len,
-                                 std::uintptr_t key_valid, int64_t block_size, int64_t q_offset, float scale) {
-  return AttentionParams{as_pointer<const void>(q), as_pointer<const void>(k), as_pointer<const void>(v),
-                         as_pointer<void>(out), static_cast<ScalarType>(dtype), sizes[0], sizes[1], sizes[2],
-                         sizes[3], sizes[4], sizes[5], {q_stride[0], q_stride[1], q_stride[2]},
-                         {k_stride[0], k_stride[1], k_stride[2]}, {v_stride[0], v_stride[1], v_stride[2]},
-                         {out_stride[0], out_stride[1], out_stride[2]}, as_pointer<const int64_t>(kv_len),
-                         as_pointer<const bool>(key_valid), block_size, q_offset, scale};
+void select_isa(const std::string& name) {
+  if (select_cpu_isa(name.c_str()).ok()) return;
+  std::string runnable;
+  for (const std::string& isa : cpu_isas()) {
+    if (cpu_isa_supported(isa.c_str())) runnable += (runnable.empty() ? "" : ", ") + isa;
+  }
+  throw py::value_error("isa " + name + " is not available: this module and CPU run " + runnable);
 }
 
 int openmp_threads() {
@@ -92,158 +261,66 @@ int openmp_threads() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "unmask native kernels (C++ CPU, CUDA where built)";
+  py::register_exception_translator([](std::exception_ptr error) {
+    try {
+      if (error) std::rethrow_exception(error);
+    } catch (const Unsupported& unsupported) {
+      PyErr_SetString(PyExc_NotImplementedError, unsupported.what());
+    }
+  });
+
+  bind_enums(m);
+  bind_structs(m);
 
   m.def("cuda_compiled", &cuda_compiled);
   m.def("cuda_device_count", &cuda_device_count);
   m.def("openmp_threads", &openmp_threads);
+  m.def("cpu_isas", &cpu_isas, "the CPU instruction-set builds compiled in, best first");
+  m.def("cpu_isa_supported", [](const std::string& name) { return cpu_isa_supported(name.c_str()); },
+        py::arg("name"));
+  m.def("select_cpu_isa", &select_isa, py::arg("name"));
+  m.def("cpu_isa", []() { return std::string(active_cpu_isa()); }, "the build the CPU kernels run");
 
-  m.def(
-      "fill_draws_cpu",
-      [](std::uintptr_t out, int64_t rows, int64_t cols, int64_t row_begin, uint64_t seed,
-         uint32_t offset, uint32_t stream) {
-        py::gil_scoped_release release;
-        raise_on_error(fill_draws_cpu(draw_params(out, rows, cols, row_begin, seed, offset, stream)),
-                       "fill_draws_cpu");
-      },
-      py::arg("out"), py::arg("rows"), py::arg("cols"), py::arg("row_begin"), py::arg("seed"),
-      py::arg("offset"), py::arg("stream"));
+  m.def("sample_cpu", [](const SampleParams& params) { run_released(&sample_cpu, params, "sample_cpu"); },
+        py::arg("params"));
+  m.def("attention_cpu", [](const AttentionParams& params) { run_released(&attention_cpu, params, "attention_cpu"); },
+        py::arg("params"));
+  m.def("commit_cpu", [](const CommitParams& params) { run_released(&commit_cpu, params, "commit_cpu"); },
+        py::arg("params"));
+  m.def("fill_draws_cpu", [](const DrawParams& params) { run_released(&fill_draws_cpu, params, "fill_draws_cpu"); },
+        py::arg("params"));
+  m.def("philox_blocks_cpu",
+        [](const PhiloxBlockParams& params) { run_released(&philox_blocks_cpu, params, "philox_blocks_cpu"); },
+        py::arg("params"));
 
-  m.def(
-      "fill_draws_cuda",
-      [](std::uintptr_t out, int64_t rows, int64_t cols, int64_t row_begin, uint64_t seed,
-         uint32_t offset, uint32_t stream, std::uintptr_t cuda_stream) {
-        raise_on_error(fill_draws_cuda(draw_params(out, rows, cols, row_begin, seed, offset, stream),
-                                       as_pointer<void>(cuda_stream)),
-                       "fill_draws_cuda");
-      },
-      py::arg("out"), py::arg("rows"), py::arg("cols"), py::arg("row_begin"), py::arg("seed"),
-      py::arg("offset"), py::arg("stream"), py::arg("cuda_stream"));
-
-  m.def(
-      "sample_cpu",
-      [](std::uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab, std::uintptr_t rows, int64_t n_selected,
-         std::uintptr_t banned, int64_t n_banned, double temperature, int64_t top_k, double top_p, int confidence,
-         double conf_temperature, uint64_t seed, uint32_t offset, std::uintptr_t tokens, std::uintptr_t conf) {
-        const SampleParams params = sample_params(logits, dtype, n_rows, vocab, rows, n_selected, banned, n_banned,
-                                                  temperature, top_k, top_p, confidence, conf_temperature, seed,
-                                                  offset, tokens, conf);
-        py::gil_scoped_release release;
-        raise_on_error(sample_cpu(params), "sample_cpu");
-      },
-      py::arg("logits"), py::arg("dtype"), py::arg("n_rows"), py::arg("vocab"), py::arg("rows"),
-      py::arg("n_selected"), py::arg("banned"), py::arg("n_banned"), py::arg("temperature"), py::arg("top_k"),
-      py::arg("top_p"), py::arg("confidence"), py::arg("conf_temperature"), py::arg("seed"), py::arg("offset"),
-      py::arg("tokens"), py::arg("conf"));
-
+  // CUDA launchers only enqueue work (no synchronisation), so they keep the GIL.
   m.def(
       "sample_cuda",
-      [](std::uintptr_t logits, int dtype, int64_t n_rows, int64_t vocab, std::uintptr_t rows, int64_t n_selected,
-         std::uintptr_t banned, int64_t n_banned, double temperature, double conf_temperature, int confidence,
-         uint64_t seed, uint32_t offset, std::uintptr_t seed_device, std::uintptr_t offset_device,
-         std::uintptr_t workspace, int64_t workspace_bytes, std::uintptr_t tokens, std::uintptr_t conf,
-         std::uintptr_t cuda_stream) {
-        const SampleParams params = sample_params(logits, dtype, n_rows, vocab, rows, n_selected, banned, n_banned,
-                                                  temperature, 0, 1.0, confidence, conf_temperature, seed, offset,
-                                                  tokens, conf);
-        SampleCudaExtras extras;
-        extras.seed_device = as_pointer<const uint64_t>(seed_device);
-        extras.offset_device = as_pointer<const uint32_t>(offset_device);
-        extras.workspace = as_pointer<void>(workspace);
-        extras.workspace_bytes = workspace_bytes;
-        raise_on_error(sample_cuda(params, extras, as_pointer<void>(cuda_stream)), "sample_cuda");
+      [](const SampleParams& params, const SampleCudaExtras& extras, std::uintptr_t stream) {
+        raise_on_error(sample_cuda(params, extras, as_pointer<void>(stream)), "sample_cuda");
       },
-      py::arg("logits"), py::arg("dtype"), py::arg("n_rows"), py::arg("vocab"), py::arg("rows"),
-      py::arg("n_selected"), py::arg("banned"), py::arg("n_banned"), py::arg("temperature"),
-      py::arg("conf_temperature"), py::arg("confidence"), py::arg("seed"), py::arg("offset"), py::arg("seed_device"),
-      py::arg("offset_device"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("tokens"), py::arg("conf"),
-      py::arg("cuda_stream"));
-
-  m.def("sample_cuda_workspace_bytes", &sample_cuda_workspace_bytes, py::arg("rows"), py::arg("vocab"));
-
-  m.def(
-      "attention_cpu",
-      [](std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out, int dtype,
-         std::array<int64_t, 6> sizes, std::array<int64_t, 3> q_stride, std::array<int64_t, 3> k_stride,
-         std::array<int64_t, 3> v_stride, std::array<int64_t, 3> out_stride, std::uintptr_t kv_len,
-         std::uintptr_t key_valid, int64_t block_size, int64_t q_offset, float scale) {
-        const AttentionParams params = attention_params(q, k, v, out, dtype, sizes, q_stride, k_stride, v_stride,
-                                                        out_stride, kv_len, key_valid, block_size, q_offset, scale);
-        py::gil_scoped_release release;
-        raise_on_error(attention_cpu(params), "attention_cpu");
-      },
-      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("dtype"),
-      py::arg("sizes"), py::arg("q_stride"), py::arg("k_stride"), py::arg("v_stride"), py::arg("out_stride"),
-      py::arg("kv_len"), py::arg("key_valid"), py::arg("block_size"), py::arg("q_offset"), py::arg("scale"));
-
+      py::arg("params"), py::kw_only(), py::arg("extras"), py::arg("stream"));
+  m.def("sample_cuda_workspace_bytes", &sample_cuda_workspace_bytes, py::arg("params"));
   m.def(
       "attention_cuda",
-      [](std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out, int dtype,
-         std::array<int64_t, 6> sizes, std::array<int64_t, 3> q_stride, std::array<int64_t, 3> k_stride,
-         std::array<int64_t, 3> v_stride, std::array<int64_t, 3> out_stride, std::uintptr_t kv_len,
-         std::uintptr_t key_valid, int64_t block_size, int64_t q_offset, float scale, std::uintptr_t workspace,
-         int64_t workspace_bytes, std::uintptr_t cuda_stream) {
-        const AttentionParams params = attention_params(q, k, v, out, dtype, sizes, q_stride, k_stride, v_stride,
-                                                        out_stride, kv_len, key_valid, block_size, q_offset, scale);
-        raise_on_error(attention_cuda(params, as_pointer<void>(workspace), workspace_bytes,
-                                      as_pointer<void>(cuda_stream)),
+      [](const AttentionParams& params, std::uintptr_t workspace, int64_t workspace_bytes, std::uintptr_t stream) {
+        raise_on_error(attention_cuda(params, as_pointer<void>(workspace), workspace_bytes, as_pointer<void>(stream)),
                        "attention_cuda");
       },
-      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("dtype"),
-      py::arg("sizes"), py::arg("q_stride"), py::arg("k_stride"), py::arg("v_stride"), py::arg("out_stride"),
-      py::arg("kv_len"), py::arg("key_valid"), py::arg("block_size"), py::arg("q_offset"), py::arg("scale"),
-      py::arg("workspace"), py::arg("workspace_bytes"), py::arg("cuda_stream"));
-
+      py::arg("params"), py::kw_only(), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"));
   // The shapes, block_size, q_offset and the current device's SM count decide the split
-  // count and so the workspace: no pointers needed.
-  m.def(
-      "attention_cuda_workspace_bytes",
-      [](std::array<int64_t, 6> sizes, int64_t block_size, int64_t q_offset) {
-        AttentionParams params{};
-        params.batch = sizes[0];
-        params.q_len = sizes[1];
-        params.k_len = sizes[2];
-        params.q_heads = sizes[3];
-        params.kv_heads = sizes[4];
-        params.head_dim = sizes[5];
-        params.block_size = block_size;
-        params.q_offset = q_offset;
-        return attention_cuda_workspace_bytes(params);
-      },
-      py::arg("sizes"), py::arg("block_size"), py::arg("q_offset"));
-
-  m.def(
-      "commit_cpu",
-      [](std::uintptr_t canvas, std::uintptr_t tokens, std::uintptr_t conf, std::uintptr_t eligible,
-         std::uintptr_t committed, int64_t batch, int64_t length, int mode, std::uintptr_t k, double threshold,
-         double factor) {
-        const CommitParams params =
-            commit_params(canvas, tokens, conf, eligible, committed, batch, length, mode, k, threshold, factor);
-        py::gil_scoped_release release;
-        raise_on_error(commit_cpu(params), "commit_cpu");
-      },
-      py::arg("canvas"), py::arg("tokens"), py::arg("conf"), py::arg("eligible"), py::arg("committed"),
-      py::arg("batch"), py::arg("length"), py::arg("mode"), py::arg("k"), py::arg("threshold"), py::arg("factor"));
-
+  // count and so the workspace; the pointers are not read.
+  m.def("attention_cuda_workspace_bytes", &attention_cuda_workspace_bytes, py::arg("params"));
   m.def(
       "commit_cuda",
-      [](std::uintptr_t canvas, std::uintptr_t tokens, std::uintptr_t conf, std::uintptr_t eligible,
-         std::uintptr_t committed, int64_t batch, int64_t length, int mode, std::uintptr_t k, double threshold,
-         double factor, std::uintptr_t cuda_stream) {
-        const CommitParams params =
-            commit_params(canvas, tokens, conf, eligible, committed, batch, length, mode, k, threshold, factor);
-        raise_on_error(commit_cuda(params, as_pointer<void>(cuda_stream)), "commit_cuda");
+      [](const CommitParams& params, std::uintptr_t stream) {
+        raise_on_error(commit_cuda(params, as_pointer<void>(stream)), "commit_cuda");
       },
-      py::arg("canvas"), py::arg("tokens"), py::arg("conf"), py::arg("eligible"), py::arg("committed"),
-      py::arg("batch"), py::arg("length"), py::arg("mode"), py::arg("k"), py::arg("threshold"), py::arg("factor"),
-      py::arg("cuda_stream"));
-
+      py::arg("params"), py::kw_only(), py::arg("stream"));
   m.def(
-      "philox_blocks_cpu",
-      [](std::uintptr_t counters, std::uintptr_t out, int64_t n, uint32_t key0, uint32_t key1) {
-        py::gil_scoped_release release;
-        raise_on_error(philox_blocks_cpu(PhiloxBlockParams{as_pointer<const uint32_t>(counters),
-                                                           as_pointer<uint32_t>(out), n, key0, key1}),
-                       "philox_blocks_cpu");
+      "fill_draws_cuda",
+      [](const DrawParams& params, std::uintptr_t stream) {
+        raise_on_error(fill_draws_cuda(params, as_pointer<void>(stream)), "fill_draws_cuda");
       },
-      py::arg("counters"), py::arg("out"), py::arg("n"), py::arg("key0"), py::arg("key1"));
+      py::arg("params"), py::kw_only(), py::arg("stream"));
 }

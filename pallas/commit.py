@@ -17,7 +17,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 ROW_BLOCK = 8
-MODES = ("k", "threshold", "factor")
 
 
 def _commit_kernel(x_ref, tokens_ref, conf_ref, eligible_ref, k_ref, out_ref, committed_ref, *, mode: str,
@@ -37,7 +36,7 @@ def _commit_kernel(x_ref, tokens_ref, conf_ref, eligible_ref, k_ref, out_ref, co
     rank = jax.lax.fori_loop(0, length, count_better, jnp.zeros(conf.shape, jnp.int32))
     n_eligible = jnp.sum(eligible.astype(jnp.int32), axis=1, keepdims=True)
     at_least_one = (n_eligible > 0).astype(jnp.int32)
-    if mode == "k":
+    if mode == "count":
         n = jnp.minimum(k_ref[...], n_eligible)
     elif mode == "threshold":
         n = jnp.maximum(jnp.sum((eligible & (conf > threshold)).astype(jnp.int32), axis=1, keepdims=True),

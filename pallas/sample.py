@@ -26,7 +26,6 @@ from jax.experimental.pallas import tpu as pltpu
 from unmask.pallas import philox
 
 ROW_BLOCK = 8
-CONFIDENCE_KINDS = ("prob", "margin", "entropy", "random")
 _BIG_ID = jnp.iinfo(jnp.int32).max
 
 

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import unmask  # noqa: E402
 from unmask import distributed  # noqa: E402
-from tests.conftest import tiny_model  # noqa: E402
+from tests.helpers import tiny_model  # noqa: E402
 
 PROMPTS = [[5, 9, 3, 7, 1], [11, 2], [4, 4, 8]]  # ragged: left-padded inside generate
 

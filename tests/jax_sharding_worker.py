@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import unmask  # noqa: E402
 import unmask.jax as uj  # noqa: E402
 from unmask.jax import sharding  # noqa: E402
-from tests.conftest import tiny_model  # noqa: E402
+from tests.helpers import tiny_model  # noqa: E402
 
 PROMPTS = [[5, 9, 3, 7, 1], [11, 2], [4, 4, 8]]  # ragged: left padding inside generate
 CASES = {

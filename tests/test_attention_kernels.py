@@ -1,68 +1,15 @@
 """The native attention kernel against the float64 reference, under flash-attention's
-tolerance rule: its error is at most twice the error of the same computation done in
-the input dtype, plus the rounding of one output element."""
+tolerance rule (tests.helpers.check_attention_against_reference), under every
+instruction-set build this CPU runs."""
 
 import pytest
 import torch
 
-from unmask import native, ops, reference
+from unmask import native, ops, reference, validation
+from tests.helpers import MASKS, check_attention_against_reference as check_against_reference, make_masks
+from tests.helpers import random_inputs, requires_extension
 
-pytestmark = pytest.mark.skipif(ops._C is None, reason="unmask._C not built")
-
-
-def attention_in_input_dtype(q, k, v, visible, scale):
-    """Plain softmax(QK^T)V with every product and the softmax in q.dtype: the baseline
-    error a kernel in that dtype is allowed twice of."""
-    group = q.shape[2] // k.shape[2]
-    qh = q.transpose(1, 2)
-    kh = k.repeat_interleave(group, dim=2).transpose(1, 2)
-    vh = v.repeat_interleave(group, dim=2).transpose(1, 2)
-    scores = (qh @ kh.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~visible[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return (probs @ vh).transpose(1, 2)
-
-
-def check_against_reference(q, k, v, kernel=native.attention_cpu, **masks):
-    """kernel: a native adapter (attention_cpu, attention_cuda); everything runs on q's device."""
-    batch, q_len, _, head_dim = q.shape
-    out = torch.full_like(q, float("nan"))  # poison: every element must be written
-    kernel(q, k, v, kv_len=masks.get("kv_len"), key_valid=masks.get("key_valid"),
-           block_size=masks.get("block_size"), q_offset=masks.get("q_offset", 0), scale=head_dim**-0.5, out=out)
-    exact = reference.attention(q.double(), k.double(), v.double(), **masks)
-    visible = reference.visibility(batch, q_len, k.shape[1], **masks, device=q.device)
-    baseline = attention_in_input_dtype(q, k, v, visible, head_dim**-0.5).double()
-    error, baseline_error = (out.double() - exact).abs(), (baseline - exact).abs()
-    rounding = torch.finfo(q.dtype).eps * float(v.abs().max())
-    message = (f"max error {float(error.max()):.3g} vs baseline {float(baseline_error.max()):.3g}; "
-               f"mean {float(error.mean()):.3g} vs {float(baseline_error.mean()):.3g}")
-    assert not torch.isnan(out).any(), "unwritten or NaN outputs"
-    assert float(error.max()) <= 2 * float(baseline_error.max()) + rounding, message
-    assert float(error.mean()) <= 2 * float(baseline_error.mean()) + rounding / 8, message
-
-
-def random_inputs(batch, q_len, k_len, q_heads, kv_heads, head_dim, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, q_len, q_heads, head_dim, generator=gen).to(dtype)
-    k = torch.randn(batch, k_len, kv_heads, head_dim, generator=gen).to(dtype)
-    v = torch.randn(batch, k_len, kv_heads, head_dim, generator=gen).to(dtype)
-    return q, k, v, gen
-
-
-MASKS = ["none", "kv_len", "key_valid", "block", "block_offset", "all"]
-
-
-def make_masks(kind, batch, k_len, gen):
-    kv_len = torch.randint(0, k_len + 1, (batch,), generator=gen)
-    key_valid = torch.rand(batch, k_len, generator=gen) > 0.25
-    return {
-        "none": {},
-        "kv_len": {"kv_len": kv_len},
-        "key_valid": {"key_valid": key_valid},
-        "block": {"block_size": 16},
-        "block_offset": {"block_size": 32, "q_offset": 40},
-        "all": {"kv_len": kv_len, "key_valid": key_valid, "block_size": 8, "q_offset": 3},
-    }[kind]
+pytestmark = [requires_extension, pytest.mark.usefixtures("cpu_isa")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -114,8 +61,7 @@ def test_hidden_keys_weigh_exactly_zero():
     key_valid[:, :40] = False  # the whole first key tile but 24 keys: a tile with both kinds
     v[~key_valid] = 3e38
     out = torch.full_like(q, float("nan"))
-    native.attention_cpu(q, k, v, kv_len=None, key_valid=key_valid, block_size=None, q_offset=0,
-                         scale=64**-0.5, out=out)
+    native.kernels()[("attention", "cpu")](validation.attention_call(q, k, v, key_valid=key_valid), out=out)
     exact = reference.attention(q.double(), k.double(), v.double(), key_valid=key_valid)
     error = (out.double() - exact).abs()
     assert float(error.max()) < 1e-5, f"max error {float(error.max()):.3g}, mean {float(error.mean()):.3g}"

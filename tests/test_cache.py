@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import unmask
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 MASK = 60
 

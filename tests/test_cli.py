@@ -7,7 +7,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 
 import unmask
 from unmask import cli
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 def test_info_lists_backends(capsys):

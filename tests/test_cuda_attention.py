@@ -7,12 +7,11 @@ import math
 import pytest
 import torch
 
-from unmask import native, ops, reference
-from tests.conftest import requires_gpu
-from tests.test_attention_kernels import check_against_reference, make_masks, random_inputs
+from unmask import native, ops, reference, validation
+from tests.helpers import check_attention_against_reference, make_masks, random_inputs, requires_cuda_build
+from tests.helpers import requires_gpu
 
-pytestmark = [requires_gpu, pytest.mark.skipif(ops._C is None or not ops._C.cuda_compiled(),
-                                               reason="unmask._C built without CUDA")]
+pytestmark = [requires_gpu, requires_cuda_build]
 
 DTYPES = [torch.bfloat16, torch.float16]
 HEAD_DIMS = [64, 128]
@@ -37,7 +36,20 @@ def cuda_masks(kind, batch, k_len, gen):
 
 
 def check(q, k, v, **masks):
-    check_against_reference(q, k, v, kernel=native.attention_cuda, **masks)
+    check_attention_against_reference(q, k, v, device_type="cuda", **masks)
+
+
+def cuda_attention(q, k, v, out=None, **args):
+    """The CUDA backend itself, no dispatch."""
+    return native.kernels()[("attention", "cuda")](validation.attention_call(q, k, v, **args), out=out)
+
+
+def workspace_bytes(sizes, block_size, q_offset):
+    params = native._C.AttentionParams()
+    for name, value in zip(("batch", "q_len", "k_len", "q_heads", "kv_heads", "head_dim"), sizes):
+        setattr(params, name, value)
+    params.block_size, params.q_offset = block_size, q_offset
+    return native._C.attention_cuda_workspace_bytes(params)
 
 
 def splits_expected(batch, q_len, k_len, q_heads, kv_heads):
@@ -48,7 +60,8 @@ def splits_expected(batch, q_len, k_len, q_heads, kv_heads):
 
 
 def test_dispatch_uses_the_cuda_kernel():
-    assert ops.backend_for("attention", torch.device("cuda")) == "native"
+    q, k, v, _ = cuda_inputs(1, 8, 8, 2, 2, 64, torch.bfloat16, seed=0)
+    assert ops.backend_for("attention", q, k, v) == "cuda"
 
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
@@ -85,7 +98,7 @@ def test_short_query_blocks_split_the_keys(masked, head_dim, dtype, q_len, k_len
                  "block_size": 32, "q_offset": k_len - q_len}
     if splits_expected(batch, q_len, k_len, q_heads, kv_heads):
         sizes = [batch, q_len, k_len, q_heads, kv_heads, head_dim]
-        assert ops._C.attention_cuda_workspace_bytes(sizes, masks.get("block_size", 0), masks.get("q_offset", 0)) > 0
+        assert workspace_bytes(sizes, masks.get("block_size", 0), masks.get("q_offset", 0)) > 0
     check(q, k, v, **masks)
 
 
@@ -95,8 +108,8 @@ def test_stale_cache_past_kv_len_is_never_read():
     dirty_k, dirty_v = k.clone(), v.clone()
     dirty_k[0, 1000:] = float("nan")
     dirty_v[0, 1000:] = float("nan")
-    args = dict(kv_len=kv_len, key_valid=None, block_size=None, q_offset=0, scale=128**-0.5)
-    assert torch.equal(native.attention_cuda(q, dirty_k, dirty_v, **args), native.attention_cuda(q, k, v, **args))
+    args = dict(kv_len=kv_len, scale=128**-0.5)
+    assert torch.equal(cuda_attention(q, dirty_k, dirty_v, **args), cuda_attention(q, k, v, **args))
 
 
 def test_strided_and_misaligned_inputs():
@@ -117,15 +130,18 @@ def test_empty_batch_and_empty_keys():
 
 
 def test_float32_takes_the_reference():
-    q, k, v, _ = cuda_inputs(1, 17, 33, 4, 2, 96, torch.float32, seed=2)
-    out = native.attention_cuda(q, k, v, kv_len=None, key_valid=None, block_size=8, q_offset=0, scale=0.1)
-    torch.testing.assert_close(out, reference.attention(q, k, v, block_size=8, scale=0.1))
+    q, k, v, _ = cuda_inputs(1, 17, 33, 4, 2, 64, torch.float32, seed=2)
+    assert ops.backend_for("attention", q, k, v, block_size=8, scale=0.1) == "reference"
+    torch.testing.assert_close(ops.attention(q, k, v, block_size=8, scale=0.1),
+                               reference.attention(q, k, v, block_size=8, scale=0.1))
 
 
-def test_head_dim_96_is_not_implemented():
+def test_head_dim_96_takes_the_reference_and_the_kernel_refuses_it():
     q, k, v, _ = cuda_inputs(1, 8, 8, 2, 2, 96, torch.bfloat16, seed=3)
-    with pytest.raises(NotImplementedError, match="head_dim=96"):
-        native.attention_cuda(q, k, v, kv_len=None, key_valid=None, block_size=None, q_offset=0, scale=96**-0.5)
+    assert ops.backend_for("attention", q, k, v) == "reference"
+    assert "head_dim=96" in ops.fallback_reason("attention", q, k, v)
+    with pytest.raises(NotImplementedError, match="head_dim = 96"):
+        cuda_attention(q, k, v)
 
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
@@ -133,7 +149,7 @@ def test_many_blocks_take_the_unsplit_path(head_dim):
     """More query tiles than SMs: no split, many key tiles skipped by padding and blocks."""
     batch, q_len, k_len, heads = 4, 1024, 1025, 8
     sizes = [batch, q_len, k_len, heads, heads, head_dim]
-    assert ops._C.attention_cuda_workspace_bytes(sizes, 8, 3) == 0
+    assert workspace_bytes(sizes, 8, 3) == 0
     q, k, v, gen = cuda_inputs(batch, q_len, k_len, heads, heads, head_dim, torch.bfloat16, seed=head_dim)
     check(q, k, v, **cuda_masks("all", batch, k_len, gen))
 
@@ -142,11 +158,11 @@ def test_padded_output_view_is_written_inside_only():
     q, k, v, _ = cuda_inputs(2, 33, 70, 4, 2, 64, torch.float16, seed=5)
     buffer = torch.full((2, 33, 4, 72), float("nan"), dtype=torch.float16, device="cuda")
     out = buffer[..., :64]  # strides (33*4*72, 4*72, 72): multiples of 8, not contiguous
-    args = dict(kv_len=None, key_valid=None, block_size=16, q_offset=0, scale=0.125)
-    native.attention_cuda(q, k, v, out=out, **args)
+    args = dict(block_size=16, scale=0.125)
+    cuda_attention(q, k, v, out=out, **args)
     assert torch.isnan(buffer[..., 64:]).all(), "wrote outside the output view"
     # The same kernel on the same inputs: the output layout must not change a single bit.
-    assert torch.equal(out, native.attention_cuda(q, k, v, **args))
+    assert torch.equal(out, cuda_attention(q, k, v, **args))
 
 
 def test_more_than_65535_batch_heads():

@@ -3,27 +3,15 @@
 import pytest
 import torch
 
-from unmask import native, ops, reference
-from tests.conftest import requires_gpu
-from tests.test_sample_kernels import CONF_RTOL, POISON_TOKEN, assert_same_tokens
+from unmask import native, ops, reference, validation
+from tests.helpers import (CONF_RTOL, assert_same_tokens, reference_banned, requires_cuda_build, requires_gpu,
+                           run_sample_kernel, sample_backend)
 
-pytestmark = [requires_gpu, pytest.mark.skipif(ops._C is None or not ops._C.cuda_compiled(),
-                                               reason="unmask._C built without CUDA")]
+pytestmark = [requires_gpu, requires_cuda_build]
 
 
 def run_cuda(logits, rows=None, **kwargs):
-    n = logits.numel() // logits.shape[-1]
-    out = (torch.full((n,), POISON_TOKEN, dtype=torch.int64, device="cuda"),
-           torch.full((n,), float("nan"), device="cuda"))
-    args = dict(temperature=0.0, top_k=0, top_p=1.0, banned=None, confidence="prob", conf_temperature=1.0,
-                seed=0, offset=0)
-    args.update(kwargs)
-    if isinstance(args["banned"], list):
-        args["banned"] = torch.tensor(args["banned"], dtype=torch.int64, device="cuda")
-    tokens, conf = native.sample_cuda(logits, rows=rows, out=out, **args)
-    torch.cuda.synchronize()
-    assert not (tokens == POISON_TOKEN).any() and not torch.isnan(conf).any(), "every output must be written"
-    return tokens.cpu(), conf.cpu()
+    return run_sample_kernel(sample_backend("cuda"), logits, rows=rows, **kwargs)
 
 
 CASES = [
@@ -41,9 +29,7 @@ CASES = [
 def test_cuda_sample_equals_reference(n_rows, vocab, dtype, kwargs):
     gen = torch.Generator().manual_seed(n_rows + vocab)
     logits = (torch.randn(n_rows, vocab, generator=gen) * 4).to(dtype)
-    banned = kwargs.get("banned")
-    expected_tokens, expected_conf = reference.sample(
-        logits, **{**kwargs, "banned": None if banned is None else torch.tensor(banned)})
+    expected_tokens, expected_conf = reference.sample(logits, **reference_banned(kwargs))
     tokens, conf = run_cuda(logits.cuda(), **kwargs)
     assert_same_tokens(logits, expected_tokens, tokens, temperature=kwargs.get("temperature", 0.0),
                        seed=kwargs.get("seed", 0), offset=kwargs.get("offset", 0))
@@ -79,7 +65,8 @@ def test_cuda_commit_equals_reference(length, mode):
     x_gpu = x.cuda()
     out = torch.ones(batch, length, dtype=torch.bool, device="cuda")  # poison
     cuda_kwargs = {name: value.cuda() if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
-    committed = native.commit_cuda(x_gpu, tokens.cuda(), conf.cuda(), eligible.cuda(), out=out, **cuda_kwargs)
+    call = validation.commit_call(x_gpu, tokens.cuda(), conf.cuda(), eligible.cuda(), **cuda_kwargs)
+    committed = native.kernels()[("commit", "cuda")](call, out=out)
     assert torch.equal(committed.cpu(), expected)
     assert torch.equal(x_gpu.cpu(), expected_x)
 

@@ -14,7 +14,7 @@ from hypothesis import given, strategies as st
 import unmask
 from unmask import distributed, reference
 from tests import distributed_worker
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ import torch
 
 import unmask
 from unmask import ops
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 q = torch.randn(1, 4, 2, 8)
 kv = torch.randn(1, 5, 2, 8)
@@ -142,7 +142,7 @@ def test_bad_backend_environment(monkeypatch):
     (dict(n_layers=0), "n_layers"),
 ])
 def test_bad_model_config(fields, fragment):
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     with pytest.raises(ValueError, match=fragment):
         tiny_config(**fields)

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import unmask
-from tests.conftest import tiny_config, tiny_model
+from tests.helpers import tiny_config, tiny_model
 
 
 def plain_llada_forward(tensors, config, ids, attention_mask=None):

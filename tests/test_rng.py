@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from unmask import ops, rng
-from tests.conftest import requires_gpu
+from tests.helpers import requires_gpu
 
 # Random123 kat_vectors, philox4x32 10 rows: counter (4 words), key (2 words) -> output.
 KNOWN_ANSWERS = [
@@ -35,6 +35,7 @@ def test_header_equals_rng_py_on_random_counters():
     assert torch.equal(ops.philox_blocks(counters, key0, key1), rng.philox4x32_10(counters, key0, key1))
 
 
+@pytest.mark.usefixtures("cpu_isa")
 @pytest.mark.parametrize(
     "seed,offset,stream,row_begin",
     [(0, 0, 0, 0), (2**64 - 1, 2**32 - 1, 1, 7), (0x0123456789ABCDEF, 12, 0, 2**31)],

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from unmask import ops, reference, rng
+from tests.helpers import CONF_RTOL
 
 
 pytestmark = pytest.mark.usefixtures("backend")
@@ -19,7 +20,6 @@ pytestmark = pytest.mark.usefixtures("backend")
 # Confidences: the kernels form z = (x - max) / conf_temperature in float32, so each
 # exponent carries |z| * 2^-24 of rounding, |z| <= 20 for the logits here: 1.2e-6
 # relative, doubled for the float32 partial sums.
-CONF_RTOL = 1e-5
 
 
 def random_logits(rows, vocab, seed, dtype=torch.float32, scale=3.0):

@@ -1,52 +1,21 @@
 """The native CPU sample and commit kernels against the reference, element by element,
-on odd and real vocabulary sizes, with poisoned outputs."""
+on odd and real vocabulary sizes, with poisoned outputs, under every instruction-set
+build this CPU runs."""
 
 import math
 
 import pytest
 import torch
 
-from unmask import native, ops, reference, rng
+from unmask import native, reference, rng, validation
+from tests.helpers import (CONF_RTOL, assert_same_tokens, reference_banned, requires_extension,
+                           run_sample_kernel, sample_backend)
 
-pytestmark = pytest.mark.skipif(ops._C is None, reason="unmask._C not built")
-
-# z = (x - max) / conf_temperature is formed in float32 (|z| * 2^-24 relative error in
-# each exponent, |z| <= 30 here) and summed in float32 chunks: 1e-5 relative covers both.
-CONF_RTOL = 1e-5
-POISON_TOKEN = 987654321
+pytestmark = [requires_extension, pytest.mark.usefixtures("cpu_isa")]
 
 
 def run_native(logits, rows=None, **kwargs):
-    n = logits.numel() // logits.shape[-1]
-    out = (torch.full((n,), POISON_TOKEN, dtype=torch.int64), torch.full((n,), float("nan")))
-    args = dict(temperature=0.0, top_k=0, top_p=1.0, banned=None, confidence="prob", conf_temperature=1.0,
-                seed=0, offset=0)
-    args.update(kwargs)
-    if isinstance(args["banned"], list):
-        args["banned"] = torch.tensor(args["banned"], dtype=torch.int64)
-    tokens, conf = native.sample_cpu(logits, rows=rows, out=out, **args)
-    assert not (tokens == POISON_TOKEN).any() and not torch.isnan(conf).any(), "every output must be written"
-    return tokens, conf
-
-
-def gumbel_scores(logits, tokens, temperature, seed, offset):
-    """The reference's float64 score x / T + g of each row's token."""
-    flat = logits.reshape(-1, logits.shape[-1]).float().double()
-    rows = torch.arange(flat.shape[0])
-    g = rng.gumbel(seed, rows, flat.shape[-1], offset=offset)
-    return (flat / temperature + g).gather(-1, tokens.reshape(-1, 1).clamp(min=0)).squeeze(-1)
-
-
-def assert_same_tokens(logits, expected, got, *, temperature, seed, offset):
-    """Equal, except where the two tokens' exact scores are within rounding of each other
-    (a near-tie that the last bit of a log may flip)."""
-    mismatch = (expected != got).reshape(-1)
-    if temperature == 0 or not mismatch.any():
-        assert torch.equal(expected, got), f"{int(mismatch.sum())} rows differ"
-        return
-    a = gumbel_scores(logits, expected, temperature, seed, offset)[mismatch]
-    b = gumbel_scores(logits, got, temperature, seed, offset)[mismatch]
-    assert torch.allclose(a, b, rtol=1e-12, atol=0), f"rows {mismatch.nonzero().flatten().tolist()} differ by {a - b}"
+    return run_sample_kernel(sample_backend("cpu"), logits, rows=rows, **kwargs)
 
 
 CASES = [
@@ -72,17 +41,12 @@ CASES = [
 def test_native_sample_equals_reference(n_rows, vocab, dtype, kwargs):
     gen = torch.Generator().manual_seed(vocab + n_rows)
     logits = (torch.randn(n_rows, vocab, generator=gen) * 4).to(dtype)
-    expected_tokens, expected_conf = reference.sample(logits, **{**kwargs, "banned": _banned(kwargs)})
+    expected_tokens, expected_conf = reference.sample(logits, **reference_banned(kwargs))
     tokens, conf = run_native(logits, **kwargs)
     assert_same_tokens(logits, expected_tokens, tokens, temperature=kwargs.get("temperature", 0.0),
                        seed=kwargs.get("seed", 0), offset=kwargs.get("offset", 0))
     same = tokens == expected_tokens
     torch.testing.assert_close(conf[same].double(), expected_conf[same].double(), rtol=CONF_RTOL, atol=1e-9)
-
-
-def _banned(kwargs):
-    banned = kwargs.get("banned")
-    return None if banned is None else torch.tensor(banned)
 
 
 @pytest.mark.parametrize("confidence", ["prob", "entropy", "margin"])
@@ -207,7 +171,8 @@ def test_native_commit_writes_every_element():
             x_native = torch.full((batch, length), -1, dtype=torch.int64)
             x_reference = x_native.clone()
             out = torch.ones(batch, length, dtype=torch.bool)  # poison: every False must be written
-            committed = native.commit_cpu(x_native, tokens, conf, eligible, out=out, **mode)
+            call = validation.commit_call(x_native, tokens, conf, eligible, **mode)
+            committed = native.kernels()[("commit", "cpu")](call, out=out)
             expected = reference.commit(x_reference, tokens, conf, eligible, **mode)
             assert torch.equal(committed, expected), mode
             assert torch.equal(x_native, x_reference), mode

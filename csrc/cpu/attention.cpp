@@ -22,11 +22,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels.h"
 #include "simd.h"
 #include "unmask/attention.h"
 #include "vec_math.h"
 
-namespace unmask {
+namespace unmask::cpu {
+inline namespace UNMASK_CPU_ISA {  // isa.h
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -52,6 +54,7 @@ constexpr int64_t kKeyTile = 64;    // S row = 4 zmm; a K^T tile of D=128 is 32 
 // Q, S and O tiles of a task stay in L2 (~160 KiB at D=128), and 126 = 21 blocks of the
 // 6-row micro-kernels: no short remainder block per tile (measured 2% over 128).
 constexpr int64_t kQueryTile = 126;
+constexpr int64_t kMaxHeadDim = 1024;
 
 void load_row(const void* base, ScalarType dtype, int64_t offset, int64_t n, float scale, float* out) {
   if (dtype == ScalarType::kFloat32) {
@@ -494,15 +497,12 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b
 
 }  // namespace
 
-Status attention_cpu(const AttentionParams& p) {
-  if (p.batch < 0 || p.q_len < 0 || p.k_len < 0 || p.q_heads < 1 || p.kv_heads < 1 ||
-      p.q_heads % p.kv_heads != 0 || p.head_dim < 1 || p.head_dim > 1024 || p.block_size < 0 || p.q_offset < 0) {
-    return Status::kInvalidArgument;
-  }
-  if (p.batch * p.q_len == 0) return Status::kOk;
-  if (p.q == nullptr || p.out == nullptr || (p.k_len > 0 && (p.k == nullptr || p.v == nullptr))) {
-    return Status::kInvalidArgument;
-  }
+Status attention(const AttentionParams& p) {
+  const Status status = check_attention_params(p);
+  if (!status.ok()) return status;
+  // The per-task buffers hold kQueryTile rows of D floats; the Python table sends larger D to the reference.
+  if (p.head_dim > kMaxHeadDim) return unsupported("head_dim", static_cast<double>(p.head_dim), "must be <= 1024 on the CPU");
+  if (p.batch * p.q_len == 0) return ok_status();
   std::lock_guard<std::mutex> lock(pack_mutex);
   Packed& packed = pack_buffers();
   pack_masks(p, packed);
@@ -535,7 +535,8 @@ Status attention_cpu(const AttentionParams& p) {
       attend_query_tile(p, packed, b, h, q_tile * kQueryTile, buf);
     }
   }
-  return Status::kOk;
+  return ok_status();
 }
 
-}  // namespace unmask
+}  // namespace UNMASK_CPU_ISA
+}  // namespace unmask::cpu

@@ -1,6 +1,7 @@
 // commit on the CPU: per row, rank the eligible positions by (conf desc, position asc)
 // and commit a prefix whose length the mode decides. Rows are short (a block of 32-1024
-// positions), so a sort per row costs less than the launch of anything cleverer.
+// positions), so a sort per row costs less than the launch of anything cleverer. Scalar
+// code: compiled once, for the baseline, not per instruction set.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -35,11 +36,8 @@ int64_t commit_count(const CommitParams& p, int64_t row, const std::vector<std::
 }  // namespace
 
 Status commit_cpu(const CommitParams& p) {
-  if (p.batch < 0 || p.length < 0 || (p.batch * p.length > 0 &&
-      (p.canvas == nullptr || p.tokens == nullptr || p.conf == nullptr || p.eligible == nullptr ||
-       p.committed == nullptr)) || (p.mode == CommitMode::kCount && p.batch > 0 && p.k == nullptr)) {
-    return Status::kInvalidArgument;
-  }
+  const Status status = check_commit_params(p);
+  if (!status.ok()) return status;
 #pragma omp parallel for schedule(static) if (p.batch * p.length > 4096)
   for (int64_t row = 0; row < p.batch; ++row) {
     const int64_t base = row * p.length;
@@ -61,7 +59,7 @@ Status commit_cpu(const CommitParams& p) {
       p.canvas[base + j] = p.tokens[base + j];
     }
   }
-  return Status::kOk;
+  return ok_status();
 }
 
 }  // namespace unmask

@@ -4,6 +4,8 @@
 // cover this path.
 #pragma once
 
+#include "isa.h"
+
 #include <cstdint>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -13,6 +15,7 @@
 #include "unmask/philox.h"
 
 namespace unmask::cpu {
+inline namespace UNMASK_CPU_ISA {  // isa.h
 
 #if defined(__AVX512F__)
 namespace philox_avx512 {
@@ -162,4 +165,5 @@ inline void philox_row_words(uint64_t seed, uint32_t row, uint32_t offset, RngSt
   }
 }
 
+}  // namespace UNMASK_CPU_ISA
 }  // namespace unmask::cpu

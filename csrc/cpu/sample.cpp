@@ -22,13 +22,15 @@
 #include <limits>
 #include <vector>
 
-#include "unmask/philox.h"
+#include "kernels.h"
 #include "philox_rows.h"
-#include "unmask/sample.h"
 #include "sample_simd.h"
+#include "unmask/philox.h"
+#include "unmask/sample.h"
 #include "vec_math.h"
 
-namespace unmask {
+namespace unmask::cpu {
+inline namespace UNMASK_CPU_ISA {  // isa.h
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -427,27 +429,28 @@ void sample_row(const SampleParams& p, int64_t row, float* buf, float* mass) {
 
 }  // namespace
 
-Status sample_cpu(const SampleParams& p) {
-  if (p.n_rows < 0 || p.vocab < 1 || p.n_selected < 0 || p.n_banned < 0 ||
-      (p.n_rows > 0 && (p.logits == nullptr || p.tokens == nullptr || p.conf == nullptr)) ||
-      (p.n_selected > 0 && p.rows == nullptr) || !(p.temperature >= 0.0) ||
-      !(p.conf_temperature > 0.0) || p.top_k < 0 || !(p.top_p > 0.0 && p.top_p <= 1.0)) {
-    return Status::kInvalidArgument;
-  }
+Status sample(const SampleParams& p) {
+  const Status status = check_sample_params(p);
+  if (!status.ok()) return status;
   for (int64_t i = 0; i < p.n_banned; ++i) {
-    if (p.banned[i] < 0 || p.banned[i] >= p.vocab || (i > 0 && p.banned[i] <= p.banned[i - 1])) {
-      return Status::kInvalidArgument;  // must be sorted, unique and inside the vocabulary
+    if (p.banned[i] < 0 || p.banned[i] >= p.vocab) {
+      return invalid_argument("banned[i]", static_cast<double>(p.banned[i]), "must lie in [0, vocab)");
+    }
+    if (i > 0 && p.banned[i] <= p.banned[i - 1]) {
+      return invalid_argument("banned[i]", static_cast<double>(p.banned[i]), "must be sorted and unique");
     }
   }
-  const bool all_rows = p.rows == nullptr;
-  const int64_t work = all_rows ? p.n_rows : p.n_selected;
-  if (!all_rows) {
+  // Every row id is checked before anything is written: a bad one leaves the outputs as they were.
+  for (int64_t i = 0; p.select_rows && i < p.n_selected; ++i) {
+    if (p.rows[i] < 0 || p.rows[i] >= p.n_rows) {
+      return invalid_argument("rows[i]", static_cast<double>(p.rows[i]), "must lie in [0, n_rows)");
+    }
+  }
+  const int64_t work = p.select_rows ? p.n_selected : p.n_rows;
+  if (p.select_rows) {
     for (int64_t i = 0; i < p.n_rows; ++i) {
       p.tokens[i] = -1;
       p.conf[i] = -kInf;
-    }
-    for (int64_t i = 0; i < p.n_selected; ++i) {
-      if (p.rows[i] < 0 || p.rows[i] >= p.n_rows) return Status::kInvalidArgument;
     }
   }
   const bool needs_mass = p.top_p < 1.0;
@@ -459,10 +462,11 @@ Status sample_cpu(const SampleParams& p) {
     mass.resize(needs_mass ? p.vocab : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < work; ++i) {
-      sample_row(p, all_rows ? i : p.rows[i], buf.data(), mass.data());
+      sample_row(p, p.select_rows ? p.rows[i] : i, buf.data(), mass.data());
     }
   }
-  return Status::kOk;
+  return ok_status();
 }
 
-}  // namespace unmask
+}  // namespace UNMASK_CPU_ISA
+}  // namespace unmask::cpu

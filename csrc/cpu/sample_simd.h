@@ -11,6 +11,8 @@
 // (L2-resident).
 #pragma once
 
+#include "isa.h"
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -21,6 +23,7 @@
 #include "vec_math.h"
 
 namespace unmask::cpu {
+inline namespace UNMASK_CPU_ISA {  // isa.h
 
 // Largest of x[0, n) (n a multiple of Simd::kWidth; NaN never wins), and whether any is
 // NaN or +inf.
@@ -306,4 +309,5 @@ inline uint32_t gumbel_candidates32(const float* x, const uint32_t* words, float
 #endif
 }
 
+}  // namespace UNMASK_CPU_ISA
 }  // namespace unmask::cpu

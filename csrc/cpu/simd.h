@@ -8,6 +8,8 @@
 // turned into integer bits, one per lane, where a branch needs them.
 #pragma once
 
+#include "isa.h"
+
 #include <cstdint>
 
 #include "vec_math.h"
@@ -18,6 +20,7 @@
 #endif
 
 namespace unmask::cpu {
+inline namespace UNMASK_CPU_ISA {  // isa.h
 
 #if defined(__AVX512F__)
 struct Simd {
@@ -171,4 +174,5 @@ inline void exp2_interleaved(Simd::Reg (&z)[kN]) {
 }
 #endif
 
+}  // namespace UNMASK_CPU_ISA
 }  // namespace unmask::cpu

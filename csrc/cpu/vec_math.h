@@ -3,6 +3,8 @@
 // checks the sampler relies on).
 #pragma once
 
+#include "isa.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -13,6 +15,7 @@
 #endif
 
 namespace unmask::cpu {
+inline namespace UNMASK_CPU_ISA {  // isa.h
 
 inline float bits_to_float(uint32_t bits) {
   float value;
@@ -94,9 +97,11 @@ inline float key_to_float(uint32_t key) {
   return bits_to_float((key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key);
 }
 
+}  // namespace UNMASK_CPU_ISA
 }  // namespace unmask::cpu
 
 namespace unmask::cpu {
+inline namespace UNMASK_CPU_ISA {  // isa.h
 
 // float -> bfloat16 bits, round to nearest even (NaN stays NaN).
 inline uint16_t float_to_bf16(float value) {
@@ -121,4 +126,5 @@ inline uint16_t float_to_fp16(float value) {
   return sign | static_cast<uint16_t>(rounded >> 13);
 }
 
+}  // namespace UNMASK_CPU_ISA
 }  // namespace unmask::cpu

@@ -520,21 +520,6 @@ __global__ void __launch_bounds__(kCombineThreads) attention_combine_kernel(cons
 
 // ------------------------------------------------------------------ host side
 
-int sm_count() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cached[kMaxDevices];  // static storage: zero-initialised
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 1;
-  if (device < kMaxDevices) {
-    const int known = cached[device].load(std::memory_order_relaxed);
-    if (known > 0) return known;
-  }
-  int count = 0;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count < 1) return 1;
-  if (device < kMaxDevices) cached[device].store(count, std::memory_order_relaxed);
-  return count;
-}
-
 struct Plan {
   Launch launch;
   int64_t query_tiles;
@@ -588,13 +573,13 @@ int64_t workspace_bytes_of(const Plan& plan, int64_t head_dim) {
 template <typename T, int kHeadDim>
 Status allow_shared_memory() {
   constexpr int kBytes = shared_bytes<kHeadDim>();
-  if (kBytes <= 48 * 1024) return Status::kOk;
+  if (kBytes <= 48 * 1024) return ok_status();
   static std::atomic<uint64_t> done_devices{0};
   int device = 0;
   cudaError_t error = cudaGetDevice(&device);
   const uint64_t bit = device >= 0 && device < 64 ? uint64_t{1} << device : 0;
   if (error == cudaSuccess && bit != 0 && (done_devices.load(std::memory_order_relaxed) & bit) != 0) {
-    return Status::kOk;
+    return ok_status();
   }
   if (error == cudaSuccess) {
     error = cudaFuncSetAttribute(attention_forward_kernel<T, kHeadDim>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -603,23 +588,23 @@ Status allow_shared_memory() {
   if (error != cudaSuccess) {
     cudaGetLastError();  // reported here; not left for the next launch check
     record_cuda_error(error);
-    return Status::kCudaError;
+    return cuda_error();
   }
   done_devices.fetch_or(bit, std::memory_order_relaxed);
-  return Status::kOk;
+  return ok_status();
 }
 
 template <typename T, int kHeadDim>
 Status launch(const AttentionParams& p, const Plan& plan, cudaStream_t stream) {
   const Status allowed = allow_shared_memory<T, kHeadDim>();
-  if (allowed != Status::kOk) return allowed;
+  if (!allowed.ok()) return allowed;
   const Launch& a = plan.launch;
   const dim3 grid(static_cast<unsigned>(p.batch * p.kv_heads), static_cast<unsigned>(plan.query_tiles),
                   static_cast<unsigned>(a.splits));
   attention_forward_kernel<T, kHeadDim>
       <<<grid, TileConfig<kHeadDim>::kWarps * 32, shared_bytes<kHeadDim>(), stream>>>(p, a);
   const Status status = check_launch();
-  if (status != Status::kOk || a.splits == 1) return status;
+  if (!status.ok() || a.splits == 1) return status;
   const int64_t rows_per_block = kCombineThreads / (kHeadDim / 4);
   const int64_t blocks = (a.total_rows + rows_per_block - 1) / rows_per_block;
   attention_combine_kernel<T><<<static_cast<unsigned>(blocks), kCombineThreads, 0, stream>>>(p, a);
@@ -648,31 +633,41 @@ int64_t attention_cuda_workspace_bytes(const AttentionParams& p) {
 }
 
 Status attention_cuda(const AttentionParams& p, void* workspace, int64_t workspace_bytes, void* stream_handle) {
-  if (p.batch < 0 || p.q_len < 0 || p.k_len < 0 || p.q_heads < 1 || p.kv_heads < 1 ||
-      p.q_heads % p.kv_heads != 0 || p.head_dim < 1 || p.block_size < 0 || p.q_offset < 0) {
-    return Status::kInvalidArgument;
+  const Status status = check_attention_params(p);
+  if (!status.ok()) return status;
+  if (p.dtype != ScalarType::kFloat16 && p.dtype != ScalarType::kBFloat16) {
+    return unsupported("dtype", static_cast<double>(static_cast<int>(p.dtype)), "must be float16 or bfloat16 on CUDA");
   }
-  if ((p.dtype != ScalarType::kFloat16 && p.dtype != ScalarType::kBFloat16) ||
-      (p.head_dim != 64 && p.head_dim != 128)) {
-    return Status::kUnsupported;
+  if (p.head_dim != 64 && p.head_dim != 128) {
+    return unsupported("head_dim", static_cast<double>(p.head_dim), "must be 64 or 128 on CUDA");
   }
-  if (p.batch * p.q_len == 0) return Status::kOk;
-  // Key indices are int in the kernel; gridDim.y holds the query tiles (at most 65535).
-  if (p.k_len > INT32_MAX / 2 || p.batch * p.kv_heads > INT32_MAX) return Status::kUnsupported;
-  if (p.q == nullptr || p.out == nullptr || (p.k_len > 0 && (p.k == nullptr || p.v == nullptr))) {
-    return Status::kInvalidArgument;
+  if (p.batch * p.q_len == 0) return ok_status();
+  // Key indices are int in the kernel; (batch, kv head) is gridDim.x.
+  if (p.k_len > INT32_MAX / 2) return unsupported("k_len", static_cast<double>(p.k_len), "must be <= 2^30 on CUDA");
+  if (p.batch * p.kv_heads > INT32_MAX) {
+    return unsupported("batch", static_cast<double>(p.batch), "times kv_heads must be < 2^31 on CUDA");
   }
   // 16-byte cp.async copies of every row.
-  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out) || !strides_aligned(p.q_stride) ||
-      !strides_aligned(p.k_stride) || !strides_aligned(p.v_stride) || !strides_aligned(p.out_stride)) {
-    return Status::kInvalidArgument;
-  }
+  if (!aligned16(p.q)) return invalid_argument("q", 0, "must be 16-byte aligned");
+  if (!aligned16(p.k)) return invalid_argument("k", 0, "must be 16-byte aligned");
+  if (!aligned16(p.v)) return invalid_argument("v", 0, "must be 16-byte aligned");
+  if (!aligned16(p.out)) return invalid_argument("out", 0, "must be 16-byte aligned");
+  if (!strides_aligned(p.q_stride)) return invalid_argument("q_stride", 0, "must be multiples of 8 elements");
+  if (!strides_aligned(p.k_stride)) return invalid_argument("k_stride", 0, "must be multiples of 8 elements");
+  if (!strides_aligned(p.v_stride)) return invalid_argument("v_stride", 0, "must be multiples of 8 elements");
+  if (!strides_aligned(p.out_stride)) return invalid_argument("out_stride", 0, "must be multiples of 8 elements");
   Plan launch_plan = plan_launch(p);
-  if (launch_plan.query_tiles > 65535) return Status::kUnsupported;  // gridDim.y: q_len * group > 8M rows
+  if (launch_plan.query_tiles > 65535) {  // gridDim.y: q_len * group > 8M rows
+    return unsupported("q_len", static_cast<double>(p.q_len), "times the head group must be <= 65535 * 128 on CUDA");
+  }
   if (launch_plan.launch.splits > 1) {
-    if (workspace == nullptr || workspace_bytes < workspace_bytes_of(launch_plan, p.head_dim) ||
-        !aligned16(workspace)) {
-      return Status::kInvalidArgument;
+    const int64_t needed = workspace_bytes_of(launch_plan, p.head_dim);
+    if (workspace_bytes < needed) {
+      return invalid_argument("workspace_bytes", static_cast<double>(workspace_bytes),
+                              "must be at least attention_cuda_workspace_bytes(params)");
+    }
+    if (workspace == nullptr || !aligned16(workspace)) {
+      return invalid_argument("workspace", 0, "must be 16-byte aligned and not null");
     }
     launch_plan.launch.partial_out = static_cast<float*>(workspace);
     launch_plan.launch.partial_lse = launch_plan.launch.partial_out + partial_floats(launch_plan, p.head_dim);

@@ -63,13 +63,11 @@ __global__ void __launch_bounds__(kThreads) commit_kernel(CommitParams p) {
 }  // namespace
 
 Status commit_cuda(const CommitParams& p, void* stream) {
-  if (p.batch < 0 || p.length < 0 || p.length > kMaxLength ||
-      (p.batch * p.length > 0 && (p.canvas == nullptr || p.tokens == nullptr || p.conf == nullptr ||
-                                  p.eligible == nullptr || p.committed == nullptr)) ||
-      (p.mode == CommitMode::kCount && p.batch > 0 && p.k == nullptr)) {
-    return p.length > kMaxLength ? Status::kUnsupported : Status::kInvalidArgument;
-  }
-  if (p.batch == 0 || p.length == 0) return Status::kOk;
+  const Status status = check_commit_params(p);
+  if (!status.ok()) return status;
+  if (p.length > kMaxLength) return unsupported("length", static_cast<double>(p.length), "must be <= 4096 on CUDA");
+  if (p.batch > INT32_MAX) return unsupported("batch", static_cast<double>(p.batch), "must be < 2^31 on CUDA");
+  if (p.batch == 0 || p.length == 0) return ok_status();
   const size_t shared = static_cast<size_t>(p.length) * (sizeof(float) + sizeof(int) + sizeof(bool));
   commit_kernel<<<static_cast<unsigned>(p.batch), kThreads, shared, static_cast<cudaStream_t>(stream)>>>(p);
   return check_launch();

@@ -1,5 +1,7 @@
 #include <cuda_runtime.h>
 
+#include <atomic>
+
 #include "cuda_check.cuh"
 #include "unmask/cuda_info.h"
 
@@ -23,5 +25,20 @@ int cuda_device_count() {
 }
 
 std::string last_cuda_error() { return last_error_message; }
+
+int sm_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices];  // static storage: zero-initialised
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 1;
+  if (device >= 0 && device < kMaxDevices) {
+    const int known = cached[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int count = 0;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count < 1) return 1;
+  if (device >= 0 && device < kMaxDevices) cached[device].store(count, std::memory_order_relaxed);
+  return count;
+}
 
 }  // namespace unmask

@@ -24,11 +24,10 @@ __global__ void fill_draws_kernel(DrawParams p) {
 }  // namespace
 
 Status fill_draws_cuda(const DrawParams& p, void* stream) {
-  if (p.rows < 0 || p.cols < 0 || (p.rows * p.cols > 0 && p.out == nullptr)) {
-    return Status::kInvalidArgument;
-  }
+  const Status status = check_draw_params(p);
+  if (!status.ok()) return status;
   const int64_t work = p.rows * ((p.cols + 3) / 4);
-  if (work == 0) return Status::kOk;
+  if (work == 0) return ok_status();
   constexpr int kThreads = 256;
   const int64_t blocks = (work + kThreads - 1) / kThreads;
   fill_draws_kernel<<<static_cast<unsigned>(blocks), kThreads, 0,

@@ -32,6 +32,11 @@ namespace {
 constexpr int kThreads = 256;
 constexpr double kGumbelMax = 17.5;  // > -log(-log(1 - 2^-25)) = 17.33
 constexpr int64_t kMinSegment = 4096;  // below this a split costs more in merging than it saves
+// Exponents z = (x - max) / conf_temperature below this are clamped to it: e^-87 is still
+// a normal float, so e * z stays finite (for a logit near -FLT_MAX, z was -inf, e = 0 and
+// e * z NaN, which made entropy confidences NaN) and the term is below 2^-125 of the
+// maximum's, as the CPU kernel's clamp at 2^-126 leaves it.
+constexpr float kMinExponent = -87.0f;
 
 struct Record {
   float max;        // running max of the logits (NaN excluded)
@@ -64,8 +69,8 @@ __device__ __forceinline__ void merge(Record& a, const Record& b, float inv_t) {
   const bool b_first = b.max > a.max || (b.max == a.max && b.arg < a.arg);
   const float new_max = fmaxf(a.max, b.max);
   if (new_max > -INFINITY) {
-    const float shift_a = a.max > -INFINITY ? (a.max - new_max) * inv_t : 0.0f;
-    const float shift_b = b.max > -INFINITY ? (b.max - new_max) * inv_t : 0.0f;
+    const float shift_a = a.max > -INFINITY ? fmaxf((a.max - new_max) * inv_t, kMinExponent) : 0.0f;
+    const float shift_b = b.max > -INFINITY ? fmaxf((b.max - new_max) * inv_t, kMinExponent) : 0.0f;
     const float scale_a = a.max > -INFINITY ? __expf(shift_a) : 0.0f;
     const float scale_b = b.max > -INFINITY ? __expf(shift_b) : 0.0f;
     a.weighted = scale_a * (a.weighted + shift_a * a.sum) + scale_b * (b.weighted + shift_b * b.sum);
@@ -120,7 +125,7 @@ __device__ __forceinline__ void consume(Record& r, float x, int col, const RowCo
   if (x == -INFINITY) return;
   if (x > r.max) {
     if (r.max > -INFINITY) {
-      const float shift = (r.max - x) * ctx.inv_t;
+      const float shift = fmaxf((r.max - x) * ctx.inv_t, kMinExponent);
       const float scale = __expf(shift);
       r.weighted = scale * (r.weighted + shift * r.sum);
       r.sum *= scale;
@@ -130,7 +135,7 @@ __device__ __forceinline__ void consume(Record& r, float x, int col, const RowCo
     r.arg = col;
     r.sum += 1.0f;
   } else {
-    const float z = (x - r.max) * ctx.inv_t;
+    const float z = fmaxf((x - r.max) * ctx.inv_t, kMinExponent);
     const float e = __expf(z);
     r.sum += e;
     r.weighted += e * z;
@@ -153,7 +158,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) sample_partial_kernel(SampleParams p, SampleCudaExtras extras) {
   const int split = blockIdx.x;
   const int64_t index = extras.row_base + blockIdx.y;  // blockIdx.y counts rows within this launch
-  const int64_t row = p.rows != nullptr ? p.rows[index] : index;
+  const int64_t row = p.select_rows ? p.rows[index] : index;
+  if (row < 0 || row >= p.n_rows) return;  // a bad row id (sample_cuda.h): the whole block skips it
   // Segments are whole 16-byte vectors (8 elements covers every dtype), so when a row
   // starts 16-byte aligned every block's segment does too.
   const int64_t segment = ((p.vocab + gridDim.x - 1) / gridDim.x + 7) / 8 * 8;
@@ -209,7 +215,8 @@ __global__ void sample_finish_kernel(SampleParams p, SampleCudaExtras extras, in
   const int64_t local = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (local >= count) return;
   const int64_t index = extras.row_base + local;
-  const int64_t row = p.rows != nullptr ? p.rows[index] : index;
+  const int64_t row = p.select_rows ? p.rows[index] : index;
+  if (row < 0 || row >= p.n_rows) return;
   const float inv_t = static_cast<float>(1.0 / p.conf_temperature);
   const Record* records = static_cast<const Record*>(extras.workspace) + local * splits;
   Record r = records[0];
@@ -247,13 +254,6 @@ __global__ void fill_unsampled_kernel(int64_t* tokens, float* conf, int64_t n_ro
   }
 }
 
-int sm_count() {
-  int device = 0, count = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 1;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 1;
-  return count > 0 ? count : 1;
-}
-
 }  // namespace
 
 int sample_cuda_splits(int64_t rows, int64_t vocab) {
@@ -265,25 +265,34 @@ int sample_cuda_splits(int64_t rows, int64_t vocab) {
   return static_cast<int>(splits < 1 ? 1 : (splits > 1024 ? 1024 : splits));
 }
 
-int64_t sample_cuda_workspace_bytes(int64_t rows, int64_t vocab) {
-  return rows * sample_cuda_splits(rows, vocab) * static_cast<int64_t>(sizeof(Record));
+namespace {
+int64_t sampled_rows(const SampleParams& p) { return p.select_rows ? p.n_selected : p.n_rows; }
+}  // namespace
+
+int64_t sample_cuda_workspace_bytes(const SampleParams& p) {
+  const int64_t work = sampled_rows(p);
+  if (work <= 0 || p.vocab < 1) return 0;
+  return work * sample_cuda_splits(work, p.vocab) * static_cast<int64_t>(sizeof(Record));
 }
 
 Status sample_cuda(const SampleParams& p, const SampleCudaExtras& extras, void* stream_handle) {
-  if (p.n_rows < 0 || p.vocab < 1 || p.vocab > INT32_MAX || p.top_k != 0 || p.top_p < 1.0 ||
-      !(p.temperature >= 0.0) || !(p.conf_temperature > 0.0)) {
-    return p.top_k != 0 || p.top_p < 1.0 ? Status::kUnsupported : Status::kInvalidArgument;
-  }
+  const Status status = check_sample_params(p);
+  if (!status.ok()) return status;
+  if (p.top_k != 0) return unsupported("top_k", static_cast<double>(p.top_k), "must be 0 on CUDA (not fused yet)");
+  if (p.top_p < 1.0) return unsupported("top_p", p.top_p, "must be 1 on CUDA (not fused yet)");
+  if (p.vocab > INT32_MAX) return unsupported("vocab", static_cast<double>(p.vocab), "must be < 2^31 on CUDA");
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
-  const int64_t work = p.rows != nullptr ? p.n_selected : p.n_rows;
-  if (p.rows != nullptr && p.n_rows > 0) {
+  const int64_t work = sampled_rows(p);
+  if (p.select_rows && p.n_rows > 0) {
     fill_unsampled_kernel<<<static_cast<unsigned>((p.n_rows + 255) / 256), 256, 0, stream>>>(p.tokens, p.conf, p.n_rows);
   }
   if (work == 0) return check_launch();
   const int splits = sample_cuda_splits(work, p.vocab);
-  if (extras.workspace == nullptr || extras.workspace_bytes < work * splits * static_cast<int64_t>(sizeof(Record))) {
-    return Status::kInvalidArgument;
+  if (extras.workspace_bytes < work * splits * static_cast<int64_t>(sizeof(Record))) {
+    return invalid_argument("workspace_bytes", static_cast<double>(extras.workspace_bytes),
+                            "must be at least sample_cuda_workspace_bytes(params)");
   }
+  if (extras.workspace == nullptr) return invalid_argument("workspace", 0, "must not be null");
   // grid.y is limited to 65535: launch in chunks of rows.
   for (int64_t first = 0; first < work; first += 65535) {
     const int64_t count = work - first < 65535 ? work - first : 65535;
@@ -296,8 +305,8 @@ Status sample_cuda(const SampleParams& p, const SampleCudaExtras& extras, void* 
       case ScalarType::kFloat16: sample_partial_kernel<__half><<<grid, kThreads, 0, stream>>>(p, chunk); break;
       case ScalarType::kBFloat16: sample_partial_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p, chunk); break;
     }
-    const Status status = check_launch();
-    if (status != Status::kOk) return status;
+    const Status launched = check_launch();
+    if (!launched.ok()) return launched;
     sample_finish_kernel<<<static_cast<unsigned>((count + 127) / 128), 128, 0, stream>>>(p, chunk, splits, count);
   }
   return check_launch();

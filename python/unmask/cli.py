@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import os
 import platform
 import sys
 from pathlib import Path
@@ -14,22 +13,28 @@ import torch
 
 def backend_status() -> list[tuple[str, str, str]]:
     """(backend, state, detail) rows for `unmask info` and the README table."""
-    from unmask import ops
+    from unmask import native
 
     rows = []
-    native = ops._C is not None
-    rows.append(("C++ extension (unmask._C)", "built" if native else "missing",
-                 f"OpenMP threads: {ops._C.openmp_threads()}" if native else "pip install . builds it"))
-    cpu_kernels = sorted(name for name, device in ops.NATIVE_KERNELS if device == "cpu")
-    rows.append(("C++ CPU kernels", "usable" if cpu_kernels else "none yet",
+    built = native.available()
+    rows.append(("C++ extension (unmask._C)", "built" if built else "missing",
+                 f"OpenMP threads: {native._C.openmp_threads()}" if built else "pip install . builds it"))
+    if built:
+        runnable = native.runnable_cpu_isas()
+        rows.append(("CPU instruction set", native.cpu_isa(),
+                     f"compiled: {', '.join(native.cpu_isas())}; this CPU runs: {', '.join(runnable)}; "
+                     "UNMASK_ISA=<name> picks a lower one"))
+    kernels = native.kernels()
+    cpu_kernels = sorted(kernel for kernel, device in kernels if device == "cpu")
+    rows.append(("C++ CPU kernels", "usable" if cpu_kernels else "none",
                  ", ".join(cpu_kernels) or "CPU tensors use unmask.reference"))
-    cuda_built = native and ops._C.cuda_compiled()
+    cuda_built = built and native._C.cuda_compiled()
     rows.append(("CUDA kernels compiled", "yes" if cuda_built else "no",
                  "sm_80, sm_90 by default" if cuda_built else "built only where nvcc is found"))
-    devices = ops._C.cuda_device_count() if native else 0
+    devices = native._C.cuda_device_count() if built else 0
     gpu_detail = torch.cuda.get_device_name(0) if devices and torch.cuda.is_available() else "no CUDA device visible"
     rows.append(("GPU present", "yes" if devices else "no", gpu_detail))
-    cuda_kernels = sorted(name for name, device in ops.NATIVE_KERNELS if device == "cuda")
+    cuda_kernels = sorted(kernel for kernel, device in kernels if device == "cuda")
     rows.append(("CUDA kernels usable", "yes" if cuda_kernels and devices else "no",
                  ", ".join(cuda_kernels) or "CUDA tensors use unmask.reference"))
     try:
@@ -41,18 +46,41 @@ def backend_status() -> list[tuple[str, str, str]]:
     return rows
 
 
+def example_dispatch(device: str = "cpu") -> list[tuple[str, str]]:
+    """(call, backend) for a typical call of each kernel on `device`: what runs there."""
+    from unmask import ops
+
+    q = torch.zeros(1, 4, 2, 64, device=device)
+    canvas = torch.zeros(1, 8, dtype=torch.int64, device=device)
+    logits = torch.zeros(4, 1000, device=device)
+    eligible = torch.ones(1, 8, dtype=torch.bool, device=device)
+    calls = [
+        ("attention float32 D=64", lambda: ops.backend_for("attention", q, q, q)),
+        ("attention bfloat16 D=64", lambda: ops.backend_for("attention", *(q.bfloat16(),) * 3)),
+        ("sample greedy", lambda: ops.backend_for("sample", logits)),
+        ("sample top_p=0.9", lambda: ops.backend_for("sample", logits, temperature=1.0, top_p=0.9)),
+        ("commit threshold", lambda: ops.backend_for("commit", canvas, canvas, canvas.float(), eligible,
+                                                     threshold=0.9)),
+    ]
+    return [(name, backend()) for name, backend in calls]
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import unmask
-    from unmask import ops
+    from unmask import dispatch
 
     print(f"unmask {unmask.__version__}  torch {torch.__version__}  python {platform.python_version()}  "
           f"numpy {importlib.metadata.version('numpy')}")
-    forced = "UNMASK_BACKEND=reference (forced)" if os.environ.get("UNMASK_BACKEND") == "reference" else "auto"
-    print(f"dispatch: {forced}")
+    print(f"dispatch: UNMASK_BACKEND={dispatch.backend_mode()}")
     rows = backend_status()
     width = max(len(r[0]) for r in rows)
     for name, state, detail in rows:
         print(f"  {name:<{width}}  {state:<13}  {detail}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        print(f"what runs on {device}:")
+        for call, backend in example_dispatch(device):
+            print(f"  {call:<{width}}  {backend}")
     return 0
 
 

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from unmask import ops, reference, rng
+from unmask import ops, reference, rng, validation
 
 # Columns of the per-row statistics one rank computes over its vocabulary shard.
 STAT_MAX, STAT_BEST, STAT_BEST_ID, STAT_BEST_LOGIT, STAT_SECOND, STAT_SUM, STAT_WEIGHTED, STAT_BAD = range(8)
@@ -85,31 +85,36 @@ class VocabShard:
                banned=None, confidence: str = "prob", conf_temperature: float = 1.0, seed: int = 0, offset: int = 0,
                rows: torch.Tensor | None = None, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """unmask.ops.sample over logits split by vocabulary: logits [..., size] hold this
-        rank's ids; every rank returns the same tokens (global ids) and confidences."""
+        rank's ids; every rank returns the same tokens (global ids) and confidences.
+        Arguments are checked as unmask.ops.sample checks them (banned ids against the
+        whole vocabulary)."""
+        call = validation.sample_call(logits, temperature=temperature, top_k=top_k, top_p=top_p, banned=banned,
+                                      confidence=confidence, conf_temperature=conf_temperature, seed=seed,
+                                      offset=offset, rows=rows, check=check, vocab=self.vocab)
         if logits.shape[-1] != self.size:
             raise ValueError(f"logits must hold this rank's {self.size} vocabulary ids, got shape {tuple(logits.shape)}")
-        if (0 < top_k < self.vocab) or top_p < 1.0:
+        o = call.options
+        if (0 < o.top_k < self.vocab) or o.top_p < 1.0:
             full = self.gather(logits)
-            return ops.sample(full, temperature=temperature, top_k=top_k, top_p=top_p, banned=banned,
-                              confidence=confidence, conf_temperature=conf_temperature, seed=seed, offset=offset,
-                              rows=rows, check=check)
+            return ops.sample(full, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, banned=call.banned,
+                              confidence=o.confidence, conf_temperature=o.conf_temperature, seed=o.seed,
+                              offset=o.offset, rows=call.rows, check=check)
         lead = logits.shape[:-1]
         flat = logits.reshape(-1, self.size)
-        row_ids = torch.arange(flat.shape[0], device=flat.device) if rows is None else rows.to(flat.device).reshape(-1)
-        banned_ids = ops._banned_tensor(banned, self.vocab, flat.device)
-        stats = shard_statistics(flat[row_ids], row_ids, self.start, banned=banned_ids, temperature=temperature,
-                                 conf_temperature=conf_temperature, seed=seed, offset=offset)
+        row_ids = torch.arange(flat.shape[0], device=flat.device) if call.rows is None else call.rows
+        stats = shard_statistics(flat[row_ids], row_ids, self.start, banned=call.banned, temperature=o.temperature,
+                                 conf_temperature=o.conf_temperature, seed=o.seed, offset=o.offset)
         everyone = [torch.empty_like(stats) for _ in self.sizes]
         dist.all_gather(everyone, stats, group=self.group)
-        tokens, conf = combine_statistics(torch.stack(everyone), row_ids, confidence=confidence,
-                                          temperature=temperature, conf_temperature=conf_temperature, seed=seed,
-                                          offset=offset)
+        tokens, conf = combine_statistics(torch.stack(everyone), row_ids, confidence=o.confidence,
+                                          temperature=o.temperature, conf_temperature=o.conf_temperature,
+                                          seed=o.seed, offset=o.offset)
         all_tokens = torch.full((flat.shape[0],), -1, dtype=torch.int64, device=flat.device)
         all_conf = torch.full((flat.shape[0],), float("-inf"), dtype=torch.float32, device=flat.device)
         all_tokens[row_ids] = tokens
         all_conf[row_ids] = conf
         if check:
-            ops.raise_on_invalid_rows(all_tokens, rows)
+            ops.raise_on_invalid_rows(all_tokens, call.rows)
         return all_tokens.reshape(lead), all_conf.reshape(lead)
 
     def gather(self, logits: torch.Tensor) -> torch.Tensor:
@@ -201,7 +206,7 @@ def combine_statistics(stats: torch.Tensor, row_ids: torch.Tensor, *, confidence
         weighted = (rescale * (stats[..., STAT_WEIGHTED] + stats[..., STAT_SUM] * shift)).sum(dim=0)
         conf = weighted / total - torch.log(total)
     else:
-        raise ValueError(f"confidence must be one of {ops.CONFIDENCE_KINDS}, got {confidence!r}")
+        raise ValueError(f"confidence must be one of {validation.CONFIDENCE_KINDS}, got {confidence!r}")
     tokens = tokens.masked_fill(invalid, -1)
     conf = conf.masked_fill(invalid, float("-inf"))
     return tokens, conf.float()

@@ -1,139 +1,294 @@
-"""Native kernels as unmask.ops implementations: tensors in, pointers to unmask._C out.
+"""The native kernels of unmask._C as backends of the kernel table (unmask.dispatch).
 
-Each adapter has the reference's signature, takes arguments unmask.ops has already
-validated, and registers itself in ops.NATIVE_KERNELS for the device it serves.
+Each backend takes a checked call (unmask.validation), fills the bound params struct of
+unmask._C field by field and launches. None falls back on its own: its `supports(call)`
+states every case the kernel takes and returns, for any other, the reason it does not,
+and unmask.dispatch sends that call to the reference. This is the only module that
+turns tensors into pointers.
+
+The CPU kernels are compiled once per instruction set (avx512, avx2, portable); the
+best this CPU runs is chosen at import, UNMASK_ISA=avx2|portable forces a lower one,
+and use_cpu_isa() changes it at run time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
+from collections.abc import Callable
+
 import torch
 
-from unmask import ops
+from unmask import validation
+from unmask.validation import AttentionCall, CommitCall, SampleCall
 
-_C = ops._C
+try:
+    from unmask import _C
+except ImportError:  # a source tree that was never built: the reference still works
+    _C = None
 
-SCALAR_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-CONFIDENCE_KINDS = {"prob": 0, "margin": 1, "entropy": 2, "random": 3}
-COMMIT_MODES = {"k": 0, "threshold": 1, "factor": 2}
+
+def available() -> bool:
+    return _C is not None
+
+
+def require_extension() -> None:
+    if _C is None:
+        raise RuntimeError("unmask._C is not built: install the package (pip install .)")
+
+
+# --------------------------------------------------------------------------- CPU instruction sets
+
+
+def cpu_isas() -> list[str]:
+    """The instruction-set builds of the CPU kernels compiled in, best first."""
+    return list(_C.cpu_isas()) if _C is not None else []
+
+
+def runnable_cpu_isas() -> list[str]:
+    """Those this CPU runs, best first."""
+    return [isa for isa in cpu_isas() if _C.cpu_isa_supported(isa)]
+
+
+def cpu_isa() -> str | None:
+    """The build the CPU kernels run now (None without the extension)."""
+    return _C.cpu_isa() if _C is not None else None
+
+
+def use_cpu_isa(name: str) -> None:
+    """Run the CPU kernels of build `name` from now on (ValueError naming the choices
+    when it is not compiled in or this CPU lacks it)."""
+    require_extension()
+    if not isinstance(name, str):
+        raise TypeError(f"isa must be a str, got {type(name).__name__}")
+    _C.select_cpu_isa(name)
+
+
+@contextlib.contextmanager
+def cpu_isa_forced(name: str):
+    """Run the CPU kernels of build `name` inside the block (tests run under each)."""
+    previous = cpu_isa()
+    use_cpu_isa(name)
+    try:
+        yield
+    finally:
+        use_cpu_isa(previous)
+
+
+def _apply_isa_environment() -> None:
+    forced = os.environ.get("UNMASK_ISA", "")
+    if forced and _C is not None:
+        try:
+            use_cpu_isa(forced)
+        except ValueError as error:
+            raise ValueError(f"UNMASK_ISA={forced}: {error}") from None
+
+
+_apply_isa_environment()
+
+
+# --------------------------------------------------------------------------- the backends
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeKernel:
+    """One (kernel, device type) entry of the kernel table."""
+
+    kernel: str
+    device_type: str
+    launch: Callable  # launch(call, out=None) -> the kernel's result
+    supports: Callable[[object], str | None]  # None when it takes the call, else why not
+    guard: Callable[[object], contextlib.AbstractContextManager]  # makes the call's device current
+
+    @property
+    def name(self) -> str:
+        """'cpu:avx512' (the instruction set running now) or 'cuda'."""
+        return f"cpu:{cpu_isa()}" if self.device_type == "cpu" else self.device_type
+
+    def __call__(self, call, out=None):
+        with self.guard(call):
+            return self.launch(call, out=out)
+
+
+def _no_guard(call) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def _cuda_guard(call) -> contextlib.AbstractContextManager:
+    """The call's GPU made current: workspaces, the SM count and the launch use it."""
+    return torch.cuda.device(call.device)
+
+
+def _params(cls, **fields):
+    """A bound params struct with every field of cls.FIELDS set by name."""
+    missing = set(cls.FIELDS) - fields.keys()
+    unknown = fields.keys() - set(cls.FIELDS)
+    if missing or unknown:
+        raise TypeError(f"{cls.__name__}: missing fields {sorted(missing)}, unknown fields {sorted(unknown)}")
+    params = cls()
+    for name, value in fields.items():
+        setattr(params, name, value)
+    return params
 
 
 def _address(tensor: torch.Tensor | None) -> int:
     return 0 if tensor is None else tensor.data_ptr()
 
 
-def sample_cpu(logits, *, temperature, top_k, top_p, banned, confidence, conf_temperature, seed, offset, rows,
-               out=None):
-    """out: optional (tokens int64 [N], conf float32 [N]) to write into (tests poison them)."""
-    lead_shape, vocab = logits.shape[:-1], logits.shape[-1]
-    flat = logits.reshape(-1, vocab).contiguous()
-    n_rows = flat.shape[0]
-    if out is None:
-        out = (torch.empty(n_rows, dtype=torch.int64), torch.empty(n_rows, dtype=torch.float32))
-    tokens, conf = out
-    banned = None if banned is None else torch.unique(banned.to(torch.int64)).contiguous()  # sorted, unique
-    rows = None if rows is None else rows.to(torch.int64).contiguous()
-    _C.sample_cpu(
-        flat.data_ptr(), SCALAR_TYPES[flat.dtype], n_rows, vocab, _address(rows),
-        0 if rows is None else rows.numel(), _address(banned), 0 if banned is None else banned.numel(),
-        temperature, top_k, top_p, CONFIDENCE_KINDS[confidence], conf_temperature, seed, offset,
-        tokens.data_ptr(), conf.data_ptr(),
+def _scalar_type(dtype: torch.dtype):
+    return getattr(_C.ScalarType, str(dtype).removeprefix("torch."))
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+# --------------------------------------------------------------------------- sample
+
+
+def _sample_params(call: SampleCall, flat: torch.Tensor, tokens: torch.Tensor, conf: torch.Tensor):
+    options, rows, banned = call.options, call.rows, call.banned  # contiguous int64 (validation.sample_call)
+    return _params(
+        _C.SampleParams, logits=flat.data_ptr(), dtype=_scalar_type(flat.dtype), n_rows=flat.shape[0],
+        vocab=flat.shape[1], select_rows=rows is not None, rows=_address(rows),
+        n_selected=0 if rows is None else rows.numel(), banned=_address(banned),
+        n_banned=0 if banned is None else banned.numel(), temperature=options.temperature, top_k=options.top_k,
+        top_p=options.top_p, confidence=getattr(_C.ConfidenceKind, options.confidence),
+        conf_temperature=options.conf_temperature, seed=options.seed, offset=options.offset,
+        tokens=tokens.data_ptr(), conf=conf.data_ptr(),
     )
-    return tokens.reshape(lead_shape), conf.reshape(lead_shape)
 
 
-def _commit_arguments(x, tokens, conf, eligible, k, threshold, factor, out):
-    """The committed output and the pointer arguments shared by the CPU and CUDA commit kernels."""
-    batch, length = x.shape
-    committed = torch.empty(batch, length, dtype=torch.bool, device=x.device) if out is None else out
-    tokens = tokens.to(torch.int64).contiguous()
-    conf = conf.to(torch.float32).contiguous()
-    eligible = eligible.contiguous()
-    counts = None if k is None else k.to(torch.int64).contiguous()
-    mode = "k" if k is not None else "threshold" if threshold is not None else "factor"
-    keep_alive = (tokens, conf, eligible, counts)  # the pointers below point into these
-    arguments = (x.data_ptr(), tokens.data_ptr(), conf.data_ptr(), eligible.data_ptr(), committed.data_ptr(), batch,
-                 length, COMMIT_MODES[mode], _address(counts), threshold or 0.0, factor or 0.0)
-    return committed, arguments, keep_alive
+def _sample_outputs(call: SampleCall, out):
+    """out: optional (tokens int64 [N], conf float32 [N]) to write into (tests poison them)."""
+    if out is not None:
+        return out
+    n_rows, device = call.n_rows, call.device
+    return (torch.empty(n_rows, dtype=torch.int64, device=device),
+            torch.empty(n_rows, dtype=torch.float32, device=device))
 
 
-def _commit_on_reference(x, tokens, conf, eligible, k, threshold, factor, max_length=None):
-    """The kernels write an int64, contiguous canvas in place (CUDA: rows up to max_length);
-    anything else takes the reference."""
-    if x.dtype == torch.int64 and x.is_contiguous() and (max_length is None or x.shape[1] <= max_length):
-        return None
-    from unmask import reference
-
-    return reference.commit(x, tokens, conf, eligible, k=k, threshold=threshold, factor=factor)
+def _launch_sample_cpu(call: SampleCall, out=None):
+    flat = call.logits.reshape(-1, call.vocab).contiguous()
+    tokens, conf = _sample_outputs(call, out)
+    _C.sample_cpu(_sample_params(call, flat, tokens, conf))
+    lead = call.logits.shape[:-1]
+    return tokens.reshape(lead), conf.reshape(lead)
 
 
-def commit_cpu(x, tokens, conf, eligible, *, k=None, threshold=None, factor=None, out=None):
+def _launch_sample_cuda(call: SampleCall, out=None):
+    flat = call.logits.reshape(-1, call.vocab).contiguous()
+    tokens, conf = _sample_outputs(call, out)
+    params = _sample_params(call, flat, tokens, conf)
+    workspace = torch.empty(max(1, _C.sample_cuda_workspace_bytes(params)), dtype=torch.uint8, device=call.device)
+    extras = _params(_C.SampleCudaExtras, seed_device=0, offset_device=0, workspace=workspace.data_ptr(),
+                     workspace_bytes=workspace.numel())
+    _C.sample_cuda(params, extras=extras, stream=_stream(call.device))
+    lead = call.logits.shape[:-1]
+    return tokens.reshape(lead), conf.reshape(lead)
+
+
+def _supports_sample_cpu(call: SampleCall) -> str | None:
+    return None  # every dtype, filter and confidence; non-contiguous logits are copied
+
+
+def _supports_sample_cuda(call: SampleCall) -> str | None:
+    if 0 < call.options.top_k < call.vocab:
+        return "top_k is not fused into the CUDA sampler yet"
+    if call.options.top_p < 1.0:
+        return "top_p is not fused into the CUDA sampler yet"
+    if call.vocab >= 2**31:
+        return f"vocabulary of {call.vocab} ids: the CUDA sampler indexes a row with int32"
+    return None
+
+
+# --------------------------------------------------------------------------- commit
+
+
+def _launch_commit(call: CommitCall, out=None, *, cuda: bool):
     """out: optional bool [B, L] to write the committed mask into (tests poison it)."""
-    fallback = _commit_on_reference(x, tokens, conf, eligible, k, threshold, factor)
-    if fallback is not None:
-        return fallback
-    committed, arguments, _keep_alive = _commit_arguments(x, tokens, conf, eligible, k, threshold, factor, out)
-    _C.commit_cpu(*arguments)
+    x = call.x
+    batch, length = x.shape
+    # The kernels write an int64 contiguous canvas in place; any other canvas goes
+    # through such a copy (a block of a few hundred ids) and is written back.
+    canvas = x if x.dtype == torch.int64 and x.is_contiguous() else x.to(torch.int64).contiguous()
+    committed = torch.empty(batch, length, dtype=torch.bool, device=x.device) if out is None else out
+    tokens = call.tokens.to(torch.int64).contiguous()
+    conf = call.conf.to(torch.float32).contiguous()
+    eligible = call.eligible.contiguous()
+    counts = None if call.k is None else call.k.contiguous()
+    params = _params(
+        _C.CommitParams, canvas=canvas.data_ptr(), tokens=tokens.data_ptr(), conf=conf.data_ptr(),
+        eligible=eligible.data_ptr(), committed=committed.data_ptr(), batch=batch, length=length,
+        mode=getattr(_C.CommitMode, call.mode), k=_address(counts), threshold=call.threshold or 0.0,
+        factor=call.factor or 0.0,
+    )
+    if cuda:
+        _C.commit_cuda(params, stream=_stream(x.device))
+    else:
+        _C.commit_cpu(params)
+    if canvas is not x:
+        x.copy_(canvas)
     return committed
 
 
-def attention_cpu(q, k, v, *, kv_len, key_valid, block_size, q_offset, scale, out=None):
-    """out: optional tensor like q to write into (tests poison it)."""
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
-    kv_len = None if kv_len is None else kv_len.to(torch.int64).contiguous()
-    key_valid = None if key_valid is None else key_valid.contiguous()
-    batch, q_len, q_heads, head_dim = q.shape
-    _C.attention_cpu(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), SCALAR_TYPES[q.dtype],
-        [batch, q_len, k.shape[1], q_heads, k.shape[2], head_dim],
-        list(q.stride()[:3]), list(k.stride()[:3]), list(v.stride()[:3]), list(out.stride()[:3]),
-        _address(kv_len), _address(key_valid), block_size or 0, q_offset, scale,
+def _supports_commit_cpu(call: CommitCall) -> str | None:
+    return None  # any canvas dtype and layout (through an int64 copy), any row length
+
+
+def _supports_commit_cuda(call: CommitCall) -> str | None:
+    if call.x.shape[1] > CUDA_COMMIT_MAX_LENGTH:
+        return (f"rows of {call.x.shape[1]} positions: the CUDA kernel keeps a row in shared memory "
+                f"(<= {CUDA_COMMIT_MAX_LENGTH})")
+    return None
+
+
+CUDA_COMMIT_MAX_LENGTH = 4096
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _attention_params(call: AttentionCall, q, k, v, out, kv_len, key_valid):
+    shape = call.shape
+    return _params(
+        _C.AttentionParams, q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(),
+        dtype=_scalar_type(q.dtype), batch=shape.batch, q_len=shape.q_len, k_len=shape.k_len,
+        q_heads=shape.q_heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim, q_stride=list(q.stride()[:3]),
+        k_stride=list(k.stride()[:3]), v_stride=list(v.stride()[:3]), out_stride=list(out.stride()[:3]),
+        kv_len=_address(kv_len), key_valid=_address(key_valid), block_size=call.block_size or 0,
+        q_offset=call.q_offset, scale=call.scale,
     )
+
+
+def _mask_tensors(call: AttentionCall):
+    kv_len = None if call.kv_len is None else call.kv_len.to(torch.int64).contiguous()
+    key_valid = None if call.key_valid is None else call.key_valid.contiguous()
+    return kv_len, key_valid
+
+
+def _launch_attention_cpu(call: AttentionCall, out=None):
+    """out: optional tensor like q to write into (tests poison it)."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (call.q, call.k, call.v))
+    out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
+    kv_len, key_valid = _mask_tensors(call)
+    _C.attention_cpu(_attention_params(call, q, k, v, out, kv_len, key_valid))
     return out
 
 
-def _stream(tensor: torch.Tensor) -> int:
-    return torch.cuda.current_stream(tensor.device).cuda_stream
+CPU_ATTENTION_MAX_HEAD_DIM = 1024  # the per-task tiles of csrc/cpu/attention.cpp
 
 
-def sample_cuda(logits, *, temperature, top_k, top_p, banned, confidence, conf_temperature, seed, offset, rows,
-                out=None):
-    """The fused CUDA kernel; top_k / top_p are not fused on CUDA yet and take the reference."""
-    if (0 < top_k < logits.shape[-1]) or top_p < 1.0:
-        from unmask import reference
-
-        return reference.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, banned=banned,
-                                confidence=confidence, conf_temperature=conf_temperature, seed=seed, offset=offset,
-                                rows=rows)
-    lead_shape, vocab = logits.shape[:-1], logits.shape[-1]
-    flat = logits.reshape(-1, vocab).contiguous()
-    n_rows, device = flat.shape[0], flat.device
-    if out is None:
-        out = (torch.empty(n_rows, dtype=torch.int64, device=device), torch.empty(n_rows, dtype=torch.float32, device=device))
-    tokens, conf = out
-    banned = None if banned is None else torch.unique(banned.to(torch.int64)).contiguous()
-    rows = None if rows is None else rows.to(torch.int64).contiguous()
-    work = n_rows if rows is None else rows.numel()
-    workspace = torch.empty(max(1, _C.sample_cuda_workspace_bytes(work, vocab)), dtype=torch.uint8, device=device)
-    _C.sample_cuda(
-        flat.data_ptr(), SCALAR_TYPES[flat.dtype], n_rows, vocab, _address(rows), 0 if rows is None else rows.numel(),
-        _address(banned), 0 if banned is None else banned.numel(), temperature, conf_temperature,
-        CONFIDENCE_KINDS[confidence], seed, offset, 0, 0, workspace.data_ptr(), workspace.numel(),
-        tokens.data_ptr(), conf.data_ptr(), _stream(flat),
-    )
-    return tokens.reshape(lead_shape), conf.reshape(lead_shape)
-
-
-def commit_cuda(x, tokens, conf, eligible, *, k=None, threshold=None, factor=None, out=None):
-    fallback = _commit_on_reference(x, tokens, conf, eligible, k, threshold, factor, max_length=4096)
-    if fallback is not None:
-        return fallback
-    committed, arguments, _keep_alive = _commit_arguments(x, tokens, conf, eligible, k, threshold, factor, out)
-    _C.commit_cuda(*arguments, _stream(x))
-    return committed
+def _supports_attention_cpu(call: AttentionCall) -> str | None:
+    if call.shape.head_dim > CPU_ATTENTION_MAX_HEAD_DIM:
+        return f"head_dim={call.shape.head_dim}: the CPU kernel takes up to {CPU_ATTENTION_MAX_HEAD_DIM}"
+    return None
 
 
 CUDA_ATTENTION_HEAD_DIMS = (64, 128)
+CUDA_ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
+CUDA_ATTENTION_ROWS_PER_TILE = 128  # kBlockM of csrc/cuda/attention.cu: query rows (x heads of a group) per block
 
 
 def _cuda_aligned(t: torch.Tensor) -> bool:
@@ -147,51 +302,81 @@ def _aligned_for_cuda(t: torch.Tensor) -> torch.Tensor:
     return t if _cuda_aligned(t) else t.clone(memory_format=torch.contiguous_format)
 
 
-def _aligned_output(out: torch.Tensor) -> torch.Tensor:
-    if not _cuda_aligned(out):
+def _launch_attention_cuda(call: AttentionCall, out=None):
+    """out: optional tensor like q, 16-byte aligned, to write into (tests poison it)."""
+    q, k, v = (_aligned_for_cuda(t) for t in (call.q, call.k, call.v))
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif not _cuda_aligned(out):
         raise ValueError(f"out must be 16-byte aligned with strides a multiple of 8, got strides {out.stride()}")
+    kv_len, key_valid = _mask_tensors(call)
+    params = _attention_params(call, q, k, v, out, kv_len, key_valid)
+    workspace = torch.empty(max(1, _C.attention_cuda_workspace_bytes(params)), dtype=torch.uint8, device=q.device)
+    _C.attention_cuda(params, workspace=workspace.data_ptr(), workspace_bytes=workspace.numel(),
+                      stream=_stream(q.device))
     return out
 
 
-def attention_cuda(q, k, v, *, kv_len, key_valid, block_size, q_offset, scale, out=None):
-    """The tensor-core kernel for float16 / bfloat16 with head_dim 64 or 128; float32
-    takes the reference. out: optional tensor like q to write into (tests poison it)."""
-    head_dim = q.shape[-1]
-    if q.dtype == torch.float32:
-        from unmask import reference
-
-        result = reference.attention(q, k, v, kv_len=kv_len, key_valid=key_valid, block_size=block_size,
-                                     q_offset=q_offset, scale=scale)
-        return result if out is None else out.copy_(result)
-    if head_dim not in CUDA_ATTENTION_HEAD_DIMS:
-        raise NotImplementedError(
-            f"head_dim={head_dim} is not supported by the CUDA attention kernel; supported: "
-            + ", ".join(str(d) for d in CUDA_ATTENTION_HEAD_DIMS))
-    q, k, v = (_aligned_for_cuda(t) for t in (q, k, v))
-    out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else _aligned_output(out)
-    kv_len = None if kv_len is None else kv_len.to(torch.int64).contiguous()
-    key_valid = None if key_valid is None else key_valid.contiguous()
-    batch, q_len, q_heads, _ = q.shape
-    sizes = [batch, q_len, k.shape[1], q_heads, k.shape[2], head_dim]
-    with torch.cuda.device(q.device):  # the split count and the launch use the current device
-        workspace = torch.empty(max(1, _C.attention_cuda_workspace_bytes(sizes, block_size or 0, q_offset)),
-                                dtype=torch.uint8, device=q.device)
-        _C.attention_cuda(
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), SCALAR_TYPES[q.dtype], sizes,
-            list(q.stride()[:3]), list(k.stride()[:3]), list(v.stride()[:3]), list(out.stride()[:3]),
-            _address(kv_len), _address(key_valid), block_size or 0, q_offset, scale,
-            workspace.data_ptr(), workspace.numel(), _stream(q),
-        )
-    return out
+def _supports_attention_cuda(call: AttentionCall) -> str | None:
+    shape = call.shape
+    if call.q.dtype not in CUDA_ATTENTION_DTYPES:
+        return f"dtype {validation.dtype_name(call.q)}: the CUDA kernel runs float16 and bfloat16 (tensor cores)"
+    if shape.head_dim not in CUDA_ATTENTION_HEAD_DIMS:
+        return f"head_dim={shape.head_dim}: the CUDA kernel is compiled for {CUDA_ATTENTION_HEAD_DIMS}"
+    if shape.k_len > 2**30:
+        return f"{shape.k_len} keys: the CUDA kernel indexes keys with int32"
+    query_tiles = -(-shape.q_len * (shape.q_heads // shape.kv_heads) // CUDA_ATTENTION_ROWS_PER_TILE)
+    if query_tiles > 65535:
+        return f"{shape.q_len} queries x the head group need {query_tiles} tiles: gridDim.y holds 65535"
+    return None
 
 
-def register() -> None:
+KERNELS = (
+    NativeKernel("sample", "cpu", _launch_sample_cpu, _supports_sample_cpu, _no_guard),
+    NativeKernel("commit", "cpu", lambda call, out=None: _launch_commit(call, out, cuda=False), _supports_commit_cpu,
+                 _no_guard),
+    NativeKernel("attention", "cpu", _launch_attention_cpu, _supports_attention_cpu, _no_guard),
+    NativeKernel("sample", "cuda", _launch_sample_cuda, _supports_sample_cuda, _cuda_guard),
+    NativeKernel("commit", "cuda", lambda call, out=None: _launch_commit(call, out, cuda=True), _supports_commit_cuda,
+                 _cuda_guard),
+    NativeKernel("attention", "cuda", _launch_attention_cuda, _supports_attention_cuda, _cuda_guard),
+)
+
+
+def kernels() -> dict[tuple[str, str], NativeKernel]:
+    """The native backends this build has: (kernel, device type) -> backend."""
     if _C is None:
-        return
-    if _C.cuda_compiled():
-        ops.NATIVE_KERNELS[("sample", "cuda")] = sample_cuda
-        ops.NATIVE_KERNELS[("commit", "cuda")] = commit_cuda
-        ops.NATIVE_KERNELS[("attention", "cuda")] = attention_cuda
-    ops.NATIVE_KERNELS[("sample", "cpu")] = sample_cpu
-    ops.NATIVE_KERNELS[("commit", "cpu")] = commit_cpu
-    ops.NATIVE_KERNELS[("attention", "cpu")] = attention_cpu
+        return {}
+    built = {"cpu"} | ({"cuda"} if _C.cuda_compiled() else set())
+    return {(entry.kernel, entry.device_type): entry for entry in KERNELS if entry.device_type in built}
+
+
+# --------------------------------------------------------------------------- raw Philox draws
+
+
+def fill_draws(seed: int, rows: int, cols: int, *, row_begin: int, offset: int, stream: int,
+               device: torch.device) -> torch.Tensor:
+    """The kernels' 32-bit draws w[r, c] (row id row_begin + r) as int64 [rows, cols]."""
+    require_extension()
+    out = torch.empty(rows, cols, dtype=torch.int32, device=device)
+    params = _params(_C.DrawParams, out=out.data_ptr(), rows=rows, cols=cols, row_begin=row_begin, seed=seed,
+                     offset=offset, stream=_C.RngStream(stream))
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            _C.fill_draws_cuda(params, stream=_stream(device))
+    elif device.type == "cpu":
+        _C.fill_draws_cpu(params)
+    else:
+        raise NotImplementedError(f"philox_draws supports cpu and cuda devices, got {device}")
+    return out.to(torch.int64) & 0xFFFFFFFF
+
+
+def philox_blocks(counters: torch.Tensor, key0: int, key1: int) -> torch.Tensor:
+    """The C++ header's plain philox4x32_10 over counters [n, 4] (int64 words) -> [n, 4] words."""
+    require_extension()
+    words = (counters.cpu() & 0xFFFFFFFF).to(torch.int32).contiguous()  # keeps the low 32 bits
+    out = torch.empty_like(words)
+    _C.philox_blocks_cpu(_params(_C.PhiloxBlockParams, counters=words.data_ptr(), out=out.data_ptr(),
+                                 n=words.shape[0], key0=key0, key1=key1))
+    return out.to(torch.int64) & 0xFFFFFFFF
+

@@ -17,8 +17,7 @@ import math
 import torch
 
 from unmask import rng
-
-CONFIDENCE_KINDS = ("prob", "margin", "entropy", "random")
+from unmask.validation import CONFIDENCE_KINDS
 
 
 # --------------------------------------------------------------------------- attention
@@ -170,7 +169,7 @@ def sample(
     """One token and its confidence per row of logits [..., V].
 
     Returns tokens (int64) and conf (float32) of shape logits.shape[:-1]. Rows not in
-    `rows`, and rows with no finite kept logit or with a NaN or +inf kept logit, get
+    `rows` (ids in it outside [0, N) are skipped), and rows with no finite kept logit or with a NaN or +inf kept logit, get
     token -1 and conf -inf. The RNG row id of a row is its index in the flattened
     leading dimensions.
     """
@@ -178,6 +177,8 @@ def sample(
     flat = logits.reshape(-1, vocab)
     device = logits.device
     row_ids = torch.arange(flat.shape[0], device=device) if rows is None else rows.to(device).reshape(-1)
+    if rows is not None:  # ids outside [0, N) are skipped, as the kernels skip them
+        row_ids = row_ids[(row_ids >= 0) & (row_ids < flat.shape[0])]
 
     x, bad = banned_and_invalid(flat[row_ids], None if banned is None else banned.to(device))
 

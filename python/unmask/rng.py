@@ -1,4 +1,4 @@
-"""The counter-based RNG shared by every backend (DESIGN.md, RNG).
+"""The counter-based RNG shared by every backend (docs/design.md, RNG).
 
 Philox-4x32-10 with key = (seed low 32 bits, seed high 32 bits) and counter =
 (col // 4, row, offset, stream); the draw for (row, col) is word col % 4. This
@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from unmask.validation import check_seed
+
+# The RngStream values of csrc/include/unmask/philox.h (bound as unmask._C.RngStream).
 GUMBEL_STREAM = 0
 RANDOM_CONFIDENCE_STREAM = 1
 
@@ -45,13 +48,6 @@ def philox4x32_10(counter: torch.Tensor, key0: int, key1: int) -> torch.Tensor:
         k0 = (k0 + _WEYL0) & _MASK32
         k1 = (k1 + _WEYL1) & _MASK32
     return torch.stack([c0, c1, c2, c3], dim=-1)
-
-
-def check_seed(seed: int) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed must lie in [0, 2**64), got {seed}")
 
 
 def draws(seed: int, rows: torch.Tensor, cols: int, *, offset: int = 0, stream: int = GUMBEL_STREAM,

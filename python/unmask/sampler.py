@@ -1,4 +1,4 @@
-"""Block-parallel decoding for masked diffusion LMs (DESIGN.md, The sampler).
+"""Block-parallel decoding for masked diffusion LMs (docs/design.md, The sampler).
 
 generate() writes a canvas of mask tokens after each (left-padded) prompt and fills
 it block by block, left to right. Each step runs the model once, samples a token and
@@ -21,14 +21,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from unmask import ops
-
-REMASKING_TO_CONFIDENCE = {
-    "low_confidence": "prob",
-    "margin": "margin",
-    "entropy": "entropy",
-    "random": "random",
-}
+from unmask import ops, validation
+from unmask.validation import CACHE_MODES, Rule, Sampling
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -46,24 +40,6 @@ class GenerateOutput:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens.numel() / self.seconds if self.seconds > 0 else float("inf")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Sampling:
-    temperature: float
-    top_k: int
-    top_p: float
-    confidence: str
-    seed: int
-
-
-@dataclasses.dataclass(frozen=True)
-class _Rule:
-    """How a block decides how many positions to commit each step (exactly one is set)."""
-
-    steps_per_block: int | None = None
-    threshold: float | None = None
-    factor: float | None = None
 
 
 # --------------------------------------------------------------------------- small pure pieces
@@ -91,9 +67,6 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
             ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.int64)
             mask[row, width - len(prompt):] = True
     return ids.to(device), mask.to(device)
-
-
-CACHE_MODES = (None, "prefix", "dual")
 
 
 def model_logits(model, x: torch.Tensor, attention_mask: torch.Tensor | None, start: int, end: int, *,
@@ -166,9 +139,11 @@ def _decode(
     step_model: _StepModel,
     x: torch.Tensor,
     blocks: list[tuple[int, int]],
-    rule: _Rule,
-    sampling: _Sampling,
+    rule: Rule,
+    sampling: Sampling,
     *,
+    sample: Callable,
+    vocab: int | None,
     mask_id: int,
     eos_id: int | None,
     generation_start: int,
@@ -176,14 +151,12 @@ def _decode(
 ) -> tuple[int, list[int]]:
     """Fill the masks of x block by block, in place. Returns (nfe, steps per block).
 
+    sample: unmask.ops.sample, or a tensor-parallel model's sampler over its vocabulary
+    shard (vocab: the whole vocabulary then; None reads it from the logits).
     eos_id set: after each block, a row whose generated text holds EOS stops and the
     rest of it becomes EOS; decoding ends when no row is running.
     """
     batch = x.shape[0]
-    # A tensor-parallel model (unmask.distributed) returns its rank's slice of the
-    # vocabulary; its shard samples across the ranks without gathering the logits.
-    vocab_shard = getattr(step_model.model, "vocab_shard", None)
-    sample = ops.sample if vocab_shard is None else vocab_shard.sample
     running = torch.ones(batch, dtype=torch.bool, device=x.device)
     nfe = 0
     steps_per_block = []
@@ -206,9 +179,8 @@ def _decode(
                     break
                 mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
             logits = step_model(x, start, end, first_step_of_block=block_steps == 0)
-            vocab = logits.shape[-1] if vocab_shard is None else vocab_shard.vocab
-            if mask_id >= vocab:
-                raise ValueError(f"mask_id={mask_id} lies outside the model's vocabulary (V={vocab})")
+            if mask_id >= (logits.shape[-1] if vocab is None else vocab):
+                raise ValueError(f"mask_id={mask_id} lies outside the model's vocabulary (V={logits.shape[-1]})")
             tokens, conf = sample(
                 logits,
                 temperature=sampling.temperature,
@@ -237,6 +209,33 @@ def _decode(
     return nfe, steps_per_block
 
 
+def _run(step_model: _StepModel, x: torch.Tensor, blocks: list[tuple[int, int]], rule: Rule, sampling: Sampling, *,
+         mask_id: int, eos_id: int | None, generation_start: int, callback: Callback | None) -> GenerateOutput:
+    """The decoding loop of generate and infill, timed the same way for both: from the
+    first model call to the last token on the host (a CUDA device is synchronised)."""
+    sample, vocab = _sampler_of(step_model.model)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        nfe, steps_per_block = _decode(
+            step_model, x, blocks, rule, sampling, sample=sample, vocab=vocab, mask_id=mask_id, eos_id=eos_id,
+            generation_start=generation_start, callback=callback,
+        )
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    seconds = time.perf_counter() - started
+    return GenerateOutput(x[:, generation_start:].clone(), x, nfe, steps_per_block, seconds)
+
+
+def _sampler_of(model) -> tuple[Callable, int | None]:
+    """ops.sample, or the sampler of a tensor-parallel unmask model's vocabulary shard
+    (DiffusionTransformer.vocab_shard, set by unmask.distributed.tensor_parallel)."""
+    from unmask.models import DiffusionTransformer
+
+    if isinstance(model, DiffusionTransformer) and model.vocab_shard is not None:
+        return model.vocab_shard.sample, model.vocab_shard.vocab
+    return ops.sample, None
+
+
 def _stop_rows_at_eos(x: torch.Tensor, generation_start: int, decoded_end: int, eos_id: int, running: torch.Tensor):
     """Rows (still running) whose decoded text holds EOS: everything after their first EOS
     becomes EOS. Returns the bool [B] of rows that stop."""
@@ -250,12 +249,7 @@ def _stop_rows_at_eos(x: torch.Tensor, generation_start: int, decoded_end: int, 
     return stops
 
 
-# --------------------------------------------------------------------------- validation
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+# --------------------------------------------------------------------------- arguments
 
 
 def _special_id(model, given: int | None, attr: str, config_attr: str) -> int | None:
@@ -266,61 +260,33 @@ def _special_id(model, given: int | None, attr: str, config_attr: str) -> int | 
     return getattr(getattr(model, "config", None), config_attr, None)
 
 
+def model_vocab(model) -> int | None:
+    """The model's vocabulary size where its config says (embedding rows first)."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "embedding_size", None) or getattr(config, "vocab_size", None)
+    return vocab if isinstance(vocab, int) else None
+
+
+def special_ids(model, mask_id: int | None, eos_id: int | None) -> tuple[int, int | None]:
+    """The mask and EOS ids: given, else the model's; checked against its vocabulary."""
+    mask_id = _special_id(model, mask_id, "mask_id", "mask_token_id")
+    eos_id = _special_id(model, eos_id, "eos_id", "eos_token_id")
+    validation.special_ids(mask_id=mask_id, eos_id=eos_id, vocab=model_vocab(model))
+    return mask_id, eos_id
+
+
 def _check_cache(model, cache) -> None:
     from unmask.models import DiffusionTransformer
 
-    if cache not in CACHE_MODES:
-        raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+    validation.check_choice("cache", cache, CACHE_MODES)
     if cache is not None and not isinstance(model, DiffusionTransformer):
         raise ValueError(f"cache={cache!r} needs the unmask model (unmask.from_pretrained); got {type(model).__name__}")
 
 
-def _mask_id(model, given: int | None) -> int:
-    mask_id = _special_id(model, given, "mask_id", "mask_token_id")
-    if mask_id is None:
-        raise ValueError("mask_id: the model does not name its mask token; pass mask_id=")
-    ops._check_int("mask_id", mask_id, low=0)
-    config = getattr(model, "config", None)
-    vocab = getattr(config, "embedding_size", None) or getattr(config, "vocab_size", None)
-    if isinstance(vocab, int) and mask_id >= vocab:
-        raise ValueError(f"mask_id={mask_id} lies outside the model's vocabulary (V={vocab})")
-    return mask_id
-
-
-def _rule(steps, threshold, factor, *, num_blocks: int, default_steps: int) -> _Rule:
-    given = [name for name, value in (("steps", steps), ("threshold", threshold), ("factor", factor)) if value is not None]
-    if len(given) > 1:
-        raise ValueError(f"give at most one of steps, threshold, factor; got {given}")
-    if threshold is not None:
-        ops._check_float("threshold", threshold)
-        return _Rule(threshold=float(threshold))
-    if factor is not None:
-        ops._check_float("factor", factor, positive=True)
-        return _Rule(factor=float(factor))
-    steps = default_steps if steps is None else steps
-    _check_positive_int("steps", steps)
-    if steps % num_blocks != 0:
-        raise ValueError(f"steps={steps} must be a multiple of the number of blocks ({num_blocks})")
-    return _Rule(steps_per_block=steps // num_blocks)
-
-
-def _sampling(temperature, top_k, top_p, remasking, seed) -> _Sampling:
-    if remasking not in REMASKING_TO_CONFIDENCE:
-        raise ValueError(f"remasking must be one of {tuple(REMASKING_TO_CONFIDENCE)}, got {remasking!r}")
-    ops._check_float("temperature", temperature, nonnegative=True)
-    ops._check_int("top_k", top_k, low=0)
-    ops._check_float("top_p", top_p, positive=True)
-    if top_p > 1:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-    from unmask.rng import check_seed
-
-    check_seed(seed)
-    return _Sampling(float(temperature), top_k, float(top_p), REMASKING_TO_CONFIDENCE[remasking], seed)
-
-
-def _prompt_batch(prompts, attention_mask, pad_id: int, device):
+def prompt_batch(prompts, attention_mask, pad_id: int, device):
+    """Prompts as ids [B, P] (left-padded) and the mask of real tokens [B, P]."""
     if isinstance(prompts, torch.Tensor):
-        if prompts.dtype not in ops.INT_DTYPES or prompts.dim() != 2:
+        if validation.dtype_name(prompts) not in validation.INT_DTYPES or prompts.dim() != 2:
             raise ValueError(f"prompts must be an int tensor [B, P], got {prompts.dtype} {tuple(prompts.shape)}")
         if prompts.shape[0] == 0:
             raise ValueError("prompts: empty batch (B = 0)")
@@ -386,24 +352,17 @@ def generate(
     "dual" (reuse keys and values across the steps of a block; exact for block-causal
     models, an approximation for bidirectional ones), for the unmask model only.
     """
-    _check_positive_int("gen_length", gen_length)
-    _check_positive_int("block_length", block_length)
-    if gen_length % block_length != 0:
-        raise ValueError(f"block_length={block_length} must divide gen_length={gen_length}")
-    num_blocks = gen_length // block_length
-    rule = _rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=gen_length)
-    sampling = _sampling(temperature, top_k, top_p, remasking, seed)
-    ops._check_float("cfg_scale", cfg_scale, nonnegative=True)
+    num_blocks = validation.block_count(gen_length, block_length)
+    sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed)
+    rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=gen_length,
+                           confidence=sampling.confidence)
+    cfg_scale = validation.check_float("cfg_scale", cfg_scale, nonnegative=True)
     _check_cache(model, cache)
-    mask_id = _mask_id(model, mask_id)
-    eos_id = _special_id(model, eos_id, "eos_id", "eos_token_id")
-    if eos_id is not None:
-        ops._check_int("eos_id", eos_id, low=0)
+    mask_id, eos_id = special_ids(model, mask_id, eos_id)
 
     device = _model_device(model, device)
-    ids, prompt_mask = _prompt_batch(prompts, attention_mask, eos_id if eos_id is not None else 0, device)
-    if bool((ids.masked_fill(~prompt_mask, -1) == mask_id).any()):
-        raise ValueError(f"prompts contain mask_id={mask_id}; use unmask.infill to fill masks inside a text")
+    ids, prompt_mask = prompt_batch(prompts, attention_mask, eos_id if eos_id is not None else 0, device)
+    validation.prompt_ids(ids, prompt_mask, mask_id=mask_id, vocab=model_vocab(model))
     batch, prompt_len = ids.shape
     x = torch.cat([ids, torch.full((batch, gen_length), mask_id, dtype=torch.int64, device=device)], dim=1)
     canvas_mask = torch.cat([prompt_mask, torch.ones(batch, gen_length, dtype=torch.bool, device=device)], dim=1)
@@ -413,17 +372,9 @@ def generate(
     prompt_positions[:, :prompt_len] = prompt_mask
 
     blocks = [(prompt_len + i * block_length, prompt_len + (i + 1) * block_length) for i in range(num_blocks)]
-    started = time.perf_counter()
-    with torch.inference_mode():
-        step_model = _StepModel(model, cache, model_mask, prompt_positions, mask_id, float(cfg_scale))
-        nfe, steps_per_block = _decode(
-            step_model, x, blocks, rule, sampling,
-            mask_id=mask_id, eos_id=eos_id if stop_at_eos else None, generation_start=prompt_len, callback=callback,
-        )
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
-    seconds = time.perf_counter() - started
-    return GenerateOutput(x[:, prompt_len:].clone(), x, nfe, steps_per_block, seconds)
+    step_model = _StepModel(model, cache, model_mask, prompt_positions, mask_id, cfg_scale)
+    return _run(step_model, x, blocks, rule, sampling, mask_id=mask_id, eos_id=eos_id if stop_at_eos else None,
+                generation_start=prompt_len, callback=callback)
 
 
 def infill(
@@ -449,22 +400,24 @@ def infill(
     defaults to one token per step for the row with the most masks per block.
     Returns the filled ids as .tokens (and .sequences).
     """
-    mask_id = _mask_id(model, mask_id)
-    if not isinstance(ids, torch.Tensor) or ids.dtype not in ops.INT_DTYPES or ids.dim() != 2:
+    mask_id = _special_id(model, mask_id, "mask_id", "mask_token_id")
+    validation.special_ids(mask_id=mask_id, eos_id=None, vocab=model_vocab(model))
+    if not isinstance(ids, torch.Tensor) or validation.dtype_name(ids) not in validation.INT_DTYPES or ids.dim() != 2:
         raise ValueError(f"ids must be an int tensor [B, L], got {getattr(ids, 'dtype', type(ids).__name__)}")
     if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ValueError(f"ids must be non-empty, got shape {tuple(ids.shape)}")
     length = ids.shape[1]
     block_length = length if block_length is None else block_length
-    _check_positive_int("block_length", block_length)
+    validation.check_positive_int("block_length", block_length)
     if length % block_length != 0:
         raise ValueError(f"block_length={block_length} must divide the sequence length {length}")
     num_blocks = length // block_length
     x = ids.to(device=_model_device(model, None), dtype=torch.int64).clone()
     masked_per_block = (x == mask_id).reshape(x.shape[0], num_blocks, block_length).sum(dim=-1)
     default_steps = max(1, int(masked_per_block.max())) * num_blocks
-    rule = _rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=default_steps)
-    sampling = _sampling(temperature, top_k, top_p, remasking, seed)
+    sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed)
+    rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=default_steps,
+                           confidence=sampling.confidence)
     model_mask = None
     if attention_mask is not None:
         if tuple(attention_mask.shape) != tuple(ids.shape):
@@ -473,12 +426,6 @@ def infill(
         x = x.masked_fill(~model_mask & (x == mask_id), 0)  # padding is never decoded
 
     blocks = [(i * block_length, (i + 1) * block_length) for i in range(num_blocks)]
-    started = time.perf_counter()
-    with torch.inference_mode():
-        step_model = _StepModel(model, None, model_mask, torch.zeros_like(x, dtype=torch.bool), mask_id, 0.0)
-        nfe, steps_per_block = _decode(
-            step_model, x, blocks, rule, sampling,
-            mask_id=mask_id, eos_id=None, generation_start=0, callback=callback,
-        )
-    seconds = time.perf_counter() - started
-    return GenerateOutput(x.clone(), x, nfe, steps_per_block, seconds)
+    step_model = _StepModel(model, None, model_mask, torch.zeros_like(x, dtype=torch.bool), mask_id, 0.0)
+    return _run(step_model, x, blocks, rule, sampling, mask_id=mask_id, eos_id=None, generation_start=0,
+                callback=callback)

@@ -12,9 +12,9 @@ namespace unmask {
 // partial outputs of every split. Depends on the current device's SM count.
 int64_t attention_cuda_workspace_bytes(const AttentionParams& params);
 
-// float16 and bfloat16 with head_dim 64 or 128; anything else is Status::kUnsupported.
+// float16 and bfloat16 with head_dim 64 or 128; anything else is unsupported.
 // Every pointer must be 16-byte aligned and every stride a multiple of 8 elements
-// (Status::kInvalidArgument otherwise). No host synchronisation.
+// (an invalid argument otherwise). No host synchronisation.
 Status attention_cuda(const AttentionParams& params, void* workspace, int64_t workspace_bytes, void* stream);
 
 }  // namespace unmask

@@ -1,12 +1,14 @@
-// commit: confidence-based unmasking of a canvas [B, L], in place (DESIGN.md, commit).
+// commit: confidence-based unmasking of a canvas [B, L], in place (docs/design.md, commit).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "unmask/status.h"
 
 namespace unmask {
 
+// Bound to Python as unmask._C.CommitMode (count, threshold, factor).
 enum class CommitMode : int { kCount = 0, kThreshold = 1, kFactor = 2 };
 
 struct CommitParams {
@@ -18,13 +20,39 @@ struct CommitParams {
   int64_t batch;
   int64_t length;
   CommitMode mode;
-  const int64_t* k;        // [batch], count mode
+  const int64_t* k;        // [batch], count mode; a negative count commits nothing
   double threshold;        // threshold mode
   double factor;           // factor mode
 };
 
+UNMASK_ISA_NAMESPACE_BEGIN
+
+inline Status check_commit_params(const CommitParams& p) {
+  const int mode = static_cast<int>(p.mode);
+  if (mode < 0 || mode > 2) return invalid_argument("mode", mode, "must be a CommitMode");
+  if (p.batch < 0) return invalid_argument("batch", static_cast<double>(p.batch), "must be >= 0");
+  if (p.length < 0) return invalid_argument("length", static_cast<double>(p.length), "must be >= 0");
+  if (p.batch * p.length > 0) {
+    if (p.canvas == nullptr) return invalid_argument("canvas", 0, "must not be null");
+    if (p.tokens == nullptr) return invalid_argument("tokens", 0, "must not be null");
+    if (p.conf == nullptr) return invalid_argument("conf", 0, "must not be null");
+    if (p.eligible == nullptr) return invalid_argument("eligible", 0, "must not be null");
+    if (p.committed == nullptr) return invalid_argument("committed", 0, "must not be null");
+  }
+  if (p.mode == CommitMode::kCount && p.batch > 0 && p.k == nullptr) {
+    return invalid_argument("k", 0, "must not be null in count mode");
+  }
+  if (p.mode == CommitMode::kThreshold && std::isnan(p.threshold)) {
+    return invalid_argument("threshold", p.threshold, "must not be NaN");
+  }
+  if (p.mode == CommitMode::kFactor && !(p.factor > 0.0)) return invalid_argument("factor", p.factor, "must be > 0");
+  return ok_status();
+}
+
+UNMASK_ISA_NAMESPACE_END
+
 Status commit_cpu(const CommitParams& params);
-// One block per row; rows up to 4096 positions (longer: Status::kUnsupported).
+// One block per row; rows up to 4096 positions (longer: unsupported).
 Status commit_cuda(const CommitParams& params, void* stream);
 
 }  // namespace unmask

@@ -1,7 +1,7 @@
 // Philox-4x32-10 counter-based RNG (Salmon et al., "Parallel random numbers: as
 // easy as 1, 2, 3", SC 2011), shared by the C++ and CUDA kernels.
 //
-// unmask's stream layout (DESIGN.md, RNG): key = (seed low 32 bits, seed high 32
+// unmask's stream layout (docs/design.md, RNG): key = (seed low 32 bits, seed high 32
 // bits), counter = (col / 4, row, offset, stream); the draw for (row, col) is word
 // col % 4 of the block. A counter-based generator lets every thread compute its own
 // noise from its coordinates, with no state to carry between kernels, and gives the
@@ -9,6 +9,8 @@
 #pragma once
 
 #include <cstdint>
+
+#include "unmask/isa_namespace.h"
 
 #if defined(__CUDACC__)
 #define UNMASK_HOST_DEVICE __host__ __device__ __forceinline__
@@ -23,6 +25,8 @@ enum class RngStream : uint32_t { kGumbel = 0, kRandomConfidence = 1 };
 struct Philox4x32 {
   uint32_t v[4];
 };
+
+UNMASK_ISA_NAMESPACE_BEGIN
 
 namespace philox_detail {
 constexpr uint32_t kMul0 = 0xD2511F53u;
@@ -76,5 +80,7 @@ UNMASK_HOST_DEVICE uint32_t unmask_draw(uint64_t seed, uint32_t col, uint32_t ro
 UNMASK_HOST_DEVICE double uniform_from_draw(uint32_t w) {
   return (static_cast<double>(w >> 8) + 0.5) * (1.0 / 16777216.0);
 }
+
+UNMASK_ISA_NAMESPACE_END
 
 }  // namespace unmask

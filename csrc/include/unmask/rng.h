@@ -30,6 +30,17 @@ struct PhiloxBlockParams {
   uint32_t key1;
 };
 
+UNMASK_ISA_NAMESPACE_BEGIN
+
+inline Status check_draw_params(const DrawParams& p) {
+  if (p.rows < 0) return invalid_argument("rows", static_cast<double>(p.rows), "must be >= 0");
+  if (p.cols < 0) return invalid_argument("cols", static_cast<double>(p.cols), "must be >= 0");
+  if (p.rows * p.cols > 0 && p.out == nullptr) return invalid_argument("out", 0, "must not be null");
+  return ok_status();
+}
+
+UNMASK_ISA_NAMESPACE_END
+
 Status fill_draws_cpu(const DrawParams& params);
 Status philox_blocks_cpu(const PhiloxBlockParams& params);
 

@@ -1,6 +1,7 @@
-// sample: one token and its confidence per row of logits [N, V] (DESIGN.md, sample).
+// sample: one token and its confidence per row of logits [N, V] (docs/design.md, sample).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "unmask/status.h"
@@ -8,6 +9,8 @@
 
 namespace unmask {
 
+// Bound to Python as unmask._C.ConfidenceKind, whose names are the confidence kinds of
+// unmask.validation.CONFIDENCE_KINDS (tested).
 enum class ConfidenceKind : int { kProb = 0, kMargin = 1, kEntropy = 2, kRandom = 3 };
 
 struct SampleParams {
@@ -15,7 +18,11 @@ struct SampleParams {
   ScalarType dtype;
   int64_t n_rows;
   int64_t vocab;
-  const int64_t* rows;  // the row ids to sample, or nullptr for every row
+  // select_rows false: every row. true: only the n_selected row ids at rows (n_selected
+  // may be 0: nothing is sampled); the other rows get -1 and -inf. An explicit flag, not
+  // a null pointer, says which: an empty index tensor has a null data pointer too.
+  bool select_rows;
+  const int64_t* rows;  // [n_selected], each in [0, n_rows)
   int64_t n_selected;
   const int64_t* banned;  // sorted, unique ids in [0, vocab); may be nullptr when n_banned == 0
   int64_t n_banned;
@@ -30,6 +37,43 @@ struct SampleParams {
   float* conf;      // [n_rows] out: -inf for rows not sampled or invalid
 };
 
+UNMASK_ISA_NAMESPACE_BEGIN
+
+// The rules every sample launcher applies to its params (what the arrays hold on the
+// device is checked by each launcher where it can read it).
+inline Status check_sample_params(const SampleParams& p) {
+  const int dtype = static_cast<int>(p.dtype), confidence = static_cast<int>(p.confidence);
+  if (dtype < 0 || dtype > 2) return invalid_argument("dtype", dtype, "must be a ScalarType");
+  if (p.n_rows < 0) return invalid_argument("n_rows", static_cast<double>(p.n_rows), "must be >= 0");
+  if (p.vocab < 1) return invalid_argument("vocab", static_cast<double>(p.vocab), "must be >= 1");
+  if (p.n_rows > 0 && p.logits == nullptr) return invalid_argument("logits", 0, "must not be null when n_rows > 0");
+  if (p.n_rows > 0 && p.tokens == nullptr) return invalid_argument("tokens", 0, "must not be null when n_rows > 0");
+  if (p.n_rows > 0 && p.conf == nullptr) return invalid_argument("conf", 0, "must not be null when n_rows > 0");
+  if (p.select_rows && p.n_selected < 0) {
+    return invalid_argument("n_selected", static_cast<double>(p.n_selected), "must be >= 0");
+  }
+  if (p.select_rows && p.n_selected > 0 && p.rows == nullptr) {
+    return invalid_argument("rows", 0, "must not be null when n_selected > 0");
+  }
+  if (p.n_banned < 0) return invalid_argument("n_banned", static_cast<double>(p.n_banned), "must be >= 0");
+  if (p.n_banned > 0 && p.banned == nullptr) return invalid_argument("banned", 0, "must not be null when n_banned > 0");
+  if (!(p.temperature >= 0.0) || !std::isfinite(p.temperature)) {
+    return invalid_argument("temperature", p.temperature, "must be finite and >= 0");
+  }
+  if (p.top_k < 0) return invalid_argument("top_k", static_cast<double>(p.top_k), "must be >= 0");
+  if (!(p.top_p > 0.0 && p.top_p <= 1.0)) return invalid_argument("top_p", p.top_p, "must lie in (0, 1]");
+  if (confidence < 0 || confidence > 3) return invalid_argument("confidence", confidence, "must be a ConfidenceKind");
+  // The kernels scale by 1 / conf_temperature in float32, which overflows below ~3e-39.
+  if (!(p.conf_temperature >= 1e-30) || !std::isfinite(p.conf_temperature)) {
+    return invalid_argument("conf_temperature", p.conf_temperature, "must be finite and >= 1e-30");
+  }
+  return ok_status();
+}
+
+UNMASK_ISA_NAMESPACE_END
+
+// Rows and banned ids are checked before anything is written: an id outside [0, n_rows)
+// or [0, vocab), or banned ids not sorted and unique, are an invalid argument naming it.
 Status sample_cpu(const SampleParams& params);
 
 }  // namespace unmask

@@ -62,7 +62,8 @@ def bench_sample(device: torch.device, shapes: list[tuple[int, int]], dtypes: li
                                      total_bytes)
             count = len(inputs)
             moved = size + n * 12
-            backend = ops.backend_for("sample", device)
+            backend = ops.backend_for("sample", inputs[0], temperature=temperature, banned=[vocab - 1],
+                                      conf_temperature=conf_temperature, check=False)
             impls = {}
             if "reference" in baselines:
                 impls["reference (eager)"] = lambda i: reference.sample(
@@ -120,7 +121,8 @@ def bench_commit(device: torch.device, shapes: list[tuple[int, int]], *, reps: i
             impls = {
                 "reference (eager)": lambda i: reference.commit(canvas, tokens, conf, eligible, **args),
                 **({"reference (compiled)": compiled} if compiled is not None else {}),
-                f"unmask.ops [{ops.backend_for('commit', device)}]": lambda i: ops.commit(canvas, tokens, conf, eligible, **mode),
+                f"unmask.ops [{ops.backend_for('commit', canvas, tokens, conf, eligible, **mode)}]":
+                    lambda i: ops.commit(canvas, tokens, conf, eligible, **mode),
             }
             baseline = None
             for name, fn in impls.items():
@@ -201,13 +203,14 @@ def bench_attention(device: torch.device, shapes: list[tuple[int, int, int, int]
             "none": {
                 "torch SDPA": lambda i: sdpa(None),
                 **references("none", {}),
-                f"unmask.ops [{ops.backend_for('attention', device)}]": lambda i: ops.attention(q, k, v),
+                f"unmask.ops [{ops.backend_for('attention', q, k, v)}]": lambda i: ops.attention(q, k, v),
             },
             "block+pad": {
                 "torch SDPA (bool mask)": lambda i: sdpa(block_mask[:, None]),
                 **({"FlexAttention (compiled)": flex} if flex is not None else {}),
                 **references("block+pad", masked),
-                f"unmask.ops [{ops.backend_for('attention', device)}]": lambda i: ops.attention(q, k, v, **masked),
+                f"unmask.ops [{ops.backend_for('attention', q, k, v, **masked)}]":
+                    lambda i: ops.attention(q, k, v, **masked),
             },
         }
         for mask_kind, impls in cases.items():
@@ -266,12 +269,14 @@ def bench_attention_gpu(device: torch.device, *, reps: int = 10) -> tuple[list[R
     dtype, heads, head_dim = torch.bfloat16, 32, 128
     peaks = {"bf16_matmul_tflops": matmul_tflops(device),
              "copy_bandwidth_gbps": copy_bandwidth(device, megabytes=1024)}
-    unmask_name = f"unmask.ops [{ops.backend_for('attention', device)}]"
     rows: list[Row] = []
+
+    def unmask_label(*args, **kwargs) -> str:
+        return f"unmask.ops [{ops.backend_for('attention', *args, **kwargs)}]"
 
     def record(impls: dict[str, Callable], shape: dict, flops: int, kv_bytes: int | None = None) -> None:
         seconds = {name: median_seconds(fn, device, reps=reps) for name, fn in impls.items()}
-        torch_times = [t for name, t in seconds.items() if name != unmask_name]
+        torch_times = [t for name, t in seconds.items() if not name.startswith("unmask.ops")]
         fastest_torch = min(torch_times) if torch_times else None
         for name, t in seconds.items():
             tflops = flops / t / 1e12
@@ -292,7 +297,7 @@ def bench_attention_gpu(device: torch.device, *, reps: int = 10) -> tuple[list[R
     for batch, length in ((4, 1024), (2, 2048), (1, 4096), (1, 8192)):
         q, k, v = (randn(batch, length, heads, head_dim) for _ in range(3))
         impls = sdpa_runners(lambda i: (q, k, v))
-        impls[unmask_name] = lambda i: ops.attention(q, k, v)
+        impls[unmask_label(q, k, v)] = lambda i: ops.attention(q, k, v)
         record(impls, {"B": batch, "Lq": length, "Lk": length, "H": heads, "D": head_dim, "mask": "none"},
                4 * batch * heads * length * length * head_dim)
         del q, k, v, impls
@@ -308,7 +313,8 @@ def bench_attention_gpu(device: torch.device, *, reps: int = 10) -> tuple[list[R
         flex = flex_attention_baseline(q, k, v, key_valid, block)
         if flex is not None:
             impls["FlexAttention (compiled)"] = flex
-        impls[unmask_name] = lambda i: ops.attention(q, k, v, key_valid=key_valid, block_size=block)
+        impls[unmask_label(q, k, v, key_valid=key_valid, block_size=block)] = \
+            lambda i: ops.attention(q, k, v, key_valid=key_valid, block_size=block)
         shape = {"B": batch, "Lq": length, "Lk": length, "H": heads, "D": head_dim, "mask": f"block{block}+pad"}
         record(impls, shape, 4 * batch * heads * length * length * head_dim)
         del q, k, v, key_valid, visible, impls, flex
@@ -327,7 +333,7 @@ def bench_attention_gpu(device: torch.device, *, reps: int = 10) -> tuple[list[R
             inputs = rotating_inputs(make, kv_bytes)
             count = len(inputs)
             impls = sdpa_runners(lambda i: inputs[i % count])
-            impls[unmask_name] = lambda i: ops.attention(*inputs[i % count])
+            impls[unmask_label(*inputs[0])] = lambda i: ops.attention(*inputs[i % count])
             shape = {"B": 1, "Lq": q_len, "Lk": k_len, "H": heads, "Hkv": kv_heads, "D": head_dim, "mask": "none"}
             record(impls, shape, 4 * heads * q_len * k_len * head_dim, kv_bytes=kv_bytes)
             del inputs, impls

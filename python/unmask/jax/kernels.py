@@ -4,17 +4,31 @@ interpreter on CPU (no accelerator needed) and compiled elsewhere."""
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import torch
 
+from unmask import validation
 from unmask.pallas import attention as attention_kernel
 from unmask.pallas import commit as commit_kernel
 from unmask.pallas import sample as sample_kernel
 
-CONFIDENCE_KINDS = sample_kernel.CONFIDENCE_KINDS
 _INT32_MAX = jnp.iinfo(jnp.int32).max
+ARRAY_TYPES = (jax.Array, np.ndarray)
+
+
+def check_array(name, value, *, dtypes=None, ndim=None) -> None:
+    """unmask.validation.check_array for JAX (and numpy) arrays."""
+    validation.check_array(name, value, array_types=ARRAY_TYPES, kind="a JAX or numpy array", dtypes=dtypes,
+                           ndim=ndim)
+
+
+def _banned_ids(banned, vocab: int) -> list[int] | None:
+    if isinstance(banned, ARRAY_TYPES):  # concrete ids: checked as a list
+        check_array("banned", banned, dtypes=validation.INT_DTYPES)
+        banned = [int(i) for i in np.asarray(banned).reshape(-1)]
+    return validation.banned_ids(banned, vocab)
 
 
 def default_interpret(interpret: bool | None) -> bool:
@@ -62,20 +76,16 @@ def sample(logits, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1
     (traced too) is added to each row's RNG row id: a device sampling rows
     row_base.. of a batch split across devices draws that batch's noise.
     """
-    if logits.ndim < 2:
-        raise ValueError(f"logits must be [N, V] or [B, L, V], got shape {logits.shape}")
-    if not jnp.issubdtype(logits.dtype, jnp.floating):
-        raise TypeError(f"logits must be a float array, got {logits.dtype}")
-    if confidence not in CONFIDENCE_KINDS:
-        raise ValueError(f"confidence must be one of {CONFIDENCE_KINDS}, got {confidence!r}")
-    if temperature < 0 or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-    if conf_temperature <= 0:
-        raise ValueError(f"conf_temperature must be > 0, got {conf_temperature}")
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed must lie in [0, 2**64), got {seed}")
+    check_array("logits", logits, dtypes=validation.FLOAT_DTYPES)
+    vocab = validation.check_logits_shape(logits.shape)
+    validation.sample_options(temperature=temperature, top_k=top_k, top_p=top_p, confidence=confidence,
+                              conf_temperature=conf_temperature, seed=seed, offset=offset)
+    banned = _banned_ids(banned, vocab)
+    if rows is not None:
+        check_array("rows", rows, dtypes=validation.INT_DTYPES, ndim=1)
+        if isinstance(rows, np.ndarray):
+            validation.check_index_range("rows", torch.as_tensor(rows), logits.size // vocab,
+                                         "the flattened rows of logits")
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     flat = logits.reshape(-1, vocab)
     n_rows = flat.shape[0]
@@ -84,8 +94,7 @@ def sample(logits, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1
 
     banned_mask = jnp.zeros((1, padded_vocab), jnp.int32).at[0, vocab:].set(1)
     if banned is not None:
-        banned_ids = jnp.asarray(banned, jnp.int32).reshape(-1)
-        banned_mask = banned_mask.at[0, banned_ids].set(1)
+        banned_mask = banned_mask.at[0, jnp.asarray(banned, jnp.int32)].set(1)
     x = flat.astype(jnp.float32)
     x = jnp.where(banned_mask[:, :vocab] != 0, -jnp.inf, x)
     kept_value, kept_last = kept_prefix(jnp.where(jnp.isnan(x), -jnp.inf, x), top_k, top_p)
@@ -116,17 +125,21 @@ def only_rows(tokens, conf, rows):
 def attention(q, k, v, *, kv_len=None, key_valid=None, block_size: int | None = None, q_offset: int = 0,
               scale: float | None = None, interpret: bool | None = None):
     """Masked bidirectional attention: q [B, Lq, Hq, D], k and v [B, Lk, Hkv, D] -> [B, Lq, Hq, D]."""
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"q, k, v must be [B, L, H, D], got {q.shape}, {k.shape}, {v.shape}")
-    batch, q_len, q_heads, head_dim = q.shape
-    k_len, kv_heads = k.shape[1], k.shape[2]
-    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
-        raise ValueError(f"k and v must be [B, Lk, Hkv, D] with q's B and D, got {k.shape} and {v.shape}")
-    if q_heads % kv_heads != 0:
-        raise ValueError(f"q heads ({q_heads}) must be a multiple of k/v heads ({kv_heads})")
-    if block_size is not None and block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    for name, value in (("q", q), ("k", k), ("v", v)):
+        check_array(name, value, dtypes=validation.FLOAT_DTYPES, ndim=4)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got q {validation.dtype_name(q)}, "
+                        f"k {validation.dtype_name(k)}, v {validation.dtype_name(v)}")
+    shape = validation.attention_shape(q.shape, k.shape, v.shape)
+    batch, q_len, k_len = shape.batch, shape.q_len, shape.k_len
+    if kv_len is not None:
+        check_array("kv_len", kv_len, dtypes=validation.INT_DTYPES, ndim=1)
+        validation.check_shape("kv_len", kv_len.shape, (batch,), "[B]")
+    if key_valid is not None:
+        check_array("key_valid", key_valid, dtypes=("bool",), ndim=2)
+        validation.check_shape("key_valid", key_valid.shape, (batch, k_len), "[B, Lk]")
+    block_size, q_offset, scale = validation.attention_scalars(shape, block_size=block_size, q_offset=q_offset,
+                                                               scale=scale)
     tile_q = 128 if q_len >= 128 else _round_up(max(q_len, 1), 8)
     tile_k = 128
     padded_q, padded_k = _round_up(max(q_len, 1), tile_q), _round_up(max(k_len, 1), tile_k)
@@ -150,12 +163,20 @@ def commit(x, tokens, conf, eligible, *, k=None, threshold: float | None = None,
            interpret: bool | None = None):
     """Confidence-based unmasking of canvas x [B, L]; returns (new canvas, committed bool).
     JAX arrays are immutable: the new canvas is returned instead of written in place."""
-    modes = [name for name, value in (("k", k), ("threshold", threshold), ("factor", factor)) if value is not None]
-    if len(modes) != 1:
-        raise ValueError(f"commit takes exactly one of k, threshold, factor; got {modes or 'none'}")
-    if x.ndim != 2 or tokens.shape != x.shape or conf.shape != x.shape or eligible.shape != x.shape:
-        raise ValueError(f"x, tokens, conf, eligible must share a [B, L] shape, got {x.shape}, {tokens.shape}, "
-                         f"{conf.shape}, {eligible.shape}")
+    mode = validation.commit_mode(k, threshold, factor)
+    for name, value in (("x", x), ("tokens", tokens)):
+        check_array(name, value, dtypes=validation.INT_DTYPES)
+    check_array("conf", conf, dtypes=validation.FLOAT_DTYPES + ("float64",))
+    check_array("eligible", eligible, dtypes=("bool",))
+    if x.ndim != 2:
+        raise ValueError(f"x must have 2 dimensions, got shape {tuple(x.shape)}")
+    for name, value in (("tokens", tokens), ("conf", conf), ("eligible", eligible)):
+        validation.check_shape(name, value.shape, tuple(x.shape), "the shape of x, [B, L]")
+    if isinstance(k, int):
+        validation.check_counts(k, None)
+    elif k is not None:
+        check_array("k", k, dtypes=validation.INT_DTYPES, ndim=1)
+        validation.check_shape("k", k.shape, (x.shape[0],), "[B]")
     batch, length = x.shape
     padded = _round_up(max(batch, 1), commit_kernel.ROW_BLOCK)
     counts = jnp.zeros((batch,), jnp.int32) if k is None else jnp.broadcast_to(jnp.asarray(k, jnp.int32), (batch,))
@@ -165,7 +186,7 @@ def commit(x, tokens, conf, eligible, *, k=None, threshold: float | None = None,
 
     new_x, committed = commit_kernel.commit_pallas(
         pad(x, jnp.int32), pad(tokens, jnp.int32), pad(conf, jnp.float32), pad(eligible, jnp.int32),
-        pad(counts[:, None], jnp.int32), mode=modes[0], threshold=float(threshold or 0.0),
+        pad(counts[:, None], jnp.int32), mode=mode, threshold=float(threshold or 0.0),
         factor=float(factor or 0.0), interpret=default_interpret(interpret),
     )
     return new_x[:batch].astype(x.dtype), committed[:batch] != 0

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from unmask import sampler as torch_sampler
+from unmask import validation
 from unmask.jax.kernels import commit
 from unmask.jax.model import JaxModel
 
@@ -32,21 +33,20 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
              cfg_scale: float = 0.0, mask_id: int | None = None, eos_id: int | None = None, stop_at_eos: bool = True,
              seed: int = 0, callback=None) -> torch_sampler.GenerateOutput:
     """As unmask.generate; tokens and sequences come back as jnp arrays."""
-    torch_sampler._check_positive_int("gen_length", gen_length)
-    torch_sampler._check_positive_int("block_length", block_length)
-    if gen_length % block_length != 0:
-        raise ValueError(f"block_length={block_length} must divide gen_length={gen_length}")
-    num_blocks = gen_length // block_length
-    rule = torch_sampler._rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=gen_length)
-    sampling = torch_sampler._sampling(temperature, top_k, top_p, remasking, seed)
-    mask_id = torch_sampler._mask_id(model, mask_id)
-    eos_id = torch_sampler._special_id(model, eos_id, "eos_id", "eos_token_id") if stop_at_eos else None
+    num_blocks = validation.block_count(gen_length, block_length)
+    sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed)
+    rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=gen_length,
+                           confidence=sampling.confidence)
+    cfg_scale = validation.check_float("cfg_scale", cfg_scale, nonnegative=True)
+    mask_id, eos_id = torch_sampler.special_ids(model, mask_id, eos_id)
+    eos_id = eos_id if stop_at_eos else None
 
     if isinstance(prompts, (list, tuple)):
-        ids, prompt_mask = torch_sampler._prompt_batch(prompts, None, eos_id if eos_id is not None else 0, "cpu")
+        ids, prompt_mask = torch_sampler.prompt_batch(prompts, None, eos_id if eos_id is not None else 0, "cpu")
     else:
-        ids, prompt_mask = torch_sampler._prompt_batch(torch.as_tensor(np.asarray(prompts)), None if attention_mask is None
-                                                       else torch.as_tensor(np.asarray(attention_mask)), 0, "cpu")
+        ids, prompt_mask = torch_sampler.prompt_batch(torch.as_tensor(np.asarray(prompts)), None if attention_mask is None
+                                                      else torch.as_tensor(np.asarray(attention_mask)), 0, "cpu")
+    validation.prompt_ids(ids, prompt_mask, mask_id=mask_id, vocab=torch_sampler.model_vocab(model))
     ids, prompt_mask = ids.numpy(), prompt_mask.numpy()
     batch, prompt_len = ids.shape
     x = jnp.asarray(np.concatenate([ids, np.full((batch, gen_length), mask_id)], axis=1), jnp.int32)
@@ -74,7 +74,7 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
                 break
             else:
                 mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
-            logits = _block_logits(model, x, model_mask, prompt_positions, mask_id, float(cfg_scale), start, end)
+            logits = _block_logits(model, x, model_mask, prompt_positions, mask_id, cfg_scale, start, end)
             tokens, conf = model.sample_logits(logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                                   banned=[mask_id], confidence=sampling.confidence, seed=sampling.seed, offset=nfe)
             if (np.asarray(tokens)[eligible] < 0).any():

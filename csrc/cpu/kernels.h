@@ -1,0 +1,30 @@
+// The CPU kernels of one instruction-set build as a table of entry points: each build
+// defines unmask::cpu::<isa>::kernel_table (kernel_table.cpp), and isa_select.cpp, compiled
+// once for the baseline, calls through the table of the set chosen at import.
+#pragma once
+
+#include "unmask/attention.h"
+#include "unmask/rng.h"
+#include "unmask/sample.h"
+#include "unmask/status.h"
+
+namespace unmask::cpu {
+
+struct KernelTable {
+  Status (*sample)(const SampleParams&);
+  Status (*attention)(const AttentionParams&);
+  Status (*fill_draws)(const DrawParams&);
+  Status (*philox_blocks)(const PhiloxBlockParams&);
+};
+
+#if defined(UNMASK_CPU_ISA)
+inline namespace UNMASK_CPU_ISA {
+Status sample(const SampleParams& params);        // sample.cpp
+Status attention(const AttentionParams& params);  // attention.cpp
+Status fill_draws(const DrawParams& params);      // rng.cpp
+Status philox_blocks(const PhiloxBlockParams& params);
+extern const KernelTable kernel_table;            // kernel_table.cpp
+}  // namespace UNMASK_CPU_ISA
+#endif
+
+}  // namespace unmask::cpu

@@ -1,0 +1,493 @@
+"""Every rule on the arguments of unmask's public functions, in one module.
+
+The front ends (unmask.ops for torch tensors, unmask.jax, the tensor-parallel sampler of
+unmask.distributed, unmask.generate / unmask.infill) call these functions before they do
+anything else, so the same bad argument gives the same error from each of them: a
+ValueError or TypeError that names the argument, what was expected and what came.
+
+Values that live on an accelerator are checked only where that costs no host
+synchronisation (a CPU tensor, a Python list); the kernels are safe on any value the
+checks cannot see (docs/design.md, Errors). The kinds, modes and limits below are the
+one definition every module uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+
+CONFIDENCE_KINDS = ("prob", "margin", "entropy", "random")
+# generate(remasking=...) names LLaDA's; each is one confidence kind.
+REMASKING_TO_CONFIDENCE = {"low_confidence": "prob", "margin": "margin", "entropy": "entropy", "random": "random"}
+COMMIT_MODES = ("count", "threshold", "factor")
+CACHE_MODES = (None, "prefix", "dual")
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+INT_DTYPES = ("int32", "int64")
+# The kernels scale by 1 / conf_temperature in float32, which overflows below ~3e-39.
+MIN_CONF_TEMPERATURE = 1e-30
+# The RNG takes a 64-bit seed and a 32-bit step offset (docs/design.md, RNG).
+SEED_LIMIT = 2**64
+OFFSET_LIMIT = 2**32
+
+
+# --------------------------------------------------------------------------- scalars
+
+
+def check_int(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
+    """value is an int (not a bool) in [low, high)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value >= high:
+        raise ValueError(f"{name} must be < {high}, got {value}")
+    return value
+
+
+def check_float(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
+    """value is a finite real number (int or float, not a bool); returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if nonnegative and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return float(value)
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must lie in [0, 2**64), got {seed}")
+    return seed
+
+
+# --------------------------------------------------------------------------- arrays
+
+
+def dtype_name(value) -> str:
+    """'float32', 'bfloat16', 'int64', ... for a torch tensor, a numpy or a JAX array."""
+    dtype = value.dtype
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).removeprefix("torch.")
+    return getattr(dtype, "name", str(dtype))
+
+
+def check_array(name: str, value, *, array_types: tuple[type, ...], kind: str, dtypes: Sequence[str] | None = None,
+                ndim: int | None = None) -> None:
+    """value is one of array_types (`kind` names them in the message) with a dtype in
+    dtypes and ndim dimensions."""
+    if not isinstance(value, array_types):
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    if dtypes is not None and dtype_name(value) not in dtypes:
+        raise TypeError(f"{name} must have dtype in ({', '.join(dtypes)}), got {dtype_name(value)}")
+    if ndim is not None and len(value.shape) != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+
+
+def check_tensor(name: str, value, *, dtypes: Sequence[str] | None = None, ndim: int | None = None) -> None:
+    check_array(name, value, array_types=(torch.Tensor,), kind="a torch.Tensor", dtypes=dtypes, ndim=ndim)
+
+
+def check_shape(name: str, shape, expected, what: str) -> None:
+    if tuple(shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)} ({what}), got {tuple(shape)}")
+
+
+def check_device(name: str, value: torch.Tensor, device: torch.device) -> None:
+    if value.device != device:
+        raise ValueError(f"{name} must be on {device} like the other inputs, got {value.device}")
+
+
+def host_values(value) -> torch.Tensor | None:
+    """The values of an int tensor when reading them costs no synchronisation (on the
+    CPU), else None."""
+    return value if isinstance(value, torch.Tensor) and value.device.type == "cpu" else None
+
+
+def check_index_range(name: str, values: torch.Tensor | None, size: int, what: str) -> None:
+    """Every value in [0, size); values None means they are not readable for free."""
+    if values is None or values.numel() == 0:
+        return
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= size:
+        raise ValueError(f"{name} must lie in [0, {size}) ({what}), got values in [{low}, {high}]")
+
+
+# --------------------------------------------------------------------------- sample
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOptions:
+    """The scalar arguments of sample, checked. offset may be a traced JAX value."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    confidence: str
+    conf_temperature: float
+    seed: int
+    offset: object
+
+
+def sample_options(*, temperature, top_k, top_p, confidence, conf_temperature, seed, offset) -> SampleOptions:
+    temperature = check_float("temperature", temperature, nonnegative=True)
+    check_int("top_k", top_k, low=0)
+    top_p = check_float("top_p", top_p, positive=True)
+    if top_p > 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    check_choice("confidence", confidence, CONFIDENCE_KINDS)
+    conf_temperature = check_float("conf_temperature", conf_temperature, positive=True)
+    if conf_temperature < MIN_CONF_TEMPERATURE:
+        raise ValueError(f"conf_temperature must be >= {MIN_CONF_TEMPERATURE}, got {conf_temperature}")
+    check_seed(seed)
+    if isinstance(offset, (int, bool)):  # a traced offset (JAX) is checked by its type there
+        check_int("offset", offset, low=0, high=OFFSET_LIMIT)
+    return SampleOptions(temperature, top_k, top_p, confidence, conf_temperature, seed, offset)
+
+
+def check_logits_shape(shape) -> int:
+    """logits [..., V] with at least one leading dimension and V >= 1; returns V."""
+    if len(shape) < 2:
+        raise ValueError(f"logits must be [N, V] or [B, L, V], got shape {tuple(shape)}")
+    if shape[-1] < 1:
+        raise ValueError(f"logits must have a vocabulary dimension V >= 1, got shape {tuple(shape)}")
+    return shape[-1]
+
+
+def banned_ids(banned, vocab: int) -> list[int] | None:
+    """banned given as an int or a sequence of ints, checked against the vocabulary:
+    sorted unique ids, or None."""
+    if banned is None:
+        return None
+    if isinstance(banned, int) and not isinstance(banned, bool):
+        banned = [banned]
+    if not isinstance(banned, (list, tuple)):
+        raise TypeError(f"banned must be an int, a sequence of ints or an int tensor, got {type(banned).__name__}")
+    for token in banned:
+        check_int("banned", token, low=0, high=vocab)
+    ids = sorted(set(banned))
+    check_not_all_banned(len(ids), vocab)
+    return ids
+
+
+def check_not_all_banned(unique_banned: int, vocab: int) -> None:
+    if unique_banned >= vocab:
+        raise ValueError(f"banned bans every one of the V={vocab} token ids: no token could be sampled")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleCall:
+    """A checked sample call (torch): banned as sorted unique int64 ids and rows as int64,
+    both contiguous (the kernels read them through their pointers)."""
+
+    logits: torch.Tensor
+    options: SampleOptions
+    banned: torch.Tensor | None
+    rows: torch.Tensor | None
+    check: bool
+
+    @property
+    def device(self) -> torch.device:
+        return self.logits.device
+
+    @property
+    def vocab(self) -> int:
+        return self.logits.shape[-1]
+
+    @property
+    def n_rows(self) -> int:
+        return self.logits.numel() // self.vocab
+
+
+def sample_call(logits, *, temperature=0.0, top_k=0, top_p=1.0, banned=None, confidence="prob",
+                conf_temperature=1.0, seed=0, offset=0, rows=None, check=True, vocab: int | None = None) -> SampleCall:
+    """unmask.ops.sample's arguments, checked. vocab: the full vocabulary when logits hold
+    one shard of it (tensor parallelism); banned ids are checked against it."""
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES)
+    shard_vocab = check_logits_shape(logits.shape)
+    vocab = shard_vocab if vocab is None else vocab
+    options = sample_options(temperature=temperature, top_k=top_k, top_p=top_p, confidence=confidence,
+                             conf_temperature=conf_temperature, seed=seed, offset=offset)
+    if not isinstance(check, bool):
+        raise TypeError(f"check must be a bool, got {type(check).__name__}")
+    device = logits.device
+    if isinstance(banned, torch.Tensor):
+        check_tensor("banned", banned, dtypes=INT_DTYPES)
+        check_device("banned", banned, device)
+        banned_tensor = banned.reshape(-1).to(torch.int64)
+        check_index_range("banned", host_values(banned_tensor), vocab, "the vocabulary")
+        if banned_tensor.numel() >= vocab:  # only then can it ban every id; unique synchronises on a GPU
+            check_not_all_banned(torch.unique(banned_tensor).numel(), vocab)
+        banned_tensor = torch.unique(banned_tensor)  # sorted
+    else:
+        ids = banned_ids(banned, vocab)
+        banned_tensor = None if ids is None else torch.tensor(ids, dtype=torch.int64, device=device)
+    n_rows = logits.numel() // shard_vocab
+    if rows is not None:
+        check_tensor("rows", rows, dtypes=INT_DTYPES, ndim=1)
+        check_device("rows", rows, device)
+        rows = rows.to(torch.int64).contiguous()
+        # On a GPU the check synchronises: done when check=True, which synchronises anyway.
+        check_index_range("rows", rows if check else host_values(rows), n_rows, "the flattened rows of logits")
+    return SampleCall(logits, options, banned_tensor, rows, check)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionShape:
+    batch: int
+    q_len: int
+    k_len: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def attention_shape(q_shape, k_shape, v_shape) -> AttentionShape:
+    """q [B, Lq, Hq, D], k and v [B, Lk, Hkv, D] with Hq a multiple of Hkv."""
+    for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
+        if len(shape) != 4:
+            raise ValueError(f"{name} must have 4 dimensions, got shape {tuple(shape)}")
+    batch, q_len, q_heads, head_dim = q_shape
+    k_len, kv_heads = k_shape[1], k_shape[2]
+    check_shape("k", k_shape, (batch, k_len, kv_heads, head_dim), "[B, Lk, Hkv, D] with q's B and D")
+    check_shape("v", v_shape, tuple(k_shape), "the shape of k")
+    if kv_heads == 0 or q_heads % kv_heads != 0:
+        raise ValueError(f"q heads ({q_heads}) must be a multiple of k/v heads ({kv_heads})")
+    if head_dim == 0:
+        raise ValueError("q, k, v must have a head dimension D > 0, got D = 0")
+    return AttentionShape(batch, q_len, k_len, q_heads, kv_heads, head_dim)
+
+
+def attention_scalars(shape: AttentionShape, *, block_size, q_offset, scale) -> tuple[int | None, int, float]:
+    """block_size (None or >= 1), q_offset (>= 0) and scale (finite; default 1 / sqrt(D))."""
+    if block_size is not None:
+        check_int("block_size", block_size, low=1)
+    check_int("q_offset", q_offset, low=0)
+    scale = 1.0 / math.sqrt(shape.head_dim) if scale is None else check_float("scale", scale)
+    return block_size, q_offset, scale
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    kv_len: torch.Tensor | None
+    key_valid: torch.Tensor | None
+    block_size: int | None
+    q_offset: int
+    scale: float
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def shape(self) -> AttentionShape:
+        return attention_shape(self.q.shape, self.k.shape, self.v.shape)
+
+
+def attention_call(q, k, v, *, kv_len=None, key_valid=None, block_size=None, q_offset=0, scale=None) -> AttentionCall:
+    """unmask.ops.attention's arguments, checked. kv_len values lie in [0, Lk] (checked
+    when they are on the CPU; on a device a larger value shows every key)."""
+    for name, value in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, value, dtypes=FLOAT_DTYPES, ndim=4)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got q {dtype_name(q)}, k {dtype_name(k)}, v {dtype_name(v)}")
+    check_device("k", k, q.device)
+    check_device("v", v, q.device)
+    shape = attention_shape(q.shape, k.shape, v.shape)
+    if kv_len is not None:
+        check_tensor("kv_len", kv_len, dtypes=INT_DTYPES, ndim=1)
+        check_shape("kv_len", kv_len.shape, (shape.batch,), "[B]")
+        check_device("kv_len", kv_len, q.device)
+        check_index_range("kv_len", host_values(kv_len), shape.k_len + 1, "key counts, at most Lk")
+    if key_valid is not None:
+        check_tensor("key_valid", key_valid, dtypes=("bool",), ndim=2)
+        check_shape("key_valid", key_valid.shape, (shape.batch, shape.k_len), "[B, Lk]")
+        check_device("key_valid", key_valid, q.device)
+    block_size, q_offset, scale = attention_scalars(shape, block_size=block_size, q_offset=q_offset, scale=scale)
+    return AttentionCall(q, k, v, kv_len, key_valid, block_size, q_offset, scale)
+
+
+# --------------------------------------------------------------------------- commit
+
+
+def commit_mode(k, threshold, factor) -> str:
+    """Exactly one of k, threshold, factor; the checked scalar ones. Returns the mode."""
+    given = [name for name, value in (("k", k), ("threshold", threshold), ("factor", factor)) if value is not None]
+    if len(given) != 1:
+        raise ValueError(f"commit takes exactly one of k, threshold, factor; got {given or 'none'}")
+    if threshold is not None:
+        check_float("threshold", threshold)
+        return "threshold"
+    if factor is not None:
+        check_float("factor", factor, positive=True)
+        return "factor"
+    return "count"
+
+
+def check_counts(k, host: torch.Tensor | None) -> None:
+    """Commit counts are >= 0 where they can be read for free (a negative count on a
+    device commits nothing)."""
+    if isinstance(k, int):
+        check_int("k", k, low=0)
+    elif host is not None and host.numel() > 0 and int(host.min()) < 0:
+        raise ValueError(f"k must be >= 0, got a count of {int(host.min())}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitCall:
+    x: torch.Tensor
+    tokens: torch.Tensor
+    conf: torch.Tensor
+    eligible: torch.Tensor
+    mode: str
+    k: torch.Tensor | None  # int64 [B] in count mode
+    threshold: float | None
+    factor: float | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+
+def commit_call(x, tokens, conf, eligible, *, k=None, threshold=None, factor=None) -> CommitCall:
+    """unmask.ops.commit's arguments, checked."""
+    check_tensor("x", x, dtypes=INT_DTYPES, ndim=2)
+    check_tensor("tokens", tokens, dtypes=INT_DTYPES)
+    check_tensor("conf", conf, dtypes=FLOAT_DTYPES + ("float64",))
+    check_tensor("eligible", eligible, dtypes=("bool",))
+    for name, value in (("tokens", tokens), ("conf", conf), ("eligible", eligible)):
+        check_shape(name, value.shape, tuple(x.shape), "the shape of x, [B, L]")
+        check_device(name, value, x.device)
+    mode = commit_mode(k, threshold, factor)
+    if isinstance(k, torch.Tensor):
+        check_tensor("k", k, dtypes=INT_DTYPES, ndim=1)
+        check_shape("k", k.shape, (x.shape[0],), "[B]")
+        check_device("k", k, x.device)
+        check_counts(k, host_values(k))
+        k = k.to(torch.int64)
+    elif k is not None:
+        check_counts(k, None)
+        k = torch.full((x.shape[0],), k, dtype=torch.int64, device=x.device)
+    return CommitCall(x, tokens, conf, eligible, mode, k,
+                      None if threshold is None else float(threshold), None if factor is None else float(factor))
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How generate samples each step: the kernel's options (offset set per step)."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    confidence: str
+    seed: int
+
+
+def sampling(*, temperature, top_k, top_p, remasking, seed) -> Sampling:
+    check_choice("remasking", remasking, tuple(REMASKING_TO_CONFIDENCE))
+    confidence = REMASKING_TO_CONFIDENCE[remasking]
+    options = sample_options(temperature=temperature, top_k=top_k, top_p=top_p, confidence=confidence,
+                             conf_temperature=1.0, seed=seed, offset=0)
+    return Sampling(options.temperature, options.top_k, options.top_p, confidence, options.seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """How a block decides how many positions to commit each step (exactly one is set)."""
+
+    steps_per_block: int | None = None
+    threshold: float | None = None
+    factor: float | None = None
+
+
+# The values each confidence kind takes: a threshold outside can never be passed, or is
+# always passed, and would silently turn parallel decoding into one token per step.
+CONFIDENCE_RANGES = {"prob": (0.0, 1.0), "margin": (0.0, 1.0), "random": (0.0, 1.0), "entropy": (-math.inf, 0.0)}
+
+
+def rule(steps, threshold, factor, *, num_blocks: int, default_steps: int, confidence: str) -> Rule:
+    """Exactly one of steps (default default_steps), threshold, factor."""
+    given = [name for name, value in (("steps", steps), ("threshold", threshold), ("factor", factor)) if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"give at most one of steps, threshold, factor; got {given}")
+    if threshold is not None:
+        threshold = check_float("threshold", threshold)
+        low, high = CONFIDENCE_RANGES[confidence]
+        if confidence == "entropy" and threshold >= high:
+            raise ValueError(f"threshold={threshold} is never exceeded by 'entropy' confidence (sum p log p, "
+                             f"values <= 0); pass a negative threshold")
+        if confidence != "entropy" and not low <= threshold < high:
+            raise ValueError(f"threshold={threshold} must lie in [0, 1) for {confidence!r} confidence (values in "
+                             f"[0, 1]); a threshold >= 1 is never exceeded")
+        return Rule(threshold=threshold)
+    if factor is not None:
+        return Rule(factor=check_float("factor", factor, positive=True))
+    steps = default_steps if steps is None else steps
+    check_positive_int("steps", steps)
+    if steps % num_blocks != 0:
+        raise ValueError(f"steps={steps} must be a multiple of the number of blocks ({num_blocks})")
+    return Rule(steps_per_block=steps // num_blocks)
+
+
+def block_count(gen_length, block_length) -> int:
+    check_positive_int("gen_length", gen_length)
+    check_positive_int("block_length", block_length)
+    if gen_length % block_length != 0:
+        raise ValueError(f"block_length={block_length} must divide gen_length={gen_length}")
+    return gen_length // block_length
+
+
+def special_ids(*, mask_id, eos_id, vocab: int | None) -> None:
+    """mask_id (required) and eos_id (optional) are token ids of the model's vocabulary,
+    and different."""
+    if mask_id is None:
+        raise ValueError("mask_id: the model does not name its mask token; pass mask_id=")
+    check_int("mask_id", mask_id, low=0)
+    if vocab is not None and mask_id >= vocab:
+        raise ValueError(f"mask_id={mask_id} lies outside the model's vocabulary (V={vocab})")
+    if eos_id is not None:
+        check_int("eos_id", eos_id, low=0)
+        if vocab is not None and eos_id >= vocab:
+            raise ValueError(f"eos_id={eos_id} lies outside the model's vocabulary (V={vocab})")
+        if eos_id == mask_id:
+            raise ValueError(f"eos_id and mask_id must differ, both are {mask_id}")
+
+
+def prompt_ids(ids: torch.Tensor, known: torch.Tensor, *, mask_id: int, vocab: int | None) -> None:
+    """The real (known) prompt tokens are ids of the vocabulary and none is the mask."""
+    real = ids[known]
+    if real.numel() == 0:
+        return
+    low, high = int(real.min()), int(real.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        allowed = f"[0, {vocab}) (the vocabulary)" if vocab is not None else ">= 0"
+        raise ValueError(f"prompts must hold token ids in {allowed}, got ids in [{low}, {high}]")
+    if bool((real == mask_id).any()):
+        raise ValueError(f"prompts contain mask_id={mask_id}; use unmask.infill to fill masks inside a text")
