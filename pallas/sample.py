@@ -1,5 +1,5 @@
 """sample as a Pallas kernel: one pass over the vocabulary in tiles, with a running
-reduction per row (DESIGN.md, sample).
+reduction per row (docs/design.md, sample).
 
 Grid (row blocks, vocabulary tiles); the vocabulary axis is "arbitrary" (sequential)
 and carries, per row, in VMEM scratch: the running max and first argmax, the

@@ -1,5 +1,5 @@
 """Key/value caches in generate(): exact for block-causal models, an approximation for
-bidirectional ones (DESIGN.md, The sampler; Fast-dLLM's prefix and dual caches)."""
+bidirectional ones (docs/design.md, The sampler; Fast-dLLM's prefix and dual caches)."""
 
 import pytest
 import torch

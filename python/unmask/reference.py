@@ -1,7 +1,7 @@
 """The specification of unmask's three kernels, in plain PyTorch.
 
 Readable before fast: every C++, CUDA and Pallas kernel is tested against these
-functions (DESIGN.md, Contracts). They take already-validated arguments; the public
+functions (docs/design.md, Contracts). They take already-validated arguments; the public
 entry points in unmask.ops validate and then dispatch here or to a native kernel.
 
 Precision: attention computes in float32 (float64 for float64 inputs), so a test

@@ -1,5 +1,5 @@
 """unmask.jax.attention / sample / commit: the Pallas kernels behind validated, jit-able
-functions with the contracts of DESIGN.md. interpret=None runs the kernels in Pallas's
+functions with the contracts of docs/design.md. interpret=None runs the kernels in Pallas's
 interpreter on CPU (no accelerator needed) and compiled elsewhere."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Plain jnp references of the three kernels (the contracts of DESIGN.md), for testing the
+"""Plain jnp references of the three kernels (the contracts of docs/design.md), for testing the
 Pallas kernels without torch. Readable before fast: full-row sorts and dense masks."""
 
 from __future__ import annotations

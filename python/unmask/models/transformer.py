@@ -1,4 +1,4 @@
-"""The bidirectional transformer behind LLaDA and Dream (DESIGN.md, Models).
+"""The bidirectional transformer behind LLaDA and Dream (docs/design.md, Models).
 
 Pre-norm RMSNorm, rotary embeddings (rotate-half form), SwiGLU, grouped-query
 attention with optional qkv bias, untied (or tied) LM head. Attention runs through
@@ -48,7 +48,7 @@ class KVCache:
     generate(cache=...) fills it with one full forward at the start of a block and then
     recomputes only a segment of positions per step (the block, or the block and what
     follows it), writing that segment's keys and values in place: positions outside the
-    segment keep the keys and values of the block's start (DESIGN.md, cache).
+    segment keep the keys and values of the block's start (docs/design.md, cache).
     """
 
     def __init__(self, config: ModelConfig, batch: int, length: int, *, dtype: torch.dtype, device: torch.device,
