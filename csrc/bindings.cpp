@@ -63,9 +63,11 @@ void raise_on_error(const Status& status, const char* op) {
   throw py::value_error(message);
 }
 
-// Runs a CPU launcher without the GIL (it may take milliseconds), then raises.
+// Runs a CPU launcher without the GIL (it may take milliseconds), then raises. The
+// params are copied first: another Python thread may change the bound object meanwhile.
 template <typename Params>
-void run_released(Status (*launcher)(const Params&), const Params& params, const char* op) {
+void run_released(Status (*launcher)(const Params&), const Params& bound_params, const char* op) {
+  const Params params = bound_params;
   Status status;
   {
     py::gil_scoped_release release;

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from unmask import native, validation
-from tests.helpers import requires_extension
+from tests.helpers import requires_cuda_build, requires_extension
 
 pytestmark = requires_extension
 _C = native._C
@@ -83,9 +83,33 @@ def test_rows_and_banned_ids_are_checked_before_anything_is_written():
     with pytest.raises(ValueError, match=r"params.rows\[i\] = 3 must lie in \[0, n_rows\)"):
         _C.sample_cpu(sample_params(logits, tokens, conf, select_rows=True, rows=bad_rows.data_ptr(), n_selected=2))
     assert (tokens == -7).all(), "a refused call writes nothing"
-    unsorted = torch.tensor([5, 2], dtype=torch.int64)
-    with pytest.raises(ValueError, match=r"params.banned\[i\] = 2 must be sorted and unique"):
-        _C.sample_cpu(sample_params(logits, tokens, conf, banned=unsorted.data_ptr(), n_banned=2))
+    outside = torch.tensor([5, 7], dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"params.banned\[i\] = 7 must lie in \[0, vocab\)"):
+        _C.sample_cpu(sample_params(logits, tokens, conf, banned=outside.data_ptr(), n_banned=2))
+    assert (tokens == -7).all()
+
+
+def test_banned_ids_in_any_order():
+    logits, tokens, conf = buffers(rows=4, vocab=9)
+    logits[:, 6] = 50.0  # the argmax, unless banned
+    logits[:, 2] = 40.0
+    banned = torch.tensor([6, 1, 6, 0], dtype=torch.int64)  # unsorted, repeated
+    _C.sample_cpu(sample_params(logits, tokens, conf, banned=banned.data_ptr(), n_banned=4))
+    assert tokens.tolist() == [2, 2, 2, 2]
+
+
+def test_custom_ops_take_int32_indices():
+    """torch.ops.unmask.* called directly (not through unmask.ops) with int32 ids: the
+    backends widen them, never read them as int64."""
+    logits = torch.randn(6, 40)
+    tokens, _ = torch.ops.unmask.sample(logits, 0.0, 0, 1.0, torch.tensor([3], dtype=torch.int32), "prob", 1.0, 0,
+                                        0, torch.tensor([1, 4], dtype=torch.int32), False)
+    assert tokens[[0, 2, 3, 5]].tolist() == [-1] * 4 and (tokens[[1, 4]] >= 0).all()
+    canvas = torch.zeros(1, 4, dtype=torch.int64)
+    committed = torch.ops.unmask.commit(canvas, torch.ones(1, 4, dtype=torch.int64), torch.rand(1, 4),
+                                        torch.ones(1, 4, dtype=torch.bool), torch.tensor([1], dtype=torch.int32),
+                                        None, None)
+    assert int(committed.sum()) == 1
 
 
 def test_empty_row_selection_samples_nothing():
@@ -96,6 +120,7 @@ def test_empty_row_selection_samples_nothing():
     assert (tokens == -1).all() and torch.isneginf(conf).all()
 
 
+@requires_cuda_build
 def test_unsupported_case_raises_not_implemented_with_the_field():
     logits, tokens, conf = buffers()
     extras = native._params(_C.SampleCudaExtras, seed_device=0, offset_device=0, workspace=0, workspace_bytes=0)

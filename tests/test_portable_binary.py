@@ -67,12 +67,17 @@ def test_vector_code_lives_only_in_the_instruction_set_builds():
         pytest.skip("a -march=native build (UNMASK_NATIVE_ARCH=ON) runs only where it was built")
     assert native.cpu_isas() == ["avx512", "avx2", "portable"]
     beyond, avx512 = functions_beyond_baseline(native._C.__file__)
-    owned = {name for name in beyond if "unmask::cpu::avx2::" in name or "unmask::cpu::avx512::" in name}
+    # The kernels live in unmask::cpu::<isa>, the inline helpers of shared headers in
+    # unmask::<isa>. A compiler clone ("[clone .isra.0]" of std::sort, say) is local to the
+    # translation unit that made it, so only its own build calls it. (The symbol table
+    # cannot tell the rest apart: hidden inline functions merged across builds are local
+    # in the linked module too.)
+    owned = {name for name in beyond if re.search(r"\bunmask::(cpu::)?avx(2|512)::", name) or "[clone ." in name}
     strays = {name: sorted(beyond[name]) for name in beyond if name not in owned}
     assert not strays, f"code beyond x86-64 outside unmask::cpu::avx2 / avx512: {strays}"
     assert any("::avx512::" in name for name in owned) and any("::avx2::" in name for name in owned), \
         "the scan must see both instruction-set builds"
-    avx512_outside = sorted(name for name in avx512 if "unmask::cpu::avx512::" not in name)
+    avx512_outside = sorted(name for name in avx512 if not re.search(r"\bunmask::(cpu::)?avx512::", name))
     assert not avx512_outside, f"AVX-512 code outside unmask::cpu::avx512: {avx512_outside[:5]}"
 
 

@@ -20,6 +20,7 @@ from tests.helpers import (ENTROPY_ATOL, has_gpu, requires_cuda_build, requires_
                            sample_backend)
 
 FLT_MAX = float(np.finfo(np.float32).max)
+NEG_MAX = "-max"  # stands for minus the dtype's largest finite value (-FLT_MAX is -inf in bfloat16)
 
 
 def reference_backend(logits, rows=None, **kwargs):
@@ -67,20 +68,27 @@ def test_empty_rows_through_the_op():
 
 
 ENTROPY_CASES = [
-    # (logits of one row, conf_temperature): the reference gives a finite entropy for each
-    pytest.param([0.0, -FLT_MAX], 0.5, id="-FLT_MAX at T=0.5"),
+    # (logits of one row, NEG_MAX for minus the dtype's largest finite value, conf_temperature):
+    # the reference gives a finite entropy for each
+    pytest.param([0.0, NEG_MAX], 0.5, id="-max at T=0.5"),
     pytest.param([0.0, -1e38, 1.0, -3e38], 0.05, id="-1e38 at T=0.05"),
-    # two -FLT_MAX before a larger logit, in the ids one CUDA thread reads (one 16-byte load)
-    pytest.param([-FLT_MAX, -FLT_MAX, 0.0, -1.0], 1.0, id="-FLT_MAX twice then 0 at T=1"),
-    pytest.param([-FLT_MAX] * 3 + [2.0] + [-FLT_MAX] * 4 + [1.0], 2.0, id="runs of -FLT_MAX at T=2"),
+    # two -max before a larger logit, in the ids one CUDA thread reads (one 16-byte load)
+    pytest.param([NEG_MAX, NEG_MAX, 0.0, -1.0], 1.0, id="-max twice then 0 at T=1"),
+    pytest.param([NEG_MAX] * 3 + [2.0] + [NEG_MAX] * 4 + [1.0], 2.0, id="runs of -max at T=2"),
 ]
+
+
+def extreme_row(row, dtype):
+    largest = torch.finfo(dtype).max
+    return torch.tensor([[-largest if value == NEG_MAX else value for value in row]], dtype=torch.float64).to(dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("row,conf_temperature", ENTROPY_CASES)
 def test_entropy_far_below_the_maximum_is_finite(backend, dtype, row, conf_temperature):
-    logits = torch.tensor([row]).to(dtype)
+    logits = extreme_row(row, dtype)
+    assert torch.isfinite(logits).all(), "the case must hold finite extremes, not -inf"
     expected = reference.sample(logits, confidence="entropy", conf_temperature=conf_temperature)[1]
     assert torch.isfinite(expected).all()
     tokens, conf = backend(logits, confidence="entropy", conf_temperature=conf_temperature)

@@ -429,16 +429,26 @@ void sample_row(const SampleParams& p, int64_t row, float* buf, float* mass) {
 
 }  // namespace
 
-Status sample(const SampleParams& p) {
-  const Status status = check_sample_params(p);
+Status sample(const SampleParams& params) {
+  const Status status = check_sample_params(params);
   if (!status.ok()) return status;
+  // The chunk loop walks the banned ids in increasing order: an unsorted or repeated list
+  // (rare: unmask.ops passes them sorted) is sorted into a copy first.
+  SampleParams p = params;
+  std::vector<int64_t> sorted_banned;
   for (int64_t i = 0; i < p.n_banned; ++i) {
     if (p.banned[i] < 0 || p.banned[i] >= p.vocab) {
       return invalid_argument("banned[i]", static_cast<double>(p.banned[i]), "must lie in [0, vocab)");
     }
-    if (i > 0 && p.banned[i] <= p.banned[i - 1]) {
-      return invalid_argument("banned[i]", static_cast<double>(p.banned[i]), "must be sorted and unique");
+    if (i > 0 && p.banned[i] <= p.banned[i - 1] && sorted_banned.empty()) {
+      sorted_banned.assign(p.banned, p.banned + p.n_banned);
+      std::sort(sorted_banned.begin(), sorted_banned.end());
+      sorted_banned.erase(std::unique(sorted_banned.begin(), sorted_banned.end()), sorted_banned.end());
     }
+  }
+  if (!sorted_banned.empty()) {
+    p.banned = sorted_banned.data();
+    p.n_banned = static_cast<int64_t>(sorted_banned.size());
   }
   // Every row id is checked before anything is written: a bad one leaves the outputs as they were.
   for (int64_t i = 0; p.select_rows && i < p.n_selected; ++i) {

@@ -643,7 +643,7 @@ Status attention_cuda(const AttentionParams& p, void* workspace, int64_t workspa
   }
   if (p.batch * p.q_len == 0) return ok_status();
   // Key indices are int in the kernel; (batch, kv head) is gridDim.x.
-  if (p.k_len > INT32_MAX / 2) return unsupported("k_len", static_cast<double>(p.k_len), "must be <= 2^30 on CUDA");
+  if (p.k_len > INT32_MAX / 2) return unsupported("k_len", static_cast<double>(p.k_len), "must be < 2^30 on CUDA");
   if (p.batch * p.kv_heads > INT32_MAX) {
     return unsupported("batch", static_cast<double>(p.batch), "times kv_heads must be < 2^31 on CUDA");
   }

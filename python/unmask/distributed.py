@@ -102,6 +102,8 @@ class VocabShard:
         lead = logits.shape[:-1]
         flat = logits.reshape(-1, self.size)
         row_ids = torch.arange(flat.shape[0], device=flat.device) if call.rows is None else call.rows
+        if call.rows is not None:  # ids outside [0, N) are skipped, as every kernel skips or refuses them
+            row_ids = row_ids[(row_ids >= 0) & (row_ids < flat.shape[0])]
         stats = shard_statistics(flat[row_ids], row_ids, self.start, banned=call.banned, temperature=o.temperature,
                                  conf_temperature=o.conf_temperature, seed=o.seed, offset=o.offset)
         everyone = [torch.empty_like(stats) for _ in self.sizes]

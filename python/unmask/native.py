@@ -147,8 +147,8 @@ def _stream(device: torch.device) -> int:
 # --------------------------------------------------------------------------- sample
 
 
-def _sample_params(call: SampleCall, flat: torch.Tensor, tokens: torch.Tensor, conf: torch.Tensor):
-    options, rows, banned = call.options, call.rows, call.banned  # contiguous int64 (validation.sample_call)
+def _sample_params(call: SampleCall, flat: torch.Tensor, rows, banned, tokens: torch.Tensor, conf: torch.Tensor):
+    options = call.options
     return _params(
         _C.SampleParams, logits=flat.data_ptr(), dtype=_scalar_type(flat.dtype), n_rows=flat.shape[0],
         vocab=flat.shape[1], select_rows=rows is not None, rows=_address(rows),
@@ -169,10 +169,17 @@ def _sample_outputs(call: SampleCall, out):
             torch.empty(n_rows, dtype=torch.float32, device=device))
 
 
+def _index_tensors(call: SampleCall):
+    """rows and banned as contiguous int64 (a no-op for unmask.ops.sample's; a direct call
+    of torch.ops.unmask.sample may pass int32 ids, which the kernels would misread)."""
+    return tuple(None if t is None else t.to(torch.int64).contiguous() for t in (call.rows, call.banned))
+
+
 def _launch_sample_cpu(call: SampleCall, out=None):
     flat = call.logits.reshape(-1, call.vocab).contiguous()
     tokens, conf = _sample_outputs(call, out)
-    _C.sample_cpu(_sample_params(call, flat, tokens, conf))
+    rows, banned = _index_tensors(call)
+    _C.sample_cpu(_sample_params(call, flat, rows, banned, tokens, conf))
     lead = call.logits.shape[:-1]
     return tokens.reshape(lead), conf.reshape(lead)
 
@@ -180,7 +187,8 @@ def _launch_sample_cpu(call: SampleCall, out=None):
 def _launch_sample_cuda(call: SampleCall, out=None):
     flat = call.logits.reshape(-1, call.vocab).contiguous()
     tokens, conf = _sample_outputs(call, out)
-    params = _sample_params(call, flat, tokens, conf)
+    rows, banned = _index_tensors(call)
+    params = _sample_params(call, flat, rows, banned, tokens, conf)
     workspace = torch.empty(max(1, _C.sample_cuda_workspace_bytes(params)), dtype=torch.uint8, device=call.device)
     extras = _params(_C.SampleCudaExtras, seed_device=0, offset_device=0, workspace=workspace.data_ptr(),
                      workspace_bytes=workspace.numel())
@@ -217,7 +225,7 @@ def _launch_commit(call: CommitCall, out=None, *, cuda: bool):
     tokens = call.tokens.to(torch.int64).contiguous()
     conf = call.conf.to(torch.float32).contiguous()
     eligible = call.eligible.contiguous()
-    counts = None if call.k is None else call.k.contiguous()
+    counts = None if call.k is None else call.k.to(torch.int64).contiguous()
     params = _params(
         _C.CommitParams, canvas=canvas.data_ptr(), tokens=tokens.data_ptr(), conf=conf.data_ptr(),
         eligible=eligible.data_ptr(), committed=committed.data_ptr(), batch=batch, length=length,
@@ -241,6 +249,8 @@ def _supports_commit_cuda(call: CommitCall) -> str | None:
     if call.x.shape[1] > CUDA_COMMIT_MAX_LENGTH:
         return (f"rows of {call.x.shape[1]} positions: the CUDA kernel keeps a row in shared memory "
                 f"(<= {CUDA_COMMIT_MAX_LENGTH})")
+    if call.x.shape[0] >= 2**31:
+        return f"{call.x.shape[0]} rows: the CUDA kernel launches one block per row (gridDim.x < 2^31)"
     return None
 
 
@@ -323,8 +333,10 @@ def _supports_attention_cuda(call: AttentionCall) -> str | None:
         return f"dtype {validation.dtype_name(call.q)}: the CUDA kernel runs float16 and bfloat16 (tensor cores)"
     if shape.head_dim not in CUDA_ATTENTION_HEAD_DIMS:
         return f"head_dim={shape.head_dim}: the CUDA kernel is compiled for {CUDA_ATTENTION_HEAD_DIMS}"
-    if shape.k_len > 2**30:
-        return f"{shape.k_len} keys: the CUDA kernel indexes keys with int32"
+    if shape.k_len >= 2**30:
+        return f"{shape.k_len} keys: the CUDA kernel indexes keys with int32 (< 2^30)"
+    if shape.batch * shape.kv_heads >= 2**31:
+        return f"{shape.batch} x {shape.kv_heads} (batch, kv head) pairs: gridDim.x holds 2^31 - 1"
     query_tiles = -(-shape.q_len * (shape.q_heads // shape.kv_heads) // CUDA_ATTENTION_ROWS_PER_TILE)
     if query_tiles > 65535:
         return f"{shape.q_len} queries x the head group need {query_tiles} tiles: gridDim.y holds 65535"

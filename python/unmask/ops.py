@@ -185,7 +185,8 @@ def sample(
     conf (float32) of shape logits.shape[:-1]. rows, an int index into the flattened
     leading dimensions, restricts the work to those rows (none when empty); the others
     get token -1 and conf -inf. Row ids are checked when they are on the CPU or
-    check=True; an id outside [0, N) that reaches a kernel is skipped. With check=True
+    check=True; an id outside [0, N) that reaches the CUDA kernel unchecked is skipped.
+    With check=True
     (the default) a sampled row with NaN or +inf logits or no finite kept logit raises
     InvalidLogitsError (a ValueError); check=False returns token -1 and conf -inf for
     it and never synchronises with the device.
@@ -255,7 +256,8 @@ def philox_draws(
     stream: int = 0,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """The native kernels' 32-bit draws w[r, c] (row id row_begin + r) as int64 [rows, cols]."""
+    """The native kernels' 32-bit draws w[r, c] (row id row_begin + r) as int64 [rows, cols].
+    stream: 0 (Gumbel noise) or 1 (random confidences), the two the kernels draw."""
     validation.check_seed(seed)
     for name, value, high in (("rows", rows, None), ("cols", cols, None), ("row_begin", row_begin, 2**32),
                               ("offset", offset, 2**32), ("stream", stream, 2)):

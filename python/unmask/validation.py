@@ -240,6 +240,8 @@ def sample_call(logits, *, temperature=0.0, top_k=0, top_p=1.0, banned=None, con
     else:
         ids = banned_ids(banned, vocab)
         banned_tensor = None if ids is None else torch.tensor(ids, dtype=torch.int64, device=device)
+    if options.top_k >= vocab:  # keeps every id: the same as no filter, for every backend
+        options = dataclasses.replace(options, top_k=0)
     n_rows = logits.numel() // shard_vocab
     if rows is not None:
         check_tensor("rows", rows, dtypes=INT_DTYPES, ndim=1)

@@ -24,7 +24,7 @@ struct SampleParams {
   bool select_rows;
   const int64_t* rows;  // [n_selected], each in [0, n_rows)
   int64_t n_selected;
-  const int64_t* banned;  // sorted, unique ids in [0, vocab); may be nullptr when n_banned == 0
+  const int64_t* banned;  // ids in [0, vocab), any order; may be nullptr when n_banned == 0
   int64_t n_banned;
   double temperature;  // 0: argmax
   int64_t top_k;       // 0: no top-k filter
@@ -73,7 +73,7 @@ inline Status check_sample_params(const SampleParams& p) {
 UNMASK_ISA_NAMESPACE_END
 
 // Rows and banned ids are checked before anything is written: an id outside [0, n_rows)
-// or [0, vocab), or banned ids not sorted and unique, are an invalid argument naming it.
+// or [0, vocab) is an invalid argument naming it.
 Status sample_cpu(const SampleParams& params);
 
 }  // namespace unmask
