@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "unmask/attention.h"
@@ -23,6 +24,8 @@
 #include "unmask/rng.h"
 #include "unmask/sample.h"
 #include "unmask/sample_cuda.h"
+#include "simt/launchers.h"
+#include "simt/runtime.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -251,6 +254,91 @@ void select_isa(const std::string& name) {
   throw py::value_error("isa " + name + " is not available: this module and CPU run " + runnable);
 }
 
+// (host pointer, bytes, name) of each tensor an interpreted launch may touch.
+using BufferList = std::vector<std::tuple<std::uintptr_t, int64_t, std::string>>;
+
+// Runs interpreted launches in a session over `buffers` without the GIL; a failed check
+// raises RuntimeError with the interpreter's report, a refused call as the real launcher.
+template <typename Launch>
+void run_interpreted(const BufferList& buffers, const char* op, Launch launch) {
+  std::vector<simt::Buffer> regions;
+  for (const auto& [address, bytes, name] : buffers) {
+    regions.push_back(simt::Buffer{address, static_cast<size_t>(bytes), name});
+  }
+  Status status;
+  bool failed = false;
+  std::string report;
+  {
+    py::gil_scoped_release release;
+    simt::Session session(std::move(regions));
+    status = launch();
+    failed = session.failed();
+    report = session.error();
+  }
+  if (failed) throw std::runtime_error(std::string("unmask._C.") + op + ": " + report);
+  if (status.code == StatusCode::kCudaError) throw std::runtime_error(std::string("unmask._C.") + op + ": launch failed");
+  raise_on_error(status, op);
+}
+
+void bind_interpreter(py::module_& m) {
+  m.def("simt_available", &simt::available, "whether this module holds the SIMT interpreter");
+  m.def("simt_set_sm_count", &simt::set_sm_count, py::arg("count"));
+  m.def("simt_sm_count", &simt::sm_count);
+  m.def("simt_reset_stats", &simt::reset_stats);
+  m.def("simt_stats", []() {
+    const simt::Stats s = simt::stats();
+    py::dict stats;
+    stats["launches"] = s.launches;
+    stats["blocks"] = s.blocks;
+    stats["threads"] = s.threads;
+    stats["switches"] = s.switches;
+    stats["seconds"] = s.seconds;
+    return stats;
+  });
+  m.def(
+      "sample_cuda_interpret",
+      [](const SampleParams& params, const SampleCudaExtras& extras, const BufferList& buffers) {
+        const SampleParams p = params;
+        const SampleCudaExtras e = extras;
+        run_interpreted(buffers, "sample_cuda_interpret", [&] { return simt::sample_cuda(p, e); });
+      },
+      py::arg("params"), py::kw_only(), py::arg("extras"), py::arg("buffers"));
+  m.def("sample_cuda_interpret_workspace_bytes", &simt::sample_cuda_workspace_bytes, py::arg("params"));
+  m.def(
+      "commit_cuda_interpret",
+      [](const CommitParams& params, const BufferList& buffers) {
+        const CommitParams p = params;
+        run_interpreted(buffers, "commit_cuda_interpret", [&] { return simt::commit_cuda(p); });
+      },
+      py::arg("params"), py::kw_only(), py::arg("buffers"));
+  m.def(
+      "attention_cuda_interpret",
+      [](const AttentionParams& params, std::uintptr_t workspace, int64_t workspace_bytes, const BufferList& buffers) {
+        const AttentionParams p = params;
+        run_interpreted(buffers, "attention_cuda_interpret", [&] {
+          return simt::attention_cuda(p, as_pointer<void>(workspace), workspace_bytes);
+        });
+      },
+      py::arg("params"), py::kw_only(), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("buffers"));
+  m.def("attention_cuda_interpret_workspace_bytes", &simt::attention_cuda_workspace_bytes, py::arg("params"));
+  m.def(
+      "fill_draws_cuda_interpret",
+      [](const DrawParams& params, const BufferList& buffers) {
+        const DrawParams p = params;
+        run_interpreted(buffers, "fill_draws_cuda_interpret", [&] { return simt::fill_draws_cuda(p); });
+      },
+      py::arg("params"), py::kw_only(), py::arg("buffers"));
+  m.def(
+      "simt_test_kernel",
+      [](const std::string& name, std::uintptr_t data, int64_t data_bytes, std::uintptr_t out, int64_t out_bytes) {
+        const BufferList buffers = {{data, data_bytes, "data"}, {out, out_bytes, "out"}};
+        run_interpreted(buffers, "simt_test_kernel", [&] {
+          return simt::test_kernel(name, as_pointer<void>(data), data_bytes, as_pointer<void>(out), out_bytes);
+        });
+      },
+      py::arg("name"), py::arg("data"), py::arg("data_bytes"), py::arg("out"), py::arg("out_bytes"));
+}
+
 int openmp_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -273,6 +361,7 @@ PYBIND11_MODULE(_C, m) {
 
   bind_enums(m);
   bind_structs(m);
+  bind_interpreter(m);
 
   m.def("cuda_compiled", &cuda_compiled);
   m.def("cuda_device_count", &cuda_device_count);

@@ -33,6 +33,7 @@
 #include "unmask/attention_cuda.h"
 
 namespace unmask {
+UNMASK_BUILD_NAMESPACE_BEGIN  // cuda_check.cuh
 namespace {
 
 constexpr int kBlockM = 128;  // packed query rows per thread block
@@ -75,6 +76,8 @@ struct Launch {
 };
 
 // ------------------------------------------------------------------ PTX wrappers
+// Each keeps its inline PTX for nvcc; under UNMASK_SIMT the interpreter's runtime
+// (csrc/simt/cuda_shim.h) executes the same instruction for the host.
 
 __device__ __forceinline__ uint32_t shared_address(const void* pointer) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
@@ -82,39 +85,71 @@ __device__ __forceinline__ uint32_t shared_address(const void* pointer) {
 
 // 16 bytes global -> shared; valid == false writes 16 zero bytes and reads nothing.
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+#if defined(UNMASK_SIMT)
+  ::simt::cp_async_16(dst, src, valid);
+#else
   const int src_bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+#endif
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(UNMASK_SIMT)
+  ::simt::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
 
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(UNMASK_SIMT)
+  ::simt::cp_async_wait_all();
+#else
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
+#if defined(UNMASK_SIMT)
+  ::simt::ldmatrix_x4(r, address, false);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(address));
+#endif
 }
 
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t address) {
+#if defined(UNMASK_SIMT)
+  ::simt::ldmatrix_x4(r, address, true);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(address));
+#endif
 }
 
 // c += a b for one m16n8k16 tile: a 16x16 row-major (4 words), b 16x8 column-major (2 words).
 __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, __nv_bfloat16) {
+#if defined(UNMASK_SIMT)
+  ::simt::mma_m16n8k16(c, a, b0, b1, ::simt::MmaType::kBFloat16);
+#else
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, __half) {
+#if defined(UNMASK_SIMT)
+  ::simt::mma_m16n8k16(c, a, b0, b1, ::simt::MmaType::kFloat16);
+#else
   asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Two floats as one word of T pairs, the first in the low half (the lower column).
@@ -130,9 +165,13 @@ __device__ __forceinline__ uint32_t pack(float lo, float hi, __half) {
 
 // 2^x; exact 0 for -inf.
 __device__ __forceinline__ float exp2_approx(float x) {
+#if defined(UNMASK_SIMT)
+  return ::simt::ex2_approx_ftz(x);
+#else
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
+#endif
 }
 
 // ------------------------------------------------------------------ tiles and masks
@@ -210,7 +249,7 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim>::kWarps * 32)
   constexpr int kNBlocks = kBlockN / 8;   // n8 blocks of S per m16 tile
   constexpr int kDBlocks = kHeadDim / 8;  // n8 blocks of O per m16 tile
 
-  extern __shared__ uint4 shared_words[];  // uint4: 16-byte aligned for cp.async and ldmatrix
+  UNMASK_DYNAMIC_SHARED(uint4, shared_words);  // uint4: 16-byte aligned for cp.async and ldmatrix
   const uint32_t sq = shared_address(shared_words);
   const uint32_t sk = sq + kBlockM * kHeadDim * 2;
   const uint32_t sv = sk + kBlockN * kHeadDim * 2;
@@ -601,13 +640,14 @@ Status launch(const AttentionParams& p, const Plan& plan, cudaStream_t stream) {
   const Launch& a = plan.launch;
   const dim3 grid(static_cast<unsigned>(p.batch * p.kv_heads), static_cast<unsigned>(plan.query_tiles),
                   static_cast<unsigned>(a.splits));
-  attention_forward_kernel<T, kHeadDim>
-      <<<grid, TileConfig<kHeadDim>::kWarps * 32, shared_bytes<kHeadDim>(), stream>>>(p, a);
+  launch_kernel("attention_forward_kernel", attention_forward_kernel<T, kHeadDim>, grid,
+                dim3(TileConfig<kHeadDim>::kWarps * 32), shared_bytes<kHeadDim>(), stream, p, a);
   const Status status = check_launch();
   if (!status.ok() || a.splits == 1) return status;
   const int64_t rows_per_block = kCombineThreads / (kHeadDim / 4);
   const int64_t blocks = (a.total_rows + rows_per_block - 1) / rows_per_block;
-  attention_combine_kernel<T><<<static_cast<unsigned>(blocks), kCombineThreads, 0, stream>>>(p, a);
+  launch_kernel("attention_combine_kernel", attention_combine_kernel<T>, dim3(static_cast<unsigned>(blocks)),
+                dim3(kCombineThreads), 0, stream, p, a);
   return check_launch();
 }
 
@@ -677,4 +717,5 @@ Status attention_cuda(const AttentionParams& p, void* workspace, int64_t workspa
                                           : launch_for_head_dim<__half>(p, launch_plan, stream);
 }
 
+UNMASK_BUILD_NAMESPACE_END
 }  // namespace unmask

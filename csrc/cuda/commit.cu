@@ -10,13 +10,14 @@
 #include "unmask/commit.h"
 
 namespace unmask {
+UNMASK_BUILD_NAMESPACE_BEGIN  // cuda_check.cuh
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxLength = 4096;  // conf, eligible and rank of a row: 36 KiB of shared memory
 
 __global__ void __launch_bounds__(kThreads) commit_kernel(CommitParams p) {
-  extern __shared__ unsigned char shared[];
+  UNMASK_DYNAMIC_SHARED(unsigned char, shared);
   float* conf = reinterpret_cast<float*>(shared);
   int* rank = reinterpret_cast<int*>(conf + p.length);
   bool* eligible = reinterpret_cast<bool*>(rank + p.length);
@@ -69,8 +70,10 @@ Status commit_cuda(const CommitParams& p, void* stream) {
   if (p.batch > INT32_MAX) return unsupported("batch", static_cast<double>(p.batch), "must be < 2^31 on CUDA");
   if (p.batch == 0 || p.length == 0) return ok_status();
   const size_t shared = static_cast<size_t>(p.length) * (sizeof(float) + sizeof(int) + sizeof(bool));
-  commit_kernel<<<static_cast<unsigned>(p.batch), kThreads, shared, static_cast<cudaStream_t>(stream)>>>(p);
+  launch_kernel("commit_kernel", commit_kernel, dim3(static_cast<unsigned>(p.batch)), dim3(kThreads), shared,
+                static_cast<cudaStream_t>(stream), p);
   return check_launch();
 }
 
+UNMASK_BUILD_NAMESPACE_END
 }  // namespace unmask

@@ -6,6 +6,7 @@
 #include "unmask/cuda_info.h"
 
 namespace unmask {
+UNMASK_BUILD_NAMESPACE_BEGIN  // cuda_check.cuh
 
 namespace {
 thread_local std::string last_error_message;
@@ -41,4 +42,5 @@ int sm_count() {
   return count;
 }
 
+UNMASK_BUILD_NAMESPACE_END
 }  // namespace unmask

@@ -4,6 +4,7 @@
 #include "unmask/rng.h"
 
 namespace unmask {
+UNMASK_BUILD_NAMESPACE_BEGIN  // cuda_check.cuh
 
 namespace {
 // One thread per quad of columns: one Philox call, up to four stores.
@@ -30,9 +31,10 @@ Status fill_draws_cuda(const DrawParams& p, void* stream) {
   if (work == 0) return ok_status();
   constexpr int kThreads = 256;
   const int64_t blocks = (work + kThreads - 1) / kThreads;
-  fill_draws_kernel<<<static_cast<unsigned>(blocks), kThreads, 0,
-                      static_cast<cudaStream_t>(stream)>>>(p);
+  launch_kernel("fill_draws_kernel", fill_draws_kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0,
+                static_cast<cudaStream_t>(stream), p);
   return check_launch();
 }
 
+UNMASK_BUILD_NAMESPACE_END
 }  // namespace unmask

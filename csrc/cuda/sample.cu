@@ -27,6 +27,7 @@
 #include "unmask/sample_cuda.h"
 
 namespace unmask {
+UNMASK_BUILD_NAMESPACE_BEGIN  // cuda_check.cuh
 namespace {
 
 constexpr int kThreads = 256;
@@ -284,7 +285,8 @@ Status sample_cuda(const SampleParams& p, const SampleCudaExtras& extras, void* 
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
   const int64_t work = sampled_rows(p);
   if (p.select_rows && p.n_rows > 0) {
-    fill_unsampled_kernel<<<static_cast<unsigned>((p.n_rows + 255) / 256), 256, 0, stream>>>(p.tokens, p.conf, p.n_rows);
+    launch_kernel("fill_unsampled_kernel", fill_unsampled_kernel, dim3(static_cast<unsigned>((p.n_rows + 255) / 256)),
+                  dim3(256), 0, stream, p.tokens, p.conf, p.n_rows);
   }
   if (work == 0) return check_launch();
   const int splits = sample_cuda_splits(work, p.vocab);
@@ -301,15 +303,26 @@ Status sample_cuda(const SampleParams& p, const SampleCudaExtras& extras, void* 
     chunk.workspace = static_cast<Record*>(extras.workspace) + first * splits;
     const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(count));
     switch (p.dtype) {
-      case ScalarType::kFloat32: sample_partial_kernel<float><<<grid, kThreads, 0, stream>>>(p, chunk); break;
-      case ScalarType::kFloat16: sample_partial_kernel<__half><<<grid, kThreads, 0, stream>>>(p, chunk); break;
-      case ScalarType::kBFloat16: sample_partial_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p, chunk); break;
+      case ScalarType::kFloat32:
+        launch_kernel("sample_partial_kernel<float>", sample_partial_kernel<float>, grid, dim3(kThreads), 0, stream, p,
+                      chunk);
+        break;
+      case ScalarType::kFloat16:
+        launch_kernel("sample_partial_kernel<half>", sample_partial_kernel<__half>, grid, dim3(kThreads), 0, stream, p,
+                      chunk);
+        break;
+      case ScalarType::kBFloat16:
+        launch_kernel("sample_partial_kernel<bfloat16>", sample_partial_kernel<__nv_bfloat16>, grid, dim3(kThreads), 0,
+                      stream, p, chunk);
+        break;
     }
     const Status launched = check_launch();
     if (!launched.ok()) return launched;
-    sample_finish_kernel<<<static_cast<unsigned>((count + 127) / 128), 128, 0, stream>>>(p, chunk, splits, count);
+    launch_kernel("sample_finish_kernel", sample_finish_kernel, dim3(static_cast<unsigned>((count + 127) / 128)),
+                  dim3(128), 0, stream, p, chunk, splits, count);
   }
   return check_launch();
 }
 
+UNMASK_BUILD_NAMESPACE_END
 }  // namespace unmask

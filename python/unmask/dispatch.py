@@ -8,7 +8,9 @@ backend_for() reports. UNMASK_BACKEND (read at each call):
   unset or "auto"  as above;
   "reference"      the reference everywhere;
   "native"         the native backend or NotImplementedError saying why not (no
-                   silent fallback: for tests and benchmarks of the kernels themselves).
+                   silent fallback: for tests and benchmarks of the kernels themselves);
+  "interpret"      CPU tensors run the CUDA kernels under the SIMT interpreter (slowly,
+                   with its checks) where they take the call, else the reference.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Callable
 from unmask import native, reference
 from unmask.validation import AttentionCall, CommitCall, SampleCall
 
-BACKEND_MODES = ("auto", "native", "reference")
+BACKEND_MODES = ("auto", "native", "reference", "interpret")
 
 
 def _reference_attention(call: AttentionCall, out=None):
@@ -75,7 +77,8 @@ def choose(kernel: str, call) -> tuple[native.NativeKernel | ReferenceKernel, st
     mode = backend_mode()
     if mode == "reference":
         return REFERENCE[kernel], "UNMASK_BACKEND=reference"
-    entry = native.kernels().get((kernel, call.device.type))
+    table = native.interpreted_kernels() if mode == "interpret" else native.kernels()
+    entry = table.get((kernel, call.device.type))
     reason = f"no native {kernel} kernel for {call.device.type} tensors in this build" if entry is None \
         else entry.supports(call)
     if reason is None:

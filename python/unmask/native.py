@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 
@@ -100,10 +101,13 @@ class NativeKernel:
     launch: Callable  # launch(call, out=None) -> the kernel's result
     supports: Callable[[object], str | None]  # None when it takes the call, else why not
     guard: Callable[[object], contextlib.AbstractContextManager]  # makes the call's device current
+    label: str | None = None  # the name, where it is not the device's
 
     @property
     def name(self) -> str:
-        """'cpu:avx512' (the instruction set running now) or 'cuda'."""
+        """'cpu:avx512' (the instruction set running now), 'cuda' or 'cuda-interpreter'."""
+        if self.label is not None:
+            return self.label
         return f"cpu:{cpu_isa()}" if self.device_type == "cpu" else self.device_type
 
     def __call__(self, call, out=None):
@@ -142,6 +146,17 @@ def _scalar_type(dtype: torch.dtype):
 
 def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
+
+
+def _buffers(**tensors) -> list[tuple[int, int, str]]:
+    """(address, bytes, name) of each tensor's whole storage: the memory an interpreted
+    launch may touch (a view's launch may read anywhere in its storage, as on a GPU)."""
+    found = []
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.numel() > 0:
+            storage = tensor.untyped_storage()
+            found.append((storage.data_ptr(), storage.nbytes(), name))
+    return found
 
 
 # --------------------------------------------------------------------------- sample
@@ -184,15 +199,21 @@ def _launch_sample_cpu(call: SampleCall, out=None):
     return tokens.reshape(lead), conf.reshape(lead)
 
 
-def _launch_sample_cuda(call: SampleCall, out=None):
+def _launch_sample_cuda(call: SampleCall, out=None, *, interpret: bool = False):
+    """interpret: run the CUDA kernels under the SIMT interpreter, on CPU tensors."""
     flat = call.logits.reshape(-1, call.vocab).contiguous()
     tokens, conf = _sample_outputs(call, out)
     rows, banned = _index_tensors(call)
     params = _sample_params(call, flat, rows, banned, tokens, conf)
-    workspace = torch.empty(max(1, _C.sample_cuda_workspace_bytes(params)), dtype=torch.uint8, device=call.device)
+    workspace_bytes = (_C.sample_cuda_interpret_workspace_bytes if interpret else _C.sample_cuda_workspace_bytes)(params)
+    workspace = torch.empty(max(1, workspace_bytes), dtype=torch.uint8, device=call.device)
     extras = _params(_C.SampleCudaExtras, seed_device=0, offset_device=0, workspace=workspace.data_ptr(),
                      workspace_bytes=workspace.numel())
-    _C.sample_cuda(params, extras=extras, stream=_stream(call.device))
+    if interpret:
+        _C.sample_cuda_interpret(params, extras=extras, buffers=_buffers(
+            logits=flat, rows=rows, banned=banned, tokens=tokens, conf=conf, workspace=workspace))
+    else:
+        _C.sample_cuda(params, extras=extras, stream=_stream(call.device))
     lead = call.logits.shape[:-1]
     return tokens.reshape(lead), conf.reshape(lead)
 
@@ -214,7 +235,7 @@ def _supports_sample_cuda(call: SampleCall) -> str | None:
 # --------------------------------------------------------------------------- commit
 
 
-def _launch_commit(call: CommitCall, out=None, *, cuda: bool):
+def _launch_commit(call: CommitCall, out=None, *, cuda: bool, interpret: bool = False):
     """out: optional bool [B, L] to write the committed mask into (tests poison it)."""
     x = call.x
     batch, length = x.shape
@@ -232,7 +253,10 @@ def _launch_commit(call: CommitCall, out=None, *, cuda: bool):
         mode=getattr(_C.CommitMode, call.mode), k=_address(counts), threshold=call.threshold or 0.0,
         factor=call.factor or 0.0,
     )
-    if cuda:
+    if interpret:
+        _C.commit_cuda_interpret(params, buffers=_buffers(canvas=canvas, tokens=tokens, conf=conf, eligible=eligible,
+                                                          committed=committed, k=counts))
+    elif cuda:
         _C.commit_cuda(params, stream=_stream(x.device))
     else:
         _C.commit_cpu(params)
@@ -312,7 +336,7 @@ def _aligned_for_cuda(t: torch.Tensor) -> torch.Tensor:
     return t if _cuda_aligned(t) else t.clone(memory_format=torch.contiguous_format)
 
 
-def _launch_attention_cuda(call: AttentionCall, out=None):
+def _launch_attention_cuda(call: AttentionCall, out=None, *, interpret: bool = False):
     """out: optional tensor like q, 16-byte aligned, to write into (tests poison it)."""
     q, k, v = (_aligned_for_cuda(t) for t in (call.q, call.k, call.v))
     if out is None:
@@ -321,9 +345,16 @@ def _launch_attention_cuda(call: AttentionCall, out=None):
         raise ValueError(f"out must be 16-byte aligned with strides a multiple of 8, got strides {out.stride()}")
     kv_len, key_valid = _mask_tensors(call)
     params = _attention_params(call, q, k, v, out, kv_len, key_valid)
-    workspace = torch.empty(max(1, _C.attention_cuda_workspace_bytes(params)), dtype=torch.uint8, device=q.device)
-    _C.attention_cuda(params, workspace=workspace.data_ptr(), workspace_bytes=workspace.numel(),
-                      stream=_stream(q.device))
+    workspace_bytes = (_C.attention_cuda_interpret_workspace_bytes if interpret
+                       else _C.attention_cuda_workspace_bytes)(params)
+    workspace = torch.empty(max(1, workspace_bytes), dtype=torch.uint8, device=q.device)
+    if interpret:
+        _C.attention_cuda_interpret(params, workspace=workspace.data_ptr(), workspace_bytes=workspace.numel(),
+                                    buffers=_buffers(q=q, k=k, v=v, out=out, kv_len=kv_len, key_valid=key_valid,
+                                                     workspace=workspace))
+    else:
+        _C.attention_cuda(params, workspace=workspace.data_ptr(), workspace_bytes=workspace.numel(),
+                          stream=_stream(q.device))
     return out
 
 
@@ -363,17 +394,44 @@ def kernels() -> dict[tuple[str, str], NativeKernel]:
     return {(entry.kernel, entry.device_type): entry for entry in KERNELS if entry.device_type in built}
 
 
+def interpreter_available() -> bool:
+    """Whether this module holds the SIMT interpreter (GCC on x86-64 Linux builds)."""
+    return _C is not None and _C.simt_available()
+
+
+# The CUDA kernels run by the SIMT interpreter on CPU tensors (csrc/simt): the CUDA
+# backends' launchers and predicates, host memory for device memory.
+INTERPRETED_KERNELS = (
+    NativeKernel("sample", "cpu", functools.partial(_launch_sample_cuda, interpret=True), _supports_sample_cuda,
+                 _no_guard, label="cuda-interpreter"),
+    NativeKernel("commit", "cpu", functools.partial(_launch_commit, cuda=True, interpret=True), _supports_commit_cuda,
+                 _no_guard, label="cuda-interpreter"),
+    NativeKernel("attention", "cpu", functools.partial(_launch_attention_cuda, interpret=True),
+                 _supports_attention_cuda, _no_guard, label="cuda-interpreter"),
+)
+
+
+def interpreted_kernels() -> dict[tuple[str, str], NativeKernel]:
+    """The interpreted CUDA backends, keyed like kernels(): (kernel, "cpu") -> backend."""
+    if not interpreter_available():
+        return {}
+    return {(entry.kernel, entry.device_type): entry for entry in INTERPRETED_KERNELS}
+
+
 # --------------------------------------------------------------------------- raw Philox draws
 
 
 def fill_draws(seed: int, rows: int, cols: int, *, row_begin: int, offset: int, stream: int,
-               device: torch.device) -> torch.Tensor:
-    """The kernels' 32-bit draws w[r, c] (row id row_begin + r) as int64 [rows, cols]."""
+               device: torch.device, interpret: bool = False) -> torch.Tensor:
+    """The kernels' 32-bit draws w[r, c] (row id row_begin + r) as int64 [rows, cols].
+    interpret: the CUDA kernel under the SIMT interpreter, on the CPU."""
     require_extension()
     out = torch.empty(rows, cols, dtype=torch.int32, device=device)
     params = _params(_C.DrawParams, out=out.data_ptr(), rows=rows, cols=cols, row_begin=row_begin, seed=seed,
                      offset=offset, stream=_C.RngStream(stream))
-    if device.type == "cuda":
+    if interpret:
+        _C.fill_draws_cuda_interpret(params, buffers=_buffers(out=out))
+    elif device.type == "cuda":
         with torch.cuda.device(device):
             _C.fill_draws_cuda(params, stream=_stream(device))
     elif device.type == "cpu":

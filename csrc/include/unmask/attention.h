@@ -25,7 +25,7 @@ struct AttentionParams {
   float scale;
 };
 
-UNMASK_ISA_NAMESPACE_BEGIN
+UNMASK_BUILD_NAMESPACE_BEGIN
 
 // The rules every attention launcher applies to its params.
 inline Status check_attention_params(const AttentionParams& p) {
@@ -50,7 +50,7 @@ inline Status check_attention_params(const AttentionParams& p) {
   return ok_status();
 }
 
-UNMASK_ISA_NAMESPACE_END
+UNMASK_BUILD_NAMESPACE_END
 
 Status attention_cpu(const AttentionParams& params);
 

@@ -4,8 +4,10 @@
 #include <cstdint>
 
 #include "unmask/attention.h"
+#include "unmask/isa_namespace.h"
 
 namespace unmask {
+UNMASK_BUILD_NAMESPACE_BEGIN  // the interpreter's build of the launcher is unmask::simt::attention_cuda
 
 // Device bytes the launch for these params needs as workspace: 0 unless the keys are
 // split across thread blocks (short query blocks against long caches), then the
@@ -17,4 +19,5 @@ int64_t attention_cuda_workspace_bytes(const AttentionParams& params);
 // (an invalid argument otherwise). No host synchronisation.
 Status attention_cuda(const AttentionParams& params, void* workspace, int64_t workspace_bytes, void* stream);
 
+UNMASK_BUILD_NAMESPACE_END
 }  // namespace unmask

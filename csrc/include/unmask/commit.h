@@ -25,7 +25,7 @@ struct CommitParams {
   double factor;           // factor mode
 };
 
-UNMASK_ISA_NAMESPACE_BEGIN
+UNMASK_BUILD_NAMESPACE_BEGIN
 
 inline Status check_commit_params(const CommitParams& p) {
   const int mode = static_cast<int>(p.mode);
@@ -49,10 +49,13 @@ inline Status check_commit_params(const CommitParams& p) {
   return ok_status();
 }
 
-UNMASK_ISA_NAMESPACE_END
+UNMASK_BUILD_NAMESPACE_END
 
 Status commit_cpu(const CommitParams& params);
+
+UNMASK_BUILD_NAMESPACE_BEGIN
 // One block per row; rows up to 4096 positions (longer: unsupported).
 Status commit_cuda(const CommitParams& params, void* stream);
+UNMASK_BUILD_NAMESPACE_END
 
 }  // namespace unmask

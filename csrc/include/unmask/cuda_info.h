@@ -4,7 +4,10 @@
 
 #include <string>
 
+#include "unmask/isa_namespace.h"
+
 namespace unmask {
+UNMASK_BUILD_NAMESPACE_BEGIN  // unmask::simt:: in the interpreter's build
 
 bool cuda_compiled();
 // Devices visible to the CUDA runtime; any runtime error (no driver, error 35 on a
@@ -13,4 +16,5 @@ int cuda_device_count();
 // The message of the last CUDA error a launcher saw on this thread ("" if none).
 std::string last_cuda_error();
 
+UNMASK_BUILD_NAMESPACE_END
 }  // namespace unmask

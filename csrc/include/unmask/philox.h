@@ -26,7 +26,7 @@ struct Philox4x32 {
   uint32_t v[4];
 };
 
-UNMASK_ISA_NAMESPACE_BEGIN
+UNMASK_BUILD_NAMESPACE_BEGIN
 
 namespace philox_detail {
 constexpr uint32_t kMul0 = 0xD2511F53u;
@@ -81,6 +81,6 @@ UNMASK_HOST_DEVICE double uniform_from_draw(uint32_t w) {
   return (static_cast<double>(w >> 8) + 0.5) * (1.0 / 16777216.0);
 }
 
-UNMASK_ISA_NAMESPACE_END
+UNMASK_BUILD_NAMESPACE_END
 
 }  // namespace unmask

@@ -30,7 +30,7 @@ struct PhiloxBlockParams {
   uint32_t key1;
 };
 
-UNMASK_ISA_NAMESPACE_BEGIN
+UNMASK_BUILD_NAMESPACE_BEGIN
 
 inline Status check_draw_params(const DrawParams& p) {
   if (p.rows < 0) return invalid_argument("rows", static_cast<double>(p.rows), "must be >= 0");
@@ -39,12 +39,14 @@ inline Status check_draw_params(const DrawParams& p) {
   return ok_status();
 }
 
-UNMASK_ISA_NAMESPACE_END
+UNMASK_BUILD_NAMESPACE_END
 
 Status fill_draws_cpu(const DrawParams& params);
 Status philox_blocks_cpu(const PhiloxBlockParams& params);
 
+UNMASK_BUILD_NAMESPACE_BEGIN
 // stream is a cudaStream_t passed as void* so this header needs no CUDA include.
 Status fill_draws_cuda(const DrawParams& params, void* stream);
+UNMASK_BUILD_NAMESPACE_END
 
 }  // namespace unmask

@@ -37,7 +37,7 @@ struct SampleParams {
   float* conf;      // [n_rows] out: -inf for rows not sampled or invalid
 };
 
-UNMASK_ISA_NAMESPACE_BEGIN
+UNMASK_BUILD_NAMESPACE_BEGIN
 
 // The rules every sample launcher applies to its params (what the arrays hold on the
 // device is checked by each launcher where it can read it).
@@ -70,7 +70,7 @@ inline Status check_sample_params(const SampleParams& p) {
   return ok_status();
 }
 
-UNMASK_ISA_NAMESPACE_END
+UNMASK_BUILD_NAMESPACE_END
 
 // Rows and banned ids are checked before anything is written: an id outside [0, n_rows)
 // or [0, vocab) is an invalid argument naming it.

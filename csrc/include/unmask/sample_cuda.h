@@ -12,10 +12,12 @@ struct SampleCudaExtras {
   // kernels, so a captured CUDA graph can be replayed with a new seed or step.
   const uint64_t* seed_device = nullptr;
   const uint32_t* offset_device = nullptr;
-  void* workspace = nullptr;  // sample_cuda_workspace_bytes(rows, vocab) bytes of device memory
+  void* workspace = nullptr;  // sample_cuda_workspace_bytes(params) bytes of device memory
   int64_t workspace_bytes = 0;
   int64_t row_base = 0;  // set by the launcher when it splits a launch; callers leave 0
 };
+
+UNMASK_BUILD_NAMESPACE_BEGIN  // the interpreter's build of the launchers is unmask::simt::*
 
 // Splits per row, so that rows * splits blocks fill the GPU.
 int sample_cuda_splits(int64_t rows, int64_t vocab);
@@ -29,4 +31,5 @@ int64_t sample_cuda_workspace_bytes(const SampleParams& params);
 // checks them before the launch unless told not to.
 Status sample_cuda(const SampleParams& params, const SampleCudaExtras& extras, void* stream);
 
+UNMASK_BUILD_NAMESPACE_END
 }  // namespace unmask

@@ -23,7 +23,7 @@ struct Status {
   bool ok() const { return code == StatusCode::kOk; }
 };
 
-UNMASK_ISA_NAMESPACE_BEGIN
+UNMASK_BUILD_NAMESPACE_BEGIN
 
 inline Status ok_status() { return Status{}; }
 
@@ -37,6 +37,6 @@ inline Status unsupported(const char* field, double value, const char* rule) {
 
 inline Status cuda_error() { return Status{StatusCode::kCudaError, nullptr, 0.0, nullptr}; }
 
-UNMASK_ISA_NAMESPACE_END
+UNMASK_BUILD_NAMESPACE_END
 
 }  // namespace unmask

@@ -1,0 +1,4 @@
+// The SIMT interpreter's stand-in for CUDA's cuda_bf16.h: the same names, for host C++.
+#pragma once
+
+#include "simt/cuda_shim.h"
