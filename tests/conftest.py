@@ -4,6 +4,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from unmask import native
+from tests.helpers import CUDA_RUNNERS, CudaRunner
 
 # Hypothesis: a fixed budget per property keeps the suite inside CI's time; derandomised
 # in CI so a red run is reproducible from its log.
@@ -19,6 +20,20 @@ def backend(request, monkeypatch):
     """Run a test once through the reference and once through the native kernel of the device."""
     monkeypatch.setenv("UNMASK_BACKEND", request.param)
     return request.param
+
+
+@pytest.fixture(params=CUDA_RUNNERS)
+def cuda_runner(request):
+    """Run a CUDA kernel test on a GPU, and under the SIMT interpreter on CPU tensors."""
+    return CudaRunner(request.param)
+
+
+@pytest.fixture
+def simt_sm_count():
+    """Set the SM count the interpreted launchers see (restored after the test)."""
+    previous = native._C.simt_sm_count()
+    yield native._C.simt_set_sm_count
+    native._C.simt_set_sm_count(previous)
 
 
 @pytest.fixture(params=native.runnable_cpu_isas() or ["none"])

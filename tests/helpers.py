@@ -35,6 +35,39 @@ requires_gpu = pytest.mark.skipif(not has_gpu(), reason="needs a CUDA device")
 requires_extension = pytest.mark.skipif(not native.available(), reason="unmask._C not built")
 requires_cuda_build = pytest.mark.skipif(not native.available() or not native._C.cuda_compiled(),
                                          reason="unmask._C built without CUDA")
+requires_interpreter = pytest.mark.skipif(not native.interpreter_available(),
+                                          reason="this build has no SIMT interpreter (GCC on x86-64 Linux)")
+
+
+class CudaRunner:
+    """Where a CUDA kernel test runs: on a GPU, or under the SIMT interpreter on CPU tensors."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.device = "cuda" if name == "gpu" else "cpu"
+        self.interpreted = name == "interpreter"
+
+    def backend(self, kernel: str):
+        if self.interpreted:
+            return native.interpreted_kernels()[(kernel, "cpu")]
+        return native.kernels()[(kernel, "cuda")]
+
+    def sm_count(self) -> int:
+        if self.interpreted:
+            return native._C.simt_sm_count()
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+    def synchronize(self) -> None:
+        if not self.interpreted:
+            torch.cuda.synchronize()
+
+
+# The interpreter runs the CUDA kernel source on fibers at ~2-4e5 threads per second on one
+# core (bench/simt.py): shapes that launch more than ~2e5 threads are GPU-only.
+CUDA_RUNNERS = [
+    pytest.param("gpu", marks=[requires_gpu, requires_cuda_build]),
+    pytest.param("interpreter", marks=requires_interpreter),
+]
 
 
 def tiny_config(**overrides) -> unmask.ModelConfig:
@@ -55,7 +88,7 @@ def tiny_model(seed: int = 0, std: float = 0.3, **overrides) -> unmask.Diffusion
 
 
 def run_sample_kernel(backend, logits, rows=None, **kwargs):
-    """One native sample backend (native.KERNELS entry) on poisoned outputs; every output
+    """One native sample backend (a kernel table entry) on poisoned outputs; every output
     must be written. Returns (tokens, conf) on the CPU."""
     call = validation.sample_call(logits, rows=rows, check=False, **kwargs)
     n, device = call.n_rows, logits.device
@@ -115,14 +148,14 @@ def attention_in_input_dtype(q, k, v, visible, scale):
     return (probs @ vh).transpose(1, 2)
 
 
-def check_attention_against_reference(q, k, v, device_type="cpu", **masks):
-    """The native attention backend of device_type against the float64 reference, under
-    flash-attention's rule: its error is at most twice the error of the same computation
-    done in the input dtype, plus the rounding of one output element."""
+def check_attention_against_reference(q, k, v, backend=None, **masks):
+    """A native attention backend (default: the CPU kernel) against the float64 reference,
+    under flash-attention's rule: its error is at most twice the error of the same
+    computation done in the input dtype, plus the rounding of one output element."""
     batch, q_len, _, head_dim = q.shape
     out = torch.full_like(q, float("nan"))  # poison: every element must be written
     call = validation.attention_call(q, k, v, scale=head_dim**-0.5, **masks)
-    native.kernels()[("attention", device_type)](call, out=out)
+    (backend or native.kernels()[("attention", "cpu")])(call, out=out)
     exact = reference.attention(q.double(), k.double(), v.double(), **masks)
     visible = reference.visibility(batch, q_len, k.shape[1], **masks, device=q.device)
     baseline = attention_in_input_dtype(q, k, v, visible, head_dim**-0.5).double()

@@ -1,17 +1,17 @@
-"""CUDA sample and commit kernels against the reference (run on a GPU, skipped elsewhere)."""
+"""CUDA sample and commit kernels against the reference, on a GPU and under the SIMT
+interpreter (the `cuda_runner` fixture), with poisoned outputs."""
 
 import pytest
 import torch
 
 from unmask import native, ops, reference, validation
 from tests.helpers import (CONF_RTOL, assert_same_tokens, reference_banned, requires_cuda_build, requires_gpu,
-                           run_sample_kernel, sample_backend)
-
-pytestmark = [requires_gpu, requires_cuda_build]
+                           run_sample_kernel)
 
 
-def run_cuda(logits, rows=None, **kwargs):
-    return run_sample_kernel(sample_backend("cuda"), logits, rows=rows, **kwargs)
+def run_cuda(runner, logits, rows=None, **kwargs):
+    return run_sample_kernel(runner.backend("sample"), logits.to(runner.device),
+                             rows=None if rows is None else rows.to(runner.device), **kwargs)
 
 
 CASES = [
@@ -26,23 +26,29 @@ CASES = [
 
 
 @pytest.mark.parametrize("n_rows,vocab,dtype,kwargs", CASES, ids=[f"{c[0]}x{c[1]}-{str(c[2])[6:]}" for c in CASES])
-def test_cuda_sample_equals_reference(n_rows, vocab, dtype, kwargs):
+def test_cuda_sample_equals_reference(cuda_runner, n_rows, vocab, dtype, kwargs):
     gen = torch.Generator().manual_seed(n_rows + vocab)
     logits = (torch.randn(n_rows, vocab, generator=gen) * 4).to(dtype)
     expected_tokens, expected_conf = reference.sample(logits, **reference_banned(kwargs))
-    tokens, conf = run_cuda(logits.cuda(), **kwargs)
+    tokens, conf = run_cuda(cuda_runner, logits, **kwargs)
     assert_same_tokens(logits, expected_tokens, tokens, temperature=kwargs.get("temperature", 0.0),
                        seed=kwargs.get("seed", 0), offset=kwargs.get("offset", 0))
     same = tokens == expected_tokens
     torch.testing.assert_close(conf[same].double(), expected_conf[same].double(), rtol=CONF_RTOL, atol=1e-9)
 
 
-def test_cuda_rows_and_invalid_rows():
-    logits = torch.randn(40, 333)
+@pytest.mark.parametrize("sm_count", [1, 132])
+def test_cuda_rows_and_invalid_rows(cuda_runner, simt_sm_count, sm_count):
+    """Unsplit and split rows (the interpreter is told of 1 SM, or of an H100's 132)."""
+    if cuda_runner.interpreted:
+        simt_sm_count(sm_count)
+    elif sm_count == 1:
+        pytest.skip("a GPU's SM count is its own")
+    logits = torch.randn(40, 9000)
     logits[5, 7] = float("nan")
     logits[6] = float("-inf")
     rows = torch.tensor([39, 0, 5, 6, 17])
-    tokens, conf = run_cuda(logits.cuda(), rows=rows.cuda(), temperature=1.0, seed=3)
+    tokens, conf = run_cuda(cuda_runner, logits, rows=rows, temperature=1.0, seed=3)
     expected_tokens, expected_conf = reference.sample(logits, temperature=1.0, seed=3, rows=rows)
     assert torch.equal(tokens, expected_tokens)
     torch.testing.assert_close(conf, expected_conf, rtol=CONF_RTOL, atol=0)
@@ -50,7 +56,7 @@ def test_cuda_rows_and_invalid_rows():
 
 @pytest.mark.parametrize("length", [1, 17, 99, 1025, 4096])
 @pytest.mark.parametrize("mode", ["k", "threshold", "factor"])
-def test_cuda_commit_equals_reference(length, mode):
+def test_cuda_commit_equals_reference(cuda_runner, length, mode):
     gen = torch.Generator().manual_seed(length)
     batch = 5
     conf = (torch.rand(batch, length, generator=gen) * 8).floor() / 8  # many exact ties
@@ -62,15 +68,30 @@ def test_cuda_commit_equals_reference(length, mode):
     x = torch.full((batch, length), -1, dtype=torch.int64)
     expected_x = x.clone()
     expected = reference.commit(expected_x, tokens, conf, eligible, **kwargs)
-    x_gpu = x.cuda()
-    out = torch.ones(batch, length, dtype=torch.bool, device="cuda")  # poison
-    cuda_kwargs = {name: value.cuda() if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
-    call = validation.commit_call(x_gpu, tokens.cuda(), conf.cuda(), eligible.cuda(), **cuda_kwargs)
-    committed = native.kernels()[("commit", "cuda")](call, out=out)
+    device = cuda_runner.device
+    x_device = x.to(device)
+    out = torch.ones(batch, length, dtype=torch.bool, device=device)  # poison
+    kwargs = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
+    call = validation.commit_call(x_device, tokens.to(device), conf.to(device), eligible.to(device), **kwargs)
+    committed = cuda_runner.backend("commit")(call, out=out)
+    cuda_runner.synchronize()
     assert torch.equal(committed.cpu(), expected)
-    assert torch.equal(x_gpu.cpu(), expected_x)
+    assert torch.equal(x_device.cpu(), expected_x)
 
 
+def test_cuda_draws_equal_rng_py(cuda_runner):
+    from unmask import rng
+
+    if cuda_runner.interpreted:
+        draws = native.fill_draws(99, 57, 1025, row_begin=3, offset=8, stream=1, device=torch.device("cpu"),
+                                  interpret=True)
+    else:
+        draws = ops.philox_draws(99, 57, 1025, row_begin=3, offset=8, stream=1, device="cuda").cpu()
+    assert torch.equal(draws, rng.draws(99, torch.arange(3, 60), 1025, offset=8, stream=1))
+
+
+@requires_gpu
+@requires_cuda_build
 def test_sampler_step_captures_in_a_cuda_graph():
     logits = torch.randn(2, 32, 126464, device="cuda", dtype=torch.bfloat16)
     eligible = torch.rand(2, 32, device="cuda") > 0.3

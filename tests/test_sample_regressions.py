@@ -1,6 +1,6 @@
 """Regression tests for the sampling bugs of issue #23 (found by running the CUDA kernels
 on the CPU), through the reference, the CPU kernel under each instruction set this CPU
-runs, and the CUDA kernel on a GPU:
+runs, and the CUDA kernel on a GPU and under the SIMT interpreter:
 
 1. an empty `rows` tensor sampled every row (its data pointer is null, which the kernels
    read as "no row subset");
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from unmask import native, ops, reference
-from tests.helpers import (ENTROPY_ATOL, has_gpu, requires_cuda_build, requires_extension, run_sample_kernel,
-                           sample_backend)
+from tests.helpers import (ENTROPY_ATOL, CudaRunner, has_gpu, requires_cuda_build, requires_extension,
+                           requires_interpreter, run_sample_kernel, sample_backend)
 
 FLT_MAX = float(np.finfo(np.float32).max)
 NEG_MAX = "-max"  # stands for minus the dtype's largest finite value (-FLT_MAX is -inf in bfloat16)
@@ -35,16 +35,21 @@ def cpu_backend(isa):
     return run
 
 
-def cuda_backend(logits, rows=None, **kwargs):
-    return run_sample_kernel(sample_backend("cuda"), logits.cuda(), rows=None if rows is None else rows.cuda(),
-                             **kwargs)
+def cuda_backend(runner_name):
+    runner = CudaRunner(runner_name)
+
+    def run(logits, rows=None, **kwargs):
+        return run_sample_kernel(runner.backend("sample"), logits.to(runner.device),
+                                 rows=None if rows is None else rows.to(runner.device), **kwargs)
+    return run
 
 
 BACKENDS = [
     pytest.param(reference_backend, id="reference"),
     *(pytest.param(cpu_backend(isa), id=f"cpu-{isa}") for isa in native.runnable_cpu_isas()),
-    pytest.param(cuda_backend, id="cuda", marks=[requires_cuda_build,
-                                                 pytest.mark.skipif(not has_gpu(), reason="needs a CUDA device")]),
+    pytest.param(cuda_backend("gpu"), id="cuda", marks=[requires_cuda_build,
+                                                        pytest.mark.skipif(not has_gpu(), reason="needs a CUDA device")]),
+    pytest.param(cuda_backend("interpreter"), id="cuda-interpreter", marks=requires_interpreter),
 ]
 
 
@@ -139,18 +144,18 @@ def test_reference_skips_rows_out_of_range():
     assert torch.equal(tokens, expected[0]) and torch.equal(conf, expected[1])
 
 
-@requires_cuda_build
-@pytest.mark.skipif(not has_gpu(), reason="needs a CUDA device")
-def test_cuda_kernel_skips_rows_out_of_range_unchecked():
+def test_cuda_kernel_skips_rows_out_of_range_unchecked(cuda_runner):
     """With check=False on a GPU the ids are not read on the host: the kernel skips the
-    bad ones (no read or write out of bounds) and samples the rest."""
+    bad ones (no read or write out of bounds, which the interpreter would report) and
+    samples the rest."""
     from unmask import validation
 
-    logits = torch.randn(4, 5000, device="cuda")
-    rows = torch.tensor([2, 9, -3, 0], device="cuda")
-    call = validation.sample_call(logits, rows=rows, check=False)
-    tokens, conf = sample_backend("cuda")(call)
-    torch.cuda.synchronize()
+    logits = torch.randn(4, 5000, device=cuda_runner.device)
+    rows = torch.tensor([2, 9, -3, 0], device=cuda_runner.device)
+    call = validation.sample_call(logits, rows=rows[:1], check=False)
+    call = validation.SampleCall(logits, call.options, None, rows, False)  # past the op's checks
+    tokens, conf = cuda_runner.backend("sample")(call)
+    cuda_runner.synchronize()
     expected = reference.sample(logits.cpu(), rows=torch.tensor([2, 0]))
     assert torch.equal(tokens.cpu(), expected[0])
     torch.testing.assert_close(conf.cpu(), expected[1], rtol=1e-5, atol=0)

@@ -30,6 +30,9 @@ constexpr size_t kGuardBytes = 4096;
 // Bytes around dynamic shared memory that still count as shared: an access just past the
 // declared size is reported as such, not as an unknown address.
 constexpr size_t kSharedRedzone = 1024;
+// How far before or past a buffer an access is reported against it (an off-by-one), not
+// as an unknown address.
+constexpr uintptr_t kBufferNeighbourhood = 4096;
 constexpr uint8_t kPoison = 0xFF;  // fresh dynamic shared memory: NaN as a float, -1 as an int
 
 // ------------------------------------------------------------------ fibers
@@ -337,6 +340,15 @@ void check_global(State& s, uintptr_t address, size_t size, bool write) {
     if (inside(address, size, s.launch.arguments_lo, s.launch.arguments_hi)) return;
     for (const Segment& segment : s.read_only) {
       if (inside(address, size, segment.lo, segment.hi)) return;
+    }
+  }
+  // Just past the end (or before the start) of a buffer: an off-by-one, named as such.
+  for (const Buffer& buffer : s.buffers) {
+    const uintptr_t hi = buffer.begin + buffer.bytes;
+    if (overlaps(address, size, buffer.begin - kBufferNeighbourhood, hi + kBufferNeighbourhood)) {
+      fail_in_fiber(s, std::string(write ? "write" : "read") + " of " + std::to_string(size) + " bytes at byte " +
+                           std::to_string(static_cast<int64_t>(address - buffer.begin)) + " of buffer '" +
+                           buffer.name + "' (" + std::to_string(buffer.bytes) + " bytes): outside it");
     }
   }
   std::string names;

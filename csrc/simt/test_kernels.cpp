@@ -66,6 +66,18 @@ __global__ void gemm_kernel(const uint4* data, float* out) {
   }
 }
 
+// One mma.m16n8k16 (bf16) on per-lane fragments given as data: lane l's a[0..3], b0, b1
+// as words and c[0..3] as floats, 10 words per lane; out: each lane's d[0..3].
+__global__ void mma_fragments_kernel(const uint32_t* data, float* out) {
+  const int lane = threadIdx.x;
+  const uint32_t* mine = data + lane * 10;
+  const uint32_t a[4] = {mine[0], mine[1], mine[2], mine[3]};
+  float c[4];
+  std::memcpy(c, mine + 6, sizeof(c));
+  ::simt::mma_m16n8k16(c, a, mine[4], mine[5], ::simt::MmaType::kBFloat16);
+  for (int i = 0; i < 4; ++i) out[lane * 4 + i] = c[i];
+}
+
 // Warp 0 writes shared memory and warp 1 reads it: with the barrier, correct; without, a race.
 template <bool kBarrier>
 __global__ void handoff_kernel(const float* data, float* out) {
@@ -136,6 +148,9 @@ unmask::Status test_kernel(const std::string& name, void* data, int64_t, void* o
   if (name == "ldmatrix_layout") {
     launch_kernel("ldmatrix_layout_kernel", ldmatrix_layout_kernel, dim3(1), dim3(32), 512, nullptr, v_in,
                   static_cast<uint32_t*>(out));
+  } else if (name == "mma_fragments") {
+    launch_kernel("mma_fragments_kernel", mma_fragments_kernel, dim3(1), dim3(32), 0, nullptr,
+                  static_cast<const uint32_t*>(data), f_out);
   } else if (name == "gemm") {
     launch_kernel("gemm_kernel", gemm_kernel, dim3(1), dim3(32), 1536, nullptr, v_in, f_out);
   } else if (name == "handoff") {
