@@ -154,7 +154,7 @@ def test_every_step_commits_its_scheduled_count(remasking, temperature):
 
 
 def test_schedule_counts_follow_llada():
-    counts = schedule_counts(torch.tensor([7, 3, 0]), 3)
+    counts = torch.tensor(schedule_counts([7, 3, 0], 3))
     assert counts.tolist() == [[3, 2, 2], [1, 1, 1], [0, 0, 0]]
     assert counts.sum(1).tolist() == [7, 3, 0]
 

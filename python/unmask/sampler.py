@@ -45,16 +45,13 @@ class GenerateOutput:
 # --------------------------------------------------------------------------- small pure pieces
 
 
-def schedule_counts(masked: torch.Tensor, steps: int) -> torch.Tensor:
-    """counts[b, i]: tokens row b commits at step i, for masked[b] positions over `steps` steps.
+def schedule_counts(masked: Sequence[int], steps: int) -> list[list[int]]:
+    """counts[b][i]: tokens row b commits at step i, for masked[b] positions over `steps` steps.
 
     m // s each step plus one for the first m % s steps (LLaDA's schedule), so the
-    counts of a row sum to m.
+    counts of a row sum to m. Host data: the loop plans a block's steps from it.
     """
-    base = masked // steps
-    remainder = masked % steps
-    step = torch.arange(steps, device=masked.device)
-    return base[:, None] + (step[None, :] < remainder[:, None]).to(masked.dtype)
+    return [[m // steps + (i < m % steps) for i in range(steps)] for m in masked]
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None):
@@ -133,6 +130,54 @@ class _StepModel:
 
 
 # --------------------------------------------------------------------------- the step loop
+#
+# The loop keeps every data-dependent decision on the device and synchronises with it at
+# most once per block (docs/design.md, The sampler):
+# - steps: the commit counts of a block depend only on its masked count per row at the
+#   block's start (block_length in generate; read once, up front, in infill), so the host
+#   plans every step of the block, zero-commit steps included, without looking;
+# - threshold / factor: each step posts "masks remain" to pinned host memory without
+#   blocking; the host reads it once that step has finished: at once on the CPU, one step
+#   later on a GPU (whose next step is already queued), so a GPU block may end with one
+#   extra step that commits nothing (it counts as a model call, not as a schedule step);
+# - sampling covers every position of the block (the kernels skip nothing, so no index of
+#   the masked positions is built on the host), and rows with invalid logits are
+#   collected on the device and reported at the next synchronisation;
+# - EOS: rows stop on the device; the host learns whether any still runs at the next
+#   block's start, together with the invalid-logits flag: that read is the block's one
+#   synchronisation (plus one at the end for the last block).
+
+
+class _StepFlags:
+    """Booleans a step posts for the host without a synchronisation: copied (non-blocking)
+    into pinned host memory and read once their step has finished."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros(2, dtype=torch.bool, pin_memory=self.cuda)
+        self.events = [torch.cuda.Event() for _ in range(2)] if self.cuda else None
+        self.lag = 1 if self.cuda else 0  # how many steps later a flag is read
+
+    def post(self, step: int, flag: torch.Tensor) -> None:
+        self.host[step % 2].copy_(flag, non_blocking=True)
+        if self.cuda:
+            self.events[step % 2].record()
+
+    def read(self, step: int) -> bool:
+        if self.cuda:
+            self.events[step % 2].synchronize()  # the step has finished; later steps stay queued
+        return bool(self.host.numpy()[step % 2])
+
+
+def _host_read(*values: torch.Tensor) -> list:
+    """The loop's synchronisation: a few device scalars read on the host at once."""
+    return torch.stack([v.reshape(()).to(torch.int64) for v in values]).tolist()
+
+
+def _raise_if_invalid(invalid: bool) -> None:
+    if invalid:
+        raise ops.InvalidLogitsError(
+            "logits: the model gave NaN or +inf logits, or no finite logit but the mask, for a masked position")
 
 
 def _decode(
@@ -148,69 +193,85 @@ def _decode(
     eos_id: int | None,
     generation_start: int,
     callback: Callback | None,
+    masked_counts: list[list[int]] | None = None,
 ) -> tuple[int, list[int]]:
     """Fill the masks of x block by block, in place. Returns (nfe, steps per block).
 
     sample: unmask.ops.sample, or a tensor-parallel model's sampler over its vocabulary
     shard (vocab: the whole vocabulary then; None reads it from the logits).
-    eos_id set: after each block, a row whose generated text holds EOS stops and the
-    rest of it becomes EOS; decoding ends when no row is running.
+    masked_counts[i][b]: masks of row b in block i at its start (None: every position of
+    every block, as in generate). eos_id set: after each block, a row whose generated text
+    holds EOS stops and the rest of it becomes EOS; decoding ends when no row is running.
     """
-    batch = x.shape[0]
-    running = torch.ones(batch, dtype=torch.bool, device=x.device)
+    device, batch = x.device, x.shape[0]
+    running = torch.ones(batch, dtype=torch.bool, device=device)
+    invalid = torch.zeros((), dtype=torch.bool, device=device)  # an eligible position got invalid logits
+    banned = torch.tensor([mask_id], dtype=torch.int64, device=device)
+    flags = _StepFlags(device)
     nfe = 0
+    schedule_step = 0  # steps of the schedule so far: the RNG offset, whatever extra steps ran
     steps_per_block = []
-    for start, end in blocks:
-        masked = (x[:, start:end] == mask_id) & running[:, None]
-        counts = None
-        if rule.steps_per_block is not None:
-            counts = schedule_counts(masked.sum(dim=1), rule.steps_per_block)
-        block_steps = 0
-        step_budget = rule.steps_per_block if counts is not None else end - start
-        for step in range(step_budget):
+    for index, (start, end) in enumerate(blocks):
+        if index > 0 and eos_id is not None:
+            any_running, bad = _host_read(running.any(), invalid)
+            _raise_if_invalid(bad)
+            if not any_running:
+                break
+        counts = [end - start] * batch if masked_counts is None else masked_counts[index]
+        if max(counts) == 0:
+            steps_per_block.append(0)
+            continue
+
+        def step(mode: dict, first: bool) -> torch.Tensor:
+            """One model call, sample and commit; returns the eligible positions it saw."""
+            nonlocal invalid
             eligible = (x[:, start:end] == mask_id) & running[:, None]
-            if counts is not None:
-                k = counts[:, step]
-                if not bool(k.any()):
-                    continue  # this step commits nothing in any row: no model call needed
-                mode = {"k": k}
-            else:
-                if not bool(eligible.any()):
-                    break
-                mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
-            logits = step_model(x, start, end, first_step_of_block=block_steps == 0)
+            logits = step_model(x, start, end, first_step_of_block=first)
             if mask_id >= (logits.shape[-1] if vocab is None else vocab):
                 raise ValueError(f"mask_id={mask_id} lies outside the model's vocabulary (V={logits.shape[-1]})")
             tokens, conf = sample(
-                logits,
-                temperature=sampling.temperature,
-                top_k=sampling.top_k,
-                top_p=sampling.top_p,
-                banned=[mask_id],
-                confidence=sampling.confidence,
-                seed=sampling.seed,
-                offset=nfe,
-                rows=torch.nonzero(eligible.reshape(-1)).flatten(),
+                logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                banned=banned, confidence=sampling.confidence, seed=sampling.seed, offset=schedule_step, check=False,
             )
+            invalid = invalid | ((tokens < 0) & eligible).any()
             block = x[:, start:end].clone()
             committed = ops.commit(block, tokens, conf, eligible, **mode)
             x[:, start:end] = block
-            nfe += 1
-            block_steps += 1
             if callback is not None:
                 everywhere = torch.zeros_like(x, dtype=torch.bool)
                 everywhere[:, start:end] = committed
-                callback(nfe - 1, x, everywhere)
+                callback(nfe, x, everywhere)
+            return eligible & ~committed
+
+        block_steps = 0
+        if rule.steps_per_block is not None:
+            plan = schedule_counts(counts, rule.steps_per_block)  # [B][steps], on the host
+            plan_on_device = torch.tensor(plan, dtype=torch.int64).to(device, non_blocking=True)
+            for i in range(rule.steps_per_block):
+                if not any(row[i] for row in plan):  # no row commits here, so no model call
+                    continue
+                step({"k": plan_on_device[:, i]}, first=block_steps == 0)
+                nfe, schedule_step, block_steps = nfe + 1, schedule_step + 1, block_steps + 1
+        else:
+            mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
+            for _ in range(end - start):  # each step commits at least one position of every row with masks
+                remaining = step(mode, first=block_steps == 0)
+                flags.post(nfe, remaining.any())
+                nfe, schedule_step, block_steps = nfe + 1, schedule_step + 1, block_steps + 1
+                if block_steps > flags.lag and not flags.read(nfe - 1 - flags.lag):
+                    schedule_step -= flags.lag  # the steps after the block's last commit committed nothing
+                    break
         steps_per_block.append(block_steps)
         if eos_id is not None:
-            running &= ~_stop_rows_at_eos(x, generation_start, end, eos_id, running)
-            if not bool(running.any()):
-                break
+            running = running & ~_stop_rows_at_eos(x, generation_start, end, eos_id, running)
+    (bad,) = _host_read(invalid)
+    _raise_if_invalid(bad)
     return nfe, steps_per_block
 
 
 def _run(step_model: _StepModel, x: torch.Tensor, blocks: list[tuple[int, int]], rule: Rule, sampling: Sampling, *,
-         mask_id: int, eos_id: int | None, generation_start: int, callback: Callback | None) -> GenerateOutput:
+         mask_id: int, eos_id: int | None, generation_start: int, callback: Callback | None,
+         masked_counts: list[list[int]] | None = None) -> GenerateOutput:
     """The decoding loop of generate and infill, timed the same way for both: from the
     first model call to the last token on the host (a CUDA device is synchronised)."""
     sample, vocab = _sampler_of(step_model.model)
@@ -218,7 +279,7 @@ def _run(step_model: _StepModel, x: torch.Tensor, blocks: list[tuple[int, int]],
     with torch.inference_mode():
         nfe, steps_per_block = _decode(
             step_model, x, blocks, rule, sampling, sample=sample, vocab=vocab, mask_id=mask_id, eos_id=eos_id,
-            generation_start=generation_start, callback=callback,
+            generation_start=generation_start, callback=callback, masked_counts=masked_counts,
         )
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
@@ -238,14 +299,14 @@ def _sampler_of(model) -> tuple[Callable, int | None]:
 
 def _stop_rows_at_eos(x: torch.Tensor, generation_start: int, decoded_end: int, eos_id: int, running: torch.Tensor):
     """Rows (still running) whose decoded text holds EOS: everything after their first EOS
-    becomes EOS. Returns the bool [B] of rows that stop."""
+    becomes EOS. Returns the bool [B] of rows that stop. On the device, no branch on data."""
     decoded = x[:, generation_start:decoded_end]
-    stops = (decoded == eos_id).any(dim=1) & running
-    if bool(stops.any()):
-        positions = torch.arange(x.shape[1] - generation_start, device=x.device)
-        first_eos = torch.where(decoded == eos_id, positions[: decoded.shape[1]], x.shape[1]).min(dim=1).values
-        after = (positions[None, :] > first_eos[:, None]) & stops[:, None]
-        x[:, generation_start:] = x[:, generation_start:].masked_fill(after, eos_id)
+    is_eos = decoded == eos_id
+    stops = is_eos.any(dim=1) & running
+    positions = torch.arange(x.shape[1] - generation_start, device=x.device)
+    first_eos = torch.where(is_eos, positions[: decoded.shape[1]], x.shape[1]).min(dim=1).values
+    after = (positions[None, :] > first_eos[:, None]) & stops[:, None]
+    x[:, generation_start:] = x[:, generation_start:].masked_fill(after, eos_id)
     return stops
 
 
@@ -361,13 +422,21 @@ def generate(
     mask_id, eos_id = special_ids(model, mask_id, eos_id)
 
     device = _model_device(model, device)
-    ids, prompt_mask = prompt_batch(prompts, attention_mask, eos_id if eos_id is not None else 0, device)
-    validation.prompt_ids(ids, prompt_mask, mask_id=mask_id, vocab=model_vocab(model))
+    # Checked on the host: from the lists themselves, or from a host copy of a tensor (one
+    # synchronisation, before decoding starts, when the tensor lives on a device).
+    ids, prompt_mask = prompt_batch(prompts, attention_mask, eos_id if eos_id is not None else 0, "cpu")
+    if isinstance(prompts, (list, tuple)):
+        validation.prompt_lists(prompts, mask_id=mask_id, vocab=model_vocab(model))
+        padded = len({len(prompt) for prompt in prompts}) > 1
+    else:
+        validation.prompt_ids(ids, prompt_mask, mask_id=mask_id, vocab=model_vocab(model))
+        padded = not bool(prompt_mask.all())
+    ids, prompt_mask = ids.to(device), prompt_mask.to(device)
     batch, prompt_len = ids.shape
     x = torch.cat([ids, torch.full((batch, gen_length), mask_id, dtype=torch.int64, device=device)], dim=1)
     canvas_mask = torch.cat([prompt_mask, torch.ones(batch, gen_length, dtype=torch.bool, device=device)], dim=1)
     # Padding is invisible to attention; with no padding, pass no mask at all.
-    model_mask = None if bool(canvas_mask.all()) else canvas_mask
+    model_mask = canvas_mask if padded else None
     prompt_positions = torch.zeros_like(x, dtype=torch.bool)
     prompt_positions[:, :prompt_len] = prompt_mask
 
@@ -413,19 +482,21 @@ def infill(
         raise ValueError(f"block_length={block_length} must divide the sequence length {length}")
     num_blocks = length // block_length
     x = ids.to(device=_model_device(model, None), dtype=torch.int64).clone()
-    masked_per_block = (x == mask_id).reshape(x.shape[0], num_blocks, block_length).sum(dim=-1)
-    default_steps = max(1, int(masked_per_block.max())) * num_blocks
-    sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed)
-    rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=default_steps,
-                           confidence=sampling.confidence)
     model_mask = None
     if attention_mask is not None:
         if tuple(attention_mask.shape) != tuple(ids.shape):
             raise ValueError(f"attention_mask must have the shape of ids {tuple(ids.shape)}, got {tuple(attention_mask.shape)}")
         model_mask = attention_mask.to(device=x.device, dtype=torch.bool)
         x = x.masked_fill(~model_mask & (x == mask_id), 0)  # padding is never decoded
+    # The masks of every block (padding excluded), read once: the loop plans each block's
+    # steps from them, and the default step count is one token per step for the busiest row.
+    masked_counts = (x == mask_id).reshape(x.shape[0], num_blocks, block_length).sum(dim=-1).t().tolist()
+    default_steps = max(1, max(max(block) for block in masked_counts)) * num_blocks
+    sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed)
+    rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=default_steps,
+                           confidence=sampling.confidence)
 
     blocks = [(i * block_length, (i + 1) * block_length) for i in range(num_blocks)]
     step_model = _StepModel(model, None, model_mask, torch.zeros_like(x, dtype=torch.bool), mask_id, 0.0)
     return _run(step_model, x, blocks, rule, sampling, mask_id=mask_id, eos_id=None, generation_start=0,
-                callback=callback)
+                callback=callback, masked_counts=masked_counts)

@@ -195,8 +195,8 @@ def check_not_all_banned(unique_banned: int, vocab: int) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class SampleCall:
-    """A checked sample call (torch): banned as sorted unique int64 ids and rows as int64,
-    both contiguous (the kernels read them through their pointers)."""
+    """A checked sample call (torch): banned ids and rows as int64, contiguous (the kernels
+    read them through their pointers)."""
 
     logits: torch.Tensor
     options: SampleOptions
@@ -232,11 +232,10 @@ def sample_call(logits, *, temperature=0.0, top_k=0, top_p=1.0, banned=None, con
     if isinstance(banned, torch.Tensor):
         check_tensor("banned", banned, dtypes=INT_DTYPES)
         check_device("banned", banned, device)
-        banned_tensor = banned.reshape(-1).to(torch.int64)
+        banned_tensor = banned.reshape(-1).to(torch.int64).contiguous()  # any order: the kernels sort if they need to
         check_index_range("banned", host_values(banned_tensor), vocab, "the vocabulary")
         if banned_tensor.numel() >= vocab:  # only then can it ban every id; unique synchronises on a GPU
             check_not_all_banned(torch.unique(banned_tensor).numel(), vocab)
-        banned_tensor = torch.unique(banned_tensor)  # sorted
     else:
         ids = banned_ids(banned, vocab)
         banned_tensor = None if ids is None else torch.tensor(ids, dtype=torch.int64, device=device)
@@ -480,6 +479,19 @@ def special_ids(*, mask_id, eos_id, vocab: int | None) -> None:
             raise ValueError(f"eos_id={eos_id} lies outside the model's vocabulary (V={vocab})")
         if eos_id == mask_id:
             raise ValueError(f"eos_id and mask_id must differ, both are {mask_id}")
+
+
+def prompt_lists(prompts, *, mask_id: int, vocab: int | None) -> None:
+    """prompt_ids for token-id lists (prompt_batch checked their type), without tensors."""
+    tokens = [token for prompt in prompts for token in prompt]
+    if not tokens:
+        return
+    low, high = min(tokens), max(tokens)
+    if low < 0 or (vocab is not None and high >= vocab):
+        allowed = f"[0, {vocab}) (the vocabulary)" if vocab is not None else ">= 0"
+        raise ValueError(f"prompts must hold token ids in {allowed}, got ids in [{low}, {high}]")
+    if mask_id in tokens:
+        raise ValueError(f"prompts contain mask_id={mask_id}; use unmask.infill to fill masks inside a text")
 
 
 def prompt_ids(ids: torch.Tensor, known: torch.Tensor, *, mask_id: int, vocab: int | None) -> None:

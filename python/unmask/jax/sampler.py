@@ -62,7 +62,7 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
         masked = (np.asarray(x[:, start:end]) == mask_id) & running[:, None]
         counts = None
         if rule.steps_per_block is not None:
-            counts = torch_sampler.schedule_counts(torch.as_tensor(masked.sum(1)), rule.steps_per_block).numpy()
+            counts = np.asarray(torch_sampler.schedule_counts(masked.sum(1).tolist(), rule.steps_per_block))
         block_steps = 0
         for step in range(rule.steps_per_block if counts is not None else end - start):
             eligible = (np.asarray(x[:, start:end]) == mask_id) & running[:, None]

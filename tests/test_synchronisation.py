@@ -1,0 +1,109 @@
+"""The decode loop keeps its decisions on the device: at most one host synchronisation per
+block, for every commit rule, with CFG, ragged batches, EOS stopping and the caches.
+
+On the CPU a synchronisation is a call that would wait for a device: Tensor.item,
+__bool__, tolist and .cpu(), counted for the duration of generate. On a GPU, torch's own
+sync debug mode turns any synchronising call into an error."""
+
+import contextlib
+
+import pytest
+import torch
+
+import unmask
+from tests.helpers import requires_gpu, tiny_model
+
+SYNCHRONISING = ("item", "__bool__", "tolist", "cpu")
+
+
+@contextlib.contextmanager
+def counted_synchronisations():
+    calls: list[str] = []
+    originals = {name: getattr(torch.Tensor, name) for name in SYNCHRONISING}
+
+    def counting(name):
+        original = originals[name]
+
+        def call(self, *args, **kwargs):
+            calls.append(name)
+            return original(self, *args, **kwargs)
+        return call
+
+    try:
+        for name in SYNCHRONISING:
+            setattr(torch.Tensor, name, counting(name))
+        yield calls
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+PROMPTS = [[5, 9, 3, 7, 1], [11, 2], [4, 4, 8]]  # ragged: left-padded inside generate
+CASES = [
+    dict(steps=16),
+    dict(steps=8, temperature=1.0, seed=3),  # two tokens per step
+    dict(threshold=0.5),
+    dict(factor=1.0, remasking="margin"),
+    dict(steps=16, cfg_scale=1.0),
+    dict(threshold=0.3, cache="prefix"),
+    dict(steps=16, cache="dual", remasking="entropy"),
+    dict(steps=16, stop_at_eos=True),
+    dict(threshold=0.9, top_k=5, top_p=0.9, temperature=0.7),
+]
+
+
+@pytest.mark.parametrize("kwargs", CASES, ids=[",".join(f"{k}={v}" for k, v in c.items()) for c in CASES])
+def test_at_most_one_synchronisation_per_block(kwargs):
+    model = tiny_model(seed=4)
+    arguments = {"gen_length": 16, "block_length": 4, "stop_at_eos": False, **kwargs}
+    expected = unmask.generate(model, PROMPTS, **arguments)
+    with counted_synchronisations() as calls:
+        out = unmask.generate(model, PROMPTS, **arguments)
+    blocks = arguments["gen_length"] // arguments["block_length"]
+    assert len(calls) <= blocks, f"{len(calls)} synchronising calls for {blocks} blocks: {calls}"
+    assert torch.equal(out.tokens, expected.tokens)
+
+
+def test_infill_synchronises_once_for_its_plan_and_once_at_the_end():
+    model = tiny_model(seed=4)
+    ids = torch.tensor([[1, 60, 60, 4, 60, 60, 7, 8], [60, 2, 3, 60, 60, 60, 60, 9]])
+    with counted_synchronisations() as calls:
+        unmask.infill(model, ids, block_length=4, threshold=0.5)
+    assert len(calls) == 2, calls
+
+
+def test_the_counter_sees_a_synchronisation():
+    with counted_synchronisations() as calls:
+        bool(torch.ones(1).any())
+        torch.ones(2).tolist()
+    assert calls == ["__bool__", "tolist"]
+
+
+def test_invalid_logits_are_reported_after_the_block():
+    def nan_model(ids, attention_mask=None):
+        return torch.full((*ids.shape, 9), float("nan"))
+
+    with pytest.raises(unmask.ops.InvalidLogitsError, match="NaN"):
+        unmask.generate(nan_model, [[1]], gen_length=8, block_length=4, mask_id=8, threshold=0.5)
+
+
+@requires_gpu
+@pytest.mark.parametrize("kwargs", CASES, ids=[",".join(f"{k}={v}" for k, v in c.items()) for c in CASES])
+def test_at_most_one_synchronisation_per_block_on_a_gpu(kwargs):
+    """torch.cuda.set_sync_debug_mode("warn") warns at every synchronising call."""
+    import warnings
+
+    model = tiny_model(seed=4).cuda()
+    arguments = {"gen_length": 16, "block_length": 4, "stop_at_eos": False, **kwargs}
+    expected = unmask.generate(model, PROMPTS, **arguments)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = unmask.generate(model, PROMPTS, **arguments)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    synchronisations = [w for w in caught if "synchroniz" in str(w.message)]
+    blocks = arguments["gen_length"] // arguments["block_length"]
+    assert len(synchronisations) <= blocks, [str(w.message) for w in synchronisations]
+    assert torch.equal(out.tokens.cpu(), expected.tokens.cpu())
