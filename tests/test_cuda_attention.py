@@ -164,6 +164,18 @@ def test_float32_takes_the_reference():
                                reference.attention(q, k, v, block_size=8, scale=0.1))
 
 
+@requires_gpu
+@requires_cuda_build
+def test_dispatch_falls_back_for_head_dim_96_and_handles_an_empty_batch():
+    q, k, v, _ = random_inputs(1, 8, 8, 2, 2, 96, torch.bfloat16, seed=3)
+    q, k, v = q.cuda(), k.cuda(), v.cuda()
+    assert ops.backend_for("attention", q, k, v) == "reference"
+    assert "head_dim=96" in ops.fallback_reason("attention", q, k, v)
+    torch.testing.assert_close(ops.attention(q, k, v), reference.attention(q, k, v))
+    q, k, v, _ = random_inputs(0, 5, 5, 2, 2, 64, torch.bfloat16, seed=1)
+    assert ops.attention(q.cuda(), k.cuda(), v.cuda()).shape == (0, 5, 2, 64)
+
+
 def test_head_dim_96_is_refused_by_the_kernel(cuda_runner):
     q, k, v, _ = inputs(cuda_runner, 1, 8, 8, 2, 2, 96, torch.bfloat16, seed=3)
     assert "head_dim=96" in cuda_runner.backend("attention").supports(validation.attention_call(q, k, v))

@@ -82,12 +82,13 @@ def test_cuda_commit_equals_reference(cuda_runner, length, mode):
 def test_cuda_draws_equal_rng_py(cuda_runner):
     from unmask import rng
 
+    rows = 57 if cuda_runner.interpreted else 257  # on a GPU, more rows than one block's threads
     if cuda_runner.interpreted:
-        draws = native.fill_draws(99, 57, 1025, row_begin=3, offset=8, stream=1, device=torch.device("cpu"),
+        draws = native.fill_draws(99, rows, 1025, row_begin=3, offset=8, stream=1, device=torch.device("cpu"),
                                   interpret=True)
     else:
-        draws = ops.philox_draws(99, 57, 1025, row_begin=3, offset=8, stream=1, device="cuda").cpu()
-    assert torch.equal(draws, rng.draws(99, torch.arange(3, 60), 1025, offset=8, stream=1))
+        draws = ops.philox_draws(99, rows, 1025, row_begin=3, offset=8, stream=1, device="cuda").cpu()
+    assert torch.equal(draws, rng.draws(99, torch.arange(3, 3 + rows), 1025, offset=8, stream=1))
 
 
 @requires_gpu

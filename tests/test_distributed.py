@@ -11,10 +11,8 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-import unmask
 from unmask import distributed, reference
 from tests import distributed_worker
-from tests.helpers import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -172,9 +172,34 @@ def test_cp_async_lands_at_the_wait():
     out = torch.full((128,), -5, dtype=torch.int32)
     run("cp_async", data, out)
     assert torch.equal(out, data)
-    out.fill_(-5)
-    run("cp_async_read_before_wait", data, out)
-    assert torch.equal(out, torch.zeros_like(out)), "a read before the wait sees the bytes from before the copy"
+    # On a GPU a read before the wait may see the old bytes or the new: an error here.
+    with pytest.raises(RuntimeError, match=re.escape(
+            "thread (31, 0, 0): reads dynamic shared memory byte 496 that a cp.async of thread (31, 0, 0) "
+            "has not landed yet")):  # (the last thread at the barrier runs on first)
+        run("cp_async_read_before_wait", data, out)
+
+
+def test_a_shuffle_orders_no_memory():
+    """Lanes exchange registers in a shuffle, but a shared write before it is not ordered
+    with a read after it (only __syncwarp or a barrier does that)."""
+    with pytest.raises(RuntimeError, match="thread \\(0, 0, 0\\) wrote it and thread \\(1, 0, 0\\) reads it"):
+        run("shuffle_ordered_handoff", torch.tensor([7.0] * 32), torch.zeros(1))
+
+
+def test_static_shared_is_fresh_per_block_and_race_checked():
+    out = torch.zeros(3)
+    run("static_counter", torch.zeros(1), out)
+    assert torch.equal(out, torch.full((3,), 64.0)), "each block counts its own 64 threads"
+    with pytest.raises(RuntimeError, match=re.escape(
+            "thread (1, 0, 0): race: an atomic on static shared memory byte 0 meets a plain access of another "
+            "thread with no __syncthreads between")):
+        run("static_counter_missing_barrier", torch.zeros(1), out)
+
+
+def test_a_write_past_a_static_shared_array():
+    data, out = torch.arange(33, dtype=torch.float32), torch.zeros(33)
+    with pytest.raises(RuntimeError, match="write of 4 bytes at static shared offset 128, outside every __shared__"):
+        run("static_overflow", data, out)
 
 
 def test_a_barrier_some_threads_never_reach():

@@ -21,7 +21,8 @@ __global__ void __launch_bounds__(kThreads) commit_kernel(CommitParams p) {
   float* conf = reinterpret_cast<float*>(shared);
   int* rank = reinterpret_cast<int*>(conf + p.length);
   bool* eligible = reinterpret_cast<bool*>(rank + p.length);
-  __shared__ int eligible_count, passing_count;
+  UNMASK_SHARED(int, eligible_count);
+  UNMASK_SHARED(int, passing_count);
   const int64_t base = static_cast<int64_t>(blockIdx.x) * p.length;
   if (threadIdx.x == 0) eligible_count = passing_count = 0;
   for (int64_t j = threadIdx.x; j < p.length; j += kThreads) {

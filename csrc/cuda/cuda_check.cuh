@@ -52,9 +52,20 @@ void launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid, dim3 
 UNMASK_BUILD_NAMESPACE_END
 }  // namespace unmask
 
-// `extern __shared__ T name[]`: the launch's dynamic shared memory as an array of T.
+// Shared memory through macros, so that the SIMT interpreter can place and check it:
+//   UNMASK_DYNAMIC_SHARED(T, name)      `extern __shared__ T name[]`, the launch's dynamic
+//                                       shared memory as an array of T;
+//   UNMASK_SHARED(T, name)              `__shared__ T name`;
+//   UNMASK_SHARED_ARRAY(T, name, count) `__shared__ T name[count]`.
 #if defined(UNMASK_SIMT)
 #define UNMASK_DYNAMIC_SHARED(type, name) type* const name = static_cast<type*>(::simt::dynamic_shared())
+#define UNMASK_SHARED(type, name) \
+  type& name = *static_cast<type*>(::simt::static_shared(__COUNTER__, sizeof(type), alignof(type)))
+#define UNMASK_SHARED_ARRAY(type, name, count) \
+  type(&name)[count] =                         \
+      *static_cast<type(*)[count]>(::simt::static_shared(__COUNTER__, sizeof(type[count]), alignof(type)))
 #else
 #define UNMASK_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#define UNMASK_SHARED(type, name) __shared__ type name
+#define UNMASK_SHARED_ARRAY(type, name, count) __shared__ type name[count]
 #endif

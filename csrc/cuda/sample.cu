@@ -194,7 +194,7 @@ __global__ void __launch_bounds__(kThreads) sample_partial_kernel(SampleParams p
   }
 
   // Block reduction: warps by shuffles, then the warp leaders through shared memory.
-  __shared__ Record warp_records[kThreads / 32];
+  UNMASK_SHARED_ARRAY(Record, warp_records, kThreads / 32);
   for (int delta = 16; delta > 0; delta /= 2) {
     const Record other = shuffle_down(r, delta);
     merge(r, other, ctx.inv_t);

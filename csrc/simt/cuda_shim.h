@@ -24,11 +24,10 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-// Static shared variables: one instance (a block runs at a time) in the module's data; the
-// runtime race-checks every kernel access to the module's writable data as shared memory
-// (a kernel writes no other global), but cannot check their bounds (a section would give
-// bounds, but GCC ignores section attributes on the statics of function templates).
-#define __shared__ static __attribute__((aligned(16)))
+// Static shared variables are declared with UNMASK_SHARED / UNMASK_SHARED_ARRAY
+// (cuda_check.cuh), which the runtime places, poisons per block and checks; a bare
+// __shared__ would be a static the checks cannot see, so it does not compile here.
+#define __shared__ _Pragma("GCC error \"declare static shared memory with UNMASK_SHARED (cuda_check.cuh)\"")
 
 // The built-in indices: the runtime sets them before it resumes a thread.
 inline const simt::Index3& threadIdx = simt::builtins.thread_idx;
@@ -190,8 +189,10 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, 
   return cudaSuccess;
 }
 template <typename Kernel>
-cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int) {
-  return cudaSuccess;  // the interpreter gives a launch the shared memory it asks for
+cudaError_t cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute attribute, int value) {
+  if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0) return cudaErrorInvalidValue;
+  simt::allow_dynamic_shared(reinterpret_cast<const void*>(kernel), static_cast<size_t>(value));
+  return cudaSuccess;
 }
 
 namespace simt {
@@ -212,6 +213,6 @@ void launch(const char* name, const cudaLaunchConfig_t& config, void (*kernel)(P
   };
   const Index3 grid{config.gridDim.x, config.gridDim.y, config.gridDim.z};
   const Index3 block{config.blockDim.x, config.blockDim.y, config.blockDim.z};
-  if (!run_grid(name, grid, block, config.dynamicSmemBytes, entry, &launch, sizeof(launch))) set_launch_error();
+  if (!run_grid(name, reinterpret_cast<const void*>(kernel), grid, block, config.dynamicSmemBytes, entry, &launch, sizeof(launch))) set_launch_error();
 }
 }  // namespace simt

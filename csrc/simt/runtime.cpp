@@ -4,13 +4,17 @@
 #include "simt/runtime.h"
 
 #include <link.h>
+#include <pthread.h>
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <map>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -27,13 +31,22 @@ constexpr unsigned kFullMask = 0xFFFFFFFFu;
 // the rest is headroom, committed only where touched.
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kGuardBytes = 4096;
-// Bytes around dynamic shared memory that still count as shared: an access just past the
-// declared size is reported as such, not as an unknown address.
+// Bytes around shared memory that still count as shared: an access just past a declared
+// size is reported as such, not as an unknown address.
 constexpr size_t kSharedRedzone = 1024;
-// How far before or past a buffer an access is reported against it (an off-by-one), not
-// as an unknown address.
+// How far before or past a buffer an access is reported against it (an off-by-one).
 constexpr uintptr_t kBufferNeighbourhood = 4096;
-constexpr uint8_t kPoison = 0xFF;  // fresh dynamic shared memory: NaN as a float, -1 as an int
+constexpr uint8_t kPoison = 0xFF;  // fresh shared memory: NaN as a float, -1 as an int
+// Shared memory a block may have: sm_80's 163 KiB (the module is built for sm_80 and
+// sm_90, whose limit is 227 KiB); over 48 KiB of dynamic shared memory a kernel must
+// opt in with cudaFuncSetAttribute, as on a GPU.
+constexpr size_t kMaxSharedBytes = 163 * 1024;
+constexpr size_t kDefaultDynamicLimit = 48 * 1024;
+constexpr size_t kStaticArenaBytes = 48 * 1024;
+// A fiber starts with the control words of a fresh thread (round to nearest, all
+// exceptions masked, no flush-to-zero), whatever the caller set (torch.set_flush_denormal).
+constexpr uint32_t kMxcsr = 0x1F80;
+constexpr uint16_t kX87Control = 0x037F;
 
 // ------------------------------------------------------------------ fibers
 
@@ -153,7 +166,9 @@ struct Warp {
   int live = 0;      // lanes not exited
   int arrived = 0;   // lanes in the collective now forming
   Op op = Op::kNone;
-  uint32_t epoch = 0;        // completed collectives: lanes' accesses across one are ordered
+  // __syncwarp calls completed: accesses of two lanes on either side of one are ordered.
+  // (Shuffles, votes, ldmatrix and mma synchronise the lanes but order no memory.)
+  uint32_t sync_epoch = 0;
   uint64_t generation = 0;   // slots[generation & 1] is the collective now forming
   LaneSlot slots[2][kWarpSize];
 };
@@ -162,10 +177,38 @@ struct Warp {
 struct Shadow {
   uint32_t epoch = UINT32_MAX;
   int16_t writer = -1;
-  int16_t reader = -1;  // -1: none, -2: several threads
-  uint32_t writer_warp_epoch = 0;
-  uint32_t reader_warp_epoch = 0;
-  uint32_t reader_warps = 0;
+  uint32_t writer_sync_epoch = 0;  // the writer's warp's __syncwarp count at the write
+  uint32_t reader_warps = 0;       // warps that read it (bit per warp)
+  uint32_t reader_lanes = 0;       // lanes of the last reading warp that read it ...
+  uint32_t reader_sync_epoch = 0;  // ... since that warp's last __syncwarp
+  int16_t reader_warp = -1;
+};
+
+// One kind of shared memory of a block: its bytes between redzones, who touched each
+// byte (races), and which bytes an unlanded cp.async will overwrite.
+struct SharedRegion {
+  const char* name = "";
+  std::vector<uint8_t> storage;
+  uint8_t* base = nullptr;
+  size_t bytes = 0;                  // declared
+  std::vector<Shadow> shadow;
+  std::vector<int16_t> pending;      // thread whose cp.async has not landed here, or -1
+
+  void reset(size_t declared) {
+    bytes = declared;
+    storage.assign(declared + 2 * kSharedRedzone + 16, kPoison);
+    const uintptr_t raw = reinterpret_cast<uintptr_t>(storage.data()) + kSharedRedzone;
+    base = reinterpret_cast<uint8_t*>((raw + 15) & ~uintptr_t{15});  // 16-byte aligned, as a GPU's
+    shadow.assign(declared, Shadow{});
+    pending.assign(declared, -1);
+  }
+  uintptr_t lo() const { return reinterpret_cast<uintptr_t>(base); }
+  uintptr_t hi() const { return lo() + bytes; }
+};
+
+// A static __shared__ variable of the launch's kernel (UNMASK_SHARED in cuda_check.cuh).
+struct StaticSlot {
+  size_t offset, bytes;
 };
 
 struct Launch {
@@ -174,7 +217,6 @@ struct Launch {
   Entry entry = nullptr;
   void* arguments = nullptr;
   uintptr_t arguments_lo = 0, arguments_hi = 0;
-  size_t dynamic_bytes = 0;
 };
 
 struct Segment {
@@ -182,6 +224,7 @@ struct Segment {
 };
 
 struct State {
+  pthread_t owner;  // the OS thread that opened the session: every fiber runs on it
   // session
   std::vector<Buffer> buffers;
   bool failed = false;
@@ -193,28 +236,23 @@ struct State {
   std::vector<Warp> warps;
   int live = 0, at_barrier = 0;
   uint32_t barrier_epoch = 0;
-  std::vector<uint8_t> dynamic_storage;
-  uint8_t* dynamic_base = nullptr;
-  std::vector<Shadow> dynamic_shadow, static_shadow;
+  SharedRegion dynamic_shared, static_shared;
+  std::map<int, StaticSlot> static_slots;  // by declaration
+  size_t static_used = 0;
   Thread* current = nullptr;  // the fiber running, or nullptr while the scheduler runs
   void* scheduler_sp = nullptr;
   StackPool stacks;
-  // This module's read-only segments (constants a kernel may read) and its writable data,
-  // where the kernels' static __shared__ variables live (cuda_shim.h): a kernel's accesses
-  // there are race-checked as shared memory.
-  std::vector<Segment> read_only;
-  Segment writable{0, 0};
+  std::vector<Segment> read_only;  // this module's read-only segments (constants a kernel may read)
 };
 
 std::mutex session_mutex;
-State* state = nullptr;  // set while a session is open
-int simulated_sm_count = 132;
-Stats counters;
+State* state = nullptr;  // set while a session is open, on the OS thread that owns it
+std::atomic<int> simulated_sm_count{132};
+std::mutex kernel_limits_mutex;
+std::map<const void*, size_t> dynamic_shared_limits;  // cudaFuncSetAttribute's opt-ins
+Stats counters;  // under session_mutex
 cudaError_t pending_launch_error = cudaSuccess;
 std::string last_message;
-
-uintptr_t static_shared_lo() { return state->writable.lo; }
-uintptr_t static_shared_hi() { return state->writable.hi; }
 
 std::string format_index(Index3 index) {
   char text[64];
@@ -234,9 +272,7 @@ std::string where(const State& s) {
   return text;
 }
 
-// Records the first error; inside a fiber, abandons it for good (its stack is dropped:
-// the faulting access never runs).
-[[noreturn]] void fail_in_fiber(State& s, const std::string& message);
+std::string thread_name(const State& s, int id) { return "thread " + format_index(s.threads[id].index); }
 
 void record_failure(State& s, const std::string& message) {
   if (!s.failed) {
@@ -250,144 +286,155 @@ void yield_to_scheduler(State& s) {
   unmask_simt_switch(&t.sp, s.scheduler_sp);
 }
 
+// Records the first error and abandons the fiber for good (its stack is dropped: the
+// faulting access never runs).
 [[noreturn]] void fail_in_fiber(State& s, const std::string& message) {
   record_failure(s, where(s) + ": " + message);
   for (;;) yield_to_scheduler(s);  // the scheduler never resumes a fiber after a failure
 }
 
-Thread& current_thread() {
-  if (state == nullptr || state->current == nullptr) throw std::logic_error("simt: a device function ran outside a kernel");
-  return *state->current;
+// The session of this OS thread, with a kernel thread running: device functions only.
+State& active() {
+  if (state == nullptr || !pthread_equal(state->owner, pthread_self()) || state->current == nullptr) {
+    throw std::logic_error("simt: a device function ran outside an interpreted kernel");
+  }
+  return *state;
 }
 
 // ------------------------------------------------------------------ memory checks
 
-std::string thread_name(const State& s, int id) { return "thread " + format_index(s.threads[id].index); }
+bool inside(uintptr_t address, size_t size, uintptr_t lo, uintptr_t hi) { return address >= lo && address + size <= hi; }
+bool overlaps(uintptr_t address, size_t size, uintptr_t lo, uintptr_t hi) { return address < hi && address + size > lo; }
 
 // t: the thread the access belongs to (an ldmatrix reads rows on behalf of the lanes that
 // gave their addresses).
-void race_check(State& s, const Thread& t, std::vector<Shadow>& shadow, size_t offset, size_t size, bool write,
-                const char* region) {
+void race_check(State& s, const Thread& t, SharedRegion& region, size_t offset, size_t size, bool write) {
   const Warp& warp = s.warps[t.warp];
+  const uint32_t my_warp_bit = 1u << t.warp, my_lane_bit = 1u << t.lane;
   for (size_t i = 0; i < size; ++i) {
-    Shadow& b = shadow[offset + i];
-    if (b.epoch != s.barrier_epoch) b = Shadow{s.barrier_epoch, -1, -1, 0, 0, 0};
-    // Another lane of this warp is ordered before us once a collective completed since.
-    const auto ordered = [&](int other, uint32_t other_epoch) {
-      return s.threads[other].warp == t.warp && other_epoch < warp.epoch;
-    };
-    if (b.writer >= 0 && b.writer != t.id && !ordered(b.writer, b.writer_warp_epoch)) {
-      fail_in_fiber(s, std::string("race on ") + region + " byte " + std::to_string(offset + i) + ": " +
+    const size_t byte = offset + i;
+    if (region.pending[byte] >= 0) {
+      fail_in_fiber(s, std::string(write ? "writes" : "reads") + " " + region.name + " byte " + std::to_string(byte) +
+                           " that a cp.async of " + thread_name(s, region.pending[byte]) +
+                           " has not landed yet (no cp.async wait before)");
+    }
+    Shadow& b = region.shadow[byte];
+    if (b.epoch != s.barrier_epoch) b = Shadow{s.barrier_epoch, -1, 0, 0, 0, 0, -1};
+    if (b.writer >= 0 && b.writer != t.id &&
+        !(s.threads[b.writer].warp == t.warp && b.writer_sync_epoch < warp.sync_epoch)) {
+      fail_in_fiber(s, std::string("race on ") + region.name + " byte " + std::to_string(byte) + ": " +
                            thread_name(s, b.writer) + " wrote it and " + thread_name(s, t.id) + " " +
                            (write ? "writes" : "reads") + " it with no __syncthreads between");
     }
     if (write) {
-      const uint32_t my_warp_bit = 1u << t.warp;
       const bool other_warp_read = (b.reader_warps & ~my_warp_bit) != 0;
-      const bool other_lane_read = (b.reader_warps & my_warp_bit) != 0 && b.reader != t.id &&
-                                   b.reader_warp_epoch >= warp.epoch;
+      const bool other_lane_read = b.reader_warp == t.warp && b.reader_sync_epoch == warp.sync_epoch &&
+                                   (b.reader_lanes & ~my_lane_bit) != 0;
       if (other_warp_read || other_lane_read) {
-        const std::string reader = b.reader >= 0 ? thread_name(s, b.reader) : std::string("several threads");
-        fail_in_fiber(s, std::string("race on ") + region + " byte " + std::to_string(offset + i) + ": " + reader +
-                             " read it and " + thread_name(s, t.id) + " writes it with no __syncthreads between");
+        fail_in_fiber(s, std::string("race on ") + region.name + " byte " + std::to_string(byte) +
+                             ": another thread read it and " + thread_name(s, t.id) +
+                             " writes it with no __syncthreads between");
       }
       b.writer = static_cast<int16_t>(t.id);
-      b.writer_warp_epoch = warp.epoch;
+      b.writer_sync_epoch = warp.sync_epoch;
     } else {
-      b.reader = b.reader == -1 || b.reader == t.id ? static_cast<int16_t>(t.id) : int16_t{-2};
-      b.reader_warps |= 1u << t.warp;
-      b.reader_warp_epoch = warp.epoch;
+      if (b.reader_warp != t.warp || b.reader_sync_epoch != warp.sync_epoch) {
+        b.reader_warp = static_cast<int16_t>(t.warp);
+        b.reader_sync_epoch = warp.sync_epoch;
+        b.reader_lanes = 0;
+      }
+      b.reader_lanes |= my_lane_bit;
+      b.reader_warps |= my_warp_bit;
     }
   }
 }
 
-bool inside(uintptr_t address, size_t size, uintptr_t lo, uintptr_t hi) { return address >= lo && address + size <= hi; }
-bool overlaps(uintptr_t address, size_t size, uintptr_t lo, uintptr_t hi) { return address < hi && address + size > lo; }
+// The static variable whose slot holds `offset`, or nullptr.
+const StaticSlot* static_slot_at(const State& s, size_t offset) {
+  for (const auto& [key, slot] : s.static_slots) {
+    if (offset >= slot.offset && offset < slot.offset + slot.bytes) return &slot;
+  }
+  return nullptr;
+}
 
 // Shared memory: true (and checked) if the access is there.
 bool check_shared(State& s, uintptr_t address, size_t size, bool write) {
-  const uintptr_t dynamic_lo = reinterpret_cast<uintptr_t>(s.dynamic_base);
-  const uintptr_t dynamic_hi = dynamic_lo + s.launch.dynamic_bytes;
-  if (overlaps(address, size, dynamic_lo - kSharedRedzone, dynamic_hi + kSharedRedzone)) {
-    if (!inside(address, size, dynamic_lo, dynamic_hi)) {
-      fail_in_fiber(s, std::string(write ? "write" : "read") + " of " + std::to_string(size) +
-                           " bytes at dynamic shared offset " +
-                           std::to_string(static_cast<int64_t>(address - dynamic_lo)) + ", outside the " +
-                           std::to_string(s.launch.dynamic_bytes) + " bytes the launch declared");
+  const char* verb = write ? "write" : "read";
+  SharedRegion& dynamic = s.dynamic_shared;
+  if (overlaps(address, size, dynamic.lo() - kSharedRedzone, dynamic.hi() + kSharedRedzone)) {
+    if (!inside(address, size, dynamic.lo(), dynamic.hi())) {
+      fail_in_fiber(s, std::string(verb) + " of " + std::to_string(size) + " bytes at dynamic shared offset " +
+                           std::to_string(static_cast<int64_t>(address - dynamic.lo())) + ", outside the " +
+                           std::to_string(dynamic.bytes) + " bytes the launch declared");
     }
-    race_check(s, *s.current, s.dynamic_shadow, address - dynamic_lo, size, write, "dynamic shared memory");
+    race_check(s, *s.current, dynamic, address - dynamic.lo(), size, write);
     return true;
   }
-  if (inside(address, size, static_shared_lo(), static_shared_hi())) {
-    race_check(s, *s.current, s.static_shadow, address - static_shared_lo(), size, write,
-               "static shared memory (the module's data)");
+  SharedRegion& statics = s.static_shared;
+  if (overlaps(address, size, statics.lo() - kSharedRedzone, statics.hi() + kSharedRedzone)) {
+    const int64_t offset = static_cast<int64_t>(address - statics.lo());
+    const StaticSlot* slot = offset >= 0 ? static_slot_at(s, static_cast<size_t>(offset)) : nullptr;
+    if (slot == nullptr || !inside(address, size, statics.lo() + slot->offset, statics.lo() + slot->offset + slot->bytes)) {
+      fail_in_fiber(s, std::string(verb) + " of " + std::to_string(size) + " bytes at static shared offset " +
+                           std::to_string(offset) + ", outside every __shared__ variable of the kernel");
+    }
+    race_check(s, *s.current, statics, static_cast<size_t>(offset), size, write);
     return true;
   }
   return false;
 }
 
 void check_global(State& s, uintptr_t address, size_t size, bool write) {
+  const char* verb = write ? "write" : "read";
   for (const Buffer& buffer : s.buffers) {
-    const uintptr_t hi = buffer.begin + buffer.bytes;
-    if (inside(address, size, buffer.begin, hi)) return;
-    if (overlaps(address, size, buffer.begin, hi)) {
-      fail_in_fiber(s, std::string(write ? "write" : "read") + " of " + std::to_string(size) + " bytes at byte " +
-                           std::to_string(static_cast<int64_t>(address - buffer.begin)) + " of buffer '" +
-                           buffer.name + "' (" + std::to_string(buffer.bytes) + " bytes) runs past its end");
-    }
+    if (inside(address, size, buffer.begin, buffer.begin + buffer.bytes)) return;
   }
   if (!write) {
     if (inside(address, size, s.launch.arguments_lo, s.launch.arguments_hi)) return;
+    const uintptr_t builtins_lo = reinterpret_cast<uintptr_t>(&builtins);
+    if (inside(address, size, builtins_lo, builtins_lo + sizeof(builtins))) return;
     for (const Segment& segment : s.read_only) {
       if (inside(address, size, segment.lo, segment.hi)) return;
     }
   }
-  // Just past the end (or before the start) of a buffer: an off-by-one, named as such.
+  // Past the end (or before the start) of a buffer, or straddling its end: an off-by-one,
+  // named as such.
   for (const Buffer& buffer : s.buffers) {
     const uintptr_t hi = buffer.begin + buffer.bytes;
     if (overlaps(address, size, buffer.begin - kBufferNeighbourhood, hi + kBufferNeighbourhood)) {
-      fail_in_fiber(s, std::string(write ? "write" : "read") + " of " + std::to_string(size) + " bytes at byte " +
+      fail_in_fiber(s, std::string(verb) + " of " + std::to_string(size) + " bytes at byte " +
                            std::to_string(static_cast<int64_t>(address - buffer.begin)) + " of buffer '" +
                            buffer.name + "' (" + std::to_string(buffer.bytes) + " bytes): outside it");
     }
   }
   std::string names;
   for (const Buffer& buffer : s.buffers) names += (names.empty() ? "" : ", ") + buffer.name;
-  fail_in_fiber(s, std::string(write ? "write" : "read") + " of " + std::to_string(size) + " bytes at " + hex(address) +
+  fail_in_fiber(s, std::string(verb) + " of " + std::to_string(size) + " bytes at " + hex(address) +
                        ", outside every buffer of the launch (" + names + ")");
 }
 
 void check_access(uintptr_t address, size_t size, bool write) {
   State* s = state;
-  if (s == nullptr || s->current == nullptr) return;  // host code, or no session
+  // Host code, no session, or another OS thread's code while a session runs here.
+  if (s == nullptr || s->current == nullptr || !pthread_equal(s->owner, pthread_self())) return;
   const Thread& t = *s->current;
   if (inside(address, size, t.stack.lo, t.stack.hi)) return;  // the thread's registers and locals
   if (check_shared(*s, address, size, write)) return;
   check_global(*s, address, size, write);
 }
 
-struct ModuleSearch {
-  uintptr_t inside;  // an address in this module
-  State* state;
-};
-
-int find_module_segments(dl_phdr_info* info, size_t, void* data) {
-  auto* search = static_cast<ModuleSearch*>(data);
+int find_read_only_segments(dl_phdr_info* info, size_t, void* data) {
+  auto* found = static_cast<std::pair<uintptr_t, std::vector<Segment>*>*>(data);
   for (int i = 0; i < info->dlpi_phnum; ++i) {
     const ElfW(Phdr)& header = info->dlpi_phdr[i];
     if (header.p_type != PT_LOAD) continue;
     const uintptr_t lo = info->dlpi_addr + header.p_vaddr, hi = lo + header.p_memsz;
-    if (search->inside < lo || search->inside >= hi) continue;
+    if (found->first < lo || found->first >= hi) continue;
     for (int j = 0; j < info->dlpi_phnum; ++j) {  // this module
       const ElfW(Phdr)& segment = info->dlpi_phdr[j];
-      if (segment.p_type != PT_LOAD) continue;
-      const uintptr_t segment_lo = info->dlpi_addr + segment.p_vaddr, segment_hi = segment_lo + segment.p_memsz;
-      if ((segment.p_flags & PF_W) != 0) {
-        Segment& writable = search->state->writable;
-        writable = writable.hi == 0 ? Segment{segment_lo, segment_hi}
-                                    : Segment{std::min(writable.lo, segment_lo), std::max(writable.hi, segment_hi)};
-      } else {
-        search->state->read_only.push_back(Segment{segment_lo, segment_hi});
+      if (segment.p_type == PT_LOAD && (segment.p_flags & PF_W) == 0) {
+        const uintptr_t segment_lo = info->dlpi_addr + segment.p_vaddr;
+        found->second->push_back(Segment{segment_lo, segment_lo + segment.p_memsz});
       }
     }
     return 1;
@@ -395,19 +442,24 @@ int find_module_segments(dl_phdr_info* info, size_t, void* data) {
   return 0;
 }
 
-void find_module_segments(State& s) {
-  ModuleSearch search{reinterpret_cast<uintptr_t>(&builtins), &s};
-  dl_iterate_phdr(find_module_segments, &search);
+std::vector<Segment> module_read_only_segments() {
+  std::vector<Segment> segments;
+  std::pair<uintptr_t, std::vector<Segment>*> data{reinterpret_cast<uintptr_t>(&module_read_only_segments), &segments};
+  dl_iterate_phdr(find_read_only_segments, &data);
+  return segments;
 }
 
 // ------------------------------------------------------------------ scheduler
 
 [[noreturn]] void thread_exit(State& s);
 
-void fiber_main(Thread* t) {
+void fiber_main(Thread*) {
   State& s = *state;
-  s.launch.entry(s.launch.arguments);
-  (void)t;
+  try {
+    s.launch.entry(s.launch.arguments);
+  } catch (const std::exception& error) {  // never unwind past the fiber's first frame
+    fail_in_fiber(s, std::string("the runtime failed: ") + error.what());
+  }
   thread_exit(s);
 }
 
@@ -417,10 +469,7 @@ void prepare_fiber(Thread& t) {
   // 16-byte aligned, so the trampoline's call enters fiber_main with the ABI's alignment.
   uint64_t* top = reinterpret_cast<uint64_t*>(t.stack.hi & ~uintptr_t{15});
   uint64_t* frame = top - 8;
-  uint32_t control[2] = {0, 0};
-  asm volatile("stmxcsr %0" : "=m"(control[0]));
-  asm volatile("fnstcw %0" : "=m"(control[1]));
-  std::memcpy(&frame[0], control, sizeof(control));
+  frame[0] = static_cast<uint64_t>(kMxcsr) | (static_cast<uint64_t>(kX87Control) << 32);
   frame[1] = 0;                                             // r15
   frame[2] = 0;                                             // r14
   frame[3] = reinterpret_cast<uint64_t>(&fiber_main);      // r13
@@ -496,7 +545,9 @@ bool run_block(State& s, Index3 block_index) {
   s.live = count;
   s.at_barrier = 0;
   ++s.barrier_epoch;
-  std::fill(s.dynamic_storage.begin(), s.dynamic_storage.end(), kPoison);
+  for (SharedRegion* region : {&s.dynamic_shared, &s.static_shared}) {  // fresh, uninitialised shared memory
+    std::fill(region->storage.begin(), region->storage.end(), kPoison);
+  }
   for (int id = 0; id < count; ++id) {
     Thread& t = s.threads[id];
     t.id = id;
@@ -559,7 +610,7 @@ LaneSlot& collective(State& s, Op op, unsigned mask, const uint64_t* in, int in_
     warp.arrived = 0;
     warp.op = Op::kNone;
     ++warp.generation;
-    ++warp.epoch;
+    if (op == Op::kSyncWarp) ++warp.sync_epoch;
     release_warp_lanes(s, t.warp);
   } else {
     t.wait = Wait::kWarp;
@@ -568,9 +619,13 @@ LaneSlot& collective(State& s, Op op, unsigned mask, const uint64_t* in, int in_
   return slot;
 }
 
-State& active() {
-  current_thread();
-  return *state;
+// All lanes must agree on word `index` of their inputs (an instruction's qualifiers).
+void require_uniform(State& s, const LaneSlot* lanes, int index, const char* what) {
+  for (int lane = 1; lane < kWarpSize; ++lane) {
+    if (lanes[lane].in[index] != lanes[0].in[index]) {
+      fail_in_fiber(s, std::string("the lanes of a warp disagree on ") + what + " in one " + "collective");
+    }
+  }
 }
 
 uint16_t half_of(uint32_t word, int which) { return static_cast<uint16_t>(which == 0 ? word & 0xFFFFu : word >> 16); }
@@ -579,30 +634,29 @@ float element_to_float(uint16_t bits, MmaType type) {
   return type == MmaType::kBFloat16 ? bits_float(static_cast<uint32_t>(bits) << 16) : half_bits_to_float(bits);
 }
 
-// Shared memory of the launch at a shared-window address (the offset into dynamic shared).
+// Dynamic shared memory at a shared-window address (the offset into it).
 uint8_t* shared_bytes(State& s, uint32_t address, size_t size, const char* what) {
-  if (address % 16 != 0 || static_cast<size_t>(address) + size > s.launch.dynamic_bytes) {
+  if (address % 16 != 0 || static_cast<size_t>(address) + size > s.dynamic_shared.bytes) {
     fail_in_fiber(s, std::string(what) + " at shared address " + std::to_string(address) + ": must be 16-byte aligned "
-                     "and inside the " + std::to_string(s.launch.dynamic_bytes) + " bytes of dynamic shared memory");
+                     "and inside the " + std::to_string(s.dynamic_shared.bytes) + " bytes of dynamic shared memory");
   }
-  return s.dynamic_base + address;
-}
-
-// A read of shared memory done by an instruction on behalf of a lane (race-checked as its).
-void shared_read_as(State& s, int thread_id, uint32_t address, size_t size) {
-  race_check(s, s.threads[thread_id], s.dynamic_shadow, address, size, false, "dynamic shared memory");
+  return s.dynamic_shared.base + address;
 }
 
 }  // namespace
 
 // ------------------------------------------------------------------ public entry points
 
+Builtins builtins{};
+
 Session::Session(std::vector<Buffer> buffers) {
-  session_mutex.lock();
-  state = new State();
-  state->buffers = std::move(buffers);
-  find_module_segments(*state);
-  state->static_shadow.resize(state->writable.hi - state->writable.lo);
+  std::unique_lock<std::mutex> lock(session_mutex);
+  auto fresh = std::make_unique<State>();
+  fresh->owner = pthread_self();
+  fresh->buffers = std::move(buffers);
+  fresh->read_only = module_read_only_segments();
+  state = fresh.release();
+  lock.release();  // held until the destructor
 }
 
 Session::~Session() {
@@ -614,32 +668,61 @@ Session::~Session() {
 bool Session::failed() const { return state->failed; }
 std::string Session::error() const { return state->error; }
 
-void set_sm_count(int count) { simulated_sm_count = count > 0 ? count : 1; }
-int sm_count() { return simulated_sm_count; }
+void set_sm_count(int count) { simulated_sm_count.store(count > 0 ? count : 1); }
+int sm_count() { return simulated_sm_count.load(); }
 
-Stats stats() { return counters; }
-void reset_stats() { counters = Stats{}; }
+Stats stats() {
+  std::lock_guard<std::mutex> lock(session_mutex);
+  return counters;
+}
 
-bool run_grid(const char* name, Index3 grid, Index3 block, size_t dynamic_shared_bytes, Entry entry,
-              const void* arguments, size_t argument_bytes) {
-  if (state == nullptr) throw std::logic_error("simt: a kernel launch outside a session");
+void reset_stats() {
+  std::lock_guard<std::mutex> lock(session_mutex);
+  counters = Stats{};
+}
+
+void allow_dynamic_shared(const void* kernel, size_t bytes) {
+  std::lock_guard<std::mutex> lock(kernel_limits_mutex);
+  dynamic_shared_limits[kernel] = bytes;
+}
+
+bool run_grid(const char* name, const void* kernel, Index3 grid, Index3 block, size_t dynamic_shared_bytes,
+              Entry entry, const void* arguments, size_t argument_bytes) {
+  if (state == nullptr || !pthread_equal(state->owner, pthread_self())) {
+    throw std::logic_error("simt: a kernel launch outside a session");
+  }
   State& s = *state;
   if (s.failed) return false;
   const auto started = std::chrono::steady_clock::now();
   s.launch = Launch{name, grid, block, entry, const_cast<void*>(arguments), reinterpret_cast<uintptr_t>(arguments),
-                    reinterpret_cast<uintptr_t>(arguments) + argument_bytes, dynamic_shared_bytes};
+                    reinterpret_cast<uintptr_t>(arguments) + argument_bytes};
+  size_t dynamic_limit = kDefaultDynamicLimit;
+  {
+    std::lock_guard<std::mutex> lock(kernel_limits_mutex);
+    const auto found = dynamic_shared_limits.find(kernel);
+    if (found != dynamic_shared_limits.end()) dynamic_limit = found->second;
+  }
   const uint64_t threads = static_cast<uint64_t>(block.x) * block.y * block.z;
+  std::string refusal;
   if (threads == 0 || threads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 ||
-      grid.z > 65535 || grid.x > 2147483647u || dynamic_shared_bytes > 227 * 1024) {
-    record_failure(s, "kernel " + std::string(name) + ": invalid launch: grid " + format_index(grid) + ", block " +
-                          format_index(block) + ", " + std::to_string(dynamic_shared_bytes) + " bytes of shared memory");
+      grid.z > 65535 || grid.x > 2147483647u) {
+    refusal = "grid " + format_index(grid) + " and block " + format_index(block) + " are outside CUDA's limits";
+  } else if (dynamic_shared_bytes > dynamic_limit) {
+    refusal = std::to_string(dynamic_shared_bytes) + " bytes of dynamic shared memory, over the " +
+              std::to_string(dynamic_limit) + " the kernel may use (over 48 KiB needs cudaFuncSetAttribute)";
+  } else if (dynamic_shared_bytes > kMaxSharedBytes) {
+    refusal = std::to_string(dynamic_shared_bytes) + " bytes of dynamic shared memory, over sm_80's 163 KiB";
+  }
+  if (!refusal.empty()) {
+    record_failure(s, "kernel " + std::string(name) + ": invalid launch: " + refusal);
     return false;
   }
-  // Dynamic shared memory between two redzones, 16-byte aligned as a GPU's is.
-  s.dynamic_storage.assign(dynamic_shared_bytes + 2 * kSharedRedzone + 16, kPoison);
-  const uintptr_t raw = reinterpret_cast<uintptr_t>(s.dynamic_storage.data()) + kSharedRedzone;
-  s.dynamic_base = reinterpret_cast<uint8_t*>((raw + 15) & ~uintptr_t{15});
-  s.dynamic_shadow.assign(dynamic_shared_bytes, Shadow{});
+  s.dynamic_shared.name = "dynamic shared memory";
+  s.dynamic_shared.reset(dynamic_shared_bytes);
+  s.static_shared.name = "static shared memory";
+  s.static_shared.reset(kStaticArenaBytes);
+  s.static_slots.clear();
+  s.static_used = 0;
   builtins.block_dim = block;
   builtins.grid_dim = grid;
   ++counters.launches;
@@ -653,18 +736,29 @@ bool run_grid(const char* name, Index3 grid, Index3 block, size_t dynamic_shared
   return ok;
 }
 
-Builtins builtins{};
+void* dynamic_shared() { return active().dynamic_shared.base; }
 
-void* dynamic_shared() { return active().dynamic_base; }
+void* static_shared(int key, size_t bytes, size_t alignment) {
+  State& s = active();
+  const auto found = s.static_slots.find(key);
+  if (found != s.static_slots.end()) {
+    if (found->second.bytes != bytes) fail_in_fiber(s, "a __shared__ variable declared with two sizes");
+    return s.static_shared.base + found->second.offset;
+  }
+  const size_t offset = (s.static_used + alignment - 1) / alignment * alignment;
+  if (offset + bytes > kStaticArenaBytes) fail_in_fiber(s, "static __shared__ variables over 48 KiB");
+  s.static_slots[key] = StaticSlot{offset, bytes};
+  s.static_used = offset + bytes;
+  return s.static_shared.base + offset;
+}
 
 uint32_t shared_address(const void* generic) {
   State& s = active();
   const uintptr_t address = reinterpret_cast<uintptr_t>(generic);
-  const uintptr_t lo = reinterpret_cast<uintptr_t>(s.dynamic_base);
-  if (address < lo || address > lo + s.launch.dynamic_bytes) {
+  if (address < s.dynamic_shared.lo() || address > s.dynamic_shared.hi()) {
     fail_in_fiber(s, "__cvta_generic_to_shared of an address outside dynamic shared memory (" + hex(address) + ")");
   }
-  return static_cast<uint32_t>(address - lo);
+  return static_cast<uint32_t>(address - s.dynamic_shared.lo());
 }
 
 void sync_threads() {
@@ -673,6 +767,8 @@ void sync_threads() {
   if (s.warps[t.warp].arrived > 0) {
     fail_in_fiber(s, std::string("__syncthreads while other lanes of the warp wait in ") + op_name(s.warps[t.warp].op));
   }
+  // Stricter than PTX's bar.sync, which waits only for threads that have not exited: the
+  // CUDA C++ guide asks every thread of the block to reach each __syncthreads.
   if (s.live < static_cast<int>(s.threads.size())) {
     fail_in_fiber(s, "__syncthreads in a block where " + std::to_string(s.threads.size() - s.live) +
                          " threads have ended: every thread of the block must reach each barrier");
@@ -692,9 +788,16 @@ void sync_warp(unsigned mask) {
 
 uint64_t shuffle(unsigned mask, uint64_t bits, Shuffle mode, int lane_arg, int width) {
   State& s = active();
-  if (width <= 0 || width > kWarpSize || (width & (width - 1)) != 0) fail_in_fiber(s, "shuffle width must be 1..32, a power of 2");
-  const uint64_t in[3] = {bits, static_cast<uint64_t>(static_cast<int64_t>(lane_arg)), static_cast<uint64_t>(mode)};
-  LaneSlot& slot = collective(s, Op::kShuffle, mask, in, 3, [width](LaneSlot* lanes) {
+  if (width <= 0 || width > kWarpSize || (width & (width - 1)) != 0) {
+    fail_in_fiber(s, "shuffle width must be a power of 2 in 1..32");
+  }
+  const uint64_t in[4] = {bits, static_cast<uint64_t>(static_cast<int64_t>(lane_arg)), static_cast<uint64_t>(mode),
+                          static_cast<uint64_t>(width)};
+  State* self = &s;
+  LaneSlot& slot = collective(s, Op::kShuffle, mask, in, 4, [self](LaneSlot* lanes) {
+    require_uniform(*self, lanes, 2, "the shuffle mode");
+    require_uniform(*self, lanes, 3, "the shuffle width");
+    const int width = static_cast<int>(lanes[0].in[3]);
     for (int lane = 0; lane < kWarpSize; ++lane) {
       const int arg = static_cast<int>(static_cast<int64_t>(lanes[lane].in[1]));
       const int base = lane & ~(width - 1);  // the lane's segment of `width` lanes
@@ -703,7 +806,8 @@ uint64_t shuffle(unsigned mask, uint64_t bits, Shuffle mode, int lane_arg, int w
         case Shuffle::kIndex: source = base + (arg & (width - 1)); break;
         case Shuffle::kUp: source = lane - arg >= base ? lane - arg : lane; break;
         case Shuffle::kDown: source = lane + arg < base + width ? lane + arg : lane; break;
-        case Shuffle::kXor: source = (lane ^ arg) < base + width && (lane ^ arg) >= base ? lane ^ arg : lane; break;
+        // Earlier segments may be read, later ones give the lane its own value (CUDA guide, __shfl_xor_sync).
+        case Shuffle::kXor: source = (lane ^ (arg & 31)) < base + width ? lane ^ (arg & 31) : lane; break;
       }
       lanes[lane].out[0] = lanes[source].in[0];
     }
@@ -724,35 +828,29 @@ unsigned ballot(unsigned mask, bool predicate) {
 
 namespace {
 // An atomic read-modify-write: bounds-checked, and race-checked against plain accesses
-// of other threads (atomics among themselves never race), then not recorded.
+// of other threads (atomics among themselves never race); atomics are not recorded, so a
+// plain access after another thread's atomic in the same barrier interval goes unseen.
 template <typename T>
 T atomic_update(T* address, T value) {
   State& s = active();
   const uintptr_t a = reinterpret_cast<uintptr_t>(address);
   const Thread& t = *s.current;
   if (!inside(a, sizeof(T), t.stack.lo, t.stack.hi)) {
-    std::vector<Shadow>* shadow = nullptr;
-    size_t offset = 0;
-    const uintptr_t dynamic_lo = reinterpret_cast<uintptr_t>(s.dynamic_base);
-    if (inside(a, sizeof(T), dynamic_lo, dynamic_lo + s.launch.dynamic_bytes)) {
-      shadow = &s.dynamic_shadow;
-      offset = a - dynamic_lo;
-    } else if (inside(a, sizeof(T), static_shared_lo(), static_shared_hi())) {
-      shadow = &s.static_shadow;
-      offset = a - static_shared_lo();
-    } else {
-      check_global(s, a, sizeof(T), true);
+    SharedRegion* region = nullptr;
+    for (SharedRegion* candidate : {&s.dynamic_shared, &s.static_shared}) {
+      if (inside(a, sizeof(T), candidate->lo(), candidate->hi())) region = candidate;
     }
-    if (shadow != nullptr) {
-      for (size_t i = 0; i < sizeof(T); ++i) {
-        Shadow& b = (*shadow)[offset + i];
-        if (b.epoch != s.barrier_epoch) continue;
-        const bool plain_write = b.writer >= 0 && b.writer != t.id;
-        const bool plain_read = (b.reader_warps & ~(1u << t.warp)) != 0 || (b.reader >= 0 && b.reader != t.id);
-        if (plain_write || plain_read) {
-          fail_in_fiber(s, "race: an atomic on shared byte " + std::to_string(offset + i) +
-                               " meets a plain access of another thread with no __syncthreads between");
-        }
+    if (region == nullptr) check_global(s, a, sizeof(T), true);
+    for (size_t i = 0; region != nullptr && i < sizeof(T); ++i) {
+      const Shadow& b = region->shadow[a - region->lo() + i];
+      if (b.epoch != s.barrier_epoch) continue;
+      const bool plain_write = b.writer >= 0 && b.writer != t.id;
+      const bool plain_read = (b.reader_warps & ~(1u << t.warp)) != 0 ||
+                              (b.reader_warp == t.warp && (b.reader_lanes & ~(1u << t.lane)) != 0);
+      if (plain_write || plain_read) {
+        fail_in_fiber(s, std::string("race: an atomic on ") + region->name + " byte " +
+                             std::to_string(a - region->lo() + i) +
+                             " meets a plain access of another thread with no __syncthreads between");
       }
     }
   }
@@ -767,9 +865,11 @@ unsigned atomic_add(unsigned* address, unsigned value) { return atomic_update(ad
 float atomic_add(float* address, float value) { return atomic_update(address, value); }
 
 // cp.async.cg.shared.global [dst], [src], 16, src_bytes (src_bytes 16 or 0: zero fill).
-// The source is read now; the 16 bytes land in shared memory at this thread's wait.
+// The source is read now; the 16 bytes land in shared memory at this thread's wait, and
+// until then any access to them, by any thread, is an error.
 void cp_async_16(uint32_t shared_destination, const void* global_source, bool valid) {
   State& s = active();
+  Thread& t = *s.current;
   shared_bytes(s, shared_destination, 16, "cp.async destination");
   PendingCopy copy{shared_destination, {}};
   if (valid) {
@@ -778,7 +878,15 @@ void cp_async_16(uint32_t shared_destination, const void* global_source, bool va
     check_global(s, source, 16, false);
     std::memcpy(copy.bytes, global_source, 16);
   }
-  s.current->copies.push_back(copy);
+  for (uint32_t i = 0; i < 16; ++i) {
+    int16_t& owner = s.dynamic_shared.pending[shared_destination + i];
+    if (owner >= 0) {
+      fail_in_fiber(s, "cp.async to dynamic shared byte " + std::to_string(shared_destination + i) +
+                           " that an earlier cp.async of " + thread_name(s, owner) + " has not landed");
+    }
+    owner = static_cast<int16_t>(t.id);
+  }
+  t.copies.push_back(copy);
 }
 
 // Groups only order the waits; cp.async.wait_all lands every copy of the thread, so the
@@ -789,8 +897,9 @@ void cp_async_wait_all() {
   State& s = active();
   Thread& t = *s.current;
   for (const PendingCopy& copy : t.copies) {
-    race_check(s, t, s.dynamic_shadow, copy.destination, 16, true, "dynamic shared memory");
-    std::memcpy(s.dynamic_base + copy.destination, copy.bytes, 16);
+    for (uint32_t i = 0; i < 16; ++i) s.dynamic_shared.pending[copy.destination + i] = -1;
+    race_check(s, t, s.dynamic_shared, copy.destination, 16, true);
+    std::memcpy(s.dynamic_shared.base + copy.destination, copy.bytes, 16);
   }
   t.copies.clear();
 }
@@ -807,15 +916,16 @@ void ldmatrix_x4(uint32_t (&registers)[4], uint32_t shared_row_address, bool tra
   const int warp_base = s.current->warp * kWarpSize;
   State* self = &s;
   LaneSlot& slot = collective(s, Op::kLdmatrix, kFullMask, in, 2, [self, warp_base](LaneSlot* lanes) {
+    require_uniform(*self, lanes, 1, ".trans");
     uint16_t rows[4][8][8];
     for (int provider = 0; provider < kWarpSize; ++provider) {
       const uint32_t address = static_cast<uint32_t>(lanes[provider].in[0]);
       const uint8_t* row = shared_bytes(*self, address, 16, "ldmatrix row");
-      shared_read_as(*self, warp_base + provider, address, 16);
+      race_check(*self, self->threads[warp_base + provider], self->dynamic_shared, address, 16, false);
       std::memcpy(rows[provider / 8][provider % 8], row, 16);
     }
+    const bool trans = lanes[0].in[1] != 0;
     for (int lane = 0; lane < kWarpSize; ++lane) {
-      const bool trans = lanes[lane].in[1] != 0;
       const int r = lane / 4, c = 2 * (lane % 4);
       for (int i = 0; i < 4; ++i) {
         const uint16_t lo = trans ? rows[i][c][r] : rows[i][r][c];
@@ -882,7 +992,10 @@ float ex2_approx_ftz(float x) {
   return std::fpclassify(y) == FP_SUBNORMAL ? std::copysign(0.0f, y) : y;
 }
 
-std::string last_error() { return state != nullptr ? state->error : last_message; }
+std::string last_error() {
+  const bool mine = state != nullptr && pthread_equal(state->owner, pthread_self());
+  return mine ? state->error : last_message;
+}
 
 cudaError_t take_launch_error() {
   const cudaError_t error = pending_launch_error;
@@ -906,6 +1019,8 @@ const char* error_string(cudaError_t error) {
 // GCC's -fsanitize=address with --param asan-instrumentation-with-call-threshold=0 makes
 // every load and store of the kernel sources call these (the _noabort forms come with
 // -fsanitize-recover). Hidden: they serve this module only, never a real ASan runtime.
+// (GCC leaves out accesses it proves in bounds of a static object: the kernels' static
+// shared variables are therefore reached through UNMASK_SHARED, never declared static.)
 #define UNMASK_SIMT_HOOK extern "C" __attribute__((visibility("hidden"))) void
 #define UNMASK_SIMT_ACCESS_HOOKS(size)                                                                   \
   UNMASK_SIMT_HOOK __asan_load##size(uintptr_t address) { simt::check_access(address, size, false); }     \

@@ -9,15 +9,22 @@
 //
 // Checks, on every launch (the first failure ends the launch with an error that names the
 // kernel, block, thread and address; runtime.cpp):
-//   - global memory: every access lies inside one of the buffers handed to the session;
-//   - shared memory: accesses lie inside the declared size, and two threads touching the
-//     same bytes between two barriers, one of them writing, is a race (lanes of one warp
-//     are exempt once a warp collective or __syncwarp lies between the accesses);
-//   - cp.async: the data lands at the thread's wait, not before;
-//   - a barrier or warp collective that some threads never reach.
-// Accesses are seen through GCC's AddressSanitizer instrumentation in outline form (every
-// load and store of the kernel sources calls __asan_load4 and friends), whose callbacks
-// this runtime defines: no ASan runtime is linked.
+//   - global memory: every access lies inside the bytes of one of the tensors handed to
+//     the session (read-only constants, the launch's arguments and the built-in indices
+//     may be read);
+//   - shared memory: accesses lie inside the declared size (dynamic) or inside one
+//     variable (static, UNMASK_SHARED), and two threads touching the same bytes between
+//     two barriers, one of them writing, is a race (lanes of one warp are exempt once a
+//     __syncwarp lies between the accesses; shuffles, votes, ldmatrix and mma order no
+//     memory);
+//   - cp.async: the data lands at the thread's wait; any access to its bytes before is an
+//     error;
+//   - a barrier or warp collective that some threads never reach (stricter than PTX: a
+//     __syncthreads after some threads exited is reported, as the CUDA guide forbids it).
+// Accesses are seen through GCC's AddressSanitizer instrumentation in outline form (the
+// loads and stores of the kernel sources call __asan_load4 and friends; GCC leaves out
+// those it proves in bounds of a local), whose callbacks this runtime defines: no ASan
+// runtime is linked. Atomics are checked against plain accesses but not recorded.
 #pragma once
 
 #include <cstddef>
@@ -69,10 +76,15 @@ struct Index3 {
 
 using Entry = void (*)(void* context);  // runs the kernel with its arguments, for one thread
 
-// Runs the grid; false (with the session's error set) if a check failed. `arguments` is
-// the launch's argument block, which every thread may read.
-bool run_grid(const char* name, Index3 grid, Index3 block, size_t dynamic_shared_bytes, Entry entry,
-              const void* arguments, size_t argument_bytes);
+// Runs the grid; false (with the session's error set) if a check failed. `kernel` names
+// the kernel for its dynamic shared memory limit; `arguments` is the launch's argument
+// block, which every thread may read.
+bool run_grid(const char* name, const void* kernel, Index3 grid, Index3 block, size_t dynamic_shared_bytes,
+              Entry entry, const void* arguments, size_t argument_bytes);
+
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes): over
+// 48 KiB of dynamic shared memory a launch needs this opt-in, as on a GPU.
+void allow_dynamic_shared(const void* kernel, size_t bytes);
 
 // threadIdx, blockIdx, blockDim and gridDim of the running thread (cuda_shim.h).
 struct Builtins {
@@ -81,6 +93,10 @@ struct Builtins {
 extern Builtins builtins;
 
 void* dynamic_shared();
+// A static __shared__ variable of the running kernel (UNMASK_SHARED): `key` tells the
+// declarations apart; the storage is fresh (poisoned) for every block, bounds-checked per
+// variable and race-checked like dynamic shared memory.
+void* static_shared(int key, size_t bytes, size_t alignment);
 uint32_t shared_address(const void* generic);  // __cvta_generic_to_shared
 
 void sync_threads();

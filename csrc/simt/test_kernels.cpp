@@ -96,6 +96,35 @@ __global__ void lane_handoff_kernel(const float* data, float* out) {
   if (threadIdx.x == 1) out[0] = buffer[0];
 }
 
+// Lane 0 writes, lane 1 reads, in one warp, with only a shuffle between: a shuffle
+// exchanges registers but orders no memory, so this is a race.
+__global__ void shuffle_ordered_handoff_kernel(const float* data, float* out) {
+  UNMASK_DYNAMIC_SHARED(float, buffer);
+  if (threadIdx.x == 0) buffer[0] = data[0];
+  const float token = __shfl_xor_sync(0xFFFFFFFFu, data[threadIdx.x], 1);
+  if (threadIdx.x == 1) out[0] = buffer[0] + 0.0f * token;
+}
+
+// A static shared counter: thread 0 zeroes it, every thread adds one atomically, thread 0
+// writes the total. Without the barrier after the zeroing, the atomics race with it.
+template <bool kBarrier>
+__global__ void static_counter_kernel(const float*, float* out) {
+  UNMASK_SHARED(int, counter);
+  if (threadIdx.x == 0) counter = 0;
+  if (kBarrier) __syncthreads();
+  atomicAdd(&counter, 1);
+  __syncthreads();
+  if (threadIdx.x == 0) out[blockIdx.x] = static_cast<float>(counter);
+}
+
+// Writes one element past a static shared array of 32 floats.
+__global__ void static_overflow_kernel(const float* data, float* out) {
+  UNMASK_SHARED_ARRAY(float, values, 32);
+  values[threadIdx.x] = data[threadIdx.x];  // 33 threads
+  __syncthreads();
+  out[threadIdx.x] = values[threadIdx.x];
+}
+
 // Copies n floats with an off-by-one bound (<= n): the last read and write run past the buffers.
 __global__ void off_by_one_kernel(const float* data, float* out, int n) {
   for (int i = threadIdx.x; i <= n; i += blockDim.x) out[i] = data[i];
@@ -109,8 +138,8 @@ __global__ void shared_overflow_kernel(const float* data, float* out) {
   out[threadIdx.x] = buffer[threadIdx.x];
 }
 
-// cp.async of 16 bytes into shared memory, then a read: after the wait it sees the data,
-// before the wait the old bytes (the copy lands at the wait).
+// cp.async of 16 bytes into shared memory, then a read: after the wait it sees the data;
+// before the wait the read is an error (on a GPU it may see either bytes).
 template <bool kWait>
 __global__ void cp_async_kernel(const uint4* data, uint4* out) {
   UNMASK_DYNAMIC_SHARED(uint4, tile);
@@ -161,6 +190,15 @@ unmask::Status test_kernel(const std::string& name, void* data, int64_t, void* o
     launch_kernel("lane_handoff_kernel", lane_handoff_kernel<true>, dim3(1), dim3(32), 4, nullptr, f_in, f_out);
   } else if (name == "lane_handoff_missing_syncwarp") {
     launch_kernel("lane_handoff_kernel", lane_handoff_kernel<false>, dim3(1), dim3(32), 4, nullptr, f_in, f_out);
+  } else if (name == "shuffle_ordered_handoff") {
+    launch_kernel("shuffle_ordered_handoff_kernel", shuffle_ordered_handoff_kernel, dim3(1), dim3(32), 4, nullptr,
+                  f_in, f_out);
+  } else if (name == "static_counter") {
+    launch_kernel("static_counter_kernel", static_counter_kernel<true>, dim3(3), dim3(64), 0, nullptr, f_in, f_out);
+  } else if (name == "static_counter_missing_barrier") {
+    launch_kernel("static_counter_kernel", static_counter_kernel<false>, dim3(3), dim3(64), 0, nullptr, f_in, f_out);
+  } else if (name == "static_overflow") {
+    launch_kernel("static_overflow_kernel", static_overflow_kernel, dim3(1), dim3(33), 0, nullptr, f_in, f_out);
   } else if (name == "off_by_one") {
     launch_kernel("off_by_one_kernel", off_by_one_kernel, dim3(1), dim3(32), 0, nullptr, f_in, f_out, 100);
   } else if (name == "shared_overflow") {

@@ -149,13 +149,14 @@ def _stream(device: torch.device) -> int:
 
 
 def _buffers(**tensors) -> list[tuple[int, int, str]]:
-    """(address, bytes, name) of each tensor's whole storage: the memory an interpreted
-    launch may touch (a view's launch may read anywhere in its storage, as on a GPU)."""
+    """(address, bytes, name) of each tensor's elements, first to last as laid out by its
+    strides: the memory an interpreted launch may touch. (A GPU would let a kernel read the
+    rest of the storage too; a kernel that does is reading what its caller never gave it.)"""
     found = []
     for name, tensor in tensors.items():
         if tensor is not None and tensor.numel() > 0:
-            storage = tensor.untyped_storage()
-            found.append((storage.data_ptr(), storage.nbytes(), name))
+            last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+            found.append((tensor.data_ptr(), (last + 1) * tensor.element_size(), name))
     return found
 
 

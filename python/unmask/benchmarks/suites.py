@@ -100,7 +100,7 @@ def bench_sample(device: torch.device, shapes: list[tuple[int, int]], dtypes: li
                 rows.append(Row("sample", name, shape, str(dtype).removeprefix("torch."),
                                 seconds * 1e3, gbps=gbps, fraction_of_peak=gbps / peak, peak="read bandwidth",
                                 speedup_vs_baseline=baseline / seconds, extra={"read_bandwidth_gbps": peak}))
-            del inputs
+            inputs = None  # free this shape's inputs before the next is made
     return rows
 
 
@@ -300,7 +300,7 @@ def bench_attention_gpu(device: torch.device, *, reps: int = 10) -> tuple[list[R
         impls[unmask_label(q, k, v)] = lambda i: ops.attention(q, k, v)
         record(impls, {"B": batch, "Lq": length, "Lk": length, "H": heads, "D": head_dim, "mask": "none"},
                4 * batch * heads * length * length * head_dim)
-        del q, k, v, impls
+        q = k = v = impls = None  # free before the next shape
 
     # Block diffusion: block-causal (32) with the first eighth of every row left padding.
     block = 32
@@ -317,7 +317,7 @@ def bench_attention_gpu(device: torch.device, *, reps: int = 10) -> tuple[list[R
             lambda i: ops.attention(q, k, v, key_valid=key_valid, block_size=block)
         shape = {"B": batch, "Lq": length, "Lk": length, "H": heads, "D": head_dim, "mask": f"block{block}+pad"}
         record(impls, shape, 4 * batch * heads * length * length * head_dim)
-        del q, k, v, key_valid, visible, impls, flex
+        q = k = v = key_valid = visible = impls = flex = None
 
     # Cached decoding: a 32- or 128-token block against 4096 cached keys, MHA and GQA.
     # Inputs rotate through copies larger than L2 so every run reads K and V from HBM.
@@ -336,7 +336,7 @@ def bench_attention_gpu(device: torch.device, *, reps: int = 10) -> tuple[list[R
             impls[unmask_label(*inputs[0])] = lambda i: ops.attention(*inputs[i % count])
             shape = {"B": 1, "Lq": q_len, "Lk": k_len, "H": heads, "Hkv": kv_heads, "D": head_dim, "mask": "none"}
             record(impls, shape, 4 * heads * q_len * k_len * head_dim, kv_bytes=kv_bytes)
-            del inputs, impls
+            inputs = impls = None
     return rows, peaks
 
 
