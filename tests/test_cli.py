@@ -1,13 +1,17 @@
 """The unmask command: info, generate (ids and tokenizer text), bench --quick."""
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 
 import unmask
 from unmask import cli
 from tests.helpers import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_info_lists_backends(capsys):
@@ -76,3 +80,19 @@ def test_chat_template_through_transformers(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, "unk_token": "[UNK]"}))
     assert cli.chat_prompt(str(tmp_path), "hello") == [1, 5, 3, 2, 5]  # "user: hello assistant:"
+
+
+def test_gpucheck_plan_and_arguments(capsys, tmp_path, monkeypatch):
+    from unmask import gpucheck
+
+    monkeypatch.chdir(ROOT)
+    assert gpucheck.main(["--out", str(tmp_path), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert [line.split()[0] for line in printed.splitlines()] == list(gpucheck.STAGES)
+    assert "tests/test_cuda_attention.py" in printed and "tests/test_cli.py" not in printed
+    with pytest.raises(SystemExit):
+        gpucheck.main(["--out", str(tmp_path), "--only", "tests,warp_speed"])
+    assert "unknown stages ['warp_speed']" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert gpucheck.main(["--out", str(tmp_path / "run")]) == 2
+        assert not (tmp_path / "run").exists()

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import unmask
-from tests.helpers import tiny_config, tiny_model
+from tests.helpers import requires_gpu, tiny_config, tiny_model
 
 
 def plain_llada_forward(tensors, config, ids, attention_mask=None):
@@ -165,3 +165,21 @@ def test_unknown_model_type(tmp_path):
         unmask.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json"):
         unmask.from_pretrained(tmp_path / "nowhere")
+
+
+@requires_gpu
+@pytest.mark.parametrize("tied", [False, True])
+def test_random_model_is_drawn_on_the_gpu(tied):
+    """DiffusionTransformer.random on an accelerator builds on the meta device and draws the
+    weights there: every parameter written (no uninitialised memory), ties kept, norms 1."""
+    config = tiny_config(weight_tying=tied)
+    model = unmask.DiffusionTransformer.random(config, seed=4, dtype=torch.bfloat16, device="cuda")
+    again = unmask.DiffusionTransformer.random(config, seed=4, dtype=torch.bfloat16, device="cuda")
+    assert (model.lm_head.weight is model.embed.weight) == tied
+    for (name, param), other in zip(model.named_parameters(), again.parameters()):
+        assert param.device.type == "cuda" and param.dtype == torch.bfloat16
+        assert torch.equal(param, other), f"{name}: the same seed gives the same weights"
+        if name.endswith("norm.weight"):
+            assert bool((param == 1).all())
+        else:
+            assert 0.015 < float(param.float().std()) < 0.025, name
