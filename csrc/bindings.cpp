@@ -177,7 +177,6 @@ void bind_structs(py::module_& m) {
       .finish();
 
   StructBinder<SampleCudaExtras>(m, "SampleCudaExtras", "unmask/sample_cuda.h: what only the GPU launch needs")
-      .pointer("seed_device", &SampleCudaExtras::seed_device)
       .pointer("offset_device", &SampleCudaExtras::offset_device)
       .pointer("workspace", &SampleCudaExtras::workspace)
       .value("workspace_bytes", &SampleCudaExtras::workspace_bytes)

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from unmask import native, validation
+from unmask import native, ops, validation
 from tests.helpers import requires_cuda_build, requires_extension
 
 pytestmark = requires_extension
@@ -103,8 +103,11 @@ def test_custom_ops_take_int32_indices():
     backends widen them, never read them as int64."""
     logits = torch.randn(6, 40)
     tokens, _ = torch.ops.unmask.sample(logits, 0.0, 0, 1.0, torch.tensor([3], dtype=torch.int32), "prob", 1.0, 0,
-                                        0, torch.tensor([1, 4], dtype=torch.int32), False)
+                                        0, None, torch.tensor([1, 4], dtype=torch.int32), False)
     assert tokens[[0, 2, 3, 5]].tolist() == [-1] * 4 and (tokens[[1, 4]] >= 0).all()
+    tokens, _ = torch.ops.unmask.sample(logits, 1.0, 0, 1.0, None, "prob", 1.0, 9, 0, torch.tensor(5, dtype=torch.int32),
+                                        None, False)
+    assert torch.equal(tokens, ops.sample(logits, temperature=1.0, seed=9, offset=5)[0])
     canvas = torch.zeros(1, 4, dtype=torch.int64)
     committed = torch.ops.unmask.commit(canvas, torch.ones(1, 4, dtype=torch.int64), torch.rand(1, 4),
                                         torch.ones(1, 4, dtype=torch.bool), torch.tensor([1], dtype=torch.int32),
@@ -123,7 +126,7 @@ def test_empty_row_selection_samples_nothing():
 @requires_cuda_build
 def test_unsupported_case_raises_not_implemented_with_the_field():
     logits, tokens, conf = buffers()
-    extras = native._params(_C.SampleCudaExtras, seed_device=0, offset_device=0, workspace=0, workspace_bytes=0)
+    extras = native._params(_C.SampleCudaExtras, offset_device=0, workspace=0, workspace_bytes=0)
     with pytest.raises(NotImplementedError, match="params.top_k = 5"):
         _C.sample_cuda(sample_params(logits, tokens, conf, top_k=5), extras=extras, stream=0)
 

@@ -151,6 +151,17 @@ def test_a_seed_reproduces_and_another_differs():
     assert not torch.equal(a[0], ops.sample(logits, temperature=1.0, seed=42, offset=4)[0])
 
 
+@pytest.mark.parametrize("confidence", ["prob", "random"])
+def test_an_offset_tensor_draws_as_its_value(confidence):
+    """offset as a 0-d tensor (a step counter a captured step reads) gives the draws of the
+    int; int32 and int64 alike, and 2^32 - 1 (the largest) too."""
+    logits = random_logits(9, 300, seed=8)
+    for value, dtype in ((5, torch.int64), (7, torch.int32), (2**32 - 1, torch.int64)):
+        expected = ops.sample(logits, temperature=1.0, confidence=confidence, seed=3, offset=value)
+        got = ops.sample(logits, temperature=1.0, confidence=confidence, seed=3, offset=torch.tensor(value, dtype=dtype))
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
 def test_rows_restricts_work_and_keeps_row_ids():
     logits = random_logits(10, 31, 6).reshape(2, 5, 31)
     full_tokens, full_conf = ops.sample(logits, temperature=1.0, seed=8)

@@ -167,8 +167,8 @@ __global__ void __launch_bounds__(kThreads) sample_partial_kernel(SampleParams p
   const int64_t begin = split * segment < p.vocab ? split * segment : p.vocab;
   const int64_t end = begin + segment < p.vocab ? begin + segment : p.vocab;
   RowContext ctx;
-  ctx.seed = extras.seed_device != nullptr ? *extras.seed_device : p.seed;
-  ctx.offset = extras.offset_device != nullptr ? *extras.offset_device : p.offset;
+  ctx.seed = p.seed;
+  ctx.offset = extras.offset_device != nullptr ? static_cast<uint32_t>(*extras.offset_device) : p.offset;
   ctx.row = static_cast<uint32_t>(row);
   ctx.inv_t = static_cast<float>(1.0 / p.conf_temperature);
   ctx.temperature = p.temperature;
@@ -238,9 +238,8 @@ __global__ void sample_finish_kernel(SampleParams p, SampleCudaExtras extras, in
       break;
     case ConfidenceKind::kEntropy: conf = static_cast<double>(r.weighted) / r.sum - log(static_cast<double>(r.sum)); break;
     default: {
-      const uint64_t seed = extras.seed_device != nullptr ? *extras.seed_device : p.seed;
-      const uint32_t offset = extras.offset_device != nullptr ? *extras.offset_device : p.offset;
-      conf = uniform_from_draw(unmask_draw(seed, 0, static_cast<uint32_t>(row), offset, RngStream::kRandomConfidence));
+      const uint32_t offset = extras.offset_device != nullptr ? static_cast<uint32_t>(*extras.offset_device) : p.offset;
+      conf = uniform_from_draw(unmask_draw(p.seed, 0, static_cast<uint32_t>(row), offset, RngStream::kRandomConfidence));
     }
   }
   p.tokens[row] = token;

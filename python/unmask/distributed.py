@@ -82,8 +82,9 @@ class VocabShard:
     group: dist.ProcessGroup
 
     def sample(self, logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               banned=None, confidence: str = "prob", conf_temperature: float = 1.0, seed: int = 0, offset: int = 0,
-               rows: torch.Tensor | None = None, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+               banned=None, confidence: str = "prob", conf_temperature: float = 1.0, seed: int = 0,
+               offset: int | torch.Tensor = 0, rows: torch.Tensor | None = None,
+               check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """unmask.ops.sample over logits split by vocabulary: logits [..., size] hold this
         rank's ids; every rank returns the same tokens (global ids) and confidences.
         Arguments are checked as unmask.ops.sample checks them (banned ids against the

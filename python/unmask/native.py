@@ -163,6 +163,14 @@ def _buffers(**tensors) -> list[tuple[int, int, str]]:
 # --------------------------------------------------------------------------- sample
 
 
+def _host_offset(offset) -> int:
+    """SampleParams.offset: the int, or the value of a CPU tensor (host memory, no sync).
+    The CUDA launch passes a tensor as SampleCudaExtras.offset_device instead."""
+    if not isinstance(offset, torch.Tensor):
+        return offset
+    return int(offset) & 0xFFFFFFFF if offset.device.type == "cpu" else 0
+
+
 def _sample_params(call: SampleCall, flat: torch.Tensor, rows, banned, tokens: torch.Tensor, conf: torch.Tensor):
     options = call.options
     return _params(
@@ -171,7 +179,7 @@ def _sample_params(call: SampleCall, flat: torch.Tensor, rows, banned, tokens: t
         n_selected=0 if rows is None else rows.numel(), banned=_address(banned),
         n_banned=0 if banned is None else banned.numel(), temperature=options.temperature, top_k=options.top_k,
         top_p=options.top_p, confidence=getattr(_C.ConfidenceKind, options.confidence),
-        conf_temperature=options.conf_temperature, seed=options.seed, offset=options.offset,
+        conf_temperature=options.conf_temperature, seed=options.seed, offset=_host_offset(options.offset),
         tokens=tokens.data_ptr(), conf=conf.data_ptr(),
     )
 
@@ -208,11 +216,15 @@ def _launch_sample_cuda(call: SampleCall, out=None, *, interpret: bool = False):
     params = _sample_params(call, flat, rows, banned, tokens, conf)
     workspace_bytes = (_C.sample_cuda_interpret_workspace_bytes if interpret else _C.sample_cuda_workspace_bytes)(params)
     workspace = torch.empty(max(1, workspace_bytes), dtype=torch.uint8, device=call.device)
-    extras = _params(_C.SampleCudaExtras, seed_device=0, offset_device=0, workspace=workspace.data_ptr(),
+    offset = call.options.offset if isinstance(call.options.offset, torch.Tensor) else None
+    if offset is not None:
+        offset = offset.to(torch.int64)  # (a direct op call may pass int32)
+        params.offset = 0  # read from offset_device by the kernels, on a GPU and interpreted alike
+    extras = _params(_C.SampleCudaExtras, offset_device=_address(offset), workspace=workspace.data_ptr(),
                      workspace_bytes=workspace.numel())
     if interpret:
         _C.sample_cuda_interpret(params, extras=extras, buffers=_buffers(
-            logits=flat, rows=rows, banned=banned, tokens=tokens, conf=conf, workspace=workspace))
+            logits=flat, rows=rows, banned=banned, tokens=tokens, conf=conf, workspace=workspace, offset=offset))
     else:
         _C.sample_cuda(params, extras=extras, stream=_stream(call.device))
     lead = call.logits.shape[:-1]

@@ -133,10 +133,12 @@ def _sample_op(
     conf_temperature: float,
     seed: int,
     offset: int,
+    offset_tensor: torch.Tensor | None,
     rows: torch.Tensor | None,
     check: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    options = SampleOptions(temperature, top_k, top_p, confidence, conf_temperature, _seed_from_int64(seed), offset)
+    options = SampleOptions(temperature, top_k, top_p, confidence, conf_temperature, _seed_from_int64(seed),
+                            offset if offset_tensor is None else offset_tensor)
     tokens, conf = dispatch.run("sample", SampleCall(logits, options, banned, rows, check))
     if check:
         raise_on_invalid_rows(tokens, rows)
@@ -157,7 +159,7 @@ def raise_on_invalid_rows(tokens: torch.Tensor, rows: torch.Tensor | None) -> No
 
 
 @_sample_op.register_fake
-def _(logits, temperature, top_k, top_p, banned, confidence, conf_temperature, seed, offset, rows, check):
+def _(logits, temperature, top_k, top_p, banned, confidence, conf_temperature, seed, offset, offset_tensor, rows, check):
     lead = logits.shape[:-1]
     return (
         logits.new_empty(lead, dtype=torch.int64),
@@ -175,11 +177,15 @@ def sample(
     confidence: str = "prob",
     conf_temperature: float = 1.0,
     seed: int = 0,
-    offset: int = 0,
+    offset: int | torch.Tensor = 0,
     rows: torch.Tensor | None = None,
     check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Parallel token sampling with confidence (docs/design.md, sample).
+
+    offset, the step counter of the RNG, is an int or a 0-d int tensor on the logits'
+    device: the kernels read the tensor, so a step captured in a CUDA graph or traced by
+    torch.compile replays with the counter it holds then.
 
     logits [..., V] in fp32, fp16 or bf16 (fp32 math). Returns tokens (int64) and
     conf (float32) of shape logits.shape[:-1]. rows, an int index into the flattened
@@ -195,8 +201,10 @@ def sample(
                                   confidence=confidence, conf_temperature=conf_temperature, seed=seed, offset=offset,
                                   rows=rows, check=check)
     o = call.options
+    offset_tensor = o.offset if isinstance(o.offset, torch.Tensor) else None
     return _sample_op(call.logits, o.temperature, o.top_k, o.top_p, call.banned, o.confidence, o.conf_temperature,
-                      _seed_to_int64(o.seed), o.offset, call.rows, call.check)
+                      _seed_to_int64(o.seed), 0 if offset_tensor is not None else o.offset, offset_tensor, call.rows,
+                      call.check)
 
 
 # --------------------------------------------------------------------------- commit

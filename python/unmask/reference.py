@@ -124,7 +124,7 @@ def confidence_of(
     conf_temperature: float,
     *,
     seed: int,
-    offset: int,
+    offset: int | torch.Tensor,
     row_ids: torch.Tensor,
 ) -> torch.Tensor:
     """Float64 confidence per row of the kept logits (-inf where removed)."""
@@ -163,10 +163,11 @@ def sample(
     confidence: str = "prob",
     conf_temperature: float = 1.0,
     seed: int = 0,
-    offset: int = 0,
+    offset: int | torch.Tensor = 0,
     rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token and its confidence per row of logits [..., V].
+    """One token and its confidence per row of logits [..., V]. offset: an int or a 0-d
+    int tensor (the step counter of a captured step).
 
     Returns tokens (int64) and conf (float32) of shape logits.shape[:-1]. Rows not in
     `rows` (ids in it outside [0, N) are skipped), and rows with no finite kept logit or with a NaN or +inf kept logit, get

@@ -50,19 +50,21 @@ def philox4x32_10(counter: torch.Tensor, key0: int, key1: int) -> torch.Tensor:
     return torch.stack([c0, c1, c2, c3], dim=-1)
 
 
-def draws(seed: int, rows: torch.Tensor, cols: int, *, offset: int = 0, stream: int = GUMBEL_STREAM,
+def draws(seed: int, rows: torch.Tensor, cols: int, *, offset: int | torch.Tensor = 0, stream: int = GUMBEL_STREAM,
           col_start: int = 0) -> torch.Tensor:
     """The 32-bit draws w[r, c] for the given row ids and columns col_start..col_start+cols-1
-    (int64 tensor; col_start > 0 for one shard of a vocabulary split across devices)."""
+    (int64 tensor; col_start > 0 for one shard of a vocabulary split across devices).
+    offset: an int or a 0-d int tensor (a step counter that lives on the device)."""
     check_seed(seed)
     rows = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
     col = torch.arange(col_start, col_start + cols, dtype=torch.int64, device=rows.device)
     quad = (col // 4).expand(rows.numel(), cols)
+    offset_word = torch.as_tensor(offset, dtype=torch.int64).to(rows.device) & _MASK32
     counter = torch.stack(
         [
             quad,
             rows[:, None].expand(-1, cols),
-            torch.full_like(quad, offset & _MASK32),
+            offset_word.expand_as(quad),
             torch.full_like(quad, stream),
         ],
         dim=-1,
@@ -80,12 +82,13 @@ def gumbel_from_draws(w: torch.Tensor) -> torch.Tensor:
     return -torch.log(-torch.log(uniform_from_draws(w)))
 
 
-def gumbel(seed: int, rows: torch.Tensor, cols: int, *, offset: int = 0, col_start: int = 0) -> torch.Tensor:
+def gumbel(seed: int, rows: torch.Tensor, cols: int, *, offset: int | torch.Tensor = 0,
+           col_start: int = 0) -> torch.Tensor:
     """Gumbel noise g[r, c] in float64 for token sampling (stream 0), columns from col_start."""
     return gumbel_from_draws(draws(seed, rows, cols, offset=offset, stream=GUMBEL_STREAM, col_start=col_start))
 
 
-def random_confidence(seed: int, rows: torch.Tensor, *, offset: int = 0) -> torch.Tensor:
+def random_confidence(seed: int, rows: torch.Tensor, *, offset: int | torch.Tensor = 0) -> torch.Tensor:
     """One uniform per row (column 0 of stream 1), the "random" remasking score."""
     w = draws(seed, rows, 1, offset=offset, stream=RANDOM_CONFIDENCE_STREAM)
     return uniform_from_draws(w[:, 0])

@@ -118,7 +118,10 @@ def check_device(name: str, value: torch.Tensor, device: torch.device) -> None:
 
 def host_values(value) -> torch.Tensor | None:
     """The values of an int tensor when reading them costs no synchronisation (on the
-    CPU), else None."""
+    CPU), else None. While torch.compile traces, None: the values are data of the graph
+    (reading them would break it), and the kernels' answer to any value is defined."""
+    if torch.compiler.is_compiling():
+        return None
     return value if isinstance(value, torch.Tensor) and value.device.type == "cpu" else None
 
 
@@ -136,7 +139,9 @@ def check_index_range(name: str, values: torch.Tensor | None, size: int, what: s
 
 @dataclasses.dataclass(frozen=True)
 class SampleOptions:
-    """The scalar arguments of sample, checked. offset may be a traced JAX value."""
+    """The scalar arguments of sample, checked. offset: an int, a 0-d int64 torch tensor on
+    the logits' device (read by the kernels, so a captured step replays with a new one),
+    or a traced JAX value."""
 
     temperature: float
     top_k: int
@@ -239,6 +244,14 @@ def sample_call(logits, *, temperature=0.0, top_k=0, top_p=1.0, banned=None, con
     else:
         ids = banned_ids(banned, vocab)
         banned_tensor = None if ids is None else torch.tensor(ids, dtype=torch.int64, device=device)
+    if isinstance(offset, torch.Tensor):
+        check_tensor("offset", offset, dtypes=INT_DTYPES, ndim=0)
+        check_device("offset", offset, device)
+        offset = offset.to(torch.int64)
+        check_index_range("offset", host_values(offset), OFFSET_LIMIT, "a 32-bit step offset")
+        options = dataclasses.replace(options, offset=offset)
+    else:
+        check_int("offset", offset, low=0, high=OFFSET_LIMIT)
     if options.top_k >= vocab:  # keeps every id: the same as no filter, for every backend
         options = dataclasses.replace(options, top_k=0)
     n_rows = logits.numel() // shard_vocab
