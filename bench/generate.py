@@ -64,12 +64,15 @@ def main() -> None:
     record("LLaDA published loop", time.perf_counter() - started, calls)
 
     uncached = None
-    for cache in (None, "prefix", "dual"):
+    variants = [(None, False), ("prefix", False), ("dual", False)]
+    if device.type == "cuda":
+        variants.insert(1, (None, True))  # the step captured once and replayed
+    for cache, cuda_graph in variants:
         out = unmask.generate(model, prompt, gen_length=gen, block_length=block, steps=gen, cache=cache,
-                              stop_at_eos=False)
-        uncached = out.tokens if cache is None else uncached
+                              cuda_graph=cuda_graph, stop_at_eos=False)
+        uncached = out.tokens if cache is None and not cuda_graph else uncached
         agreement = float((out.tokens == uncached).float().mean())
-        record(f"unmask cache={cache}", out.seconds, out.nfe, agreement)
+        record(f"unmask cache={cache}" + (" cuda_graph" if cuda_graph else ""), out.seconds, out.nfe, agreement)
 
     baseline = rows[0].median_ms
     for row in rows:

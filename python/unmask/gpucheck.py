@@ -9,7 +9,7 @@ call, sized to finish in about 6 minutes on an H100:
   commit     confidence-based unmasking of a block;
   attention  the attention kernel beside every torch SDPA backend and FlexAttention;
   generate   a denoising step at the LLaDA-8B shape with random bf16 weights, against the
-             weight-read floor (no cache and dual cache).
+             weight-read floor: no cache eager and as a CUDA graph, and the dual cache.
 It writes DIR/results.jsonl (the bench rows, as bench/ writes them), DIR/tests.log (the
 pytest output) and DIR/summary.md. --dry-run lists what it would run, with shapes, and
 needs no GPU.
@@ -53,7 +53,7 @@ def plan() -> dict[str, str]:
                      "32 and 128 queries against 4096 cached keys (MHA and GQA); every SDPA backend, FlexAttention",
         "generate": f"LLaDA-8B shape {LLADA_8B}, random bf16 weights, prompt {GENERATE['prompt']}, "
                     f"{GENERATE['gen_length']} tokens in blocks of {GENERATE['block_length']}, one per step; "
-                    "no cache and dual cache; the weight-read floor",
+                    "no cache (eager and cuda_graph=True) and dual cache; the weight-read floor",
     }
 
 
@@ -101,17 +101,21 @@ def bench_generate(device: torch.device) -> list:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     floor_ms = weight_bytes / harness.read_bandwidth(device, megabytes=1024) / 1e6  # bytes / (GB/s) -> ms
     prompt = torch.randint(0, 126000, (1, GENERATE["prompt"]), generator=torch.Generator().manual_seed(0))
-    rows = []
-    for cache in (None, "dual"):
+    rows, tokens = [], {}
+    for cache, cuda_graph in ((None, False), (None, True), ("dual", False)):
         arguments = dict(gen_length=GENERATE["gen_length"], block_length=GENERATE["block_length"],
-                         steps=GENERATE["gen_length"], cache=cache, stop_at_eos=False)
+                         steps=GENERATE["gen_length"], cache=cache, cuda_graph=cuda_graph, stop_at_eos=False)
         unmask.generate(model, prompt.to(device), **{**arguments, "gen_length": GENERATE["block_length"],
                                                      "steps": GENERATE["block_length"]})  # warm-up
         out = unmask.generate(model, prompt.to(device), **arguments)
+        tokens[cache, cuda_graph] = out.tokens
         step_ms = out.seconds / out.nfe * 1e3
-        rows.append(harness.Row("generate", f"unmask cache={cache}", {"shape": "llada-8b", **GENERATE}, "bfloat16",
-                                step_ms, fraction_of_peak=floor_ms / step_ms, peak="weight-read floor per step",
-                                extra={"floor_ms": floor_ms, "nfe": out.nfe, "cuda_graph": False}))
+        rows.append(harness.Row("generate", f"unmask cache={cache} cuda_graph={cuda_graph}",
+                                {"shape": "llada-8b", **GENERATE}, "bfloat16", step_ms,
+                                fraction_of_peak=floor_ms / step_ms, peak="weight-read floor per step",
+                                extra={"floor_ms": floor_ms, "nfe": out.nfe, "cuda_graph": cuda_graph,
+                                       "same_tokens_as_eager_no_cache": bool(torch.equal(tokens[None, False],
+                                                                                         out.tokens))}))
     return rows
 
 

@@ -16,6 +16,7 @@ infill() runs the same loop over masks wherever they stand in a given sequence.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 
@@ -66,35 +67,36 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
     return ids.to(device), mask.to(device)
 
 
-def model_logits(model, x: torch.Tensor, attention_mask: torch.Tensor | None, start: int, end: int, *,
+def model_logits(model, x: torch.Tensor, attention_mask: torch.Tensor | None, positions: slice | torch.Tensor, *,
                  cache=None, segment: tuple[int, int] | None = None) -> torch.Tensor:
-    """Logits [B, end - start, V] of positions start..end-1.
+    """Logits [B, P, V] of the canvas positions `positions` (a slice, or an int64 index
+    tensor on the device: a step that replays for every block reads its block there).
 
     The unmask model runs its LM head on those positions only (and, with a cache, its
     layers on `segment` only); any other callable returning logits [B, L, V] (or an
-    object with .logits) runs on the whole canvas and is sliced afterwards.
+    object with .logits) runs on the whole canvas and is indexed afterwards.
     """
     from unmask.models import DiffusionTransformer
 
     if isinstance(model, DiffusionTransformer):
-        return model(x, attention_mask, logit_positions=slice(start, end), cache=cache, segment=segment)
+        return model(x, attention_mask, logit_positions=positions, cache=cache, segment=segment)
     out = model(x, attention_mask=attention_mask)
     logits = getattr(out, "logits", out)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != x.shape:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"model must return logits [B, L, V] = [{x.shape[0]}, {x.shape[1]}, V], got {shape}")
-    return logits[:, start:end]
+    return logits[:, positions]
 
 
-def guided_logits(model, x, attention_mask, prompt_positions, mask_id: int, cfg_scale: float, start: int, end: int,
-                  *, cache=None, segment: tuple[int, int] | None = None):
+def guided_logits(model, x, attention_mask, prompt_positions, mask_id: int, cfg_scale: float,
+                  positions: slice | torch.Tensor, *, cache=None, segment: tuple[int, int] | None = None):
     """Classifier-free guidance: un + (cfg_scale + 1) * (cond - un), the unconditional pass
     seeing the prompt replaced by masks; both passes in one batched call."""
     if cfg_scale == 0.0:
-        return model_logits(model, x, attention_mask, start, end, cache=cache, segment=segment)
+        return model_logits(model, x, attention_mask, positions, cache=cache, segment=segment)
     unconditional = x.masked_fill(prompt_positions, mask_id)
     both_mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
-    both = model_logits(model, torch.cat([x, unconditional]), both_mask, start, end, cache=cache, segment=segment)
+    both = model_logits(model, torch.cat([x, unconditional]), both_mask, positions, cache=cache, segment=segment)
     cond, uncond = both.chunk(2)
     return uncond + (cfg_scale + 1.0) * (cond - uncond)
 
@@ -115,18 +117,38 @@ class _StepModel:
         self.attention_mask, self.prompt_positions = attention_mask, prompt_positions
         self.mask_id, self.cfg_scale = mask_id, cfg_scale
         self.cache = None
+        self.block, self.first_step_of_block = (0, 0), True
 
-    def __call__(self, x: torch.Tensor, start: int, end: int, first_step_of_block: bool) -> torch.Tensor:
-        segment = None
-        if self.cache_mode is not None:
-            if self.cache is None:
-                rows = x.shape[0] * (2 if self.cfg_scale > 0 else 1)
-                self.cache = self.model.new_cache(rows, x.shape[1])
-            if not first_step_of_block:
-                first = max(start - 1, 0) if self.model.config.shift_logits else start
-                segment = (first, end if self.cache_mode == "dual" else x.shape[1])
+    def begin_block(self, start: int, end: int) -> None:
+        """The block the next calls are for (the cache's segments are picked from it)."""
+        self.block, self.first_step_of_block = (start, end), True
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits of the block: `positions` (start..end-1 on the device) without a cache,
+        which needs no host value (a captured step replays for every block); with a
+        cache, the segment the model recomputes is picked on the host from the block."""
+        if self.cache_mode is None:
+            return guided_logits(self.model, x, self.attention_mask, self.prompt_positions, self.mask_id,
+                                 self.cfg_scale, positions)
+        if self.cache is None:
+            rows = x.shape[0] * (2 if self.cfg_scale > 0 else 1)
+            self.cache = self.model.new_cache(rows, x.shape[1])
+        (start, end), segment = self.block, None
+        if not self.first_step_of_block:
+            first = max(start - 1, 0) if self.model.config.shift_logits else start
+            segment = (first, end if self.cache_mode == "dual" else x.shape[1])
+        self.first_step_of_block = False
         return guided_logits(self.model, x, self.attention_mask, self.prompt_positions, self.mask_id,
-                             self.cfg_scale, start, end, cache=self.cache, segment=segment)
+                             self.cfg_scale, slice(start, end), cache=self.cache, segment=segment)
+
+    @property
+    def graphable(self) -> bool:
+        """Whether a step is a fixed function of device tensors (no cache segment picked on
+        the host, no tensor-parallel collectives): it may be captured as a CUDA graph."""
+        from unmask.models import DiffusionTransformer
+
+        return (self.cache_mode is None and isinstance(self.model, DiffusionTransformer)
+                and self.model.vocab_shard is None)
 
 
 # --------------------------------------------------------------------------- the step loop
@@ -180,6 +202,94 @@ def _raise_if_invalid(invalid: bool) -> None:
             "logits: the model gave NaN or +inf logits, or no finite logit but the mask, for a masked position")
 
 
+@dataclasses.dataclass
+class StepState:
+    """The device tensors a denoising step reads and writes: the same ones for every step
+    and block of a decode, so a step captured once (CUDA graph) or traced once
+    (torch.compile) serves them all. Steps change them in place only."""
+
+    x: torch.Tensor        # int64 [B, L], the canvas
+    start: torch.Tensor    # int64 0-d, the active block's first position
+    offset: torch.Tensor   # int64 0-d, the RNG step offset (schedule steps so far)
+    k: torch.Tensor        # int64 [B], tokens each row commits this step (the steps rule)
+    running: torch.Tensor  # bool [B], rows not stopped at EOS
+    invalid: torch.Tensor  # bool 0-d, an eligible position got invalid logits
+
+    @classmethod
+    def new(cls, x: torch.Tensor) -> StepState:
+        device, batch = x.device, x.shape[0]
+        scalar = functools.partial(torch.zeros, (), dtype=torch.int64, device=device)
+        return cls(x, scalar(), scalar(), torch.zeros(batch, dtype=torch.int64, device=device),
+                   torch.ones(batch, dtype=torch.bool, device=device), torch.zeros((), dtype=torch.bool, device=device))
+
+
+class DenoiseStep:
+    """One step of the active block: the model, sample, commit. A function of the
+    StepState's tensors only, with no host value that changes between steps or blocks.
+
+    logits_fn(positions) gives the block's logits [B, block_length, V] for positions
+    start..start+block_length-1 as a device tensor. Returns (committed [B, block_length],
+    remaining: bool 0-d, whether an eligible position is still masked); both are fresh
+    tensors in eager mode and the graph's static outputs when replayed."""
+
+    def __init__(self, state: StepState, block_length: int, logits_fn: Callable[[torch.Tensor], torch.Tensor], *,
+                 rule: Rule, sampling: Sampling, mask_id: int, sample: Callable = ops.sample,
+                 vocab: int | None = None):
+        self.state, self.block_length, self.logits_fn = state, block_length, logits_fn
+        self.sampling, self.mask_id, self.sample, self.vocab = sampling, mask_id, sample, vocab
+        if rule.steps_per_block is not None:
+            self.mode = {"k": state.k}
+        else:
+            self.mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
+        self.banned = torch.tensor([mask_id], dtype=torch.int64, device=state.x.device)
+        self.offsets = torch.arange(block_length, device=state.x.device)
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        state, sampling = self.state, self.sampling
+        positions = state.start + self.offsets
+        index = positions.expand(state.x.shape[0], -1)
+        block = state.x.gather(1, index)
+        eligible = (block == self.mask_id) & state.running[:, None]
+        logits = self.logits_fn(positions)
+        if self.mask_id >= (logits.shape[-1] if self.vocab is None else self.vocab):
+            raise ValueError(f"mask_id={self.mask_id} lies outside the model's vocabulary (V={logits.shape[-1]})")
+        tokens, conf = self.sample(
+            logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, banned=self.banned,
+            confidence=sampling.confidence, seed=sampling.seed, offset=state.offset, check=False,
+        )
+        state.invalid.logical_or_(((tokens < 0) & eligible).any())
+        committed = ops.commit(block, tokens, conf, eligible, **self.mode)
+        state.x.scatter_(1, index, block)
+        state.offset.add_(1)
+        return committed, (eligible & ~committed).any()
+
+
+class _CudaGraphStep:
+    """A DenoiseStep captured as a CUDA graph on its first call and replayed after.
+
+    The first call runs the step for real on a side stream (it warms up the allocator
+    and the kernels' lazy state, and its commits count); the capture that follows
+    records the next step without running it, and every later call replays it."""
+
+    def __init__(self, step: DenoiseStep):
+        self.step, self.graph, self.outputs = step, None, None
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.graph is not None:
+            self.graph.replay()
+            return self.outputs
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            warm = self.step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.outputs = self.step()
+        self.graph = graph
+        return warm
+
+
 def _decode(
     step_model: _StepModel,
     x: torch.Tensor,
@@ -194,6 +304,7 @@ def _decode(
     generation_start: int,
     callback: Callback | None,
     masked_counts: list[list[int]] | None = None,
+    cuda_graph: bool = False,
 ) -> tuple[int, list[int]]:
     """Fill the masks of x block by block, in place. Returns (nfe, steps per block).
 
@@ -202,18 +313,17 @@ def _decode(
     masked_counts[i][b]: masks of row b in block i at its start (None: every position of
     every block, as in generate). eos_id set: after each block, a row whose generated text
     holds EOS stops and the rest of it becomes EOS; decoding ends when no row is running.
+    cuda_graph: capture the step once (blocks of one length) and replay it.
     """
-    device, batch = x.device, x.shape[0]
-    running = torch.ones(batch, dtype=torch.bool, device=device)
-    invalid = torch.zeros((), dtype=torch.bool, device=device)  # an eligible position got invalid logits
-    banned = torch.tensor([mask_id], dtype=torch.int64, device=device)
-    flags = _StepFlags(device)
+    batch = x.shape[0]
+    state = StepState.new(x)
+    flags = _StepFlags(x.device)
+    steps: dict[int, Callable] = {}  # by block length: graphs are captured per shape
     nfe = 0
-    schedule_step = 0  # steps of the schedule so far: the RNG offset, whatever extra steps ran
     steps_per_block = []
     for index, (start, end) in enumerate(blocks):
         if index > 0 and eos_id is not None:
-            any_running, bad = _host_read(running.any(), invalid)
+            any_running, bad = _host_read(state.running.any(), state.invalid)
             _raise_if_invalid(bad)
             if not any_running:
                 break
@@ -221,57 +331,51 @@ def _decode(
         if max(counts) == 0:
             steps_per_block.append(0)
             continue
+        state.start.fill_(start)
+        step_model.begin_block(start, end)
+        if end - start not in steps:
+            denoise = DenoiseStep(state, end - start, functools.partial(step_model, x), rule=rule,
+                                  sampling=sampling, mask_id=mask_id, sample=sample, vocab=vocab)
+            steps[end - start] = _CudaGraphStep(denoise) if cuda_graph else denoise
+        run_step = steps[end - start]
+        block_steps = 0
 
-        def step(mode: dict, first: bool) -> torch.Tensor:
-            """One model call, sample and commit; returns the eligible positions it saw."""
-            nonlocal invalid
-            eligible = (x[:, start:end] == mask_id) & running[:, None]
-            logits = step_model(x, start, end, first_step_of_block=first)
-            if mask_id >= (logits.shape[-1] if vocab is None else vocab):
-                raise ValueError(f"mask_id={mask_id} lies outside the model's vocabulary (V={logits.shape[-1]})")
-            tokens, conf = sample(
-                logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                banned=banned, confidence=sampling.confidence, seed=sampling.seed, offset=schedule_step, check=False,
-            )
-            invalid = invalid | ((tokens < 0) & eligible).any()
-            block = x[:, start:end].clone()
-            committed = ops.commit(block, tokens, conf, eligible, **mode)
-            x[:, start:end] = block
+        def step() -> torch.Tensor:
+            committed, remaining = run_step()
             if callback is not None:
                 everywhere = torch.zeros_like(x, dtype=torch.bool)
                 everywhere[:, start:end] = committed
                 callback(nfe, x, everywhere)
-            return eligible & ~committed
+            return remaining
 
-        block_steps = 0
         if rule.steps_per_block is not None:
             plan = schedule_counts(counts, rule.steps_per_block)  # [B][steps], on the host
-            plan_on_device = torch.tensor(plan, dtype=torch.int64).to(device, non_blocking=True)
+            plan_on_device = torch.tensor(plan, dtype=torch.int64).to(x.device, non_blocking=True)
             for i in range(rule.steps_per_block):
                 if not any(row[i] for row in plan):  # no row commits here, so no model call
                     continue
-                step({"k": plan_on_device[:, i]}, first=block_steps == 0)
-                nfe, schedule_step, block_steps = nfe + 1, schedule_step + 1, block_steps + 1
+                state.k.copy_(plan_on_device[:, i])
+                step()
+                nfe, block_steps = nfe + 1, block_steps + 1
         else:
-            mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
             for _ in range(end - start):  # each step commits at least one position of every row with masks
-                remaining = step(mode, first=block_steps == 0)
-                flags.post(nfe, remaining.any())
-                nfe, schedule_step, block_steps = nfe + 1, schedule_step + 1, block_steps + 1
+                remaining = step()
+                flags.post(nfe, remaining)
+                nfe, block_steps = nfe + 1, block_steps + 1
                 if block_steps > flags.lag and not flags.read(nfe - 1 - flags.lag):
-                    schedule_step -= flags.lag  # the steps after the block's last commit committed nothing
+                    state.offset.sub_(flags.lag)  # the steps after the block's last commit committed nothing
                     break
         steps_per_block.append(block_steps)
         if eos_id is not None:
-            running = running & ~_stop_rows_at_eos(x, generation_start, end, eos_id, running)
-    (bad,) = _host_read(invalid)
+            state.running.logical_and_(~_stop_rows_at_eos(x, generation_start, end, eos_id, state.running))
+    (bad,) = _host_read(state.invalid)
     _raise_if_invalid(bad)
     return nfe, steps_per_block
 
 
 def _run(step_model: _StepModel, x: torch.Tensor, blocks: list[tuple[int, int]], rule: Rule, sampling: Sampling, *,
          mask_id: int, eos_id: int | None, generation_start: int, callback: Callback | None,
-         masked_counts: list[list[int]] | None = None) -> GenerateOutput:
+         masked_counts: list[list[int]] | None = None, cuda_graph: bool = False) -> GenerateOutput:
     """The decoding loop of generate and infill, timed the same way for both: from the
     first model call to the last token on the host (a CUDA device is synchronised)."""
     sample, vocab = _sampler_of(step_model.model)
@@ -279,7 +383,7 @@ def _run(step_model: _StepModel, x: torch.Tensor, blocks: list[tuple[int, int]],
     with torch.inference_mode():
         nfe, steps_per_block = _decode(
             step_model, x, blocks, rule, sampling, sample=sample, vocab=vocab, mask_id=mask_id, eos_id=eos_id,
-            generation_start=generation_start, callback=callback, masked_counts=masked_counts,
+            generation_start=generation_start, callback=callback, masked_counts=masked_counts, cuda_graph=cuda_graph,
         )
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
@@ -367,6 +471,23 @@ def prompt_batch(prompts, attention_mask, pad_id: int, device):
     return left_pad(prompts, pad_id, device)
 
 
+# Whether generate captures its step as a CUDA graph where that applies, when not told.
+# Off until a GPU run has compared graph replay with eager decoding (python -m
+# unmask.gpucheck does); the capture is then one step's work per decode.
+CUDA_GRAPH_BY_DEFAULT = False
+
+
+def _use_cuda_graph(cuda_graph: bool | None, step_model: _StepModel, device: torch.device) -> bool:
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be a bool or None, got {type(cuda_graph).__name__}")
+    applies = device.type == "cuda" and step_model.graphable
+    if cuda_graph and not applies:
+        raise ValueError("cuda_graph=True needs the unmask model on a CUDA device with cache=None and no tensor "
+                         f"parallelism (device {device}, cache={step_model.cache_mode!r}, "
+                         f"model {type(step_model.model).__name__})")
+    return applies and (CUDA_GRAPH_BY_DEFAULT if cuda_graph is None else cuda_graph)
+
+
 def _model_device(model, device) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -400,6 +521,7 @@ def generate(
     seed: int = 0,
     callback: Callback | None = None,
     cache: str | None = None,
+    cuda_graph: bool | None = None,
     device: torch.device | str | None = None,
 ) -> GenerateOutput:
     """Decode gen_length tokens after each prompt with a masked diffusion LM.
@@ -412,6 +534,9 @@ def generate(
     runs after every step. cache: None (a full forward every step), "prefix" or
     "dual" (reuse keys and values across the steps of a block; exact for block-causal
     models, an approximation for bidirectional ones), for the unmask model only.
+    cuda_graph: capture the denoising step (model, sample, commit) as a CUDA graph once
+    and replay it for every step and block; True needs the unmask model on a CUDA device
+    with no cache and no tensor parallelism. None: CUDA_GRAPH_BY_DEFAULT where it applies.
     """
     num_blocks = validation.block_count(gen_length, block_length)
     sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed)
@@ -443,7 +568,8 @@ def generate(
     blocks = [(prompt_len + i * block_length, prompt_len + (i + 1) * block_length) for i in range(num_blocks)]
     step_model = _StepModel(model, cache, model_mask, prompt_positions, mask_id, cfg_scale)
     return _run(step_model, x, blocks, rule, sampling, mask_id=mask_id, eos_id=eos_id if stop_at_eos else None,
-                generation_start=prompt_len, callback=callback)
+                generation_start=prompt_len, callback=callback,
+                cuda_graph=_use_cuda_graph(cuda_graph, step_model, device))
 
 
 def infill(

@@ -1,0 +1,149 @@
+"""The denoising step as one graph: unmask.sampler.DenoiseStep is a function of its
+StepState's device tensors only (block start, RNG offset, per-row counts, running rows),
+so torch.compile(fullgraph=True) traces it once for every step and block on the CPU, and
+generate(cuda_graph=True) captures it once and replays it on a GPU. Both must give the
+tokens of the eager step."""
+
+import functools
+
+import pytest
+import torch
+
+import unmask
+from unmask import sampler, validation
+from tests.helpers import requires_gpu, tiny_model
+
+BLOCK, PROMPT, BLOCKS = 6, 5, 2
+RULES = {
+    "count": dict(steps=3 * BLOCKS),  # two tokens per step
+    "threshold": dict(threshold=0.4),
+    "factor": dict(factor=1.0),
+}
+
+
+def make_step(model, x, attention_mask, rule, *, cfg_scale=0.0, temperature=1.0, remasking="low_confidence"):
+    state = sampler.StepState.new(x)
+    prompt_positions = torch.zeros_like(x, dtype=torch.bool)
+    prompt_positions[:, :PROMPT] = True
+    step_model = sampler._StepModel(model, None, attention_mask, prompt_positions, model.mask_id, cfg_scale)
+    sampling = validation.sampling(temperature=temperature, top_k=0, top_p=1.0, remasking=remasking, seed=11)
+    rule = validation.rule(rule.get("steps"), rule.get("threshold"), rule.get("factor"), num_blocks=BLOCKS,
+                           default_steps=BLOCK * BLOCKS, confidence=sampling.confidence)
+    return state, sampler.DenoiseStep(state, BLOCK, functools.partial(step_model, x), rule=rule, sampling=sampling,
+                                      mask_id=model.mask_id)
+
+
+def canvas(model, padded: bool):
+    gen = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, model.mask_id, (3, PROMPT), generator=gen)
+    x = torch.cat([prompt, torch.full((3, BLOCK * BLOCKS), model.mask_id)], dim=1)
+    attention_mask = None
+    if padded:
+        attention_mask = torch.ones_like(x, dtype=torch.bool)
+        attention_mask[1, :3] = False  # a left-padded prompt
+        x[1, :3] = 0
+    return x, attention_mask
+
+
+def run_blocks(steps, states):
+    """Both steps over every block, three steps each, on the same starting canvas: the
+    commits, canvases and RNG offsets must agree after every step."""
+    for block in range(BLOCKS):
+        for state in states:
+            state.start.fill_(PROMPT + block * BLOCK)
+            state.k.fill_(2)
+        for _ in range(3):
+            outputs = [step() for step in steps]
+            for committed, remaining in outputs[1:]:
+                assert torch.equal(committed, outputs[0][0]) and torch.equal(remaining, outputs[0][1])
+            for state in states[1:]:
+                assert torch.equal(state.x, states[0].x) and torch.equal(state.offset, states[0].offset)
+    assert bool(((states[0].x >= 0) & (states[0].x < 61)).all()), "only vocabulary ids are committed"
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("cfg_scale,padded", [(0.0, False), (1.5, True)])
+def test_the_step_traces_once_for_every_step_and_block(rule, cfg_scale, padded):
+    """torch.compile(fullgraph=True): no graph break and a single graph for all steps and
+    blocks (start, offset and k are tensors, not constants of the trace). aot_eager runs
+    the traced graph op for op, so its tokens must equal the eager step's exactly."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = tiny_model(seed=3)
+    x, attention_mask = canvas(model, padded)
+    eager_state, eager = make_step(model, x.clone(), attention_mask, RULES[rule], cfg_scale=cfg_scale)
+    traced_state, traced = make_step(model, x.clone(), attention_mask, RULES[rule], cfg_scale=cfg_scale)
+    compiled = torch.compile(traced, fullgraph=True, backend="aot_eager")
+    with torch.inference_mode():
+        run_blocks([eager, compiled], [eager_state, traced_state])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert int(traced_state.offset) == 3 * BLOCKS
+    assert (traced_state.x[:, PROMPT:] != model.mask_id).sum() > 0, "the steps committed tokens"
+
+
+def test_the_step_compiles_with_inductor():
+    """The default backend generates code for the whole step (about 20 s on 2 cores); at
+    temperature 0 with the count rule its commits are the eager step's."""
+    torch._dynamo.reset()
+    model = tiny_model(seed=3)
+    x, attention_mask = canvas(model, padded=True)
+    eager_state, eager = make_step(model, x.clone(), attention_mask, RULES["count"], temperature=0.0)
+    traced_state, traced = make_step(model, x.clone(), attention_mask, RULES["count"], temperature=0.0)
+    with torch.inference_mode():
+        run_blocks([eager, torch.compile(traced, fullgraph=True)], [eager_state, traced_state])
+
+
+def test_the_step_model_is_graphable_only_without_a_cache():
+    model = tiny_model(seed=3)
+    x, _ = canvas(model, padded=False)
+    positions = torch.zeros_like(x, dtype=torch.bool)
+    assert sampler._StepModel(model, None, None, positions, model.mask_id, 0.0).graphable
+    assert not sampler._StepModel(model, "dual", None, positions, model.mask_id, 0.0).graphable
+    plain = lambda ids, attention_mask=None: torch.zeros(*ids.shape, 61)  # noqa: E731 - any callable model
+    assert not sampler._StepModel(plain, None, None, positions, 60, 0.0).graphable
+
+
+def test_cuda_graph_argument_is_checked():
+    model = tiny_model(seed=3)
+    with pytest.raises(TypeError, match="cuda_graph must be a bool or None, got str"):
+        unmask.generate(model, [[1, 2]], gen_length=4, block_length=4, cuda_graph="yes")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda_graph=True needs the unmask model on a CUDA device"):
+            unmask.generate(model, [[1, 2]], gen_length=4, block_length=4, cuda_graph=True)
+    # None on the CPU: eager, and the same tokens as False
+    a = unmask.generate(model, [[1, 2]], gen_length=4, block_length=4, cuda_graph=None)
+    b = unmask.generate(model, [[1, 2]], gen_length=4, block_length=4, cuda_graph=False)
+    assert torch.equal(a.tokens, b.tokens)
+
+
+GPU_CASES = [
+    dict(steps=16),
+    dict(steps=8, temperature=1.0, seed=3),
+    dict(threshold=0.5),
+    dict(factor=1.0, remasking="margin", temperature=0.5),
+    dict(steps=16, cfg_scale=1.0),
+    dict(threshold=0.3, stop_at_eos=True),
+    dict(steps=16, remasking="random", temperature=1.0),
+]
+
+
+@requires_gpu
+@pytest.mark.parametrize("kwargs", GPU_CASES, ids=[",".join(f"{k}={v}" for k, v in c.items()) for c in GPU_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_graph_replay_gives_the_eager_tokens(kwargs, dtype):
+    """Ragged prompts (padding), two blocks; graph replay against the eager loop on the
+    same GPU: the same tokens, model calls and steps per block."""
+    model = tiny_model(seed=4, d_model=128, n_heads=2, n_kv_heads=1, mlp_hidden_size=64).to(dtype).cuda()
+    prompts = [[5, 9, 3, 7, 1], [11, 2], [4, 4, 8]]
+    arguments = {"gen_length": 16, "block_length": 8, "stop_at_eos": False, **kwargs}
+    eager = unmask.generate(model, prompts, cuda_graph=False, **arguments)
+    graphed = unmask.generate(model, prompts, cuda_graph=True, **arguments)
+    assert torch.equal(graphed.tokens, eager.tokens)
+    assert graphed.nfe == eager.nfe and graphed.steps_per_block == eager.steps_per_block
+
+
+@requires_gpu
+def test_cuda_graph_refuses_a_cache():
+    model = tiny_model(seed=4).cuda()
+    with pytest.raises(ValueError, match="cache='dual'"):
+        unmask.generate(model, [[1, 2]], gen_length=4, block_length=4, cache="dual", cuda_graph=True)
