@@ -172,12 +172,13 @@ void bind_structs(py::module_& m) {
       .value("conf_temperature", &SampleParams::conf_temperature)
       .value("seed", &SampleParams::seed)
       .value("offset", &SampleParams::offset)
+      .pointer("offsets", &SampleParams::offsets)
+      .value("offsets_stride", &SampleParams::offsets_stride)
       .pointer("tokens", &SampleParams::tokens)
       .pointer("conf", &SampleParams::conf)
       .finish();
 
   StructBinder<SampleCudaExtras>(m, "SampleCudaExtras", "unmask/sample_cuda.h: what only the GPU launch needs")
-      .pointer("offset_device", &SampleCudaExtras::offset_device)
       .pointer("workspace", &SampleCudaExtras::workspace)
       .value("workspace_bytes", &SampleCudaExtras::workspace_bytes)
       .finish();

@@ -18,8 +18,8 @@ def sample_params(logits_buffer, tokens_buffer, conf_buffer, **overrides):
         logits=logits_buffer.data_ptr(), dtype=_C.ScalarType.float32, n_rows=logits_buffer.shape[0],
         vocab=logits_buffer.shape[1],
         select_rows=False, rows=0, n_selected=0, banned=0, n_banned=0, temperature=0.0, top_k=0, top_p=1.0,
-        confidence=_C.ConfidenceKind.prob, conf_temperature=1.0, seed=0, offset=0, tokens=tokens_buffer.data_ptr(),
-        conf=conf_buffer.data_ptr(),
+        confidence=_C.ConfidenceKind.prob, conf_temperature=1.0, seed=0, offset=0, offsets=0, offsets_stride=0,
+        tokens=tokens_buffer.data_ptr(), conf=conf_buffer.data_ptr(),
     )
     fields.update(overrides)
     return native._params(_C.SampleParams, **fields)
@@ -69,6 +69,7 @@ def test_a_bound_struct_shows_its_fields():
     (dict(temperature=float("nan")), "params.temperature = nan must be finite"),
     (dict(select_rows=True, n_selected=2), "params.rows = 0 must not be null when n_selected > 0"),
     (dict(tokens=0), "params.tokens = 0 must not be null"),
+    (dict(offsets_stride=2), "params.offsets_stride = 2 must be 0 or 1"),
 ])
 def test_launcher_names_the_field_and_value(overrides, message):
     logits, tokens, conf = buffers()
@@ -126,7 +127,7 @@ def test_empty_row_selection_samples_nothing():
 @requires_cuda_build
 def test_unsupported_case_raises_not_implemented_with_the_field():
     logits, tokens, conf = buffers()
-    extras = native._params(_C.SampleCudaExtras, offset_device=0, workspace=0, workspace_bytes=0)
+    extras = native._params(_C.SampleCudaExtras, workspace=0, workspace_bytes=0)
     with pytest.raises(NotImplementedError, match="params.top_k = 5"):
         _C.sample_cuda(sample_params(logits, tokens, conf, top_k=5), extras=extras, stream=0)
 

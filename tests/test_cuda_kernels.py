@@ -39,15 +39,17 @@ def test_cuda_sample_equals_reference(cuda_runner, n_rows, vocab, dtype, kwargs)
 
 @pytest.mark.parametrize("confidence", ["prob", "random"])
 def test_cuda_offset_read_from_the_device(cuda_runner, confidence):
-    """offset as a 0-d tensor: the kernels read it from device memory (a captured graph
-    replays with the value it holds), and draw as with the int."""
+    """offset as a tensor (0-d, or one per row): the kernels read it from device memory (a
+    captured graph replays with the values it holds) and draw as the reference does."""
     logits = torch.randn(33, 5000, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
-    offset = torch.tensor(2**32 - 3, device=cuda_runner.device)
-    tokens, conf = run_cuda(cuda_runner, logits, temperature=1.0, confidence=confidence, seed=6, offset=offset)
-    expected_tokens, expected_conf = reference.sample(logits, temperature=1.0, confidence=confidence, seed=6,
-                                                      offset=2**32 - 3)
-    assert torch.equal(tokens, expected_tokens)
-    torch.testing.assert_close(conf, expected_conf, rtol=CONF_RTOL, atol=0)
+    per_row = torch.randint(0, 2**32, (33,), generator=torch.Generator().manual_seed(3))
+    for offset in (torch.tensor(2**32 - 3), per_row):  # one for every row, one per row
+        tokens, conf = run_cuda(cuda_runner, logits, temperature=1.0, confidence=confidence, seed=6,
+                                offset=offset.to(cuda_runner.device))
+        expected_tokens, expected_conf = reference.sample(logits, temperature=1.0, confidence=confidence, seed=6,
+                                                          offset=offset)
+        assert torch.equal(tokens, expected_tokens)
+        torch.testing.assert_close(conf, expected_conf, rtol=CONF_RTOL, atol=0)
 
 
 @pytest.mark.parametrize("sm_count", [1, 132])

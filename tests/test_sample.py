@@ -162,6 +162,21 @@ def test_an_offset_tensor_draws_as_its_value(confidence):
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
+@pytest.mark.parametrize("confidence", ["prob", "random"])
+def test_one_offset_per_row(confidence):
+    """offset [B, L] (rows at different steps of their schedules): row r draws as a call
+    with offset=offsets[r] would draw it, with rows and top-k too."""
+    logits = random_logits(12, 300, seed=9).reshape(3, 4, 300)
+    offsets = torch.tensor([[0, 5, 5, 2**32 - 1], [7, 0, 1, 2], [5, 5, 9, 9]])
+    rows = torch.tensor([0, 1, 3, 5, 6, 11])
+    for kwargs in (dict(), dict(rows=rows), dict(top_k=40)):
+        tokens, conf = ops.sample(logits, temperature=1.0, confidence=confidence, seed=4, offset=offsets, **kwargs)
+        for value in offsets.unique().tolist():
+            expected = ops.sample(logits, temperature=1.0, confidence=confidence, seed=4, offset=value, **kwargs)
+            here = offsets == value
+            assert torch.equal(tokens[here], expected[0][here]) and torch.equal(conf[here], expected[1][here])
+
+
 def test_rows_restricts_work_and_keeps_row_ids():
     logits = random_logits(10, 31, 6).reshape(2, 5, 31)
     full_tokens, full_conf = ops.sample(logits, temperature=1.0, seed=8)

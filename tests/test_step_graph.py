@@ -147,3 +147,15 @@ def test_cuda_graph_refuses_a_cache():
     model = tiny_model(seed=4).cuda()
     with pytest.raises(ValueError, match="cache='dual'"):
         unmask.generate(model, [[1, 2]], gen_length=4, block_length=4, cache="dual", cuda_graph=True)
+
+
+@requires_gpu
+def test_cuda_graph_captures_the_reference_kernels(monkeypatch):
+    """UNMASK_BACKEND=reference: the plain torch kernels must be capturable too (the
+    reference commit writes with torch.where, no boolean index that synchronises)."""
+    model = tiny_model(seed=4).cuda()
+    arguments = dict(gen_length=8, block_length=4, threshold=0.5, temperature=1.0, stop_at_eos=False)
+    monkeypatch.setenv("UNMASK_BACKEND", "reference")
+    eager = unmask.generate(model, [[5, 9, 3], [2]], cuda_graph=False, **arguments)
+    graphed = unmask.generate(model, [[5, 9, 3], [2]], cuda_graph=True, **arguments)
+    assert torch.equal(graphed.tokens, eager.tokens)

@@ -399,13 +399,13 @@ void sample_row(const SampleParams& p, int64_t row, float* buf, float* mass) {
   if (p.top_k > 0 && p.top_k < p.vocab) kept = top_k_filter(buf, p.vocab, p.top_k);
   if (p.top_p < 1.0) kept = top_p_filter(buf, p.vocab, scan.max, p.top_p, kept, mass);
 
-  const uint32_t row_id = static_cast<uint32_t>(row);
+  const uint32_t row_id = static_cast<uint32_t>(row), offset = row_offset(p, row);
   const int64_t token = p.temperature == 0.0
                             ? scan.argmax
-                            : gumbel_max(buf, p.vocab, p.temperature, kept, scan.argmax, p.seed, row_id, p.offset);
+                            : gumbel_max(buf, p.vocab, p.temperature, kept, scan.argmax, p.seed, row_id, offset);
   double conf;
   if (p.confidence == ConfidenceKind::kRandom) {
-    conf = uniform_from_draw(unmask_draw(p.seed, 0, row_id, p.offset, RngStream::kRandomConfidence));
+    conf = uniform_from_draw(unmask_draw(p.seed, 0, row_id, offset, RngStream::kRandomConfidence));
   } else {
     ConfidenceSums sums;
     if (scan.has_sums) {

@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) sample_partial_kernel(SampleParams p
   const int64_t end = begin + segment < p.vocab ? begin + segment : p.vocab;
   RowContext ctx;
   ctx.seed = p.seed;
-  ctx.offset = extras.offset_device != nullptr ? static_cast<uint32_t>(*extras.offset_device) : p.offset;
+  ctx.offset = row_offset(p, row);
   ctx.row = static_cast<uint32_t>(row);
   ctx.inv_t = static_cast<float>(1.0 / p.conf_temperature);
   ctx.temperature = p.temperature;
@@ -238,8 +238,8 @@ __global__ void sample_finish_kernel(SampleParams p, SampleCudaExtras extras, in
       break;
     case ConfidenceKind::kEntropy: conf = static_cast<double>(r.weighted) / r.sum - log(static_cast<double>(r.sum)); break;
     default: {
-      const uint32_t offset = extras.offset_device != nullptr ? static_cast<uint32_t>(*extras.offset_device) : p.offset;
-      conf = uniform_from_draw(unmask_draw(p.seed, 0, static_cast<uint32_t>(row), offset, RngStream::kRandomConfidence));
+      conf = uniform_from_draw(unmask_draw(p.seed, 0, static_cast<uint32_t>(row), row_offset(p, row),
+                                           RngStream::kRandomConfidence));
     }
   }
   p.tokens[row] = token;

@@ -105,13 +105,16 @@ class VocabShard:
         row_ids = torch.arange(flat.shape[0], device=flat.device) if call.rows is None else call.rows
         if call.rows is not None:  # ids outside [0, N) are skipped, as every kernel skips or refuses them
             row_ids = row_ids[(row_ids >= 0) & (row_ids < flat.shape[0])]
+        offset = o.offset
+        if isinstance(offset, torch.Tensor) and offset.dim() > 0:  # one offset per row
+            offset = offset.reshape(-1)[row_ids]
         stats = shard_statistics(flat[row_ids], row_ids, self.start, banned=call.banned, temperature=o.temperature,
-                                 conf_temperature=o.conf_temperature, seed=o.seed, offset=o.offset)
+                                 conf_temperature=o.conf_temperature, seed=o.seed, offset=offset)
         everyone = [torch.empty_like(stats) for _ in self.sizes]
         dist.all_gather(everyone, stats, group=self.group)
         tokens, conf = combine_statistics(torch.stack(everyone), row_ids, confidence=o.confidence,
                                           temperature=o.temperature, conf_temperature=o.conf_temperature,
-                                          seed=o.seed, offset=o.offset)
+                                          seed=o.seed, offset=offset)
         all_tokens = torch.full((flat.shape[0],), -1, dtype=torch.int64, device=flat.device)
         all_conf = torch.full((flat.shape[0],), float("-inf"), dtype=torch.float32, device=flat.device)
         all_tokens[row_ids] = tokens

@@ -163,15 +163,10 @@ def _buffers(**tensors) -> list[tuple[int, int, str]]:
 # --------------------------------------------------------------------------- sample
 
 
-def _host_offset(offset) -> int:
-    """SampleParams.offset: the int, or the value of a CPU tensor (host memory, no sync).
-    The CUDA launch passes a tensor as SampleCudaExtras.offset_device instead."""
-    if not isinstance(offset, torch.Tensor):
-        return offset
-    return int(offset) & 0xFFFFFFFF if offset.device.type == "cpu" else 0
-
-
-def _sample_params(call: SampleCall, flat: torch.Tensor, rows, banned, tokens: torch.Tensor, conf: torch.Tensor):
+def _sample_params(call: SampleCall, flat: torch.Tensor, rows, banned, offsets, tokens: torch.Tensor,
+                   conf: torch.Tensor):
+    """offsets: the offset tensor as contiguous int64 (one value, or one per row), read by
+    the kernels; None when the offset is an int."""
     options = call.options
     return _params(
         _C.SampleParams, logits=flat.data_ptr(), dtype=_scalar_type(flat.dtype), n_rows=flat.shape[0],
@@ -179,7 +174,9 @@ def _sample_params(call: SampleCall, flat: torch.Tensor, rows, banned, tokens: t
         n_selected=0 if rows is None else rows.numel(), banned=_address(banned),
         n_banned=0 if banned is None else banned.numel(), temperature=options.temperature, top_k=options.top_k,
         top_p=options.top_p, confidence=getattr(_C.ConfidenceKind, options.confidence),
-        conf_temperature=options.conf_temperature, seed=options.seed, offset=_host_offset(options.offset),
+        conf_temperature=options.conf_temperature, seed=options.seed,
+        offset=0 if offsets is not None else options.offset, offsets=_address(offsets),
+        offsets_stride=0 if offsets is None or offsets.dim() == 0 else 1,
         tokens=tokens.data_ptr(), conf=conf.data_ptr(),
     )
 
@@ -194,16 +191,20 @@ def _sample_outputs(call: SampleCall, out):
 
 
 def _index_tensors(call: SampleCall):
-    """rows and banned as contiguous int64 (a no-op for unmask.ops.sample's; a direct call
-    of torch.ops.unmask.sample may pass int32 ids, which the kernels would misread)."""
-    return tuple(None if t is None else t.to(torch.int64).contiguous() for t in (call.rows, call.banned))
+    """rows, banned and an offset tensor as contiguous int64 (the offsets flattened to one
+    per row), a no-op for unmask.ops.sample's; a direct call of torch.ops.unmask.sample may
+    pass int32, which the kernels would misread."""
+    offset = call.options.offset if isinstance(call.options.offset, torch.Tensor) else None
+    if offset is not None and offset.dim() > 0:
+        offset = offset.reshape(-1)
+    return tuple(None if t is None else t.to(torch.int64).contiguous() for t in (call.rows, call.banned, offset))
 
 
 def _launch_sample_cpu(call: SampleCall, out=None):
     flat = call.logits.reshape(-1, call.vocab).contiguous()
     tokens, conf = _sample_outputs(call, out)
-    rows, banned = _index_tensors(call)
-    _C.sample_cpu(_sample_params(call, flat, rows, banned, tokens, conf))
+    rows, banned, offsets = _index_tensors(call)
+    _C.sample_cpu(_sample_params(call, flat, rows, banned, offsets, tokens, conf))
     lead = call.logits.shape[:-1]
     return tokens.reshape(lead), conf.reshape(lead)
 
@@ -212,19 +213,14 @@ def _launch_sample_cuda(call: SampleCall, out=None, *, interpret: bool = False):
     """interpret: run the CUDA kernels under the SIMT interpreter, on CPU tensors."""
     flat = call.logits.reshape(-1, call.vocab).contiguous()
     tokens, conf = _sample_outputs(call, out)
-    rows, banned = _index_tensors(call)
-    params = _sample_params(call, flat, rows, banned, tokens, conf)
+    rows, banned, offsets = _index_tensors(call)
+    params = _sample_params(call, flat, rows, banned, offsets, tokens, conf)
     workspace_bytes = (_C.sample_cuda_interpret_workspace_bytes if interpret else _C.sample_cuda_workspace_bytes)(params)
     workspace = torch.empty(max(1, workspace_bytes), dtype=torch.uint8, device=call.device)
-    offset = call.options.offset if isinstance(call.options.offset, torch.Tensor) else None
-    if offset is not None:
-        offset = offset.to(torch.int64)  # (a direct op call may pass int32)
-        params.offset = 0  # read from offset_device by the kernels, on a GPU and interpreted alike
-    extras = _params(_C.SampleCudaExtras, offset_device=_address(offset), workspace=workspace.data_ptr(),
-                     workspace_bytes=workspace.numel())
+    extras = _params(_C.SampleCudaExtras, workspace=workspace.data_ptr(), workspace_bytes=workspace.numel())
     if interpret:
         _C.sample_cuda_interpret(params, extras=extras, buffers=_buffers(
-            logits=flat, rows=rows, banned=banned, tokens=tokens, conf=conf, workspace=workspace, offset=offset))
+            logits=flat, rows=rows, banned=banned, offsets=offsets, tokens=tokens, conf=conf, workspace=workspace))
     else:
         _C.sample_cuda(params, extras=extras, stream=_stream(call.device))
     lead = call.logits.shape[:-1]

@@ -166,8 +166,8 @@ def sample(
     offset: int | torch.Tensor = 0,
     rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token and its confidence per row of logits [..., V]. offset: an int or a 0-d
-    int tensor (the step counter of a captured step).
+    """One token and its confidence per row of logits [..., V]. offset: an int, a 0-d int
+    tensor (the step counter of a captured step) or one offset per row (logits.shape[:-1]).
 
     Returns tokens (int64) and conf (float32) of shape logits.shape[:-1]. Rows not in
     `rows` (ids in it outside [0, N) are skipped), and rows with no finite kept logit or with a NaN or +inf kept logit, get
@@ -181,6 +181,8 @@ def sample(
     if rows is not None:  # ids outside [0, N) are skipped, as the kernels skip them
         row_ids = row_ids[(row_ids >= 0) & (row_ids < flat.shape[0])]
 
+    if isinstance(offset, torch.Tensor) and offset.dim() > 0:  # one offset per row
+        offset = offset.reshape(-1).to(device)[row_ids]
     x, bad = banned_and_invalid(flat[row_ids], None if banned is None else banned.to(device))
 
     x = x.masked_fill(~keep_top_k(x, top_k), float("-inf"))
@@ -263,5 +265,5 @@ def commit(
     """Confidence-based unmasking of the canvas x [B, L], in place; returns committed [B, L]."""
     counts = commit_counts(conf, eligible, k=k, threshold=threshold, factor=factor)
     committed = (rank_by_confidence(conf, eligible) < counts[:, None]) & eligible
-    x[committed] = tokens[committed].to(x.dtype)
+    x.copy_(torch.where(committed, tokens.to(x.dtype), x))  # no boolean index: nothing synchronises
     return committed

@@ -54,12 +54,15 @@ def draws(seed: int, rows: torch.Tensor, cols: int, *, offset: int | torch.Tenso
           col_start: int = 0) -> torch.Tensor:
     """The 32-bit draws w[r, c] for the given row ids and columns col_start..col_start+cols-1
     (int64 tensor; col_start > 0 for one shard of a vocabulary split across devices).
-    offset: an int or a 0-d int tensor (a step counter that lives on the device)."""
+    offset: an int, a 0-d int tensor (a step counter that lives on the device), or one
+    offset per row id."""
     check_seed(seed)
     rows = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
     col = torch.arange(col_start, col_start + cols, dtype=torch.int64, device=rows.device)
     quad = (col // 4).expand(rows.numel(), cols)
     offset_word = torch.as_tensor(offset, dtype=torch.int64).to(rows.device) & _MASK32
+    if offset_word.dim() == 1:  # one offset per row
+        offset_word = offset_word[:, None]
     counter = torch.stack(
         [
             quad,

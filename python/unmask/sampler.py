@@ -15,6 +15,7 @@ infill() runs the same loop over masks wherever they stand in a given sequence.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -175,7 +176,7 @@ class _StepFlags:
     into pinned host memory and read once their step has finished."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.device, self.cuda = device, device.type == "cuda"
         self.host = torch.zeros(2, dtype=torch.bool, pin_memory=self.cuda)
         self.events = [torch.cuda.Event() for _ in range(2)] if self.cuda else None
         self.lag = 1 if self.cuda else 0  # how many steps later a flag is read
@@ -183,7 +184,7 @@ class _StepFlags:
     def post(self, step: int, flag: torch.Tensor) -> None:
         self.host[step % 2].copy_(flag, non_blocking=True)
         if self.cuda:
-            self.events[step % 2].record()
+            self.events[step % 2].record(torch.cuda.current_stream(self.device))
 
     def read(self, step: int) -> bool:
         if self.cuda:
@@ -241,7 +242,7 @@ class DenoiseStep:
             self.mode = {"k": state.k}
         else:
             self.mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
-        self.banned = torch.tensor([mask_id], dtype=torch.int64, device=state.x.device)
+        self.banned = torch.full((1,), mask_id, dtype=torch.int64, device=state.x.device)  # (no host copy)
         self.offsets = torch.arange(block_length, device=state.x.device)
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,19 +274,27 @@ class _CudaGraphStep:
 
     def __init__(self, step: DenoiseStep):
         self.step, self.graph, self.outputs = step, None, None
+        self.device = step.state.x.device
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.graph is not None:
             self.graph.replay()
             return self.outputs
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        main = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(main)
         with torch.cuda.stream(side):
             warm = self.step()
-        torch.cuda.current_stream().wait_stream(side)
+        main.wait_stream(side)
+        for output in warm:  # made on the side stream, read on the main one
+            output.record_stream(main)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.outputs = self.step()
+        try:
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device=self.device)):
+                self.outputs = self.step()
+        except RuntimeError as error:  # e.g. a kernel of the step synchronises with the host
+            raise RuntimeError(f"cuda_graph=True: the denoising step could not be captured ({error}); "
+                               "generate(..., cuda_graph=False) runs it eagerly") from error
         self.graph = graph
         return warm
 
@@ -380,7 +389,10 @@ def _run(step_model: _StepModel, x: torch.Tensor, blocks: list[tuple[int, int]],
     first model call to the last token on the host (a CUDA device is synchronised)."""
     sample, vocab = _sampler_of(step_model.model)
     started = time.perf_counter()
-    with torch.inference_mode():
+    # The model's device is the current one while decoding: streams, events and graphs
+    # made without a device argument (here and in the kernels) then belong to it.
+    device_guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+    with torch.inference_mode(), device_guard:
         nfe, steps_per_block = _decode(
             step_model, x, blocks, rule, sampling, sample=sample, vocab=vocab, mask_id=mask_id, eos_id=eos_id,
             generation_start=generation_start, callback=callback, masked_counts=masked_counts, cuda_graph=cuda_graph,
@@ -488,6 +500,14 @@ def _use_cuda_graph(cuda_graph: bool | None, step_model: _StepModel, device: tor
     return applies and (CUDA_GRAPH_BY_DEFAULT if cuda_graph is None else cuda_graph)
 
 
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on the device; to a GPU through pinned memory, without blocking (a
+    plain copy from pageable memory waits for the device)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _model_device(model, device) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -556,14 +576,13 @@ def generate(
     else:
         validation.prompt_ids(ids, prompt_mask, mask_id=mask_id, vocab=model_vocab(model))
         padded = not bool(prompt_mask.all())
-    ids, prompt_mask = ids.to(device), prompt_mask.to(device)
     batch, prompt_len = ids.shape
-    x = torch.cat([ids, torch.full((batch, gen_length), mask_id, dtype=torch.int64, device=device)], dim=1)
-    canvas_mask = torch.cat([prompt_mask, torch.ones(batch, gen_length, dtype=torch.bool, device=device)], dim=1)
+    # The canvas, built on the host and copied over without blocking.
+    x = _to_device(torch.cat([ids, torch.full((batch, gen_length), mask_id, dtype=torch.int64)], dim=1), device)
+    canvas_mask = torch.cat([prompt_mask, torch.ones(batch, gen_length, dtype=torch.bool)], dim=1)
+    prompt_positions = _to_device(canvas_mask & (torch.arange(canvas_mask.shape[1]) < prompt_len), device)
     # Padding is invisible to attention; with no padding, pass no mask at all.
-    model_mask = canvas_mask if padded else None
-    prompt_positions = torch.zeros_like(x, dtype=torch.bool)
-    prompt_positions[:, :prompt_len] = prompt_mask
+    model_mask = _to_device(canvas_mask, device) if padded else None
 
     blocks = [(prompt_len + i * block_length, prompt_len + (i + 1) * block_length) for i in range(num_blocks)]
     step_model = _StepModel(model, cache, model_mask, prompt_positions, mask_id, cfg_scale)

@@ -139,8 +139,9 @@ def check_index_range(name: str, values: torch.Tensor | None, size: int, what: s
 
 @dataclasses.dataclass(frozen=True)
 class SampleOptions:
-    """The scalar arguments of sample, checked. offset: an int, a 0-d int64 torch tensor on
-    the logits' device (read by the kernels, so a captured step replays with a new one),
+    """The scalar arguments of sample, checked. offset: an int; an int64 torch tensor on the
+    logits' device, 0-d or one offset per row (logits.shape[:-1]), read by the kernels (a
+    captured step replays with the values it holds then; rows may sit at different steps);
     or a traced JAX value."""
 
     temperature: float
@@ -245,10 +246,12 @@ def sample_call(logits, *, temperature=0.0, top_k=0, top_p=1.0, banned=None, con
         ids = banned_ids(banned, vocab)
         banned_tensor = None if ids is None else torch.tensor(ids, dtype=torch.int64, device=device)
     if isinstance(offset, torch.Tensor):
-        check_tensor("offset", offset, dtypes=INT_DTYPES, ndim=0)
+        check_tensor("offset", offset, dtypes=INT_DTYPES)
+        if offset.dim() != 0:
+            check_shape("offset", offset.shape, logits.shape[:-1], "one step offset per row of logits, or 0-d")
         check_device("offset", offset, device)
         offset = offset.to(torch.int64)
-        check_index_range("offset", host_values(offset), OFFSET_LIMIT, "a 32-bit step offset")
+        check_index_range("offset", host_values(offset), OFFSET_LIMIT, "32-bit step offsets")
         options = dataclasses.replace(options, offset=offset)
     else:
         check_int("offset", offset, low=0, high=OFFSET_LIMIT)

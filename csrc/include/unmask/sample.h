@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "unmask/philox.h"
 #include "unmask/status.h"
 #include "unmask/types.h"
 
@@ -33,6 +34,12 @@ struct SampleParams {
   double conf_temperature;
   uint64_t seed;
   uint32_t offset;
+  // Optional step offsets read by the kernels instead of `offset` (their low 32 bits):
+  // offsets[row * offsets_stride], stride 0 for one shared value, 1 for one per row. In
+  // the memory of the launch's device (so a captured CUDA graph replays with the values
+  // they hold then, and rows of one call may sit at different steps of their schedules).
+  const int64_t* offsets;
+  int64_t offsets_stride;
   int64_t* tokens;  // [n_rows] out: -1 for rows not sampled or invalid
   float* conf;      // [n_rows] out: -inf for rows not sampled or invalid
 };
@@ -55,6 +62,9 @@ inline Status check_sample_params(const SampleParams& p) {
   if (p.select_rows && p.n_selected > 0 && p.rows == nullptr) {
     return invalid_argument("rows", 0, "must not be null when n_selected > 0");
   }
+  if (p.offsets_stride != 0 && p.offsets_stride != 1) {
+    return invalid_argument("offsets_stride", static_cast<double>(p.offsets_stride), "must be 0 or 1");
+  }
   if (p.n_banned < 0) return invalid_argument("n_banned", static_cast<double>(p.n_banned), "must be >= 0");
   if (p.n_banned > 0 && p.banned == nullptr) return invalid_argument("banned", 0, "must not be null when n_banned > 0");
   if (!(p.temperature >= 0.0) || !std::isfinite(p.temperature)) {
@@ -68,6 +78,11 @@ inline Status check_sample_params(const SampleParams& p) {
     return invalid_argument("conf_temperature", p.conf_temperature, "must be finite and >= 1e-30");
   }
   return ok_status();
+}
+
+// The step offset of one row (SampleParams::offsets, else SampleParams::offset).
+UNMASK_HOST_DEVICE uint32_t row_offset(const SampleParams& p, int64_t row) {
+  return p.offsets != nullptr ? static_cast<uint32_t>(p.offsets[row * p.offsets_stride]) : p.offset;
 }
 
 UNMASK_BUILD_NAMESPACE_END

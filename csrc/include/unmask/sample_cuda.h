@@ -8,9 +8,6 @@
 namespace unmask {
 
 struct SampleCudaExtras {
-  // Optional device scalar overriding SampleParams::offset (its low 32 bits), read inside
-  // the kernels, so a captured CUDA graph replays with the step counter it holds then.
-  const int64_t* offset_device = nullptr;
   void* workspace = nullptr;  // sample_cuda_workspace_bytes(params) bytes of device memory
   int64_t workspace_bytes = 0;
   int64_t row_base = 0;  // set by the launcher when it splits a launch; callers leave 0
