@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from unmask import ops, validation
+from unmask import ops, speculative, validation
 from unmask.validation import CACHE_MODES, Rule, Sampling
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -35,9 +35,10 @@ class GenerateOutput:
 
     tokens: torch.Tensor
     sequences: torch.Tensor
-    nfe: int  # model evaluations; with cfg_scale > 0 each runs on a doubled batch
-    steps_per_block: list[int]
+    nfe: int  # model calls; with cfg_scale > 0 each runs on a doubled batch
+    steps_per_block: list[int]  # steps of the schedule (speculate > 0 takes several per call)
     seconds: float
+    canvases: int = 0  # canvases evaluated per row over all calls: nfe, or more with speculate > 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -124,23 +125,35 @@ class _StepModel:
         """The block the next calls are for (the cache's segments are picked from it)."""
         self.block, self.first_step_of_block = (start, end), True
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, *, canvases_per_row: int = 1) -> torch.Tensor:
         """Logits of the block: `positions` (start..end-1 on the device) without a cache,
         which needs no host value (a captured step replays for every block); with a
-        cache, the segment the model recomputes is picked on the host from the block."""
+        cache, the segment the model recomputes is picked on the host from the block.
+
+        canvases_per_row n > 1 (speculative decoding): x holds n canvases of every row,
+        all rows' first canvases, then all rows' second ones, ...; they share what the
+        cache holds outside the block (the block's first call holds one canvas per row)."""
+        n = canvases_per_row
+        attention_mask, prompt_positions = self.attention_mask, self.prompt_positions
+        if n > 1:
+            attention_mask = None if attention_mask is None else attention_mask.repeat(n, 1)
+            prompt_positions = prompt_positions.repeat(n, 1)
         if self.cache_mode is None:
-            return guided_logits(self.model, x, self.attention_mask, self.prompt_positions, self.mask_id,
-                                 self.cfg_scale, positions)
+            return guided_logits(self.model, x, attention_mask, prompt_positions, self.mask_id, self.cfg_scale,
+                                 positions)
+        groups = 2 if self.cfg_scale > 0 else 1
         if self.cache is None:
-            rows = x.shape[0] * (2 if self.cfg_scale > 0 else 1)
-            self.cache = self.model.new_cache(rows, x.shape[1])
+            self.cache = self.model.new_cache(x.shape[0] * groups, x.shape[1])
         (start, end), segment = self.block, None
         if not self.first_step_of_block:
             first = max(start - 1, 0) if self.model.config.shift_logits else start
             segment = (first, end if self.cache_mode == "dual" else x.shape[1])
+        elif n > 1:
+            raise ValueError("the first call of a block fills the cache from one canvas per row")
         self.first_step_of_block = False
-        return guided_logits(self.model, x, self.attention_mask, self.prompt_positions, self.mask_id,
-                             self.cfg_scale, slice(start, end), cache=self.cache, segment=segment)
+        cache = self.cache if n == 1 else self.cache.repeated(n, groups)
+        return guided_logits(self.model, x, attention_mask, prompt_positions, self.mask_id, self.cfg_scale,
+                             slice(start, end), cache=cache, segment=segment)
 
     @property
     def graphable(self) -> bool:
@@ -314,7 +327,8 @@ def _decode(
     callback: Callback | None,
     masked_counts: list[list[int]] | None = None,
     cuda_graph: bool = False,
-) -> tuple[int, list[int]]:
+    speculate: int = 0,
+) -> tuple[int, list[int], int]:
     """Fill the masks of x block by block, in place. Returns (nfe, steps per block).
 
     sample: unmask.ops.sample, or a tensor-parallel model's sampler over its vocabulary
@@ -323,12 +337,14 @@ def _decode(
     every block, as in generate). eos_id set: after each block, a row whose generated text
     holds EOS stops and the rest of it becomes EOS; decoding ends when no row is running.
     cuda_graph: capture the step once (blocks of one length) and replay it.
+    speculate d > 0: up to d steps per model call, verified (unmask.speculative).
+    Returns (model calls, schedule steps per block, canvases evaluated per row).
     """
     batch = x.shape[0]
     state = StepState.new(x)
     flags = _StepFlags(x.device)
     steps: dict[int, Callable] = {}  # by block length: graphs are captured per shape
-    nfe = 0
+    nfe = canvases = 0
     steps_per_block = []
     for index, (start, end) in enumerate(blocks):
         if index > 0 and eos_id is not None:
@@ -342,6 +358,22 @@ def _decode(
             continue
         state.start.fill_(start)
         step_model.begin_block(start, end)
+        if speculate:
+            plan = None
+            if rule.steps_per_block is not None:  # the steps where some row commits, as below
+                full = schedule_counts(counts, rule.steps_per_block)
+                kept = [i for i in range(rule.steps_per_block) if any(row[i] for row in full)]
+                plan = [[row[i] for i in kept] for row in full]
+            result = speculative.decode_block(
+                step_model, x, start, end, depth=speculate, rule=rule, sampling=sampling, sample=sample, vocab=vocab,
+                mask_id=mask_id, running=state.running, invalid=state.invalid, offset_base=int(state.offset),
+                plan=plan, callback=callback, nfe=nfe)
+            state.offset.add_(result.steps)
+            nfe, canvases = nfe + result.calls, canvases + result.canvases
+            steps_per_block.append(result.steps)
+            if eos_id is not None:
+                state.running.logical_and_(~_stop_rows_at_eos(x, generation_start, end, eos_id, state.running))
+            continue
         if end - start not in steps:
             denoise = DenoiseStep(state, end - start, functools.partial(step_model, x), rule=rule,
                                   sampling=sampling, mask_id=mask_id, sample=sample, vocab=vocab)
@@ -365,12 +397,12 @@ def _decode(
                     continue
                 state.k.copy_(plan_on_device[:, i])
                 step()
-                nfe, block_steps = nfe + 1, block_steps + 1
+                nfe, canvases, block_steps = nfe + 1, canvases + 1, block_steps + 1
         else:
             for _ in range(end - start):  # each step commits at least one position of every row with masks
                 remaining = step()
                 flags.post(nfe, remaining)
-                nfe, block_steps = nfe + 1, block_steps + 1
+                nfe, canvases, block_steps = nfe + 1, canvases + 1, block_steps + 1
                 if block_steps > flags.lag and not flags.read(nfe - 1 - flags.lag):
                     state.offset.sub_(flags.lag)  # the steps after the block's last commit committed nothing
                     break
@@ -379,12 +411,13 @@ def _decode(
             state.running.logical_and_(~_stop_rows_at_eos(x, generation_start, end, eos_id, state.running))
     (bad,) = _host_read(state.invalid)
     _raise_if_invalid(bad)
-    return nfe, steps_per_block
+    return nfe, steps_per_block, canvases
 
 
 def _run(step_model: _StepModel, x: torch.Tensor, blocks: list[tuple[int, int]], rule: Rule, sampling: Sampling, *,
          mask_id: int, eos_id: int | None, generation_start: int, callback: Callback | None,
-         masked_counts: list[list[int]] | None = None, cuda_graph: bool = False) -> GenerateOutput:
+         masked_counts: list[list[int]] | None = None, cuda_graph: bool = False,
+         speculate: int = 0) -> GenerateOutput:
     """The decoding loop of generate and infill, timed the same way for both: from the
     first model call to the last token on the host (a CUDA device is synchronised)."""
     sample, vocab = _sampler_of(step_model.model)
@@ -393,14 +426,15 @@ def _run(step_model: _StepModel, x: torch.Tensor, blocks: list[tuple[int, int]],
     # made without a device argument (here and in the kernels) then belong to it.
     device_guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
     with torch.inference_mode(), device_guard:
-        nfe, steps_per_block = _decode(
+        nfe, steps_per_block, canvases = _decode(
             step_model, x, blocks, rule, sampling, sample=sample, vocab=vocab, mask_id=mask_id, eos_id=eos_id,
             generation_start=generation_start, callback=callback, masked_counts=masked_counts, cuda_graph=cuda_graph,
+            speculate=speculate,
         )
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
     seconds = time.perf_counter() - started
-    return GenerateOutput(x[:, generation_start:].clone(), x, nfe, steps_per_block, seconds)
+    return GenerateOutput(x[:, generation_start:].clone(), x, nfe, steps_per_block, seconds, canvases)
 
 
 def _sampler_of(model) -> tuple[Callable, int | None]:
@@ -489,10 +523,12 @@ def prompt_batch(prompts, attention_mask, pad_id: int, device):
 CUDA_GRAPH_BY_DEFAULT = False
 
 
-def _use_cuda_graph(cuda_graph: bool | None, step_model: _StepModel, device: torch.device) -> bool:
+def _use_cuda_graph(cuda_graph: bool | None, step_model: _StepModel, device: torch.device, speculate: int) -> bool:
     if cuda_graph is not None and not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be a bool or None, got {type(cuda_graph).__name__}")
-    applies = device.type == "cuda" and step_model.graphable
+    if cuda_graph and speculate:
+        raise ValueError("cuda_graph=True and speculate > 0 do not combine: the verifying loop runs eagerly")
+    applies = device.type == "cuda" and step_model.graphable and not speculate
     if cuda_graph and not applies:
         raise ValueError("cuda_graph=True needs the unmask model on a CUDA device with cache=None and no tensor "
                          f"parallelism (device {device}, cache={step_model.cache_mode!r}, "
@@ -542,6 +578,7 @@ def generate(
     callback: Callback | None = None,
     cache: str | None = None,
     cuda_graph: bool | None = None,
+    speculate: int = 0,
     device: torch.device | str | None = None,
 ) -> GenerateOutput:
     """Decode gen_length tokens after each prompt with a masked diffusion LM.
@@ -557,12 +594,17 @@ def generate(
     cuda_graph: capture the denoising step (model, sample, commit) as a CUDA graph once
     and replay it for every step and block; True needs the unmask model on a CUDA device
     with no cache and no tensor parallelism. None: CUDA_GRAPH_BY_DEFAULT where it applies.
+    speculate: d > 0 drafts the next steps from the last logits and verifies up to d of
+    them per model call (unmask.speculative): the tokens of speculate=0, in at most as
+    many model calls (exactly so where the model's logits of a canvas do not depend on
+    what shares its batch; README, Speculative decoding).
     """
     num_blocks = validation.block_count(gen_length, block_length)
     sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed)
     rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=gen_length,
                            confidence=sampling.confidence)
     cfg_scale = validation.check_float("cfg_scale", cfg_scale, nonnegative=True)
+    validation.check_int("speculate", speculate, low=0)
     _check_cache(model, cache)
     mask_id, eos_id = special_ids(model, mask_id, eos_id)
 
@@ -587,8 +629,8 @@ def generate(
     blocks = [(prompt_len + i * block_length, prompt_len + (i + 1) * block_length) for i in range(num_blocks)]
     step_model = _StepModel(model, cache, model_mask, prompt_positions, mask_id, cfg_scale)
     return _run(step_model, x, blocks, rule, sampling, mask_id=mask_id, eos_id=eos_id if stop_at_eos else None,
-                generation_start=prompt_len, callback=callback,
-                cuda_graph=_use_cuda_graph(cuda_graph, step_model, device))
+                generation_start=prompt_len, callback=callback, speculate=speculate,
+                cuda_graph=_use_cuda_graph(cuda_graph, step_model, device, speculate))
 
 
 def infill(
@@ -607,6 +649,7 @@ def infill(
     mask_id: int | None = None,
     seed: int = 0,
     callback: Callback | None = None,
+    speculate: int = 0,
 ) -> GenerateOutput:
     """Decode the mask tokens of ids [B, L] wherever they stand (editing, fill-in-the-middle).
 
@@ -623,6 +666,7 @@ def infill(
     length = ids.shape[1]
     block_length = length if block_length is None else block_length
     validation.check_positive_int("block_length", block_length)
+    validation.check_int("speculate", speculate, low=0)
     if length % block_length != 0:
         raise ValueError(f"block_length={block_length} must divide the sequence length {length}")
     num_blocks = length // block_length
@@ -644,4 +688,4 @@ def infill(
     blocks = [(i * block_length, (i + 1) * block_length) for i in range(num_blocks)]
     step_model = _StepModel(model, None, model_mask, torch.zeros_like(x, dtype=torch.bool), mask_id, 0.0)
     return _run(step_model, x, blocks, rule, sampling, mask_id=mask_id, eos_id=None, generation_start=0,
-                callback=callback, masked_counts=masked_counts)
+                callback=callback, masked_counts=masked_counts, speculate=speculate)

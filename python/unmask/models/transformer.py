@@ -62,6 +62,20 @@ class KVCache:
     def shape(self) -> tuple[int, int]:
         return tuple(self.keys[0].shape[:2]) if self.keys else (0, 0)
 
+    def repeated(self, times: int, groups: int = 1) -> KVCache:
+        """A copy for `times` canvases per row: the rows fall into `groups` equal groups
+        (2 under classifier-free guidance: conditional rows, then unconditional ones) and
+        each group becomes `times` copies of itself, one after another. Speculative
+        decoding evaluates several canvases of a row that differ only where the segment
+        writes, so each needs its own copy of what lies outside."""
+        copy = object.__new__(KVCache)
+
+        def spread(tensor: torch.Tensor) -> torch.Tensor:
+            return torch.cat([group.repeat(times, 1, 1, 1) for group in tensor.chunk(groups)])
+
+        copy.keys, copy.values = [spread(k) for k in self.keys], [spread(v) for v in self.values]
+        return copy
+
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig):

@@ -1,0 +1,137 @@
+"""Lossless speculative decoding of one block (docs/design.md, speculative decoding).
+
+The step-by-step schedule is deterministic: canvas C(j+1) is the commit rule applied at
+step j to C(j) and to the model's logits of C(j), with the Philox draws addressed by the
+row, the position and the step. So a model call can check several future steps at once:
+
+1. draft: from the logits the last call gave (those of the current canvas's
+   predecessor), apply the rule for the next steps j, j+1, ..., j+n-2 with the draws of
+   those steps, each to the previous draft: drafts D(1), ..., D(n-1) of C(j+1), ...;
+2. evaluate C(j), D(1), ..., D(n-1) in one batched model call;
+3. verify: apply the true rule at step j + t to canvas t and its logits; while that
+   reproduces draft t + 1, draft t + 1 is C(j+t+1) and its logits are true logits. At
+   the first mismatch (or after the last draft) the true commit is taken.
+
+Every committed canvas is the rule applied to the model's logits of its predecessor, so
+the tokens are those of one step per call, and every call advances each unfinished row
+by at least one step. Rows advance independently: each row's draws are addressed by its
+own step index (sample's per-row offsets). This is the self-speculative scheme of
+FreeDave (arXiv 2510.00294) and SSD (arXiv 2510.04147), made exact at any temperature
+by the counter-based noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from unmask import ops
+from unmask.validation import Rule, Sampling
+
+
+@dataclasses.dataclass
+class BlockResult:
+    calls: int     # model calls
+    canvases: int  # canvases evaluated per row, summed over the calls
+    steps: int     # schedule steps the block took (the RNG offset advances by this much)
+
+
+@dataclasses.dataclass
+class _Rule:
+    """The commit rule at a row's step: sample with that step's draws, then commit."""
+
+    sample: Callable
+    sampling: Sampling
+    mode: dict             # {"threshold": t} or {"factor": f}; the steps rule uses plan
+    plan: torch.Tensor | None  # int64 [B, S + depth]: tokens row b commits at step j (0 past S)
+    mask_id: int
+    vocab: int | None
+    banned: torch.Tensor
+    running: torch.Tensor
+    offset_base: int       # RNG offset of the block's step 0
+
+    def __call__(self, block: torch.Tensor, logits: torch.Tensor, steps: torch.Tensor):
+        """block [B, Lb] at step `steps` [B] (per row) with its logits [B, Lb, V] ->
+        (next block, committed, a sampled eligible row was invalid [B], had masks [B])."""
+        eligible = (block == self.mask_id) & self.running[:, None]
+        if self.mask_id >= (logits.shape[-1] if self.vocab is None else self.vocab):
+            raise ValueError(f"mask_id={self.mask_id} lies outside the model's vocabulary (V={logits.shape[-1]})")
+        s = self.sampling
+        offsets = (self.offset_base + steps)[:, None].expand(block.shape)
+        tokens, conf = self.sample(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                   banned=self.banned, confidence=s.confidence, seed=s.seed, offset=offsets,
+                                   check=False)
+        mode = self.mode
+        if self.plan is not None:
+            mode = {"k": self.plan.gather(1, steps.clamp(max=self.plan.shape[1] - 1)[:, None])[:, 0]}
+        after = block.clone()
+        committed = ops.commit(after, tokens, conf, eligible, **mode)
+        return after, committed, ((tokens < 0) & eligible).any(dim=1), eligible.any(dim=1)
+
+
+def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, depth: int, rule: Rule, sampling: Sampling,
+                 sample: Callable, vocab: int | None, mask_id: int, running: torch.Tensor, invalid: torch.Tensor,
+                 offset_base: int, plan: list[list[int]] | None, callback=None, nfe: int = 0) -> BlockResult:
+    """Decode block [start, end) of x in place with up to `depth` steps per model call.
+
+    plan: the steps rule's tokens per row and step (host lists, the steps where no row
+    commits already left out, as the step-by-step loop skips them); None for threshold
+    and factor, whose rows step until their block has no mask. invalid (bool 0-d) is
+    or-ed in place with whether a true step sampled an invalid row. One synchronisation
+    per call: the rows' remaining steps, to pick how many canvases the next call needs.
+    """
+    batch, length, device = x.shape[0], end - start, x.device
+    plan_tensor = None
+    if plan is not None:
+        plan_tensor = F.pad(torch.tensor(plan, dtype=torch.int64).reshape(batch, -1), (0, depth)).to(device)
+        total = len(plan[0])
+    mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
+    apply_rule = _Rule(sample, sampling, mode, plan_tensor, mask_id, vocab,
+                       torch.full((1,), mask_id, dtype=torch.int64, device=device), running, offset_base)
+    positions = torch.arange(start, end, device=device)
+    steps = torch.zeros(batch, dtype=torch.int64, device=device)  # steps each row has taken
+    block = x[:, start:end].clone()
+    draft_logits = None  # [B, Lb, V]: the logits of the current canvas's predecessor
+    calls = canvases = 0
+    while True:
+        if plan_tensor is not None:
+            remaining = (total - steps).clamp(min=0)
+        else:  # every step commits at least one eligible position
+            remaining = ((block == mask_id) & running[:, None]).sum(dim=1)
+        most = max(remaining.tolist())
+        if most == 0:
+            break
+        n = 1 if draft_logits is None else min(depth, most)
+        drafts = [block]
+        for t in range(1, n):
+            drafts.append(apply_rule(drafts[-1], draft_logits, steps + t - 1)[0])
+        evaluated = x.repeat(n, 1)
+        evaluated[:, start:end] = torch.cat(drafts)
+        logits = step_model(evaluated, positions, canvases_per_row=n)
+        logits = logits.reshape(n, batch, length, logits.shape[-1])
+        truths, _, bad, had_masks = zip(*(apply_rule(drafts[t], logits[t], steps + t) for t in range(n)))
+        # Accepted drafts: the leading run of levels whose true successor is the next draft.
+        matches = [(truths[t] == drafts[t + 1]).all(dim=1) for t in range(n - 1)]
+        accepted = torch.stack(matches).to(torch.int64).cumprod(dim=0).sum(dim=0) if matches else steps.new_zeros(batch)
+        taken = torch.arange(n, device=device)[:, None] <= accepted  # [n, B]: the levels that were true steps
+        if plan_tensor is not None:
+            advance = torch.minimum(accepted + 1, remaining)
+        else:  # a row whose block has no mask left takes no more steps
+            advance = (torch.stack(had_masks) & taken).sum(dim=0)
+        new_block = torch.stack(truths)[accepted, torch.arange(batch, device=device)]
+        changed = new_block != block
+        block = torch.where((advance > 0)[:, None], new_block, block)
+        invalid.logical_or_((torch.stack(bad) & taken).any())
+        draft_logits = logits[accepted, torch.arange(batch, device=device)]
+        steps += advance
+        x[:, start:end] = block
+        calls, canvases = calls + 1, canvases + n
+        if callback is not None:
+            everywhere = torch.zeros_like(x, dtype=torch.bool)
+            everywhere[:, start:end] = changed & (advance > 0)[:, None]
+            callback(nfe + calls - 1, x, everywhere)
+    taken_steps = total if plan_tensor is not None else int(steps.max()) if calls else 0
+    return BlockResult(calls, canvases, taken_steps)

@@ -1,0 +1,138 @@
+"""Speculative decoding (unmask.speculative): speculate=d gives the tokens of speculate=0 in
+at most as many model calls, for every commit rule, remasking kind, temperature, filter,
+CFG, ragged batch, EOS stop and cache, on LLaDA, Dream and block-causal layouts."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import unmask
+from tests.helpers import tiny_config
+
+
+def random_model(seed: int, layout: str, std: float):
+    fields = dict(model_type="dream", include_qkv_bias=True) if layout == "dream" else {}
+    if layout == "block-causal":
+        fields = dict(block_size=4)
+    return unmask.DiffusionTransformer.random(tiny_config(**fields), seed=seed, std=std)
+
+
+@st.composite
+def decoding_arguments(draw):
+    block_length = draw(st.sampled_from([4, 8]))
+    blocks = draw(st.integers(1, 2))
+    gen_length = block_length * blocks
+    rule = draw(st.sampled_from(["steps", "steps2", "steps_more", "threshold", "factor"]))
+    arguments = dict(gen_length=gen_length, block_length=block_length,
+                     temperature=draw(st.sampled_from([0.0, 0.0, 0.7, 1.0])),
+                     remasking=draw(st.sampled_from(["low_confidence", "margin", "entropy", "random"])),
+                     seed=draw(st.integers(0, 2**40)), stop_at_eos=draw(st.booleans()),
+                     cfg_scale=draw(st.sampled_from([0.0, 0.0, 1.5])),
+                     cache=draw(st.sampled_from([None, None, "prefix", "dual"])))
+    if rule == "steps":
+        arguments["steps"] = gen_length  # one token per step
+    elif rule == "steps2":
+        arguments["steps"] = gen_length // 2  # two per step
+    elif rule == "steps_more":
+        arguments["steps"] = 2 * gen_length  # more steps than tokens: steps where no row commits
+    elif rule == "threshold":
+        arguments["threshold"] = draw(st.sampled_from([0.2, 0.5, 0.9])) if arguments["remasking"] != "entropy" else -1.0
+    else:
+        arguments["factor"] = draw(st.sampled_from([0.5, 1.0, 2.0]))
+    if draw(st.booleans()):
+        arguments.update(top_k=5, top_p=0.9)
+    return arguments
+
+
+@settings(max_examples=60)
+@given(arguments=decoding_arguments(), layout=st.sampled_from(["llada", "dream", "block-causal"]),
+       model_seed=st.integers(0, 1000), std=st.sampled_from([0.3, 1.0]), depth=st.integers(1, 8),
+       prompts=st.lists(st.lists(st.integers(0, 58), min_size=1, max_size=6), min_size=1, max_size=3))
+def test_speculation_gives_the_step_by_step_tokens(arguments, layout, model_seed, std, depth, prompts):
+    model = random_model(model_seed, layout, std)
+    expected = unmask.generate(model, prompts, **arguments)
+    got = unmask.generate(model, prompts, speculate=depth, **arguments)
+    assert torch.equal(got.tokens, expected.tokens)
+    assert got.nfe <= expected.nfe
+    assert got.steps_per_block == expected.steps_per_block
+    assert got.canvases >= got.nfe
+
+
+def test_a_confident_model_accepts_drafts():
+    """The bundled model on its tasks, one token per step: fewer calls, same answers."""
+    from unmask import cli, tasks
+
+    model = unmask.from_pretrained(cli.default_model_path(), dtype=torch.float32)
+    tokenizer = tasks.CharTokenizer()
+    ids, mask, _ = tasks.encode_batch(tasks.examples(8, seed=2), tokenizer)
+    arguments = dict(attention_mask=mask[:, :tasks.PROMPT_LENGTH], gen_length=tasks.ANSWER_LENGTH,
+                     block_length=tasks.ANSWER_LENGTH, steps=tasks.ANSWER_LENGTH, stop_at_eos=False)
+    expected = unmask.generate(model, ids[:, :tasks.PROMPT_LENGTH], **arguments)
+    for depth in (2, 4, 8):
+        got = unmask.generate(model, ids[:, :tasks.PROMPT_LENGTH], speculate=depth, **arguments)
+        assert torch.equal(got.tokens, expected.tokens)
+        assert got.nfe < expected.nfe, f"speculate={depth}: {got.nfe} calls, step by step {expected.nfe}"
+
+
+class Adversary:
+    """Logits drawn afresh from a hash of the whole canvas: every commit changes every
+    logit, so no draft made from earlier logits can be trusted."""
+
+    vocab = 23
+
+    def __call__(self, ids, attention_mask=None):
+        rows = []
+        for row in ids:
+            seed = int(torch.sum(row * torch.arange(1, row.numel() + 1) * 7919)) % (2**31)
+            rows.append(torch.randn(row.numel(), self.vocab, generator=torch.Generator().manual_seed(seed)) * 3)
+        return torch.stack(rows)
+
+
+@pytest.mark.parametrize("arguments", [dict(steps=12), dict(steps=6, temperature=1.0), dict(threshold=0.3),
+                                       dict(factor=1.0, remasking="margin")])
+def test_an_adversarial_model_gives_the_same_tokens_in_no_more_calls(arguments):
+    model = Adversary()
+    prompts = [[3, 4, 5], [7]]
+    common = dict(gen_length=12, block_length=6, mask_id=22, eos_id=21, stop_at_eos=False, **arguments)
+    expected = unmask.generate(model, prompts, **common)
+    for depth in (2, 5):
+        got = unmask.generate(model, prompts, speculate=depth, **common)
+        assert torch.equal(got.tokens, expected.tokens) and got.nfe <= expected.nfe
+
+
+def test_infill_speculates_too():
+    model = random_model(5, "llada", 1.0)
+    ids = torch.tensor([[3, 60, 60, 7, 60, 9, 60, 60], [60, 2, 2, 60, 60, 60, 4, 60]])
+    for arguments in (dict(block_length=4), dict(block_length=8, threshold=0.5, temperature=1.0)):
+        expected = unmask.infill(model, ids, **arguments)
+        got = unmask.infill(model, ids, speculate=3, **arguments)
+        assert torch.equal(got.tokens, expected.tokens) and got.nfe <= expected.nfe
+
+
+@pytest.mark.parametrize("value,exception,message", [
+    (-1, ValueError, "speculate must be >= 0, got -1"),
+    (2.0, TypeError, "speculate must be an int, got float"),
+    (True, TypeError, "speculate must be an int, got bool"),
+])
+def test_speculate_is_checked(value, exception, message):
+    model = random_model(1, "llada", 0.3)
+    with pytest.raises(exception, match=message):
+        unmask.generate(model, [[1, 2]], gen_length=4, block_length=4, speculate=value)
+    with pytest.raises(exception, match=message):
+        unmask.infill(model, torch.tensor([[1, 60]]), speculate=value)
+
+
+def test_speculate_does_not_combine_with_a_cuda_graph():
+    model = random_model(1, "llada", 0.3)
+    with pytest.raises(ValueError, match="cuda_graph=True and speculate > 0 do not combine"):
+        unmask.generate(model, [[1, 2]], gen_length=4, block_length=4, speculate=2, cuda_graph=True)
+
+
+def test_the_callback_sees_every_call():
+    model = random_model(2, "llada", 0.3)
+    seen = []
+    out = unmask.generate(model, [[1, 2]], gen_length=8, block_length=8, steps=8, speculate=4,
+                          callback=lambda step, x, committed: seen.append((step, int(committed.sum()))))
+    assert [step for step, _ in seen] == list(range(out.nfe))
+    assert sum(count for _, count in seen) == 8, "every committed position is reported once"
