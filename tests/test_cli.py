@@ -32,6 +32,15 @@ def test_generate_from_ids(tmp_path, capsys):
     assert all(token.isdigit() for token in result_line.split())
 
 
+@pytest.mark.skipif(not (cli.default_model_path() / "config.json").exists(), reason="no bundled model in this tree")
+def test_generate_speculates(capsys):
+    assert cli.main(["generate", "--prompt", "sort:8531=", "--steps", "8", "--speculate", "4", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "1358" and "canvases" in captured.err
+    assert cli.main(["generate", "--prompt", "sort:8531=", "--speculate", "-2", "--quiet"]) == 2
+    assert "speculate must be >= 0, got -2" in capsys.readouterr().err
+
+
 def test_generate_from_text_with_tokenizer(tmp_path, capsys):
     unmask.save_pretrained(tiny_model(seed=2), tmp_path)
     vocab = {f"w{i}": i for i in range(61)}

@@ -115,6 +115,9 @@ def test_evaluate_covers_every_strategy():
     assert "steps=8" in names and "threshold=0.9" in names and "factor=1.0" in names
     assert any("remasking=random" in n for n in names)
     assert all(0 <= r.mean_accuracy <= 1 and r.nfe >= 1 for r in results)
+    by_name = {r.strategy: r for r in results}
+    speculative = by_name["steps=8 speculate=8"]  # the answers of steps=8, in no more calls
+    assert speculative.accuracy == by_name["steps=8"].accuracy and speculative.nfe <= by_name["steps=8"].nfe
     assert "mean" in evaluate.format_table(results)
 
 

@@ -181,7 +181,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = unmask.generate(
         model, [prompt], gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
         threshold=args.threshold, factor=args.factor, temperature=args.temperature, remasking=args.remasking,
-        cfg_scale=args.cfg_scale, seed=args.seed, callback=printer, cache=args.cache,
+        cfg_scale=args.cfg_scale, seed=args.seed, callback=printer, cache=args.cache, speculate=args.speculate,
     )
     if parallel:
         distributed.shutdown()
@@ -193,7 +193,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if model.eos_id in tokens:
         tokens = tokens[: tokens.index(model.eos_id)]
     print(tokenizer.decode(tokens) if tokenizer is not None else " ".join(map(str, tokens)))
-    print(f"NFE {out.nfe}  steps per block {out.steps_per_block}  {out.seconds:.2f} s  "
+    drafts = f"  canvases {out.canvases}" if args.speculate else ""
+    print(f"NFE {out.nfe}{drafts}  steps per block {out.steps_per_block}  {out.seconds:.2f} s  "
           f"{out.tokens_per_second:.1f} tokens/s", file=sys.stderr)
     return 0
 
@@ -266,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "margin", "entropy", "random"])
     gen.add_argument("--cfg-scale", type=float, default=0.0)
     gen.add_argument("--cache", choices=["prefix", "dual"], help="reuse keys and values within a block")
+    gen.add_argument("--speculate", type=int, default=0, metavar="D",
+                     help="verify up to D drafted steps per model call (the same tokens in fewer calls)")
     gen.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template (transformers)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", help="cpu or cuda; under torchrun the device type of every rank")

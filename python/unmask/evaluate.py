@@ -35,6 +35,8 @@ def strategies(answer_length: int = tasks.ANSWER_LENGTH) -> list[tuple[str, dict
     out += [(f"factor={f}", {"factor": f}) for f in (0.5, 1.0)]
     out += [(f"steps={answer_length} remasking={kind}", {"steps": answer_length, "remasking": kind})
             for kind in ("margin", "entropy", "random")]
+    # Speculative decoding: the answers of steps=answer_length in fewer model calls.
+    out += [(f"steps={answer_length} speculate={answer_length}", {"steps": answer_length, "speculate": answer_length})]
     return out
 
 

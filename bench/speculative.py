@@ -1,0 +1,107 @@
+"""Speculative decoding: model calls, canvases evaluated, tokens per call and wall time of
+generate(speculate=d) against speculate=0 (whose tokens every row must reproduce).
+
+    python bench/speculative.py [--device cpu|cuda] [--out FILE] [--no-save] [--quick]
+
+Workloads: the bundled model on its four tasks, one token per step (a batch of prompts per
+task, and the same prompts one at a time), and the small random model of bench/generate.py
+(one prompt, 128 tokens in blocks of 32, one per step); no cache and the dual cache; d = 2,
+4, 8 and the block length. Wall time on a CPU says little about a GPU: a call on 2 cores
+costs about d times a single canvas, while on a GPU at batch 1 a call costs about one read
+of the weights. The GPU estimate below is a cost model fed with the measured calls and
+canvases (see the README, Speculative decoding).
+"""
+
+import time
+
+import torch
+
+from _common import parse, report
+import unmask
+from unmask import cli, tasks
+from unmask.benchmarks.harness import Row
+
+# The GPU cost model: one call of n canvases at batch 1 reads the weights once and does n
+# canvases' worth of matrix products. LLaDA-8B on an H100 (bf16): 16 GB of weights at
+# 3.35 TB/s; a canvas of 32 recomputed positions (dual cache) or 300 (no cache) costs
+# 2 * 8e9 FLOPs per position at 60% of the 989 TFLOP/s dense bf16 peak.
+GPU_WEIGHT_READ_MS = 16e9 / 3.35e12 * 1e3
+GPU_MS_PER_POSITION = 2 * 8e9 / (0.6 * 989e12) * 1e3
+
+
+def gpu_call_ms(canvases: int, positions: int) -> float:
+    return max(GPU_WEIGHT_READ_MS, canvases * positions * GPU_MS_PER_POSITION)
+
+
+def workloads(quick: bool):
+    bundled = unmask.from_pretrained(cli.default_model_path(), dtype=torch.float32)
+    tokenizer = tasks.CharTokenizer()
+    per_task = 16 if quick else 64
+    for task in tasks.TASKS:
+        ids, mask, _ = tasks.encode_batch(tasks.examples(per_task, seed=11, tasks=(task,)), tokenizer)
+        prompt, prompt_mask = ids[:, :tasks.PROMPT_LENGTH], mask[:, :tasks.PROMPT_LENGTH]
+        arguments = dict(gen_length=tasks.ANSWER_LENGTH, block_length=tasks.ANSWER_LENGTH, steps=tasks.ANSWER_LENGTH,
+                         stop_at_eos=False)
+        yield f"bundled {task} batch {per_task}", bundled, [(prompt, prompt_mask)], arguments
+        singles = min(per_task, 8 if quick else 32)
+        yield (f"bundled {task} one at a time", bundled,
+               [(prompt[i:i + 1], prompt_mask[i:i + 1]) for i in range(singles)], arguments)
+    fields = dict(d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, mlp_hidden_size=704, vocab_size=8192,
+                  embedding_size=8192, mask_token_id=8191, eos_token_id=8190)
+    small = unmask.DiffusionTransformer.random(unmask.ModelConfig(**fields), seed=0, std=0.05)
+    gen = 32 if quick else 128
+    prompt = torch.randint(0, 8190, (1, 64), generator=torch.Generator().manual_seed(0))
+    yield "small random model", small, [(prompt, None)], dict(gen_length=gen, block_length=32, steps=gen,
+                                                               stop_at_eos=False)
+
+
+def run(model, batches, arguments, **extra):
+    calls = canvases = 0
+    seconds = 0.0
+    tokens = []
+    for prompt, mask in batches:
+        started = time.perf_counter()
+        out = unmask.generate(model, prompt, attention_mask=mask, **arguments, **extra)
+        seconds += time.perf_counter() - started
+        calls, canvases = calls + out.nfe, canvases + out.canvases
+        tokens.append(out.tokens)
+    return calls, canvases, seconds, torch.cat(tokens)
+
+
+def main() -> None:
+    args = parse(__doc__, lambda parser: parser.add_argument("--quick", action="store_true"))
+    rows = []
+    for name, model, batches, arguments in workloads(args.quick):
+        model = model.to(args.device)
+        batches = [(p.to(args.device), None if m is None else m.to(args.device)) for p, m in batches]
+        generated = sum(p.shape[0] for p, _ in batches) * arguments["gen_length"]
+        for cache in (None, "dual"):
+            run(model, batches[:1], arguments, cache=cache)  # warm-up
+            base_calls, _, base_seconds, base_tokens = run(model, batches, arguments, cache=cache)
+            positions = arguments["block_length"] if cache == "dual" else 300
+            base_gpu = base_calls * gpu_call_ms(1, positions)
+            for depth in sorted({0, 2, 4, 8, arguments["block_length"]}):
+                if depth == 0:
+                    calls, canvases, seconds, tokens = base_calls, base_calls, base_seconds, base_tokens
+                else:
+                    calls, canvases, seconds, tokens = run(model, batches, arguments, cache=cache, speculate=depth)
+                per_call = canvases / calls
+                gpu = calls * gpu_call_ms(round(per_call), positions)
+                rows.append(Row(
+                    "speculative", f"speculate={depth}",
+                    {"workload": name, "cache": cache, "gen": arguments["gen_length"],
+                     "block": arguments["block_length"], "prompts": len(batches) * batches[0][0].shape[0]},
+                    str(next(model.parameters()).dtype).removeprefix("torch."), seconds * 1e3 / len(batches),
+                    speedup_vs_baseline=base_seconds / seconds,
+                    extra={"model_calls": calls, "canvases": canvases, "calls_vs_step_by_step": base_calls / calls,
+                           "canvases_per_call": per_call, "tokens_per_call": generated / calls,
+                           "identical_tokens": bool(torch.equal(tokens, base_tokens)),
+                           "gpu_model_speedup": base_gpu / gpu}))
+                print(f"{name:34} cache={str(cache):5} d={depth:<3} calls {calls:5} canvases {canvases:5} "
+                      f"calls x{base_calls / calls:4.2f}  wall x{base_seconds / seconds:4.2f}  "
+                      f"GPU model x{base_gpu / gpu:4.2f}  identical {torch.equal(tokens, base_tokens)}", flush=True)
+    report(args, rows, {})
+
+
+if __name__ == "__main__":
+    main()
