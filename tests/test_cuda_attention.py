@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from unmask import native, ops, reference, validation
+from unmask import native, ops, reference, sdpa, validation
 from tests.helpers import check_attention_against_reference, make_masks, random_inputs, requires_cuda_build
 from tests.helpers import requires_gpu
 
@@ -169,9 +169,11 @@ def test_float32_takes_the_reference():
 def test_dispatch_falls_back_for_head_dim_96_and_handles_an_empty_batch():
     q, k, v, _ = random_inputs(1, 8, 8, 2, 2, 96, torch.bfloat16, seed=3)
     q, k, v = q.cuda(), k.cuda(), v.cuda()
-    assert ops.backend_for("attention", q, k, v) == "reference"
+    assert ops.backend_for("attention", q, k, v) == "torch-sdpa"
     assert "head_dim=96" in ops.fallback_reason("attention", q, k, v)
     torch.testing.assert_close(ops.attention(q, k, v), reference.attention(q, k, v))
+    assert ops.backend_for("attention", q, k, v, block_size=4) == "reference"  # SDPA would spread hidden NaN
+    check_attention_against_reference(q, k, v, backend=sdpa.SDPA, key_valid=torch.rand(1, 8, device="cuda") > 0.3)
     q, k, v, _ = random_inputs(0, 5, 5, 2, 2, 64, torch.bfloat16, seed=1)
     assert ops.attention(q.cuda(), k.cuda(), v.cuda()).shape == (0, 5, 2, 64)
 

@@ -91,32 +91,50 @@ def ran(monkeypatch):
     native_table = {key: recorded(entry) for key, entry in native.kernels().items()}
     monkeypatch.setattr(native, "kernels", lambda: native_table)
     monkeypatch.setattr(dispatch, "REFERENCE", {name: recorded(entry) for name, entry in dispatch.REFERENCE.items()})
+    monkeypatch.setattr(dispatch, "TORCH", {name: recorded(entry) for name, entry in dispatch.TORCH.items()})
     return record
 
 
-def _attention_args(head_dim):
-    q = torch.randn(1, 5, 2, head_dim)
-    return (q, q.clone(), q.clone()), {}
+def _attention_args(head_dim, q_len=5, dtype=torch.float32, **kwargs):
+    q = torch.randn(1, q_len, 2, head_dim).to(dtype)
+    return (q, q.clone(), q.clone()), kwargs
 
 
 CPU_CASES = [
-    # (kernel, args, kwargs, native expected)
-    ("attention", *_attention_args(64), True),
-    ("attention", *_attention_args(1025), False),  # D > 1024: the CPU kernel's tiles
-    ("sample", (torch.randn(4, 50),), dict(top_k=3, top_p=0.5, temperature=1.0), True),
+    # (kernel, args, kwargs, the backend expected: "cpu" for the native kernel)
+    ("attention", *_attention_args(64, q_len=512), "cpu"),  # float32, D >= 64, >= 512 queries: native
+    ("attention", *_attention_args(64), "torch-sdpa"),  # 5 queries: SDPA is faster
+    ("attention", *_attention_args(16, q_len=512), "torch-sdpa"),  # D = 16
+    ("attention", *_attention_args(64, q_len=512, dtype=torch.bfloat16), "torch-sdpa"),
+    ("attention", *_attention_args(1025), "torch-sdpa"),  # D > 1024: not the CPU kernel's tiles
+    ("attention", *_attention_args(16, block_size=4), "torch-sdpa"),  # block-causal, finite keys
+    ("sample", (torch.randn(4, 50),), dict(top_k=3, top_p=0.5, temperature=1.0), "cpu"),
     ("commit", (torch.zeros(2, 5, dtype=torch.int32), torch.ones(2, 5, dtype=torch.int64), torch.rand(2, 5),
-                torch.ones(2, 5, dtype=torch.bool)), dict(k=2), True),  # an int32 canvas, through an int64 copy
+                torch.ones(2, 5, dtype=torch.bool)), dict(k=2), "cpu"),  # an int32 canvas, through an int64 copy
 ]
 
 
 @pytest.mark.skipif(not native.available(), reason="unmask._C not built")
-@pytest.mark.parametrize("kernel,args,kwargs,native_expected", CPU_CASES,
-                         ids=["attention D=64", "attention D=1025", "sample top-k top-p", "commit int32 canvas"])
-def test_reported_backend_is_the_one_that_ran(ran, kernel, args, kwargs, native_expected):
+@pytest.mark.parametrize("kernel,args,kwargs,expected", CPU_CASES,
+                         ids=["attention native", "attention 5 queries", "attention D=16", "attention bf16",
+                              "attention D=1025", "attention block-causal", "sample top-k top-p",
+                              "commit int32 canvas"])
+def test_reported_backend_is_the_one_that_ran(ran, kernel, args, kwargs, expected):
     reported = ops.backend_for(kernel, *args, **kwargs)
-    assert (reported != "reference") == native_expected
+    assert reported.split(":")[0] == expected
     getattr(ops, kernel)(*args, **kwargs)
     assert ran == [reported]
+
+
+def test_sdpa_is_not_preferred_under_a_block_mask_with_non_finite_keys():
+    """SDPA adds the mask to the scores, so NaN in a key that the block-causal mask hides
+    from some queries would reach them: the native kernel takes that call."""
+    (q, k, v), _ = _attention_args(16)
+    k[0, 3, 1] = float("nan")
+    assert ops.backend_for("attention", q, k, v, block_size=4).startswith("cpu:")
+    assert ops.backend_for("attention", q, k, v) == "torch-sdpa"  # every query sees key 3: NaN rows anyway
+    hidden = torch.tensor([[True, True, True, False, True]])  # key 3 hidden by key_valid: zeroed, never read
+    assert ops.backend_for("attention", q, k, v, key_valid=hidden, block_size=4) == "torch-sdpa"
 
 
 def _meta(*shape, dtype=torch.float32):
@@ -130,6 +148,12 @@ CUDA_FALLBACKS = [
     ("sample", (_meta(4, 100),), dict(top_p=0.9), "top_p"),
     ("commit", (_meta(2, 4097, dtype=torch.int64), _meta(2, 4097, dtype=torch.int64), _meta(2, 4097),
                 _meta(2, 4097, dtype=torch.bool)), dict(threshold=0.5), "4097 positions"),
+    ("attention", (_meta(1, 8, 2, 64),) * 3, dict(block_size=4), "dtype float32"),
+    ("attention", (_meta(1, 8, 2, 96, dtype=torch.bfloat16),) * 3, dict(block_size=4), "head_dim=96"),
+]
+# Attention the CUDA kernel does not take runs in torch SDPA when no block-causal mask asks
+# for a check of the keys (SDPA would spread a hidden non-finite key).
+CUDA_TO_SDPA = [
     ("attention", (_meta(1, 8, 2, 64),) * 3, {}, "dtype float32"),
     ("attention", (_meta(1, 8, 2, 96, dtype=torch.bfloat16),) * 3, {}, "head_dim=96"),
     ("attention", (_meta(1, 2**23, 32, 64, dtype=torch.bfloat16), _meta(1, 8, 1, 64, dtype=torch.bfloat16),
@@ -154,6 +178,16 @@ def cuda_table_on_meta(monkeypatch):
 def test_cuda_table_sends_unsupported_calls_to_the_reference(cuda_table_on_meta, monkeypatch, kernel, args, kwargs,
                                                              reason):
     assert ops.backend_for(kernel, *args, **kwargs) == "reference"
+    assert reason in ops.fallback_reason(kernel, *args, **kwargs)
+    monkeypatch.setenv("UNMASK_BACKEND", "native")
+    with pytest.raises(NotImplementedError, match="UNMASK_BACKEND=native"):
+        ops.backend_for(kernel, *args, **kwargs)
+
+
+@pytest.mark.parametrize("kernel,args,kwargs,reason", CUDA_TO_SDPA, ids=[c[3] for c in CUDA_TO_SDPA])
+def test_cuda_table_sends_attention_it_does_not_take_to_sdpa(cuda_table_on_meta, monkeypatch, kernel, args, kwargs,
+                                                             reason):
+    assert ops.backend_for(kernel, *args, **kwargs) == "torch-sdpa"
     assert reason in ops.fallback_reason(kernel, *args, **kwargs)
     monkeypatch.setenv("UNMASK_BACKEND", "native")
     with pytest.raises(NotImplementedError, match="UNMASK_BACKEND=native"):

@@ -228,12 +228,13 @@ def test_stats_count_threads_and_switches():
 def test_generate_through_the_interpreted_cuda_kernels(monkeypatch):
     """UNMASK_BACKEND=interpret: CPU tensors take the CUDA kernels under the interpreter
     where they take the call (bf16 attention at head_dim 64, sampling, commit): the tokens
-    of the CPU kernels' run."""
+    of the CPU kernels' run (UNMASK_BACKEND=native)."""
     import unmask
     from tests.helpers import tiny_model
 
     model = tiny_model(seed=3, d_model=128, n_heads=2, n_kv_heads=1, mlp_hidden_size=64).to(torch.bfloat16)
     kwargs = dict(gen_length=16, block_length=8, threshold=0.5, stop_at_eos=False)
+    monkeypatch.setenv("UNMASK_BACKEND", "native")  # the CPU kernels (auto would send bf16 attention to SDPA)
     expected = unmask.generate(model, [[1, 2, 3], [4, 5]], **kwargs)
     monkeypatch.setenv("UNMASK_BACKEND", "interpret")
     q = torch.zeros(1, 4, 2, 64, dtype=torch.bfloat16)

@@ -1,8 +1,11 @@
 """Where a kernel call runs: the one decision, made from the kernel table.
 
 The table (unmask.native.kernels()) holds one native backend per (kernel, device type),
-each with a `supports(call)` that states every case it takes. choose() picks the
-native backend of the call's device when it takes the call, else the reference
+each with a `supports(call)` that states every case it takes. Attention also has torch's
+SDPA under unmask's contract (unmask.sdpa): it runs the calls where it is measured to be
+faster than the native kernel (`preferred(call)`, a rule on the shape and dtype), and
+those the native kernel does not take. choose() picks, in order: SDPA where preferred,
+the native backend of the call's device when it takes the call, SDPA, the reference
 (unmask.reference, the specification); what it picks is what runs and what
 backend_for() reports. UNMASK_BACKEND (read at each call):
   unset or "auto"  as above;
@@ -20,7 +23,7 @@ import dataclasses
 import os
 from collections.abc import Callable
 
-from unmask import native, reference
+from unmask import native, reference, sdpa
 from unmask.validation import AttentionCall, CommitCall, SampleCall
 
 BACKEND_MODES = ("auto", "native", "reference", "interpret")
@@ -63,6 +66,8 @@ REFERENCE = {
     "sample": ReferenceKernel("sample", _reference_sample),
     "commit": ReferenceKernel("commit", _reference_commit),
 }
+# Backends built on torch's own kernels, by kernel name (any device).
+TORCH = {"attention": sdpa.SDPA}
 
 
 def backend_mode() -> str:
@@ -72,20 +77,24 @@ def backend_mode() -> str:
     return mode
 
 
-def choose(kernel: str, call) -> tuple[native.NativeKernel | ReferenceKernel, str | None]:
+def choose(kernel: str, call) -> tuple[native.NativeKernel | sdpa.SdpaKernel | ReferenceKernel, str | None]:
     """The backend that runs `call`, and why the native one does not (None if it does)."""
     mode = backend_mode()
     if mode == "reference":
         return REFERENCE[kernel], "UNMASK_BACKEND=reference"
     table = native.interpreted_kernels() if mode == "interpret" else native.kernels()
     entry = table.get((kernel, call.device.type))
+    torch_backend = TORCH.get(kernel) if mode == "auto" else None
+    if torch_backend is not None and torch_backend.supports(call) is not None:
+        torch_backend = None
     reason = f"no native {kernel} kernel for {call.device.type} tensors in this build" if entry is None \
         else entry.supports(call)
     if reason is None:
-        return entry, None
+        preferred = torch_backend.preferred(call) if torch_backend is not None else None
+        return (torch_backend, preferred) if preferred is not None else (entry, None)
     if mode == "native":
         raise NotImplementedError(f"UNMASK_BACKEND=native: {reason}")
-    return REFERENCE[kernel], reason
+    return (torch_backend if torch_backend is not None else REFERENCE[kernel]), reason
 
 
 def run(kernel: str, call):

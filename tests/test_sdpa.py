@@ -1,0 +1,93 @@
+"""Attention through torch SDPA (unmask.sdpa) under unmask's contract, against the float64
+reference with flash-attention's tolerance rule: every mask, GQA, head dims, dtypes;
+queries that see nothing get zeros; hidden keys are never read; the routing rule."""
+
+import pytest
+import torch
+
+from unmask import ops, reference, sdpa, validation
+from tests.helpers import MASKS, check_attention_against_reference, make_masks, random_inputs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("q_len,k_len", [(1, 1), (17, 99), (99, 17), (130, 1025)])
+def test_masks_and_lengths(dtype, mask, q_len, k_len):
+    q, k, v, gen = random_inputs(2, q_len, k_len, 4, 2, 32, dtype, seed=q_len * 1000 + k_len)
+    check_attention_against_reference(q, k, v, backend=sdpa.SDPA, **make_masks(mask, 2, k_len, gen))
+
+
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("head_dim", [16, 64, 1025])
+def test_gqa_and_head_dims(group, head_dim):
+    q, k, v, gen = random_inputs(1, 65, 257, 8, 8 // group, head_dim, torch.float32, seed=group * head_dim)
+    check_attention_against_reference(q, k, v, backend=sdpa.SDPA, block_size=64,
+                                      key_valid=torch.rand(1, 257, generator=gen) > 0.5)
+
+
+def test_queries_that_see_nothing_get_zeros():
+    q, k, v, _ = random_inputs(2, 9, 70, 2, 2, 16, torch.float32, seed=3)
+    for masks in (dict(kv_len=torch.tensor([0, 70])), dict(kv_len=torch.tensor([0, 70]), block_size=8)):
+        out = sdpa.launch(validation.attention_call(q, k, v, **masks))
+        assert torch.equal(out[0], torch.zeros_like(out[0])) and not torch.isnan(out).any()
+    key_valid = torch.ones(2, 70, dtype=torch.bool)
+    key_valid[:, :16] = False  # the first two blocks of 8 see no key
+    out = sdpa.launch(validation.attention_call(q, k, v, key_valid=key_valid, block_size=8, q_offset=0))
+    assert torch.equal(out[:, :2], torch.zeros_like(out[:, :2])) and not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hidden_keys_are_never_read(dtype):
+    q, k, v, gen = random_inputs(2, 37, 150, 4, 2, 32, dtype, seed=5)
+    kv_len = torch.tensor([90, 150])
+    key_valid = torch.rand(2, 150, generator=gen) > 0.2
+    hidden = (torch.arange(150)[None] >= kv_len[:, None]) | ~key_valid
+    dirty_k, dirty_v = k.clone(), v.clone()
+    dirty_k[hidden], dirty_v[hidden] = float("nan"), float("nan")
+    for block_size in (None, 16):
+        args = dict(kv_len=kv_len, key_valid=key_valid, block_size=block_size)
+        assert sdpa.SDPA.supports(validation.attention_call(q, dirty_k, dirty_v, **args)) is None
+        clean = sdpa.launch(validation.attention_call(q, k, v, **args))
+        assert torch.equal(sdpa.launch(validation.attention_call(q, dirty_k, dirty_v, **args)), clean)
+
+
+def test_out_is_written_whole():
+    q, k, v, _ = random_inputs(1, 7, 9, 2, 1, 16, torch.float32, seed=2)
+    out = torch.full_like(q, float("nan"))
+    sdpa.SDPA(validation.attention_call(q, k, v, block_size=2), out=out)
+    torch.testing.assert_close(out, reference.attention(q, k, v, block_size=2), rtol=2e-5, atol=2e-6)
+
+
+def test_empty_batch_and_empty_keys():
+    q, k, v, _ = random_inputs(0, 5, 5, 2, 2, 16, torch.float32, seed=1)
+    assert sdpa.launch(validation.attention_call(q, k, v)).shape == (0, 5, 2, 16)
+    q, k, v, _ = random_inputs(1, 5, 0, 2, 2, 16, torch.float32, seed=1)
+    assert torch.equal(sdpa.launch(validation.attention_call(q, k, v)), torch.zeros(1, 5, 2, 16))
+
+
+@pytest.mark.parametrize("dtype,head_dim,q_len,expected", [
+    (torch.float32, 64, 512, None), (torch.float32, 128, 1024, None),
+    (torch.float32, 32, 1024, "head_dim=32"), (torch.float32, 64, 32, "q_len=32"),
+    (torch.bfloat16, 128, 1024, "bfloat16"), (torch.float16, 64, 512, "float16"),
+])
+def test_the_routing_rule(dtype, head_dim, q_len, expected):
+    """SDPA takes the CPU calls where it measured faster than the native kernel (module
+    docstring of unmask.sdpa); the native kernel keeps float32, D >= 64, >= 512 queries."""
+    q = torch.empty(1, q_len, 2, head_dim, dtype=dtype)
+    reason = sdpa.preferred_on_cpu(validation.attention_call(q, q, q))
+    assert (reason is None) == (expected is None) and (expected is None or expected in reason)
+    assert ops.backend_for("attention", q, q, q) == ("torch-sdpa" if expected else ops.backend_for("sample", q[0, 0]))
+
+
+def test_a_nan_query_that_sees_no_key_gets_zeros():
+    """SDPA gives such a row NaN; the contract gives every query that sees no key zeros
+    (rows that see a NaN score stay NaN, as in the reference)."""
+    q, k, v, _ = random_inputs(1, 6, 8, 2, 2, 16, torch.float32, seed=4)
+    q[0, 0, 0] = float("nan")  # in the first block of 4, which sees no key (all hidden)
+    q[0, 5, 1] = float("nan")  # sees keys: NaN
+    key_valid = torch.ones(1, 8, dtype=torch.bool)
+    key_valid[0, :4] = False
+    out = sdpa.launch(validation.attention_call(q, k, v, key_valid=key_valid, block_size=4, q_offset=0))
+    expected = reference.attention(q.double(), k.double(), v.double(), key_valid=key_valid, block_size=4)
+    assert torch.equal(torch.isnan(out), torch.isnan(expected)) and torch.isnan(out).any()
+    assert torch.equal(out[0, :4], torch.zeros_like(out[0, :4]))
