@@ -129,11 +129,14 @@ def test_reported_backend_is_the_one_that_ran(ran, kernel, args, kwargs, expecte
 def test_sdpa_is_not_preferred_under_a_block_mask_with_non_finite_keys():
     """SDPA adds the mask to the scores, so NaN in a key that the block-causal mask hides
     from some queries would reach them: the native kernel takes that call."""
-    (q, k, v), _ = _attention_args(16)
-    k[0, 3, 1] = float("nan")
+    (q, k, v), _ = _attention_args(16)  # 5 queries and keys: blocks of 4 are [0, 4) and [4, 5)
+    k[0, 4, 1] = float("nan")  # seen by query 4, hidden from queries 0-3
     assert ops.backend_for("attention", q, k, v, block_size=4).startswith("cpu:")
-    assert ops.backend_for("attention", q, k, v) == "torch-sdpa"  # every query sees key 3: NaN rows anyway
-    hidden = torch.tensor([[True, True, True, False, True]])  # key 3 hidden by key_valid: zeroed, never read
+    assert ops.backend_for("attention", q, k, v) == "torch-sdpa"  # every query sees key 4: NaN rows anyway
+    assert ops.backend_for("attention", q, k, v, block_size=4, q_offset=4) == "torch-sdpa"  # all see it
+    hidden = torch.tensor([[True, True, True, True, False]])  # key 4 hidden by key_valid: zeroed, never read
+    assert ops.backend_for("attention", q, k, v, key_valid=hidden, block_size=4) == "torch-sdpa"
+    k[0, 2, 0] = float("nan")  # in block 0, which every query sees
     assert ops.backend_for("attention", q, k, v, key_valid=hidden, block_size=4) == "torch-sdpa"
 
 

@@ -6,11 +6,13 @@ What the contract asks beyond plain SDPA:
 - the masks (kv_len, key_valid, block-causal with q_offset) become one boolean mask, of
   shape [B, 1, 1, Lk] when only keys are masked (no Lq x Lk tensor) and [B, 1, Lq, Lk]
   with the block-causal mask;
-- hidden keys are never read: K and V rows that kv_len or key_valid hide are zeroed in a
-  copy first (a stale cache may hold NaN there, and SDPA's P V would multiply it by 0);
-- a query that sees no key gets zeros (SDPA's softmax over no key gives NaN);
-- NaN in a key or value reaches only the queries that see it: SDPA adds the mask to the
-  scores, so under a block-causal mask it takes only finite K and V (checked on the CPU).
+- hidden keys are never read: keys in blocks after every query's are sliced off; SDPA adds
+  the mask to the scores, so a NaN elsewhere would still reach the output (NaN - inf,
+  0 * NaN): keys kv_len or key_valid hide are zeroed in a copy when they may not be finite
+  (a finite hidden key weighs exactly 0, so the result does not change); keys the
+  block-causal mask shows some queries and hides from others must be finite, or the call
+  goes to another backend (checked on the CPU; on a device such calls go elsewhere);
+- a query that sees no key gets zeros (SDPA's softmax over no key gives NaN).
 """
 
 from __future__ import annotations
@@ -58,26 +60,58 @@ def _key_visible(call: AttentionCall) -> torch.Tensor | None:
     return visible
 
 
+def _block_key_limits(call: AttentionCall) -> tuple[int, int]:
+    """Under the block-causal mask: keys below `shared` are in blocks every query sees, keys
+    from `end` on in blocks no query sees (so they are sliced off, never read)."""
+    k_len, b = call.shape.k_len, call.block_size
+    if b is None:
+        return k_len, k_len
+    first_block, last_block = call.q_offset // b, (call.q_offset + call.shape.q_len - 1) // b
+    return min(k_len, (first_block + 1) * b), min(k_len, (last_block + 1) * b)
+
+
+def _might_hold_non_finite(x: torch.Tensor) -> bool:
+    """A conservative test that reads x once: a NaN or inf makes the sum non-finite (a sum
+    that overflows says so too, and only costs the faster path)."""
+    return x.numel() > 0 and not bool(torch.isfinite(x.sum()))
+
+
+def _hidden_might_hold_non_finite(k: torch.Tensor, v: torch.Tensor, key_visible: torch.Tensor) -> bool:
+    """Whether a key or value row the key masks hide may hold a NaN or inf (CPU: only the
+    hidden rows are read, a small part of the keys for padding)."""
+    hidden = ~key_visible
+    if not bool(hidden.any()):
+        return False
+    return _might_hold_non_finite(k[hidden]) or _might_hold_non_finite(v[hidden])
+
+
 def launch(call: AttentionCall, out: torch.Tensor | None = None) -> torch.Tensor:
     """out: optional tensor like q to write into (tests poison it)."""
     q, k, v = call.q, call.k, call.v
     shape = call.shape
+    shared, end = _block_key_limits(call)
+    k, v = k[:, :end], v[:, :end]  # keys in blocks after every query's: never read
     key_visible = _key_visible(call)
-    if key_visible is not None:  # hidden keys are never read: zero them in a copy
+    key_visible = None if key_visible is None else key_visible[:, :end]
+    if key_visible is not None and (q.device.type != "cpu" or _hidden_might_hold_non_finite(k, v, key_visible)):
+        # Hidden keys are never read: a finite key under the mask weighs exactly 0, so on the
+        # CPU, where one read tells, keys are zeroed in a copy only when some may not be
+        # finite (a stale cache); on a device always (checking would synchronise).
         hide = ~key_visible[:, :, None, None]
         k, v = k.masked_fill(hide, 0), v.masked_fill(hide, 0)
     mask = None
-    if call.block_size is not None:
-        mask = reference.visibility(shape.batch, shape.q_len, shape.k_len, kv_len=call.kv_len,
-                                    key_valid=call.key_valid, block_size=call.block_size, q_offset=call.q_offset,
-                                    device=q.device)[:, None]
+    if shared < end:  # the block-causal mask shows some keys to some queries only
+        mask = reference.visibility(shape.batch, shape.q_len, end, key_valid=key_visible, block_size=call.block_size,
+                                    q_offset=call.q_offset, device=q.device)[:, None]
     elif key_visible is not None:
         mask = key_visible[:, None, None, :]
     result = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=call.scale,
         enable_gqa=shape.q_heads != shape.kv_heads)
     if mask is not None:  # a query that sees no key: zeros, not SDPA's NaN
-        result = result.masked_fill(~mask.any(dim=-1, keepdim=True), 0)
+        sees = mask.any(dim=-1, keepdim=True)
+        if q.device.type != "cpu" or not bool(sees.all()):
+            result = result.masked_fill(~sees, 0)
     result = result.transpose(1, 2)
     if out is None:
         return result.contiguous()
@@ -95,16 +129,21 @@ class SdpaKernel:
     def supports(self, call: AttentionCall) -> str | None:
         if call.q.dtype not in SDPA_DTYPES:
             return f"torch SDPA does not take {call.q.dtype}"
-        if call.block_size is not None:
-            # SDPA adds the mask to the scores: a NaN key or value a block-causal mask hides
-            # from some queries would still reach them (NaN - inf, 0 * NaN). Checked where
-            # reading K and V costs no synchronisation.
-            if call.device.type != "cpu":
-                return "torch SDPA would let a non-finite key hidden by the block-causal mask reach other queries"
-            finite = torch.isfinite(call.k).all(dim=(2, 3)) & torch.isfinite(call.v).all(dim=(2, 3))
-            key_visible = _key_visible(call)
-            if not bool((finite if key_visible is None else finite | ~key_visible).all()):  # hidden keys are zeroed
-                return "a non-finite key or value under a block-causal mask: torch SDPA would spread it"
+        shared, end = _block_key_limits(call)
+        if shared == end:
+            return None  # every key it reads is seen by every query (key-masked ones: launch)
+        # Keys the block-causal mask shows some queries and hides from others cannot be
+        # zeroed: SDPA adds the mask to the scores, so a NaN or inf there would reach the
+        # queries that must not see it (NaN - inf, 0 * NaN). Checked where reading them
+        # costs no synchronisation.
+        if call.device.type != "cpu":
+            return "torch SDPA would let a non-finite key hidden by the block-causal mask reach other queries"
+        key_visible = _key_visible(call)
+        for x in (call.k[:, shared:end], call.v[:, shared:end]):
+            if key_visible is not None:  # keys kv_len or key_valid hide are zeroed by launch: not counted
+                x = x.masked_fill(~key_visible[:, shared:end, None, None], 0)
+            if _might_hold_non_finite(x):
+                return "a non-finite key or value the block-causal mask hides from some queries: SDPA would spread it"
         return None
 
     def preferred(self, call: AttentionCall) -> str | None:
