@@ -95,19 +95,20 @@ def ran(monkeypatch):
     return record
 
 
-def _attention_args(head_dim, q_len=5, dtype=torch.float32, **kwargs):
-    q = torch.randn(1, q_len, 2, head_dim).to(dtype)
+def _attention_args(head_dim, q_len=5, dtype=torch.float32, heads=2, **kwargs):
+    q = torch.randn(1, q_len, heads, head_dim).to(dtype)
     return (q, q.clone(), q.clone()), kwargs
 
 
 CPU_CASES = [
     # (kernel, args, kwargs, the backend expected: "cpu" for the native kernel)
     ("attention", *_attention_args(64, q_len=512), "cpu"),  # float32, D >= 64, >= 512 queries: native
-    ("attention", *_attention_args(64), "torch-sdpa"),  # 5 queries: SDPA is faster
+    ("attention", *_attention_args(64), "cpu"),  # a small call: the native kernel's fixed cost is lower
+    ("attention", *_attention_args(64, q_len=256, heads=64), "torch-sdpa"),  # 256 queries: SDPA is faster
     ("attention", *_attention_args(16, q_len=512), "torch-sdpa"),  # D = 16
     ("attention", *_attention_args(64, q_len=512, dtype=torch.bfloat16), "torch-sdpa"),
     ("attention", *_attention_args(1025), "torch-sdpa"),  # D > 1024: not the CPU kernel's tiles
-    ("attention", *_attention_args(16, block_size=4), "torch-sdpa"),  # block-causal, finite keys
+    ("attention", *_attention_args(16, q_len=512, block_size=4), "torch-sdpa"),  # block-causal, finite keys
     ("sample", (torch.randn(4, 50),), dict(top_k=3, top_p=0.5, temperature=1.0), "cpu"),
     ("commit", (torch.zeros(2, 5, dtype=torch.int32), torch.ones(2, 5, dtype=torch.int64), torch.rand(2, 5),
                 torch.ones(2, 5, dtype=torch.bool)), dict(k=2), "cpu"),  # an int32 canvas, through an int64 copy
@@ -116,8 +117,8 @@ CPU_CASES = [
 
 @pytest.mark.skipif(not native.available(), reason="unmask._C not built")
 @pytest.mark.parametrize("kernel,args,kwargs,expected", CPU_CASES,
-                         ids=["attention native", "attention 5 queries", "attention D=16", "attention bf16",
-                              "attention D=1025", "attention block-causal", "sample top-k top-p",
+                         ids=["attention native", "attention small", "attention 256 queries", "attention D=16",
+                              "attention bf16", "attention D=1025", "attention block-causal", "sample top-k top-p",
                               "commit int32 canvas"])
 def test_reported_backend_is_the_one_that_ran(ran, kernel, args, kwargs, expected):
     reported = ops.backend_for(kernel, *args, **kwargs)
@@ -129,12 +130,13 @@ def test_reported_backend_is_the_one_that_ran(ran, kernel, args, kwargs, expecte
 def test_sdpa_is_not_preferred_under_a_block_mask_with_non_finite_keys():
     """SDPA adds the mask to the scores, so NaN in a key that the block-causal mask hides
     from some queries would reach them: the native kernel takes that call."""
-    (q, k, v), _ = _attention_args(16)  # 5 queries and keys: blocks of 4 are [0, 4) and [4, 5)
-    k[0, 4, 1] = float("nan")  # seen by query 4, hidden from queries 0-3
+    (q, k, v), _ = _attention_args(16, q_len=512)  # large enough for SDPA; blocks of 4
+    k[0, 4, 1] = float("nan")  # in block 1: seen by queries 4 on, hidden from queries 0-3
     assert ops.backend_for("attention", q, k, v, block_size=4).startswith("cpu:")
     assert ops.backend_for("attention", q, k, v) == "torch-sdpa"  # every query sees key 4: NaN rows anyway
     assert ops.backend_for("attention", q, k, v, block_size=4, q_offset=4) == "torch-sdpa"  # all see it
-    hidden = torch.tensor([[True, True, True, True, False]])  # key 4 hidden by key_valid: zeroed, never read
+    hidden = torch.ones(1, 512, dtype=torch.bool)
+    hidden[0, 4] = False  # key 4 hidden by key_valid: zeroed, never read
     assert ops.backend_for("attention", q, k, v, key_valid=hidden, block_size=4) == "torch-sdpa"
     k[0, 2, 0] = float("nan")  # in block 0, which every query sees
     assert ops.backend_for("attention", q, k, v, key_valid=hidden, block_size=4) == "torch-sdpa"

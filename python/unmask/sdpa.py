@@ -26,19 +26,27 @@ from unmask import reference
 from unmask.validation import AttentionCall
 
 # The native CPU kernel against torch SDPA on this project's machines (bench/attention.py
-# --sweep, rows in bench/results/cpu.jsonl): the native kernel is faster in float32 at
-# head dims of 64 and more on long query blocks (1.0-1.5x at 1024 x 1024, 2.4-2.6x with a
+# --sweep, rows in bench/results/cpu.jsonl): the native kernel is faster on small calls
+# (below), and in float32 at head dims of 64 and more on long query blocks (1.0-1.5x at 1024 x 1024, 2.4-2.6x with a
 # block-causal mask, whose hidden key tiles it skips); SDPA is faster everywhere else:
 # head dims 16 and 32 (2.5-4x), short query blocks (1.5-4x), bfloat16 (SDPA's kernels
 # multiply in bfloat16, the native kernel in float32: 2-7x).
 NATIVE_CPU_MIN_HEAD_DIM = 64
 NATIVE_CPU_MIN_QUERIES = 512
+# Below this much work (B * Hq * Lq * Lk * D multiply-adds) the native kernel's lower fixed
+# cost wins: this backend builds a mask and checks hidden keys (~50-70 us a call). Measured
+# crossovers (padded prompts): ~1M at head dims 16-32 (the bundled model's calls, 0.07-1.2M,
+# ran 0.6-1.0x in SDPA; 4.7M 1.65x), ~16M at 64 and more (2.4-9.4M 0.74-0.88x, 38M 1.07x).
+NATIVE_CPU_MAX_SMALL_WORK = {True: 2**21, False: 2**24}  # by head_dim < NATIVE_CPU_MIN_HEAD_DIM
 SDPA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def preferred_on_cpu(call: AttentionCall) -> str | None:
     """Why torch SDPA runs this CPU call rather than the native kernel (None: it does not)."""
     shape = call.shape
+    work = shape.batch * shape.q_heads * shape.q_len * shape.k_len * shape.head_dim
+    if work < NATIVE_CPU_MAX_SMALL_WORK[shape.head_dim < NATIVE_CPU_MIN_HEAD_DIM]:
+        return None
     if call.q.dtype != torch.float32:
         return f"torch SDPA is faster for {str(call.q.dtype).removeprefix('torch.')} on the CPU"
     if shape.head_dim < NATIVE_CPU_MIN_HEAD_DIM:
@@ -79,10 +87,11 @@ def _might_hold_non_finite(x: torch.Tensor) -> bool:
 def _hidden_might_hold_non_finite(k: torch.Tensor, v: torch.Tensor, key_visible: torch.Tensor) -> bool:
     """Whether a key or value row the key masks hide may hold a NaN or inf (CPU: only the
     hidden rows are read, a small part of the keys for padding)."""
-    hidden = ~key_visible
-    if not bool(hidden.any()):
+    rows = (~key_visible).flatten().nonzero().flatten()  # (batch, key) rows, for index_select
+    if rows.numel() == 0:
         return False
-    return _might_hold_non_finite(k[hidden]) or _might_hold_non_finite(v[hidden])
+    batch, keys = key_visible.shape
+    return any(_might_hold_non_finite(x.reshape(batch * keys, -1).index_select(0, rows)) for x in (k, v))
 
 
 def launch(call: AttentionCall, out: torch.Tensor | None = None) -> torch.Tensor:
