@@ -105,10 +105,10 @@ CPU_CASES = [
     ("attention", *_attention_args(64, q_len=512), "cpu"),  # float32, D >= 64, >= 512 queries: native
     ("attention", *_attention_args(64), "cpu"),  # a small call: the native kernel's fixed cost is lower
     ("attention", *_attention_args(64, q_len=256, heads=64), "torch-sdpa"),  # 256 queries: SDPA is faster
-    ("attention", *_attention_args(16, q_len=512), "torch-sdpa"),  # D = 16
+    ("attention", *_attention_args(16, q_len=512, heads=4), "torch-sdpa"),  # D = 16
     ("attention", *_attention_args(64, q_len=512, dtype=torch.bfloat16), "torch-sdpa"),
     ("attention", *_attention_args(1025), "torch-sdpa"),  # D > 1024: not the CPU kernel's tiles
-    ("attention", *_attention_args(16, q_len=512, block_size=4), "torch-sdpa"),  # block-causal, finite keys
+    ("attention", *_attention_args(16, q_len=512, heads=4, block_size=4), "torch-sdpa"),  # block-causal, finite
     ("sample", (torch.randn(4, 50),), dict(top_k=3, top_p=0.5, temperature=1.0), "cpu"),
     ("commit", (torch.zeros(2, 5, dtype=torch.int32), torch.ones(2, 5, dtype=torch.int64), torch.rand(2, 5),
                 torch.ones(2, 5, dtype=torch.bool)), dict(k=2), "cpu"),  # an int32 canvas, through an int64 copy
@@ -130,7 +130,7 @@ def test_reported_backend_is_the_one_that_ran(ran, kernel, args, kwargs, expecte
 def test_sdpa_is_not_preferred_under_a_block_mask_with_non_finite_keys():
     """SDPA adds the mask to the scores, so NaN in a key that the block-causal mask hides
     from some queries would reach them: the native kernel takes that call."""
-    (q, k, v), _ = _attention_args(16, q_len=512)  # large enough for SDPA; blocks of 4
+    (q, k, v), _ = _attention_args(16, q_len=512, heads=4)  # large enough for SDPA; blocks of 4
     k[0, 4, 1] = float("nan")  # in block 1: seen by queries 4 on, hidden from queries 0-3
     assert ops.backend_for("attention", q, k, v, block_size=4).startswith("cpu:")
     assert ops.backend_for("attention", q, k, v) == "torch-sdpa"  # every query sees key 4: NaN rows anyway

@@ -74,8 +74,9 @@ ROUTES = [
     (torch.bfloat16, 1, 1024, 1024, 2, 128, "bfloat16"),
     (torch.float16, 1, 512, 512, 2, 64, "float16"),
     (torch.float32, 1, 24, 24, 4, 32, None),  # the bundled model's calls: small, the native kernel's fixed cost wins
-    (torch.bfloat16, 1, 96, 96, 4, 64, None),  # 2.4M multiply-adds < 16M at D = 64
-    (torch.float32, 64, 24, 24, 4, 32, "head_dim=32"),  # 4.7M > 2M at D = 32
+    (torch.bfloat16, 1, 96, 96, 4, 64, None),  # 24K key elements < 32K
+    (torch.float32, 64, 24, 24, 4, 32, "head_dim=32"),  # 196K key elements
+    (torch.float32, 1, 32, 32, 32, 32, "head_dim=32"),  # 32K key elements: at the line, SDPA
 ]
 
 

@@ -33,19 +33,20 @@ from unmask.validation import AttentionCall
 # multiply in bfloat16, the native kernel in float32: 2-7x).
 NATIVE_CPU_MIN_HEAD_DIM = 64
 NATIVE_CPU_MIN_QUERIES = 512
-# Below this much work (B * Hq * Lq * Lk * D multiply-adds) the native kernel's lower fixed
-# cost wins: this backend builds a mask and checks hidden keys (~50-70 us a call). Measured
-# crossovers (padded prompts): ~1M at head dims 16-32 (the bundled model's calls, 0.07-1.2M,
-# ran 0.6-1.0x in SDPA; 4.7M 1.65x), ~16M at 64 and more (2.4-9.4M 0.74-0.88x, 38M 1.07x).
-NATIVE_CPU_MAX_SMALL_WORK = {True: 2**21, False: 2**24}  # by head_dim < NATIVE_CPU_MIN_HEAD_DIM
+# With fewer key elements than this (B * Lk * Hkv * D) the native kernel's lower fixed cost
+# wins: this backend builds a mask and checks hidden keys (~50-70 us a call), while the
+# native kernel's own overhead grows with the keys it packs. Measured with padded prompts:
+# the bundled model's calls (B 1-4, 24 keys x 128) ran 0.6-0.8x in SDPA, [1, 96 keys, 4 x 64]
+# 0.74x; at 32K elements and more SDPA won (32 queries x 32 keys x 1024: 2-4x; [64, 24 keys,
+# 4 x 32] 1.65x), within 0.88-1.07x near the line.
+NATIVE_CPU_MAX_SMALL_KEYS = 2**15
 SDPA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def preferred_on_cpu(call: AttentionCall) -> str | None:
     """Why torch SDPA runs this CPU call rather than the native kernel (None: it does not)."""
     shape = call.shape
-    work = shape.batch * shape.q_heads * shape.q_len * shape.k_len * shape.head_dim
-    if work < NATIVE_CPU_MAX_SMALL_WORK[shape.head_dim < NATIVE_CPU_MIN_HEAD_DIM]:
+    if shape.batch * shape.k_len * shape.kv_heads * shape.head_dim < NATIVE_CPU_MAX_SMALL_KEYS:
         return None
     if call.q.dtype != torch.float32:
         return f"torch SDPA is faster for {str(call.q.dtype).removeprefix('torch.')} on the CPU"
