@@ -7,7 +7,7 @@ import torch
 
 from unmask import native, ops, reference, validation
 from tests.helpers import MASKS, check_attention_against_reference as check_against_reference, make_masks
-from tests.helpers import random_inputs, requires_extension
+from tests.helpers import dirty_hidden_keys, random_inputs, requires_extension
 
 pytestmark = [requires_extension, pytest.mark.usefixtures("cpu_isa")]
 
@@ -71,12 +71,7 @@ def test_hidden_keys_weigh_exactly_zero():
 def test_hidden_keys_are_never_read(dtype):
     """A cache's rows past kv_len, and keys key_valid hides, may hold anything: NaN there
     leaves the output bit-identical (0 * NaN in P V would poison it)."""
-    q, k, v, gen = random_inputs(2, 37, 150, 4, 2, 64, dtype, seed=5)
-    kv_len = torch.tensor([90, 150])
-    key_valid = torch.rand(2, 150, generator=gen) > 0.2
-    hidden = (torch.arange(150)[None] >= kv_len[:, None]) | ~key_valid
-    dirty_k, dirty_v = k.clone(), v.clone()
-    dirty_k[hidden], dirty_v[hidden] = float("nan"), float("nan")
+    q, k, v, dirty_k, dirty_v, kv_len, key_valid = dirty_hidden_keys(dtype, 64)
     for block_size in (None, 16):
         args = dict(kv_len=kv_len, key_valid=key_valid, block_size=block_size)
         clean = ops.attention(q, k, v, **args)

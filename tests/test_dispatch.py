@@ -179,20 +179,12 @@ def cuda_table_on_meta(monkeypatch):
     monkeypatch.setattr(native, "kernels", lambda: table)
 
 
-@pytest.mark.parametrize("kernel,args,kwargs,reason", CUDA_FALLBACKS, ids=[c[3] for c in CUDA_FALLBACKS])
-def test_cuda_table_sends_unsupported_calls_to_the_reference(cuda_table_on_meta, monkeypatch, kernel, args, kwargs,
-                                                             reason):
-    assert ops.backend_for(kernel, *args, **kwargs) == "reference"
-    assert reason in ops.fallback_reason(kernel, *args, **kwargs)
-    monkeypatch.setenv("UNMASK_BACKEND", "native")
-    with pytest.raises(NotImplementedError, match="UNMASK_BACKEND=native"):
-        ops.backend_for(kernel, *args, **kwargs)
-
-
-@pytest.mark.parametrize("kernel,args,kwargs,reason", CUDA_TO_SDPA, ids=[c[3] for c in CUDA_TO_SDPA])
-def test_cuda_table_sends_attention_it_does_not_take_to_sdpa(cuda_table_on_meta, monkeypatch, kernel, args, kwargs,
-                                                             reason):
-    assert ops.backend_for(kernel, *args, **kwargs) == "torch-sdpa"
+@pytest.mark.parametrize("kernel,args,kwargs,reason,expected",
+                         [(*c, "reference") for c in CUDA_FALLBACKS] + [(*c, "torch-sdpa") for c in CUDA_TO_SDPA],
+                         ids=[f"{c[3]} -> reference" for c in CUDA_FALLBACKS] + [f"{c[3]} -> sdpa" for c in CUDA_TO_SDPA])
+def test_cuda_table_sends_calls_it_does_not_take_elsewhere(cuda_table_on_meta, monkeypatch, kernel, args, kwargs,
+                                                           reason, expected):
+    assert ops.backend_for(kernel, *args, **kwargs) == expected
     assert reason in ops.fallback_reason(kernel, *args, **kwargs)
     monkeypatch.setenv("UNMASK_BACKEND", "native")
     with pytest.raises(NotImplementedError, match="UNMASK_BACKEND=native"):

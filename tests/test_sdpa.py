@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unmask import ops, reference, sdpa, validation
-from tests.helpers import MASKS, check_attention_against_reference, make_masks, random_inputs
+from tests.helpers import MASKS, check_attention_against_reference, dirty_hidden_keys, make_masks, random_inputs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -38,12 +38,7 @@ def test_queries_that_see_nothing_get_zeros():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_hidden_keys_are_never_read(dtype):
-    q, k, v, gen = random_inputs(2, 37, 150, 4, 2, 32, dtype, seed=5)
-    kv_len = torch.tensor([90, 150])
-    key_valid = torch.rand(2, 150, generator=gen) > 0.2
-    hidden = (torch.arange(150)[None] >= kv_len[:, None]) | ~key_valid
-    dirty_k, dirty_v = k.clone(), v.clone()
-    dirty_k[hidden], dirty_v[hidden] = float("nan"), float("nan")
+    q, k, v, dirty_k, dirty_v, kv_len, key_valid = dirty_hidden_keys(dtype, 32)
     for block_size in (None, 16):
         args = dict(kv_len=kv_len, key_valid=key_valid, block_size=block_size)
         assert sdpa.SDPA.supports(validation.attention_call(q, dirty_k, dirty_v, **args)) is None
