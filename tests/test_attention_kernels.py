@@ -21,7 +21,7 @@ def test_masks_and_lengths(dtype, mask, q_len, k_len):
 
 
 @pytest.mark.parametrize("group", [1, 4, 8])
-@pytest.mark.parametrize("head_dim", [128, 64, 24, 1])
+@pytest.mark.parametrize("head_dim", [128, 64, 48, 32, 24, 16, 1])
 def test_gqa_and_head_dims(group, head_dim):
     q, k, v, gen = random_inputs(1, 1023, 257, 8, 8 // group, head_dim, torch.float32, seed=group * head_dim)
     check_against_reference(q, k, v, key_valid=torch.rand(1, 257, generator=gen) > 0.5, block_size=64)

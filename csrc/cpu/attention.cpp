@@ -179,24 +179,26 @@ void qk_band(const float* q, int64_t dim, const float* kt, float* s) {
 // `keys` keys, kBandVecs V loads and kRows broadcasts per key. Bands rather than whole rows:
 // a 3-row x 128-column AVX-512 block measured at half the speed, its V tile and O rows no
 // longer fitting in L1 together.
-template <int kRows>
+// kVecs: the band's width in vectors, kBandVecs where D allows, else 1 (D 16, 32 or 48 with
+// AVX-512: one vector per row, so small head dims keep a register-blocked P V).
+template <int kRows, int kVecs = kBandVecs>
 void pv_band(const float* p, int64_t keys, const float* v, int64_t stride, const float* alpha,
              float* o) {
-  Simd::Reg acc[kRows][kBandVecs];
+  Simd::Reg acc[kRows][kVecs];
   for (int r = 0; r < kRows; ++r) {
     const Simd::Reg a = Simd::set1(alpha[r]);
-    for (int c = 0; c < kBandVecs; ++c) acc[r][c] = Simd::mul(a, Simd::load(o + r * stride + c * Simd::kWidth));
+    for (int c = 0; c < kVecs; ++c) acc[r][c] = Simd::mul(a, Simd::load(o + r * stride + c * Simd::kWidth));
   }
   for (int64_t j = 0; j < keys; ++j) {
-    Simd::Reg vj[kBandVecs];
-    for (int c = 0; c < kBandVecs; ++c) vj[c] = Simd::load(v + j * stride + c * Simd::kWidth);
+    Simd::Reg vj[kVecs];
+    for (int c = 0; c < kVecs; ++c) vj[c] = Simd::load(v + j * stride + c * Simd::kWidth);
     for (int r = 0; r < kRows; ++r) {
       const Simd::Reg pb = Simd::set1(p[r * kKeyTile + j]);
-      for (int c = 0; c < kBandVecs; ++c) acc[r][c] = Simd::fmadd(pb, vj[c], acc[r][c]);
+      for (int c = 0; c < kVecs; ++c) acc[r][c] = Simd::fmadd(pb, vj[c], acc[r][c]);
     }
   }
   for (int r = 0; r < kRows; ++r)
-    for (int c = 0; c < kBandVecs; ++c) Simd::store(o + r * stride + c * Simd::kWidth, acc[r][c]);
+    for (int c = 0; c < kVecs; ++c) Simd::store(o + r * stride + c * Simd::kWidth, acc[r][c]);
 }
 #endif
 
@@ -291,12 +293,19 @@ void qk_tile(const float* q, int64_t rows, int64_t dim, const float* kt, const i
 void pv_tile(const float* p, int64_t rows, int64_t keys, int64_t dim, const float* v, const int64_t* row_keys,
              const float* alpha, float* o) {
 #if defined(UNMASK_SIMD)
-  if (dim % kBand == 0) {
+  if (dim % Simd::kWidth == 0) {
+    const bool wide = dim % kBand == 0;
     for_row_blocks(rows, [&](auto block_rows, int64_t r) {
       constexpr int kRows = decltype(block_rows)::value;
       const int64_t block_keys = row_keys != nullptr ? std::min(keys, row_keys[r + kRows - 1]) : keys;
-      for (int64_t band = 0; band < dim; band += kBand) {
-        pv_band<kRows>(p + r * kKeyTile, block_keys, v + band, dim, alpha + r, o + r * dim + band);
+      if (wide) {
+        for (int64_t band = 0; band < dim; band += kBand) {
+          pv_band<kRows>(p + r * kKeyTile, block_keys, v + band, dim, alpha + r, o + r * dim + band);
+        }
+      } else {
+        for (int64_t band = 0; band < dim; band += Simd::kWidth) {
+          pv_band<kRows, 1>(p + r * kKeyTile, block_keys, v + band, dim, alpha + r, o + r * dim + band);
+        }
       }
     });
     return;
@@ -325,12 +334,15 @@ Packed& pack_buffers() {
 
 int64_t key_tiles(const AttentionParams& p) { return (p.k_len + kKeyTile - 1) / kKeyTile; }
 
-// Sizes the buffers and builds the key masks (K and V: pack_key_tile).
-void pack_masks(const AttentionParams& p, Packed& packed) {
+// Sizes the buffers (the K and V ones when keys_too) and builds the key masks (K and V:
+// pack_key_tile).
+void pack_masks(const AttentionParams& p, Packed& packed, bool keys_too) {
   const int64_t tiles = key_tiles(p), dim = p.head_dim;
   const int64_t head_tile_floats = tiles * kKeyTile * dim;
-  packed.kt.resize(static_cast<size_t>(p.batch * p.kv_heads * head_tile_floats));
-  packed.v.resize(packed.kt.size());
+  if (keys_too) {
+    packed.kt.resize(static_cast<size_t>(p.batch * p.kv_heads * head_tile_floats));
+    packed.v.resize(packed.kt.size());
+  }
   packed.key_bias.resize(static_cast<size_t>(p.batch * tiles * kKeyTile));
   packed.visible_keys.resize(static_cast<size_t>(p.batch * tiles));
 
@@ -412,18 +424,76 @@ TileVisibility causal_visibility(const AttentionParams& p, int64_t q_begin, int6
 
 struct TaskBuffers {
   AlignedFloats q, q_blocked, s, o;
+  AlignedFloats kt, v, staging;  // one key tile of one head, packed in the task (short query blocks)
   std::vector<float> row_max, row_sum, alpha;
   std::vector<int64_t> row_keys;
 };
 
+// kt[d][j] = rows[j][d] for the kKeyTile rows of `dim` floats of a key tile. In 8 x 8
+// blocks of AVX registers where the build has them (24 shuffles per 64 floats): the
+// scalar column walk took 15-20% of a cached-block call (32 queries x 1024 keys).
+void transpose_key_tile(const float* rows, int64_t dim, float* kt) {
+  int64_t d0 = 0;
+#if defined(UNMASK_SIMD)
+  for (; d0 + 8 <= dim; d0 += 8) {
+    for (int64_t j0 = 0; j0 < kKeyTile; j0 += 8) {
+      __m256 r[8], t[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(rows + (j0 + i) * dim + d0);
+      for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved: (a0 b0 a1 b1 | a4 b4 a5 b5), ...
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {  // quads: (a0 b0 c0 d0 | a4 b4 c4 d4), ...
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+      }
+      for (int i = 0; i < 4; ++i) {  // halves: column i from rows 0-3 and 4-7, then column i + 4
+        _mm256_storeu_ps(kt + (d0 + i) * kKeyTile + j0, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+        _mm256_storeu_ps(kt + (d0 + i + 4) * kKeyTile + j0, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+      }
+    }
+  }
+#endif
+  for (int64_t d = d0; d < dim; ++d) {
+    for (int64_t j = 0; j < kKeyTile; ++j) kt[d * kKeyTile + j] = rows[j * dim + d];
+  }
+}
+
+// Key tile t of (batch b, kv head h) packed into the task's own buffers, as pack_key_tile
+// packs it for every head: K^T [D][kKeyTile] and V [kKeyTile][D], hidden keys zero.
+// For a short query block each tile meets one query tile per query head: packing it here
+// keeps it in L1/L2, where the global pack writes every tile to memory and reads it back.
+void pack_head_tile(const AttentionParams& p, const Packed& packed, int64_t b, int64_t h, int64_t t,
+                    TaskBuffers& buf) {
+  const int64_t dim = p.head_dim, first = t * kKeyTile;
+  const float* bias = packed.key_bias.data() + b * key_tiles(p) * kKeyTile + first;
+  float* k_rows = buf.staging.data();
+  for (int64_t j = 0; j < kKeyTile; ++j) {
+    const int64_t key = first + j;
+    float* k_row = k_rows + j * dim;
+    float* v_row = buf.v.data() + j * dim;
+    if (bias[j] == 0.0f) {  // hidden keys are never read (pack_key_tile)
+      load_row(p.k, p.dtype, b * p.k_stride[0] + key * p.k_stride[1] + h * p.k_stride[2], dim, 1.0f, k_row);
+      load_row(p.v, p.dtype, b * p.v_stride[0] + key * p.v_stride[1] + h * p.v_stride[2], dim, 1.0f, v_row);
+    } else {
+      std::fill(k_row, k_row + dim, 0.0f);
+      std::fill(v_row, v_row + dim, 0.0f);
+    }
+  }
+  transpose_key_tile(k_rows, dim, buf.kt.data());
+}
+
+// pack_locally: the key tiles are packed here (pack_head_tile), not read from `packed`.
 void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b, int64_t h, int64_t q_begin,
-                       TaskBuffers& buf) {
+                       TaskBuffers& buf, bool pack_locally) {
   const int64_t dim = p.head_dim, tiles = key_tiles(p);
   const int64_t rows = std::min(kQueryTile, p.q_len - q_begin);
   const int64_t kv_head = h / (p.q_heads / p.kv_heads);
   const int64_t head_tile_floats = tiles * kKeyTile * dim;
-  const float* kt_head = packed.kt.data() + (b * p.kv_heads + kv_head) * head_tile_floats;
-  const float* v_head = packed.v.data() + (b * p.kv_heads + kv_head) * head_tile_floats;
+  const float* kt_head = pack_locally ? nullptr : packed.kt.data() + (b * p.kv_heads + kv_head) * head_tile_floats;
+  const float* v_head = pack_locally ? nullptr : packed.v.data() + (b * p.kv_heads + kv_head) * head_tile_floats;
 
   for (int64_t r = 0; r < rows; ++r) {
     // scale * log2(e): scores come out in base 2 for the exp2 of the softmax.
@@ -458,7 +528,10 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b
       row_keys = buf.row_keys.data();
     }
     float* s = buf.s.data();
-    qk_tile(q_tile, rows, dim, kt_head + t * kKeyTile * dim, row_keys, s);
+    const float* kt_tile = pack_locally ? buf.kt.data() : kt_head + t * kKeyTile * dim;
+    const float* v_tile = pack_locally ? buf.v.data() : v_head + k_begin * dim;
+    if (pack_locally) pack_head_tile(p, packed, b, kv_head, t, buf);
+    qk_tile(q_tile, rows, dim, kt_tile, row_keys, s);
     const float* bias = packed.key_bias.data() + b * tiles * kKeyTile + k_begin;
     const bool key_masked = visible_keys < kKeyTile;  // includes the zero padding past k_len
 
@@ -482,7 +555,7 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b
       buf.row_sum[r] = buf.row_sum[r] * buf.alpha[r] + tile_sum;
       buf.row_max[r] = new_max;
     }
-    pv_tile(s, rows, keys, dim, v_head + k_begin * dim, row_keys, buf.alpha.data(), buf.o.data());
+    pv_tile(s, rows, keys, dim, v_tile, row_keys, buf.alpha.data(), buf.o.data());
   }
 
   for (int64_t r = 0; r < rows; ++r) {
@@ -505,16 +578,22 @@ Status attention(const AttentionParams& p) {
   if (p.batch * p.q_len == 0) return ok_status();
   std::lock_guard<std::mutex> lock(pack_mutex);
   Packed& packed = pack_buffers();
-  pack_masks(p, packed);
+  const int64_t query_tiles = (p.q_len + kQueryTile - 1) / kQueryTile;
+  // A short query block (one query tile per head, e.g. a cached decoding step's 32 queries
+  // against every cached key) uses each key tile once per query head: each task packs
+  // its tiles itself. Longer blocks share the global pack across their query tiles.
+  const bool pack_locally = query_tiles == 1;
+  pack_masks(p, packed, /*keys_too=*/!pack_locally);
+  if (!pack_locally) {
 #pragma omp parallel
-  {
-    std::vector<float> staging;
+    {
+      std::vector<float> staging;
 #pragma omp for collapse(2) schedule(static)
-    for (int64_t b = 0; b < p.batch; ++b) {
-      for (int64_t t = 0; t < key_tiles(p); ++t) pack_key_tile(p, packed, b, t, staging);
+      for (int64_t b = 0; b < p.batch; ++b) {
+        for (int64_t t = 0; t < key_tiles(p); ++t) pack_key_tile(p, packed, b, t, staging);
+      }
     }
   }
-  const int64_t query_tiles = (p.q_len + kQueryTile - 1) / kQueryTile;
   const int64_t tasks = p.batch * p.q_heads * query_tiles;
 #pragma omp parallel
   {
@@ -527,12 +606,17 @@ Status attention(const AttentionParams& p) {
     buf.row_sum.resize(kQueryTile);
     buf.alpha.resize(kQueryTile);
     buf.row_keys.resize(kQueryTile);
+    if (pack_locally) {
+      buf.kt.resize(kKeyTile * p.head_dim);
+      buf.v.resize(kKeyTile * p.head_dim);
+      buf.staging.resize(kKeyTile * p.head_dim);
+    }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t q_tile = task % query_tiles;
       const int64_t h = (task / query_tiles) % p.q_heads;
       const int64_t b = task / (query_tiles * p.q_heads);
-      attend_query_tile(p, packed, b, h, q_tile * kQueryTile, buf);
+      attend_query_tile(p, packed, b, h, q_tile * kQueryTile, buf, pack_locally);
     }
   }
   return ok_status();
