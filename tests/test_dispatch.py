@@ -102,10 +102,10 @@ def _attention_args(head_dim, q_len=5, dtype=torch.float32, heads=2, **kwargs):
 
 CPU_CASES = [
     # (kernel, args, kwargs, the backend expected: "cpu" for the native kernel)
-    ("attention", *_attention_args(64, q_len=512), "cpu"),  # float32, D >= 64, >= 512 queries: native
+    ("attention", *_attention_args(64, q_len=1024), "cpu"),  # float32, 2^27 multiply-adds: native
     ("attention", *_attention_args(64), "cpu"),  # a small call: the native kernel's fixed cost is lower
-    ("attention", *_attention_args(64, q_len=256, heads=64), "torch-sdpa"),  # 256 queries: SDPA is faster
-    ("attention", *_attention_args(16, q_len=512, heads=4), "torch-sdpa"),  # D = 16
+    ("attention", *_attention_args(64, q_len=256, heads=16), "torch-sdpa"),  # 2^26 multiply-adds: SDPA is faster
+    ("attention", *_attention_args(16, q_len=1024, heads=8), "cpu"),  # D = 16, 2^27 multiply-adds
     ("attention", *_attention_args(64, q_len=512, dtype=torch.bfloat16), "torch-sdpa"),
     ("attention", *_attention_args(1025), "torch-sdpa"),  # D > 1024: not the CPU kernel's tiles
     ("attention", *_attention_args(16, q_len=512, heads=4, block_size=4), "torch-sdpa"),  # block-causal, finite
@@ -117,7 +117,7 @@ CPU_CASES = [
 
 @pytest.mark.skipif(not native.available(), reason="unmask._C not built")
 @pytest.mark.parametrize("kernel,args,kwargs,expected", CPU_CASES,
-                         ids=["attention native", "attention small", "attention 256 queries", "attention D=16",
+                         ids=["attention native", "attention small", "attention 256 queries", "attention D=16 native",
                               "attention bf16", "attention D=1025", "attention block-causal", "sample top-k top-p",
                               "commit int32 canvas"])
 def test_reported_backend_is_the_one_that_ran(ran, kernel, args, kwargs, expected):

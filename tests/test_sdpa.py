@@ -62,24 +62,26 @@ def test_empty_batch_and_empty_keys():
 
 ROUTES = [
     # (dtype, batch, q_len, k_len, heads, head_dim, the reason SDPA is preferred, or None)
-    (torch.float32, 1, 512, 512, 2, 64, None),  # float32, D >= 64, >= 512 queries: the native kernel
+    (torch.float32, 1, 1024, 1024, 2, 64, None),  # float32, 2^27 multiply-adds: the native kernel
     (torch.float32, 1, 1024, 1024, 2, 128, None),
-    (torch.float32, 1, 1024, 1024, 2, 32, "head_dim=32"),
-    (torch.float32, 1, 32, 4096, 64, 64, "q_len=32"),
+    (torch.float32, 1, 1024, 1024, 8, 16, None),  # at any head dim
+    (torch.float32, 1, 32, 4096, 64, 64, None),  # a cached block over 4096 keys
+    (torch.float32, 1, 1024, 1024, 2, 32, "multiply-adds"),  # 2^26
+    (torch.float32, 1, 1, 1024, 16, 64, "multiply-adds"),  # one query
     (torch.bfloat16, 1, 1024, 1024, 2, 128, "bfloat16"),
     (torch.float16, 1, 512, 512, 2, 64, "float16"),
     (torch.float32, 1, 24, 24, 4, 32, None),  # the bundled model's calls: small, the native kernel's fixed cost wins
     (torch.bfloat16, 1, 96, 96, 4, 64, None),  # 24K key elements < 32K
-    (torch.float32, 64, 24, 24, 4, 32, "head_dim=32"),  # 196K key elements
-    (torch.float32, 1, 32, 32, 32, 32, "head_dim=32"),  # 32K key elements: at the line, SDPA
+    (torch.float32, 64, 24, 24, 4, 32, "multiply-adds"),  # 196K key elements
+    (torch.float32, 1, 32, 32, 32, 32, "multiply-adds"),  # 32K key elements: at the line, SDPA
 ]
 
 
 @pytest.mark.parametrize("dtype,batch,q_len,k_len,heads,head_dim,expected", ROUTES)
 def test_the_routing_rule(dtype, batch, q_len, k_len, heads, head_dim, expected):
     """SDPA takes the CPU calls where it measured faster than the native kernel (the
-    comments of unmask.sdpa); the native kernel keeps small calls and float32 at D >= 64
-    with >= 512 queries."""
+    comments of unmask.sdpa); the native kernel keeps small calls and float32 calls of
+    2^27 multiply-adds and more."""
     q = torch.empty(batch, q_len, heads, head_dim, dtype=dtype)
     k = torch.empty(batch, k_len, heads, head_dim, dtype=dtype)
     reason = sdpa.preferred_on_cpu(validation.attention_call(q, k, k))

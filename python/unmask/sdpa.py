@@ -26,13 +26,14 @@ from unmask import reference
 from unmask.validation import AttentionCall
 
 # The native CPU kernel against torch SDPA on this project's machines (bench/attention.py
-# --sweep, rows in bench/results/cpu.jsonl): the native kernel is faster on small calls
-# (below), and in float32 at head dims of 64 and more on long query blocks (1.0-1.5x at 1024 x 1024, 2.4-2.6x with a
-# block-causal mask, whose hidden key tiles it skips); SDPA is faster everywhere else:
-# head dims 16 and 32 (2.5-4x), short query blocks (1.5-4x), bfloat16 (SDPA's kernels
-# multiply in bfloat16, the native kernel in float32: 2-7x).
-NATIVE_CPU_MIN_HEAD_DIM = 64
-NATIVE_CPU_MIN_QUERIES = 512
+# --sweep, rows in bench/results/cpu.jsonl): in float32 the native kernel is faster on
+# calls of 2^27 multiply-adds and more (B * Hq * Lq * Lk * D), at every head dim: 1.1-1.8x
+# at 1024 x 1024, 2.4-2.9x with a block-causal mask (it skips hidden key tiles), 1.0-1.3x
+# on cached 32-query blocks over 4096 keys; below that SDPA's lower per-call cost wins
+# (128 x 128 and one query x 1024 keys: 0.45-0.75x in the native kernel). In bfloat16 and
+# float16 SDPA is faster (its kernels multiply in bfloat16, the native kernel in float32:
+# 1.2-3.7x), except on small calls (below).
+NATIVE_CPU_MIN_FLOAT32_MACS = 2**27
 # With fewer key elements than this (B * Lk * Hkv * D) the native kernel's lower fixed cost
 # wins: this backend builds a mask and checks hidden keys (~50-70 us a call), while the
 # native kernel's own overhead grows with the keys it packs. Measured with padded prompts:
@@ -50,10 +51,9 @@ def preferred_on_cpu(call: AttentionCall) -> str | None:
         return None
     if call.q.dtype != torch.float32:
         return f"torch SDPA is faster for {str(call.q.dtype).removeprefix('torch.')} on the CPU"
-    if shape.head_dim < NATIVE_CPU_MIN_HEAD_DIM:
-        return f"torch SDPA is faster at head_dim={shape.head_dim} < {NATIVE_CPU_MIN_HEAD_DIM} on the CPU"
-    if shape.q_len < NATIVE_CPU_MIN_QUERIES:
-        return f"torch SDPA is faster for q_len={shape.q_len} < {NATIVE_CPU_MIN_QUERIES} queries on the CPU"
+    macs = shape.batch * shape.q_heads * shape.q_len * shape.k_len * shape.head_dim
+    if macs < NATIVE_CPU_MIN_FLOAT32_MACS:
+        return f"torch SDPA is faster for float32 calls of {macs} < 2^27 multiply-adds on the CPU"
     return None
 
 
