@@ -4,12 +4,19 @@ Grid (batch, query head, query tile); each program keeps its query tile and walk
 key tiles with an online softmax in float32. The key/value block of a program is the
 whole (padded) sequence of its kv head, chosen by the index map h // group: GQA
 without copying keys. Masks are never materialised: key validity (key_valid and
-kv_len, folded by the caller) is one int32 per key, the block-causal mask comes from
-iotas, key tiles past a query tile's last visible block are not visited (a loop bound
-computed from the program id), and key tiles with no valid key are skipped.
+kv_len, folded by the caller) is one int32 per key, the block-causal mask compares
+key positions with each query's block end, key tiles past a query tile's last visible
+block are not visited (a loop bound computed from the program id), and key tiles with
+no valid key are skipped.
 
-Tile shapes: queries (tile_q, D) and keys (tile_k, D), tile_q and tile_k multiples of
-8 and 128, D whole: the (8, 128) tiling TPU requires.
+Matrix products take the input dtype (bf16 runs the TPU MXU and GPU tensor cores at
+their bf16 rate) and accumulate in float32 (preferred_element_type).
+
+One body, two pallas_calls (unmask.pallas.platform): Mosaic on TPU, Triton on GPU. The
+block specs are the same; only the compiler params differ. Tile shapes: queries
+(tile_q, D), keys (tile_k, D), D whole; tile_q and tile_k powers of two from 16 to
+128 serve both: TPU wants multiples of (8, 128) on the last two block dims (or the
+whole dim), Triton wants power-of-two loads and at least 16 rows for a dot.
 """
 
 from __future__ import annotations
@@ -20,45 +27,78 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+from unmask.pallas import platform
+
+_MIB = 1 << 20
+# Scoped VMEM defaults are 16 MiB on v5e and 32 MiB on v6e; physical VMEM per
+# TensorCore is 128 MiB on both and 64 MiB on v7x, hence the cap.
+_VMEM_FLOOR, _VMEM_CAP = 16 * _MIB, 64 * _MIB
+
+
+def _div(a, b):
+    """a // b for non-negative int32 operands. lax.div truncates, which equals floor here;
+    Python's // goes through jnp.sign, whose Mosaic rule asks for the TPU generation
+    and so cannot be lowered on a machine without a TPU (jax.export from a CPU)."""
+    return jax.lax.div(a, b)
+
+
+def _block_ends(first_query, tile_q: int, block_size: int):
+    """(tile_q, 1) int32: for each query, the first key position of the next block,
+    (floor(p / block_size) + 1) * block_size. The floor is taken in float32: (p + 0.5) /
+    block_size lies at least 0.5 / block_size away from an integer, and the float32
+    division errs by less than that for p < 2^23, so it is exact. This keeps integer
+    vector division (no VPU instruction on TPU) out of the kernel."""
+    pos = first_query + jax.lax.broadcasted_iota(jnp.int32, (tile_q, 1), 0)
+    block = jnp.floor((pos.astype(jnp.float32) + 0.5) / jnp.float32(block_size)).astype(jnp.int32)
+    return (block + 1) * block_size
 
 
 def _attention_kernel(q_ref, k_ref, v_ref, valid_ref, out_ref, *, tile_q: int, tile_k: int, key_tiles: int,
                       block_size: int, q_offset: int, scale: float):
     q_tile = pl.program_id(2)
-    q = q_ref[...].astype(jnp.float32) * jnp.float32(scale)
-    query_pos = q_offset + q_tile * tile_q + jax.lax.broadcasted_iota(jnp.int32, (tile_q, tile_k), 0)
+    q = q_ref[...]
+    first_query = q_offset + q_tile * tile_q
     if block_size:
         # Keys of blocks after the last query's block are invisible to the whole tile.
-        last_visible = ((q_offset + (q_tile + 1) * tile_q - 1) // block_size + 1) * block_size
-        visited = jnp.minimum(key_tiles, (last_visible + tile_k - 1) // tile_k)
+        last_visible = (_div(first_query + tile_q - 1, block_size) + 1) * block_size
+        visited = jnp.minimum(key_tiles, _div(last_visible + tile_k - 1, tile_k))
+        block_end = _block_ends(first_query, tile_q, block_size)
     else:
         visited = key_tiles
 
     def step(j, carry):
-        row_max, row_sum, acc = carry
         start = pl.multiple_of(j * tile_k, tile_k)
-        valid = valid_ref[0, pl.ds(start, tile_k)] != 0
+        valid = valid_ref[:, pl.ds(start, tile_k)] != 0  # (1, tile_k)
 
         def attend(carry):
             row_max, row_sum, acc = carry
-            k = k_ref[pl.ds(start, tile_k), :].astype(jnp.float32)
-            v = v_ref[pl.ds(start, tile_k), :].astype(jnp.float32)
-            scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-            visible = jnp.broadcast_to(valid[None, :], scores.shape)
+            k = k_ref[pl.ds(start, tile_k), :]
+            v = v_ref[pl.ds(start, tile_k), :]
+            # The scale is applied to the float32 scores rather than to q: scaling q in
+            # bf16 would round every query element once more.
+            scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                                         preferred_element_type=jnp.float32) * jnp.float32(scale)
+            visible = jnp.broadcast_to(valid, scores.shape)
             if block_size:
                 key_pos = start + jax.lax.broadcasted_iota(jnp.int32, scores.shape, 1)
-                visible &= key_pos // block_size <= query_pos // block_size
+                visible &= key_pos < block_end
             scores = jnp.where(visible, scores, -jnp.inf)
             new_max = jnp.maximum(row_max, jnp.max(scores, axis=1, keepdims=True))
             safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)  # rows that have seen nothing yet
             alpha = jnp.exp(row_max - safe_max)
             probs = jnp.where(visible, jnp.exp(scores - safe_max), 0.0)
             row_sum = alpha * row_sum + jnp.sum(probs, axis=1, keepdims=True)
-            acc = alpha * acc + jax.lax.dot_general(probs, v, (((1,), (0,)), ((), ())),
+            # P in v's dtype for the P V product, as FlashAttention does: probabilities lie
+            # in [0, 1], where bf16 keeps 8 bits relative precision, and a float32 operand
+            # would take the matrix unit off its bf16 rate. The row sum above stays float32.
+            acc = alpha * acc + jax.lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                                                     preferred_element_type=jnp.float32)
             return new_max, row_sum, acc
 
-        return jax.lax.cond(jnp.any(valid), attend, lambda c: c, carry)
+        # max, not any: Triton Pallas lowers no boolean reduction.
+        return jax.lax.cond(jnp.max(valid.astype(jnp.int32)) > 0, attend, lambda c: c, carry)
 
     init = (jnp.full((tile_q, 1), -jnp.inf, jnp.float32), jnp.zeros((tile_q, 1), jnp.float32),
             jnp.zeros(q.shape, jnp.float32))
@@ -67,28 +107,75 @@ def _attention_kernel(q_ref, k_ref, v_ref, valid_ref, out_ref, *, tile_q: int, t
     out_ref[...] = out.astype(out_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "q_offset", "scale", "tile_q", "tile_k", "interpret"))
+def vmem_bytes(k_len: int, head_dim: int, itemsize: int, tile_q: int, tile_k: int) -> int:
+    """VMEM a TPU program holds: the pipeline double-buffers every block.
+
+    K and V: 2 x 2 x Lk x D x itemsize; at Lk 8192, D 128 that is 8 MiB in bf16 (fits
+    the 16 MiB v5e default with room) and 16 MiB in float32 (does not, hence an
+    explicit limit). The key mask block (1, Lk) int32 pads to 8 sublanes: 2 x 8 x Lk x 4
+    (0.5 MiB at 8k). Query and output tiles 2 x 2 x tile_q x D x itemsize, and about six
+    float32 (tile_q, tile_k) temporaries (scores, probabilities, masks) plus the
+    float32 accumulator.
+    """
+    kv = 2 * 2 * k_len * head_dim * itemsize
+    mask = 2 * 8 * k_len * 4
+    q_out = 2 * 2 * tile_q * head_dim * itemsize
+    temporaries = 6 * tile_q * tile_k * 4 + tile_q * head_dim * 4
+    return kv + mask + q_out + temporaries
+
+
+def _tpu_params(k_len: int, head_dim: int, itemsize: int, tile_q: int, tile_k: int):
+    """The whole key sequence of a kv head is one block rather than a grid axis: its
+    block index does not change along the query-tile axis (innermost), so Mosaic copies
+    K and V once per (batch, head) instead of once per query tile. The price is VMEM
+    linear in Lk; the limit is raised to what the block needs plus 4 MiB of headroom,
+    capped at 64 MiB: about 60k keys at D 128 in bf16, 30k in float32. Longer
+    sequences would need the key axis as an "arbitrary" grid dimension."""
+    need = vmem_bytes(k_len, head_dim, itemsize, tile_q, tile_k) + 4 * _MIB
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"),
+                                vmem_limit_bytes=min(max(need, _VMEM_FLOOR), _VMEM_CAP))
+
+
+def _gpu_params(head_dim: int):
+    """On GPU the kv "block" is only a pointer (Triton loads the tile_k slices the loop
+    asks for), so no size limit applies. Warps from register arithmetic, not measured
+    (no GPU run yet): the float32 accumulator tile_q x D at 128 x 128 is 64 values per
+    thread over 8 warps but 128 over 4, before the float32 scores tile of the same size."""
+    return pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "q_offset", "scale", "tile_q", "tile_k", "interpret",
+                                             "variant"))
 def attention_pallas(q, k, v, key_valid, *, block_size: int, q_offset: int, scale: float, tile_q: int,
-                     tile_k: int, interpret: bool = False):
+                     tile_k: int, interpret: bool = False, variant: str | None = None):
     """q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D] with Lq a multiple of tile_q and Lk of
-    tile_k; key_valid int32 [B, 1, Lk]. Returns [B, Hq, Lq, D]."""
+    tile_k; key_valid int32 [B, 1, Lk]. Returns [B, Hq, Lq, D].
+
+    variant None picks Mosaic on TPU and Triton on GPU when the call is lowered; "tpu"
+    or "gpu" forces one (unmask.pallas.platform.by_platform)."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
     kernel = functools.partial(_attention_kernel, tile_q=tile_q, tile_k=tile_k, key_tiles=k_len // tile_k,
                                block_size=block_size, q_offset=q_offset, scale=scale)
-    kv_spec = pl.BlockSpec((None, None, k_len, head_dim), lambda b, h, i: (b, h // group, 0, 0))
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        grid=(batch, q_heads, q_len // tile_q),
-        in_specs=[
-            pl.BlockSpec((None, None, tile_q, head_dim), lambda b, h, i: (b, h, i, 0)),
-            kv_spec,
-            kv_spec,
-            pl.BlockSpec((None, 1, k_len), lambda b, h, i: (b, 0, 0)),
-        ],
-        out_specs=pl.BlockSpec((None, None, tile_q, head_dim), lambda b, h, i: (b, h, i, 0)),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
-        interpret=interpret,
-    )(q, k, v, key_valid)
+    kv_spec = pl.BlockSpec((None, None, k_len, head_dim), lambda b, h, i: (b, _div(h, group), 0, 0))
+
+    def call(compiler_params):
+        return lambda *args: pl.pallas_call(
+            kernel,
+            out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+            grid=(batch, q_heads, q_len // tile_q),
+            in_specs=[
+                pl.BlockSpec((None, None, tile_q, head_dim), lambda b, h, i: (b, h, i, 0)),
+                kv_spec,
+                kv_spec,
+                pl.BlockSpec((None, 1, k_len), lambda b, h, i: (b, 0, 0)),
+            ],
+            out_specs=pl.BlockSpec((None, None, tile_q, head_dim), lambda b, h, i: (b, h, i, 0)),
+            compiler_params=compiler_params,
+            interpret=interpret,
+        )(*args)
+
+    tpu = call(_tpu_params(k_len, head_dim, q.dtype.itemsize, tile_q, tile_k))
+    return platform.by_platform((q, k, v, key_valid), tpu=tpu, gpu=call(_gpu_params(head_dim)), interpret=interpret,
+                                variant=variant)
