@@ -1,6 +1,6 @@
 """The JAX path: Pallas kernels (interpret mode on CPU) against the jnp references and the
 torch reference, RNG bit-exactness across torch, C++ and JAX, and unmask.jax.generate
-equal to unmask.generate.
+equal to unmask.generate (tests/test_jax_generate.py).
 
 As in JAX's own Pallas tests, one test class holds the checks and a subclass reruns
 them with INTERPRET on: on a CPU-only machine only the interpret class runs; on an
@@ -154,20 +154,6 @@ def test_gumbel_in_float32_never_overflows():
     exact = rng.gumbel_from_draws(torch.tensor([0, 255, 0xFFFFFFFF, 0xFFFFFF00, 0x80000000])).numpy()
     assert np.isfinite(g).all()
     np.testing.assert_allclose(g, exact, rtol=1e-5)
-
-
-@pytest.mark.parametrize("kwargs", [
-    dict(steps=8, block_length=4),
-    dict(threshold=0.3, block_length=8),
-    dict(steps=8, block_length=4, cfg_scale=1.0, remasking="margin"),
-])
-def test_generate_equals_torch_generate(kwargs):
-    model = tiny_model(seed=2)
-    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
-    expected = unmask.generate(model, prompts, gen_length=8, stop_at_eos=False, **kwargs)
-    got = uj.generate(uj.from_torch(model), prompts, gen_length=8, stop_at_eos=False, **kwargs)
-    assert np.array_equal(np.asarray(got.tokens), expected.tokens.numpy())
-    assert got.nfe == expected.nfe and got.steps_per_block == expected.steps_per_block
 
 
 def test_jax_model_matches_torch_model_on_dream_checkpoints(tmp_path):

@@ -6,24 +6,51 @@
 
 Kernels: unmask.ops.{attention, sample, commit} (validated, dispatched to the native
 kernel for the device or to unmask.reference, the specification).
+
+The names below are imported on first use (PEP 562), so `import unmask.jax` runs
+without torch (docs/design.md, JAX).
 """
 
-from unmask import ops, reference, rng
-from unmask.models import DiffusionTransformer, KVCache, ModelConfig, from_pretrained, save_pretrained
-from unmask.sampler import GenerateOutput, generate, infill
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DiffusionTransformer",
-    "GenerateOutput",
-    "KVCache",
-    "ModelConfig",
-    "from_pretrained",
-    "generate",
-    "infill",
-    "ops",
-    "reference",
-    "rng",
-    "save_pretrained",
-]
+# name -> the module that defines it (a module itself where the name is a submodule)
+_LAZY = {
+    "ops": "unmask.ops",
+    "reference": "unmask.reference",
+    "rng": "unmask.rng",
+    "DiffusionTransformer": "unmask.models",
+    "KVCache": "unmask.models",
+    "ModelConfig": "unmask.models.config",
+    "from_pretrained": "unmask.models",
+    "save_pretrained": "unmask.models",
+    "GenerateOutput": "unmask.output",
+    "generate": "unmask.sampler",
+    "infill": "unmask.sampler",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'unmask' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    value = module if module.__name__ == f"unmask.{name}" else getattr(module, name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+if TYPE_CHECKING:  # what static checkers and IDEs see
+    from unmask import ops, reference, rng
+    from unmask.models import DiffusionTransformer, KVCache, ModelConfig, from_pretrained, save_pretrained
+    from unmask.output import GenerateOutput
+    from unmask.sampler import generate, infill

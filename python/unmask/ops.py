@@ -109,8 +109,7 @@ def attention(
 # --------------------------------------------------------------------------- sample
 
 
-class InvalidLogitsError(ValueError):
-    """A sampled row had no finite kept logit, or a NaN or +inf one."""
+InvalidLogitsError = validation.InvalidLogitsError
 
 
 def _seed_to_int64(seed: int) -> int:

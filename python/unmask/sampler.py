@@ -24,25 +24,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from unmask import ops, speculative, validation
+from unmask.output import GenerateOutput
 from unmask.validation import CACHE_MODES, Rule, Sampling
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
-
-
-@dataclasses.dataclass
-class GenerateOutput:
-    """tokens [B, gen_length]; sequences [B, P + gen_length] (left-padded prompt, then output)."""
-
-    tokens: torch.Tensor
-    sequences: torch.Tensor
-    nfe: int  # model calls; with cfg_scale > 0 each runs on a doubled batch
-    steps_per_block: list[int]  # steps of the schedule (speculate > 0 takes several per call)
-    seconds: float
-    canvases: int = 0  # canvases evaluated per row over all calls: nfe, or more with speculate > 0
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens.numel() / self.seconds if self.seconds > 0 else float("inf")
 
 
 # --------------------------------------------------------------------------- small pure pieces
@@ -212,8 +197,7 @@ def _host_read(*values: torch.Tensor) -> list:
 
 def _raise_if_invalid(invalid: bool) -> None:
     if invalid:
-        raise ops.InvalidLogitsError(
-            "logits: the model gave NaN or +inf logits, or no finite logit but the mask, for a masked position")
+        raise ops.InvalidLogitsError(validation.INVALID_MODEL_LOGITS)
 
 
 @dataclasses.dataclass
@@ -463,27 +447,9 @@ def _stop_rows_at_eos(x: torch.Tensor, generation_start: int, decoded_end: int, 
 # --------------------------------------------------------------------------- arguments
 
 
-def _special_id(model, given: int | None, attr: str, config_attr: str) -> int | None:
-    if given is not None:
-        return given
-    if hasattr(model, attr):
-        return getattr(model, attr)
-    return getattr(getattr(model, "config", None), config_attr, None)
-
-
-def model_vocab(model) -> int | None:
-    """The model's vocabulary size where its config says (embedding rows first)."""
-    config = getattr(model, "config", None)
-    vocab = getattr(config, "embedding_size", None) or getattr(config, "vocab_size", None)
-    return vocab if isinstance(vocab, int) else None
-
-
 def special_ids(model, mask_id: int | None, eos_id: int | None) -> tuple[int, int | None]:
     """The mask and EOS ids: given, else the model's; checked against its vocabulary."""
-    mask_id = _special_id(model, mask_id, "mask_id", "mask_token_id")
-    eos_id = _special_id(model, eos_id, "eos_id", "eos_token_id")
-    validation.special_ids(mask_id=mask_id, eos_id=eos_id, vocab=model_vocab(model))
-    return mask_id, eos_id
+    return validation.model_special_ids(model, mask_id, eos_id)
 
 
 def _check_cache(model, cache) -> None:
@@ -507,13 +473,7 @@ def prompt_batch(prompts, attention_mask, pad_id: int, device):
         if tuple(attention_mask.shape) != tuple(prompts.shape):
             raise ValueError(f"attention_mask must have the prompts' shape {tuple(prompts.shape)}, got {tuple(attention_mask.shape)}")
         return ids, attention_mask.to(device=device, dtype=torch.bool)
-    if attention_mask is not None:
-        raise ValueError("attention_mask goes with a prompts tensor; lists of token ids are padded here")
-    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
-        raise ValueError(f"prompts must be a non-empty list of token-id lists or an int tensor [B, P], got {prompts!r}")
-    for row, prompt in enumerate(prompts):
-        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and t >= 0 for t in prompt):
-            raise ValueError(f"prompts[{row}] must be a list of non-negative token ids")
+    validation.prompt_list_batch(prompts, attention_mask)
     return left_pad(prompts, pad_id, device)
 
 
@@ -613,10 +573,10 @@ def generate(
     # synchronisation, before decoding starts, when the tensor lives on a device).
     ids, prompt_mask = prompt_batch(prompts, attention_mask, eos_id if eos_id is not None else 0, "cpu")
     if isinstance(prompts, (list, tuple)):
-        validation.prompt_lists(prompts, mask_id=mask_id, vocab=model_vocab(model))
+        validation.prompt_lists(prompts, mask_id=mask_id, vocab=validation.model_vocab(model))
         padded = len({len(prompt) for prompt in prompts}) > 1
     else:
-        validation.prompt_ids(ids, prompt_mask, mask_id=mask_id, vocab=model_vocab(model))
+        validation.prompt_ids(ids, prompt_mask, mask_id=mask_id, vocab=validation.model_vocab(model))
         padded = not bool(prompt_mask.all())
     batch, prompt_len = ids.shape
     # The canvas, built on the host and copied over without blocking.
@@ -657,8 +617,8 @@ def infill(
     defaults to one token per step for the row with the most masks per block.
     Returns the filled ids as .tokens (and .sequences).
     """
-    mask_id = _special_id(model, mask_id, "mask_id", "mask_token_id")
-    validation.special_ids(mask_id=mask_id, eos_id=None, vocab=model_vocab(model))
+    mask_id = validation.model_special_id(model, mask_id, "mask_id", "mask_token_id")
+    validation.special_ids(mask_id=mask_id, eos_id=None, vocab=validation.model_vocab(model))
     if not isinstance(ids, torch.Tensor) or validation.dtype_name(ids) not in validation.INT_DTYPES or ids.dim() != 2:
         raise ValueError(f"ids must be an int tensor [B, L], got {getattr(ids, 'dtype', type(ids).__name__)}")
     if ids.shape[0] == 0 or ids.shape[1] == 0:

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Sequence
-
-import torch
 
 CONFIDENCE_KINDS = ("prob", "margin", "entropy", "random")
 # generate(remasking=...) names LLaDA's; each is one confidence kind.
@@ -85,9 +84,16 @@ def check_seed(seed) -> int:
 def dtype_name(value) -> str:
     """'float32', 'bfloat16', 'int64', ... for a torch tensor, a numpy or a JAX array."""
     dtype = value.dtype
-    if isinstance(dtype, torch.dtype):
+    if type(dtype).__module__ == "torch":
         return str(dtype).removeprefix("torch.")
     return getattr(dtype, "name", str(dtype))
+
+
+def _is_torch_tensor(value) -> bool:
+    """Without importing torch (the JAX front end validates without it): a value cannot be
+    a torch tensor if torch was never imported."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
 
 
 def check_array(name: str, value, *, array_types: tuple[type, ...], kind: str, dtypes: Sequence[str] | None = None,
@@ -103,6 +109,8 @@ def check_array(name: str, value, *, array_types: tuple[type, ...], kind: str, d
 
 
 def check_tensor(name: str, value, *, dtypes: Sequence[str] | None = None, ndim: int | None = None) -> None:
+    import torch
+
     check_array(name, value, array_types=(torch.Tensor,), kind="a torch.Tensor", dtypes=dtypes, ndim=ndim)
 
 
@@ -120,18 +128,26 @@ def host_values(value) -> torch.Tensor | None:
     """The values of an int tensor when reading them costs no synchronisation (on the
     CPU), else None. While torch.compile traces, None: the values are data of the graph
     (reading them would break it), and the kernels' answer to any value is defined."""
-    if torch.compiler.is_compiling():
+    if not _is_torch_tensor(value) or sys.modules["torch"].compiler.is_compiling():
         return None
-    return value if isinstance(value, torch.Tensor) and value.device.type == "cpu" else None
+    return value if value.device.type == "cpu" else None
 
 
 def check_index_range(name: str, values: torch.Tensor | None, size: int, what: str) -> None:
     """Every value in [0, size); values None means they are not readable for free."""
-    if values is None or values.numel() == 0:
+    if values is None or math.prod(values.shape) == 0:
         return
     low, high = int(values.min()), int(values.max())
     if low < 0 or high >= size:
         raise ValueError(f"{name} must lie in [0, {size}) ({what}), got values in [{low}, {high}]")
+
+
+class InvalidLogitsError(ValueError):
+    """A sampled row had no finite kept logit, or a NaN or +inf one."""
+
+
+INVALID_MODEL_LOGITS = ("logits: the model gave NaN or +inf logits, or no finite logit but the mask, "
+                        "for a masked position")
 
 
 # --------------------------------------------------------------------------- sample
@@ -227,6 +243,8 @@ def sample_call(logits, *, temperature=0.0, top_k=0, top_p=1.0, banned=None, con
                 conf_temperature=1.0, seed=0, offset=0, rows=None, check=True, vocab: int | None = None) -> SampleCall:
     """unmask.ops.sample's arguments, checked. vocab: the full vocabulary when logits hold
     one shard of it (tensor parallelism); banned ids are checked against it."""
+    import torch
+
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES)
     shard_vocab = check_logits_shape(logits.shape)
     vocab = shard_vocab if vocab is None else vocab
@@ -392,6 +410,8 @@ class CommitCall:
 
 def commit_call(x, tokens, conf, eligible, *, k=None, threshold=None, factor=None) -> CommitCall:
     """unmask.ops.commit's arguments, checked."""
+    import torch
+
     check_tensor("x", x, dtypes=INT_DTYPES, ndim=2)
     check_tensor("tokens", tokens, dtypes=INT_DTYPES)
     check_tensor("conf", conf, dtypes=FLOAT_DTYPES + ("float64",))
@@ -497,6 +517,43 @@ def special_ids(*, mask_id, eos_id, vocab: int | None) -> None:
             raise ValueError(f"eos_id and mask_id must differ, both are {mask_id}")
 
 
+def model_vocab(model) -> int | None:
+    """The model's vocabulary size where its config says (embedding rows first)."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "embedding_size", None) or getattr(config, "vocab_size", None)
+    return vocab if isinstance(vocab, int) else None
+
+
+def model_special_id(model, given: int | None, attr: str, config_attr: str) -> int | None:
+    """A special token id: given, else the model's attribute, else its config's."""
+    if given is not None:
+        return given
+    if hasattr(model, attr):
+        return getattr(model, attr)
+    return getattr(getattr(model, "config", None), config_attr, None)
+
+
+def model_special_ids(model, mask_id: int | None, eos_id: int | None) -> tuple[int, int | None]:
+    """The mask and EOS ids: given, else the model's (mask_id / eos_id, or its config's
+    mask_token_id / eos_token_id); checked against its vocabulary."""
+    mask_id = model_special_id(model, mask_id, "mask_id", "mask_token_id")
+    eos_id = model_special_id(model, eos_id, "eos_id", "eos_token_id")
+    special_ids(mask_id=mask_id, eos_id=eos_id, vocab=model_vocab(model))
+    return mask_id, eos_id
+
+
+def prompt_list_batch(prompts, attention_mask) -> None:
+    """Prompts given as token-id lists (padded by generate): a non-empty list of lists of
+    non-negative ints, and no attention_mask (that goes with an array of prompts)."""
+    if attention_mask is not None:
+        raise ValueError("attention_mask goes with a prompts tensor; lists of token ids are padded here")
+    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+        raise ValueError(f"prompts must be a non-empty list of token-id lists or an int tensor [B, P], got {prompts!r}")
+    for row, prompt in enumerate(prompts):
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and t >= 0 for t in prompt):
+            raise ValueError(f"prompts[{row}] must be a list of non-negative token ids")
+
+
 def prompt_lists(prompts, *, mask_id: int, vocab: int | None) -> None:
     """prompt_ids for token-id lists (prompt_batch checked their type), without tensors."""
     tokens = [token for prompt in prompts for token in prompt]
@@ -513,7 +570,7 @@ def prompt_lists(prompts, *, mask_id: int, vocab: int | None) -> None:
 def prompt_ids(ids: torch.Tensor, known: torch.Tensor, *, mask_id: int, vocab: int | None) -> None:
     """The real (known) prompt tokens are ids of the vocabulary and none is the mask."""
     real = ids[known]
-    if real.numel() == 0:
+    if math.prod(real.shape) == 0:
         return
     low, high = int(real.min()), int(real.max())
     if low < 0 or (vocab is not None and high >= vocab):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 
 from unmask import validation
 from unmask.pallas import attention as attention_kernel
@@ -84,7 +83,7 @@ def sample(logits, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1
     if rows is not None:
         check_array("rows", rows, dtypes=validation.INT_DTYPES, ndim=1)
         if isinstance(rows, np.ndarray):
-            validation.check_index_range("rows", torch.as_tensor(rows), logits.size // vocab,
+            validation.check_index_range("rows", rows, logits.size // vocab,
                                          "the flattened rows of logits")
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     flat = logits.reshape(-1, vocab)
@@ -140,7 +139,8 @@ def attention(q, k, v, *, kv_len=None, key_valid=None, block_size: int | None = 
         validation.check_shape("key_valid", key_valid.shape, (batch, k_len), "[B, Lk]")
     block_size, q_offset, scale = validation.attention_scalars(shape, block_size=block_size, q_offset=q_offset,
                                                                scale=scale)
-    tile_q = 128 if q_len >= 128 else _round_up(max(q_len, 1), 8)
+    # Powers of two from 16 to 128 are valid tiles for both variants (unmask.pallas.attention).
+    tile_q = min(128, 1 << (max(q_len, 16) - 1).bit_length())
     tile_k = 128
     padded_q, padded_k = _round_up(max(q_len, 1), tile_q), _round_up(max(k_len, 1), tile_k)
     valid = jnp.ones((batch, k_len), bool) if key_valid is None else jnp.asarray(key_valid, bool)

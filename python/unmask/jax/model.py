@@ -47,11 +47,13 @@ def _rotary(x, positions, theta):
     return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-def forward(params, input_ids, attention_mask, *, config: ModelConfig, logit_start: int, logit_end: int,
+def forward(params, input_ids, attention_mask, *, config: ModelConfig, logit_start, logit_length: int,
             interpret: bool, attention_fn=attention):
-    """Logits [B, logit_end - logit_start, V] (Dream: shifted right by one; V may carry
-    zero-weight padding ids beyond the vocabulary, see unmask.jax.sharding).
-    attention_fn: the attention kernel call (unmask.jax.sharding wraps it in shard_map)."""
+    """Logits [B, logit_length, V] of positions logit_start.. (Dream: shifted right by
+    one; V may carry zero-weight padding ids beyond the vocabulary, see
+    unmask.jax.sharding). logit_start may be traced: one compiled forward serves every
+    block of a canvas. attention_fn: the attention kernel call (unmask.jax.sharding wraps
+    it in shard_map)."""
     batch, length = input_ids.shape
     c = config
     if attention_mask is not None and c.positions_over_real_tokens:
@@ -71,7 +73,7 @@ def forward(params, input_ids, attention_mask, *, config: ModelConfig, logit_sta
         x = x + out.reshape(batch, length, c.d_model) @ layer["o_proj"].T
         h = _rms_norm(x, layer["mlp_norm"], c.rms_norm_eps)
         x = x + (jax.nn.silu(h @ layer["gate_proj"].T) * (h @ layer["up_proj"].T)) @ layer["down_proj"].T
-    wanted = jnp.arange(logit_start, logit_end)
+    wanted = logit_start + jnp.arange(logit_length)
     source = jnp.maximum(wanted - 1, 0) if c.shift_logits else wanted
     return _rms_norm(x[:, source], params["final_norm"], c.rms_norm_eps) @ params["lm_head"].T
 
@@ -96,7 +98,7 @@ class JaxModel:
     def _jitted(self):
         return jax.jit(functools.partial(forward, config=self.config, interpret=default_interpret(self.interpret),
                                          attention_fn=self.attention_fn),
-                       static_argnames=("logit_start", "logit_end"))
+                       static_argnames=("logit_length",))
 
     @property
     def attention_fn(self):
@@ -106,7 +108,13 @@ class JaxModel:
         input_ids = jnp.asarray(np.asarray(input_ids), jnp.int32)
         mask = None if attention_mask is None else jnp.asarray(np.asarray(attention_mask), bool)
         end = input_ids.shape[1] if logit_end is None else logit_end
-        logits = self._jitted(self.params, input_ids, mask, logit_start=logit_start, logit_end=end)
+        return self.block_logits(self.params, input_ids, mask, logit_start, end - logit_start)
+
+    def block_logits(self, params, input_ids, attention_mask, logit_start, logit_length: int):
+        """Logits [B, logit_length, V] of positions logit_start.. (which may be traced) as
+        a jit-able function of the parameters: the sampler's compiled block loop calls it."""
+        logits = self._jitted(params, input_ids, attention_mask, logit_start=jnp.asarray(logit_start, jnp.int32),
+                              logit_length=logit_length)
         return logits[..., :self.config.embedding_size]  # drop any padding ids of a sharded head
 
     def sample_logits(self, logits, **kwargs):

@@ -1,97 +1,208 @@
 """unmask.jax.generate: the sampler of unmask.generate over JAX arrays and the Pallas
-kernels, with the same arguments (no KV caches yet) and the same results: at
-temperature 0 it produces the torch sampler's tokens, and with a seed the same noise
-(the Philox draws are bit-identical; only float near-ties may differ)."""
+kernels, with the same arguments (no KV caches yet) and the same results: at temperature
+0 it produces the torch sampler's tokens, and with a seed the same noise (the Philox draws
+are bit-identical; only float near-ties may differ).
+
+Each block is one compiled program (docs/design.md, JAX): a lax loop over the block's
+steps with the schedule, the eligibility, the "commit at least one" rule, the invalid-
+logits flag and the EOS stop on the device. The block's start is traced, so one
+compilation serves every block of a canvas shape; the host reads three scalars per block
+(steps taken, any row running, invalid logits). No torch: numpy and unmask.validation.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
+from jax.experimental import io_callback
 
-from unmask import sampler as torch_sampler
 from unmask import validation
 from unmask.jax.kernels import commit
 from unmask.jax.model import JaxModel
+from unmask.output import GenerateOutput
 
 
-def _block_logits(model: JaxModel, x, mask, prompt_positions, mask_id: int, cfg_scale: float, start: int, end: int):
-    if cfg_scale == 0.0:
-        return model(x, mask, logit_start=start, logit_end=end)
-    unconditional = jnp.where(prompt_positions, mask_id, x)
-    both_mask = None if mask is None else jnp.concatenate([mask, mask])
-    both = model(jnp.concatenate([x, unconditional]), both_mask, logit_start=start, logit_end=end)
-    cond, uncond = jnp.split(both, 2)
-    return uncond + (cfg_scale + 1.0) * (cond - uncond)
+@dataclasses.dataclass(frozen=True)
+class BlockProgram:
+    """Everything that shapes a block's compiled loop besides array shapes (hashable: the
+    key of the model's compiled decoders)."""
+
+    block_length: int
+    generation_start: int  # the canvas position where the generated text begins
+    steps_per_block: int | None  # the steps rule; else threshold or factor
+    threshold: float | None
+    factor: float | None
+    sampling: validation.Sampling
+    cfg_scale: float
+    mask_id: int
+    eos_id: int | None  # set: rows stop at EOS
+    callback: bool  # a host callback runs after every step (io_callback: a round trip each)
+
+    def step_counts(self) -> np.ndarray:
+        """Tokens every row commits at each step that commits any (steps rule): LLaDA's
+        schedule of a fully masked block, m // s per step plus one for the first m % s
+        steps; steps that would commit nothing are left out (they cost no model call, as in
+        the torch loop)."""
+        m, s = self.block_length, self.steps_per_block
+        counts = [m // s + (i < m % s) for i in range(s)]
+        return np.asarray([c for c in counts if c > 0], np.int32)
+
+
+def _stop_rows_at_eos(x, running, generation_start: int, decoded_end, eos_id: int):
+    """unmask.sampler's EOS stop on the device: a running row whose decoded text (up to
+    decoded_end, traced) holds EOS stops, and everything after its first EOS becomes EOS."""
+    generated = x[:, generation_start:]
+    positions = jnp.arange(generated.shape[1])
+    is_eos = (generated == eos_id) & (positions < decoded_end - generation_start)[None, :]
+    stops = is_eos.any(axis=1) & running
+    first_eos = jnp.where(is_eos, positions[None, :], generated.shape[1]).min(axis=1)
+    after = (positions[None, :] > first_eos[:, None]) & stops[:, None]
+    return x.at[:, generation_start:].set(jnp.where(after, eos_id, generated)), running & ~stops
+
+
+def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params, x, model_mask, prompt_positions,
+                  running, offset, start):
+    """One block decoded on the device. Returns (x, running, offset, steps, invalid)."""
+    p, length = program, program.block_length
+    sampling = p.sampling
+
+    def logits_of(x):
+        if p.cfg_scale == 0.0:
+            return model.block_logits(params, x, model_mask, start, length)
+        unconditional = jnp.where(prompt_positions, p.mask_id, x)
+        both_mask = None if model_mask is None else jnp.concatenate([model_mask, model_mask])
+        both = model.block_logits(params, jnp.concatenate([x, unconditional]), both_mask, start, length)
+        cond, uncond = jnp.split(both, 2)
+        return uncond + (p.cfg_scale + 1.0) * (cond - uncond)
+
+    def step(x, offset, invalid, mode):
+        block = jax.lax.dynamic_slice_in_dim(x, start, length, axis=1)
+        eligible = (block == p.mask_id) & running[:, None]
+        tokens, conf = model.sample_logits(
+            logits_of(x), temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+            banned=[p.mask_id], confidence=sampling.confidence, seed=sampling.seed, offset=offset)
+        invalid |= ((tokens < 0) & eligible).any()
+        new_block, committed = commit(block, tokens, conf, eligible, interpret=model.interpret, **mode)
+        x = jax.lax.dynamic_update_slice_in_dim(x, new_block.astype(x.dtype), start, axis=1)
+        if host_callback is not None:
+            everywhere = jax.lax.dynamic_update_slice_in_dim(jnp.zeros(x.shape, bool), committed, start, axis=1)
+            io_callback(host_callback, None, offset, x, everywhere, ordered=True)
+        return x, offset + 1, invalid, (eligible & ~committed).any()
+
+    invalid = jnp.zeros((), bool)
+    if p.steps_per_block is not None:
+        counts = jnp.asarray(p.step_counts())
+
+        def scheduled(i, carry):
+            x, offset, invalid = carry
+            k = jnp.broadcast_to(counts[i], running.shape)
+            x, offset, invalid, _ = step(x, offset, invalid, {"k": k})
+            return x, offset, invalid
+
+        steps = counts.shape[0]
+        x, offset, invalid = jax.lax.fori_loop(0, steps, scheduled, (x, offset, invalid))
+        steps = jnp.int32(steps)
+    else:
+        mode = {"threshold": p.threshold} if p.threshold is not None else {"factor": p.factor}
+
+        def more(carry):  # every step commits at least one masked position of each running row
+            _, _, _, remaining, steps = carry
+            return remaining & (steps < length)
+
+        def confident(carry):
+            x, offset, invalid, _, steps = carry
+            x, offset, invalid, remaining = step(x, offset, invalid, mode)
+            return x, offset, invalid, remaining, steps + 1
+
+        x, offset, invalid, _, steps = jax.lax.while_loop(
+            more, confident, (x, offset, invalid, jnp.ones((), bool), jnp.int32(0)))
+    if p.eos_id is not None:
+        x, running = _stop_rows_at_eos(x, running, p.generation_start, start + length, p.eos_id)
+    return x, running, offset, steps, invalid
+
+
+def block_decoder(model: JaxModel, program: BlockProgram, callback=None):
+    """The compiled block loop for this model and program: jitted once, kept on the model
+    (jit's own cache then holds one executable per canvas shape)."""
+    decoders = model.__dict__.setdefault("_block_decoders", {})
+    key = (program, callback)
+    if key not in decoders:
+        host_callback = None
+        if callback is not None:
+            def host_callback(step, x, committed):
+                callback(int(step), np.asarray(x), np.asarray(committed))
+        decoders[key] = jax.jit(functools.partial(_decode_block, model, program, host_callback))
+    return decoders[key]
+
+
+def _prompt_batch(prompts, attention_mask, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts as ids [B, P] (left-padded) and the mask of real tokens [B, P], in numpy."""
+    if isinstance(prompts, (list, tuple)):
+        validation.prompt_list_batch(prompts, attention_mask)
+        width = max(len(p) for p in prompts)
+        ids = np.full((len(prompts), width), pad_id, np.int64)
+        known = np.zeros((len(prompts), width), bool)
+        for row, prompt in enumerate(prompts):
+            if prompt:
+                ids[row, width - len(prompt):], known[row, width - len(prompt):] = prompt, True
+        return ids, known
+    ids = np.asarray(prompts)
+    if validation.dtype_name(ids) not in validation.INT_DTYPES or ids.ndim != 2 or ids.shape[0] == 0:
+        raise ValueError(f"prompts must be an int array [B, P] with B > 0, got {ids.dtype} {ids.shape}")
+    if attention_mask is None:
+        return ids.astype(np.int64), np.ones(ids.shape, bool)
+    known = np.asarray(attention_mask)
+    validation.check_shape("attention_mask", known.shape, ids.shape, "the prompts' shape")
+    return ids.astype(np.int64), known.astype(bool)
 
 
 def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int = 128, block_length: int = 32,
              steps: int | None = None, threshold: float | None = None, factor: float | None = None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, remasking: str = "low_confidence",
              cfg_scale: float = 0.0, mask_id: int | None = None, eos_id: int | None = None, stop_at_eos: bool = True,
-             seed: int = 0, callback=None) -> torch_sampler.GenerateOutput:
-    """As unmask.generate; tokens and sequences come back as jnp arrays."""
+             seed: int = 0, callback=None) -> GenerateOutput:
+    """As unmask.generate; tokens and sequences come back as jnp arrays. callback(step, x,
+    committed) gets numpy arrays, from inside the compiled loop (a host round trip per
+    step: leave it None for speed)."""
     num_blocks = validation.block_count(gen_length, block_length)
     sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed)
     rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=gen_length,
                            confidence=sampling.confidence)
     cfg_scale = validation.check_float("cfg_scale", cfg_scale, nonnegative=True)
-    mask_id, eos_id = torch_sampler.special_ids(model, mask_id, eos_id)
-    eos_id = eos_id if stop_at_eos else None
+    mask_id, eos_id = validation.model_special_ids(model, mask_id, eos_id)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
 
-    if isinstance(prompts, (list, tuple)):
-        ids, prompt_mask = torch_sampler.prompt_batch(prompts, None, eos_id if eos_id is not None else 0, "cpu")
-    else:
-        ids, prompt_mask = torch_sampler.prompt_batch(torch.as_tensor(np.asarray(prompts)), None if attention_mask is None
-                                                      else torch.as_tensor(np.asarray(attention_mask)), 0, "cpu")
-    validation.prompt_ids(ids, prompt_mask, mask_id=mask_id, vocab=torch_sampler.model_vocab(model))
-    ids, prompt_mask = ids.numpy(), prompt_mask.numpy()
+    ids, prompt_mask = _prompt_batch(prompts, attention_mask, eos_id if eos_id is not None else 0)  # torch's padding
+    eos_id = eos_id if stop_at_eos else None
+    validation.prompt_ids(ids, prompt_mask, mask_id=mask_id, vocab=validation.model_vocab(model))
     batch, prompt_len = ids.shape
     x = jnp.asarray(np.concatenate([ids, np.full((batch, gen_length), mask_id)], axis=1), jnp.int32)
     canvas_mask = np.concatenate([prompt_mask, np.ones((batch, gen_length), bool)], axis=1)
     model_mask = None if canvas_mask.all() else jnp.asarray(canvas_mask)
     prompt_positions = jnp.asarray(np.concatenate([prompt_mask, np.zeros((batch, gen_length), bool)], axis=1))
+    program = BlockProgram(block_length, prompt_len, rule.steps_per_block, rule.threshold, rule.factor, sampling,
+                           cfg_scale, mask_id, eos_id, callback is not None)
+    decode = block_decoder(model, program, callback)
 
     started = time.perf_counter()
-    running = np.ones(batch, bool)
+    running, offset = jnp.ones((batch,), bool), jnp.int32(0)
     nfe, steps_per_block = 0, []
     for block in range(num_blocks):
-        start, end = prompt_len + block * block_length, prompt_len + (block + 1) * block_length
-        masked = (np.asarray(x[:, start:end]) == mask_id) & running[:, None]
-        counts = None
-        if rule.steps_per_block is not None:
-            counts = np.asarray(torch_sampler.schedule_counts(masked.sum(1).tolist(), rule.steps_per_block))
-        block_steps = 0
-        for step in range(rule.steps_per_block if counts is not None else end - start):
-            eligible = (np.asarray(x[:, start:end]) == mask_id) & running[:, None]
-            if counts is not None:
-                if not counts[:, step].any():
-                    continue
-                mode = {"k": jnp.asarray(counts[:, step])}
-            elif not eligible.any():
-                break
-            else:
-                mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
-            logits = _block_logits(model, x, model_mask, prompt_positions, mask_id, cfg_scale, start, end)
-            tokens, conf = model.sample_logits(logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                                  banned=[mask_id], confidence=sampling.confidence, seed=sampling.seed, offset=nfe)
-            if (np.asarray(tokens)[eligible] < 0).any():
-                raise ValueError("logits: rows with NaN or +inf logits or no finite kept logit")
-            new_block, committed = commit(x[:, start:end], tokens, conf, jnp.asarray(eligible), **mode)
-            x = x.at[:, start:end].set(new_block)
-            nfe += 1
-            block_steps += 1
-            if callback is not None:
-                everywhere = jnp.zeros(x.shape, bool).at[:, start:end].set(committed)
-                callback(nfe - 1, x, everywhere)
-        steps_per_block.append(block_steps)
-        if eos_id is not None:
-            canvas = torch.from_numpy(np.array(x)).long()  # a writable copy
-            running &= ~torch_sampler._stop_rows_at_eos(canvas, prompt_len, end, eos_id, torch.as_tensor(running)).numpy()
-            x = jnp.asarray(canvas.numpy(), jnp.int32)
-            if not running.any():
-                break
+        x, running, offset, block_steps, invalid = decode(
+            model.params, x, model_mask, prompt_positions, running, offset, jnp.int32(prompt_len + block * block_length))
+        block_steps, invalid, any_running = jax.device_get((block_steps, invalid, running.any()))  # the block's one read
+        if invalid:
+            raise validation.InvalidLogitsError(validation.INVALID_MODEL_LOGITS)
+        nfe += int(block_steps)
+        steps_per_block.append(int(block_steps))
+        if eos_id is not None and not any_running:
+            break
+    x.block_until_ready()
     seconds = time.perf_counter() - started
-    return torch_sampler.GenerateOutput(x[:, prompt_len:], x, nfe, steps_per_block, seconds)
+    return GenerateOutput(x[:, prompt_len:], x, nfe, steps_per_block, seconds, nfe)

@@ -1,0 +1,145 @@
+"""unmask.jax.generate, the compiled block loop: the tokens, model calls and steps of
+unmask.generate for every commit rule, remasking kind, sampling setting, CFG, ragged
+batch and EOS stop; one compilation per canvas shape; the callback; invalid logits; and
+the JAX path without torch."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax", reason="JAX is not installed (pip install 'unmask[jax]')")
+
+import unmask  # noqa: E402
+import unmask.jax as uj  # noqa: E402
+from unmask import validation  # noqa: E402
+from unmask.jax import sampler as jax_sampler  # noqa: E402
+from tests.helpers import tiny_model  # noqa: E402
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]  # ragged: left-padded
+DREAM = {"model_type": "dream", "include_qkv_bias": True}
+
+CASES = [
+    # (model overrides, generate arguments)
+    ({}, {"steps": 8, "block_length": 4}),  # one token per step, two blocks
+    ({}, {"steps": 4, "block_length": 4}),  # two per step
+    ({}, {"steps": 16, "block_length": 4}),  # more steps than positions: steps that commit nothing are skipped
+    ({}, {"steps": 6, "block_length": 8, "gen_length": 8}),  # 8 over 6 steps: 2, 2, 1, 1, 1, 1
+    ({}, {"threshold": 0.3, "block_length": 8}),
+    ({}, {"factor": 1.0, "block_length": 4}),
+    ({}, {"steps": 8, "block_length": 4, "cfg_scale": 1.0, "remasking": "margin"}),
+    ({}, {"steps": 8, "block_length": 4, "temperature": 1.0, "seed": 3}),
+    ({}, {"threshold": 0.5, "block_length": 4, "temperature": 0.7, "top_k": 5, "top_p": 0.9, "seed": 11}),
+    ({}, {"threshold": -0.5, "block_length": 4, "remasking": "entropy"}),
+    ({}, {"steps": 8, "block_length": 4, "remasking": "random", "temperature": 1.0, "seed": 5}),
+    (DREAM, {"steps": 8, "block_length": 4}),
+    ({"block_size": 4}, {"threshold": 0.3, "block_length": 4}),  # block-causal attention
+]
+
+
+@pytest.mark.parametrize("overrides,kwargs", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_generate_equals_torch_generate(overrides, kwargs):
+    model = tiny_model(seed=2, **overrides)
+    arguments = {"gen_length": 8, "stop_at_eos": False, **kwargs}
+    expected = unmask.generate(model, PROMPTS, **arguments)
+    got = uj.generate(uj.from_torch(model), PROMPTS, **arguments)
+    assert np.array_equal(np.asarray(got.tokens), expected.tokens.numpy())
+    assert np.array_equal(np.asarray(got.sequences), expected.sequences.numpy())
+    assert got.nfe == expected.nfe and got.steps_per_block == expected.steps_per_block
+
+
+@pytest.mark.parametrize("kwargs", [{"steps": 12}, {"threshold": 0.3}], ids=["steps", "threshold"])
+def test_eos_stops_rows_as_torch_does(kwargs):
+    """EOS is a token the model writes in the first block: rows stop there, the rest of
+    their text becomes EOS, and decoding ends when no row runs (fewer blocks, fewer calls)."""
+    model = tiny_model(seed=2)
+    arguments = {"gen_length": 12, "block_length": 4, **kwargs}
+    free = unmask.generate(model, PROMPTS, stop_at_eos=False, **arguments)
+    eos_id = int(free.tokens[0, 1])  # written by row 0 in its first block
+    expected = unmask.generate(model, PROMPTS, eos_id=eos_id, **arguments)
+    got = uj.generate(uj.from_torch(model), PROMPTS, eos_id=eos_id, **arguments)
+    assert np.array_equal(np.asarray(got.tokens), expected.tokens.numpy())
+    assert got.nfe == expected.nfe and got.steps_per_block == expected.steps_per_block
+    assert (expected.tokens[0, 2:] == eos_id).all()  # the case holds what it means to test
+
+
+def test_one_compilation_serves_every_block_and_call():
+    """The block start is traced: a canvas shape compiles once, whatever the block, the
+    prompt values or the number of blocks decoded."""
+    model = uj.from_torch(tiny_model(seed=2))
+    arguments = {"gen_length": 12, "block_length": 4, "steps": 12, "stop_at_eos": False}
+    uj.generate(model, PROMPTS, **arguments)
+    uj.generate(model, [[1, 2, 3, 4, 5], [6, 7], [8]], **arguments)  # same padded shape, other tokens
+    (decoder,) = model.__dict__["_block_decoders"].values()
+    assert decoder._cache_size() == 1
+
+
+def test_callback_sees_the_steps_torch_reports():
+    model = tiny_model(seed=2)
+    arguments = {"gen_length": 8, "block_length": 4, "threshold": 0.3, "stop_at_eos": False}
+    seen_torch, seen_jax = [], []
+    unmask.generate(model, PROMPTS, callback=lambda step, x, committed: seen_torch.append(
+        (step, x.numpy().copy(), committed.numpy().copy())), **arguments)
+    uj.generate(uj.from_torch(model), PROMPTS, callback=lambda step, x, committed: seen_jax.append(
+        (step, np.array(x), np.array(committed))), **arguments)
+    assert [s for s, _, _ in seen_jax] == [s for s, _, _ in seen_torch]
+    for (_, x_torch, c_torch), (_, x_jax, c_jax) in zip(seen_torch, seen_jax):
+        assert np.array_equal(x_jax, x_torch) and np.array_equal(c_jax, c_torch)
+
+
+def test_invalid_logits_raise_the_torch_error():
+    model = uj.from_torch(tiny_model(seed=2))
+    model.params["lm_head"] = model.params["lm_head"].at[7].set(np.nan)  # every logit row gets a NaN
+    with pytest.raises(validation.InvalidLogitsError, match="NaN"):
+        uj.generate(model, PROMPTS, gen_length=4, block_length=4, steps=4)
+
+
+def test_bad_arguments_are_named():
+    model = uj.from_torch(tiny_model(seed=2))
+    with pytest.raises(ValueError, match="prompts"):
+        uj.generate(model, [])
+    with pytest.raises(ValueError, match="attention_mask"):
+        uj.generate(model, np.ones((2, 3), np.int32), attention_mask=np.ones((2, 4), bool))
+    with pytest.raises(TypeError, match="callback"):
+        uj.generate(model, PROMPTS, callback=3)
+
+
+def test_block_program_schedule_matches_torch():
+    for length, steps in ((4, 4), (4, 2), (8, 6), (4, 16), (32, 5)):
+        program = jax_sampler.BlockProgram(length, 0, steps, None, None, None, 0.0, 0, None, False)
+        plan = unmask.sampler.schedule_counts([length], steps)[0]
+        assert program.step_counts().tolist() == [c for c in plan if c > 0]
+
+
+NO_TORCH = textwrap.dedent("""
+    import sys
+    sys.modules["torch"] = None  # any import of torch now fails
+    import numpy as np
+    import unmask.jax as uj
+    from unmask.models.config import ModelConfig
+
+    config = ModelConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, mlp_hidden_size=48, vocab_size=61,
+                         embedding_size=61, mask_token_id=60, eos_token_id=59)
+    rng = np.random.default_rng(0)
+    def weight(*shape):
+        return (rng.standard_normal(shape) * 0.3).astype(np.float32)
+    layer = {"attn_norm": np.ones(32, np.float32), "mlp_norm": np.ones(32, np.float32),
+             "q_proj": weight(32, 32), "k_proj": weight(16, 32), "v_proj": weight(16, 32), "o_proj": weight(32, 32),
+             "gate_proj": weight(48, 32), "up_proj": weight(48, 32), "down_proj": weight(32, 48)}
+    embed = weight(61, 32)
+    model = uj.JaxModel({"embed": embed, "layers": [layer], "final_norm": np.ones(32, np.float32),
+                         "lm_head": embed}, config)
+    out = uj.generate(model, [[5, 6, 7], [8]], gen_length=8, block_length=4, steps=8, temperature=1.0, seed=1)
+    assert "torch" not in sys.modules or sys.modules["torch"] is None
+    print("tokens", np.asarray(out.tokens).tolist(), "nfe", out.nfe)
+""")
+
+
+def test_the_jax_path_runs_without_torch():
+    result = subprocess.run([sys.executable, "-c", NO_TORCH], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "nfe 8" in result.stdout
