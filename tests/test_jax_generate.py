@@ -37,6 +37,13 @@ CASES = [
     ({}, {"steps": 8, "block_length": 4, "remasking": "random", "temperature": 1.0, "seed": 5}),
     (DREAM, {"steps": 8, "block_length": 4}),
     ({"block_size": 4}, {"threshold": 0.3, "block_length": 4}),  # block-causal attention
+    ({}, {"steps": 8, "block_length": 4, "cache": "prefix"}),
+    ({}, {"threshold": 0.3, "block_length": 4, "cache": "dual"}),
+    ({}, {"steps": 8, "block_length": 4, "cache": "dual", "cfg_scale": 1.0, "temperature": 1.0, "seed": 2}),
+    (DREAM, {"steps": 8, "block_length": 4, "cache": "prefix"}),
+    (DREAM, {"factor": 1.0, "block_length": 4, "cache": "dual"}),
+    ({"block_size": 4}, {"steps": 8, "block_length": 4, "cache": "dual"}),
+    ({"block_size": 4}, {"threshold": 0.3, "block_length": 4, "cache": "prefix"}),
 ]
 
 
@@ -64,6 +71,17 @@ def test_eos_stops_rows_as_torch_does(kwargs):
     assert np.array_equal(np.asarray(got.tokens), expected.tokens.numpy())
     assert got.nfe == expected.nfe and got.steps_per_block == expected.steps_per_block
     assert (expected.tokens[0, 2:] == eos_id).all()  # the case holds what it means to test
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_block_causal_cached_equals_uncached(cache):
+    """A block-causal model's finished blocks never see later ones, so their cached keys
+    and values are what a full forward computes: the cache changes nothing."""
+    model = uj.from_torch(tiny_model(seed=2, block_size=4))
+    arguments = {"gen_length": 12, "block_length": 4, "steps": 12, "stop_at_eos": False}
+    uncached = uj.generate(model, [[5, 6, 7, 9], [10, 11, 12, 13]], **arguments)
+    cached = uj.generate(model, [[5, 6, 7, 9], [10, 11, 12, 13]], cache=cache, **arguments)
+    assert np.array_equal(np.asarray(cached.tokens), np.asarray(uncached.tokens))
 
 
 def test_one_compilation_serves_every_block_and_call():
@@ -105,11 +123,13 @@ def test_bad_arguments_are_named():
         uj.generate(model, np.ones((2, 3), np.int32), attention_mask=np.ones((2, 4), bool))
     with pytest.raises(TypeError, match="callback"):
         uj.generate(model, PROMPTS, callback=3)
+    with pytest.raises(ValueError, match="cache"):
+        uj.generate(model, PROMPTS, cache="suffix")
 
 
 def test_block_program_schedule_matches_torch():
     for length, steps in ((4, 4), (4, 2), (8, 6), (4, 16), (32, 5)):
-        program = jax_sampler.BlockProgram(length, 0, steps, None, None, None, 0.0, 0, None, False)
+        program = jax_sampler.BlockProgram(length, 0, steps, None, None, None, 0.0, None, 0, None, False)
         plan = unmask.sampler.schedule_counts([length], steps)[0]
         assert program.step_counts().tolist() == [c for c in plan if c > 0]
 

@@ -54,28 +54,69 @@ def forward(params, input_ids, attention_mask, *, config: ModelConfig, logit_sta
     unmask.jax.sharding). logit_start may be traced: one compiled forward serves every
     block of a canvas. attention_fn: the attention kernel call (unmask.jax.sharding wraps
     it in shard_map)."""
+    logits, _ = forward_window(params, input_ids, attention_mask, config=config, logit_start=logit_start,
+                               logit_length=logit_length, interpret=interpret, attention_fn=attention_fn)
+    return logits
+
+
+def forward_window(params, input_ids, attention_mask, *, config: ModelConfig, logit_start, logit_length: int,
+                   interpret: bool, attention_fn=attention, cache=None, window_start=0, window_length=None,
+                   fresh_from=0, fresh_to=None):
+    """forward over a window of the canvas with a key/value cache (unmask.generate's
+    cache="prefix" / "dual", docs/design.md): (logits, cache).
+
+    cache None: the whole canvas runs, and the cache returned holds every layer's keys
+    (after rotary) and values, [B, L, Hkv, D] each. With a cache: only positions
+    window_start .. + window_length run (window_length static, window_start traced);
+    their keys and values replace the cache's in [fresh_from, fresh_to) (traced; the
+    window's other positions keep the cached ones, so their queries are computed but
+    reach nothing), and every query attends over the whole cached canvas. The logits' positions
+    must lie in the window (one later when shifted)."""
     batch, length = input_ids.shape
     c = config
     if attention_mask is not None and c.positions_over_real_tokens:
         positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
     else:
         positions = jnp.broadcast_to(jnp.arange(length)[None], (1, length))
-    x = params["embed"][input_ids]
-    for layer in params["layers"]:
+    width = length if cache is None else window_length
+    window = jax.lax.dynamic_slice_in_dim(positions, window_start, width, axis=1)
+    x = params["embed"][jax.lax.dynamic_slice_in_dim(input_ids, window_start, width, axis=1)]
+    in_window = window_start + jnp.arange(width)
+    fresh_to = length if fresh_to is None else fresh_to
+    keep_cached = ((in_window < fresh_from) | (in_window >= fresh_to))[None, :, None, None]
+    new_cache = []
+    for index, layer in enumerate(params["layers"]):
         h = _rms_norm(x, layer["attn_norm"], c.rms_norm_eps)
         q, k, v = (h @ layer[name].T for name in ("q_proj", "k_proj", "v_proj"))
         if c.include_qkv_bias:
             q, k, v = q + layer["q_proj_bias"], k + layer["k_proj_bias"], v + layer["v_proj_bias"]
-        q = _rotary(q.reshape(batch, length, c.n_heads, c.head_dim), positions, c.rope_theta)
-        k = _rotary(k.reshape(batch, length, c.n_kv_heads, c.head_dim), positions, c.rope_theta)
-        v = v.reshape(batch, length, c.n_kv_heads, c.head_dim)
-        out = attention_fn(q, k, v, key_valid=attention_mask, block_size=c.block_size, interpret=interpret)
-        x = x + out.reshape(batch, length, c.d_model) @ layer["o_proj"].T
+        q = _rotary(q.reshape(batch, width, c.n_heads, c.head_dim), window, c.rope_theta)
+        k = _rotary(k.reshape(batch, width, c.n_kv_heads, c.head_dim), window, c.rope_theta)
+        v = v.reshape(batch, width, c.n_kv_heads, c.head_dim)
+        if cache is not None:
+            def merged(fresh, cached):
+                kept = jax.lax.dynamic_slice_in_dim(cached, window_start, width, axis=1)
+                return jax.lax.dynamic_update_slice_in_dim(cached, jnp.where(keep_cached, kept, fresh), window_start,
+                                                           axis=1)
+
+            k, v = merged(k, cache[index][0]), merged(v, cache[index][1])
+        new_cache.append((k, v))
+        if cache is not None and c.block_size:
+            # The block-causal mask needs the queries' positions, and the kernel's q_offset
+            # is static: the window's queries go to their places in a canvas-long tile.
+            placed = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((batch, length) + q.shape[2:], q.dtype), q,
+                                                         window_start, axis=1)
+            out = attention_fn(placed, k, v, key_valid=attention_mask, block_size=c.block_size, interpret=interpret)
+            out = jax.lax.dynamic_slice_in_dim(out, window_start, width, axis=1)
+        else:
+            out = attention_fn(q, k, v, key_valid=attention_mask, block_size=c.block_size, interpret=interpret)
+        x = x + out.reshape(batch, width, c.d_model) @ layer["o_proj"].T
         h = _rms_norm(x, layer["mlp_norm"], c.rms_norm_eps)
         x = x + (jax.nn.silu(h @ layer["gate_proj"].T) * (h @ layer["up_proj"].T)) @ layer["down_proj"].T
     wanted = logit_start + jnp.arange(logit_length)
     source = jnp.maximum(wanted - 1, 0) if c.shift_logits else wanted
-    return _rms_norm(x[:, source], params["final_norm"], c.rms_norm_eps) @ params["lm_head"].T
+    logits = _rms_norm(x[:, source - window_start], params["final_norm"], c.rms_norm_eps) @ params["lm_head"].T
+    return logits, new_cache
 
 
 @dataclasses.dataclass
@@ -116,6 +157,16 @@ class JaxModel:
         logits = self._jitted(params, input_ids, attention_mask, logit_start=jnp.asarray(logit_start, jnp.int32),
                               logit_length=logit_length)
         return logits[..., :self.config.embedding_size]  # drop any padding ids of a sharded head
+
+    def window_logits(self, params, input_ids, attention_mask, logit_start, logit_length: int, *, cache=None,
+                      window_start=0, window_length: int | None = None, fresh_from=0, fresh_to=None):
+        """forward_window under jit: (logits [B, logit_length, V], cache); the sampler's
+        compiled block loop calls it for cache="prefix" / "dual"."""
+        logits, cache = forward_window(
+            params, input_ids, attention_mask, config=self.config, logit_start=logit_start, logit_length=logit_length,
+            interpret=default_interpret(self.interpret), attention_fn=self.attention_fn, cache=cache,
+            window_start=window_start, window_length=window_length, fresh_from=fresh_from, fresh_to=fresh_to)
+        return logits[..., :self.config.embedding_size], cache
 
     def sample_logits(self, logits, **kwargs):
         """unmask.jax.sample with this model's interpret setting; the sampler calls this."""

@@ -1,7 +1,7 @@
 """unmask.jax.generate: the sampler of unmask.generate over JAX arrays and the Pallas
-kernels, with the same arguments (no KV caches yet) and the same results: at temperature
-0 it produces the torch sampler's tokens, and with a seed the same noise (the Philox draws
-are bit-identical; only float near-ties may differ).
+kernels, with the same arguments (KV caches included) and the same results: at
+temperature 0 it produces the torch sampler's tokens, and with a seed the same noise (the
+Philox draws are bit-identical; only float near-ties may differ).
 
 Each block is one compiled program (docs/design.md, JAX): a lax loop over the block's
 steps with the schedule, the eligibility, the "commit at least one" rule, the invalid-
@@ -39,6 +39,7 @@ class BlockProgram:
     factor: float | None
     sampling: validation.Sampling
     cfg_scale: float
+    cache: str | None  # None, "prefix" or "dual" (unmask.generate's cache)
     mask_id: int
     eos_id: int | None  # set: rows stop at EOS
     callback: bool  # a host callback runs after every step (io_callback: a round trip each)
@@ -68,23 +69,50 @@ def _stop_rows_at_eos(x, running, generation_start: int, decoded_end, eos_id: in
 def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params, x, model_mask, prompt_positions,
                   running, offset, start):
     """One block decoded on the device. Returns (x, running, offset, steps, invalid)."""
-    p, length = program, program.block_length
+    p, length, canvas = program, program.block_length, x.shape[1]
     sampling = p.sampling
+    shift = int(model.config.shift_logits)  # Dream: a block's first logits come from the position before it
 
-    def logits_of(x):
+    def model_input(x):
         if p.cfg_scale == 0.0:
-            return model.block_logits(params, x, model_mask, start, length)
+            return x, model_mask
         unconditional = jnp.where(prompt_positions, p.mask_id, x)
         both_mask = None if model_mask is None else jnp.concatenate([model_mask, model_mask])
-        both = model.block_logits(params, jnp.concatenate([x, unconditional]), both_mask, start, length)
-        cond, uncond = jnp.split(both, 2)
+        return jnp.concatenate([x, unconditional]), both_mask
+
+    def guided(logits):
+        if p.cfg_scale == 0.0:
+            return logits
+        cond, uncond = jnp.split(logits, 2)
         return uncond + (p.cfg_scale + 1.0) * (cond - uncond)
 
-    def step(x, offset, invalid, mode):
+    def logits_of(x, cache):
+        """The block's logits and the cache (None without one; the first step of a block
+        with a cache runs the whole canvas and fills it, cache=None in)."""
+        ids, mask = model_input(x)
+        if p.cache is None:
+            return guided(model.block_logits(params, ids, mask, start, length)), None
+        if cache is None:
+            logits, cache = model.window_logits(params, ids, mask, start, length)
+            return guided(logits), cache
+        first = jnp.maximum(start - shift, 0)
+        if p.cache == "dual":  # the block alone (and the position before it when shifted)
+            width, window_start, fresh_to = length + shift, first, start + length
+        else:  # "prefix": the block and everything after it, in a window of static width that
+            # starts where the generated text does (positions before `first` keep the cache)
+            width = canvas - max(p.generation_start - shift, 0)
+            window_start, fresh_to = canvas - width, canvas
+        logits, cache = model.window_logits(params, ids, mask, start, length, cache=cache, window_start=window_start,
+                                            window_length=width, fresh_from=first, fresh_to=fresh_to)
+        return guided(logits), cache
+
+    def step(state, mode):
+        x, cache, offset, invalid = state
         block = jax.lax.dynamic_slice_in_dim(x, start, length, axis=1)
         eligible = (block == p.mask_id) & running[:, None]
+        logits, cache = logits_of(x, cache)
         tokens, conf = model.sample_logits(
-            logits_of(x), temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+            logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
             banned=[p.mask_id], confidence=sampling.confidence, seed=sampling.seed, offset=offset)
         invalid |= ((tokens < 0) & eligible).any()
         new_block, committed = commit(block, tokens, conf, eligible, interpret=model.interpret, **mode)
@@ -92,35 +120,39 @@ def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params,
         if host_callback is not None:
             everywhere = jax.lax.dynamic_update_slice_in_dim(jnp.zeros(x.shape, bool), committed, start, axis=1)
             io_callback(host_callback, None, offset, x, everywhere, ordered=True)
-        return x, offset + 1, invalid, (eligible & ~committed).any()
+        return (x, cache, offset + 1, invalid), (eligible & ~committed).any()
 
-    invalid = jnp.zeros((), bool)
+    state = (x, None, offset, jnp.zeros((), bool))
+    # With a cache the block's first step (which fills it) is taken before the loop: the
+    # loop's carry then holds the cache from its first iteration.
+    peeled = int(p.cache is not None)
     if p.steps_per_block is not None:
         counts = jnp.asarray(p.step_counts())
 
-        def scheduled(i, carry):
-            x, offset, invalid = carry
-            k = jnp.broadcast_to(counts[i], running.shape)
-            x, offset, invalid, _ = step(x, offset, invalid, {"k": k})
-            return x, offset, invalid
+        def scheduled(i, state):
+            return step(state, {"k": jnp.broadcast_to(counts[i], running.shape)})[0]
 
-        steps = counts.shape[0]
-        x, offset, invalid = jax.lax.fori_loop(0, steps, scheduled, (x, offset, invalid))
-        steps = jnp.int32(steps)
+        if peeled:
+            state = scheduled(0, state)
+        state = jax.lax.fori_loop(peeled, counts.shape[0], scheduled, state)
+        steps = jnp.int32(counts.shape[0])
     else:
         mode = {"threshold": p.threshold} if p.threshold is not None else {"factor": p.factor}
 
         def more(carry):  # every step commits at least one masked position of each running row
-            _, _, _, remaining, steps = carry
+            _, remaining, steps = carry
             return remaining & (steps < length)
 
         def confident(carry):
-            x, offset, invalid, _, steps = carry
-            x, offset, invalid, remaining = step(x, offset, invalid, mode)
-            return x, offset, invalid, remaining, steps + 1
+            state, _, steps = carry
+            state, remaining = step(state, mode)
+            return state, remaining, steps + 1
 
-        x, offset, invalid, _, steps = jax.lax.while_loop(
-            more, confident, (x, offset, invalid, jnp.ones((), bool), jnp.int32(0)))
+        carry = (state, jnp.ones((), bool), jnp.int32(0))
+        if peeled:
+            carry = confident(carry)
+        state, _, steps = jax.lax.while_loop(more, confident, carry)
+    x, _, offset, invalid = state
     if p.eos_id is not None:
         x, running = _stop_rows_at_eos(x, running, p.generation_start, start + length, p.eos_id)
     return x, running, offset, steps, invalid
@@ -165,7 +197,7 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
              steps: int | None = None, threshold: float | None = None, factor: float | None = None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, remasking: str = "low_confidence",
              cfg_scale: float = 0.0, mask_id: int | None = None, eos_id: int | None = None, stop_at_eos: bool = True,
-             seed: int = 0, callback=None) -> GenerateOutput:
+             seed: int = 0, callback=None, cache: str | None = None) -> GenerateOutput:
     """As unmask.generate; tokens and sequences come back as jnp arrays. callback(step, x,
     committed) gets numpy arrays, from inside the compiled loop (a host round trip per
     step: leave it None for speed)."""
@@ -174,6 +206,7 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
     rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=gen_length,
                            confidence=sampling.confidence)
     cfg_scale = validation.check_float("cfg_scale", cfg_scale, nonnegative=True)
+    validation.check_choice("cache", cache, validation.CACHE_MODES)
     mask_id, eos_id = validation.model_special_ids(model, mask_id, eos_id)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
@@ -187,7 +220,7 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
     model_mask = None if canvas_mask.all() else jnp.asarray(canvas_mask)
     prompt_positions = jnp.asarray(np.concatenate([prompt_mask, np.zeros((batch, gen_length), bool)], axis=1))
     program = BlockProgram(block_length, prompt_len, rule.steps_per_block, rule.threshold, rule.factor, sampling,
-                           cfg_scale, mask_id, eos_id, callback is not None)
+                           cfg_scale, cache, mask_id, eos_id, callback is not None)
     decode = block_decoder(model, program, callback)
 
     started = time.perf_counter()
