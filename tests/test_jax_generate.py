@@ -85,14 +85,29 @@ def test_block_causal_cached_equals_uncached(cache):
 
 
 def test_one_compilation_serves_every_block_and_call():
-    """The block start is traced: a canvas shape compiles once, whatever the block, the
-    prompt values or the number of blocks decoded."""
+    """The block start and the seed are traced: a canvas shape compiles once, whatever the
+    block, the prompt values or the seed."""
     model = uj.from_torch(tiny_model(seed=2))
-    arguments = {"gen_length": 12, "block_length": 4, "steps": 12, "stop_at_eos": False}
-    uj.generate(model, PROMPTS, **arguments)
-    uj.generate(model, [[1, 2, 3, 4, 5], [6, 7], [8]], **arguments)  # same padded shape, other tokens
+    arguments = {"gen_length": 12, "block_length": 4, "steps": 12, "stop_at_eos": False, "temperature": 1.0}
+    first = uj.generate(model, PROMPTS, seed=1, **arguments)
+    other = uj.generate(model, [[1, 2, 3, 4, 5], [6, 7], [8]], seed=2**64 - 1, **arguments)  # same padded shape
+    again = uj.generate(model, PROMPTS, seed=1, **arguments)
+    assert np.array_equal(np.asarray(again.tokens), np.asarray(first.tokens))
+    assert not np.array_equal(np.asarray(other.tokens), np.asarray(first.tokens))
     (decoder,) = model.__dict__["_block_decoders"].values()
     assert decoder._cache_size() == 1
+
+
+def test_a_traced_seed_draws_the_int_seeds_noise():
+    logits = jax.random.normal(jax.random.PRNGKey(0), (6, 300))
+    seed = 0x0123456789ABCDEF
+    expected = uj.sample(logits, temperature=1.0, seed=seed)
+    words = np.array([seed & 0xFFFFFFFF, seed >> 32], np.uint32)
+    traced = jax.jit(lambda lg, w: uj.sample(lg, temperature=1.0, seed=w))(logits, words)
+    assert np.array_equal(np.asarray(traced[0]), np.asarray(expected[0]))
+    assert np.array_equal(np.asarray(uj.kernels.seed_words(seed)), words.view(np.int32))
+    with pytest.raises(ValueError, match="seed"):
+        uj.sample(logits, seed=np.zeros(3, np.uint32))
 
 
 def test_callback_sees_the_steps_torch_reports():

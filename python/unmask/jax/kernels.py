@@ -64,6 +64,18 @@ def kept_prefix(x: jnp.ndarray, top_k: int, top_p: float) -> tuple[jnp.ndarray, 
     return ordered[rows, last], order[rows, last].astype(jnp.int32)
 
 
+def seed_words(seed) -> jnp.ndarray:
+    """A sample seed as int32 [2] (the low and high 32 bits), the form the kernel reads.
+    seed: an int in [0, 2^64), or such a pair already (uint32 or int32 [2], possibly
+    traced: one compilation then serves every seed)."""
+    if isinstance(seed, ARRAY_TYPES):
+        check_array("seed", seed, dtypes=("uint32", "int32"), ndim=1)
+        validation.check_shape("seed", seed.shape, (2,), "the low and high 32-bit words")
+        return jax.lax.bitcast_convert_type(jnp.asarray(seed), jnp.int32) if seed.dtype == jnp.uint32 else seed
+    validation.check_seed(seed)
+    return jnp.asarray([_int32_bits(seed), _int32_bits(seed >> 32)], jnp.int32)
+
+
 def sample(logits, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, banned=None,
            confidence: str = "prob", conf_temperature: float = 1.0, seed: int = 0, offset=0, rows=None,
            interpret: bool | None = None, tile_v: int = 2048, row_base=0):
@@ -71,14 +83,16 @@ def sample(logits, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1
 
     Rows with NaN or +inf kept logits, or no finite kept logit, get -1 and -inf (this
     function does not raise on them: under jit it cannot look at the values). offset may
-    be a traced integer; everything else that shapes the kernel is static. row_base
+    be a traced integer, and seed a traced pair of words (seed_words); everything else
+    that shapes the kernel is static. row_base
     (traced too) is added to each row's RNG row id: a device sampling rows
     row_base.. of a batch split across devices draws that batch's noise.
     """
     check_array("logits", logits, dtypes=validation.FLOAT_DTYPES)
     vocab = validation.check_logits_shape(logits.shape)
+    words = seed_words(seed)
     validation.sample_options(temperature=temperature, top_k=top_k, top_p=top_p, confidence=confidence,
-                              conf_temperature=conf_temperature, seed=seed, offset=offset)
+                              conf_temperature=conf_temperature, seed=0, offset=offset)  # seed: checked above
     banned = _banned_ids(banned, vocab)
     if rows is not None:
         check_array("rows", rows, dtypes=validation.INT_DTYPES, ndim=1)
@@ -99,9 +113,8 @@ def sample(logits, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1
     kept_value, kept_last = kept_prefix(jnp.where(jnp.isnan(x), -jnp.inf, x), top_k, top_p)
 
     pad = ((0, padded_rows - n_rows), (0, padded_vocab - vocab))
-    scalars = jnp.stack([jnp.int32(_int32_bits(seed)), jnp.int32(_int32_bits(seed >> 32)),
-                         jax.lax.bitcast_convert_type(jnp.asarray(offset, jnp.uint32), jnp.int32),
-                         jnp.asarray(row_base, jnp.int32)])
+    scalars = jnp.concatenate([words, jnp.stack([
+        jax.lax.bitcast_convert_type(jnp.asarray(offset, jnp.uint32), jnp.int32), jnp.asarray(row_base, jnp.int32)])])
     tokens, conf = sample_kernel.sample_pallas(
         jnp.pad(flat, pad, constant_values=-jnp.inf), banned_mask,
         jnp.pad(kept_value, (0, padded_rows - n_rows))[:, None],

@@ -6,8 +6,9 @@ Philox draws are bit-identical; only float near-ties may differ).
 Each block is one compiled program (docs/design.md, JAX): a lax loop over the block's
 steps with the schedule, the eligibility, the "commit at least one" rule, the invalid-
 logits flag and the EOS stop on the device. The block's start is traced, so one
-compilation serves every block of a canvas shape; the host reads three scalars per block
-(steps taken, any row running, invalid logits). No torch: numpy and unmask.validation.
+compilation serves every block of a canvas shape, and the seed too, so one serves every
+seed; the host reads three scalars per block (steps taken, any row running, invalid
+logits). No torch: numpy and unmask.validation.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from unmask import validation
-from unmask.jax.kernels import commit
+from unmask.jax.kernels import commit, seed_words
 from unmask.jax.model import JaxModel
 from unmask.output import GenerateOutput
 
@@ -37,7 +38,7 @@ class BlockProgram:
     steps_per_block: int | None  # the steps rule; else threshold or factor
     threshold: float | None
     factor: float | None
-    sampling: validation.Sampling
+    sampling: validation.Sampling  # with seed 0: the seed is traced (one compilation for every seed)
     cfg_scale: float
     cache: str | None  # None, "prefix" or "dual" (unmask.generate's cache)
     mask_id: int
@@ -67,7 +68,7 @@ def _stop_rows_at_eos(x, running, generation_start: int, decoded_end, eos_id: in
 
 
 def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params, x, model_mask, prompt_positions,
-                  running, offset, start):
+                  running, offset, start, seed):
     """One block decoded on the device. Returns (x, running, offset, steps, invalid)."""
     p, length, canvas = program, program.block_length, x.shape[1]
     sampling = p.sampling
@@ -113,7 +114,7 @@ def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params,
         logits, cache = logits_of(x, cache)
         tokens, conf = model.sample_logits(
             logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-            banned=[p.mask_id], confidence=sampling.confidence, seed=sampling.seed, offset=offset)
+            banned=[p.mask_id], confidence=sampling.confidence, seed=seed, offset=offset)
         invalid |= ((tokens < 0) & eligible).any()
         new_block, committed = commit(block, tokens, conf, eligible, interpret=model.interpret, **mode)
         x = jax.lax.dynamic_update_slice_in_dim(x, new_block.astype(x.dtype), start, axis=1)
@@ -219,16 +220,17 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
     canvas_mask = np.concatenate([prompt_mask, np.ones((batch, gen_length), bool)], axis=1)
     model_mask = None if canvas_mask.all() else jnp.asarray(canvas_mask)
     prompt_positions = jnp.asarray(np.concatenate([prompt_mask, np.zeros((batch, gen_length), bool)], axis=1))
-    program = BlockProgram(block_length, prompt_len, rule.steps_per_block, rule.threshold, rule.factor, sampling,
-                           cfg_scale, cache, mask_id, eos_id, callback is not None)
+    program = BlockProgram(block_length, prompt_len, rule.steps_per_block, rule.threshold, rule.factor,
+                           dataclasses.replace(sampling, seed=0), cfg_scale, cache, mask_id, eos_id, callback is not None)
     decode = block_decoder(model, program, callback)
 
     started = time.perf_counter()
-    running, offset = jnp.ones((batch,), bool), jnp.int32(0)
+    running, offset, seed_array = jnp.ones((batch,), bool), jnp.int32(0), seed_words(sampling.seed)
     nfe, steps_per_block = 0, []
     for block in range(num_blocks):
         x, running, offset, block_steps, invalid = decode(
-            model.params, x, model_mask, prompt_positions, running, offset, jnp.int32(prompt_len + block * block_length))
+            model.params, x, model_mask, prompt_positions, running, offset, jnp.int32(prompt_len + block * block_length),
+            seed_array)
         block_steps, invalid, any_running = jax.device_get((block_steps, invalid, running.any()))  # the block's one read
         if invalid:
             raise validation.InvalidLogitsError(validation.INVALID_MODEL_LOGITS)

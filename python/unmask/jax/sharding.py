@@ -134,18 +134,19 @@ def sharded_attention(mesh: Mesh, q, k, v, *, key_valid=None, block_size=None, i
     return _shard_map(body, mesh, specs, heads)(*operands)
 
 
-def sharded_sample(mesh: Mesh, logits, *, rows=None, offset=0, banned=None, **kwargs):
+def sharded_sample(mesh: Mesh, logits, *, rows=None, offset=0, seed=0, banned=None, **kwargs):
     """unmask.jax.sample with the rows split over the mesh; the same tokens and
     confidences as one device (each row keeps its RNG row id). Compiled once per mesh,
-    shape and sampling setting; offset (the step) is traced."""
+    shape and sampling setting; offset (the step) and the seed are traced."""
     banned = None if banned is None else tuple(int(t) for t in np.asarray(banned).reshape(-1))
-    tokens, conf = _sharded_sample(mesh, logits, jnp.asarray(offset, jnp.uint32), banned=banned, **kwargs)
+    tokens, conf = _sharded_sample(mesh, logits, jnp.asarray(offset, jnp.uint32), kernels.seed_words(seed),
+                                   banned=banned, **kwargs)
     return kernels.only_rows(tokens, conf, rows)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=(
-    "banned", "temperature", "top_k", "top_p", "confidence", "conf_temperature", "seed", "interpret"))
-def _sharded_sample(mesh: Mesh, logits, offset, **kwargs):
+    "banned", "temperature", "top_k", "top_p", "confidence", "conf_temperature", "interpret"))
+def _sharded_sample(mesh: Mesh, logits, offset, seed, **kwargs):
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     flat = logits.reshape(-1, vocab)
     n_rows = flat.shape[0]
@@ -153,9 +154,9 @@ def _sharded_sample(mesh: Mesh, logits, offset, **kwargs):
     local_rows = padded // mesh.size
     flat = jnp.pad(flat, ((0, padded - n_rows), (0, 0)))
 
-    def body(block, offset):
+    def body(block, offset, seed):
         row_base = jax.lax.axis_index(AXIS) * local_rows
-        return kernels.sample(block, offset=offset, row_base=row_base, **kwargs)
+        return kernels.sample(block, offset=offset, seed=seed, row_base=row_base, **kwargs)
 
-    tokens, conf = _shard_map(body, mesh, (P(AXIS, None), P()), (P(AXIS), P(AXIS)))(flat, offset)
+    tokens, conf = _shard_map(body, mesh, (P(AXIS, None), P(), P()), (P(AXIS), P(AXIS)))(flat, offset, seed)
     return tokens[:n_rows].reshape(lead), conf[:n_rows].reshape(lead)
