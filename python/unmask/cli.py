@@ -246,6 +246,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from unmask.serving.app import serve
+    except ImportError as missing:
+        raise SystemExit(f"unmask serve needs the serve extra ({missing.name} is missing): "
+                         "pip install 'unmask[serve]'") from None
+    serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+          max_context=args.max_context, device=args.device, dtype=_dtype(args.dtype), block_length=args.block_length)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unmask", description="kernels and sampler for masked diffusion LMs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -291,6 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--plot", help="write a PNG of accuracy against tokens per step")
     eval_parser.add_argument("--json", help="write the results as JSON lines")
     eval_parser.set_defaults(run=cmd_eval)
+
+    serve_parser = commands.add_parser("serve", help="an OpenAI-compatible server that batches requests' steps")
+    serve_parser.add_argument("--model", help="checkpoint directory with tokenizer.json; default: the bundled model")
+    serve_parser.add_argument("--host", default="127.0.0.1")
+    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    serve_parser.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429")
+    serve_parser.add_argument("--max-context", type=int, default=4096, help="prompt + generated tokens per request")
+    serve_parser.add_argument("--block-length", type=int, help="default block_length (32; 8 for the bundled model)")
+    serve_parser.add_argument("--device", help="cpu or cuda")
+    serve_parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    serve_parser.set_defaults(run=cmd_serve)
 
     bench = commands.add_parser("bench", help="microbenchmarks against the baselines, in roofline units")
     bench.add_argument("--quick", action="store_true", help="a short run on small shapes")

@@ -1,0 +1,216 @@
+"""unmask serve: the OpenAI-compatible HTTP front of the engine (Starlette on uvicorn).
+
+Starlette rather than FastAPI: the server validates bodies itself, through
+unmask.validation, to answer OpenAI-format 400s that name the field; FastAPI's pydantic
+layer would answer 422s in its own format and add a dependency for nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from unmask.serving import protocol
+from unmask.serving.engine import Engine, Job, QueueFull
+from unmask.serving.protocol import RequestError
+
+RETRY_AFTER_SECONDS = 1
+
+
+def _error(error: RequestError) -> JSONResponse:
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if error.status == 429 else None
+    return JSONResponse(protocol.error_body(error.message, error.param, error.kind), status_code=error.status,
+                        headers=headers)
+
+
+class Server:
+    """The routes over one model and its engine."""
+
+    def __init__(self, model, tokenizer, *, model_name: str, model_dir: str | None = None, max_batch: int = 16,
+                 max_queue: int = 64, max_context: int = 4096, default_block_length: int = 32):
+        self.model, self.tokenizer, self.model_name, self.model_dir = model, tokenizer, model_name, model_dir
+        self.max_context, self.default_block_length = max_context, default_block_length
+        self.engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+        self._chat_tokenizer = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app):
+        self.engine.start()
+        try:
+            yield
+        finally:  # uvicorn got SIGTERM and has let running requests finish: stop the engine
+            await asyncio.to_thread(self.engine.stop)
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+        ], lifespan=self.lifespan)
+
+    async def models(self, request: Request) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.model_name, "object": "model", "created": 0, "owned_by": "unmask"}]})
+
+    async def health(self, request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", **self.engine.load()})
+
+    async def completions(self, request: Request):
+        return await self._serve(request, chat=False)
+
+    async def chat_completions(self, request: Request):
+        return await self._serve(request, chat=True)
+
+    # ------------------------------------------------------------------ a request
+
+    async def _serve(self, request: Request, *, chat: bool):
+        try:
+            body = await self._body(request)
+            prompt = self._chat_prompt(body) if chat else self._prompt(body)
+            settings = protocol.settings(body, prompt=prompt, default_block_length=self.default_block_length,
+                                         max_context=self.max_context, vocab=_vocab(self.model),
+                                         mask_id=self.model.mask_id)
+        except RequestError as error:
+            return _error(error)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        job = Job(settings, self.model.mask_id, self.model.eos_id,
+                  on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        try:
+            self.engine.submit(job)
+        except QueueFull as full:
+            return _error(RequestError(str(full), None, status=429, kind="rate_limit_error"))
+        request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
+        if settings.stream:
+            return StreamingResponse(self._stream(job, events, request_id, chat), media_type="text/event-stream")
+        return await self._complete(request, job, events, request_id, chat)
+
+    async def _body(self, request: Request) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            raise RequestError("the body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise RequestError("the body must be a JSON object")
+        if "model" not in body:
+            raise RequestError("model is required", "model")
+        if body["model"] != self.model_name:
+            raise RequestError(f"unknown model {body['model']!r}; this server serves {self.model_name!r}", "model")
+        return body
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text).ids)
+
+    def _prompt(self, body: dict) -> list[int]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return self._encode(prompt)
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return prompt  # token ids
+        raise RequestError("prompt must be a string, a list of one string, or a list of token ids", "prompt")
+
+    def _chat_prompt(self, body: dict) -> list[int]:
+        messages = body.get("messages")
+        if (not isinstance(messages, list) or not messages
+                or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                           and m.get("role") in ("system", "user", "assistant") for m in messages)):
+            raise RequestError("messages must be a non-empty list of {role: system|user|assistant, content: str}",
+                               "messages")
+        template = self._template_tokenizer()
+        if template is None:  # no chat template (the bundled model): the last user turn is the prompt
+            users = [m["content"] for m in messages if m["role"] == "user"]
+            if not users:
+                raise RequestError("messages hold no user turn", "messages")
+            return self._encode(users[-1])
+        ids = template.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        return [int(t) for t in ids]
+
+    def _template_tokenizer(self):
+        """The checkpoint's chat template through transformers, if it has one."""
+        if self._chat_tokenizer is None:
+            self._chat_tokenizer = False
+            if self.model_dir and (Path(self.model_dir) / "tokenizer_config.json").exists():
+                with contextlib.suppress(ImportError):
+                    from transformers import AutoTokenizer
+
+                    tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+                    if getattr(tokenizer, "chat_template", None):
+                        self._chat_tokenizer = tokenizer
+        return self._chat_tokenizer or None
+
+    async def _complete(self, request: Request, job: Job, events: asyncio.Queue, request_id: str, chat: bool):
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():  # the client went away: free its rows
+                    self.engine.cancel(job)
+                    return JSONResponse(protocol.error_body("client disconnected"), status_code=499)
+                continue
+            if event["kind"] == "error":
+                return JSONResponse(protocol.error_body(event["message"], kind="server_error"), status_code=500)
+            if event["kind"] == "done":
+                return JSONResponse(protocol.completion_body(request_id, self.model_name, event["text"],
+                                                             event["finish_reason"], event["usage"], chat))
+
+    async def _stream(self, job: Job, events: asyncio.Queue, request_id: str, chat: bool):
+        first = True
+        try:
+            while True:
+                event = await events.get()
+                if event["kind"] == "error":
+                    yield _sse(protocol.error_body(event["message"], kind="server_error"))
+                    break
+                if event["kind"] == "delta":
+                    yield _sse(protocol.chunk_body(request_id, self.model_name, event["text"], None, chat,
+                                                   canvas=event["canvas"], step=event["step"], first=first))
+                    first = False
+                if event["kind"] == "done":
+                    yield _sse(protocol.chunk_body(request_id, self.model_name, None, event["finish_reason"], chat,
+                                                   first=first))
+                    break
+            yield "data: [DONE]\n\n"
+        finally:  # also when the client disconnects (the response task is cancelled)
+            if not job.finished:
+                self.engine.cancel(job)
+
+
+def _sse(body: dict) -> str:
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def _vocab(model) -> int | None:
+    from unmask import validation
+
+    return validation.model_vocab(model)
+
+
+def serve(model_dir: str | None = None, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
+          max_queue: int = 64, max_context: int = 4096, device: str | None = None, dtype=None,
+          block_length: int | None = None) -> None:
+    """Load the model (the bundled one by default) and serve it until SIGINT/SIGTERM."""
+    import torch
+    import uvicorn
+
+    import unmask
+    from unmask import cli
+
+    bundled = model_dir is None
+    model_dir = str(cli.default_model_path()) if bundled else model_dir
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = unmask.from_pretrained(model_dir, dtype=dtype, device=device)
+    if getattr(model, "tokenizer", None) is None:
+        raise SystemExit(f"unmask serve needs tokenizer.json in {model_dir} (text in, text out)")
+    server = Server(model, model.tokenizer, model_name="unmask-bundled" if bundled else Path(model_dir).name,
+                    model_dir=model_dir, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
+                    default_block_length=block_length or (8 if bundled else 32))
+    uvicorn.run(server.app(), host=host, port=port, log_level="info", timeout_graceful_shutdown=60)

@@ -1,0 +1,313 @@
+"""The serving engine: one thread owns the model and runs denoising steps for every
+active request at once (docs/design.md, Serving).
+
+Each step: one model call over the canvases of all active requests (left-padded to one
+width; a CFG request adds its unconditional canvas), then sample and commit per group of
+requests that may share a kernel call, then per-request bookkeeping (block ends, EOS,
+stop strings, streaming). Requests join at any step (their own first block starts
+then) and leave when they finish or are cancelled, so requests at different positions
+in their generation, with different lengths and settings, share steps.
+
+A request's tokens do not depend on its companions: its noise is addressed by its own
+seed and step count and by its position in its own block, never by its row in the batch.
+Requests that draw no noise (temperature 0, a confidence other than "random") share one
+sample call per (block length, sampling settings); a request that draws noise gets a
+call of its own ([1, block, V] logits, offset = its step count), exactly what
+unmask.generate makes for it alone. The model call is shared by all; its logits equal a
+lone call's up to float rounding (the GEMMs see another batch; see README, Serving).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from collections.abc import Callable
+
+import torch
+
+from unmask import ops, sampler
+from unmask.serving.protocol import Settings, cut_at_stop
+
+MASK_PLACEHOLDER = "\u2591"  # one per masked position in the streamed canvas
+
+
+class QueueFull(RuntimeError):
+    """More requests waiting than the server's --max-queue."""
+
+
+@dataclasses.dataclass
+class Job:
+    """One request's state: its canvas [P + gen_length] and where its decoding stands."""
+
+    settings: Settings
+    mask_id: int
+    eos_id: int | None
+    on_event: Callable[[dict], None]  # thread-safe: called from the engine thread
+    canvas: torch.Tensor = None
+    block: int = 0  # the active block
+    plan: list[int] | None = None  # steps rule: tokens per step of the active block (steps that commit some)
+    step_in_block: int = 0
+    offset: int = 0  # the RNG step: schedule steps taken so far, as unmask.generate counts them
+    sent_text: str = ""
+    cancelled: bool = False
+    finished: bool = False
+
+    def __post_init__(self):
+        s = self.settings
+        self.canvas = torch.tensor(list(s.prompt) + [self.mask_id] * s.gen_length, dtype=torch.int64)
+        self._start_block()
+
+    @property
+    def prompt_length(self) -> int:
+        return len(self.settings.prompt)
+
+    def block_range(self) -> tuple[int, int]:
+        start = self.prompt_length + self.block * self.settings.block_length
+        return start, start + self.settings.block_length
+
+    def _start_block(self) -> None:
+        self.step_in_block = 0
+        steps = self.settings.rule.steps_per_block
+        if steps is not None:  # a fully masked block, as unmask.generate plans it; zero-commit steps cost no call
+            self.plan = [k for k in sampler.schedule_counts([self.settings.block_length], steps)[0] if k > 0]
+
+    def generated(self) -> list[int]:
+        return self.canvas[self.prompt_length:].tolist()
+
+
+class Engine:
+    """The decode loop of the server, on its own thread. submit() and cancel() may be
+    called from any thread."""
+
+    def __init__(self, model, tokenizer, *, max_batch: int, max_queue: int):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.active: list[Job] = []
+        self.condition = threading.Condition()
+        self.stopping = False
+        self.steps = 0  # model calls so far (for /health)
+        self.thread = threading.Thread(target=self._run, name="unmask-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Finish every request admitted or waiting, then end the thread."""
+        with self.condition:
+            self.stopping = True
+            self.condition.notify_all()
+        self.thread.join()
+
+    def submit(self, job: Job) -> None:
+        with self.condition:
+            if self.stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self.waiting) >= self.max_queue and len(self.active) >= self.max_batch:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
+            self.waiting.append(job)
+            self.condition.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: its rows are freed at the next step."""
+        job.cancelled = True
+        with self.condition:
+            self.condition.notify_all()
+
+    def load(self) -> dict:
+        with self.condition:
+            return {"active": len(self.active), "waiting": len(self.waiting), "steps": self.steps}
+
+    # ------------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        while True:
+            with self.condition:
+                self.active = [job for job in self.active if not (job.cancelled or job.finished)]
+                while self.waiting and len(self.active) < self.max_batch:
+                    job = self.waiting.popleft()
+                    if not job.cancelled:
+                        self.active.append(job)
+                if not self.active:
+                    if self.stopping and not self.waiting:
+                        return
+                    self.condition.wait()
+                    continue
+                jobs = list(self.active)
+            try:
+                self._step(jobs)
+            except Exception as error:  # a failure of the shared model call: these requests fail, not the server
+                for job in jobs:
+                    self._fail(job, f"the model step failed: {type(error).__name__}: {error}")
+            self.steps += 1
+
+    def _step(self, jobs: list[Job]) -> None:
+        logits = self._block_logits(jobs)
+        tokens, conf = {}, {}
+        for group in _groups(jobs, _sampling_key):
+            self._guarded(group, lambda group=group: self._sample(group, logits, tokens, conf))
+        for group in _groups([j for j in jobs if id(j) in tokens], _commit_key):
+            self._guarded(group, lambda group=group: self._commit(group, tokens, conf))
+
+    def _guarded(self, group: list[Job], work: Callable[[], None]) -> None:
+        try:
+            work()
+        except Exception as error:  # one group's kernel call failed: its requests fail
+            for job in group:
+                self._fail(job, f"{type(error).__name__}: {error}")
+
+    def _block_logits(self, jobs: list[Job]) -> dict[int, torch.Tensor]:
+        """One model call over every active canvas (and the unconditional canvas of a CFG
+        request): each job's active block's logits [block_length, V], CFG applied."""
+        rows: list[torch.Tensor] = []
+        for job in jobs:
+            rows.append(job.canvas)
+            if job.settings.cfg_scale > 0:
+                unconditional = job.canvas.clone()
+                unconditional[:job.prompt_length] = job.mask_id
+                rows.append(unconditional)
+        width = max(len(row) for row in rows)
+        pad = self.model.eos_id if getattr(self.model, "eos_id", None) is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.int64)
+        known = torch.zeros((len(rows), width), dtype=torch.bool)
+        for r, row in enumerate(rows):
+            ids[r, width - len(row):], known[r, width - len(row):] = row, True
+        spans, r = [], 0
+        for job in jobs:
+            start, end = job.block_range()
+            shift = width - len(job.canvas)
+            spans.append((r, start + shift, end + shift))
+            r += 2 if job.settings.cfg_scale > 0 else 1
+        low, high = min(s for _, s, _ in spans), max(e for _, _, e in spans)
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            all_logits = sampler.model_logits(self.model, ids.to(device), None if known.all() else known.to(device),
+                                              slice(low, high)).float()
+        out = {}
+        for job, (row, start, end) in zip(jobs, spans):
+            block = all_logits[row, start - low:end - low]
+            if job.settings.cfg_scale > 0:
+                uncond = all_logits[row + 1, start - low:end - low]
+                block = uncond + (job.settings.cfg_scale + 1.0) * (block - uncond)
+            out[id(job)] = block
+        return out
+
+    def _sample(self, group: list[Job], logits: dict, tokens: dict, conf: dict) -> None:
+        s = group[0].settings.sampling
+        stacked = torch.stack([logits[id(job)] for job in group])  # [n, block, V]
+        offset = group[0].offset if len(group) == 1 else 0  # shared calls draw no noise
+        got_tokens, got_conf = ops.sample(stacked, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                          banned=[group[0].mask_id], confidence=s.confidence, seed=s.seed,
+                                          offset=offset, check=False)
+        for i, job in enumerate(group):
+            tokens[id(job)], conf[id(job)] = got_tokens[i].cpu(), got_conf[i].cpu()
+
+    def _commit(self, group: list[Job], tokens: dict, conf: dict) -> None:
+        rule = group[0].settings.rule
+        blocks = torch.stack([job.canvas[slice(*job.block_range())] for job in group])
+        eligible = blocks == group[0].mask_id
+        token_rows = torch.stack([tokens[id(job)] for job in group])
+        invalid = ((token_rows < 0) & eligible).any(dim=1)
+        if rule.steps_per_block is not None:
+            mode = {"k": torch.tensor([job.plan[job.step_in_block] for job in group], dtype=torch.int64)}
+        else:
+            mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
+        committed = ops.commit(blocks, token_rows, torch.stack([conf[id(job)] for job in group]), eligible, **mode)
+        remaining = (eligible & ~committed).any(dim=1)
+        for i, job in enumerate(group):
+            if invalid[i]:
+                self._fail(job, "the model gave NaN or +inf logits, or no finite logit but the mask, "
+                                "for a masked position")
+                continue
+            job.canvas[slice(*job.block_range())] = blocks[i]
+            job.step_in_block += 1
+            job.offset += 1
+            if rule.steps_per_block is not None:
+                block_done = job.step_in_block == len(job.plan)
+            else:
+                block_done = not bool(remaining[i])
+            self._advance(job, block_done)
+
+    # ------------------------------------------------------------------ per request
+
+    def _advance(self, job: Job, block_done: bool) -> None:
+        """Stream what became final, and end the block or the request where it ends."""
+        text, stopped = self._final_text(job)
+        last_block = job.block == job.settings.gen_length // job.settings.block_length - 1
+        finish = None
+        if block_done:
+            generated = job.generated()[:(job.block + 1) * job.settings.block_length]
+            if stopped or (job.eos_id is not None and job.eos_id in generated):
+                finish = "stop"  # unmask.generate stops a row at the end of the block holding its EOS
+            elif last_block:
+                finish = "length"
+        if job.settings.stream:
+            hold = 0 if finish else max((len(s) - 1 for s in job.settings.stop), default=0)  # a stop string may be forming
+            visible = text[:max(len(job.sent_text), len(text) - hold)]
+            # every step commits: each sends what became final (maybe nothing) and the canvas
+            job.on_event({"kind": "delta", "text": visible[len(job.sent_text):], "canvas": self._canvas(job),
+                          "step": job.offset})
+            job.sent_text = visible
+        if finish is not None:
+            job.finished = True
+            job.on_event({"kind": "done", "text": text, "finish_reason": self._finish_reason(job, finish),
+                          "usage": self._usage(job, text)})
+        elif block_done:
+            job.block += 1
+            job._start_block()
+
+    def _final_tokens(self, job: Job) -> tuple[list[int], bool]:
+        """The answer's tokens that are final in reading order (up to the first mask), cut
+        at EOS and max_tokens; and whether EOS cut them."""
+        tokens, final = job.generated(), []
+        for token in tokens[:job.settings.max_tokens]:
+            if token == job.mask_id:
+                return final, False
+            if token == job.eos_id:
+                return final, True
+            final.append(token)
+        return final, False
+
+    def _final_text(self, job: Job) -> tuple[str, bool]:
+        tokens, _ = self._final_tokens(job)
+        return cut_at_stop(self.tokenizer.decode(tokens), job.settings.stop)
+
+    def _finish_reason(self, job: Job, finish: str) -> str:
+        tokens, at_eos = self._final_tokens(job)
+        _, at_stop = self._final_text(job)
+        return "stop" if at_eos or at_stop else "length"
+
+    def _usage(self, job: Job, text: str) -> dict:
+        tokens, _ = self._final_tokens(job)
+        completion = len(self.tokenizer.encode(text).ids) if text != self.tokenizer.decode(tokens) else len(tokens)
+        return {"prompt_tokens": job.prompt_length, "completion_tokens": completion,
+                "total_tokens": job.prompt_length + completion}
+
+    def _canvas(self, job: Job) -> str:
+        return "".join(MASK_PLACEHOLDER if t == job.mask_id else self.tokenizer.decode([t])
+                       for t in job.generated()[:job.settings.max_tokens])
+
+    def _fail(self, job: Job, message: str) -> None:
+        if not job.finished:
+            job.finished = True
+            job.on_event({"kind": "error", "message": message})
+
+
+def _sampling_key(job: Job):
+    s = job.settings.sampling
+    draws_noise = s.temperature > 0 or s.confidence == "random"
+    if draws_noise:
+        return "alone", id(job)
+    return "shared", job.settings.block_length, s.temperature, s.top_k, s.top_p, s.confidence  # the seed is unread
+
+
+def _commit_key(job: Job):
+    return job.settings.block_length, job.settings.rule
+
+
+def _groups(jobs: list[Job], key) -> list[list[Job]]:
+    grouped: dict = {}
+    for job in jobs:
+        grouped.setdefault(key(job), []).append(job)
+    return list(grouped.values())

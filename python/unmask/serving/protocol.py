@@ -1,0 +1,169 @@
+"""The OpenAI wire format of unmask serve: request bodies checked into a Job's settings
+(every rule through unmask.validation, errors naming the field as OpenAI's `param`),
+and the response and stream-chunk bodies."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import uuid
+
+from unmask import validation
+
+# Diffusion decoding parameters a body may carry beside OpenAI's fields.
+DIFFUSION_FIELDS = ("block_length", "steps", "threshold", "factor", "remasking", "cfg_scale", "speculate")
+OPENAI_FIELDS = ("model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
+                 "n", "user")
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+
+
+class RequestError(ValueError):
+    """A request the server refuses with HTTP 400; param names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.kind = message, param, status, kind
+
+
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What a request asks the engine for (the arguments unmask.generate would take)."""
+
+    prompt: tuple[int, ...]
+    gen_length: int
+    block_length: int
+    rule: validation.Rule
+    sampling: validation.Sampling
+    cfg_scale: float
+    max_tokens: int  # the answer is cut to this many tokens (gen_length is whole blocks)
+    stop: tuple[str, ...]
+    stream: bool
+
+    def generate_arguments(self) -> dict:
+        """The same decoding through unmask.generate (tests compare the two)."""
+        rule = self.rule
+        steps = None if rule.steps_per_block is None else rule.steps_per_block * (self.gen_length // self.block_length)
+        remasking = {v: k for k, v in validation.REMASKING_TO_CONFIDENCE.items()}[self.sampling.confidence]
+        return {"gen_length": self.gen_length, "block_length": self.block_length, "steps": steps,
+                "threshold": rule.threshold, "factor": rule.factor, "temperature": self.sampling.temperature,
+                "top_k": self.sampling.top_k, "top_p": self.sampling.top_p, "remasking": remasking,
+                "cfg_scale": self.cfg_scale, "seed": self.sampling.seed}
+
+
+def _checked(param: str, check, *args, **kwargs):
+    """A validation call whose errors become RequestErrors naming param."""
+    try:
+        return check(*args, **kwargs)
+    except (TypeError, ValueError) as error:
+        raise RequestError(str(error), param) from None
+
+
+def _param_of(error: Exception, candidates: tuple[str, ...]) -> str | None:
+    """The field a multi-field check complained about: its message starts with the name."""
+    text = str(error)
+    return next((name for name in candidates if text.startswith(name)), None)
+
+
+def settings(body: dict, *, prompt: list[int], default_block_length: int, max_context: int, vocab: int | None,
+             mask_id: int) -> Settings:
+    """A completion request's decoding settings, checked (RequestError on any bad field)."""
+    unknown = sorted(set(body) - set(OPENAI_FIELDS) - set(DIFFUSION_FIELDS) - {"prompt", "messages"})
+    if unknown:
+        raise RequestError(f"unknown field {unknown[0]!r}", unknown[0])
+    n = body.get("n", 1)
+    if n != 1:
+        raise RequestError(f"n must be 1 (one completion per request), got {n!r}", "n")
+    if body.get("speculate", 0) not in (0, None):
+        raise RequestError("speculate is not supported by the server (use unmask.generate(speculate=d))", "speculate")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(f"stream must be a bool, got {type(stream).__name__}", "stream")
+    max_tokens = body.get("max_tokens")
+    max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else _checked("max_tokens", validation.check_int,
+                                                                         "max_tokens", max_tokens, low=1)
+    block_length = body.get("block_length") or min(default_block_length, max_tokens)
+    _checked("block_length", validation.check_positive_int, "block_length", block_length)
+    gen_length = math.ceil(max_tokens / block_length) * block_length  # whole blocks; the answer is cut after
+    if len(prompt) + gen_length > max_context:
+        raise RequestError(f"the prompt ({len(prompt)} tokens) and max_tokens rounded to whole blocks "
+                           f"({gen_length}) exceed the context of {max_context} tokens", "max_tokens"
+                           if len(prompt) < max_context else "prompt")
+    _checked("prompt", validation.prompt_lists, [prompt], mask_id=mask_id, vocab=vocab)
+    sampling_fields = ("temperature", "top_k", "top_p", "remasking", "seed")
+    try:
+        sampling = validation.sampling(temperature=_default(body, "temperature", 0.0), top_k=_default(body, "top_k", 0),
+                                       top_p=_default(body, "top_p", 1.0),
+                                       remasking=_default(body, "remasking", "low_confidence"),
+                                       seed=_default(body, "seed", 0))
+    except (TypeError, ValueError) as error:
+        raise RequestError(str(error), _param_of(error, sampling_fields)) from None
+    try:
+        rule = validation.rule(body.get("steps"), body.get("threshold"), body.get("factor"),
+                               num_blocks=gen_length // block_length, default_steps=gen_length,
+                               confidence=sampling.confidence)
+    except (TypeError, ValueError) as error:
+        raise RequestError(str(error), _param_of(error, ("steps", "threshold", "factor")) or "steps") from None
+    cfg_scale = _checked("cfg_scale", validation.check_float, "cfg_scale", _default(body, "cfg_scale", 0.0),
+                         nonnegative=True)
+    return Settings(tuple(prompt), gen_length, block_length, rule, sampling, cfg_scale, max_tokens,
+                    _stop_strings(body.get("stop")), stream)
+
+
+def _default(body: dict, name: str, default):
+    value = body.get(name)
+    return default if value is None else value
+
+
+def _stop_strings(stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError("stop must be a non-empty string or a list of up to 4 of them", "stop")
+    return tuple(stop)
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """text up to its first stop string, and whether one was found."""
+    cuts = [text.index(s) for s in stop if s in text]
+    return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def completion_body(request_id: str, model: str, text: str, finish_reason: str, usage: dict, chat: bool) -> dict:
+    created = int(time.time())
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+                  "logprobs": None}
+        return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
+                "choices": [choice], "usage": usage}
+    choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+    return {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": [choice],
+            "usage": usage}
+
+
+def chunk_body(request_id: str, model: str, delta: str | None, finish_reason: str | None, chat: bool,
+               canvas: str | None = None, step: int | None = None, first: bool = False) -> dict:
+    """One server-sent event. The extension field `unmask` carries the whole canvas (text
+    with a placeholder per masked position) and the step, for clients that draw the
+    diffusion as it happens."""
+    created = int(time.time())
+    if chat:
+        content = {"role": "assistant", "content": delta or ""} if first else ({"content": delta} if delta else {})
+        choice = {"index": 0, "delta": content, "finish_reason": finish_reason, "logprobs": None}
+        body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [choice]}
+    else:
+        choice = {"index": 0, "text": delta or "", "finish_reason": finish_reason, "logprobs": None}
+        body = {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+    if canvas is not None:
+        body["unmask"] = {"canvas": canvas, "step": step}
+    return body

@@ -1,0 +1,320 @@
+"""unmask serve, driven as a client would: the official openai client (sync and
+streaming) and raw HTTP for the errors, against a server on 127.0.0.1 serving the bundled
+model. Answers are compared with offline unmask.generate of the same request."""
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("starlette", reason="the serve extra is not installed (pip install 'unmask[serve]')")
+uvicorn = pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+import unmask  # noqa: E402
+from unmask import cli  # noqa: E402
+from unmask.serving.app import Server  # noqa: E402
+
+MODEL = "unmask-bundled"
+PROMPTS = ["123+456=", "sort:8531=", "rev:abc=", "99+1=", "(()=", "sort:91=", "7+8=", "rev:xyz="]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    """A uvicorn server in a thread, stopped as SIGTERM would stop it (should_exit)."""
+
+    def __init__(self, server: Server):
+        self.server, self.port = server, free_port()
+        config = uvicorn.Config(server.app(), host="127.0.0.1", port=self.port, log_level="warning")
+        self.uvicorn = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.uvicorn.started:
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def stop(self):
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return unmask.from_pretrained(cli.default_model_path())
+
+
+def start(model, **limits) -> Running:
+    return Running(Server(model, model.tokenizer, model_name=MODEL, default_block_length=8, **limits))
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    running = start(model, max_batch=16, max_queue=64)
+    yield running
+    running.stop()
+
+
+def offline(model, prompt: str, **body) -> str:
+    """What unmask.generate answers for the request body, cut as the server cuts."""
+    max_tokens = body.pop("max_tokens", 16)
+    block = body.pop("block_length", min(8, max_tokens))
+    gen_length = -(-max_tokens // block) * block
+    arguments = {"gen_length": gen_length, "block_length": block, **body}
+    out = unmask.generate(model, [model.tokenizer.encode(prompt).ids], **arguments)
+    tokens = []
+    for token in out.tokens[0].tolist()[:max_tokens]:
+        if token == model.eos_id:
+            break
+        tokens.append(token)
+    return model.tokenizer.decode(tokens)
+
+
+SETTINGS = [
+    {"max_tokens": 8},
+    {"max_tokens": 8, "threshold": 0.5},
+    {"max_tokens": 8, "steps": 4},
+    {"max_tokens": 8, "temperature": 0.8, "seed": 5},
+    {"max_tokens": 8, "temperature": 1.0, "seed": 9, "remasking": "random"},
+    {"max_tokens": 12, "block_length": 4, "factor": 1.0},
+    {"max_tokens": 8, "cfg_scale": 0.5},
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=[str(i) for i in range(len(SETTINGS))])
+def test_completion_equals_offline_generate(server, model, settings):
+    body = dict(settings)
+    extra = {k: body.pop(k) for k in list(body) if k in ("block_length", "steps", "threshold", "factor",
+                                                          "remasking", "cfg_scale")}
+    reply = server.client.completions.create(model=MODEL, prompt=PROMPTS[0], extra_body=extra, **body)
+    assert reply.choices[0].text == offline(model, PROMPTS[0], **settings)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens == len(model.tokenizer.encode(PROMPTS[0]).ids)
+    assert reply.usage.completion_tokens == len(model.tokenizer.encode(reply.choices[0].text).ids)
+
+
+def test_chat_uses_the_last_user_turn_without_a_template(server, model):
+    reply = server.client.chat.completions.create(model=MODEL, max_tokens=8, messages=[
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "sort:8531="}])
+    assert reply.choices[0].message.content == offline(model, "sort:8531=", max_tokens=8)
+    assert reply.choices[0].message.role == "assistant"
+
+
+def test_models_and_health(server):
+    assert [m.id for m in server.client.models.list().data] == [MODEL]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_streaming_sends_final_text_in_reading_order_and_the_canvas(server, model):
+    chunks = list(server.client.completions.create(model=MODEL, prompt="sort:8531=", max_tokens=8, stream=True))
+    text = "".join(c.choices[0].text for c in chunks)
+    assert text == offline(model, "sort:8531=", max_tokens=8)
+    canvases = [c.model_extra["unmask"]["canvas"] for c in chunks if c.model_extra.get("unmask")]
+    assert len(canvases) >= 2 and canvases[-1].replace("\u2591", "").startswith(text)
+    masks = [c.count("\u2591") for c in canvases]
+    assert masks == sorted(masks, reverse=True)  # the canvas fills in, step by step
+    sent = ""
+    for c in chunks:  # what was sent is always a prefix of the answer
+        sent += c.choices[0].text
+        assert text.startswith(sent)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_chat_streaming(server, model):
+    chunks = list(server.client.chat.completions.create(
+        model=MODEL, max_tokens=8, stream=True, messages=[{"role": "user", "content": "123+456="}]))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == offline(model, "123+456=", max_tokens=8)
+
+
+def _request(server, prompt, settings):
+    body = dict(settings)
+    extra = {k: body.pop(k) for k in list(body) if k in ("block_length", "steps", "threshold", "factor",
+                                                          "remasking", "cfg_scale")}
+    return server.client.completions.create(model=MODEL, prompt=prompt, extra_body=extra, **body).choices[0].text
+
+
+def test_a_request_in_a_crowd_answers_as_alone(server):
+    """Different prompts, lengths, rules and seeds decoded together: each answer equals
+    the one it gets alone (its noise follows its own seed and steps, not its row)."""
+    work = [(PROMPTS[i % len(PROMPTS)], SETTINGS[i % len(SETTINGS)]) for i in range(24)]
+    alone = [_request(server, prompt, settings) for prompt, settings in work]
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        crowd = list(pool.map(lambda w: _request(server, *w), work))
+    assert crowd == alone
+
+
+def post(server, body) -> httpx.Response:
+    return httpx.post(server.url + "/v1/completions", content=body if isinstance(body, str) else json.dumps(body),
+                      headers={"content-type": "application/json"}, timeout=30)
+
+
+ERRORS = [
+    ("{not json", None),
+    ({"prompt": "1"}, "model"),
+    ({"model": "gpt-4", "prompt": "1"}, "model"),
+    ({"model": MODEL}, "prompt"),
+    ({"model": MODEL, "prompt": "1", "temperature": "hot"}, "temperature"),
+    ({"model": MODEL, "prompt": "1", "top_p": 1.5}, "top_p"),
+    ({"model": MODEL, "prompt": "1", "max_tokens": 0}, "max_tokens"),
+    ({"model": MODEL, "prompt": "1", "max_tokens": 5000}, "max_tokens"),
+    ({"model": MODEL, "prompt": "1", "n": 2}, "n"),
+    ({"model": MODEL, "prompt": "1", "stop": 5}, "stop"),
+    ({"model": MODEL, "prompt": "1", "steps": 3, "max_tokens": 16}, "steps"),
+    ({"model": MODEL, "prompt": "1", "threshold": 1.5}, "threshold"),
+    ({"model": MODEL, "prompt": "1", "remasking": "best"}, "remasking"),
+    ({"model": MODEL, "prompt": "1", "seed": -1}, "seed"),
+    ({"model": MODEL, "prompt": "1", "frequency_penalty": 1}, "frequency_penalty"),
+    ({"model": MODEL, "prompt": [1, 99999]}, "prompt"),
+]
+
+
+@pytest.mark.parametrize("body,param", ERRORS, ids=[str(p) for _, p in ERRORS])
+def test_bad_requests_get_400_naming_the_field(server, body, param):
+    reply = post(server, body)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+
+
+def test_a_failing_request_fails_alone(model, monkeypatch):
+    running = start(model, max_batch=8, max_queue=8)
+    try:
+        engine = running.server.engine
+        original = engine._sample
+
+        def sample(group, logits, tokens, conf):
+            if any(job.settings.sampling.seed == 666 for job in group):
+                raise RuntimeError("injected")
+            return original(group, logits, tokens, conf)
+
+        monkeypatch.setattr(engine, "_sample", sample)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            bad = pool.submit(post, running, {"model": MODEL, "prompt": "1+1=", "temperature": 1.0, "seed": 666})
+            good = pool.submit(post, running, {"model": MODEL, "prompt": "1+1=", "max_tokens": 8})
+        assert bad.result().status_code == 500 and "injected" in bad.result().json()["error"]["message"]
+        assert good.result().status_code == 200
+        assert post(running, {"model": MODEL, "prompt": "2+2=", "max_tokens": 8}).status_code == 200
+    finally:
+        running.stop()
+
+
+def _slow_steps(engine, seconds: float):
+    original = engine._block_logits
+
+    def slow(jobs):
+        time.sleep(seconds)
+        return original(jobs)
+
+    engine._block_logits = slow
+
+
+def _wait_for(condition, what: str, seconds: float = 10):
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, what
+        time.sleep(0.01)
+
+
+def test_a_full_queue_answers_429_with_retry_after(model):
+    """One request decoding (its step held), one waiting: the next gets 429; both
+    admitted ones then finish."""
+    running = start(model, max_batch=1, max_queue=1)
+    engine, release = running.server.engine, threading.Event()
+    original = engine._block_logits
+
+    def held(jobs):
+        release.wait(30)
+        return original(jobs)
+
+    engine._block_logits = held
+    try:
+        body = {"model": MODEL, "prompt": "1+1=", "max_tokens": 8}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(post, running, body)
+            _wait_for(lambda: engine.load()["active"] == 1, "the first request was not admitted")
+            second = pool.submit(post, running, body)
+            _wait_for(lambda: engine.load()["waiting"] == 1, "the second request did not queue")
+            limited = post(running, body)
+            release.set()
+            assert first.result().status_code == 200 and second.result().status_code == 200
+        assert limited.status_code == 429
+        assert limited.headers["retry-after"] == "1" and limited.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        release.set()
+        running.stop()
+
+
+def test_a_client_that_disconnects_frees_its_rows(model):
+    running = start(model, max_batch=4, max_queue=4)
+    try:
+        _slow_steps(running.server.engine, 0.05)
+        body = {"model": MODEL, "prompt": "1+1=", "max_tokens": 64, "block_length": 8, "stream": True}
+        with httpx.stream("POST", running.url + "/v1/completions", json=body, timeout=30) as reply:
+            next(reply.iter_lines())  # the first event: the request is decoding
+            assert running.server.engine.load()["active"] == 1
+        deadline = time.time() + 10
+        while running.server.engine.load()["active"]:
+            assert time.time() < deadline, "the cancelled request kept its rows"
+            time.sleep(0.05)
+        assert running.server.engine.load()["steps"] < 64  # it did not run to the end
+    finally:
+        running.stop()
+
+
+def test_many_concurrent_requests_none_lost_or_duplicated(server, model):
+    prompts = [f"{a}+{b}=" for a in range(8) for b in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(lambda p: _request(server, p, {"max_tokens": 8}), prompts))
+    assert answers == [offline(model, p, max_tokens=8) for p in prompts]
+
+
+def test_sigterm_finishes_running_requests_then_exits():
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "unmask", "serve", "--port", str(port)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                httpx.get(url + "/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.time() < deadline and process.poll() is None, "unmask serve did not start"
+                time.sleep(0.2)
+        body = {"model": MODEL, "prompt": "1+1=", "max_tokens": 256, "block_length": 8, "stream": True}
+        lines = []
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as reply:
+            for line in reply.iter_lines():
+                if line and not lines:
+                    process.send_signal(signal.SIGTERM)  # mid-request
+                lines.append(line)
+        assert [line for line in lines if line][-1] == "data: [DONE]"  # the running request finished
+        finished = [json.loads(line[6:]) for line in lines if line.startswith("data: {")][-1]
+        assert finished["choices"][0]["finish_reason"] in ("stop", "length")
+        # uvicorn re-raises the signal once it has shut down gracefully: the exit is SIGTERM's
+        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url + "/health", timeout=1)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        process.stdout.close()
