@@ -88,6 +88,7 @@ class Engine:
         self.condition = threading.Condition()
         self.stopping = False
         self.steps = 0  # model calls so far (for /health)
+        self._pieces: dict[int, str] = {}  # token -> its text alone, for the streamed canvas
         self.thread = threading.Thread(target=self._run, name="unmask-engine", daemon=True)
 
     def start(self) -> None:
@@ -284,8 +285,14 @@ class Engine:
         return {"prompt_tokens": job.prompt_length, "completion_tokens": completion,
                 "total_tokens": job.prompt_length + completion}
 
+    def _piece(self, token: int) -> str:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self.tokenizer.decode([token])
+        return piece
+
     def _canvas(self, job: Job) -> str:
-        return "".join(MASK_PLACEHOLDER if t == job.mask_id else self.tokenizer.decode([t])
+        return "".join(MASK_PLACEHOLDER if t == job.mask_id else self._piece(t)
                        for t in job.generated()[:job.settings.max_tokens])
 
     def _fail(self, job: Job, message: str) -> None:

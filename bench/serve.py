@@ -1,0 +1,120 @@
+"""unmask serve under load: 1, 4, 16 and 64 concurrent clients (closed loop, streaming
+requests) against the bundled model, beside the same requests served one at a time:
+requests and generated tokens per second, p50/p99 latency, time to the first streamed
+event, and failed or mismatched answers (each answer is checked against the one-at-a-
+time answer of the same prompt).
+
+    python bench/serve.py [--quick] [--no-save]
+"""
+
+import concurrent.futures
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+from _common import parse, report
+from unmask import tasks
+from unmask.benchmarks.harness import Row
+
+MODEL = "unmask-bundled"
+
+
+def start_server(max_batch: int) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "unmask", "serve", "--port", str(port), "--max-batch",
+                                str(max_batch), "--max-queue", "256"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            httpx.get(url + "/health", timeout=1)
+            return process, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("unmask serve did not start")
+
+
+def one_request(client: httpx.Client, url: str, prompt: str) -> dict:
+    """A streaming completion: latency, time to the first event, text, tokens."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "stream": True}
+    started = time.perf_counter()
+    first, text, finish = None, "", None
+    with client.stream("POST", url + "/v1/completions", json=body, timeout=120) as reply:
+        if reply.status_code != 200:
+            return {"ok": False, "status": reply.status_code}
+        for line in reply.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            first = first or time.perf_counter() - started
+            chunk = json.loads(line[6:])
+            text += chunk["choices"][0]["text"]
+            finish = chunk["choices"][0]["finish_reason"] or finish
+    return {"ok": finish is not None, "latency": time.perf_counter() - started, "first": first, "text": text}
+
+
+def run_level(url: str, prompts: list[str], clients: int) -> tuple[list[dict], float]:
+    """clients threads, each sending its share of prompts one after another."""
+    shares = [prompts[i::clients] for i in range(clients)]
+
+    def client_loop(share):
+        with httpx.Client() as client:
+            return [(prompt, one_request(client, url, prompt)) for prompt in share]
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = [r for share in pool.map(client_loop, shares) for r in share]
+    return results, time.perf_counter() - started
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    args = parse(__doc__, lambda parser: parser.add_argument("--quick", action="store_true"))
+    examples = tasks.examples(64 if args.quick else 256, seed=5)
+    prompts = [example.prompt for example in examples]
+    process, url = start_server(max_batch=64)
+    rows = []
+    try:
+        run_level(url, prompts[:8], 1)  # warm-up
+        alone, alone_seconds = run_level(url, prompts, 1)
+        expected = {prompt: result.get("text") for prompt, result in alone}
+        alone_rps = len(prompts) / alone_seconds
+        for clients in (1, 4, 16, 64):
+            results, seconds = (alone, alone_seconds) if clients == 1 else run_level(url, prompts, clients)
+            ok = [r for _, r in results if r["ok"]]
+            mismatched = sum(1 for prompt, r in results if r["ok"] and r["text"] != expected[prompt])
+            latencies, firsts = [r["latency"] for r in ok], [r["first"] for r in ok]
+            generated = sum(len(r["text"]) for r in ok)  # one token per character (the bundled tokenizer)
+            rps = len(prompts) / seconds
+            extra = {"requests": len(prompts), "failed": len(prompts) - len(ok), "mismatched": mismatched,
+                     "requests_per_s": rps, "tokens_per_s": generated / seconds,
+                     "p50_ms": statistics.median(latencies) * 1e3, "p99_ms": percentile(latencies, 0.99) * 1e3,
+                     "p99_over_p50": percentile(latencies, 0.99) / statistics.median(latencies),
+                     "first_event_p50_ms": statistics.median(firsts) * 1e3}
+            rows.append(Row("serve", f"{clients} clients", {"model": MODEL, "max_tokens": 8, "max_batch": 64},
+                            "float32", seconds * 1e3 / len(prompts), speedup_vs_baseline=rps / alone_rps,
+                            extra=extra))
+            print(f"{clients:3} clients: {rps:7.1f} req/s ({rps / alone_rps:5.2f}x one at a time), "
+                  f"{generated / seconds:8.1f} tokens/s, p50 {extra['p50_ms']:7.1f} ms, p99 {extra['p99_ms']:7.1f} ms "
+                  f"(x{extra['p99_over_p50']:.2f}), first event p50 {extra['first_event_p50_ms']:6.1f} ms, "
+                  f"failed {extra['failed']}, mismatched {mismatched}", flush=True)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    report(args, rows, {})
+
+
+if __name__ == "__main__":
+    main()
