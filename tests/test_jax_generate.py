@@ -110,6 +110,26 @@ def test_a_traced_seed_draws_the_int_seeds_noise():
         uj.sample(logits, seed=np.zeros(3, np.uint32))
 
 
+def test_dual_cache_with_a_shifted_model_and_an_empty_prompt():
+    """Dream's window is the block and the position before it: it must fit a canvas that
+    is one block with no prompt (torch handles that case)."""
+    torch_model = tiny_model(seed=2, **DREAM)
+    arguments = {"gen_length": 4, "block_length": 4, "steps": 4, "stop_at_eos": False, "cache": "dual"}
+    expected = unmask.generate(torch_model, [[]], **arguments)
+    got = uj.generate(uj.from_torch(torch_model), [[]], **arguments)
+    assert np.array_equal(np.asarray(got.tokens), expected.tokens.numpy())
+
+
+def test_a_new_callback_compiles_nothing_new():
+    model = uj.from_torch(tiny_model(seed=2))
+    seen = []
+    for tag in ("a", "b"):
+        uj.generate(model, PROMPTS, gen_length=4, block_length=4, steps=4, stop_at_eos=False,
+                    callback=lambda step, x, committed, tag=tag: seen.append(tag))
+    (decoder,) = model.__dict__["_block_decoders"].values()
+    assert decoder._cache_size() == 1 and seen == ["a"] * 4 + ["b"] * 4
+
+
 def test_callback_sees_the_steps_torch_reports():
     model = tiny_model(seed=2)
     arguments = {"gen_length": 8, "block_length": 4, "threshold": 0.3, "stop_at_eos": False}

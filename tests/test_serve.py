@@ -135,6 +135,13 @@ def test_streaming_sends_final_text_in_reading_order_and_the_canvas(server, mode
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
+def test_stream_options_include_usage(server):
+    chunks = list(server.client.completions.create(model=MODEL, prompt="99+1=", max_tokens=8, stream=True,
+                                                   stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len("".join(
+        c.choices[0].text for c in chunks[:-1]))
+
+
 def test_chat_streaming(server, model):
     chunks = list(server.client.chat.completions.create(
         model=MODEL, max_tokens=8, stream=True, messages=[{"role": "user", "content": "123+456="}]))
@@ -181,6 +188,7 @@ ERRORS = [
     ({"model": MODEL, "prompt": "1", "seed": -1}, "seed"),
     ({"model": MODEL, "prompt": "1", "frequency_penalty": 1}, "frequency_penalty"),
     ({"model": MODEL, "prompt": [1, 99999]}, "prompt"),
+    ({"model": MODEL, "prompt": "1", "block_length": 0}, "block_length"),
 ]
 
 

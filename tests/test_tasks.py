@@ -119,6 +119,29 @@ def test_evaluate_covers_every_strategy():
     speculative = by_name["steps=8 speculate=8"]  # the answers of steps=8, in no more calls
     assert speculative.accuracy == by_name["steps=8"].accuracy and speculative.nfe <= by_name["steps=8"].nfe
     assert "mean" in evaluate.format_table(results)
+    families = {r.family for r in results}
+    assert {"steps", "threshold", "factor", "speculative", "steps, random"} <= families
+    for r in results:
+        for task, (low, high) in r.interval.items():
+            assert low <= r.accuracy[task] <= high and r.calls[task] >= 1
+
+
+def test_wilson_interval():
+    assert evaluate.wilson_interval(0, 10)[0] == 0.0 and evaluate.wilson_interval(0, 10)[1] > 0.2
+    low, high = evaluate.wilson_interval(50, 100)
+    assert abs(low - 0.4038) < 1e-3 and abs(high - 0.5962) < 1e-3  # the textbook values
+    assert evaluate.wilson_interval(100, 100)[1] == 1.0 and evaluate.wilson_interval(100, 100)[0] > 0.96
+
+
+def test_eval_writes_json_lines_and_a_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    model = unmask.DiffusionTransformer.random(train.model_config(tiny_train_config(1), tasks.CharTokenizer()), seed=0)
+    results = evaluate.evaluate(model, n_per_task=4, model_name="tiny")
+    evaluate.write_json(results, tmp_path / "eval.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [r["strategy"] for r in rows] == [r.strategy for r in results]
+    assert all(r["model"] == "tiny" and set(r["accuracy"]) == set(tasks.TASKS) for r in rows)
+    assert evaluate.plot(results, tmp_path / "eval.png") and (tmp_path / "eval.png").stat().st_size > 1000
 
 
 bundled = cli.default_model_path()

@@ -214,7 +214,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from unmask import evaluate
 
     model = unmask.from_pretrained(args.model or default_model_path(), dtype=torch.float32)
-    results = evaluate.evaluate(model, n_per_task=args.n)
+    name = "unmask-bundled" if args.model is None else Path(args.model).name
+    results = evaluate.evaluate(model, n_per_task=args.n, model_name=name)
     print(evaluate.format_table(results))
     if args.json:
         evaluate.write_json(results, Path(args.json))

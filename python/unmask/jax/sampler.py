@@ -98,7 +98,7 @@ def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params,
             return guided(logits), cache
         first = jnp.maximum(start - shift, 0)
         if p.cache == "dual":  # the block alone (and the position before it when shifted)
-            width, window_start, fresh_to = length + shift, first, start + length
+            width, window_start, fresh_to = min(length + shift, canvas), first, start + length
         else:  # "prefix": the block and everything after it, in a window of static width that
             # starts where the generated text does (positions before `first` keep the cache)
             width = canvas - max(p.generation_start - shift, 0)
@@ -159,18 +159,21 @@ def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params,
     return x, running, offset, steps, invalid
 
 
-def block_decoder(model: JaxModel, program: BlockProgram, callback=None):
+def block_decoder(model: JaxModel, program: BlockProgram):
     """The compiled block loop for this model and program: jitted once, kept on the model
-    (jit's own cache then holds one executable per canvas shape)."""
+    (jit's own cache then holds one executable per canvas shape). A program with a
+    callback calls the one set in the model's callback holder for the running generate
+    (so a new callback each call compiles nothing new)."""
     decoders = model.__dict__.setdefault("_block_decoders", {})
-    key = (program, callback)
-    if key not in decoders:
+    if program not in decoders:
         host_callback = None
-        if callback is not None:
+        if program.callback:
+            holder = model.__dict__.setdefault("_callback_holder", {})
+
             def host_callback(step, x, committed):
-                callback(int(step), np.asarray(x), np.asarray(committed))
-        decoders[key] = jax.jit(functools.partial(_decode_block, model, program, host_callback))
-    return decoders[key]
+                holder["callback"](int(step), np.asarray(x), np.asarray(committed))
+        decoders[program] = jax.jit(functools.partial(_decode_block, model, program, host_callback))
+    return decoders[program]
 
 
 def _prompt_batch(prompts, attention_mask, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -222,7 +225,9 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
     prompt_positions = jnp.asarray(np.concatenate([prompt_mask, np.zeros((batch, gen_length), bool)], axis=1))
     program = BlockProgram(block_length, prompt_len, rule.steps_per_block, rule.threshold, rule.factor,
                            dataclasses.replace(sampling, seed=0), cfg_scale, cache, mask_id, eos_id, callback is not None)
-    decode = block_decoder(model, program, callback)
+    decode = block_decoder(model, program)
+    if callback is not None:
+        model.__dict__.setdefault("_callback_holder", {})["callback"] = callback
 
     started = time.perf_counter()
     running, offset, seed_array = jnp.ones((batch,), bool), jnp.int32(0), seed_words(sampling.seed)

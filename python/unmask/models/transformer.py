@@ -193,7 +193,8 @@ class DiffusionTransformer(nn.Module):
         cache: KVCache | None = None,
         segment: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Logits [B, L, V]; with logit_positions (a slice or index over L) only those positions.
+        """Logits [B, L, V]; with logit_positions (a slice or index over L, or an index
+        [B, n] of positions per row) only those positions.
 
         attention_mask [B, L] marks real tokens: keys at False positions are invisible
         (left padding). Dream-style models (config.shift_logits) predict position i from
@@ -229,5 +230,8 @@ class DiffusionTransformer(nn.Module):
             if logit_positions is not None:
                 wanted = wanted[logit_positions]
             source = (wanted - 1).clamp(min=0) if self.config.shift_logits else wanted
-            x = x[:, source - start]
+            if source.dim() == 2:  # per-row positions [B, n] (a server's rows at different depths)
+                x = x.gather(1, (source - start)[:, :, None].expand(-1, -1, x.shape[-1]))
+            else:
+                x = x[:, source - start]
         return self.lm_head(self.final_norm(x))

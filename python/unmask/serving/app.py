@@ -17,14 +17,14 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from unmask.serving import protocol
-from unmask.serving.engine import Engine, Job, QueueFull
+from unmask.serving.engine import Engine, Job, QueueFull, Unavailable
 from unmask.serving.protocol import RequestError
 
 RETRY_AFTER_SECONDS = 1
 
 
 def _error(error: RequestError) -> JSONResponse:
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if error.status == 429 else None
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if error.status in (429, 503) else None
     return JSONResponse(protocol.error_body(error.message, error.param, error.kind), status_code=error.status,
                         headers=headers)
 
@@ -37,7 +37,7 @@ class Server:
         self.model, self.tokenizer, self.model_name, self.model_dir = model, tokenizer, model_name, model_dir
         self.max_context, self.default_block_length = max_context, default_block_length
         self.engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
-        self._chat_tokenizer = None
+        self.chat_template = self._load_chat_template()  # at start-up, not on the event loop of a first request
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
@@ -86,9 +86,12 @@ class Server:
             self.engine.submit(job)
         except QueueFull as full:
             return _error(RequestError(str(full), None, status=429, kind="rate_limit_error"))
+        except Unavailable as gone:
+            return _error(RequestError(str(gone), None, status=503, kind="server_error"))
         request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
         if settings.stream:
-            return StreamingResponse(self._stream(job, events, request_id, chat), media_type="text/event-stream")
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(self._stream(job, events, request_id, chat, usage), media_type="text/event-stream")
         return await self._complete(request, job, events, request_id, chat)
 
     async def _body(self, request: Request) -> dict:
@@ -124,45 +127,50 @@ class Server:
                            and m.get("role") in ("system", "user", "assistant") for m in messages)):
             raise RequestError("messages must be a non-empty list of {role: system|user|assistant, content: str}",
                                "messages")
-        template = self._template_tokenizer()
-        if template is None:  # no chat template (the bundled model): the last user turn is the prompt
+        if self.chat_template is None:  # no chat template (the bundled model): the last user turn is the prompt
             users = [m["content"] for m in messages if m["role"] == "user"]
             if not users:
                 raise RequestError("messages hold no user turn", "messages")
             return self._encode(users[-1])
-        ids = template.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        try:
+            ids = self.chat_template.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as error:  # the template's own rules (e.g. roles must alternate)
+            raise RequestError(f"the chat template refused the messages: {error}", "messages") from None
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids
         return [int(t) for t in ids]
 
-    def _template_tokenizer(self):
-        """The checkpoint's chat template through transformers, if it has one."""
-        if self._chat_tokenizer is None:
-            self._chat_tokenizer = False
-            if self.model_dir and (Path(self.model_dir) / "tokenizer_config.json").exists():
-                with contextlib.suppress(ImportError):
-                    from transformers import AutoTokenizer
+    def _load_chat_template(self):
+        """The checkpoint's chat template through transformers, if it has one (None: the
+        model has none, or transformers is missing or cannot read it)."""
+        if not self.model_dir or not (Path(self.model_dir) / "tokenizer_config.json").exists():
+            return None
+        try:
+            from transformers import AutoTokenizer
 
-                    tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-                    if getattr(tokenizer, "chat_template", None):
-                        self._chat_tokenizer = tokenizer
-        return self._chat_tokenizer or None
+            tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        except Exception:
+            return None
+        return tokenizer if getattr(tokenizer, "chat_template", None) else None
 
     async def _complete(self, request: Request, job: Job, events: asyncio.Queue, request_id: str, chat: bool):
-        while True:
-            try:
-                event = await asyncio.wait_for(events.get(), timeout=0.25)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():  # the client went away: free its rows
-                    self.engine.cancel(job)
-                    return JSONResponse(protocol.error_body("client disconnected"), status_code=499)
-                continue
-            if event["kind"] == "error":
-                return JSONResponse(protocol.error_body(event["message"], kind="server_error"), status_code=500)
-            if event["kind"] == "done":
-                return JSONResponse(protocol.completion_body(request_id, self.model_name, event["text"],
-                                                             event["finish_reason"], event["usage"], chat))
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():  # the client went away: free its rows
+                        return JSONResponse(protocol.error_body("client disconnected"), status_code=499)
+                    continue
+                if event["kind"] == "error":
+                    return JSONResponse(protocol.error_body(event["message"], kind="server_error"), status_code=500)
+                if event["kind"] == "done":
+                    return JSONResponse(protocol.completion_body(request_id, self.model_name, event["text"],
+                                                                 event["finish_reason"], event["usage"], chat))
+        finally:  # also when the handler is cancelled (shutdown timeout)
+            if not job.finished:
+                self.engine.cancel(job)
 
-    async def _stream(self, job: Job, events: asyncio.Queue, request_id: str, chat: bool):
+    async def _stream(self, job: Job, events: asyncio.Queue, request_id: str, chat: bool, usage: bool):
         first = True
         try:
             while True:
@@ -177,6 +185,8 @@ class Server:
                 if event["kind"] == "done":
                     yield _sse(protocol.chunk_body(request_id, self.model_name, None, event["finish_reason"], chat,
                                                    first=first))
+                    if usage:  # stream_options.include_usage: OpenAI's last chunk, no choices
+                        yield _sse(protocol.usage_chunk(request_id, self.model_name, event["usage"], chat))
                     break
             yield "data: [DONE]\n\n"
         finally:  # also when the client disconnects (the response task is cancelled)

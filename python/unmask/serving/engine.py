@@ -20,6 +20,7 @@ lone call's up to float rounding (the GEMMs see another batch; see README, Servi
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import threading
 from collections.abc import Callable
@@ -34,6 +35,10 @@ MASK_PLACEHOLDER = "\u2591"  # one per masked position in the streamed canvas
 
 class QueueFull(RuntimeError):
     """More requests waiting than the server's --max-queue."""
+
+
+class Unavailable(RuntimeError):
+    """The engine takes no more requests (shutting down, or its thread failed)."""
 
 
 @dataclasses.dataclass
@@ -87,6 +92,7 @@ class Engine:
         self.active: list[Job] = []
         self.condition = threading.Condition()
         self.stopping = False
+        self.dead: str | None = None  # why the engine thread ended, if it failed
         self.steps = 0  # model calls so far (for /health)
         self._pieces: dict[int, str] = {}  # token -> its text alone, for the streamed canvas
         self.thread = threading.Thread(target=self._run, name="unmask-engine", daemon=True)
@@ -103,17 +109,22 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         with self.condition:
-            if self.stopping:
-                raise QueueFull("the server is shutting down")
-            if len(self.waiting) >= self.max_queue and len(self.active) >= self.max_batch:
+            if self.stopping or self.dead is not None:
+                raise Unavailable("the server is shutting down" if self.stopping else
+                                  f"the engine stopped: {self.dead}")
+            free_rows = max(0, self.max_batch - len(self.active))
+            if len(self.waiting) >= self.max_queue + free_rows:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
             self.waiting.append(job)
             self.condition.notify_all()
 
     def cancel(self, job: Job) -> None:
-        """The client went away: its rows are freed at the next step."""
+        """The client went away: its rows are freed at the next step (a waiting request
+        leaves the queue now)."""
         job.cancelled = True
         with self.condition:
+            if job in self.waiting:
+                self.waiting.remove(job)
             self.condition.notify_all()
 
     def load(self) -> dict:
@@ -123,6 +134,19 @@ class Engine:
     # ------------------------------------------------------------------ the loop
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as error:  # never leave clients waiting on a thread that is gone
+            with self.condition:
+                self.dead = f"{type(error).__name__}: {error}"
+                stranded = list(self.active) + list(self.waiting)
+                self.waiting.clear()
+            for job in stranded:
+                with contextlib.suppress(Exception):
+                    self._fail(job, f"the engine stopped: {self.dead}")
+            raise
+
+    def _loop(self) -> None:
         while True:
             with self.condition:
                 self.active = [job for job in self.active if not (job.cancelled or job.finished)]
@@ -160,38 +184,42 @@ class Engine:
 
     def _block_logits(self, jobs: list[Job]) -> dict[int, torch.Tensor]:
         """One model call over every active canvas (and the unconditional canvas of a CFG
-        request): each job's active block's logits [block_length, V], CFG applied."""
-        rows: list[torch.Tensor] = []
+        request): each job's active block's logits [block_length, V], CFG applied.
+
+        Canvases are padded on the right, so every position keeps its index of a lone
+        call (block-causal masks and rotary positions see the canvas as alone; the padding
+        keys are hidden), and the LM head runs on each row's own block only (positions
+        [B, n] per row), not on a span covering every row's block."""
+        rows: list[tuple[Job, torch.Tensor]] = []
         for job in jobs:
-            rows.append(job.canvas)
+            rows.append((job, job.canvas))
             if job.settings.cfg_scale > 0:
                 unconditional = job.canvas.clone()
                 unconditional[:job.prompt_length] = job.mask_id
-                rows.append(unconditional)
-        width = max(len(row) for row in rows)
+                rows.append((job, unconditional))
+        width = max(len(canvas) for _, canvas in rows)
+        widest = max(job.settings.block_length for job in jobs)
         pad = self.model.eos_id if getattr(self.model, "eos_id", None) is not None else 0
         ids = torch.full((len(rows), width), pad, dtype=torch.int64)
         known = torch.zeros((len(rows), width), dtype=torch.bool)
-        for r, row in enumerate(rows):
-            ids[r, width - len(row):], known[r, width - len(row):] = row, True
-        spans, r = [], 0
-        for job in jobs:
+        positions = torch.zeros((len(rows), widest), dtype=torch.int64)
+        for r, (job, canvas) in enumerate(rows):
+            ids[r, :len(canvas)], known[r, :len(canvas)] = canvas, True
             start, end = job.block_range()
-            shift = width - len(job.canvas)
-            spans.append((r, start + shift, end + shift))
-            r += 2 if job.settings.cfg_scale > 0 else 1
-        low, high = min(s for _, s, _ in spans), max(e for _, _, e in spans)
+            positions[r] = torch.arange(start, start + widest).clamp(max=end - 1)  # shorter blocks repeat their last
         device = next(self.model.parameters()).device
         with torch.inference_mode():
-            all_logits = sampler.model_logits(self.model, ids.to(device), None if known.all() else known.to(device),
-                                              slice(low, high)).float()
-        out = {}
-        for job, (row, start, end) in zip(jobs, spans):
-            block = all_logits[row, start - low:end - low]
-            if job.settings.cfg_scale > 0:
-                uncond = all_logits[row + 1, start - low:end - low]
+            logits = self.model(ids.to(device), None if known.all() else known.to(device),
+                                logit_positions=positions.to(device))
+        out, r = {}, 0
+        for job in jobs:
+            block = logits[r, :job.settings.block_length]
+            if job.settings.cfg_scale > 0:  # in the model's dtype, as unmask.generate guides
+                uncond = logits[r + 1, :job.settings.block_length]
                 block = uncond + (job.settings.cfg_scale + 1.0) * (block - uncond)
+                r += 1
             out[id(job)] = block
+            r += 1
         return out
 
     def _sample(self, group: list[Job], logits: dict, tokens: dict, conf: dict) -> None:
@@ -228,7 +256,10 @@ class Engine:
                 block_done = job.step_in_block == len(job.plan)
             else:
                 block_done = not bool(remaining[i])
-            self._advance(job, block_done)
+            try:
+                self._advance(job, block_done)
+            except Exception as error:  # this request's bookkeeping (tokenizer, events) failed: it alone fails
+                self._fail(job, f"{type(error).__name__}: {error}")
 
     # ------------------------------------------------------------------ per request
 
@@ -246,10 +277,12 @@ class Engine:
         if job.settings.stream:
             hold = 0 if finish else max((len(s) - 1 for s in job.settings.stop), default=0)  # a stop string may be forming
             visible = text[:max(len(job.sent_text), len(text) - hold)]
+            if not finish:  # a byte-level tokenizer decodes a character's first bytes as U+FFFD until it is whole
+                visible = visible.rstrip("\ufffd")
+            delta = visible[len(job.sent_text):] if visible.startswith(job.sent_text) else ""
             # every step commits: each sends what became final (maybe nothing) and the canvas
-            job.on_event({"kind": "delta", "text": visible[len(job.sent_text):], "canvas": self._canvas(job),
-                          "step": job.offset})
-            job.sent_text = visible
+            job.on_event({"kind": "delta", "text": delta, "canvas": self._canvas(job), "step": job.offset})
+            job.sent_text += delta
         if finish is not None:
             job.finished = True
             job.on_event({"kind": "done", "text": text, "finish_reason": self._finish_reason(job, finish),
@@ -298,7 +331,8 @@ class Engine:
     def _fail(self, job: Job, message: str) -> None:
         if not job.finished:
             job.finished = True
-            job.on_event({"kind": "error", "message": message})
+            with contextlib.suppress(Exception):  # a client whose loop is gone hears nothing, the engine goes on
+                job.on_event({"kind": "error", "message": message})
 
 
 def _sampling_key(job: Job):

@@ -86,7 +86,8 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int, max_co
     max_tokens = body.get("max_tokens")
     max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else _checked("max_tokens", validation.check_int,
                                                                          "max_tokens", max_tokens, low=1)
-    block_length = body.get("block_length") or min(default_block_length, max_tokens)
+    block_length = body.get("block_length")
+    block_length = min(default_block_length, max_tokens) if block_length is None else block_length
     _checked("block_length", validation.check_positive_int, "block_length", block_length)
     gen_length = math.ceil(max_tokens / block_length) * block_length  # whole blocks; the answer is cut after
     if len(prompt) + gen_length > max_context:
@@ -148,6 +149,11 @@ def completion_body(request_id: str, model: str, text: str, finish_reason: str, 
     choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
     return {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": [choice],
             "usage": usage}
+
+
+def usage_chunk(request_id: str, model: str, usage: dict, chat: bool) -> dict:
+    return {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": [], "usage": usage}
 
 
 def chunk_body(request_id: str, model: str, delta: str | None, finish_reason: str | None, chat: bool,

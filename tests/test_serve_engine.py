@@ -1,0 +1,96 @@
+"""The serving engine without HTTP: requests of different prompt lengths, rules and
+seeds decoded together give each the tokens unmask.generate gives it alone, for LLaDA,
+Dream and block-causal layouts, CFG in bfloat16, and a byte-level tokenizer's stream."""
+
+import pytest
+import torch
+
+import unmask
+from unmask import validation
+from unmask.serving import protocol
+from unmask.serving.engine import Engine, Job
+from tests.helpers import tiny_model
+
+
+class IdTokenizer:
+    """Text is the ids, comma-separated (the engine only decodes for its answers)."""
+
+    def decode(self, ids):
+        return ",".join(str(i) for i in ids)
+
+    def encode(self, text):
+        return type("Encoding", (), {"ids": [int(t) for t in text.split(",") if t]})()
+
+
+def job_for(model, prompt, events, **body):
+    settings = protocol.settings({"model": "m", "prompt": prompt, **body}, prompt=prompt, default_block_length=4,
+                                 max_context=4096, vocab=validation.model_vocab(model), mask_id=model.mask_id)
+    return Job(settings, model.mask_id, None, on_event=events.append)  # no EOS: every position is decoded and compared
+
+
+def run(engine, jobs):
+    while any(not job.finished for job in jobs):
+        engine._step([job for job in jobs if not job.finished])
+
+
+def alone(model, prompt, settings):
+    out = unmask.generate(model, [prompt], stop_at_eos=False, **settings.generate_arguments())
+    return out.tokens[0].tolist()
+
+
+REQUESTS = [
+    ([5, 6, 7, 8, 9], {"max_tokens": 8}),
+    ([10, 11], {"max_tokens": 12, "threshold": 0.3}),
+    ([12, 13, 14], {"max_tokens": 8, "temperature": 1.0, "seed": 4}),
+    ([3] * 9, {"max_tokens": 4, "block_length": 2, "factor": 1.0}),
+    ([20, 21, 22, 23], {"max_tokens": 8, "cfg_scale": 0.5, "steps": 4}),
+    ([7], {"max_tokens": 8, "remasking": "random", "temperature": 0.5, "seed": 2**63}),
+]
+MODELS = {"llada": {}, "dream": {"model_type": "dream", "include_qkv_bias": True}, "block-causal": {"block_size": 4}}
+
+
+@pytest.mark.parametrize("layout", list(MODELS))
+def test_requests_in_a_crowd_decode_as_alone(layout):
+    model = tiny_model(seed=3, **MODELS[layout])
+    engine = Engine(model, IdTokenizer(), max_batch=16, max_queue=16)
+    events = [[] for _ in REQUESTS]
+    jobs = [job_for(model, prompt, events[i], **body) for i, (prompt, body) in enumerate(REQUESTS)]
+    run(engine, jobs)
+    for job, (prompt, _), seen in zip(jobs, REQUESTS, events):
+        assert seen[-1]["kind"] == "done", seen[-1]
+        assert job.generated() == alone(model, prompt, job.settings)
+
+
+def test_cfg_in_bfloat16_guides_in_the_model_dtype():
+    model = tiny_model(seed=5).to(torch.bfloat16)
+    engine = Engine(model, IdTokenizer(), max_batch=4, max_queue=4)
+    jobs = [job_for(model, [5 + i, 9, 11], [], max_tokens=8, cfg_scale=1.5) for i in range(4)]
+    run(engine, jobs)
+    for job in jobs:
+        assert job.generated() == alone(model, list(job.settings.prompt), job.settings)
+
+
+class ByteLevel(IdTokenizer):
+    """Decodes a two-token character as U+FFFD until both tokens are there."""
+
+    def decode(self, ids):
+        text = ""
+        for i, token in enumerate(ids):
+            if token == 40:
+                text += "\u00e9" if i + 1 < len(ids) and ids[i + 1] == 41 else "\ufffd"
+            elif token != 41:
+                text += chr(ord("a") + token % 26)
+        return text
+
+
+def test_streamed_text_never_sends_half_a_character():
+    model = tiny_model(seed=3)
+    engine = Engine(model, ByteLevel(), max_batch=2, max_queue=2)
+    events = []
+    job = job_for(model, [5, 6, 7], events, max_tokens=8, stream=True)
+    job.canvas[3:5] = torch.tensor([12, 40])  # by hand: "m" and the first byte of an e-acute
+    engine._advance(job, block_done=False)
+    assert events[-1]["text"] == "m"  # not "m\ufffd"
+    job.canvas[5] = 41
+    engine._advance(job, block_done=False)
+    assert events[-1]["text"] == "\u00e9" and job.sent_text == "m\u00e9"
