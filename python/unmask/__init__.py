@@ -13,8 +13,9 @@ without torch (docs/design.md, JAX).
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from unmask import _lazy
 
 __version__ = "0.1.0"
 
@@ -36,17 +37,7 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'unmask' has no attribute {name!r}")
-    module = importlib.import_module(_LAZY[name])
-    value = module if module.__name__ == f"unmask.{name}" else getattr(module, name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = _lazy.attributes(__name__, globals(), _LAZY)
 
 
 if TYPE_CHECKING:  # what static checkers and IDEs see

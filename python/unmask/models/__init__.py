@@ -5,8 +5,9 @@ no torch."""
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from unmask import _lazy
 
 _LAZY = {
     "from_pretrained": "unmask.models.checkpoint",
@@ -19,12 +20,7 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'unmask.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = _lazy.attributes(__name__, globals(), _LAZY)
 
 
 if TYPE_CHECKING:
