@@ -137,9 +137,11 @@ def test_sdpa_is_not_preferred_under_a_block_mask_with_non_finite_keys():
     assert ops.backend_for("attention", q, k, v, block_size=4, q_offset=4) == "torch-sdpa"  # all see it
     hidden = torch.ones(1, 512, dtype=torch.bool)
     hidden[0, 4] = False  # key 4 hidden by key_valid: zeroed, never read
-    assert ops.backend_for("attention", q, k, v, key_valid=hidden, block_size=4) == "torch-sdpa"
+    few = q[:, :6]  # 6 queries in blocks 0 and 1: with a key mask, fewer than 8 query rows still prefer SDPA
+    assert ops.backend_for("attention", few, k, v, key_valid=hidden, block_size=4) == "torch-sdpa"
     k[0, 2, 0] = float("nan")  # in block 0, which every query sees
-    assert ops.backend_for("attention", q, k, v, key_valid=hidden, block_size=4) == "torch-sdpa"
+    assert ops.backend_for("attention", few, k, v, key_valid=hidden, block_size=4) == "torch-sdpa"
+    assert ops.backend_for("attention", q, k, v, key_valid=hidden).startswith("cpu:")  # 512 masked queries
 
 
 def _meta(*shape, dtype=torch.float32):

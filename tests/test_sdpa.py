@@ -75,6 +75,13 @@ ROUTES = [
     (torch.float32, 64, 24, 24, 4, 32, "multiply-adds"),  # 196K key elements
     (torch.float32, 1, 32, 32, 32, 32, "multiply-adds"),  # 32K key elements: at the line, SDPA
 ]
+MASKED_ROUTES = [
+    # (batch, q_len, k_len, heads, head_dim, the reason SDPA is preferred, or None), float32, padded keys
+    (16, 24, 24, 4, 32, None),  # a key mask: the route's hidden-key check costs more than SDPA saves
+    (1, 8, 512, 16, 64, None),
+    (1, 4, 512, 16, 64, "multiply-adds"),  # 4 query rows over 512 keys: SDPA
+    (64, 24, 24, 4, 32, None),
+]
 
 
 @pytest.mark.parametrize("dtype,batch,q_len,k_len,heads,head_dim,expected", ROUTES)
@@ -87,6 +94,17 @@ def test_the_routing_rule(dtype, batch, q_len, k_len, heads, head_dim, expected)
     reason = sdpa.preferred_on_cpu(validation.attention_call(q, k, k))
     assert (reason is None) == (expected is None) and (expected is None or expected in reason)
     assert ops.backend_for("attention", q, k, k).startswith("torch-sdpa" if expected else "cpu:")
+
+
+@pytest.mark.parametrize("batch,q_len,k_len,heads,head_dim,expected", MASKED_ROUTES)
+def test_the_routing_rule_with_a_key_mask(batch, q_len, k_len, heads, head_dim, expected):
+    q = torch.empty(batch, q_len, heads, head_dim)
+    k = torch.empty(batch, k_len, heads, head_dim)
+    valid = torch.ones(batch, k_len, dtype=torch.bool)
+    reason = sdpa.preferred_on_cpu(validation.attention_call(q, k, k, key_valid=valid))
+    assert (reason is None) == (expected is None) and (expected is None or expected in reason)
+    unmasked = sdpa.preferred_on_cpu(validation.attention_call(q, k, k))
+    assert unmasked is not None  # without the mask the same call goes to SDPA
 
 
 def test_a_nan_query_that_sees_no_key_gets_zeros():

@@ -34,6 +34,13 @@ from unmask.validation import AttentionCall
 # float16 SDPA is faster (its kernels multiply in bfloat16, the native kernel in float32:
 # 1.2-3.7x), except on small calls (below).
 NATIVE_CPU_MIN_FLOAT32_MACS = 2**27
+# Below that, a key mask (kv_len, key_valid) tips it back: the route then checks the hidden
+# keys (an index_select and a sum, a host read) and builds a mask, 50-150 us that SDPA's
+# own speed does not win back. Measured with padded keys, native against the route: the
+# serving engine's calls (B 4-64 x 24 keys, 4 heads x 32) 0.49-0.84x the time, 8 queries x
+# 512 keys 0.62x, 64 x 64 at 8 heads 0.67x; unmasked calls stay in SDPA (1.2-1.35x faster
+# there). Counted in query rows per kv head: one query over many keys packs them all.
+NATIVE_CPU_MIN_MASKED_QUERIES = 8
 # With fewer key elements than this (B * Lk * Hkv * D) the native kernel's lower fixed cost
 # wins: this backend builds a mask and checks hidden keys (~50-70 us a call), while the
 # native kernel's own overhead grows with the keys it packs. Measured with padded prompts:
@@ -52,9 +59,12 @@ def preferred_on_cpu(call: AttentionCall) -> str | None:
     if call.q.dtype != torch.float32:
         return f"torch SDPA is faster for {str(call.q.dtype).removeprefix('torch.')} on the CPU"
     macs = shape.batch * shape.q_heads * shape.q_len * shape.k_len * shape.head_dim
-    if macs < NATIVE_CPU_MIN_FLOAT32_MACS:
-        return f"torch SDPA is faster for float32 calls of {macs} < 2^27 multiply-adds on the CPU"
-    return None
+    if macs >= NATIVE_CPU_MIN_FLOAT32_MACS:
+        return None
+    masked = call.key_valid is not None or call.kv_len is not None
+    if masked and shape.q_len * (shape.q_heads // shape.kv_heads) >= NATIVE_CPU_MIN_MASKED_QUERIES:
+        return None  # the contract's hidden-key check costs SDPA more than it saves
+    return f"torch SDPA is faster for float32 calls of {macs} < 2^27 multiply-adds on the CPU"
 
 
 def _key_visible(call: AttentionCall) -> torch.Tensor | None:
