@@ -41,7 +41,7 @@ class Unavailable(RuntimeError):
     """The engine takes no more requests (shutting down, or its thread failed)."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # a request is itself: found in queues by identity
 class Job:
     """One request's state: its canvas [P + gen_length] and where its decoding stands."""
 
