@@ -80,15 +80,17 @@ def main() -> None:
             base_calls, _, base_seconds, base_tokens = run(model, batches, arguments, cache=cache)
             positions = arguments["block_length"] if cache == "dual" else 300
             base_gpu = base_calls * gpu_call_ms(1, positions)
-            for depth in sorted({0, 2, 4, 8, arguments["block_length"]}):
+            for depth, siblings in [(0, False)] + [(d, s) for d in sorted({2, 4, 8, arguments["block_length"]})
+                                                    for s in (False, True)]:
                 if depth == 0:
                     calls, canvases, seconds, tokens = base_calls, base_calls, base_seconds, base_tokens
                 else:
-                    calls, canvases, seconds, tokens = run(model, batches, arguments, cache=cache, speculate=depth)
+                    calls, canvases, seconds, tokens = run(model, batches, arguments, cache=cache, speculate=depth,
+                                                           speculate_siblings=siblings)
                 per_call = canvases / calls
                 gpu = calls * gpu_call_ms(round(per_call), positions)
                 rows.append(Row(
-                    "speculative", f"speculate={depth}",
+                    "speculative", f"speculate={depth}" + (" siblings" if siblings else ""),
                     {"workload": name, "cache": cache, "gen": arguments["gen_length"],
                      "block": arguments["block_length"], "prompts": len(batches) * batches[0][0].shape[0]},
                     str(next(model.parameters()).dtype).removeprefix("torch."), seconds * 1e3 / len(batches),
@@ -97,7 +99,7 @@ def main() -> None:
                            "canvases_per_call": per_call, "tokens_per_call": generated / calls,
                            "identical_tokens": bool(torch.equal(tokens, base_tokens)),
                            "gpu_model_speedup": base_gpu / gpu}))
-                print(f"{name:34} cache={str(cache):5} d={depth:<3} calls {calls:5} canvases {canvases:5} "
+                print(f"{name:34} cache={str(cache):5} d={depth:<3}{'+s' if siblings else '  '} calls {calls:5} canvases {canvases:5} "
                       f"calls x{base_calls / calls:4.2f}  wall x{base_seconds / seconds:4.2f}  "
                       f"GPU model x{base_gpu / gpu:4.2f}  identical {torch.equal(tokens, base_tokens)}", flush=True)
     report(args, rows, {})

@@ -312,6 +312,7 @@ def _decode(
     masked_counts: list[list[int]] | None = None,
     cuda_graph: bool = False,
     speculate: int = 0,
+    siblings: bool = True,
 ) -> tuple[int, list[int], int]:
     """Fill the masks of x block by block, in place. Returns (nfe, steps per block).
 
@@ -321,7 +322,8 @@ def _decode(
     every block, as in generate). eos_id set: after each block, a row whose generated text
     holds EOS stops and the rest of it becomes EOS; decoding ends when no row is running.
     cuda_graph: capture the step once (blocks of one length) and replay it.
-    speculate d > 0: up to d steps per model call, verified (unmask.speculative).
+    speculate d > 0: up to d steps per model call, verified (unmask.speculative); siblings:
+    each drafted step also drafts its runner-up.
     Returns (model calls, schedule steps per block, canvases evaluated per row).
     """
     batch = x.shape[0]
@@ -351,7 +353,7 @@ def _decode(
             result = speculative.decode_block(
                 step_model, x, start, end, depth=speculate, rule=rule, sampling=sampling, sample=sample, vocab=vocab,
                 mask_id=mask_id, running=state.running, invalid=state.invalid, offset_base=int(state.offset),
-                plan=plan, callback=callback, nfe=nfe)
+                plan=plan, callback=callback, nfe=nfe, siblings=siblings)
             state.offset.add_(result.steps)
             nfe, canvases = nfe + result.calls, canvases + result.canvases
             steps_per_block.append(result.steps)
@@ -401,7 +403,7 @@ def _decode(
 def _run(step_model: _StepModel, x: torch.Tensor, blocks: list[tuple[int, int]], rule: Rule, sampling: Sampling, *,
          mask_id: int, eos_id: int | None, generation_start: int, callback: Callback | None,
          masked_counts: list[list[int]] | None = None, cuda_graph: bool = False,
-         speculate: int = 0) -> GenerateOutput:
+         speculate: int = 0, siblings: bool = True) -> GenerateOutput:
     """The decoding loop of generate and infill, timed the same way for both: from the
     first model call to the last token on the host (a CUDA device is synchronised)."""
     sample, vocab = _sampler_of(step_model.model)
@@ -413,7 +415,7 @@ def _run(step_model: _StepModel, x: torch.Tensor, blocks: list[tuple[int, int]],
         nfe, steps_per_block, canvases = _decode(
             step_model, x, blocks, rule, sampling, sample=sample, vocab=vocab, mask_id=mask_id, eos_id=eos_id,
             generation_start=generation_start, callback=callback, masked_counts=masked_counts, cuda_graph=cuda_graph,
-            speculate=speculate,
+            speculate=speculate, siblings=siblings,
         )
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
@@ -539,6 +541,7 @@ def generate(
     cache: str | None = None,
     cuda_graph: bool | None = None,
     speculate: int = 0,
+    speculate_siblings: bool = True,
     device: torch.device | str | None = None,
 ) -> GenerateOutput:
     """Decode gen_length tokens after each prompt with a masked diffusion LM.
@@ -557,7 +560,8 @@ def generate(
     speculate: d > 0 drafts the next steps from the last logits and verifies up to d of
     them per model call (unmask.speculative): the tokens of speculate=0, in at most as
     many model calls (exactly so where the model's logits of a canvas do not depend on
-    what shares its batch; README, Speculative decoding).
+    what shares its batch; README, Speculative decoding). speculate_siblings: each drafted
+    step also drafts its runner-up commit (up to 2d - 1 canvases per call; fewer calls).
     """
     num_blocks = validation.block_count(gen_length, block_length)
     sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed)
@@ -565,6 +569,7 @@ def generate(
                            confidence=sampling.confidence)
     cfg_scale = validation.check_float("cfg_scale", cfg_scale, nonnegative=True)
     validation.check_int("speculate", speculate, low=0)
+    validation.check_bool("speculate_siblings", speculate_siblings)
     _check_cache(model, cache)
     mask_id, eos_id = special_ids(model, mask_id, eos_id)
 
@@ -589,7 +594,7 @@ def generate(
     blocks = [(prompt_len + i * block_length, prompt_len + (i + 1) * block_length) for i in range(num_blocks)]
     step_model = _StepModel(model, cache, model_mask, prompt_positions, mask_id, cfg_scale)
     return _run(step_model, x, blocks, rule, sampling, mask_id=mask_id, eos_id=eos_id if stop_at_eos else None,
-                generation_start=prompt_len, callback=callback, speculate=speculate,
+                generation_start=prompt_len, callback=callback, speculate=speculate, siblings=speculate_siblings,
                 cuda_graph=_use_cuda_graph(cuda_graph, step_model, device, speculate))
 
 
@@ -610,6 +615,7 @@ def infill(
     seed: int = 0,
     callback: Callback | None = None,
     speculate: int = 0,
+    speculate_siblings: bool = True,
 ) -> GenerateOutput:
     """Decode the mask tokens of ids [B, L] wherever they stand (editing, fill-in-the-middle).
 
@@ -627,6 +633,7 @@ def infill(
     block_length = length if block_length is None else block_length
     validation.check_positive_int("block_length", block_length)
     validation.check_int("speculate", speculate, low=0)
+    validation.check_bool("speculate_siblings", speculate_siblings)
     if length % block_length != 0:
         raise ValueError(f"block_length={block_length} must divide the sequence length {length}")
     num_blocks = length // block_length
@@ -648,4 +655,4 @@ def infill(
     blocks = [(i * block_length, (i + 1) * block_length) for i in range(num_blocks)]
     step_model = _StepModel(model, None, model_mask, torch.zeros_like(x, dtype=torch.bool), mask_id, 0.0)
     return _run(step_model, x, blocks, rule, sampling, mask_id=mask_id, eos_id=None, generation_start=0,
-                callback=callback, masked_counts=masked_counts, speculate=speculate)
+                callback=callback, masked_counts=masked_counts, speculate=speculate, siblings=speculate_siblings)

@@ -32,6 +32,12 @@ from unmask import ops
 from unmask.validation import Rule, Sampling
 
 
+# Whether each drafted step also drafts its runner-up (see _Rule.runner_up): up to 2d - 1
+# canvases per call instead of d, and one more step where the chain breaks on the
+# commit the stale logits ranked second.
+SIBLINGS = True
+
+
 @dataclasses.dataclass
 class BlockResult:
     calls: int     # model calls
@@ -53,9 +59,8 @@ class _Rule:
     running: torch.Tensor
     offset_base: int       # RNG offset of the block's step 0
 
-    def __call__(self, block: torch.Tensor, logits: torch.Tensor, steps: torch.Tensor):
-        """block [B, Lb] at step `steps` [B] (per row) with its logits [B, Lb, V] ->
-        (next block, committed, a sampled eligible row was invalid [B], had masks [B])."""
+    def sampled(self, block: torch.Tensor, logits: torch.Tensor, steps: torch.Tensor):
+        """(eligible, tokens, conf) of block [B, Lb] at step `steps` [B] with its logits."""
         eligible = (block == self.mask_id) & self.running[:, None]
         if self.mask_id >= (logits.shape[-1] if self.vocab is None else self.vocab):
             raise ValueError(f"mask_id={self.mask_id} lies outside the model's vocabulary (V={logits.shape[-1]})")
@@ -64,6 +69,30 @@ class _Rule:
         tokens, conf = self.sample(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                                    banned=self.banned, confidence=s.confidence, seed=s.seed, offset=offsets,
                                    check=False)
+        return eligible, tokens, conf
+
+    def runner_up(self, block: torch.Tensor, draft: torch.Tensor, logits: torch.Tensor, steps: torch.Tensor):
+        """A second draft of the step from block: draft with its least confident new
+        commit swapped for the most confident position it left masked (by the same stale
+        logits and draws). Where the stale logits rank the true commit second, this is
+        the true canvas. Rows with nothing to swap get the draft itself."""
+        eligible, tokens, conf = self.sampled(block, logits, steps)
+        conf = torch.nan_to_num(conf.float(), nan=-torch.inf)
+        new = draft != block
+        left = eligible & ~new
+        rows = torch.arange(block.shape[0], device=block.device)
+        weakest = torch.where(new, conf, torch.inf).argmin(dim=1)
+        best = torch.where(left, conf, -torch.inf).argmax(dim=1)
+        swap = new.any(dim=1) & left.any(dim=1)
+        sibling = draft.clone()
+        sibling[rows, weakest] = torch.where(swap, block[rows, weakest], draft[rows, weakest])
+        sibling[rows, best] = torch.where(swap, tokens[rows, best].to(draft.dtype), draft[rows, best])
+        return sibling
+
+    def __call__(self, block: torch.Tensor, logits: torch.Tensor, steps: torch.Tensor):
+        """block [B, Lb] at step `steps` [B] (per row) with its logits [B, Lb, V] ->
+        (next block, committed, a sampled eligible row was invalid [B], had masks [B])."""
+        eligible, tokens, conf = self.sampled(block, logits, steps)
         mode = self.mode
         if self.plan is not None:
             mode = {"k": self.plan.gather(1, steps.clamp(max=self.plan.shape[1] - 1)[:, None])[:, 0]}
@@ -74,7 +103,8 @@ class _Rule:
 
 def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, depth: int, rule: Rule, sampling: Sampling,
                  sample: Callable, vocab: int | None, mask_id: int, running: torch.Tensor, invalid: torch.Tensor,
-                 offset_base: int, plan: list[list[int]] | None, callback=None, nfe: int = 0) -> BlockResult:
+                 offset_base: int, plan: list[list[int]] | None, callback=None, nfe: int = 0,
+                 siblings: bool | None = None) -> BlockResult:
     """Decode block [start, end) of x in place with up to `depth` steps per model call.
 
     plan: the steps rule's tokens per row and step (host lists, the steps where no row
@@ -84,6 +114,7 @@ def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, depth: in
     per call: the rows' remaining steps, to pick how many canvases the next call needs.
     """
     batch, length, device = x.shape[0], end - start, x.device
+    siblings = SIBLINGS if siblings is None else siblings
     plan_tensor = None
     if plan is not None:
         plan_tensor = F.pad(torch.tensor(plan, dtype=torch.int64).reshape(batch, -1), (0, depth)).to(device)
@@ -108,27 +139,47 @@ def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, depth: in
         drafts = [block]
         for t in range(1, n):
             drafts.append(apply_rule(drafts[-1], draft_logits, steps + t - 1)[0])
-        evaluated = x.repeat(n, 1)
-        evaluated[:, start:end] = torch.cat(drafts)
-        logits = step_model(evaluated, positions, canvases_per_row=n)
-        logits = logits.reshape(n, batch, length, logits.shape[-1])
+        sibs = [apply_rule.runner_up(drafts[t - 1], drafts[t], draft_logits, steps + t - 1)
+                for t in range(1, n)] if siblings else []
+        evaluated = x.repeat(n + len(sibs), 1)
+        evaluated[:, start:end] = torch.cat(drafts + sibs)
+        logits = step_model(evaluated, positions, canvases_per_row=n + len(sibs))
+        logits = logits.reshape(n + len(sibs), batch, length, logits.shape[-1])
         truths, _, bad, had_masks = zip(*(apply_rule(drafts[t], logits[t], steps + t) for t in range(n)))
         # Accepted drafts: the leading run of levels whose true successor is the next draft.
         matches = [(truths[t] == drafts[t + 1]).all(dim=1) for t in range(n - 1)]
         accepted = torch.stack(matches).to(torch.int64).cumprod(dim=0).sum(dim=0) if matches else steps.new_zeros(batch)
         taken = torch.arange(n, device=device)[:, None] <= accepted  # [n, B]: the levels that were true steps
+        rows = torch.arange(batch, device=device)
         if plan_tensor is not None:
             advance = torch.minimum(accepted + 1, remaining)
         else:  # a row whose block has no mask left takes no more steps
             advance = (torch.stack(had_masks) & taken).sum(dim=0)
-        new_block = torch.stack(truths)[accepted, torch.arange(batch, device=device)]
+        new_block = torch.stack(truths)[accepted, rows]
+        next_logits = logits[accepted, rows]
+        step_bad = (torch.stack(bad) & taken).any()
+        if sibs:
+            # Where the chain broke after `accepted` levels, the runner-up of the next level
+            # may be the true canvas: then its logits are true too, and one more step is taken.
+            level = (accepted + 1).clamp(max=n - 1)  # the sibling level (1 .. n-1) in play
+            sibling = torch.stack(sibs)[level - 1, rows]
+            rescued = (accepted < n - 1) & (new_block == sibling).all(dim=1)
+            if plan_tensor is not None:
+                rescued &= accepted + 2 <= remaining
+            sibling_logits = logits[n - 1 + level, rows]
+            s_truth, _, s_bad, s_had = apply_rule(sibling, sibling_logits, steps + level)
+            rescued &= s_had if plan_tensor is None else rescued
+            new_block = torch.where(rescued[:, None], s_truth, new_block)
+            next_logits = torch.where(rescued[:, None, None], sibling_logits, next_logits)
+            advance = advance + rescued.to(advance.dtype)
+            step_bad = step_bad | (s_bad & rescued).any()
         changed = new_block != block
         block = torch.where((advance > 0)[:, None], new_block, block)
-        invalid.logical_or_((torch.stack(bad) & taken).any())
-        draft_logits = logits[accepted, torch.arange(batch, device=device)]
+        invalid.logical_or_(step_bad)
+        draft_logits = next_logits
         steps += advance
         x[:, start:end] = block
-        calls, canvases = calls + 1, canvases + n
+        calls, canvases = calls + 1, canvases + n + len(sibs)
         if callback is not None:
             everywhere = torch.zeros_like(x, dtype=torch.bool)
             everywhere[:, start:end] = changed & (advance > 0)[:, None]
