@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import platform
 import sys
 from pathlib import Path
@@ -186,7 +187,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if parallel:
         distributed.shutdown()
     if not speaks:
-        return 0
+        _leave_process_group_run(0)
     if printer is not None and printer.interactive:
         print()
     tokens = out.tokens[0].tolist()
@@ -196,7 +197,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     drafts = f"  canvases {out.canvases}" if args.speculate else ""
     print(f"NFE {out.nfe}{drafts}  steps per block {out.steps_per_block}  {out.seconds:.2f} s  "
           f"{out.tokens_per_second:.1f} tokens/s", file=sys.stderr)
+    if parallel:
+        _leave_process_group_run(0)
     return 0
+
+
+def _leave_process_group_run(code: int) -> None:
+    """End a torchrun rank without interpreter finalization: after destroy_process_group,
+    gloo's worker threads can still be torn down during finalization and abort the rank
+    ("terminate called without an active exception", seen once in ~20 runs here; cf.
+    pytorch/pytorch#179291). Output is flushed first; nothing else is left to run."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
