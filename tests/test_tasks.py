@@ -131,6 +131,8 @@ def test_wilson_interval():
     low, high = evaluate.wilson_interval(50, 100)
     assert abs(low - 0.4038) < 1e-3 and abs(high - 0.5962) < 1e-3  # the textbook values
     assert evaluate.wilson_interval(100, 100)[1] == 1.0 and evaluate.wilson_interval(100, 100)[0] > 0.96
+    for n in range(1, 40):  # exact at the ends, whatever the rounding
+        assert evaluate.wilson_interval(n, n)[1] == 1.0 and evaluate.wilson_interval(0, n)[0] == 0.0
 
 
 def test_eval_writes_json_lines_and_a_plot(tmp_path):

@@ -179,15 +179,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         raise SystemExit("give --prompt TEXT or --ids 1,2,3")
     printer = None if args.quiet or not speaks else CanvasPrinter(tokenizer, model.mask_id, len(prompt))
-    out = unmask.generate(
-        model, [prompt], gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
-        threshold=args.threshold, factor=args.factor, temperature=args.temperature, remasking=args.remasking,
-        cfg_scale=args.cfg_scale, seed=args.seed, callback=printer, cache=args.cache, speculate=args.speculate,
-    )
-    if parallel:
-        distributed.shutdown()
+    try:
+        out = unmask.generate(
+            model, [prompt], gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
+            threshold=args.threshold, factor=args.factor, temperature=args.temperature, remasking=args.remasking,
+            cfg_scale=args.cfg_scale, seed=args.seed, callback=printer, cache=args.cache, speculate=args.speculate,
+        )
+    finally:
+        if parallel:
+            distributed.shutdown()
     if not speaks:
-        _leave_process_group_run(0)
+        return 0
     if printer is not None and printer.interactive:
         print()
     tokens = out.tokens[0].tolist()
@@ -197,19 +199,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     drafts = f"  canvases {out.canvases}" if args.speculate else ""
     print(f"NFE {out.nfe}{drafts}  steps per block {out.steps_per_block}  {out.seconds:.2f} s  "
           f"{out.tokens_per_second:.1f} tokens/s", file=sys.stderr)
-    if parallel:
-        _leave_process_group_run(0)
     return 0
-
-
-def _leave_process_group_run(code: int) -> None:
-    """End a torchrun rank without interpreter finalization: after destroy_process_group,
-    gloo's worker threads can still be torn down during finalization and abort the rank
-    ("terminate called without an active exception", seen once in ~20 runs here; cf.
-    pytorch/pytorch#179291). Output is flushed first; nothing else is left to run."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -347,5 +337,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _exit_torchrun_rank(code: int) -> None:
+    """End a torchrun rank without interpreter finalization: after destroy_process_group,
+    gloo's worker threads can still be torn down during finalization and abort the rank
+    ("terminate called without an active exception", seen once in ~20 runs here; cf.
+    pytorch/pytorch#179291). Output is flushed first; only the command line does this."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def entry() -> None:
+    """The `unmask` command (python -m unmask too)."""
+    code = main()
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        _exit_torchrun_rank(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -27,7 +27,9 @@ def wilson_interval(correct: int, total: int) -> tuple[float, float]:
     p, z2 = correct / total, Z_95 * Z_95
     centre = (p + z2 / (2 * total)) / (1 + z2 / total)
     half = Z_95 * math.sqrt(p * (1 - p) / total + z2 / (4 * total * total)) / (1 + z2 / total)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low = 0.0 if correct == 0 else max(0.0, centre - half)  # exact at the ends (rounding would leave 1e-17)
+    high = 1.0 if correct == total else min(1.0, centre + half)
+    return low, high
 
 
 @dataclasses.dataclass
@@ -129,6 +131,8 @@ def plot(results: list[StrategyResult], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    if not results:
+        raise ValueError("plot: no results to draw")
     figure, axis = plt.subplots(figsize=(8, 5))
     families: dict[str, list[StrategyResult]] = {}
     placed: dict[tuple[float, float], int] = {}  # labels already at a point (families can share one)
@@ -138,8 +142,8 @@ def plot(results: list[StrategyResult], path: Path) -> bool:
         members = sorted(members, key=lambda r: r.tokens_per_step)
         x = [r.tokens_per_step for r in members]
         y = [r.mean_accuracy for r in members]
-        low = [r.mean_accuracy - r.mean_interval[0] for r in members]
-        high = [r.mean_interval[1] - r.mean_accuracy for r in members]
+        low = [max(0.0, r.mean_accuracy - r.mean_interval[0]) for r in members]  # matplotlib refuses -1e-17
+        high = [max(0.0, r.mean_interval[1] - r.mean_accuracy) for r in members]
         axis.errorbar(x, y, yerr=[low, high], marker="o", capsize=3, label=name)
         if name in ("threshold", "factor", "steps"):  # the settings beside each point, e.g. 0.5/0.7 for threshold
             at: dict[tuple[float, float], list[str]] = {}

@@ -390,7 +390,10 @@ def _decode(
                 flags.post(nfe, remaining)
                 nfe, canvases, block_steps = nfe + 1, canvases + 1, block_steps + 1
                 if block_steps > flags.lag and not flags.read(nfe - 1 - flags.lag):
-                    state.offset.sub_(flags.lag)  # the steps after the block's last commit committed nothing
+                    # The steps after the block's last commit committed nothing: they were
+                    # model calls (nfe counts them) but not steps of the schedule.
+                    state.offset.sub_(flags.lag)
+                    block_steps -= flags.lag
                     break
         steps_per_block.append(block_steps)
         if eos_id is not None:
