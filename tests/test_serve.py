@@ -115,6 +115,15 @@ def test_chat_uses_the_last_user_turn_without_a_template(server, model):
     assert reply.choices[0].message.role == "assistant"
 
 
+def test_chat_content_as_text_parts(server, model):
+    reply = server.client.chat.completions.create(model=MODEL, max_tokens=8, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "sort:"}, {"type": "text", "text": "8531="}]}])
+    assert reply.choices[0].message.content == offline(model, "sort:8531=", max_tokens=8)
+    bad = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
+        "model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
+
+
 def test_models_and_health(server):
     assert [m.id for m in server.client.models.list().data] == [MODEL]
     assert httpx.get(server.url + "/health").json()["status"] == "ok"

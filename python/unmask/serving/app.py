@@ -122,11 +122,9 @@ class Server:
 
     def _chat_prompt(self, body: dict) -> list[int]:
         messages = body.get("messages")
-        if (not isinstance(messages, list) or not messages
-                or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                           and m.get("role") in ("system", "user", "assistant") for m in messages)):
-            raise RequestError("messages must be a non-empty list of {role: system|user|assistant, content: str}",
-                               "messages")
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("messages must be a non-empty list of {role, content}", "messages")
+        messages = [_text_message(m, i) for i, m in enumerate(messages)]
         if self.chat_template is None:  # no chat template (the bundled model): the last user turn is the prompt
             users = [m["content"] for m in messages if m["role"] == "user"]
             if not users:
@@ -192,6 +190,23 @@ class Server:
         finally:  # also when the client disconnects (the response task is cancelled)
             if not job.finished:
                 self.engine.cancel(job)
+
+
+def _text_message(message, index: int) -> dict:
+    """{role, content: str}: content given as a string or as OpenAI's list of text parts
+    ([{"type": "text", "text": ...}], joined); other part types are refused."""
+    where = f"messages[{index}]"
+    if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+        raise RequestError(f"{where} must be {{role: system|user|assistant, content}}", "messages")
+    content = message.get("content")
+    if isinstance(content, list):
+        if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                   for part in content):
+            raise RequestError(f"{where}.content: only text parts are supported", "messages")
+        content = "".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        raise RequestError(f"{where}.content must be a string or a list of text parts", "messages")
+    return {"role": message["role"], "content": content}
 
 
 def _sse(body: dict) -> str:
