@@ -71,12 +71,14 @@ class _Rule:
                                    check=False)
         return eligible, tokens, conf
 
-    def runner_up(self, block: torch.Tensor, draft: torch.Tensor, logits: torch.Tensor, steps: torch.Tensor):
+    @staticmethod
+    def runner_up(block: torch.Tensor, draft: torch.Tensor, samples: tuple) -> torch.Tensor:
         """A second draft of the step from block: draft with its least confident new
-        commit swapped for the most confident position it left masked (by the same stale
-        logits and draws). Where the stale logits rank the true commit second, this is
-        the true canvas. Rows with nothing to swap get the draft itself."""
-        eligible, tokens, conf = self.sampled(block, logits, steps)
+        commit swapped for the most confident position it left masked, by the samples
+        (eligible, tokens, conf) the draft was made from (the same stale logits and
+        draws). Where the stale logits rank the true commit second, this is the true
+        canvas. Rows with nothing to swap get the draft itself."""
+        eligible, tokens, conf = samples
         conf = torch.nan_to_num(conf.float(), nan=-torch.inf)
         new = draft != block
         left = eligible & ~new
@@ -89,10 +91,13 @@ class _Rule:
         sibling[rows, best] = torch.where(swap, tokens[rows, best].to(draft.dtype), draft[rows, best])
         return sibling
 
-    def __call__(self, block: torch.Tensor, logits: torch.Tensor, steps: torch.Tensor):
+    def __call__(self, block: torch.Tensor, logits: torch.Tensor, steps: torch.Tensor, samples: list | None = None):
         """block [B, Lb] at step `steps` [B] (per row) with its logits [B, Lb, V] ->
-        (next block, committed, a sampled eligible row was invalid [B], had masks [B])."""
+        (next block, committed, a sampled eligible row was invalid [B], had masks [B]).
+        samples: a list the (eligible, tokens, conf) of the step are appended to."""
         eligible, tokens, conf = self.sampled(block, logits, steps)
+        if samples is not None:
+            samples.append((eligible, tokens, conf))
         mode = self.mode
         if self.plan is not None:
             mode = {"k": self.plan.gather(1, steps.clamp(max=self.plan.shape[1] - 1)[:, None])[:, 0]}
@@ -136,11 +141,10 @@ def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, depth: in
         if most == 0:
             break
         n = 1 if draft_logits is None else min(depth, most)
-        drafts = [block]
+        drafts, samples = [block], []
         for t in range(1, n):
-            drafts.append(apply_rule(drafts[-1], draft_logits, steps + t - 1)[0])
-        sibs = [apply_rule.runner_up(drafts[t - 1], drafts[t], draft_logits, steps + t - 1)
-                for t in range(1, n)] if siblings else []
+            drafts.append(apply_rule(drafts[-1], draft_logits, steps + t - 1, samples)[0])
+        sibs = [_Rule.runner_up(drafts[t - 1], drafts[t], samples[t - 1]) for t in range(1, n)] if siblings else []
         evaluated = x.repeat(n + len(sibs), 1)
         evaluated[:, start:end] = torch.cat(drafts + sibs)
         logits = step_model(evaluated, positions, canvases_per_row=n + len(sibs))
