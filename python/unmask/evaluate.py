@@ -40,11 +40,15 @@ class StrategyResult:
     nfe: float  # model calls per generation, mean over tasks (a batch shares them)
     tokens_per_step: float  # answer positions per model call
     tokens_per_second: float
-    family: str = ""
     model: str = ""
     examples: int = 0  # per task
     interval: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)  # 95%, per task
     calls: dict[str, int] = dataclasses.field(default_factory=dict)  # model calls per task
+
+    @property
+    def family(self) -> str:
+        """The line it belongs to in the plot (evaluate.family of its arguments)."""
+        return family(self.kwargs)
 
     @property
     def mean_accuracy(self) -> float:
@@ -100,7 +104,7 @@ def evaluate(model, *, n_per_task: int = 256, seed: int = 1_000_003, model_name:
             tokens += out.tokens.numel()
         mean_nfe = nfe / len(encoded)
         results.append(StrategyResult(name, kwargs, accuracy, mean_nfe, tasks.ANSWER_LENGTH / mean_nfe,
-                                      tokens / seconds, family(kwargs), model_name, n_per_task, interval, calls))
+                                      tokens / seconds, model_name, n_per_task, interval, calls))
     return results
 
 
@@ -137,7 +141,7 @@ def plot(results: list[StrategyResult], path: Path) -> bool:
     families: dict[str, list[StrategyResult]] = {}
     placed: dict[tuple[float, float], int] = {}  # labels already at a point (families can share one)
     for r in results:
-        families.setdefault(r.family or family(r.kwargs), []).append(r)
+        families.setdefault(r.family, []).append(r)
     for name, members in families.items():
         members = sorted(members, key=lambda r: r.tokens_per_step)
         x = [r.tokens_per_step for r in members]
@@ -173,5 +177,5 @@ def plot(results: list[StrategyResult], path: Path) -> bool:
 def write_json(results: list[StrategyResult], path: Path) -> None:
     """One line per strategy: its name, arguments, family, the model, and per task the
     accuracy, its 95% interval and the model calls."""
-    path.write_text("".join(json.dumps({**dataclasses.asdict(r), "mean_accuracy": r.mean_accuracy,
+    path.write_text("".join(json.dumps({**dataclasses.asdict(r), "family": r.family, "mean_accuracy": r.mean_accuracy,
                                         "mean_interval": r.mean_interval}) + "\n" for r in results))

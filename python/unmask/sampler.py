@@ -85,6 +85,11 @@ def guided_logits(model, x, attention_mask, prompt_positions, mask_id: int, cfg_
     both_mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
     both = model_logits(model, torch.cat([x, unconditional]), both_mask, positions, cache=cache, segment=segment)
     cond, uncond = both.chunk(2)
+    return guide(cond, uncond, cfg_scale)
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """Classifier-free guidance of conditional and unconditional logits, in their dtype."""
     return uncond + (cfg_scale + 1.0) * (cond - uncond)
 
 

@@ -32,12 +32,6 @@ from unmask import ops
 from unmask.validation import Rule, Sampling
 
 
-# Whether each drafted step also drafts its runner-up (see _Rule.runner_up): up to 2d - 1
-# canvases per call instead of d, and one more step where the chain breaks on the
-# commit the stale logits ranked second.
-SIBLINGS = True
-
-
 @dataclasses.dataclass
 class BlockResult:
     calls: int     # model calls
@@ -109,7 +103,7 @@ class _Rule:
 def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, depth: int, rule: Rule, sampling: Sampling,
                  sample: Callable, vocab: int | None, mask_id: int, running: torch.Tensor, invalid: torch.Tensor,
                  offset_base: int, plan: list[list[int]] | None, callback=None, nfe: int = 0,
-                 siblings: bool | None = None) -> BlockResult:
+                 siblings: bool = True) -> BlockResult:
     """Decode block [start, end) of x in place with up to `depth` steps per model call.
 
     plan: the steps rule's tokens per row and step (host lists, the steps where no row
@@ -117,9 +111,11 @@ def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, depth: in
     and factor, whose rows step until their block has no mask. invalid (bool 0-d) is
     or-ed in place with whether a true step sampled an invalid row. One synchronisation
     per call: the rows' remaining steps, to pick how many canvases the next call needs.
+    siblings: each drafted step also drafts its runner-up (_Rule.runner_up): up to 2d - 1
+    canvases per call instead of d, and one more step where the chain breaks on the
+    commit the stale logits ranked second.
     """
     batch, length, device = x.shape[0], end - start, x.device
-    siblings = SIBLINGS if siblings is None else siblings
     plan_tensor = None
     if plan is not None:
         plan_tensor = F.pad(torch.tensor(plan, dtype=torch.int64).reshape(batch, -1), (0, depth)).to(device)

@@ -149,19 +149,14 @@ class JaxModel:
         input_ids = jnp.asarray(np.asarray(input_ids), jnp.int32)
         mask = None if attention_mask is None else jnp.asarray(np.asarray(attention_mask), bool)
         end = input_ids.shape[1] if logit_end is None else logit_end
-        return self.block_logits(self.params, input_ids, mask, logit_start, end - logit_start)
-
-    def block_logits(self, params, input_ids, attention_mask, logit_start, logit_length: int):
-        """Logits [B, logit_length, V] of positions logit_start.. (which may be traced) as
-        a jit-able function of the parameters: the sampler's compiled block loop calls it."""
-        logits = self._jitted(params, input_ids, attention_mask, logit_start=jnp.asarray(logit_start, jnp.int32),
-                              logit_length=logit_length)
+        logits = self._jitted(self.params, input_ids, mask, logit_start=jnp.asarray(logit_start, jnp.int32),
+                              logit_length=end - logit_start)
         return logits[..., :self.config.embedding_size]  # drop any padding ids of a sharded head
 
     def window_logits(self, params, input_ids, attention_mask, logit_start, logit_length: int, *, cache=None,
                       window_start=0, window_length: int | None = None, fresh_from=0, fresh_to=None):
-        """forward_window under jit: (logits [B, logit_length, V], cache); the sampler's
-        compiled block loop calls it for cache="prefix" / "dual"."""
+        """forward_window with this model's settings: (logits [B, logit_length, V], cache).
+        The sampler's compiled block loop calls it (inside its jit) for every step."""
         logits, cache = forward_window(
             params, input_ids, attention_mask, config=self.config, logit_start=logit_start, logit_length=logit_length,
             interpret=default_interpret(self.interpret), attention_fn=self.attention_fn, cache=cache,

@@ -91,11 +91,9 @@ def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params,
         """The block's logits and the cache (None without one; the first step of a block
         with a cache runs the whole canvas and fills it, cache=None in)."""
         ids, mask = model_input(x)
-        if p.cache is None:
-            return guided(model.block_logits(params, ids, mask, start, length)), None
-        if cache is None:
+        if cache is None:  # no cache, or the block's first step, which fills it from a whole-canvas run
             logits, cache = model.window_logits(params, ids, mask, start, length)
-            return guided(logits), cache
+            return guided(logits), cache if p.cache is not None else None
         first = jnp.maximum(start - shift, 0)
         if p.cache == "dual":  # the block alone (and the position before it when shifted)
             width, window_start, fresh_to = min(length + shift, canvas), first, start + length

@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from unmask import validation
 from unmask.serving import protocol
 from unmask.serving.engine import Engine, Job, QueueFull, Unavailable
 from unmask.serving.protocol import RequestError
@@ -75,7 +76,7 @@ class Server:
             body = await self._body(request)
             prompt = self._chat_prompt(body) if chat else self._prompt(body)
             settings = protocol.settings(body, prompt=prompt, default_block_length=self.default_block_length,
-                                         max_context=self.max_context, vocab=_vocab(self.model),
+                                         max_context=self.max_context, vocab=validation.model_vocab(self.model),
                                          mask_id=self.model.mask_id)
         except RequestError as error:
             return _error(error)
@@ -211,12 +212,6 @@ def _text_message(message, index: int) -> dict:
 
 def _sse(body: dict) -> str:
     return f"data: {json.dumps(body)}\n\n"
-
-
-def _vocab(model) -> int | None:
-    from unmask import validation
-
-    return validation.model_vocab(model)
 
 
 def serve(model_dir: str | None = None, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,

@@ -215,8 +215,7 @@ class Engine:
         for job in jobs:
             block = logits[r, :job.settings.block_length]
             if job.settings.cfg_scale > 0:  # in the model's dtype, as unmask.generate guides
-                uncond = logits[r + 1, :job.settings.block_length]
-                block = uncond + (job.settings.cfg_scale + 1.0) * (block - uncond)
+                block = sampler.guide(block, logits[r + 1, :job.settings.block_length], job.settings.cfg_scale)
                 r += 1
             out[id(job)] = block
             r += 1
@@ -265,12 +264,15 @@ class Engine:
 
     def _advance(self, job: Job, block_done: bool) -> None:
         """Stream what became final, and end the block or the request where it ends."""
-        text, stopped = self._final_text(job)
+        generated = job.generated()
+        tokens, at_eos = self._final_tokens(job, generated)
+        decoded = self.tokenizer.decode(tokens)
+        text, stopped = cut_at_stop(decoded, job.settings.stop)
         last_block = job.block == job.settings.gen_length // job.settings.block_length - 1
         finish = None
         if block_done:
-            generated = job.generated()[:(job.block + 1) * job.settings.block_length]
-            if stopped or (job.eos_id is not None and job.eos_id in generated):
+            decoded_blocks = generated[:(job.block + 1) * job.settings.block_length]
+            if stopped or (job.eos_id is not None and job.eos_id in decoded_blocks):
                 finish = "stop"  # unmask.generate stops a row at the end of the block holding its EOS
             elif last_block:
                 finish = "length"
@@ -281,21 +283,26 @@ class Engine:
                 visible = visible.rstrip("\ufffd")
             delta = visible[len(job.sent_text):] if visible.startswith(job.sent_text) else ""
             # every step commits: each sends what became final (maybe nothing) and the canvas
-            job.on_event({"kind": "delta", "text": delta, "canvas": self._canvas(job), "step": job.offset})
+            job.on_event({"kind": "delta", "text": delta, "canvas": self._canvas(job, generated), "step": job.offset})
             job.sent_text += delta
         if finish is not None:
             job.finished = True
-            job.on_event({"kind": "done", "text": text, "finish_reason": self._finish_reason(job, finish),
-                          "usage": self._usage(job, text)})
+            # "stop" where EOS or a stop string ended the answer within max_tokens, else "length"
+            reason = "stop" if at_eos or stopped else "length"
+            completion = len(tokens) if text == decoded else len(self.tokenizer.encode(text).ids)
+            usage = {"prompt_tokens": job.prompt_length, "completion_tokens": completion,
+                     "total_tokens": job.prompt_length + completion}
+            job.on_event({"kind": "done", "text": text, "finish_reason": reason, "usage": usage})
         elif block_done:
             job.block += 1
             job._start_block()
 
-    def _final_tokens(self, job: Job) -> tuple[list[int], bool]:
+    @staticmethod
+    def _final_tokens(job: Job, generated: list[int]) -> tuple[list[int], bool]:
         """The answer's tokens that are final in reading order (up to the first mask), cut
         at EOS and max_tokens; and whether EOS cut them."""
-        tokens, final = job.generated(), []
-        for token in tokens[:job.settings.max_tokens]:
+        final = []
+        for token in generated[:job.settings.max_tokens]:
             if token == job.mask_id:
                 return final, False
             if token == job.eos_id:
@@ -303,30 +310,15 @@ class Engine:
             final.append(token)
         return final, False
 
-    def _final_text(self, job: Job) -> tuple[str, bool]:
-        tokens, _ = self._final_tokens(job)
-        return cut_at_stop(self.tokenizer.decode(tokens), job.settings.stop)
-
-    def _finish_reason(self, job: Job, finish: str) -> str:
-        tokens, at_eos = self._final_tokens(job)
-        _, at_stop = self._final_text(job)
-        return "stop" if at_eos or at_stop else "length"
-
-    def _usage(self, job: Job, text: str) -> dict:
-        tokens, _ = self._final_tokens(job)
-        completion = len(self.tokenizer.encode(text).ids) if text != self.tokenizer.decode(tokens) else len(tokens)
-        return {"prompt_tokens": job.prompt_length, "completion_tokens": completion,
-                "total_tokens": job.prompt_length + completion}
-
     def _piece(self, token: int) -> str:
         piece = self._pieces.get(token)
         if piece is None:
             piece = self._pieces[token] = self.tokenizer.decode([token])
         return piece
 
-    def _canvas(self, job: Job) -> str:
+    def _canvas(self, job: Job, generated: list[int]) -> str:
         return "".join(MASK_PLACEHOLDER if t == job.mask_id else self._piece(t)
-                       for t in job.generated()[:job.settings.max_tokens])
+                       for t in generated[:job.settings.max_tokens])
 
     def _fail(self, job: Job, message: str) -> None:
         if not job.finished:
