@@ -41,6 +41,19 @@ def test_generate_speculates(capsys):
     assert "speculate must be >= 0, got -2" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not (cli.model_path("unmask-long-k4") / "config.json").exists(), reason="no student in this tree")
+def test_generate_with_the_student_and_self_correction(capsys):
+    assert cli.main(["generate", "--model", "unmask-long-k4", "--prompt", "sort:8531=", "--steps", "2",
+                     "--quiet"]) == 0
+    assert capsys.readouterr().out.strip() == "1358"
+    assert cli.main(["generate", "--model", "unmask-long", "--prompt", "bal12=", "--gen-length", "24",
+                     "--block-length", "24", "--threshold", "0.5", "--revise-threshold", "0.5", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.strip()) == 12 and "canvases" in captured.err
+    assert cli.main(["generate", "--prompt", "1+2=", "--revise-threshold", "0.5", "--quiet"]) == 2
+    assert "revise_threshold needs threshold= or factor=" in capsys.readouterr().err
+
+
 def test_generate_from_text_with_tokenizer(tmp_path, capsys):
     unmask.save_pretrained(tiny_model(seed=2), tmp_path)
     vocab = {f"w{i}": i for i in range(61)}

@@ -152,8 +152,11 @@ def test_runner_up_drafts_save_calls_on_the_bundled_tasks():
 
 def test_speculate_does_not_combine_with_a_cuda_graph():
     model = random_model(1, "llada", 0.3)
-    with pytest.raises(ValueError, match="cuda_graph=True and speculate > 0 do not combine"):
+    with pytest.raises(ValueError, match="cuda_graph=True and speculate do not combine"):
         unmask.generate(model, [[1, 2]], gen_length=4, block_length=4, speculate=2, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph=True and revise_threshold do not combine"):
+        unmask.generate(model, [[1, 2]], gen_length=4, block_length=4, threshold=0.5, revise_threshold=0.5,
+                        cuda_graph=True)
 
 
 def test_the_callback_sees_every_call():

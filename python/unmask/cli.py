@@ -141,17 +141,34 @@ def chat_prompt(model_dir: str, text: str) -> list[int]:
     return [int(t) for t in ids]
 
 
+# Models shipped in the package (README, The bundled model): --model takes these names.
+BUNDLED_MODELS = {"unmask-bundled": "default_model",  # the four short tasks of unmask.tasks (the default)
+                  "unmask-long": "long_model",  # all nine tasks, short and long (unmask train)
+                  "unmask-long-k4": "long_model_k4"}  # its 4-tokens-per-step student (unmask distill)
+
+
 def default_model_path() -> Path:
     """The small model bundled with the package, trained on unmask.tasks (README)."""
-    return Path(__file__).resolve().parent / "data" / "default_model"
+    return model_path("unmask-bundled")
+
+
+def model_path(name_or_dir: str) -> Path:
+    """A bundled model's directory by its name, or the directory given."""
+    if name_or_dir in BUNDLED_MODELS:
+        return Path(__file__).resolve().parent / "data" / BUNDLED_MODELS[name_or_dir]
+    return Path(name_or_dir)
+
+
+def model_name(name_or_dir: str) -> str:
+    return name_or_dir if name_or_dir in BUNDLED_MODELS else Path(name_or_dir).name
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import unmask
 
-    bundled = args.model is None
+    bundled = args.model is None or args.model in BUNDLED_MODELS
     if bundled:
-        args.model = str(default_model_path())
+        args.model = str(model_path(args.model or "unmask-bundled"))
         if args.prompt is None and args.ids is None:
             args.prompt = "123+456="
     # The bundled model answers in 8 positions; real checkpoints default to 64 tokens.
@@ -184,6 +201,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             model, [prompt], gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
             threshold=args.threshold, factor=args.factor, temperature=args.temperature, remasking=args.remasking,
             cfg_scale=args.cfg_scale, seed=args.seed, callback=printer, cache=args.cache, speculate=args.speculate,
+            revise_threshold=args.revise_threshold,
         )
     finally:
         if parallel:
@@ -196,7 +214,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if model.eos_id in tokens:
         tokens = tokens[: tokens.index(model.eos_id)]
     print(tokenizer.decode(tokens) if tokenizer is not None else " ".join(map(str, tokens)))
-    drafts = f"  canvases {out.canvases}" if args.speculate else ""
+    drafts = f"  canvases {out.canvases}" if args.speculate or args.revise_threshold is not None else ""
     print(f"NFE {out.nfe}{drafts}  steps per block {out.steps_per_block}  {out.seconds:.2f} s  "
           f"{out.tokens_per_second:.1f} tokens/s", file=sys.stderr)
     return 0
@@ -206,9 +224,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     from unmask import train
 
     config = train.TrainConfig(steps=args.steps, seed=args.seed, batch_size=args.batch_size,
-                               max_minutes=args.max_minutes)
+                               long_batch_size=args.long_batch_size, max_minutes=args.max_minutes,
+                               compile=args.compile)
     train.train(args.out, config, resume=not args.no_resume)
     print((Path(args.out) / "train_result.json").read_text())
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from unmask import distill
+
+    config = distill.DistillConfig(tokens_per_step=args.tokens_per_step, steps=args.steps, seed=args.seed,
+                                   max_minutes=args.max_minutes, compile=args.compile)
+    distill.distill(model_path(args.teacher), args.out, config)
+    print((Path(args.out) / "distill_result.json").read_text())
     return 0
 
 
@@ -216,9 +245,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import unmask
     from unmask import evaluate
 
-    model = unmask.from_pretrained(args.model or default_model_path(), dtype=torch.float32)
-    name = "unmask-bundled" if args.model is None else Path(args.model).name
-    results = evaluate.evaluate(model, n_per_task=args.n, model_name=name)
+    results = []
+    for index, name in enumerate(args.model or ["unmask-bundled"]):
+        model = unmask.from_pretrained(model_path(name), dtype=torch.float32)
+        # The first model runs every strategy; later ones (a distilled student) the
+        # strategies they were made for.
+        results += evaluate.evaluate(model, n_per_task=args.n, model_name=model_name(name),
+                                     strategy_set="all" if index == 0 else "student")
     print(evaluate.format_table(results))
     if args.json:
         evaluate.write_json(results, Path(args.json))
@@ -264,12 +297,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unmask", description="kernels and sampler for masked diffusion LMs")
     commands = parser.add_subparsers(dest="command", required=True)
+    from unmask.train import TrainConfig
+
+    train_defaults = TrainConfig()
 
     info = commands.add_parser("info", help="versions and which backends are built and usable")
     info.set_defaults(run=cmd_info)
 
     gen = commands.add_parser("generate", help="generate text with a checkpoint, showing the canvas fill in")
-    gen.add_argument("--model", help="checkpoint directory (LLaDA or Dream format); default: the bundled model")
+    gen.add_argument("--model", help="checkpoint directory (LLaDA or Dream format) or a bundled model's name "
+                                     f"({'/'.join(BUNDLED_MODELS)}); default: unmask-bundled")
     gen.add_argument("--prompt", help="prompt text (needs tokenizer.json in the model directory)")
     gen.add_argument("--ids", help="prompt token ids, e.g. 1,2,3")
     gen.add_argument("--gen-length", type=int, help="default 64 (8 for the bundled model)")
@@ -284,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cache", choices=["prefix", "dual"], help="reuse keys and values within a block")
     gen.add_argument("--speculate", type=int, default=0, metavar="D",
                      help="verify up to D drafted steps per model call (the same tokens in fewer calls)")
+    gen.add_argument("--revise-threshold", type=float, metavar="R",
+                     help="self-correction (with --threshold or --factor): mask committed tokens of the block again "
+                          "when their probability falls below R")
     gen.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template (transformers)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", help="cpu or cuda; under torchrun the device type of every rank")
@@ -293,22 +333,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_parser = commands.add_parser("train", help="train a small diffusion model on unmask.tasks (resumable)")
     train_parser.add_argument("--out", required=True, help="checkpoint directory (LLaDA format)")
-    train_parser.add_argument("--steps", type=int, default=11000)
+    train_parser.add_argument("--steps", type=int, default=train_defaults.steps)
     train_parser.add_argument("--seed", type=int, default=0)
-    train_parser.add_argument("--batch-size", type=int, default=128)
-    train_parser.add_argument("--max-minutes", type=float, default=30.0)
+    train_parser.add_argument("--batch-size", type=int, default=train_defaults.batch_size, help="short-task rows per step")
+    train_parser.add_argument("--long-batch-size", type=int, default=train_defaults.long_batch_size,
+                              help="long-task rows per step (0: the short tasks only)")
+    train_parser.add_argument("--max-minutes", type=float, default=train_defaults.max_minutes)
+    train_parser.add_argument("--compile", action="store_true", help="torch.compile the model (faster steps)")
     train_parser.add_argument("--no-resume", action="store_true", help="start over even if --out holds a run")
     train_parser.set_defaults(run=cmd_train)
 
+    distill_parser = commands.add_parser("distill", help="distil a model into one that commits K tokens per step")
+    from unmask.distill import DistillConfig
+
+    distill_defaults = DistillConfig()
+    distill_parser.add_argument("--teacher", default="unmask-bundled",
+                                help=f"checkpoint directory or {'/'.join(BUNDLED_MODELS)}")
+    distill_parser.add_argument("--out", required=True, help="the student's checkpoint directory")
+    distill_parser.add_argument("--tokens-per-step", type=int, default=distill_defaults.tokens_per_step, metavar="K")
+    distill_parser.add_argument("--steps", type=int, default=distill_defaults.steps)
+    distill_parser.add_argument("--seed", type=int, default=0)
+    distill_parser.add_argument("--max-minutes", type=float, default=distill_defaults.max_minutes,
+                                help="training time limit (the teacher's trajectories come first)")
+    distill_parser.add_argument("--compile", action="store_true", help="torch.compile the student (faster steps)")
+    distill_parser.set_defaults(run=cmd_distill)
+
     eval_parser = commands.add_parser("eval", help="accuracy, NFE and speed of every decoding strategy on the tasks")
-    eval_parser.add_argument("--model", help="checkpoint directory; default: the bundled model")
+    eval_parser.add_argument("--model", action="append",
+                             help=f"checkpoint directory or {'/'.join(BUNDLED_MODELS)} (repeatable: the first runs "
+                                  "every strategy, the others the steps and threshold ones); default: unmask-bundled")
     eval_parser.add_argument("--n", type=int, default=256, help="examples per task")
     eval_parser.add_argument("--plot", help="write a PNG of accuracy against tokens per step")
     eval_parser.add_argument("--json", help="write the results as JSON lines")
     eval_parser.set_defaults(run=cmd_eval)
 
     serve_parser = commands.add_parser("serve", help="an OpenAI-compatible server that batches requests' steps")
-    serve_parser.add_argument("--model", help="checkpoint directory with tokenizer.json; default: the bundled model")
+    serve_parser.add_argument("--model", help="checkpoint directory with tokenizer.json or a bundled model's name "
+                                              f"({'/'.join(BUNDLED_MODELS)}); default: unmask-bundled")
     serve_parser.add_argument("--host", default="127.0.0.1")
     serve_parser.add_argument("--port", type=int, default=8000)
     serve_parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together")

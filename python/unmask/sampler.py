@@ -23,9 +23,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from unmask import ops, speculative, validation
+from unmask import ops, revise, speculative, validation
 from unmask.output import GenerateOutput
-from unmask.validation import CACHE_MODES, Rule, Sampling
+from unmask.validation import CACHE_MODES, Revision, Rule, Sampling
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -318,6 +318,7 @@ def _decode(
     cuda_graph: bool = False,
     speculate: int = 0,
     siblings: bool = True,
+    revision: Revision | None = None,
 ) -> tuple[int, list[int], int]:
     """Fill the masks of x block by block, in place. Returns (nfe, steps per block).
 
@@ -328,7 +329,8 @@ def _decode(
     holds EOS stops and the rest of it becomes EOS; decoding ends when no row is running.
     cuda_graph: capture the step once (blocks of one length) and replay it.
     speculate d > 0: up to d steps per model call, verified (unmask.speculative); siblings:
-    each drafted step also drafts its runner-up.
+    each drafted step also drafts its runner-up. revision: committed tokens may be masked
+    again (unmask.revise).
     Returns (model calls, schedule steps per block, canvases evaluated per row).
     """
     batch = x.shape[0]
@@ -349,16 +351,22 @@ def _decode(
             continue
         state.start.fill_(start)
         step_model.begin_block(start, end)
-        if speculate:
-            plan = None
-            if rule.steps_per_block is not None:  # the steps where some row commits, as below
-                full = schedule_counts(counts, rule.steps_per_block)
-                kept = [i for i in range(rule.steps_per_block) if any(row[i] for row in full)]
-                plan = [[row[i] for i in kept] for row in full]
-            result = speculative.decode_block(
-                step_model, x, start, end, depth=speculate, rule=rule, sampling=sampling, sample=sample, vocab=vocab,
-                mask_id=mask_id, running=state.running, invalid=state.invalid, offset_base=int(state.offset),
-                plan=plan, callback=callback, nfe=nfe, siblings=siblings)
+        if revision is not None or speculate:  # loops that read the host per call
+            if revision is not None:
+                result = revise.decode_block(
+                    step_model, x, start, end, rule=rule, sampling=sampling, sample=sample, vocab=vocab,
+                    mask_id=mask_id, running=state.running, invalid=state.invalid, offset_base=int(state.offset),
+                    revision=revision, callback=callback, nfe=nfe)
+            else:
+                plan = None
+                if rule.steps_per_block is not None:  # the steps where some row commits, as below
+                    full = schedule_counts(counts, rule.steps_per_block)
+                    kept = [i for i in range(rule.steps_per_block) if any(row[i] for row in full)]
+                    plan = [[row[i] for i in kept] for row in full]
+                result = speculative.decode_block(
+                    step_model, x, start, end, depth=speculate, rule=rule, sampling=sampling, sample=sample,
+                    vocab=vocab, mask_id=mask_id, running=state.running, invalid=state.invalid,
+                    offset_base=int(state.offset), plan=plan, callback=callback, nfe=nfe, siblings=siblings)
             state.offset.add_(result.steps)
             nfe, canvases = nfe + result.calls, canvases + result.canvases
             steps_per_block.append(result.steps)
@@ -411,7 +419,7 @@ def _decode(
 def _run(step_model: _StepModel, x: torch.Tensor, blocks: list[tuple[int, int]], rule: Rule, sampling: Sampling, *,
          mask_id: int, eos_id: int | None, generation_start: int, callback: Callback | None,
          masked_counts: list[list[int]] | None = None, cuda_graph: bool = False,
-         speculate: int = 0, siblings: bool = True) -> GenerateOutput:
+         speculate: int = 0, siblings: bool = True, revision: Revision | None = None) -> GenerateOutput:
     """The decoding loop of generate and infill, timed the same way for both: from the
     first model call to the last token on the host (a CUDA device is synchronised)."""
     sample, vocab = _sampler_of(step_model.model)
@@ -423,7 +431,7 @@ def _run(step_model: _StepModel, x: torch.Tensor, blocks: list[tuple[int, int]],
         nfe, steps_per_block, canvases = _decode(
             step_model, x, blocks, rule, sampling, sample=sample, vocab=vocab, mask_id=mask_id, eos_id=eos_id,
             generation_start=generation_start, callback=callback, masked_counts=masked_counts, cuda_graph=cuda_graph,
-            speculate=speculate, siblings=siblings,
+            speculate=speculate, siblings=siblings, revision=revision,
         )
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
@@ -493,17 +501,23 @@ def prompt_batch(prompts, attention_mask, pad_id: int, device):
 CUDA_GRAPH_BY_DEFAULT = False
 
 
-def _use_cuda_graph(cuda_graph: bool | None, step_model: _StepModel, device: torch.device, speculate: int) -> bool:
+def _use_cuda_graph(cuda_graph: bool | None, step_model: _StepModel, device: torch.device, eager_loop: str) -> bool:
+    """eager_loop: the argument that picked a loop which runs eagerly ("speculate" or
+    "revise_threshold"), or ""."""
     if cuda_graph is not None and not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be a bool or None, got {type(cuda_graph).__name__}")
-    if cuda_graph and speculate:
-        raise ValueError("cuda_graph=True and speculate > 0 do not combine: the verifying loop runs eagerly")
-    applies = device.type == "cuda" and step_model.graphable and not speculate
+    if cuda_graph and eager_loop:
+        raise ValueError(f"cuda_graph=True and {eager_loop} do not combine: that loop runs eagerly")
+    applies = device.type == "cuda" and step_model.graphable and not eager_loop
     if cuda_graph and not applies:
         raise ValueError("cuda_graph=True needs the unmask model on a CUDA device with cache=None and no tensor "
                          f"parallelism (device {device}, cache={step_model.cache_mode!r}, "
                          f"model {type(step_model.model).__name__})")
     return applies and (CUDA_GRAPH_BY_DEFAULT if cuda_graph is None else cuda_graph)
+
+
+def _eager_loop(speculate: int, revision: Revision | None) -> str:
+    return "speculate" if speculate else "revise_threshold" if revision is not None else ""
 
 
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -550,6 +564,9 @@ def generate(
     cuda_graph: bool | None = None,
     speculate: int = 0,
     speculate_siblings: bool = True,
+    revise_threshold: float | None = None,
+    revise_groups: int = 2,
+    max_revisions: int = 1,
     device: torch.device | str | None = None,
 ) -> GenerateOutput:
     """Decode gen_length tokens after each prompt with a masked diffusion LM.
@@ -570,6 +587,10 @@ def generate(
     many model calls (exactly so where the model's logits of a canvas do not depend on
     what shares its batch; README, Speculative decoding). speculate_siblings: each drafted
     step also drafts its runner-up commit (up to 2d - 1 canvases per call; fewer calls).
+    revise_threshold (with threshold or factor): self-correction (unmask.revise); a token
+    committed earlier in the active block is masked again when the model's probability
+    of it, with its position masked, falls below revise_threshold, at most max_revisions
+    times per position; each call also evaluates revise_groups verification canvases.
     """
     num_blocks = validation.block_count(gen_length, block_length)
     sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed)
@@ -578,6 +599,7 @@ def generate(
     cfg_scale = validation.check_float("cfg_scale", cfg_scale, nonnegative=True)
     validation.check_int("speculate", speculate, low=0)
     validation.check_bool("speculate_siblings", speculate_siblings)
+    revision = validation.revision(revise_threshold, revise_groups, max_revisions, rule=rule, speculate=speculate)
     _check_cache(model, cache)
     mask_id, eos_id = special_ids(model, mask_id, eos_id)
 
@@ -603,7 +625,8 @@ def generate(
     step_model = _StepModel(model, cache, model_mask, prompt_positions, mask_id, cfg_scale)
     return _run(step_model, x, blocks, rule, sampling, mask_id=mask_id, eos_id=eos_id if stop_at_eos else None,
                 generation_start=prompt_len, callback=callback, speculate=speculate, siblings=speculate_siblings,
-                cuda_graph=_use_cuda_graph(cuda_graph, step_model, device, speculate))
+                revision=revision,
+                cuda_graph=_use_cuda_graph(cuda_graph, step_model, device, _eager_loop(speculate, revision)))
 
 
 def infill(
@@ -624,11 +647,15 @@ def infill(
     callback: Callback | None = None,
     speculate: int = 0,
     speculate_siblings: bool = True,
+    revise_threshold: float | None = None,
+    revise_groups: int = 2,
+    max_revisions: int = 1,
 ) -> GenerateOutput:
     """Decode the mask tokens of ids [B, L] wherever they stand (editing, fill-in-the-middle).
 
     Blocks of block_length (default: the whole sequence) go left to right; steps
     defaults to one token per step for the row with the most masks per block.
+    revise_threshold: self-correction as in generate (given tokens are never masked).
     Returns the filled ids as .tokens (and .sequences).
     """
     mask_id = validation.model_special_id(model, mask_id, "mask_id", "mask_token_id")
@@ -659,8 +686,10 @@ def infill(
     sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed)
     rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=default_steps,
                            confidence=sampling.confidence)
+    revision = validation.revision(revise_threshold, revise_groups, max_revisions, rule=rule, speculate=speculate)
 
     blocks = [(i * block_length, (i + 1) * block_length) for i in range(num_blocks)]
     step_model = _StepModel(model, None, model_mask, torch.zeros_like(x, dtype=torch.bool), mask_id, 0.0)
     return _run(step_model, x, blocks, rule, sampling, mask_id=mask_id, eos_id=None, generation_start=0,
-                callback=callback, masked_counts=masked_counts, speculate=speculate, siblings=speculate_siblings)
+                callback=callback, masked_counts=masked_counts, speculate=speculate, siblings=speculate_siblings,
+                revision=revision)

@@ -1,11 +1,18 @@
-"""Generated tasks with exactly checkable answers, for training and evaluating small
-masked diffusion models (unmask train / unmask eval).
+"""Generated tasks with checkable answers, for training and evaluating small masked
+diffusion models (unmask train / unmask eval).
 
-Each task writes a prompt and an answer of at most ANSWER_LENGTH characters; the
-answer slot is padded with EOS, so a model must also decide where the answer ends.
-The tasks stress what parallel decoding gets wrong: addition (carries tie each digit
-to the ones after it), sorting and reversal (every output position depends on the
-whole input), and bracket completion (each closer must match an opener far to its left).
+Each task writes a prompt and an answer into a fixed layout (a prompt slot, left-padded,
+and an answer slot padded with EOS, so a model must also decide where the answer ends).
+The short tasks (TASKS, 8 answer positions) are the original four: addition (carries tie
+each digit to the ones after it), sorting and reversal (every output position depends on
+the whole input), and bracket completion (each closer must match an opener far to its
+left). The long tasks (LONG_TASKS, a 24-position answer slot, answers of 12-24
+characters) are where committing several positions per step hurts: 15-digit addition
+(carry chains), running sums of 24 digits (24 chained additions: each output is the one
+before plus a digit), a substitution cipher with its key in the prompt, and two tasks with
+many valid answers, any permutation of given letters and any balanced bracket string of a
+given length, checked by a validity test: positions chosen independently of each other
+pick the same letter twice or unmatched brackets.
 """
 
 from __future__ import annotations
@@ -17,10 +24,24 @@ import torch
 
 PAD, MASK, EOS = "<pad>", "<mask>", "<eos>"
 SPECIALS = (PAD, MASK, EOS)
-CHARACTERS = "0123456789+=abcdefghijklmnopqrstuvwxyz()[]:"
-PROMPT_LENGTH = 16
+CHARACTERS = "0123456789+=abcdefghijklmnopqrstuvwxyz()[]:-,"  # new characters go last: ids stay stable
+PROMPT_LENGTH = 16  # the short tasks' layout
 ANSWER_LENGTH = 8
+LONG_PROMPT_LENGTH = 32  # the long tasks' layout
+LONG_ANSWER_LENGTH = 24
 TASKS = ("add", "sort", "reverse", "brackets")
+LONG_TASKS = ("add_long", "cumsum", "cipher", "permute", "balanced")
+ALL_TASKS = TASKS + LONG_TASKS
+MANY_ANSWERS = ("permute", "balanced")  # scored by validity, not by one expected string
+
+
+def layout(task: str) -> tuple[int, int]:
+    """(prompt positions, answer positions) of a task's rows."""
+    if task in TASKS:
+        return PROMPT_LENGTH, ANSWER_LENGTH
+    if task in LONG_TASKS:
+        return LONG_PROMPT_LENGTH, LONG_ANSWER_LENGTH
+    raise ValueError(f"unknown task {task!r}; tasks are {ALL_TASKS}")
 
 
 class CharTokenizer:
@@ -110,27 +131,120 @@ def _brackets(rng: random.Random) -> Example:
     return Example("brackets", "".join(prefix) + "=", closing)
 
 
-GENERATORS = {"add": _add, "sort": _sort, "reverse": _reverse, "brackets": _brackets}
+ADD_LONG_DIGITS = 15  # 15-digit operands (zero-padded) and a 16-digit sum: a 15-long carry chain
+CUMSUM_DIGITS = 24  # 24 digits in, 24 running sums out
+CIPHER_LETTERS = "abcdef"
+CIPHER_TEXT = 18  # key (6 pairs, 12) + ':' + text (18) + '=' fill the 32-position prompt
+
+
+def _add_long(rng: random.Random) -> Example:
+    a, b = rng.randrange(10 ** ADD_LONG_DIGITS), rng.randrange(10 ** ADD_LONG_DIGITS)
+    width = ADD_LONG_DIGITS
+    return Example("add_long", f"{a:0{width}d}+{b:0{width}d}=", f"{a + b:0{width + 1}d}")
+
+
+def _cumsum(rng: random.Random) -> Example:
+    """Multi-step arithmetic: the running sums (mod 10) of 24 digits, so output i is
+    output i - 1 plus digit i: decoded one at a time, each is one addition; decoded in
+    parallel, a position whose predecessor is still masked needs the whole prefix."""
+    digits = [rng.randrange(10) for _ in range(CUMSUM_DIGITS)]
+    sums, total = [], 0
+    for d in digits:
+        total = (total + d) % 10
+        sums.append(str(total))
+    return Example("cumsum", "cum:" + "".join(map(str, digits)) + "=", "".join(sums))
+
+
+def _cipher(rng: random.Random) -> Example:
+    """The prompt gives a key as (letter, image) pairs in random order, then a text; the
+    answer enciphers the text."""
+    images = list(CIPHER_LETTERS)
+    rng.shuffle(images)
+    table = dict(zip(CIPHER_LETTERS, images))
+    pairs = [c + table[c] for c in CIPHER_LETTERS]
+    rng.shuffle(pairs)
+    text = "".join(rng.choice(CIPHER_LETTERS) for _ in range(CIPHER_TEXT))
+    return Example("cipher", "".join(pairs) + ":" + text + "=", "".join(table[c] for c in text))
+
+
+def _permute(rng: random.Random) -> Example:
+    """Any ordering of 16-24 distinct letters is right; the example carries a random one
+    (training sees them all, so a model learns the set, not one order)."""
+    letters = rng.sample("abcdefghijklmnopqrstuvwxyz", rng.randint(16, LONG_ANSWER_LENGTH))
+    answer = letters[:]
+    rng.shuffle(answer)
+    return Example("permute", "perm:" + "".join(letters) + "=", "".join(answer))
+
+
+def _balanced(rng: random.Random) -> Example:
+    """Any balanced string over () and [] of the given even length (12-24) is right; the
+    example carries a random one."""
+    length = 2 * rng.randint(6, LONG_ANSWER_LENGTH // 2)
+    stack, out = [], []
+    while len(out) < length:
+        remaining = length - len(out)
+        if stack and (len(stack) == remaining or rng.random() < 0.5):
+            out.append(")" if stack.pop() == "(" else "]")
+        else:
+            opener = rng.choice("([")
+            stack.append(opener)
+            out.append(opener)
+    return Example("balanced", f"bal{length:02d}=", "".join(out))
+
+
+GENERATORS = {"add": _add, "sort": _sort, "reverse": _reverse, "brackets": _brackets, "add_long": _add_long,
+              "cumsum": _cumsum, "cipher": _cipher, "permute": _permute, "balanced": _balanced}
+
+
+def is_balanced(text: str) -> bool:
+    stack = []
+    for c in text:
+        if c in "([":
+            stack.append(c)
+        elif c in ")]":
+            if not stack or {"(": ")", "[": "]"}[stack.pop()] != c:
+                return False
+        else:
+            return False
+    return not stack
+
+
+def correct(example: Example, answer: str) -> bool:
+    """Exact match, or for the tasks with many answers, validity: a permutation of the
+    prompt's letters, or a balanced string of the asked length."""
+    if example.task == "permute":
+        return sorted(answer) == sorted(example.prompt[len("perm:"):-1])
+    if example.task == "balanced":
+        return len(answer) == int(example.prompt[3:5]) and is_balanced(answer)
+    return answer == example.answer
 
 
 def examples(n: int, *, seed: int, tasks: tuple[str, ...] = TASKS) -> list[Example]:
+    unknown = sorted(set(tasks) - set(GENERATORS))
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; tasks are {ALL_TASKS}")
     rng = random.Random(seed)
     return [GENERATORS[tasks[i % len(tasks)]](rng) for i in range(n)]
 
 
 def encode_batch(batch: list[Example], tokenizer: CharTokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ids [B, PROMPT_LENGTH + ANSWER_LENGTH] (prompt left-padded, answer EOS-padded),
-    attention mask [B, L] (False on padding) and answer positions [B, L]."""
+    """ids [B, P + A] in the tasks' layout (P, A) (prompt left-padded, answer EOS-padded),
+    attention mask [B, L] (False on padding) and answer positions [B, L]. The examples
+    must share a layout."""
+    layouts = {layout(example.task) for example in batch}
+    if len(layouts) != 1:
+        raise ValueError(f"a batch's examples must share one layout, got {sorted(layouts)}")
+    (prompt_length, answer_length), = layouts
     rows, masks = [], []
     for example in batch:
         prompt = tokenizer.encode(example.prompt)
-        answer = tokenizer.encode(example.answer) + [tokenizer.eos_id] * (ANSWER_LENGTH - len(example.answer))
-        if len(prompt) > PROMPT_LENGTH or len(answer) > ANSWER_LENGTH:
+        answer = tokenizer.encode(example.answer) + [tokenizer.eos_id] * (answer_length - len(example.answer))
+        if len(prompt) > prompt_length or len(answer) > answer_length:
             raise ValueError(f"example does not fit the layout: {example}")
-        pad = PROMPT_LENGTH - len(prompt)
+        pad = prompt_length - len(prompt)
         rows.append([tokenizer.pad_id] * pad + prompt + answer)
-        masks.append([False] * pad + [True] * (len(prompt) + ANSWER_LENGTH))
+        masks.append([False] * pad + [True] * (len(prompt) + answer_length))
     ids = torch.tensor(rows, dtype=torch.int64)
     answer_positions = torch.zeros_like(ids, dtype=torch.bool)
-    answer_positions[:, PROMPT_LENGTH:] = True
+    answer_positions[:, prompt_length:] = True
     return ids, torch.tensor(masks), answer_positions

@@ -499,6 +499,33 @@ def rule(steps, threshold, factor, *, num_blocks: int, default_steps: int, confi
     return Rule(steps_per_block=steps // num_blocks)
 
 
+@dataclasses.dataclass(frozen=True)
+class Revision:
+    """Self-correction (unmask.revise): committed tokens of the active block whose
+    probability, with their position masked, falls below threshold are masked again."""
+
+    threshold: float
+    groups: int          # verification canvases per row per model call
+    max_revisions: int   # times one position may be masked again per block (bounds the steps)
+
+
+def revision(threshold, groups, max_revisions, *, rule: Rule, speculate: int) -> Revision | None:
+    """None when revise_threshold is None (no self-correction)."""
+    if threshold is None:
+        return None
+    threshold = check_float("revise_threshold", threshold)
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"revise_threshold={threshold} must lie in (0, 1): it is compared with a probability")
+    groups = check_positive_int("revise_groups", groups)
+    max_revisions = check_int("max_revisions", max_revisions, low=1)
+    if rule.steps_per_block is not None:
+        raise ValueError("revise_threshold needs threshold= or factor= decoding: the steps rule plans each block's "
+                         "commits up front, and masking tokens again would break the plan")
+    if speculate:
+        raise ValueError("revise_threshold and speculate cannot be combined")
+    return Revision(threshold, groups, max_revisions)
+
+
 def block_count(gen_length, block_length) -> int:
     check_positive_int("gen_length", gen_length)
     check_positive_int("block_length", block_length)

@@ -224,13 +224,14 @@ def serve(model_dir: str | None = None, *, host: str = "127.0.0.1", port: int = 
     import unmask
     from unmask import cli
 
-    bundled = model_dir is None
-    model_dir = str(cli.default_model_path()) if bundled else model_dir
+    bundled = model_dir is None or model_dir in cli.BUNDLED_MODELS
+    name = cli.model_name(model_dir or "unmask-bundled")
+    model_dir = str(cli.model_path(model_dir or "unmask-bundled"))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = unmask.from_pretrained(model_dir, dtype=dtype, device=device)
     if getattr(model, "tokenizer", None) is None:
         raise SystemExit(f"unmask serve needs tokenizer.json in {model_dir} (text in, text out)")
-    server = Server(model, model.tokenizer, model_name="unmask-bundled" if bundled else Path(model_dir).name,
+    server = Server(model, model.tokenizer, model_name=name,
                     model_dir=model_dir, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
                     default_block_length=block_length or (8 if bundled else 32))
     uvicorn.run(server.app(), host=host, port=port, log_level="info", timeout_graceful_shutdown=60)
