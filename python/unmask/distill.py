@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from unmask import tasks
 from unmask.models import from_pretrained
-from unmask.train import learning_rate, save
+from unmask.train import optimise
 
 POOL_SEED = 2_000_029  # prompts the teacher decodes: neither training's seeds nor eval's
 
@@ -149,47 +149,25 @@ def distill(teacher_dir: str | Path, out: str | Path, config: DistillConfig, *, 
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate, betas=(0.9, 0.98),
                                   weight_decay=config.weight_decay)
     forward = torch.compile(student, dynamic=False) if config.compile else student
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
 
-            bar = tqdm(total=config.steps, desc="distill", unit="step")
-        except ImportError:
-            pass
-    started = time.perf_counter()
-    step = 0
-    for step in range(config.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
+    def loss_at(step: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(config.seed * 7_919 + step)
         losses = []
         for pool, size in pools:
             rows = torch.randint(0, pool.ids.shape[0], (size,), generator=generator)
             losses.append(distill_loss(forward, pool, rows, config.tokens_per_step, tokenizer.mask_id,
                                        config.entropy_weight, generator))
-        loss = sum(losses) / len(losses)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        out_of_time = (time.perf_counter() - started) / 60 > config.max_minutes
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps or out_of_time:
-            save(out, student, optimizer, step + 1, config, tokenizer)
-        if out_of_time:
-            break
-    if bar is not None:
-        bar.close()
+        return sum(losses) / len(losses)
+
+    last, minutes = optimise(student, optimizer, config, loss_at, out, tokenizer, start_step=0,
+                             desc="distill", progress=progress)
     student.eval()
     names = tasks.TASKS + (tasks.LONG_TASKS if config.long_batch_size else ())
     scores = {f"steps=answer/{config.tokens_per_step}": {
         task: exact_match(student, task_names=(task,), steps=tasks.layout(task)[1] // config.tokens_per_step)[task]
         for task in names}}
     (out / "distill_result.json").write_text(json.dumps(
-        {"teacher": str(teacher_dir), "steps": step + 1, "pool_minutes": pool_minutes,
-         "minutes": (time.perf_counter() - started) / 60, "accuracy": scores,
+        {"teacher": str(teacher_dir), "steps": last, "pool_minutes": pool_minutes, "minutes": minutes,
+         "accuracy": scores,
          "config": dataclasses.asdict(config)}, indent=2) + "\n")
     return student

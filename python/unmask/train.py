@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -119,6 +120,43 @@ def batch_loss(model, config: TrainConfig, step: int, tokenizer: tasks.CharToken
     return sum(losses) / len(losses)
 
 
+def optimise(model, optimizer, config, loss_at: Callable[[int], torch.Tensor], out: Path,
+             tokenizer: tasks.CharTokenizer, *, start_step: int, desc: str, progress: bool) -> tuple[int, float]:
+    """The optimisation loop of train and distill: steps start_step .. config.steps - 1
+    of AdamW on loss_at(step) with config's learning-rate schedule and gradient clipping
+    at 1, a checkpoint every config.checkpoint_every steps, stopping (and saving) after
+    config.max_minutes. Returns (the last step + 1, minutes)."""
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=config.steps, initial=start_step, desc=desc, unit="step")
+        except ImportError:
+            pass
+    started = time.perf_counter()
+    step = start_step
+    for step in range(start_step, config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        loss = loss_at(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        out_of_time = (time.perf_counter() - started) / 60 > config.max_minutes
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps or out_of_time:
+            save(out, model, optimizer, step + 1, config, tokenizer)
+        if out_of_time:
+            break
+    if bar is not None:
+        bar.close()
+    return step + 1, (time.perf_counter() - started) / 60
+
+
 def train(out: str | Path, config: TrainConfig, *, resume: bool = True, progress: bool = True) -> DiffusionTransformer:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,37 +179,11 @@ def train(out: str | Path, config: TrainConfig, *, resume: bool = True, progress
     # The compiled module shares the parameters; checkpoints save the plain model.
     forward = torch.compile(model, dynamic=False) if config.compile else model
 
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=config.steps, initial=start_step, desc="train", unit="step")
-        except ImportError:
-            pass
-    started = time.perf_counter()
-    step = start_step
-    for step in range(start_step, config.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
-        loss = batch_loss(forward, config, step, tokenizer)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        out_of_time = (time.perf_counter() - started) / 60 > config.max_minutes
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps or out_of_time:
-            save(out, model, optimizer, step + 1, config, tokenizer)
-        if out_of_time:
-            break
-    if bar is not None:
-        bar.close()
+    last, minutes = optimise(model, optimizer, config, lambda step: batch_loss(forward, config, step, tokenizer),
+                             out, tokenizer, start_step=start_step, desc="train", progress=progress)
     model.eval()
     scores = exact_match(model, task_names=tasks.TASKS + (tasks.LONG_TASKS if config.long_batch_size else ()))
     (out / "train_result.json").write_text(json.dumps(
-        {"steps": step + 1, "minutes": (time.perf_counter() - started) / 60, "exact_match_one_token_per_step": scores,
+        {"steps": last, "minutes": minutes, "exact_match_one_token_per_step": scores,
          "config": dataclasses.asdict(config)}, indent=2) + "\n")
     return model
