@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from unmask import tasks
 from unmask.models import from_pretrained
-from unmask.train import optimise
+from unmask.train import exact_match, optimise
 
 POOL_SEED = 2_000_029  # prompts the teacher decodes: neither training's seeds nor eval's
 
@@ -124,8 +124,6 @@ def distill_loss(student, pool: Pool, rows: torch.Tensor, tokens_per_step: int, 
 
 def distill(teacher_dir: str | Path, out: str | Path, config: DistillConfig, *, progress: bool = True):
     """Distil the teacher at teacher_dir into a K-per-step student saved at out."""
-    from unmask.train import exact_match
-
     k = config.tokens_per_step
     if isinstance(k, bool) or not isinstance(k, int) or k < 1 or tasks.ANSWER_LENGTH % k or tasks.LONG_ANSWER_LENGTH % k:
         raise ValueError(f"tokens_per_step must divide the answer lengths {tasks.ANSWER_LENGTH} and "

@@ -58,15 +58,19 @@ class StrategyResult:
     def group_tasks(self, group: str) -> list[str]:
         return [t for t in GROUPS[group] if t in self.accuracy]
 
-    def group_accuracy(self, group: str) -> float:
-        names = self.group_tasks(group)
+    def accuracy_over(self, names: list[str]) -> float:
         return sum(self.accuracy[t] for t in names) / len(names)
 
-    def group_interval(self, group: str) -> tuple[float, float]:
-        """The 95% interval of the group's mean (its tasks weigh equally, same n each)."""
-        names = self.group_tasks(group)
-        correct = round(self.group_accuracy(group) * self.examples * len(names))
+    def interval_over(self, names: list[str]) -> tuple[float, float]:
+        """The 95% interval of the mean over tasks `names` (they weigh equally, same n each)."""
+        correct = round(self.accuracy_over(names) * self.examples * len(names))
         return wilson_interval(correct, self.examples * len(names))
+
+    def group_accuracy(self, group: str) -> float:
+        return self.accuracy_over(self.group_tasks(group))
+
+    def group_interval(self, group: str) -> tuple[float, float]:
+        return self.interval_over(self.group_tasks(group))
 
     def group_tokens_per_call(self, group: str) -> float:
         names = self.group_tasks(group)
@@ -74,13 +78,11 @@ class StrategyResult:
 
     @property
     def mean_accuracy(self) -> float:
-        return sum(self.accuracy.values()) / len(self.accuracy)
+        return self.accuracy_over(list(self.accuracy))
 
     @property
     def mean_interval(self) -> tuple[float, float]:
-        """The 95% interval of the mean over tasks (tasks weigh equally, same n each)."""
-        correct = round(self.mean_accuracy * self.examples * len(self.accuracy))
-        return wilson_interval(correct, self.examples * len(self.accuracy))
+        return self.interval_over(list(self.accuracy))
 
 
 def family(kwargs: dict) -> str:

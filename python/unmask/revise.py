@@ -89,7 +89,7 @@ def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, rule: Rul
         revoked = torch.zeros_like(revisable)
         if checks:
             # The probability of each committed token in the canvas that masks it.
-            tokens = block.clamp(min=0)[None, :, :, None].expand(len(checks), -1, -1, 1)
+            tokens = block[None, :, :, None].expand(len(checks), -1, -1, 1)
             per_canvas = torch.softmax(logits[1:].float(), dim=-1).gather(-1, tokens)[..., 0]  # [G, B, Lb]
             believed = per_canvas.gather(0, group.view(1, 1, length).expand(1, batch, length))[0]
             revoked = revisable & (believed < revision.threshold) & active[:, None]
