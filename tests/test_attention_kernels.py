@@ -20,10 +20,12 @@ def test_masks_and_lengths(dtype, mask, q_len, k_len):
     check_against_reference(q, k, v, **make_masks(mask, 2, k_len, gen))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [1, 4, 8])
-@pytest.mark.parametrize("head_dim", [128, 64, 48, 32, 24, 16, 1])
-def test_gqa_and_head_dims(group, head_dim):
-    q, k, v, gen = random_inputs(1, 1023, 257, 8, 8 // group, head_dim, torch.float32, seed=group * head_dim)
+@pytest.mark.parametrize("head_dim", [160, 128, 96, 64, 48, 32, 24, 16, 1])
+def test_gqa_and_head_dims(dtype, group, head_dim):
+    """Head dims the AMX kernel pads (to 32) and splits (P V in groups of 64 columns)."""
+    q, k, v, gen = random_inputs(1, 1023, 257, 8, 8 // group, head_dim, dtype, seed=group * head_dim)
     check_against_reference(q, k, v, key_valid=torch.rand(1, 257, generator=gen) > 0.5, block_size=64)
 
 
@@ -79,10 +81,13 @@ def test_hidden_keys_are_never_read(dtype):
         assert torch.equal(ops.attention(q, dirty_k, dirty_v, **args), clean)
 
 
-def test_nan_scores_make_their_rows_nan_as_in_the_reference():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_scores_make_their_rows_nan_as_in_the_reference(dtype):
     """NaN in a visible key, or in a query, makes exactly the rows that see it NaN (the
     reference's softmax does); every other row is unaffected."""
-    q, k, v, _ = random_inputs(1, 96, 96, 2, 2, 64, torch.float32, seed=9)
+    q, k, v, _ = random_inputs(1, 96, 96, 2, 2, 64, dtype, seed=9)
+    # float32: the kernel's rounding; bfloat16: twice the input type's epsilon.
+    tolerance = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1.6e-2)
     k[0, 70, 1] = float("nan")  # seen by head 1's queries of blocks 2 (64..95) under blocks of 32
     q[0, 5, 0] = float("nan")  # one query row of head 0
     for block_size in (None, 32):
@@ -91,7 +96,7 @@ def test_nan_scores_make_their_rows_nan_as_in_the_reference():
         assert torch.equal(torch.isnan(out), torch.isnan(expected))
         assert torch.isnan(out).any()
         finite = ~torch.isnan(expected)
-        torch.testing.assert_close(out[finite].double(), expected[finite], rtol=2e-5, atol=2e-6)
+        torch.testing.assert_close(out[finite].double(), expected[finite], **tolerance)
     # A NaN query that sees no key (its block's keys all hidden) gets zeros, as in the
     # reference, though its tile holds keys other queries see.
     key_valid = torch.ones(1, 96, dtype=torch.bool)

@@ -38,6 +38,11 @@ def needs_avx512(line: str) -> bool:
                                                                                     line) is not None
 
 
+# AMX (tile) and AVX512-BF16 instructions: Sapphire Rapids and later only.
+AMX_AND_BF16 = {"ldtilecfg", "sttilecfg", "tilezero", "tileloadd", "tileloaddt1", "tilestored", "tilerelease",
+                "tdpbf16ps", "vcvtne2ps2bf16", "vcvtneps2bf16", "vdpbf16ps"}
+
+
 def functions_beyond_baseline(path: str) -> tuple[dict[str, set[str]], set[str]]:
     """{function: its instructions beyond the baseline} and the functions using AVX-512."""
     text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", path], capture_output=True, text=True,
@@ -53,7 +58,7 @@ def functions_beyond_baseline(path: str) -> tuple[dict[str, set[str]], set[str]]
         if function is None or len(fields) < 2 or not fields[1].split():
             continue
         mnemonic = fields[1].split()[0]
-        if beyond_baseline(mnemonic, line):
+        if beyond_baseline(mnemonic, line) or mnemonic in AMX_AND_BF16:
             beyond[function].add(mnemonic)
         if needs_avx512(line):
             avx512.add(function)
@@ -65,20 +70,24 @@ def functions_beyond_baseline(path: str) -> tuple[dict[str, set[str]], set[str]]
 def test_vector_code_lives_only_in_the_instruction_set_builds():
     if native.cpu_isas() == ["native"]:
         pytest.skip("a -march=native build (UNMASK_NATIVE_ARCH=ON) runs only where it was built")
-    assert native.cpu_isas() == ["avx512", "avx2", "portable"]
+    assert native.cpu_isas() == ["amx", "avx512", "avx2", "portable"]
     beyond, avx512 = functions_beyond_baseline(native._C.__file__)
     # The kernels live in unmask::cpu::<isa>, the inline helpers of shared headers in
     # unmask::<isa>. A compiler clone ("[clone .isra.0]" of std::sort, say) is local to the
     # translation unit that made it, so only its own build calls it. (The symbol table
     # cannot tell the rest apart: hidden inline functions merged across builds are local
     # in the linked module too.)
-    owned = {name for name in beyond if re.search(r"\bunmask::(cpu::)?avx(2|512)::", name) or "[clone ." in name}
+    owned = {name for name in beyond if re.search(r"\bunmask::(cpu::)?(avx2|avx512|amx)::", name) or "[clone ." in name}
     strays = {name: sorted(beyond[name]) for name in beyond if name not in owned}
-    assert not strays, f"code beyond x86-64 outside unmask::cpu::avx2 / avx512: {strays}"
-    assert any("::avx512::" in name for name in owned) and any("::avx2::" in name for name in owned), \
-        "the scan must see both instruction-set builds"
-    avx512_outside = sorted(name for name in avx512 if not re.search(r"\bunmask::(cpu::)?avx512::", name))
-    assert not avx512_outside, f"AVX-512 code outside unmask::cpu::avx512: {avx512_outside[:5]}"
+    assert not strays, f"code beyond x86-64 outside unmask::cpu::avx2 / avx512 / amx: {strays}"
+    for isa in ("amx", "avx512", "avx2"):
+        assert any(f"::{isa}::" in name for name in owned), f"the scan must see the {isa} build"
+    avx512_outside = sorted(name for name in avx512 if not re.search(r"\bunmask::(cpu::)?(avx512|amx)::", name))
+    assert not avx512_outside, f"AVX-512 code outside unmask::cpu::avx512 / amx: {avx512_outside[:5]}"
+    amx_outside = sorted(name for name in beyond if beyond[name] & AMX_AND_BF16
+                         and not re.search(r"\bunmask::(cpu::)?amx::", name))
+    assert not amx_outside, f"AMX or AVX512-BF16 code outside unmask::cpu::amx: {amx_outside[:5]}"
+    assert any(beyond[name] & {"tdpbf16ps"} for name in owned), "the amx build multiplies on tiles"
 
 
 def _import_with(isa: str) -> subprocess.CompletedProcess:

@@ -2,10 +2,12 @@
 reference with flash-attention's tolerance rule: every mask, GQA, head dims, dtypes;
 queries that see nothing get zeros; hidden keys are never read; the routing rule."""
 
+import contextlib
+
 import pytest
 import torch
 
-from unmask import ops, reference, sdpa, validation
+from unmask import native, ops, reference, sdpa, validation
 from tests.helpers import MASKS, check_attention_against_reference, dirty_hidden_keys, make_masks, random_inputs
 
 
@@ -91,9 +93,32 @@ def test_the_routing_rule(dtype, batch, q_len, k_len, heads, head_dim, expected)
     2^27 multiply-adds and more."""
     q = torch.empty(batch, q_len, heads, head_dim, dtype=dtype)
     k = torch.empty(batch, k_len, heads, head_dim, dtype=dtype)
-    reason = sdpa.preferred_on_cpu(validation.attention_call(q, k, k))
-    assert (reason is None) == (expected is None) and (expected is None or expected in reason)
-    assert ops.backend_for("attention", q, k, k).startswith("torch-sdpa" if expected else "cpu:")
+    without_amx = next((isa for isa in native.runnable_cpu_isas() if isa != "amx"), None)
+    with native.cpu_isa_forced(without_amx) if without_amx else contextlib.nullcontext():
+        reason = sdpa.preferred_on_cpu(validation.attention_call(q, k, k))
+        assert (reason is None) == (expected is None) and (expected is None or expected in reason)
+        assert ops.backend_for("attention", q, k, k).startswith("torch-sdpa" if expected else "cpu:")
+
+
+AMX_ROUTES = [
+    # (batch, q_len, k_len, q_heads, kv_heads, expected), bfloat16, head dim 64, the amx build
+    (1, 1024, 1024, 16, 16, None),  # 1.2-1.8x SDPA on AMX tiles (float32 multiplies: SDPA)
+    (4, 32, 1024, 16, 16, None),  # a cached block
+    (1, 4, 512, 16, 16, None),  # 4 query rows per kv head
+    (1, 1, 1024, 16, 4, None),  # one query, but 4 per kv head (GQA)
+    (1, 1, 1024, 16, 16, "fewer than 4 query rows"),  # one query over 1024 keys: SDPA
+]
+
+
+@pytest.mark.skipif("amx" not in native.runnable_cpu_isas(), reason="needs a CPU with AMX")
+@pytest.mark.parametrize("batch,q_len,k_len,q_heads,kv_heads,expected", AMX_ROUTES)
+def test_the_routing_rule_for_bfloat16_on_amx(batch, q_len, k_len, q_heads, kv_heads, expected):
+    q = torch.empty(batch, q_len, q_heads, 64, dtype=torch.bfloat16)
+    k = torch.empty(batch, k_len, kv_heads, 64, dtype=torch.bfloat16)
+    with native.cpu_isa_forced("amx"):
+        reason = sdpa.preferred_on_cpu(validation.attention_call(q, k, k))
+        assert (reason is None) == (expected is None) and (expected is None or expected in reason)
+        assert ops.backend_for("attention", q, k, k) == ("torch-sdpa" if expected else "cpu:amx")
 
 
 @pytest.mark.parametrize("batch,q_len,k_len,heads,head_dim,expected", MASKED_ROUTES)

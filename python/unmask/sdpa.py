@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from unmask import reference
+from unmask import native, reference
 from unmask.validation import AttentionCall
 
 # The native CPU kernel against torch SDPA on this project's machines (bench/attention.py
@@ -32,7 +32,8 @@ from unmask.validation import AttentionCall
 # on cached 32-query blocks over 4096 keys; below that SDPA's lower per-call cost wins
 # (128 x 128 and one query x 1024 keys: 0.45-0.75x in the native kernel). In bfloat16 and
 # float16 SDPA is faster (its kernels multiply in bfloat16, the native kernel in float32:
-# 1.2-3.7x), except on small calls (below).
+# 1.2-3.7x), except on small calls (below) and, where the CPU has AMX, bfloat16 calls of
+# a few query rows and more (NATIVE_AMX_MIN_QUERY_ROWS).
 NATIVE_CPU_MIN_FLOAT32_MACS = 2**27
 # Below that, a key mask (kv_len, key_valid) tips it back: the route then checks the hidden
 # keys (an index_select and a sum, a host read) and builds a mask, 50-150 us that SDPA's
@@ -48,6 +49,11 @@ NATIVE_CPU_MIN_MASKED_QUERIES = 8
 # 0.74x; at 32K elements and more SDPA won (32 queries x 32 keys x 1024: 2-4x; [64, 24 keys,
 # 4 x 32] 1.65x), within 0.88-1.07x near the line.
 NATIVE_CPU_MAX_SMALL_KEYS = 2**15
+# The amx build's bfloat16 kernel (csrc/cpu/attention_amx.cpp) against SDPA in bfloat16,
+# native kernel calls on Sapphire Rapids: 1.1-2.0x from 4 query rows per kv head up (4 x
+# 512 keys 1.21x, a cached block of 32 x 1024 1.45-2.0x, 1024 x 1024 1.18-1.79x); one query
+# over 1024 keys 0.6x (each key tile is packed for AMX, then used by one row).
+NATIVE_AMX_MIN_QUERY_ROWS = 4
 SDPA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -56,6 +62,10 @@ def preferred_on_cpu(call: AttentionCall) -> str | None:
     shape = call.shape
     if shape.batch * shape.k_len * shape.kv_heads * shape.head_dim < NATIVE_CPU_MAX_SMALL_KEYS:
         return None
+    if call.q.dtype == torch.bfloat16 and native.cpu_isa() == "amx":
+        if shape.q_len * (shape.q_heads // shape.kv_heads) >= NATIVE_AMX_MIN_QUERY_ROWS:
+            return None
+        return "torch SDPA is faster for bfloat16 calls of fewer than 4 query rows per kv head on the CPU"
     if call.q.dtype != torch.float32:
         return f"torch SDPA is faster for {str(call.q.dtype).removeprefix('torch.')} on the CPU"
     macs = shape.batch * shape.q_heads * shape.q_len * shape.k_len * shape.head_dim

@@ -1,0 +1,440 @@
+// bfloat16 attention on AMX tiles (Intel Advanced Matrix Extensions, Sapphire Rapids and
+// later): the AMX build's kernel for bfloat16 inputs. The same FlashAttention-2 tiling as
+// attention.cpp (online softmax over key tiles of kKeyTile, float32 scores, sums and
+// output), with both products as AMX tile dot products: TDPBF16PS multiplies a 16 x 32
+// bfloat16 tile by a 32 x 16 one into 16 x 16 float32 accumulators, 8192 multiply-adds an
+// instruction, about 8x the float32 FMA rate of AVX-512 (a bf16 [2048]^2 matmul measured
+// 2.4 TFLOP/s on 2 cores against 0.34 in float32).
+//
+// S = Q K^T: A = 16 query rows x 32 dims of Q (read in place from the task's copy),
+//   B = K in the "VNNI" layout AMX expects: for 16 keys and 32 dims, row i holds dims
+//   (2i, 2i + 1) of each key, so a tile is the 16 keys' rows transposed as 32-bit pairs.
+// O += P V: A = 16 query rows x 32 keys of P (the softmax's weights rounded to bfloat16,
+//   as FlashAttention does on GPUs), B = V in VNNI layout: row i holds keys (2i, 2i + 1)
+//   of 16 dims, interleaved.
+// Scores are scaled in float32 after the product (Q times scale in bfloat16 would round
+// the scores by 2^-9 relative), and the row sums are of the float32 weights.
+// Head dims pad to a multiple of 32 with zeros (Q and K: zero products; V: columns never
+// stored). Tile registers: 0-3 accumulators, 4 the A operand, 5 the B operand.
+#include "attention_tiles.h"
+
+#if defined(UNMASK_AMX)
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace unmask::cpu {
+inline namespace UNMASK_CPU_ISA {  // isa.h
+namespace attention_detail {
+namespace {
+
+using Halves = std::vector<uint16_t, CacheLineAllocator<uint16_t>>;
+constexpr int64_t kTileRows = 16;   // rows of an AMX tile (and 64 bytes each)
+constexpr int64_t kDepth = 32;      // bfloat16 values in a tile row: one dot product's depth
+constexpr int64_t kKeyBlocks = kKeyTile / kTileRows;
+// A multiple of 16 rows; the task's Q, S, P and O tiles (~100 KiB at D = 128) stay in L2.
+constexpr int64_t kAmxQueryTile = 128;
+
+int64_t padded_dim(int64_t dim) { return (dim + kDepth - 1) / kDepth * kDepth; }
+
+// The layout of LDTILECFG's 64-byte operand (Intel SDM vol. 1, 18.2).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void configure_tiles() {
+  TileConfig config;
+  for (int tile = 0; tile < 6; ++tile) {
+    config.bytes_per_row[tile] = 64;
+    config.rows[tile] = kTileRows;
+  }
+  // GCC's ldtilecfg builtin does not tell the optimiser it reads the operand: without this
+  // barrier -O3 dropped the stores above and configured zero-sized tiles (tilezero: SIGILL).
+  __asm__ __volatile__("" : : "r"(&config) : "memory");
+  _tile_loadconfig(&config);
+}
+
+// In-register transpose of a 16 x 16 matrix of 32-bit elements (r[i] is row i): 32-bit
+// and 64-bit interleaves within 128-bit lanes, then two rounds of lane shuffles.
+void transpose_16x16_dwords(__m512i r[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 16; i += 2) {
+    a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  // b[4k + c], lane L: column 4L + c of rows 4k .. 4k + 3.
+  for (int k = 0; k < 16; k += 4) {
+    b[k] = _mm512_unpacklo_epi64(a[k], a[k + 2]);
+    b[k + 1] = _mm512_unpackhi_epi64(a[k], a[k + 2]);
+    b[k + 2] = _mm512_unpacklo_epi64(a[k + 1], a[k + 3]);
+    b[k + 3] = _mm512_unpackhi_epi64(a[k + 1], a[k + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i low01 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44);
+    const __m512i low23 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
+    const __m512i high01 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
+    const __m512i high23 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(low01, low23, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(low01, low23, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(high01, high23, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(high01, high23, 0xDD);
+  }
+}
+
+// The rows of K and V of key tile t of (batch b, kv head h), read in place by the packing
+// below: null for hidden keys and those past k_len, which are never read (a cache's stale
+// rows may hold NaN) and pack as zeros.
+struct KeyTileRows {
+  const uint16_t* k[kKeyTile];
+  const uint16_t* v[kKeyTile];
+};
+
+KeyTileRows key_tile_rows(const AttentionParams& p, const float* bias, int64_t b, int64_t h, int64_t t) {
+  KeyTileRows rows;
+  const auto* k = static_cast<const uint16_t*>(p.k);
+  const auto* v = static_cast<const uint16_t*>(p.v);
+  for (int64_t j = 0; j < kKeyTile; ++j) {
+    const int64_t key = t * kKeyTile + j;
+    const bool visible = bias[j] == 0.0f;
+    rows.k[j] = visible ? k + b * p.k_stride[0] + key * p.k_stride[1] + h * p.k_stride[2] : nullptr;
+    rows.v[j] = visible ? v + b * p.v_stride[0] + key * p.v_stride[1] + h * p.v_stride[2] : nullptr;
+  }
+  return rows;
+}
+
+// 32 values of a row from `first` on, zero past `dim` (the padding) or for a null row.
+__m512i load_depth_chunk(const uint16_t* row, int64_t first, int64_t dim) {
+  if (row == nullptr) return _mm512_setzero_si512();
+  const int64_t lanes = std::clamp<int64_t>(dim - first, 0, kDepth);
+  if (lanes == kDepth) return _mm512_loadu_si512(row + first);
+  return _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t{1} << lanes) - 1), row + first);
+}
+
+// K as B operands of S = Q K^T: tile (chunk c, key block n) at kt + (n * chunks + c) * 512,
+// 16 rows of 64 bytes.
+void pack_keys(const KeyTileRows& rows, int64_t dim, int64_t dp, uint16_t* kt) {
+  const int64_t chunks = dp / kDepth;
+  for (int64_t n = 0; n < kKeyBlocks; ++n) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      __m512i r[16];
+      for (int j = 0; j < 16; ++j) r[j] = load_depth_chunk(rows.k[n * kTileRows + j], c * kDepth, dim);
+      transpose_16x16_dwords(r);
+      uint16_t* tile = kt + (n * chunks + c) * kTileRows * kDepth;
+      for (int i = 0; i < 16; ++i) _mm512_store_si512(tile + i * kDepth, r[i]);
+    }
+  }
+}
+
+// V as B operands of O += P V: tile (key chunk kc, column chunk n of 16 dims) at
+// v + (n * 32 + 16 kc) * 32, 16 rows of 64 bytes; row i interleaves keys 2i and 2i + 1.
+void pack_values(const KeyTileRows& rows, int64_t dim, int64_t dp, uint16_t* v) {
+  alignas(64) static constexpr uint16_t kLow[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static constexpr uint16_t kHigh[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                     24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i low = _mm512_load_si512(kLow), high = _mm512_load_si512(kHigh);
+  constexpr int64_t kPairs = kKeyTile / 2;
+  for (int64_t i = 0; i < kPairs; ++i) {
+    for (int64_t d = 0; d < dp; d += kDepth) {
+      const __m512i a = load_depth_chunk(rows.v[2 * i], d, dim), b = load_depth_chunk(rows.v[2 * i + 1], d, dim);
+      const int64_t n = d / 16;
+      _mm512_store_si512(v + (n * kPairs + i) * kDepth, _mm512_permutex2var_epi16(a, low, b));
+      _mm512_store_si512(v + ((n + 1) * kPairs + i) * kDepth, _mm512_permutex2var_epi16(a, high, b));
+    }
+  }
+}
+
+void pack_key_tile(const AttentionParams& p, const float* bias, int64_t b, int64_t h, int64_t t, int64_t dp,
+                   uint16_t* kt, uint16_t* v) {
+  const KeyTileRows rows = key_tile_rows(p, bias, b, h, t);
+  pack_keys(rows, p.head_dim, dp, kt);
+  pack_values(rows, p.head_dim, dp, v);
+}
+
+struct AmxTask {
+  Halves q, p, kt, v;  // Q [rows][dp], P [rows][kKeyTile], one packed key tile
+  AlignedFloats s, o;            // S [rows][kKeyTile], O [rows][dp]
+  AlignedFloats row_sums;        // [rows][16]: each row's sum of weights, in 16 partial sums
+  std::vector<float> row_max, alpha;
+  std::vector<int64_t> row_keys;
+};
+
+// S[16m .. 16m + 15][0 .. 63] = Q K^T for one 16-row block.
+void scores(const uint16_t* q, int64_t dp, const uint16_t* kt, float* s) {
+  const int64_t chunks = dp / kDepth;
+  constexpr int64_t kTileBytes = kTileRows * kDepth;  // halves per packed tile
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t c = 0; c < chunks; ++c) {
+    _tile_loadd(4, q + c * kDepth, dp * 2);
+    _tile_loadd(5, kt + (0 * chunks + c) * kTileBytes, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(5, kt + (1 * chunks + c) * kTileBytes, 64);
+    _tile_dpbf16ps(1, 4, 5);
+    _tile_loadd(5, kt + (2 * chunks + c) * kTileBytes, 64);
+    _tile_dpbf16ps(2, 4, 5);
+    _tile_loadd(5, kt + (3 * chunks + c) * kTileBytes, 64);
+    _tile_dpbf16ps(3, 4, 5);
+  }
+  constexpr int64_t kRowBytes = kKeyTile * 4;
+  _tile_stored(0, s + 0 * kTileRows, kRowBytes);
+  _tile_stored(1, s + 1 * kTileRows, kRowBytes);
+  _tile_stored(2, s + 2 * kTileRows, kRowBytes);
+  _tile_stored(3, s + 3 * kTileRows, kRowBytes);
+}
+
+// O[16 rows][64 columns from column chunk `first`] += P V over the tile's keys for one
+// 16-row block (up to four chunks of 16 columns): O's rows are the accumulator tiles,
+// loaded and stored in place, so P V needs no buffer and no vector pass of its own.
+void accumulate_values(const uint16_t* p, const uint16_t* v, int64_t first, int64_t count, float* o, int64_t dp) {
+  constexpr int64_t kPairs = kKeyTile / 2;
+  constexpr int64_t kChunkHalves = kPairs * kDepth;  // one column chunk of packed V
+  const int64_t stride = dp * 4;
+  float* block = o + first * 16;
+  _tile_loadd(0, block, stride);
+  _tile_loadd(1, block + 16, stride);
+  if (count > 2) {
+    _tile_loadd(2, block + 32, stride);
+    _tile_loadd(3, block + 48, stride);
+  }
+  for (int64_t kc = 0; kc < kKeyTile / kDepth; ++kc) {
+    _tile_loadd(4, p + kc * kDepth, kKeyTile * 2);
+    const uint16_t* column = v + (first * kPairs + kc * kTileRows) * kDepth;
+    _tile_loadd(5, column, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(5, column + kChunkHalves, 64);
+    _tile_dpbf16ps(1, 4, 5);
+    if (count > 2) {
+      _tile_loadd(5, column + 2 * kChunkHalves, 64);
+      _tile_dpbf16ps(2, 4, 5);
+      _tile_loadd(5, column + 3 * kChunkHalves, 64);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+  }
+  _tile_stored(0, block, stride);
+  _tile_stored(1, block + 16, stride);
+  if (count > 2) {
+    _tile_stored(2, block + 32, stride);
+    _tile_stored(3, block + 48, stride);
+  }
+}
+
+// 2^r on [0, 1) to 7.5e-5 relative (a degree-3 minimax fit; float32 exp2's degree 5 is
+// 2.6e-6): enough for weights that are rounded to bfloat16 (2^-9) before P V, and the sum
+// of the same values normalises them. Two FMAs a vector fewer in the kernel's busiest loop.
+constexpr float kWeightPoly[4] = {0.99992514f, 0.69583398f, 0.22606707f, 0.07802403f};
+
+template <int kN>
+void exp2_weights(__m512 (&z)[kN]) {
+  __m512 whole[kN], r[kN];
+  for (int g = 0; g < kN; ++g) {
+    whole[g] = _mm512_roundscale_ps(z[g], _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    r[g] = _mm512_sub_ps(z[g], whole[g]);
+    z[g] = _mm512_set1_ps(kWeightPoly[3]);
+  }
+  for (int i = 2; i >= 0; --i) {
+    for (int g = 0; g < kN; ++g) z[g] = _mm512_fmadd_ps(z[g], r[g], _mm512_set1_ps(kWeightPoly[i]));
+  }
+  for (int g = 0; g < kN; ++g) z[g] = _mm512_scalef_ps(z[g], whole[g]);
+}
+
+// The running maximum moves only when a score passes it by more than this (log2 units):
+// weights then reach 2^8 at most, far from float32's range, and most tiles skip the
+// maximum's horizontal reduction, the rescale of O and the sum (the "lazy rescaling" of
+// FlashAttention-4 / FA3-style kernels; the result is the same softmax).
+constexpr float kMaxSlack = 8.0f;
+
+// The online softmax of one row of S, in registers: scaled to base 2, masked (columns
+// from visible_columns on, and keys the bias hides: a select, so a hidden key's NaN score
+// is -inf too), the running maximum and the row's 16 partial sums updated, and the
+// weights written to prow as bfloat16. The rules on NaN, on weights below 2^-126 and on
+// rows that have seen no key yet are attention_tiles.h's (bias_and_max, exp2_and_sum).
+void softmax_row(const float* srow, float scale, const float* bias, int64_t visible_columns, float& row_max,
+                 float* row_sums, float& alpha, uint16_t* prow) {
+  constexpr int kVecs = kKeyTile / 16;
+  const __m512 minus_inf = _mm512_set1_ps(-kInf);
+  __m512 x[kVecs];
+  __m512 max = minus_inf;
+  for (int c = 0; c < kVecs; ++c) {
+    x[c] = _mm512_mul_ps(_mm512_load_ps(srow + 16 * c), _mm512_set1_ps(scale));
+    if (visible_columns < kKeyTile) {
+      const int64_t lanes = std::clamp<int64_t>(visible_columns - 16 * c, 0, 16);
+      x[c] = _mm512_mask_mov_ps(minus_inf, static_cast<__mmask16>((uint32_t{1} << lanes) - 1), x[c]);
+    }
+    if (bias != nullptr) {
+      x[c] = _mm512_mask_mov_ps(minus_inf, _mm512_cmp_ps_mask(_mm512_load_ps(bias + 16 * c), _mm512_setzero_ps(),
+                                                              _CMP_EQ_OQ), x[c]);
+    }
+    max = _mm512_max_ps(x[c], max);  // a NaN score leaves the maximum alone
+  }
+  alpha = 1.0f;
+  if (row_max == -kInf || _mm512_cmp_ps_mask(max, _mm512_set1_ps(row_max + kMaxSlack), _CMP_GT_OQ) != 0) {
+    const float new_max = std::max(row_max, _mm512_reduce_max_ps(max));
+    if (new_max == -kInf) {  // no key seen yet: contributes nothing, unless its scores are NaN
+      __mmask16 nan = 0;
+      for (int c = 0; c < kVecs; ++c) nan |= _mm512_cmp_ps_mask(x[c], x[c], _CMP_UNORD_Q);
+      if (nan != 0) row_sums[0] = kNaN;
+      std::fill(prow, prow + kKeyTile, uint16_t{0});
+      return;
+    }
+    const float shift = row_max - new_max;
+    alpha = shift >= -126.0f ? cpu::exp2_poly(shift) : 0.0f;
+    row_max = new_max;
+  }
+  const __m512 lowest = _mm512_set1_ps(-126.0f);
+  __m512 z[kVecs], e[kVecs];
+  for (int c = 0; c < kVecs; ++c) {
+    z[c] = _mm512_sub_ps(x[c], _mm512_set1_ps(row_max));
+    e[c] = _mm512_max_ps(lowest, z[c]);  // NaN where z is NaN
+  }
+  exp2_weights(e);
+  __m512 sum = _mm512_setzero_ps();
+  for (int c = 0; c < kVecs; ++c) {
+    e[c] = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(z[c], lowest, _CMP_NLT_UQ), e[c]);
+    sum = _mm512_add_ps(sum, e[c]);
+  }
+  for (int c = 0; c < kVecs; c += 2) _mm512_store_si512(prow + 16 * c, (__m512i)_mm512_cvtne2ps_pbh(e[c + 1], e[c]));
+  _mm512_store_ps(row_sums, _mm512_fmadd_ps(_mm512_load_ps(row_sums), _mm512_set1_ps(alpha), sum));
+}
+
+void attend_query_tile(const AttentionParams& p, const Packed& packed, const Halves& packed_kt,
+                       const Halves& packed_v, int64_t b, int64_t h, int64_t q_begin, bool pack_locally, AmxTask& task) {
+  const int64_t dim = p.head_dim, dp = padded_dim(dim), tiles = key_tiles(p);
+  const int64_t rows = std::min(kAmxQueryTile, p.q_len - q_begin);
+  const int64_t blocks = (rows + kTileRows - 1) / kTileRows;
+  const int64_t kv_head = h / (p.q_heads / p.kv_heads);
+  const auto* q = static_cast<const uint16_t*>(p.q);
+  for (int64_t r = 0; r < blocks * kTileRows; ++r) {
+    uint16_t* q_row = task.q.data() + r * dp;
+    int64_t copied = 0;
+    if (r < rows) {
+      std::memcpy(q_row, q + b * p.q_stride[0] + (q_begin + r) * p.q_stride[1] + h * p.q_stride[2], dim * 2);
+      copied = dim;
+    }
+    std::fill(q_row + copied, q_row + dp, uint16_t{0});
+  }
+  std::fill(task.p.begin() + rows * kKeyTile, task.p.begin() + blocks * kTileRows * kKeyTile, uint16_t{0});
+  std::fill(task.o.begin(), task.o.begin() + blocks * kTileRows * dp, 0.0f);
+  std::fill(task.row_max.begin(), task.row_max.begin() + rows, -kInf);
+  std::fill(task.row_sums.begin(), task.row_sums.begin() + rows * 16, 0.0f);
+  const float scale = p.scale * cpu::kLog2e;
+  const int64_t tile_halves = kKeyTile * dp;
+
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t k_begin = t * kKeyTile;
+    const int64_t keys = std::min(kKeyTile, p.k_len - k_begin);
+    const int64_t visible_keys = packed.visible_keys[b * tiles + t];
+    if (visible_keys == 0) continue;
+    const TileVisibility causal = causal_visibility(p, q_begin, q_begin + rows, k_begin, k_begin + keys);
+    if (causal == TileVisibility::kHidden) continue;
+    const float* bias = packed.key_bias.data() + b * tiles * kKeyTile + k_begin;
+    const uint16_t* kt = task.kt.data();
+    const uint16_t* v = task.v.data();
+    if (pack_locally) {
+      pack_key_tile(p, bias, b, kv_head, t, dp, task.kt.data(), task.v.data());
+    } else {
+      kt = packed_kt.data() + ((b * p.kv_heads + kv_head) * tiles + t) * tile_halves;
+      v = packed_v.data() + ((b * p.kv_heads + kv_head) * tiles + t) * tile_halves;
+    }
+    for (int64_t r = 0; r < rows; ++r) {  // keys of later blocks than a query's are hidden
+      task.row_keys[r] = causal == TileVisibility::kPartial
+                             ? std::clamp<int64_t>(((p.q_offset + q_begin + r) / p.block_size + 1) * p.block_size - k_begin,
+                                                   0, kKeyTile)
+                             : kKeyTile;
+    }
+    const bool key_masked = visible_keys < kKeyTile;  // includes the zero padding past k_len
+    for (int64_t m = 0; m < blocks; ++m) {
+      float* s = task.s.data() + m * kTileRows * kKeyTile;
+      scores(task.q.data() + m * kTileRows * dp, dp, kt, s);
+      for (int64_t r = m * kTileRows; r < std::min(rows, (m + 1) * kTileRows); ++r) {
+        softmax_row(task.s.data() + r * kKeyTile, scale, key_masked ? bias : nullptr, task.row_keys[r],
+                    task.row_max[r], task.row_sums.data() + r * 16, task.alpha[r], task.p.data() + r * kKeyTile);
+      }
+      for (int64_t r = m * kTileRows; r < std::min(rows, (m + 1) * kTileRows); ++r) {
+        if (task.alpha[r] == 1.0f) continue;  // most rows of most tiles (kMaxSlack)
+        float* orow = task.o.data() + r * dp;
+        const __m512 alpha = _mm512_set1_ps(task.alpha[r]);
+        for (int64_t d = 0; d < dp; d += 16) _mm512_store_ps(orow + d, _mm512_mul_ps(alpha, _mm512_load_ps(orow + d)));
+      }
+      const int64_t column_chunks = dp / 16;
+      for (int64_t first = 0; first < column_chunks; first += 4) {
+        accumulate_values(task.p.data() + m * kTileRows * kKeyTile, v, first, std::min<int64_t>(4, column_chunks - first),
+                          task.o.data() + m * kTileRows * dp, dp);
+      }
+    }
+  }
+
+  for (int64_t r = 0; r < rows; ++r) {
+    float* orow = task.o.data() + r * dp;
+    const float sum = _mm512_reduce_add_ps(_mm512_load_ps(task.row_sums.data() + r * 16));
+    const float inv = sum > 0.0f ? 1.0f / sum : sum == 0.0f ? 0.0f : kNaN;  // no visible key: zeros
+    for (int64_t d = 0; d < dim; ++d) orow[d] *= inv;
+    store_row(p.out, p.dtype, b * p.out_stride[0] + (q_begin + r) * p.out_stride[1] + h * p.out_stride[2], dim, orow);
+  }
+}
+
+}  // namespace
+
+Status attention_amx_bf16(const AttentionParams& p, Packed& packed) {
+  const int64_t dp = padded_dim(p.head_dim), tiles = key_tiles(p);
+  const int64_t query_tiles = (p.q_len + kAmxQueryTile - 1) / kAmxQueryTile;
+  // As in attention.cpp: a short query block packs its key tiles in the task, longer ones
+  // share one pack across their query tiles.
+  const bool pack_locally = query_tiles == 1;
+  pack_masks(p, packed, /*keys_too=*/false);
+  static Halves packed_kt, packed_v;  // guarded by the caller's pack mutex, like `packed`
+  if (!pack_locally) {
+    const size_t halves = static_cast<size_t>(p.batch * p.kv_heads * tiles * kKeyTile * dp);
+    packed_kt.resize(halves);
+    packed_v.resize(halves);
+#pragma omp parallel for collapse(3) schedule(static)
+    for (int64_t b = 0; b < p.batch; ++b) {
+      for (int64_t t = 0; t < tiles; ++t) {
+        for (int64_t h = 0; h < p.kv_heads; ++h) {
+          const int64_t offset = ((b * p.kv_heads + h) * tiles + t) * kKeyTile * dp;
+          pack_key_tile(p, packed.key_bias.data() + b * tiles * kKeyTile + t * kKeyTile, b, h, t, dp,
+                        packed_kt.data() + offset, packed_v.data() + offset);
+        }
+      }
+    }
+  }
+  const int64_t tasks = p.batch * p.q_heads * query_tiles;
+#pragma omp parallel
+  {
+    configure_tiles();  // per thread: the tile configuration is thread state
+    AmxTask task;
+    const int64_t padded_rows = kAmxQueryTile;
+    task.q.resize(padded_rows * dp);
+    task.p.resize(padded_rows * kKeyTile);
+    task.s.resize(padded_rows * kKeyTile);
+    task.o.resize(padded_rows * dp);
+    task.row_max.resize(padded_rows);
+    task.row_sums.resize(padded_rows * 16);
+    task.alpha.resize(padded_rows);
+    task.row_keys.resize(padded_rows);
+    if (pack_locally) {
+      task.kt.resize(kKeyTile * dp);
+      task.v.resize(kKeyTile * dp);
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t index = 0; index < tasks; ++index) {
+      const int64_t q_tile = index % query_tiles;
+      const int64_t h = (index / query_tiles) % p.q_heads;
+      const int64_t b = index / (query_tiles * p.q_heads);
+      attend_query_tile(p, packed, packed_kt, packed_v, b, h, q_tile * kAmxQueryTile, pack_locally, task);
+    }
+    _tile_release();
+  }
+  return ok_status();
+}
+
+}  // namespace attention_detail
+}  // namespace UNMASK_CPU_ISA
+}  // namespace unmask::cpu
+#endif  // UNMASK_AMX

@@ -1,0 +1,205 @@
+// What the attention kernels of one instruction-set build share: the buffers' alignment,
+// the key tile, row loads and stores, the key masks, block-causal tile visibility and the
+// online softmax's row steps. attention.cpp runs float32 tiles on the vector units;
+// attention_amx.cpp runs bfloat16 tiles on AMX where the build has it.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <vector>
+
+#include "isa.h"
+#include "simd.h"
+#include "unmask/attention.h"
+#include "vec_math.h"
+
+namespace unmask::cpu {
+inline namespace UNMASK_CPU_ISA {  // isa.h
+namespace attention_detail {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// Buffers the micro-kernels load whole vectors from start on a cache line: malloc's 16-byte
+// alignment splits every 64-byte load across two lines.
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64})); }
+  void deallocate(T* ptr, size_t) { ::operator delete(ptr, std::align_val_t{64}); }
+  template <typename U>
+  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CacheLineAllocator<U>&) const { return false; }
+};
+using AlignedFloats = std::vector<float, CacheLineAllocator<float>>;
+constexpr int64_t kKeyTile = 64;    // S row = 4 zmm; a K^T tile of D=128 is 32 KiB, L1-sized
+constexpr int64_t kMaxHeadDim = 1024;
+
+inline void load_row(const void* base, ScalarType dtype, int64_t offset, int64_t n, float scale, float* out) {
+  if (dtype == ScalarType::kFloat32) {
+    const float* src = static_cast<const float*>(base) + offset;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = src[i] * scale;
+    return;
+  }
+  const uint16_t* src = static_cast<const uint16_t*>(base) + offset;
+  if (dtype == ScalarType::kBFloat16) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = cpu::bf16_to_float(src[i]) * scale;
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = cpu::fp16_to_float(src[i]) * scale;
+  }
+}
+
+inline void store_row(void* base, ScalarType dtype, int64_t offset, int64_t n, const float* values) {
+  switch (dtype) {
+    case ScalarType::kFloat32: std::memcpy(static_cast<float*>(base) + offset, values, n * sizeof(float)); return;
+    case ScalarType::kFloat16:
+      for (int64_t i = 0; i < n; ++i) static_cast<uint16_t*>(base)[offset + i] = cpu::float_to_fp16(values[i]);
+      return;
+    case ScalarType::kBFloat16:
+      for (int64_t i = 0; i < n; ++i) static_cast<uint16_t*>(base)[offset + i] = cpu::float_to_bf16(values[i]);
+      return;
+  }
+}
+
+
+// One row of S for a key tile, in place: the key bias added (when not null) and the
+// row's maximum. Written against Simd where it is built: the omp simd loops left the
+// softmax at ~20% of a [1, 1024, 32, 128] call (its cost does not scale with D: 15 of 75
+// ms on Sapphire Rapids), mostly in horizontal reductions and the exp's conversions.
+inline float bias_and_max(float* srow, const float* bias) {
+#if defined(UNMASK_SIMD)
+  constexpr int kVecs = kKeyTile / Simd::kWidth;
+  Simd::Reg m = Simd::set1(-kInf);
+  for (int c = 0; c < kVecs; ++c) {
+    Simd::Reg x = Simd::load(srow + c * Simd::kWidth);
+    if (bias != nullptr) {  // a select, not an add: a hidden key's NaN score (NaN in Q) is -inf too
+      const Simd::Reg b = Simd::load(bias + c * Simd::kWidth);
+      x = Simd::add(Simd::keep_or_zero(Simd::equal(b, Simd::zero()), x), b);
+      Simd::store(srow + c * Simd::kWidth, x);
+    }
+    m = Simd::max(x, m);
+  }
+  return Simd::reduce_max(m);
+#else
+  if (bias != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < kKeyTile; ++j) srow[j] = bias[j] == 0.0f ? srow[j] : -kInf;
+  }
+  float max = -kInf;
+#pragma omp simd reduction(max : max)
+  for (int64_t j = 0; j < kKeyTile; ++j) max = srow[j] > max ? srow[j] : max;
+  return max;
+#endif
+}
+
+// srow[j] = 2^(srow[j] - max) in place; returns their sum. Hidden keys (-inf), and any
+// more than 2^-126 below the maximum, get exactly 0: a weight of 2^-126 times V rounds
+// to a subnormal product, and every FMA that makes one takes a microcode assist (a row
+// of P V over hidden padding keys measured 8x slower on Sapphire Rapids). A NaN score
+// (NaN in Q or a visible key) stays NaN and makes the row NaN, as in the reference.
+inline float exp2_and_sum(float* srow, float max) {
+#if defined(UNMASK_SIMD)
+  constexpr int kVecs = kKeyTile / Simd::kWidth;
+  const Simd::Reg vmax = Simd::set1(max), lowest = Simd::set1(-126.0f);
+  Simd::Reg z[kVecs], e[kVecs];
+  for (int c = 0; c < kVecs; ++c) {
+    z[c] = Simd::sub(Simd::load(srow + c * Simd::kWidth), vmax);
+    e[c] = Simd::max(lowest, z[c]);  // NaN where z is NaN (max returns its second operand)
+  }
+  cpu::exp2_interleaved(e);
+  Simd::Reg sum = Simd::zero();
+  for (int c = 0; c < kVecs; ++c) {
+    e[c] = Simd::keep_or_zero(Simd::nan_or_at_least(z[c], lowest), e[c]);
+    Simd::store(srow + c * Simd::kWidth, e[c]);
+    sum = Simd::add(sum, e[c]);
+  }
+  return Simd::reduce_add(sum);
+#else
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < kKeyTile; ++j) {
+    const float z = srow[j] - max;
+    const float e = z < -126.0f ? 0.0f : z == z ? cpu::exp2_poly(z) : z;
+    srow[j] = e;
+    sum += e;
+  }
+  return sum;
+#endif
+}
+
+struct Packed {
+  AlignedFloats kt;            // [batch][kv_heads][tiles][D][kKeyTile]
+  AlignedFloats v;             // [batch][kv_heads][tiles][kKeyTile][D]
+  AlignedFloats key_bias;      // [batch][tiles * kKeyTile]: 0 visible, -inf hidden (kv_len, key_valid, padding)
+  std::vector<int64_t> visible_keys;  // [batch][tiles]: keys of the tile that key masks leave visible
+};
+
+inline int64_t key_tiles(const AttentionParams& p) { return (p.k_len + kKeyTile - 1) / kKeyTile; }
+
+// Sizes the buffers (the K and V ones when keys_too) and builds the key masks (K and V:
+// pack_key_tile).
+inline void pack_masks(const AttentionParams& p, Packed& packed, bool keys_too) {
+  const int64_t tiles = key_tiles(p), dim = p.head_dim;
+  const int64_t head_tile_floats = tiles * kKeyTile * dim;
+  if (keys_too) {
+    packed.kt.resize(static_cast<size_t>(p.batch * p.kv_heads * head_tile_floats));
+    packed.v.resize(packed.kt.size());
+  }
+  packed.key_bias.resize(static_cast<size_t>(p.batch * tiles * kKeyTile));
+  packed.visible_keys.resize(static_cast<size_t>(p.batch * tiles));
+
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t t = 0; t < tiles; ++t) {
+      float* bias = packed.key_bias.data() + b * tiles * kKeyTile + t * kKeyTile;
+      int64_t visible = 0;
+      for (int64_t j = 0; j < kKeyTile; ++j) {
+        const int64_t key = t * kKeyTile + j;
+        bool seen = key < p.k_len;
+        if (seen && p.kv_len != nullptr) seen = key < p.kv_len[b];
+        if (seen && p.key_valid != nullptr) seen = p.key_valid[b * p.k_len + key];
+        bias[j] = seen ? 0.0f : -kInf;
+        visible += seen;
+      }
+      packed.visible_keys[b * tiles + t] = visible;
+    }
+  }
+}
+
+// The K^T and V tiles of key tile t of batch b, for every kv head. Key-major, the order
+// of the inputs in memory ([B, L, H, D]: a key's heads are adjacent): walked head by
+// head instead, each 512-byte row of a 128-dim head lay 16 KiB from the next, a new
+// page per row that the hardware prefetcher does not cross (packing measured 10.3 ms
+// that way, 8-9 ms this way, of a ~150 ms [1, 1024, 32, 128] call).
+
+// Block-causal visibility of a (query tile, key tile) pair, from block indices alone.
+enum class TileVisibility { kHidden, kPartial, kFull };
+
+inline TileVisibility causal_visibility(const AttentionParams& p, int64_t q_begin, int64_t q_end, int64_t k_begin,
+                                 int64_t k_end) {
+  if (p.block_size == 0) return TileVisibility::kFull;
+  const int64_t first_query_block = (p.q_offset + q_begin) / p.block_size;
+  const int64_t last_query_block = (p.q_offset + q_end - 1) / p.block_size;
+  if (k_begin / p.block_size > last_query_block) return TileVisibility::kHidden;
+  if ((k_end - 1) / p.block_size <= first_query_block) return TileVisibility::kFull;
+  return TileVisibility::kPartial;
+}
+
+// The AMX build's bfloat16 kernel (attention_amx.cpp); other builds do not define it.
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define UNMASK_AMX 1
+Status attention_amx_bf16(const AttentionParams& p, Packed& packed);
+#endif
+
+}  // namespace attention_detail
+}  // namespace UNMASK_CPU_ISA
+}  // namespace unmask::cpu
