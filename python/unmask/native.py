@@ -6,8 +6,8 @@ states every case the kernel takes and returns, for any other, the reason it doe
 and unmask.dispatch sends that call to the reference. This is the only module that
 turns tensors into pointers.
 
-The CPU kernels are compiled once per instruction set (avx512, avx2, portable); the
-best this CPU runs is chosen at import, UNMASK_ISA=avx2|portable forces a lower one,
+The CPU kernels are compiled once per instruction set (amx, avx512, avx2, portable); the
+best this CPU runs is chosen at import, UNMASK_ISA=avx512|avx2|portable forces a lower one,
 and use_cpu_isa() changes it at run time.
 """
 
