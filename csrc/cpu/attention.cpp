@@ -368,22 +368,7 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b
     for (int64_t r = 0; r < rows; ++r) {
       float* srow = s + r * kKeyTile;
       if (row_keys != nullptr) std::fill(srow + row_keys[r], srow + kKeyTile, -kInf);
-      const float tile_max = bias_and_max(srow, key_masked ? bias : nullptr);
-      const float new_max = std::max(buf.row_max[r], tile_max);
-      if (new_max == -kInf) {  // this query has seen no key yet: contributes nothing
-        // unless its scores are NaN (NaN or inf in Q): then, as in the reference, its
-        // output is NaN (the sum stays NaN through every later tile).
-        if (std::any_of(srow, srow + kKeyTile, [](float x) { return x != x; })) buf.row_sum[r] = kNaN;
-        std::fill(srow, srow + kKeyTile, 0.0f);
-        buf.alpha[r] = 1.0f;
-        continue;
-      }
-      const float tile_sum = exp2_and_sum(srow, new_max);
-      // 0 (not 2^-126) once the old maximum is that far below, as in exp2_and_sum.
-      const float shift = buf.row_max[r] - new_max;
-      buf.alpha[r] = shift >= -126.0f ? cpu::exp2_poly(shift) : 0.0f;
-      buf.row_sum[r] = buf.row_sum[r] * buf.alpha[r] + tile_sum;
-      buf.row_max[r] = new_max;
+      online_softmax_row(srow, key_masked ? bias : nullptr, buf.row_max[r], buf.row_sum[r], buf.alpha[r]);
     }
     pv_tile(s, rows, keys, dim, v_tile, row_keys, buf.alpha.data(), buf.o.data());
   }
@@ -430,7 +415,9 @@ Status attention(const AttentionParams& p) {
   const int64_t tasks = p.batch * p.q_heads * query_tiles;
 #pragma omp parallel
   {
-    TaskBuffers buf;
+    // Kept by each (pooled) OpenMP thread across calls, growing only: allocated per call,
+    // they were freed back to the OS and page-faulted in again, ~25 us of a small call.
+    static thread_local TaskBuffers buf;
     buf.q.resize(kQueryTile * p.head_dim);
     buf.q_blocked.resize(kQueryTile * p.head_dim);
     buf.o.resize(kQueryTile * p.head_dim);

@@ -244,17 +244,12 @@ void exp2_weights(__m512 (&z)[kN]) {
   for (int g = 0; g < kN; ++g) z[g] = _mm512_scalef_ps(z[g], whole[g]);
 }
 
-// The running maximum moves only when a score passes it by more than this (log2 units):
-// weights then reach 2^8 at most, far from float32's range, and most tiles skip the
-// maximum's horizontal reduction, the rescale of O and the sum (the "lazy rescaling" of
-// FlashAttention-4 / FA3-style kernels; the result is the same softmax).
-constexpr float kMaxSlack = 8.0f;
-
 // The online softmax of one row of S, in registers: scaled to base 2, masked (columns
 // from visible_columns on, and keys the bias hides: a select, so a hidden key's NaN score
 // is -inf too), the running maximum and the row's 16 partial sums updated, and the
-// weights written to prow as bfloat16. The rules on NaN, on weights below 2^-126 and on
-// rows that have seen no key yet are attention_tiles.h's (bias_and_max, exp2_and_sum).
+// weights written to prow as bfloat16. The rules on NaN, on weights below 2^-126, on
+// rows that have seen no key yet and on the lazy maximum (kMaxSlack) are those of
+// attention_tiles.h's online_softmax_row.
 void softmax_row(const float* srow, float scale, const float* bias, int64_t visible_columns, float& row_max,
                  float* row_sums, float& alpha, uint16_t* prow) {
   constexpr int kVecs = kKeyTile / 16;
@@ -408,7 +403,7 @@ Status attention_amx_bf16(const AttentionParams& p, Packed& packed) {
 #pragma omp parallel
   {
     configure_tiles();  // per thread: the tile configuration is thread state
-    AmxTask task;
+    static thread_local AmxTask task;  // reused across calls, as attention.cpp's TaskBuffers
     const int64_t padded_rows = kAmxQueryTile;
     task.q.resize(padded_rows * dp);
     task.p.resize(padded_rows * kKeyTile);

@@ -136,6 +136,77 @@ inline float exp2_and_sum(float* srow, float max) {
 #endif
 }
 
+// The running maximum of a row moves only when a score passes it by more than this (log2
+// units): weights then reach 2^8 at most, far inside float32's range, and most tiles of a
+// row skip the maximum's horizontal reduction and the rescale of its sum and output (the
+// lazy rescaling of FlashAttention-4; the softmax is the same).
+constexpr float kMaxSlack = 8.0f;
+
+// One row of S for a key tile, through the online softmax: masked by the key bias (when
+// not null), the running maximum and sum updated, alpha set to the factor the row's
+// output must be scaled by, and the weights 2^(s - max) written in place (the rules of
+// exp2_and_sum). A row that has seen no key yet contributes nothing, unless its scores
+// are NaN (NaN or inf in Q): then, as in the reference, its output is NaN (the sum stays
+// NaN through every later tile).
+inline void online_softmax_row(float* srow, const float* bias, float& row_max, float& row_sum, float& alpha) {
+  alpha = 1.0f;
+#if defined(UNMASK_SIMD)
+  // In registers: one load of the row, no horizontal maximum on most tiles.
+  constexpr int kVecs = kKeyTile / Simd::kWidth;
+  Simd::Reg x[kVecs];
+  Simd::Reg max = Simd::set1(-kInf);
+  for (int c = 0; c < kVecs; ++c) {
+    x[c] = Simd::load(srow + c * Simd::kWidth);
+    if (bias != nullptr) {  // a select, not an add: a hidden key's NaN score (NaN in Q) is -inf too
+      const Simd::Reg b = Simd::load(bias + c * Simd::kWidth);
+      x[c] = Simd::add(Simd::keep_or_zero(Simd::equal(b, Simd::zero()), x[c]), b);
+    }
+    max = Simd::max(x[c], max);  // a NaN score leaves the maximum alone
+  }
+  if (row_max == -kInf || Simd::bits(Simd::at_least(max, Simd::set1(row_max + kMaxSlack))) != 0) {
+    const float new_max = std::max(row_max, Simd::reduce_max(max));
+    if (new_max == -kInf) {
+      for (int c = 0; c < kVecs; ++c) {
+        if (Simd::bits(Simd::equal(x[c], x[c])) != (1u << Simd::kWidth) - 1) row_sum = kNaN;
+      }
+      std::fill(srow, srow + kKeyTile, 0.0f);
+      return;
+    }
+    const float shift = row_max - new_max;
+    alpha = shift >= -126.0f ? cpu::exp2_poly(shift) : 0.0f;
+    row_max = new_max;
+  }
+  const Simd::Reg vmax = Simd::set1(row_max), lowest = Simd::set1(-126.0f);
+  Simd::Reg z[kVecs];
+  for (int c = 0; c < kVecs; ++c) {
+    z[c] = Simd::sub(x[c], vmax);
+    x[c] = Simd::max(lowest, z[c]);  // NaN where z is NaN (max returns its second operand)
+  }
+  cpu::exp2_interleaved(x);
+  Simd::Reg sum = Simd::zero();
+  for (int c = 0; c < kVecs; ++c) {
+    x[c] = Simd::keep_or_zero(Simd::nan_or_at_least(z[c], lowest), x[c]);
+    Simd::store(srow + c * Simd::kWidth, x[c]);
+    sum = Simd::add(sum, x[c]);
+  }
+  row_sum = row_sum * alpha + Simd::reduce_add(sum);
+#else
+  const float tile_max = bias_and_max(srow, bias);
+  if (row_max == -kInf || tile_max >= row_max + kMaxSlack) {
+    const float new_max = std::max(row_max, tile_max);
+    if (new_max == -kInf) {
+      if (std::any_of(srow, srow + kKeyTile, [](float x) { return x != x; })) row_sum = kNaN;
+      std::fill(srow, srow + kKeyTile, 0.0f);
+      return;
+    }
+    const float shift = row_max - new_max;
+    alpha = shift >= -126.0f ? cpu::exp2_poly(shift) : 0.0f;
+    row_max = new_max;
+  }
+  row_sum = row_sum * alpha + exp2_and_sum(srow, row_max);
+#endif
+}
+
 struct Packed {
   AlignedFloats kt;            // [batch][kv_heads][tiles][D][kKeyTile]
   AlignedFloats v;             // [batch][kv_heads][tiles][kKeyTile][D]
@@ -157,7 +228,8 @@ inline void pack_masks(const AttentionParams& p, Packed& packed, bool keys_too) 
   packed.key_bias.resize(static_cast<size_t>(p.batch * tiles * kKeyTile));
   packed.visible_keys.resize(static_cast<size_t>(p.batch * tiles));
 
-#pragma omp parallel for collapse(2) schedule(static)
+  // A thread per 64 key tiles at least: below that the fork and join cost more than the work.
+#pragma omp parallel for collapse(2) schedule(static) if (p.batch * tiles >= 64)
   for (int64_t b = 0; b < p.batch; ++b) {
     for (int64_t t = 0; t < tiles; ++t) {
       float* bias = packed.key_bias.data() + b * tiles * kKeyTile + t * kKeyTile;

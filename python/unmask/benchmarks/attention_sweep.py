@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from unmask import ops, reference
-from unmask.benchmarks.harness import Row, median_seconds
+from unmask.benchmarks.harness import Row, alternating_median_seconds, median_seconds
 
 HEAD_DIMS = (16, 32, 64, 128)
 D_MODEL = 1024
@@ -63,7 +63,7 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048) -> float:
 
 
 def sweep(*, dtypes=(torch.float32, torch.bfloat16), head_dims=HEAD_DIMS, quick: bool = False,
-          reps: int = 5) -> tuple[list[Row], dict]:
+          reps: int = 9) -> tuple[list[Row], dict]:
     rows, peaks = [], {}
     for dtype in dtypes:
         name = str(dtype).removeprefix("torch.")
@@ -88,8 +88,7 @@ def sweep(*, dtypes=(torch.float32, torch.bfloat16), head_dims=HEAD_DIMS, quick:
                 def ours(i):
                     return ops.attention(q, k, v, **arguments)
 
-                baseline = median_seconds(sdpa, torch.device("cpu"), reps=reps)
-                seconds = median_seconds(ours, torch.device("cpu"), reps=reps)
+                baseline, seconds = alternating_median_seconds((sdpa, ours), torch.device("cpu"), reps=reps)
                 label = f"unmask.ops [{ops.backend_for('attention', q, k, v, **arguments)}]"
                 for impl, time in (("torch SDPA" + (" (bool mask)" if mask is not None else ""), baseline),
                                    (label, seconds)):

@@ -73,6 +73,29 @@ def median_seconds(fn: Callable[[int], object], device: torch.device, *, warmup:
     return statistics.median(times)
 
 
+def alternating_median_seconds(fns: Sequence[Callable[[int], object]], device: torch.device, *, warmup: int = 3,
+                               reps: int = 9, max_seconds: float = 10.0) -> list[float]:
+    """Median time of each fn(i), timed in turns (one call of each per round, the order
+    reversed every other round): on a shared machine whose speed drifts, back-to-back
+    blocks of reps put the drift into the ratio, alternation cancels most of it."""
+    for i in range(warmup):
+        for fn in fns:
+            fn(i)
+    synchronize(device)
+    times: list[list[float]] = [[] for _ in fns]
+    budget_end = time.perf_counter() + max_seconds
+    for i in range(reps):
+        order = range(len(fns)) if i % 2 == 0 else reversed(range(len(fns)))
+        for index in order:
+            started = time.perf_counter()
+            fns[index](i)
+            synchronize(device)
+            times[index].append(time.perf_counter() - started)
+        if i >= 2 and time.perf_counter() > budget_end:
+            break
+    return [statistics.median(t) for t in times]
+
+
 def read_bandwidth(device: torch.device, *, megabytes: int = 512) -> float:
     """Measured memory read bandwidth in GB/s: a float32 sum over a buffer far larger than cache."""
     buffer = torch.ones(megabytes * 2**20 // 4, device=device)
