@@ -221,3 +221,47 @@ def test_each_cuda_launcher_runs_under_its_device_guard():
     """The CUDA backends make the call's device current (workspace, SM count, launch)."""
     for entry in native.KERNELS:
         assert (entry.guard is native._cuda_guard) == (entry.device_type == "cuda"), entry
+
+
+def test_eager_calls_run_the_custom_ops_body_directly(monkeypatch):
+    """Without a gradient to record, torch.compile or a dispatch mode, ops.* skip the
+    custom op's wrapping and run its body: the same backend, the same results. A call
+    that records a gradient, or one under a dispatch mode (tracing, FLOP counting), still
+    goes through the custom op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    through_op = []
+    original = ops._attention_op
+    monkeypatch.setattr(ops, "_attention_op", lambda *args: through_op.append(1) or original(*args))
+    q = torch.randn(1, 40, 2, 16)
+    k, v = torch.randn(1, 40, 1, 16), torch.randn(1, 40, 1, 16)
+    eager = ops.attention(q, k, v, block_size=8)
+    assert through_op == []
+    assert torch.equal(eager, torch.ops.unmask.attention(q, k, v, None, None, 8, 0, 16**-0.5))
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough():
+        assert torch.equal(ops.attention(q, k, v, block_size=8), eager)
+    assert through_op == [1]
+    q.requires_grad_()
+    ops.attention(q, k, v, block_size=8).sum().backward()
+    assert through_op == [1, 1] and q.grad is not None
+    with torch.no_grad():
+        ops.attention(q, k, v, block_size=8)
+    assert through_op == [1, 1]
+
+    logits = torch.randn(3, 50)
+    tokens, conf = ops.sample(logits, temperature=1.0, seed=5)
+    op_tokens, op_conf = torch.ops.unmask.sample(logits, 1.0, 0, 1.0, None, "prob", 1.0, 5, 0, None, None, True)
+    assert torch.equal(tokens, op_tokens) and torch.equal(conf, op_conf)
+
+    canvas, op_canvas = torch.zeros(3, 50, dtype=torch.int64), torch.zeros(3, 50, dtype=torch.int64)
+    proposals, confidence = torch.randint(1, 9, (3, 50)), torch.rand(3, 50)
+    eligible = torch.rand(3, 50) > 0.3
+    committed = ops.commit(canvas, proposals, confidence, eligible, k=2)
+    op_committed = torch.ops.unmask.commit(op_canvas, proposals, confidence, eligible, torch.full((3,), 2), None, None)
+    assert torch.equal(committed, op_committed) and torch.equal(canvas, op_canvas)
+    assert int(committed.sum()) == 6
