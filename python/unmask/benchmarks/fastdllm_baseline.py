@@ -1,0 +1,95 @@
+"""The loops of NVlabs/Fast-dLLM's LLaDA generation (arXiv 2505.22618), rewritten from
+their description for benchmarking: what a user of Fast-dLLM runs, on unmask's model
+weights, so that unmask's step can be timed against it at the same tokens.
+
+What those loops do per step, and this one too:
+- cache None: the whole canvas through the model, logits for every position;
+- cache "prefix": at a block's first step the whole canvas (keys and values cached);
+  later steps recompute the block and everything after it, over the cached prefix;
+- cache "dual": later steps recompute the block alone, over the cached prefix and
+  suffix (the block's own keys and values replaced in the cache every step);
+- the cache is refilled by a whole-canvas forward at every block's first step, whose
+  logits also make that step's choice;
+- confidence: a float64 softmax over the vocabulary at every position whose logits the
+  model returned (the canvas, or the block and suffix), gathered at the argmax token;
+- commit: the masked positions of the current block, the k most confident per row, k from
+  LLaDA's schedule (the block's masked count spread over its steps).
+Eager PyTorch with torch SDPA attention (dense masks only where needed).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from unmask.models.transformer import DiffusionTransformer, apply_rotary, rotary_tables
+
+
+def _forward(model: DiffusionTransformer, ids: torch.Tensor, start: int, cache: list | None) -> torch.Tensor:
+    """Logits of canvas positions start .. start + ids.shape[1] - 1. cache: per layer a
+    (keys, values) pair over the whole canvas [B, L, H, D]; the positions computed here
+    write theirs, and their queries attend over the whole cached canvas."""
+    config = model.config
+    batch, length = ids.shape
+    cos, sin = rotary_tables(torch.arange(start, start + length, device=ids.device)[None], config.head_dim,
+                             config.rope_theta)
+    x = model.embed(ids)
+    group = config.n_heads // config.n_kv_heads
+    for index, layer in enumerate(model.layers):
+        h = layer.attn_norm(x)
+        q = apply_rotary(layer.q_proj(h).view(batch, length, config.n_heads, config.head_dim), cos, sin)
+        k = apply_rotary(layer.k_proj(h).view(batch, length, config.n_kv_heads, config.head_dim), cos, sin)
+        v = layer.v_proj(h).view(batch, length, config.n_kv_heads, config.head_dim)
+        if cache is not None:
+            keys, values = cache[index]
+            keys[:, start:start + length], values[:, start:start + length] = k, v
+            k, v = keys, values
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+        attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        x = x + layer.o_proj(attn.transpose(1, 2).reshape(batch, length, config.d_model))
+        h = layer.mlp_norm(x)
+        x = x + layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))
+    return model.lm_head(model.final_norm(x))
+
+
+@torch.inference_mode()
+def fastdllm_generate(model: DiffusionTransformer, prompt: torch.Tensor, *, steps: int, gen_length: int,
+                      block_length: int, cache: str | None = None) -> tuple[torch.Tensor, int]:
+    """Greedy decoding with low-confidence remasking. Returns (generated tokens
+    [B, gen_length], number of model calls)."""
+    config = model.config
+    mask_id = config.mask_token_id
+    batch, prompt_len = prompt.shape
+    total = prompt_len + gen_length
+    x = torch.full((batch, total), mask_id, dtype=torch.long, device=prompt.device)
+    x[:, :prompt_len] = prompt
+    blocks = gen_length // block_length
+    steps_per_block = steps // blocks
+    kv = None
+    if cache is not None:
+        shape = (batch, total, config.n_kv_heads, config.head_dim)
+        dtype = model.embed.weight.dtype
+        kv = [(x.new_empty(shape, dtype=dtype), x.new_empty(shape, dtype=dtype)) for _ in model.layers]
+    calls = 0
+    for block in range(blocks):
+        begin, end = prompt_len + block * block_length, prompt_len + (block + 1) * block_length
+        masked = (x[:, begin:end] == mask_id).sum(dim=1)
+        for step in range(steps_per_block):
+            counts = masked // steps_per_block + (step < masked % steps_per_block).long()
+            # the positions whose logits the model returns: the canvas, or the recomputed segment
+            start = 0 if cache is None or step == 0 else begin
+            stop = end if cache == "dual" and step > 0 else total
+            logits = _forward(model, x[:, start:stop], start, kv)
+            calls += 1
+            tokens = logits.argmax(dim=-1)
+            probs = F.softmax(logits.to(torch.float64), dim=-1)
+            confidence = probs.gather(-1, tokens[..., None]).squeeze(-1)
+            segment = x[:, start:stop]
+            eligible = segment == mask_id
+            eligible[:, end - start:] = False  # positions after the block wait for their block
+            confidence = torch.where(eligible, confidence, -torch.inf)
+            chosen = torch.zeros_like(eligible)
+            for row in range(batch):
+                chosen[row, confidence[row].topk(int(counts[row])).indices] = True
+            segment[chosen] = tokens[chosen]
+    return x[:, prompt_len:], calls
