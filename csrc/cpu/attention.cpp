@@ -341,36 +341,24 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b
   std::fill(buf.row_sum.begin(), buf.row_sum.begin() + rows, 0.0f);
 
   for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t k_begin = t * kKeyTile;
-    const int64_t keys = std::min(kKeyTile, p.k_len - k_begin);
-    const int64_t visible_keys = packed.visible_keys[b * tiles + t];
-    if (visible_keys == 0) continue;
-    const TileVisibility causal = causal_visibility(p, q_begin, q_begin + rows, k_begin, k_begin + keys);
-    if (causal == TileVisibility::kHidden) continue;
-
+    const KeyTile tile = key_tile(p, packed, b, t, q_begin, rows);
+    if (tile.hidden()) continue;
     const int64_t* row_keys = nullptr;
-    if (causal == TileVisibility::kPartial) {
-      // Keys of later blocks than a query's are hidden: row r sees the first row_keys[r].
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t limit = ((p.q_offset + q_begin + r) / p.block_size + 1) * p.block_size - k_begin;
-        buf.row_keys[r] = std::clamp<int64_t>(limit, 0, kKeyTile);
-      }
+    if (tile.causal == TileVisibility::kPartial) {
+      causal_row_keys(p, tile, q_begin, rows, buf.row_keys.data());
       row_keys = buf.row_keys.data();
     }
     float* s = buf.s.data();
     const float* kt_tile = pack_locally ? buf.kt.data() : kt_head + t * kKeyTile * dim;
-    const float* v_tile = pack_locally ? buf.v.data() : v_head + k_begin * dim;
+    const float* v_tile = pack_locally ? buf.v.data() : v_head + tile.begin * dim;
     if (pack_locally) pack_head_tile(p, packed, b, kv_head, t, buf);
     qk_tile(q_tile, rows, dim, kt_tile, row_keys, s);
-    const float* bias = packed.key_bias.data() + b * tiles * kKeyTile + k_begin;
-    const bool key_masked = visible_keys < kKeyTile;  // includes the zero padding past k_len
-
     for (int64_t r = 0; r < rows; ++r) {
       float* srow = s + r * kKeyTile;
       if (row_keys != nullptr) std::fill(srow + row_keys[r], srow + kKeyTile, -kInf);
-      online_softmax_row(srow, key_masked ? bias : nullptr, buf.row_max[r], buf.row_sum[r], buf.alpha[r]);
+      online_softmax_row(srow, tile.key_masked() ? tile.bias : nullptr, buf.row_max[r], buf.row_sum[r], buf.alpha[r]);
     }
-    pv_tile(s, rows, keys, dim, v_tile, row_keys, buf.alpha.data(), buf.o.data());
+    pv_tile(s, rows, tile.keys, dim, v_tile, row_keys, buf.alpha.data(), buf.o.data());
   }
 
   for (int64_t r = 0; r < rows; ++r) {

@@ -249,7 +249,7 @@ void exp2_weights(__m512 (&z)[kN]) {
 // is -inf too), the running maximum and the row's 16 partial sums updated, and the
 // weights written to prow as bfloat16. The rules on NaN, on weights below 2^-126, on
 // rows that have seen no key yet and on the lazy maximum (kMaxSlack) are those of
-// attention_tiles.h's online_softmax_row.
+// attention_tiles.h's online_softmax_row, here with the scale and the bfloat16 weights.
 void softmax_row(const float* srow, float scale, const float* bias, int64_t visible_columns, float& row_max,
                  float* row_sums, float& alpha, uint16_t* prow) {
   constexpr int kVecs = kKeyTile / 16;
@@ -322,33 +322,26 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, const Hal
   const int64_t tile_halves = kKeyTile * dp;
 
   for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t k_begin = t * kKeyTile;
-    const int64_t keys = std::min(kKeyTile, p.k_len - k_begin);
-    const int64_t visible_keys = packed.visible_keys[b * tiles + t];
-    if (visible_keys == 0) continue;
-    const TileVisibility causal = causal_visibility(p, q_begin, q_begin + rows, k_begin, k_begin + keys);
-    if (causal == TileVisibility::kHidden) continue;
-    const float* bias = packed.key_bias.data() + b * tiles * kKeyTile + k_begin;
+    const KeyTile tile = key_tile(p, packed, b, t, q_begin, rows);
+    if (tile.hidden()) continue;
     const uint16_t* kt = task.kt.data();
     const uint16_t* v = task.v.data();
     if (pack_locally) {
-      pack_key_tile(p, bias, b, kv_head, t, dp, task.kt.data(), task.v.data());
+      pack_key_tile(p, tile.bias, b, kv_head, t, dp, task.kt.data(), task.v.data());
     } else {
       kt = packed_kt.data() + ((b * p.kv_heads + kv_head) * tiles + t) * tile_halves;
       v = packed_v.data() + ((b * p.kv_heads + kv_head) * tiles + t) * tile_halves;
     }
-    for (int64_t r = 0; r < rows; ++r) {  // keys of later blocks than a query's are hidden
-      task.row_keys[r] = causal == TileVisibility::kPartial
-                             ? std::clamp<int64_t>(((p.q_offset + q_begin + r) / p.block_size + 1) * p.block_size - k_begin,
-                                                   0, kKeyTile)
-                             : kKeyTile;
+    if (tile.causal == TileVisibility::kPartial) {
+      causal_row_keys(p, tile, q_begin, rows, task.row_keys.data());
+    } else {
+      std::fill(task.row_keys.begin(), task.row_keys.begin() + rows, kKeyTile);
     }
-    const bool key_masked = visible_keys < kKeyTile;  // includes the zero padding past k_len
     for (int64_t m = 0; m < blocks; ++m) {
       float* s = task.s.data() + m * kTileRows * kKeyTile;
       scores(task.q.data() + m * kTileRows * dp, dp, kt, s);
       for (int64_t r = m * kTileRows; r < std::min(rows, (m + 1) * kTileRows); ++r) {
-        softmax_row(task.s.data() + r * kKeyTile, scale, key_masked ? bias : nullptr, task.row_keys[r],
+        softmax_row(task.s.data() + r * kKeyTile, scale, tile.key_masked() ? tile.bias : nullptr, task.row_keys[r],
                     task.row_max[r], task.row_sums.data() + r * 16, task.alpha[r], task.p.data() + r * kKeyTile);
       }
       for (int64_t r = m * kTileRows; r < std::min(rows, (m + 1) * kTileRows); ++r) {

@@ -71,71 +71,6 @@ inline void store_row(void* base, ScalarType dtype, int64_t offset, int64_t n, c
 }
 
 
-// One row of S for a key tile, in place: the key bias added (when not null) and the
-// row's maximum. Written against Simd where it is built: the omp simd loops left the
-// softmax at ~20% of a [1, 1024, 32, 128] call (its cost does not scale with D: 15 of 75
-// ms on Sapphire Rapids), mostly in horizontal reductions and the exp's conversions.
-inline float bias_and_max(float* srow, const float* bias) {
-#if defined(UNMASK_SIMD)
-  constexpr int kVecs = kKeyTile / Simd::kWidth;
-  Simd::Reg m = Simd::set1(-kInf);
-  for (int c = 0; c < kVecs; ++c) {
-    Simd::Reg x = Simd::load(srow + c * Simd::kWidth);
-    if (bias != nullptr) {  // a select, not an add: a hidden key's NaN score (NaN in Q) is -inf too
-      const Simd::Reg b = Simd::load(bias + c * Simd::kWidth);
-      x = Simd::add(Simd::keep_or_zero(Simd::equal(b, Simd::zero()), x), b);
-      Simd::store(srow + c * Simd::kWidth, x);
-    }
-    m = Simd::max(x, m);
-  }
-  return Simd::reduce_max(m);
-#else
-  if (bias != nullptr) {
-#pragma omp simd
-    for (int64_t j = 0; j < kKeyTile; ++j) srow[j] = bias[j] == 0.0f ? srow[j] : -kInf;
-  }
-  float max = -kInf;
-#pragma omp simd reduction(max : max)
-  for (int64_t j = 0; j < kKeyTile; ++j) max = srow[j] > max ? srow[j] : max;
-  return max;
-#endif
-}
-
-// srow[j] = 2^(srow[j] - max) in place; returns their sum. Hidden keys (-inf), and any
-// more than 2^-126 below the maximum, get exactly 0: a weight of 2^-126 times V rounds
-// to a subnormal product, and every FMA that makes one takes a microcode assist (a row
-// of P V over hidden padding keys measured 8x slower on Sapphire Rapids). A NaN score
-// (NaN in Q or a visible key) stays NaN and makes the row NaN, as in the reference.
-inline float exp2_and_sum(float* srow, float max) {
-#if defined(UNMASK_SIMD)
-  constexpr int kVecs = kKeyTile / Simd::kWidth;
-  const Simd::Reg vmax = Simd::set1(max), lowest = Simd::set1(-126.0f);
-  Simd::Reg z[kVecs], e[kVecs];
-  for (int c = 0; c < kVecs; ++c) {
-    z[c] = Simd::sub(Simd::load(srow + c * Simd::kWidth), vmax);
-    e[c] = Simd::max(lowest, z[c]);  // NaN where z is NaN (max returns its second operand)
-  }
-  cpu::exp2_interleaved(e);
-  Simd::Reg sum = Simd::zero();
-  for (int c = 0; c < kVecs; ++c) {
-    e[c] = Simd::keep_or_zero(Simd::nan_or_at_least(z[c], lowest), e[c]);
-    Simd::store(srow + c * Simd::kWidth, e[c]);
-    sum = Simd::add(sum, e[c]);
-  }
-  return Simd::reduce_add(sum);
-#else
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < kKeyTile; ++j) {
-    const float z = srow[j] - max;
-    const float e = z < -126.0f ? 0.0f : z == z ? cpu::exp2_poly(z) : z;
-    srow[j] = e;
-    sum += e;
-  }
-  return sum;
-#endif
-}
-
 // The running maximum of a row moves only when a score passes it by more than this (log2
 // units): weights then reach 2^8 at most, far inside float32's range, and most tiles of a
 // row skip the maximum's horizontal reduction and the rescale of its sum and output (the
@@ -143,11 +78,19 @@ inline float exp2_and_sum(float* srow, float max) {
 constexpr float kMaxSlack = 8.0f;
 
 // One row of S for a key tile, through the online softmax: masked by the key bias (when
-// not null), the running maximum and sum updated, alpha set to the factor the row's
-// output must be scaled by, and the weights 2^(s - max) written in place (the rules of
-// exp2_and_sum). A row that has seen no key yet contributes nothing, unless its scores
-// are NaN (NaN or inf in Q): then, as in the reference, its output is NaN (the sum stays
-// NaN through every later tile).
+// not null; a select, not an add: a hidden key's NaN score, from NaN in Q, is -inf too),
+// the running maximum and sum updated, alpha set to the factor the row's output must be
+// scaled by, and the weights 2^(s - max) written in place.
+// - Hidden keys (-inf), and any weight more than 2^-126 below the maximum, get exactly 0:
+//   a weight of 2^-126 times V rounds to a subnormal product, and every FMA that makes
+//   one takes a microcode assist (a row of P V over hidden padding keys measured 8x
+//   slower on Sapphire Rapids).
+// - A NaN score (NaN in Q or a visible key) stays NaN and makes the row NaN, as in the
+//   reference. A row that has seen no key yet contributes nothing, unless its scores are
+//   NaN (NaN or inf in Q): then its output is NaN (the sum stays NaN through every tile).
+// - Written against Simd where it is built, in registers: the omp simd loops left the
+//   softmax at ~20% of a [1, 1024, 32, 128] call, mostly in horizontal reductions and the
+//   exp's conversions, which kMaxSlack now skips on most tiles.
 inline void online_softmax_row(float* srow, const float* bias, float& row_max, float& row_sum, float& alpha) {
   alpha = 1.0f;
 #if defined(UNMASK_SIMD)
@@ -191,7 +134,11 @@ inline void online_softmax_row(float* srow, const float* bias, float& row_max, f
   }
   row_sum = row_sum * alpha + Simd::reduce_add(sum);
 #else
-  const float tile_max = bias_and_max(srow, bias);
+  float tile_max = -kInf;
+  for (int64_t j = 0; j < kKeyTile; ++j) {
+    if (bias != nullptr && bias[j] != 0.0f) srow[j] = -kInf;
+    tile_max = srow[j] > tile_max ? srow[j] : tile_max;  // a NaN score leaves the maximum alone
+  }
   if (row_max == -kInf || tile_max >= row_max + kMaxSlack) {
     const float new_max = std::max(row_max, tile_max);
     if (new_max == -kInf) {
@@ -203,7 +150,15 @@ inline void online_softmax_row(float* srow, const float* bias, float& row_max, f
     alpha = shift >= -126.0f ? cpu::exp2_poly(shift) : 0.0f;
     row_max = new_max;
   }
-  row_sum = row_sum * alpha + exp2_and_sum(srow, row_max);
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < kKeyTile; ++j) {
+    const float z = srow[j] - row_max;
+    const float e = z < -126.0f ? 0.0f : z == z ? cpu::exp2_poly(z) : z;
+    srow[j] = e;
+    sum += e;
+  }
+  row_sum = row_sum * alpha + sum;
 #endif
 }
 
@@ -264,6 +219,35 @@ inline TileVisibility causal_visibility(const AttentionParams& p, int64_t q_begi
   if (k_begin / p.block_size > last_query_block) return TileVisibility::kHidden;
   if ((k_end - 1) / p.block_size <= first_query_block) return TileVisibility::kFull;
   return TileVisibility::kPartial;
+}
+
+// Key tile t of batch b as the query rows [q_begin, q_begin + rows) meet it.
+struct KeyTile {
+  int64_t begin, keys;   // its first key and its keys before k_len
+  int64_t visible_keys;  // those the key masks leave visible
+  TileVisibility causal;
+  const float* bias;     // its kKeyTile entries of packed.key_bias
+  bool key_masked() const { return visible_keys < kKeyTile; }  // includes the zero padding past k_len
+  bool hidden() const { return visible_keys == 0 || causal == TileVisibility::kHidden; }  // skipped, never computed
+};
+
+inline KeyTile key_tile(const AttentionParams& p, const Packed& packed, int64_t b, int64_t t, int64_t q_begin,
+                        int64_t rows) {
+  const int64_t tiles = key_tiles(p), begin = t * kKeyTile, keys = std::min(kKeyTile, p.k_len - begin);
+  return KeyTile{begin, keys, packed.visible_keys[b * tiles + t],
+                 causal_visibility(p, q_begin, q_begin + rows, begin, begin + keys),
+                 packed.key_bias.data() + b * tiles * kKeyTile + begin};
+}
+
+// row_keys[r]: how many of the tile's keys query row q_begin + r sees under the
+// block-causal mask (keys of later blocks than a query's are hidden), for a tile the
+// diagonal cuts (TileVisibility::kPartial).
+inline void causal_row_keys(const AttentionParams& p, const KeyTile& tile, int64_t q_begin, int64_t rows,
+                            int64_t* row_keys) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t limit = ((p.q_offset + q_begin + r) / p.block_size + 1) * p.block_size - tile.begin;
+    row_keys[r] = std::clamp<int64_t>(limit, 0, kKeyTile);
+  }
 }
 
 // The AMX build's bfloat16 kernel (attention_amx.cpp); other builds do not define it.

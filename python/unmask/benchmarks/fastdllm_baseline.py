@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from unmask.models.transformer import DiffusionTransformer, apply_rotary, rotary_tables
 
 
-def _forward(model: DiffusionTransformer, ids: torch.Tensor, start: int, cache: list | None) -> torch.Tensor:
-    """Logits of canvas positions start .. start + ids.shape[1] - 1. cache: per layer a
+def sdpa_forward(model: DiffusionTransformer, ids: torch.Tensor, start: int = 0, cache: list | None = None) -> torch.Tensor:
+    """The model's forward with torch SDPA attention and the LM head on every position it
+    computes: logits of canvas positions start .. start + ids.shape[1] - 1. cache: per layer a
     (keys, values) pair over the whole canvas [B, L, H, D]; the positions computed here
     write theirs, and their queries attend over the whole cached canvas."""
     config = model.config
@@ -79,7 +80,7 @@ def fastdllm_generate(model: DiffusionTransformer, prompt: torch.Tensor, *, step
             # the positions whose logits the model returns: the canvas, or the recomputed segment
             start = 0 if cache is None or step == 0 else begin
             stop = end if cache == "dual" and step > 0 else total
-            logits = _forward(model, x[:, start:stop], start, kv)
+            logits = sdpa_forward(model, x[:, start:stop], start, kv)
             calls += 1
             tokens = logits.argmax(dim=-1)
             probs = F.softmax(logits.to(torch.float64), dim=-1)

@@ -7,28 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from unmask.models.transformer import DiffusionTransformer, apply_rotary, rotary_tables
-
-
-def sdpa_forward(model: DiffusionTransformer, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """The model's forward with torch SDPA attention and the LM head on every position."""
-    config = model.config
-    batch, length = ids.shape
-    cos, sin = rotary_tables(torch.arange(length, device=ids.device)[None], config.head_dim, config.rope_theta)
-    mask = None if attention_mask is None else attention_mask[:, None, None, :].to(torch.bool)
-    x = model.embed(ids)
-    group = config.n_heads // config.n_kv_heads
-    for layer in model.layers:
-        h = layer.attn_norm(x)
-        q = apply_rotary(layer.q_proj(h).view(batch, length, config.n_heads, config.head_dim), cos, sin)
-        k = apply_rotary(layer.k_proj(h).view(batch, length, config.n_kv_heads, config.head_dim), cos, sin)
-        v = layer.v_proj(h).view(batch, length, config.n_kv_heads, config.head_dim)
-        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-        attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-        x = x + layer.o_proj(attn.transpose(1, 2).reshape(batch, length, config.d_model))
-        h = layer.mlp_norm(x)
-        x = x + layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))
-    return model.lm_head(model.final_norm(x))
+from unmask.benchmarks.fastdllm_baseline import sdpa_forward
+from unmask.models.transformer import DiffusionTransformer
 
 
 @torch.inference_mode()
@@ -48,7 +28,7 @@ def llada_generate(model: DiffusionTransformer, prompt: torch.Tensor, *, steps: 
         for step in range(steps_per_block):
             counts = masked // steps_per_block + (step < masked % steps_per_block).long()
             mask_index = x == mask_id
-            logits = sdpa_forward(model, x, None)
+            logits = sdpa_forward(model, x)
             calls += 1
             if temperature > 0:
                 logits64 = logits.to(torch.float64)
