@@ -48,11 +48,14 @@ def test_queries_that_see_nothing_get_zeros():
     assert not torch.isnan(out).any()
 
 
-def test_empty_batch_and_empty_keys():
-    q, k, v, _ = random_inputs(0, 5, 5, 2, 2, 64, torch.float32, seed=1)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_empty_batch_and_empty_keys(dtype):
+    q, k, v, _ = random_inputs(0, 5, 5, 2, 2, 64, dtype, seed=1)
     assert ops.attention(q, k, v).shape == (0, 5, 2, 64)
-    q, k, v, _ = random_inputs(1, 5, 0, 2, 2, 64, torch.float32, seed=1)
-    assert torch.equal(ops.attention(q, k, v), torch.zeros(1, 5, 2, 64))
+    q, k, v, _ = random_inputs(1, 5, 0, 2, 2, 64, dtype, seed=1)
+    out = torch.full_like(q, float("nan"))
+    native.kernels()[("attention", "cpu")](validation.attention_call(q, k, v), out=out)
+    assert torch.equal(out, torch.zeros(1, 5, 2, 64, dtype=dtype))
 
 
 def test_hidden_keys_weigh_exactly_zero():
