@@ -397,10 +397,15 @@ KERNELS = (
 
 def kernels() -> dict[tuple[str, str], NativeKernel]:
     """The native backends this build has: (kernel, device type) -> backend."""
+    return dict(_built_kernels())
+
+
+@functools.cache
+def _built_kernels() -> tuple[tuple[tuple[str, str], NativeKernel], ...]:  # fixed for the process: once
     if _C is None:
-        return {}
+        return ()
     built = {"cpu"} | ({"cuda"} if _C.cuda_compiled() else set())
-    return {(entry.kernel, entry.device_type): entry for entry in KERNELS if entry.device_type in built}
+    return tuple(((entry.kernel, entry.device_type), entry) for entry in KERNELS if entry.device_type in built)
 
 
 def interpreter_available() -> bool:

@@ -14,6 +14,7 @@ one definition every module uses.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 from collections.abc import Sequence
@@ -344,8 +345,8 @@ class AttentionCall:
     def device(self) -> torch.device:
         return self.q.device
 
-    @property
-    def shape(self) -> AttentionShape:
+    @functools.cached_property
+    def shape(self) -> AttentionShape:  # read several times per call by the dispatch and launchers
         return attention_shape(self.q.shape, self.k.shape, self.v.shape)
 
 
@@ -369,7 +370,9 @@ def attention_call(q, k, v, *, kv_len=None, key_valid=None, block_size=None, q_o
         check_shape("key_valid", key_valid.shape, (shape.batch, shape.k_len), "[B, Lk]")
         check_device("key_valid", key_valid, q.device)
     block_size, q_offset, scale = attention_scalars(shape, block_size=block_size, q_offset=q_offset, scale=scale)
-    return AttentionCall(q, k, v, kv_len, key_valid, block_size, q_offset, scale)
+    call = AttentionCall(q, k, v, kv_len, key_valid, block_size, q_offset, scale)
+    call.__dict__["shape"] = shape  # the cached property, already checked here
+    return call
 
 
 # --------------------------------------------------------------------------- commit
