@@ -69,6 +69,36 @@ def test_loss_hides_the_teachers_later_positions_in_multiples_of_k():
     assert with_entropy >= loss
 
 
+def test_random_orders_reveal_other_positions_than_the_teachers_first():
+    """random_orders=1: every row reveals r = K * j positions of a random order of its answer
+    (a permutation of the answer's ranks), so some rows reveal positions the teacher
+    committed late; the prompt is never hidden."""
+    teacher = tiny_teacher()
+    pool = distill.teacher_pool(teacher, tasks.LONG_TASKS[:1], 16, seed=5)
+    ranks = distill.random_order(pool.order, torch.Generator().manual_seed(3))
+    assert torch.equal(ranks < 0, pool.order < 0)
+    answer = tasks.LONG_ANSWER_LENGTH
+    assert all(sorted(row[row >= 0].tolist()) == list(range(answer)) for row in ranks)
+    seen = []
+    vocab = len(tasks.CharTokenizer().vocab)
+
+    class Uniform(torch.nn.Module):
+        def forward(self, x, attention_mask=None):
+            seen.append(x.clone())
+            return torch.zeros(*x.shape, vocab)
+
+    mask_id = tasks.CharTokenizer().mask_id
+    distill.distill_loss(Uniform(), pool, torch.arange(16), 4, mask_id, 0.0, torch.Generator().manual_seed(1),
+                         random_orders=1.0)
+    hidden = seen[0] == mask_id
+    assert not hidden[pool.order < 0].any()
+    revealed = (~hidden & (pool.order >= 0)).sum(dim=1)
+    assert (revealed % 4 == 0).all() and (revealed < answer).all()
+    off_order = [row for row in range(16) if revealed[row] > 0
+                 and (pool.order[row][~hidden[row] & (pool.order[row] >= 0)] >= revealed[row]).any()]
+    assert off_order, "a random order reveals some position the teacher committed after the first r"
+
+
 def test_a_tiny_distillation_runs_and_saves_a_student(tmp_path):
     tiny_teacher(tmp_path / "teacher")
     config = distill.DistillConfig(steps=3, batch_size=4, long_batch_size=4, prompts_per_task=4, checkpoint_every=2)
@@ -82,6 +112,8 @@ def test_a_tiny_distillation_runs_and_saves_a_student(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), loaded.state_dict().values()))
     with pytest.raises(ValueError, match="tokens_per_step"):
         distill.distill(tmp_path / "teacher", tmp_path / "bad", distill.DistillConfig(tokens_per_step=3))
+    with pytest.raises(ValueError, match="random_orders"):
+        distill.distill(tmp_path / "teacher", tmp_path / "bad", distill.DistillConfig(random_orders=1.5))
 
 
 def test_bundled_model_names_resolve():

@@ -235,7 +235,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from unmask import distill
 
     config = distill.DistillConfig(tokens_per_step=args.tokens_per_step, steps=args.steps, seed=args.seed,
-                                   max_minutes=args.max_minutes, compile=args.compile)
+                                   max_minutes=args.max_minutes, compile=args.compile,
+                                   random_orders=args.random_orders)
     distill.distill(model_path(args.teacher), args.out, config)
     print((Path(args.out) / "distill_result.json").read_text())
     return 0
@@ -356,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill_parser.add_argument("--max-minutes", type=float, default=distill_defaults.max_minutes,
                                 help="training time limit (the teacher's trajectories come first)")
     distill_parser.add_argument("--compile", action="store_true", help="torch.compile the student (faster steps)")
+    distill_parser.add_argument("--random-orders", type=float, default=distill_defaults.random_orders, metavar="F",
+                                help="fraction of training rows revealing a random order of the teacher's answer "
+                                     "instead of its commit order (for samplers with a fixed count per step)")
     distill_parser.set_defaults(run=cmd_distill)
 
     eval_parser = commands.add_parser("eval", help="accuracy, NFE and speed of every decoding strategy on the tasks")

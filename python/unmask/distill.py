@@ -11,7 +11,11 @@ Learnable Parallel Decoding for dLLMs", arXiv 2509.26488), on our tasks:
    many positions at once without them contradicting each other.
 2. Trajectory states. A training row reveals the first r positions of the teacher's
    order, r a multiple of K (the canvases a K-per-step sampler reaches), and masks the
-   rest.
+   rest. A fraction of the rows (random_orders) reveals r positions of a random order
+   instead: a sampler with a fixed count per step commits the student's own K most
+   confident positions, which need not be the teacher's next ones, and a student that
+   saw only the teacher's order fails from such canvases (dParallel masks the teacher's
+   outputs at random for the same reason).
 3. Loss. Cross-entropy of the student against the teacher's tokens on the masked
    positions (trajectory consistency), plus entropy_weight times the entropy of the
    student's distribution on the masked positions it already predicts right (certainty
@@ -33,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from unmask import tasks
+from unmask import tasks, validation
 from unmask.models import from_pretrained
 from unmask.train import exact_match, optimise
 
@@ -50,6 +54,7 @@ class DistillConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.01
     entropy_weight: float = 0.5
+    random_orders: float = 0.0  # the fraction of rows that reveal a random order of the answer
     prompts_per_task: int = 2048
     seed: int = 0
     checkpoint_every: int = 500
@@ -102,11 +107,22 @@ def teacher_pool(teacher, task_names: tuple[str, ...], n_per_task: int, seed: in
     return Pool(ids[source], masks[source], orders[source])
 
 
+def random_order(order: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A uniformly random rank of each row's answer positions (-1 on the prompt, as in order)."""
+    noise = torch.rand(order.shape, generator=generator).masked_fill(order < 0, 2.0)  # the prompt ranks last
+    ranks = noise.argsort(dim=1).argsort(dim=1)
+    return ranks.masked_fill(order < 0, -1)
+
+
 def distill_loss(student, pool: Pool, rows: torch.Tensor, tokens_per_step: int, mask_id: int,
-                 entropy_weight: float, generator: torch.Generator) -> torch.Tensor:
-    """The loss of pool rows `rows`: each reveals r = K * j teacher-ordered positions
-    (j uniform over the states a K-per-step sampler visits) and predicts the rest."""
+                 entropy_weight: float, generator: torch.Generator, random_orders: float = 0.0) -> torch.Tensor:
+    """The loss of pool rows `rows`: each reveals r = K * j positions (j uniform over the
+    states a K-per-step sampler visits) of the teacher's commit order, or, for a fraction
+    random_orders of the rows, of a random order, and predicts the rest."""
     ids, mask, order = pool.ids[rows], pool.mask[rows], pool.order[rows]
+    if random_orders:
+        shuffled = torch.rand(len(rows), generator=generator) < random_orders
+        order = torch.where(shuffled[:, None], random_order(order, generator), order)
     answer_length = int((order[0] >= 0).sum())
     states = -(-answer_length // tokens_per_step)  # steps of a K-per-step sampler
     revealed = tokens_per_step * torch.randint(0, states, (len(rows),), generator=generator)
@@ -128,6 +144,8 @@ def distill(teacher_dir: str | Path, out: str | Path, config: DistillConfig, *, 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1 or tasks.ANSWER_LENGTH % k or tasks.LONG_ANSWER_LENGTH % k:
         raise ValueError(f"tokens_per_step must divide the answer lengths {tasks.ANSWER_LENGTH} and "
                          f"{tasks.LONG_ANSWER_LENGTH} (1, 2, 4 or 8), got {k!r}")
+    if not 0.0 <= validation.check_float("random_orders", config.random_orders) <= 1.0:
+        raise ValueError(f"random_orders must lie in [0, 1], got {config.random_orders}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -154,7 +172,7 @@ def distill(teacher_dir: str | Path, out: str | Path, config: DistillConfig, *, 
         for pool, size in pools:
             rows = torch.randint(0, pool.ids.shape[0], (size,), generator=generator)
             losses.append(distill_loss(forward, pool, rows, config.tokens_per_step, tokenizer.mask_id,
-                                       config.entropy_weight, generator))
+                                       config.entropy_weight, generator, config.random_orders))
         return sum(losses) / len(losses)
 
     last, minutes = optimise(student, optimizer, config, loss_at, out, tokenizer, start_step=0,
