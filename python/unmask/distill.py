@@ -54,7 +54,10 @@ class DistillConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.01
     entropy_weight: float = 0.5
-    random_orders: float = 0.0  # the fraction of rows that reveal a random order of the answer
+    # The fraction of rows that reveal a random order of the answer: at 0 (the first
+    # shipped student) balanced fell from 82.4% to 0% with the steps rule at K per step;
+    # at 0.5 it keeps 82.4% with every rule (README, unmask-long-k4).
+    random_orders: float = 0.5
     prompts_per_task: int = 2048
     seed: int = 0
     checkpoint_every: int = 500
