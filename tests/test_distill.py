@@ -44,9 +44,9 @@ def test_a_recurring_prompt_keeps_one_trajectory():
     assert pool.ids.shape[0] == 40  # every row kept: the task keeps its share of the batches
 
 
-def test_loss_hides_the_teachers_later_positions_in_multiples_of_k():
-    teacher = tiny_teacher()
-    pool = distill.teacher_pool(teacher, tasks.LONG_TASKS[:1], 16, seed=5)
+def uniform_student_loss(pool, *, entropy_weight=0.0, random_orders=0.0):
+    """distill_loss over every pool row, K = 4, for a student with uniform logits, and the
+    canvases it was shown (the mask token where a position is hidden)."""
     seen = []
     vocab = len(tasks.CharTokenizer().vocab)
 
@@ -55,17 +55,24 @@ def test_loss_hides_the_teachers_later_positions_in_multiples_of_k():
             seen.append(x.clone())
             return torch.zeros(*x.shape, vocab)
 
-    mask_id = tasks.CharTokenizer().mask_id
-    loss = distill.distill_loss(Uniform(), pool, torch.arange(16), 4, mask_id, 0.0, torch.Generator().manual_seed(1))
+    loss = distill.distill_loss(Uniform(), pool, torch.arange(len(pool.ids)), 4, tasks.CharTokenizer().mask_id,
+                                entropy_weight, torch.Generator().manual_seed(1), random_orders=random_orders)
+    return loss, seen[0]
+
+
+def test_loss_hides_the_teachers_later_positions_in_multiples_of_k():
+    teacher = tiny_teacher()
+    pool = distill.teacher_pool(teacher, tasks.LONG_TASKS[:1], 16, seed=5)
+    loss, canvases = uniform_student_loss(pool)
+    vocab = len(tasks.CharTokenizer().vocab)
     torch.testing.assert_close(loss, torch.log(torch.tensor(float(vocab))))  # CE of uniform logits
-    hidden = seen[0] == mask_id
+    hidden = canvases == tasks.CharTokenizer().mask_id
     revealed = (~hidden & (pool.order >= 0)).sum(dim=1)
     assert (revealed % 4 == 0).all() and (revealed < tasks.LONG_ANSWER_LENGTH).all() and len(set(revealed.tolist())) > 1
     for row in range(16):  # the revealed positions are the first ones of the teacher's order
         assert (pool.order[row][hidden[row]] >= revealed[row]).all()
     # The entropy term adds only where the student is right.
-    with_entropy = distill.distill_loss(Uniform(), pool, torch.arange(16), 4, mask_id, 1.0,
-                                        torch.Generator().manual_seed(1))
+    with_entropy, _ = uniform_student_loss(pool, entropy_weight=1.0)
     assert with_entropy >= loss
 
 
@@ -79,18 +86,8 @@ def test_random_orders_reveal_other_positions_than_the_teachers_first():
     assert torch.equal(ranks < 0, pool.order < 0)
     answer = tasks.LONG_ANSWER_LENGTH
     assert all(sorted(row[row >= 0].tolist()) == list(range(answer)) for row in ranks)
-    seen = []
-    vocab = len(tasks.CharTokenizer().vocab)
-
-    class Uniform(torch.nn.Module):
-        def forward(self, x, attention_mask=None):
-            seen.append(x.clone())
-            return torch.zeros(*x.shape, vocab)
-
-    mask_id = tasks.CharTokenizer().mask_id
-    distill.distill_loss(Uniform(), pool, torch.arange(16), 4, mask_id, 0.0, torch.Generator().manual_seed(1),
-                         random_orders=1.0)
-    hidden = seen[0] == mask_id
+    _, canvases = uniform_student_loss(pool, random_orders=1.0)
+    hidden = canvases == tasks.CharTokenizer().mask_id
     assert not hidden[pool.order < 0].any()
     revealed = (~hidden & (pool.order >= 0)).sum(dim=1)
     assert (revealed % 4 == 0).all() and (revealed < answer).all()
