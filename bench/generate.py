@@ -16,6 +16,7 @@ weight-read floor (every weight read once at the measured copy bandwidth) is rep
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -122,48 +123,46 @@ def main() -> None:
                                 speedup_vs_baseline=None if baseline_ms is None else baseline_ms / step_ms,
                                 extra=extra))
 
-    def timed(run):
-        harness.synchronize(device)
-        started = time.perf_counter()
-        tokens, nfe = run()
-        harness.synchronize(device)
-        return time.perf_counter() - started, tokens, nfe
+    products_by_length = {}  # ms, by the positions a call computes (shared by the cache modes)
+
+    def products_ms(lengths: list[int]) -> float:
+        for n in lengths:
+            if n not in products_by_length:
+                products_by_length[n] = matmul_seconds(model, n, block, device) * 1e3
+        return statistics.mean(products_by_length[n] for n in lengths)
 
     for cache in CACHES:
         lengths = segment_lengths(cache, prompt_len, gen, block, steps_per_block)
-        per_length = {n: matmul_seconds(model, n, block, device) * 1e3 for n in sorted(set(lengths))}
-        products_ms = statistics.mean(per_length[n] for n in lengths)
+        outputs = {}  # the last run's (tokens, model calls) of each side
 
-        def baseline():
-            return fastdllm_generate(model, prompt, steps=gen, gen_length=gen, block_length=block, cache=cache)
+        def baseline(i):
+            outputs["baseline"] = fastdllm_generate(model, prompt, steps=gen, gen_length=gen, block_length=block,
+                                                    cache=cache)
 
-        def ours():
+        def ours(i):
             out = unmask.generate(model, prompt, gen_length=gen, block_length=block, steps=gen, cache=cache,
                                   stop_at_eos=False)
-            return out.tokens, out.nfe
+            outputs["ours"] = out.tokens, out.nfe
 
-        times = {"baseline": [], "ours": []}
-        for round_index in range(args.rounds):  # alternating: the machine's speed drifts
-            order = (("baseline", baseline), ("ours", ours))
-            for name, run in order if round_index % 2 == 0 else reversed(order):
-                seconds, tokens, nfe = timed(run)
-                times[name].append(seconds)
-                if name == "baseline":
-                    reference_tokens, baseline_nfe = tokens, nfe
-                else:
-                    our_tokens, our_nfe = tokens, nfe
+        # in turns, a round each: the machine's speed drifts
+        baseline_seconds, our_seconds = harness.alternating_median_seconds(
+            (baseline, ours), device, warmup=0, reps=args.rounds, max_seconds=math.inf)
+        (reference_tokens, baseline_nfe), (our_tokens, our_nfe) = outputs["baseline"], outputs["ours"]
         agreement = float((our_tokens == reference_tokens).float().mean())
-        baseline_step_ms = statistics.median(times["baseline"]) / baseline_nfe * 1e3
-        record(f"Fast-dLLM loop cache={cache}", statistics.median(times["baseline"]), baseline_nfe,
-               products_ms=products_ms, agreement=1.0, baseline_ms=baseline_step_ms)
-        record(f"unmask cache={cache}", statistics.median(times["ours"]), our_nfe, products_ms=products_ms,
-               agreement=agreement, baseline_ms=baseline_step_ms)
+        baseline_step_ms = baseline_seconds / baseline_nfe * 1e3
+        record(f"Fast-dLLM loop cache={cache}", baseline_seconds, baseline_nfe, products_ms=products_ms(lengths),
+               agreement=1.0, baseline_ms=baseline_step_ms)
+        record(f"unmask cache={cache}", our_seconds, our_nfe, products_ms=products_ms(lengths), agreement=agreement,
+               baseline_ms=baseline_step_ms)
         print(f"cache={cache}: Fast-dLLM {baseline_step_ms:.2f} ms/step, unmask {rows[-1].median_ms:.2f} ms/step "
-              f"(x{rows[-1].speedup_vs_baseline:.2f}), matrix products {products_ms:.2f} ms "
+              f"(x{rows[-1].speedup_vs_baseline:.2f}), matrix products {rows[-1].extra['matmul_ms_per_step']:.2f} ms "
               f"(step {rows[-1].extra['step_over_matmuls']:.2f}x), same tokens {agreement:.3f}", flush=True)
 
-    seconds, _, calls = timed(lambda: llada_generate(model, prompt, steps=gen, gen_length=gen, block_length=block))
-    record("LLaDA published loop", seconds, calls, products_ms=matmul_seconds(model, prompt_len + gen, block, device) * 1e3,
+    harness.synchronize(device)
+    started = time.perf_counter()
+    _, calls = llada_generate(model, prompt, steps=gen, gen_length=gen, block_length=block)
+    harness.synchronize(device)
+    record("LLaDA published loop", time.perf_counter() - started, calls, products_ms=products_ms([prompt_len + gen]),
            agreement=None, baseline_ms=None)
 
     print(f"device: {harness.device_name(device)}  commit: {harness.git_commit()}")

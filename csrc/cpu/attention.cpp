@@ -404,7 +404,8 @@ Status attention(const AttentionParams& p) {
 #pragma omp parallel
   {
     // Kept by each (pooled) OpenMP thread across calls, growing only: allocated per call,
-    // they were freed back to the OS and page-faulted in again, ~25 us of a small call.
+    // they were freed back to the OS and page-faulted in again (a [1, 32, 8, 128] float32
+    // call measured 65 -> 58 us).
     static thread_local TaskBuffers buf;
     buf.q.resize(kQueryTile * p.head_dim);
     buf.q_blocked.resize(kQueryTile * p.head_dim);

@@ -4,9 +4,9 @@
 or TypeError that names it) and call the torch.library custom ops
 torch.ops.unmask.{attention, sample, commit}. The custom ops have fake implementations,
 so torch.compile(fullgraph=True) traces through them. Eager calls that record no
-gradient skip the custom op's wrapping and run its body directly (_runs_eagerly). Inside each op, unmask.dispatch
-picks the native kernel of the tensors' device or the reference; backend_for() names
-the backend a call would use without running it.
+gradient skip the custom op's wrapping and run its body directly (_runs_eagerly).
+Inside each op, unmask.dispatch picks the native kernel of the tensors' device or the
+reference; backend_for() names the backend a call would use without running it.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ What those loops do per step, and this one too:
   model returned (the canvas, or the block and suffix), gathered at the argmax token;
 - commit: the masked positions of the current block, the k most confident per row, k from
   LLaDA's schedule (the block's masked count spread over its steps).
-Eager PyTorch with torch SDPA attention (dense masks only where needed).
+Eager PyTorch with torch SDPA attention, no attention mask (unpadded prompts).
 """
 
 from __future__ import annotations
