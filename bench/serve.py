@@ -4,7 +4,10 @@ requests and generated tokens per second, p50/p99 latency, time to the first str
 event, and failed or mismatched answers (each answer is checked against the one-at-a-
 time answer of the same prompt).
 
-    python bench/serve.py [--quick] [--no-save]
+    python bench/serve.py [--quick] [--no-save] [--cache prefix|dual]
+
+--cache sends every request with that key/value cache (the same requests served one at a
+time use it too); without it requests recompute the whole canvas each step.
 """
 
 import asyncio
@@ -43,9 +46,9 @@ def start_server(max_batch: int) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("unmask serve did not start")
 
 
-async def one_request(client: httpx.AsyncClient, url: str, prompt: str) -> dict:
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, cache: str | None) -> dict:
     """A streaming completion: latency, time to the first event, text, tokens."""
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "stream": True}
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "stream": True, "cache": cache}
     started = time.perf_counter()
     first, text, finish = None, "", None
     async with client.stream("POST", url + "/v1/completions", json=body, timeout=120) as reply:
@@ -61,7 +64,7 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str) -> dict:
     return {"ok": finish is not None, "latency": time.perf_counter() - started, "first": first, "text": text}
 
 
-def run_level(url: str, prompts: list[str], clients: int) -> tuple[list[dict], float]:
+def run_level(url: str, prompts: list[str], clients: int, cache: str | None) -> tuple[list[dict], float]:
     """clients concurrent loops (one asyncio task each, in one thread: the clients' own
     CPU cost stays small beside the server's), each sending its share of prompts one
     after another."""
@@ -71,7 +74,7 @@ def run_level(url: str, prompts: list[str], clients: int) -> tuple[list[dict], f
         limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
         async with httpx.AsyncClient(limits=limits) as client:
             async def client_loop(share):
-                return [(prompt, await one_request(client, url, prompt)) for prompt in share]
+                return [(prompt, await one_request(client, url, prompt, cache)) for prompt in share]
 
             done = await asyncio.gather(*(client_loop(share) for share in shares))
         return [r for share in done for r in share]
@@ -88,18 +91,19 @@ def percentile(values: list[float], q: float) -> float:
 
 def main() -> None:
     args = parse(__doc__, lambda parser: (parser.add_argument("--quick", action="store_true"),
-                                  parser.add_argument("--max-batch", type=int, default=16)))
+                                  parser.add_argument("--max-batch", type=int, default=16),
+                                  parser.add_argument("--cache", choices=("prefix", "dual"))))
     examples = tasks.examples(64 if args.quick else 256, seed=5)
     prompts = [example.prompt for example in examples]
     process, url = start_server(max_batch=args.max_batch)
     rows = []
     try:
-        run_level(url, prompts[:8], 1)  # warm-up
-        alone, alone_seconds = run_level(url, prompts, 1)
+        run_level(url, prompts[:8], 1, args.cache)  # warm-up
+        alone, alone_seconds = run_level(url, prompts, 1, args.cache)
         expected = {prompt: result.get("text") for prompt, result in alone}
         alone_rps = len(prompts) / alone_seconds
         for clients in (1, 4, 16, 64):
-            results, seconds = (alone, alone_seconds) if clients == 1 else run_level(url, prompts, clients)
+            results, seconds = (alone, alone_seconds) if clients == 1 else run_level(url, prompts, clients, args.cache)
             ok = [r for _, r in results if r["ok"]]
             mismatched = sum(1 for prompt, r in results if r["ok"] and r["text"] != expected[prompt])
             latencies, firsts = [r["latency"] for r in ok], [r["first"] for r in ok]
@@ -110,7 +114,8 @@ def main() -> None:
                      "p50_ms": statistics.median(latencies) * 1e3, "p99_ms": percentile(latencies, 0.99) * 1e3,
                      "p99_over_p50": percentile(latencies, 0.99) / statistics.median(latencies),
                      "first_event_p50_ms": statistics.median(firsts) * 1e3}
-            rows.append(Row("serve", f"{clients} clients", {"model": MODEL, "max_tokens": 8, "max_batch": args.max_batch},
+            rows.append(Row("serve", f"{clients} clients", {"model": MODEL, "max_tokens": 8, "max_batch": args.max_batch,
+                                             "cache": args.cache},
                             "float32", seconds * 1e3 / len(prompts), speedup_vs_baseline=rps / alone_rps,
                             extra=extra))
             print(f"{clients:3} clients: {rps:7.1f} req/s ({rps / alone_rps:5.2f}x one at a time), "

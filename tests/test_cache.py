@@ -66,6 +66,54 @@ def test_segment_forward_equals_full_forward_when_nothing_changed():
     torch.testing.assert_close(segment, full[:, 4:9], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", ["llada", "dream"])
+def test_row_segments_equal_each_row_alone(model_type):
+    # Three canvases of different lengths (right-padded to one width, the padding hidden),
+    # each recomputing its own segment: logits and written keys/values equal each row's
+    # own (start, end) segment over a cache of its own length.
+    model = unmask.DiffusionTransformer.random(tiny_config(model_type=model_type, include_qkv_bias=model_type == "dream"),
+                                               seed=4, std=0.3)
+    lengths, starts, n, width = [12, 9, 15], [4, 1, 10], 5, 15
+    rows = [torch.randint(0, 59, (length,)) for length in lengths]
+    ids, known = torch.zeros(3, width, dtype=torch.long), torch.zeros(3, width, dtype=torch.bool)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)], known[r, :len(row)] = row, True
+    shift = 1 if model.config.shift_logits else 0
+    wanted = torch.tensor(starts)[:, None] + torch.arange(shift, n)  # the logits a block's segment asks for
+    batch_cache = unmask.KVCache(model.config, 3, width, dtype=torch.float32, device=torch.device("cpu"))
+    with torch.no_grad():
+        model(ids, known, cache=batch_cache)
+        for r, row in enumerate(rows):  # the segments change after the cache was filled
+            ids[r, starts[r]:starts[r] + n] = torch.randint(0, 59, (n,))
+        for k in batch_cache.keys:
+            for r in range(3):
+                k[r, starts[r]:starts[r] + n] = float("nan")  # must be written before any query reads it
+        together = model(ids, known, cache=batch_cache, segment=unmask.RowSegments(starts, n), logit_positions=wanted)
+        for r, row in enumerate(rows):
+            alone_ids = ids[r:r + 1, :len(row)]
+            cache = unmask.KVCache(model.config, 1, len(row), dtype=torch.float32, device=torch.device("cpu"))
+            model(row[None], cache=cache)  # filled from the canvas before its segment changed, as the batch's
+            alone = model(alone_ids, cache=cache, segment=(starts[r], starts[r] + n),
+                          logit_positions=slice(starts[r] + shift, starts[r] + n))
+            torch.testing.assert_close(together[r], alone[0], rtol=1e-5, atol=1e-5)
+            for layer in range(model.config.n_layers):
+                torch.testing.assert_close(batch_cache.keys[layer][r, :len(row)], cache.keys[layer][0],
+                                           rtol=1e-5, atol=1e-5)
+
+
+def test_row_segments_are_checked():
+    model = unmask.DiffusionTransformer.random(tiny_config(), seed=2)
+    cache = unmask.KVCache(model.config, 2, 6, dtype=torch.float32, device=torch.device("cpu"))
+    ids = torch.zeros(2, 6, dtype=torch.long)
+    with pytest.raises(ValueError, match="one start per row"):
+        model(ids, cache=cache, segment=unmask.RowSegments([0], 2))
+    with pytest.raises(ValueError, match="start \\+ length <= 6"):
+        model(ids, cache=cache, segment=unmask.RowSegments([0, 5], 2))
+    block_causal = unmask.DiffusionTransformer.random(tiny_config(block_size=2), seed=2)
+    with pytest.raises(ValueError, match="block-causal"):
+        block_causal(ids, cache=cache, segment=unmask.RowSegments([0, 2], 2))
+
+
 def test_cache_arguments_are_checked():
     model = unmask.DiffusionTransformer.random(tiny_config(), seed=2)
     with pytest.raises(ValueError, match="cache must be one of"):

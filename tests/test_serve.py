@@ -93,14 +93,17 @@ SETTINGS = [
     {"max_tokens": 8, "temperature": 1.0, "seed": 9, "remasking": "random"},
     {"max_tokens": 12, "block_length": 4, "factor": 1.0},
     {"max_tokens": 8, "cfg_scale": 0.5},
+    {"max_tokens": 16, "cache": "dual"},  # two blocks: the cache is filled again for the second
+    {"max_tokens": 12, "block_length": 4, "threshold": 0.5, "cache": "prefix"},
+    {"max_tokens": 8, "temperature": 0.8, "seed": 5, "cfg_scale": 0.5, "cache": "dual"},
 ]
+EXTRA_FIELDS = ("block_length", "steps", "threshold", "factor", "remasking", "cfg_scale", "cache")
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=[str(i) for i in range(len(SETTINGS))])
 def test_completion_equals_offline_generate(server, model, settings):
     body = dict(settings)
-    extra = {k: body.pop(k) for k in list(body) if k in ("block_length", "steps", "threshold", "factor",
-                                                          "remasking", "cfg_scale")}
+    extra = {k: body.pop(k) for k in list(body) if k in EXTRA_FIELDS}
     reply = server.client.completions.create(model=MODEL, prompt=PROMPTS[0], extra_body=extra, **body)
     assert reply.choices[0].text == offline(model, PROMPTS[0], **settings)
     assert reply.choices[0].finish_reason in ("stop", "length")
@@ -160,8 +163,7 @@ def test_chat_streaming(server, model):
 
 def _request(server, prompt, settings):
     body = dict(settings)
-    extra = {k: body.pop(k) for k in list(body) if k in ("block_length", "steps", "threshold", "factor",
-                                                          "remasking", "cfg_scale")}
+    extra = {k: body.pop(k) for k in list(body) if k in EXTRA_FIELDS}
     return server.client.completions.create(model=MODEL, prompt=prompt, extra_body=extra, **body).choices[0].text
 
 
@@ -198,6 +200,7 @@ ERRORS = [
     ({"model": MODEL, "prompt": "1", "frequency_penalty": 1}, "frequency_penalty"),
     ({"model": MODEL, "prompt": [1, 99999]}, "prompt"),
     ({"model": MODEL, "prompt": "1", "block_length": 0}, "block_length"),
+    ({"model": MODEL, "prompt": "1", "cache": "triple"}, "cache"),
 ]
 
 

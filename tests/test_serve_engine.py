@@ -1,6 +1,8 @@
 """The serving engine without HTTP: requests of different prompt lengths, rules and
 seeds decoded together give each the tokens unmask.generate gives it alone, for LLaDA,
-Dream and block-causal layouts, CFG in bfloat16, and a byte-level tokenizer's stream."""
+Dream and block-causal layouts, with and without a key/value cache (cached requests
+joining at different steps, so their blocks sit at different depths of one batch), CFG
+in bfloat16, and a byte-level tokenizer's stream."""
 
 import pytest
 import torch
@@ -61,6 +63,33 @@ def test_requests_in_a_crowd_decode_as_alone(layout):
         assert job.generated() == alone(model, prompt, job.settings)
 
 
+CACHED_REQUESTS = [
+    ([3, 4, 5, 6, 7], {"max_tokens": 12, "cache": "dual"}),  # three blocks: the cache is filled for each
+    ([8, 9], {"max_tokens": 12, "steps": 6, "cache": "dual"}),
+    ([10, 11, 12, 13, 14, 15, 16], {"max_tokens": 8, "threshold": 0.3, "cache": "prefix"}),
+    ([17, 18, 19], {"max_tokens": 8, "temperature": 1.0, "seed": 4, "cache": "dual"}),
+    ([20, 21, 22, 23], {"max_tokens": 8, "cfg_scale": 1.0, "cache": "dual"}),
+    ([24, 25, 26], {"max_tokens": 8}),  # no cache, beside the cached ones
+    ([27, 28, 29, 30, 31, 32], {"max_tokens": 6, "block_length": 2, "cache": "prefix"}),
+]
+
+
+@pytest.mark.parametrize("layout", list(MODELS))
+def test_cached_requests_at_different_depths_decode_as_alone(layout):
+    # A new request joins every second step: the later steps of cached blocks run as one
+    # call per segment shape, each row over its own cache from its own position.
+    model = tiny_model(seed=7, std=0.5, **MODELS[layout])
+    engine = Engine(model, IdTokenizer(), max_batch=16, max_queue=16)
+    jobs = [job_for(model, prompt, [], **body) for prompt, body in CACHED_REQUESTS]
+    step = 0
+    while any(not job.finished for job in jobs):
+        joined = jobs[:step // 2 + 1]
+        engine._step([job for job in joined if not job.finished])
+        step += 1
+    for job, (prompt, _) in zip(jobs, CACHED_REQUESTS):
+        assert job.generated() == alone(model, prompt, job.settings)
+
+
 def test_cfg_in_bfloat16_guides_in_the_model_dtype():
     model = tiny_model(seed=5).to(torch.bfloat16)
     engine = Engine(model, IdTokenizer(), max_batch=4, max_queue=4)
@@ -94,3 +123,18 @@ def test_streamed_text_never_sends_half_a_character():
     job.canvas[5] = 41
     engine._advance(job, block_done=False)
     assert events[-1]["text"] == "\u00e9" and job.sent_text == "m\u00e9"
+
+
+def test_a_servers_default_cache_applies_where_a_body_names_none():
+    def cache_of(body, default):
+        return protocol.settings({"prompt": [5], **body}, prompt=[5], default_block_length=4, max_context=64,
+                                 vocab=61, mask_id=60, default_cache=default).cache
+
+    assert cache_of({}, "dual") == "dual"
+    assert cache_of({"cache": None}, "dual") is None  # null turns it off
+    assert cache_of({"cache": "prefix"}, "dual") == "prefix"
+    assert cache_of({}, None) is None
+    with pytest.raises(protocol.RequestError) as refused:
+        protocol.settings({"cache": "dual"}, prompt=[5], default_block_length=4, max_context=64, vocab=61,
+                          mask_id=60, caches=False)
+    assert refused.value.param == "cache"

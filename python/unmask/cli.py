@@ -291,7 +291,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"unmask serve needs the serve extra ({missing.name} is missing): "
                          "pip install 'unmask[serve]'") from None
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
-          max_context=args.max_context, device=args.device, dtype=_dtype(args.dtype), block_length=args.block_length)
+          max_context=args.max_context, device=args.device, dtype=_dtype(args.dtype), block_length=args.block_length,
+          cache=args.cache)
     return 0
 
 
@@ -382,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--block-length", type=int, help="default block_length (32; 8 for the bundled model)")
     serve_parser.add_argument("--device", help="cpu or cuda")
     serve_parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    serve_parser.add_argument("--cache", choices=["prefix", "dual"],
+                              help="the key/value cache of requests that name none (a request's \"cache\": null "
+                                   "turns it off); default: none, as unmask.generate")
     serve_parser.set_defaults(run=cmd_serve)
 
     bench = commands.add_parser("bench", help="microbenchmarks against the baselines, in roofline units")

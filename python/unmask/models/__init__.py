@@ -15,6 +15,7 @@ _LAZY = {
     "ModelConfig": "unmask.models.config",
     "DiffusionTransformer": "unmask.models.transformer",
     "KVCache": "unmask.models.transformer",
+    "RowSegments": "unmask.models.transformer",
 }
 
 __all__ = sorted(_LAZY)
@@ -26,4 +27,4 @@ __getattr__, __dir__ = _lazy.attributes(__name__, globals(), _LAZY)
 if TYPE_CHECKING:
     from unmask.models.checkpoint import from_pretrained, save_pretrained
     from unmask.models.config import ModelConfig
-    from unmask.models.transformer import DiffusionTransformer, KVCache
+    from unmask.models.transformer import DiffusionTransformer, KVCache, RowSegments

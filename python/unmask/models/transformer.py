@@ -7,6 +7,9 @@ unmask.ops.attention, so the fused kernels serve the model directly.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -42,6 +45,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x32 * cos + rotated * sin).to(x.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class RowSegments:
+    """Each row's own segment of a cached forward: row b recomputes positions
+    starts[b] .. starts[b] + length - 1 (a server's requests, each at its own block)."""
+
+    starts: Sequence[int]
+    length: int
+
+
 class KVCache:
     """Keys (after rotary embedding) and values of every layer for a whole canvas.
 
@@ -61,6 +73,31 @@ class KVCache:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.keys[0].shape[:2]) if self.keys else (0, 0)
+
+    def rows(self, first: int, stop: int, length: int) -> KVCache:
+        """A copy of rows first .. stop - 1, positions 0 .. length - 1 (one request's
+        canvas out of a batch's)."""
+        copy = object.__new__(KVCache)
+        copy.keys = [k[first:stop, :length].clone() for k in self.keys]
+        copy.values = [v[first:stop, :length].clone() for v in self.values]
+        return copy
+
+    @staticmethod
+    def stacked(caches: Sequence[KVCache], length: int) -> KVCache:
+        """The caches' rows one after another, each zero-padded to `length` positions."""
+        def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+            out = tensors[0].new_zeros((sum(t.shape[0] for t in tensors), length, *tensors[0].shape[2:]))
+            row = 0
+            for t in tensors:
+                out[row:row + t.shape[0], :t.shape[1]] = t
+                row += t.shape[0]
+            return out
+
+        copy = object.__new__(KVCache)
+        layers = range(len(caches[0].keys))
+        copy.keys = [stack([c.keys[layer] for c in caches]) for layer in layers]
+        copy.values = [stack([c.values[layer] for c in caches]) for layer in layers]
+        return copy
 
     def repeated(self, times: int, groups: int = 1) -> KVCache:
         """A copy for `times` canvases per row: the rows fall into `groups` equal groups
@@ -94,9 +131,10 @@ class Block(nn.Module):
         self.down_proj = nn.Linear(hidden, d, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_valid: torch.Tensor | None,
-                cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
-        """x holds positions start .. start + x.shape[1] - 1; with a cache, their keys and
-        values are written into it and the queries attend over the whole cached canvas."""
+                cache: KVCache | None = None, layer: int = 0, start: int | torch.Tensor = 0) -> torch.Tensor:
+        """x holds positions start .. start + x.shape[1] - 1 (start: an int, or a [B, 1]
+        tensor of each row's own start); with a cache, their keys and values are written
+        into it and the queries attend over the whole cached canvas."""
         batch, length, _ = x.shape
         c = self.config
         h = self.attn_norm(x)
@@ -106,11 +144,18 @@ class Block(nn.Module):
         k = self.k_proj(h).view(batch, length, -1, c.head_dim)
         v = self.v_proj(h).view(batch, length, -1, c.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q_offset = start
         if cache is not None:
-            cache.keys[layer][:, start:start + length] = k
-            cache.values[layer][:, start:start + length] = v
+            if isinstance(start, int):
+                cache.keys[layer][:, start:start + length] = k
+                cache.values[layer][:, start:start + length] = v
+            else:  # rows at their own positions (a server's requests at different depths)
+                rows, columns = torch.arange(batch, device=x.device)[:, None], start + torch.arange(length, device=x.device)
+                cache.keys[layer][rows, columns] = k
+                cache.values[layer][rows, columns] = v
+                q_offset = 0  # unread: the model sends rows their own starts only without a block-causal mask
             k, v = cache.keys[layer], cache.values[layer]
-        attn = ops.attention(q, k, v, key_valid=key_valid, block_size=c.block_size, q_offset=start)
+        attn = ops.attention(q, k, v, key_valid=key_valid, block_size=c.block_size, q_offset=q_offset)
         x = x + self.o_proj(attn.reshape(batch, length, -1))
         h = self.mlp_norm(x)
         return x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
@@ -176,6 +221,17 @@ class DiffusionTransformer(nn.Module):
         embed = self.embed.weight
         return KVCache(self.config, batch, length, dtype=embed.dtype, device=embed.device, kv_heads=kv_heads)
 
+    def _row_starts(self, segment: RowSegments, batch: int, length: int) -> list[int]:
+        """RowSegments' starts, checked against the canvas (and the model's mask)."""
+        starts, n = list(segment.starts), segment.length
+        if len(starts) != batch:
+            raise ValueError(f"segment.starts must hold one start per row ({batch}), got {len(starts)}")
+        if not isinstance(n, int) or n < 1 or any(not isinstance(s, int) or not 0 <= s <= length - n for s in starts):
+            raise ValueError(f"segment must give rows 0 <= start <= start + length <= {length}, got {segment}")
+        if self.config.block_size is not None and len(set(starts)) > 1:  # the block-causal mask takes one offset
+            raise ValueError("a block-causal model needs one segment start for every row")
+        return starts
+
     def positions(self, attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
         """Rotary positions [1 or B, L]: 0..L-1 (LLaDA), or counted over real tokens when
         prompts are left-padded (Dream). Rotary attention is relative, so the two agree
@@ -191,7 +247,7 @@ class DiffusionTransformer(nn.Module):
         *,
         logit_positions: slice | torch.Tensor | None = None,
         cache: KVCache | None = None,
-        segment: tuple[int, int] | None = None,
+        segment: tuple[int, int] | RowSegments | None = None,
     ) -> torch.Tensor:
         """Logits [B, L, V]; with logit_positions (a slice or index over L, or an index
         [B, n] of positions per row) only those positions.
@@ -202,6 +258,8 @@ class DiffusionTransformer(nn.Module):
         whole canvas and fills the cache; with segment=(start, end) it computes only those
         positions, attending over the cached keys and values of every other position, and
         logit_positions must fall inside the segment (one position later when shifted).
+        segment=RowSegments(starts, n) gives each row its own segment of n positions; its
+        logit_positions are then [B, m] per row.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
@@ -211,25 +269,39 @@ class DiffusionTransformer(nn.Module):
             if tuple(attention_mask.shape) != (batch, length):
                 raise ValueError(f"attention_mask must have shape {(batch, length)}, got {tuple(attention_mask.shape)}")
             key_valid = attention_mask.to(device=input_ids.device, dtype=torch.bool)
-        start, end = (0, length) if segment is None else segment
-        if segment is not None:
-            if cache is None:
-                raise ValueError("segment needs a cache holding the keys and values of the other positions")
-            if not 0 <= start < end <= length:
-                raise ValueError(f"segment must satisfy 0 <= start < end <= {length}, got {segment}")
+        if segment is not None and cache is None:
+            raise ValueError("segment needs a cache holding the keys and values of the other positions")
         if cache is not None and cache.shape != (batch, length):
             raise ValueError(f"cache holds a [{cache.shape[0]}, {cache.shape[1]}] canvas, input_ids is [{batch}, {length}]")
-
-        positions = self.positions(attention_mask, batch, length, input_ids.device)[:, start:end]
+        positions = self.positions(attention_mask, batch, length, input_ids.device)
+        if isinstance(segment, RowSegments):
+            starts = self._row_starts(segment, batch, length)
+            if len(set(starts)) == 1:  # one segment after all
+                segment = (starts[0], starts[0] + segment.length)
+        if isinstance(segment, RowSegments):
+            start = torch.tensor(starts, dtype=torch.int64, device=input_ids.device)[:, None]
+            columns = start + torch.arange(segment.length, device=input_ids.device)
+            positions = positions.expand(batch, -1).gather(1, columns)
+            ids = input_ids.gather(1, columns)
+        else:
+            start, end = (0, length) if segment is None else segment
+            if not 0 <= start < end <= length:
+                raise ValueError(f"segment must satisfy 0 <= start < end <= {length}, got {segment}")
+            positions, ids = positions[:, start:end], input_ids[:, start:end]
         cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
-        x = self.embed(input_ids[:, start:end])
+        x = self.embed(ids)
         for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, key_valid, cache=cache, layer=index, start=start)
+        rows_apart = isinstance(start, torch.Tensor)
         if logit_positions is not None or self.config.shift_logits:
             wanted = torch.arange(length, device=x.device)
             if logit_positions is not None:
                 wanted = wanted[logit_positions]
+            elif rows_apart:
+                wanted = columns
             source = (wanted - 1).clamp(min=0) if self.config.shift_logits else wanted
+            if rows_apart and source.dim() == 1:
+                source = source.expand(batch, -1)
             if source.dim() == 2:  # per-row positions [B, n] (a server's rows at different depths)
                 x = x.gather(1, (source - start)[:, :, None].expand(-1, -1, x.shape[-1]))
             else:

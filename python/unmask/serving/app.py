@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from unmask import validation
+from unmask.models import DiffusionTransformer
 from unmask.serving import protocol
 from unmask.serving.engine import Engine, Job, QueueFull, Unavailable
 from unmask.serving.protocol import RequestError
@@ -34,10 +35,16 @@ class Server:
     """The routes over one model and its engine."""
 
     def __init__(self, model, tokenizer, *, model_name: str, model_dir: str | None = None, max_batch: int = 16,
-                 max_queue: int = 64, max_context: int = 4096, default_block_length: int = 32):
+                 max_queue: int = 64, max_context: int = 4096, default_block_length: int = 32,
+                 default_cache: str | None = None):
         self.model, self.tokenizer, self.model_name, self.model_dir = model, tokenizer, model_name, model_dir
         self.max_context, self.default_block_length = max_context, default_block_length
         self.engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+        self.caches = isinstance(model, DiffusionTransformer)
+        validation.check_choice("default_cache", default_cache, validation.CACHE_MODES)
+        if default_cache is not None and not self.caches:
+            raise ValueError(f"default_cache={default_cache!r} needs the unmask model")
+        self.default_cache = default_cache
         self.chat_template = self._load_chat_template()  # at start-up, not on the event loop of a first request
 
     @contextlib.asynccontextmanager
@@ -77,7 +84,8 @@ class Server:
             prompt = self._chat_prompt(body) if chat else self._prompt(body)
             settings = protocol.settings(body, prompt=prompt, default_block_length=self.default_block_length,
                                          max_context=self.max_context, vocab=validation.model_vocab(self.model),
-                                         mask_id=self.model.mask_id)
+                                         mask_id=self.model.mask_id, caches=self.caches,
+                                         default_cache=self.default_cache)
         except RequestError as error:
             return _error(error)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -216,7 +224,7 @@ def _sse(body: dict) -> str:
 
 def serve(model_dir: str | None = None, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
           max_queue: int = 64, max_context: int = 4096, device: str | None = None, dtype=None,
-          block_length: int | None = None) -> None:
+          block_length: int | None = None, cache: str | None = None) -> None:
     """Load the model (the bundled one by default) and serve it until SIGINT/SIGTERM."""
     import torch
     import uvicorn
@@ -233,5 +241,5 @@ def serve(model_dir: str | None = None, *, host: str = "127.0.0.1", port: int = 
         raise SystemExit(f"unmask serve needs tokenizer.json in {model_dir} (text in, text out)")
     server = Server(model, model.tokenizer, model_name=name,
                     model_dir=model_dir, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
-                    default_block_length=block_length or (8 if bundled else 32))
+                    default_block_length=block_length or (8 if bundled else 32), default_cache=cache)
     uvicorn.run(server.app(), host=host, port=port, log_level="info", timeout_graceful_shutdown=60)

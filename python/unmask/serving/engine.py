@@ -22,12 +22,14 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import itertools
 import threading
 from collections.abc import Callable
 
 import torch
 
 from unmask import ops, sampler
+from unmask.models.transformer import KVCache, RowSegments
 from unmask.serving.protocol import Settings, cut_at_stop
 
 MASK_PLACEHOLDER = "\u2591"  # one per masked position in the streamed canvas
@@ -54,6 +56,8 @@ class Job:
     plan: list[int] | None = None  # steps rule: tokens per step of the active block (steps that commit some)
     step_in_block: int = 0
     offset: int = 0  # the RNG step: schedule steps taken so far, as unmask.generate counts them
+    kv: KVCache | None = None  # with settings.cache: the keys and values of its canvas as its block began
+    kv_fill: int = -1  # which fill of the engine's made kv
     sent_text: str = ""
     cancelled: bool = False
     finished: bool = False
@@ -95,6 +99,8 @@ class Engine:
         self.dead: str | None = None  # why the engine thread ended, if it failed
         self.steps = 0  # model calls so far (for /health)
         self._pieces: dict[int, str] = {}  # token -> its text alone, for the streamed canvas
+        self._fills = itertools.count()  # names each fill of a request's cache
+        self._stacked: dict = {}  # segment shape -> (the fills it holds, their caches stacked)
         self.thread = threading.Thread(target=self._run, name="unmask-engine", daemon=True)
 
     def start(self) -> None:
@@ -183,22 +189,40 @@ class Engine:
                 self._fail(job, f"{type(error).__name__}: {error}")
 
     def _block_logits(self, jobs: list[Job]) -> dict[int, torch.Tensor]:
-        """One model call over every active canvas (and the unconditional canvas of a CFG
-        request): each job's active block's logits [block_length, V], CFG applied.
+        """Each job's active block's logits [block_length, V], CFG applied. One model call
+        runs the whole canvases of the jobs without a cache and of the cached jobs at their
+        block's first step (which fills their caches); the cached jobs' later steps share
+        one call per segment shape, each row recomputing its own segment (its block, and
+        the rest of its canvas under "prefix") over its own cache, as unmask.generate's
+        cache does for a lone request."""
+        whole = [job for job in jobs if job.settings.cache is None or job.step_in_block == 0]
+        out = self._whole_canvas_logits(whole) if whole else {}
+        cached = [job for job in jobs if job.settings.cache is not None and job.step_in_block > 0]
+        stacked, self._stacked = self._stacked, {}
+        for group in _groups(cached, self._segment_key):
+            out.update(self._segment_logits(group, stacked))
+        return out
 
-        Canvases are padded on the right, so every position keeps its index of a lone
-        call (block-causal masks and rotary positions see the canvas as alone; the padding
-        keys are hidden), and the LM head runs on each row's own block only (positions
-        [B, n] per row), not on a span covering every row's block."""
-        rows: list[tuple[Job, torch.Tensor]] = []
+    @staticmethod
+    def _rows(jobs: list[Job]) -> list[tuple[Job, torch.Tensor]]:
+        """The canvases a model call runs: each job's, and the unconditional one of a CFG job."""
+        rows = []
         for job in jobs:
             rows.append((job, job.canvas))
             if job.settings.cfg_scale > 0:
                 unconditional = job.canvas.clone()
                 unconditional[:job.prompt_length] = job.mask_id
                 rows.append((job, unconditional))
+        return rows
+
+    def _padded(self, rows: list[tuple[Job, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """ids [R, W] with the canvases padded on the right, so every position keeps its
+        index of a lone call (block-causal masks and rotary positions see the canvas as
+        alone; the padding keys are hidden by the mask [R, W], None where no row is
+        padded), and each row's block positions [R, widest block] for the LM head, which
+        runs on each row's own block only (shorter blocks repeat their last position)."""
         width = max(len(canvas) for _, canvas in rows)
-        widest = max(job.settings.block_length for job in jobs)
+        widest = max(job.settings.block_length for job, _ in rows)
         pad = self.model.eos_id if getattr(self.model, "eos_id", None) is not None else 0
         ids = torch.full((len(rows), width), pad, dtype=torch.int64)
         known = torch.zeros((len(rows), width), dtype=torch.bool)
@@ -206,20 +230,70 @@ class Engine:
         for r, (job, canvas) in enumerate(rows):
             ids[r, :len(canvas)], known[r, :len(canvas)] = canvas, True
             start, end = job.block_range()
-            positions[r] = torch.arange(start, start + widest).clamp(max=end - 1)  # shorter blocks repeat their last
+            positions[r] = torch.arange(start, start + widest).clamp(max=end - 1)
         device = next(self.model.parameters()).device
-        with torch.inference_mode():
-            logits = self.model(ids.to(device), None if known.all() else known.to(device),
-                                logit_positions=positions.to(device))
+        return ids.to(device), None if known.all() else known.to(device), positions.to(device)
+
+    @staticmethod
+    def _guided(jobs: list[Job], logits: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Each job's block logits out of a call's rows (laid out as _rows lays them out),
+        guided in the model's dtype as unmask.generate guides."""
         out, r = {}, 0
         for job in jobs:
             block = logits[r, :job.settings.block_length]
-            if job.settings.cfg_scale > 0:  # in the model's dtype, as unmask.generate guides
+            if job.settings.cfg_scale > 0:
                 block = sampler.guide(block, logits[r + 1, :job.settings.block_length], job.settings.cfg_scale)
                 r += 1
             out[id(job)] = block
             r += 1
         return out
+
+    def _whole_canvas_logits(self, jobs: list[Job]) -> dict[int, torch.Tensor]:
+        rows = self._rows(jobs)
+        ids, known, positions = self._padded(rows)
+        filling = any(job.settings.cache is not None for job in jobs)
+        extra = {"cache": self.model.new_cache(*ids.shape)} if filling else {}
+        with torch.inference_mode():
+            logits = self.model(ids, known, logit_positions=positions, **extra)
+        if filling:  # each cached job keeps its own rows, as long as its canvas
+            r = 0
+            for job in jobs:
+                canvases = 2 if job.settings.cfg_scale > 0 else 1
+                if job.settings.cache is not None:
+                    job.kv, job.kv_fill = extra["cache"].rows(r, r + canvases, len(job.canvas)), next(self._fills)
+                r += canvases
+        return self._guided(jobs, logits)
+
+    def _segment(self, job: Job) -> tuple[int, int]:
+        """The positions a cached step recomputes, as unmask.generate's cache picks them:
+        the block (and the position before it for a model that predicts i from i - 1),
+        and under "prefix" everything after the block too."""
+        start, end = job.block_range()
+        first = max(start - 1, 0) if self.model.config.shift_logits else start
+        return first, end if job.settings.cache == "dual" else len(job.canvas)
+
+    def _segment_key(self, job: Job):
+        first, stop = self._segment(job)
+        block_causal = self.model.config.block_size is not None  # its mask takes one query offset per call
+        return stop - first, job.settings.block_length, first if block_causal else None
+
+    def _segment_logits(self, jobs: list[Job], stacked: dict) -> dict[int, torch.Tensor]:
+        """Later steps of cached blocks: every row its own segment over its own cache.
+
+        The jobs' caches, stacked into one, are kept for the next step while the same
+        fills share the call: a step writes only the rows' segments, which every step
+        recomputes before any query reads them, so the rest stays as each fill left it."""
+        rows = self._rows(jobs)
+        ids, known, positions = self._padded(rows)
+        key, fills = self._segment_key(jobs[0]), tuple(job.kv_fill for job in jobs)
+        held_fills, cache = stacked.get(key, (None, None))
+        if held_fills != fills:
+            cache = KVCache.stacked([job.kv for job in jobs], ids.shape[1])
+        self._stacked[key] = fills, cache
+        segments = RowSegments([self._segment(job)[0] for job, _ in rows], key[0])
+        with torch.inference_mode():
+            logits = self.model(ids, known, logit_positions=positions, cache=cache, segment=segments)
+        return self._guided(jobs, logits)
 
     def _sample(self, group: list[Job], logits: dict, tokens: dict, conf: dict) -> None:
         s = group[0].settings.sampling
@@ -286,7 +360,7 @@ class Engine:
             job.on_event({"kind": "delta", "text": delta, "canvas": self._canvas(job, generated), "step": job.offset})
             job.sent_text += delta
         if finish is not None:
-            job.finished = True
+            job.finished, job.kv = True, None
             # "stop" where EOS or a stop string ended the answer within max_tokens, else "length"
             reason = "stop" if at_eos or stopped else "length"
             completion = len(tokens) if text == decoded else len(self.tokenizer.encode(text).ids)
@@ -322,7 +396,7 @@ class Engine:
 
     def _fail(self, job: Job, message: str) -> None:
         if not job.finished:
-            job.finished = True
+            job.finished, job.kv = True, None
             with contextlib.suppress(Exception):  # a client whose loop is gone hears nothing, the engine goes on
                 job.on_event({"kind": "error", "message": message})
 

@@ -12,7 +12,7 @@ import uuid
 from unmask import validation
 
 # Diffusion decoding parameters a body may carry beside OpenAI's fields.
-DIFFUSION_FIELDS = ("block_length", "steps", "threshold", "factor", "remasking", "cfg_scale", "speculate")
+DIFFUSION_FIELDS = ("block_length", "steps", "threshold", "factor", "remasking", "cfg_scale", "cache", "speculate")
 OPENAI_FIELDS = ("model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
                  "n", "user")
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
@@ -40,6 +40,7 @@ class Settings:
     rule: validation.Rule
     sampling: validation.Sampling
     cfg_scale: float
+    cache: str | None  # unmask.generate's cache: None, "prefix" or "dual"
     max_tokens: int  # the answer is cut to this many tokens (gen_length is whole blocks)
     stop: tuple[str, ...]
     stream: bool
@@ -52,7 +53,7 @@ class Settings:
         return {"gen_length": self.gen_length, "block_length": self.block_length, "steps": steps,
                 "threshold": rule.threshold, "factor": rule.factor, "temperature": self.sampling.temperature,
                 "top_k": self.sampling.top_k, "top_p": self.sampling.top_p, "remasking": remasking,
-                "cfg_scale": self.cfg_scale, "seed": self.sampling.seed}
+                "cfg_scale": self.cfg_scale, "cache": self.cache, "seed": self.sampling.seed}
 
 
 def _checked(param: str, check, *args, **kwargs):
@@ -70,8 +71,10 @@ def _param_of(error: Exception, candidates: tuple[str, ...]) -> str | None:
 
 
 def settings(body: dict, *, prompt: list[int], default_block_length: int, max_context: int, vocab: int | None,
-             mask_id: int) -> Settings:
-    """A completion request's decoding settings, checked (RequestError on any bad field)."""
+             mask_id: int, caches: bool = True, default_cache: str | None = None) -> Settings:
+    """A completion request's decoding settings, checked (RequestError on any bad field).
+    caches: whether the model takes a key/value cache (the unmask model does);
+    default_cache: the cache of a body without the field (null in the body means none)."""
     unknown = sorted(set(body) - set(OPENAI_FIELDS) - set(DIFFUSION_FIELDS) - {"prompt", "messages"})
     if unknown:
         raise RequestError(f"unknown field {unknown[0]!r}", unknown[0])
@@ -111,7 +114,11 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int, max_co
         raise RequestError(str(error), _param_of(error, ("steps", "threshold", "factor")) or "steps") from None
     cfg_scale = _checked("cfg_scale", validation.check_float, "cfg_scale", _default(body, "cfg_scale", 0.0),
                          nonnegative=True)
-    return Settings(tuple(prompt), gen_length, block_length, rule, sampling, cfg_scale, max_tokens,
+    cache = body.get("cache", default_cache)
+    _checked("cache", validation.check_choice, "cache", cache, validation.CACHE_MODES)
+    if cache is not None and not caches:
+        raise RequestError(f"cache={cache!r} needs the unmask model; this server's model takes no cache", "cache")
+    return Settings(tuple(prompt), gen_length, block_length, rule, sampling, cfg_scale, cache, max_tokens,
                     _stop_strings(body.get("stop")), stream)
 
 
