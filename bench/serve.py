@@ -2,7 +2,7 @@
 requests) against the bundled model, beside the same requests served one at a time:
 requests and generated tokens per second, p50/p99 latency, time to the first streamed
 event, and failed or mismatched answers (each answer is checked against the one-at-a-
-time answer of the same prompt).
+time answer of the same prompt). Then the engine alone (no HTTP) at 1 and 16 clients.
 
     python bench/serve.py [--quick] [--no-save] [--cache prefix|dual]
 
@@ -84,6 +84,48 @@ def run_level(url: str, prompts: list[str], clients: int, cache: str | None) -> 
     return results, time.perf_counter() - started
 
 
+def engine_level(prompts: list[str], clients: int, cache: str | None, max_batch: int) -> float:
+    """The engine alone, in this process (no HTTP, no event loop, no client parsing):
+    clients closed loops of streaming requests; seconds for all prompts."""
+    import threading
+
+    import unmask
+    from unmask import cli
+    from unmask.serving import protocol
+    from unmask.serving.engine import Engine, Job
+
+    model = unmask.from_pretrained(cli.model_path(MODEL))
+    engine = Engine(model, model.tokenizer, max_batch=max_batch, max_queue=len(prompts))
+    todo, lock, done, left = list(prompts), threading.Lock(), threading.Event(), [len(prompts)]
+
+    def submit_next():
+        with lock:
+            if not todo:
+                return
+            prompt = todo.pop()
+        settings = protocol.settings({"max_tokens": 8, "stream": True, "cache": cache},
+                                     prompt=model.tokenizer.encode(prompt).ids, default_block_length=8,
+                                     max_context=4096, vocab=None, mask_id=model.mask_id)
+        engine.submit(Job(settings, model.mask_id, model.eos_id, on_event=on_event))
+
+    def on_event(event):
+        if event["kind"] in ("done", "error"):
+            with lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    done.set()
+            submit_next()
+
+    engine.start()
+    started = time.perf_counter()
+    for _ in range(clients):
+        submit_next()
+    done.wait()
+    seconds = time.perf_counter() - started
+    engine.stop()
+    return seconds
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -125,6 +167,16 @@ def main() -> None:
     finally:
         process.terminate()
         process.wait(timeout=60)
+    # The same requests through the engine alone: the batching gain without the HTTP
+    # front and the clients, which share this machine's cores with the server above.
+    engine_alone = {clients: engine_level(prompts, clients, args.cache, args.max_batch) for clients in (1, 16)}
+    for clients, seconds in engine_alone.items():
+        speedup = engine_alone[1] / seconds
+        rows.append(Row("serve", f"engine alone, {clients} clients",
+                        {"model": MODEL, "max_tokens": 8, "max_batch": args.max_batch, "cache": args.cache}, "float32",
+                        seconds * 1e3 / len(prompts), speedup_vs_baseline=speedup,
+                        extra={"requests": len(prompts), "requests_per_s": len(prompts) / seconds}))
+        print(f"engine alone, {clients:2} clients: {len(prompts) / seconds:7.1f} req/s ({speedup:5.2f}x one at a time)")
     report(args, rows, {})
 
 
