@@ -4,7 +4,8 @@ requests and generated tokens per second, p50/p99 latency, time to the first str
 event, and failed or mismatched answers (each answer is checked against the one-at-a-
 time answer of the same prompt). Then the engine alone (no HTTP) at 1 and 16 clients.
 
-    python bench/serve.py [--quick] [--no-save] [--cache prefix|dual]
+    python bench/serve.py [--quick] [--no-save] [--cache prefix|dual] [--engine process|thread]
+                          [--engine-threads N]
 
 --cache sends every request with that key/value cache (the same requests served one at a
 time use it too); without it requests recompute the whole canvas each step.
@@ -28,12 +29,14 @@ from unmask.benchmarks.harness import Row
 MODEL = "unmask-bundled"
 
 
-def start_server(max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(max_batch: int, engine: str, engine_threads: int | None) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     process = subprocess.Popen([sys.executable, "-m", "unmask", "serve", "--port", str(port), "--max-batch",
-                                str(max_batch), "--max-queue", "256"], stdout=subprocess.DEVNULL,
+                                str(max_batch), "--max-queue", "256", "--engine", engine]
+                               + ([] if engine_threads is None else ["--engine-threads", str(engine_threads)]),
+                               stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
@@ -134,10 +137,12 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     args = parse(__doc__, lambda parser: (parser.add_argument("--quick", action="store_true"),
                                   parser.add_argument("--max-batch", type=int, default=16),
-                                  parser.add_argument("--cache", choices=("prefix", "dual"))))
+                                  parser.add_argument("--cache", choices=("prefix", "dual")),
+                                  parser.add_argument("--engine", choices=("process", "thread"), default="process"),
+                                  parser.add_argument("--engine-threads", type=int)))
     examples = tasks.examples(64 if args.quick else 256, seed=5)
     prompts = [example.prompt for example in examples]
-    process, url = start_server(max_batch=args.max_batch)
+    process, url = start_server(args.max_batch, args.engine, args.engine_threads)
     rows = []
     try:
         run_level(url, prompts[:8], 1, args.cache)  # warm-up
@@ -157,7 +162,8 @@ def main() -> None:
                      "p99_over_p50": percentile(latencies, 0.99) / statistics.median(latencies),
                      "first_event_p50_ms": statistics.median(firsts) * 1e3}
             rows.append(Row("serve", f"{clients} clients", {"model": MODEL, "max_tokens": 8, "max_batch": args.max_batch,
-                                             "cache": args.cache},
+                                             "cache": args.cache, "engine": args.engine,
+                                             "engine_threads": args.engine_threads},
                             "float32", seconds * 1e3 / len(prompts), speedup_vs_baseline=rps / alone_rps,
                             extra=extra))
             print(f"{clients:3} clients: {rps:7.1f} req/s ({rps / alone_rps:5.2f}x one at a time), "

@@ -101,6 +101,41 @@ def test_row_segments_equal_each_row_alone(model_type):
                                            rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", ["llada", "dream"])
+def test_a_packed_forward_equals_each_groups_own_forward(model_type):
+    # Three groups in one pass: whole canvases filling a cache (one row padded), rows each
+    # at its own segment over a cache, and a plain call with a logit slice. Each group's
+    # logits and cache writes equal its own forward()'s.
+    model = unmask.DiffusionTransformer.random(tiny_config(model_type=model_type, include_qkv_bias=model_type == "dream"),
+                                               seed=5, std=0.3)
+    new_cache = lambda b, n: unmask.KVCache(model.config, b, n, dtype=torch.float32, device=torch.device("cpu"))  # noqa: E731
+    fill_ids, fill_known = torch.randint(0, 59, (2, 10)), torch.ones(2, 10, dtype=torch.bool)
+    fill_known[1, 7:] = False
+    segment_ids = torch.randint(0, 59, (3, 14))
+    filled = new_cache(3, 14)
+    with torch.no_grad():
+        model(segment_ids, cache=filled)
+        segment_ids[:, 2:12] = torch.randint(0, 59, (3, 10))
+        plain_ids = torch.randint(0, 59, (1, 7))
+        groups = lambda fill_cache, segment_cache: [  # noqa: E731
+            unmask.Rows(fill_ids, fill_known, logit_positions=slice(3, 7), cache=fill_cache),
+            unmask.Rows(segment_ids, logit_positions=torch.tensor([[3, 4], [6, 7], [10, 11]]), cache=segment_cache,
+                        segment=unmask.RowSegments([2, 5, 9], 3)),
+            unmask.Rows(plain_ids, logit_positions=slice(1, 6)),
+        ]
+        copy = lambda c: unmask.KVCache.stacked([c], c.shape[1])  # noqa: E731
+        packed_caches, alone_caches = (new_cache(2, 10), copy(filled)), (new_cache(2, 10), copy(filled))
+        packed = model.forward_packed(groups(*packed_caches))
+        alone = [model(r.input_ids, r.attention_mask, logit_positions=r.logit_positions, cache=r.cache,
+                       segment=r.segment) for r in groups(*alone_caches)]
+    for got, want in zip(packed, alone):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for got, want in zip(packed_caches, alone_caches):
+        for layer in range(model.config.n_layers):
+            torch.testing.assert_close(got.keys[layer], want.keys[layer], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got.values[layer], want.values[layer], rtol=1e-5, atol=1e-5)
+
+
 def test_row_segments_are_checked():
     model = unmask.DiffusionTransformer.random(tiny_config(), seed=2)
     cache = unmask.KVCache(model.config, 2, 6, dtype=torch.float32, device=torch.device("cpu"))

@@ -21,7 +21,11 @@ httpx = pytest.importorskip("httpx")
 
 import unmask  # noqa: E402
 from unmask import cli  # noqa: E402
+from unmask.models import checkpoint  # noqa: E402
+from unmask.serving import protocol  # noqa: E402
 from unmask.serving.app import Server  # noqa: E402
+from unmask.serving.engine import Job, QueueFull  # noqa: E402
+from unmask.serving.engine_process import EngineProcess, EngineSpec  # noqa: E402
 
 MODEL = "unmask-bundled"
 PROMPTS = ["123+456=", "sort:8531=", "rev:abc=", "99+1=", "(()=", "sort:91=", "7+8=", "rev:xyz="]
@@ -338,3 +342,75 @@ def test_sigterm_finishes_running_requests_then_exits():
             process.kill()
         process.wait()
         process.stdout.close()
+
+
+# --------------------------------------------------------------------------- the engine in its own process
+
+def start_in_process(**limits) -> Running:
+    """A server whose steps run in a child process (unmask serve's default)."""
+    limits = {"max_batch": 16, "max_queue": 64, **limits}
+    model_dir = str(cli.default_model_path())
+    engine = EngineProcess(EngineSpec(model_dir, limits["max_batch"], limits["max_queue"], threads=1))
+    skeleton = checkpoint.skeleton(model_dir)
+    return Running(Server(skeleton, skeleton.tokenizer, model_name=MODEL, default_block_length=8, engine=engine,
+                          **limits))
+
+
+@pytest.fixture(scope="module")
+def process_server():
+    running = start_in_process()
+    yield running
+    running.stop()
+
+
+def test_the_engine_in_its_own_process_answers_as_offline(process_server, model):
+    work = [(PROMPTS[i % len(PROMPTS)], SETTINGS[i % len(SETTINGS)]) for i in range(len(SETTINGS) + 3)]
+    with concurrent.futures.ThreadPoolExecutor(len(work)) as pool:
+        crowd = list(pool.map(lambda w: _request(process_server, *w), work))
+    assert crowd == [offline(model, prompt, **settings) for prompt, settings in work]
+    stream = process_server.client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=8, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in stream) == offline(model, PROMPTS[1], max_tokens=8)
+
+
+def test_the_engine_process_refuses_beyond_its_queue_at_once():
+    engine = EngineProcess(EngineSpec(str(cli.default_model_path()), max_batch=1, max_queue=1, threads=1))
+    engine.start()
+    try:
+        model = checkpoint.skeleton(str(cli.default_model_path()))
+        long = {"model": MODEL, "prompt": "1+1=", "max_tokens": 512, "block_length": 8}
+        settings = protocol.settings(long, prompt=[5, 6], default_block_length=8, max_context=4096, vocab=None,
+                                     mask_id=model.mask_id)
+        events = []
+        jobs = [Job(settings, model.mask_id, model.eos_id, on_event=events.append) for _ in range(3)]
+        engine.submit(jobs[0])
+        engine.submit(jobs[1])
+        with pytest.raises(QueueFull):
+            engine.submit(jobs[2])
+        assert engine.load()["active"] == 1 and engine.load()["waiting"] == 1
+        engine.cancel(jobs[1])  # its place frees at once
+        engine.submit(jobs[2])
+        engine.cancel(jobs[0])
+        engine.cancel(jobs[2])
+        assert engine.load()["active"] == 0
+    finally:
+        engine.stop()
+    assert engine.process.exitcode == 0 and engine.dead is None
+
+
+def test_a_crashed_engine_process_fails_its_requests_not_the_server():
+    running = start_in_process(max_batch=4, max_queue=4)
+    try:
+        body = {"model": MODEL, "prompt": "1+1=", "max_tokens": 1024, "block_length": 8, "stream": True}
+        with httpx.stream("POST", running.url + "/v1/completions", json=body, timeout=30) as reply:
+            lines = reply.iter_lines()
+            next(lines)  # decoding
+            running.server.engine.process.kill()  # as a segfault in a kernel would end it
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert json.loads(rest[-2][6:])["error"]["message"].startswith("the engine process exited")
+        assert rest[-1] == "data: [DONE]"
+        health = httpx.get(running.url + "/health", timeout=10)
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        refused = post(running, {"model": MODEL, "prompt": "1+1=", "max_tokens": 8})
+        assert refused.status_code == 503 and "the engine stopped" in refused.json()["error"]["message"]
+    finally:
+        running.stop()

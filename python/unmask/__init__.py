@@ -27,6 +27,7 @@ _LAZY = {
     "DiffusionTransformer": "unmask.models",
     "KVCache": "unmask.models",
     "RowSegments": "unmask.models",
+    "Rows": "unmask.models",
     "ModelConfig": "unmask.models.config",
     "from_pretrained": "unmask.models",
     "save_pretrained": "unmask.models",
@@ -43,6 +44,6 @@ __getattr__, __dir__ = _lazy.attributes(__name__, globals(), _LAZY)
 
 if TYPE_CHECKING:  # what static checkers and IDEs see
     from unmask import ops, reference, rng
-    from unmask.models import DiffusionTransformer, KVCache, ModelConfig, RowSegments, from_pretrained, save_pretrained
+    from unmask.models import DiffusionTransformer, KVCache, ModelConfig, Rows, RowSegments, from_pretrained, save_pretrained
     from unmask.output import GenerateOutput
     from unmask.sampler import generate, infill

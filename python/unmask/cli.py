@@ -292,7 +292,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "pip install 'unmask[serve]'") from None
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
           max_context=args.max_context, device=args.device, dtype=_dtype(args.dtype), block_length=args.block_length,
-          cache=args.cache)
+          cache=args.cache, engine=args.engine, engine_threads=args.engine_threads)
     return 0
 
 
@@ -386,6 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--cache", choices=["prefix", "dual"],
                               help="the key/value cache of requests that name none (a request's \"cache\": null "
                                    "turns it off); default: none, as unmask.generate")
+    serve_parser.add_argument("--engine", choices=["process", "thread"], default="process",
+                              help="run the denoising steps in a child process (default: the HTTP front and the "
+                                   "steps do not share a GIL, and a crash in a step spares the server) or on a "
+                                   "thread of the server's process")
+    serve_parser.add_argument("--engine-threads", type=int,
+                              help="torch CPU threads for the steps (default: with --engine process one fewer than "
+                                   "the cores, leaving one to HTTP; with --engine thread torch's default)")
     serve_parser.set_defaults(run=cmd_serve)
 
     bench = commands.add_parser("bench", help="microbenchmarks against the baselines, in roofline units")

@@ -16,6 +16,7 @@ _LAZY = {
     "DiffusionTransformer": "unmask.models.transformer",
     "KVCache": "unmask.models.transformer",
     "RowSegments": "unmask.models.transformer",
+    "Rows": "unmask.models.transformer",
 }
 
 __all__ = sorted(_LAZY)
@@ -27,4 +28,4 @@ __getattr__, __dir__ = _lazy.attributes(__name__, globals(), _LAZY)
 if TYPE_CHECKING:
     from unmask.models.checkpoint import from_pretrained, save_pretrained
     from unmask.models.config import ModelConfig
-    from unmask.models.transformer import DiffusionTransformer, KVCache, RowSegments
+    from unmask.models.transformer import DiffusionTransformer, KVCache, Rows, RowSegments

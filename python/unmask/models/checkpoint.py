@@ -173,17 +173,9 @@ def from_pretrained(
     a bf16 checkpoint never passes through float32.
     """
     directory = Path(path)
-    if not (directory / "config.json").exists():
-        raise FileNotFoundError(f"path: no config.json in {directory}")
-    fields = json.loads((directory / "config.json").read_text())
-    model_type = fields.get("model_type")
-    if model_type not in FORMATS:
-        raise ValueError(f"config.json model_type must be one of {sorted(FORMATS)}, got {model_type!r}")
-    config = FORMATS[model_type].config_from_json(fields)
+    model = skeleton(directory)
+    config, tokenizer = model.config, model.tokenizer
     device = torch.device(device) if device is not None else torch.device("cpu")
-
-    with torch.device("meta"):
-        model = DiffusionTransformer(config)
     expected = _expected_names(model)
     meta_state = model.state_dict()
     state: dict[str, torch.Tensor] = {}
@@ -213,8 +205,25 @@ def from_pretrained(
     if config.weight_tying:
         model.lm_head.weight = model.embed.weight
     model.eval()
+    model.tokenizer = tokenizer
+    return model
+
+
+def skeleton(path: str | Path) -> DiffusionTransformer:
+    """A checkpoint's model without its weights (on the meta device), with its config and
+    tokenizer: for a process that needs to know the model but not run it (the HTTP front
+    of unmask serve, whose engine runs in another process)."""
+    directory = Path(path)
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"path: no config.json in {directory}")
+    fields = json.loads((directory / "config.json").read_text())
+    model_type = fields.get("model_type")
+    if model_type not in FORMATS:
+        raise ValueError(f"config.json model_type must be one of {sorted(FORMATS)}, got {model_type!r}")
+    with torch.device("meta"):
+        model = DiffusionTransformer(FORMATS[model_type].config_from_json(fields))
     if (directory / "tokenizer.json").exists():
         from tokenizers import Tokenizer
 
         model.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
-    return model
+    return model.eval()

@@ -130,35 +130,74 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(d, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_valid: torch.Tensor | None,
-                cache: KVCache | None = None, layer: int = 0, start: int | torch.Tensor = 0) -> torch.Tensor:
-        """x holds positions start .. start + x.shape[1] - 1 (start: an int, or a [B, 1]
-        tensor of each row's own start); with a cache, their keys and values are written
-        into it and the queries attend over the whole cached canvas."""
-        batch, length, _ = x.shape
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, parts: Sequence[_Part],
+                layer: int) -> torch.Tensor:
+        """x [T, d]: the tokens of every part, one after another (part p's rows, each of
+        its positions start .. start + n - 1). Norms, projections, rotary (cos, sin
+        [T, 1, D]) and the MLP run once over all of them; each part's queries attend over
+        its own keys (with a cache: written into it, then the whole cached canvas)."""
         c = self.config
         h = self.attn_norm(x)
         # Heads counted from the projections, not the config: under tensor parallelism
         # (unmask.distributed) each rank holds a contiguous slice of the heads.
-        q = self.q_proj(h).view(batch, length, -1, c.head_dim)
-        k = self.k_proj(h).view(batch, length, -1, c.head_dim)
-        v = self.v_proj(h).view(batch, length, -1, c.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q_offset = start
-        if cache is not None:
-            if isinstance(start, int):
-                cache.keys[layer][:, start:start + length] = k
-                cache.values[layer][:, start:start + length] = v
-            else:  # rows at their own positions (a server's requests at different depths)
-                rows, columns = torch.arange(batch, device=x.device)[:, None], start + torch.arange(length, device=x.device)
-                cache.keys[layer][rows, columns] = k
-                cache.values[layer][rows, columns] = v
-                q_offset = 0  # unread: the model sends rows their own starts only without a block-causal mask
-            k, v = cache.keys[layer], cache.values[layer]
-        attn = ops.attention(q, k, v, key_valid=key_valid, block_size=c.block_size, q_offset=q_offset)
-        x = x + self.o_proj(attn.reshape(batch, length, -1))
+        q = apply_rotary(self.q_proj(h).unflatten(-1, (-1, c.head_dim)), cos, sin)
+        k = apply_rotary(self.k_proj(h).unflatten(-1, (-1, c.head_dim)), cos, sin)
+        v = self.v_proj(h).unflatten(-1, (-1, c.head_dim))
+        attended, first = [], 0
+        for part in parts:
+            span = slice(first, first + part.batch * part.length)
+            first = span.stop
+            shape = (part.batch, part.length, -1, c.head_dim)
+            attended.append(part.attend(q[span].view(shape), k[span].view(shape), v[span].view(shape), layer))
+        attn = attended[0] if len(attended) == 1 else torch.cat(attended)
+        x = x + self.o_proj(attn.flatten(-2))
         h = self.mlp_norm(x)
         return x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+@dataclasses.dataclass
+class _Part:
+    """One group of rows of a (packed) forward, checked and laid out: batch rows of
+    `length` computed positions each, from `start` (an int, or a [B, 1] tensor of each
+    row's own start)."""
+
+    batch: int
+    length: int
+    start: int | torch.Tensor
+    key_valid: torch.Tensor | None
+    cache: KVCache | None
+    block_size: int | None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        """Attention of the part's queries [B, n, H, D]: over its own keys, or with a cache
+        over the whole cached canvas once this part's keys and values are written in.
+        Returns [B * n, H, D]."""
+        start, cache, q_offset = self.start, self.cache, self.start
+        if cache is not None:
+            if isinstance(start, int):
+                cache.keys[layer][:, start:start + self.length] = k
+                cache.values[layer][:, start:start + self.length] = v
+            else:  # rows at their own positions (a server's requests at different depths)
+                rows = torch.arange(self.batch, device=q.device)[:, None]
+                columns = start + torch.arange(self.length, device=q.device)
+                cache.keys[layer][rows, columns] = k
+                cache.values[layer][rows, columns] = v
+                q_offset = 0  # unread: rows get their own starts only without a block-causal mask
+            k, v = cache.keys[layer], cache.values[layer]
+        attn = ops.attention(q, k, v, key_valid=self.key_valid, block_size=self.block_size, q_offset=q_offset)
+        return attn.flatten(0, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """One group of a packed forward (DiffusionTransformer.forward_packed): the arguments
+    DiffusionTransformer.forward takes for one call."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    logit_positions: slice | torch.Tensor | None = None
+    cache: KVCache | None = None
+    segment: tuple[int, int] | RowSegments | None = None
 
 
 class DiffusionTransformer(nn.Module):
@@ -261,6 +300,48 @@ class DiffusionTransformer(nn.Module):
         segment=RowSegments(starts, n) gives each row its own segment of n positions; its
         logit_positions are then [B, m] per row.
         """
+        return self.forward_packed([Rows(input_ids, attention_mask, logit_positions, cache, segment)])[0]
+
+    def forward_packed(self, groups: Sequence[Rows]) -> list[torch.Tensor]:
+        """forward() of several groups of rows in one pass: each group's logits, as its own
+        forward() call would give them. The groups may differ in everything (canvas
+        width, cache, segment); their tokens go through the norms, projections, MLP and
+        LM head together, and only attention runs per group. One call instead of several
+        saves their fixed per-call cost (a server's step with some requests filling
+        their caches beside others recomputing their blocks)."""
+        parts, embedded, cos, sin, picks = [], [], [], [], []
+        for rows in groups:
+            part, ids, positions, pick = self._lay_out(rows)
+            parts.append(part)
+            embedded.append(self.embed(ids).flatten(0, 1))
+            c, s_ = rotary_tables(positions.expand(part.batch, -1), self.config.head_dim, self.config.rope_theta)
+            cos.append(c.flatten(0, 1))
+            sin.append(s_.flatten(0, 1))
+            picks.append(pick)
+        joined = (lambda t: t[0] if len(t) == 1 else torch.cat(t))
+        x, cos, sin = joined(embedded), joined(cos), joined(sin)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, parts, index)
+        chosen, first = [], 0
+        for part, pick in zip(parts, picks):
+            hidden = x[first:first + part.batch * part.length].view(part.batch, part.length, -1)
+            first += part.batch * part.length
+            chosen.append(hidden if pick is None else pick(hidden))
+        if len(chosen) == 1:
+            return [self.lm_head(self.final_norm(chosen[0]))]
+        logits = self.lm_head(self.final_norm(torch.cat([h.flatten(0, 1) for h in chosen])))
+        out, first = [], 0
+        for h in chosen:
+            out.append(logits[first:first + h.shape[0] * h.shape[1]].view(*h.shape[:2], -1))
+            first += h.shape[0] * h.shape[1]
+        return out
+
+    def _lay_out(self, rows: Rows):
+        """A group checked and laid out: its _Part, the ids and rotary positions [B or 1, n]
+        of the positions it computes, and how to pick its logits' rows out of its hidden
+        states [B, n, d] (None: all of them)."""
+        input_ids, attention_mask, logit_positions, cache, segment = (
+            rows.input_ids, rows.attention_mask, rows.logit_positions, rows.cache, rows.segment)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
         batch, length = input_ids.shape
@@ -274,6 +355,7 @@ class DiffusionTransformer(nn.Module):
         if cache is not None and cache.shape != (batch, length):
             raise ValueError(f"cache holds a [{cache.shape[0]}, {cache.shape[1]}] canvas, input_ids is [{batch}, {length}]")
         positions = self.positions(attention_mask, batch, length, input_ids.device)
+        columns = None
         if isinstance(segment, RowSegments):
             starts = self._row_starts(segment, batch, length)
             if len(set(starts)) == 1:  # one segment after all
@@ -288,13 +370,12 @@ class DiffusionTransformer(nn.Module):
             if not 0 <= start < end <= length:
                 raise ValueError(f"segment must satisfy 0 <= start < end <= {length}, got {segment}")
             positions, ids = positions[:, start:end], input_ids[:, start:end]
-        cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
-        x = self.embed(ids)
-        for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, key_valid, cache=cache, layer=index, start=start)
+        part = _Part(batch, ids.shape[1], start, key_valid, cache, self.config.block_size)
+
+        pick = None
         rows_apart = isinstance(start, torch.Tensor)
         if logit_positions is not None or self.config.shift_logits:
-            wanted = torch.arange(length, device=x.device)
+            wanted = torch.arange(length, device=input_ids.device)
             if logit_positions is not None:
                 wanted = wanted[logit_positions]
             elif rows_apart:
@@ -303,7 +384,9 @@ class DiffusionTransformer(nn.Module):
             if rows_apart and source.dim() == 1:
                 source = source.expand(batch, -1)
             if source.dim() == 2:  # per-row positions [B, n] (a server's rows at different depths)
-                x = x.gather(1, (source - start)[:, :, None].expand(-1, -1, x.shape[-1]))
+                index = (source - start)[:, :, None]
+                pick = lambda x: x.gather(1, index.expand(-1, -1, x.shape[-1]))  # noqa: E731
             else:
-                x = x[:, source - start]
-        return self.lm_head(self.final_norm(x))
+                index = source - start
+                pick = lambda x: x[:, index]  # noqa: E731
+        return part, ids, positions, pick

@@ -36,10 +36,13 @@ class Server:
 
     def __init__(self, model, tokenizer, *, model_name: str, model_dir: str | None = None, max_batch: int = 16,
                  max_queue: int = 64, max_context: int = 4096, default_block_length: int = 32,
-                 default_cache: str | None = None):
+                 default_cache: str | None = None, engine=None):
+        """engine: an unmask.serving.engine_process.EngineProcess to run the steps (model
+        then only describes the model: a weightless skeleton will do); None runs an
+        Engine on a thread of this process."""
         self.model, self.tokenizer, self.model_name, self.model_dir = model, tokenizer, model_name, model_dir
         self.max_context, self.default_block_length = max_context, default_block_length
-        self.engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+        self.engine = engine or Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
         self.caches = isinstance(model, DiffusionTransformer)
         validation.check_choice("default_cache", default_cache, validation.CACHE_MODES)
         if default_cache is not None and not self.caches:
@@ -68,6 +71,8 @@ class Server:
             {"id": self.model_name, "object": "model", "created": 0, "owned_by": "unmask"}]})
 
     async def health(self, request: Request) -> JSONResponse:
+        if self.engine.dead is not None:  # the steps stopped: 503, so that a supervisor restarts the server
+            return JSONResponse({"status": "error", "detail": self.engine.dead, **self.engine.load()}, status_code=503)
         return JSONResponse({"status": "ok", **self.engine.load()})
 
     async def completions(self, request: Request):
@@ -224,22 +229,38 @@ def _sse(body: dict) -> str:
 
 def serve(model_dir: str | None = None, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
           max_queue: int = 64, max_context: int = 4096, device: str | None = None, dtype=None,
-          block_length: int | None = None, cache: str | None = None) -> None:
-    """Load the model (the bundled one by default) and serve it until SIGINT/SIGTERM."""
+          block_length: int | None = None, cache: str | None = None, engine: str = "process",
+          engine_threads: int | None = None) -> None:
+    """Load the model (the bundled one by default) and serve it until SIGINT/SIGTERM.
+    engine "process" steps it in a child process (unmask.serving.engine_process), "thread"
+    on a thread of this one; engine_threads: torch's CPU threads for the steps."""
     import torch
     import uvicorn
 
     import unmask
     from unmask import cli
+    from unmask.models.checkpoint import skeleton
+    from unmask.serving.engine_process import EngineProcess, EngineSpec
 
     bundled = model_dir is None or model_dir in cli.BUNDLED_MODELS
     name = cli.model_name(model_dir or "unmask-bundled")
     model_dir = str(cli.model_path(model_dir or "unmask-bundled"))
+    validation.check_choice("engine", engine, ("process", "thread"))
+    if engine_threads is not None:
+        validation.check_positive_int("engine_threads", engine_threads)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = unmask.from_pretrained(model_dir, dtype=dtype, device=device)
+    runner = None
+    if engine == "process":
+        model = skeleton(model_dir)
+        runner = EngineProcess(EngineSpec(model_dir, max_batch, max_queue, dtype=dtype, device=device,
+                                          threads=engine_threads))
+    else:
+        if engine_threads is not None:
+            torch.set_num_threads(engine_threads)
+        model = unmask.from_pretrained(model_dir, dtype=dtype, device=device)
     if getattr(model, "tokenizer", None) is None:
         raise SystemExit(f"unmask serve needs tokenizer.json in {model_dir} (text in, text out)")
     server = Server(model, model.tokenizer, model_name=name,
                     model_dir=model_dir, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
-                    default_block_length=block_length or (8 if bundled else 32), default_cache=cache)
+                    default_block_length=block_length or (8 if bundled else 32), default_cache=cache, engine=runner)
     uvicorn.run(server.app(), host=host, port=port, log_level="info", timeout_graceful_shutdown=60)

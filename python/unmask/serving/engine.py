@@ -1,8 +1,10 @@
 """The serving engine: one thread owns the model and runs denoising steps for every
 active request at once (docs/design.md, Serving).
 
-Each step: one model call over the canvases of all active requests (left-padded to one
-width; a CFG request adds its unconditional canvas), then sample and commit per group of
+Each step: one model call over the canvases of all active requests (right-padded to one
+width; a CFG request adds its unconditional canvas; a request with a key/value cache
+sends only its block after its block's first step, at its own position: a packed forward
+of those groups), then sample and commit per group of
 requests that may share a kernel call, then per-request bookkeeping (block ends, EOS,
 stop strings, streaming). Requests join at any step (their own first block starts
 then) and leave when they finish or are cancelled, so requests at different positions
@@ -29,7 +31,7 @@ from collections.abc import Callable
 import torch
 
 from unmask import ops, sampler
-from unmask.models.transformer import KVCache, RowSegments
+from unmask.models.transformer import KVCache, Rows, RowSegments
 from unmask.serving.protocol import Settings, cut_at_stop
 
 MASK_PLACEHOLDER = "\u2591"  # one per masked position in the streamed canvas
@@ -89,8 +91,13 @@ class Engine:
     """The decode loop of the server, on its own thread. submit() and cancel() may be
     called from any thread."""
 
-    def __init__(self, model, tokenizer, *, max_batch: int, max_queue: int):
+    def __init__(self, model, tokenizer, *, max_batch: int, max_queue: int,
+                 after_step: Callable[[], None] | None = None):
+        # after_step: called on the engine thread once a step's events are all out (and
+        # after the events of a failure that ends the thread): lets a caller send them on
+        # together (unmask.serving.engine_process).
         self.model, self.tokenizer = model, tokenizer
+        self.after_step = after_step
         self.max_batch, self.max_queue = max_batch, max_queue
         self.waiting: collections.deque[Job] = collections.deque()
         self.active: list[Job] = []
@@ -150,6 +157,8 @@ class Engine:
             for job in stranded:
                 with contextlib.suppress(Exception):
                     self._fail(job, f"the engine stopped: {self.dead}")
+            if self.after_step is not None:
+                self.after_step()
             raise
 
     def _loop(self) -> None:
@@ -172,6 +181,8 @@ class Engine:
                 for job in jobs:
                     self._fail(job, f"the model step failed: {type(error).__name__}: {error}")
             self.steps += 1
+            if self.after_step is not None:
+                self.after_step()
 
     def _step(self, jobs: list[Job]) -> None:
         logits = self._block_logits(jobs)
@@ -189,18 +200,34 @@ class Engine:
                 self._fail(job, f"{type(error).__name__}: {error}")
 
     def _block_logits(self, jobs: list[Job]) -> dict[int, torch.Tensor]:
-        """Each job's active block's logits [block_length, V], CFG applied. One model call
-        runs the whole canvases of the jobs without a cache and of the cached jobs at their
-        block's first step (which fills their caches); the cached jobs' later steps share
-        one call per segment shape, each row recomputing its own segment (its block, and
-        the rest of its canvas under "prefix") over its own cache, as unmask.generate's
-        cache does for a lone request."""
+        """Each job's active block's logits [block_length, V], CFG applied, from one model
+        call (a packed forward, DiffusionTransformer.forward_packed) of several groups of
+        rows: the whole canvases of the jobs without a cache and of the cached jobs at
+        their block's first step (which fills their caches), and one group per segment
+        shape for the cached jobs' later steps, each row recomputing its own segment (its
+        block, and the rest of its canvas under "prefix") over its own cache, as
+        unmask.generate's cache does for a lone request."""
         whole = [job for job in jobs if job.settings.cache is None or job.step_in_block == 0]
-        out = self._whole_canvas_logits(whole) if whole else {}
         cached = [job for job in jobs if job.settings.cache is not None and job.step_in_block > 0]
         stacked, self._stacked = self._stacked, {}
-        for group in _groups(cached, self._segment_key):
-            out.update(self._segment_logits(group, stacked))
+        groups = [(whole, self._whole_canvas_rows(whole))] if whole else []
+        groups += [(group, self._segment_rows(group, stacked)) for group in _groups(cached, self._segment_key)]
+        with torch.inference_mode():
+            if hasattr(self.model, "forward_packed"):
+                logits = self.model.forward_packed([rows for _, rows in groups])
+            else:  # another model (no cache): its own call
+                (_, rows), = groups
+                logits = [self.model(rows.input_ids, rows.attention_mask, logit_positions=rows.logit_positions)]
+        out = {}
+        for (group, rows), group_logits in zip(groups, logits):
+            if group is whole and rows.cache is not None:  # each cached job keeps its own rows, as long as its canvas
+                r = 0
+                for job in group:
+                    canvases = 2 if job.settings.cfg_scale > 0 else 1
+                    if job.settings.cache is not None:
+                        job.kv, job.kv_fill = rows.cache.rows(r, r + canvases, len(job.canvas)), next(self._fills)
+                    r += canvases
+            out.update(self._guided(group, group_logits))
         return out
 
     @staticmethod
@@ -248,21 +275,10 @@ class Engine:
             r += 1
         return out
 
-    def _whole_canvas_logits(self, jobs: list[Job]) -> dict[int, torch.Tensor]:
-        rows = self._rows(jobs)
-        ids, known, positions = self._padded(rows)
+    def _whole_canvas_rows(self, jobs: list[Job]) -> Rows:
+        ids, known, positions = self._padded(self._rows(jobs))
         filling = any(job.settings.cache is not None for job in jobs)
-        extra = {"cache": self.model.new_cache(*ids.shape)} if filling else {}
-        with torch.inference_mode():
-            logits = self.model(ids, known, logit_positions=positions, **extra)
-        if filling:  # each cached job keeps its own rows, as long as its canvas
-            r = 0
-            for job in jobs:
-                canvases = 2 if job.settings.cfg_scale > 0 else 1
-                if job.settings.cache is not None:
-                    job.kv, job.kv_fill = extra["cache"].rows(r, r + canvases, len(job.canvas)), next(self._fills)
-                r += canvases
-        return self._guided(jobs, logits)
+        return Rows(ids, known, positions, self.model.new_cache(*ids.shape) if filling else None)
 
     def _segment(self, job: Job) -> tuple[int, int]:
         """The positions a cached step recomputes, as unmask.generate's cache picks them:
@@ -277,11 +293,11 @@ class Engine:
         block_causal = self.model.config.block_size is not None  # its mask takes one query offset per call
         return stop - first, job.settings.block_length, first if block_causal else None
 
-    def _segment_logits(self, jobs: list[Job], stacked: dict) -> dict[int, torch.Tensor]:
+    def _segment_rows(self, jobs: list[Job], stacked: dict) -> Rows:
         """Later steps of cached blocks: every row its own segment over its own cache.
 
         The jobs' caches, stacked into one, are kept for the next step while the same
-        fills share the call: a step writes only the rows' segments, which every step
+        fills share the group: a step writes only the rows' segments, which every step
         recomputes before any query reads them, so the rest stays as each fill left it."""
         rows = self._rows(jobs)
         ids, known, positions = self._padded(rows)
@@ -291,9 +307,7 @@ class Engine:
             cache = KVCache.stacked([job.kv for job in jobs], ids.shape[1])
         self._stacked[key] = fills, cache
         segments = RowSegments([self._segment(job)[0] for job, _ in rows], key[0])
-        with torch.inference_mode():
-            logits = self.model(ids, known, logit_positions=positions, cache=cache, segment=segments)
-        return self._guided(jobs, logits)
+        return Rows(ids, known, positions, cache, segments)
 
     def _sample(self, group: list[Job], logits: dict, tokens: dict, conf: dict) -> None:
         s = group[0].settings.sampling

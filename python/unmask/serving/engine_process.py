@@ -1,0 +1,219 @@
+"""The serving engine in a process of its own (unmask serve's default).
+
+The engine's Python (each step's model call, sample, commit and bookkeeping) and the
+HTTP front's event loop then hold separate interpreters: neither waits for the other's
+GIL, and a crash in a kernel ends the engine process with an error for the requests it
+held, not the server. (vLLM's V1 engine core runs apart from its API server for the same
+reasons.) The front keeps a weightless copy of the model (unmask.models.checkpoint.
+skeleton) to check requests; the engine process loads the weights.
+
+Messages on one pipe. To the engine: ("submit", id, settings), ("cancel", id), ("stop",).
+From it: ("ready", None) or ("failed", why) once at start; then ("events", [(id, event),
+...], steps) once per step, holding every event of that step (one wake-up of the front
+per step, not one per request); ("stopped", None) after a drain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import multiprocessing
+import signal
+import threading
+
+from unmask.serving.engine import Job, QueueFull, Unavailable
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """What the engine process loads and how it runs."""
+
+    model_dir: str
+    max_batch: int
+    max_queue: int
+    dtype: object = None  # a torch.dtype, or None for the checkpoint's own
+    device: str | None = None
+    # torch's CPU threads in the engine process. None: one fewer than torch's default (the
+    # machine's cores), leaving a core to the HTTP front and its clients; on this 2-core
+    # machine a second engine thread cost 20-25% of the 16-client throughput (README, Serving).
+    threads: int | None = None
+
+
+class EngineProcess:
+    """Engine's interface (start, stop, submit, cancel, load) over a child process. The
+    front counts the requests it has handed over, so a full queue is refused at once."""
+
+    def __init__(self, spec: EngineSpec):
+        self.spec = spec
+        self.jobs: dict[int, Job] = {}
+        self.remote: dict[Job, int] = {}
+        self.ids = itertools.count()
+        self.lock, self.send_lock = threading.Lock(), threading.Lock()
+        self.stopping = False
+        self.dead: str | None = None
+        self.last_steps = 0  # model calls so far, as the engine last reported
+        self.process = self.connection = self.reader = None
+
+    def start(self) -> None:
+        context = multiprocessing.get_context("spawn")  # not fork: torch's threads and locks do not survive it
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=_serve_engine, args=(child, self.spec), name="unmask-engine",
+                                       daemon=True)
+        self.process.start()
+        child.close()
+        try:
+            kind, detail = self.connection.recv()
+        except EOFError:
+            kind, detail = "failed", f"it exited with code {self.process.join(5) or self.process.exitcode}"
+        if kind != "ready":
+            raise RuntimeError(f"the engine process did not start: {detail}")
+        self.reader = threading.Thread(target=self._read, name="unmask-engine-reader", daemon=True)
+        self.reader.start()
+
+    def stop(self) -> None:
+        """Finish every request handed over, then end the process."""
+        with self.lock:
+            self.stopping = True
+            alive = self.dead is None
+        if alive:
+            self._send(("stop",))
+            self.reader.join()
+        self.process.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        with self.lock:
+            if self.stopping or self.dead is not None:
+                raise Unavailable("the server is shutting down" if self.stopping else
+                                  f"the engine stopped: {self.dead}")
+            if len(self.jobs) >= self.spec.max_batch + self.spec.max_queue:
+                waiting = len(self.jobs) - self.spec.max_batch
+                raise QueueFull(f"{waiting} requests are waiting (--max-queue {self.spec.max_queue})")
+            remote = next(self.ids)
+            self.jobs[remote], self.remote[job] = job, remote
+            self._send(("submit", remote, job.settings))
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: the engine frees its rows at its next step (its place in
+        the front's count at once)."""
+        job.cancelled = True
+        with self.lock:
+            remote = self.remote.pop(job, None)
+            if remote is not None:
+                self.jobs.pop(remote, None)
+                if self.dead is None:
+                    self._send(("cancel", remote))
+
+    def load(self) -> dict:
+        """Requests handed over and not finished, as decoding (up to max_batch) and
+        waiting; steps as the engine last reported them."""
+        with self.lock:
+            held = len(self.jobs)
+        return {"active": min(held, self.spec.max_batch), "waiting": max(0, held - self.spec.max_batch),
+                "steps": self.last_steps}
+
+    def _send(self, message) -> None:
+        with self.send_lock:
+            self.connection.send(message)
+
+    def _read(self) -> None:
+        """The front's end of the pipe: each step's events to their requests."""
+        while True:
+            try:
+                message = self.connection.recv()
+            except (EOFError, OSError):
+                break
+            if message[0] == "stopped":
+                break
+            _, events, self.last_steps = message
+            for remote, event in events:
+                ended = event["kind"] in ("done", "error")
+                with self.lock:
+                    job = self.jobs.pop(remote, None) if ended else self.jobs.get(remote)
+                    if ended and job is not None:
+                        self.remote.pop(job, None)
+                if job is None:
+                    continue
+                job.finished = job.finished or ended
+                with contextlib.suppress(Exception):  # a client whose loop is gone hears nothing
+                    job.on_event(event)
+        self.process.join(timeout=5)
+        with self.lock:  # the engine is gone: whatever it still held fails
+            stranded = list(self.jobs.values())
+            self.jobs.clear()
+            self.remote.clear()
+            if stranded or not self.stopping:
+                self.dead = f"the engine process exited (code {self.process.exitcode})"
+        for job in stranded:
+            job.finished = True
+            with contextlib.suppress(Exception):
+                job.on_event({"kind": "error", "message": self.dead})
+
+
+def _serve_engine(connection, spec: EngineSpec) -> None:
+    """The engine process: load the model, run an Engine, relay commands and events."""
+    # The front decides when to stop (its "stop", or the pipe's end when it is gone): a
+    # Ctrl-C or a service manager's SIGTERM reaching the whole process group must not end
+    # the steps under requests the front is still draining.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        import torch
+
+        from unmask.models import from_pretrained
+        from unmask.serving.engine import Engine
+
+        torch.set_num_threads(spec.threads or max(1, torch.get_num_threads() - 1))
+        device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = from_pretrained(spec.model_dir, dtype=spec.dtype, device=device)
+    except Exception as error:  # the front reports it and exits
+        connection.send(("failed", f"{type(error).__name__}: {error}"))
+        return
+    outbox: list[tuple[int, dict]] = []
+    outbox_lock, send_lock = threading.Lock(), threading.Lock()
+
+    def post(remote: int, event: dict) -> None:
+        with outbox_lock:
+            outbox.append((remote, event))
+
+    def flush() -> None:
+        with outbox_lock:
+            events = outbox[:]
+            outbox.clear()
+        if events:
+            with send_lock:
+                connection.send(("events", events, engine.steps))
+
+    # The front refuses what exceeds max_batch + max_queue, so this engine never does (it
+    # may hold cancelled requests a step longer than the front counts them).
+    engine = Engine(model, model.tokenizer, max_batch=spec.max_batch, max_queue=2 * (spec.max_batch + spec.max_queue),
+                    after_step=flush)
+    jobs: dict[int, Job] = {}
+    engine.start()
+    connection.send(("ready", None))
+    while True:
+        try:
+            message = connection.recv()
+        except (EOFError, OSError):  # the front is gone: finish what is running and exit
+            message = ("stop",)
+        if message[0] == "submit":
+            _, remote, settings = message
+            job = jobs[remote] = Job(settings, model.mask_id, model.eos_id,
+                                     on_event=lambda event, remote=remote: post(remote, event))
+            try:
+                engine.submit(job)
+            except (QueueFull, Unavailable) as refused:
+                post(remote, {"kind": "error", "message": str(refused)})
+                flush()
+        elif message[0] == "cancel":
+            job = jobs.get(message[1])
+            if job is not None:
+                engine.cancel(job)
+        elif message[0] == "stop":
+            engine.stop()
+            flush()
+            with contextlib.suppress(OSError), send_lock:
+                connection.send(("stopped", None))
+            return
+        for remote in [r for r, job in jobs.items() if job.finished or job.cancelled]:
+            del jobs[remote]
