@@ -87,10 +87,13 @@ def run_level(url: str, prompts: list[str], clients: int, cache: str | None) -> 
     return results, time.perf_counter() - started
 
 
-def engine_level(prompts: list[str], clients: int, cache: str | None, max_batch: int) -> float:
-    """The engine alone, in this process (no HTTP, no event loop, no client parsing):
-    clients closed loops of streaming requests; seconds for all prompts."""
+def engine_level(prompts: list[str], clients: int, cache: str | None, max_batch: int, threads: int | None) -> float:
+    """The engine alone, in this process (no HTTP, no event loop, no client parsing), on
+    the torch threads the server's engine process takes: clients closed loops of
+    streaming requests; seconds for all prompts."""
     import threading
+
+    import torch
 
     import unmask
     from unmask import cli
@@ -119,13 +122,18 @@ def engine_level(prompts: list[str], clients: int, cache: str | None, max_batch:
                     done.set()
             submit_next()
 
-    engine.start()
-    started = time.perf_counter()
-    for _ in range(clients):
-        submit_next()
-    done.wait()
-    seconds = time.perf_counter() - started
-    engine.stop()
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or max(1, default_threads - 1))  # as EngineSpec.threads
+    try:
+        engine.start()
+        started = time.perf_counter()
+        for _ in range(clients):
+            submit_next()
+        done.wait()
+        seconds = time.perf_counter() - started
+        engine.stop()
+    finally:
+        torch.set_num_threads(default_threads)
     return seconds
 
 
@@ -175,7 +183,8 @@ def main() -> None:
         process.wait(timeout=60)
     # The same requests through the engine alone: the batching gain without the HTTP
     # front and the clients, which share this machine's cores with the server above.
-    engine_alone = {clients: engine_level(prompts, clients, args.cache, args.max_batch) for clients in (1, 16)}
+    engine_alone = {clients: engine_level(prompts, clients, args.cache, args.max_batch, args.engine_threads)
+                    for clients in (1, 16)}
     for clients, seconds in engine_alone.items():
         speedup = engine_alone[1] / seconds
         rows.append(Row("serve", f"engine alone, {clients} clients",

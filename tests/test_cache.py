@@ -142,11 +142,16 @@ def test_row_segments_are_checked():
     ids = torch.zeros(2, 6, dtype=torch.long)
     with pytest.raises(ValueError, match="one start per row"):
         model(ids, cache=cache, segment=unmask.RowSegments([0], 2))
-    with pytest.raises(ValueError, match="start \\+ length <= 6"):
+    with pytest.raises(ValueError, match="segment.length <= 6"):
         model(ids, cache=cache, segment=unmask.RowSegments([0, 5], 2))
     block_causal = unmask.DiffusionTransformer.random(tiny_config(block_size=2), seed=2)
-    with pytest.raises(ValueError, match="block-causal"):
+    with pytest.raises(ValueError, match="block-causal model needs the same segment.starts"):
         block_causal(ids, cache=cache, segment=unmask.RowSegments([0, 2], 2))
+    shifted = unmask.DiffusionTransformer.random(tiny_config(model_type="dream", include_qkv_bias=True), seed=2)
+    with pytest.raises(ValueError, match="logit_positions"):
+        shifted(ids, cache=cache, segment=unmask.RowSegments([1, 3], 2))
+    with pytest.raises(ValueError, match="caches"):
+        unmask.KVCache.stacked([cache], 4)
 
 
 def test_cache_arguments_are_checked():

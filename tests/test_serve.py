@@ -24,7 +24,7 @@ from unmask import cli  # noqa: E402
 from unmask.models import checkpoint  # noqa: E402
 from unmask.serving import protocol  # noqa: E402
 from unmask.serving.app import Server  # noqa: E402
-from unmask.serving.engine import Job, QueueFull  # noqa: E402
+from unmask.serving.engine import Job, QueueFull, Unavailable  # noqa: E402
 from unmask.serving.engine_process import EngineProcess, EngineSpec  # noqa: E402
 
 MODEL = "unmask-bundled"
@@ -395,12 +395,23 @@ def test_the_engine_process_refuses_beyond_its_queue_at_once():
     finally:
         engine.stop()
     assert engine.process.exitcode == 0 and engine.dead is None
+    engine.stop()  # a second stop does nothing
+    with pytest.raises(Unavailable, match="shutting down"):
+        engine.submit(jobs[0])
+
+
+def test_an_engine_process_that_cannot_load_its_model_says_why(tmp_path):
+    engine = EngineProcess(EngineSpec(str(tmp_path), max_batch=1, max_queue=1, threads=1))
+    with pytest.raises(RuntimeError, match="the engine process did not start: FileNotFoundError: path: no config.json"):
+        engine.start()
+    engine.stop()  # nothing to stop, no error
 
 
 def test_a_crashed_engine_process_fails_its_requests_not_the_server():
     running = start_in_process(max_batch=4, max_queue=4)
     try:
-        body = {"model": MODEL, "prompt": "1+1=", "max_tokens": 1024, "block_length": 8, "stream": True}
+        # one block of 1024 steps: the request cannot end (at EOS, at a block's end) before the kill
+        body = {"model": MODEL, "prompt": "1+1=", "max_tokens": 1024, "block_length": 1024, "stream": True}
         with httpx.stream("POST", running.url + "/v1/completions", json=body, timeout=30) as reply:
             lines = reply.iter_lines()
             next(lines)  # decoding

@@ -81,11 +81,13 @@ def test_cached_requests_at_different_depths_decode_as_alone(layout):
     model = tiny_model(seed=7, std=0.5, **MODELS[layout])
     engine = Engine(model, IdTokenizer(), max_batch=16, max_queue=16)
     jobs = [job_for(model, prompt, [], **body) for prompt, body in CACHED_REQUESTS]
-    step = 0
+    step, segment_steps = 0, 0
     while any(not job.finished for job in jobs):
         joined = jobs[:step // 2 + 1]
         engine._step([job for job in joined if not job.finished])
+        segment_steps += bool(engine._stacked)  # the step ran rows over their own caches
         step += 1
+    assert segment_steps > step // 2
     for job, (prompt, _) in zip(jobs, CACHED_REQUESTS):
         assert job.generated() == alone(model, prompt, job.settings)
 

@@ -92,6 +92,17 @@ def _parse_ids(text: str) -> list[int]:
         raise SystemExit(f"--ids must be integers separated by commas or spaces: {error}") from None
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a count of at least 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
@@ -390,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                               help="run the denoising steps in a child process (default: the HTTP front and the "
                                    "steps do not share a GIL, and a crash in a step spares the server) or on a "
                                    "thread of the server's process")
-    serve_parser.add_argument("--engine-threads", type=int,
+    serve_parser.add_argument("--engine-threads", type=_positive_int,
                               help="torch CPU threads for the steps (default: with --engine process one fewer than "
                                    "the cores, leaving one to HTTP; with --engine thread torch's default)")
     serve_parser.set_defaults(run=cmd_serve)

@@ -174,7 +174,7 @@ def from_pretrained(
     """
     directory = Path(path)
     model = skeleton(directory)
-    config, tokenizer = model.config, model.tokenizer
+    config = model.config
     device = torch.device(device) if device is not None else torch.device("cpu")
     expected = _expected_names(model)
     meta_state = model.state_dict()
@@ -204,9 +204,7 @@ def from_pretrained(
     model.load_state_dict(state, assign=True)
     if config.weight_tying:
         model.lm_head.weight = model.embed.weight
-    model.eval()
-    model.tokenizer = tokenizer
-    return model
+    return model.eval()
 
 
 def skeleton(path: str | Path) -> DiffusionTransformer:

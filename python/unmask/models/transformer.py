@@ -85,6 +85,9 @@ class KVCache:
     @staticmethod
     def stacked(caches: Sequence[KVCache], length: int) -> KVCache:
         """The caches' rows one after another, each zero-padded to `length` positions."""
+        if not caches or any(c.shape[1] > length for c in caches):
+            raise ValueError(f"caches: one or more caches of at most length={length} positions, "
+                             f"got {[c.shape for c in caches]}")
         def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
             out = tensors[0].new_zeros((sum(t.shape[0] for t in tensors), length, *tensors[0].shape[2:]))
             row = 0
@@ -130,25 +133,26 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(d, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, parts: Sequence[_Part],
-                layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, parts: Sequence[_Part], layer: int) -> torch.Tensor:
         """x [T, d]: the tokens of every part, one after another (part p's rows, each of
-        its positions start .. start + n - 1). Norms, projections, rotary (cos, sin
-        [T, 1, D]) and the MLP run once over all of them; each part's queries attend over
-        its own keys (with a cache: written into it, then the whole cached canvas)."""
+        its positions start .. start + n - 1). Norms, projections and the MLP run once
+        over all of them; rotary and attention per part, each part's queries over its own
+        keys (with a cache: written into it, then the whole cached canvas)."""
         c = self.config
         h = self.attn_norm(x)
         # Heads counted from the projections, not the config: under tensor parallelism
         # (unmask.distributed) each rank holds a contiguous slice of the heads.
-        q = apply_rotary(self.q_proj(h).unflatten(-1, (-1, c.head_dim)), cos, sin)
-        k = apply_rotary(self.k_proj(h).unflatten(-1, (-1, c.head_dim)), cos, sin)
+        q = self.q_proj(h).unflatten(-1, (-1, c.head_dim))
+        k = self.k_proj(h).unflatten(-1, (-1, c.head_dim))
         v = self.v_proj(h).unflatten(-1, (-1, c.head_dim))
         attended, first = [], 0
         for part in parts:
             span = slice(first, first + part.batch * part.length)
             first = span.stop
             shape = (part.batch, part.length, -1, c.head_dim)
-            attended.append(part.attend(q[span].view(shape), k[span].view(shape), v[span].view(shape), layer))
+            part_q = apply_rotary(q[span].view(shape), part.cos, part.sin)
+            part_k = apply_rotary(k[span].view(shape), part.cos, part.sin)
+            attended.append(part.attend(part_q, part_k, v[span].view(shape), layer))
         attn = attended[0] if len(attended) == 1 else torch.cat(attended)
         x = x + self.o_proj(attn.flatten(-2))
         h = self.mlp_norm(x)
@@ -164,6 +168,9 @@ class _Part:
     batch: int
     length: int
     start: int | torch.Tensor
+    columns: torch.Tensor | None  # with a start per row: each row's positions [B, n]
+    cos: torch.Tensor  # rotary tables [1 or B, n, 1, D]
+    sin: torch.Tensor
     key_valid: torch.Tensor | None
     cache: KVCache | None
     block_size: int | None
@@ -172,18 +179,19 @@ class _Part:
         """Attention of the part's queries [B, n, H, D]: over its own keys, or with a cache
         over the whole cached canvas once this part's keys and values are written in.
         Returns [B * n, H, D]."""
-        start, cache, q_offset = self.start, self.cache, self.start
+        cache = self.cache
         if cache is not None:
-            if isinstance(start, int):
-                cache.keys[layer][:, start:start + self.length] = k
-                cache.values[layer][:, start:start + self.length] = v
+            if self.columns is None:
+                cache.keys[layer][:, self.start:self.start + self.length] = k
+                cache.values[layer][:, self.start:self.start + self.length] = v
             else:  # rows at their own positions (a server's requests at different depths)
                 rows = torch.arange(self.batch, device=q.device)[:, None]
-                columns = start + torch.arange(self.length, device=q.device)
-                cache.keys[layer][rows, columns] = k
-                cache.values[layer][rows, columns] = v
-                q_offset = 0  # unread: rows get their own starts only without a block-causal mask
+                cache.keys[layer][rows, self.columns] = k
+                cache.values[layer][rows, self.columns] = v
             k, v = cache.keys[layer], cache.values[layer]
+        # Rows with their own starts come only without a block-causal mask (_row_starts),
+        # which alone reads q_offset.
+        q_offset = self.start if self.columns is None else 0
         attn = ops.attention(q, k, v, key_valid=self.key_valid, block_size=self.block_size, q_offset=q_offset)
         return attn.flatten(0, 1)
 
@@ -266,9 +274,10 @@ class DiffusionTransformer(nn.Module):
         if len(starts) != batch:
             raise ValueError(f"segment.starts must hold one start per row ({batch}), got {len(starts)}")
         if not isinstance(n, int) or n < 1 or any(not isinstance(s, int) or not 0 <= s <= length - n for s in starts):
-            raise ValueError(f"segment must give rows 0 <= start <= start + length <= {length}, got {segment}")
+            raise ValueError(f"segment: every row needs 0 <= starts[b] and starts[b] + segment.length <= {length} "
+                             f"(the canvas), got {segment}")
         if self.config.block_size is not None and len(set(starts)) > 1:  # the block-causal mask takes one offset
-            raise ValueError("a block-causal model needs one segment start for every row")
+            raise ValueError(f"segment: a block-causal model needs the same segment.starts for every row, got {starts}")
         return starts
 
     def positions(self, attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
@@ -309,19 +318,15 @@ class DiffusionTransformer(nn.Module):
         LM head together, and only attention runs per group. One call instead of several
         saves their fixed per-call cost (a server's step with some requests filling
         their caches beside others recomputing their blocks)."""
-        parts, embedded, cos, sin, picks = [], [], [], [], []
+        parts, embedded, picks = [], [], []
         for rows in groups:
-            part, ids, positions, pick = self._lay_out(rows)
+            part, ids, pick = self._lay_out(rows)
             parts.append(part)
             embedded.append(self.embed(ids).flatten(0, 1))
-            c, s_ = rotary_tables(positions.expand(part.batch, -1), self.config.head_dim, self.config.rope_theta)
-            cos.append(c.flatten(0, 1))
-            sin.append(s_.flatten(0, 1))
             picks.append(pick)
-        joined = (lambda t: t[0] if len(t) == 1 else torch.cat(t))
-        x, cos, sin = joined(embedded), joined(cos), joined(sin)
+        x = embedded[0] if len(embedded) == 1 else torch.cat(embedded)
         for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, parts, index)
+            x = layer(x, parts, index)
         chosen, first = [], 0
         for part, pick in zip(parts, picks):
             hidden = x[first:first + part.batch * part.length].view(part.batch, part.length, -1)
@@ -337,9 +342,9 @@ class DiffusionTransformer(nn.Module):
         return out
 
     def _lay_out(self, rows: Rows):
-        """A group checked and laid out: its _Part, the ids and rotary positions [B or 1, n]
-        of the positions it computes, and how to pick its logits' rows out of its hidden
-        states [B, n, d] (None: all of them)."""
+        """A group checked and laid out: its _Part, the ids [B, n] of the positions it
+        computes, and how to pick its logits' rows out of its hidden states [B, n, d]
+        (None: all of them)."""
         input_ids, attention_mask, logit_positions, cache, segment = (
             rows.input_ids, rows.attention_mask, rows.logit_positions, rows.cache, rows.segment)
         if input_ids.dim() != 2:
@@ -370,16 +375,18 @@ class DiffusionTransformer(nn.Module):
             if not 0 <= start < end <= length:
                 raise ValueError(f"segment must satisfy 0 <= start < end <= {length}, got {segment}")
             positions, ids = positions[:, start:end], input_ids[:, start:end]
-        part = _Part(batch, ids.shape[1], start, key_valid, cache, self.config.block_size)
+        cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
+        part = _Part(batch, ids.shape[1], start, columns, cos, sin, key_valid, cache, self.config.block_size)
 
         pick = None
-        rows_apart = isinstance(start, torch.Tensor)
+        rows_apart = columns is not None
+        if rows_apart and self.config.shift_logits and logit_positions is None:
+            raise ValueError("logit_positions: a model that predicts i from i - 1 needs them with segment=RowSegments "
+                             "(the segment's first position has no logit of its own)")
         if logit_positions is not None or self.config.shift_logits:
             wanted = torch.arange(length, device=input_ids.device)
             if logit_positions is not None:
                 wanted = wanted[logit_positions]
-            elif rows_apart:
-                wanted = columns
             source = (wanted - 1).clamp(min=0) if self.config.shift_logits else wanted
             if rows_apart and source.dim() == 1:
                 source = source.expand(batch, -1)
@@ -389,4 +396,4 @@ class DiffusionTransformer(nn.Module):
             else:
                 index = source - start
                 pick = lambda x: x[:, index]  # noqa: E731
-        return part, ids, positions, pick
+        return part, ids, pick

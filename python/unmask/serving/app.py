@@ -38,11 +38,12 @@ class Server:
                  max_queue: int = 64, max_context: int = 4096, default_block_length: int = 32,
                  default_cache: str | None = None, engine=None):
         """engine: an unmask.serving.engine_process.EngineProcess to run the steps (model
-        then only describes the model: a weightless skeleton will do); None runs an
-        Engine on a thread of this process."""
+        then only describes the model: a weightless skeleton will do; the limits are the
+        EngineProcess's own, max_batch and max_queue here are unread); None runs an Engine
+        on a thread of this process."""
         self.model, self.tokenizer, self.model_name, self.model_dir = model, tokenizer, model_name, model_dir
         self.max_context, self.default_block_length = max_context, default_block_length
-        self.engine = engine or Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+        self.engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue) if engine is None else engine
         self.caches = isinstance(model, DiffusionTransformer)
         validation.check_choice("default_cache", default_cache, validation.CACHE_MODES)
         if default_cache is not None and not self.caches:

@@ -2,9 +2,9 @@
 active request at once (docs/design.md, Serving).
 
 Each step: one model call over the canvases of all active requests (right-padded to one
-width; a CFG request adds its unconditional canvas; a request with a key/value cache
-sends only its block after its block's first step, at its own position: a packed forward
-of those groups), then sample and commit per group of
+width; a CFG request adds its unconditional canvas; after its block's first step, a
+request with a key/value cache sends only the segment its cache recomputes, at its own
+position: one packed forward of those groups of rows), then sample and commit per group of
 requests that may share a kernel call, then per-request bookkeeping (block ends, EOS,
 stop strings, streaming). Requests join at any step (their own first block starts
 then) and leave when they finish or are cancelled, so requests at different positions
@@ -170,6 +170,7 @@ class Engine:
                     if not job.cancelled:
                         self.active.append(job)
                 if not self.active:
+                    self._stacked = {}  # idle: no cache outlives its requests
                     if self.stopping and not self.waiting:
                         return
                     self.condition.wait()
@@ -207,10 +208,11 @@ class Engine:
         shape for the cached jobs' later steps, each row recomputing its own segment (its
         block, and the rest of its canvas under "prefix") over its own cache, as
         unmask.generate's cache does for a lone request."""
-        whole = [job for job in jobs if job.settings.cache is None or job.step_in_block == 0]
+        plain = [job for job in jobs if job.settings.cache is None]
+        filling = [job for job in jobs if job.settings.cache is not None and job.step_in_block == 0]
         cached = [job for job in jobs if job.settings.cache is not None and job.step_in_block > 0]
         stacked, self._stacked = self._stacked, {}
-        groups = [(whole, self._whole_canvas_rows(whole))] if whole else []
+        groups = [(group, self._whole_canvas_rows(group, fill=group is filling)) for group in (plain, filling) if group]
         groups += [(group, self._segment_rows(group, stacked)) for group in _groups(cached, self._segment_key)]
         with torch.inference_mode():
             if hasattr(self.model, "forward_packed"):
@@ -220,12 +222,11 @@ class Engine:
                 logits = [self.model(rows.input_ids, rows.attention_mask, logit_positions=rows.logit_positions)]
         out = {}
         for (group, rows), group_logits in zip(groups, logits):
-            if group is whole and rows.cache is not None:  # each cached job keeps its own rows, as long as its canvas
+            if group is filling:  # each job keeps its own rows of the cache, as long as its canvas
                 r = 0
                 for job in group:
                     canvases = 2 if job.settings.cfg_scale > 0 else 1
-                    if job.settings.cache is not None:
-                        job.kv, job.kv_fill = rows.cache.rows(r, r + canvases, len(job.canvas)), next(self._fills)
+                    job.kv, job.kv_fill = rows.cache.rows(r, r + canvases, len(job.canvas)), next(self._fills)
                     r += canvases
             out.update(self._guided(group, group_logits))
         return out
@@ -275,10 +276,10 @@ class Engine:
             r += 1
         return out
 
-    def _whole_canvas_rows(self, jobs: list[Job]) -> Rows:
+    def _whole_canvas_rows(self, jobs: list[Job], *, fill: bool) -> Rows:
+        """The jobs' whole canvases; with fill, into a new cache (their blocks' first steps)."""
         ids, known, positions = self._padded(self._rows(jobs))
-        filling = any(job.settings.cache is not None for job in jobs)
-        return Rows(ids, known, positions, self.model.new_cache(*ids.shape) if filling else None)
+        return Rows(ids, known, positions, self.model.new_cache(*ids.shape) if fill else None)
 
     def _segment(self, job: Job) -> tuple[int, int]:
         """The positions a cached step recomputes, as unmask.generate's cache picks them:

@@ -10,7 +10,8 @@ skeleton) to check requests; the engine process loads the weights.
 Messages on one pipe. To the engine: ("submit", id, settings), ("cancel", id), ("stop",).
 From it: ("ready", None) or ("failed", why) once at start; then ("events", [(id, event),
 ...], steps) once per step, holding every event of that step (one wake-up of the front
-per step, not one per request); ("stopped", None) after a drain.
+per step, not one per request); ("stopped", None) after a drain, or ("dead", why) when
+the engine's thread failed (the process then exits).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import contextlib
 import dataclasses
 import itertools
 import multiprocessing
-import signal
+import os
 import threading
 
 from unmask.serving.engine import Job, QueueFull, Unavailable
@@ -51,6 +52,7 @@ class EngineProcess:
         self.ids = itertools.count()
         self.lock, self.send_lock = threading.Lock(), threading.Lock()
         self.stopping = False
+        self.closed = False  # the pipe to the child is closed or broken (guarded by send_lock)
         self.dead: str | None = None
         self.last_steps = 0  # model calls so far, as the engine last reported
         self.process = self.connection = self.reader = None
@@ -65,21 +67,31 @@ class EngineProcess:
         try:
             kind, detail = self.connection.recv()
         except EOFError:
-            kind, detail = "failed", f"it exited with code {self.process.join(5) or self.process.exitcode}"
+            self.process.join(timeout=5)
+            kind, detail = "failed", f"it exited with code {self.process.exitcode}"
         if kind != "ready":
-            raise RuntimeError(f"the engine process did not start: {detail}")
+            self.closed, self.dead = True, f"the engine process did not start: {detail}"
+            raise RuntimeError(self.dead)
         self.reader = threading.Thread(target=self._read, name="unmask-engine-reader", daemon=True)
         self.reader.start()
 
-    def stop(self) -> None:
-        """Finish every request handed over, then end the process."""
+    def stop(self, timeout: float = 600) -> None:
+        """Finish every request handed over, then end the process. A process that has not
+        drained within `timeout` seconds is terminated. Later calls do nothing."""
         with self.lock:
+            if self.stopping:
+                return
             self.stopping = True
-            alive = self.dead is None
-        if alive:
-            self._send(("stop",))
-            self.reader.join()
-        self.process.join(timeout=30)
+        self._send(("stop",))
+        if self.reader is not None:
+            self.reader.join(timeout)
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout=5)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join()
 
     def submit(self, job: Job) -> None:
         with self.lock:
@@ -90,8 +102,9 @@ class EngineProcess:
                 waiting = len(self.jobs) - self.spec.max_batch
                 raise QueueFull(f"{waiting} requests are waiting (--max-queue {self.spec.max_queue})")
             remote = next(self.ids)
+            if not self._send(("submit", remote, job.settings)):
+                raise Unavailable("the engine stopped: its process is gone")
             self.jobs[remote], self.remote[job] = job, remote
-            self._send(("submit", remote, job.settings))
 
     def cancel(self, job: Job) -> None:
         """The client went away: the engine frees its rows at its next step (its place in
@@ -101,29 +114,40 @@ class EngineProcess:
             remote = self.remote.pop(job, None)
             if remote is not None:
                 self.jobs.pop(remote, None)
-                if self.dead is None:
-                    self._send(("cancel", remote))
+                self._send(("cancel", remote))
 
     def load(self) -> dict:
         """Requests handed over and not finished, as decoding (up to max_batch) and
-        waiting; steps as the engine last reported them."""
+        waiting; steps as the engine last reported them (with its events)."""
         with self.lock:
             held = len(self.jobs)
         return {"active": min(held, self.spec.max_batch), "waiting": max(0, held - self.spec.max_batch),
                 "steps": self.last_steps}
 
-    def _send(self, message) -> None:
+    def _send(self, message) -> bool:
+        """Whether the message went out (False once the pipe is closed or broken)."""
         with self.send_lock:
-            self.connection.send(message)
+            if self.closed:
+                return False
+            try:
+                self.connection.send(message)
+                return True
+            except OSError:  # the child is gone; the reader reports it
+                self.closed = True
+                return False
 
     def _read(self) -> None:
         """The front's end of the pipe: each step's events to their requests."""
+        why = None
         while True:
             try:
                 message = self.connection.recv()
             except (EOFError, OSError):
                 break
             if message[0] == "stopped":
+                break
+            if message[0] == "dead":  # the steps failed; the process exits
+                why = message[1]
                 break
             _, events, self.last_steps = message
             for remote, event in events:
@@ -137,13 +161,15 @@ class EngineProcess:
                 job.finished = job.finished or ended
                 with contextlib.suppress(Exception):  # a client whose loop is gone hears nothing
                     job.on_event(event)
-        self.process.join(timeout=5)
+        with self.send_lock:
+            self.closed = True
         with self.lock:  # the engine is gone: whatever it still held fails
             stranded = list(self.jobs.values())
             self.jobs.clear()
             self.remote.clear()
-            if stranded or not self.stopping:
-                self.dead = f"the engine process exited (code {self.process.exitcode})"
+            if why is not None or stranded or not self.stopping:
+                self.process.join(timeout=5)
+                self.dead = why or f"the engine process exited (code {self.process.exitcode})"
         for job in stranded:
             job.finished = True
             with contextlib.suppress(Exception):
@@ -152,11 +178,10 @@ class EngineProcess:
 
 def _serve_engine(connection, spec: EngineSpec) -> None:
     """The engine process: load the model, run an Engine, relay commands and events."""
-    # The front decides when to stop (its "stop", or the pipe's end when it is gone): a
-    # Ctrl-C or a service manager's SIGTERM reaching the whole process group must not end
-    # the steps under requests the front is still draining.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Out of the front's process group: a Ctrl-C reaching the group must not end the
+    # steps under requests the front is still draining. The front decides when to stop
+    # (its "stop", or the pipe's end when it is gone); SIGTERM still ends this process.
+    os.setpgrp()
     try:
         import torch
 
@@ -170,19 +195,23 @@ def _serve_engine(connection, spec: EngineSpec) -> None:
         connection.send(("failed", f"{type(error).__name__}: {error}"))
         return
     outbox: list[tuple[int, dict]] = []
-    outbox_lock, send_lock = threading.Lock(), threading.Lock()
+    outbox_lock = threading.Lock()  # also orders the sends: a step's events leave in the order they were posted
 
     def post(remote: int, event: dict) -> None:
         with outbox_lock:
             outbox.append((remote, event))
 
+    def send(message) -> None:
+        with contextlib.suppress(OSError):  # the front is gone: nobody to tell
+            connection.send(message)
+
     def flush() -> None:
         with outbox_lock:
-            events = outbox[:]
-            outbox.clear()
-        if events:
-            with send_lock:
-                connection.send(("events", events, engine.steps))
+            if outbox:
+                send(("events", outbox[:], engine.steps))
+                outbox.clear()
+            if engine.dead is not None:  # the steps failed: say why, and this process ends
+                send(("dead", f"the engine stopped: {engine.dead}"))
 
     # The front refuses what exceeds max_batch + max_queue, so this engine never does (it
     # may hold cancelled requests a step longer than the front counts them).
@@ -190,8 +219,10 @@ def _serve_engine(connection, spec: EngineSpec) -> None:
                     after_step=flush)
     jobs: dict[int, Job] = {}
     engine.start()
-    connection.send(("ready", None))
-    while True:
+    send(("ready", None))
+    while engine.dead is None:
+        if not connection.poll(1.0):  # wake now and then to notice a failed engine thread
+            continue
         try:
             message = connection.recv()
         except (EOFError, OSError):  # the front is gone: finish what is running and exit
@@ -203,6 +234,7 @@ def _serve_engine(connection, spec: EngineSpec) -> None:
             try:
                 engine.submit(job)
             except (QueueFull, Unavailable) as refused:
+                del jobs[remote]
                 post(remote, {"kind": "error", "message": str(refused)})
                 flush()
         elif message[0] == "cancel":
@@ -212,8 +244,7 @@ def _serve_engine(connection, spec: EngineSpec) -> None:
         elif message[0] == "stop":
             engine.stop()
             flush()
-            with contextlib.suppress(OSError), send_lock:
-                connection.send(("stopped", None))
+            send(("stopped", None))
             return
         for remote in [r for r, job in jobs.items() if job.finished or job.cancelled]:
             del jobs[remote]
