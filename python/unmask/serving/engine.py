@@ -45,6 +45,15 @@ class Unavailable(RuntimeError):
     """The engine takes no more requests (shutting down, or its thread failed)."""
 
 
+def check_admission(stopping: bool, dead: str | None, held: int, max_batch: int, max_queue: int) -> None:
+    """What submit() refuses: Unavailable when shutting down or the steps stopped,
+    QueueFull when the requests held (decoding or waiting) fill max_batch + max_queue."""
+    if stopping or dead is not None:
+        raise Unavailable("the server is shutting down" if stopping else f"the engine stopped: {dead}")
+    if held >= max_batch + max_queue:
+        raise QueueFull(f"{held - max_batch} requests are waiting (--max-queue {max_queue})")
+
+
 @dataclasses.dataclass(eq=False)  # a request is itself: found in queues by identity
 class Job:
     """One request's state: its canvas [P + gen_length] and where its decoding stands."""
@@ -122,12 +131,8 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         with self.condition:
-            if self.stopping or self.dead is not None:
-                raise Unavailable("the server is shutting down" if self.stopping else
-                                  f"the engine stopped: {self.dead}")
-            free_rows = max(0, self.max_batch - len(self.active))
-            if len(self.waiting) >= self.max_queue + free_rows:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
+            check_admission(self.stopping, self.dead, len(self.active) + len(self.waiting), self.max_batch,
+                            self.max_queue)
             self.waiting.append(job)
             self.condition.notify_all()
 

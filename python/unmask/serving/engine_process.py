@@ -23,7 +23,7 @@ import multiprocessing
 import os
 import threading
 
-from unmask.serving.engine import Job, QueueFull, Unavailable
+from unmask.serving.engine import Job, QueueFull, Unavailable, check_admission
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,12 +95,7 @@ class EngineProcess:
 
     def submit(self, job: Job) -> None:
         with self.lock:
-            if self.stopping or self.dead is not None:
-                raise Unavailable("the server is shutting down" if self.stopping else
-                                  f"the engine stopped: {self.dead}")
-            if len(self.jobs) >= self.spec.max_batch + self.spec.max_queue:
-                waiting = len(self.jobs) - self.spec.max_batch
-                raise QueueFull(f"{waiting} requests are waiting (--max-queue {self.spec.max_queue})")
+            check_admission(self.stopping, self.dead, len(self.jobs), self.spec.max_batch, self.spec.max_queue)
             remote = next(self.ids)
             if not self._send(("submit", remote, job.settings)):
                 raise Unavailable("the engine stopped: its process is gone")
