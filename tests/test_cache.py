@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import unmask
-from tests.helpers import tiny_config
+from tests.helpers import requires_gpu, tiny_config
 
 MASK = 60
 
@@ -101,25 +101,27 @@ def test_row_segments_equal_each_row_alone(model_type):
                                            rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_gpu)])
 @pytest.mark.parametrize("model_type", ["llada", "dream"])
-def test_a_packed_forward_equals_each_groups_own_forward(model_type):
+def test_a_packed_forward_equals_each_groups_own_forward(model_type, device):
     # Three groups in one pass: whole canvases filling a cache (one row padded), rows each
     # at its own segment over a cache, and a plain call with a logit slice. Each group's
     # logits and cache writes equal its own forward()'s.
     model = unmask.DiffusionTransformer.random(tiny_config(model_type=model_type, include_qkv_bias=model_type == "dream"),
-                                               seed=5, std=0.3)
-    new_cache = lambda b, n: unmask.KVCache(model.config, b, n, dtype=torch.float32, device=torch.device("cpu"))  # noqa: E731
-    fill_ids, fill_known = torch.randint(0, 59, (2, 10)), torch.ones(2, 10, dtype=torch.bool)
+                                               seed=5, std=0.3).to(device)
+    new_cache = lambda b, n: unmask.KVCache(model.config, b, n, dtype=torch.float32, device=torch.device(device))  # noqa: E731
+    fill_ids, fill_known = torch.randint(0, 59, (2, 10), device=device), torch.ones(2, 10, dtype=torch.bool, device=device)
     fill_known[1, 7:] = False
-    segment_ids = torch.randint(0, 59, (3, 14))
+    segment_ids = torch.randint(0, 59, (3, 14), device=device)
     filled = new_cache(3, 14)
     with torch.no_grad():
         model(segment_ids, cache=filled)
-        segment_ids[:, 2:12] = torch.randint(0, 59, (3, 10))
-        plain_ids = torch.randint(0, 59, (1, 7))
+        segment_ids[:, 2:12] = torch.randint(0, 59, (3, 10), device=device)
+        plain_ids = torch.randint(0, 59, (1, 7), device=device)
         groups = lambda fill_cache, segment_cache: [  # noqa: E731
             unmask.Rows(fill_ids, fill_known, logit_positions=slice(3, 7), cache=fill_cache),
-            unmask.Rows(segment_ids, logit_positions=torch.tensor([[3, 4], [6, 7], [10, 11]]), cache=segment_cache,
+            unmask.Rows(segment_ids, logit_positions=torch.tensor([[3, 4], [6, 7], [10, 11]], device=device),
+                        cache=segment_cache,
                         segment=unmask.RowSegments([2, 5, 9], 3)),
             unmask.Rows(plain_ids, logit_positions=slice(1, 6)),
         ]

@@ -11,7 +11,7 @@ import unmask
 from unmask import validation
 from unmask.serving import protocol
 from unmask.serving.engine import Engine, Job
-from tests.helpers import tiny_model
+from tests.helpers import requires_gpu, tiny_model
 
 
 class IdTokenizer:
@@ -74,11 +74,12 @@ CACHED_REQUESTS = [
 ]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_gpu)])
 @pytest.mark.parametrize("layout", list(MODELS))
-def test_cached_requests_at_different_depths_decode_as_alone(layout):
+def test_cached_requests_at_different_depths_decode_as_alone(layout, device):
     # A new request joins every second step: the later steps of cached blocks run as one
-    # call per segment shape, each row over its own cache from its own position.
-    model = tiny_model(seed=7, std=0.5, **MODELS[layout])
+    # group per segment shape, each row over its own cache from its own position.
+    model = tiny_model(seed=7, std=0.5, **MODELS[layout]).to(device)
     engine = Engine(model, IdTokenizer(), max_batch=16, max_queue=16)
     jobs = [job_for(model, prompt, [], **body) for prompt, body in CACHED_REQUESTS]
     step, segment_steps = 0, 0
