@@ -87,6 +87,8 @@ def test_cached_requests_at_different_depths_decode_as_alone(layout, device):
         joined = jobs[:step // 2 + 1]
         engine._step([job for job in joined if not job.finished])
         segment_steps += bool(engine._stacked)  # the step ran rows over their own caches
+        # a stacked request's keys and values live in the stack alone (no second copy)
+        assert all(job.kv is None for job in joined if job.settings.cache and job.step_in_block > 1)
         step += 1
     assert segment_steps > step // 2
     for job, (prompt, _) in zip(jobs, CACHED_REQUESTS):

@@ -74,13 +74,14 @@ class KVCache:
     def shape(self) -> tuple[int, int]:
         return tuple(self.keys[0].shape[:2]) if self.keys else (0, 0)
 
-    def rows(self, first: int, stop: int, length: int) -> KVCache:
-        """A copy of rows first .. stop - 1, positions 0 .. length - 1 (one request's
-        canvas out of a batch's)."""
-        copy = object.__new__(KVCache)
-        copy.keys = [k[first:stop, :length].clone() for k in self.keys]
-        copy.values = [v[first:stop, :length].clone() for v in self.values]
-        return copy
+    def rows(self, first: int, stop: int, length: int, *, copy: bool = True) -> KVCache:
+        """Rows first .. stop - 1, positions 0 .. length - 1 (one request's canvas out of a
+        batch's): a copy, or with copy=False views of this cache's tensors."""
+        part = object.__new__(KVCache)
+        take = (lambda t: t.clone()) if copy else (lambda t: t)
+        part.keys = [take(k[first:stop, :length]) for k in self.keys]
+        part.values = [take(v[first:stop, :length]) for v in self.values]
+        return part
 
     @staticmethod
     def stacked(caches: Sequence[KVCache], length: int) -> KVCache:

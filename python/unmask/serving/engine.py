@@ -67,7 +67,9 @@ class Job:
     plan: list[int] | None = None  # steps rule: tokens per step of the active block (steps that commit some)
     step_in_block: int = 0
     offset: int = 0  # the RNG step: schedule steps taken so far, as unmask.generate counts them
-    kv: KVCache | None = None  # with settings.cache: the keys and values of its canvas as its block began
+    # with settings.cache: the keys and values of its canvas as its block began, until the
+    # engine stacks them with other requests' (then they live in the stack)
+    kv: KVCache | None = None
     kv_fill: int = -1  # which fill of the engine's made kv
     sent_text: str = ""
     cancelled: bool = False
@@ -116,7 +118,7 @@ class Engine:
         self.steps = 0  # model calls so far (for /health)
         self._pieces: dict[int, str] = {}  # token -> its text alone, for the streamed canvas
         self._fills = itertools.count()  # names each fill of a request's cache
-        self._stacked: dict = {}  # segment shape -> (the fills it holds, their caches stacked)
+        self._stacked: dict = {}  # segment shape -> (the fills it holds, their caches stacked, fill -> first row)
         self.thread = threading.Thread(target=self._run, name="unmask-engine", daemon=True)
 
     def start(self) -> None:
@@ -304,14 +306,27 @@ class Engine:
 
         The jobs' caches, stacked into one, are kept for the next step while the same
         fills share the group: a step writes only the rows' segments, which every step
-        recomputes before any query reads them, so the rest stays as each fill left it."""
+        recomputes before any query reads them, so the rest stays as each fill left it.
+        A job's keys and values live in one place: its own cache from its fill until its
+        first stacking, then its rows of the stack (a new stack copies them over)."""
         rows = self._rows(jobs)
         ids, known, positions = self._padded(rows)
         key, fills = self._segment_key(jobs[0]), tuple(job.kv_fill for job in jobs)
-        held_fills, cache = stacked.get(key, (None, None))
+        held_fills, cache, held_rows = stacked.get(key, (None, None, {}))
         if held_fills != fills:
-            cache = KVCache.stacked([job.kv for job in jobs], ids.shape[1])
-        self._stacked[key] = fills, cache
+            sources, placed, row = [], {}, 0
+            for job in jobs:
+                canvases = 2 if job.settings.cfg_scale > 0 else 1
+                if job.kv is None:  # in the last stack of this shape
+                    first = held_rows[job.kv_fill]
+                    sources.append(cache.rows(first, first + canvases, len(job.canvas), copy=False))
+                else:
+                    sources.append(job.kv)
+                placed[job.kv_fill], row = row, row + canvases
+            cache, held_rows = KVCache.stacked(sources, ids.shape[1]), placed
+            for job in jobs:
+                job.kv = None
+        self._stacked[key] = fills, cache, held_rows
         segments = RowSegments([self._segment(job)[0] for job, _ in rows], key[0])
         return Rows(ids, known, positions, cache, segments)
 
