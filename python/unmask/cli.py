@@ -94,13 +94,12 @@ def _parse_ids(text: str) -> list[int]:
 
 def _positive_int(text: str) -> int:
     """An argparse type: a count of at least 1 (argparse names the option in its error)."""
+    from unmask import validation
+
     try:
-        value = int(text)
+        return validation.check_positive_int("value", int(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _dtype(name: str | None) -> torch.dtype | None:

@@ -146,14 +146,13 @@ class Block(nn.Module):
         q = self.q_proj(h).unflatten(-1, (-1, c.head_dim))
         k = self.k_proj(h).unflatten(-1, (-1, c.head_dim))
         v = self.v_proj(h).unflatten(-1, (-1, c.head_dim))
-        attended, first = [], 0
-        for part in parts:
-            span = slice(first, first + part.batch * part.length)
-            first = span.stop
+        attended = []
+        sizes = [part.batch * part.length for part in parts]
+        for part, part_q, part_k, part_v in zip(parts, q.split(sizes), k.split(sizes), v.split(sizes)):
             shape = (part.batch, part.length, -1, c.head_dim)
-            part_q = apply_rotary(q[span].view(shape), part.cos, part.sin)
-            part_k = apply_rotary(k[span].view(shape), part.cos, part.sin)
-            attended.append(part.attend(part_q, part_k, v[span].view(shape), layer))
+            part_q = apply_rotary(part_q.view(shape), part.cos, part.sin)
+            part_k = apply_rotary(part_k.view(shape), part.cos, part.sin)
+            attended.append(part.attend(part_q, part_k, part_v.view(shape), layer))
         attn = attended[0] if len(attended) == 1 else torch.cat(attended)
         x = x + self.o_proj(attn.flatten(-2))
         h = self.mlp_norm(x)
@@ -328,19 +327,15 @@ class DiffusionTransformer(nn.Module):
         x = embedded[0] if len(embedded) == 1 else torch.cat(embedded)
         for index, layer in enumerate(self.layers):
             x = layer(x, parts, index)
-        chosen, first = [], 0
-        for part, pick in zip(parts, picks):
-            hidden = x[first:first + part.batch * part.length].view(part.batch, part.length, -1)
-            first += part.batch * part.length
+        chosen = []
+        for part, pick, hidden in zip(parts, picks, x.split([part.batch * part.length for part in parts])):
+            hidden = hidden.view(part.batch, part.length, -1)
             chosen.append(hidden if pick is None else pick(hidden))
         if len(chosen) == 1:
             return [self.lm_head(self.final_norm(chosen[0]))]
         logits = self.lm_head(self.final_norm(torch.cat([h.flatten(0, 1) for h in chosen])))
-        out, first = [], 0
-        for h in chosen:
-            out.append(logits[first:first + h.shape[0] * h.shape[1]].view(*h.shape[:2], -1))
-            first += h.shape[0] * h.shape[1]
-        return out
+        rows = logits.split([h.shape[0] * h.shape[1] for h in chosen])
+        return [part_logits.view(*h.shape[:2], -1) for h, part_logits in zip(chosen, rows)]
 
     def _lay_out(self, rows: Rows):
         """A group checked and laid out: its _Part, the ids [B, n] of the positions it

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 
 from unmask import ops, sampler
-from unmask.models.transformer import KVCache, Rows, RowSegments
+from unmask.models.transformer import DiffusionTransformer, KVCache, Rows, RowSegments
 from unmask.serving.protocol import Settings, cut_at_stop
 
 MASK_PLACEHOLDER = "\u2591"  # one per masked position in the streamed canvas
@@ -83,6 +83,11 @@ class Job:
     @property
     def prompt_length(self) -> int:
         return len(self.settings.prompt)
+
+    @property
+    def canvases(self) -> int:
+        """Rows it takes in a model call: its canvas, and the unconditional one under CFG."""
+        return 2 if self.settings.cfg_scale > 0 else 1
 
     def block_range(self) -> tuple[int, int]:
         start = self.prompt_length + self.block * self.settings.block_length
@@ -222,7 +227,7 @@ class Engine:
         groups = [(group, self._whole_canvas_rows(group, fill=group is filling)) for group in (plain, filling) if group]
         groups += [(group, self._segment_rows(group, stacked)) for group in _groups(cached, self._segment_key)]
         with torch.inference_mode():
-            if hasattr(self.model, "forward_packed"):
+            if isinstance(self.model, DiffusionTransformer):  # as the server decides which requests may cache
                 logits = self.model.forward_packed([rows for _, rows in groups])
             else:  # another model (no cache): its own call
                 (_, rows), = groups
@@ -232,9 +237,8 @@ class Engine:
             if group is filling:  # each job keeps its own rows of the cache, as long as its canvas
                 r = 0
                 for job in group:
-                    canvases = 2 if job.settings.cfg_scale > 0 else 1
-                    job.kv, job.kv_fill = rows.cache.rows(r, r + canvases, len(job.canvas)), next(self._fills)
-                    r += canvases
+                    job.kv, job.kv_fill = rows.cache.rows(r, r + job.canvases, len(job.canvas)), next(self._fills)
+                    r += job.canvases
             out.update(self._guided(group, group_logits))
         return out
 
@@ -244,7 +248,7 @@ class Engine:
         rows = []
         for job in jobs:
             rows.append((job, job.canvas))
-            if job.settings.cfg_scale > 0:
+            if job.canvases == 2:
                 unconditional = job.canvas.clone()
                 unconditional[:job.prompt_length] = job.mask_id
                 rows.append((job, unconditional))
@@ -276,11 +280,10 @@ class Engine:
         out, r = {}, 0
         for job in jobs:
             block = logits[r, :job.settings.block_length]
-            if job.settings.cfg_scale > 0:
+            if job.canvases == 2:
                 block = sampler.guide(block, logits[r + 1, :job.settings.block_length], job.settings.cfg_scale)
-                r += 1
             out[id(job)] = block
-            r += 1
+            r += job.canvases
         return out
 
     def _whole_canvas_rows(self, jobs: list[Job], *, fill: bool) -> Rows:
@@ -316,13 +319,12 @@ class Engine:
         if held_fills != fills:
             sources, placed, row = [], {}, 0
             for job in jobs:
-                canvases = 2 if job.settings.cfg_scale > 0 else 1
                 if job.kv is None:  # in the last stack of this shape
                     first = held_rows[job.kv_fill]
-                    sources.append(cache.rows(first, first + canvases, len(job.canvas), copy=False))
+                    sources.append(cache.rows(first, first + job.canvases, len(job.canvas), copy=False))
                 else:
                     sources.append(job.kv)
-                placed[job.kv_fill], row = row, row + canvases
+                placed[job.kv_fill], row = row, row + job.canvases
             cache, held_rows = KVCache.stacked(sources, ids.shape[1]), placed
             for job in jobs:
                 job.kv = None
