@@ -7,9 +7,9 @@ at all (issue 20: cumsum leaves it at lr 5e-4 by step ~750, never at 2e-3).
 
     python bench/task_probe.py --task cumsum [--minutes 6] [--learning-rate 5e-4] [--digits N]
 
-Prints JSON lines. Chance, for reading them: the answer slot's EOS padding is always
-right (cipher: 6 of 24 positions; 18 letters of 6), so cipher's chance is 0.375 and
-cumsum's (24 digits, no padding) 0.1.
+Prints JSON lines. Chance, for reading them: cipher fills its 24 answer positions with
+letters (chance 1/26), cumsum with digits (chance 0.1); where an answer is shorter, its
+EOS padding is always right and raises the floor.
 """
 
 import argparse

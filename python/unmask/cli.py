@@ -234,8 +234,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from unmask import train
 
     config = train.TrainConfig(steps=args.steps, seed=args.seed, batch_size=args.batch_size,
-                               long_batch_size=args.long_batch_size, max_minutes=args.max_minutes,
-                               compile=args.compile)
+                               long_batch_size=args.long_batch_size, learning_rate=args.learning_rate,
+                               max_minutes=args.max_minutes, compile=args.compile)
     train.train(args.out, config, resume=not args.no_resume)
     print((Path(args.out) / "train_result.json").read_text())
     return 0
@@ -350,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--batch-size", type=int, default=train_defaults.batch_size, help="short-task rows per step")
     train_parser.add_argument("--long-batch-size", type=int, default=train_defaults.long_batch_size,
                               help="long-task rows per step (0: the short tasks only)")
+    train_parser.add_argument("--learning-rate", type=float, default=train_defaults.learning_rate,
+                              help="AdamW's peak rate (100 warm-up steps, then a cosine to zero)")
     train_parser.add_argument("--max-minutes", type=float, default=train_defaults.max_minutes)
     train_parser.add_argument("--compile", action="store_true", help="torch.compile the model (faster steps)")
     train_parser.add_argument("--no-resume", action="store_true", help="start over even if --out holds a run")
