@@ -21,7 +21,9 @@
 #include "unmask/commit.h"
 #include "unmask/cpu_isa.h"
 #include "unmask/cuda_info.h"
+#include "unmask/rms_norm.h"
 #include "unmask/rng.h"
+#include "unmask/rotary.h"
 #include "unmask/sample.h"
 #include "unmask/sample_cuda.h"
 #include "simt/launchers.h"
@@ -220,6 +222,33 @@ void bind_structs(py::module_& m) {
       .value("scale", &AttentionParams::scale)
       .finish();
 
+  StructBinder<RmsNormParams>(m, "RmsNormParams", "unmask/rms_norm.h: one rms_norm launch")
+      .pointer("x", &RmsNormParams::x)
+      .pointer("weight", &RmsNormParams::weight)
+      .pointer("out", &RmsNormParams::out)
+      .value("dtype", &RmsNormParams::dtype)
+      .value("weight_dtype", &RmsNormParams::weight_dtype)
+      .value("rows", &RmsNormParams::rows)
+      .value("dim", &RmsNormParams::dim)
+      .value("x_row_stride", &RmsNormParams::x_row_stride)
+      .value("eps", &RmsNormParams::eps)
+      .finish();
+
+  StructBinder<RotaryParams>(m, "RotaryParams", "unmask/rotary.h: one rotary launch")
+      .pointer("x", &RotaryParams::x)
+      .pointer("out", &RotaryParams::out)
+      .value("dtype", &RotaryParams::dtype)
+      .value("batch", &RotaryParams::batch)
+      .value("length", &RotaryParams::length)
+      .value("heads", &RotaryParams::heads)
+      .value("head_dim", &RotaryParams::head_dim)
+      .strides("x_stride", &RotaryParams::x_stride)
+      .strides("out_stride", &RotaryParams::out_stride)
+      .pointer("cos", &RotaryParams::cos)
+      .pointer("sin", &RotaryParams::sin)
+      .value("table_batch", &RotaryParams::table_batch)
+      .finish();
+
   StructBinder<DrawParams>(m, "DrawParams", "unmask/rng.h: raw Philox draws")
       .pointer("out", &DrawParams::out)
       .value("rows", &DrawParams::rows)
@@ -377,6 +406,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_cpu", [](const AttentionParams& params) { run_released(&attention_cpu, params, "attention_cpu"); },
         py::arg("params"));
   m.def("commit_cpu", [](const CommitParams& params) { run_released(&commit_cpu, params, "commit_cpu"); },
+        py::arg("params"));
+  m.def("rms_norm_cpu", [](const RmsNormParams& params) { run_released(&rms_norm_cpu, params, "rms_norm_cpu"); },
+        py::arg("params"));
+  m.def("rotary_cpu", [](const RotaryParams& params) { run_released(&rotary_cpu, params, "rotary_cpu"); },
         py::arg("params"));
   m.def("fill_draws_cpu", [](const DrawParams& params) { run_released(&fill_draws_cpu, params, "fill_draws_cpu"); },
         py::arg("params"));

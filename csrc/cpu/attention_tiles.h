@@ -1,5 +1,5 @@
 // What the attention kernels of one instruction-set build share: the buffers' alignment,
-// the key tile, row loads and stores, the key masks, block-causal tile visibility and the
+// the key tile, the key masks, block-causal tile visibility and the
 // online softmax's row steps. attention.cpp runs float32 tiles on the vector units;
 // attention_amx.cpp runs bfloat16 tiles on AMX where the build has it.
 #pragma once
@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "isa.h"
+#include "rows.h"
 #include "simd.h"
 #include "unmask/attention.h"
 #include "vec_math.h"
@@ -41,35 +42,6 @@ struct CacheLineAllocator {
 using AlignedFloats = std::vector<float, CacheLineAllocator<float>>;
 constexpr int64_t kKeyTile = 64;    // S row = 4 zmm; a K^T tile of D=128 is 32 KiB, L1-sized
 constexpr int64_t kMaxHeadDim = 1024;
-
-inline void load_row(const void* base, ScalarType dtype, int64_t offset, int64_t n, float scale, float* out) {
-  if (dtype == ScalarType::kFloat32) {
-    const float* src = static_cast<const float*>(base) + offset;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] = src[i] * scale;
-    return;
-  }
-  const uint16_t* src = static_cast<const uint16_t*>(base) + offset;
-  if (dtype == ScalarType::kBFloat16) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] = cpu::bf16_to_float(src[i]) * scale;
-  } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = cpu::fp16_to_float(src[i]) * scale;
-  }
-}
-
-inline void store_row(void* base, ScalarType dtype, int64_t offset, int64_t n, const float* values) {
-  switch (dtype) {
-    case ScalarType::kFloat32: std::memcpy(static_cast<float*>(base) + offset, values, n * sizeof(float)); return;
-    case ScalarType::kFloat16:
-      for (int64_t i = 0; i < n; ++i) static_cast<uint16_t*>(base)[offset + i] = cpu::float_to_fp16(values[i]);
-      return;
-    case ScalarType::kBFloat16:
-      for (int64_t i = 0; i < n; ++i) static_cast<uint16_t*>(base)[offset + i] = cpu::float_to_bf16(values[i]);
-      return;
-  }
-}
-
 
 // The running maximum of a row moves only when a score passes it by more than this (log2
 // units): weights then reach 2^8 at most, far inside float32's range, and most tiles of a

@@ -148,5 +148,7 @@ Status sample_cpu(const SampleParams& params) { return cpu::table().sample(param
 Status attention_cpu(const AttentionParams& params) { return cpu::table().attention(params); }
 Status fill_draws_cpu(const DrawParams& params) { return cpu::table().fill_draws(params); }
 Status philox_blocks_cpu(const PhiloxBlockParams& params) { return cpu::table().philox_blocks(params); }
+Status rms_norm_cpu(const RmsNormParams& params) { return cpu::table().rms_norm(params); }
+Status rotary_cpu(const RotaryParams& params) { return cpu::table().rotary(params); }
 
 }  // namespace unmask

@@ -4,7 +4,7 @@
 namespace unmask::cpu {
 inline namespace UNMASK_CPU_ISA {
 
-const KernelTable kernel_table = {&sample, &attention, &fill_draws, &philox_blocks};
+const KernelTable kernel_table = {&sample, &attention, &fill_draws, &philox_blocks, &rms_norm, &rotary};
 
 }  // namespace UNMASK_CPU_ISA
 }  // namespace unmask::cpu

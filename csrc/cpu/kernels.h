@@ -4,7 +4,9 @@
 #pragma once
 
 #include "unmask/attention.h"
+#include "unmask/rms_norm.h"
 #include "unmask/rng.h"
+#include "unmask/rotary.h"
 #include "unmask/sample.h"
 #include "unmask/status.h"
 
@@ -15,6 +17,8 @@ struct KernelTable {
   Status (*attention)(const AttentionParams&);
   Status (*fill_draws)(const DrawParams&);
   Status (*philox_blocks)(const PhiloxBlockParams&);
+  Status (*rms_norm)(const RmsNormParams&);
+  Status (*rotary)(const RotaryParams&);
 };
 
 #if defined(UNMASK_CPU_ISA)
@@ -23,6 +27,8 @@ Status sample(const SampleParams& params);        // sample.cpp
 Status attention(const AttentionParams& params);  // attention.cpp
 Status fill_draws(const DrawParams& params);      // rng.cpp
 Status philox_blocks(const PhiloxBlockParams& params);
+Status rms_norm(const RmsNormParams& params);     // rms_norm.cpp
+Status rotary(const RotaryParams& params);        // rotary.cpp
 extern const KernelTable kernel_table;            // kernel_table.cpp
 }  // namespace UNMASK_CPU_ISA
 #endif

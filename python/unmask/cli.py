@@ -50,6 +50,7 @@ def backend_status() -> list[tuple[str, str, str]]:
 def example_dispatch(device: str = "cpu") -> list[tuple[str, str]]:
     """(call, backend) for a typical call of each kernel on `device`: what runs there."""
     from unmask import ops
+    from unmask.models.transformer import rotary_tables
 
     q = torch.zeros(1, 4, 2, 64, device=device)
     canvas = torch.zeros(1, 8, dtype=torch.int64, device=device)
@@ -62,6 +63,9 @@ def example_dispatch(device: str = "cpu") -> list[tuple[str, str]]:
         ("sample top_p=0.9", lambda: ops.backend_for("sample", logits, temperature=1.0, top_p=0.9)),
         ("commit threshold", lambda: ops.backend_for("commit", canvas, canvas, canvas.float(), eligible,
                                                      threshold=0.9)),
+        ("rms_norm bfloat16", lambda: ops.backend_for("rms_norm", logits.bfloat16(), logits[0], 1e-5)),
+        ("rotary bfloat16 D=64", lambda: ops.backend_for("rotary", q.bfloat16(), *rotary_tables(
+            torch.zeros(1, 4, dtype=torch.int64, device=device), 64, 10000.0))),
     ]
     return [(name, backend()) for name, backend in calls]
 

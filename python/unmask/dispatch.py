@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable
 
 from unmask import native, reference, sdpa
-from unmask.validation import AttentionCall, CommitCall, SampleCall
+from unmask.validation import AttentionCall, CommitCall, RmsNormCall, RotaryCall, SampleCall
 
 BACKEND_MODES = ("auto", "native", "reference", "interpret")
 
@@ -46,6 +46,14 @@ def _reference_commit(call: CommitCall, out=None):
                             factor=call.factor)
 
 
+def _reference_rms_norm(call: RmsNormCall, out=None):
+    return reference.rms_norm(call.x, call.weight, call.eps)
+
+
+def _reference_rotary(call: RotaryCall, out=None):
+    return reference.rotary(call.x, call.cos, call.sin)
+
+
 @dataclasses.dataclass(frozen=True)
 class ReferenceKernel:
     """The specification as a backend: any device, any case."""
@@ -65,6 +73,8 @@ REFERENCE = {
     "attention": ReferenceKernel("attention", _reference_attention),
     "sample": ReferenceKernel("sample", _reference_sample),
     "commit": ReferenceKernel("commit", _reference_commit),
+    "rms_norm": ReferenceKernel("rms_norm", _reference_rms_norm),
+    "rotary": ReferenceKernel("rotary", _reference_rotary),
 }
 # Backends built on torch's own kernels, by kernel name (any device).
 TORCH = {"attention": sdpa.SDPA}

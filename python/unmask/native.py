@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from unmask import validation
-from unmask.validation import AttentionCall, CommitCall, SampleCall
+from unmask.validation import AttentionCall, CommitCall, RmsNormCall, RotaryCall, SampleCall
 
 try:
     from unmask import _C
@@ -383,11 +383,67 @@ def _supports_attention_cuda(call: AttentionCall) -> str | None:
     return None
 
 
+# --------------------------------------------------------------------------- the model's pointwise kernels
+
+CPU_POINTWISE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _inference_only(kernel: str, *tensors: torch.Tensor) -> str | None:
+    """Why a call that must record a gradient does not run the CPU kernel (None if it
+    need not): the kernels are for inference; training (unmask train) takes the
+    reference's torch operations, which autograd differentiates."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return f"a gradient is needed: the CPU {kernel} kernel is inference-only"
+    return None
+
+
+def _launch_rms_norm_cpu(call: RmsNormCall, out=None):
+    """out: optional contiguous tensor like x to write into (tests poison it)."""
+    x, dim = call.x, call.x.shape[-1]
+    rows = x.reshape(-1, dim) if x.dim() != 2 or x.stride(-1) != 1 else x  # a view where it can be
+    if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < dim):
+        rows = rows.contiguous()
+    weight = call.weight.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    _C.rms_norm_cpu(_params(
+        _C.RmsNormParams, x=rows.data_ptr(), weight=weight.data_ptr(), out=out.data_ptr(),
+        dtype=_scalar_type(x.dtype), weight_dtype=_scalar_type(weight.dtype), rows=rows.shape[0], dim=dim,
+        x_row_stride=rows.stride(0) if rows.shape[0] > 1 else dim, eps=call.eps))
+    return out
+
+
+def _supports_rms_norm_cpu(call: RmsNormCall) -> str | None:
+    if call.x.dtype not in CPU_POINTWISE_DTYPES or call.weight.dtype not in CPU_POINTWISE_DTYPES:
+        return f"dtype {validation.dtype_name(call.x)}: the CPU rms_norm kernel runs float32, float16 and bfloat16"
+    return _inference_only("rms_norm", call.x, call.weight)
+
+
+def _launch_rotary_cpu(call: RotaryCall, out=None):
+    """out: optional contiguous tensor like x to write into (tests poison it)."""
+    x = call.x if call.x.stride(-1) == 1 else call.x.contiguous()
+    batch, length, heads, dim = x.shape
+    cos, sin = call.cos.contiguous(), call.sin.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    _C.rotary_cpu(_params(
+        _C.RotaryParams, x=x.data_ptr(), out=out.data_ptr(), dtype=_scalar_type(x.dtype), batch=batch, length=length,
+        heads=heads, head_dim=dim, x_stride=list(x.stride()[:3]), out_stride=list(out.stride()[:3]),
+        cos=cos.data_ptr(), sin=sin.data_ptr(), table_batch=cos.shape[0]))
+    return out
+
+
+def _supports_rotary_cpu(call: RotaryCall) -> str | None:
+    if call.x.dtype not in CPU_POINTWISE_DTYPES:
+        return f"dtype {validation.dtype_name(call.x)}: the CPU rotary kernel runs float32, float16 and bfloat16"
+    return _inference_only("rotary", call.x, call.cos, call.sin)
+
+
 KERNELS = (
     NativeKernel("sample", "cpu", _launch_sample_cpu, _supports_sample_cpu, _no_guard),
     NativeKernel("commit", "cpu", lambda call, out=None: _launch_commit(call, out, cuda=False), _supports_commit_cpu,
                  _no_guard),
     NativeKernel("attention", "cpu", _launch_attention_cpu, _supports_attention_cpu, _no_guard),
+    NativeKernel("rms_norm", "cpu", _launch_rms_norm_cpu, _supports_rms_norm_cpu, _no_guard),
+    NativeKernel("rotary", "cpu", _launch_rotary_cpu, _supports_rotary_cpu, _no_guard),
     NativeKernel("sample", "cuda", _launch_sample_cuda, _supports_sample_cuda, _cuda_guard),
     NativeKernel("commit", "cuda", lambda call, out=None: _launch_commit(call, out, cuda=True), _supports_commit_cuda,
                  _cuda_guard),

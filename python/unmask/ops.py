@@ -1,6 +1,7 @@
 """Public kernels: checked (unmask.validation), then run where unmask.dispatch says.
 
-`unmask.ops.attention`, `.sample` and `.commit` check every argument (raising ValueError
+`unmask.ops.attention`, `.sample` and `.commit` (and the model's pointwise kernels,
+`.rms_norm` and `.rotary`, below) check every argument (raising ValueError
 or TypeError that names it) and call the torch.library custom ops
 torch.ops.unmask.{attention, sample, commit}. The custom ops have fake implementations,
 so torch.compile(fullgraph=True) traces through them. Eager calls that record no
@@ -22,6 +23,8 @@ CALL_BUILDERS = {
     "attention": validation.attention_call,
     "sample": validation.sample_call,
     "commit": validation.commit_call,
+    "rms_norm": validation.rms_norm_call,
+    "rotary": validation.rotary_call,
 }
 
 
@@ -40,21 +43,25 @@ def fallback_reason(kernel: str, *args, **kwargs) -> str | None:
     return dispatch.choose(kernel, CALL_BUILDERS[kernel](*args, **kwargs))[1]
 
 
+def _traced(*tensors: torch.Tensor | None) -> bool:
+    """Whether the call is being traced or intercepted rather than run: inside
+    torch.compile or a dispatch mode (fake tensors, tracing, FLOP counters), or on a
+    tensor subclass or a device other than cpu and cuda."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return True
+    return any(t is not None and (type(t) is not torch.Tensor or t.device.type not in ("cpu", "cuda"))
+               for t in tensors)
+
+
 def _runs_eagerly(*tensors: torch.Tensor | None) -> bool:
     """Whether a call may skip the custom op and run unmask.dispatch directly: plain CPU or
-    CUDA tensors, outside torch.compile and any dispatch mode (fake tensors, tracing,
-    FLOP counters), and no gradient to record. The custom op's own body runs the same
-    dispatch; its wrapping (schema checks, autograd and backend redispatch) cost ~20 us a
-    call, a third of a small attention call's time and more than SDPA took for it."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+    CUDA tensors, not traced (_traced), and no gradient to record. The custom op's own
+    body runs the same dispatch; its wrapping (schema checks, autograd and backend
+    redispatch) cost ~20 us a call, a third of a small attention call's time and more
+    than SDPA took for it."""
+    if _traced(*tensors):
         return False
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is None:
-            continue
-        if type(t) is not torch.Tensor or t.device.type not in ("cpu", "cuda") or (grad and t.requires_grad):
-            return False
-    return True
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
 # --------------------------------------------------------------------------- attention
@@ -275,6 +282,33 @@ def commit(
     if _runs_eagerly(call.x, call.tokens, call.conf, call.eligible, call.k):
         return dispatch.run("commit", call)
     return _commit_op(call.x, call.tokens, call.conf, call.eligible, call.k, call.threshold, call.factor)
+
+
+# --------------------------------------------------------------------------- the model's pointwise kernels
+# No custom ops: traced (torch.compile), these are the reference's torch operations,
+# which the compiler fuses itself; eager, the kernel table decides (a call that needs a
+# gradient takes the reference, whose operations autograd differentiates).
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over x's last dimension, in float32 arithmetic,
+    returned in x's dtype. x [..., d] float32, float16, bfloat16 (or float64, by the
+    reference); weight [d], float32 or x's dtype; eps >= 0."""
+    call = validation.rms_norm_call(x, weight, eps)
+    if _traced(call.x, call.weight):
+        return reference.rms_norm(call.x, call.weight, call.eps)
+    return dispatch.run("rms_norm", call)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embeddings in the rotate-half form: x cos + (-x2, x1) sin, for x
+    [B, L, H, D] (halves x1, x2 of D) and float32 tables cos, sin [1 or B, L, 1, D]
+    (unmask.models.rotary_tables), computed in float32 and returned in x's dtype. The
+    native kernel rounds as the reference's operations do: the results are equal."""
+    call = validation.rotary_call(x, cos, sin)
+    if _traced(call.x, call.cos, call.sin):
+        return reference.rotary(call.x, call.cos, call.sin)
+    return dispatch.run("rotary", call)
 
 
 # --------------------------------------------------------------------------- raw RNG draws

@@ -1,4 +1,5 @@
-"""The specification of unmask's three kernels, in plain PyTorch.
+"""The specification of unmask's kernels, in plain PyTorch: the three of a denoising
+step (attention, sample, commit) and the model's pointwise ones (rms_norm, rotary).
 
 Readable before fast: every C++, CUDA and Pallas kernel is tested against these
 functions (docs/design.md, Contracts). They take already-validated arguments; the public
@@ -7,7 +8,8 @@ entry points in unmask.ops validate and then dispatch here or to a native kernel
 Precision: attention computes in float32 (float64 for float64 inputs), so a test
 that wants a high-precision answer passes float64 tensors. sample computes the
 filters and confidences in float64 from the float32 value of each logit, and the
-Gumbel noise in float64 from the exact uniform of rng.py.
+Gumbel noise in float64 from the exact uniform of rng.py. rms_norm and rotary compute
+in float32 (float64 for float64 inputs) and return x's dtype.
 """
 
 from __future__ import annotations
@@ -267,3 +269,27 @@ def commit(
     committed = (rank_by_confidence(conf, eligible) < counts[:, None]) & eligible
     x.copy_(torch.where(committed, tokens.to(x.dtype), x))  # no boolean index: nothing synchronises
     return committed
+
+
+# --------------------------------------------------------------------------- the model's pointwise kernels
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2 over the last dim) + eps) * weight, computed in float32: bf16
+    sums of squares lose the small components."""
+    wide = x.to(_compute_dtype(x))
+    wide = wide * torch.rsqrt(wide.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (wide * weight.to(wide.dtype)).to(x.dtype)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embeddings, rotate-half form: x [B, L, H, D] times cos plus its
+    halves swapped (the first negated) times sin; cos and sin [1 or B, L, 1, D]."""
+    half = x.shape[-1] // 2
+    wide = x.to(_compute_dtype(x))
+    rotated = torch.cat([-wide[..., half:], wide[..., :half]], dim=-1)
+    return (wide * cos + rotated * sin).to(x.dtype)

@@ -442,6 +442,64 @@ def commit_call(x, tokens, conf, eligible, *, k=None, threshold=None, factor=Non
                       None if threshold is None else float(threshold), None if factor is None else float(factor))
 
 
+# --------------------------------------------------------------------------- the model's pointwise kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class RmsNormCall:
+    x: torch.Tensor
+    weight: torch.Tensor
+    eps: float
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+
+def rms_norm_call(x, weight, eps) -> RmsNormCall:
+    """unmask.ops.rms_norm's arguments, checked: x [..., d], weight [d] (float32 or x's
+    dtype), eps a finite float >= 0."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES + ("float64",))
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES + ("float64",), ndim=1)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension, got a scalar")
+    check_shape("weight", weight.shape, (x.shape[-1],), "[d], the last dimension of x")
+    check_device("weight", weight, x.device)
+    if weight.dtype != x.dtype and dtype_name(weight) != "float32":
+        raise TypeError(f"weight must be float32 or x's dtype {dtype_name(x)}, got {dtype_name(weight)}")
+    eps = check_float("eps", eps, nonnegative=True)
+    return RmsNormCall(x, weight, eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class RotaryCall:
+    x: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+
+def rotary_call(x, cos, sin) -> RotaryCall:
+    """unmask.ops.rotary's arguments, checked: x [B, L, H, D] with D even; cos and sin
+    float32 (float64 beside a float64 x) [1 or B, L, 1, D] (unmask.models.rotary_tables)."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES + ("float64",), ndim=4)
+    batch, length, _, dim = x.shape
+    if dim % 2:
+        raise ValueError(f"x's last dimension (the head dim) must be even, got {dim}")
+    for name, table in (("cos", cos), ("sin", sin)):
+        check_tensor(name, table, dtypes=("float32", "float64"), ndim=4)
+        if table.shape[0] not in (1, batch) or tuple(table.shape[1:]) != (length, 1, dim):
+            raise ValueError(f"{name} must have shape (1 or {batch}, {length}, 1, {dim}) ([1 or B, L, 1, D]), "
+                             f"got {tuple(table.shape)}")
+        check_device(name, table, x.device)
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos and sin must have one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    return RotaryCall(x, cos, sin)
+
+
 # --------------------------------------------------------------------------- decoding
 
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from unmask.models.transformer import DiffusionTransformer, apply_rotary, rotary_tables
+from unmask import reference
+from unmask.models.transformer import DiffusionTransformer, rotary_tables
 
 
 def sdpa_forward(model: DiffusionTransformer, ids: torch.Tensor, start: int = 0, cache: list | None = None) -> torch.Tensor:
@@ -37,9 +38,9 @@ def sdpa_forward(model: DiffusionTransformer, ids: torch.Tensor, start: int = 0,
     x = model.embed(ids)
     group = config.n_heads // config.n_kv_heads
     for index, layer in enumerate(model.layers):
-        h = layer.attn_norm(x)
-        q = apply_rotary(layer.q_proj(h).view(batch, length, config.n_heads, config.head_dim), cos, sin)
-        k = apply_rotary(layer.k_proj(h).view(batch, length, config.n_kv_heads, config.head_dim), cos, sin)
+        h = _norm(layer.attn_norm, x)
+        q = reference.rotary(layer.q_proj(h).view(batch, length, config.n_heads, config.head_dim), cos, sin)
+        k = reference.rotary(layer.k_proj(h).view(batch, length, config.n_kv_heads, config.head_dim), cos, sin)
         v = layer.v_proj(h).view(batch, length, config.n_kv_heads, config.head_dim)
         if cache is not None:
             keys, values = cache[index]
@@ -48,9 +49,14 @@ def sdpa_forward(model: DiffusionTransformer, ids: torch.Tensor, start: int = 0,
         k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
         attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         x = x + layer.o_proj(attn.transpose(1, 2).reshape(batch, length, config.d_model))
-        h = layer.mlp_norm(x)
+        h = _norm(layer.mlp_norm, x)
         x = x + layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))
-    return model.lm_head(model.final_norm(x))
+    return model.lm_head(_norm(model.final_norm, x))
+
+
+def _norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm as eager torch operations (the baseline has no fused kernels)."""
+    return reference.rms_norm(x, norm.weight, norm.eps)
 
 
 @torch.inference_mode()

@@ -8,7 +8,8 @@ from collections.abc import Callable
 import torch
 
 from unmask import ops, reference
-from unmask.benchmarks.harness import Row, copy_bandwidth, median_seconds, read_bandwidth, synchronize
+from unmask.benchmarks.harness import (Row, alternating_median_seconds, copy_bandwidth, median_seconds, read_bandwidth,
+                                       synchronize)
 
 
 def llada_float64_sample(logits: torch.Tensor, temperature: float, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,6 +131,49 @@ def bench_commit(device: torch.device, shapes: list[tuple[int, int]], *, reps: i
                 baseline = baseline or seconds
                 rows.append(Row("commit", name, {"B": batch, "L": length, "mode": next(iter(mode))}, "int64",
                                 seconds * 1e3, speedup_vs_baseline=baseline / seconds))
+    return rows
+
+
+# (tokens, d_model, heads, head_dim): the bundled model's dual-cache block and a serving
+# step's packed tokens; the medium model of bench/generate.py (LLaDA-8B's head dim at
+# d_model 1024) at a dual-cache block, a few requests' blocks and a whole canvas.
+POINTWISE_SHAPES = ((32, 128, 4, 32), (192, 128, 4, 32), (32, 1024, 16, 64), (192, 1024, 16, 64),
+                    (1024, 1024, 16, 64))
+
+
+def bench_pointwise(device: torch.device, shapes=POINTWISE_SHAPES, dtypes=(torch.float32, torch.bfloat16), *,
+                    reps: int = 30) -> list[Row]:
+    """The model's pointwise kernels (unmask.ops.rms_norm, .rotary) beside the reference's
+    eager torch operations (what the model ran before) and their torch.compile, timed in
+    turns. Bytes are what one pass must move: x read and y written (rotary: q's and k's)."""
+    from unmask.models.transformer import rotary_tables
+
+    rows = []
+    for tokens, d_model, heads, head_dim in shapes:
+        for dtype in dtypes:
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(tokens, d_model, generator=gen).to(device, dtype)
+            weight = (1 + torch.randn(d_model, generator=gen)).to(device)
+            q = torch.randn(1, tokens, heads, head_dim, generator=gen).to(device, dtype)
+            cos, sin = rotary_tables(torch.arange(tokens, device=device)[None], head_dim, 10000.0)
+            cases = {
+                "rms_norm": (lambda: reference.rms_norm(x, weight, 1e-5), lambda: ops.rms_norm(x, weight, 1e-5),
+                             (reference.rms_norm, x, weight, 1e-5), ops.backend_for("rms_norm", x, weight, 1e-5)),
+                "rotary": (lambda: reference.rotary(q, cos, sin), lambda: ops.rotary(q, cos, sin),
+                           (reference.rotary, q, cos, sin), ops.backend_for("rotary", q, cos, sin)),
+            }
+            for kernel, (eager, fused, compile_args, backend) in cases.items():
+                compiled = compiled_baseline(*compile_args)
+                impls = {"reference (eager)": lambda i, f=eager: f(),
+                         **({"reference (compiled)": compiled} if compiled is not None else {}),
+                         f"unmask.ops [{backend}]": lambda i, f=fused: f()}
+                with torch.no_grad():
+                    times = alternating_median_seconds(list(impls.values()), device, reps=reps)
+                moved = 2 * x.numel() * x.element_size()
+                for (name, _), seconds in zip(impls.items(), times):
+                    rows.append(Row(kernel, name, {"T": tokens, "d_model": d_model, "H": heads, "D": head_dim},
+                                    str(dtype).removeprefix("torch."), seconds * 1e3, gbps=moved / seconds / 1e9,
+                                    speedup_vs_baseline=times[0] / seconds))
     return rows
 
 
@@ -386,5 +430,5 @@ def full_commit(device: torch.device) -> tuple[list[Row], dict]:
     return bench_commit(device, [(1, 32), (8, 256), (64, 1024)], compiled_reference=True), {}
 
 
-__all__ = ["bench_attention", "bench_attention_gpu", "bench_commit", "bench_sample", "full_attention", "full_commit",
+__all__ = ["bench_attention", "bench_attention_gpu", "bench_commit", "bench_pointwise", "bench_sample", "full_attention", "full_commit",
            "full_sample", "matmul_tflops", "quick", "sdpa_runners"]

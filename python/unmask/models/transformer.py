@@ -24,10 +24,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32: bf16 sums of squares lose the small components.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)  # in float32 whatever x's dtype
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,13 +33,6 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple
     angles = positions.float()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]
     return angles.cos(), angles.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x32 = x.float()
-    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
-    return (x32 * cos + rotated * sin).to(x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,8 +140,8 @@ class Block(nn.Module):
         sizes = [part.batch * part.length for part in parts]
         for part, part_q, part_k, part_v in zip(parts, q.split(sizes), k.split(sizes), v.split(sizes)):
             shape = (part.batch, part.length, -1, c.head_dim)
-            part_q = apply_rotary(part_q.view(shape), part.cos, part.sin)
-            part_k = apply_rotary(part_k.view(shape), part.cos, part.sin)
+            part_q = ops.rotary(part_q.view(shape), part.cos, part.sin)
+            part_k = ops.rotary(part_k.view(shape), part.cos, part.sin)
             attended.append(part.attend(part_q, part_k, part_v.view(shape), layer))
         attn = attended[0] if len(attended) == 1 else torch.cat(attended)
         x = x + self.o_proj(attn.flatten(-2))
