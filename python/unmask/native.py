@@ -124,11 +124,16 @@ def _cuda_guard(call) -> contextlib.AbstractContextManager:
     return torch.cuda.device(call.device)
 
 
+@functools.cache
+def _field_names(cls) -> frozenset:
+    return frozenset(cls.FIELDS)
+
+
 def _params(cls, **fields):
     """A bound params struct with every field of cls.FIELDS set by name."""
-    missing = set(cls.FIELDS) - fields.keys()
-    unknown = fields.keys() - set(cls.FIELDS)
-    if missing or unknown:
+    names = _field_names(cls)
+    if fields.keys() != names:
+        missing, unknown = names - fields.keys(), fields.keys() - names
         raise TypeError(f"{cls.__name__}: missing fields {sorted(missing)}, unknown fields {sorted(unknown)}")
     params = cls()
     for name, value in fields.items():
@@ -404,7 +409,7 @@ def _launch_rms_norm_cpu(call: RmsNormCall, out=None):
     if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < dim):
         rows = rows.contiguous()
     weight = call.weight.contiguous()
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
     _C.rms_norm_cpu(_params(
         _C.RmsNormParams, x=rows.data_ptr(), weight=weight.data_ptr(), out=out.data_ptr(),
         dtype=_scalar_type(x.dtype), weight_dtype=_scalar_type(weight.dtype), rows=rows.shape[0], dim=dim,
@@ -423,7 +428,7 @@ def _launch_rotary_cpu(call: RotaryCall, out=None):
     x = call.x if call.x.stride(-1) == 1 else call.x.contiguous()
     batch, length, heads, dim = x.shape
     cos, sin = call.cos.contiguous(), call.sin.contiguous()
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
     _C.rotary_cpu(_params(
         _C.RotaryParams, x=x.data_ptr(), out=out.data_ptr(), dtype=_scalar_type(x.dtype), batch=batch, length=length,
         heads=heads, head_dim=dim, x_stride=list(x.stride()[:3]), out_stride=list(out.stride()[:3]),
