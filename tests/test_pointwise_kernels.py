@@ -129,6 +129,28 @@ def test_the_table_sends_gradients_and_float64_to_the_reference():
         ops.rotary(q, cos.double(), sin.double())
 
 
+def test_the_model_runs_the_kernels(monkeypatch):
+    """Inference through the model reaches the CPU kernels (its norm weights are
+    nn.Parameters, which must count as plain tensors), with the reference's logits up to
+    rms_norm's float32 rounding."""
+    from tests.helpers import tiny_model
+
+    model = tiny_model()
+    ids = torch.randint(0, 50, (2, 9))
+    launched = []
+    for name in ("rms_norm_cpu", "rotary_cpu"):
+        launcher = getattr(native._C, name)
+        monkeypatch.setattr(native._C, name, lambda params, n=name, f=launcher: launched.append(n) or f(params))
+    with torch.inference_mode():
+        fused = model(ids)
+        count = len(launched)
+        with dispatch.forced("reference"):
+            plain = model(ids)
+    layers = model.config.n_layers
+    assert count == len(launched) == 2 * layers + 1 + 2 * layers, f"kernel launches: {launched}"
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
 def test_under_torch_compile_the_reference_operations_are_traced():
     weight = torch.randn(16)
     x = torch.randn(5, 16)

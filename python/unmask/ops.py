@@ -49,8 +49,12 @@ def _traced(*tensors: torch.Tensor | None) -> bool:
     tensor subclass or a device other than cpu and cuda."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return True
-    return any(t is not None and (type(t) is not torch.Tensor or t.device.type not in ("cpu", "cuda"))
+    return any(t is not None and (type(t) not in _PLAIN_TENSORS or t.device.type not in ("cpu", "cuda"))
                for t in tensors)
+
+
+# nn.Parameter overrides nothing of Tensor's behaviour: a model's weights are plain here.
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def _runs_eagerly(*tensors: torch.Tensor | None) -> bool:
