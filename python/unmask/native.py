@@ -17,7 +17,8 @@ import contextlib
 import dataclasses
 import functools
 import os
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -456,17 +457,19 @@ KERNELS = (
 )
 
 
-def kernels() -> dict[tuple[str, str], NativeKernel]:
-    """The native backends this build has: (kernel, device type) -> backend."""
-    return dict(_built_kernels())
+def kernels() -> Mapping[tuple[str, str], NativeKernel]:
+    """The native backends this build has: (kernel, device type) -> backend (read-only;
+    built once: it is consulted on every kernel call)."""
+    return _built_kernels()
 
 
 @functools.cache
-def _built_kernels() -> tuple[tuple[tuple[str, str], NativeKernel], ...]:  # fixed for the process: once
+def _built_kernels() -> Mapping[tuple[str, str], NativeKernel]:  # fixed for the process: once
     if _C is None:
-        return ()
+        return types.MappingProxyType({})
     built = {"cpu"} | ({"cuda"} if _C.cuda_compiled() else set())
-    return tuple(((entry.kernel, entry.device_type), entry) for entry in KERNELS if entry.device_type in built)
+    return types.MappingProxyType(
+        {(entry.kernel, entry.device_type): entry for entry in KERNELS if entry.device_type in built})
 
 
 def interpreter_available() -> bool:

@@ -49,8 +49,10 @@ def _traced(*tensors: torch.Tensor | None) -> bool:
     tensor subclass or a device other than cpu and cuda."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return True
-    return any(t is not None and (type(t) not in _PLAIN_TENSORS or t.device.type not in ("cpu", "cuda"))
-               for t in tensors)
+    for t in tensors:  # a loop, not any(<generator>): this runs on every kernel call
+        if t is not None and (type(t) not in _PLAIN_TENSORS or t.device.type not in ("cpu", "cuda")):
+            return True
+    return False
 
 
 # nn.Parameter overrides nothing of Tensor's behaviour: a model's weights are plain here.
