@@ -164,7 +164,8 @@ def test_under_torch_compile_the_reference_operations_are_traced():
     ((torch.randn(3, 8), torch.ones(8), -1.0), ValueError, "eps must be >= 0"),
     ((torch.randn(3, 8), torch.ones(8), float("nan")), ValueError, "eps must be finite"),
     ((torch.randint(0, 3, (3, 8)), torch.ones(8), 1e-5), TypeError, "x must have dtype"),
-    ((torch.tensor(1.0), torch.ones(1), 1e-5), ValueError, "x must have at least one dimension"),
+    ((torch.tensor(1.0), torch.ones(1), 1e-5), ValueError, "x must have a last dimension of at least 1"),
+    ((torch.ones(3, 0), torch.ones(0), 1e-5), ValueError, "x must have a last dimension of at least 1"),
 ])
 def test_rms_norm_arguments_are_checked(args, error, match):
     with pytest.raises(error, match=match):
@@ -173,8 +174,10 @@ def test_rms_norm_arguments_are_checked(args, error, match):
 
 def test_rotary_arguments_are_checked():
     cos, sin = rotary_tables(torch.arange(3)[None], 8, 10000.0)
-    with pytest.raises(ValueError, match="head dim\\) must be even"):
+    with pytest.raises(ValueError, match="head dim\\) must be even and at least 2"):
         ops.rotary(torch.randn(1, 3, 2, 7), cos[..., :7], sin[..., :7])
+    with pytest.raises(ValueError, match="head dim\\) must be even and at least 2, got 0"):
+        ops.rotary(torch.randn(1, 3, 2, 0), cos[..., :0], sin[..., :0])
     with pytest.raises(ValueError, match="cos must have shape"):
         ops.rotary(torch.randn(1, 4, 2, 8), cos, sin)
     with pytest.raises(ValueError, match="cos must have shape \\(1 or 2"):

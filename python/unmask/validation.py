@@ -461,8 +461,8 @@ def rms_norm_call(x, weight, eps) -> RmsNormCall:
     dtype), eps a finite float >= 0."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES + ("float64",))
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES + ("float64",), ndim=1)
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dimension, got a scalar")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a last dimension of at least 1, got shape {tuple(x.shape)}")
     check_shape("weight", weight.shape, (x.shape[-1],), "[d], the last dimension of x")
     check_device("weight", weight, x.device)
     if weight.dtype != x.dtype and dtype_name(weight) != "float32":
@@ -487,8 +487,8 @@ def rotary_call(x, cos, sin) -> RotaryCall:
     float32 (float64 beside a float64 x) [1 or B, L, 1, D] (unmask.models.rotary_tables)."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES + ("float64",), ndim=4)
     batch, length, _, dim = x.shape
-    if dim % 2:
-        raise ValueError(f"x's last dimension (the head dim) must be even, got {dim}")
+    if dim < 2 or dim % 2:
+        raise ValueError(f"x's last dimension (the head dim) must be even and at least 2, got {dim}")
     for name, table in (("cos", cos), ("sin", sin)):
         check_tensor(name, table, dtypes=("float32", "float64"), ndim=4)
         if table.shape[0] not in (1, batch) or tuple(table.shape[1:]) != (length, 1, dim):
