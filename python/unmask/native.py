@@ -394,19 +394,22 @@ def _supports_attention_cuda(call: AttentionCall) -> str | None:
 CPU_POINTWISE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def needs_gradient(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd would record a call on these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _inference_only(kernel: str, *tensors: torch.Tensor) -> str | None:
     """Why a call that must record a gradient does not run the CPU kernel (None if it
     need not): the kernels are for inference; training (unmask train) takes the
     reference's torch operations, which autograd differentiates."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return f"a gradient is needed: the CPU {kernel} kernel is inference-only"
-    return None
+    return f"a gradient is needed: the CPU {kernel} kernel is inference-only" if needs_gradient(*tensors) else None
 
 
 def _launch_rms_norm_cpu(call: RmsNormCall, out=None):
     """out: optional contiguous tensor like x to write into (tests poison it)."""
     x, dim = call.x, call.x.shape[-1]
-    rows = x.reshape(-1, dim) if x.dim() != 2 or x.stride(-1) != 1 else x  # a view where it can be
+    rows = x if x.dim() == 2 else x.reshape(-1, dim)  # a view where it can be
     if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < dim):
         rows = rows.contiguous()
     weight = call.weight.contiguous()
@@ -419,7 +422,7 @@ def _launch_rms_norm_cpu(call: RmsNormCall, out=None):
 
 
 def _supports_rms_norm_cpu(call: RmsNormCall) -> str | None:
-    if call.x.dtype not in CPU_POINTWISE_DTYPES or call.weight.dtype not in CPU_POINTWISE_DTYPES:
+    if call.x.dtype not in CPU_POINTWISE_DTYPES:  # validation holds weight to float32 or x's dtype
         return f"dtype {validation.dtype_name(call.x)}: the CPU rms_norm kernel runs float32, float16 and bfloat16"
     return _inference_only("rms_norm", call.x, call.weight)
 

@@ -46,7 +46,7 @@ def fallback_reason(kernel: str, *args, **kwargs) -> str | None:
 def _traced(*tensors: torch.Tensor | None) -> bool:
     """Whether the call is being traced or intercepted rather than run: inside
     torch.compile or a dispatch mode (fake tensors, tracing, FLOP counters), or on a
-    tensor subclass or a device other than cpu and cuda."""
+    tensor subclass (nn.Parameter aside) or a device other than cpu and cuda."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return True
     for t in tensors:  # a loop, not any(<generator>): this runs on every kernel call
@@ -67,7 +67,7 @@ def _runs_eagerly(*tensors: torch.Tensor | None) -> bool:
     than SDPA took for it."""
     if _traced(*tensors):
         return False
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+    return not native.needs_gradient(*tensors)
 
 
 # --------------------------------------------------------------------------- attention

@@ -145,7 +145,7 @@ def bench_pointwise(device: torch.device, shapes=POINTWISE_SHAPES, dtypes=(torch
                     reps: int = 30) -> list[Row]:
     """The model's pointwise kernels (unmask.ops.rms_norm, .rotary) beside the reference's
     eager torch operations (what the model ran before) and their torch.compile, timed in
-    turns. Bytes are what one pass must move: x read and y written (rotary: q's and k's)."""
+    turns. Bytes are what one pass must move: x read and y written (rotary's q is x's size)."""
     from unmask.models.transformer import rotary_tables
 
     rows = []
