@@ -47,7 +47,9 @@ POOL_SEED = 2_000_029  # prompts the teacher decodes: neither training's seeds n
 @dataclasses.dataclass
 class DistillConfig:
     tokens_per_step: int = 4
-    steps: int = 5000
+    # 12000 steps fit the 45-minute budget with the trajectories (4.7 + 38 minutes for
+    # unmask-long-k4 on 2 cores); 5000 left cumsum at 93.8% with steps=A/4, 12000 at 98.8%.
+    steps: int = 12000
     batch_size: int = 64       # short-task rows per step
     long_batch_size: int = 64  # long-task rows per step
     learning_rate: float = 5e-4
@@ -62,7 +64,7 @@ class DistillConfig:
     prompts_per_task: int = 2048
     seed: int = 0
     checkpoint_every: int = 500
-    max_minutes: float = 35.0  # training only; the trajectories are generated before
+    max_minutes: float = 38.0  # training only; the trajectories are generated before
     compile: bool = False
 
 
