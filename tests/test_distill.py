@@ -32,6 +32,7 @@ def test_pool_holds_the_teachers_answers_and_commit_order(group):
     out = unmask.generate(teacher, ids[:, :prompt_length], attention_mask=mask[:, :prompt_length],
                           gen_length=answer_length, block_length=answer_length, steps=answer_length, stop_at_eos=False)
     assert torch.equal(pool.ids[:3], out.sequences)
+    assert pool.task_names == group and torch.equal(pool.task, torch.arange(len(group)).repeat_interleave(3))
 
 
 def test_a_recurring_prompt_keeps_one_trajectory():
@@ -111,6 +112,41 @@ def test_a_tiny_distillation_runs_and_saves_a_student(tmp_path):
         distill.distill(tmp_path / "teacher", tmp_path / "bad", distill.DistillConfig(tokens_per_step=3))
     with pytest.raises(ValueError, match="random_orders"):
         distill.distill(tmp_path / "teacher", tmp_path / "bad", distill.DistillConfig(random_orders=1.5))
+
+
+def test_task_weights_draw_a_task_in_proportion():
+    pool = distill.teacher_pool(tiny_teacher(), tasks.LONG_TASKS, 3, seed=5, batch=8)
+    # No weight other than 1: the uniform draw of the runs before weights existed, to the bit.
+    for weights in ({}, {"cumsum": 1.0}):
+        drawn = pool.draw(64, weights, torch.Generator().manual_seed(2))
+        assert torch.equal(drawn, torch.randint(0, len(pool.ids), (64,), generator=torch.Generator().manual_seed(2)))
+    drawn = pool.draw(8000, {"cumsum": 4.0}, torch.Generator().manual_seed(2))
+    share = (pool.task[drawn] == tasks.LONG_TASKS.index("cumsum")).float().mean()
+    assert abs(float(share) - 4 / 8) < 0.03  # weights 1, 4, 1, 1, 1 over equal-sized tasks
+    others = pool.task[drawn][pool.task[drawn] != tasks.LONG_TASKS.index("cumsum")]
+    assert len(others.unique()) == 4, "the tasks not named are still drawn"
+
+
+@pytest.mark.parametrize("weights,error,match", [
+    ({"nope": 2.0}, ValueError, "task_weights must be one of"),
+    ({"cumsum": 0.0}, ValueError, r"task_weights\['cumsum'\] must be > 0"),
+    ({"cumsum": float("inf")}, ValueError, "must be finite"),
+    ({"cumsum": "2"}, TypeError, r"task_weights\['cumsum'\] must be a float"),
+    ([("cumsum", 2.0)], TypeError, "task_weights must be a dict"),
+])
+def test_task_weights_are_checked(tmp_path, weights, error, match):
+    with pytest.raises(error, match=match):
+        distill.distill(tmp_path / "teacher", tmp_path / "bad", distill.DistillConfig(task_weights=weights))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_task_weight_argument():
+    assert cli._task_weight("cumsum=2") == ("cumsum", 2.0)
+    for text in ("cumsum", "cumsum=two"):
+        with pytest.raises(Exception, match="expected TASK=WEIGHT"):
+            cli._task_weight(text)
+    with pytest.raises(SystemExit):
+        cli.main(["distill", "--out", "x", "--task-weight", "cumsum"])
 
 
 def test_bundled_model_names_resolve():

@@ -245,12 +245,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_weight(text: str) -> tuple[str, float]:
+    """'cumsum=2' -> ('cumsum', 2.0), for unmask distill --task-weight."""
+    name, sep, weight = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return name, float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TASK=WEIGHT (e.g. cumsum=2), got {text!r}") from None
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from unmask import distill
 
     config = distill.DistillConfig(tokens_per_step=args.tokens_per_step, steps=args.steps, seed=args.seed,
                                    max_minutes=args.max_minutes, compile=args.compile,
-                                   random_orders=args.random_orders)
+                                   random_orders=args.random_orders, task_weights=dict(args.task_weight or []))
     distill.distill(model_path(args.teacher), args.out, config)
     print((Path(args.out) / "distill_result.json").read_text())
     return 0
@@ -377,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill_parser.add_argument("--random-orders", type=float, default=distill_defaults.random_orders, metavar="F",
                                 help="fraction of training rows revealing a random order of the teacher's answer "
                                      "instead of its commit order (for samplers with a fixed count per step)")
+    distill_parser.add_argument("--task-weight", type=_task_weight, action="append", metavar="TASK=W",
+                                help="draw TASK's training rows W times as often as a task not named (repeatable)")
     distill_parser.set_defaults(run=cmd_distill)
 
     eval_parser = commands.add_parser("eval", help="accuracy, NFE and speed of every decoding strategy on the tasks")

@@ -62,6 +62,9 @@ class DistillConfig:
     # student keeps the current teacher's 100% (README, unmask-long-k4).
     random_orders: float = 0.5
     prompts_per_task: int = 2048
+    # Rows of a task drawn in proportion to its weight (tasks not named weigh 1): more of a
+    # task the student lags on, within the same steps. Empty: uniform over the pool.
+    task_weights: dict[str, float] = dataclasses.field(default_factory=dict)
     seed: int = 0
     checkpoint_every: int = 500
     max_minutes: float = 38.0  # training only; the trajectories are generated before
@@ -71,12 +74,21 @@ class DistillConfig:
 @dataclasses.dataclass
 class Pool:
     """Teacher trajectories of one layout: ids [N, L] with the teacher's answers, the
-    attention mask [N, L], and each position's rank in the teacher's commit order
-    (-1 on the prompt)."""
+    attention mask [N, L], each position's rank in the teacher's commit order (-1 on the
+    prompt), and each row's task, an index [N] into task_names."""
 
     ids: torch.Tensor
     mask: torch.Tensor
     order: torch.Tensor
+    task: torch.Tensor
+    task_names: tuple[str, ...]
+
+    def draw(self, size: int, weights: dict[str, float], generator: torch.Generator) -> torch.Tensor:
+        """size row indices: uniform, or in proportion to each row's task weight."""
+        if all(weights.get(name, 1.0) == 1.0 for name in self.task_names):
+            return torch.randint(0, self.ids.shape[0], (size,), generator=generator)
+        per_task = torch.tensor([weights.get(name, 1.0) for name in self.task_names], dtype=torch.float64)
+        return torch.multinomial(per_task[self.task], size, replacement=True, generator=generator)
 
 
 @torch.no_grad()
@@ -87,7 +99,7 @@ def teacher_pool(teacher, task_names: tuple[str, ...], n_per_task: int, seed: in
 
     tokenizer = tasks.CharTokenizer()
     prompt_length, answer_length = tasks.layout(task_names[0])
-    ids, masks, orders = [], [], []
+    ids, masks, orders, task_ids = [], [], [], []
     for index, task in enumerate(task_names):
         examples = tasks.examples(n_per_task, seed=seed + index, tasks=(task,))
         for first in range(0, n_per_task, batch):
@@ -103,14 +115,15 @@ def teacher_pool(teacher, task_names: tuple[str, ...], n_per_task: int, seed: in
             ids.append(out.sequences.cpu())
             masks.append(mask)
             orders.append(order)
-    ids, masks, orders = torch.cat(ids), torch.cat(masks), torch.cat(orders)
+            task_ids.append(torch.full((len(encoded),), index, dtype=torch.int64))
+    ids, masks, orders, task_ids = torch.cat(ids), torch.cat(masks), torch.cat(orders), torch.cat(task_ids)
     # One trajectory per prompt: a prompt that recurs (bal12= does, often) keeps its first
     # one. Otherwise near-ties the teacher breaks one way in one batch and the other way in
     # another would give the student two answers to one prompt, the multimodality it must
     # lose to commit many positions at once.
     first: dict[tuple, int] = {}
     source = torch.tensor([first.setdefault(tuple(row), i) for i, row in enumerate(ids[:, :prompt_length].tolist())])
-    return Pool(ids[source], masks[source], orders[source])
+    return Pool(ids[source], masks[source], orders[source], task_ids[source], tuple(task_names))
 
 
 def random_order(order: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -152,6 +165,11 @@ def distill(teacher_dir: str | Path, out: str | Path, config: DistillConfig, *, 
                          f"{tasks.LONG_ANSWER_LENGTH} (1, 2, 4 or 8), got {k!r}")
     if not 0.0 <= validation.check_float("random_orders", config.random_orders) <= 1.0:
         raise ValueError(f"random_orders must lie in [0, 1], got {config.random_orders}")
+    if not isinstance(config.task_weights, dict):
+        raise TypeError(f"task_weights must be a dict of task names to weights, got {type(config.task_weights).__name__}")
+    for name, weight in config.task_weights.items():
+        validation.check_choice("task_weights", name, tasks.ALL_TASKS)
+        validation.check_float(f"task_weights[{name!r}]", weight, positive=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -176,7 +194,7 @@ def distill(teacher_dir: str | Path, out: str | Path, config: DistillConfig, *, 
         generator = torch.Generator().manual_seed(config.seed * 7_919 + step)
         losses = []
         for pool, size in pools:
-            rows = torch.randint(0, pool.ids.shape[0], (size,), generator=generator)
+            rows = pool.draw(size, config.task_weights, generator)
             losses.append(distill_loss(forward, pool, rows, config.tokens_per_step, tokenizer.mask_id,
                                        config.entropy_weight, generator, config.random_orders))
         return sum(losses) / len(losses)
