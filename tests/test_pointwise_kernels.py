@@ -26,19 +26,22 @@ def poisoned(x: torch.Tensor) -> torch.Tensor:
 def check_rms_norm(x, weight, eps):
     """The kernel against the float64 reference: its error at most twice the float32
     reference's (the model's arithmetic before the kernel), plus one rounding of the
-    output dtype (both round their float32 result to it; a different sum order may tip
-    an element across a rounding boundary)."""
+    output dtype, on the largest element and on the mean. Why the rounding: both round
+    their float32 result to the dtype, and the kernel sums a row in another order, which
+    may move the row's one scale factor by an ulp and with it every element of the row by
+    up to an ulp of itself (on a single row of 17 or 32 elements that alone measured 4x
+    the reference's mean error)."""
     out = poisoned(x)
     cpu_kernel("rms_norm")(validation.rms_norm_call(x, weight, eps), out=out)
     assert not torch.isnan(out).any(), "unwritten or NaN outputs"
     exact = reference.rms_norm(x.double(), weight.double(), eps)
     error = (out.double() - exact).abs()
     baseline = (reference.rms_norm(x, weight, eps).double() - exact).abs()
-    rounding = torch.finfo(x.dtype).eps * float(exact.abs().max())
+    ulp = torch.finfo(x.dtype).eps
     message = (f"max error {float(error.max()):.3g} vs reference {float(baseline.max()):.3g}; "
                f"mean {float(error.mean()):.3g} vs {float(baseline.mean()):.3g}")
-    assert float(error.max()) <= 2 * float(baseline.max()) + rounding, message
-    assert float(error.mean()) <= 2 * float(baseline.mean()) + rounding / 8, message
+    assert float(error.max()) <= 2 * float(baseline.max()) + ulp * float(exact.abs().max()), message
+    assert float(error.mean()) <= 2 * float(baseline.mean()) + ulp * float(exact.abs().mean()), message
     return out
 
 

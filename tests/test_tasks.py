@@ -243,7 +243,7 @@ def student_long_task_scores(name: str) -> dict[str, float]:
 
 
 def test_the_student_keeps_the_long_tasks_at_four_tokens_per_step():
-    """What distillation bought (README, The trade-off): 98.8% and 100% on 256 examples,
+    """What distillation bought (README, The trade-off): 100% and 100% on 256 examples,
     where the teacher at the same 6 calls gets 66.4% and 14.1%. Floors 0.9 sit some 2
     standard deviations of 64 examples below the student's and far above the teacher's."""
     if not (cli.model_path("unmask-long-k4") / "config.json").exists():
