@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import os
 import platform
@@ -248,12 +249,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _task_weight(text: str) -> tuple[str, float]:
     """'cumsum=2' -> ('cumsum', 2.0), for unmask distill --task-weight."""
     name, sep, weight = text.partition("=")
-    try:
-        if not sep:
-            raise ValueError
-        return name, float(weight)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected TASK=WEIGHT (e.g. cumsum=2), got {text!r}") from None
+    with contextlib.suppress(ValueError):
+        if sep:
+            return name, float(weight)
+    raise argparse.ArgumentTypeError(f"expected TASK=WEIGHT (e.g. cumsum=2), got {text!r}")
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
