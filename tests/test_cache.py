@@ -165,3 +165,26 @@ def test_cache_arguments_are_checked():
                         block_length=4, mask_id=MASK, cache="prefix")
     with pytest.raises(ValueError, match="segment needs a cache"):
         model(torch.zeros(1, 4, dtype=torch.long), segment=(0, 2))
+
+
+def test_gathered_takes_the_chosen_rows_of_each_cache_cut_or_padded():
+    config = tiny_config()
+    def filled(batch, length, seed):
+        cache = unmask.KVCache(config, batch, length, dtype=torch.float32, device=torch.device("cpu"))
+        generator = torch.Generator().manual_seed(seed)
+        for tensor in cache.keys + cache.values:
+            tensor.copy_(torch.randn(tensor.shape, generator=generator))
+        return cache
+
+    wide, narrow = filled(5, 9, 1), filled(3, 4, 2)
+    # rows with gaps and out of order (an index), then a run (a slice)
+    got = unmask.KVCache.gathered([(wide, [4, 0, 2]), (narrow, range(1, 3))], 6)
+    for layer in range(config.n_layers):
+        for got_t, wide_t, narrow_t in ((got.keys[layer], wide.keys[layer], narrow.keys[layer]),
+                                        (got.values[layer], wide.values[layer], narrow.values[layer])):
+            want = torch.zeros(5, 6, *wide_t.shape[2:])
+            want[:3] = wide_t[[4, 0, 2], :6]
+            want[3:, :4] = narrow_t[1:3]
+            assert torch.equal(got_t, want)
+    with pytest.raises(ValueError, match="pieces"):
+        unmask.KVCache.gathered([], 4)
