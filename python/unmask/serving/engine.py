@@ -345,8 +345,9 @@ class Engine:
         got_tokens, got_conf = ops.sample(stacked, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                                           banned=[group[0].mask_id], confidence=s.confidence, seed=s.seed,
                                           offset=offset, check=False)
-        for i, job in enumerate(group):
-            tokens[id(job)], conf[id(job)] = got_tokens[i].cpu(), got_conf[i].cpu()
+        # one host copy per group, not one per request and output
+        for job, job_tokens, job_conf in zip(group, got_tokens.cpu().unbind(), got_conf.cpu().unbind()):
+            tokens[id(job)], conf[id(job)] = job_tokens, job_conf
 
     def _commit(self, group: list[Job], tokens: dict, conf: dict) -> None:
         rule = group[0].settings.rule
@@ -360,18 +361,19 @@ class Engine:
             mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
         committed = ops.commit(blocks, token_rows, torch.stack([conf[id(job)] for job in group]), eligible, **mode)
         remaining = (eligible & ~committed).any(dim=1)
-        for i, job in enumerate(group):
-            if invalid[i]:
+        # the group's flags as Python values once, not a tensor read per request
+        for job, block, failed, masked_left in zip(group, blocks.unbind(), invalid.tolist(), remaining.tolist()):
+            if failed:
                 self._fail(job, "the model gave NaN or +inf logits, or no finite logit but the mask, "
                                 "for a masked position")
                 continue
-            job.canvas[slice(*job.block_range())] = blocks[i]
+            job.canvas[slice(*job.block_range())] = block
             job.step_in_block += 1
             job.offset += 1
             if rule.steps_per_block is not None:
                 block_done = job.step_in_block == len(job.plan)
             else:
-                block_done = not bool(remaining[i])
+                block_done = not masked_left
             try:
                 self._advance(job, block_done)
             except Exception as error:  # this request's bookkeeping (tokenizer, events) failed: it alone fails
