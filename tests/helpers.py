@@ -179,11 +179,11 @@ def random_inputs(batch, q_len, k_len, q_heads, kv_heads, head_dim, dtype, seed)
 MASKS = ["none", "kv_len", "key_valid", "block", "block_offset", "all"]
 
 
-def dirty_hidden_keys(dtype, head_dim, seed=5):
+def dirty_hidden_keys(dtype, head_dim, seed=5, q_len=37):
     """Inputs whose keys past kv_len or hidden by key_valid hold NaN in a second copy of K
     and V: (q, k, v, dirty_k, dirty_v, kv_len, key_valid). A backend that never reads a
     hidden key gives both copies the same output, bit for bit."""
-    q, k, v, gen = random_inputs(2, 37, 150, 4, 2, head_dim, dtype, seed=seed)
+    q, k, v, gen = random_inputs(2, q_len, 150, 4, 2, head_dim, dtype, seed=seed)
     kv_len = torch.tensor([90, 150])
     key_valid = torch.rand(2, 150, generator=gen) > 0.2
     hidden = (torch.arange(150)[None] >= kv_len[:, None]) | ~key_valid

@@ -58,10 +58,11 @@ def test_empty_batch_and_empty_keys(dtype):
     assert torch.equal(out, torch.zeros(1, 5, 2, 64, dtype=dtype))
 
 
-def test_hidden_keys_weigh_exactly_zero():
+@pytest.mark.parametrize("q_len", [70, 28])  # 28: a short block, its queries along the lanes
+def test_hidden_keys_weigh_exactly_zero(q_len):
     """Padding keys add nothing, not a tiny weight times their V: with V near the float32
     maximum at the hidden keys, any weight above 0 (2^-126 times 3e38 is 3.5) would show."""
-    q, k, v, gen = random_inputs(2, 70, 100, 4, 2, 64, torch.float32, seed=11)
+    q, k, v, gen = random_inputs(2, q_len, 100, 4, 2, 64, torch.float32, seed=11)
     key_valid = torch.rand(2, 100, generator=gen) > 0.3
     key_valid[:, :40] = False  # the whole first key tile but 24 keys: a tile with both kinds
     v[~key_valid] = 3e38
@@ -72,11 +73,12 @@ def test_hidden_keys_weigh_exactly_zero():
     assert float(error.max()) < 1e-5, f"max error {float(error.max()):.3g}, mean {float(error.mean()):.3g}"
 
 
+@pytest.mark.parametrize("q_len", [37, 28])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_hidden_keys_are_never_read(dtype):
+def test_hidden_keys_are_never_read(dtype, q_len):
     """A cache's rows past kv_len, and keys key_valid hides, may hold anything: NaN there
     leaves the output bit-identical (0 * NaN in P V would poison it)."""
-    q, k, v, dirty_k, dirty_v, kv_len, key_valid = dirty_hidden_keys(dtype, 64)
+    q, k, v, dirty_k, dirty_v, kv_len, key_valid = dirty_hidden_keys(dtype, 64, q_len=q_len)
     for block_size in (None, 16):
         args = dict(kv_len=kv_len, key_valid=key_valid, block_size=block_size)
         clean = ops.attention(q, k, v, **args)
@@ -108,3 +110,65 @@ def test_nan_scores_make_their_rows_nan_as_in_the_reference(dtype):
     expected = reference.attention(q.double(), k.double(), v.double(), block_size=32, key_valid=key_valid)
     assert torch.equal(torch.isnan(out), torch.isnan(expected))
     assert torch.equal(out[0, :32], torch.zeros_like(out[0, :32]))
+
+
+# Blocks of 25-32 queries (a cached decoding step's block) run with the queries along the
+# lanes of two zmm on AVX-512 (csrc/cpu/attention_lanes.cpp); 24 is the tiled kernel's.
+SHORT_BLOCKS = [24, 25, 31, 32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("q_len", SHORT_BLOCKS)
+def test_short_query_blocks(dtype, mask, q_len):
+    q, k, v, gen = random_inputs(2, q_len, 200, 4, 2, 64, dtype, seed=q_len)
+    check_against_reference(q, k, v, **make_masks(mask, 2, 200, gen))
+
+
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("head_dim", [160, 128, 33, 16, 1])
+def test_short_query_blocks_head_dims_and_causal_offsets(group, head_dim):
+    """Head dims off the register blocks (33, 1), and a block-causal cached block whose
+    queries straddle a block boundary (positions 100..127 under blocks of 16)."""
+    q, k, v, gen = random_inputs(1, 28, 130, 8, 8 // group, head_dim, torch.float32, seed=head_dim)
+    check_against_reference(q, k, v, key_valid=torch.rand(1, 130, generator=gen) > 0.3, block_size=16,
+                            q_offset=100)
+
+
+def test_nan_scores_in_a_short_block_make_their_rows_nan():
+    """The NaN rules lane by lane: NaN in a visible key makes the queries that see it NaN
+    and no other (under blocks of 32 from q_offset 50, rows 14..27 of head 1 see key 70),
+    a NaN query makes its own row NaN, and a query that sees no key gets zeros."""
+    q, k, v, _ = random_inputs(1, 28, 96, 2, 2, 64, torch.float32, seed=9)
+    k[0, 70, 1] = float("nan")
+    q[0, 5, 0] = float("nan")
+    for masks in ({}, {"block_size": 32}, {"block_size": 32, "q_offset": 50}):
+        out = ops.attention(q, k, v, **masks)
+        expected = reference.attention(q.double(), k.double(), v.double(), **masks)
+        assert torch.equal(torch.isnan(out), torch.isnan(expected)), masks
+        finite = ~torch.isnan(expected)
+        torch.testing.assert_close(out[finite].double(), expected[finite], rtol=2e-5, atol=2e-6)
+    nan_rows = torch.isnan(ops.attention(q, k, v, block_size=32, q_offset=50)).any(dim=-1)[0]
+    assert nan_rows[:, 1].tolist() == [False] * 14 + [True] * 14 and nan_rows[5, 0]
+    key_valid = torch.ones(1, 96, dtype=torch.bool)
+    key_valid[:, :32] = False  # block 0's keys: its queries (positions 0..27) see nothing
+    out = ops.attention(q, k, v, block_size=32, key_valid=key_valid)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("batch,q_heads,kv_heads", [(1, 16, 16), (4, 32, 16), (3, 12, 4)])
+def test_short_query_blocks_with_many_heads(batch, q_heads, kv_heads):
+    """A task takes a group of a batch row's heads (several where the heads outnumber the
+    tasks the threads need) and copies each key's rows of the group at once."""
+    q, k, v, gen = random_inputs(batch, 32, 150, q_heads, kv_heads, 32, torch.float32, seed=q_heads)
+    check_against_reference(q, k, v, key_valid=torch.rand(batch, 150, generator=gen) > 0.2, block_size=16,
+                            q_offset=60)
+
+
+@pytest.mark.parametrize("q_len", [32, 70])  # the lanes kernel, the tiled one
+def test_a_maximum_that_moves_late_rescales_what_came_before(q_len):
+    """Keys of the last tiles score far above the first tiles' maxima (by more than the
+    lazy rescaling's slack of 2^8): what the earlier tiles added must be scaled down."""
+    q, k, v, _ = random_inputs(1, q_len, 300, 2, 2, 64, torch.float32, seed=4)
+    k[:, 200:] *= 40
+    check_against_reference(q, k, v)

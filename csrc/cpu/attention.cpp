@@ -390,6 +390,12 @@ Status attention(const AttentionParams& p) {
   // its tiles itself. Longer blocks share the global pack across their query tiles.
   const bool pack_locally = query_tiles == 1;
   pack_masks(p, packed, /*keys_too=*/!pack_locally);
+#if defined(__AVX512F__)
+  if (lanes_apply(p)) {  // a cached decoding step's block: the queries along the lanes
+    attention_lanes(p, packed);  // attention_lanes.cpp
+    return ok_status();
+  }
+#endif
   if (!pack_locally) {
 #pragma omp parallel
     {

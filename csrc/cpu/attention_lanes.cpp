@@ -1,0 +1,306 @@
+// Attention of a short query block on the CPU with the queries along the vector lanes.
+//
+// A cached decoding step attends a block of 32 queries to every cached key. The tiled
+// kernel (attention.cpp) puts keys along the lanes: every key tile is transposed into
+// K^T for the one query tile that uses it (~20% of such a call at D 128), and every
+// score row needs horizontal reductions in its softmax. With the block's queries along
+// the lanes of two zmm instead:
+//   S^T[j] = sum_d K[j][d] Q^T[d]       a broadcast of K[j][d] per vector FMA: K's rows
+//                                        are read as they lie, no transpose;
+//   online softmax per lane              running maxima, sums and rescale factors are
+//                                        vectors, with no horizontal reduction;
+//   O^T[d] += sum_j V[j][d] P^T[j]       a broadcast of V[j][d] per vector FMA;
+// and O^T is transposed back once per (batch, head). A task takes a group of heads and
+// copies each key tile's rows key by key, in memory order (copy_rows). The arithmetic
+// per score is the tiled kernel's: the products in float32 with the same FMAs per term,
+// the softmax in base 2 with the same polynomial, the same lazy rescaling (kMaxSlack)
+// and the same NaN and hidden-key rules (attention_tiles.h, online_softmax_row), lane
+// by lane.
+#include <algorithm>
+#include <cstring>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "attention_tiles.h"
+
+namespace unmask::cpu {
+inline namespace UNMASK_CPU_ISA {  // isa.h
+namespace attention_detail {
+#if defined(__AVX512F__)  // lanes_apply (attention_tiles.h)
+namespace {
+
+// 25-32 queries in two zmm of lanes. With AVX2's four ymm and 16 registers the products
+// no longer block well, and it measured no faster than the tiled kernel there.
+constexpr int kVecs = 2;
+constexpr int kLanes = static_cast<int>(kLaneRows);
+static_assert(kLanes == kVecs * Simd::kWidth, "two zmm of lanes");
+// Accumulators of the two products: half the register file, the rest for operands:
+// 8 keys x 2 zmm of S^T, 8 dims x 2 zmm of O^T.
+constexpr int kAccumulators = 16;
+
+alignas(64) constexpr float kLaneIndex[kLaneRows] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15,
+                                                     16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
+static_assert(kLaneRows == 32, "kLaneIndex lists every lane");
+
+// One query head's state across key tiles: Q^T, O^T and the running softmax per lane.
+struct HeadState {
+  AlignedFloats qt;  // Q^T [D][lanes], scaled into base 2; lanes past the block 0
+  AlignedFloats ot;  // O^T [D][lanes]
+  alignas(64) float row_max[kLaneRows];
+  alignas(64) float row_sum[kLaneRows];
+};
+
+struct LaneBuffers {
+  std::vector<HeadState> heads;  // the task's query heads
+  AlignedFloats k, v;  // a key tile's rows of K and V per kv head [kv head][kKeyTile][D], hidden keys zero
+  AlignedFloats st;    // S^T, then P^T, of one head and key tile [kKeyTile][lanes]
+  std::vector<float> row;
+};
+
+// st[j][:] = sum_d k[j][d] * qt[d][:] for kKeys keys (rows of k `dim` apart; at most 8,
+// so their row pointers stay in registers).
+template <int kKeys>
+void scores(const float* k, int64_t dim, const float* qt, float* st) {
+  Simd::Reg acc[kKeys][kVecs];
+  for (int j = 0; j < kKeys; ++j)
+    for (int c = 0; c < kVecs; ++c) acc[j][c] = Simd::zero();
+  for (int64_t d = 0; d < dim; ++d) {
+    Simd::Reg q[kVecs];
+    for (int c = 0; c < kVecs; ++c) q[c] = Simd::load(qt + d * kLanes + c * Simd::kWidth);
+    for (int j = 0; j < kKeys; ++j) {
+      const Simd::Reg kb = Simd::set1(k[j * dim + d]);
+      for (int c = 0; c < kVecs; ++c) acc[j][c] = Simd::fmadd(kb, q[c], acc[j][c]);
+    }
+  }
+  for (int j = 0; j < kKeys; ++j)
+    for (int c = 0; c < kVecs; ++c) Simd::store(st + j * kLanes + c * Simd::kWidth, acc[j][c]);
+}
+
+// ot[d][:] += sum_j v[j][d] * pt[j][:] over `keys` keys for kDims dims from `first`.
+template <int kDims>
+void accumulate(const float* pt, int64_t keys, const float* v, int64_t dim, int64_t first, float* ot) {
+  Simd::Reg acc[kDims][kVecs];
+  for (int i = 0; i < kDims; ++i)
+    for (int c = 0; c < kVecs; ++c) acc[i][c] = Simd::load(ot + (first + i) * kLanes + c * Simd::kWidth);
+  for (int64_t j = 0; j < keys; ++j) {
+    Simd::Reg w[kVecs];
+    for (int c = 0; c < kVecs; ++c) w[c] = Simd::load(pt + j * kLanes + c * Simd::kWidth);
+    const float* vrow = v + j * dim + first;
+    for (int i = 0; i < kDims; ++i) {
+      const Simd::Reg vb = Simd::set1(vrow[i]);
+      for (int c = 0; c < kVecs; ++c) acc[i][c] = Simd::fmadd(vb, w[c], acc[i][c]);
+    }
+  }
+  for (int i = 0; i < kDims; ++i)
+    for (int c = 0; c < kVecs; ++c) Simd::store(ot + (first + i) * kLanes + c * Simd::kWidth, acc[i][c]);
+}
+
+// A key tile's rows of K and V for kv heads [first, last), hidden ones zero (never read:
+// a cache's rows past kv_len may hold NaN). Key by key, its heads in turn: the order they
+// lie in [B, L, H, D]. Head by head, each row lies on a page of its own (a head's keys are
+// H * D elements apart, 4 KiB at d_model 1024), the prefetcher stops at every one and the
+// TLB misses: a head-major copy of the same inputs measured 14-24% faster.
+void copy_rows(const AttentionParams& p, const KeyTile& tile, int64_t b, int64_t first, int64_t last,
+               LaneBuffers& buf) {
+  const int64_t dim = p.head_dim, head_floats = kKeyTile * dim;
+  for (int64_t j = 0; j < tile.keys; ++j) {
+    const int64_t key = tile.begin + j;
+    for (int64_t h = first; h < last; ++h) {
+      float* k_row = buf.k.data() + (h - first) * head_floats + j * dim;
+      float* v_row = buf.v.data() + (h - first) * head_floats + j * dim;
+      if (tile.bias[j] == 0.0f) {
+        load_row(p.k, p.dtype, b * p.k_stride[0] + key * p.k_stride[1] + h * p.k_stride[2], dim, 1.0f, k_row);
+        load_row(p.v, p.dtype, b * p.v_stride[0] + key * p.v_stride[1] + h * p.v_stride[2], dim, 1.0f, v_row);
+      } else {
+        std::fill(k_row, k_row + dim, 0.0f);
+        std::fill(v_row, v_row + dim, 0.0f);
+      }
+    }
+  }
+}
+
+// Q^T of query head h, scaled by scale * log2(e) (scores come out in base 2 for the exp2
+// of the softmax), with O^T and the running softmax reset.
+void start_head(const AttentionParams& p, int64_t b, int64_t h, HeadState& head, std::vector<float>& row) {
+  const int64_t dim = p.head_dim;
+  std::fill(head.qt.begin(), head.qt.begin() + dim * kLanes, 0.0f);
+  for (int64_t r = 0; r < p.q_len; ++r) {
+    load_row(p.q, p.dtype, b * p.q_stride[0] + r * p.q_stride[1] + h * p.q_stride[2], dim, p.scale * cpu::kLog2e,
+             row.data());
+    for (int64_t d = 0; d < dim; ++d) head.qt[d * kLanes + r] = row[d];
+  }
+  std::fill(head.ot.begin(), head.ot.begin() + dim * kLanes, 0.0f);
+  std::fill(head.row_max, head.row_max + kLaneRows, -kInf);
+  std::fill(head.row_sum, head.row_sum + kLaneRows, 0.0f);
+}
+
+// One query head through one key tile (its kv head's rows k, v).
+void attend_tile(const AttentionParams& p, const KeyTile& tile, const float* k, const float* v, HeadState& head,
+                 float* st) {
+  constexpr int kWidth = Simd::kWidth;
+  constexpr int kKeys = std::min(8, kAccumulators / kVecs);
+  constexpr int kDims = kAccumulators / kVecs;
+  static_assert(kKeyTile % kKeys == 0, "key blocks tile a key tile");
+  const int64_t dim = p.head_dim;
+  float* ot = head.ot.data();
+  const Simd::Reg neg_inf = Simd::set1(-kInf), zero = Simd::zero(), lowest = Simd::set1(-126.0f);
+  Simd::Reg row_max[kVecs], row_sum[kVecs];
+  for (int c = 0; c < kVecs; ++c) {
+    row_max[c] = Simd::load(head.row_max + c * kWidth);
+    row_sum[c] = Simd::load(head.row_sum + c * kWidth);
+  }
+
+  // Rows past the tile's keys in the last block hold an earlier tile's keys: their scores are never read.
+  for (int64_t j = 0; j < tile.keys; j += kKeys) scores<kKeys>(k + j * dim, dim, head.qt.data(), st + j * kLanes);
+
+  // Masks (a select, not an add: a hidden key's NaN score, from NaN in Q, is -inf too)
+  // and the tile's maximum per lane (a NaN score leaves it alone).
+  const bool key_masked = tile.key_masked(), causal = tile.causal == TileVisibility::kPartial;
+  Simd::Reg tile_max[kVecs];
+  for (int c = 0; c < kVecs; ++c) tile_max[c] = neg_inf;
+  for (int64_t j = 0; j < tile.keys; ++j) {
+    const Simd::Reg hide = Simd::set1(key_masked ? tile.bias[j] : 0.0f);
+    // Block-causal: lane r sees the key once q_offset + r reaches the key's block.
+    const float first_lane = causal ? static_cast<float>(std::clamp<int64_t>(
+                                          (tile.begin + j) / p.block_size * p.block_size - p.q_offset, 0, kLanes))
+                                    : 0.0f;
+    for (int c = 0; c < kVecs; ++c) {
+      Simd::Reg lane_hide = hide;
+      if (causal) {
+        const Simd::Reg lane = Simd::load(kLaneIndex + c * kWidth);
+        lane_hide = Simd::add(hide, Simd::select(Simd::at_least(lane, Simd::set1(first_lane)), zero, neg_inf));
+      }
+      Simd::Reg x = Simd::load(st + j * kLanes + c * kWidth);
+      x = Simd::add(Simd::keep_or_zero(Simd::equal(lane_hide, zero), x), lane_hide);
+      Simd::store(st + j * kLanes + c * kWidth, x);
+      tile_max[c] = Simd::max(x, tile_max[c]);
+    }
+  }
+
+  // A lane's running maximum moves where a score passes it by more than kMaxSlack, or
+  // where it has none yet; O^T and the sums are rescaled only when some lane's does.
+  Simd::Mask moves[kVecs];
+  uint32_t any_moves = 0;
+  for (int c = 0; c < kVecs; ++c) {
+    moves[c] = Simd::either(Simd::at_least(tile_max[c], Simd::add(row_max[c], Simd::set1(kMaxSlack))),
+                            Simd::equal(row_max[c], neg_inf));
+    any_moves |= Simd::bits(moves[c]);
+  }
+  if (any_moves != 0) {
+    Simd::Reg alpha[kVecs], shift[kVecs];
+    for (int c = 0; c < kVecs; ++c) {
+      const Simd::Reg moved = Simd::select(moves[c], Simd::max(tile_max[c], row_max[c]), row_max[c]);
+      // exactly 1 where the maximum stays; 0 where there was none (the lane's output and
+      // sum are still 0, or NaN, which stays NaN) or it fell more than 2^126
+      shift[c] = Simd::select(Simd::equal(row_max[c], neg_inf), neg_inf, Simd::sub(row_max[c], moved));
+      alpha[c] = Simd::max(lowest, shift[c]);
+      row_max[c] = moved;
+    }
+    cpu::exp2_interleaved(alpha);
+    for (int c = 0; c < kVecs; ++c) {
+      alpha[c] = Simd::keep_or_zero(Simd::at_least(shift[c], lowest), alpha[c]);
+      row_sum[c] = Simd::mul(row_sum[c], alpha[c]);
+    }
+    for (int64_t d = 0; d < dim; ++d)
+      for (int c = 0; c < kVecs; ++c)
+        Simd::store(ot + d * kLanes + c * kWidth, Simd::mul(alpha[c], Simd::load(ot + d * kLanes + c * kWidth)));
+  }
+
+  // Weights 2^(s - max): 0 for hidden keys and below 2^-126 (subnormal products take
+  // microcode assists), NaN kept. A lane with no maximum yet has only -inf or NaN scores.
+  Simd::Reg base[kVecs];
+  for (int c = 0; c < kVecs; ++c) base[c] = Simd::select(Simd::equal(row_max[c], neg_inf), zero, row_max[c]);
+  for (int64_t j = 0; j < tile.keys; ++j) {
+    Simd::Reg z[kVecs], e[kVecs];
+    for (int c = 0; c < kVecs; ++c) {
+      z[c] = Simd::sub(Simd::load(st + j * kLanes + c * kWidth), base[c]);
+      e[c] = Simd::max(lowest, z[c]);  // NaN where z is NaN (max returns its second operand)
+    }
+    cpu::exp2_interleaved(e);
+    for (int c = 0; c < kVecs; ++c) {
+      e[c] = Simd::keep_or_zero(Simd::nan_or_at_least(z[c], lowest), e[c]);
+      Simd::store(st + j * kLanes + c * kWidth, e[c]);
+      row_sum[c] = Simd::add(row_sum[c], e[c]);
+    }
+  }
+  for (int c = 0; c < kVecs; ++c) {
+    Simd::store(head.row_max + c * kWidth, row_max[c]);
+    Simd::store(head.row_sum + c * kWidth, row_sum[c]);
+  }
+
+  int64_t d = 0;
+  for (; d + kDims <= dim; d += kDims) accumulate<kDims>(st, tile.keys, v, dim, d, ot);
+  for (; d < dim; ++d) accumulate<1>(st, tile.keys, v, dim, d, ot);
+}
+
+// O = O^T transposed, over each lane's sum (zeros for a query that saw no key).
+void finish_head(const AttentionParams& p, int64_t b, int64_t h, const HeadState& head, std::vector<float>& row) {
+  for (int64_t r = 0; r < p.q_len; ++r) {
+    const float s = head.row_sum[r];
+    const float inv = s > 0.0f ? 1.0f / s : s == 0.0f ? 0.0f : kNaN;
+    for (int64_t d = 0; d < p.head_dim; ++d) row[d] = head.ot[d * kLanes + r] * inv;
+    store_row(p.out, p.dtype, b * p.out_stride[0] + r * p.out_stride[1] + h * p.out_stride[2], p.head_dim, row.data());
+  }
+}
+
+// Batch row b, kv heads [first, last) and their query heads, through every key tile.
+void attend_heads(const AttentionParams& p, const Packed& packed, int64_t b, int64_t first, int64_t last,
+                  LaneBuffers& buf) {
+  const int64_t group = p.q_heads / p.kv_heads, head_floats = kKeyTile * p.head_dim;
+  for (int64_t h = first * group; h < last * group; ++h) start_head(p, b, h, buf.heads[h - first * group], buf.row);
+  for (int64_t t = 0; t < key_tiles(p); ++t) {
+    const KeyTile tile = key_tile(p, packed, b, t, 0, p.q_len);
+    if (tile.hidden()) continue;
+    copy_rows(p, tile, b, first, last, buf);
+    for (int64_t h = first * group; h < last * group; ++h) {
+      const int64_t kv = h / group - first;
+      attend_tile(p, tile, buf.k.data() + kv * head_floats, buf.v.data() + kv * head_floats,
+                         buf.heads[h - first * group], buf.st.data());
+    }
+  }
+  for (int64_t h = first * group; h < last * group; ++h) finish_head(p, b, h, buf.heads[h - first * group], buf.row);
+}
+
+}  // namespace
+
+void attention_lanes(const AttentionParams& p, const Packed& packed) {
+  // Tasks of a batch row's kv heads, in groups: as few as keep both cores busy (at least
+  // four tasks per thread where the heads allow), since a group's copy of a key's rows
+  // reads one stretch of memory.
+  int threads = 1;
+#if defined(_OPENMP)
+  threads = omp_get_max_threads();
+#endif
+  const int64_t groups = std::clamp<int64_t>((4 * threads + p.batch - 1) / p.batch, 1, p.kv_heads);
+  const int64_t per_group = (p.kv_heads + groups - 1) / groups;
+  const int64_t tasks = p.batch * groups;
+#pragma omp parallel
+  {
+    // Kept by each (pooled) OpenMP thread across calls, growing only (attention.cpp's TaskBuffers).
+    static thread_local LaneBuffers buf;
+    const size_t head_floats = static_cast<size_t>(kLaneRows * p.head_dim);
+    buf.heads.resize(static_cast<size_t>(per_group * (p.q_heads / p.kv_heads)));
+    for (HeadState& head : buf.heads) {
+      head.qt.resize(head_floats);
+      head.ot.resize(head_floats);
+    }
+    buf.k.resize(static_cast<size_t>(per_group * kKeyTile * p.head_dim));
+    buf.v.resize(buf.k.size());
+    buf.st.resize(static_cast<size_t>(kKeyTile * kLaneRows));
+    buf.row.resize(static_cast<size_t>(p.head_dim));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = task / groups, first = (task % groups) * per_group;
+      const int64_t last = std::min(p.kv_heads, first + per_group);
+      if (first >= last) continue;
+      attend_heads(p, packed, b, first, last, buf);
+    }
+  }
+}
+#endif  // __AVX512F__
+
+}  // namespace attention_detail
+}  // namespace UNMASK_CPU_ISA
+}  // namespace unmask::cpu
