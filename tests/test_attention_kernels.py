@@ -117,7 +117,8 @@ def test_nan_scores_make_their_rows_nan_as_in_the_reference(dtype):
 SHORT_BLOCKS = [24, 25, 31, 32]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+# bfloat16: the lanes under the avx512 build, AMX tiles under the amx build
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("q_len", SHORT_BLOCKS)
 def test_short_query_blocks(dtype, mask, q_len):
