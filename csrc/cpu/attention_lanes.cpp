@@ -257,7 +257,7 @@ void attend_heads(const AttentionParams& p, const Packed& packed, int64_t b, int
     for (int64_t h = first * group; h < last * group; ++h) {
       const int64_t kv = h / group - first;
       attend_tile(p, tile, buf.k.data() + kv * head_floats, buf.v.data() + kv * head_floats,
-                         buf.heads[h - first * group], buf.st.data());
+                  buf.heads[h - first * group], buf.st.data());
     }
   }
   for (int64_t h = first * group; h < last * group; ++h) finish_head(p, b, h, buf.heads[h - first * group], buf.row);
