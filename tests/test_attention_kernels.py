@@ -173,3 +173,25 @@ def test_a_maximum_that_moves_late_rescales_what_came_before(q_len):
     q, k, v, _ = random_inputs(1, q_len, 300, 2, 2, 64, torch.float32, seed=4)
     k[:, 200:] *= 40
     check_against_reference(q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bfloat16: the AMX kernel on the amx build
+@pytest.mark.parametrize("q_len", [32, 28, 70, 13])  # float32: the lanes kernel (AVX-512 builds), the tiled one
+@pytest.mark.parametrize("block_size,q_offset", [(32, 0), (8, 20), (1, 5)])
+def test_keys_the_block_causal_mask_hides_are_never_read(q_len, block_size, q_offset, dtype):
+    """NaN in K and V at the keys past the first query's block leaves every query that does
+    not reach them bit-identical, including queries of the same register block or vector
+    as a later query that does (it adds 0 times their V, and 0 times NaN is NaN)."""
+    q, k, v, _ = random_inputs(1, q_len, 100, 2, 2, 64, dtype, seed=q_len + block_size)
+    masks = dict(block_size=block_size, q_offset=q_offset)
+    kernel = native.kernels()[("attention", "cpu")]  # the native kernel itself, whatever the table would pick
+    clean = kernel(validation.attention_call(q, k, v, **masks))
+    hidden_from_first = (q_offset // block_size + 1) * block_size  # keys from here on
+    dirty_k, dirty_v = k.clone(), v.clone()
+    dirty_k[:, hidden_from_first:] = float("nan")
+    dirty_v[:, hidden_from_first:] = float("nan")
+    out = kernel(validation.attention_call(q, dirty_k, dirty_v, **masks))
+    positions = q_offset + torch.arange(q_len)
+    reaches = (positions // block_size + 1) * block_size > hidden_from_first
+    assert torch.equal(out[:, ~reaches], clean[:, ~reaches])
+    assert torch.isnan(out[:, reaches]).all(dim=-1).all()

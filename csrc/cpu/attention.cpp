@@ -51,13 +51,16 @@ constexpr int64_t kQueryTile = 126;
 }
 
 // o[r][:] = alpha[r] * o[r][:] + sum_j p[r][j] * v[j][:] over `keys` keys.
-void pv_generic(const float* p, int64_t rows, int64_t keys, int64_t dim, const float* v,
+// row_keys (nullable): row r meets only the keys it sees (block-causal), so that a V it
+// gives weight 0 is never multiplied in (0 times a NaN or inf V is NaN).
+void pv_generic(const float* p, int64_t rows, int64_t keys, int64_t dim, const float* v, const int64_t* row_keys,
                 const float* alpha, float* o) {
   for (int64_t r = 0; r < rows; ++r) {
     float* orow = o + r * dim;
 #pragma omp simd
     for (int64_t d = 0; d < dim; ++d) orow[d] *= alpha[r];
-    for (int64_t j = 0; j < keys; ++j) {
+    const int64_t row_end = row_keys != nullptr ? std::min(keys, row_keys[r]) : keys;
+    for (int64_t j = 0; j < row_end; ++j) {
       const float pj = p[r * kKeyTile + j];
       const float* vrow = v + j * dim;
 #pragma omp simd
@@ -183,22 +186,33 @@ void pv_tile(const float* p, int64_t rows, int64_t keys, int64_t dim, const floa
     const bool wide = dim % kBand == 0;
     for_row_blocks(rows, [&](auto block_rows, int64_t r) {
       constexpr int kRows = decltype(block_rows)::value;
-      const int64_t block_keys = row_keys != nullptr ? std::min(keys, row_keys[r + kRows - 1]) : keys;
+      // The keys every row of the block sees run through the register block; the few
+      // that only its later rows see (a block-causal boundary inside the block) row by
+      // row: a row must not meet a V it gives weight 0 (0 times a NaN or inf V is NaN).
+      const int64_t shared_keys = row_keys != nullptr ? std::min(keys, row_keys[r]) : keys;
       if (wide) {
         for (int64_t band = 0; band < dim; band += kBand) {
-          pv_band<kRows>(p + r * kKeyTile, block_keys, v + band, dim, alpha + r, o + r * dim + band);
+          pv_band<kRows>(p + r * kKeyTile, shared_keys, v + band, dim, alpha + r, o + r * dim + band);
         }
       } else {
         for (int64_t band = 0; band < dim; band += Simd::kWidth) {
-          pv_band<kRows, 1>(p + r * kKeyTile, block_keys, v + band, dim, alpha + r, o + r * dim + band);
+          pv_band<kRows, 1>(p + r * kKeyTile, shared_keys, v + band, dim, alpha + r, o + r * dim + band);
+        }
+      }
+      for (int64_t i = 1; row_keys != nullptr && i < kRows; ++i) {
+        float* orow = o + (r + i) * dim;
+        for (int64_t j = shared_keys; j < std::min(keys, row_keys[r + i]); ++j) {
+          const float pj = p[(r + i) * kKeyTile + j];
+          const float* vrow = v + j * dim;
+#pragma omp simd
+          for (int64_t d = 0; d < dim; ++d) orow[d] += pj * vrow[d];
         }
       }
     });
     return;
   }
 #endif
-  (void)row_keys;
-  pv_generic(p, rows, keys, dim, v, alpha, o);
+  pv_generic(p, rows, keys, dim, v, row_keys, alpha, o);
 }
 
 // ------------------------------------------------------------------ packing and masks

@@ -131,32 +131,44 @@ void pack_keys(const KeyTileRows& rows, int64_t dim, int64_t dp, uint16_t* kt) {
 
 // V as B operands of O += P V: tile (key chunk kc, column chunk n of 16 dims) at
 // v + (n * 32 + 16 kc) * 32, 16 rows of 64 bytes; row i interleaves keys 2i and 2i + 1.
-void pack_values(const KeyTileRows& rows, int64_t dim, int64_t dp, uint16_t* v) {
+// Returns the last key of the tile whose V holds an inf or NaN (-1: none), for
+// accumulate_cut_block.
+int64_t pack_values(const KeyTileRows& rows, int64_t dim, int64_t dp, uint16_t* v) {
   alignas(64) static constexpr uint16_t kLow[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
                                                     8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
   alignas(64) static constexpr uint16_t kHigh[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
                                                      24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
   const __m512i low = _mm512_load_si512(kLow), high = _mm512_load_si512(kHigh);
+  const __m512i exponent = _mm512_set1_epi16(0x7F80);  // all ones: inf or NaN
   constexpr int64_t kPairs = kKeyTile / 2;
+  int64_t last_nonfinite = -1;
   for (int64_t i = 0; i < kPairs; ++i) {
     for (int64_t d = 0; d < dp; d += kDepth) {
       const __m512i a = load_depth_chunk(rows.v[2 * i], d, dim), b = load_depth_chunk(rows.v[2 * i + 1], d, dim);
+      if (_mm512_cmpeq_epi16_mask(_mm512_and_si512(b, exponent), exponent) != 0) {
+        last_nonfinite = 2 * i + 1;
+      } else if (_mm512_cmpeq_epi16_mask(_mm512_and_si512(a, exponent), exponent) != 0) {
+        last_nonfinite = std::max(last_nonfinite, 2 * i);
+      }
       const int64_t n = d / 16;
       _mm512_store_si512(v + (n * kPairs + i) * kDepth, _mm512_permutex2var_epi16(a, low, b));
       _mm512_store_si512(v + ((n + 1) * kPairs + i) * kDepth, _mm512_permutex2var_epi16(a, high, b));
     }
   }
+  return last_nonfinite;
 }
 
-void pack_key_tile(const AttentionParams& p, const float* bias, int64_t b, int64_t h, int64_t t, int64_t dp,
-                   uint16_t* kt, uint16_t* v) {
+// Returns pack_values' last key with a non-finite V.
+int64_t pack_key_tile(const AttentionParams& p, const float* bias, int64_t b, int64_t h, int64_t t, int64_t dp,
+                      uint16_t* kt, uint16_t* v) {
   const KeyTileRows rows = key_tile_rows(p, bias, b, h, t);
   pack_keys(rows, p.head_dim, dp, kt);
-  pack_values(rows, p.head_dim, dp, v);
+  return pack_values(rows, p.head_dim, dp, v);
 }
 
 struct AmxTask {
   Halves q, p, kt, v;  // Q [rows][dp], P [rows][kKeyTile], one packed key tile
+  Halves masked_v;     // a packed V tile with a cut block's later keys zero (accumulate_cut_block)
   AlignedFloats s, o;            // S [rows][kKeyTile], O [rows][dp]
   AlignedFloats row_sums;        // [rows][16]: each row's sum of weights, in 16 partial sums
   std::vector<float> row_max, alpha;
@@ -222,6 +234,41 @@ void accumulate_values(const uint16_t* p, const uint16_t* v, int64_t first, int6
   if (count > 2) {
     _tile_stored(2, block + 32, stride);
     _tile_stored(3, block + 48, stride);
+  }
+}
+
+// A 16-row block that the block-causal diagonal cuts: its first row sees the tile's keys
+// below `shared` only. The tile product multiplies every row by every key of a chunk, and
+// a row must not meet a V it gives weight 0 (0 times a NaN or inf V is NaN, and a
+// cache's later blocks may hold anything): the product takes the keys every row sees,
+// from a copy of V with the later keys zero, and each row adds the later keys it sees
+// (row_keys) on the vector unit, from the packed V (keys 2i and 2i + 1 interleaved).
+// Slow, and taken only where such a key's V holds an inf or NaN (pack_values reports
+// it): elsewhere 0 times V adds 0, and the tile product over every key is exact.
+void accumulate_cut_block(const uint16_t* p, const uint16_t* v, int64_t shared, const int64_t* row_keys,
+                          int64_t block_rows, float* o, int64_t dp, Halves& masked_v) {
+  constexpr int64_t kPairs = kKeyTile / 2;
+  const int64_t column_chunks = dp / 16;
+  masked_v.assign(v, v + kKeyTile * dp);
+  for (int64_t n = 0; n < column_chunks; ++n) {
+    for (int64_t i = shared / 2; i < kPairs; ++i) {
+      uint16_t* pair = masked_v.data() + (n * kPairs + i) * kDepth;
+      for (int64_t e = 0; e < kDepth; ++e) {
+        if (2 * i + (e & 1) >= shared) pair[e] = 0;
+      }
+    }
+  }
+  for (int64_t first = 0; first < column_chunks; first += 4) {
+    accumulate_values(p, masked_v.data(), first, std::min<int64_t>(4, column_chunks - first), o, dp);
+  }
+  for (int64_t r = 0; r < block_rows; ++r) {
+    float* orow = o + r * dp;
+    for (int64_t j = shared; j < row_keys[r]; ++j) {
+      const float w = cpu::bf16_to_float(p[r * kKeyTile + j]);
+      for (int64_t d = 0; d < dp; ++d) {
+        orow[d] += w * cpu::bf16_to_float(v[((d / 16) * kPairs + j / 2) * kDepth + (d % 16) * 2 + (j & 1)]);
+      }
+    }
   }
 }
 
@@ -298,8 +345,10 @@ void softmax_row(const float* srow, float scale, const float* bias, int64_t visi
   _mm512_store_ps(row_sums, _mm512_fmadd_ps(_mm512_load_ps(row_sums), _mm512_set1_ps(alpha), sum));
 }
 
+// packed_nonfinite: pack_values' last key with a non-finite V, per packed tile.
 void attend_query_tile(const AttentionParams& p, const Packed& packed, const Halves& packed_kt,
-                       const Halves& packed_v, int64_t b, int64_t h, int64_t q_begin, bool pack_locally, AmxTask& task) {
+                       const Halves& packed_v, const std::vector<int64_t>& packed_nonfinite, int64_t b, int64_t h,
+                       int64_t q_begin, bool pack_locally, AmxTask& task) {
   const int64_t dim = p.head_dim, dp = padded_dim(dim), tiles = key_tiles(p);
   const int64_t rows = std::min(kAmxQueryTile, p.q_len - q_begin);
   const int64_t blocks = (rows + kTileRows - 1) / kTileRows;
@@ -326,11 +375,14 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, const Hal
     if (tile.hidden()) continue;
     const uint16_t* kt = task.kt.data();
     const uint16_t* v = task.v.data();
+    int64_t last_nonfinite;
     if (pack_locally) {
-      pack_key_tile(p, tile.bias, b, kv_head, t, dp, task.kt.data(), task.v.data());
+      last_nonfinite = pack_key_tile(p, tile.bias, b, kv_head, t, dp, task.kt.data(), task.v.data());
     } else {
-      kt = packed_kt.data() + ((b * p.kv_heads + kv_head) * tiles + t) * tile_halves;
-      v = packed_v.data() + ((b * p.kv_heads + kv_head) * tiles + t) * tile_halves;
+      const int64_t index = (b * p.kv_heads + kv_head) * tiles + t;
+      kt = packed_kt.data() + index * tile_halves;
+      v = packed_v.data() + index * tile_halves;
+      last_nonfinite = packed_nonfinite[index];
     }
     if (tile.causal == TileVisibility::kPartial) {
       causal_row_keys(p, tile, q_begin, rows, task.row_keys.data());
@@ -350,10 +402,18 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, const Hal
         const __m512 alpha = _mm512_set1_ps(task.alpha[r]);
         for (int64_t d = 0; d < dp; d += 16) _mm512_store_ps(orow + d, _mm512_mul_ps(alpha, _mm512_load_ps(orow + d)));
       }
-      const int64_t column_chunks = dp / 16;
+      const int64_t column_chunks = dp / 16, first_row = m * kTileRows;
+      const int64_t block_rows = std::min(rows, first_row + kTileRows) - first_row;
+      // Only where a key some row does not see holds an inf or NaN V: elsewhere 0 times V is 0.
+      if (tile.causal == TileVisibility::kPartial && last_nonfinite >= task.row_keys[first_row]) {
+        accumulate_cut_block(task.p.data() + first_row * kKeyTile, v, task.row_keys[first_row],
+                             task.row_keys.data() + first_row, block_rows, task.o.data() + first_row * dp, dp,
+                             task.masked_v);
+        continue;
+      }
       for (int64_t first = 0; first < column_chunks; first += 4) {
-        accumulate_values(task.p.data() + m * kTileRows * kKeyTile, v, first, std::min<int64_t>(4, column_chunks - first),
-                          task.o.data() + m * kTileRows * dp, dp);
+        accumulate_values(task.p.data() + first_row * kKeyTile, v, first, std::min<int64_t>(4, column_chunks - first),
+                          task.o.data() + first_row * dp, dp);
       }
     }
   }
@@ -377,17 +437,19 @@ Status attention_amx_bf16(const AttentionParams& p, Packed& packed) {
   const bool pack_locally = query_tiles == 1;
   pack_masks(p, packed, /*keys_too=*/false);
   static Halves packed_kt, packed_v;  // guarded by the caller's pack mutex, like `packed`
+  static std::vector<int64_t> packed_nonfinite;
   if (!pack_locally) {
     const size_t halves = static_cast<size_t>(p.batch * p.kv_heads * tiles * kKeyTile * dp);
     packed_kt.resize(halves);
     packed_v.resize(halves);
+    packed_nonfinite.resize(static_cast<size_t>(p.batch * p.kv_heads * tiles));
 #pragma omp parallel for collapse(3) schedule(static)
     for (int64_t b = 0; b < p.batch; ++b) {
       for (int64_t t = 0; t < tiles; ++t) {
         for (int64_t h = 0; h < p.kv_heads; ++h) {
-          const int64_t offset = ((b * p.kv_heads + h) * tiles + t) * kKeyTile * dp;
-          pack_key_tile(p, packed.key_bias.data() + b * tiles * kKeyTile + t * kKeyTile, b, h, t, dp,
-                        packed_kt.data() + offset, packed_v.data() + offset);
+          const int64_t index = (b * p.kv_heads + h) * tiles + t, offset = index * kKeyTile * dp;
+          packed_nonfinite[index] = pack_key_tile(p, packed.key_bias.data() + b * tiles * kKeyTile + t * kKeyTile,
+                                                  b, h, t, dp, packed_kt.data() + offset, packed_v.data() + offset);
         }
       }
     }
@@ -415,7 +477,8 @@ Status attention_amx_bf16(const AttentionParams& p, Packed& packed) {
       const int64_t q_tile = index % query_tiles;
       const int64_t h = (index / query_tiles) % p.q_heads;
       const int64_t b = index / (query_tiles * p.q_heads);
-      attend_query_tile(p, packed, packed_kt, packed_v, b, h, q_tile * kAmxQueryTile, pack_locally, task);
+      attend_query_tile(p, packed, packed_kt, packed_v, packed_nonfinite, b, h, q_tile * kAmxQueryTile, pack_locally,
+                        task);
     }
     _tile_release();
   }

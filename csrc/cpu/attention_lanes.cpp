@@ -79,33 +79,48 @@ void scores(const float* k, int64_t dim, const float* qt, float* st) {
 }
 
 // ot[d][:] += sum_j v[j][d] * pt[j][:] over `keys` keys for kDims dims from `first`.
+// first_lane (nullable, a tile the block-causal diagonal cuts): key j adds only to lanes
+// from first_lane[j] on. A lane that does not see a key must not meet its V at all: its
+// weight there is 0, but 0 times a NaN or inf V is NaN.
 template <int kDims>
-void accumulate(const float* pt, int64_t keys, const float* v, int64_t dim, int64_t first, float* ot) {
+void accumulate(const float* pt, int64_t keys, const float* v, int64_t dim, int64_t first, const float* first_lane,
+                float* ot) {
   Simd::Reg acc[kDims][kVecs];
   for (int i = 0; i < kDims; ++i)
     for (int c = 0; c < kVecs; ++c) acc[i][c] = Simd::load(ot + (first + i) * kLanes + c * Simd::kWidth);
+  Simd::Reg lane[kVecs];
+  for (int c = 0; c < kVecs; ++c) lane[c] = Simd::load(kLaneIndex + c * Simd::kWidth);
   for (int64_t j = 0; j < keys; ++j) {
     Simd::Reg w[kVecs];
     for (int c = 0; c < kVecs; ++c) w[c] = Simd::load(pt + j * kLanes + c * Simd::kWidth);
     const float* vrow = v + j * dim + first;
-    for (int i = 0; i < kDims; ++i) {
-      const Simd::Reg vb = Simd::set1(vrow[i]);
-      for (int c = 0; c < kVecs; ++c) acc[i][c] = Simd::fmadd(vb, w[c], acc[i][c]);
+    if (first_lane == nullptr) {
+      for (int i = 0; i < kDims; ++i) {
+        const Simd::Reg vb = Simd::set1(vrow[i]);
+        for (int c = 0; c < kVecs; ++c) acc[i][c] = Simd::fmadd(vb, w[c], acc[i][c]);
+      }
+    } else {
+      Simd::Mask sees[kVecs];
+      for (int c = 0; c < kVecs; ++c) sees[c] = Simd::at_least(lane[c], Simd::set1(first_lane[j]));
+      for (int i = 0; i < kDims; ++i) {
+        const Simd::Reg vb = Simd::set1(vrow[i]);
+        for (int c = 0; c < kVecs; ++c) acc[i][c] = Simd::fmadd_where(sees[c], vb, w[c], acc[i][c]);
+      }
     }
   }
   for (int i = 0; i < kDims; ++i)
     for (int c = 0; c < kVecs; ++c) Simd::store(ot + (first + i) * kLanes + c * Simd::kWidth, acc[i][c]);
 }
 
-// A key tile's rows of K and V for kv heads [first, last), hidden ones zero (never read:
-// a cache's rows past kv_len may hold NaN). Key by key, its heads in turn: the order they
+// The first `keys` rows of a key tile's K and V for kv heads [first, last), hidden ones
+// zero (never read: a cache's rows past kv_len may hold NaN). Key by key, its heads in turn: the order they
 // lie in [B, L, H, D]. Head by head, each row lies on a page of its own (a head's keys are
 // H * D elements apart, 4 KiB at d_model 1024), where the prefetcher stops: tasks of
 // several heads measured 2-8% faster than tasks of one on 32 queries against 1024-4096 keys.
-void copy_rows(const AttentionParams& p, const KeyTile& tile, int64_t b, int64_t first, int64_t last,
+void copy_rows(const AttentionParams& p, const KeyTile& tile, int64_t keys, int64_t b, int64_t first, int64_t last,
                LaneBuffers& buf) {
   const int64_t dim = p.head_dim, head_floats = kKeyTile * dim;
-  for (int64_t j = 0; j < tile.keys; ++j) {
+  for (int64_t j = 0; j < keys; ++j) {
     const int64_t key = tile.begin + j;
     for (int64_t h = first; h < last; ++h) {
       float* k_row = buf.k.data() + (h - first) * head_floats + j * dim;
@@ -136,9 +151,9 @@ void start_head(const AttentionParams& p, int64_t b, int64_t h, HeadState& head,
   std::fill(head.row_sum, head.row_sum + kLaneRows, 0.0f);
 }
 
-// One query head through one key tile (its kv head's rows k, v).
-void attend_tile(const AttentionParams& p, const KeyTile& tile, const float* k, const float* v, HeadState& head,
-                 float* st) {
+// One query head through the first `keys` keys of a key tile (its kv head's rows k, v).
+void attend_tile(const AttentionParams& p, const KeyTile& tile, int64_t keys, const float* k, const float* v,
+                 HeadState& head, float* st) {
   constexpr int kWidth = Simd::kWidth;
   constexpr int kKeys = std::min(8, kAccumulators / kVecs);
   constexpr int kDims = kAccumulators / kVecs;
@@ -152,25 +167,28 @@ void attend_tile(const AttentionParams& p, const KeyTile& tile, const float* k, 
     row_sum[c] = Simd::load(head.row_sum + c * kWidth);
   }
 
-  // Rows past the tile's keys in the last block hold an earlier tile's keys: their scores are never read.
-  for (int64_t j = 0; j < tile.keys; j += kKeys) scores<kKeys>(k + j * dim, dim, head.qt.data(), st + j * kLanes);
+  // Rows past `keys` in the last block of 8 hold other keys (an earlier tile's, or hidden
+  // ones never copied): their scores are never read.
+  for (int64_t j = 0; j < keys; j += kKeys) scores<kKeys>(k + j * dim, dim, head.qt.data(), st + j * kLanes);
 
   // Masks (a select, not an add: a hidden key's NaN score, from NaN in Q, is -inf too)
   // and the tile's maximum per lane (a NaN score leaves it alone).
   const bool key_masked = tile.key_masked(), causal = tile.causal == TileVisibility::kPartial;
   Simd::Reg tile_max[kVecs];
   for (int c = 0; c < kVecs; ++c) tile_max[c] = neg_inf;
-  for (int64_t j = 0; j < tile.keys; ++j) {
+  alignas(64) float first_lane[kKeyTile];  // block-causal: lane r sees key j from first_lane[j] on
+  for (int64_t j = 0; j < keys; ++j) {
     const Simd::Reg hide = Simd::set1(key_masked ? tile.bias[j] : 0.0f);
     // Block-causal: lane r sees the key once q_offset + r reaches the key's block.
-    const float first_lane = causal ? static_cast<float>(std::clamp<int64_t>(
-                                          (tile.begin + j) / p.block_size * p.block_size - p.q_offset, 0, kLanes))
-                                    : 0.0f;
+    if (causal) {
+      first_lane[j] = static_cast<float>(
+          std::clamp<int64_t>((tile.begin + j) / p.block_size * p.block_size - p.q_offset, 0, kLanes));
+    }
     for (int c = 0; c < kVecs; ++c) {
       Simd::Reg lane_hide = hide;
       if (causal) {
         const Simd::Reg lane = Simd::load(kLaneIndex + c * kWidth);
-        lane_hide = Simd::add(hide, Simd::select(Simd::at_least(lane, Simd::set1(first_lane)), zero, neg_inf));
+        lane_hide = Simd::add(hide, Simd::select(Simd::at_least(lane, Simd::set1(first_lane[j])), zero, neg_inf));
       }
       Simd::Reg x = Simd::load(st + j * kLanes + c * kWidth);
       x = Simd::add(Simd::keep_or_zero(Simd::equal(lane_hide, zero), x), lane_hide);
@@ -212,7 +230,7 @@ void attend_tile(const AttentionParams& p, const KeyTile& tile, const float* k, 
   // microcode assists), NaN kept. A lane with no maximum yet has only -inf or NaN scores.
   Simd::Reg base[kVecs];
   for (int c = 0; c < kVecs; ++c) base[c] = Simd::select(Simd::equal(row_max[c], neg_inf), zero, row_max[c]);
-  for (int64_t j = 0; j < tile.keys; ++j) {
+  for (int64_t j = 0; j < keys; ++j) {
     Simd::Reg z[kVecs], e[kVecs];
     for (int c = 0; c < kVecs; ++c) {
       z[c] = Simd::sub(Simd::load(st + j * kLanes + c * kWidth), base[c]);
@@ -230,9 +248,10 @@ void attend_tile(const AttentionParams& p, const KeyTile& tile, const float* k, 
     Simd::store(head.row_sum + c * kWidth, row_sum[c]);
   }
 
+  const float* limits = causal ? first_lane : nullptr;
   int64_t d = 0;
-  for (; d + kDims <= dim; d += kDims) accumulate<kDims>(st, tile.keys, v, dim, d, ot);
-  for (; d < dim; ++d) accumulate<1>(st, tile.keys, v, dim, d, ot);
+  for (; d + kDims <= dim; d += kDims) accumulate<kDims>(st, keys, v, dim, d, limits, ot);
+  for (; d < dim; ++d) accumulate<1>(st, keys, v, dim, d, limits, ot);
 }
 
 // O = O^T transposed, over each lane's sum (zeros for a query that saw no key).
@@ -253,10 +272,16 @@ void attend_heads(const AttentionParams& p, const Packed& packed, int64_t b, int
   for (int64_t t = 0; t < key_tiles(p); ++t) {
     const KeyTile tile = key_tile(p, packed, b, t, 0, p.q_len);
     if (tile.hidden()) continue;
-    copy_rows(p, tile, b, first, last, buf);
+    // On the block-causal diagonal, the keys the block's last query sees: the rest are
+    // hidden from every query, never read.
+    const int64_t keys = tile.causal != TileVisibility::kPartial
+                             ? tile.keys
+                             : std::clamp<int64_t>(((p.q_offset + p.q_len - 1) / p.block_size + 1) * p.block_size -
+                                                       tile.begin, 0, tile.keys);
+    copy_rows(p, tile, keys, b, first, last, buf);
     for (int64_t h = first * group; h < last * group; ++h) {
       const int64_t kv = h / group - first;
-      attend_tile(p, tile, buf.k.data() + kv * head_floats, buf.v.data() + kv * head_floats,
+      attend_tile(p, tile, keys, buf.k.data() + kv * head_floats, buf.v.data() + kv * head_floats,
                   buf.heads[h - first * group], buf.st.data());
     }
   }

@@ -80,6 +80,7 @@ struct Simd {
   static Mask nan_or_at_least(Reg a, Reg b) { return _mm512_cmp_ps_mask(a, b, _CMP_NLT_UQ); }
   static Reg keep_or_zero(Mask m, Reg a) { return _mm512_maskz_mov_ps(m, a); }  // a where m, else 0
   static Reg select(Mask m, Reg a, Reg b) { return _mm512_mask_blend_ps(m, b, a); }  // a where m, else b
+  static Reg fmadd_where(Mask m, Reg a, Reg b, Reg c) { return _mm512_mask3_fmadd_ps(a, b, c, m); }  // a*b+c where m, else c
   static uint32_t bits(Mask m) { return m; }
 
   static float reduce_max(Reg v) { return _mm512_reduce_max_ps(v); }
@@ -138,6 +139,7 @@ struct Simd {
   static Mask nan_or_at_least(Reg a, Reg b) { return _mm256_cmp_ps(a, b, _CMP_NLT_UQ); }
   static Reg keep_or_zero(Mask m, Reg a) { return _mm256_and_ps(m, a); }
   static Reg select(Mask m, Reg a, Reg b) { return _mm256_blendv_ps(b, a, m); }  // a where m, else b
+  static Reg fmadd_where(Mask m, Reg a, Reg b, Reg c) { return _mm256_blendv_ps(c, _mm256_fmadd_ps(a, b, c), m); }
   static uint32_t bits(Mask m) { return static_cast<uint32_t>(_mm256_movemask_ps(m)); }
 
   static float reduce_max(Reg v) {
