@@ -264,11 +264,12 @@ void finish_head(const AttentionParams& p, int64_t b, int64_t h, const HeadState
   }
 }
 
-// Batch row b, kv heads [first, last) and their query heads, through every key tile.
+// Batch row b, kv heads [first, last) and their query heads [q_first, q_last), through
+// every key tile.
 void attend_heads(const AttentionParams& p, const Packed& packed, int64_t b, int64_t first, int64_t last,
-                  LaneBuffers& buf) {
+                  int64_t q_first, int64_t q_last, LaneBuffers& buf) {
   const int64_t group = p.q_heads / p.kv_heads, head_floats = kKeyTile * p.head_dim;
-  for (int64_t h = first * group; h < last * group; ++h) start_head(p, b, h, buf.heads[h - first * group], buf.row);
+  for (int64_t h = q_first; h < q_last; ++h) start_head(p, b, h, buf.heads[h - q_first], buf.row);
   for (int64_t t = 0; t < key_tiles(p); ++t) {
     const KeyTile tile = key_tile(p, packed, b, t, 0, p.q_len);
     if (tile.hidden()) continue;
@@ -279,34 +280,40 @@ void attend_heads(const AttentionParams& p, const Packed& packed, int64_t b, int
                              : std::clamp<int64_t>(((p.q_offset + p.q_len - 1) / p.block_size + 1) * p.block_size -
                                                        tile.begin, 0, tile.keys);
     copy_rows(p, tile, keys, b, first, last, buf);
-    for (int64_t h = first * group; h < last * group; ++h) {
+    for (int64_t h = q_first; h < q_last; ++h) {
       const int64_t kv = h / group - first;
       attend_tile(p, tile, keys, buf.k.data() + kv * head_floats, buf.v.data() + kv * head_floats,
-                  buf.heads[h - first * group], buf.st.data());
+                  buf.heads[h - q_first], buf.st.data());
     }
   }
-  for (int64_t h = first * group; h < last * group; ++h) finish_head(p, b, h, buf.heads[h - first * group], buf.row);
+  for (int64_t h = q_first; h < q_last; ++h) finish_head(p, b, h, buf.heads[h - q_first], buf.row);
 }
 
 }  // namespace
 
 void attention_lanes(const AttentionParams& p, const Packed& packed) {
-  // Tasks of a batch row's kv heads, in groups: as few as keep both cores busy (at least
-  // four tasks per thread where the heads allow), since a group's copy of a key's rows
-  // reads one stretch of memory.
+  // Tasks of a batch row's kv heads, in groups as large as still give each thread four
+  // tasks (a group's copy of a key's rows reads one stretch of memory). With fewer kv
+  // heads than that (a batch of one under GQA or MQA), a kv head's query heads are split
+  // among tasks too, each copying the kv head's rows for itself.
   int threads = 1;
 #if defined(_OPENMP)
   threads = omp_get_max_threads();
 #endif
-  const int64_t groups = std::clamp<int64_t>((4 * threads + p.batch - 1) / p.batch, 1, p.kv_heads);
+  const int64_t wanted = 4 * threads, group = p.q_heads / p.kv_heads;
+  const int64_t groups = std::clamp<int64_t>((wanted + p.batch - 1) / p.batch, 1, p.kv_heads);
   const int64_t per_group = (p.kv_heads + groups - 1) / groups;
-  const int64_t tasks = p.batch * groups;
+  const int64_t slices = per_group == 1 ? std::clamp<int64_t>((wanted + p.batch * groups - 1) / (p.batch * groups), 1,
+                                                              group)
+                                        : 1;
+  const int64_t per_slice = (group + slices - 1) / slices;
+  const int64_t tasks = p.batch * groups * slices;
 #pragma omp parallel
   {
     // Kept by each (pooled) OpenMP thread across calls, growing only (attention.cpp's TaskBuffers).
     static thread_local LaneBuffers buf;
     const size_t head_floats = static_cast<size_t>(kLaneRows * p.head_dim);
-    buf.heads.resize(static_cast<size_t>(per_group * (p.q_heads / p.kv_heads)));
+    buf.heads.resize(static_cast<size_t>(slices == 1 ? per_group * group : per_slice));
     for (HeadState& head : buf.heads) {
       head.qt.resize(head_floats);
       head.ot.resize(head_floats);
@@ -317,10 +324,12 @@ void attention_lanes(const AttentionParams& p, const Packed& packed) {
     buf.row.resize(static_cast<size_t>(p.head_dim));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t b = task / groups, first = (task % groups) * per_group;
-      const int64_t last = std::min(p.kv_heads, first + per_group);
+      const int64_t slice = task % slices, b = task / (slices * groups);
+      const int64_t first = (task / slices % groups) * per_group, last = std::min(p.kv_heads, first + per_group);
       if (first >= last) continue;
-      attend_heads(p, packed, b, first, last, buf);
+      const int64_t q_first = first * group + slice * per_slice;
+      const int64_t q_last = slices == 1 ? last * group : std::min((first + 1) * group, q_first + per_slice);
+      if (q_first < q_last) attend_heads(p, packed, b, first, last, q_first, q_last, buf);
     }
   }
 }
