@@ -190,11 +190,13 @@ __device__ __forceinline__ int64_t block_end(const AttentionParams& p, int64_t q
   return ((p.q_offset + query) / p.block_size + 1) * p.block_size;
 }
 
-// One K or V tile: rows at or past key_limit (k_len, kv_len) are zero-filled, so stale
-// cache contents (even NaN) never reach the products.
+// One K or V tile: rows at or past key_limit (k_len, kv_len, and the end of the block of
+// the query tile's last query under the block-causal mask) and rows key_valid hides (bit r
+// of `visible`, the tile's key_mask) are zero-filled, so stale cache contents (even NaN)
+// never reach the products: a hidden key's weight is 0, and 0 times NaN is NaN.
 template <typename T, int kHeadDim, int kThreads>
 __device__ __forceinline__ void load_key_tile(uint32_t dst, const T* base, const int64_t (&stride)[3], int64_t batch,
-                                              int64_t head, int tile, int64_t key_limit) {
+                                              int64_t head, int tile, int64_t key_limit, uint64_t visible) {
   constexpr int kChunks = kHeadDim / 8;
   static_assert(kBlockN * kChunks % kThreads == 0, "whole chunks per thread");
 #pragma unroll
@@ -202,7 +204,7 @@ __device__ __forceinline__ void load_key_tile(uint32_t dst, const T* base, const
     const int index = step * kThreads + threadIdx.x;
     const int r = index / kChunks, c = index % kChunks;
     const int64_t key = static_cast<int64_t>(tile) * kBlockN + r;
-    const bool valid = key < key_limit;
+    const bool valid = key < key_limit && ((visible >> r) & 1) != 0;
     const T* src = valid ? base + batch * stride[0] + key * stride[1] + head * stride[2] + c * 8 : base;
     cp_async_16(dst + swizzled<kHeadDim>(r, c), src, valid);
   }
@@ -326,7 +328,7 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim>::kWarps * 32)
       const T* src = valid ? q + batch * p.q_stride[0] + query * p.q_stride[1] + head * p.q_stride[2] + c * 8 : q;
       cp_async_16(sq + swizzled<kHeadDim>(r, c), src, valid);
     }
-    load_key_tile<T, kHeadDim, kThreads>(sk, k, p.k_stride, batch, kv_head, tile, key_limit);
+    load_key_tile<T, kHeadDim, kThreads>(sk, k, p.k_stride, batch, kv_head, tile, key_end, mask);
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();
@@ -346,7 +348,7 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim>::kWarps * 32)
   while (tile < tile_end) {
     cp_async_wait_all();
     __syncthreads();  // K of this tile has landed; every warp is done with the previous V
-    load_key_tile<T, kHeadDim, kThreads>(sv, v, p.v_stride, batch, kv_head, tile, key_limit);
+    load_key_tile<T, kHeadDim, kThreads>(sv, v, p.v_stride, batch, kv_head, tile, key_end, mask);
     cp_async_commit();
     const KeyProbe ahead = probe_keys(p, batch, key_limit, tile + 1);
 
@@ -445,7 +447,7 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim>::kWarps * 32)
     cp_async_wait_all();
     __syncthreads();  // V of this tile has landed; every warp is done with K
     if (next < tile_end) {
-      load_key_tile<T, kHeadDim, kThreads>(sk, k, p.k_stride, batch, kv_head, next, key_limit);
+      load_key_tile<T, kHeadDim, kThreads>(sk, k, p.k_stride, batch, kv_head, next, key_end, next_mask);
       cp_async_commit();
     }
 
