@@ -56,13 +56,15 @@ def _block_ends(first_query, tile_q: int, block_size: int):
 
 
 def _attention_kernel(q_ref, k_ref, v_ref, valid_ref, out_ref, *, tile_q: int, tile_k: int, key_tiles: int,
-                      block_size: int, q_offset: int, scale: float):
+                      block_size: int, q_offset: int, scale: float, queries: int):
     q_tile = pl.program_id(2)
     q = q_ref[...]
     first_query = q_offset + q_tile * tile_q
     if block_size:
-        # Keys of blocks after the last query's block are invisible to the whole tile.
-        last_visible = (_div(first_query + tile_q - 1, block_size) + 1) * block_size
+        # Keys of blocks after the last query's block are invisible to the whole tile (its
+        # last real query: the padding rows of the last tile see nothing that is output).
+        last_query = jnp.minimum(first_query + tile_q, q_offset + queries) - 1
+        last_visible = (_div(last_query, block_size) + 1) * block_size
         visited = jnp.minimum(key_tiles, _div(last_visible + tile_k - 1, tile_k))
         block_end = _block_ends(first_query, tile_q, block_size)
     else:
@@ -75,7 +77,13 @@ def _attention_kernel(q_ref, k_ref, v_ref, valid_ref, out_ref, *, tile_q: int, t
         def attend(carry):
             row_max, row_sum, acc = carry
             k = k_ref[pl.ds(start, tile_k), :]
-            v = v_ref[pl.ds(start, tile_k), :]
+            # Hidden keys weigh 0, and 0 times a NaN or inf V is NaN: V is zeroed where
+            # kv_len or key_valid hides a key, or past the block of the tile's last query.
+            # (A key that only later queries of the tile see still meets the earlier ones.)
+            key_ok = valid.reshape(tile_k, 1)
+            if block_size:
+                key_ok &= start + jax.lax.broadcasted_iota(jnp.int32, (tile_k, 1), 0) < last_visible
+            v = jnp.where(key_ok, v_ref[pl.ds(start, tile_k), :], 0)
             # The scale is applied to the float32 scores rather than to q: scaling q in
             # bf16 would round every query element once more.
             scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
@@ -145,11 +153,12 @@ def _gpu_params(head_dim: int):
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "q_offset", "scale", "tile_q", "tile_k", "interpret",
-                                             "variant"))
+                                             "variant", "queries"))
 def attention_pallas(q, k, v, key_valid, *, block_size: int, q_offset: int, scale: float, tile_q: int,
-                     tile_k: int, interpret: bool = False, variant: str | None = None):
+                     tile_k: int, interpret: bool = False, variant: str | None = None, queries: int | None = None):
     """q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D] with Lq a multiple of tile_q and Lk of
-    tile_k; key_valid int32 [B, 1, Lk]. Returns [B, Hq, Lq, D].
+    tile_k; key_valid int32 [B, 1, Lk]. Returns [B, Hq, Lq, D]. queries: how many of the Lq
+    rows are real (the rest padding; default all).
 
     variant None picks Mosaic on TPU and Triton on GPU when the call is lowered; "tpu"
     or "gpu" forces one (unmask.pallas.platform.by_platform)."""
@@ -157,7 +166,8 @@ def attention_pallas(q, k, v, key_valid, *, block_size: int, q_offset: int, scal
     kv_heads, k_len = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
     kernel = functools.partial(_attention_kernel, tile_q=tile_q, tile_k=tile_k, key_tiles=k_len // tile_k,
-                               block_size=block_size, q_offset=q_offset, scale=scale)
+                               block_size=block_size, q_offset=q_offset, scale=scale,
+                               queries=q_len if queries is None else queries)
     kv_spec = pl.BlockSpec((None, None, k_len, head_dim), lambda b, h, i: (b, _div(h, group), 0, 0))
 
     def call(compiler_params):

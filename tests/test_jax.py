@@ -95,6 +95,32 @@ class TestPallasCompiled:
         np.testing.assert_allclose(np.asarray(jnp_reference.attention(to_jax(q), to_jax(k), to_jax(v), **jax_kwargs)),
                                    expected, rtol=1e-4, atol=2e-5)
 
+    @pytest.mark.parametrize("masks", [dict(key_valid=True), dict(block_size=32), dict(block_size=8, q_offset=20),
+                                       dict(block_size=1, q_offset=5)])
+    def test_attention_never_reads_keys_hidden_from_every_query(self, masks):
+        """NaN in K and V where key_valid hides a key, or past the block of the last query
+        (padding rows of the last query tile included), leaves the output bit-identical:
+        a hidden key weighs 0, and 0 times NaN is NaN. (Keys that only later queries of a
+        tile see still meet the earlier ones: README, Kernels.)"""
+        gen = torch.Generator().manual_seed(5)
+        q, k, v = (torch.randn(1, length, 2, 64, generator=gen) for length in (40, 200, 200))
+        kwargs = dict(masks)
+        hidden = torch.zeros(1, 200, dtype=torch.bool)
+        if kwargs.pop("key_valid", False):
+            kwargs["key_valid"] = torch.rand(1, 200, generator=gen) > 0.3
+            hidden = ~kwargs["key_valid"]
+        else:
+            block = kwargs["block_size"]
+            hidden[:, ((kwargs.get("q_offset", 0) + 40 - 1) // block + 1) * block:] = True
+        dirty_k, dirty_v = k.clone(), v.clone()
+        dirty_k[hidden], dirty_v[hidden] = float("nan"), float("nan")
+        jax_kwargs = {name: to_jax(value) if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
+        clean = np.asarray(uj.attention(to_jax(q), to_jax(k), to_jax(v), interpret=self.INTERPRET, **jax_kwargs))
+        dirty = np.asarray(uj.attention(to_jax(q), to_jax(dirty_k), to_jax(dirty_v), interpret=self.INTERPRET,
+                                        **jax_kwargs))
+        assert not np.isnan(clean).any()
+        np.testing.assert_array_equal(dirty, clean)
+
     @pytest.mark.parametrize("mode", [dict(k=[2, 0, 5]), dict(threshold=0.5), dict(factor=1.2)])
     def test_commit(self, mode):
         gen = torch.Generator().manual_seed(1)

@@ -167,7 +167,7 @@ def attention(q, k, v, *, kv_len=None, key_valid=None, block_size: int | None = 
     out = attention_kernel.attention_pallas(
         heads_first(q, padded_q), heads_first(k, padded_k), heads_first(v, padded_k), valid,
         block_size=block_size or 0, q_offset=int(q_offset), scale=scale, tile_q=tile_q, tile_k=tile_k,
-        interpret=default_interpret(interpret),
+        interpret=default_interpret(interpret), queries=q_len,
     )
     return out.transpose(0, 2, 1, 3)[:, :q_len]
 
