@@ -50,6 +50,16 @@ constexpr int64_t kQueryTile = 126;
   }
 }
 
+// orow[:] += sum_j prow[j] * v[j][:] over keys [first, end).
+void add_weighted_rows(const float* prow, int64_t first, int64_t end, int64_t dim, const float* v, float* orow) {
+  for (int64_t j = first; j < end; ++j) {
+    const float pj = prow[j];
+    const float* vrow = v + j * dim;
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) orow[d] += pj * vrow[d];
+  }
+}
+
 // o[r][:] = alpha[r] * o[r][:] + sum_j p[r][j] * v[j][:] over `keys` keys.
 // row_keys (nullable): row r meets only the keys it sees (block-causal), so that a V it
 // gives weight 0 is never multiplied in (0 times a NaN or inf V is NaN).
@@ -59,13 +69,7 @@ void pv_generic(const float* p, int64_t rows, int64_t keys, int64_t dim, const f
     float* orow = o + r * dim;
 #pragma omp simd
     for (int64_t d = 0; d < dim; ++d) orow[d] *= alpha[r];
-    const int64_t row_end = row_keys != nullptr ? std::min(keys, row_keys[r]) : keys;
-    for (int64_t j = 0; j < row_end; ++j) {
-      const float pj = p[r * kKeyTile + j];
-      const float* vrow = v + j * dim;
-#pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) orow[d] += pj * vrow[d];
-    }
+    add_weighted_rows(p + r * kKeyTile, 0, row_keys != nullptr ? std::min(keys, row_keys[r]) : keys, dim, v, orow);
   }
 }
 
@@ -200,13 +204,8 @@ void pv_tile(const float* p, int64_t rows, int64_t keys, int64_t dim, const floa
         }
       }
       for (int64_t i = 1; row_keys != nullptr && i < kRows; ++i) {
-        float* orow = o + (r + i) * dim;
-        for (int64_t j = shared_keys; j < std::min(keys, row_keys[r + i]); ++j) {
-          const float pj = p[(r + i) * kKeyTile + j];
-          const float* vrow = v + j * dim;
-#pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) orow[d] += pj * vrow[d];
-        }
+        add_weighted_rows(p + (r + i) * kKeyTile, shared_keys, std::min(keys, row_keys[r + i]), dim, v,
+                          o + (r + i) * dim);
       }
     });
     return;
@@ -242,15 +241,7 @@ void pack_key_tile(const AttentionParams& p, Packed& packed, int64_t b, int64_t 
       for (int64_t h = 0; h < p.kv_heads; ++h) {
         float* k_row = staging.data() + (h * kGroup + g) * dim;
         float* v_row = packed.v.data() + (b * p.kv_heads + h) * head_tile_floats + tile_offset + (j0 + g) * dim;
-        // Hidden keys are never read: a cache's rows past kv_len may hold anything,
-        // NaN included, and 0 * NaN in P V would poison the row.
-        if (bias[j0 + g] == 0.0f) {
-          load_row(p.k, p.dtype, b * p.k_stride[0] + key * p.k_stride[1] + h * p.k_stride[2], dim, 1.0f, k_row);
-          load_row(p.v, p.dtype, b * p.v_stride[0] + key * p.v_stride[1] + h * p.v_stride[2], dim, 1.0f, v_row);
-        } else {  // hidden (kv_len, key_valid) or past k_len: zero scores, masked by key_bias
-          std::fill(k_row, k_row + dim, 0.0f);
-          std::fill(v_row, v_row + dim, 0.0f);
-        }
+        copy_key_rows(p, b, key, h, bias[j0 + g] == 0.0f, k_row, v_row);  // hidden: zero scores, masked by key_bias
       }
     }
     for (int64_t h = 0; h < p.kv_heads; ++h) {
@@ -315,16 +306,7 @@ void pack_head_tile(const AttentionParams& p, const Packed& packed, int64_t b, i
   const float* bias = packed.key_bias.data() + b * key_tiles(p) * kKeyTile + first;
   float* k_rows = buf.staging.data();
   for (int64_t j = 0; j < kKeyTile; ++j) {
-    const int64_t key = first + j;
-    float* k_row = k_rows + j * dim;
-    float* v_row = buf.v.data() + j * dim;
-    if (bias[j] == 0.0f) {  // hidden keys are never read (pack_key_tile)
-      load_row(p.k, p.dtype, b * p.k_stride[0] + key * p.k_stride[1] + h * p.k_stride[2], dim, 1.0f, k_row);
-      load_row(p.v, p.dtype, b * p.v_stride[0] + key * p.v_stride[1] + h * p.v_stride[2], dim, 1.0f, v_row);
-    } else {
-      std::fill(k_row, k_row + dim, 0.0f);
-      std::fill(v_row, v_row + dim, 0.0f);
-    }
+    copy_key_rows(p, b, first + j, h, bias[j] == 0.0f, k_rows + j * dim, buf.v.data() + j * dim);
   }
   transpose_key_tile(k_rows, dim, buf.kt.data());
 }

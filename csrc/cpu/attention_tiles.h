@@ -174,6 +174,22 @@ inline void pack_masks(const AttentionParams& p, Packed& packed, bool keys_too) 
   }
 }
 
+// Key `key` of (batch b, kv head h): its K and V rows in float32 where `visible`, zeros
+// where it is hidden (kv_len, key_valid) or past k_len. Hidden keys are never read: a
+// cache's rows past kv_len may hold anything, NaN included, and 0 * NaN in P V would
+// poison a row.
+inline void copy_key_rows(const AttentionParams& p, int64_t b, int64_t key, int64_t h, bool visible, float* k_row,
+                          float* v_row) {
+  const int64_t dim = p.head_dim;
+  if (visible) {
+    load_row(p.k, p.dtype, b * p.k_stride[0] + key * p.k_stride[1] + h * p.k_stride[2], dim, 1.0f, k_row);
+    load_row(p.v, p.dtype, b * p.v_stride[0] + key * p.v_stride[1] + h * p.v_stride[2], dim, 1.0f, v_row);
+  } else {
+    std::fill(k_row, k_row + dim, 0.0f);
+    std::fill(v_row, v_row + dim, 0.0f);
+  }
+}
+
 // The K^T and V tiles of key tile t of batch b, for every kv head. Key-major, the order
 // of the inputs in memory ([B, L, H, D]: a key's heads are adjacent): walked head by
 // head instead, each 512-byte row of a 128-dim head lay 16 KiB from the next, a new
