@@ -12,8 +12,8 @@ time use it too); without it requests recompute the whole canvas each step.
 
 --client: the load generator. The clients run on the server's own cores here, so what
 they spend is taken from the server. "lean" (the default) speaks HTTP/1.1 over asyncio
-streams and parses the server-sent events itself (~0.04 of a core over a run at 16
-clients); "httpx" is the httpx client (~0.17 of a core, README, Serving). Load
+streams and parses the server-sent events itself (0.08 of a core at 16 clients);
+"httpx" is the httpx client (0.37-0.41 of a core there, README, Serving). Load
 generators are kept light for this reason (wrk, vegeta); both check every answer.
 """
 
@@ -59,6 +59,11 @@ def request_body(prompt: str, cache: str | None) -> dict:
     return {"model": MODEL, "prompt": prompt, "max_tokens": 8, "stream": True, "cache": cache}
 
 
+def answer(state: dict, started: float, ok: bool) -> dict:
+    """A request's result: whether it finished, its latency, first event time and text."""
+    return {"ok": ok, "latency": time.perf_counter() - started, "first": state["first"], "text": state["text"]}
+
+
 def read_events(chunk: dict, state: dict, started: float) -> None:
     """One streamed chunk into a request's result: first event time, text, finish."""
     state["first"] = state["first"] or time.perf_counter() - started
@@ -77,8 +82,7 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, cache: s
         async for line in reply.aiter_lines():
             if line.startswith("data: {"):
                 read_events(json.loads(line[6:]), state, started)
-    return {"ok": state["finish"] is not None, "latency": time.perf_counter() - started, "first": state["first"],
-            "text": state["text"]}
+    return answer(state, started, state["finish"] is not None)
 
 
 async def lean_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, prompt: str,
@@ -112,8 +116,7 @@ async def _lean_exchange(reader, writer, host: str, body: bytes, started: float)
             if event.startswith(b"data: {"):
                 read_events(json.loads(event[6:]), state, started)
     await reader.readline()  # the empty chunk's CRLF
-    ok = status == 200 and state["finish"] is not None
-    return {"ok": ok, "latency": time.perf_counter() - started, "first": state["first"], "text": state["text"]}
+    return answer(state, started, status == 200 and state["finish"] is not None)
 
 
 def run_level(url: str, prompts: list[str], clients: int, cache: str | None, client: str) -> tuple[list[dict], float, float]:
