@@ -45,6 +45,16 @@ def test_every_field_must_be_given_by_name():
         sample_params(logits, tokens, conf, vocabulary=7)
 
 
+def test_the_keyword_constructor_names_a_field_of_the_wrong_type():
+    logits, tokens, conf = buffers()
+    with pytest.raises(TypeError, match=r"SampleParams\.confidence: cannot take a int"):
+        sample_params(logits, tokens, conf, confidence=2)
+    with pytest.raises(TypeError, match=r"SampleParams\.n_rows: cannot take a float"):
+        sample_params(logits, tokens, conf, n_rows=2.5)
+    with pytest.raises(TypeError, match=r"AttentionParams: missing fields \['batch',"):
+        _C.AttentionParams(q=0)
+
+
 def test_an_int_is_not_an_enum():
     params = _C.SampleParams()
     with pytest.raises(TypeError):

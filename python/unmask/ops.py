@@ -50,7 +50,7 @@ def _traced(*tensors: torch.Tensor | None) -> bool:
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return True
     for t in tensors:  # a loop, not any(<generator>): this runs on every kernel call
-        if t is not None and (type(t) not in _PLAIN_TENSORS or t.device.type not in ("cpu", "cuda")):
+        if t is not None and (type(t) not in _PLAIN_TENSORS or not (t.is_cpu or t.is_cuda)):
             return True
     return False
 

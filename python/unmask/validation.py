@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import math
 import sys
+import typing
 from collections.abc import Sequence
 
 CONFIDENCE_KINDS = ("prob", "margin", "entropy", "random")
@@ -88,12 +89,25 @@ def check_seed(seed) -> int:
 # --------------------------------------------------------------------------- arrays
 
 
+_DTYPE_NAMES: dict = {}  # dtype object -> name: every kernel call names three or more
+
+
 def dtype_name(value) -> str:
     """'float32', 'bfloat16', 'int64', ... for a torch tensor, a numpy or a JAX array."""
     dtype = value.dtype
+    try:
+        return _DTYPE_NAMES[dtype]
+    except (KeyError, TypeError):  # TypeError: a dtype that cannot be hashed
+        pass
     if type(dtype).__module__ == "torch":
-        return str(dtype).removeprefix("torch.")
-    return getattr(dtype, "name", str(dtype))
+        name = str(dtype).removeprefix("torch.")
+    else:
+        name = getattr(dtype, "name", str(dtype))
+    try:
+        _DTYPE_NAMES[dtype] = name
+    except TypeError:
+        pass
+    return name
 
 
 def _is_torch_tensor(value) -> bool:
@@ -116,9 +130,9 @@ def check_array(name: str, value, *, array_types: tuple[type, ...], kind: str, d
 
 
 def check_tensor(name: str, value, *, dtypes: Sequence[str] | None = None, ndim: int | None = None) -> None:
-    import torch
-
-    check_array(name, value, array_types=(torch.Tensor,), kind="a torch.Tensor", dtypes=dtypes, ndim=ndim)
+    torch = sys.modules.get("torch")  # not imported: value cannot be a tensor (and no import per call)
+    check_array(name, value, array_types=() if torch is None else (torch.Tensor,), kind="a torch.Tensor",
+                dtypes=dtypes, ndim=ndim)
 
 
 def check_shape(name: str, shape, expected, what: str) -> None:
@@ -295,8 +309,7 @@ def sample_call(logits, *, temperature=0.0, top_k=0, top_p=1.0, banned=None, con
 # --------------------------------------------------------------------------- attention
 
 
-@dataclasses.dataclass(frozen=True)
-class AttentionShape:
+class AttentionShape(typing.NamedTuple):  # a tuple: built on every attention call, in a third of a dataclass's time
     batch: int
     q_len: int
     k_len: int
@@ -312,8 +325,10 @@ def attention_shape(q_shape, k_shape, v_shape) -> AttentionShape:
             raise ValueError(f"{name} must have 4 dimensions, got shape {tuple(shape)}")
     batch, q_len, q_heads, head_dim = q_shape
     k_len, kv_heads = k_shape[1], k_shape[2]
-    check_shape("k", k_shape, (batch, k_len, kv_heads, head_dim), "[B, Lk, Hkv, D] with q's B and D")
-    check_shape("v", v_shape, tuple(k_shape), "the shape of k")
+    if k_shape[0] != batch or k_shape[3] != head_dim:
+        check_shape("k", k_shape, (batch, k_len, kv_heads, head_dim), "[B, Lk, Hkv, D] with q's B and D")
+    if v_shape != k_shape:
+        check_shape("v", v_shape, tuple(k_shape), "the shape of k")
     if kv_heads == 0 or q_heads % kv_heads != 0:
         raise ValueError(f"q heads ({q_heads}) must be a multiple of k/v heads ({kv_heads})")
     if head_dim == 0:
