@@ -152,8 +152,7 @@ def test_keys_key_valid_hides_are_never_read(cuda_runner):
 
 def test_keys_past_the_last_querys_block_are_never_read(cuda_runner):
     """Block-causal: keys past the block of the query tile's last query are hidden from
-    every query of the tile, and never read. (Keys hidden from some queries of a tile but
-    shown to later ones still meet them as 0 times V: a known gap, README.)"""
+    every query of the tile, and never read."""
     q, k, v, _ = inputs(cuda_runner, 1, 40, 200, 4, 2, 64, torch.float16, seed=13)
     args = dict(block_size=16, q_offset=30, scale=64**-0.5)
     last_block_end = (30 + 40 - 1) // 16 * 16 + 16  # 80
@@ -162,6 +161,32 @@ def test_keys_past_the_last_querys_block_are_never_read(cuda_runner):
     clean = run_attention(cuda_runner, q, k, v, **args)
     assert not torch.isnan(clean).any()
     assert torch.equal(run_attention(cuda_runner, q, dirty_k, dirty_v, **args), clean)
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("block_size,q_offset", [(16, 32), (32, 0), (48, 16)])
+def test_keys_only_later_queries_of_a_tile_see_never_reach_earlier_ones(cuda_runner, head_dim, group, block_size,
+                                                                        q_offset):
+    """Block-causal with block_size and q_offset multiples of 16: a key in a later query's
+    block, inside the same 128-row tile, reaches no earlier query even when its K and V
+    are NaN (the earlier queries' outputs are bit for bit those of clean inputs), and
+    reaches the queries that see it as the reference says (NaN)."""
+    q_len, k_len = 96 // group * 2, 160
+    q, k, v, _ = inputs(cuda_runner, 1, q_len, k_len, 2 * group, 2, head_dim, torch.float16, seed=17)
+    args = dict(block_size=block_size, q_offset=q_offset, scale=head_dim**-0.5)
+    first_block_end = (q_offset // block_size + 1) * block_size
+    dirty_k, dirty_v = k.clone(), v.clone()
+    dirty_k[:, first_block_end:first_block_end + 16] = float("nan")  # a key of the second query block
+    dirty_v[:, first_block_end:first_block_end + 16] = float("nan")
+    clean = run_attention(cuda_runner, q, k, v, **args)
+    dirty = run_attention(cuda_runner, q, dirty_k, dirty_v, **args)
+    sees = (torch.arange(q_len, device=q.device) + q_offset) // block_size * block_size + block_size > first_block_end
+    assert 0 < int(sees.sum()) < q_len
+    assert torch.equal(dirty[:, ~sees], clean[:, ~sees])
+    assert not torch.isnan(clean).any()
+    assert torch.isnan(dirty[:, sees]).all()
+    assert torch.isnan(reference.attention(q.float(), dirty_k.float(), dirty_v.float(), **args)[:, sees]).all()
 
 
 def test_strided_and_misaligned_inputs(cuda_runner):

@@ -300,6 +300,23 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim>::kWarps * 32)
       min_row_limit = row_limit[mt][rr] < min_row_limit ? row_limit[mt][rr] : min_row_limit;
     }
   }
+  // Per 16-row mma tile of this warp: keys >= mtile_limit are hidden from all 16 rows, so
+  // O += P V skips each 16-key slice from there (its P is 0 in every row, and 0 times a
+  // NaN or inf in V would still be NaN). Where block_size and q_offset are multiples of
+  // 16, a tile's rows share one block and every slice is seen by all of its rows or by
+  // none, so no row ever meets a key it does not see; otherwise a slice can be seen by
+  // some rows of a tile only (README, the known gap).
+  int mtile_limit[kMTiles];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    int limit = row_limit[mt][0] > row_limit[mt][1] ? row_limit[mt][0] : row_limit[mt][1];
+#pragma unroll
+    for (int lanes = 4; lanes < 32; lanes *= 2) {  // over the 8 row groups (lane / 4) of the tile
+      const int other = __shfl_xor_sync(0xFFFFFFFFu, limit, lanes);
+      limit = other > limit ? other : limit;
+    }
+    mtile_limit[mt] = limit;
+  }
 
   float o[kMTiles][kDBlocks][4];
   float row_max[kMTiles][2], row_sum[kMTiles][2];  // log2 domain; row_sum is this thread's share
@@ -458,6 +475,14 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim>::kWarps * 32)
       // at 2dp+1, giving b0, b1 of d blocks 2dp and 2dp+1.
 #pragma unroll
       for (int kb = 0; kb < kBlockN / 16; ++kb) {
+        const int slice_key = tile * kBlockN + kb * 16;
+        bool seen[kMTiles], any_seen = false;
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          seen[mt] = slice_key < mtile_limit[mt];
+          any_seen = any_seen || seen[mt];
+        }
+        if (!any_seen) continue;  // warp-uniform: mtile_limit is the same in every lane
         uint32_t pf[kMTiles][4];
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
@@ -472,6 +497,7 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim>::kWarps * 32)
           ldmatrix_x4_trans(vf, sv + swizzled<kHeadDim>(kb * 16 + lane % 16, 2 * dp + lane / 16));
 #pragma unroll
           for (int mt = 0; mt < kMTiles; ++mt) {
+            if (!seen[mt]) continue;
             mma(o[mt][2 * dp], pf[mt], vf[0], vf[1], T());
             mma(o[mt][2 * dp + 1], pf[mt], vf[2], vf[3], T());
           }
