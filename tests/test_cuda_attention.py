@@ -165,25 +165,27 @@ def test_keys_past_the_last_querys_block_are_never_read(cuda_runner):
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("group", [1, 4])
-@pytest.mark.parametrize("block_size,q_offset", [(16, 32), (32, 0), (48, 16)])
+@pytest.mark.parametrize("block_size,q_offset", [(16, 32), (32, 0), (48, 16), (8, 0), (24, 5), (3, 1)])
 def test_keys_only_later_queries_of_a_tile_see_never_reach_earlier_ones(cuda_runner, head_dim, group, block_size,
                                                                         q_offset):
-    """Block-causal with block_size and q_offset multiples of 16: a key in a later query's
-    block, inside the same 128-row tile, reaches no earlier query even when its K and V
-    are NaN (the earlier queries' outputs are bit for bit those of clean inputs), and
-    reaches the queries that see it as the reference says (NaN)."""
+    """Block-causal: a key in a later query's block, inside the same 128-row tile, reaches
+    no earlier query even when its K and V are NaN (the earlier queries' outputs are those
+    of clean inputs), and reaches the queries that see it as the reference says (NaN). Aligned blocks (multiples of 16) skip the slices; others take the
+    row-by-row path for the slices whose V is not finite."""
     q_len, k_len = 96 // group * 2, 160
     q, k, v, _ = inputs(cuda_runner, 1, q_len, k_len, 2 * group, 2, head_dim, torch.float16, seed=17)
     args = dict(block_size=block_size, q_offset=q_offset, scale=head_dim**-0.5)
     first_block_end = (q_offset // block_size + 1) * block_size
     dirty_k, dirty_v = k.clone(), v.clone()
-    dirty_k[:, first_block_end:first_block_end + 16] = float("nan")  # a key of the second query block
+    dirty_k[:, first_block_end:first_block_end + 16] = float("nan")  # keys of the next query blocks
     dirty_v[:, first_block_end:first_block_end + 16] = float("nan")
     clean = run_attention(cuda_runner, q, k, v, **args)
     dirty = run_attention(cuda_runner, q, dirty_k, dirty_v, **args)
     sees = (torch.arange(q_len, device=q.device) + q_offset) // block_size * block_size + block_size > first_block_end
     assert 0 < int(sees.sum()) < q_len
-    assert torch.equal(dirty[:, ~sees], clean[:, ~sees])
+    # The row-by-row path sums a slice's 16 products in its own order, the mma in the
+    # tensor core's: at most one float16 rounding of the output apart (2^-11 relative).
+    torch.testing.assert_close(dirty[:, ~sees], clean[:, ~sees], rtol=1e-3, atol=1e-3)
     assert not torch.isnan(clean).any()
     assert torch.isnan(dirty[:, sees]).all()
     assert torch.isnan(reference.attention(q.float(), dirty_k.float(), dirty_v.float(), **args)[:, sees]).all()

@@ -174,6 +174,15 @@ __device__ __forceinline__ float exp2_approx(float x) {
 #endif
 }
 
+// A T value as float, and p rounded to T as pack() rounds it for the P V product.
+__device__ __forceinline__ float to_float(__nv_bfloat16 value) { return __bfloat162float(value); }
+__device__ __forceinline__ float to_float(__half value) { return __half2float(value); }
+__device__ __forceinline__ float as_operand(float p, __nv_bfloat16) { return __bfloat162float(__floats2bfloat162_rn(p, p).x); }
+__device__ __forceinline__ float as_operand(float p, __half) { return __half2float(__floats2half2_rn(p, p).x); }
+// The exponent bits of T: all set for inf and NaN.
+__device__ __forceinline__ uint16_t exponent_bits(__nv_bfloat16) { return 0x7F80; }
+__device__ __forceinline__ uint16_t exponent_bits(__half) { return 0x7C00; }
+
 // ------------------------------------------------------------------ tiles and masks
 
 // Byte offset of 16-byte chunk `chunk` of tile row `row`. A row is D / 8 chunks; the
@@ -233,6 +242,54 @@ __device__ __forceinline__ uint64_t key_mask(KeyProbe probe) {
   const uint32_t low = __ballot_sync(0xFFFFFFFFu, probe.low);
   const uint32_t high = __ballot_sync(0xFFFFFFFFu, probe.high);
   return static_cast<uint64_t>(low) | (static_cast<uint64_t>(high) << 32);
+}
+
+// Whether V's 16-key slice kb of the tile in shared memory holds an inf or NaN. Called by
+// whole warps (the answer is warp-uniform).
+template <typename T, int kHeadDim>
+__device__ __forceinline__ bool slice_holds_non_finite(const char* v_tile, int kb, int lane) {
+  constexpr int kChunks = kHeadDim / 8;
+  const uint16_t exponent = exponent_bits(T());
+  bool found = false;
+  for (int index = lane; index < 16 * kChunks; index += 32) {
+    const uint16_t* chunk =
+        reinterpret_cast<const uint16_t*>(v_tile + swizzled<kHeadDim>(kb * 16 + index / kChunks, index % kChunks));
+#pragma unroll
+    for (int i = 0; i < 8; ++i) found = found || (chunk[i] & exponent) == exponent;
+  }
+  return __ballot_sync(0xFFFFFFFFu, found) != 0;
+}
+
+// O += P V over 16-key slice kb for one 16-row mma tile, row by row, each row over the keys
+// it sees only: for a slice some rows of the tile see and others do not whose V holds an
+// inf or NaN (the mma would multiply it by the others' zero weights). p is rounded to T as
+// the mma's operand is. Called by whole warps (the shuffles gather a row's 16 weights from
+// the four lanes of its quad).
+template <typename T, int kHeadDim, int kNBlocks, int kDBlocks>
+__device__ __forceinline__ void add_slice_row_by_row(float (&o)[kDBlocks][4], const float (&s)[kNBlocks][4],
+                                                     const int (&row_limit)[2], const char* v_tile, int kb,
+                                                     int slice_key, int lane) {
+  const int tig = lane % 4;
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+#pragma unroll
+    for (int c = 0; c < 16; ++c) {
+      // Key column kb * 16 + c of row rr: element 2 rr + c % 2 of n8 block 2 kb + c / 8 in
+      // lane tig = (c % 8) / 2 of the quad.
+      const float p = __shfl_sync(0xFFFFFFFFu, s[2 * kb + c / 8][2 * rr + c % 2], (lane & ~3) | ((c % 8) / 2));
+      if (slice_key + c >= row_limit[rr]) continue;  // hidden from this row
+      const float weight = as_operand(p, T());
+#pragma unroll
+      for (int db = 0; db < kDBlocks; ++db) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int d = db * 8 + 2 * tig + e;
+          const T value = *reinterpret_cast<const T*>(v_tile + swizzled<kHeadDim>(kb * 16 + c, d / 8) + (d % 8) * 2);
+          o[db][2 * rr + e] += weight * to_float(value);
+        }
+      }
+    }
+  }
 }
 
 // ------------------------------------------------------------------ forward kernel
@@ -300,23 +357,29 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim>::kWarps * 32)
       min_row_limit = row_limit[mt][rr] < min_row_limit ? row_limit[mt][rr] : min_row_limit;
     }
   }
-  // Per 16-row mma tile of this warp: keys >= mtile_limit are hidden from all 16 rows, so
-  // O += P V skips each 16-key slice from there (its P is 0 in every row, and 0 times a
-  // NaN or inf in V would still be NaN). Where block_size and q_offset are multiples of
-  // 16, a tile's rows share one block and every slice is seen by all of its rows or by
-  // none, so no row ever meets a key it does not see; otherwise a slice can be seen by
-  // some rows of a tile only (README, the known gap).
-  int mtile_limit[kMTiles];
+  // Per 16-row mma tile of this warp, its rows' first and last key limits. Keys from
+  // mtile_limit on are hidden from all 16 rows, so O += P V skips each 16-key slice from
+  // there (its P is 0 in every row, and 0 times a NaN or inf in V would still be NaN).
+  // Keys in [mtile_first_limit, key_end) are read and hidden from some rows but not all:
+  // a slice holding one is "mixed", and where its V holds an inf or NaN it is added row
+  // by row (add_slice_row_by_row). Where block_size and q_offset are multiples of 16 a
+  // tile's rows share one block and no slice is mixed.
+  int mtile_limit[kMTiles], mtile_first_limit[kMTiles];
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
-    int limit = row_limit[mt][0] > row_limit[mt][1] ? row_limit[mt][0] : row_limit[mt][1];
+    int last = row_limit[mt][0] > row_limit[mt][1] ? row_limit[mt][0] : row_limit[mt][1];
+    int first = row_limit[mt][0] < row_limit[mt][1] ? row_limit[mt][0] : row_limit[mt][1];
 #pragma unroll
     for (int lanes = 4; lanes < 32; lanes *= 2) {  // over the 8 row groups (lane / 4) of the tile
-      const int other = __shfl_xor_sync(0xFFFFFFFFu, limit, lanes);
-      limit = other > limit ? other : limit;
+      const int other_last = __shfl_xor_sync(0xFFFFFFFFu, last, lanes);
+      const int other_first = __shfl_xor_sync(0xFFFFFFFFu, first, lanes);
+      last = other_last > last ? other_last : last;
+      first = other_first < first ? other_first : first;
     }
-    mtile_limit[mt] = limit;
+    mtile_limit[mt] = last;
+    mtile_first_limit[mt] = first;
   }
+  const char* const v_tile = reinterpret_cast<const char*>(shared_words) + (sv - sq);
 
   float o[kMTiles][kDBlocks][4];
   float row_max[kMTiles][2], row_sum[kMTiles][2];  // log2 domain; row_sum is this thread's share
@@ -476,13 +539,26 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim>::kWarps * 32)
 #pragma unroll
       for (int kb = 0; kb < kBlockN / 16; ++kb) {
         const int slice_key = tile * kBlockN + kb * 16;
-        bool seen[kMTiles], any_seen = false;
+        bool seen[kMTiles], mixed[kMTiles], any_mixed = false;
 #pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
+        for (int mt = 0; mt < kMTiles; ++mt) {  // warp-uniform: the limits are the same in every lane
           seen[mt] = slice_key < mtile_limit[mt];
-          any_seen = any_seen || seen[mt];
+          mixed[mt] = seen[mt] && slice_key < key_end && slice_key + 16 > mtile_first_limit[mt] &&
+                      mtile_first_limit[mt] < key_end;
+          any_mixed = any_mixed || mixed[mt];
         }
-        if (!any_seen) continue;  // warp-uniform: mtile_limit is the same in every lane
+        if (any_mixed && slice_holds_non_finite<T, kHeadDim>(v_tile, kb, lane)) {
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            if (!mixed[mt]) continue;
+            add_slice_row_by_row<T, kHeadDim>(o[mt], s[mt], row_limit[mt], v_tile, kb, slice_key, lane);
+            seen[mt] = false;  // done
+          }
+        }
+        bool any_seen = false;
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) any_seen = any_seen || seen[mt];
+        if (!any_seen) continue;
         uint32_t pf[kMTiles][4];
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
