@@ -30,9 +30,13 @@ inline namespace UNMASK_CPU_ISA {  // isa.h
 namespace {
 using namespace attention_detail;
 
-// Q, S and O tiles of a task stay in L2 (~160 KiB at D=128), and 126 = 21 blocks of the
-// 6-row micro-kernels: no short remainder block per tile (measured 2% over 128).
-constexpr int64_t kQueryTile = 126;
+// Q, S and O tiles of a task stay in L2 (~170 KiB at D=128), and 132 = 22 blocks of the
+// 6-row micro-kernels: no short remainder block per tile (126 measured 2% over 128). A
+// block of 128 queries is one tile, which packs its key tiles itself: with 126 it was a
+// tile of 126 and one of 2 over a global pack, 1.2-1.6x slower (bench/attention.py --sweep,
+// "full 128" rows; [4, 128, H, D] over 512 keys 1.4 -> 2.1-2.2x SDPA). Splitting longer
+// blocks into even tiles instead (140 as 72 + 68, not 132 + 8) measured no faster.
+constexpr int64_t kQueryTile = 132;
 
 // ------------------------------------------------------------------ micro-kernels
 
