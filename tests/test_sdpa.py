@@ -68,7 +68,10 @@ ROUTES = [
     (torch.float32, 1, 1024, 1024, 2, 128, None),
     (torch.float32, 1, 1024, 1024, 8, 16, None),  # at any head dim
     (torch.float32, 1, 32, 4096, 64, 64, None),  # a cached block over 4096 keys
-    (torch.float32, 1, 1024, 1024, 2, 32, "multiply-adds"),  # 2^26
+    (torch.float32, 1, 1024, 1024, 2, 32, None),  # 2^26, but 1024 query rows over 1024 keys
+    (torch.float32, 1, 128, 128, 8, 128, None),  # 128 query rows over 128 keys: one query tile
+    (torch.float32, 1, 128, 127, 8, 128, "multiply-adds"),  # fewer than 128 keys
+    (torch.float32, 1, 7, 1024, 16, 64, "multiply-adds"),  # fewer than 8 query rows
     (torch.float32, 1, 1, 1024, 16, 64, "multiply-adds"),  # one query
     (torch.bfloat16, 1, 1024, 1024, 2, 128, "bfloat16"),
     (torch.float16, 1, 512, 512, 2, 64, "float16"),
@@ -89,8 +92,8 @@ MASKED_ROUTES = [
 @pytest.mark.parametrize("dtype,batch,q_len,k_len,heads,head_dim,expected", ROUTES)
 def test_the_routing_rule(dtype, batch, q_len, k_len, heads, head_dim, expected):
     """SDPA takes the CPU calls where it measured faster than the native kernel (the
-    comments of unmask.sdpa); the native kernel keeps small calls and float32 calls of
-    2^27 multiply-adds and more."""
+    comments of unmask.sdpa); the native kernel keeps small calls, float32 calls of 2^27
+    multiply-adds and more, and float32 calls of 8 query rows per kv head over 128 keys."""
     q = torch.empty(batch, q_len, heads, head_dim, dtype=dtype)
     k = torch.empty(batch, k_len, heads, head_dim, dtype=dtype)
     without_amx = next((isa for isa in native.runnable_cpu_isas() if isa != "amx"), None)
@@ -128,8 +131,8 @@ def test_the_routing_rule_with_a_key_mask(batch, q_len, k_len, heads, head_dim, 
     valid = torch.ones(batch, k_len, dtype=torch.bool)
     reason = sdpa.preferred_on_cpu(validation.attention_call(q, k, k, key_valid=valid))
     assert (reason is None) == (expected is None) and (expected is None or expected in reason)
-    unmasked = sdpa.preferred_on_cpu(validation.attention_call(q, k, k))
-    assert unmasked is not None  # without the mask the same call goes to SDPA
+    if k_len < sdpa.NATIVE_CPU_MIN_FLOAT32_KEYS:  # the mask alone sends these to the native kernel
+        assert sdpa.preferred_on_cpu(validation.attention_call(q, k, k)) is not None
 
 
 def test_a_nan_query_that_sees_no_key_gets_zeros():

@@ -27,21 +27,29 @@ from unmask.validation import AttentionCall
 
 # The native CPU kernel against torch SDPA on this project's machines (bench/attention.py
 # --sweep, rows in bench/results/cpu.jsonl): in float32 the native kernel is faster on
-# calls of 2^27 multiply-adds and more (B * Hq * Lq * Lk * D), at every head dim: 1.1-1.8x
-# at 1024 x 1024, 2.4-2.9x with a block-causal mask (it skips hidden key tiles), 1.0-1.3x
-# on cached 32-query blocks over 4096 keys; below that SDPA's lower per-call cost wins
-# (128 x 128 and one query x 1024 keys: 0.45-0.75x in the native kernel). In bfloat16 and
+# calls of 2^27 multiply-adds and more (B * Hq * Lq * Lk * D), at every head dim: 1.0-1.4x
+# at 1024 x 1024, 1.7-2.9x with a block-causal mask (it skips hidden key tiles), 1.3-1.7x
+# on cached 32-query blocks over 1024-4096 keys. Below that it is also faster from 8 query
+# rows per kv head over 128 keys and more (since commit a98caca, a block of 128 queries
+# is one query tile): [1, 128, H, D] over 128 keys 1.0-1.3x SDPA where the SDPA route ran
+# 0.8-0.9x, [2, 16, 16, 64] over 512 keys 1.32x against 0.91x, [1, 1024, 2, 32] 1.08x
+# against 0.95x; on fewer rows or keys SDPA's lower per-call cost wins or ties (one query
+# over 1024 keys 0.57-0.95x native against 0.67-0.87x, 32 x 32 0.37-0.75x against
+# 0.50-0.69x, [64, 32, 4, 32] over 32 keys 0.74x against 0.82x). In bfloat16 and
 # float16 SDPA is faster (its kernels multiply in bfloat16, the native kernel in float32:
 # 1.2-3.7x), except on small calls (below) and, where the CPU has AMX, bfloat16 calls of
 # a few query rows and more (NATIVE_AMX_MIN_QUERY_ROWS).
 NATIVE_CPU_MIN_FLOAT32_MACS = 2**27
-# Below that, a key mask (kv_len, key_valid) tips it back: the route then checks the hidden
-# keys (an index_select and a sum, a host read) and builds a mask, 50-150 us that SDPA's
-# own speed does not win back. Measured with padded keys, native against the route: the
+NATIVE_CPU_MIN_FLOAT32_KEYS = 128
+# From this many query rows per kv head (over NATIVE_CPU_MIN_FLOAT32_KEYS keys, or with a
+# key mask over any) the native kernel runs float32 calls of fewer multiply-adds. A key
+# mask (kv_len, key_valid) tips it further: the SDPA route then checks the hidden keys
+# (an index_select and a sum, a host read) and builds a mask, 50-150 us that SDPA's own
+# speed does not win back. Measured with padded keys, native against the route: the
 # serving engine's calls (B 4-64 x 24 keys, 4 heads x 32) 0.49-0.84x the time, 8 queries x
-# 512 keys 0.62x, 64 x 64 at 8 heads 0.67x; unmasked calls stay in SDPA (1.2-1.35x faster
-# there). Counted in query rows per kv head: one query over many keys packs them all.
-NATIVE_CPU_MIN_MASKED_QUERIES = 8
+# 512 keys 0.62x, 64 x 64 at 8 heads 0.67x. Counted in query rows per kv head: one query
+# over many keys packs them all.
+NATIVE_CPU_MIN_QUERY_ROWS = 8
 # With fewer key elements than this (B * Lk * Hkv * D) the native kernel's lower fixed cost
 # wins: this backend builds a mask and checks hidden keys (~50-70 us a call), while the
 # native kernel's own overhead grows with the keys it packs. Measured with padded prompts:
@@ -71,10 +79,12 @@ def preferred_on_cpu(call: AttentionCall) -> str | None:
     macs = shape.batch * shape.q_heads * shape.q_len * shape.k_len * shape.head_dim
     if macs >= NATIVE_CPU_MIN_FLOAT32_MACS:
         return None
-    masked = call.key_valid is not None or call.kv_len is not None
-    if masked and shape.q_len * (shape.q_heads // shape.kv_heads) >= NATIVE_CPU_MIN_MASKED_QUERIES:
-        return None  # the contract's hidden-key check costs SDPA more than it saves
-    return f"torch SDPA is faster for float32 calls of {macs} < 2^27 multiply-adds on the CPU"
+    if shape.q_len * (shape.q_heads // shape.kv_heads) >= NATIVE_CPU_MIN_QUERY_ROWS:
+        masked = call.key_valid is not None or call.kv_len is not None
+        if masked or shape.k_len >= NATIVE_CPU_MIN_FLOAT32_KEYS:
+            return None  # masked: the contract's hidden-key check costs SDPA more than it saves
+    return (f"torch SDPA is faster for float32 calls of {macs} < 2^27 multiply-adds with fewer than 8 query rows "
+            f"per kv head or 128 keys on the CPU")
 
 
 def _key_visible(call: AttentionCall) -> torch.Tensor | None:
