@@ -104,13 +104,14 @@ CPU_CASES = [
     # (kernel, args, kwargs, the backend expected: "cpu" for the native kernel)
     ("attention", *_attention_args(64, q_len=1024), "cpu"),  # float32, 2^27 multiply-adds: native
     ("attention", *_attention_args(64), "cpu"),  # a small call: the native kernel's fixed cost is lower
-    ("attention", *_attention_args(64, q_len=256, heads=16), "torch-sdpa"),  # 2^26 multiply-adds: SDPA is faster
+    ("attention", *_attention_args(64, q_len=256, heads=16), "cpu"),  # 2^26 multiply-adds, 256 rows over 256 keys
+    ("attention", *_attention_args(64, q_len=64, heads=16), "torch-sdpa"),  # 2^22, unmasked over 64 keys: SDPA
     ("attention", *_attention_args(16, q_len=1024, heads=8), "cpu"),  # D = 16, 2^27 multiply-adds
     # bfloat16: the native kernel multiplies on AMX tiles where the CPU has them, else SDPA is faster
     ("attention", *_attention_args(64, q_len=512, dtype=torch.bfloat16),
      "cpu" if native.available() and native.cpu_isa() == "amx" else "torch-sdpa"),
     ("attention", *_attention_args(1025), "torch-sdpa"),  # D > 1024: not the CPU kernel's tiles
-    ("attention", *_attention_args(16, q_len=512, heads=4, block_size=4), "torch-sdpa"),  # block-causal, finite
+    ("attention", *_attention_args(32, q_len=96, heads=16, block_size=4), "torch-sdpa"),  # block-causal, finite
     ("sample", (torch.randn(4, 50),), dict(top_k=3, top_p=0.5, temperature=1.0), "cpu"),
     ("commit", (torch.zeros(2, 5, dtype=torch.int32), torch.ones(2, 5, dtype=torch.int64), torch.rand(2, 5),
                 torch.ones(2, 5, dtype=torch.bool)), dict(k=2), "cpu"),  # an int32 canvas, through an int64 copy
@@ -119,7 +120,8 @@ CPU_CASES = [
 
 @pytest.mark.skipif(not native.available(), reason="unmask._C not built")
 @pytest.mark.parametrize("kernel,args,kwargs,expected", CPU_CASES,
-                         ids=["attention native", "attention small", "attention 256 queries", "attention D=16 native",
+                         ids=["attention native", "attention small", "attention 256 queries", "attention 64 keys",
+                              "attention D=16 native",
                               "attention bf16", "attention D=1025", "attention block-causal", "sample top-k top-p",
                               "commit int32 canvas"])
 def test_reported_backend_is_the_one_that_ran(ran, kernel, args, kwargs, expected):
@@ -132,18 +134,18 @@ def test_reported_backend_is_the_one_that_ran(ran, kernel, args, kwargs, expecte
 def test_sdpa_is_not_preferred_under_a_block_mask_with_non_finite_keys():
     """SDPA adds the mask to the scores, so NaN in a key that the block-causal mask hides
     from some queries would reach them: the native kernel takes that call."""
-    (q, k, v), _ = _attention_args(16, q_len=512, heads=4)  # large enough for SDPA; blocks of 4
+    (q, k, v), _ = _attention_args(32, q_len=96, heads=16)  # SDPA's: 48K key elements over fewer than 128 keys
     k[0, 4, 1] = float("nan")  # in block 1: seen by queries 4 on, hidden from queries 0-3
     assert ops.backend_for("attention", q, k, v, block_size=4).startswith("cpu:")
     assert ops.backend_for("attention", q, k, v) == "torch-sdpa"  # every query sees key 4: NaN rows anyway
     assert ops.backend_for("attention", q, k, v, block_size=4, q_offset=4) == "torch-sdpa"  # all see it
-    hidden = torch.ones(1, 512, dtype=torch.bool)
+    hidden = torch.ones(1, 96, dtype=torch.bool)
     hidden[0, 4] = False  # key 4 hidden by key_valid: zeroed, never read
     few = q[:, :6]  # 6 queries in blocks 0 and 1: with a key mask, fewer than 8 query rows still prefer SDPA
     assert ops.backend_for("attention", few, k, v, key_valid=hidden, block_size=4) == "torch-sdpa"
     k[0, 2, 0] = float("nan")  # in block 0, which every query sees
     assert ops.backend_for("attention", few, k, v, key_valid=hidden, block_size=4) == "torch-sdpa"
-    assert ops.backend_for("attention", q, k, v, key_valid=hidden).startswith("cpu:")  # 512 masked queries
+    assert ops.backend_for("attention", q, k, v, key_valid=hidden).startswith("cpu:")  # 96 masked queries
 
 
 def _meta(*shape, dtype=torch.float32):
