@@ -55,6 +55,36 @@ def _block_ends(first_query, tile_q: int, block_size: int):
     return (block + 1) * block_size
 
 
+def _weighted_values(probs, v):
+    """P V in v's dtype, accumulated in float32. P is rounded to v's dtype, as FlashAttention
+    does: probabilities lie in [0, 1], where bf16 keeps 8 bits relative precision, and a
+    float32 operand would take the matrix unit off its bf16 rate."""
+    return jax.lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _weighted_values_exactly(probs, v, visible):
+    """P V where V may hold an inf or NaN at keys some rows do not see: each row meets only
+    the keys it sees (a plain product multiplies the others' zero weights by them: 0 times
+    NaN is NaN). The finite part is the plain product with those entries zeroed; the rest
+    follows IEEE arithmetic as the reference's product does (unmask.reference), counted
+    with 0/1 products: a row that sees a NaN, or an infinity with weight 0, or infinities
+    of both signs, gets NaN; one that sees infinities of one sign gets that infinity."""
+    v32 = v.astype(jnp.float32)  # Mosaic tests finiteness in float32 only
+    finite = jnp.isfinite(v32)
+    product = _weighted_values(probs, jnp.where(finite, v, 0))
+    weighted = visible & (probs.astype(v.dtype) > 0)  # the weights the product takes, as rounded
+
+    def count(rows, where):  # 0/1 operands are exact in v's dtype; the counts accumulate in float32
+        return jax.lax.dot_general(rows.astype(v.dtype), where.astype(v.dtype), (((1,), (0,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+
+    nan = count(visible, jnp.isnan(v32)) + count(visible & ~weighted, jnp.isinf(v32))
+    positive, negative = count(weighted, v32 == jnp.inf), count(weighted, v32 == -jnp.inf)
+    extra = jnp.where((nan > 0) | ((positive > 0) & (negative > 0)), jnp.nan,
+                      jnp.where(positive > 0, jnp.inf, jnp.where(negative > 0, -jnp.inf, 0.0)))
+    return product + extra
+
+
 def _attention_kernel(q_ref, k_ref, v_ref, valid_ref, out_ref, *, tile_q: int, tile_k: int, key_tiles: int,
                       block_size: int, q_offset: int, scale: float, queries: int):
     q_tile = pl.program_id(2)
@@ -65,6 +95,7 @@ def _attention_kernel(q_ref, k_ref, v_ref, valid_ref, out_ref, *, tile_q: int, t
         # last real query: the padding rows of the last tile see nothing that is output).
         last_query = jnp.minimum(first_query + tile_q, q_offset + queries) - 1
         last_visible = (_div(last_query, block_size) + 1) * block_size
+        first_visible = (_div(first_query, block_size) + 1) * block_size  # every row sees the keys before
         visited = jnp.minimum(key_tiles, _div(last_visible + tile_k - 1, tile_k))
         block_end = _block_ends(first_query, tile_q, block_size)
     else:
@@ -79,10 +110,11 @@ def _attention_kernel(q_ref, k_ref, v_ref, valid_ref, out_ref, *, tile_q: int, t
             k = k_ref[pl.ds(start, tile_k), :]
             # Hidden keys weigh 0, and 0 times a NaN or inf V is NaN: V is zeroed where
             # kv_len or key_valid hides a key, or past the block of the tile's last query.
-            # (A key that only later queries of the tile see still meets the earlier ones.)
+            # A key only later queries of the tile see is handled below.
             key_ok = valid.reshape(tile_k, 1)
             if block_size:
-                key_ok &= start + jax.lax.broadcasted_iota(jnp.int32, (tile_k, 1), 0) < last_visible
+                key_col = start + jax.lax.broadcasted_iota(jnp.int32, (tile_k, 1), 0)
+                key_ok &= key_col < last_visible
             v = jnp.where(key_ok, v_ref[pl.ds(start, tile_k), :], 0)
             # The scale is applied to the float32 scores rather than to q: scaling q in
             # bf16 would round every query element once more.
@@ -97,12 +129,18 @@ def _attention_kernel(q_ref, k_ref, v_ref, valid_ref, out_ref, *, tile_q: int, t
             safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)  # rows that have seen nothing yet
             alpha = jnp.exp(row_max - safe_max)
             probs = jnp.where(visible, jnp.exp(scores - safe_max), 0.0)
-            row_sum = alpha * row_sum + jnp.sum(probs, axis=1, keepdims=True)
-            # P in v's dtype for the P V product, as FlashAttention does: probabilities lie
-            # in [0, 1], where bf16 keeps 8 bits relative precision, and a float32 operand
-            # would take the matrix unit off its bf16 rate. The row sum above stays float32.
-            acc = alpha * acc + jax.lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                                    preferred_element_type=jnp.float32)
+            row_sum = alpha * row_sum + jnp.sum(probs, axis=1, keepdims=True)  # float32, unrounded
+            if block_size:
+                # A key the block-causal mask shows some rows of the tile and hides from
+                # others, whose V is not finite: the exact product (rare; one more pass over
+                # the tile's V decides).
+                shown_to_some = key_ok & (key_col >= first_visible)
+                risky = jnp.max((shown_to_some & ~jnp.isfinite(v.astype(jnp.float32))).astype(jnp.int32)) > 0
+                product = jax.lax.cond(risky, lambda: _weighted_values_exactly(probs, v, visible),
+                                       lambda: _weighted_values(probs, v))
+            else:
+                product = _weighted_values(probs, v)
+            acc = alpha * acc + product
             return new_max, row_sum, acc
 
         # max, not any: Triton Pallas lowers no boolean reduction.

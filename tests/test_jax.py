@@ -100,8 +100,7 @@ class TestPallasCompiled:
     def test_attention_never_reads_keys_hidden_from_every_query(self, masks):
         """NaN in K and V where key_valid hides a key, or past the block of the last query
         (padding rows of the last query tile included), leaves the output bit-identical:
-        a hidden key weighs 0, and 0 times NaN is NaN. (Keys that only later queries of a
-        tile see still meet the earlier ones: README, Kernels.)"""
+        a hidden key weighs 0, and 0 times NaN is NaN."""
         gen = torch.Generator().manual_seed(5)
         q, k, v = (torch.randn(1, length, 2, 64, generator=gen) for length in (40, 200, 200))
         kwargs = dict(masks)
@@ -120,6 +119,33 @@ class TestPallasCompiled:
                                         **jax_kwargs))
         assert not np.isnan(clean).any()
         np.testing.assert_array_equal(dirty, clean)
+
+    @pytest.mark.parametrize("block_size,q_offset", [(16, 0), (8, 5), (32, 16)])
+    def test_keys_only_later_queries_of_a_tile_see_never_reach_earlier_ones(self, block_size, q_offset):
+        """Block-causal: inf, -inf and NaN in V at keys only later queries of the query tile
+        see leave the earlier queries' outputs as they are with clean values, and reach
+        the later ones as the reference says (NaN where a NaN or both infinities meet,
+        inf where one does)."""
+        gen = torch.Generator().manual_seed(9)
+        q, k, v = (torch.randn(1, length, 2, 32, generator=gen) for length in (48, 96, 96))
+        first_end = (q_offset // block_size + 1) * block_size
+        dirty_v = v.clone()
+        dirty_v[0, first_end, 0, :4] = float("inf")  # one sign: inf
+        dirty_v[0, first_end + 1, 1, :4] = float("nan")
+        dirty_v[0, first_end + 2, 0, 8:12] = float("inf")
+        dirty_v[0, first_end + 3, 0, 8:12] = -float("inf")  # both signs: NaN
+        args = dict(block_size=block_size, q_offset=q_offset)
+        clean = np.asarray(uj.attention(to_jax(q), to_jax(k), to_jax(v), interpret=self.INTERPRET, **args))
+        dirty = np.asarray(uj.attention(to_jax(q), to_jax(k), to_jax(dirty_v), interpret=self.INTERPRET, **args))
+        expected = reference.attention(q, k, dirty_v, **args).numpy()
+        sees = (np.arange(48) + q_offset) // block_size * block_size + block_size > first_end
+        assert 0 < sees.sum() < 48
+        np.testing.assert_allclose(dirty[:, ~sees], clean[:, ~sees], rtol=1e-5, atol=1e-6)
+        assert np.array_equal(np.isnan(dirty), np.isnan(expected))
+        assert np.array_equal(np.isposinf(dirty), np.isposinf(expected))
+        assert np.isnan(dirty[:, sees]).any() and np.isposinf(dirty[:, sees]).any()
+        finite = np.isfinite(expected)
+        np.testing.assert_allclose(dirty[finite], expected[finite], rtol=1e-4, atol=1e-5)
 
     @pytest.mark.parametrize("mode", [dict(k=[2, 0, 5]), dict(threshold=0.5), dict(factor=1.2)])
     def test_commit(self, mode):

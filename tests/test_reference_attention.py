@@ -110,3 +110,31 @@ def test_low_precision_inputs_keep_their_dtype(dtype):
     # One rounding of the fp32 result to the input dtype: half an ulp of |out| <= max|v|.
     tolerance = torch.finfo(dtype).eps * float(v.abs().max())
     assert float((out.double() - expected).abs().max()) <= tolerance
+
+
+@pytest.mark.parametrize("block_size,q_offset", [(4, 0), (3, 2)])
+def test_a_hidden_key_never_reaches_a_query_even_when_not_finite(block_size, q_offset):
+    """The specification: a key the masks hide from a query does not reach its output even
+    where its V is inf or NaN (0 times NaN is NaN, so the product cannot be the plain
+    one); queries that see it get what IEEE arithmetic gives: NaN for a NaN or for
+    infinities of both signs, the infinity for one sign."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 12, 2, 8, generator=gen) for _ in range(3))
+    first_end = (q_offset // block_size + 1) * block_size
+    dirty = v.clone()
+    dirty[0, first_end, 0, 0] = float("inf")
+    dirty[0, first_end, 1, 1] = float("nan")
+    dirty[0, first_end + 1, 0, 2], dirty[0, first_end + 2, 0, 2] = float("inf"), -float("inf")
+    valid = torch.ones(1, 12, dtype=torch.bool)
+    valid[0, 11] = False
+    dirty[0, 11] = float("nan")  # hidden from every query by key_valid
+    args = dict(block_size=block_size, q_offset=q_offset, key_valid=valid)
+    clean_out, dirty_out = reference.attention(q, k, v, **args), reference.attention(q, k, dirty, **args)
+    sees = (torch.arange(12) + q_offset) // block_size * block_size + block_size > first_end + 2
+    assert 0 < int(sees.sum()) < 12
+    assert torch.equal(dirty_out[:, ~sees], clean_out[:, ~sees])
+    assert torch.isposinf(dirty_out[0, sees, 0, 0]).all()
+    assert torch.isnan(dirty_out[0, sees, 1, 1]).all() and torch.isnan(dirty_out[0, sees, 0, 2]).all()
+    finite = torch.ones_like(dirty_out, dtype=torch.bool)
+    finite[0, :, 0, 0] = finite[0, :, 1, 1] = finite[0, :, 0, 2] = False
+    torch.testing.assert_close(dirty_out[finite], clean_out[finite])

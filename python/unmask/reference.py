@@ -83,8 +83,31 @@ def attention(
     scores = scores.masked_fill(~visible, float("-inf"))
     sees_a_key = visible.any(dim=-1, keepdim=True)
     probs = torch.where(sees_a_key, torch.softmax(scores, dim=-1), 0.0)
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
-    return out.to(q.dtype)
+    return _weighted_values(probs, v, visible.expand_as(probs)).to(q.dtype)
+
+
+def _weighted_values(probs: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """probs [B, H, Lq, Lk] times v [B, Lk, H, D], each query meeting only the keys it sees:
+    a hidden key's weight is 0, but 0 times an inf or NaN in V is NaN, and a hidden key
+    must not reach the output at all (docs/design.md, attention). The finite part is the
+    plain product with V's non-finite entries zeroed; the rest follows IEEE arithmetic
+    over the keys each query sees, counted with 0/1 products: a query that sees a NaN, an
+    infinity with weight 0, or infinities of both signs gets NaN; one that sees
+    infinities of one sign gets that infinity."""
+    finite = torch.isfinite(v)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, torch.where(finite, v, 0.0))
+    if v.device.type == "cpu" and bool(finite.all()):  # read for free on the CPU (on a device: a sync)
+        return out
+    seen, weighted = visible.to(v.dtype), (visible & (probs > 0)).to(v.dtype)
+
+    def count(rows, where):
+        return torch.einsum("bhqk,bkhd->bqhd", rows, where.to(v.dtype))
+
+    nan = count(seen, torch.isnan(v)) + count(seen - weighted, torch.isinf(v))
+    positive, negative = count(weighted, v == float("inf")), count(weighted, v == -float("inf"))
+    extra = torch.where((nan > 0) | ((positive > 0) & (negative > 0)), float("nan"),
+                        torch.where(positive > 0, float("inf"), torch.where(negative > 0, -float("inf"), 0.0)))
+    return out + extra
 
 
 # --------------------------------------------------------------------------- sample

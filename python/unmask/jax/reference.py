@@ -29,7 +29,24 @@ def attention(q, k, v, *, kv_len=None, key_valid=None, block_size=None, q_offset
     scores = jnp.where(visible[:, None], scores, -jnp.inf)
     probs = jnp.where(visible[:, None].any(-1, keepdims=True), jax.nn.softmax(scores, axis=-1), 0.0)
     probs = jnp.nan_to_num(probs)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v).astype(q.dtype)
+    return _weighted_values(probs, v, jnp.broadcast_to(visible[:, None], probs.shape)).astype(q.dtype)
+
+
+def _weighted_values(probs, v, visible):
+    """probs [B, H, Lq, Lk] times v [B, Lk, H, D], each query meeting only the keys it sees
+    (unmask.reference._weighted_values: 0 times a hidden inf or NaN must not reach it)."""
+    finite = jnp.isfinite(v)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, jnp.where(finite, v, 0.0))
+    seen, weighted = visible.astype(v.dtype), (visible & (probs > 0)).astype(v.dtype)
+
+    def count(rows, where):
+        return jnp.einsum("bhqk,bkhd->bqhd", rows, where.astype(v.dtype))
+
+    nan = count(seen, jnp.isnan(v)) + count(seen - weighted, jnp.isinf(v))
+    positive, negative = count(weighted, v == jnp.inf), count(weighted, v == -jnp.inf)
+    extra = jnp.where((nan > 0) | ((positive > 0) & (negative > 0)), jnp.nan,
+                      jnp.where(positive > 0, jnp.inf, jnp.where(negative > 0, -jnp.inf, 0.0)))
+    return out + extra
 
 
 def sample(logits, *, temperature=0.0, top_k=0, top_p=1.0, banned=None, confidence="prob", conf_temperature=1.0,
