@@ -156,6 +156,47 @@ def test_row_segments_are_checked():
         unmask.KVCache.stacked([cache], 4)
 
 
+def test_a_device_segment_equals_the_host_segment():
+    """DeviceSegment (the start a 0-d tensor, for a captured step): the logits and the
+    cache writes of segment=(start, start + n), with padding."""
+    from unmask.models import DeviceSegment
+
+    model = unmask.DiffusionTransformer.random(tiny_config(), seed=6, std=0.3)
+    ids = torch.randint(0, 59, (2, 12))
+    known = torch.ones(2, 12, dtype=torch.bool)
+    known[1, :3] = False  # a left-padded prompt
+    caches = [unmask.KVCache(model.config, 2, 12, dtype=torch.float32, device=torch.device("cpu")) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(ids, known, cache=cache)
+        ids[:, 5:9] = torch.randint(0, 59, (2, 4))
+        host = model(ids, known, cache=caches[0], segment=(5, 9), logit_positions=slice(5, 9))
+        device = model(ids, known, cache=caches[1], segment=DeviceSegment(torch.tensor(5), 4))
+    torch.testing.assert_close(device, host, rtol=1e-6, atol=1e-6)
+    for layer in range(model.config.n_layers):
+        torch.testing.assert_close(caches[1].keys[layer], caches[0].keys[layer], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(caches[1].values[layer], caches[0].values[layer], rtol=1e-6, atol=1e-6)
+
+
+def test_device_segments_are_checked():
+    from unmask.models import DeviceSegment
+
+    model = unmask.DiffusionTransformer.random(tiny_config(), seed=2)
+    cache = unmask.KVCache(model.config, 2, 6, dtype=torch.float32, device=torch.device("cpu"))
+    ids = torch.zeros(2, 6, dtype=torch.long)
+    with pytest.raises(ValueError, match="0-d int64 tensor"):
+        model(ids, cache=cache, segment=DeviceSegment(torch.tensor([1]), 2))
+    with pytest.raises(ValueError, match="segment.length must be an int"):
+        model(ids, cache=cache, segment=DeviceSegment(torch.tensor(1), 7))
+    with pytest.raises(ValueError, match="start 5, length 2"):
+        model(ids, cache=cache, segment=DeviceSegment(torch.tensor(5), 2))
+    with pytest.raises(ValueError, match="logit_positions must be None"):
+        model(ids, cache=cache, segment=DeviceSegment(torch.tensor(1), 2), logit_positions=slice(1, 3))
+    shifted = unmask.DiffusionTransformer.random(tiny_config(model_type="dream", include_qkv_bias=True), seed=2)
+    with pytest.raises(ValueError, match="block-causal mask or shifted logits"):
+        shifted(ids, cache=cache, segment=DeviceSegment(torch.tensor(1), 2))
+
+
 def test_cache_arguments_are_checked():
     model = unmask.DiffusionTransformer.random(tiny_config(), seed=2)
     with pytest.raises(ValueError, match="cache must be one of"):

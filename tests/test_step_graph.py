@@ -21,16 +21,21 @@ RULES = {
 }
 
 
-def make_step(model, x, attention_mask, rule, *, cfg_scale=0.0, temperature=1.0, remasking="low_confidence"):
+def make_step(model, x, attention_mask, rule, *, cfg_scale=0.0, temperature=1.0, remasking="low_confidence",
+              cache=None):
+    """(state, step) without a cache; with cache="dual", (state, fill step, recompute step)."""
     state = sampler.StepState.new(x)
     prompt_positions = torch.zeros_like(x, dtype=torch.bool)
     prompt_positions[:, :PROMPT] = True
-    step_model = sampler._StepModel(model, None, attention_mask, prompt_positions, model.mask_id, cfg_scale)
+    step_model = sampler._StepModel(model, cache, attention_mask, prompt_positions, model.mask_id, cfg_scale)
     sampling = validation.sampling(temperature=temperature, top_k=0, top_p=1.0, remasking=remasking, seed=11)
     rule = validation.rule(rule.get("steps"), rule.get("threshold"), rule.get("factor"), num_blocks=BLOCKS,
                            default_steps=BLOCK * BLOCKS, confidence=sampling.confidence)
-    return state, sampler.DenoiseStep(state, BLOCK, functools.partial(step_model, x), rule=rule, sampling=sampling,
-                                      mask_id=model.mask_id)
+    functions = [step_model] if cache is None else [step_model.fill, step_model.recompute]
+    if cache is not None:
+        step_model._cache_for(x)  # allocated before the first call, as the eager warm-up of a capture does
+    return state, *(sampler.DenoiseStep(state, BLOCK, functools.partial(f, x), rule=rule, sampling=sampling,
+                                        mask_id=model.mask_id) for f in functions)
 
 
 def canvas(model, padded: bool):
@@ -45,15 +50,16 @@ def canvas(model, padded: bool):
     return x, attention_mask
 
 
-def run_blocks(steps, states):
+def run_blocks(steps, states, later_steps=None):
     """Both steps over every block, three steps each, on the same starting canvas: the
-    commits, canvases and RNG offsets must agree after every step."""
+    commits, canvases and RNG offsets must agree after every step. later_steps: the
+    steps of a block's second and third calls (the dual cache's recompute), if others."""
     for block in range(BLOCKS):
         for state in states:
             state.start.fill_(PROMPT + block * BLOCK)
             state.k.fill_(2)
-        for _ in range(3):
-            outputs = [step() for step in steps]
+        for call in range(3):
+            outputs = [step() for step in (steps if call == 0 or later_steps is None else later_steps)]
             for committed, remaining in outputs[1:]:
                 assert torch.equal(committed, outputs[0][0]) and torch.equal(remaining, outputs[0][1])
             for state in states[1:]:
@@ -81,6 +87,45 @@ def test_the_step_traces_once_for_every_step_and_block(rule, cfg_scale, padded):
     assert (traced_state.x[:, PROMPT:] != model.mask_id).sum() > 0, "the steps committed tokens"
 
 
+@pytest.mark.parametrize("rule", ["count", "threshold"])
+@pytest.mark.parametrize("cfg_scale,padded", [(0.0, False), (1.5, True)])
+def test_the_dual_cache_step_traces_as_two_graphs(rule, cfg_scale, padded):
+    """With the dual cache a block's first call (the whole canvas, filling the cache) and
+    its later calls (the block alone, at a DeviceSegment over the cached rest) are each
+    one graph for every block; aot_eager's tokens equal the eager steps'."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = tiny_model(seed=3)
+    x, attention_mask = canvas(model, padded)
+    eager_state, eager_fill, eager_recompute = make_step(model, x.clone(), attention_mask, RULES[rule],
+                                                         cfg_scale=cfg_scale, cache="dual")
+    traced_state, traced_fill, traced_recompute = make_step(model, x.clone(), attention_mask, RULES[rule],
+                                                            cfg_scale=cfg_scale, cache="dual")
+    fill = torch.compile(traced_fill, fullgraph=True, backend="aot_eager")
+    recompute = torch.compile(traced_recompute, fullgraph=True, backend="aot_eager")
+    with torch.inference_mode():
+        run_blocks([eager_fill, fill], [eager_state, traced_state], later_steps=[eager_recompute, recompute])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    assert (traced_state.x[:, PROMPT:] != model.mask_id).sum() > 0, "the steps committed tokens"
+
+
+def test_the_dual_cache_steps_give_generates_tokens():
+    """The fill and recompute steps, run as generate(cache="dual") runs its block's calls,
+    give the tokens of generate's own eager dual-cache loop (host-picked segments)."""
+    model = tiny_model(seed=3)
+    x, _ = canvas(model, padded=False)
+    state, fill, recompute = make_step(model, x.clone(), None, RULES["count"], temperature=0.0, cache="dual")
+    with torch.inference_mode():
+        for block in range(BLOCKS):
+            state.start.fill_(PROMPT + block * BLOCK)
+            for call in range(3):
+                state.k.fill_(2)
+                (fill if call == 0 else recompute)()
+    out = unmask.generate(model, x[:, :PROMPT], gen_length=BLOCK * BLOCKS, block_length=BLOCK, steps=3 * BLOCKS,
+                          cache="dual", stop_at_eos=False, temperature=0.0, seed=11)
+    assert torch.equal(state.x[:, PROMPT:], out.tokens)
+
+
 def test_the_step_compiles_with_inductor():
     """The default backend generates code for the whole step (about 20 s on 2 cores); at
     temperature 0 with the count rule its commits are the eager step's."""
@@ -93,12 +138,16 @@ def test_the_step_compiles_with_inductor():
         run_blocks([eager, torch.compile(traced, fullgraph=True)], [eager_state, traced_state])
 
 
-def test_the_step_model_is_graphable_only_without_a_cache():
+def test_the_step_model_is_graphable_without_a_cache_and_with_the_dual_cache():
     model = tiny_model(seed=3)
     x, _ = canvas(model, padded=False)
     positions = torch.zeros_like(x, dtype=torch.bool)
     assert sampler._StepModel(model, None, None, positions, model.mask_id, 0.0).graphable
-    assert not sampler._StepModel(model, "dual", None, positions, model.mask_id, 0.0).graphable
+    assert sampler._StepModel(model, "dual", None, positions, model.mask_id, 0.0).graphable
+    assert not sampler._StepModel(model, "prefix", None, positions, model.mask_id, 0.0).graphable  # segment lengths vary
+    for other in (tiny_model(seed=3, model_type="dream"), tiny_model(seed=3, block_size=4)):
+        assert sampler._StepModel(other, None, None, positions, other.mask_id, 0.0).graphable
+        assert not sampler._StepModel(other, "dual", None, positions, other.mask_id, 0.0).graphable
     plain = lambda ids, attention_mask=None: torch.zeros(*ids.shape, 61)  # noqa: E731 - any callable model
     assert not sampler._StepModel(plain, None, None, positions, 60, 0.0).graphable
 
@@ -118,6 +167,9 @@ def test_cuda_graph_argument_is_checked():
 
 GPU_CASES = [
     dict(steps=16),
+    dict(steps=16, cache="dual"),
+    dict(threshold=0.5, cache="dual", cfg_scale=1.0),
+    dict(factor=1.0, cache="dual", temperature=1.0, seed=5, stop_at_eos=True),
     dict(steps=8, temperature=1.0, seed=3),
     dict(threshold=0.5),
     dict(factor=1.0, remasking="margin", temperature=0.5),
@@ -143,10 +195,13 @@ def test_cuda_graph_replay_gives_the_eager_tokens(kwargs, dtype):
 
 
 @requires_gpu
-def test_cuda_graph_refuses_a_cache():
+def test_cuda_graph_refuses_the_prefix_cache_and_shifted_logits():
     model = tiny_model(seed=4).cuda()
+    with pytest.raises(ValueError, match="cache='prefix'"):
+        unmask.generate(model, [[1, 2]], gen_length=4, block_length=4, cache="prefix", cuda_graph=True)
+    shifted = tiny_model(seed=4, model_type="dream").cuda()
     with pytest.raises(ValueError, match="cache='dual'"):
-        unmask.generate(model, [[1, 2]], gen_length=4, block_length=4, cache="dual", cuda_graph=True)
+        unmask.generate(shifted, [[1, 2]], gen_length=4, block_length=4, cache="dual", cuda_graph=True)
 
 
 @requires_gpu

@@ -145,14 +145,41 @@ class _StepModel:
         return guided_logits(self.model, x, attention_mask, prompt_positions, self.mask_id, self.cfg_scale,
                              slice(start, end), cache=cache, segment=segment)
 
+    def fill(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The dual-cache block's first call as a function of device tensors: the whole
+        canvas, filling the cache, and the logits of `positions` (start..end-1)."""
+        return guided_logits(self.model, x, self.attention_mask, self.prompt_positions, self.mask_id, self.cfg_scale,
+                             positions, cache=self._cache_for(x))
+
+    def recompute(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The dual-cache block's later calls as a function of device tensors: the block
+        alone (a DeviceSegment at positions[0]) over the cached rest of the canvas."""
+        from unmask.models import DeviceSegment
+
+        segment = DeviceSegment(positions[0], positions.shape[0])
+        return guided_logits(self.model, x, self.attention_mask, self.prompt_positions, self.mask_id, self.cfg_scale,
+                             None, cache=self._cache_for(x), segment=segment)
+
+    def _cache_for(self, x: torch.Tensor):
+        if self.cache is None:
+            self.cache = self.model.new_cache(x.shape[0] * (2 if self.cfg_scale > 0 else 1), x.shape[1])
+        return self.cache
+
     @property
     def graphable(self) -> bool:
         """Whether a step is a fixed function of device tensors (no cache segment picked on
-        the host, no tensor-parallel collectives): it may be captured as a CUDA graph."""
+        the host, no tensor-parallel collectives): it may be captured as a CUDA graph.
+        Without a cache, and with the dual cache where the model takes a DeviceSegment (no
+        block-causal mask, no shifted logits): its block's first call (fill) and later
+        calls (recompute) are two such steps. The prefix cache's segment changes length
+        from block to block."""
         from unmask.models import DiffusionTransformer
 
-        return (self.cache_mode is None and isinstance(self.model, DiffusionTransformer)
-                and self.model.vocab_shard is None)
+        if not isinstance(self.model, DiffusionTransformer) or self.model.vocab_shard is not None:
+            return False
+        config = self.model.config
+        return self.cache_mode is None or (self.cache_mode == "dual" and config.block_size is None
+                                           and not config.shift_logits)
 
 
 # --------------------------------------------------------------------------- the step loop
@@ -336,7 +363,7 @@ def _decode(
     batch = x.shape[0]
     state = StepState.new(x)
     flags = _StepFlags(x.device)
-    steps: dict[int, Callable] = {}  # by block length: graphs are captured per shape
+    steps: dict[tuple[int, str | None], Callable] = {}  # by block length and kind: graphs are captured per shape
     nfe = canvases = 0
     steps_per_block = []
     for index, (start, end) in enumerate(blocks):
@@ -373,15 +400,23 @@ def _decode(
             if eos_id is not None:
                 state.running.logical_and_(~_stop_rows_at_eos(x, generation_start, end, eos_id, state.running))
             continue
-        if end - start not in steps:
-            denoise = DenoiseStep(state, end - start, functools.partial(step_model, x), rule=rule,
-                                  sampling=sampling, mask_id=mask_id, sample=sample, vocab=vocab)
-            steps[end - start] = _CudaGraphStep(denoise) if cuda_graph else denoise
-        run_step = steps[end - start]
+        # A captured dual-cache step is two graphs, the block's first call (fill) and the
+        # later ones (recompute): the host picks which replays, as an eager step's
+        # _StepModel does from its own flag.
+        kinds = ("fill", "recompute") if cuda_graph and step_model.cache_mode == "dual" else (None,)
+        for kind in kinds:
+            if (end - start, kind) not in steps:
+                logits_fn = functools.partial(step_model if kind is None else getattr(step_model, kind), x)
+                denoise = DenoiseStep(state, end - start, logits_fn, rule=rule, sampling=sampling, mask_id=mask_id,
+                                      sample=sample, vocab=vocab)
+                steps[end - start, kind] = _CudaGraphStep(denoise) if cuda_graph else denoise
         block_steps = 0
+        calls_in_block = [0]
 
         def step() -> torch.Tensor:
-            committed, remaining = run_step()
+            kind = kinds[min(calls_in_block[0], len(kinds) - 1)]
+            calls_in_block[0] += 1
+            committed, remaining = steps[end - start, kind]()
             if callback is not None:
                 everywhere = torch.zeros_like(x, dtype=torch.bool)
                 everywhere[:, start:end] = committed
@@ -510,9 +545,9 @@ def _use_cuda_graph(cuda_graph: bool | None, step_model: _StepModel, device: tor
         raise ValueError(f"cuda_graph=True and {eager_loop} do not combine: that loop runs eagerly")
     applies = device.type == "cuda" and step_model.graphable and not eager_loop
     if cuda_graph and not applies:
-        raise ValueError("cuda_graph=True needs the unmask model on a CUDA device with cache=None and no tensor "
-                         f"parallelism (device {device}, cache={step_model.cache_mode!r}, "
-                         f"model {type(step_model.model).__name__})")
+        raise ValueError("cuda_graph=True needs the unmask model on a CUDA device with cache=None, or cache='dual' "
+                         "and neither a block-causal mask nor shifted logits, and no tensor parallelism (device "
+                         f"{device}, cache={step_model.cache_mode!r}, model {type(step_model.model).__name__})")
     return applies and (CUDA_GRAPH_BY_DEFAULT if cuda_graph is None else cuda_graph)
 
 

@@ -44,6 +44,19 @@ class RowSegments:
     length: int
 
 
+@dataclasses.dataclass(frozen=True)
+class DeviceSegment:
+    """One segment of a cached forward for every row, whose first position is a 0-d int64
+    tensor on the model's device: positions start .. start + length - 1. The forward then
+    reads no host value of it, so a step captured once (CUDA graph) or traced once
+    (torch.compile) serves every block. Models without a block-causal mask or shifted
+    logits; logits come for every position of the segment. A start whose segment leaves
+    the canvas is an index error on the device (the host cannot see it without a sync)."""
+
+    start: torch.Tensor
+    length: int
+
+
 class KVCache:
     """Keys (after rotary embedding) and values of every layer for a whole canvas.
 
@@ -270,6 +283,26 @@ class DiffusionTransformer(nn.Module):
         embed = self.embed.weight
         return KVCache(self.config, batch, length, dtype=embed.dtype, device=embed.device, kv_heads=kv_heads)
 
+    def _check_device_segment(self, segment: DeviceSegment, logit_positions, input_ids: torch.Tensor,
+                              length: int) -> None:
+        start = segment.start
+        if not isinstance(start, torch.Tensor) or start.dim() != 0 or start.dtype != torch.int64:
+            raise ValueError(f"segment.start must be a 0-d int64 tensor, got {start!r}")
+        if start.device != input_ids.device:
+            raise ValueError(f"segment.start must be on {input_ids.device} like input_ids, got {start.device}")
+        if not isinstance(segment.length, int) or not 1 <= segment.length <= length:
+            raise ValueError(f"segment.length must be an int in [1, {length}], got {segment.length!r}")
+        if self.config.block_size is not None or self.config.shift_logits:
+            raise ValueError("a DeviceSegment needs a model without a block-causal mask or shifted logits")
+        if logit_positions is not None:
+            raise ValueError("with a DeviceSegment the logits are those of the segment's positions: "
+                             "logit_positions must be None")
+        # The start's value, where reading it costs nothing (on the CPU, not while traced).
+        readable = start.device.type == "cpu" and not torch.compiler.is_compiling()
+        if readable and not 0 <= int(start) <= length - segment.length:
+            raise ValueError(f"segment: 0 <= start and start + length <= {length} (the canvas), got start "
+                             f"{int(start)}, length {segment.length}")
+
     def _row_starts(self, segment: RowSegments, batch: int, length: int) -> list[int]:
         """RowSegments' starts, checked against the canvas (and the model's mask)."""
         starts, n = list(segment.starts), segment.length
@@ -363,9 +396,15 @@ class DiffusionTransformer(nn.Module):
             starts = self._row_starts(segment, batch, length)
             if len(set(starts)) == 1:  # one segment after all
                 segment = (starts[0], starts[0] + segment.length)
-        if isinstance(segment, RowSegments):
-            start = torch.tensor(starts, dtype=torch.int64, device=input_ids.device)[:, None]
-            columns = start + torch.arange(segment.length, device=input_ids.device)
+        if isinstance(segment, (RowSegments, DeviceSegment)):
+            # Rows at positions held on the device: the columns each computes (written into
+            # the cache by index; no block-causal mask, so q_offset is unused).
+            if isinstance(segment, DeviceSegment):
+                self._check_device_segment(segment, logit_positions, input_ids, length)
+                start = segment.start.reshape(1, 1)
+            else:
+                start = torch.tensor(starts, dtype=torch.int64, device=input_ids.device)[:, None]
+            columns = (start + torch.arange(segment.length, device=input_ids.device)).expand(batch, -1)
             positions = positions.expand(batch, -1).gather(1, columns)
             ids = input_ids.gather(1, columns)
         else:
