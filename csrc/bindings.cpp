@@ -17,6 +17,7 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -104,7 +105,7 @@ class StructBinder {
   template <typename T>
   StructBinder& value(const char* name, T Struct::*field) {
     cls_.def_readwrite(name, field);
-    return add(name, [field](Struct& s, py::handle value) { s.*field = value.cast<T>(); });
+    return add(name, [field](Struct& s, py::handle value) { s.*field = strict_cast<T>(value); });
   }
   // Pointer fields hold device or host addresses as Python ints (tensor.data_ptr()).
   template <typename T>
@@ -112,7 +113,7 @@ class StructBinder {
     cls_.def_property(
         name, [field](const Struct& s) { return reinterpret_cast<std::uintptr_t>(s.*field); },
         [field](Struct& s, std::uintptr_t address) { s.*field = as_pointer<T>(address); });
-    return add(name, [field](Struct& s, py::handle value) { s.*field = as_pointer<T>(value.cast<std::uintptr_t>()); });
+    return add(name, [field](Struct& s, py::handle value) { s.*field = as_pointer<T>(strict_cast<std::uintptr_t>(value)); });
   }
   StructBinder& strides(const char* name, int64_t (Struct::*field)[3]) {
     cls_.def_property(
@@ -145,8 +146,8 @@ class StructBinder {
         try {
           setters->set[found->second](s, value);
         } catch (const py::cast_error&) {
-          throw py::type_error(struct_name + "." + name + ": cannot take a " +
-                               std::string(py::str(value.get_type().attr("__name__"))));
+          throw py::type_error(struct_name + "." + name + ": cannot take " + std::string(py::repr(value)) + " (a " +
+                               std::string(py::str(value.get_type().attr("__name__"))) + ")");
         }
         given[found->second] = true;
       }
@@ -183,6 +184,18 @@ class StructBinder {
     setters_->names.emplace_back(name);
     setters_->set.push_back(std::move(setter));
     return *this;
+  }
+  // value as T, converting no more than a field should: a bool field takes True or False
+  // only (not None, 2 or a float), an int or address field no bool (an int that does not
+  // fit is refused too); floats and enums as pybind11 casts them.
+  template <typename T>
+  static T strict_cast(py::handle value) {
+    if constexpr (std::is_same_v<T, bool>) {
+      if (!PyBool_Check(value.ptr())) throw py::cast_error("not a bool");
+    } else if constexpr (std::is_integral_v<T>) {
+      if (PyBool_Check(value.ptr())) throw py::cast_error("a bool for an int");
+    }
+    return value.cast<T>();
   }
   // ['a', 'b'], as Python prints a list of names.
   static std::string python_list(const std::vector<std::string>& names) {

@@ -67,7 +67,7 @@ def _weighted_values_exactly(probs, v, visible):
     the keys it sees (a plain product multiplies the others' zero weights by them: 0 times
     NaN is NaN). The finite part is the plain product with those entries zeroed; the rest
     follows IEEE arithmetic as the reference's product does (unmask.reference), counted
-    with 0/1 products: a row that sees a NaN, or an infinity with weight 0, or infinities
+    with three 0/1 products: a row that sees a NaN, or an infinity with weight 0, or infinities
     of both signs, gets NaN; one that sees infinities of one sign gets that infinity."""
     v32 = v.astype(jnp.float32)  # Mosaic tests finiteness in float32 only
     finite = jnp.isfinite(v32)
@@ -78,9 +78,9 @@ def _weighted_values_exactly(probs, v, visible):
         return jax.lax.dot_general(rows.astype(v.dtype), where.astype(v.dtype), (((1,), (0,)), ((), ())),
                                    preferred_element_type=jnp.float32)
 
-    nan = count(visible, jnp.isnan(v32)) + count(visible & ~weighted, jnp.isinf(v32))
     positive, negative = count(weighted, v32 == jnp.inf), count(weighted, v32 == -jnp.inf)
-    extra = jnp.where((nan > 0) | ((positive > 0) & (negative > 0)), jnp.nan,
+    nan = count(visible, ~finite) > positive + negative  # NaNs or 0 x inf among what is seen
+    extra = jnp.where(nan | ((positive > 0) & (negative > 0)), jnp.nan,
                       jnp.where(positive > 0, jnp.inf, jnp.where(negative > 0, -jnp.inf, 0.0)))
     return product + extra
 

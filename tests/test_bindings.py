@@ -47,10 +47,20 @@ def test_every_field_must_be_given_by_name():
 
 def test_the_keyword_constructor_names_a_field_of_the_wrong_type():
     logits, tokens, conf = buffers()
-    with pytest.raises(TypeError, match=r"SampleParams\.confidence: cannot take a int"):
+    with pytest.raises(TypeError, match=r"SampleParams\.confidence: cannot take 2 \(a int\)"):
         sample_params(logits, tokens, conf, confidence=2)
-    with pytest.raises(TypeError, match=r"SampleParams\.n_rows: cannot take a float"):
+    with pytest.raises(TypeError, match=r"SampleParams\.n_rows: cannot take 2\.5 \(a float\)"):
         sample_params(logits, tokens, conf, n_rows=2.5)
+    for not_a_bool in (None, 2, 1.0):
+        with pytest.raises(TypeError, match=r"SampleParams\.select_rows: cannot take"):
+            sample_params(logits, tokens, conf, select_rows=not_a_bool)
+    with pytest.raises(TypeError, match=r"SampleParams\.n_rows: cannot take True"):
+        sample_params(logits, tokens, conf, n_rows=True)
+    with pytest.raises(TypeError, match=r"SampleParams\.logits: cannot take True"):
+        sample_params(logits, tokens, conf, logits=True)
+    with pytest.raises(TypeError, match=r"SampleParams\.logits: cannot take -1"):
+        sample_params(logits, tokens, conf, logits=-1)
+    assert sample_params(logits, tokens, conf, temperature=1).temperature == 1.0  # an int for a float field
     with pytest.raises(TypeError, match=r"AttentionParams: missing fields \['batch',"):
         _C.AttentionParams(q=0)
 

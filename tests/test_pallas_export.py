@@ -84,12 +84,12 @@ def test_attention_products_take_bf16_with_float32_accumulation():
     """Every matrix product of the kernel body runs on bf16 operands (the MXU / tensor-core
     rate), accumulating in float32: a float32 cast before a dot would show here. Q K^T and
     P V, and in the branch for a non-finite V that some rows of a tile do not see, P V and
-    four 0/1 counts."""
+    three 0/1 counts."""
     q = jnp.zeros((1, 4, 128, 128), jnp.bfloat16)
     valid = jnp.ones((1, 1, 128), jnp.int32)
     jaxpr = jax.make_jaxpr(partial(attention_kernel.attention_pallas, block_size=32, q_offset=0, scale=0.1,
                                    tile_q=128, tile_k=128, interpret=True, variant="tpu"))(q, q, q, valid)
-    assert _dot_operand_dtypes(jaxpr.jaxpr) == [("bfloat16", "bfloat16", "float32")] * 7
+    assert _dot_operand_dtypes(jaxpr.jaxpr) == [("bfloat16", "bfloat16", "float32")] * 6
 
 
 def test_attention_vmem_against_tpu_defaults():

@@ -103,6 +103,17 @@ def test_the_routing_rule(dtype, batch, q_len, k_len, heads, head_dim, expected)
         assert ops.backend_for("attention", q, k, k).startswith("torch-sdpa" if expected else "cpu:")
 
 
+def test_the_routing_rule_counts_one_query_heads_rows_without_a_mask():
+    """A GQA call of one query (8 query heads per kv head) over 1024 keys stays in SDPA
+    without a mask: the tiled kernel's tasks are query heads, each of one row here."""
+    q, k = torch.empty(1, 1, 16, 64), torch.empty(1, 1024, 2, 64)
+    without_amx = next((isa for isa in native.runnable_cpu_isas() if isa != "amx"), None)
+    with native.cpu_isa_forced(without_amx) if without_amx else contextlib.nullcontext():
+        assert "multiply-adds" in sdpa.preferred_on_cpu(validation.attention_call(q, k, k))
+        q8 = torch.empty(1, 8, 16, 64)
+        assert sdpa.preferred_on_cpu(validation.attention_call(q8, k, k)) is None
+
+
 AMX_ROUTES = [
     # (batch, q_len, k_len, q_heads, kv_heads, expected), bfloat16, head dim 64, the amx build
     (1, 1024, 1024, 16, 16, None),  # 1.2-1.8x SDPA on AMX tiles (float32 multiplies: SDPA)

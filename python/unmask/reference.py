@@ -93,7 +93,9 @@ def _weighted_values(probs: torch.Tensor, v: torch.Tensor, visible: torch.Tensor
     plain product with V's non-finite entries zeroed; the rest follows IEEE arithmetic
     over the keys each query sees, counted with 0/1 products: a query that sees a NaN, an
     infinity with weight 0, or infinities of both signs gets NaN; one that sees
-    infinities of one sign gets that infinity."""
+    infinities of one sign gets that infinity. On a device the three counts always run
+    (skipping them where V is finite would cost a sync): the reference is the CUDA
+    fallback of float32 block-causal calls, and of every gradient (unmask.ops)."""
     finite = torch.isfinite(v)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, torch.where(finite, v, 0.0))
     if v.device.type == "cpu" and bool(finite.all()):  # read for free on the CPU (on a device: a sync)
@@ -103,9 +105,9 @@ def _weighted_values(probs: torch.Tensor, v: torch.Tensor, visible: torch.Tensor
     def count(rows, where):
         return torch.einsum("bhqk,bkhd->bqhd", rows, where.to(v.dtype))
 
-    nan = count(seen, torch.isnan(v)) + count(seen - weighted, torch.isinf(v))
     positive, negative = count(weighted, v == float("inf")), count(weighted, v == -float("inf"))
-    extra = torch.where((nan > 0) | ((positive > 0) & (negative > 0)), float("nan"),
+    nan = count(seen, ~finite) > positive + negative  # NaNs or 0 x inf among what is seen
+    extra = torch.where(nan | ((positive > 0) & (negative > 0)), float("nan"),
                         torch.where(positive > 0, float("inf"), torch.where(negative > 0, -float("inf"), 0.0)))
     return out + extra
 

@@ -404,6 +404,8 @@ def _decode(
         # later ones (recompute): the host picks which replays, as an eager step's
         # _StepModel does from its own flag.
         kinds = ("fill", "recompute") if cuda_graph and step_model.cache_mode == "dual" else (None,)
+        if kinds[0] is not None:
+            step_model._cache_for(x)  # on this stream, before any capture's side-stream warm-up
         for kind in kinds:
             if (end - start, kind) not in steps:
                 logits_fn = functools.partial(step_model if kind is None else getattr(step_model, kind), x)
@@ -616,7 +618,8 @@ def generate(
     models, an approximation for bidirectional ones), for the unmask model only.
     cuda_graph: capture the denoising step (model, sample, commit) as a CUDA graph once
     and replay it for every step and block; True needs the unmask model on a CUDA device
-    with no cache and no tensor parallelism. None: CUDA_GRAPH_BY_DEFAULT where it applies.
+    with no tensor parallelism and no cache, or the dual cache on a model without a
+    block-causal mask or shifted logits. None: CUDA_GRAPH_BY_DEFAULT where it applies.
     speculate: d > 0 drafts the next steps from the last logits and verifies up to d of
     them per model call (unmask.speculative): the tokens of speculate=0, in at most as
     many model calls (exactly so where the model's logits of a canvas do not depend on

@@ -41,8 +41,9 @@ from unmask.validation import AttentionCall
 # a few query rows and more (NATIVE_AMX_MIN_QUERY_ROWS).
 NATIVE_CPU_MIN_FLOAT32_MACS = 2**27
 NATIVE_CPU_MIN_FLOAT32_KEYS = 128
-# From this many query rows per kv head (over NATIVE_CPU_MIN_FLOAT32_KEYS keys, or with a
-# key mask over any) the native kernel runs float32 calls of fewer multiply-adds. A key
+# From this many queries (over NATIVE_CPU_MIN_FLOAT32_KEYS keys), or with a key mask this
+# many query rows per kv head (over any keys), the native kernel runs float32 calls of
+# fewer multiply-adds. A key
 # mask (kv_len, key_valid) tips it further: the SDPA route then checks the hidden keys
 # (an index_select and a sum, a host read) and builds a mask, 50-150 us that SDPA's own
 # speed does not win back. Measured with padded keys, native against the route: the
@@ -79,12 +80,15 @@ def preferred_on_cpu(call: AttentionCall) -> str | None:
     macs = shape.batch * shape.q_heads * shape.q_len * shape.k_len * shape.head_dim
     if macs >= NATIVE_CPU_MIN_FLOAT32_MACS:
         return None
-    if shape.q_len * (shape.q_heads // shape.kv_heads) >= NATIVE_CPU_MIN_QUERY_ROWS:
-        masked = call.key_valid is not None or call.kv_len is not None
-        if masked or shape.k_len >= NATIVE_CPU_MIN_FLOAT32_KEYS:
-            return None  # masked: the contract's hidden-key check costs SDPA more than it saves
-    return (f"torch SDPA is faster for float32 calls of {macs} < 2^27 multiply-adds with fewer than 8 query rows "
-            f"per kv head or 128 keys on the CPU")
+    masked = call.key_valid is not None or call.kv_len is not None
+    if masked and shape.q_len * (shape.q_heads // shape.kv_heads) >= NATIVE_CPU_MIN_QUERY_ROWS:
+        return None  # the contract's hidden-key check costs SDPA more than it saves
+    # Unmasked: rows of one query head (the tiled kernel's task is a query head's rows; its
+    # 1-row tasks of a GQA group were not among the measured wins).
+    if shape.q_len >= NATIVE_CPU_MIN_QUERY_ROWS and shape.k_len >= NATIVE_CPU_MIN_FLOAT32_KEYS:
+        return None
+    return (f"torch SDPA is faster for float32 calls of {macs} < 2^27 multiply-adds with fewer than 8 queries "
+            f"(with a key mask: query rows per kv head) or, unmasked, 128 keys on the CPU")
 
 
 def _key_visible(call: AttentionCall) -> torch.Tensor | None:

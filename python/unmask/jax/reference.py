@@ -42,9 +42,9 @@ def _weighted_values(probs, v, visible):
     def count(rows, where):
         return jnp.einsum("bhqk,bkhd->bqhd", rows, where.astype(v.dtype))
 
-    nan = count(seen, jnp.isnan(v)) + count(seen - weighted, jnp.isinf(v))
     positive, negative = count(weighted, v == jnp.inf), count(weighted, v == -jnp.inf)
-    extra = jnp.where((nan > 0) | ((positive > 0) & (negative > 0)), jnp.nan,
+    nan = count(seen, ~finite) > positive + negative  # NaNs or 0 x inf among what is seen
+    extra = jnp.where(nan | ((positive > 0) & (negative > 0)), jnp.nan,
                       jnp.where(positive > 0, jnp.inf, jnp.where(negative > 0, -jnp.inf, 0.0)))
     return out + extra
 
