@@ -24,6 +24,7 @@ _LAZY = {
     "ops": "unmask.ops",
     "reference": "unmask.reference",
     "rng": "unmask.rng",
+    "DeviceSegment": "unmask.models",
     "DiffusionTransformer": "unmask.models",
     "KVCache": "unmask.models",
     "RowSegments": "unmask.models",
@@ -44,6 +45,7 @@ __getattr__, __dir__ = _lazy.attributes(__name__, globals(), _LAZY)
 
 if TYPE_CHECKING:  # what static checkers and IDEs see
     from unmask import ops, reference, rng
-    from unmask.models import DiffusionTransformer, KVCache, ModelConfig, Rows, RowSegments, from_pretrained, save_pretrained
+    from unmask.models import (DeviceSegment, DiffusionTransformer, KVCache, ModelConfig, Rows, RowSegments,
+                               from_pretrained, save_pretrained)
     from unmask.output import GenerateOutput
     from unmask.sampler import generate, infill

@@ -134,7 +134,8 @@ def launch(call: AttentionCall, out: torch.Tensor | None = None) -> torch.Tensor
     q, k, v = call.q, call.k, call.v
     shape = call.shape
     shared, end = _block_key_limits(call)
-    k, v = k[:, :end], v[:, :end]  # keys in blocks after every query's: never read
+    if end < shape.k_len:
+        k, v = k[:, :end], v[:, :end]  # keys in blocks after every query's: never read
     key_visible = _key_visible(call)
     key_visible = None if key_visible is None else key_visible[:, :end]
     if key_visible is not None and (q.device.type != "cpu" or _hidden_might_hold_non_finite(k, v, key_visible)):
