@@ -157,8 +157,8 @@ def test_row_segments_are_checked():
 
 
 def test_a_device_segment_equals_the_host_segment():
-    """DeviceSegment (the start a 0-d tensor, for a captured step): the logits and the
-    cache writes of segment=(start, start + n), with padding."""
+    """DeviceSegment (the start a 0-d tensor, for a captured step): the logits of its first
+    positions and the cache writes of segment=(start, start + n), with padding."""
     from unmask.models import DeviceSegment
 
     model = unmask.DiffusionTransformer.random(tiny_config(), seed=6, std=0.3)
@@ -170,8 +170,8 @@ def test_a_device_segment_equals_the_host_segment():
         for cache in caches:
             model(ids, known, cache=cache)
         ids[:, 5:9] = torch.randint(0, 59, (2, 4))
-        host = model(ids, known, cache=caches[0], segment=(5, 9), logit_positions=slice(5, 9))
-        device = model(ids, known, cache=caches[1], segment=DeviceSegment(torch.tensor(5), 4))
+        host = model(ids, known, cache=caches[0], segment=(5, 12), logit_positions=slice(5, 9))
+        device = model(ids, known, cache=caches[1], segment=DeviceSegment(torch.tensor(5), 7, logits=4))
     torch.testing.assert_close(device, host, rtol=1e-6, atol=1e-6)
     for layer in range(model.config.n_layers):
         torch.testing.assert_close(caches[1].keys[layer], caches[0].keys[layer], rtol=1e-6, atol=1e-6)
@@ -190,6 +190,8 @@ def test_device_segments_are_checked():
         model(ids, cache=cache, segment=DeviceSegment(torch.tensor(1), 7))
     with pytest.raises(ValueError, match="start 5, length 2"):
         model(ids, cache=cache, segment=DeviceSegment(torch.tensor(5), 2))
+    with pytest.raises(ValueError, match="segment.logits must be None or an int in \\[1, 2\\]"):
+        model(ids, cache=cache, segment=DeviceSegment(torch.tensor(1), 2, logits=3))
     with pytest.raises(ValueError, match="logit_positions must be None"):
         model(ids, cache=cache, segment=DeviceSegment(torch.tensor(1), 2), logit_positions=slice(1, 3))
     shifted = unmask.DiffusionTransformer.random(tiny_config(model_type="dream", include_qkv_bias=True), seed=2)

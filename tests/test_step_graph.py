@@ -23,7 +23,9 @@ RULES = {
 
 def make_step(model, x, attention_mask, rule, *, cfg_scale=0.0, temperature=1.0, remasking="low_confidence",
               cache=None):
-    """(state, step) without a cache; with cache="dual", (state, fill step, recompute step)."""
+    """(state, step) without a cache; with a cache, (state, fill step, recompute step(s)):
+    one recompute step for the dual cache, one per block for the prefix cache (its segment
+    runs from the block's start to the canvas's end)."""
     state = sampler.StepState.new(x)
     prompt_positions = torch.zeros_like(x, dtype=torch.bool)
     prompt_positions[:, :PROMPT] = True
@@ -32,10 +34,15 @@ def make_step(model, x, attention_mask, rule, *, cfg_scale=0.0, temperature=1.0,
     rule = validation.rule(rule.get("steps"), rule.get("threshold"), rule.get("factor"), num_blocks=BLOCKS,
                            default_steps=BLOCK * BLOCKS, confidence=sampling.confidence)
     functions = [step_model] if cache is None else [step_model.fill, step_model.recompute]
+    if cache == "prefix":
+        width = x.shape[1]
+        functions = [step_model.fill] + [functools.partial(step_model.recompute, length=width - PROMPT - b * BLOCK)
+                                         for b in range(BLOCKS)]
     if cache is not None:
         step_model._cache_for(x)  # allocated before the first call, as the eager warm-up of a capture does
-    return state, *(sampler.DenoiseStep(state, BLOCK, functools.partial(f, x), rule=rule, sampling=sampling,
-                                        mask_id=model.mask_id) for f in functions)
+    steps = [sampler.DenoiseStep(state, BLOCK, functools.partial(f, x), rule=rule, sampling=sampling,
+                                 mask_id=model.mask_id) for f in functions]
+    return (state, steps[0], steps[1:]) if cache == "prefix" else (state, *steps)
 
 
 def canvas(model, padded: bool):
@@ -53,13 +60,15 @@ def canvas(model, padded: bool):
 def run_blocks(steps, states, later_steps=None):
     """Both steps over every block, three steps each, on the same starting canvas: the
     commits, canvases and RNG offsets must agree after every step. later_steps: the
-    steps of a block's second and third calls (the dual cache's recompute), if others."""
+    steps of a block's second and third calls (a cache's recompute), if others; a
+    function of the block for steps that differ from block to block."""
     for block in range(BLOCKS):
         for state in states:
             state.start.fill_(PROMPT + block * BLOCK)
             state.k.fill_(2)
+        later = later_steps(block) if callable(later_steps) else later_steps
         for call in range(3):
-            outputs = [step() for step in (steps if call == 0 or later_steps is None else later_steps)]
+            outputs = [step() for step in (steps if call == 0 or later is None else later)]
             for committed, remaining in outputs[1:]:
                 assert torch.equal(committed, outputs[0][0]) and torch.equal(remaining, outputs[0][1])
             for state in states[1:]:
@@ -109,20 +118,40 @@ def test_the_dual_cache_step_traces_as_two_graphs(rule, cfg_scale, padded):
     assert (traced_state.x[:, PROMPT:] != model.mask_id).sum() > 0, "the steps committed tokens"
 
 
-def test_the_dual_cache_steps_give_generates_tokens():
-    """The fill and recompute steps, run as generate(cache="dual") runs its block's calls,
-    give the tokens of generate's own eager dual-cache loop (host-picked segments)."""
+def test_the_prefix_cache_step_traces_as_a_graph_per_block_and_one_to_fill():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = tiny_model(seed=3)
+    x, attention_mask = canvas(model, padded=True)
+    eager_state, eager_fill, eager_recompute = make_step(model, x.clone(), attention_mask, RULES["count"],
+                                                         cfg_scale=1.5, cache="prefix")
+    traced_state, traced_fill, traced_recompute = make_step(model, x.clone(), attention_mask, RULES["count"],
+                                                            cfg_scale=1.5, cache="prefix")
+    compile = functools.partial(torch.compile, fullgraph=True, backend="aot_eager")
+    fill, recompute = compile(traced_fill), [compile(step) for step in traced_recompute]
+    with torch.inference_mode():
+        run_blocks([eager_fill, fill], [eager_state, traced_state],
+                   later_steps=lambda block: [eager_recompute[block], recompute[block]])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1 + BLOCKS
+    assert (traced_state.x[:, PROMPT:] != model.mask_id).sum() > 0, "the steps committed tokens"
+
+
+@pytest.mark.parametrize("cache", ["dual", "prefix"])
+def test_the_cached_steps_give_generates_tokens(cache):
+    """The fill and recompute steps, run as generate(cache=...) runs its block's calls,
+    give the tokens of generate's own eager cached loop (host-picked segments)."""
     model = tiny_model(seed=3)
     x, _ = canvas(model, padded=False)
-    state, fill, recompute = make_step(model, x.clone(), None, RULES["count"], temperature=0.0, cache="dual")
+    state, fill, recompute = make_step(model, x.clone(), None, RULES["count"], temperature=0.0, cache=cache)
     with torch.inference_mode():
         for block in range(BLOCKS):
             state.start.fill_(PROMPT + block * BLOCK)
             for call in range(3):
                 state.k.fill_(2)
-                (fill if call == 0 else recompute)()
+                later = recompute[block] if cache == "prefix" else recompute
+                (fill if call == 0 else later)()
     out = unmask.generate(model, x[:, :PROMPT], gen_length=BLOCK * BLOCKS, block_length=BLOCK, steps=3 * BLOCKS,
-                          cache="dual", stop_at_eos=False, temperature=0.0, seed=11)
+                          cache=cache, stop_at_eos=False, temperature=0.0, seed=11)
     assert torch.equal(state.x[:, PROMPT:], out.tokens)
 
 
@@ -138,16 +167,16 @@ def test_the_step_compiles_with_inductor():
         run_blocks([eager, torch.compile(traced, fullgraph=True)], [eager_state, traced_state])
 
 
-def test_the_step_model_is_graphable_without_a_cache_and_with_the_dual_cache():
+def test_the_step_model_is_graphable_without_a_cache_and_with_one_on_llada_style_models():
     model = tiny_model(seed=3)
     x, _ = canvas(model, padded=False)
     positions = torch.zeros_like(x, dtype=torch.bool)
-    assert sampler._StepModel(model, None, None, positions, model.mask_id, 0.0).graphable
-    assert sampler._StepModel(model, "dual", None, positions, model.mask_id, 0.0).graphable
-    assert not sampler._StepModel(model, "prefix", None, positions, model.mask_id, 0.0).graphable  # segment lengths vary
+    for cache in (None, "dual", "prefix"):
+        assert sampler._StepModel(model, cache, None, positions, model.mask_id, 0.0).graphable
     for other in (tiny_model(seed=3, model_type="dream"), tiny_model(seed=3, block_size=4)):
         assert sampler._StepModel(other, None, None, positions, other.mask_id, 0.0).graphable
-        assert not sampler._StepModel(other, "dual", None, positions, other.mask_id, 0.0).graphable
+        for cache in ("dual", "prefix"):
+            assert not sampler._StepModel(other, cache, None, positions, other.mask_id, 0.0).graphable
     plain = lambda ids, attention_mask=None: torch.zeros(*ids.shape, 61)  # noqa: E731 - any callable model
     assert not sampler._StepModel(plain, None, None, positions, 60, 0.0).graphable
 
@@ -170,6 +199,8 @@ GPU_CASES = [
     dict(steps=16, cache="dual"),
     dict(threshold=0.5, cache="dual", cfg_scale=1.0),
     dict(factor=1.0, cache="dual", temperature=1.0, seed=5, stop_at_eos=True),
+    dict(steps=16, cache="prefix"),
+    dict(threshold=0.5, cache="prefix", cfg_scale=1.0),
     dict(steps=8, temperature=1.0, seed=3),
     dict(threshold=0.5),
     dict(factor=1.0, remasking="margin", temperature=0.5),
@@ -195,10 +226,7 @@ def test_cuda_graph_replay_gives_the_eager_tokens(kwargs, dtype):
 
 
 @requires_gpu
-def test_cuda_graph_refuses_the_prefix_cache_and_shifted_logits():
-    model = tiny_model(seed=4).cuda()
-    with pytest.raises(ValueError, match="cache='prefix'"):
-        unmask.generate(model, [[1, 2]], gen_length=4, block_length=4, cache="prefix", cuda_graph=True)
+def test_cuda_graph_refuses_a_cache_with_shifted_logits():
     shifted = tiny_model(seed=4, model_type="dream").cuda()
     with pytest.raises(ValueError, match="shifted logits.*cache='dual', model"):
         unmask.generate(shifted, [[1, 2]], gen_length=4, block_length=4, cache="dual", cuda_graph=True)

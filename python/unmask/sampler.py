@@ -151,12 +151,13 @@ class _StepModel:
         return guided_logits(self.model, x, self.attention_mask, self.prompt_positions, self.mask_id, self.cfg_scale,
                              positions, cache=self._cache_for(x))
 
-    def recompute(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The dual-cache block's later calls as a function of device tensors: the block
-        alone (a DeviceSegment at positions[0]) over the cached rest of the canvas."""
+    def recompute(self, x: torch.Tensor, positions: torch.Tensor, *, length: int | None = None) -> torch.Tensor:
+        """The block's later calls as a function of device tensors: a DeviceSegment at
+        positions[0] over the cached rest of the canvas, of the block alone (dual) or of
+        `length` positions, the block and what follows it (prefix), with the block's logits."""
         from unmask.models import DeviceSegment
 
-        segment = DeviceSegment(positions[0], positions.shape[0])
+        segment = DeviceSegment(positions[0], length or positions.shape[0], logits=positions.shape[0])
         return guided_logits(self.model, x, self.attention_mask, self.prompt_positions, self.mask_id, self.cfg_scale,
                              None, cache=self._cache_for(x), segment=segment)
 
@@ -169,17 +170,16 @@ class _StepModel:
     def graphable(self) -> bool:
         """Whether a step is a fixed function of device tensors (no cache segment picked on
         the host, no tensor-parallel collectives): it may be captured as a CUDA graph.
-        Without a cache, and with the dual cache where the model takes a DeviceSegment (no
-        block-causal mask, no shifted logits): its block's first call (fill) and later
-        calls (recompute) are two such steps. The prefix cache's segment changes length
-        from block to block."""
+        Without a cache, and with a cache where the model takes a DeviceSegment (no
+        block-causal mask, no shifted logits): a block's first call (fill) and its later
+        calls (recompute) are two such steps; the prefix cache's recompute step has a
+        segment length of its own in every block, so it is one step per block."""
         from unmask.models import DiffusionTransformer
 
         if not isinstance(self.model, DiffusionTransformer) or self.model.vocab_shard is not None:
             return False
         config = self.model.config
-        return self.cache_mode is None or (self.cache_mode == "dual" and config.block_size is None
-                                           and not config.shift_logits)
+        return self.cache_mode is None or (config.block_size is None and not config.shift_logits)
 
 
 # --------------------------------------------------------------------------- the step loop
@@ -363,7 +363,7 @@ def _decode(
     batch = x.shape[0]
     state = StepState.new(x)
     flags = _StepFlags(x.device)
-    steps: dict[tuple[int, str | None], Callable] = {}  # by block length and kind: graphs are captured per shape
+    steps: dict[tuple, Callable] = {}  # by block length, kind and segment length: graphs are captured per shape
     nfe = canvases = 0
     steps_per_block = []
     for index, (start, end) in enumerate(blocks):
@@ -403,22 +403,33 @@ def _decode(
         # A captured dual-cache step is two graphs, the block's first call (fill) and the
         # later ones (recompute): the host picks which replays, as an eager step's
         # _StepModel does from its own flag.
-        kinds = ("fill", "recompute") if cuda_graph and step_model.cache_mode == "dual" else (None,)
+        # A captured cached step is two graphs, the block's first call (fill) and the later
+        # ones (recompute; with the prefix cache one per block, its segment running to the
+        # canvas's end): the host picks which replays, as an eager step's _StepModel does
+        # from its own flag.
+        kinds = ("fill", "recompute") if cuda_graph and step_model.cache_mode is not None else (None,)
         if kinds[0] is not None:
             step_model._cache_for(x)  # on this stream, before any capture's side-stream warm-up
-        for kind in kinds:
-            if (end - start, kind) not in steps:
-                logits_fn = functools.partial(step_model if kind is None else getattr(step_model, kind), x)
+        segment_length = x.shape[1] - start if step_model.cache_mode == "prefix" else end - start
+        keys = {kind: (end - start, kind, segment_length if kind == "recompute" else None) for kind in kinds}
+        for kind, key in keys.items():
+            if key not in steps:
+                if kind is None:
+                    logits_fn = functools.partial(step_model, x)
+                elif kind == "fill":
+                    logits_fn = functools.partial(step_model.fill, x)
+                else:
+                    logits_fn = functools.partial(step_model.recompute, x, length=segment_length)
                 denoise = DenoiseStep(state, end - start, logits_fn, rule=rule, sampling=sampling, mask_id=mask_id,
                                       sample=sample, vocab=vocab)
-                steps[end - start, kind] = _CudaGraphStep(denoise) if cuda_graph else denoise
+                steps[key] = _CudaGraphStep(denoise) if cuda_graph else denoise
         block_steps = 0
         calls_in_block = [0]
 
         def step() -> torch.Tensor:
             kind = kinds[min(calls_in_block[0], len(kinds) - 1)]
             calls_in_block[0] += 1
-            committed, remaining = steps[end - start, kind]()
+            committed, remaining = steps[keys[kind]]()
             if callback is not None:
                 everywhere = torch.zeros_like(x, dtype=torch.bool)
                 everywhere[:, start:end] = committed
@@ -547,8 +558,8 @@ def _use_cuda_graph(cuda_graph: bool | None, step_model: _StepModel, device: tor
         raise ValueError(f"cuda_graph=True and {eager_loop} do not combine: that loop runs eagerly")
     applies = device.type == "cuda" and step_model.graphable and not eager_loop
     if cuda_graph and not applies:
-        raise ValueError("cuda_graph=True needs the unmask model on a CUDA device with cache=None, or cache='dual' "
-                         "and neither a block-causal mask nor shifted logits, and no tensor parallelism (device "
+        raise ValueError("cuda_graph=True needs the unmask model on a CUDA device with cache=None, or a cache and "
+                         "neither a block-causal mask nor shifted logits, and no tensor parallelism (device "
                          f"{device}, cache={step_model.cache_mode!r}, model {type(step_model.model).__name__})")
     return applies and (CUDA_GRAPH_BY_DEFAULT if cuda_graph is None else cuda_graph)
 
@@ -618,8 +629,8 @@ def generate(
     models, an approximation for bidirectional ones), for the unmask model only.
     cuda_graph: capture the denoising step (model, sample, commit) as a CUDA graph once
     and replay it for every step and block; True needs the unmask model on a CUDA device
-    with no tensor parallelism and no cache, or the dual cache on a model without a
-    block-causal mask or shifted logits. None: CUDA_GRAPH_BY_DEFAULT where it applies.
+    with no tensor parallelism and no cache, or a cache on a model without a block-causal
+    mask or shifted logits. None: CUDA_GRAPH_BY_DEFAULT where it applies.
     speculate: d > 0 drafts the next steps from the last logits and verifies up to d of
     them per model call (unmask.speculative): the tokens of speculate=0, in at most as
     many model calls (exactly so where the model's logits of a canvas do not depend on

@@ -50,11 +50,14 @@ class DeviceSegment:
     tensor on the model's device: positions start .. start + length - 1. The forward then
     reads no host value of it, so a step captured once (CUDA graph) or traced once
     (torch.compile) serves every block. Models without a block-causal mask or shifted
-    logits; logits come for every position of the segment. A start whose segment leaves
-    the canvas is an index error on the device (the host cannot see it without a sync)."""
+    logits; logits come for the segment's first `logits` positions (None: all of them;
+    the prefix cache recomputes a block and what follows it, and wants the block's). A
+    start whose segment leaves the canvas is an index error on the device (the host
+    cannot see it without a sync)."""
 
     start: torch.Tensor
     length: int
+    logits: int | None = None
 
 
 class KVCache:
@@ -292,6 +295,9 @@ class DiffusionTransformer(nn.Module):
             raise ValueError(f"segment.start must be on {input_ids.device} like input_ids, got {start.device}")
         if not isinstance(segment.length, int) or not 1 <= segment.length <= length:
             raise ValueError(f"segment.length must be an int in [1, {length}], got {segment.length!r}")
+        if segment.logits is not None and (not isinstance(segment.logits, int)
+                                           or not 1 <= segment.logits <= segment.length):
+            raise ValueError(f"segment.logits must be None or an int in [1, {segment.length}], got {segment.logits!r}")
         if self.config.block_size is not None or self.config.shift_logits:
             raise ValueError("a DeviceSegment needs a model without a block-causal mask or shifted logits")
         if logit_positions is not None:
@@ -416,6 +422,9 @@ class DiffusionTransformer(nn.Module):
         part = _Part(batch, ids.shape[1], start, columns, cos, sin, key_valid, cache, self.config.block_size)
 
         pick = None
+        if isinstance(rows.segment, DeviceSegment) and rows.segment.logits is not None:
+            first = rows.segment.logits
+            pick = lambda x: x[:, :first]  # noqa: E731
         rows_apart = columns is not None
         if rows_apart and self.config.shift_logits and logit_positions is None:
             raise ValueError("logit_positions: a model that predicts i from i - 1 needs them with segment=RowSegments "
