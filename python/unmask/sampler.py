@@ -146,8 +146,8 @@ class _StepModel:
                              slice(start, end), cache=cache, segment=segment)
 
     def fill(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The dual-cache block's first call as a function of device tensors: the whole
-        canvas, filling the cache, and the logits of `positions` (start..end-1)."""
+        """A cached block's first call as a function of device tensors: the whole canvas,
+        filling the cache, and the logits of `positions` (start..end-1)."""
         return guided_logits(self.model, x, self.attention_mask, self.prompt_positions, self.mask_id, self.cfg_scale,
                              positions, cache=self._cache_for(x))
 
@@ -400,9 +400,6 @@ def _decode(
             if eos_id is not None:
                 state.running.logical_and_(~_stop_rows_at_eos(x, generation_start, end, eos_id, state.running))
             continue
-        # A captured dual-cache step is two graphs, the block's first call (fill) and the
-        # later ones (recompute): the host picks which replays, as an eager step's
-        # _StepModel does from its own flag.
         # A captured cached step is two graphs, the block's first call (fill) and the later
         # ones (recompute; with the prefix cache one per block, its segment running to the
         # canvas's end): the host picks which replays, as an eager step's _StepModel does
