@@ -348,7 +348,9 @@ class DiffusionTransformer(nn.Module):
         positions, attending over the cached keys and values of every other position, and
         logit_positions must fall inside the segment (one position later when shifted).
         segment=RowSegments(starts, n) gives each row its own segment of n positions; its
-        logit_positions are then [B, m] per row.
+        logit_positions are then [B, m] per row. segment=DeviceSegment(start, n, logits=m)
+        is one segment whose start is a 0-d device tensor (a captured step's): the logits
+        of its first m positions (all n by default), logit_positions None.
         """
         return self.forward_packed([Rows(input_ids, attention_mask, logit_positions, cache, segment)])[0]
 
