@@ -155,6 +155,35 @@ def test_the_cached_steps_give_generates_tokens(cache):
     assert torch.equal(state.x[:, PROMPT:], out.tokens)
 
 
+@pytest.mark.parametrize("cache", ["dual", "prefix"])
+@pytest.mark.parametrize("rule", [dict(steps=3 * BLOCKS), dict(threshold=0.4)])
+def test_the_decode_loop_picks_fill_then_recompute_steps(monkeypatch, cache, rule):
+    """The loop's side of captured cached steps, on the CPU: with the capture itself
+    replaced by the plain step, generate(cuda_graph=True) runs each block's first model
+    call as the fill step and the rest as recompute steps, and gives the eager loop's
+    tokens and model calls."""
+    model = tiny_model(seed=3)
+    x, _ = canvas(model, padded=False)
+    arguments = dict(gen_length=BLOCK * BLOCKS, block_length=BLOCK, cache=cache, stop_at_eos=False, temperature=0.0,
+                     **rule)
+    eager = unmask.generate(model, x[:, :PROMPT], **arguments)
+    kinds = []
+    for kind in ("fill", "recompute"):
+        original = getattr(sampler._StepModel, kind)
+        monkeypatch.setattr(sampler._StepModel, kind,
+                            lambda self, *a, _f=original, _k=kind, **kw: (kinds.append(_k), _f(self, *a, **kw))[1])
+    monkeypatch.setattr(sampler, "_CudaGraphStep", lambda step: step)
+    monkeypatch.setattr(sampler, "_use_cuda_graph", lambda *args: True)
+    graphed = unmask.generate(model, x[:, :PROMPT], **arguments)
+    assert torch.equal(graphed.tokens, eager.tokens) and graphed.nfe == eager.nfe
+    block_starts, calls = set(), 0
+    for steps in eager.steps_per_block:  # on the CPU a block's steps are its model calls
+        block_starts.add(calls)
+        calls += steps
+    assert len(kinds) == eager.nfe == calls
+    assert [i for i, kind in enumerate(kinds) if kind == "fill"] == sorted(block_starts)
+
+
 def test_the_step_compiles_with_inductor():
     """The default backend generates code for the whole step (about 20 s on 2 cores); at
     temperature 0 with the count rule its commits are the eager step's."""

@@ -420,12 +420,10 @@ def _decode(
                 denoise = DenoiseStep(state, end - start, logits_fn, rule=rule, sampling=sampling, mask_id=mask_id,
                                       sample=sample, vocab=vocab)
                 steps[key] = _CudaGraphStep(denoise) if cuda_graph else denoise
-        block_steps = 0
-        calls_in_block = [0]
+        block_steps = 0  # the block's model calls so far, until a lagging flag ends it
 
         def step() -> torch.Tensor:
-            kind = kinds[min(calls_in_block[0], len(kinds) - 1)]
-            calls_in_block[0] += 1
+            kind = kinds[min(block_steps, len(kinds) - 1)]  # the block's first call fills the cache
             committed, remaining = steps[keys[kind]]()
             if callback is not None:
                 everywhere = torch.zeros_like(x, dtype=torch.bool)
