@@ -43,13 +43,12 @@ NATIVE_CPU_MIN_FLOAT32_MACS = 2**27
 NATIVE_CPU_MIN_FLOAT32_KEYS = 128
 # From this many queries (over NATIVE_CPU_MIN_FLOAT32_KEYS keys), or with a key mask this
 # many query rows per kv head (over any keys), the native kernel runs float32 calls of
-# fewer multiply-adds. A key
-# mask (kv_len, key_valid) tips it further: the SDPA route then checks the hidden keys
-# (an index_select and a sum, a host read) and builds a mask, 50-150 us that SDPA's own
-# speed does not win back. Measured with padded keys, native against the route: the
-# serving engine's calls (B 4-64 x 24 keys, 4 heads x 32) 0.49-0.84x the time, 8 queries x
-# 512 keys 0.62x, 64 x 64 at 8 heads 0.67x. Counted in query rows per kv head: one query
-# over many keys packs them all.
+# fewer multiply-adds. A key mask (kv_len, key_valid) tips it further: the SDPA route then
+# checks the hidden keys (an index_select and a sum, a host read) and builds a mask,
+# 50-150 us that SDPA's own speed does not win back. Measured with padded keys, native
+# against the route: the serving engine's calls (B 4-64 x 24 keys, 4 heads x 32)
+# 0.49-0.84x the time, 8 queries x 512 keys 0.62x, 64 x 64 at 8 heads 0.67x. Masked calls
+# count query rows per kv head: one query over many keys packs them all.
 NATIVE_CPU_MIN_QUERY_ROWS = 8
 # With fewer key elements than this (B * Lk * Hkv * D) the native kernel's lower fixed cost
 # wins: this backend builds a mask and checks hidden keys (~50-70 us a call), while the
