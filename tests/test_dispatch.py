@@ -107,9 +107,9 @@ CPU_CASES = [
     ("attention", *_attention_args(64, q_len=256, heads=16), "cpu"),  # 2^26 multiply-adds, 256 rows over 256 keys
     ("attention", *_attention_args(64, q_len=64, heads=16), "torch-sdpa"),  # 2^22, unmasked over 64 keys: SDPA
     ("attention", *_attention_args(16, q_len=1024, heads=8), "cpu"),  # D = 16, 2^27 multiply-adds
-    # bfloat16: the native kernel multiplies on AMX tiles where the CPU has them, else SDPA is faster
+    # bfloat16: native on a CPU without AMX and under the amx build; SDPA (on AMX tiles) under another build
     ("attention", *_attention_args(64, q_len=512, dtype=torch.bfloat16),
-     "cpu" if native.available() and native.cpu_isa() == "amx" else "torch-sdpa"),
+     "cpu" if native.available() and (native.cpu_isa() == "amx" or not native.cpu_has_amx()) else "torch-sdpa"),
     ("attention", *_attention_args(1025), "torch-sdpa"),  # D > 1024: not the CPU kernel's tiles
     ("attention", *_attention_args(32, q_len=96, heads=16, block_size=4), "torch-sdpa"),  # block-causal, finite
     ("sample", (torch.randn(4, 50),), dict(top_k=3, top_p=0.5, temperature=1.0), "cpu"),

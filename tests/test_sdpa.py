@@ -90,10 +90,12 @@ MASKED_ROUTES = [
 
 
 @pytest.mark.parametrize("dtype,batch,q_len,k_len,heads,head_dim,expected", ROUTES)
-def test_the_routing_rule(dtype, batch, q_len, k_len, heads, head_dim, expected):
+def test_the_routing_rule(monkeypatch, dtype, batch, q_len, k_len, heads, head_dim, expected):
     """SDPA takes the CPU calls where it measured faster than the native kernel (the
     comments of unmask.sdpa); the native kernel keeps small calls, float32 calls of 2^27
-    multiply-adds and more, and float32 calls of 8 query rows per kv head over 128 keys."""
+    multiply-adds and more, and float32 calls of 8 query rows per kv head over 128 keys.
+    Half precision as on a CPU with AMX, where these were measured, run by another build."""
+    monkeypatch.setattr(native, "cpu_has_amx", lambda: True)
     q = torch.empty(batch, q_len, heads, head_dim, dtype=dtype)
     k = torch.empty(batch, k_len, heads, head_dim, dtype=dtype)
     without_amx = next((isa for isa in native.runnable_cpu_isas() if isa != "amx"), None)
@@ -101,6 +103,25 @@ def test_the_routing_rule(dtype, batch, q_len, k_len, heads, head_dim, expected)
         reason = sdpa.preferred_on_cpu(validation.attention_call(q, k, k))
         assert (reason is None) == (expected is None) and (expected is None or expected in reason)
         assert ops.backend_for("attention", q, k, k).startswith("torch-sdpa" if expected else "cpu:")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch,q_len,k_len,q_heads,kv_heads", [
+    (1, 1024, 1024, 2, 2), (1, 1, 1024, 16, 16), (4, 32, 1024, 16, 16), (1, 8, 512, 16, 16)])
+def test_without_amx_half_precision_stays_native(monkeypatch, dtype, batch, q_len, k_len, q_heads, kv_heads):
+    """Without AMX, torch's half-precision SDPA measured slower than the native kernel at
+    every shape (unmask.sdpa's comments): those calls stay native, whichever build runs."""
+    monkeypatch.setattr(native, "cpu_has_amx", lambda: False)
+    q = torch.empty(batch, q_len, q_heads, 64, dtype=dtype)
+    k = torch.empty(batch, k_len, kv_heads, 64, dtype=dtype)
+    for isa in native.runnable_cpu_isas():
+        with native.cpu_isa_forced(isa):
+            assert sdpa.preferred_on_cpu(validation.attention_call(q, k, k)) is None
+            assert ops.backend_for("attention", q, k, k) == f"cpu:{isa}"
+    monkeypatch.setattr(native, "cpu_has_amx", lambda: True)
+    without_amx = next((isa for isa in native.runnable_cpu_isas() if isa != "amx"), None)
+    with native.cpu_isa_forced(without_amx) if without_amx else contextlib.nullcontext():
+        assert "on a CPU with AMX" in sdpa.preferred_on_cpu(validation.attention_call(q, k, k))
 
 
 def test_the_routing_rule_counts_one_query_heads_rows_without_a_mask():

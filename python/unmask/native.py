@@ -53,6 +53,13 @@ def runnable_cpu_isas() -> list[str]:
     return [isa for isa in cpu_isas() if _C.cpu_isa_supported(isa)]
 
 
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX (the amx build runs here), whichever build runs now: torch's
+    own kernels (oneDNN) multiply half precision on its tiles whatever UNMASK_ISA says."""
+    return "amx" in runnable_cpu_isas()
+
+
 def cpu_isa() -> str | None:
     """The build the CPU kernels run now (None without the extension)."""
     return _C.cpu_isa() if _C is not None else None

@@ -36,9 +36,13 @@ from unmask.validation import AttentionCall
 # against 0.95x; on fewer rows or keys SDPA's lower per-call cost wins or ties (one query
 # over 1024 keys 0.57-0.95x native against 0.67-0.87x, 32 x 32 0.37-0.75x against
 # 0.50-0.69x, [64, 32, 4, 32] over 32 keys 0.74x against 0.82x). In bfloat16 and
-# float16 SDPA is faster (its kernels multiply in bfloat16, the native kernel in float32:
-# 1.2-3.7x), except on small calls (below) and, where the CPU has AMX, bfloat16 calls of
-# a few query rows and more (NATIVE_AMX_MIN_QUERY_ROWS).
+# float16 on a CPU with AMX, SDPA is faster than the avx512 and avx2 builds (oneDNN
+# multiplies on AMX tiles, those builds in float32: 1.2-3.7x on Sapphire Rapids), except
+# on small calls (below) and bfloat16 calls of a few query rows and more that the amx
+# build runs (NATIVE_AMX_MIN_QUERY_ROWS). Without AMX the native kernel is the faster at
+# every shape measured (Zen 4 with AVX512-BF16, 2 threads, torch 2.13: bfloat16 1.17-1.55x
+# SDPA from [1, 8, 16, 128] over 512 keys to [1, 1024, 32, 128] over 1024, 8.3x for one
+# query over 1024 keys; float16 1.6-4.1x), so it keeps half precision there.
 NATIVE_CPU_MIN_FLOAT32_MACS = 2**27
 NATIVE_CPU_MIN_FLOAT32_KEYS = 128
 # From this many queries (over NATIVE_CPU_MIN_FLOAT32_KEYS keys), or with a key mask this
@@ -70,12 +74,15 @@ def preferred_on_cpu(call: AttentionCall) -> str | None:
     shape = call.shape
     if shape.batch * shape.k_len * shape.kv_heads * shape.head_dim < NATIVE_CPU_MAX_SMALL_KEYS:
         return None
+    if call.q.dtype != torch.float32 and not native.cpu_has_amx():
+        return None  # half precision without AMX: SDPA multiplies no faster than the native kernel
     if call.q.dtype == torch.bfloat16 and native.cpu_isa() == "amx":
         if shape.q_len * (shape.q_heads // shape.kv_heads) >= NATIVE_AMX_MIN_QUERY_ROWS:
             return None
         return "torch SDPA is faster for bfloat16 calls of fewer than 4 query rows per kv head on the CPU"
     if call.q.dtype != torch.float32:
-        return f"torch SDPA is faster for {str(call.q.dtype).removeprefix('torch.')} on the CPU"
+        return (f"torch SDPA is faster for {str(call.q.dtype).removeprefix('torch.')} on a CPU with AMX "
+                f"(its kernels multiply on the tiles; this build, {native.cpu_isa()}, in float32)")
     macs = shape.batch * shape.q_heads * shape.q_len * shape.k_len * shape.head_dim
     if macs >= NATIVE_CPU_MIN_FLOAT32_MACS:
         return None
