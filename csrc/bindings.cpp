@@ -471,6 +471,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("name"));
   m.def("select_cpu_isa", &select_isa, py::arg("name"));
   m.def("cpu_isa", []() { return std::string(active_cpu_isa()); }, "the build the CPU kernels run");
+  m.def("cpu_vendor", []() { return std::string(cpu_vendor()); }, "CPUID's vendor string (empty off x86-64)");
 
   m.def("sample_cpu", [](const SampleParams& params) { run_released(&sample_cpu, params, "sample_cpu"); },
         py::arg("params"));

@@ -124,16 +124,19 @@ CPU_CASES = [
                               "attention D=16 native",
                               "attention bf16", "attention D=1025", "attention block-causal", "sample top-k top-p",
                               "commit int32 canvas"])
-def test_reported_backend_is_the_one_that_ran(ran, kernel, args, kwargs, expected):
+def test_reported_backend_is_the_one_that_ran(monkeypatch, ran, kernel, args, kwargs, expected):
+    monkeypatch.setattr(native, "cpu_vendor", lambda: "GenuineIntel")  # the routes the cases name
     reported = ops.backend_for(kernel, *args, **kwargs)
     assert reported.split(":")[0] == expected
     getattr(ops, kernel)(*args, **kwargs)
     assert ran == [reported]
 
 
-def test_sdpa_is_not_preferred_under_a_block_mask_with_non_finite_keys():
+def test_sdpa_is_not_preferred_under_a_block_mask_with_non_finite_keys(monkeypatch):
     """SDPA adds the mask to the scores, so NaN in a key that the block-causal mask hides
-    from some queries would reach them: the native kernel takes that call."""
+    from some queries would reach them: the native kernel takes that call (the shapes are
+    SDPA's by the rule for Intel CPUs)."""
+    monkeypatch.setattr(native, "cpu_vendor", lambda: "GenuineIntel")
     (q, k, v), _ = _attention_args(32, q_len=96, heads=16)  # SDPA's: 48K key elements over fewer than 128 keys
     k[0, 4, 1] = float("nan")  # in block 1: seen by queries 4 on, hidden from queries 0-3
     assert ops.backend_for("attention", q, k, v, block_size=4).startswith("cpu:")

@@ -4,6 +4,7 @@ that need it (which would crash an older CPU with an illegal instruction)."""
 
 import collections
 import os
+import pathlib
 import platform
 import re
 import shutil
@@ -121,3 +122,19 @@ def test_use_cpu_isa_switches_and_refuses_unknown_names():
 def test_the_best_runnable_build_is_chosen_at_import():
     result = _import_with("")
     assert result.stdout.strip() == native.runnable_cpu_isas()[0]
+
+
+@pytest.mark.skipif(not native.available(), reason="unmask._C not built")
+def test_the_cpu_vendor_is_the_one_linux_reports():
+    """The routing rules read CPUID's vendor string (unmask.sdpa: torch's own kernels take
+    other paths on AMD); on Linux /proc/cpuinfo names the same one."""
+    vendor = native.cpu_vendor()
+    assert isinstance(vendor, str)
+    if platform.machine() not in ("x86_64", "AMD64"):
+        assert vendor == ""
+        return
+    assert vendor in ("GenuineIntel", "AuthenticAMD") or len(vendor) == 12
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        reported = re.search(r"^vendor_id\s*:\s*(\S+)", cpuinfo.read_text(), re.MULTILINE)
+        assert reported is not None and reported.group(1) == vendor

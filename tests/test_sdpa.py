@@ -94,8 +94,9 @@ def test_the_routing_rule(monkeypatch, dtype, batch, q_len, k_len, heads, head_d
     """SDPA takes the CPU calls where it measured faster than the native kernel (the
     comments of unmask.sdpa); the native kernel keeps small calls, float32 calls of 2^27
     multiply-adds and more, and float32 calls of 8 query rows per kv head over 128 keys.
-    Half precision as on a CPU with AMX, where these were measured, run by another build."""
+    As on an Intel CPU with AMX, where these were measured, run by another build."""
     monkeypatch.setattr(native, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(native, "cpu_vendor", lambda: "GenuineIntel")
     q = torch.empty(batch, q_len, heads, head_dim, dtype=dtype)
     k = torch.empty(batch, k_len, heads, head_dim, dtype=dtype)
     without_amx = next((isa for isa in native.runnable_cpu_isas() if isa != "amx"), None)
@@ -124,9 +125,36 @@ def test_without_amx_half_precision_stays_native(monkeypatch, dtype, batch, q_le
         assert "on a CPU with AMX" in sdpa.preferred_on_cpu(validation.attention_call(q, k, k))
 
 
-def test_the_routing_rule_counts_one_query_heads_rows_without_a_mask():
+AMD_ROUTES = [
+    # (batch, q_len, k_len, q_heads, kv_heads, head_dim, masked, expected), float32 below 2^27 multiply-adds
+    (1, 32, 32, 32, 32, 32, False, None),  # 32 x 32: SDPA on Intel, native here
+    (1, 2, 1024, 16, 16, 64, False, None),  # from two queries
+    (1, 7, 1024, 64, 64, 16, False, None),
+    (1, 32, 96, 16, 16, 64, False, None),  # fewer than 128 keys
+    (4, 2, 512, 16, 16, 64, True, None),
+    (1, 1, 1024, 16, 16, 64, False, "one-query"),  # one query: SDPA
+    (1, 1, 4096, 32, 32, 32, False, "one-query"),
+    (1, 1, 1024, 16, 2, 64, True, "one-query"),  # one query of a GQA group, masked
+]
+
+
+@pytest.mark.parametrize("batch,q_len,k_len,q_heads,kv_heads,head_dim,masked,expected", AMD_ROUTES)
+def test_the_routing_rule_for_float32_on_amd(monkeypatch, batch, q_len, k_len, q_heads, kv_heads, head_dim, masked,
+                                             expected):
+    """On AMD CPUs the native kernel keeps float32 calls of two queries and more."""
+    monkeypatch.setattr(native, "cpu_vendor", lambda: "AuthenticAMD")
+    q = torch.empty(batch, q_len, q_heads, head_dim)
+    k = torch.empty(batch, k_len, kv_heads, head_dim)
+    masks = {"key_valid": torch.ones(batch, k_len, dtype=torch.bool)} if masked else {}
+    reason = sdpa.preferred_on_cpu(validation.attention_call(q, k, k, **masks))
+    assert (reason is None) == (expected is None) and (expected is None or expected in reason)
+    assert ops.backend_for("attention", q, k, k, **masks).startswith("torch-sdpa" if expected else "cpu:")
+
+
+def test_the_routing_rule_counts_one_query_heads_rows_without_a_mask(monkeypatch):
     """A GQA call of one query (8 query heads per kv head) over 1024 keys stays in SDPA
     without a mask: the tiled kernel's tasks are query heads, each of one row here."""
+    monkeypatch.setattr(native, "cpu_vendor", lambda: "GenuineIntel")
     q, k = torch.empty(1, 1, 16, 64), torch.empty(1, 1024, 2, 64)
     without_amx = next((isa for isa in native.runnable_cpu_isas() if isa != "amx"), None)
     with native.cpu_isa_forced(without_amx) if without_amx else contextlib.nullcontext():
@@ -157,7 +185,8 @@ def test_the_routing_rule_for_bfloat16_on_amx(batch, q_len, k_len, q_heads, kv_h
 
 
 @pytest.mark.parametrize("batch,q_len,k_len,heads,head_dim,expected", MASKED_ROUTES)
-def test_the_routing_rule_with_a_key_mask(batch, q_len, k_len, heads, head_dim, expected):
+def test_the_routing_rule_with_a_key_mask(monkeypatch, batch, q_len, k_len, heads, head_dim, expected):
+    monkeypatch.setattr(native, "cpu_vendor", lambda: "GenuineIntel")  # where these were measured
     q = torch.empty(batch, q_len, heads, head_dim)
     k = torch.empty(batch, k_len, heads, head_dim)
     valid = torch.ones(batch, k_len, dtype=torch.bool)

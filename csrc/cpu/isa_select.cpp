@@ -144,6 +144,22 @@ Status select_cpu_isa(const char* name) {
 
 const char* active_cpu_isa() { return cpu::active.load(std::memory_order_relaxed)->name; }
 
+const char* cpu_vendor() {
+  static char vendor[13] = {};
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool read = [] {
+    unsigned max_leaf, ebx, ecx, edx;
+    if (!__get_cpuid(0, &max_leaf, &ebx, &ecx, &edx)) return false;
+    std::memcpy(vendor, &ebx, 4);  // the twelve characters come in ebx, edx, ecx
+    std::memcpy(vendor + 4, &edx, 4);
+    std::memcpy(vendor + 8, &ecx, 4);
+    return true;
+  }();
+  (void)read;
+#endif
+  return vendor;
+}
+
 Status sample_cpu(const SampleParams& params) { return cpu::table().sample(params); }
 Status attention_cpu(const AttentionParams& params) { return cpu::table().attention(params); }
 Status fill_draws_cpu(const DrawParams& params) { return cpu::table().fill_draws(params); }

@@ -54,6 +54,13 @@ def runnable_cpu_isas() -> list[str]:
 
 
 @functools.cache
+def cpu_vendor() -> str:
+    """CPUID's vendor string: 'GenuineIntel', 'AuthenticAMD', ... ('' off x86-64 or
+    without the extension)."""
+    return _C.cpu_vendor() if _C is not None else ""
+
+
+@functools.cache
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX (the amx build runs here), whichever build runs now: torch's
     own kernels (oneDNN) multiply half precision on its tiles whatever UNMASK_ISA says."""

@@ -66,6 +66,13 @@ NATIVE_CPU_MAX_SMALL_KEYS = 2**15
 # 512 keys 1.21x, a cached block of 32 x 1024 1.45-2.0x, 1024 x 1024 1.18-1.79x); one query
 # over 1024 keys 0.6x (each key tile is packed for AMX, then used by one row).
 NATIVE_AMX_MIN_QUERY_ROWS = 4
+# The float32 rules above were measured on Intel CPUs, where torch's SDPA runs MKL's
+# tuned small products. On AMD's (MKL takes its generic path there: its *_def_*_zen
+# kernels in the profiles) SDPA's per-call cost is higher and the native kernel measured
+# faster from two queries up (Zen 4, 2 threads, raw SDPA against the native kernel, d_model
+# 1024 at D 16-128): 32 x 32 1.02-2.76x, 2-4 queries over 1024 keys 1.04-1.86x, 7 x 1024
+# 1.04-1.46x, 32 x 96 1.13-2.52x; one query over 128-4096 keys 0.45-0.97x (SDPA keeps it).
+NATIVE_AMD_MIN_FLOAT32_QUERIES = 2
 SDPA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -86,6 +93,10 @@ def preferred_on_cpu(call: AttentionCall) -> str | None:
     macs = shape.batch * shape.q_heads * shape.q_len * shape.k_len * shape.head_dim
     if macs >= NATIVE_CPU_MIN_FLOAT32_MACS:
         return None
+    if native.cpu_vendor() == "AuthenticAMD":
+        if shape.q_len >= NATIVE_AMD_MIN_FLOAT32_QUERIES:
+            return None
+        return f"torch SDPA is faster for one-query float32 calls of {macs} < 2^27 multiply-adds on AMD CPUs"
     masked = call.key_valid is not None or call.kv_len is not None
     if masked and shape.q_len * (shape.q_heads // shape.kv_heads) >= NATIVE_CPU_MIN_QUERY_ROWS:
         return None  # the contract's hidden-key check costs SDPA more than it saves
@@ -94,7 +105,7 @@ def preferred_on_cpu(call: AttentionCall) -> str | None:
     if shape.q_len >= NATIVE_CPU_MIN_QUERY_ROWS and shape.k_len >= NATIVE_CPU_MIN_FLOAT32_KEYS:
         return None
     return (f"torch SDPA is faster for float32 calls of {macs} < 2^27 multiply-adds with fewer than 8 queries "
-            f"(with a key mask: query rows per kv head) or, unmasked, 128 keys on the CPU")
+            f"(with a key mask: query rows per kv head) or, unmasked, 128 keys on this CPU")
 
 
 def _key_visible(call: AttentionCall) -> torch.Tensor | None:

@@ -14,5 +14,8 @@ bool cpu_isa_supported(const char* name); // compiled in and runnable on this CP
 // philox_blocks_cpu call; invalid argument when it is not compiled in or not supported.
 Status select_cpu_isa(const char* name);
 const char* active_cpu_isa();
+// CPUID's vendor string ("GenuineIntel", "AuthenticAMD", ...; empty off x86-64): which
+// code paths torch's own CPU kernels take (MKL's fast ones are Intel's) differs by it.
+const char* cpu_vendor();
 
 }  // namespace unmask
