@@ -24,7 +24,8 @@ def backend_status() -> list[tuple[str, str, str]]:
     if built:
         runnable = native.runnable_cpu_isas()
         rows.append(("CPU instruction set", native.cpu_isa(),
-                     f"compiled: {', '.join(native.cpu_isas())}; this CPU runs: {', '.join(runnable)}; "
+                     f"compiled: {', '.join(native.cpu_isas())}; this CPU ({native.cpu_vendor() or 'vendor unknown'}) "
+                     f"runs: {', '.join(runnable)}; "
                      "UNMASK_ISA=<name> picks a lower one"))
     kernels = native.kernels()
     cpu_kernels = sorted(kernel for kernel, device in kernels if device == "cpu")
