@@ -134,7 +134,8 @@ AMD_ROUTES = [
     (4, 2, 512, 16, 16, 64, True, None),
     (1, 1, 1024, 16, 16, 64, False, "one-query"),  # one query: SDPA
     (1, 1, 4096, 32, 32, 32, False, "one-query"),
-    (1, 1, 1024, 16, 2, 64, True, "one-query"),  # one query of a GQA group, masked
+    (1, 1, 1024, 16, 16, 64, True, "one-query"),  # masked, one query row per kv head
+    (1, 1, 1024, 16, 2, 64, True, None),  # masked, 8 rows per kv head: the key-mask rule, as on Intel
 ]
 
 

@@ -93,13 +93,13 @@ def preferred_on_cpu(call: AttentionCall) -> str | None:
     macs = shape.batch * shape.q_heads * shape.q_len * shape.k_len * shape.head_dim
     if macs >= NATIVE_CPU_MIN_FLOAT32_MACS:
         return None
+    masked = call.key_valid is not None or call.kv_len is not None
+    if masked and shape.q_len * (shape.q_heads // shape.kv_heads) >= NATIVE_CPU_MIN_QUERY_ROWS:
+        return None  # the contract's hidden-key check costs SDPA more than it saves (on any CPU)
     if native.cpu_vendor() == "AuthenticAMD":
         if shape.q_len >= NATIVE_AMD_MIN_FLOAT32_QUERIES:
             return None
         return f"torch SDPA is faster for one-query float32 calls of {macs} < 2^27 multiply-adds on AMD CPUs"
-    masked = call.key_valid is not None or call.kv_len is not None
-    if masked and shape.q_len * (shape.q_heads // shape.kv_heads) >= NATIVE_CPU_MIN_QUERY_ROWS:
-        return None  # the contract's hidden-key check costs SDPA more than it saves
     # Unmasked: rows of one query head (the tiled kernel's task is a query head's rows; its
     # 1-row tasks of a GQA group were not among the measured wins).
     if shape.q_len >= NATIVE_CPU_MIN_QUERY_ROWS and shape.k_len >= NATIVE_CPU_MIN_FLOAT32_KEYS:
