@@ -112,6 +112,63 @@ def test_nan_scores_make_their_rows_nan_as_in_the_reference(dtype):
     assert torch.equal(out[0, :32], torch.zeros_like(out[0, :32]))
 
 
+# One query (q_len 1) runs its own path (csrc/cpu/attention_one_query.cpp): keys read in
+# place, key by key across a task's heads, nothing packed.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("k_len", [1, 63, 64, 65, 300])
+def test_one_query(dtype, mask, k_len):
+    q, k, v, gen = random_inputs(3, 1, k_len, 4, 2, 64, dtype, seed=k_len + 7)
+    check_against_reference(q, k, v, **make_masks(mask, 3, k_len, gen))
+
+
+@pytest.mark.parametrize("batch,q_heads,kv_heads", [(1, 16, 16), (1, 32, 4), (3, 12, 4), (5, 3, 1)])
+@pytest.mark.parametrize("head_dim", [128, 33, 1])
+def test_one_query_heads_split_across_tasks(batch, q_heads, kv_heads, head_dim):
+    """A task takes a slice of a batch row's heads (the heads of one row split so every
+    thread has work), and with 1025 keys and more the call runs on several threads: every
+    head of every row must come out, with block-causal limits inside a key tile."""
+    q, k, v, gen = random_inputs(batch, 1, 1025, q_heads, kv_heads, head_dim, torch.float32, seed=q_heads * head_dim)
+    check_against_reference(q, k, v, key_valid=torch.rand(batch, 1025, generator=gen) > 0.2, block_size=48,
+                            q_offset=700)
+    check_against_reference(q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_query_never_reads_hidden_keys(dtype):
+    q, k, v, dirty_k, dirty_v, kv_len, key_valid = dirty_hidden_keys(dtype, 64, q_len=1)
+    for masks in ({"kv_len": kv_len, "key_valid": key_valid}, {"key_valid": key_valid, "block_size": 16,
+                                                                "q_offset": 70}):
+        clean = ops.attention(q, k, v, **masks)
+        assert not torch.isnan(clean).any()
+        assert torch.equal(ops.attention(q, dirty_k, dirty_v, **masks), clean)
+    # keys past the query's block (block-causal) are not read either
+    late_k, late_v = k.clone(), v.clone()
+    late_k[:, 80:], late_v[:, 80:] = float("nan"), float("nan")
+    causal = {"block_size": 16, "q_offset": 70}  # the query at 70 sees keys 0..79
+    assert torch.equal(ops.attention(q, late_k, late_v, **causal), ops.attention(q, k, v, **causal))
+
+
+def test_one_query_nan_rules_and_no_visible_key():
+    """NaN in a visible key or in the query makes the row NaN, as in the reference; a
+    visible key with infinite V reaches the row; a query that sees no key gets zeros."""
+    q, k, v, _ = random_inputs(2, 1, 130, 2, 2, 64, torch.float32, seed=3)
+    k[0, 100, 1] = float("nan")
+    q[1, 0, 0] = float("nan")
+    for masks in ({}, {"block_size": 32, "q_offset": 70}):  # the query at 70 does not see key 100
+        out = ops.attention(q, k, v, **masks)
+        expected = reference.attention(q.double(), k.double(), v.double(), **masks)
+        assert torch.equal(torch.isnan(out), torch.isnan(expected)), masks
+        finite = ~torch.isnan(expected)
+        torch.testing.assert_close(out[finite].double(), expected[finite], rtol=2e-5, atol=2e-6)
+    v_inf = v.clone()
+    v_inf[0, 5, 0, 3] = float("inf")
+    out = ops.attention(q, k, v_inf)
+    assert out[0, 0, 0, 3] == float("inf") and not torch.isnan(out[0, 0, 0]).any()
+    out = ops.attention(q, k, v, kv_len=torch.tensor([0, 130]))
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+
+
 # Blocks of 25-32 queries (a cached decoding step's block) run with the queries along the
 # lanes of two zmm on AVX-512 (csrc/cpu/attention_lanes.cpp); 24 is the tiled kernel's.
 SHORT_BLOCKS = [24, 25, 31, 32]

@@ -390,6 +390,10 @@ Status attention(const AttentionParams& p) {
   // its tiles itself. Longer blocks share the global pack across their query tiles.
   const bool pack_locally = query_tiles == 1;
   pack_masks(p, packed, /*keys_too=*/!pack_locally);
+  if (p.q_len == 1) {  // one query: no key tile is worth packing for a single row
+    attention_one_query(p, packed);  // attention_one_query.cpp
+    return ok_status();
+  }
 #if defined(__AVX512F__)
   if (lanes_apply(p)) {  // a cached decoding step's block: the queries along the lanes
     attention_lanes(p, packed);  // attention_lanes.cpp

@@ -252,6 +252,10 @@ void attention_lanes(const AttentionParams& p, const Packed& packed);
 inline bool lanes_apply(const AttentionParams&) { return false; }
 #endif
 
+// One query (q_len 1): its row against the keys read in place, nothing packed
+// (attention_one_query.cpp).
+void attention_one_query(const AttentionParams& p, const Packed& packed);
+
 // The AMX build's bfloat16 kernel (attention_amx.cpp); other builds do not define it.
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define UNMASK_AMX 1

@@ -1,0 +1,154 @@
+// attention of one query (q_len 1) on the CPU: for each (batch, query head) the query row
+// against its kv head's keys, read in place. The tiled kernel (attention.cpp) packs every
+// key tile, transposed, for its query tile; a tile of one row uses each packed key once,
+// so packing cost more than the products (one query over 1024 keys ran 0.6-0.8x torch
+// SDPA). Here each visible key's K row gives one dot product and its V row one
+// multiply-add into the output: K and V are read once, nothing is packed. The softmax is
+// the tiled kernel's (online_softmax_row, per key tile of kKeyTile), so masks, NaN and
+// infinities, hidden keys (never read) and a query that sees no key (zeros) behave alike.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "attention_tiles.h"
+#include "kernels.h"
+
+namespace unmask::cpu {
+inline namespace UNMASK_CPU_ISA {  // isa.h
+namespace attention_detail {
+namespace {
+
+struct OneQueryBuffers {
+  // Per query head of the task: the scaled query, the output, a key tile's scores and the
+  // softmax's running state. `row`: one K or V row as float32.
+  AlignedFloats q, o, s, row;
+  std::vector<float> row_max, row_sum, alpha;
+};
+
+// Row `offset` of `base` (dtype) as float32: in place for float32, else converted into `buf`.
+const float* float_row(const void* base, ScalarType dtype, int64_t offset, int64_t dim, float* buf) {
+  if (dtype == ScalarType::kFloat32) return static_cast<const float*>(base) + offset;
+  load_row(base, dtype, offset, dim, 1.0f, buf);
+  return buf;
+}
+
+// Query heads [h_begin, h_end) of batch row b. The loops run key by key and, within a
+// key, head by head: a key's heads lie next to each other ([B, L, H, D]), so K and V are
+// read in memory order. Head by head, each row lay H * D elements from the next (4 KiB
+// at d_model 1024), all in one L1 set and a new page every few rows: one query over 4096
+// keys at 32 heads of 32 ran 5.8 ms that way, slower than SDPA.
+void attend_one_query(const AttentionParams& p, const Packed& packed, int64_t b, int64_t h_begin, int64_t h_end,
+                      OneQueryBuffers& buf) {
+  const int64_t dim = p.head_dim, tiles = key_tiles(p), heads = h_end - h_begin, group = p.q_heads / p.kv_heads;
+  for (int64_t i = 0; i < heads; ++i) {
+    // scale * log2(e): scores come out in base 2 for the exp2 of the softmax.
+    load_row(p.q, p.dtype, b * p.q_stride[0] + (h_begin + i) * p.q_stride[2], dim, p.scale * cpu::kLog2e,
+             buf.q.data() + i * dim);
+  }
+  std::fill(buf.o.begin(), buf.o.begin() + heads * dim, 0.0f);
+  std::fill(buf.row_max.begin(), buf.row_max.begin() + heads, -kInf);
+  std::fill(buf.row_sum.begin(), buf.row_sum.begin() + heads, 0.0f);
+
+  for (int64_t t = 0; t < tiles; ++t) {
+    const KeyTile tile = key_tile(p, packed, b, t, /*q_begin=*/0, /*rows=*/1);
+    if (tile.hidden()) continue;
+    int64_t keys = tile.keys;  // those before k_len, and before the query's block-causal limit
+    if (tile.causal == TileVisibility::kPartial) {
+      int64_t limit;
+      causal_row_keys(p, tile, 0, 1, &limit);
+      keys = std::min(keys, limit);
+    }
+    for (int64_t j = 0; j < keys; ++j) {
+      const int64_t key = tile.begin + j;
+      for (int64_t i = 0; i < heads; ++i) {
+        float* s = buf.s.data() + i * kKeyTile;
+        if (tile.bias[j] != 0.0f) {  // hidden by kv_len or key_valid: never read
+          s[j] = -kInf;
+          continue;
+        }
+        const int64_t kv_head = (h_begin + i) / group;
+        const float* k = float_row(p.k, p.dtype, b * p.k_stride[0] + key * p.k_stride[1] + kv_head * p.k_stride[2],
+                                   dim, buf.row.data());
+        const float* q = buf.q.data() + i * dim;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < dim; ++d) dot += q[d] * k[d];
+        s[j] = dot;
+      }
+    }
+    for (int64_t i = 0; i < heads; ++i) {
+      float* s = buf.s.data() + i * kKeyTile;
+      std::fill(s + keys, s + kKeyTile, -kInf);
+      online_softmax_row(s, nullptr, buf.row_max[i], buf.row_sum[i], buf.alpha[i]);
+      if (buf.alpha[i] != 1.0f) {
+        float* o = buf.o.data() + i * dim;
+        const float alpha = buf.alpha[i];
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) o[d] *= alpha;
+      }
+    }
+    for (int64_t j = 0; j < keys; ++j) {
+      if (tile.bias[j] != 0.0f) continue;  // a hidden key's V is never read: 0 * NaN would be NaN
+      const int64_t key = tile.begin + j;
+      for (int64_t i = 0; i < heads; ++i) {
+        const int64_t kv_head = (h_begin + i) / group;
+        const float* v = float_row(p.v, p.dtype, b * p.v_stride[0] + key * p.v_stride[1] + kv_head * p.v_stride[2],
+                                   dim, buf.row.data());
+        const float weight = buf.s[i * kKeyTile + j];
+        float* o = buf.o.data() + i * dim;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) o[d] += weight * v[d];
+      }
+    }
+  }
+  for (int64_t i = 0; i < heads; ++i) {
+    float* o = buf.o.data() + i * dim;
+    const float sum = buf.row_sum[i];
+    const float inv = sum > 0.0f ? 1.0f / sum : sum == 0.0f ? 0.0f : kNaN;  // no visible key: zeros
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) o[d] *= inv;
+    store_row(p.out, p.dtype, b * p.out_stride[0] + (h_begin + i) * p.out_stride[2], dim, o);
+  }
+}
+
+}  // namespace
+
+void attention_one_query(const AttentionParams& p, const Packed& packed) {
+  // Tasks of a batch row's heads, split so every thread gets work: a batch row's heads
+  // together read each key's rows in memory order, and splitting them across threads
+  // halves each one's share of every row.
+  int threads = 1;
+#if defined(_OPENMP)
+  threads = omp_get_max_threads();
+#endif
+  const int64_t splits = std::min<int64_t>(p.q_heads, std::max<int64_t>(1, (threads + p.batch - 1) / p.batch));
+  const int64_t heads_per_task = (p.q_heads + splits - 1) / splits;
+  const int64_t tasks = p.batch * splits;
+  // A thread for every 16 query heads' rows of 1024 keys at least: below that the fork
+  // and join cost about what the work does.
+#pragma omp parallel if (p.batch * p.q_heads * p.k_len * p.head_dim >= (int64_t{1} << 18))
+  {
+    static thread_local OneQueryBuffers buf;  // kept across calls, growing only (attention.cpp's TaskBuffers)
+    buf.q.resize(heads_per_task * p.head_dim);
+    buf.o.resize(heads_per_task * p.head_dim);
+    buf.s.resize(heads_per_task * kKeyTile);
+    buf.row.resize(p.head_dim);
+    buf.row_max.resize(heads_per_task);
+    buf.row_sum.resize(heads_per_task);
+    buf.alpha.resize(heads_per_task);
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = task / splits, h_begin = (task % splits) * heads_per_task;
+      const int64_t h_end = std::min(p.q_heads, h_begin + heads_per_task);
+      if (h_begin < h_end) attend_one_query(p, packed, b, h_begin, h_end, buf);
+    }
+  }
+}
+
+}  // namespace attention_detail
+}  // namespace UNMASK_CPU_ISA
+}  // namespace unmask::cpu
