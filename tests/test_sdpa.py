@@ -132,9 +132,11 @@ AMD_ROUTES = [
     (1, 7, 1024, 64, 64, 16, False, None),
     (1, 32, 96, 16, 16, 64, False, None),  # fewer than 128 keys
     (4, 2, 512, 16, 16, 64, True, None),
-    (1, 1, 1024, 16, 16, 64, False, "one-query"),  # one query: SDPA
-    (1, 1, 4096, 32, 32, 32, False, "one-query"),
-    (1, 1, 1024, 16, 16, 64, True, "one-query"),  # masked, one query row per kv head
+    (1, 1, 1024, 16, 16, 64, False, None),  # one query, a kv head per query head: the one-query path
+    (1, 1, 4096, 32, 32, 32, False, None),
+    (1, 1, 1024, 16, 16, 64, True, None),
+    (1, 1, 1024, 16, 4, 64, False, "one-query float32 calls of a GQA group"),  # SDPA reads each kv row once
+    (1, 1, 1024, 16, 4, 64, True, "one-query float32 calls of a GQA group"),  # masked, 4 rows per kv head
     (1, 1, 1024, 16, 2, 64, True, None),  # masked, 8 rows per kv head: the key-mask rule, as on Intel
 ]
 

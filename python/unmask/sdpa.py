@@ -71,7 +71,10 @@ NATIVE_AMX_MIN_QUERY_ROWS = 4
 # kernels in the profiles) SDPA's per-call cost is higher and the native kernel measured
 # faster from two queries up (Zen 4, 2 threads, raw SDPA against the native kernel, d_model
 # 1024 at D 16-128): 32 x 32 1.02-2.76x, 2-4 queries over 1024 keys 1.04-1.86x, 7 x 1024
-# 1.04-1.46x, 32 x 96 1.13-2.52x; one query over 128-4096 keys 0.45-0.97x (SDPA keeps it).
+# 1.04-1.46x, 32 x 96 1.13-2.52x. One query runs its own path (csrc/cpu/attention_one_query.cpp,
+# the route's cost included): 0.97-1.46x over 512-1024 keys with a kv head per query head,
+# where the SDPA route measured 0.82-0.89x; with a GQA group SDPA reads each kv row once
+# for the group and the native path 0.62-1.14x, so SDPA keeps those.
 NATIVE_AMD_MIN_FLOAT32_QUERIES = 2
 SDPA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -97,9 +100,10 @@ def preferred_on_cpu(call: AttentionCall) -> str | None:
     if masked and shape.q_len * (shape.q_heads // shape.kv_heads) >= NATIVE_CPU_MIN_QUERY_ROWS:
         return None  # the contract's hidden-key check costs SDPA more than it saves (on any CPU)
     if native.cpu_vendor() == "AuthenticAMD":
-        if shape.q_len >= NATIVE_AMD_MIN_FLOAT32_QUERIES:
+        if shape.q_len >= NATIVE_AMD_MIN_FLOAT32_QUERIES or shape.q_heads == shape.kv_heads:
             return None
-        return f"torch SDPA is faster for one-query float32 calls of {macs} < 2^27 multiply-adds on AMD CPUs"
+        return (f"torch SDPA is faster for one-query float32 calls of a GQA group ({macs} < 2^27 multiply-adds) "
+                f"on AMD CPUs")
     # Unmasked: rows of one query head (the tiled kernel's task is a query head's rows; its
     # 1-row tasks of a GQA group were not among the measured wins).
     if shape.q_len >= NATIVE_CPU_MIN_QUERY_ROWS and shape.k_len >= NATIVE_CPU_MIN_FLOAT32_KEYS:
