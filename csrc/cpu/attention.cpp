@@ -361,14 +361,7 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b
     pv_tile(s, rows, tile.keys, dim, v_tile, row_keys, buf.alpha.data(), buf.o.data());
   }
 
-  for (int64_t r = 0; r < rows; ++r) {
-    float* orow = buf.o.data() + r * dim;
-    const float sum = buf.row_sum[r];
-    const float inv = sum > 0.0f ? 1.0f / sum : sum == 0.0f ? 0.0f : kNaN;  // no visible key: zeros
-#pragma omp simd
-    for (int64_t d = 0; d < dim; ++d) orow[d] *= inv;
-    store_row(p.out, p.dtype, b * p.out_stride[0] + (q_begin + r) * p.out_stride[1] + h * p.out_stride[2], dim, orow);
-  }
+  for (int64_t r = 0; r < rows; ++r) store_output_row(p, b, q_begin + r, h, buf.row_sum[r], buf.o.data() + r * dim);
 }
 
 }  // namespace

@@ -419,11 +419,8 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, const Hal
   }
 
   for (int64_t r = 0; r < rows; ++r) {
-    float* orow = task.o.data() + r * dp;
     const float sum = _mm512_reduce_add_ps(_mm512_load_ps(task.row_sums.data() + r * 16));
-    const float inv = sum > 0.0f ? 1.0f / sum : sum == 0.0f ? 0.0f : kNaN;  // no visible key: zeros
-    for (int64_t d = 0; d < dim; ++d) orow[d] *= inv;
-    store_row(p.out, p.dtype, b * p.out_stride[0] + (q_begin + r) * p.out_stride[1] + h * p.out_stride[2], dim, orow);
+    store_output_row(p, b, q_begin + r, h, sum, task.o.data() + r * dp);
   }
 }
 

@@ -249,8 +249,7 @@ void attend_tile(const AttentionParams& p, const KeyTile& tile, int64_t keys, co
 // O = O^T transposed, over each lane's sum (zeros for a query that saw no key).
 void finish_head(const AttentionParams& p, int64_t b, int64_t h, const HeadState& head, std::vector<float>& row) {
   for (int64_t r = 0; r < p.q_len; ++r) {
-    const float s = head.row_sum[r];
-    const float inv = s > 0.0f ? 1.0f / s : s == 0.0f ? 0.0f : kNaN;
+    const float inv = inverse_row_sum(head.row_sum[r]);
     for (int64_t d = 0; d < p.head_dim; ++d) row[d] = head.ot[d * kLanes + r] * inv;
     store_row(p.out, p.dtype, b * p.out_stride[0] + r * p.out_stride[1] + h * p.out_stride[2], p.head_dim, row.data());
   }

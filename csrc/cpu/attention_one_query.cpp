@@ -105,14 +105,7 @@ void attend_one_query(const AttentionParams& p, const Packed& packed, int64_t b,
       }
     }
   }
-  for (int64_t i = 0; i < heads; ++i) {
-    float* o = buf.o.data() + i * dim;
-    const float sum = buf.row_sum[i];
-    const float inv = sum > 0.0f ? 1.0f / sum : sum == 0.0f ? 0.0f : kNaN;  // no visible key: zeros
-#pragma omp simd
-    for (int64_t d = 0; d < dim; ++d) o[d] *= inv;
-    store_row(p.out, p.dtype, b * p.out_stride[0] + (h_begin + i) * p.out_stride[2], dim, o);
-  }
+  for (int64_t i = 0; i < heads; ++i) store_output_row(p, b, 0, h_begin + i, buf.row_sum[i], buf.o.data() + i * dim);
 }
 
 }  // namespace

@@ -134,6 +134,18 @@ inline void online_softmax_row(float* srow, const float* bias, float& row_max, f
 #endif
 }
 
+// 1 / a row's softmax sum: zeros for a query that saw no key (sum 0), NaN where the sum is.
+inline float inverse_row_sum(float sum) { return sum > 0.0f ? 1.0f / sum : sum == 0.0f ? 0.0f : kNaN; }
+
+// A query row's output o (D floats, scaled in place) divided by its softmax sum and
+// stored at out[b, query, h] in the output dtype.
+inline void store_output_row(const AttentionParams& p, int64_t b, int64_t query, int64_t h, float sum, float* o) {
+  const float inv = inverse_row_sum(sum);
+#pragma omp simd
+  for (int64_t d = 0; d < p.head_dim; ++d) o[d] *= inv;
+  store_row(p.out, p.dtype, b * p.out_stride[0] + query * p.out_stride[1] + h * p.out_stride[2], p.head_dim, o);
+}
+
 struct Packed {
   AlignedFloats kt;            // [batch][kv_heads][tiles][D][kKeyTile]
   AlignedFloats v;             // [batch][kv_heads][tiles][kKeyTile][D]
