@@ -72,9 +72,9 @@ NATIVE_AMX_MIN_QUERY_ROWS = 4
 # faster from two queries up (Zen 4, 2 threads, raw SDPA against the native kernel, d_model
 # 1024 at D 16-128): 32 x 32 1.02-2.76x, 2-4 queries over 1024 keys 1.04-1.86x, 7 x 1024
 # 1.04-1.46x, 32 x 96 1.13-2.52x. One query runs its own path (csrc/cpu/attention_one_query.cpp,
-# the route's cost included): 0.97-1.46x over 512-1024 keys with a kv head per query head,
+# the route's cost included): 1.02-1.87x over 512-1024 keys with a kv head per query head,
 # where the SDPA route measured 0.82-0.89x; with a GQA group SDPA reads each kv row once
-# for the group and the native path 0.62-1.14x, so SDPA keeps those.
+# for the group and the native path measured 0.83-1.09x, so SDPA keeps those.
 NATIVE_AMD_MIN_FLOAT32_QUERIES = 2
 SDPA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
