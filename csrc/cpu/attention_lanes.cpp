@@ -19,10 +19,6 @@
 #include <algorithm>
 #include <cstring>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
 #include "attention_tiles.h"
 
 namespace unmask::cpu {
@@ -287,11 +283,7 @@ void attention_lanes(const AttentionParams& p, const Packed& packed) {
   // tasks (a group's copy of a key's rows reads one stretch of memory). With fewer kv
   // heads than that (a batch of one under GQA or MQA), a kv head's query heads are split
   // among tasks too, each copying the kv head's rows for itself.
-  int threads = 1;
-#if defined(_OPENMP)
-  threads = omp_get_max_threads();
-#endif
-  const int64_t wanted = 4 * threads, group = p.q_heads / p.kv_heads;
+  const int64_t wanted = 4 * max_threads(), group = p.q_heads / p.kv_heads;
   const int64_t groups = std::clamp<int64_t>((wanted + p.batch - 1) / p.batch, 1, p.kv_heads);
   const int64_t per_group = (p.kv_heads + groups - 1) / groups;
   const int64_t slices = per_group == 1 ? std::clamp<int64_t>((wanted + p.batch * groups - 1) / (p.batch * groups), 1,

@@ -9,10 +9,6 @@
 #include <algorithm>
 #include <vector>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
 #include "attention_tiles.h"
 #include "kernels.h"
 
@@ -168,11 +164,7 @@ void attention_one_query(const AttentionParams& p, const Packed& packed) {
   // Tasks of a batch row's heads, split so every thread gets work: a batch row's heads
   // together read each key's rows in memory order, and splitting them across threads
   // halves each one's share of every row.
-  int threads = 1;
-#if defined(_OPENMP)
-  threads = omp_get_max_threads();
-#endif
-  const int64_t splits = std::min<int64_t>(p.q_heads, std::max<int64_t>(1, (threads + p.batch - 1) / p.batch));
+  const int64_t splits = std::min<int64_t>(p.q_heads, std::max<int64_t>(1, (max_threads() + p.batch - 1) / p.batch));
   const int64_t heads_per_task = (p.q_heads + splits - 1) / splits;
   const int64_t tasks = p.batch * splits;
   // Below 2^18 multiply-adds (16 heads x 1024 keys x D 16) one thread does the call: waking

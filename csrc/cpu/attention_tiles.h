@@ -11,6 +11,10 @@
 #include <new>
 #include <vector>
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 #include "isa.h"
 #include "rows.h"
 #include "simd.h"
@@ -152,6 +156,16 @@ struct Packed {
   AlignedFloats key_bias;      // [batch][tiles * kKeyTile]: 0 visible, -inf hidden (kv_len, key_valid, padding)
   std::vector<int64_t> visible_keys;  // [batch][tiles]: keys of the tile that key masks leave visible
 };
+
+// Threads an OpenMP parallel region of this call would run on (1 without OpenMP): the
+// attention paths split their tasks so every one has work.
+inline int max_threads() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
 
 inline int64_t key_tiles(const AttentionParams& p) { return (p.k_len + kKeyTile - 1) / kKeyTile; }
 
