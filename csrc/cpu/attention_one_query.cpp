@@ -1,11 +1,12 @@
 // attention of one query (q_len 1) on the CPU: for each batch row and slice of its query
-// heads, each head's query row against its kv head's keys, read in place. The tiled kernel (attention.cpp) packs every
-// key tile, transposed, for its query tile; a tile of one row uses each packed key once,
-// so packing cost more than the products (one query over 1024 keys ran 0.6-0.8x torch
-// SDPA). Here each visible key's K row gives one dot product and its V row one
-// multiply-add into the output: K and V are read once, nothing is packed. The softmax is
-// the tiled kernel's (online_softmax_row, per key tile of kKeyTile), so masks, NaN and
-// infinities, hidden keys (never read) and a query that sees no key (zeros) behave alike.
+// heads, each head's query row against its kv head's keys, read in place. The tiled
+// kernel (attention.cpp) packs every key tile, transposed, for its query tile; a tile of
+// one row uses each packed key once, so packing cost more than the products (one query
+// over 1024 keys ran 0.6-0.8x torch SDPA). Here each visible key's K row gives one dot
+// product and its V row one multiply-add into the output: K and V are read once, nothing
+// is packed. The softmax is the tiled kernel's (online_softmax_row, per key tile of
+// kKeyTile), so masks, NaN and infinities, hidden keys (never read) and a query that sees
+// no key (zeros) behave alike.
 #include <algorithm>
 #include <vector>
 
@@ -72,7 +73,9 @@ struct VectorRows {
   }
   void add(float weight, const void* base, int64_t offset, float* o) const {
     const Simd::Reg w = Simd::set1(weight);
-    for (int64_t d = 0; d < dim; d += Simd::kWidth) Simd::store(o + d, Simd::fmadd(w, load(base, offset + d), Simd::load(o + d)));
+    for (int64_t d = 0; d < dim; d += Simd::kWidth) {
+      Simd::store(o + d, Simd::fmadd(w, load(base, offset + d), Simd::load(o + d)));
+    }
   }
 };
 #endif
@@ -106,14 +109,12 @@ void attend_one_query(const AttentionParams& p, const Packed& packed, int64_t b,
     }
     for (int64_t j = 0; j < keys; ++j) {
       const int64_t key = tile.begin + j;
+      const bool hidden = tile.bias[j] != 0.0f;  // by kv_len or key_valid: never read
       for (int64_t i = 0; i < heads; ++i) {
-        float* s = buf.s.data() + i * kKeyTile;
-        if (tile.bias[j] != 0.0f) {  // hidden by kv_len or key_valid: never read
-          s[j] = -kInf;
-          continue;
-        }
         const int64_t kv_head = (h_begin + i) / group;
-        s[j] = rows.dot(buf.q.data() + i * dim, p.k, b * p.k_stride[0] + key * p.k_stride[1] + kv_head * p.k_stride[2]);
+        buf.s[i * kKeyTile + j] = hidden ? -kInf
+                                         : rows.dot(buf.q.data() + i * dim, p.k,
+                                                    b * p.k_stride[0] + key * p.k_stride[1] + kv_head * p.k_stride[2]);
       }
     }
     for (int64_t i = 0; i < heads; ++i) {
