@@ -163,6 +163,10 @@ class StructBinder {
       }
       return s;
     }));
+    // A template's copy, for a prepared launch (unmask.dispatch, plans): the fields a call
+    // signature fixes are kept and only its addresses are set, ~1 us where the keyword
+    // constructor takes 2-6.
+    cls_.def("copy", [](const Struct& s) { return s; });
     const std::vector<std::string> names = setters->names;
     cls_.def("__repr__", [names](const py::object& self) {
       std::string text = py::str(self.get_type().attr("__name__")).cast<std::string>() + "(";

@@ -15,6 +15,16 @@ settings.register_profile("ci", parent=settings.get_profile("default"), derandom
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
+@pytest.fixture(autouse=True)
+def fresh_plans():
+    """Each test decides its calls afresh: some stand in another CPU's facts (vendor, AMX),
+    which a launch kept for a signature by an earlier test would not see (unmask.dispatch,
+    plans)."""
+    from unmask import dispatch
+
+    dispatch.clear_plans()
+
+
 @pytest.fixture(params=["reference", "native"])
 def backend(request, monkeypatch):
     """Run a test once through the reference and once through the native kernel of the device."""

@@ -38,10 +38,10 @@ def counted_synchronisations():
             return original(self, *args, **kwargs)
         return call
 
-    def run(kernel, call):
+    def run(kernel, call, **kwargs):
         in_kernel[0] += call.device.type == "cpu"
         try:
-            return original_run(kernel, call)
+            return original_run(kernel, call, **kwargs)
         finally:
             in_kernel[0] -= call.device.type == "cpu"
 

@@ -14,6 +14,18 @@ backend_for() reports. UNMASK_BACKEND (read at each call):
                    silent fallback: for tests and benchmarks of the kernels themselves);
   "interpret"      CPU tensors run the CUDA kernels under the SIMT interpreter (slowly,
                    with its checks) where they take the call, else the reference.
+
+Plans. A small kernel call's route cost more than its kernel: the checks ~5 us, this
+decision ~3.5, the params struct ~6, of a 32 x 32 attention call whose kernel takes 40-60
+(torch SDPA's whole fixed cost is lower). When the native backend takes a call, the
+decision follows from the call's signature alone (the shapes, strides, dtypes and
+devices of its tensors, its other arguments, UNMASK_BACKEND and the instruction set):
+`supports` and `preferred` read nothing else (SDPA's `supports` reads data, so a call
+it is preferred for is never planned). So unmask.ops keeps, per signature, the
+launch the backend prepared for the first such call (`run(..., plan_key=...)`) and
+runs later calls of that signature through it (`planned`), after the checks a
+signature does not decide (values, such as kv_len's). A call the native backend does
+not take, or takes only after reading its data, is decided call by call.
 """
 
 from __future__ import annotations
@@ -22,6 +34,8 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import Callable
+
+import torch
 
 from unmask import native, reference, sdpa
 from unmask.validation import AttentionCall, CommitCall, RmsNormCall, RotaryCall, SampleCall
@@ -107,9 +121,50 @@ def choose(kernel: str, call) -> tuple[native.NativeKernel | sdpa.SdpaKernel | R
     return (torch_backend if torch_backend is not None else REFERENCE[kernel]), reason
 
 
-def run(kernel: str, call):
-    backend, _ = choose(kernel, call)
+def run(kernel: str, call, plan_key: tuple | None = None):
+    """Runs `call` where choose() says; with plan_key (signature(...) of the op's
+    arguments), keeps the launch the chosen native backend prepares for that signature."""
+    backend, reason = choose(kernel, call)
+    prepare = getattr(backend, "prepare", None)
+    if plan_key is not None and reason is None and prepare is not None and _native_by_signature(kernel, call):
+        launch = prepare(call)
+        if launch is not None:
+            if len(_plans) >= MAX_PLANS:
+                _plans.clear()  # a server's shapes vary without bound; a step's are a few dozen
+            _plans[(kernel, plan_key, backend_mode(), native.cpu_isa())] = launch
     return backend(call)
+
+
+def _native_by_signature(kernel: str, call) -> bool:
+    """Whether the native backend, having taken `call`, takes every call of its signature:
+    not when torch's backend was preferred and passed over for what the data held (a
+    non-finite key under the block-causal mask, SdpaKernel.supports)."""
+    torch_backend = TORCH.get(kernel) if backend_mode() == "auto" else None
+    return torch_backend is None or torch_backend.preferred(call) is None
+
+
+MAX_PLANS = 1024
+_plans: dict[tuple, Callable] = {}
+
+
+def signature(*arguments) -> tuple:
+    """What the checks and the decision read of a call's arguments: each tensor's shape,
+    strides, dtype and device (not its values); each other argument with its type (1 and
+    True are equal keys but not the same argument)."""
+    # get_device(): -1 on the CPU, the index on a GPU (calls on other devices are not planned)
+    return tuple([(a.shape, a.stride(), a.dtype, a.get_device()) if isinstance(a, torch.Tensor) else (type(a), a)
+                  for a in arguments])
+
+
+def planned(kernel: str, plan_key: tuple) -> Callable | None:
+    """The launch kept for calls of this signature under the current UNMASK_BACKEND and
+    instruction set, or None."""
+    return _plans.get((kernel, plan_key, os.environ.get("UNMASK_BACKEND", "") or "auto", native.cpu_isa()))
+
+
+def clear_plans() -> None:
+    """Forgets every kept launch (tests that stand in another CPU's facts start here)."""
+    _plans.clear()
 
 
 @contextlib.contextmanager

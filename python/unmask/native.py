@@ -117,6 +117,10 @@ class NativeKernel:
     supports: Callable[[object], str | None]  # None when it takes the call, else why not
     guard: Callable[[object], contextlib.AbstractContextManager]  # makes the call's device current
     label: str | None = None  # the name, where it is not the device's
+    # prepare(call) -> a launch for later calls of the same signature (unmask.dispatch,
+    # plans): it takes the op's tensor arguments in order, or None where the call is not
+    # one it prepares for
+    prepare: Callable[[object], Callable | None] | None = None
 
     @property
     def name(self) -> str:
@@ -334,6 +338,31 @@ def _launch_attention_cpu(call: AttentionCall, out=None):
     return out
 
 
+def _prepare_attention_cpu(call: AttentionCall) -> Callable | None:
+    """A launch for calls of this signature with no copy to make: the params struct is
+    built here once, and each call sets only its addresses (the struct took ~6 us of a
+    small call's ~25 us route)."""
+    q, k, v, kv_len, key_valid = call.q, call.k, call.v, call.kv_len, call.key_valid
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return None
+    if kv_len is not None and (kv_len.dtype != torch.int64 or not kv_len.is_contiguous()):
+        return None
+    if key_valid is not None and not key_valid.is_contiguous():
+        return None
+    template = _attention_params(call, q, k, v, torch.empty_like(q, memory_format=torch.contiguous_format), kv_len,
+                                 key_valid)
+
+    def launch(q, k, v, kv_len, key_valid):
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        params = template.copy()
+        params.q, params.k, params.v, params.out = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
+        params.kv_len, params.key_valid = _address(kv_len), _address(key_valid)
+        _C.attention_cpu(params)
+        return out
+
+    return launch
+
+
 CPU_ATTENTION_MAX_HEAD_DIM = 1024  # the per-task tiles of csrc/cpu/attention.cpp
 
 
@@ -414,19 +443,47 @@ def _inference_only(kernel: str, *tensors: torch.Tensor) -> str | None:
     return f"a gradient is needed: the CPU {kernel} kernel is inference-only" if needs_gradient(*tensors) else None
 
 
-def _launch_rms_norm_cpu(call: RmsNormCall, out=None):
-    """out: optional contiguous tensor like x to write into (tests poison it)."""
-    x, dim = call.x, call.x.shape[-1]
-    rows = x if x.dim() == 2 else x.reshape(-1, dim)  # a view where it can be
+def _rms_norm_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, dim], a view where it can be and the kernel can read it."""
+    dim = x.shape[-1]
+    rows = x if x.dim() == 2 else x.reshape(-1, dim)
     if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < dim):
         rows = rows.contiguous()
-    weight = call.weight.contiguous()
-    out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
-    _C.rms_norm_cpu(_params(
+    return rows
+
+
+def _rms_norm_params(call: RmsNormCall, rows: torch.Tensor, weight: torch.Tensor, out: torch.Tensor):
+    dim = rows.shape[1]
+    return _params(
         _C.RmsNormParams, x=rows.data_ptr(), weight=weight.data_ptr(), out=out.data_ptr(),
-        dtype=_scalar_type(x.dtype), weight_dtype=_scalar_type(weight.dtype), rows=rows.shape[0], dim=dim,
-        x_row_stride=rows.stride(0) if rows.shape[0] > 1 else dim, eps=call.eps))
+        dtype=_scalar_type(rows.dtype), weight_dtype=_scalar_type(weight.dtype), rows=rows.shape[0], dim=dim,
+        x_row_stride=rows.stride(0) if rows.shape[0] > 1 else dim, eps=call.eps)
+
+
+def _launch_rms_norm_cpu(call: RmsNormCall, out=None):
+    """out: optional contiguous tensor like x to write into (tests poison it)."""
+    rows, weight = _rms_norm_rows(call.x), call.weight.contiguous()  # held: copies live until the kernel ran
+    out = torch.empty_like(call.x, memory_format=torch.contiguous_format) if out is None else out
+    _C.rms_norm_cpu(_rms_norm_params(call, rows, weight, out))
     return out
+
+
+def _prepare_rms_norm_cpu(call: RmsNormCall) -> Callable | None:
+    """A launch for calls of this signature whose rows the kernel reads in place (the
+    rows view starts at x's first element, so x's address is the rows')."""
+    rows = _rms_norm_rows(call.x)
+    if rows.data_ptr() != call.x.data_ptr() or not call.weight.is_contiguous():
+        return None  # copied: a view of other storage
+    template = _rms_norm_params(call, rows, call.weight, rows)
+
+    def launch(x, weight):
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        params = template.copy()
+        params.x, params.weight, params.out = x.data_ptr(), weight.data_ptr(), out.data_ptr()
+        _C.rms_norm_cpu(params)
+        return out
+
+    return launch
 
 
 def _supports_rms_norm_cpu(call: RmsNormCall) -> str | None:
@@ -435,17 +492,38 @@ def _supports_rms_norm_cpu(call: RmsNormCall) -> str | None:
     return _inference_only("rms_norm", call.x, call.weight)
 
 
+def _rotary_params(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor):
+    batch, length, heads, dim = x.shape
+    return _params(
+        _C.RotaryParams, x=x.data_ptr(), out=out.data_ptr(), dtype=_scalar_type(x.dtype), batch=batch, length=length,
+        heads=heads, head_dim=dim, x_stride=list(x.stride()[:3]), out_stride=list(out.stride()[:3]),
+        cos=cos.data_ptr(), sin=sin.data_ptr(), table_batch=cos.shape[0])
+
+
 def _launch_rotary_cpu(call: RotaryCall, out=None):
     """out: optional contiguous tensor like x to write into (tests poison it)."""
     x = call.x if call.x.stride(-1) == 1 else call.x.contiguous()
-    batch, length, heads, dim = x.shape
-    cos, sin = call.cos.contiguous(), call.sin.contiguous()
+    cos, sin = call.cos.contiguous(), call.sin.contiguous()  # held: copies live until the kernel ran
     out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
-    _C.rotary_cpu(_params(
-        _C.RotaryParams, x=x.data_ptr(), out=out.data_ptr(), dtype=_scalar_type(x.dtype), batch=batch, length=length,
-        heads=heads, head_dim=dim, x_stride=list(x.stride()[:3]), out_stride=list(out.stride()[:3]),
-        cos=cos.data_ptr(), sin=sin.data_ptr(), table_batch=cos.shape[0]))
+    _C.rotary_cpu(_rotary_params(x, cos, sin, out))
     return out
+
+
+def _prepare_rotary_cpu(call: RotaryCall) -> Callable | None:
+    """A launch for calls of this signature with no copy to make."""
+    x, cos, sin = call.x, call.cos, call.sin
+    if x.stride(-1) != 1 or not cos.is_contiguous() or not sin.is_contiguous():
+        return None
+    template = _rotary_params(x, cos, sin, torch.empty_like(x, memory_format=torch.contiguous_format))
+
+    def launch(x, cos, sin):
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        params = template.copy()
+        params.x, params.out, params.cos, params.sin = x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr()
+        _C.rotary_cpu(params)
+        return out
+
+    return launch
 
 
 def _supports_rotary_cpu(call: RotaryCall) -> str | None:
@@ -458,9 +536,11 @@ KERNELS = (
     NativeKernel("sample", "cpu", _launch_sample_cpu, _supports_sample_cpu, _no_guard),
     NativeKernel("commit", "cpu", lambda call, out=None: _launch_commit(call, out, cuda=False), _supports_commit_cpu,
                  _no_guard),
-    NativeKernel("attention", "cpu", _launch_attention_cpu, _supports_attention_cpu, _no_guard),
-    NativeKernel("rms_norm", "cpu", _launch_rms_norm_cpu, _supports_rms_norm_cpu, _no_guard),
-    NativeKernel("rotary", "cpu", _launch_rotary_cpu, _supports_rotary_cpu, _no_guard),
+    NativeKernel("attention", "cpu", _launch_attention_cpu, _supports_attention_cpu, _no_guard,
+                 prepare=_prepare_attention_cpu),
+    NativeKernel("rms_norm", "cpu", _launch_rms_norm_cpu, _supports_rms_norm_cpu, _no_guard,
+                 prepare=_prepare_rms_norm_cpu),
+    NativeKernel("rotary", "cpu", _launch_rotary_cpu, _supports_rotary_cpu, _no_guard, prepare=_prepare_rotary_cpu),
     NativeKernel("sample", "cuda", _launch_sample_cuda, _supports_sample_cuda, _cuda_guard),
     NativeKernel("commit", "cuda", lambda call, out=None: _launch_commit(call, out, cuda=True), _supports_commit_cuda,
                  _cuda_guard),

@@ -131,10 +131,17 @@ def attention(
     [B, Lk] hides keys marked False; block_size b lets query p = q_offset + i see key j
     only when j // b <= p // b. A query that sees no key returns zeros.
     """
+    plan_key = None
+    if _runs_eagerly(q, k, v, kv_len, key_valid):
+        plan_key = dispatch.signature(q, k, v, kv_len, key_valid, block_size, q_offset, scale)
+        launch = dispatch.planned("attention", plan_key)
+        if launch is not None:  # a call of this signature passed the checks and was decided before
+            validation.check_kv_len_values(kv_len, k.shape[1])
+            return launch(q, k, v, kv_len, key_valid)
     call = validation.attention_call(q, k, v, kv_len=kv_len, key_valid=key_valid, block_size=block_size,
                                      q_offset=q_offset, scale=scale)
-    if _runs_eagerly(call.q, call.k, call.v, call.kv_len, call.key_valid):
-        return dispatch.run("attention", call).contiguous()
+    if plan_key is not None:
+        return dispatch.run("attention", call, plan_key=plan_key).contiguous()
     return _attention_op(call.q, call.k, call.v, call.kv_len, call.key_valid, call.block_size or 0, call.q_offset,
                          call.scale)
 
@@ -300,10 +307,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight over x's last dimension, in float32 arithmetic,
     returned in x's dtype. x [..., d] float32, float16, bfloat16 (or float64, by the
     reference); weight [d], float32 or x's dtype; eps >= 0."""
+    plan_key = None
+    if _runs_eagerly(x, weight):
+        plan_key = dispatch.signature(x, weight, eps)
+        launch = dispatch.planned("rms_norm", plan_key)
+        if launch is not None:
+            return launch(x, weight)
     call = validation.rms_norm_call(x, weight, eps)
     if _traced(call.x, call.weight):
         return reference.rms_norm(call.x, call.weight, call.eps)
-    return dispatch.run("rms_norm", call)
+    return dispatch.run("rms_norm", call, plan_key=plan_key)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -311,10 +324,16 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     [B, L, H, D] (halves x1, x2 of D) and float32 tables cos, sin [1 or B, L, 1, D]
     (unmask.models.rotary_tables), computed in float32 and returned in x's dtype. The
     native kernel rounds as the reference's operations do: the results are equal."""
+    plan_key = None
+    if _runs_eagerly(x, cos, sin):
+        plan_key = dispatch.signature(x, cos, sin)
+        launch = dispatch.planned("rotary", plan_key)
+        if launch is not None:
+            return launch(x, cos, sin)
     call = validation.rotary_call(x, cos, sin)
     if _traced(call.x, call.cos, call.sin):
         return reference.rotary(call.x, call.cos, call.sin)
-    return dispatch.run("rotary", call)
+    return dispatch.run("rotary", call, plan_key=plan_key)
 
 
 # --------------------------------------------------------------------------- raw RNG draws

@@ -365,6 +365,12 @@ class AttentionCall:
         return attention_shape(self.q.shape, self.k.shape, self.v.shape)
 
 
+def check_kv_len_values(kv_len, k_len: int) -> None:
+    """kv_len's values lie in [0, Lk] where they can be read for free (on the CPU); None passes."""
+    if kv_len is not None:
+        check_index_range("kv_len", host_values(kv_len), k_len + 1, "key counts, at most Lk")
+
+
 def attention_call(q, k, v, *, kv_len=None, key_valid=None, block_size=None, q_offset=0, scale=None) -> AttentionCall:
     """unmask.ops.attention's arguments, checked. kv_len values lie in [0, Lk] (checked
     when they are on the CPU; on a device a larger value shows every key)."""
@@ -379,7 +385,7 @@ def attention_call(q, k, v, *, kv_len=None, key_valid=None, block_size=None, q_o
         check_tensor("kv_len", kv_len, dtypes=INT_DTYPES, ndim=1)
         check_shape("kv_len", kv_len.shape, (shape.batch,), "[B]")
         check_device("kv_len", kv_len, q.device)
-        check_index_range("kv_len", host_values(kv_len), shape.k_len + 1, "key counts, at most Lk")
+        check_kv_len_values(kv_len, shape.k_len)
     if key_valid is not None:
         check_tensor("key_valid", key_valid, dtypes=("bool",), ndim=2)
         check_shape("key_valid", key_valid.shape, (shape.batch, shape.k_len), "[B, Lk]")
