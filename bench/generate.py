@@ -5,12 +5,13 @@ float64 softmax over every position the model returns, the cache refilled at eve
 block) and LLaDA's published loop (no cache).
 
     python bench/generate.py [--device cpu|cuda] [--shape small|medium|bundled|llada-8b]
-                             [--dtype float32|bfloat16] [--no-save]
+                             [--dtype float32|bfloat16] [--compile] [--no-save]
 
 Each step is also set against the step's matrix products measured alone in the same run
 (every projection of every layer at the step's token count, and the LM head on the
 block, with the model's own weights): a step that costs little more than them has
-little left to fuse. On a GPU the LLaDA-8B shape (random bf16 weights) runs and the
+little left to fuse. --compile adds unmask with generate(..., compile=True) to each
+pair (its compilation, in a warm-up generate, is not timed). On a GPU the LLaDA-8B shape (random bf16 weights) runs and the
 weight-read floor (every weight read once at the measured copy bandwidth) is reported.
 """
 
@@ -91,6 +92,7 @@ def main() -> None:
     parser.add_argument("--gen-length", type=int, default=None)
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per pair; medians reported")
+    parser.add_argument("--compile", action="store_true", help="also time generate(..., compile=True)")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -139,14 +141,18 @@ def main() -> None:
             outputs["baseline"] = fastdllm_generate(model, prompt, steps=gen, gen_length=gen, block_length=block,
                                                     cache=cache)
 
-        def ours(i):
+        def ours(i, compile=False):
             out = unmask.generate(model, prompt, gen_length=gen, block_length=block, steps=gen, cache=cache,
-                                  stop_at_eos=False)
-            outputs["ours"] = out.tokens, out.nfe
+                                  stop_at_eos=False, compile=compile)
+            outputs["compiled" if compile else "ours"] = out.tokens, out.nfe
 
+        timed = [baseline, ours]
+        if args.compile:
+            timed.append(lambda i: ours(i, compile=True))
+            timed[-1](-1)  # compiles this cache mode's graphs
         # in turns, a round each: the machine's speed drifts
-        baseline_seconds, our_seconds = harness.alternating_median_seconds(
-            (baseline, ours), device, warmup=0, reps=args.rounds, max_seconds=math.inf)
+        baseline_seconds, our_seconds, *compiled_seconds = harness.alternating_median_seconds(
+            timed, device, warmup=0, reps=args.rounds, max_seconds=math.inf)
         (reference_tokens, baseline_nfe), (our_tokens, our_nfe) = outputs["baseline"], outputs["ours"]
         agreement = float((our_tokens == reference_tokens).float().mean())
         baseline_step_ms = baseline_seconds / baseline_nfe * 1e3
@@ -157,6 +163,14 @@ def main() -> None:
         print(f"cache={cache}: Fast-dLLM {baseline_step_ms:.2f} ms/step, unmask {rows[-1].median_ms:.2f} ms/step "
               f"(x{rows[-1].speedup_vs_baseline:.2f}), matrix products {rows[-1].extra['matmul_ms_per_step']:.2f} ms "
               f"(step {rows[-1].extra['step_over_matmuls']:.2f}x), same tokens {agreement:.3f}", flush=True)
+        if compiled_seconds:
+            compiled_tokens, compiled_nfe = outputs["compiled"]
+            record(f"unmask cache={cache} compile=True", compiled_seconds[0], compiled_nfe,
+                   products_ms=products_ms(lengths), agreement=float((compiled_tokens == reference_tokens).float().mean()),
+                   baseline_ms=baseline_step_ms)
+            print(f"cache={cache}: unmask compile=True {rows[-1].median_ms:.2f} ms/step "
+                  f"(x{rows[-1].speedup_vs_baseline:.2f} the loop, step {rows[-1].extra['step_over_matmuls']:.2f}x its "
+                  f"products), the same tokens as eager unmask: {torch.equal(compiled_tokens, our_tokens)}", flush=True)
 
     harness.synchronize(device)
     started = time.perf_counter()

@@ -223,6 +223,43 @@ def test_cuda_graph_argument_is_checked():
     assert torch.equal(a.tokens, b.tokens)
 
 
+def test_compile_argument_is_checked():
+    model = tiny_model(seed=3)
+    arguments = dict(gen_length=4, block_length=4)
+    with pytest.raises(TypeError, match="compile must be a bool, got str"):
+        unmask.generate(model, [[1, 2]], compile="yes", **arguments)
+    with pytest.raises(ValueError, match="compile=True and cuda_graph=True do not combine"):
+        unmask.generate(model, [[1, 2]], compile=True, cuda_graph=True, **arguments)
+    with pytest.raises(ValueError, match="compile=True and speculate do not combine"):
+        unmask.generate(model, [[1, 2]], compile=True, speculate=2, **arguments)
+    with pytest.raises(ValueError, match="compile=True needs the unmask model.*cache='dual', model"):
+        unmask.generate(tiny_model(seed=4, model_type="dream"), [[1, 2]], compile=True, cache="dual", **arguments)
+    plain = lambda ids, attention_mask=None: torch.zeros(*ids.shape, 61)  # noqa: E731 - any callable model
+    with pytest.raises(ValueError, match="compile=True needs the unmask model"):
+        unmask.generate(plain, [[1, 2]], compile=True, mask_id=60, **arguments)
+
+
+def test_generate_compiled_gives_the_eager_tokens_and_compiles_a_shape_once():
+    """compile=True with the dual cache (a fill and a recompute graph) at temperature 0:
+    the eager tokens, model calls and steps; a second generate of the same shapes, with
+    other prompts, generates no new code (one compiled function takes the step as its
+    argument, so its guards do not tie it to the first generate's objects)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    compiled_before = counters["stats"]["unique_graphs"]  # the counters outlive reset()
+    model = tiny_model(seed=4, d_model=64, n_heads=2, n_kv_heads=1, mlp_hidden_size=64)
+    arguments = dict(gen_length=12, block_length=6, steps=12, cache="dual", stop_at_eos=False)
+    runs = []
+    for prompts in ([[5, 9, 3, 7, 1], [11, 2, 8, 8, 3]], [[4, 4, 8, 1, 2], [6, 1, 9, 9, 9]]):
+        eager = unmask.generate(model, prompts, **arguments)
+        compiled = unmask.generate(model, prompts, compile=True, **arguments)
+        assert torch.equal(compiled.tokens, eager.tokens)
+        assert compiled.nfe == eager.nfe and compiled.steps_per_block == eager.steps_per_block
+        runs.append(counters["stats"]["unique_graphs"] - compiled_before)
+    assert runs == [2, 2]  # fill and recompute, compiled by the first generate only
+
+
 GPU_CASES = [
     dict(steps=16),
     dict(steps=16, cache="dual"),

@@ -342,7 +342,7 @@ def _decode(
     generation_start: int,
     callback: Callback | None,
     masked_counts: list[list[int]] | None = None,
-    cuda_graph: bool = False,
+    traced_step: Callable[[DenoiseStep], Callable] | None = None,
     speculate: int = 0,
     siblings: bool = True,
     revision: Revision | None = None,
@@ -354,7 +354,8 @@ def _decode(
     masked_counts[i][b]: masks of row b in block i at its start (None: every position of
     every block, as in generate). eos_id set: after each block, a row whose generated text
     holds EOS stops and the rest of it becomes EOS; decoding ends when no row is running.
-    cuda_graph: capture the step once (blocks of one length) and replay it.
+    traced_step: wraps each DenoiseStep: _CudaGraphStep (captured once per block shape and
+    replayed) or torch.compile; None runs it eagerly.
     speculate d > 0: up to d steps per model call, verified (unmask.speculative); siblings:
     each drafted step also drafts its runner-up. revision: committed tokens may be masked
     again (unmask.revise).
@@ -404,7 +405,7 @@ def _decode(
         # ones (recompute; with the prefix cache one per block, its segment running to the
         # canvas's end): the host picks which replays, as an eager step's _StepModel does
         # from its own flag.
-        kinds = ("fill", "recompute") if cuda_graph and step_model.cache_mode is not None else (None,)
+        kinds = ("fill", "recompute") if traced_step and step_model.cache_mode is not None else (None,)
         if kinds[0] is not None:
             step_model._cache_for(x)  # on this stream, before any capture's side-stream warm-up
         segment_length = x.shape[1] - start if step_model.cache_mode == "prefix" else end - start
@@ -419,7 +420,7 @@ def _decode(
                     logits_fn = functools.partial(step_model.recompute, x, length=segment_length)
                 denoise = DenoiseStep(state, end - start, logits_fn, rule=rule, sampling=sampling, mask_id=mask_id,
                                       sample=sample, vocab=vocab)
-                steps[key] = _CudaGraphStep(denoise) if cuda_graph else denoise
+                steps[key] = traced_step(denoise) if traced_step else denoise
         block_steps = 0  # the block's model calls so far, until a lagging flag ends it
 
         def step() -> torch.Tensor:
@@ -461,7 +462,8 @@ def _decode(
 
 def _run(step_model: _StepModel, x: torch.Tensor, blocks: list[tuple[int, int]], rule: Rule, sampling: Sampling, *,
          mask_id: int, eos_id: int | None, generation_start: int, callback: Callback | None,
-         masked_counts: list[list[int]] | None = None, cuda_graph: bool = False,
+         masked_counts: list[list[int]] | None = None,
+         traced_step: Callable[[DenoiseStep], Callable] | None = None,
          speculate: int = 0, siblings: bool = True, revision: Revision | None = None) -> GenerateOutput:
     """The decoding loop of generate and infill, timed the same way for both: from the
     first model call to the last token on the host (a CUDA device is synchronised)."""
@@ -473,7 +475,7 @@ def _run(step_model: _StepModel, x: torch.Tensor, blocks: list[tuple[int, int]],
     with torch.inference_mode(), device_guard:
         nfe, steps_per_block, canvases = _decode(
             step_model, x, blocks, rule, sampling, sample=sample, vocab=vocab, mask_id=mask_id, eos_id=eos_id,
-            generation_start=generation_start, callback=callback, masked_counts=masked_counts, cuda_graph=cuda_graph,
+            generation_start=generation_start, callback=callback, masked_counts=masked_counts, traced_step=traced_step,
             speculate=speculate, siblings=siblings, revision=revision,
         )
     if x.device.type == "cuda":
@@ -544,6 +546,32 @@ def prompt_batch(prompts, attention_mask, pad_id: int, device):
 CUDA_GRAPH_BY_DEFAULT = False
 
 
+def _traced_step(cuda_graph: bool | None, compile_step: bool, step_model: _StepModel, device: torch.device,
+                 eager_loop: str) -> Callable[[DenoiseStep], Callable] | None:
+    """What wraps generate's denoising steps: _CudaGraphStep, torch.compile or None
+    (eager). eager_loop: the argument that picked a loop which runs eagerly ("speculate"
+    or "revise_threshold"), or "".
+
+    compile=True traces the step with torch.compile where a CUDA graph could capture it
+    (the unmask model, no tensor parallelism; with a cache, no block-causal mask or shifted
+    logits), on any device. Dynamo keeps the code it generates with DenoiseStep.__call__,
+    guarded by the step's types, shapes and constants, not by which step object runs: a
+    later generate of the same shapes reuses it (a step that read a host value of its own
+    generate would compile again; tests/test_step_graph.py checks that none does)."""
+    validation.check_bool("compile", compile_step)
+    if compile_step:
+        if cuda_graph:
+            raise ValueError("compile=True and cuda_graph=True do not combine: pick one way to trace the step")
+        if eager_loop:
+            raise ValueError(f"compile=True and {eager_loop} do not combine: that loop runs eagerly")
+        if not step_model.graphable:
+            raise ValueError("compile=True needs the unmask model with cache=None, or a cache and neither a "
+                             "block-causal mask nor shifted logits, and no tensor parallelism (cache="
+                             f"{step_model.cache_mode!r}, model {type(step_model.model).__name__})")
+        return functools.partial(torch.compile, fullgraph=True)
+    return _CudaGraphStep if _use_cuda_graph(cuda_graph, step_model, device, eager_loop) else None
+
+
 def _use_cuda_graph(cuda_graph: bool | None, step_model: _StepModel, device: torch.device, eager_loop: str) -> bool:
     """eager_loop: the argument that picked a loop which runs eagerly ("speculate" or
     "revise_threshold"), or ""."""
@@ -605,6 +633,7 @@ def generate(
     callback: Callback | None = None,
     cache: str | None = None,
     cuda_graph: bool | None = None,
+    compile: bool = False,
     speculate: int = 0,
     speculate_siblings: bool = True,
     revise_threshold: float | None = None,
@@ -626,6 +655,12 @@ def generate(
     and replay it for every step and block; True needs the unmask model on a CUDA device
     with no tensor parallelism and no cache, or a cache on a model without a block-causal
     mask or shifted logits. None: CUDA_GRAPH_BY_DEFAULT where it applies.
+    compile: trace the denoising step with torch.compile(fullgraph=True) (inductor), where
+    a CUDA graph could capture it but on any device: for small models, where launching
+    each operation costs more than computing it. The first call of a shape compiles
+    (~20 s a graph on 2 cores); later calls of that shape, in any generate, reuse the
+    code. Inductor generates the pointwise operations (norms, rotary, SwiGLU) itself,
+    whose last-bit rounding may differ from the eager kernels'.
     speculate: d > 0 drafts the next steps from the last logits and verifies up to d of
     them per model call (unmask.speculative): the tokens of speculate=0, in at most as
     many model calls (exactly so where the model's logits of a canvas do not depend on
@@ -670,7 +705,7 @@ def generate(
     return _run(step_model, x, blocks, rule, sampling, mask_id=mask_id, eos_id=eos_id if stop_at_eos else None,
                 generation_start=prompt_len, callback=callback, speculate=speculate, siblings=speculate_siblings,
                 revision=revision,
-                cuda_graph=_use_cuda_graph(cuda_graph, step_model, device, _eager_loop(speculate, revision)))
+                traced_step=_traced_step(cuda_graph, compile, step_model, device, _eager_loop(speculate, revision)))
 
 
 def infill(
