@@ -237,6 +237,9 @@ def test_compile_argument_is_checked():
     plain = lambda ids, attention_mask=None: torch.zeros(*ids.shape, 61)  # noqa: E731 - any callable model
     with pytest.raises(ValueError, match="compile=True needs the unmask model"):
         unmask.generate(plain, [[1, 2]], compile=True, mask_id=60, **arguments)
+    step_model = sampler._StepModel(model, None, None, torch.zeros(1, 4, dtype=torch.bool), model.mask_id, 0.0)
+    with pytest.raises(ValueError, match="compile=True runs on the CPU"):  # a model on a GPU: cuda_graph's place
+        sampler._traced_step(None, True, step_model, torch.device("cuda"), "")
 
 
 def test_generate_compiled_gives_the_eager_tokens_and_compiles_a_shape_once():

@@ -552,9 +552,10 @@ def _traced_step(cuda_graph: bool | None, compile_step: bool, step_model: _StepM
     (eager). eager_loop: the argument that picked a loop which runs eagerly ("speculate"
     or "revise_threshold"), or "".
 
-    compile=True traces the step with torch.compile where a CUDA graph could capture it
-    (the unmask model, no tensor parallelism; with a cache, no block-causal mask or shifted
-    logits), on any device. Dynamo keeps the code it generates with DenoiseStep.__call__,
+    compile=True traces the step with torch.compile on the CPU, where a CUDA graph could
+    capture it on a GPU (the unmask model, no tensor parallelism; with a cache, no
+    block-causal mask or shifted logits). On a GPU cuda_graph=True removes the launches;
+    compile there is not run in any test, so it is refused. Dynamo keeps the code it generates with DenoiseStep.__call__,
     guarded by the step's types, shapes and constants, not by which step object runs: a
     later generate of the same shapes reuses it (a step that read a host value of its own
     generate would compile again; tests/test_step_graph.py checks that none does)."""
@@ -564,6 +565,9 @@ def _traced_step(cuda_graph: bool | None, compile_step: bool, step_model: _StepM
             raise ValueError("compile=True and cuda_graph=True do not combine: pick one way to trace the step")
         if eager_loop:
             raise ValueError(f"compile=True and {eager_loop} do not combine: that loop runs eagerly")
+        if device.type != "cpu":
+            raise ValueError(f"compile=True runs on the CPU (the model is on {device}); on a GPU, cuda_graph=True "
+                             "captures the step")
         if not step_model.graphable:
             raise ValueError("compile=True needs the unmask model with cache=None, or a cache and neither a "
                              "block-causal mask nor shifted logits, and no tensor parallelism (cache="
@@ -655,9 +659,9 @@ def generate(
     and replay it for every step and block; True needs the unmask model on a CUDA device
     with no tensor parallelism and no cache, or a cache on a model without a block-causal
     mask or shifted logits. None: CUDA_GRAPH_BY_DEFAULT where it applies.
-    compile: trace the denoising step with torch.compile(fullgraph=True) (inductor), where
-    a CUDA graph could capture it but on any device: for small models, where launching
-    each operation costs more than computing it. The first call of a shape compiles
+    compile: trace the denoising step with torch.compile(fullgraph=True) (inductor) on the
+    CPU, for the steps cuda_graph could capture on a GPU: for small models, where
+    launching each operation costs more than computing it. The first call of a shape compiles
     (~20 s a graph on 2 cores); later calls of that shape, in any generate, reuse the
     code. Inductor generates the pointwise operations (norms, rotary, SwiGLU) itself,
     whose last-bit rounding may differ from the eager kernels'.
