@@ -245,8 +245,8 @@ def test_compile_argument_is_checked():
 def test_generate_compiled_gives_the_eager_tokens_and_compiles_a_shape_once():
     """compile=True with the dual cache (a fill and a recompute graph) at temperature 0:
     the eager tokens, model calls and steps; a second generate of the same shapes, with
-    other prompts, generates no new code (one compiled function takes the step as its
-    argument, so its guards do not tie it to the first generate's objects)."""
+    other prompts, generates no new code (dynamo's guards test the step's types, shapes
+    and constants, none of which belongs to one generate)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()

@@ -555,10 +555,11 @@ def _traced_step(cuda_graph: bool | None, compile_step: bool, step_model: _StepM
     compile=True traces the step with torch.compile on the CPU, where a CUDA graph could
     capture it on a GPU (the unmask model, no tensor parallelism; with a cache, no
     block-causal mask or shifted logits). On a GPU cuda_graph=True removes the launches;
-    compile there is not run in any test, so it is refused. Dynamo keeps the code it generates with DenoiseStep.__call__,
-    guarded by the step's types, shapes and constants, not by which step object runs: a
-    later generate of the same shapes reuses it (a step that read a host value of its own
-    generate would compile again; tests/test_step_graph.py checks that none does)."""
+    compile there is not run in any test, so it is refused. Dynamo keeps the code it
+    generates with DenoiseStep.__call__, guarded by the step's types, shapes and
+    constants, not by which step object runs: a later generate of the same shapes reuses
+    it (a step that read a host value of its own generate would compile again;
+    tests/test_step_graph.py checks that none does)."""
     validation.check_bool("compile", compile_step)
     if compile_step:
         if cuda_graph:
@@ -661,10 +662,11 @@ def generate(
     mask or shifted logits. None: CUDA_GRAPH_BY_DEFAULT where it applies.
     compile: trace the denoising step with torch.compile(fullgraph=True) (inductor) on the
     CPU, for the steps cuda_graph could capture on a GPU: for small models, where
-    launching each operation costs more than computing it. The first call of a shape compiles
-    (~20 s a graph on 2 cores); later calls of that shape, in any generate, reuse the
-    code. Inductor generates the pointwise operations (norms, rotary, SwiGLU) itself,
-    whose last-bit rounding may differ from the eager kernels'.
+    launching each operation costs more than computing it. The first call of a shape
+    compiles (6-20 s for the dual cache's two graphs on 2 cores); later calls of that
+    shape, in any generate, reuse the code. Inductor generates the pointwise operations
+    (norms, rotary, SwiGLU) itself, whose last-bit rounding may differ from the eager
+    kernels'.
     speculate: d > 0 drafts the next steps from the last logits and verifies up to d of
     them per model call (unmask.speculative): the tokens of speculate=0, in at most as
     many model calls (exactly so where the model's logits of a canvas do not depend on
