@@ -7,9 +7,9 @@ block) and LLaDA's published loop (no cache).
     python bench/generate.py [--device cpu|cuda] [--shape small|medium|bundled|llada-8b]
                              [--dtype float32|bfloat16] [--compile] [--no-save]
 
-Each step is also set against the step's matrix products measured alone in the same run
-(every projection of every layer at the step's token count, and the LM head on the
-block, with the model's own weights): a step that costs little more than them has
+Each step is also set against the step's matrix products measured alone, in turn with
+the generations (every projection of every layer at the step's token count, and the LM
+head on the block, with the model's own weights): a step that costs little more than them has
 little left to fuse. --compile adds unmask with generate(..., compile=True) to each
 pair (its compilation, in a warm-up generate, is not timed). On a GPU the LLaDA-8B shape (random bf16 weights) runs and the
 weight-read floor (every weight read once at the measured copy bandwidth) is reported.
@@ -65,15 +65,16 @@ def segment_lengths(cache: str | None, prompt_len: int, gen: int, block: int, st
     return lengths
 
 
-@torch.inference_mode()
-def matmul_seconds(model: unmask.DiffusionTransformer, tokens: int, block: int, device: torch.device) -> float:
-    """The step's matrix products alone: every projection of every layer over `tokens`
-    positions and the LM head over the block, with the model's weights, in the step's order."""
+def matmul_products(model: unmask.DiffusionTransformer, tokens: int, block: int, device: torch.device):
+    """The step's matrix products alone, as a function: every projection of every layer
+    over `tokens` positions and the LM head over the block, with the model's weights, in
+    the step's order."""
     config = model.config
     x = torch.randn(1, tokens, config.d_model, dtype=model.embed.weight.dtype, device=device)
     hidden = torch.randn(1, tokens, config.mlp_hidden_size, dtype=x.dtype, device=device)
 
-    def products(i):
+    @torch.inference_mode()
+    def products(i=0):
         for layer in model.layers:
             for projection in (layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj, layer.gate_proj,
                                layer.up_proj):
@@ -81,7 +82,24 @@ def matmul_seconds(model: unmask.DiffusionTransformer, tokens: int, block: int, 
             F.linear(hidden, layer.down_proj.weight)
         return F.linear(x[:, :block], model.lm_head.weight)
 
-    return harness.median_seconds(products, device, warmup=2, reps=7)
+    return products
+
+
+def products_in_turn(functions: dict[int, object], seconds: dict[int, list[float]], device: torch.device):
+    """A round of the products of every distinct step length, each the median of three
+    timed calls (appended to seconds[n]): timed in turn with the generations, so the step
+    and its products meet the machine at the same speed (it drifts by 10-40%)."""
+    def run(i):
+        for n, products in functions.items():
+            calls = []
+            for _ in range(3):
+                harness.synchronize(device)
+                started = time.perf_counter()
+                products()
+                harness.synchronize(device)
+                calls.append(time.perf_counter() - started)
+            seconds.setdefault(n, []).append(statistics.median(calls))
+    return run
 
 
 def main() -> None:
@@ -125,13 +143,14 @@ def main() -> None:
                                 speedup_vs_baseline=None if baseline_ms is None else baseline_ms / step_ms,
                                 extra=extra))
 
-    products_by_length = {}  # ms, by the positions a call computes (shared by the cache modes)
+    products_seconds: dict[int, list[float]] = {}  # by the positions a call computes: one entry per round
 
     def products_ms(lengths: list[int]) -> float:
         for n in lengths:
-            if n not in products_by_length:
-                products_by_length[n] = matmul_seconds(model, n, block, device) * 1e3
-        return statistics.mean(products_by_length[n] for n in lengths)
+            if n not in products_seconds:  # a length no timed round met (the LLaDA loop's)
+                products_seconds[n] = [harness.median_seconds(matmul_products(model, n, block, device), device,
+                                                              warmup=2, reps=7)]
+        return statistics.mean(statistics.median(products_seconds[n]) for n in lengths) * 1e3
 
     for cache in CACHES:
         lengths = segment_lengths(cache, prompt_len, gen, block, steps_per_block)
@@ -146,12 +165,16 @@ def main() -> None:
                                   stop_at_eos=False, compile=compile)
             outputs["compiled" if compile else "ours"] = out.tokens, out.nfe
 
-        timed = [baseline, ours]
+        products = {n: matmul_products(model, n, block, device) for n in sorted(set(lengths))}
+        for function in products.values():
+            function()  # warm-up
+        products_seconds.clear()  # this mode's rounds only
+        timed = [baseline, ours, products_in_turn(products, products_seconds, device)]
         if args.compile:
             timed.append(lambda i: ours(i, compile=True))
             timed[-1](-1)  # compiles this cache mode's graphs
         # in turns, a round each: the machine's speed drifts
-        baseline_seconds, our_seconds, *compiled_seconds = harness.alternating_median_seconds(
+        baseline_seconds, our_seconds, _, *compiled_seconds = harness.alternating_median_seconds(
             timed, device, warmup=0, reps=args.rounds, max_seconds=math.inf)
         (reference_tokens, baseline_nfe), (our_tokens, our_nfe) = outputs["baseline"], outputs["ours"]
         agreement = float((our_tokens == reference_tokens).float().mean())
