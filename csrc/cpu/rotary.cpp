@@ -31,6 +31,7 @@ Status rotary(const RotaryParams& p) {
   if (!status.ok()) return status;
   const int64_t positions = p.batch * p.length, dim = p.head_dim;
   if (positions * p.heads == 0) return ok_status();
+  const bool direct = p.dtype == ScalarType::kFloat32 && p.x != p.out;
 #pragma omp parallel if (positions * p.heads * dim >= kParallelElements && positions > 1)
   {
     static thread_local std::vector<float> buf;
@@ -42,9 +43,18 @@ Status rotary(const RotaryParams& p) {
       const int64_t b = bi / p.length, i = bi % p.length;
       const int64_t table = ((p.table_batch == 1 ? 0 : b) * p.length + i) * dim;
       for (int64_t h = 0; h < p.heads; ++h) {
-        load_row(p.x, p.dtype, b * p.x_stride[0] + i * p.x_stride[1] + h * p.x_stride[2], dim, 1.0f, in);
+        const int64_t x_offset = b * p.x_stride[0] + i * p.x_stride[1] + h * p.x_stride[2];
+        const int64_t out_offset = b * p.out_stride[0] + i * p.out_stride[1] + h * p.out_stride[2];
+        // float32 rows rotate straight from x into out instead of through the row copies
+        // (a call that writes over x keeps them: each row is read whole before it is written)
+        if (direct) {
+          rotate(static_cast<const float*>(p.x) + x_offset, p.cos + table, p.sin + table, dim / 2,
+                 static_cast<float*>(p.out) + out_offset);
+          continue;
+        }
+        load_row(p.x, p.dtype, x_offset, dim, 1.0f, in);
         rotate(in, p.cos + table, p.sin + table, dim / 2, rotated);
-        store_row(p.out, p.dtype, b * p.out_stride[0] + i * p.out_stride[1] + h * p.out_stride[2], dim, rotated);
+        store_row(p.out, p.dtype, out_offset, dim, rotated);
       }
     }
   }
