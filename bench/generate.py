@@ -9,10 +9,11 @@ block) and LLaDA's published loop (no cache).
 
 Each step is also set against the step's matrix products measured alone, in turn with
 the generations (every projection of every layer at the step's token count, and the LM
-head on the block, with the model's own weights): a step that costs little more than them has
-little left to fuse. --compile adds unmask with generate(..., compile=True) to each
-pair (its compilation, in a warm-up generate, is not timed). On a GPU the LLaDA-8B shape (random bf16 weights) runs and the
-weight-read floor (every weight read once at the measured copy bandwidth) is reported.
+head on the block, with the model's own weights): a step that costs little more than
+them has little left to fuse. --compile adds unmask with generate(..., compile=True) to
+each pair (its compilation, in a warm-up generate, is not timed). On a GPU the LLaDA-8B
+shape (random bf16 weights) runs and the weight-read floor (every weight read once at
+the measured copy bandwidth) is reported.
 """
 
 import argparse
@@ -91,14 +92,7 @@ def products_in_turn(functions: dict[int, object], seconds: dict[int, list[float
     and its products meet the machine at the same speed (it drifts by 10-40%)."""
     def run(i):
         for n, products in functions.items():
-            calls = []
-            for _ in range(3):
-                harness.synchronize(device)
-                started = time.perf_counter()
-                products()
-                harness.synchronize(device)
-                calls.append(time.perf_counter() - started)
-            seconds.setdefault(n, []).append(statistics.median(calls))
+            seconds.setdefault(n, []).append(harness.median_seconds(products, device, warmup=0, reps=3))
     return run
 
 

@@ -94,8 +94,13 @@ REFERENCE = {
 TORCH = {"attention": sdpa.SDPA}
 
 
+def _mode_setting() -> str:
+    """UNMASK_BACKEND as set ("auto" when unset or empty), not yet checked."""
+    return os.environ.get("UNMASK_BACKEND", "") or "auto"
+
+
 def backend_mode() -> str:
-    mode = os.environ.get("UNMASK_BACKEND", "") or "auto"
+    mode = _mode_setting()
     if mode not in BACKEND_MODES:
         raise ValueError(f"UNMASK_BACKEND must be one of {BACKEND_MODES} or unset, got {mode!r}")
     return mode
@@ -158,8 +163,8 @@ def signature(*arguments) -> tuple:
 
 def planned(kernel: str, plan_key: tuple) -> Callable | None:
     """The launch kept for calls of this signature under the current UNMASK_BACKEND and
-    instruction set, or None."""
-    return _plans.get((kernel, plan_key, os.environ.get("UNMASK_BACKEND", "") or "auto", native.cpu_isa()))
+    instruction set, or None (an invalid UNMASK_BACKEND matches no plan: the route raises)."""
+    return _plans.get((kernel, plan_key, _mode_setting(), native.cpu_isa()))
 
 
 def clear_plans() -> None:
