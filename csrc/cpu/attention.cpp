@@ -268,37 +268,8 @@ struct TaskBuffers {
   std::vector<int64_t> row_keys;
 };
 
-// kt[d][j] = rows[j][d] for the kKeyTile rows of `dim` floats of a key tile. In 8 x 8
-// blocks of AVX registers where the build has them (24 shuffles per 64 floats): the
-// scalar column walk took 15-20% of a cached-block call (32 queries x 1024 keys).
-void transpose_key_tile(const float* rows, int64_t dim, float* kt) {
-  int64_t d0 = 0;
-#if defined(UNMASK_SIMD)
-  for (; d0 + 8 <= dim; d0 += 8) {
-    for (int64_t j0 = 0; j0 < kKeyTile; j0 += 8) {
-      __m256 r[8], t[8];
-      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(rows + (j0 + i) * dim + d0);
-      for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved: (a0 b0 a1 b1 | a4 b4 a5 b5), ...
-        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-      }
-      for (int i = 0; i < 8; i += 4) {  // quads: (a0 b0 c0 d0 | a4 b4 c4 d4), ...
-        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-      }
-      for (int i = 0; i < 4; ++i) {  // halves: column i from rows 0-3 and 4-7, then column i + 4
-        _mm256_storeu_ps(kt + (d0 + i) * kKeyTile + j0, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-        _mm256_storeu_ps(kt + (d0 + i + 4) * kKeyTile + j0, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
-      }
-    }
-  }
-#endif
-  for (int64_t d = d0; d < dim; ++d) {
-    for (int64_t j = 0; j < kKeyTile; ++j) kt[d * kKeyTile + j] = rows[j * dim + d];
-  }
-}
+// kt[d][j] = rows[j][d] for the kKeyTile rows of `dim` floats of a key tile.
+void transpose_key_tile(const float* rows, int64_t dim, float* kt) { transpose(rows, kKeyTile, dim, dim, kt, kKeyTile); }
 
 // Key tile t of (batch b, kv head h) packed into the task's own buffers, as pack_key_tile
 // packs it for every head: K^T [D][kKeyTile] and V [kKeyTile][D], hidden keys zero.

@@ -52,7 +52,7 @@ struct LaneBuffers {
   std::vector<HeadState> heads;  // the task's query heads
   AlignedFloats k, v;  // a key tile's rows of K and V per kv head [kv head][kKeyTile][D], hidden keys zero
   AlignedFloats st;    // S^T, then P^T, of one head and key tile [kKeyTile][lanes]
-  std::vector<float> row;
+  AlignedFloats rows;  // a head's Q or O as rows [lanes][D], either side of their transposes
 };
 
 // st[j][:] = sum_d k[j][d] * qt[d][:] for kKeys keys (rows of k `dim` apart; at most 8,
@@ -125,15 +125,15 @@ void copy_rows(const AttentionParams& p, const KeyTile& tile, int64_t keys, int6
 }
 
 // Q^T of query head h, scaled by scale * log2(e) (scores come out in base 2 for the exp2
-// of the softmax), with O^T and the running softmax reset.
-void start_head(const AttentionParams& p, int64_t b, int64_t h, HeadState& head, std::vector<float>& row) {
+// of the softmax), with O^T and the running softmax reset. rows: [lanes][D] scratch.
+void start_head(const AttentionParams& p, int64_t b, int64_t h, HeadState& head, float* rows) {
   const int64_t dim = p.head_dim;
-  std::fill(head.qt.begin(), head.qt.begin() + dim * kLanes, 0.0f);
   for (int64_t r = 0; r < p.q_len; ++r) {
     load_row(p.q, p.dtype, b * p.q_stride[0] + r * p.q_stride[1] + h * p.q_stride[2], dim, p.scale * cpu::kLog2e,
-             row.data());
-    for (int64_t d = 0; d < dim; ++d) head.qt[d * kLanes + r] = row[d];
+             rows + r * dim);
   }
+  std::fill(rows + p.q_len * dim, rows + kLanes * dim, 0.0f);  // lanes past the block
+  transpose(rows, kLanes, dim, dim, head.qt.data(), kLanes);
   std::fill(head.ot.begin(), head.ot.begin() + dim * kLanes, 0.0f);
   std::fill(head.row_max, head.row_max + kLaneRows, -kInf);
   std::fill(head.row_sum, head.row_sum + kLaneRows, 0.0f);
@@ -243,12 +243,9 @@ void attend_tile(const AttentionParams& p, const KeyTile& tile, int64_t keys, co
 }
 
 // O = O^T transposed, over each lane's sum (zeros for a query that saw no key).
-void finish_head(const AttentionParams& p, int64_t b, int64_t h, const HeadState& head, std::vector<float>& row) {
-  for (int64_t r = 0; r < p.q_len; ++r) {
-    const float inv = inverse_row_sum(head.row_sum[r]);
-    for (int64_t d = 0; d < p.head_dim; ++d) row[d] = head.ot[d * kLanes + r] * inv;
-    store_row(p.out, p.dtype, b * p.out_stride[0] + r * p.out_stride[1] + h * p.out_stride[2], p.head_dim, row.data());
-  }
+void finish_head(const AttentionParams& p, int64_t b, int64_t h, const HeadState& head, float* rows) {
+  transpose(head.ot.data(), p.head_dim, kLanes, kLanes, rows, p.head_dim);
+  for (int64_t r = 0; r < p.q_len; ++r) store_output_row(p, b, r, h, head.row_sum[r], rows + r * p.head_dim);
 }
 
 // Batch row b, kv heads [first, last) and their query heads [q_first, q_last), through
@@ -256,7 +253,7 @@ void finish_head(const AttentionParams& p, int64_t b, int64_t h, const HeadState
 void attend_heads(const AttentionParams& p, const Packed& packed, int64_t b, int64_t first, int64_t last,
                   int64_t q_first, int64_t q_last, LaneBuffers& buf) {
   const int64_t group = p.q_heads / p.kv_heads, head_floats = kKeyTile * p.head_dim;
-  for (int64_t h = q_first; h < q_last; ++h) start_head(p, b, h, buf.heads[h - q_first], buf.row);
+  for (int64_t h = q_first; h < q_last; ++h) start_head(p, b, h, buf.heads[h - q_first], buf.rows.data());
   for (int64_t t = 0; t < key_tiles(p); ++t) {
     const KeyTile tile = key_tile(p, packed, b, t, 0, p.q_len);
     if (tile.hidden()) continue;
@@ -273,7 +270,7 @@ void attend_heads(const AttentionParams& p, const Packed& packed, int64_t b, int
                   buf.heads[h - q_first], buf.st.data());
     }
   }
-  for (int64_t h = q_first; h < q_last; ++h) finish_head(p, b, h, buf.heads[h - q_first], buf.row);
+  for (int64_t h = q_first; h < q_last; ++h) finish_head(p, b, h, buf.heads[h - q_first], buf.rows.data());
 }
 
 }  // namespace
@@ -304,7 +301,7 @@ void attention_lanes(const AttentionParams& p, const Packed& packed) {
     buf.k.resize(static_cast<size_t>(per_group * kKeyTile * p.head_dim));
     buf.v.resize(buf.k.size());
     buf.st.resize(static_cast<size_t>(kKeyTile * kLaneRows));
-    buf.row.resize(static_cast<size_t>(p.head_dim));
+    buf.rows.resize(head_floats);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t slice = task % slices, b = task / (slices * groups);

@@ -150,6 +150,45 @@ inline void store_output_row(const AttentionParams& p, int64_t b, int64_t query,
   store_row(p.out, p.dtype, b * p.out_stride[0] + query * p.out_stride[1] + h * p.out_stride[2], p.head_dim, o);
 }
 
+// dst[c][r] = src[r][c] for a rows x cols block (rows of src src_stride floats apart, of
+// dst dst_stride apart). In 8 x 8 blocks of AVX registers where the build has them (24
+// shuffles per 64 floats): the scalar walks took 15-20% of a cached-block call (the K
+// transpose, 32 queries x 1024 keys) and ~25% of a 32 x 32 one (the lanes kernel's Q^T
+// and O^T, attention_lanes.cpp), one strided store or load per float.
+inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t src_stride, float* dst,
+                      int64_t dst_stride) {
+  int64_t r0 = 0;
+#if defined(UNMASK_SIMD)
+  for (; r0 + 8 <= rows; r0 += 8) {
+    int64_t c0 = 0;
+    for (; c0 + 8 <= cols; c0 += 8) {
+      __m256 r[8], t[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (r0 + i) * src_stride + c0);
+      for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved: (a0 b0 a1 b1 | a4 b4 a5 b5), ...
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {  // quads: (a0 b0 c0 d0 | a4 b4 c4 d4), ...
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+      }
+      for (int i = 0; i < 4; ++i) {  // halves: column i from rows 0-3 and 4-7, then column i + 4
+        _mm256_storeu_ps(dst + (c0 + i) * dst_stride + r0, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+        _mm256_storeu_ps(dst + (c0 + i + 4) * dst_stride + r0, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+      }
+    }
+    for (; c0 < cols; ++c0) {
+      for (int64_t i = r0; i < r0 + 8; ++i) dst[c0 * dst_stride + i] = src[i * src_stride + c0];
+    }
+  }
+#endif
+  for (int64_t c = 0; c < cols; ++c) {
+    for (int64_t i = r0; i < rows; ++i) dst[c * dst_stride + i] = src[i * src_stride + c];
+  }
+}
+
 struct Packed {
   AlignedFloats kt;            // [batch][kv_heads][tiles][D][kKeyTile]
   AlignedFloats v;             // [batch][kv_heads][tiles][kKeyTile][D]
