@@ -275,6 +275,8 @@ void transpose_key_tile(const float* rows, int64_t dim, float* kt) { transpose(r
 // packs it for every head: K^T [D][kKeyTile] and V [kKeyTile][D], hidden keys zero.
 // For a short query block each tile meets one query tile per query head: packing it here
 // keeps it in L1/L2, where the global pack writes every tile to memory and reads it back.
+// A software prefetch of the rows 4, 8 or 16 keys ahead measured slower, 0.72-0.92x on
+// [4, 8, H, D] float32 blocks over 512 keys (D 16-128).
 void pack_head_tile(const AttentionParams& p, const Packed& packed, int64_t b, int64_t h, int64_t t,
                     TaskBuffers& buf) {
   const int64_t dim = p.head_dim, first = t * kKeyTile;
