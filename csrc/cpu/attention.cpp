@@ -276,7 +276,8 @@ void transpose_key_tile(const float* rows, int64_t dim, float* kt) { transpose(r
 // For a short query block each tile meets one query tile per query head: packing it here
 // keeps it in L1/L2, where the global pack writes every tile to memory and reads it back.
 // A software prefetch of the rows 4, 8 or 16 keys ahead measured slower, 0.72-0.92x on
-// [4, 8, H, D] float32 blocks over 512 keys (D 16-128).
+// [4, 8, H, D] float32 blocks over 512 keys (D 16-128); of the next tile's rows while
+// this one computes, 0.97-1.06x.
 void pack_head_tile(const AttentionParams& p, const Packed& packed, int64_t b, int64_t h, int64_t t,
                     TaskBuffers& buf) {
   const int64_t dim = p.head_dim, first = t * kKeyTile;
