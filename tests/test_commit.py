@@ -112,3 +112,23 @@ def test_canvas_dtypes(dtype):
     ops.commit(x, torch.tensor([[4, 5, 6]], dtype=dtype), torch.tensor([[0.1, 0.8, 0.3]]),
                torch.ones(1, 3, dtype=torch.bool), k=1)
     assert x.tolist() == [[0, 5, 0]] and x.dtype == dtype
+
+
+def test_inputs_of_any_dtype_and_layout():
+    """tokens and k as int32 (tokens strided), conf as float64 and eligible as a transposed
+    view commit as their int64 / float32 contiguous copies do (the kernels read int64,
+    float32 and bool through pointers)."""
+    gen = torch.Generator().manual_seed(3)
+    conf = torch.rand(3, 40, generator=gen)
+    eligible = torch.rand(3, 40, generator=gen) > 0.3
+    tokens = torch.randint(0, 1000, (3, 40), generator=gen)
+    k = torch.tensor([2, 5, 0])
+    x_expected = torch.full((3, 40), -1)
+    expected = ops.commit(x_expected, tokens, conf, eligible, k=k)
+    x = torch.full((3, 40), -1)
+    tokens32 = torch.stack([tokens, tokens], dim=-1).to(torch.int32)[..., 0]
+    eligible_t = eligible.t().contiguous().t()
+    assert not tokens32.is_contiguous() and not eligible_t.is_contiguous()
+    got = ops.commit(x, tokens32, conf.double(), eligible_t, k=k.to(torch.int32))
+    assert torch.equal(got, expected) and torch.equal(x, x_expected)
+    assert got.sum().item() == 7

@@ -235,3 +235,24 @@ def test_shapes_follow_leading_dimensions():
     tokens, conf = ops.sample(torch.randn(2, 3, 11))
     assert tokens.shape == (2, 3) and tokens.dtype == torch.int64
     assert conf.shape == (2, 3) and conf.dtype == torch.float32
+
+
+def test_index_tensors_of_any_int_dtype_and_layout():
+    """rows, banned and per-row offsets as int32, strided or 2-D sample as their int64
+    contiguous copies do (the kernels read int64 through pointers: an unconverted int32
+    tensor would be read two ids at a time)."""
+    logits = random_logits(12, 300, seed=10)
+    rows64 = torch.tensor([0, 1, 3, 5, 11])
+    banned64 = torch.tensor([7, 250, 3, 299])
+    offsets64 = torch.arange(12) * 3 + 1
+    rows32 = torch.stack([rows64, rows64], dim=1).to(torch.int32)[:, 0]  # a strided int32 view
+    banned32 = banned64.to(torch.int32).reshape(2, 2)
+    offsets32 = torch.stack([offsets64, offsets64], dim=1).to(torch.int32)[:, 1]
+    assert not rows32.is_contiguous() and not offsets32.is_contiguous()
+    for confidence in ("prob", "random"):
+        expected = ops.sample(logits, temperature=1.0, confidence=confidence, seed=5, rows=rows64, banned=banned64,
+                              offset=offsets64)
+        got = ops.sample(logits, temperature=1.0, confidence=confidence, seed=5, rows=rows32, banned=banned32,
+                         offset=offsets32)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), confidence
+        assert not set(got[0][rows64].tolist()) & set(banned64.tolist())

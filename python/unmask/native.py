@@ -213,7 +213,7 @@ def _index_tensors(call: SampleCall):
     offset = call.options.offset if isinstance(call.options.offset, torch.Tensor) else None
     if offset is not None and offset.dim() > 0:
         offset = offset.reshape(-1)
-    return tuple(None if t is None else t.to(torch.int64).contiguous() for t in (call.rows, call.banned, offset))
+    return tuple(None if t is None else validation.contiguous_as(t, torch.int64) for t in (call.rows, call.banned, offset))
 
 
 def _launch_sample_cpu(call: SampleCall, out=None):
@@ -266,12 +266,12 @@ def _launch_commit(call: CommitCall, out=None, *, cuda: bool, interpret: bool = 
     batch, length = x.shape
     # The kernels write an int64 contiguous canvas in place; any other canvas goes
     # through such a copy (a block of a few hundred ids) and is written back.
-    canvas = x if x.dtype == torch.int64 and x.is_contiguous() else x.to(torch.int64).contiguous()
+    canvas = validation.contiguous_as(x, torch.int64)
     committed = torch.empty(batch, length, dtype=torch.bool, device=x.device) if out is None else out
-    tokens = call.tokens.to(torch.int64).contiguous()
-    conf = call.conf.to(torch.float32).contiguous()
+    tokens = validation.contiguous_as(call.tokens, torch.int64)
+    conf = validation.contiguous_as(call.conf, torch.float32)
     eligible = call.eligible.contiguous()
-    counts = None if call.k is None else call.k.to(torch.int64).contiguous()
+    counts = None if call.k is None else validation.contiguous_as(call.k, torch.int64)
     params = _params(
         _C.CommitParams, canvas=canvas.data_ptr(), tokens=tokens.data_ptr(), conf=conf.data_ptr(),
         eligible=eligible.data_ptr(), committed=committed.data_ptr(), batch=batch, length=length,
@@ -322,7 +322,7 @@ def _attention_params(call: AttentionCall, q, k, v, out, kv_len, key_valid):
 
 
 def _mask_tensors(call: AttentionCall):
-    kv_len = None if call.kv_len is None else call.kv_len.to(torch.int64).contiguous()
+    kv_len = None if call.kv_len is None else validation.contiguous_as(call.kv_len, torch.int64)
     key_valid = None if call.key_valid is None else call.key_valid.contiguous()
     return kv_len, key_valid
 

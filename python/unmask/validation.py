@@ -135,6 +135,15 @@ def check_tensor(name: str, value, *, dtypes: Sequence[str] | None = None, ndim:
                 dtypes=dtypes, ndim=ndim)
 
 
+def contiguous_as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """tensor itself when it already has dtype and is contiguous (the usual case: an index
+    tensor's .to(dtype).contiguous() costs ~1 us of dispatch even then, several per small
+    sample or commit call), else a contiguous copy in dtype."""
+    if tensor.dtype == dtype and tensor.is_contiguous():
+        return tensor
+    return tensor.to(dtype).contiguous()
+
+
 def check_shape(name: str, shape, expected, what: str) -> None:
     if tuple(shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {tuple(expected)} ({what}), got {tuple(shape)}")
@@ -280,7 +289,7 @@ def sample_call(logits, *, temperature=0.0, top_k=0, top_p=1.0, banned=None, con
     if isinstance(banned, torch.Tensor):
         check_tensor("banned", banned, dtypes=INT_DTYPES)
         check_device("banned", banned, device)
-        banned_tensor = banned.reshape(-1).to(torch.int64).contiguous()  # any order: the kernels sort if they need to
+        banned_tensor = contiguous_as(banned.reshape(-1), torch.int64)  # any order: the kernels sort if they need to
         check_index_range("banned", host_values(banned_tensor), vocab, "the vocabulary")
         if banned_tensor.numel() >= vocab:  # only then can it ban every id; unique synchronises on a GPU
             check_not_all_banned(torch.unique(banned_tensor).numel(), vocab)
@@ -292,7 +301,7 @@ def sample_call(logits, *, temperature=0.0, top_k=0, top_p=1.0, banned=None, con
         if offset.dim() != 0:
             check_shape("offset", offset.shape, logits.shape[:-1], "one step offset per row of logits, or 0-d")
         check_device("offset", offset, device)
-        offset = offset.to(torch.int64)
+        offset = contiguous_as(offset, torch.int64)
         check_index_range("offset", host_values(offset), OFFSET_LIMIT, "32-bit step offsets")
         options = dataclasses.replace(options, offset=offset)
     else:
@@ -303,7 +312,7 @@ def sample_call(logits, *, temperature=0.0, top_k=0, top_p=1.0, banned=None, con
     if rows is not None:
         check_tensor("rows", rows, dtypes=INT_DTYPES, ndim=1)
         check_device("rows", rows, device)
-        rows = rows.to(torch.int64).contiguous()
+        rows = contiguous_as(rows, torch.int64)
         # On a GPU the check synchronises: done when check=True, which synchronises anyway.
         check_index_range("rows", rows if check else host_values(rows), n_rows, "the flattened rows of logits")
     return SampleCall(logits, options, banned_tensor, rows, check)
@@ -458,7 +467,7 @@ def commit_call(x, tokens, conf, eligible, *, k=None, threshold=None, factor=Non
         check_shape("k", k.shape, (x.shape[0],), "[B]")
         check_device("k", k, x.device)
         check_counts(k, host_values(k))
-        k = k.to(torch.int64)
+        k = contiguous_as(k, torch.int64)
     elif k is not None:
         check_counts(k, None)
         k = torch.full((x.shape[0],), k, dtype=torch.int64, device=x.device)
