@@ -281,11 +281,20 @@ def sample_call(logits, *, temperature=0.0, top_k=0, top_p=1.0, banned=None, con
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES)
     shard_vocab = check_logits_shape(logits.shape)
     vocab = shard_vocab if vocab is None else vocab
+    device = logits.device
+    if isinstance(offset, torch.Tensor):
+        check_tensor("offset", offset, dtypes=INT_DTYPES)
+        if offset.dim() != 0:
+            check_shape("offset", offset.shape, logits.shape[:-1], "one step offset per row of logits, or 0-d")
+        check_device("offset", offset, device)
+        offset = contiguous_as(offset, torch.int64)
+        check_index_range("offset", host_values(offset), OFFSET_LIMIT, "32-bit step offsets")
+    else:
+        check_int("offset", offset, low=0, high=OFFSET_LIMIT)
     options = sample_options(temperature=temperature, top_k=top_k, top_p=top_p, confidence=confidence,
                              conf_temperature=conf_temperature, seed=seed, offset=offset)
     if not isinstance(check, bool):
         raise TypeError(f"check must be a bool, got {type(check).__name__}")
-    device = logits.device
     if isinstance(banned, torch.Tensor):
         check_tensor("banned", banned, dtypes=INT_DTYPES)
         check_device("banned", banned, device)
@@ -296,16 +305,6 @@ def sample_call(logits, *, temperature=0.0, top_k=0, top_p=1.0, banned=None, con
     else:
         ids = banned_ids(banned, vocab)
         banned_tensor = None if ids is None else torch.tensor(ids, dtype=torch.int64, device=device)
-    if isinstance(offset, torch.Tensor):
-        check_tensor("offset", offset, dtypes=INT_DTYPES)
-        if offset.dim() != 0:
-            check_shape("offset", offset.shape, logits.shape[:-1], "one step offset per row of logits, or 0-d")
-        check_device("offset", offset, device)
-        offset = contiguous_as(offset, torch.int64)
-        check_index_range("offset", host_values(offset), OFFSET_LIMIT, "32-bit step offsets")
-        options = dataclasses.replace(options, offset=offset)
-    else:
-        check_int("offset", offset, low=0, high=OFFSET_LIMIT)
     if options.top_k >= vocab:  # keeps every id: the same as no filter, for every backend
         options = dataclasses.replace(options, top_k=0)
     n_rows = logits.numel() // shard_vocab
