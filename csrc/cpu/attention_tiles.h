@@ -255,6 +255,26 @@ inline void copy_key_rows(const AttentionParams& p, int64_t b, int64_t key, int6
   }
 }
 
+// Asks for the K and V rows of keys [first_key, end_key) of kv heads [first_head,
+// end_head) of batch row b in L2, ahead of the copy that reads them (a prefetch hint:
+// nothing is read or faulted in if the rows are not there).
+inline void prefetch_key_rows(const AttentionParams& p, int64_t b, int64_t first_key, int64_t end_key,
+                              int64_t first_head, int64_t end_head) {
+  const int64_t element_bytes = p.dtype == ScalarType::kFloat32 ? 4 : 2, row_bytes = p.head_dim * element_bytes;
+  const char* k = static_cast<const char*>(p.k);
+  const char* v = static_cast<const char*>(p.v);
+  for (int64_t key = first_key; key < std::min(end_key, p.k_len); ++key) {
+    for (int64_t h = first_head; h < end_head; ++h) {
+      const char* k_row = k + (b * p.k_stride[0] + key * p.k_stride[1] + h * p.k_stride[2]) * element_bytes;
+      const char* v_row = v + (b * p.v_stride[0] + key * p.v_stride[1] + h * p.v_stride[2]) * element_bytes;
+      for (int64_t line = 0; line < row_bytes; line += 64) {
+        __builtin_prefetch(k_row + line, 0, 2);  // read, into L2: a tile of a group's rows outgrows L1
+        __builtin_prefetch(v_row + line, 0, 2);
+      }
+    }
+  }
+}
+
 // The K^T and V tiles of key tile t of batch b, for every kv head. Key-major, the order
 // of the inputs in memory ([B, L, H, D]: a key's heads are adjacent): walked head by
 // head instead, each 512-byte row of a 128-dim head lay 16 KiB from the next, a new
