@@ -11,6 +11,9 @@
 // 2. One task per (batch, query head, query tile of kQueryTile rows): S = Q K^T for
 //    each key tile the masks leave visible (tiles fully hidden by kv_len, key_valid or
 //    the block-causal mask are skipped, never computed), online softmax, O += P V.
+// A block of at most kQueryTile queries (one query tile) skips the global pack: a task
+// takes a batch row's group of kv heads, copies each key tile's rows for the group in
+// memory order and packs them itself (attend_head_group).
 // With AVX-512 or AVX2 + FMA the two products run in register-blocked micro-kernels
 // (6 rows x one band of columns); elsewhere plain loops the compiler vectorises.
 #include <algorithm>
@@ -261,82 +264,147 @@ void pack_key_tile(const AttentionParams& p, Packed& packed, int64_t b, int64_t 
 
 // ------------------------------------------------------------------ one task
 
-struct TaskBuffers {
-  AlignedFloats q, q_blocked, s, o;
-  AlignedFloats kt, v, staging;  // one key tile of one head, packed in the task (short query blocks)
-  std::vector<float> row_max, row_sum, alpha;
-  std::vector<int64_t> row_keys;
+// One query head's tile of rows on its way through the key tiles: Q (scaled, and laid
+// out for the micro-kernels), the output accumulator and the running softmax.
+struct QueryTileState {
+  AlignedFloats q;  // [rows][D], interleave_row_blocks' layout in SIMD builds
+  AlignedFloats o;  // [rows][D]
+  std::vector<float> row_max, row_sum;
 };
 
-// kt[d][j] = rows[j][d] for the kKeyTile rows of `dim` floats of a key tile.
-void transpose_key_tile(const float* rows, int64_t dim, float* kt) { transpose(rows, kKeyTile, dim, dim, kt, kKeyTile); }
+struct TaskBuffers {
+  AlignedFloats q_rows, s;  // Q rows as loaded; S of one key tile [rows][kKeyTile]
+  std::vector<float> alpha;
+  std::vector<int64_t> row_keys;
+  std::vector<QueryTileState> heads;  // the task's query heads
+  AlignedFloats kt, k_rows, v;        // packed in the task: K^T of one kv head; the group's K and V rows
+};
 
-// Key tile t of (batch b, kv head h) packed into the task's own buffers, as pack_key_tile
-// packs it for every head: K^T [D][kKeyTile] and V [kKeyTile][D], hidden keys zero.
-// For a short query block each tile meets one query tile per query head: packing it here
-// keeps it in L1/L2, where the global pack writes every tile to memory and reads it back.
-// A software prefetch of the rows 4, 8 or 16 keys ahead measured slower, 0.72-0.92x on
-// [4, 8, H, D] float32 blocks over 512 keys (D 16-128); of the next tile's rows while
-// this one computes, 0.97-1.06x.
-void pack_head_tile(const AttentionParams& p, const Packed& packed, int64_t b, int64_t h, int64_t t,
-                    TaskBuffers& buf) {
-  const int64_t dim = p.head_dim, first = t * kKeyTile;
-  const float* bias = packed.key_bias.data() + b * key_tiles(p) * kKeyTile + first;
-  float* k_rows = buf.staging.data();
-  for (int64_t j = 0; j < kKeyTile; ++j) {
-    copy_key_rows(p, b, first + j, h, bias[j] == 0.0f, k_rows + j * dim, buf.v.data() + j * dim);
-  }
-  transpose_key_tile(k_rows, dim, buf.kt.data());
-}
-
-// pack_locally: the key tiles are packed here (pack_head_tile), not read from `packed`.
-void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b, int64_t h, int64_t q_begin,
-                       TaskBuffers& buf, bool pack_locally) {
-  const int64_t dim = p.head_dim, tiles = key_tiles(p);
-  const int64_t rows = std::min(kQueryTile, p.q_len - q_begin);
-  const int64_t kv_head = h / (p.q_heads / p.kv_heads);
-  const int64_t head_tile_floats = tiles * kKeyTile * dim;
-  const float* kt_head = pack_locally ? nullptr : packed.kt.data() + (b * p.kv_heads + kv_head) * head_tile_floats;
-  const float* v_head = pack_locally ? nullptr : packed.v.data() + (b * p.kv_heads + kv_head) * head_tile_floats;
-
+// Query rows [q_begin, q_begin + rows) of head h loaded, scaled by scale * log2(e) (scores
+// come out in base 2 for the exp2 of the softmax), with the output and softmax reset.
+void start_query_tile(const AttentionParams& p, int64_t b, int64_t h, int64_t q_begin, int64_t rows,
+                      AlignedFloats& q_rows, QueryTileState& state) {
+  const int64_t dim = p.head_dim;
+  q_rows.resize(rows * dim);
+  state.q.resize(rows * dim);
+  state.o.assign(rows * dim, 0.0f);
+  state.row_max.assign(rows, -kInf);
+  state.row_sum.assign(rows, 0.0f);
   for (int64_t r = 0; r < rows; ++r) {
-    // scale * log2(e): scores come out in base 2 for the exp2 of the softmax.
     load_row(p.q, p.dtype, b * p.q_stride[0] + (q_begin + r) * p.q_stride[1] + h * p.q_stride[2], dim,
-             p.scale * cpu::kLog2e, buf.q.data() + r * dim);
+             p.scale * cpu::kLog2e, q_rows.data() + r * dim);
   }
 #if defined(UNMASK_SIMD)
-  interleave_row_blocks(buf.q.data(), rows, dim, buf.q_blocked.data());
-  const float* q_tile = buf.q_blocked.data();
+  interleave_row_blocks(q_rows.data(), rows, dim, state.q.data());
 #else
-  const float* q_tile = buf.q.data();
+  std::copy(q_rows.begin(), q_rows.begin() + rows * dim, state.q.begin());
 #endif
-  std::fill(buf.o.begin(), buf.o.begin() + rows * dim, 0.0f);
-  std::fill(buf.row_max.begin(), buf.row_max.begin() + rows, -kInf);
-  std::fill(buf.row_sum.begin(), buf.row_sum.begin() + rows, 0.0f);
+}
 
+// One key tile (K^T kt [D][kKeyTile], V rows v [kKeyTile][D]) for a query head's rows.
+void attend_key_tile(const AttentionParams& p, const KeyTile& tile, int64_t rows, const int64_t* row_keys,
+                     const float* kt, const float* v, QueryTileState& state, TaskBuffers& buf) {
+  float* s = buf.s.data();
+  qk_tile(state.q.data(), rows, p.head_dim, kt, row_keys, s);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* srow = s + r * kKeyTile;
+    if (row_keys != nullptr) std::fill(srow + row_keys[r], srow + kKeyTile, -kInf);
+    online_softmax_row(srow, tile.key_masked() ? tile.bias : nullptr, state.row_max[r], state.row_sum[r],
+                       buf.alpha[r]);
+  }
+  pv_tile(s, rows, tile.keys, p.head_dim, v, row_keys, buf.alpha.data(), state.o.data());
+}
+
+void finish_query_tile(const AttentionParams& p, int64_t b, int64_t h, int64_t q_begin, int64_t rows,
+                       QueryTileState& state) {
+  for (int64_t r = 0; r < rows; ++r) {
+    store_output_row(p, b, q_begin + r, h, state.row_sum[r], state.o.data() + r * p.head_dim);
+  }
+}
+
+// The block-causal rows of a tile the diagonal cuts (null for any other tile).
+const int64_t* tile_row_keys(const AttentionParams& p, const KeyTile& tile, int64_t q_begin, int64_t rows,
+                             TaskBuffers& buf) {
+  if (tile.causal != TileVisibility::kPartial) return nullptr;
+  causal_row_keys(p, tile, q_begin, rows, buf.row_keys.data());
+  return buf.row_keys.data();
+}
+
+// Query tile [q_begin, q_begin + kQueryTile) of head h against the global pack's tiles.
+void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b, int64_t h, int64_t q_begin,
+                       TaskBuffers& buf) {
+  const int64_t dim = p.head_dim, tiles = key_tiles(p), rows = std::min(kQueryTile, p.q_len - q_begin);
+  const int64_t kv_head = h / (p.q_heads / p.kv_heads), head_tile_floats = tiles * kKeyTile * dim;
+  const float* kt_head = packed.kt.data() + (b * p.kv_heads + kv_head) * head_tile_floats;
+  const float* v_head = packed.v.data() + (b * p.kv_heads + kv_head) * head_tile_floats;
+  QueryTileState& state = buf.heads[0];
+  start_query_tile(p, b, h, q_begin, rows, buf.q_rows, state);
   for (int64_t t = 0; t < tiles; ++t) {
     const KeyTile tile = key_tile(p, packed, b, t, q_begin, rows);
     if (tile.hidden()) continue;
-    const int64_t* row_keys = nullptr;
-    if (tile.causal == TileVisibility::kPartial) {
-      causal_row_keys(p, tile, q_begin, rows, buf.row_keys.data());
-      row_keys = buf.row_keys.data();
-    }
-    float* s = buf.s.data();
-    const float* kt_tile = pack_locally ? buf.kt.data() : kt_head + t * kKeyTile * dim;
-    const float* v_tile = pack_locally ? buf.v.data() : v_head + tile.begin * dim;
-    if (pack_locally) pack_head_tile(p, packed, b, kv_head, t, buf);
-    qk_tile(q_tile, rows, dim, kt_tile, row_keys, s);
-    for (int64_t r = 0; r < rows; ++r) {
-      float* srow = s + r * kKeyTile;
-      if (row_keys != nullptr) std::fill(srow + row_keys[r], srow + kKeyTile, -kInf);
-      online_softmax_row(srow, tile.key_masked() ? tile.bias : nullptr, buf.row_max[r], buf.row_sum[r], buf.alpha[r]);
-    }
-    pv_tile(s, rows, tile.keys, dim, v_tile, row_keys, buf.alpha.data(), buf.o.data());
+    attend_key_tile(p, tile, rows, tile_row_keys(p, tile, q_begin, rows, buf), kt_head + t * kKeyTile * dim,
+                    v_head + tile.begin * dim, state, buf);
   }
-
-  for (int64_t r = 0; r < rows; ++r) store_output_row(p, b, q_begin + r, h, buf.row_sum[r], buf.o.data() + r * dim);
+  finish_query_tile(p, b, h, q_begin, rows, state);
 }
+
+// A short query block (one query tile, every query of the call) of batch row b: kv heads
+// [first, last) and, of their query heads, those in [q_first, q_last), through every key
+// tile, packed here rather than in the global pack (each tile meets one query tile per
+// query head: packed here it stays in L1/L2, where the global pack writes every tile to
+// memory and reads it back). Each key's rows for the group are copied in memory order
+// ([B, L, H, D]: a key's heads are adjacent); head by head, a row of 16-32 floats lay on a
+// page of its own, and [4, 8, 32, 32] over 512 keys spent ~2.7x per tile what it did with
+// its keys in cache. Software prefetches of the rows, 4-16 keys or a tile ahead, measured
+// 0.72-1.06x with tasks of one head.
+void attend_head_group(const AttentionParams& p, const Packed& packed, int64_t b, int64_t first, int64_t last,
+                       int64_t q_first, int64_t q_last, TaskBuffers& buf) {
+  const int64_t dim = p.head_dim, rows = p.q_len, group = p.q_heads / p.kv_heads, tile_floats = kKeyTile * dim;
+  for (int64_t h = q_first; h < q_last; ++h) start_query_tile(p, b, h, 0, rows, buf.q_rows, buf.heads[h - q_first]);
+  for (int64_t t = 0; t < key_tiles(p); ++t) {
+    const KeyTile tile = key_tile(p, packed, b, t, 0, rows);
+    if (tile.hidden()) continue;
+    const int64_t* row_keys = tile_row_keys(p, tile, 0, rows, buf);
+    for (int64_t j = 0; j < kKeyTile; ++j) {  // hidden keys and those past k_len: zeros, never read
+      for (int64_t h = first; h < last; ++h) {
+        const int64_t at = (h - first) * tile_floats + j * dim;
+        copy_key_rows(p, b, tile.begin + j, h, tile.bias[j] == 0.0f, buf.k_rows.data() + at, buf.v.data() + at);
+      }
+    }
+    for (int64_t h = first; h < last; ++h) {
+      const int64_t heads_begin = std::max(q_first, h * group), heads_end = std::min(q_last, (h + 1) * group);
+      if (heads_begin >= heads_end) continue;
+      transpose(buf.k_rows.data() + (h - first) * tile_floats, kKeyTile, dim, dim, buf.kt.data(), kKeyTile);
+      for (int64_t q_head = heads_begin; q_head < heads_end; ++q_head) {
+        attend_key_tile(p, tile, rows, row_keys, buf.kt.data(), buf.v.data() + (h - first) * tile_floats,
+                        buf.heads[q_head - q_first], buf);
+      }
+    }
+  }
+  for (int64_t h = q_first; h < q_last; ++h) finish_query_tile(p, b, h, 0, rows, buf.heads[h - q_first]);
+}
+
+// The per-head state of a short block's task stays within L2 with its key tiles: at most
+// this many floats of Q and O (2 x rows x D a query head).
+constexpr int64_t kGroupStateFloats = int64_t{1} << 17;  // 512 KiB
+
+// Tasks of a short query block: a batch row's kv heads in groups as large as still give
+// each thread four tasks and keep their state within kGroupStateFloats; with fewer kv
+// heads than that (a batch of one under GQA or MQA), a kv head's query heads are split
+// among tasks too, each copying the kv head's rows for itself (attention_lanes' split).
+struct HeadGroups {
+  int64_t per_group, groups, per_slice, slices;
+
+  explicit HeadGroups(const AttentionParams& p) {
+    const int64_t wanted = 4 * max_threads(), group = p.q_heads / p.kv_heads;
+    const int64_t groups_for_threads = std::clamp<int64_t>((wanted + p.batch - 1) / p.batch, 1, p.kv_heads);
+    const int64_t within_state = std::max<int64_t>(1, kGroupStateFloats / (2 * p.q_len * p.head_dim * group));
+    per_group = std::min((p.kv_heads + groups_for_threads - 1) / groups_for_threads, within_state);
+    groups = (p.kv_heads + per_group - 1) / per_group;
+    slices = per_group == 1 ? std::clamp<int64_t>((wanted + p.batch * groups - 1) / (p.batch * groups), 1, group) : 1;
+    per_slice = (group + slices - 1) / slices;
+  }
+};
 
 }  // namespace
 
@@ -353,8 +421,9 @@ Status attention(const AttentionParams& p) {
 #endif
   const int64_t query_tiles = (p.q_len + kQueryTile - 1) / kQueryTile;
   // A short query block (one query tile per head, e.g. a cached decoding step's 32 queries
-  // against every cached key) uses each key tile once per query head: each task packs
-  // its tiles itself. Longer blocks share the global pack across their query tiles.
+  // against every cached key) uses each key tile once per query head: its tasks pack
+  // their tiles themselves (attend_head_group). Longer blocks share the global pack
+  // across their query tiles.
   const bool pack_locally = query_tiles == 1;
   pack_masks(p, packed, /*keys_too=*/!pack_locally);
   if (p.q_len == 1) {  // one query: no key tile is worth packing for a single row
@@ -377,32 +446,43 @@ Status attention(const AttentionParams& p) {
       }
     }
   }
-  const int64_t tasks = p.batch * p.q_heads * query_tiles;
+  const HeadGroups split(p);
+  const int64_t group = p.q_heads / p.kv_heads;
+  const int64_t tasks = pack_locally ? p.batch * split.groups * split.slices : p.batch * p.q_heads * query_tiles;
 #pragma omp parallel
   {
     // Kept by each (pooled) OpenMP thread across calls, growing only: allocated per call,
     // they were freed back to the OS and page-faulted in again (a [1, 32, 8, 128] float32
     // call measured 65 -> 58 us).
     static thread_local TaskBuffers buf;
-    buf.q.resize(kQueryTile * p.head_dim);
-    buf.q_blocked.resize(kQueryTile * p.head_dim);
-    buf.o.resize(kQueryTile * p.head_dim);
     buf.s.resize(kQueryTile * kKeyTile);
-    buf.row_max.resize(kQueryTile);
-    buf.row_sum.resize(kQueryTile);
     buf.alpha.resize(kQueryTile);
     buf.row_keys.resize(kQueryTile);
     if (pack_locally) {
+      const int64_t heads = split.slices == 1 ? split.per_group * group : split.per_slice;
+      if (static_cast<int64_t>(buf.heads.size()) < heads) buf.heads.resize(heads);
       buf.kt.resize(kKeyTile * p.head_dim);
-      buf.v.resize(kKeyTile * p.head_dim);
-      buf.staging.resize(kKeyTile * p.head_dim);
+      buf.k_rows.resize(split.per_group * kKeyTile * p.head_dim);
+      buf.v.resize(buf.k_rows.size());
+    } else if (buf.heads.empty()) {
+      buf.heads.resize(1);
     }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t q_tile = task % query_tiles;
-      const int64_t h = (task / query_tiles) % p.q_heads;
-      const int64_t b = task / (query_tiles * p.q_heads);
-      attend_query_tile(p, packed, b, h, q_tile * kQueryTile, buf, pack_locally);
+      if (!pack_locally) {
+        const int64_t q_tile = task % query_tiles;
+        const int64_t h = (task / query_tiles) % p.q_heads;
+        const int64_t b = task / (query_tiles * p.q_heads);
+        attend_query_tile(p, packed, b, h, q_tile * kQueryTile, buf);
+        continue;
+      }
+      const int64_t slice = task % split.slices, b = task / (split.slices * split.groups);
+      const int64_t first = (task / split.slices % split.groups) * split.per_group;
+      const int64_t last = std::min(p.kv_heads, first + split.per_group);
+      if (first >= last) continue;
+      const int64_t q_first = first * group + slice * split.per_slice;
+      const int64_t q_last = split.slices == 1 ? last * group : std::min((first + 1) * group, q_first + split.per_slice);
+      if (q_first < q_last) attend_head_group(p, packed, b, first, last, q_first, q_last, buf);
     }
   }
   return ok_status();
