@@ -481,7 +481,8 @@ Status attention(const AttentionParams& p) {
       const int64_t last = std::min(p.kv_heads, first + split.per_group);
       if (first >= last) continue;
       const int64_t q_first = first * group + slice * split.per_slice;
-      const int64_t q_last = split.slices == 1 ? last * group : std::min((first + 1) * group, q_first + split.per_slice);
+      const int64_t q_last =
+          split.slices == 1 ? last * group : std::min((first + 1) * group, q_first + split.per_slice);
       if (q_first < q_last) attend_head_group(p, packed, b, first, last, q_first, q_last, buf);
     }
   }

@@ -213,7 +213,8 @@ def _index_tensors(call: SampleCall):
     offset = call.options.offset if isinstance(call.options.offset, torch.Tensor) else None
     if offset is not None and offset.dim() > 0:
         offset = offset.reshape(-1)
-    return tuple(None if t is None else validation.contiguous_as(t, torch.int64) for t in (call.rows, call.banned, offset))
+    return tuple(None if t is None else validation.contiguous_as(t, torch.int64)
+                 for t in (call.rows, call.banned, offset))
 
 
 def _launch_sample_cpu(call: SampleCall, out=None):
