@@ -223,6 +223,20 @@ def test_short_query_blocks_with_many_heads(batch, q_heads, kv_heads):
                             q_offset=60)
 
 
+@pytest.mark.parametrize("q_len", [8, 24, 28, 32, 70])
+def test_a_row_that_sees_no_key_after_a_call_that_left_nan(q_len):
+    """Each thread keeps its output accumulators across calls and tasks, and a short
+    block's first key tile writes them rather than adding to them: a batch row whose every
+    key tile is hidden (kv_len 0) gets zeros, beside a row whose outputs are all NaN (a
+    NaN query) and after a call that left NaN in every accumulator."""
+    q, k, v, _ = random_inputs(2, q_len, 150, 4, 4, 64, torch.float32, seed=q_len)
+    assert torch.isnan(ops.attention(torch.full_like(q, float("nan")), k, v)).all()
+    q[0] = float("nan")
+    out = ops.attention(q, k, v, kv_len=torch.tensor([150, 0]))
+    assert torch.isnan(out[0]).all() and torch.equal(out[1], torch.zeros_like(out[1]))
+    check_against_reference(q[1:], k[1:], v[1:])
+
+
 @pytest.mark.parametrize("q_len", [32, 70])  # the lanes kernel, the tiled one
 def test_a_maximum_that_moves_late_rescales_what_came_before(q_len):
     """Keys of the last tiles score far above the first tiles' maxima (by more than the
