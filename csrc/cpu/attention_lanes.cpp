@@ -271,6 +271,8 @@ void attend_heads(const AttentionParams& p, const Packed& packed, int64_t b, int
                              ? tile.keys
                              : std::clamp<int64_t>(((p.q_offset + p.q_len - 1) / p.block_size + 1) * p.block_size -
                                                        tile.begin, 0, tile.keys);
+    // Copied even where no key of the tile is hidden: float32 rows read in place measured
+    // 0.77-0.94x on [1-4, 32, H, D] over 1024-4096 keys (1.06-1.11x over 192 keys, in cache).
     copy_rows(p, tile, keys, b, first, last, buf);
     // The next tile's rows, requested while this one computes. A task of one or two heads
     // reads 0.5-1 KiB of a key's rows at a time, each key on a new page, where the hardware
