@@ -2,7 +2,7 @@
 the loops users would otherwise run, cache mode by cache mode (none, prefix, dual): the
 Fast-dLLM loop of the same mode (unmask.benchmarks.fastdllm_baseline: eager, SDPA,
 float64 softmax over every position the model returns, the cache refilled at every
-block) and LLaDA's published loop (no cache).
+block, the mask id banned as unmask's sampler bans it) and LLaDA's published loop (no cache).
 
     python bench/generate.py [--device cpu|cuda] [--shape small|medium|bundled|llada-8b]
                              [--dtype float32|bfloat16] [--compile] [--no-save]

@@ -15,6 +15,15 @@ What those loops do per step, and this one too:
 - commit: the masked positions of the current block, the k most confident per row, k from
   LLaDA's schedule (the block's masked count spread over its steps).
 Eager PyTorch with torch SDPA attention, no attention mask (unpadded prompts).
+
+One departure, so that both sides make the same choices (ban_mask=True, the default):
+the mask id's logit is set to -inf before the argmax and the softmax, as unmask's sampler
+does (DESIGN.md, sample: the mask id is always banned). Fast-dLLM's loops keep it: they
+may commit the mask id (a position that stays masked) and their confidences include its
+probability. A trained model gives the mask id next to no mass, so the two rules agree
+there; a random one gives it ~1/V, which moves each confidence by its own factor and
+reorders near-equal ones (the bundled shape: 0.97 of the tokens the same without the ban,
+all with it).
 """
 
 from __future__ import annotations
@@ -61,9 +70,10 @@ def _norm(norm, x: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def fastdllm_generate(model: DiffusionTransformer, prompt: torch.Tensor, *, steps: int, gen_length: int,
-                      block_length: int, cache: str | None = None) -> tuple[torch.Tensor, int]:
+                      block_length: int, cache: str | None = None, ban_mask: bool = True) -> tuple[torch.Tensor, int]:
     """Greedy decoding with low-confidence remasking. Returns (generated tokens
-    [B, gen_length], number of model calls)."""
+    [B, gen_length], number of model calls). ban_mask=False: Fast-dLLM's rule exactly, the
+    mask id a candidate like any other."""
     config = model.config
     mask_id = config.mask_token_id
     batch, prompt_len = prompt.shape
@@ -88,6 +98,8 @@ def fastdllm_generate(model: DiffusionTransformer, prompt: torch.Tensor, *, step
             stop = end if cache == "dual" and step > 0 else total
             logits = sdpa_forward(model, x[:, start:stop], start, kv)
             calls += 1
+            if ban_mask:
+                logits[..., mask_id] = -torch.inf
             tokens = logits.argmax(dim=-1)
             probs = F.softmax(logits.to(torch.float64), dim=-1)
             confidence = probs.gather(-1, tokens[..., None]).squeeze(-1)
