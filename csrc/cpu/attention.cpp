@@ -291,7 +291,7 @@ void start_query_tile(const AttentionParams& p, int64_t b, int64_t h, int64_t q_
   state.row_max.assign(rows, -kInf);
   state.row_sum.assign(rows, 0.0f);
   for (int64_t r = 0; r < rows; ++r) {
-    load_row(p.q, p.dtype, b * p.q_stride[0] + (q_begin + r) * p.q_stride[1] + h * p.q_stride[2], dim,
+    load_row(p.q, p.dtype, row_offset(p.q_stride, b, q_begin + r, h), dim,
              p.scale * cpu::kLog2e, q_rows.data() + r * dim);
   }
 #if defined(UNMASK_SIMD)

@@ -100,8 +100,8 @@ KeyTileRows key_tile_rows(const AttentionParams& p, const float* bias, int64_t b
   for (int64_t j = 0; j < kKeyTile; ++j) {
     const int64_t key = t * kKeyTile + j;
     const bool visible = bias[j] == 0.0f;
-    rows.k[j] = visible ? k + b * p.k_stride[0] + key * p.k_stride[1] + h * p.k_stride[2] : nullptr;
-    rows.v[j] = visible ? v + b * p.v_stride[0] + key * p.v_stride[1] + h * p.v_stride[2] : nullptr;
+    rows.k[j] = visible ? k + row_offset(p.k_stride, b, key, h) : nullptr;
+    rows.v[j] = visible ? v + row_offset(p.v_stride, b, key, h) : nullptr;
   }
   return rows;
 }
@@ -358,7 +358,7 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, const Hal
     uint16_t* q_row = task.q.data() + r * dp;
     int64_t copied = 0;
     if (r < rows) {
-      std::memcpy(q_row, q + b * p.q_stride[0] + (q_begin + r) * p.q_stride[1] + h * p.q_stride[2], dim * 2);
+      std::memcpy(q_row, q + row_offset(p.q_stride, b, q_begin + r, h), dim * 2);
       copied = dim;
     }
     std::fill(q_row + copied, q_row + dp, uint16_t{0});

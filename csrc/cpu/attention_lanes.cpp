@@ -113,9 +113,10 @@ void accumulate(const float* pt, int64_t keys, const float* v, int64_t dim, int6
 }
 
 // The first `keys` rows of a key tile's K and V for kv heads [first, last), hidden ones
-// zero (copy_key_rows). Key by key, its heads in turn: the order they lie in [B, L, H, D]. Head by head, each row lies on a page of its own (a head's keys are
-// H * D elements apart, 4 KiB at d_model 1024), where the prefetcher stops: tasks of
-// several heads measured 2-8% faster than tasks of one on 32 queries against 1024-4096 keys.
+// zero (copy_key_rows). Key by key, its heads in turn: the order they lie in [B, L, H, D].
+// Head by head, each row lies on a page of its own (a head's keys are H * D elements
+// apart, 4 KiB at d_model 1024), where the prefetcher stops: tasks of several heads
+// measured 2-8% faster than tasks of one on 32 queries against 1024-4096 keys.
 void copy_rows(const AttentionParams& p, const KeyTile& tile, int64_t keys, int64_t b, int64_t first, int64_t last,
                LaneBuffers& buf) {
   const int64_t dim = p.head_dim, head_floats = kKeyTile * dim;
@@ -133,8 +134,7 @@ void copy_rows(const AttentionParams& p, const KeyTile& tile, int64_t keys, int6
 void start_head(const AttentionParams& p, int64_t b, int64_t h, HeadState& head, float* rows) {
   const int64_t dim = p.head_dim;
   for (int64_t r = 0; r < p.q_len; ++r) {
-    load_row(p.q, p.dtype, b * p.q_stride[0] + r * p.q_stride[1] + h * p.q_stride[2], dim, p.scale * cpu::kLog2e,
-             rows + r * dim);
+    load_row(p.q, p.dtype, row_offset(p.q_stride, b, r, h), dim, p.scale * cpu::kLog2e, rows + r * dim);
   }
   std::fill(rows + p.q_len * dim, rows + kLanes * dim, 0.0f);  // lanes past the block
   transpose(rows, kLanes, dim, dim, head.qt.data(), kLanes);

@@ -91,7 +91,7 @@ void attend_one_query(const AttentionParams& p, const Packed& packed, int64_t b,
   const int64_t dim = p.head_dim, tiles = key_tiles(p), heads = h_end - h_begin, group = p.q_heads / p.kv_heads;
   for (int64_t i = 0; i < heads; ++i) {
     // scale * log2(e): scores come out in base 2 for the exp2 of the softmax.
-    load_row(p.q, p.dtype, b * p.q_stride[0] + (h_begin + i) * p.q_stride[2], dim, p.scale * cpu::kLog2e,
+    load_row(p.q, p.dtype, row_offset(p.q_stride, b, 0, h_begin + i), dim, p.scale * cpu::kLog2e,
              buf.q.data() + i * dim);
   }
   std::fill(buf.o.begin(), buf.o.begin() + heads * dim, 0.0f);
@@ -112,9 +112,8 @@ void attend_one_query(const AttentionParams& p, const Packed& packed, int64_t b,
       const bool hidden = tile.bias[j] != 0.0f;  // by kv_len or key_valid: never read
       for (int64_t i = 0; i < heads; ++i) {
         const int64_t kv_head = (h_begin + i) / group;
-        buf.s[i * kKeyTile + j] = hidden ? -kInf
-                                         : rows.dot(buf.q.data() + i * dim, p.k,
-                                                    b * p.k_stride[0] + key * p.k_stride[1] + kv_head * p.k_stride[2]);
+        buf.s[i * kKeyTile + j] =
+            hidden ? -kInf : rows.dot(buf.q.data() + i * dim, p.k, row_offset(p.k_stride, b, key, kv_head));
       }
     }
     for (int64_t i = 0; i < heads; ++i) {
@@ -133,8 +132,7 @@ void attend_one_query(const AttentionParams& p, const Packed& packed, int64_t b,
       const int64_t key = tile.begin + j;
       for (int64_t i = 0; i < heads; ++i) {
         const int64_t kv_head = (h_begin + i) / group;
-        rows.add(buf.s[i * kKeyTile + j], p.v, b * p.v_stride[0] + key * p.v_stride[1] + kv_head * p.v_stride[2],
-                 buf.o.data() + i * dim);
+        rows.add(buf.s[i * kKeyTile + j], p.v, row_offset(p.v_stride, b, key, kv_head), buf.o.data() + i * dim);
       }
     }
   }

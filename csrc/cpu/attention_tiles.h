@@ -147,7 +147,7 @@ inline void store_output_row(const AttentionParams& p, int64_t b, int64_t query,
   const float inv = inverse_row_sum(sum);
 #pragma omp simd
   for (int64_t d = 0; d < p.head_dim; ++d) o[d] *= inv;
-  store_row(p.out, p.dtype, b * p.out_stride[0] + query * p.out_stride[1] + h * p.out_stride[2], p.head_dim, o);
+  store_row(p.out, p.dtype, row_offset(p.out_stride, b, query, h), p.head_dim, o);
 }
 
 // dst[c][r] = src[r][c] for a rows x cols block (rows of src src_stride floats apart, of
@@ -247,8 +247,8 @@ inline void copy_key_rows(const AttentionParams& p, int64_t b, int64_t key, int6
                           float* v_row) {
   const int64_t dim = p.head_dim;
   if (visible) {
-    load_row(p.k, p.dtype, b * p.k_stride[0] + key * p.k_stride[1] + h * p.k_stride[2], dim, 1.0f, k_row);
-    load_row(p.v, p.dtype, b * p.v_stride[0] + key * p.v_stride[1] + h * p.v_stride[2], dim, 1.0f, v_row);
+    load_row(p.k, p.dtype, row_offset(p.k_stride, b, key, h), dim, 1.0f, k_row);
+    load_row(p.v, p.dtype, row_offset(p.v_stride, b, key, h), dim, 1.0f, v_row);
   } else {
     std::fill(k_row, k_row + dim, 0.0f);
     std::fill(v_row, v_row + dim, 0.0f);
@@ -265,8 +265,8 @@ inline void prefetch_key_rows(const AttentionParams& p, int64_t b, int64_t first
   const char* v = static_cast<const char*>(p.v);
   for (int64_t key = first_key; key < std::min(end_key, p.k_len); ++key) {
     for (int64_t h = first_head; h < end_head; ++h) {
-      const char* k_row = k + (b * p.k_stride[0] + key * p.k_stride[1] + h * p.k_stride[2]) * element_bytes;
-      const char* v_row = v + (b * p.v_stride[0] + key * p.v_stride[1] + h * p.v_stride[2]) * element_bytes;
+      const char* k_row = k + row_offset(p.k_stride, b, key, h) * element_bytes;
+      const char* v_row = v + row_offset(p.v_stride, b, key, h) * element_bytes;
       for (int64_t line = 0; line < row_bytes; line += 64) {
         __builtin_prefetch(k_row + line, 0, 2);  // read, into L2: a tile of a group's rows outgrows L1
         __builtin_prefetch(v_row + line, 0, 2);

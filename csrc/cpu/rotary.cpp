@@ -43,8 +43,8 @@ Status rotary(const RotaryParams& p) {
       const int64_t b = bi / p.length, i = bi % p.length;
       const int64_t table = ((p.table_batch == 1 ? 0 : b) * p.length + i) * dim;
       for (int64_t h = 0; h < p.heads; ++h) {
-        const int64_t x_offset = b * p.x_stride[0] + i * p.x_stride[1] + h * p.x_stride[2];
-        const int64_t out_offset = b * p.out_stride[0] + i * p.out_stride[1] + h * p.out_stride[2];
+        const int64_t x_offset = row_offset(p.x_stride, b, i, h);
+        const int64_t out_offset = row_offset(p.out_stride, b, i, h);
         // float32 rows rotate straight from x into out instead of through the row copies
         // (a call that writes over x keeps them: each row is read whole before it is written)
         if (direct) {

@@ -13,6 +13,12 @@
 namespace unmask::cpu {
 inline namespace UNMASK_CPU_ISA {  // isa.h
 
+// The offset in elements of row (b, position, head) of a [B, L, H, D] tensor whose
+// strides for its first three dimensions are `stride` (D contiguous).
+inline int64_t row_offset(const int64_t (&stride)[3], int64_t b, int64_t position, int64_t head) {
+  return b * stride[0] + position * stride[1] + head * stride[2];
+}
+
 // n elements from base + offset (in elements) of dtype, times scale, into out.
 inline void load_row(const void* base, ScalarType dtype, int64_t offset, int64_t n, float scale, float* out) {
   if (dtype == ScalarType::kFloat32) {
