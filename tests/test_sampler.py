@@ -159,6 +159,25 @@ def test_schedule_counts_follow_llada():
     assert counts.sum(1).tolist() == [7, 3, 0]
 
 
+def test_schedule_counts_leave_out_the_steps_where_no_row_commits():
+    # LLaDA's schedule of 2 and 1 masks over 5 steps is [1, 1, 0, 0, 0] and [1, 0, 0, 0, 0]:
+    # the last three steps commit nothing and cost no model call.
+    assert schedule_counts([2, 1], 5) == [[1, 1], [1, 0]]
+    assert schedule_counts([0, 0], 4) == [[], []]
+    # a plan the size of the block however many steps are asked for (a server's request
+    # may ask for any number)
+    assert schedule_counts([3], 10**15) == [[1, 1, 1]]
+
+
+def test_more_steps_than_masks_give_the_tokens_of_one_token_per_step():
+    model = tiny_model(seed=4)
+    prompts = [[1, 2, 3], [4, 5]]
+    one_per_step = unmask.generate(model, prompts, gen_length=16, block_length=8, steps=16, stop_at_eos=False)
+    many = unmask.generate(model, prompts, gen_length=16, block_length=8, steps=2 * 10**12, stop_at_eos=False)
+    assert torch.equal(many.tokens, one_per_step.tokens)
+    assert many.nfe == one_per_step.nfe == 16
+
+
 @pytest.mark.parametrize("rule", [{"threshold": 0.3}, {"threshold": 0.99}, {"factor": 1.0}])
 def test_parallel_decoding_fills_every_block(rule):
     model = tiny_model(seed=5)

@@ -205,6 +205,15 @@ ERRORS = [
     ({"model": MODEL, "prompt": [1, 99999]}, "prompt"),
     ({"model": MODEL, "prompt": "1", "block_length": 0}, "block_length"),
     ({"model": MODEL, "prompt": "1", "cache": "triple"}, "cache"),
+    ({"model": MODEL, "prompt": "1", "stream": True, "stream_options": "yes"}, "stream_options"),
+    ({"model": MODEL, "prompt": "1", "stream": True, "stream_options": {"include_usage": 1}}, "stream_options"),
+    ({"model": MODEL, "prompt": "1", "stream_options": {"include_usage": True}}, "stream_options"),  # not streaming
+    ({"model": MODEL, "prompt": "1", "logprobs": 0}, "logprobs"),
+    ({"model": MODEL, "prompt": "1", "echo": True}, "echo"),
+    ({"model": MODEL, "prompt": "1", "n": True}, "n"),
+    ({"model": MODEL, "prompt": "1", "max_completion_tokens": 8}, "max_completion_tokens"),  # chat's field
+    ({"model": MODEL, "prompt": "1", "max_tokens": 8, "block_length": 10**12}, "block_length"),
+    ("[" * 100_000 + "]" * 100_000, None),  # nested deeper than the JSON parser goes
 ]
 
 
@@ -214,6 +223,58 @@ def test_bad_requests_get_400_naming_the_field(server, body, param):
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+
+
+def test_fields_at_their_neutral_values_are_served(server, model):
+    # what a client that sends every OpenAI field at its default sends
+    neutral = {"n": None, "stream": None, "logprobs": None, "echo": False, "best_of": 1, "frequency_penalty": 0,
+               "presence_penalty": 0.0, "logit_bias": {}, "suffix": None, "user": "u"}
+    reply = post(server, {"model": MODEL, "prompt": "99+1=", "max_tokens": 8, **neutral})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["text"] == offline(model, "99+1=", max_tokens=8)
+
+
+def test_any_number_of_steps_is_planned_at_once(server, model):
+    # LLaDA's schedule of 8 masks over 10**15 steps commits one token at each of the first
+    # 8 steps and nothing after: the server plans those 8 (not a list of 10**15 counts)
+    reply = post(server, {"model": MODEL, "prompt": "7+8=", "max_tokens": 8, "steps": 10**15})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["text"] == offline(model, "7+8=", max_tokens=8, steps=8)
+
+
+def test_chat_takes_max_completion_tokens_and_the_developer_role(server, model):
+    reply = server.client.chat.completions.create(model=MODEL, max_completion_tokens=8, messages=[
+        {"role": "developer", "content": "be brief"}, {"role": "user", "content": "sort:8531="}])
+    assert reply.choices[0].message.content == offline(model, "sort:8531=", max_tokens=8)
+    both = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
+        "model": MODEL, "max_tokens": 4, "max_completion_tokens": 8, "messages": [{"role": "user", "content": "1"}]})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "max_completion_tokens"
+
+
+def test_a_stream_keeps_one_created_time(server, monkeypatch):
+    class Clock:  # a second passes at each reading: chunks that each read the time differ
+        now = 1_000_000
+
+        def time(self):
+            Clock.now += 1
+            return Clock.now
+
+    from unmask.serving import app
+    monkeypatch.setattr(app, "time", Clock(), raising=False)
+    monkeypatch.setattr(protocol, "time", Clock())
+    chunks = list(server.client.completions.create(model=MODEL, prompt="rev:abc=", max_tokens=8, stream=True,
+                                                   stream_options={"include_usage": True}))
+    assert len(chunks) >= 3 and len({c.created for c in chunks}) == 1
+
+
+def test_models_retrieve_and_unknown_routes_answer_in_openai_errors(server):
+    assert server.client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        server.client.models.retrieve("gpt-4")
+    for method, path, status in (("GET", "/v1/completions", 405), ("GET", "/v1/nothing", 404),
+                                 ("GET", "/v1/models/gpt-4", 404)):
+        reply = httpx.request(method, server.url + path, timeout=30)
+        assert reply.status_code == status and reply.json()["error"]["message"], (path, reply.text)
 
 
 def test_a_failing_request_fails_alone(model, monkeypatch):

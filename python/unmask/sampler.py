@@ -34,11 +34,16 @@ Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 def schedule_counts(masked: Sequence[int], steps: int) -> list[list[int]]:
-    """counts[b][i]: tokens row b commits at step i, for masked[b] positions over `steps` steps.
+    """counts[b][i]: tokens row b commits at the i-th step where some row commits, for
+    masked[b] positions over `steps` steps.
 
-    m // s each step plus one for the first m % s steps (LLaDA's schedule), so the
-    counts of a row sum to m. Host data: the loop plans a block's steps from it.
+    m // s each step plus one for the first m % s steps (LLaDA's schedule), so the counts
+    of a row sum to m. The steps where no row commits are left out (they cost no model
+    call): those are the steps past the largest m when s exceeds it, so the plan holds at
+    most max(masked) steps however large `steps` is (steps=10**9 plans as fast as steps=m).
+    Host data: the loop plans a block's steps from it.
     """
+    steps = min(steps, max(masked, default=0))
     return [[m // steps + (i < m % steps) for i in range(steps)] for m in masked]
 
 
@@ -386,11 +391,7 @@ def _decode(
                     mask_id=mask_id, running=state.running, invalid=state.invalid, offset_base=int(state.offset),
                     revision=revision, callback=callback, nfe=nfe)
             else:
-                plan = None
-                if rule.steps_per_block is not None:  # the steps where some row commits, as below
-                    full = schedule_counts(counts, rule.steps_per_block)
-                    kept = [i for i in range(rule.steps_per_block) if any(row[i] for row in full)]
-                    plan = [[row[i] for i in kept] for row in full]
+                plan = None if rule.steps_per_block is None else schedule_counts(counts, rule.steps_per_block)
                 result = speculative.decode_block(
                     step_model, x, start, end, depth=speculate, rule=rule, sampling=sampling, sample=sample,
                     vocab=vocab, mask_id=mask_id, running=state.running, invalid=state.invalid,
@@ -433,11 +434,9 @@ def _decode(
             return remaining
 
         if rule.steps_per_block is not None:
-            plan = schedule_counts(counts, rule.steps_per_block)  # [B][steps], on the host
+            plan = schedule_counts(counts, rule.steps_per_block)  # [B][steps where some row commits], on the host
             plan_on_device = torch.tensor(plan, dtype=torch.int64).to(x.device, non_blocking=True)
-            for i in range(rule.steps_per_block):
-                if not any(row[i] for row in plan):  # no row commits here, so no model call
-                    continue
+            for i in range(len(plan[0])):
                 state.k.copy_(plan_on_device[:, i])
                 step()
                 nfe, canvases, block_steps = nfe + 1, canvases + 1, block_steps + 1

@@ -65,11 +65,9 @@ def host_loop_generate(model: JaxModel, prompts, *, attention_mask=None, gen_len
         if rule.steps_per_block is not None:
             counts = np.asarray(torch_sampler.schedule_counts(masked.sum(1).tolist(), rule.steps_per_block))
         block_steps = 0
-        for step in range(rule.steps_per_block if counts is not None else end - start):
+        for step in range(counts.shape[1] if counts is not None else end - start):
             eligible = (np.asarray(x[:, start:end]) == mask_id) & running[:, None]
             if counts is not None:
-                if not counts[:, step].any():
-                    continue
                 mode = {"k": jnp.asarray(counts[:, step])}
             elif not eligible.any():
                 break

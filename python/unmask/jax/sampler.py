@@ -48,11 +48,11 @@ class BlockProgram:
     def step_counts(self) -> np.ndarray:
         """Tokens every row commits at each step that commits any (steps rule): LLaDA's
         schedule of a fully masked block, m // s per step plus one for the first m % s
-        steps; steps that would commit nothing are left out (they cost no model call, as in
-        the torch loop)."""
-        m, s = self.block_length, self.steps_per_block
-        counts = [m // s + (i < m % s) for i in range(s)]
-        return np.asarray([c for c in counts if c > 0], np.int32)
+        steps; steps that would commit nothing, those past the m-th when s > m, are left
+        out (they cost no model call, as in the torch loop)."""
+        m = self.block_length
+        s = min(self.steps_per_block, m)
+        return np.asarray([m // s + (i < m % s) for i in range(s)], np.int32)
 
 
 def _stop_rows_at_eos(x, running, generation_start: int, decoded_end, eos_id: int):

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
@@ -64,12 +66,22 @@ class Server:
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self.model_card, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
-        ], lifespan=self.lifespan)
+        ], lifespan=self.lifespan, exception_handlers={HTTPException: _http_error})
+
+    def _card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "unmask"}
 
     async def models(self, request: Request) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [
-            {"id": self.model_name, "object": "model", "created": 0, "owned_by": "unmask"}]})
+        return JSONResponse({"object": "list", "data": [self._card()]})
+
+    async def model_card(self, request: Request) -> JSONResponse:
+        """GET /v1/models/{model}: what the OpenAI client's models.retrieve() reads."""
+        if request.path_params["model"] != self.model_name:
+            return _error(RequestError(f"unknown model {request.path_params['model']!r}; this server serves "
+                                       f"{self.model_name!r}", "model", status=404))
+        return JSONResponse(self._card())
 
     async def health(self, request: Request) -> JSONResponse:
         if self.engine.dead is not None:  # the steps stopped: 503, so that a supervisor restarts the server
@@ -91,7 +103,7 @@ class Server:
             settings = protocol.settings(body, prompt=prompt, default_block_length=self.default_block_length,
                                          max_context=self.max_context, vocab=validation.model_vocab(self.model),
                                          mask_id=self.model.mask_id, caches=self.caches,
-                                         default_cache=self.default_cache)
+                                         default_cache=self.default_cache, chat=chat)
         except RequestError as error:
             return _error(error)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -105,14 +117,14 @@ class Server:
             return _error(RequestError(str(gone), None, status=503, kind="server_error"))
         request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
         if settings.stream:
-            usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(self._stream(job, events, request_id, chat, usage), media_type="text/event-stream")
+            return StreamingResponse(self._stream(job, events, request_id, chat, settings.include_usage),
+                                     media_type="text/event-stream")
         return await self._complete(request, job, events, request_id, chat)
 
     async def _body(self, request: Request) -> dict:
         try:
             body = json.loads(await request.body())
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: arrays nested deeper than the parser goes
             raise RequestError("the body must be a JSON object") from None
         if not isinstance(body, dict):
             raise RequestError("the body must be a JSON object")
@@ -184,7 +196,7 @@ class Server:
                 self.engine.cancel(job)
 
     async def _stream(self, job: Job, events: asyncio.Queue, request_id: str, chat: bool, usage: bool):
-        first = True
+        first, created = True, int(time.time())
         try:
             while True:
                 event = await events.get()
@@ -192,14 +204,14 @@ class Server:
                     yield _sse(protocol.error_body(event["message"], kind="server_error"))
                     break
                 if event["kind"] == "delta":
-                    yield _sse(protocol.chunk_body(request_id, self.model_name, event["text"], None, chat,
+                    yield _sse(protocol.chunk_body(request_id, self.model_name, event["text"], None, chat, created,
                                                    canvas=event["canvas"], step=event["step"], first=first))
                     first = False
                 if event["kind"] == "done":
                     yield _sse(protocol.chunk_body(request_id, self.model_name, None, event["finish_reason"], chat,
-                                                   first=first))
+                                                   created, first=first))
                     if usage:  # stream_options.include_usage: OpenAI's last chunk, no choices
-                        yield _sse(protocol.usage_chunk(request_id, self.model_name, event["usage"], chat))
+                        yield _sse(protocol.usage_chunk(request_id, self.model_name, event["usage"], chat, created))
                     break
             yield "data: [DONE]\n\n"
         finally:  # also when the client disconnects (the response task is cancelled)
@@ -207,12 +219,21 @@ class Server:
                 self.engine.cancel(job)
 
 
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """Starlette's own 404 (no such route) and 405 (a route without that method) in
+    OpenAI's error body, which the client reads."""
+    return JSONResponse(protocol.error_body(f"{request.method} {request.url.path}: {error.detail}"),
+                        status_code=error.status_code, headers=getattr(error, "headers", None))
+
+
 def _text_message(message, index: int) -> dict:
     """{role, content: str}: content given as a string or as OpenAI's list of text parts
-    ([{"type": "text", "text": ...}], joined); other part types are refused."""
+    ([{"type": "text", "text": ...}], joined); other part types are refused. OpenAI's
+    "developer" role, its newer name for "system", is read as "system" (chat templates
+    know the older name)."""
     where = f"messages[{index}]"
-    if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-        raise RequestError(f"{where} must be {{role: system|user|assistant, content}}", "messages")
+    if not isinstance(message, dict) or message.get("role") not in ("system", "developer", "user", "assistant"):
+        raise RequestError(f"{where} must be {{role: system|developer|user|assistant, content}}", "messages")
     content = message.get("content")
     if isinstance(content, list):
         if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
@@ -221,7 +242,7 @@ def _text_message(message, index: int) -> dict:
         content = "".join(part["text"] for part in content)
     if not isinstance(content, str):
         raise RequestError(f"{where}.content must be a string or a list of text parts", "messages")
-    return {"role": message["role"], "content": content}
+    return {"role": "system" if message["role"] == "developer" else message["role"], "content": content}
 
 
 def _sse(body: dict) -> str:

@@ -99,7 +99,7 @@ class Job:
         self.step_in_block = 0
         steps = self.settings.rule.steps_per_block
         if steps is not None:  # a fully masked block, as unmask.generate plans it; zero-commit steps cost no call
-            self.plan = [k for k in sampler.schedule_counts([self.settings.block_length], steps)[0] if k > 0]
+            self.plan = sampler.schedule_counts([self.settings.block_length], steps)[0]
 
     def generated(self) -> list[int]:
         return self.canvas[self.prompt_length:].tolist()

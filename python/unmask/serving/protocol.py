@@ -15,6 +15,14 @@ from unmask import validation
 DIFFUSION_FIELDS = ("block_length", "steps", "threshold", "factor", "remasking", "cfg_scale", "cache", "speculate")
 OPENAI_FIELDS = ("model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
                  "n", "user")
+# OpenAI fields the server does not implement, with the values that ask for nothing (a
+# client that sends every field at its default is served; any other value is a 400
+# naming the field). Not 0 for logprobs: a legacy completion's logprobs=0 still asks for
+# the chosen tokens' log probabilities.
+NEUTRAL_FIELDS = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+                  "suffix": (None,), "frequency_penalty": (None, 0), "presence_penalty": (None, 0),
+                  "logit_bias": (None, {}), "response_format": (None, {"type": "text"}), "tools": (None, []),
+                  "tool_choice": (None, "none")}
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
 
@@ -44,6 +52,7 @@ class Settings:
     max_tokens: int  # the answer is cut to this many tokens (gen_length is whole blocks)
     stop: tuple[str, ...]
     stream: bool
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
 
     def generate_arguments(self) -> dict:
         """The same decoding through unmask.generate (tests compare the two)."""
@@ -71,32 +80,49 @@ def _param_of(error: Exception, candidates: tuple[str, ...]) -> str | None:
 
 
 def settings(body: dict, *, prompt: list[int], default_block_length: int, max_context: int, vocab: int | None,
-             mask_id: int, caches: bool = True, default_cache: str | None = None) -> Settings:
+             mask_id: int, caches: bool = True, default_cache: str | None = None, chat: bool = False) -> Settings:
     """A completion request's decoding settings, checked (RequestError on any bad field).
     caches: whether the model takes a key/value cache (the unmask model does);
-    default_cache: the cache of a body without the field (null in the body means none)."""
-    unknown = sorted(set(body) - set(OPENAI_FIELDS) - set(DIFFUSION_FIELDS) - {"prompt", "messages"})
+    default_cache: the cache of a body without the field (null in the body means none);
+    chat: a chat completion's body (max_completion_tokens, OpenAI's newer name for
+    max_tokens there, is taken too)."""
+    own = ("prompt", "messages") + (("max_completion_tokens",) if chat else ())
+    unknown = sorted(set(body) - set(OPENAI_FIELDS) - set(DIFFUSION_FIELDS) - set(NEUTRAL_FIELDS) - set(own))
     if unknown:
         raise RequestError(f"unknown field {unknown[0]!r}", unknown[0])
-    n = body.get("n", 1)
-    if n != 1:
+    for name, neutral in NEUTRAL_FIELDS.items():
+        if name in body and not any(_same(body[name], value) for value in neutral):
+            raise RequestError(f"{name} is not supported by this server (it accepts only {neutral}), "
+                               f"got {body[name]!r}", name)
+    n = _default(body, "n", 1)
+    if not _same(n, 1):
         raise RequestError(f"n must be 1 (one completion per request), got {n!r}", "n")
     if body.get("speculate", 0) not in (0, None):
         raise RequestError("speculate is not supported by the server (use unmask.generate(speculate=d))", "speculate")
-    stream = body.get("stream", False)
+    stream = _default(body, "stream", False)
     if not isinstance(stream, bool):
         raise RequestError(f"stream must be a bool, got {type(stream).__name__}", "stream")
-    max_tokens = body.get("max_tokens")
-    max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else _checked("max_tokens", validation.check_int,
-                                                                         "max_tokens", max_tokens, low=1)
+    include_usage = _stream_options(body.get("stream_options"), stream)
+    max_tokens, length_field = body.get("max_tokens"), "max_tokens"
+    if chat and body.get("max_completion_tokens") is not None:
+        if max_tokens is not None and max_tokens != body["max_completion_tokens"]:
+            raise RequestError("give max_completion_tokens or max_tokens (its older name), not two different "
+                               "values", "max_completion_tokens")
+        max_tokens, length_field = body["max_completion_tokens"], "max_completion_tokens"
+    max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else _checked(length_field, validation.check_int,
+                                                                         length_field, max_tokens, low=1)
     block_length = body.get("block_length")
     block_length = min(default_block_length, max_tokens) if block_length is None else block_length
     _checked("block_length", validation.check_positive_int, "block_length", block_length)
     gen_length = math.ceil(max_tokens / block_length) * block_length  # whole blocks; the answer is cut after
     if len(prompt) + gen_length > max_context:
-        raise RequestError(f"the prompt ({len(prompt)} tokens) and max_tokens rounded to whole blocks "
-                           f"({gen_length}) exceed the context of {max_context} tokens", "max_tokens"
-                           if len(prompt) < max_context else "prompt")
+        # the field to change: the prompt when it alone fills the context, block_length
+        # when the answer fits but its rounding to whole blocks does not
+        param = ("prompt" if len(prompt) >= max_context else length_field if len(prompt) + max_tokens > max_context
+                 else "block_length")
+        raise RequestError(f"the prompt ({len(prompt)} tokens) and {length_field}={max_tokens} rounded to whole "
+                           f"blocks of {block_length} ({gen_length}) exceed the context of {max_context} tokens",
+                           param)
     _checked("prompt", validation.prompt_lists, [prompt], mask_id=mask_id, vocab=vocab)
     sampling_fields = ("temperature", "top_k", "top_p", "remasking", "seed")
     try:
@@ -119,12 +145,39 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int, max_co
     if cache is not None and not caches:
         raise RequestError(f"cache={cache!r} needs the unmask model; this server's model takes no cache", "cache")
     return Settings(tuple(prompt), gen_length, block_length, rule, sampling, cfg_scale, cache, max_tokens,
-                    _stop_strings(body.get("stop")), stream)
+                    _stop_strings(body.get("stop")), stream, include_usage)
 
 
 def _default(body: dict, name: str, default):
     value = body.get(name)
     return default if value is None else value
+
+
+def _same(value, neutral) -> bool:
+    """value is neutral, type for type (a bool is not taken for 0 or 1, nor 1.5 for 1)."""
+    if value is None or neutral is None:
+        return value is neutral
+    if isinstance(neutral, bool) or isinstance(value, bool):
+        return value is neutral
+    if isinstance(neutral, (int, float)):
+        return isinstance(value, (int, float)) and value == neutral
+    return type(value) is type(neutral) and value == neutral
+
+
+def _stream_options(options, stream: bool) -> bool:
+    """stream_options.include_usage: null or an object, and only beside stream=true (as OpenAI has it).
+    Its other fields (include_obfuscation) ask for nothing this server has to do."""
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise RequestError(f"stream_options must be an object, got {type(options).__name__}", "stream_options")
+    if not stream:
+        raise RequestError("stream_options is only allowed when stream is true", "stream_options")
+    include_usage = _default(options, "include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise RequestError(f"stream_options.include_usage must be a bool, got {type(include_usage).__name__}",
+                           "stream_options")
+    return include_usage
 
 
 def _stop_strings(stop) -> tuple[str, ...]:
@@ -158,17 +211,16 @@ def completion_body(request_id: str, model: str, text: str, finish_reason: str, 
             "usage": usage}
 
 
-def usage_chunk(request_id: str, model: str, usage: dict, chat: bool) -> dict:
+def usage_chunk(request_id: str, model: str, usage: dict, chat: bool, created: int) -> dict:
     return {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [], "usage": usage}
+            "created": created, "model": model, "choices": [], "usage": usage}
 
 
-def chunk_body(request_id: str, model: str, delta: str | None, finish_reason: str | None, chat: bool,
+def chunk_body(request_id: str, model: str, delta: str | None, finish_reason: str | None, chat: bool, created: int,
                canvas: str | None = None, step: int | None = None, first: bool = False) -> dict:
-    """One server-sent event. The extension field `unmask` carries the whole canvas (text
-    with a placeholder per masked position) and the step, for clients that draw the
-    diffusion as it happens."""
-    created = int(time.time())
+    """One server-sent event; created: the stream's time, the same in each of its chunks.
+    The extension field `unmask` carries the whole canvas (text with a placeholder per
+    masked position) and the step, for clients that draw the diffusion as it happens."""
     if chat:
         content = {"role": "assistant", "content": delta or ""} if first else ({"content": delta} if delta else {})
         choice = {"index": 0, "delta": content, "finish_reason": finish_reason, "logprobs": None}
