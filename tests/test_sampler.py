@@ -264,3 +264,34 @@ def test_generic_callable_with_logits_attribute():
 def test_result_reports_timing():
     out = unmask.generate(tiny_model(), [[1]], gen_length=4, block_length=4, steps=2)
     assert out.seconds > 0 and out.tokens_per_second > 0
+
+
+class TransformersDreamLike(torch.nn.Module):
+    """What a transformers Dream model (trust_remote_code) returns, made from unmask's own
+    Dream-layout model: logits unshifted (position i holds the prediction for i + 1), a
+    [B, 1, L, L] mask of real-token pairs and position ids counted over real tokens in."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = type("DreamConfig", (), {"model_type": "Dream"})()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        real = None
+        if attention_mask is not None:
+            assert attention_mask.shape == (input_ids.shape[0], 1, input_ids.shape[1], input_ids.shape[1])
+            real = attention_mask[:, 0].diagonal(dim1=-2, dim2=-1)  # a token pairs with itself where it is real
+            assert torch.equal(position_ids[real], ((real.long().cumsum(-1) - 1)[real]))
+        own = self.model(input_ids, real)  # unmask's Dream model shifts: position i holds its own prediction
+        raw = torch.cat([own[:, 1:], torch.full_like(own[:, :1], float("nan"))], dim=1)
+        return type("Output", (), {"logits": raw})()
+
+
+def test_a_transformers_dream_model_is_read_with_its_logits_shifted():
+    dream = tiny_model(seed=6, model_type="dream")
+    prompts = [[1, 2, 3, 4], [5, 6]]  # left-padded: the mask and positions matter
+    expected = unmask.generate(dream, prompts, gen_length=8, block_length=4, steps=8, stop_at_eos=False)
+    out = unmask.generate(TransformersDreamLike(dream), prompts, gen_length=8, block_length=4, steps=8,
+                          mask_id=MASK, eos_id=EOS, stop_at_eos=False)
+    assert torch.equal(out.tokens, expected.tokens)
+    assert len(set(expected.tokens.flatten().tolist())) > 3, "the test model must not be degenerate"

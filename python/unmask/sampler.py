@@ -66,18 +66,43 @@ def model_logits(model, x: torch.Tensor, attention_mask: torch.Tensor | None, po
 
     The unmask model runs its LM head on those positions only (and, with a cache, its
     layers on `segment` only); any other callable returning logits [B, L, V] (or an
-    object with .logits) runs on the whole canvas and is indexed afterwards.
+    object with .logits) runs on the whole canvas and is indexed afterwards. A
+    transformers Dream model (config.model_type "Dream") is called as Dream's own loop
+    calls it (transformers_dream_logits).
     """
     from unmask.models import DiffusionTransformer
 
     if isinstance(model, DiffusionTransformer):
         return model(x, attention_mask, logit_positions=positions, cache=cache, segment=segment)
-    out = model(x, attention_mask=attention_mask)
+    if getattr(getattr(model, "config", None), "model_type", None) == "Dream":
+        out = transformers_dream_logits(model, x, attention_mask)
+    else:
+        out = model(x, attention_mask=attention_mask)
     logits = getattr(out, "logits", out)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != x.shape:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"model must return logits [B, L, V] = [{x.shape[0]}, {x.shape[1]}, V], got {shape}")
     return logits[:, positions]
+
+
+def transformers_dream_logits(model, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Logits [B, L, V] of a transformers Dream model (trust_remote_code), called as Dream's
+    generation loop calls it: a left-padded batch gets a [B, 1, L, L] mask of pairs of real
+    tokens and positions counted over real tokens (1 on padding); and the logits, which the
+    model returns unshifted (position i holds the prediction for i + 1), shifted right by
+    one, so that position i holds its own (position 0 keeps its own row). Called as a plain
+    callable, the model's logits would be read one position off: fluent-looking text from
+    the wrong predictions, and no error. No host read: every row builds the mask."""
+    position_ids = None
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        position_ids = (real.long().cumsum(-1) - 1).masked_fill(~real, 1)
+        attention_mask = real[:, None, None, :] & real[:, None, :, None]
+    out = model(x, attention_mask=attention_mask, position_ids=position_ids)
+    logits = getattr(out, "logits", out)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        return logits  # model_logits names what came back
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
 
 
 def guided_logits(model, x, attention_mask, prompt_positions, mask_id: int, cfg_scale: float,
