@@ -218,7 +218,7 @@ class _StepModel:
 # most once per block (docs/design.md, The sampler):
 # - steps: the commit counts of a block depend only on its masked count per row at the
 #   block's start (block_length in generate; read once, up front, in infill), so the host
-#   plans every step of the block, zero-commit steps included, without looking;
+#   plans every step of the block where some row commits (schedule_counts) without looking;
 # - threshold / factor: each step posts "masks remain" to pinned host memory without
 #   blocking; the host reads it once that step has finished: at once on the CPU, one step
 #   later on a GPU (whose next step is already queued), so a GPU block may end with one
