@@ -140,3 +140,27 @@ def test_dream_mismatched_tensor_is_named(tmp_path):
     write_dream(tmp_path, tensors, shards=1)
     with pytest.raises(ValueError, match="layers.1.self_attn.k_proj.bias has shape"):
         unmask.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("field,value", [("layer_norm_type", "gemma_rms"), ("activation_type", "gelu"),
+                                         ("scale_logits", True), ("alibi", True), ("input_emb_norm", True),
+                                         ("clip_qkv", 8.0)])
+def test_llada_config_fields_the_model_does_not_implement_are_refused(tmp_path, field, value):
+    # each changes the forward pass without changing a tensor's name: the checkpoint would
+    # load and run wrongly
+    from tests.helpers import tiny_model
+
+    unmask.save_pretrained(tiny_model(), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    unmask.from_pretrained(tmp_path)  # as saved: every field supported
+    (tmp_path / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(ValueError, match=f"config.json: {field}="):
+        unmask.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("field,value", [("rope_scaling", {"type": "linear", "factor": 2.0}),
+                                         ("use_sliding_window", True), ("hidden_act", "gelu")])
+def test_dream_config_fields_the_model_does_not_implement_are_refused(tmp_path, field, value):
+    write_dream(tmp_path, dream_tensors(DREAM_CONFIG), config={**DREAM_CONFIG, field: value}, shards=1)
+    with pytest.raises(ValueError, match=f"config.json: {field}="):
+        unmask.from_pretrained(tmp_path)

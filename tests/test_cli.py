@@ -104,6 +104,26 @@ def test_chat_template_through_transformers(tmp_path):
     assert cli.chat_prompt(str(tmp_path), "hello") == [1, 5, 3, 2, 5]  # "user: hello assistant:"
 
 
+def test_a_tokenizer_shipped_as_code_runs_only_when_trusted(tmp_path):
+    # Dream's tokenizer is code in the checkpoint (tokenizer_config.json's auto_map): --chat
+    # and unmask serve stop with a message naming --trust-remote-code, and run none of it
+    # (this one raises if it runs); before, --chat asked on the terminal and serve went on
+    # without the chat template.
+    pytest.importorskip("transformers", reason="the hf extra")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "auto_map": {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}, "tokenizer_class": "XTokenizer",
+        "chat_template": "{{ messages[0]['content'] }}"}))
+    (tmp_path / "tokenization_x.py").write_text("raise RuntimeError('the checkpoint code ran')\n")
+    with pytest.raises(SystemExit, match="--trust-remote-code"):
+        cli.chat_prompt(str(tmp_path), "hello")
+    pytest.importorskip("starlette", reason="the serve extra")
+    from unmask.serving.app import Server
+
+    model = unmask.from_pretrained(cli.default_model_path())
+    with pytest.raises(SystemExit, match="--trust-remote-code"):
+        Server(model, model.tokenizer, model_name="m", model_dir=str(tmp_path))
+
+
 def test_gpucheck_plan_and_arguments(capsys, tmp_path, monkeypatch):
     from unmask import gpucheck
 

@@ -183,3 +183,24 @@ def test_random_model_is_drawn_on_the_gpu(tied):
             assert bool((param == 1).all())
         else:
             assert 0.015 < float(param.float().std()) < 0.025, name
+
+
+@pytest.mark.parametrize("model_type", ["llada", "dream"])
+def test_logits_asked_for_outside_the_segment_are_an_error(model_type):
+    # The segment computes positions 4..7; the logits of a position come from its hidden
+    # state (LLaDA) or the one before it (Dream). Anything else used to wrap round to
+    # other positions' rows and come back as wrong logits, with no error.
+    model = tiny_model(seed=1, model_type=model_type)
+    ids = torch.randint(0, 59, (2, 12), generator=torch.Generator().manual_seed(0))
+    cache = model.new_cache(2, 12)
+    with torch.no_grad():
+        full = model(ids, cache=cache)
+        inside = slice(5, 9) if model_type == "dream" else slice(4, 8)
+        assert torch.equal(model(ids, logit_positions=inside, cache=cache, segment=(4, 8)), full[:, inside])
+        for outside in (slice(2, 6), slice(inside.start - 1, inside.stop - 1), torch.tensor([inside.stop]),
+                        torch.tensor([[inside.start] * 2, [inside.start - 1] * 2])):
+            with pytest.raises(ValueError, match="logit_positions"):
+                model(ids, logit_positions=outside, cache=cache, segment=(4, 8))
+        if model_type == "dream":
+            with pytest.raises(ValueError, match="logit_positions"):
+                model(ids, cache=cache, segment=(4, 8))

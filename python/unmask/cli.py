@@ -143,13 +143,34 @@ class CanvasPrinter:
         self.stream.flush()
 
 
-def chat_prompt(model_dir: str, text: str) -> list[int]:
-    """The Instruct models' chat template around one user turn, through transformers."""
+def chat_tokenizer(model_dir: str, *, trust_remote_code: bool = False):
+    """The checkpoint's tokenizer through transformers, for its chat template; None where
+    transformers is missing or the directory has no tokenizer_config.json. A tokenizer
+    that is code shipped with the checkpoint (Dream's) runs only with trust_remote_code;
+    without it this exits saying so, rather than leave a chat model without its template
+    (transformers would otherwise ask on the terminal, or raise)."""
+    if not (Path(model_dir) / "tokenizer_config.json").exists():
+        return None
     try:
         from transformers import AutoTokenizer
     except ImportError:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if trust_remote_code or "trust_remote_code" not in str(error):
+            raise
+        raise SystemExit(f"{model_dir}: its tokenizer is code shipped with the checkpoint (as Dream's is); "
+                         "pass --trust-remote-code to run it") from None
+
+
+def chat_prompt(model_dir: str, text: str, *, trust_remote_code: bool = False) -> list[int]:
+    """The Instruct models' chat template around one user turn, through transformers."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
         raise SystemExit("--chat applies the model's chat template through transformers: pip install 'unmask[hf]'") from None
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = chat_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     if not getattr(tokenizer, "chat_template", None):
         raise SystemExit(f"--chat: {model_dir} has no chat template (a Base model?); drop --chat")
     ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
@@ -204,7 +225,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.ids is not None:
         prompt = _parse_ids(args.ids)
     elif args.prompt is not None and args.chat:
-        prompt = chat_prompt(args.model, args.prompt)
+        prompt = chat_prompt(args.model, args.prompt, trust_remote_code=args.trust_remote_code)
     elif args.prompt is not None:
         if tokenizer is None:
             raise SystemExit(f"--prompt needs tokenizer.json in {args.model}; pass token ids with --ids instead")
@@ -317,7 +338,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "pip install 'unmask[serve]'") from None
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
           max_context=args.max_context, device=args.device, dtype=_dtype(args.dtype), block_length=args.block_length,
-          cache=args.cache, engine=args.engine, engine_threads=args.engine_threads)
+          cache=args.cache, engine=args.engine, engine_threads=args.engine_threads,
+          trust_remote_code=args.trust_remote_code)
     return 0
 
 
@@ -352,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="self-correction (with --threshold or --factor): mask committed tokens of the block again "
                           "when their probability falls below R")
     gen.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template (transformers)")
+    gen.add_argument("--trust-remote-code", action="store_true",
+                     help="let --chat run a tokenizer shipped as code with the checkpoint (Dream's)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", help="cpu or cuda; under torchrun the device type of every rank")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
@@ -422,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--engine-threads", type=_positive_int,
                               help="torch CPU threads for the steps (default: with --engine process one fewer than "
                                    "the cores, leaving one to HTTP; with --engine thread torch's default)")
+    serve_parser.add_argument("--trust-remote-code", action="store_true",
+                              help="let the chat template's tokenizer run code shipped with the checkpoint (Dream's)")
     serve_parser.set_defaults(run=cmd_serve)
 
     bench = commands.add_parser("bench", help="microbenchmarks against the baselines, in roofline units")

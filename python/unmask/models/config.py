@@ -98,6 +98,7 @@ class ModelConfig:
 
     @classmethod
     def from_dream_json(cls, fields: dict[str, Any]) -> ModelConfig:
+        _check_supported(fields, DREAM_SUPPORTED)
         n_heads = fields["num_attention_heads"]
         return cls(
             d_model=fields["hidden_size"],
@@ -136,6 +137,7 @@ class ModelConfig:
 
     @classmethod
     def from_llada_json(cls, fields: dict[str, Any]) -> ModelConfig:
+        _check_supported(fields, LLADA_SUPPORTED)
         names = {f.name for f in dataclasses.fields(cls)}
         known = {key: value for key, value in fields.items() if key in names}
         if known.get("n_kv_heads") is None:
@@ -145,3 +147,39 @@ class ModelConfig:
         if known.get("embedding_size") is None:
             known["embedding_size"] = fields.get("vocab_size", cls.vocab_size)
         return cls(**known)
+
+
+# config.json fields that change the forward pass without changing a tensor's name, and
+# the values this model implements (a field that is absent takes the first). A checkpoint
+# with another value would load and run, wrongly: it is refused, naming the field.
+# LLaDA's names are its modeling code's (configuration_llada.py); LLaDA-8B and LLaDA-1.5
+# set every one to a supported value. rope_full_precision False (rotary in the weights'
+# dtype) is taken: unmask computes rotary in float32 either way, a last-bit difference.
+LLADA_SUPPORTED = {
+    "block_type": ("llama",),
+    "layer_norm_type": ("rms",),
+    "activation_type": ("silu",),
+    "rope": (True,),
+    "alibi": (False,),
+    "scale_logits": (False,),
+    "input_emb_norm": (False,),
+    "attention_layer_norm": (False,),
+    "include_bias": (False,),
+    "bias_for_layer_norm": (False, None),
+    "layer_norm_with_affine": (True,),
+    "clip_qkv": (None,),
+}
+# Dream's (Qwen2's) names; Dream-v0 sets each to a supported value.
+DREAM_SUPPORTED = {
+    "hidden_act": ("silu",),
+    "rope_scaling": (None,),
+    "use_sliding_window": (False,),
+}
+
+
+def _check_supported(fields: dict[str, Any], supported: dict[str, tuple]) -> None:
+    for name, values in supported.items():
+        if name in fields and not any(fields[name] is v or (type(fields[name]) is type(v) and fields[name] == v)
+                                      for v in values):
+            raise ValueError(f"config.json: {name}={fields[name]!r} is not supported (unmask implements "
+                             f"{' or '.join(repr(v) for v in values)})")

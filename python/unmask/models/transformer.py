@@ -380,6 +380,39 @@ class DiffusionTransformer(nn.Module):
         rows = logits.split([h.shape[0] * h.shape[1] for h in chosen])
         return [part_logits.view(*h.shape[:2], -1) for h, part_logits in zip(chosen, rows)]
 
+    def _check_logit_sources(self, logit_positions, length: int, starts: list[int], n: int) -> None:
+        """With a segment, the hidden states behind the logits asked for must be the
+        segment's own (a position's, or the one before it when logits shift): outside
+        it, the index into the segment would wrap round to other rows, silently. Checked
+        where the positions are host values (a slice or a CPU index); a device index
+        would cost a synchronisation to read."""
+        if isinstance(logit_positions, slice):
+            wanted = range(length)[logit_positions]
+            if len(wanted) == 0:
+                return
+            low, high = min(wanted[0], wanted[-1]), max(wanted[0], wanted[-1])
+        elif isinstance(logit_positions, torch.Tensor) and logit_positions.device.type == "cpu":
+            wanted = torch.arange(length)[logit_positions]
+            if wanted.numel() == 0:
+                return
+            if wanted.dim() == 2:  # a row of positions per canvas row, each against its own start
+                first = torch.tensor(starts)[:, None] + int(self.config.shift_logits)
+                if bool(((wanted < first) | (wanted >= first + n - int(self.config.shift_logits))).any()):
+                    raise ValueError(f"logit_positions: each row's must lie in its segment (starts {starts}, "
+                                     f"length {n}){self._shift_note()}")
+                return
+            low, high = int(wanted.min()), int(wanted.max())
+        else:
+            return
+        shift = int(self.config.shift_logits)
+        if low - shift < max(starts) or high - shift >= min(starts) + n:
+            raise ValueError(f"logit_positions: positions {low}..{high} asked for, but the segment computes "
+                             f"{max(starts)}..{min(starts) + n - 1}{self._shift_note()}")
+
+    def _shift_note(self) -> str:
+        return (" (this model predicts position i from i - 1: its logits lie one position after the segment's "
+                "first)") if self.config.shift_logits else ""
+
     def _lay_out(self, rows: Rows):
         """A group checked and laid out: its _Part, the ids [B, n] of the positions it
         computes, and how to pick its logits' rows out of its hidden states [B, n, d]
@@ -428,10 +461,12 @@ class DiffusionTransformer(nn.Module):
             first = rows.segment.logits
             pick = lambda x: x[:, :first]  # noqa: E731
         rows_apart = columns is not None
-        if rows_apart and self.config.shift_logits and logit_positions is None:
-            raise ValueError("logit_positions: a model that predicts i from i - 1 needs them with segment=RowSegments "
+        if segment is not None and self.config.shift_logits and logit_positions is None:
+            raise ValueError("logit_positions: a model that predicts i from i - 1 needs them with a segment "
                              "(the segment's first position has no logit of its own)")
         if logit_positions is not None or self.config.shift_logits:
+            if segment is not None and not isinstance(segment, DeviceSegment):
+                self._check_logit_sources(logit_positions, length, starts if rows_apart else [start], ids.shape[1])
             wanted = torch.arange(length, device=input_ids.device)
             if logit_positions is not None:
                 wanted = wanted[logit_positions]

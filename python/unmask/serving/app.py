@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import json
 import time
-from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -38,7 +37,7 @@ class Server:
 
     def __init__(self, model, tokenizer, *, model_name: str, model_dir: str | None = None, max_batch: int = 16,
                  max_queue: int = 64, max_context: int = 4096, default_block_length: int = 32,
-                 default_cache: str | None = None, engine=None):
+                 default_cache: str | None = None, engine=None, trust_remote_code: bool = False):
         """engine: an unmask.serving.engine_process.EngineProcess to run the steps (model
         then only describes the model: a weightless skeleton will do; the limits are the
         EngineProcess's own, max_batch and max_queue here are unread); None runs an Engine
@@ -50,7 +49,7 @@ class Server:
         validation.check_choice("default_cache", default_cache, validation.CACHE_MODES)
         if default_cache is not None and not self.caches:
             raise ValueError(f"default_cache={default_cache!r} needs the unmask model")
-        self.default_cache = default_cache
+        self.default_cache, self.trust_remote_code = default_cache, trust_remote_code
         self.chat_template = self._load_chat_template()  # at start-up, not on the event loop of a first request
 
     @contextlib.asynccontextmanager
@@ -166,13 +165,14 @@ class Server:
 
     def _load_chat_template(self):
         """The checkpoint's chat template through transformers, if it has one (None: the
-        model has none, or transformers is missing or cannot read it)."""
-        if not self.model_dir or not (Path(self.model_dir) / "tokenizer_config.json").exists():
+        model has none, or transformers is missing or cannot read it). A tokenizer shipped
+        as code (Dream's) without trust_remote_code stops the start (cli.chat_tokenizer)."""
+        from unmask import cli
+
+        if not self.model_dir:
             return None
         try:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            tokenizer = cli.chat_tokenizer(self.model_dir, trust_remote_code=self.trust_remote_code)
         except Exception:
             return None
         return tokenizer if getattr(tokenizer, "chat_template", None) else None
@@ -252,7 +252,7 @@ def _sse(body: dict) -> str:
 def serve(model_dir: str | None = None, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
           max_queue: int = 64, max_context: int = 4096, device: str | None = None, dtype=None,
           block_length: int | None = None, cache: str | None = None, engine: str = "process",
-          engine_threads: int | None = None) -> None:
+          engine_threads: int | None = None, trust_remote_code: bool = False) -> None:
     """Load the model (the bundled one by default) and serve it until SIGINT/SIGTERM.
     engine "process" steps it in a child process (unmask.serving.engine_process), "thread"
     on a thread of this one; engine_threads: torch's CPU threads for the steps."""
@@ -284,5 +284,6 @@ def serve(model_dir: str | None = None, *, host: str = "127.0.0.1", port: int = 
         raise SystemExit(f"unmask serve needs tokenizer.json in {model_dir} (text in, text out)")
     server = Server(model, model.tokenizer, model_name=name,
                     model_dir=model_dir, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
-                    default_block_length=block_length or (8 if bundled else 32), default_cache=cache, engine=runner)
+                    default_block_length=block_length or (8 if bundled else 32), default_cache=cache, engine=runner,
+                    trust_remote_code=trust_remote_code)
     uvicorn.run(server.app(), host=host, port=port, log_level="info", timeout_graceful_shutdown=60)
