@@ -125,6 +125,8 @@ BAD_SAMPLE_OPTIONS = [
     ("seed negative", dict(seed=-5), ValueError, "seed must lie in [0, 2**64), got -5"),
     ("seed type", dict(seed=1.5), TypeError, "seed must be an int, got float"),
     ("offset", dict(offset=2**32), ValueError, "offset must be < 4294967296, got 4294967296"),
+    ("offset float", dict(offset=1.5), TypeError, "offset must be an int, got float"),  # JAX took it as 1
+    ("offset numpy", dict(offset=np.int64(-1)), TypeError, "offset must be an int, got int64"),  # JAX wrapped it
     ("banned outside", dict(banned=[11]), ValueError, "banned must be < 11, got 11"),
     ("banned negative", dict(banned=[-1]), ValueError, "banned must be >= 0, got -1"),
     ("banned all", dict(banned=list(range(11))), ValueError, "banned bans every one of the V=11 token ids"),

@@ -165,6 +165,35 @@ class TestPallasCompiled:
         ref_x, ref_committed = jnp_reference.commit(*args, **jax_mode)
         assert np.array_equal(np.asarray(ref_committed), expected.numpy())
 
+    @pytest.mark.parametrize("mode", [dict(threshold=0.8), dict(threshold=0.1), dict(factor=1.0),
+                                      dict(factor=0.37)])
+    def test_commit_decides_at_the_edges_as_float64_does(self, mode):
+        """Confidences at the float32 edges of the rules: float32(threshold) and its
+        neighbours, and the largest float32 each rank's factor rule refuses and the next.
+        float32 arithmetic (the threshold rounded to float32, (n + 1)(1 - c) in float32)
+        decides some of them unlike the float64 of the torch kernels; the bounds of
+        unmask.jax.commit_bounds decide every one alike."""
+        length = 12
+        if "threshold" in mode:
+            edge = np.float32(mode["threshold"])
+            values = [edge, np.nextafter(edge, np.float32(-1)), np.nextafter(edge, np.float32(2))]
+        else:
+            bounds = uj.kernels.rank_bounds("factor", None, mode["factor"], length)
+            values = list(bounds) + [np.nextafter(b, np.float32(2)) for b in bounds]
+        values = np.asarray(values, np.float32)
+        gen = np.random.default_rng(3)
+        conf = torch.from_numpy(gen.choice(values, size=(64, length)))
+        eligible = torch.from_numpy(gen.random((64, length)) > 0.2)
+        x = torch.full((64, length), -1, dtype=torch.long)
+        tokens = torch.arange(64 * length).reshape(64, length)
+        expected = reference.commit(x.clone(), tokens, conf, eligible, **mode)
+        args = (to_jax(x), to_jax(tokens), to_jax(conf), to_jax(eligible))
+        _, committed = uj.commit(*args, interpret=self.INTERPRET, **mode)
+        assert np.array_equal(np.asarray(committed), expected.numpy())
+        _, ref_committed = jnp_reference.commit(*args, **mode)
+        assert np.array_equal(np.asarray(ref_committed), expected.numpy())
+        assert 0 < int(expected.sum()) < int(eligible.sum()), "the rule must both pass and refuse"
+
     def test_jit_and_vmap(self):
         logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 5, 40)).astype(np.float32))
         step = jax.jit(lambda lg, offset: uj.sample(lg, temperature=1.0, seed=1, offset=offset,
@@ -228,3 +257,22 @@ def test_unmask_imports_without_jax():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "generate" in result.stdout
+
+
+def test_sample_rows_outside_the_rows_select_nothing():
+    # A device index cannot be checked without a read: ids outside [0, N) select nothing
+    # (as the CUDA kernel skips them); JAX indexing read -1 as the last row and sampled it.
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 10)).astype(np.float32))
+    tokens, conf = uj.sample(logits, rows=jnp.asarray([-1, 4, 1]))
+    assert np.asarray(tokens).tolist()[0] == -1 and np.asarray(tokens).tolist()[3] == -1
+    assert np.asarray(tokens)[1] == int(np.argmax(np.asarray(logits)[1])) and np.isneginf(np.asarray(conf)[3])
+
+
+@pytest.mark.parametrize("offset,exception", [(jnp.zeros((4,), jnp.int32), ValueError),
+                                              (jnp.float32(1.0), TypeError), (np.asarray(-1), ValueError)])
+def test_sample_offset_arrays_are_checked(offset, exception):
+    logits = jnp.zeros((4, 10), jnp.float32)
+    with pytest.raises(exception, match="offset"):
+        uj.sample(logits, offset=offset)
+    assert np.array_equal(np.asarray(uj.sample(logits, offset=jnp.int32(3))[0]),
+                          np.asarray(uj.sample(logits, offset=3)[0]))

@@ -160,6 +160,25 @@ def test_bad_arguments_are_named():
         uj.generate(model, PROMPTS, callback=3)
     with pytest.raises(ValueError, match="cache"):
         uj.generate(model, PROMPTS, cache="suffix")
+    with pytest.raises(TypeError, match="model must be an unmask.jax.JaxModel"):
+        uj.generate(tiny_model(seed=2), PROMPTS)  # a torch model: its params were read at trace time before
+
+
+def test_a_model_whose_interpret_changes_gets_the_kernels_it_asks_for():
+    # The forward and the block loop are traced per interpret setting; they were kept after
+    # the first call whatever the setting became. On this CPU compiled Pallas does not
+    # lower, so a model switched to compiled kernels must fail, not run the interpreted ones.
+    if jax.default_backend() != "cpu":
+        pytest.skip("compiled Pallas lowers on an accelerator")
+    model = uj.from_torch(tiny_model(seed=2), interpret=True)
+    ids = np.asarray([[1, 2, 3]])
+    model(ids)
+    uj.generate(model, PROMPTS, gen_length=4, block_length=4)
+    model.interpret = False
+    with pytest.raises(NotImplementedError):
+        model(ids)
+    with pytest.raises(NotImplementedError):
+        uj.generate(model, PROMPTS, gen_length=4, block_length=4)
 
 
 def test_block_program_schedule_matches_torch():

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unmask import validation
+from unmask.jax import commit_bounds
 from unmask.pallas import attention as attention_kernel
 from unmask.pallas import commit as commit_kernel
 from unmask.pallas import sample as sample_kernel
@@ -91,6 +92,7 @@ def sample(logits, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1
     check_array("logits", logits, dtypes=validation.FLOAT_DTYPES)
     vocab = validation.check_logits_shape(logits.shape)
     words = seed_words(seed)
+    _check_offset(offset)
     validation.sample_options(temperature=temperature, top_k=top_k, top_p=top_p, confidence=confidence,
                               conf_temperature=conf_temperature, seed=0, offset=offset)  # seed: checked above
     banned = _banned_ids(banned, vocab)
@@ -125,12 +127,32 @@ def sample(logits, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1
     return only_rows(tokens[:n_rows, 0].reshape(lead), conf[:n_rows, 0].reshape(lead), rows)
 
 
+def _check_offset(offset) -> None:
+    """sample()'s offset: an int in [0, 2^32), as the torch op takes it (a float or a numpy
+    integer scalar is refused there too), or a 0-d integer array (a traced loop's step
+    counter; its value, on the device, is not read: it is taken modulo 2^32). One offset
+    per row, which the torch op also takes, is not implemented here."""
+    if not isinstance(offset, ARRAY_TYPES):
+        validation.check_int("offset", offset, low=0, high=validation.OFFSET_LIMIT)
+        return
+    check_array("offset", offset, dtypes=validation.INT_DTYPES + ("uint32",))
+    if offset.ndim != 0:
+        raise ValueError(f"offset must be an int or a 0-d integer array (unmask.jax takes no offset per row), "
+                         f"got shape {tuple(offset.shape)}")
+    if isinstance(offset, np.ndarray):
+        validation.check_int("offset", int(offset), low=0, high=validation.OFFSET_LIMIT)
+
+
 def only_rows(tokens, conf, rows):
     """Token -1 and conf -inf outside rows (indices into the flattened leading dims), as the
-    torch op returns them; every row is computed (TPU grids cover whole tiles)."""
+    torch op returns them; every row is computed (TPU grids cover whole tiles). Ids outside
+    [0, N) select nothing, as the CUDA kernel skips them (concrete ids were refused above):
+    JAX indexing would read a negative id from the end and sample another row."""
     if rows is None:
         return tokens, conf
-    selected = jnp.zeros((tokens.size,), bool).at[jnp.asarray(rows)].set(True).reshape(tokens.shape)
+    rows = jnp.asarray(rows)
+    inside = jnp.where((rows >= 0) & (rows < tokens.size), rows, tokens.size)
+    selected = jnp.zeros((tokens.size,), bool).at[inside].set(True, mode="drop").reshape(tokens.shape)
     return jnp.where(selected, tokens, -1), jnp.where(selected, conf, -jnp.inf)
 
 
@@ -172,6 +194,17 @@ def attention(q, k, v, *, kv_len=None, key_valid=None, block_size: int | None = 
     return out.transpose(0, 2, 1, 3)[:, :q_len]
 
 
+def rank_bounds(mode: str, threshold: float | None, factor: float | None, length: int) -> np.ndarray:
+    """float32 [length]: an eligible position of rank r passes the threshold or factor rule
+    where its float32 confidence exceeds entry r, exactly where the float64 rule of the
+    torch kernels passes it (unmask.jax.commit_bounds). Zeros in count mode (unread)."""
+    if mode == "threshold":
+        return np.full((length,), commit_bounds.threshold_bound(float(threshold)), np.float32)
+    if mode == "factor":
+        return commit_bounds.factor_bounds(float(factor), length)
+    return np.zeros((length,), np.float32)
+
+
 def commit(x, tokens, conf, eligible, *, k=None, threshold: float | None = None, factor: float | None = None,
            interpret: bool | None = None):
     """Confidence-based unmasking of canvas x [B, L]; returns (new canvas, committed bool).
@@ -199,7 +232,8 @@ def commit(x, tokens, conf, eligible, *, k=None, threshold: float | None = None,
 
     new_x, committed = commit_kernel.commit_pallas(
         pad(x, jnp.int32), pad(tokens, jnp.int32), pad(conf, jnp.float32), pad(eligible, jnp.int32),
-        pad(counts[:, None], jnp.int32), mode=mode, threshold=float(threshold or 0.0),
-        factor=float(factor or 0.0), interpret=default_interpret(interpret),
+        pad(counts[:, None], jnp.int32), jnp.broadcast_to(jnp.asarray(rank_bounds(mode, threshold, factor, length)),
+                                                          (padded, length)),
+        mode=mode, interpret=default_interpret(interpret),
     )
     return new_x[:batch].astype(x.dtype), committed[:batch] != 0

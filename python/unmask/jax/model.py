@@ -135,11 +135,16 @@ class JaxModel:
     def eos_id(self) -> int:
         return self.config.eos_token_id
 
-    @functools.cached_property
     def _jitted(self):
-        return jax.jit(functools.partial(forward, config=self.config, interpret=default_interpret(self.interpret),
-                                         attention_fn=self.attention_fn),
-                       static_argnames=("logit_length",))
+        """The jitted forward for the current interpret setting (kept per setting: a model
+        whose interpret is changed after a call gets the kernels it now asks for)."""
+        interpret = default_interpret(self.interpret)
+        forwards = self.__dict__.setdefault("_jitted_forwards", {})
+        if interpret not in forwards:
+            forwards[interpret] = jax.jit(functools.partial(forward, config=self.config, interpret=interpret,
+                                                            attention_fn=self.attention_fn),
+                                          static_argnames=("logit_length",))
+        return forwards[interpret]
 
     @property
     def attention_fn(self):
@@ -149,7 +154,7 @@ class JaxModel:
         input_ids = jnp.asarray(np.asarray(input_ids), jnp.int32)
         mask = None if attention_mask is None else jnp.asarray(np.asarray(attention_mask), bool)
         end = input_ids.shape[1] if logit_end is None else logit_end
-        logits = self._jitted(self.params, input_ids, mask, logit_start=jnp.asarray(logit_start, jnp.int32),
+        logits = self._jitted()(self.params, input_ids, mask, logit_start=jnp.asarray(logit_start, jnp.int32),
                               logit_length=end - logit_start)
         return logits[..., :self.config.embedding_size]  # drop any padding ids of a sharded head
 

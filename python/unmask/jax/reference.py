@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from unmask.jax import kernels
 from unmask.jax.kernels import kept_prefix
 from unmask.pallas import philox
 
@@ -93,10 +94,10 @@ def commit(x, tokens, conf, eligible, *, k=None, threshold=None, factor=None):
     n_eligible = jnp.sum(eligible, axis=-1)
     if k is not None:
         n = jnp.minimum(jnp.asarray(k), n_eligible)
-    elif threshold is not None:
-        n = jnp.maximum(jnp.sum(eligible & (conf > threshold), axis=-1), (n_eligible > 0).astype(jnp.int32))
-    else:
-        passes = eligible & ((rank + 2) * (1.0 - conf) < factor)
+    else:  # float32 bounds per rank that decide as float64 arithmetic does (commit_bounds)
+        mode = "threshold" if threshold is not None else "factor"
+        bounds = jnp.asarray(kernels.rank_bounds(mode, threshold, factor, length))
+        passes = eligible & (conf > bounds[rank])
         n = jnp.maximum(jnp.sum(passes, axis=-1), (n_eligible > 0).astype(jnp.int32))
     committed = eligible & (rank < n[:, None])
     return jnp.where(committed, tokens, x), committed

@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from unmask import validation
-from unmask.jax.kernels import commit, seed_words
+from unmask.jax.kernels import commit, default_interpret, seed_words
 from unmask.jax.model import JaxModel
 from unmask.output import GenerateOutput
 
@@ -159,19 +159,21 @@ def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params,
 
 def block_decoder(model: JaxModel, program: BlockProgram):
     """The compiled block loop for this model and program: jitted once, kept on the model
-    (jit's own cache then holds one executable per canvas shape). A program with a
-    callback calls the one set in the model's callback holder for the running generate
-    (so a new callback each call compiles nothing new)."""
+    (jit's own cache then holds one executable per canvas shape), per interpret setting
+    (which the trace reads: a model whose interpret changes gets other kernels). A program
+    with a callback calls the one set in the model's callback holder for the running
+    generate (so a new callback each call compiles nothing new)."""
     decoders = model.__dict__.setdefault("_block_decoders", {})
-    if program not in decoders:
+    key = (program, default_interpret(model.interpret))
+    if key not in decoders:
         host_callback = None
         if program.callback:
             holder = model.__dict__.setdefault("_callback_holder", {})
 
             def host_callback(step, x, committed):
                 holder["callback"](int(step), np.asarray(x), np.asarray(committed))
-        decoders[program] = jax.jit(functools.partial(_decode_block, model, program, host_callback))
-    return decoders[program]
+        decoders[key] = jax.jit(functools.partial(_decode_block, model, program, host_callback))
+    return decoders[key]
 
 
 def _prompt_batch(prompts, attention_mask, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -203,6 +205,9 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
     """As unmask.generate; tokens and sequences come back as jnp arrays. callback(step, x,
     committed) gets numpy arrays, from inside the compiled loop (a host round trip per
     step: leave it None for speed)."""
+    if not isinstance(model, JaxModel):
+        raise TypeError(f"model must be an unmask.jax.JaxModel (unmask.jax.from_torch or from_pretrained), got "
+                        f"{type(model).__name__}")
     num_blocks = validation.block_count(gen_length, block_length)
     sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed)
     rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=gen_length,
