@@ -382,7 +382,8 @@ class DiffusionTransformer(nn.Module):
 
     def _check_logit_sources(self, logit_positions, length: int, starts: list[int], n: int) -> None:
         """With a segment, the hidden states behind the logits asked for must be the
-        segment's own (a position's, or the one before it when logits shift): outside
+        segment's own (a position's, or the one before it when logits shift, but for
+        position 0): outside
         it, the index into the segment would wrap round to other rows, silently. Checked
         where the positions are host values (a slice or a CPU index); a device index
         would cost a synchronisation to read."""
@@ -396,16 +397,16 @@ class DiffusionTransformer(nn.Module):
             if wanted.numel() == 0:
                 return
             if wanted.dim() == 2:  # a row of positions per canvas row, each against its own start
-                first = torch.tensor(starts)[:, None] + int(self.config.shift_logits)
-                if bool(((wanted < first) | (wanted >= first + n - int(self.config.shift_logits))).any()):
+                sources, first = (wanted - int(self.config.shift_logits)).clamp(min=0), torch.tensor(starts)[:, None]
+                if bool(((sources < first) | (sources >= first + n)).any()):
                     raise ValueError(f"logit_positions: each row's must lie in its segment (starts {starts}, "
                                      f"length {n}){self._shift_note()}")
                 return
             low, high = int(wanted.min()), int(wanted.max())
         else:
             return
-        shift = int(self.config.shift_logits)
-        if low - shift < max(starts) or high - shift >= min(starts) + n:
+        shift = int(self.config.shift_logits)  # position 0 keeps its own row (no position before it)
+        if max(low - shift, 0) < max(starts) or max(high - shift, 0) >= min(starts) + n:
             raise ValueError(f"logit_positions: positions {low}..{high} asked for, but the segment computes "
                              f"{max(starts)}..{min(starts) + n - 1}{self._shift_note()}")
 
