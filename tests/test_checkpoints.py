@@ -164,3 +164,32 @@ def test_dream_config_fields_the_model_does_not_implement_are_refused(tmp_path, 
     write_dream(tmp_path, dream_tensors(DREAM_CONFIG), config={**DREAM_CONFIG, field: value}, shards=1)
     with pytest.raises(ValueError, match=f"config.json: {field}="):
         unmask.from_pretrained(tmp_path)
+
+
+def test_dream_tokenizer_files_without_tokenizer_json_give_a_tokenizer(tmp_path):
+    # Dream ships vocab.json and merges.txt with a tokenizer written as code (and no
+    # tokenizer.json): the checkpoint's text in and out used to be unavailable
+    # (generate --prompt and serve need a tokenizer). Built as Qwen2's byte-level BPE,
+    # the checkpoint's code left alone.
+    pytest.importorskip("transformers", reason="the hf extra")
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    write_dream(tmp_path, dream_tensors(DREAM_CONFIG), shards=1)
+    vocab = {symbol: i for i, symbol in enumerate(bytes_to_unicode().values())}
+    merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("Ġ", "w"), ("o", "r"), ("Ġw", "or"), ("l", "d"),
+              ("Ġwor", "ld"), ("1", "2")]
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    special = {"special": True, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "DreamTokenizer", "auto_map": {"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]},
+        "added_tokens_decoder": {str(len(vocab)): {"content": "<|mask|>", **special}}}))
+    (tmp_path / "tokenization_dream.py").write_text("raise RuntimeError('the checkpoint code ran')\n")
+    tokenizer = unmask.from_pretrained(tmp_path).tokenizer
+    ids = tokenizer.encode("hello world 12<|mask|>").ids
+    # Qwen2's pre-tokenization: digits one by one (the "1 2" merge never applies), the
+    # added token whole
+    assert ids == [vocab["hello"], vocab["Ġworld"], vocab["Ġ"], vocab["1"], vocab["2"], len(vocab)]
+    assert tokenizer.decode(ids[:5]) == "hello world 12"

@@ -228,7 +228,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = chat_prompt(args.model, args.prompt, trust_remote_code=args.trust_remote_code)
     elif args.prompt is not None:
         if tokenizer is None:
-            raise SystemExit(f"--prompt needs tokenizer.json in {args.model}; pass token ids with --ids instead")
+            raise SystemExit(f"--prompt needs a tokenizer in {args.model} (tokenizer.json, or vocab.json and merges.txt "
+                             "with transformers installed); pass token ids with --ids instead")
         prompt = tokenizer.encode(args.prompt).ids
     else:
         raise SystemExit("give --prompt TEXT or --ids 1,2,3")
@@ -356,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate text with a checkpoint, showing the canvas fill in")
     gen.add_argument("--model", help="checkpoint directory (LLaDA or Dream format) or a bundled model's name "
                                      f"({'/'.join(BUNDLED_MODELS)}); default: unmask-bundled")
-    gen.add_argument("--prompt", help="prompt text (needs tokenizer.json in the model directory)")
+    gen.add_argument("--prompt", help="prompt text (needs the model directory's tokenizer)")
     gen.add_argument("--ids", help="prompt token ids, e.g. 1,2,3")
     gen.add_argument("--gen-length", type=int, help="default 64 (8 for the bundled model)")
     gen.add_argument("--block-length", type=int, help="default min(32, gen length)")

@@ -167,7 +167,8 @@ def from_pretrained(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> DiffusionTransformer:
-    """Load a LLaDA or Dream checkpoint directory (config.json, safetensors, optional tokenizer.json).
+    """Load a LLaDA or Dream checkpoint directory (config.json, safetensors, optional
+    tokenizer: tokenizer.json, or Dream's vocab.json and merges.txt; load_tokenizer).
 
     Tensors go straight from the file to `device` in their stored dtype (or `dtype`):
     a bf16 checkpoint never passes through float32.
@@ -220,8 +221,26 @@ def skeleton(path: str | Path) -> DiffusionTransformer:
         raise ValueError(f"config.json model_type must be one of {sorted(FORMATS)}, got {model_type!r}")
     with torch.device("meta"):
         model = DiffusionTransformer(FORMATS[model_type].config_from_json(fields))
-    if (directory / "tokenizer.json").exists():
-        from tokenizers import Tokenizer
-
-        model.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    model.tokenizer = load_tokenizer(directory)
     return model.eval()
+
+
+def load_tokenizer(directory: Path):
+    """The checkpoint's tokenizer as a tokenizers.Tokenizer, or None when it has none.
+    tokenizer.json where there is one (LLaDA's); else vocab.json and merges.txt, the files
+    of Dream's tokenizer (Qwen2's byte-level BPE and its pre-tokenization, shipped as code
+    with a slow tokenizer and no tokenizer.json), built through transformers'
+    Qwen2TokenizerFast (which reads the files' added tokens, <|mask|> included, from
+    tokenizer_config.json) without running the checkpoint's code. Without transformers
+    that second form is None (pip install 'unmask[hf]')."""
+    from tokenizers import Tokenizer
+
+    if (directory / "tokenizer.json").exists():
+        return Tokenizer.from_file(str(directory / "tokenizer.json"))
+    if not ((directory / "vocab.json").exists() and (directory / "merges.txt").exists()):
+        return None
+    try:
+        from transformers import Qwen2TokenizerFast
+    except ImportError:
+        return None
+    return Qwen2TokenizerFast.from_pretrained(str(directory)).backend_tokenizer

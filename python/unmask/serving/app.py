@@ -281,7 +281,8 @@ def serve(model_dir: str | None = None, *, host: str = "127.0.0.1", port: int = 
             torch.set_num_threads(engine_threads)
         model = unmask.from_pretrained(model_dir, dtype=dtype, device=device)
     if getattr(model, "tokenizer", None) is None:
-        raise SystemExit(f"unmask serve needs tokenizer.json in {model_dir} (text in, text out)")
+        raise SystemExit(f"unmask serve needs a tokenizer in {model_dir} (text in, text out): tokenizer.json, or "
+                         "vocab.json and merges.txt with transformers installed")
     server = Server(model, model.tokenizer, model_name=name,
                     model_dir=model_dir, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
                     default_block_length=block_length or (8 if bundled else 32), default_cache=cache, engine=runner,
