@@ -17,7 +17,6 @@ from collections.abc import Sequence
 import torch
 
 from unmask import dispatch, native, reference, validation
-from unmask.validation import AttentionCall, CommitCall, SampleCall, SampleOptions
 
 CALL_BUILDERS = {
     "attention": validation.attention_call,
@@ -84,7 +83,11 @@ def _attention_op(
     q_offset: int,
     scale: float,
 ) -> torch.Tensor:
-    call = AttentionCall(q, k, v, kv_len, key_valid, block_size or None, q_offset, scale)
+    # Checked here too: torch.ops.unmask.attention is public, and a compiled graph calls
+    # it without the wrapper's checks (a bf16 k beside a float32 q, read as float32, runs
+    # past k's end).
+    call = validation.attention_call(q, k, v, kv_len=kv_len, key_valid=key_valid, block_size=block_size or None,
+                                     q_offset=q_offset, scale=scale)
     return dispatch.run("attention", call).contiguous()  # the fake below promises contiguous strides
 
 
@@ -176,9 +179,11 @@ def _sample_op(
     rows: torch.Tensor | None,
     check: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    options = SampleOptions(temperature, top_k, top_p, confidence, conf_temperature, _seed_from_int64(seed),
-                            offset if offset_tensor is None else offset_tensor)
-    tokens, conf = dispatch.run("sample", SampleCall(logits, options, banned, rows, check))
+    call = validation.sample_call(logits, temperature=temperature, top_k=top_k, top_p=top_p, banned=banned,
+                                  confidence=confidence, conf_temperature=conf_temperature,
+                                  seed=_seed_from_int64(seed), offset=offset if offset_tensor is None else offset_tensor,
+                                  rows=rows, check=check)  # as in attention's body: the op is public
+    tokens, conf = dispatch.run("sample", call)
     if check:
         raise_on_invalid_rows(tokens, rows)
     return tokens, conf
@@ -264,13 +269,14 @@ def _commit_op(
     threshold: float | None,
     factor: float | None,
 ) -> torch.Tensor:
-    mode = "count" if k is not None else "threshold" if threshold is not None else "factor"
-    return dispatch.run("commit", CommitCall(x, tokens, conf, eligible, mode, k, threshold, factor))
+    # as in attention's body: the op is public (mismatched shapes wrote heap memory into x)
+    call = validation.commit_call(x, tokens, conf, eligible, k=k, threshold=threshold, factor=factor)
+    return dispatch.run("commit", call)
 
 
 @_commit_op.register_fake
 def _(x, tokens, conf, eligible, k, threshold, factor):
-    return torch.empty_like(eligible)
+    return torch.empty(eligible.shape, dtype=torch.bool, device=eligible.device)  # the kernels' contiguous [B, L]
 
 
 def commit(

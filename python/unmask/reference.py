@@ -98,7 +98,9 @@ def _weighted_values(probs: torch.Tensor, v: torch.Tensor, visible: torch.Tensor
     fallback of float32 block-causal calls, and of every gradient (unmask.ops)."""
     finite = torch.isfinite(v)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, torch.where(finite, v, 0.0))
-    if v.device.type == "cpu" and bool(finite.all()):  # read for free on the CPU (on a device: a sync)
+    # read for free on the CPU (on a device: a sync); never while torch.compile traces (the
+    # gradient of a compiled attention runs this), where the value is the graph's data
+    if v.device.type == "cpu" and not torch.compiler.is_compiling() and bool(finite.all()):
         return out
     seen, weighted = visible.to(v.dtype), (visible & (probs > 0)).to(v.dtype)
 

@@ -312,8 +312,11 @@ def sample_call(logits, *, temperature=0.0, top_k=0, top_p=1.0, banned=None, con
         check_tensor("rows", rows, dtypes=INT_DTYPES, ndim=1)
         check_device("rows", rows, device)
         rows = contiguous_as(rows, torch.int64)
-        # On a GPU the check synchronises: done when check=True, which synchronises anyway.
-        check_index_range("rows", rows if check else host_values(rows), n_rows, "the flattened rows of logits")
+        # On a GPU the check synchronises: done when check=True, which synchronises anyway;
+        # never while torch.compile traces (the values are the graph's data: the op's body
+        # checks them when the graph runs).
+        readable = host_values(rows) if not check or torch.compiler.is_compiling() else rows
+        check_index_range("rows", readable, n_rows, "the flattened rows of logits")
     return SampleCall(logits, options, banned_tensor, rows, check)
 
 
@@ -454,6 +457,11 @@ def commit_call(x, tokens, conf, eligible, *, k=None, threshold=None, factor=Non
     import torch
 
     check_tensor("x", x, dtypes=INT_DTYPES, ndim=2)
+    # 1: overlap for sure (an expanded or broadcast view); not traceable, so not while
+    # torch.compile traces (the op's body checks when the graph runs)
+    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(x) == 1:
+        raise ValueError("x must not overlap itself (an expanded view): commit writes into it in place; pass "
+                         "x.contiguous() and read the result from it")
     check_tensor("tokens", tokens, dtypes=INT_DTYPES)
     check_tensor("conf", conf, dtypes=FLOAT_DTYPES + ("float64",))
     check_tensor("eligible", eligible, dtypes=("bool",))
