@@ -116,3 +116,37 @@ def test_torchrun_cli_generate_matches_one_process(tmp_path):
     both = torchrun("-m", "unmask", *arguments)
     assert both.stdout.strip().splitlines() == single.stdout.strip().splitlines()
     assert single.stdout.strip() == "1358"
+
+
+def test_a_vocabulary_split_that_leaves_a_rank_empty_is_refused():
+    # torch shards the LM head in chunks of ceil(V / W) ids: 17 ids over 8 ranks give
+    # 3, 3, 3, 3, 3, 2, 0, 0, and a rank with none failed in its sampler while the others
+    # waited for it in a collective
+    distributed.check_vocab_split(16, 8)
+    distributed.check_vocab_split(17, 4)  # 5, 5, 5, 2
+    for vocab, world in ((17, 8), (9, 4), (2, 3)):
+        with pytest.raises(ValueError, match=f"embedding_size={vocab} split over {world} ranks"):
+            distributed.check_vocab_split(vocab, world)
+
+
+def test_a_rank_that_fails_leaves_without_waiting_for_the_others(monkeypatch):
+    # unmask generate under torchrun: a rank whose generate raised used to enter the
+    # shutdown barrier, where the other ranks (failed too, or waiting in a collective it
+    # will never join) may never arrive
+    from unmask import cli
+    import unmask
+
+    left = []
+    monkeypatch.setattr(distributed, "launched_world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "init", lambda device=None: None)
+    monkeypatch.setattr(distributed, "tensor_parallel", lambda model, mesh: model)
+    monkeypatch.setattr(distributed, "shutdown", lambda **kwargs: left.append(kwargs))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("out of memory on this rank")
+
+    monkeypatch.setattr(unmask, "generate", fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cli.main(["generate", "--ids", "1,2,3", "--quiet"])
+    assert left == [{"wait_for_others": False}]

@@ -241,9 +241,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             cfg_scale=args.cfg_scale, seed=args.seed, callback=printer, cache=args.cache, speculate=args.speculate,
             revise_threshold=args.revise_threshold,
         )
-    finally:
-        if parallel:
-            distributed.shutdown()
+    except BaseException:
+        if parallel:  # no barrier: a rank that failed alone would wait there for the others forever
+            distributed.shutdown(wait_for_others=False)
+        raise
+    if parallel:
+        distributed.shutdown()
     if not speaks:
         return 0
     if printer is not None and printer.interactive:

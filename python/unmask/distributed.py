@@ -62,12 +62,26 @@ def init(device_type: str | None = None):
     return init_device_mesh(device_type, (launched_world_size(),), mesh_dim_names=("tp",))
 
 
-def shutdown() -> None:
+def shutdown(*, wait_for_others: bool = True) -> None:
     """Leave the process group: a barrier first, so no rank tears down its connections
     while another still uses them (gloo otherwise aborts with "terminate called
-    without an active exception"), then destroy_process_group."""
-    dist.barrier()
+    without an active exception"), then destroy_process_group. wait_for_others=False
+    (a rank leaving on an error): no barrier, which the other ranks, failed or waiting in
+    a collective this one will never join, might never reach; torchrun then stops them."""
+    if wait_for_others:
+        dist.barrier()
     dist.destroy_process_group()
+
+
+def check_vocab_split(vocab: int, world: int) -> None:
+    """Every rank gets some of the vocabulary: the LM head is split as torch shards a
+    dimension, ceil(vocab / world) ids per rank and the last ranks what is left, which
+    can be nothing (17 ids over 8 ranks: 3, 3, 3, 3, 3, 2, 0, 0). A rank with no ids
+    fails in its sampler while the others wait for it in a collective, forever."""
+    chunk = -(-vocab // world)
+    if (world - 1) * chunk >= vocab:
+        raise ValueError(f"config.embedding_size={vocab} split over {world} ranks in chunks of {chunk} ids (torch's "
+                         f"sharding) leaves the last rank without any; use fewer ranks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +262,7 @@ def tensor_parallel(model, mesh=None):
         value = getattr(config, name)
         if value % world != 0:
             raise ValueError(f"config.{name}={value} must be a multiple of the number of ranks ({world})")
+    check_vocab_split(config.embedding_size, world)
 
     if config.weight_tying:  # the head is split over the vocabulary; the embedding stays whole
         model.lm_head.weight = nn.Parameter(model.embed.weight.detach().clone())

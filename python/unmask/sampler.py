@@ -677,7 +677,9 @@ def generate(
     [B, P] (attention_mask [B, P] marks real tokens) or a list of token-id lists,
     left-padded here. Exactly one of steps (default gen_length: one token per step),
     threshold or factor picks the commit rule. callback(step, canvas, committed)
-    runs after every step. cache: None (a full forward every step), "prefix" or
+    runs after every model call, step counting the calls (with speculate, one call takes
+    several schedule steps: committed is their union, and the canvases between them are
+    not shown). cache: None (a full forward every step), "prefix" or
     "dual" (reuse keys and values across the steps of a block; exact for block-causal
     models, an approximation for bidirectional ones), for the unmask model only.
     cuda_graph: capture the denoising step (model, sample, commit) as a CUDA graph once
