@@ -143,3 +143,12 @@ def test_a_servers_default_cache_applies_where_a_body_names_none():
         protocol.settings({"cache": "dual"}, prompt=[5], default_block_length=4, max_context=64, vocab=61,
                           mask_id=60, caches=False)
     assert refused.value.param == "cache"
+
+
+def test_a_tensor_parallel_model_is_refused():
+    # its LM head returns one rank's slice of the vocabulary: the engine's ops.sample would
+    # take slice-local ids for tokens, silently
+    model = tiny_model(seed=0)
+    model.vocab_shard = object()  # what unmask.distributed.tensor_parallel sets
+    with pytest.raises(ValueError, match="tensor-parallel"):
+        Engine(model, None, max_batch=2, max_queue=2)

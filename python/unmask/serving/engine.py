@@ -114,6 +114,11 @@ class Engine:
         # after_step: called on the engine thread once a step's events are all out (and
         # after the events of a failure that ends the thread): lets a caller send them on
         # together (unmask.serving.engine_process).
+        if getattr(model, "vocab_shard", None) is not None:
+            # its logits are one rank's slice of the vocabulary; the engine samples them
+            # with ops.sample, which would take slice-local ids for tokens
+            raise ValueError("model: a tensor-parallel model (unmask.distributed) samples across its ranks; the "
+                             "server's engine runs one device's model")
         self.model, self.tokenizer = model, tokenizer
         self.after_step = after_step
         self.max_batch, self.max_queue = max_batch, max_queue
