@@ -385,26 +385,8 @@ void attend_head_group(const AttentionParams& p, const Packed& packed, int64_t b
 }
 
 // The per-head state of a short block's task stays within L2 with its key tiles: at most
-// this many floats of Q and O (2 x rows x D a query head).
+// this many floats of Q and O (2 x rows x D a query head), which caps its kv heads.
 constexpr int64_t kGroupStateFloats = int64_t{1} << 17;  // 512 KiB
-
-// Tasks of a short query block: a batch row's kv heads in groups as large as still give
-// each thread four tasks and keep their state within kGroupStateFloats; with fewer kv
-// heads than that (a batch of one under GQA or MQA), a kv head's query heads are split
-// among tasks too, each copying the kv head's rows for itself (attention_lanes' split).
-struct HeadGroups {
-  int64_t per_group, groups, per_slice, slices;
-
-  explicit HeadGroups(const AttentionParams& p) {
-    const int64_t wanted = 4 * max_threads(), group = p.q_heads / p.kv_heads;
-    const int64_t groups_for_threads = std::clamp<int64_t>((wanted + p.batch - 1) / p.batch, 1, p.kv_heads);
-    const int64_t within_state = std::max<int64_t>(1, kGroupStateFloats / (2 * p.q_len * p.head_dim * group));
-    per_group = std::min((p.kv_heads + groups_for_threads - 1) / groups_for_threads, within_state);
-    groups = (p.kv_heads + per_group - 1) / per_group;
-    slices = per_group == 1 ? std::clamp<int64_t>((wanted + p.batch * groups - 1) / (p.batch * groups), 1, group) : 1;
-    per_slice = (group + slices - 1) / slices;
-  }
-};
 
 }  // namespace
 
@@ -446,9 +428,8 @@ Status attention(const AttentionParams& p) {
       }
     }
   }
-  const HeadGroups split(p);
-  const int64_t group = p.q_heads / p.kv_heads;
-  const int64_t tasks = pack_locally ? p.batch * split.groups * split.slices : p.batch * p.q_heads * query_tiles;
+  const HeadGroups split(p, kGroupStateFloats / (2 * p.q_len * p.head_dim * (p.q_heads / p.kv_heads)));
+  const int64_t tasks = pack_locally ? split.tasks(p) : p.batch * p.q_heads * query_tiles;
 #pragma omp parallel
   {
     // Kept by each (pooled) OpenMP thread across calls, growing only: allocated per call,
@@ -459,7 +440,7 @@ Status attention(const AttentionParams& p) {
     buf.alpha.resize(kQueryTile);
     buf.row_keys.resize(kQueryTile);
     if (pack_locally) {
-      const int64_t heads = split.slices == 1 ? split.per_group * group : split.per_slice;
+      const int64_t heads = split.query_heads_per_task();
       if (static_cast<int64_t>(buf.heads.size()) < heads) buf.heads.resize(heads);
       buf.kt.resize(kKeyTile * p.head_dim);
       buf.k_rows.resize(split.per_group * kKeyTile * p.head_dim);
@@ -476,14 +457,8 @@ Status attention(const AttentionParams& p) {
         attend_query_tile(p, packed, b, h, q_tile * kQueryTile, buf);
         continue;
       }
-      const int64_t slice = task % split.slices, b = task / (split.slices * split.groups);
-      const int64_t first = (task / split.slices % split.groups) * split.per_group;
-      const int64_t last = std::min(p.kv_heads, first + split.per_group);
-      if (first >= last) continue;
-      const int64_t q_first = first * group + slice * split.per_slice;
-      const int64_t q_last =
-          split.slices == 1 ? last * group : std::min((first + 1) * group, q_first + split.per_slice);
-      if (q_first < q_last) attend_head_group(p, packed, b, first, last, q_first, q_last, buf);
+      const HeadGroups::Task t = split.task(p, task);
+      if (t.q_first < t.q_last) attend_head_group(p, packed, t.b, t.first, t.last, t.q_first, t.q_last, buf);
     }
   }
   return ok_status();

@@ -291,40 +291,26 @@ void attend_heads(const AttentionParams& p, const Packed& packed, int64_t b, int
 }  // namespace
 
 void attention_lanes(const AttentionParams& p, const Packed& packed) {
-  // Tasks of a batch row's kv heads, in groups as large as still give each thread four
-  // tasks (a group's copy of a key's rows reads one stretch of memory). With fewer kv
-  // heads than that (a batch of one under GQA or MQA), a kv head's query heads are split
-  // among tasks too, each copying the kv head's rows for itself.
-  const int64_t wanted = 4 * max_threads(), group = p.q_heads / p.kv_heads;
-  const int64_t groups = std::clamp<int64_t>((wanted + p.batch - 1) / p.batch, 1, p.kv_heads);
-  const int64_t per_group = (p.kv_heads + groups - 1) / groups;
-  const int64_t slices = per_group == 1 ? std::clamp<int64_t>((wanted + p.batch * groups - 1) / (p.batch * groups), 1,
-                                                              group)
-                                        : 1;
-  const int64_t per_slice = (group + slices - 1) / slices;
-  const int64_t tasks = p.batch * groups * slices;
+  const HeadGroups split(p, /*max_per_group=*/p.kv_heads);  // a head's lanes state is small: no cap
+  const int64_t tasks = split.tasks(p);
 #pragma omp parallel
   {
     // Kept by each (pooled) OpenMP thread across calls, growing only (attention.cpp's TaskBuffers).
     static thread_local LaneBuffers buf;
     const size_t head_floats = static_cast<size_t>(kLaneRows * p.head_dim);
-    buf.heads.resize(static_cast<size_t>(slices == 1 ? per_group * group : per_slice));
+    buf.heads.resize(static_cast<size_t>(split.query_heads_per_task()));
     for (HeadState& head : buf.heads) {
       head.qt.resize(head_floats);
       head.ot.resize(head_floats);
     }
-    buf.k.resize(static_cast<size_t>(per_group * kKeyTile * p.head_dim));
+    buf.k.resize(static_cast<size_t>(split.per_group * kKeyTile * p.head_dim));
     buf.v.resize(buf.k.size());
     buf.st.resize(static_cast<size_t>(kKeyTile * kLaneRows));
     buf.rows.resize(head_floats);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t slice = task % slices, b = task / (slices * groups);
-      const int64_t first = (task / slices % groups) * per_group, last = std::min(p.kv_heads, first + per_group);
-      if (first >= last) continue;
-      const int64_t q_first = first * group + slice * per_slice;
-      const int64_t q_last = slices == 1 ? last * group : std::min((first + 1) * group, q_first + per_slice);
-      if (q_first < q_last) attend_heads(p, packed, b, first, last, q_first, q_last, buf);
+      const HeadGroups::Task t = split.task(p, task);
+      if (t.q_first < t.q_last) attend_heads(p, packed, t.b, t.first, t.last, t.q_first, t.q_last, buf);
     }
   }
 }

@@ -206,6 +206,41 @@ inline int max_threads() {
 #endif
 }
 
+// The tasks of a short query block (attention.cpp's head groups, attention_lanes): a
+// batch row's kv heads in groups as large as still give each thread four tasks (a group's
+// copy of a key's rows reads one stretch of memory), of at most max_per_group kv heads.
+// With fewer kv heads than that (a batch of one under GQA or MQA), a kv head's query heads
+// are split among tasks too, each copying the kv head's rows for itself.
+struct HeadGroups {
+  struct Task {
+    int64_t b, first, last;   // batch row, kv heads [first, last)
+    int64_t q_first, q_last;  // their query heads this task takes (none when q_first >= q_last)
+  };
+
+  int64_t group, per_group, groups, slices, per_slice;
+
+  HeadGroups(const AttentionParams& p, int64_t max_per_group) : group(p.q_heads / p.kv_heads) {
+    const int64_t wanted = 4 * max_threads();
+    const int64_t groups_for_threads = std::clamp<int64_t>((wanted + p.batch - 1) / p.batch, 1, p.kv_heads);
+    const int64_t for_threads = (p.kv_heads + groups_for_threads - 1) / groups_for_threads;
+    per_group = std::max<int64_t>(1, std::min(for_threads, max_per_group));
+    groups = (p.kv_heads + per_group - 1) / per_group;
+    slices = per_group == 1 ? std::clamp<int64_t>((wanted + p.batch * groups - 1) / (p.batch * groups), 1, group) : 1;
+    per_slice = (group + slices - 1) / slices;
+  }
+
+  int64_t tasks(const AttentionParams& p) const { return p.batch * groups * slices; }
+  int64_t query_heads_per_task() const { return slices == 1 ? per_group * group : per_slice; }
+
+  Task task(const AttentionParams& p, int64_t index) const {
+    const int64_t slice = index % slices, b = index / (slices * groups);
+    const int64_t first = (index / slices % groups) * per_group, last = std::min(p.kv_heads, first + per_group);
+    const int64_t q_first = first * group + slice * per_slice;
+    const int64_t q_last = slices == 1 ? last * group : std::min((first + 1) * group, q_first + per_slice);
+    return {b, first, last, q_first, q_last};
+  }
+};
+
 inline int64_t key_tiles(const AttentionParams& p) { return (p.k_len + kKeyTile - 1) / kKeyTile; }
 
 // Sizes the buffers (the K and V ones when keys_too) and builds the key masks (K and V:
