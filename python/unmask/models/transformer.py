@@ -380,39 +380,28 @@ class DiffusionTransformer(nn.Module):
         rows = logits.split([h.shape[0] * h.shape[1] for h in chosen])
         return [part_logits.view(*h.shape[:2], -1) for h, part_logits in zip(chosen, rows)]
 
-    def _check_logit_sources(self, logit_positions, length: int, starts: list[int], n: int) -> None:
-        """With a segment, the hidden states behind the logits asked for must be the
-        segment's own (a position's, or the one before it when logits shift, but for
-        position 0): outside
-        it, the index into the segment would wrap round to other rows, silently. Checked
-        where the positions are host values (a slice or a CPU index); a device index
-        would cost a synchronisation to read."""
-        if isinstance(logit_positions, slice):
-            wanted = range(length)[logit_positions]
-            if len(wanted) == 0:
-                return
-            low, high = min(wanted[0], wanted[-1]), max(wanted[0], wanted[-1])
-        elif isinstance(logit_positions, torch.Tensor) and logit_positions.device.type == "cpu":
-            wanted = torch.arange(length)[logit_positions]
-            if wanted.numel() == 0:
-                return
-            if wanted.dim() == 2:  # a row of positions per canvas row, each against its own start
-                sources, first = (wanted - int(self.config.shift_logits)).clamp(min=0), torch.tensor(starts)[:, None]
-                if bool(((sources < first) | (sources >= first + n)).any()):
-                    raise ValueError(f"logit_positions: each row's must lie in its segment (starts {starts}, "
-                                     f"length {n}){self._shift_note()}")
-                return
-            low, high = int(wanted.min()), int(wanted.max())
-        else:
-            return
-        shift = int(self.config.shift_logits)  # position 0 keeps its own row (no position before it)
-        if max(low - shift, 0) < max(starts) or max(high - shift, 0) >= min(starts) + n:
-            raise ValueError(f"logit_positions: positions {low}..{high} asked for, but the segment computes "
-                             f"{max(starts)}..{min(starts) + n - 1}{self._shift_note()}")
+    def _sources(self, wanted: torch.Tensor) -> torch.Tensor:
+        """The positions whose hidden states give the logits of positions `wanted`: their
+        own, or the one before when logits shift (position 0 keeping its own row)."""
+        return (wanted - 1).clamp(min=0) if self.config.shift_logits else wanted
 
-    def _shift_note(self) -> str:
-        return (" (this model predicts position i from i - 1: its logits lie one position after the segment's "
-                "first)") if self.config.shift_logits else ""
+    def _check_sources(self, source: torch.Tensor, logit_positions, length: int, starts: list[int], n: int) -> None:
+        """With a segment, the hidden states behind the logits asked for (source) must be
+        the segment's own: outside it, the index into the segment would wrap round to other
+        rows, silently. Read where that costs no synchronisation: source on the CPU, or a
+        slice of positions worked out on the host (a device index is not read)."""
+        if source.device.type != "cpu":
+            if not isinstance(logit_positions, slice):
+                return
+            source = self._sources(torch.arange(length)[logit_positions])
+        if source.numel() == 0:
+            return
+        first = torch.tensor(starts)[:, None]  # each row's segment (one row where all share it)
+        if bool(((source < first) | (source >= first + n)).any()):
+            shift = (" (this model predicts position i from i - 1: its logits lie one position after the "
+                     "segment's first)") if self.config.shift_logits else ""
+            raise ValueError(f"logit_positions: logits asked for come from positions outside the segment (starts "
+                             f"{starts}, length {n}){shift}")
 
     def _lay_out(self, rows: Rows):
         """A group checked and laid out: its _Part, the ids [B, n] of the positions it
@@ -466,14 +455,14 @@ class DiffusionTransformer(nn.Module):
             raise ValueError("logit_positions: a model that predicts i from i - 1 needs them with a segment "
                              "(the segment's first position has no logit of its own)")
         if logit_positions is not None or self.config.shift_logits:
-            if segment is not None and not isinstance(segment, DeviceSegment):
-                self._check_logit_sources(logit_positions, length, starts if rows_apart else [start], ids.shape[1])
             wanted = torch.arange(length, device=input_ids.device)
             if logit_positions is not None:
                 wanted = wanted[logit_positions]
-            source = (wanted - 1).clamp(min=0) if self.config.shift_logits else wanted
+            source = self._sources(wanted)
             if rows_apart and source.dim() == 1:
                 source = source.expand(batch, -1)
+            if segment is not None and not isinstance(segment, DeviceSegment):
+                self._check_sources(source, logit_positions, length, starts if rows_apart else [start], ids.shape[1])
             if source.dim() == 2:  # per-row positions [B, n] (a server's rows at different depths)
                 index = (source - start)[:, :, None]
                 pick = lambda x: x.gather(1, index.expand(-1, -1, x.shape[-1]))  # noqa: E731
