@@ -73,6 +73,18 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+def same_value(value, expected) -> bool:
+    """value is expected, type for type: a bool is not taken for 0 or 1, nor 1.5 for 1, nor
+    "1" for 1; an int and a float of one value are the same (JSON writes 0 or 0.0)."""
+    if value is None or expected is None:
+        return value is expected
+    if isinstance(expected, bool) or isinstance(value, bool):
+        return value is expected
+    if isinstance(expected, (int, float)):
+        return isinstance(value, (int, float)) and value == expected
+    return type(value) is type(expected) and value == expected
+
+
 def check_choice(name: str, value, choices: Sequence) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

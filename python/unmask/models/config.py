@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from unmask import validation
+
 # LLaDA-8B's token ids (its tokenizer): the mask token and <|endoftext|>.
 LLADA_MASK_ID = 126336
 LLADA_EOS_ID = 126081
@@ -179,7 +181,6 @@ DREAM_SUPPORTED = {
 
 def _check_supported(fields: dict[str, Any], supported: dict[str, tuple]) -> None:
     for name, values in supported.items():
-        if name in fields and not any(fields[name] is v or (type(fields[name]) is type(v) and fields[name] == v)
-                                      for v in values):
+        if name in fields and not any(validation.same_value(fields[name], v) for v in values):
             raise ValueError(f"config.json: {name}={fields[name]!r} is not supported (unmask implements "
                              f"{' or '.join(repr(v) for v in values)})")

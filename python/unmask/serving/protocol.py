@@ -91,11 +91,11 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int, max_co
     if unknown:
         raise RequestError(f"unknown field {unknown[0]!r}", unknown[0])
     for name, neutral in NEUTRAL_FIELDS.items():
-        if name in body and not any(_same(body[name], value) for value in neutral):
+        if name in body and not any(validation.same_value(body[name], value) for value in neutral):
             raise RequestError(f"{name} is not supported by this server (it accepts only {neutral}), "
                                f"got {body[name]!r}", name)
     n = _default(body, "n", 1)
-    if not _same(n, 1):
+    if not validation.same_value(n, 1):
         raise RequestError(f"n must be 1 (one completion per request), got {n!r}", "n")
     if body.get("speculate", 0) not in (0, None):
         raise RequestError("speculate is not supported by the server (use unmask.generate(speculate=d))", "speculate")
@@ -151,17 +151,6 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int, max_co
 def _default(body: dict, name: str, default):
     value = body.get(name)
     return default if value is None else value
-
-
-def _same(value, neutral) -> bool:
-    """value is neutral, type for type (a bool is not taken for 0 or 1, nor 1.5 for 1)."""
-    if value is None or neutral is None:
-        return value is neutral
-    if isinstance(neutral, bool) or isinstance(value, bool):
-        return value is neutral
-    if isinstance(neutral, (int, float)):
-        return isinstance(value, (int, float)) and value == neutral
-    return type(value) is type(neutral) and value == neutral
 
 
 def _stream_options(options, stream: bool) -> bool:
