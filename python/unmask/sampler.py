@@ -25,26 +25,13 @@ import torch
 
 from unmask import ops, revise, speculative, validation
 from unmask.output import GenerateOutput
+from unmask.schedule import schedule_counts  # noqa: F401 (unmask.sampler.schedule_counts, as before)
 from unmask.validation import CACHE_MODES, Revision, Rule, Sampling
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 # --------------------------------------------------------------------------- small pure pieces
-
-
-def schedule_counts(masked: Sequence[int], steps: int) -> list[list[int]]:
-    """counts[b][i]: tokens row b commits at the i-th step where some row commits, for
-    masked[b] positions over `steps` steps.
-
-    m // s each step plus one for the first m % s steps (LLaDA's schedule), so the counts
-    of a row sum to m. The steps where no row commits are left out (they cost no model
-    call): those are the steps past the largest m when s exceeds it, so the plan holds at
-    most max(masked) steps however large `steps` is (steps=10**9 plans as fast as steps=m).
-    Host data: the loop plans a block's steps from it.
-    """
-    steps = min(steps, max(masked, default=0))
-    return [[m // steps + (i < m % steps) for i in range(steps)] for m in masked]
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None):

@@ -23,6 +23,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from unmask import validation
+from unmask.schedule import schedule_counts
 from unmask.jax.kernels import commit, default_interpret, seed_words
 from unmask.jax.model import JaxModel
 from unmask.output import GenerateOutput
@@ -47,12 +48,8 @@ class BlockProgram:
 
     def step_counts(self) -> np.ndarray:
         """Tokens every row commits at each step that commits any (steps rule): LLaDA's
-        schedule of a fully masked block, m // s per step plus one for the first m % s
-        steps; steps that would commit nothing, those past the m-th when s > m, are left
-        out (they cost no model call, as in the torch loop)."""
-        m = self.block_length
-        s = min(self.steps_per_block, m)
-        return np.asarray([m // s + (i < m % s) for i in range(s)], np.int32)
+        schedule of a fully masked block (unmask.schedule, as the torch loop plans it)."""
+        return np.asarray(schedule_counts([self.block_length], self.steps_per_block)[0], np.int32)
 
 
 def _stop_rows_at_eos(x, running, generation_start: int, decoded_end, eos_id: int):

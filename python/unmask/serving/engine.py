@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-from unmask import ops, sampler
+from unmask import ops, sampler, schedule
 from unmask.models.transformer import DiffusionTransformer, KVCache, Rows, RowSegments
 from unmask.serving.protocol import Settings, cut_at_stop
 
@@ -99,7 +99,7 @@ class Job:
         self.step_in_block = 0
         steps = self.settings.rule.steps_per_block
         if steps is not None:  # a fully masked block, as unmask.generate plans it; zero-commit steps cost no call
-            self.plan = sampler.schedule_counts([self.settings.block_length], steps)[0]
+            self.plan = schedule.schedule_counts([self.settings.block_length], steps)[0]
 
     def generated(self) -> list[int]:
         return self.canvas[self.prompt_length:].tolist()
