@@ -197,7 +197,8 @@ def test_logits_asked_for_outside_the_segment_are_an_error(model_type):
         full = model(ids, cache=cache)
         inside = slice(5, 9) if model_type == "dream" else slice(4, 8)
         assert torch.equal(model(ids, logit_positions=inside, cache=cache, segment=(4, 8)), full[:, inside])
-        for outside in (slice(2, 6), slice(inside.start - 1, inside.stop - 1), torch.tensor([inside.stop]),
+        for outside in (slice(2, 6), slice(inside.start - 1, inside.stop - 1), slice(inside.start + 1, inside.stop + 1),
+                        torch.tensor([inside.stop]),
                         torch.tensor([[inside.start] * 2, [inside.start - 1] * 2])):
             with pytest.raises(ValueError, match="logit_positions"):
                 model(ids, logit_positions=outside, cache=cache, segment=(4, 8))

@@ -388,16 +388,22 @@ class DiffusionTransformer(nn.Module):
     def _check_sources(self, source: torch.Tensor, logit_positions, length: int, starts: list[int], n: int) -> None:
         """With a segment, the hidden states behind the logits asked for (source) must be
         the segment's own: outside it, the index into the segment would wrap round to other
-        rows, silently. Read where that costs no synchronisation: source on the CPU, or a
-        slice of positions worked out on the host (a device index is not read)."""
-        if source.device.type != "cpu":
-            if not isinstance(logit_positions, slice):
+        rows, silently. A slice is checked in host arithmetic (no tensor is read: on a
+        device that would synchronise, and the sampler's cached steps pass slices), an
+        index tensor where it is on the CPU; a device index is not read."""
+        if isinstance(logit_positions, slice):
+            wanted = range(length)[logit_positions]
+            if len(wanted) == 0:
                 return
-            source = self._sources(torch.arange(length)[logit_positions])
-        if source.numel() == 0:
+            # the sources of its ends, as _sources maps them (monotone: they bound the rest)
+            ends = [max(w - int(self.config.shift_logits), 0) for w in (wanted[0], wanted[-1])]
+            outside = min(ends) < max(starts) or max(ends) >= min(starts) + n
+        elif source.device.type == "cpu" and source.numel() > 0:
+            first = torch.tensor(starts)[:, None]  # each row's segment (one row where all share it)
+            outside = bool(((source < first) | (source >= first + n)).any())
+        else:
             return
-        first = torch.tensor(starts)[:, None]  # each row's segment (one row where all share it)
-        if bool(((source < first) | (source >= first + n)).any()):
+        if outside:
             shift = (" (this model predicts position i from i - 1: its logits lie one position after the "
                      "segment's first)") if self.config.shift_logits else ""
             raise ValueError(f"logit_positions: logits asked for come from positions outside the segment (starts "
