@@ -20,17 +20,46 @@ from _common import parse, report
 import unmask
 from unmask import cli, tasks
 from unmask.benchmarks.harness import Row
+from unmask.models.transformer import KVCache
 
 # The GPU cost model: one call of n canvases at batch 1 reads the weights once and does n
 # canvases' worth of matrix products. LLaDA-8B on an H100 (bf16): 16 GB of weights at
 # 3.35 TB/s; a canvas of 32 recomputed positions (dual cache) or 300 (no cache) costs
 # 2 * 8e9 FLOPs per position at 60% of the 989 TFLOP/s dense bf16 peak.
+# With a cache, the drafted canvases get their own copy of it (KVCache.repeated, once per
+# block and canvas count): LLaDA-8B holds 32 layers x (K + V) x 4096 x 2 bytes = 512 KiB a
+# position, and a copy of n canvases of a 300-position canvas writes n such rows and reads
+# the source once, at the same 3.35 TB/s.
 GPU_WEIGHT_READ_MS = 16e9 / 3.35e12 * 1e3
 GPU_MS_PER_POSITION = 2 * 8e9 / (0.6 * 989e12) * 1e3
+GPU_CACHE_BYTES_PER_POSITION = 32 * 2 * 4096 * 2
+GPU_CANVAS_POSITIONS = 300
 
 
 def gpu_call_ms(canvases: int, positions: int) -> float:
     return max(GPU_WEIGHT_READ_MS, canvases * positions * GPU_MS_PER_POSITION)
+
+
+def gpu_copy_ms(rows_moved: int) -> float:
+    """The cache copies of a run: rows_moved rows of the canvas written or read."""
+    return rows_moved * GPU_CANVAS_POSITIONS * GPU_CACHE_BYTES_PER_POSITION / 3.35e12 * 1e3
+
+
+class CacheCopies:
+    """Counts the rows that KVCache.repeated writes and reads while it is entered."""
+
+    def __enter__(self):
+        self.rows, self.original = 0, KVCache.repeated
+
+        def counted(cache, times, groups=1):
+            self.rows += cache.shape[0] * (times + 1)
+            return self.original(cache, times, groups)
+
+        KVCache.repeated = counted
+        return self
+
+    def __exit__(self, *exc):
+        KVCache.repeated = self.original
 
 
 def workloads(quick: bool):
@@ -59,13 +88,14 @@ def run(model, batches, arguments, **extra):
     calls = canvases = 0
     seconds = 0.0
     tokens = []
-    for prompt, mask in batches:
-        started = time.perf_counter()
-        out = unmask.generate(model, prompt, attention_mask=mask, **arguments, **extra)
-        seconds += time.perf_counter() - started
-        calls, canvases = calls + out.nfe, canvases + out.canvases
-        tokens.append(out.tokens)
-    return calls, canvases, seconds, torch.cat(tokens)
+    with CacheCopies() as copies:
+        for prompt, mask in batches:
+            started = time.perf_counter()
+            out = unmask.generate(model, prompt, attention_mask=mask, **arguments, **extra)
+            seconds += time.perf_counter() - started
+            calls, canvases = calls + out.nfe, canvases + out.canvases
+            tokens.append(out.tokens)
+    return calls, canvases, seconds, torch.cat(tokens), copies.rows
 
 
 def main() -> None:
@@ -77,18 +107,18 @@ def main() -> None:
         generated = sum(p.shape[0] for p, _ in batches) * arguments["gen_length"]
         for cache in (None, "dual"):
             run(model, batches[:1], arguments, cache=cache)  # warm-up
-            base_calls, _, base_seconds, base_tokens = run(model, batches, arguments, cache=cache)
+            base_calls, _, base_seconds, base_tokens, _ = run(model, batches, arguments, cache=cache)
             positions = arguments["block_length"] if cache == "dual" else 300
             base_gpu = base_calls * gpu_call_ms(1, positions)
             for depth, siblings in [(0, False)] + [(d, s) for d in sorted({2, 4, 8, arguments["block_length"]})
                                                     for s in (False, True)]:
                 if depth == 0:
-                    calls, canvases, seconds, tokens = base_calls, base_calls, base_seconds, base_tokens
+                    calls, canvases, seconds, tokens, copied = base_calls, base_calls, base_seconds, base_tokens, 0
                 else:
-                    calls, canvases, seconds, tokens = run(model, batches, arguments, cache=cache, speculate=depth,
-                                                           speculate_siblings=siblings)
+                    calls, canvases, seconds, tokens, copied = run(model, batches, arguments, cache=cache,
+                                                                   speculate=depth, speculate_siblings=siblings)
                 per_call = canvases / calls
-                gpu = calls * gpu_call_ms(round(per_call), positions)
+                gpu = calls * gpu_call_ms(round(per_call), positions) + gpu_copy_ms(copied)
                 rows.append(Row(
                     "speculative", f"speculate={depth}" + (" siblings" if siblings else ""),
                     {"workload": name, "cache": cache, "gen": arguments["gen_length"],
@@ -98,10 +128,11 @@ def main() -> None:
                     extra={"model_calls": calls, "canvases": canvases, "calls_vs_step_by_step": base_calls / calls,
                            "canvases_per_call": per_call, "tokens_per_call": generated / calls,
                            "identical_tokens": bool(torch.equal(tokens, base_tokens)),
+                           "cache_rows_copied": copied, "gpu_model_copy_share": gpu_copy_ms(copied) / gpu,
                            "gpu_model_speedup": base_gpu / gpu}))
                 print(f"{name:34} cache={str(cache):5} d={depth:<3}{'+s' if siblings else '  '} calls {calls:5} canvases {canvases:5} "
                       f"calls x{base_calls / calls:4.2f}  wall x{base_seconds / seconds:4.2f}  "
-                      f"GPU model x{base_gpu / gpu:4.2f}  identical {torch.equal(tokens, base_tokens)}", flush=True)
+                      f"GPU model x{base_gpu / gpu:4.2f} (copies {gpu_copy_ms(copied) / gpu:4.0%})  identical {torch.equal(tokens, base_tokens)}", flush=True)
     report(args, rows, {})
 
 

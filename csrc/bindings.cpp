@@ -264,6 +264,7 @@ void bind_structs(py::module_& m) {
       .pointer("canvas", &CommitParams::canvas)
       .pointer("tokens", &CommitParams::tokens)
       .pointer("conf", &CommitParams::conf)
+      .pointer("conf_f64", &CommitParams::conf_f64)
       .pointer("eligible", &CommitParams::eligible)
       .pointer("committed", &CommitParams::committed)
       .value("batch", &CommitParams::batch)

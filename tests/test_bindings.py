@@ -155,9 +155,9 @@ def test_unsupported_case_raises_not_implemented_with_the_field():
 def test_commit_and_attention_launchers_name_their_fields():
     canvas = torch.zeros(2, 4, dtype=torch.int64)
     params = native._params(_C.CommitParams, canvas=canvas.data_ptr(), tokens=canvas.data_ptr(), conf=0,
-                            eligible=0, committed=0, batch=2, length=4, mode=_C.CommitMode.count, k=0,
+                            conf_f64=0, eligible=0, committed=0, batch=2, length=4, mode=_C.CommitMode.count, k=0,
                             threshold=0.0, factor=0.0)
-    with pytest.raises(ValueError, match="params.conf = 0 must not be null"):
+    with pytest.raises(ValueError, match="params.conf = 0 exactly one of conf and conf_f64 must be set"):
         _C.commit_cpu(params)
     attention = _C.AttentionParams()
     attention.batch, attention.q_len, attention.q_heads, attention.kv_heads, attention.head_dim = 1, 2, 3, 2, 8
@@ -176,6 +176,6 @@ def test_negative_counts_commit_nothing_in_the_kernel():
     committed = torch.ones(2, 4, dtype=torch.bool)
     _C.commit_cpu(native._params(
         _C.CommitParams, canvas=canvas.data_ptr(), tokens=tokens.data_ptr(), conf=conf.data_ptr(),
-        eligible=eligible.data_ptr(), committed=committed.data_ptr(), batch=2, length=4, mode=_C.CommitMode.count,
+        conf_f64=0, eligible=eligible.data_ptr(), committed=committed.data_ptr(), batch=2, length=4, mode=_C.CommitMode.count,
         k=counts.data_ptr(), threshold=0.0, factor=0.0))
     assert committed.sum(dim=1).tolist() == [0, 2] and (canvas[0] == -1).all()

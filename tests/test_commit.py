@@ -132,3 +132,27 @@ def test_inputs_of_any_dtype_and_layout():
     got = ops.commit(x, tokens32, conf.double(), eligible_t, k=k.to(torch.int32))
     assert torch.equal(got, expected) and torch.equal(x, x_expected)
     assert got.sum().item() == 7
+
+
+@pytest.mark.parametrize("mode", ["k", "threshold", "factor"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_float64_confidences_rank_as_they_are(mode, seed):
+    """float64 confidences (LLaDA's loop softmaxes in float64) that differ only below
+    float32's precision rank by their float64 values: rounded to float32 they would tie,
+    and the tie would go to the lower position. Each row's best pair p < q holds 0.9 and
+    0.9 + 1e-9 (one float32); every other position is far below."""
+    gen = torch.Generator().manual_seed(seed)
+    conf = 0.1 + torch.randperm(24, generator=gen).to(torch.float64).repeat(3, 1) * 1e-3
+    pairs = [sorted(torch.randperm(24, generator=gen)[:2].tolist()) for _ in range(3)]
+    for row, (p, q) in enumerate(pairs):
+        conf[row, p], conf[row, q] = 0.9, 0.9 + 1e-9
+    assert torch.tensor(0.9 + 1e-9).float() == torch.tensor(0.9).float(), "the pair is one float32"
+    eligible = torch.ones(3, 24, dtype=torch.bool)
+    tokens = torch.randint(0, 1000, (3, 24), generator=gen)
+    # k 1, a threshold between the pair, a factor that commits one of them: (2)(0.1) < 0.25 <= (3)(0.1)
+    kwargs = {"k": torch.ones(3, dtype=torch.int64)} if mode == "k" else (
+        {"threshold": 0.9 + 5e-10} if mode == "threshold" else {"factor": 0.25})
+    x = torch.full((3, 24), -7, dtype=torch.int64)
+    committed = ops.commit(x, tokens, conf, eligible, **kwargs)
+    check(x, tokens, committed, expected_commit(conf, eligible, **kwargs))
+    assert committed.nonzero()[:, 1].tolist() == [q for _, q in pairs], "the float64 winner, not the lower position"

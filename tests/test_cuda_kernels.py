@@ -69,6 +69,27 @@ def test_cuda_rows_and_invalid_rows(cuda_runner, simt_sm_count, sm_count):
     torch.testing.assert_close(conf, expected_conf, rtol=CONF_RTOL, atol=0)
 
 
+def test_cuda_commit_leaves_float64_confidences_to_the_reference(cuda_runner):
+    """The CUDA kernel ranks float32 confidences: float64 ones that one float32 would tie go
+    elsewhere (supports() says why), and the kernel itself refuses a float64 pointer."""
+    device = cuda_runner.device
+    x = torch.zeros(1, 2, dtype=torch.int64, device=device)
+    conf = torch.tensor([[0.9, 0.9 + 1e-9]], dtype=torch.float64, device=device)
+    eligible = torch.ones(1, 2, dtype=torch.bool, device=device)
+    call = validation.commit_call(x, x, conf, eligible, k=1)
+    assert "float64 confidences" in cuda_runner.backend("commit").supports(call)
+    if device == "cuda":
+        assert ops.backend_for("commit", x, x, conf, eligible, k=1) == "reference"
+    if cuda_runner.interpreted:
+        committed = torch.zeros(1, 2, dtype=torch.bool)
+        params = native._params(
+            native._C.CommitParams, canvas=x.data_ptr(), tokens=x.data_ptr(), conf=0, conf_f64=conf.data_ptr(),
+            eligible=eligible.data_ptr(), committed=committed.data_ptr(), batch=1, length=2,
+            mode=native._C.CommitMode.count, k=torch.ones(1, dtype=torch.int64).data_ptr(), threshold=0.0, factor=0.0)
+        with pytest.raises(NotImplementedError, match="float64 confidences: the CUDA kernel ranks float32"):
+            native._C.commit_cuda_interpret(params, buffers=[])
+
+
 @pytest.mark.parametrize("length", [1, 17, 99, 1025, 4096])
 @pytest.mark.parametrize("mode", ["k", "threshold", "factor"])
 def test_cuda_commit_equals_reference(cuda_runner, length, mode):

@@ -44,6 +44,8 @@ BAD_CALLS = [
     ("sample banned tensor range", lambda: ops.sample(logits, banned=torch.tensor([-1])), ValueError, "banned"),
     ("sample temperature", lambda: ops.sample(logits, temperature=-1.0), ValueError, "temperature"),
     ("sample temperature nan", lambda: ops.sample(logits, temperature=float("nan")), ValueError, "temperature"),
+    ("sample tiny temperature", lambda: ops.sample(logits, temperature=1e-40), ValueError,
+     "temperature must be 0 (greedy) or >= 1e-30, got 1e-40"),
     ("sample top_k", lambda: ops.sample(logits, top_k=-2), ValueError, "top_k"),
     ("sample top_k type", lambda: ops.sample(logits, top_k=2.5), TypeError, "top_k"),
     ("sample top_p", lambda: ops.sample(logits, top_p=0.0), ValueError, "top_p"),
@@ -114,6 +116,7 @@ BAD_SAMPLE_OPTIONS = [
     # (label, kwargs, exception, the message every front end gives)
     ("temperature", dict(temperature=-1.0), ValueError, "temperature must be >= 0, got -1.0"),
     ("temperature nan", dict(temperature=float("nan")), ValueError, "temperature must be finite, got nan"),
+    ("tiny temperature", dict(temperature=1e-40), ValueError, "temperature must be 0 (greedy) or >= 1e-30, got 1e-40"),
     ("top_k", dict(top_k=-2), ValueError, "top_k must be >= 0, got -2"),
     ("top_k type", dict(top_k=2.5), TypeError, "top_k must be an int, got float"),
     ("top_p zero", dict(top_p=0.0), ValueError, "top_p must be > 0, got 0.0"),

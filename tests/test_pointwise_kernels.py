@@ -166,6 +166,7 @@ def test_under_torch_compile_the_reference_operations_are_traced():
     ((torch.randn(3, 8), torch.ones(8, dtype=torch.float16), 1e-5), TypeError, "weight must be float32 or x's dtype"),
     ((torch.randn(3, 8), torch.ones(8), -1.0), ValueError, "eps must be >= 0"),
     ((torch.randn(3, 8), torch.ones(8), float("nan")), ValueError, "eps must be finite"),
+    ((torch.randn(3, 8), torch.ones(8), 1e39), ValueError, r"eps must be at most 3.402823e\+38 \(a finite float32\)"),
     ((torch.randint(0, 3, (3, 8)), torch.ones(8), 1e-5), TypeError, "x must have dtype"),
     ((torch.tensor(1.0), torch.ones(1), 1e-5), ValueError, "x must have a last dimension of at least 1"),
     ((torch.ones(3, 0), torch.ones(0), 1e-5), ValueError, "x must have a last dimension of at least 1"),
@@ -187,6 +188,17 @@ def test_rotary_arguments_are_checked():
         ops.rotary(torch.randn(2, 3, 2, 8), cos.expand(3, -1, -1, -1), sin)
     with pytest.raises(TypeError, match="cos must have dtype"):
         ops.rotary(torch.randn(1, 3, 2, 8), cos.half(), sin)
+    # float64 tables only beside a float64 x: the kernels read float32 ones (a float64 table
+    # used to be read as float32 bit patterns: numbers of 1e34 in a bfloat16 x's rotation)
+    for dtype in (torch.float32, torch.bfloat16):
+        with pytest.raises(TypeError, match=r"cos must have dtype in \(float32\), got float64"):
+            ops.rotary(torch.randn(1, 3, 2, 8, dtype=dtype), cos.double(), sin.double())
+        with pytest.raises(TypeError, match=r"sin must have dtype in \(float32\), got float64"):
+            ops.rotary(torch.randn(1, 3, 2, 8, dtype=dtype), cos, sin.double())
+    with pytest.raises(ValueError, match="cos and sin must have one shape and dtype"):
+        ops.rotary(torch.randn(1, 3, 2, 8, dtype=torch.float64), cos, sin.double())
+    x64 = torch.randn(1, 3, 2, 8, dtype=torch.float64)
+    torch.testing.assert_close(ops.rotary(x64, cos.double(), sin.double()), reference.rotary(x64, cos, sin))
     with pytest.raises(ValueError, match="x must have 4 dimensions"):
         ops.rotary(torch.randn(3, 2, 8), cos, sin)
 

@@ -166,3 +166,58 @@ def test_the_callback_sees_every_call():
                           callback=lambda step, x, committed: seen.append((step, int(committed.sum()))))
     assert [step for step, _ in seen] == list(range(out.nfe))
     assert sum(count for _, count in seen) == 8, "every committed position is reported once"
+
+
+def test_the_canvases_copy_of_the_cache_is_laid_out_canvas_major_per_group():
+    from unmask.models.transformer import KVCache
+
+    for batch, groups in [(4, 1), (4, 2), (1, 1), (2, 2)]:
+        cache = KVCache(tiny_config(), batch, 6, dtype=torch.float32, device=torch.device("cpu"))
+        for tensor in cache.keys + cache.values:
+            tensor.normal_()
+        copy = cache.repeated(3, groups)
+        for mine, theirs in zip(copy.keys + copy.values, cache.keys + cache.values):
+            expected = torch.cat([group.repeat(3, 1, 1, 1) for group in theirs.chunk(groups)])
+            assert torch.equal(mine, expected) and mine.is_contiguous()
+            mine[-1] = 7.0  # each canvas its own memory, apart from the cache's
+            assert not bool((theirs == 7.0).any()) and not bool((mine[:-1] == 7.0).any())
+    leading = copy.leading(5)
+    leading.keys[0][4] = 7.0
+    assert leading.shape == (5, 6) and bool((copy.keys[0][4] == 7.0).all()), "leading rows are a view"
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_a_block_copies_the_cache_once_per_canvas_count(monkeypatch, cache, cfg_scale):
+    """The canvases of a block's speculative calls share one copy of the cache outside the
+    recomputed segment: once per block, or with CFG's two groups once per canvas count
+    (fewer canvases are then not the copy's leading rows), not once per call."""
+    from unmask import sampler
+    from unmask.models.transformer import KVCache
+
+    events, repeated, begin_block = [], KVCache.repeated, sampler._StepModel.begin_block
+
+    def counted_copy(self, times, groups=1):
+        events.append(times)
+        return repeated(self, times, groups)
+
+    def marked_block(self, start, end):
+        if end > start:  # not the empty block a step model starts with
+            events.append("block")
+        begin_block(self, start, end)
+
+    model = random_model(3, "llada", 1.0)
+    arguments = dict(gen_length=16, block_length=8, steps=16, cache=cache, cfg_scale=cfg_scale)
+    expected = unmask.generate(model, [[1, 2, 3], [4]], **arguments)
+    monkeypatch.setattr(KVCache, "repeated", counted_copy)
+    monkeypatch.setattr(sampler._StepModel, "begin_block", marked_block)
+    got = unmask.generate(model, [[1, 2, 3], [4]], speculate=4, **arguments)
+    assert torch.equal(got.tokens, expected.tokens)
+    per_block = [[int(t) for t in block.split()] for block in " ".join(map(str, events)).split("block")[1:]]
+    assert len(per_block) == 2 and all(per_block), per_block
+    for counts in per_block:
+        if cfg_scale == 0.0:
+            assert len(counts) == 1, f"one copy per block, got copies for {counts} canvases"
+        else:
+            assert len(set(counts)) == len(counts), f"one copy per canvas count, got copies for {counts} canvases"
+    assert got.nfe - 2 > sum(map(len, per_block)) or cfg_scale > 0, "the block's calls outnumber its copies"

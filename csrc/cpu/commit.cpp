@@ -46,8 +46,8 @@ Status commit_cpu(const CommitParams& p) {
     for (int64_t j = 0; j < p.length; ++j) {
       p.committed[base + j] = false;
       if (!p.eligible[base + j]) continue;
-      const float c = p.conf[base + j];
-      ranked.emplace_back(std::isnan(c) ? -std::numeric_limits<double>::infinity() : static_cast<double>(c), j);
+      const double c = p.conf != nullptr ? static_cast<double>(p.conf[base + j]) : p.conf_f64[base + j];
+      ranked.emplace_back(std::isnan(c) ? -std::numeric_limits<double>::infinity() : c, j);
     }
     std::sort(ranked.begin(), ranked.end(), [](const auto& a, const auto& b) {
       return a.first > b.first || (a.first == b.first && a.second < b.second);

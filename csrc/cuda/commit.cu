@@ -69,6 +69,7 @@ __global__ void __launch_bounds__(kThreads) commit_kernel(CommitParams p) {
 Status commit_cuda(const CommitParams& p, void* stream) {
   const Status status = check_commit_params(p);
   if (!status.ok()) return status;
+  if (p.conf_f64 != nullptr) return unsupported("conf_f64", 0, "float64 confidences: the CUDA kernel ranks float32");
   if (p.length > kMaxLength) return unsupported("length", static_cast<double>(p.length), "must be <= 4096 on CUDA");
   if (p.batch > INT32_MAX) return unsupported("batch", static_cast<double>(p.batch), "must be < 2^31 on CUDA");
   if (p.batch == 0 || p.length == 0) return ok_status();

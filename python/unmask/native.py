@@ -270,11 +270,15 @@ def _launch_commit(call: CommitCall, out=None, *, cuda: bool, interpret: bool = 
     canvas = validation.contiguous_as(x, torch.int64)
     committed = torch.empty(batch, length, dtype=torch.bool, device=x.device) if out is None else out
     tokens = validation.contiguous_as(call.tokens, torch.int64)
-    conf = validation.contiguous_as(call.conf, torch.float32)
+    # float64 confidences rank as they are on the CPU (rounding them to float32 would tie
+    # what the reference tells apart); the CUDA kernel's supports() sends them elsewhere.
+    wide = call.conf.dtype == torch.float64 and not cuda
+    conf = validation.contiguous_as(call.conf, torch.float64 if wide else torch.float32)
     eligible = call.eligible.contiguous()
     counts = None if call.k is None else validation.contiguous_as(call.k, torch.int64)
     params = _params(
-        _C.CommitParams, canvas=canvas.data_ptr(), tokens=tokens.data_ptr(), conf=conf.data_ptr(),
+        _C.CommitParams, canvas=canvas.data_ptr(), tokens=tokens.data_ptr(), conf=0 if wide else conf.data_ptr(),
+        conf_f64=conf.data_ptr() if wide else 0,
         eligible=eligible.data_ptr(), committed=committed.data_ptr(), batch=batch, length=length,
         mode=getattr(_C.CommitMode, call.mode), k=_address(counts), threshold=call.threshold or 0.0,
         factor=call.factor or 0.0,
@@ -296,6 +300,8 @@ def _supports_commit_cpu(call: CommitCall) -> str | None:
 
 
 def _supports_commit_cuda(call: CommitCall) -> str | None:
+    if call.conf.dtype == torch.float64:
+        return "float64 confidences: the CUDA kernel ranks float32 ones (rounding them would tie what float64 tells apart)"
     if call.x.shape[1] > CUDA_COMMIT_MAX_LENGTH:
         return (f"rows of {call.x.shape[1]} positions: the CUDA kernel keeps a row in shared memory "
                 f"(<= {CUDA_COMMIT_MAX_LENGTH})")

@@ -27,8 +27,10 @@ COMMIT_MODES = ("count", "threshold", "factor")
 CACHE_MODES = (None, "prefix", "dual")
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 INT_DTYPES = ("int32", "int64")
-# The kernels scale by 1 / conf_temperature in float32, which overflows below ~3e-39.
-MIN_CONF_TEMPERATURE = 1e-30
+# The kernels scale by 1 / temperature and 1 / conf_temperature in float32, which
+# overflows below ~3e-39 (and a logit of 0 times inf is NaN, not the 0 of 0 / T).
+MIN_TEMPERATURE = 1e-30
+FLOAT32_MAX = 3.4028234663852886e38
 # The RNG takes a 64-bit seed and a 32-bit step offset (docs/design.md, RNG).
 SEED_LIMIT = 2**64
 OFFSET_LIMIT = 2**32
@@ -216,14 +218,16 @@ class SampleOptions:
 
 def sample_options(*, temperature, top_k, top_p, confidence, conf_temperature, seed, offset) -> SampleOptions:
     temperature = check_float("temperature", temperature, nonnegative=True)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {temperature}")
     check_int("top_k", top_k, low=0)
     top_p = check_float("top_p", top_p, positive=True)
     if top_p > 1:
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
     check_choice("confidence", confidence, CONFIDENCE_KINDS)
     conf_temperature = check_float("conf_temperature", conf_temperature, positive=True)
-    if conf_temperature < MIN_CONF_TEMPERATURE:
-        raise ValueError(f"conf_temperature must be >= {MIN_CONF_TEMPERATURE}, got {conf_temperature}")
+    if conf_temperature < MIN_TEMPERATURE:
+        raise ValueError(f"conf_temperature must be >= {MIN_TEMPERATURE}, got {conf_temperature}")
     check_seed(seed)
     if isinstance(offset, (int, bool)):  # a traced offset (JAX) is checked by its type there
         check_int("offset", offset, low=0, high=OFFSET_LIMIT)
@@ -520,6 +524,8 @@ def rms_norm_call(x, weight, eps) -> RmsNormCall:
     if weight.dtype != x.dtype and dtype_name(weight) != "float32":
         raise TypeError(f"weight must be float32 or x's dtype {dtype_name(x)}, got {dtype_name(weight)}")
     eps = check_float("eps", eps, nonnegative=True)
+    if eps > FLOAT32_MAX:  # the kernels add it in float32
+        raise ValueError(f"eps must be at most {FLOAT32_MAX:.7g} (a finite float32), got {eps}")
     return RmsNormCall(x, weight, eps)
 
 
@@ -542,13 +548,14 @@ def rotary_call(x, cos, sin) -> RotaryCall:
     if dim < 2 or dim % 2:
         raise ValueError(f"x's last dimension (the head dim) must be even and at least 2, got {dim}")
     for name, table in (("cos", cos), ("sin", sin)):
-        check_tensor(name, table, dtypes=("float32", "float64"), ndim=4)
+        check_tensor(name, table, dtypes=("float32", "float64") if dtype_name(x) == "float64" else ("float32",), ndim=4)
         if table.shape[0] not in (1, batch) or tuple(table.shape[1:]) != (length, 1, dim):
             raise ValueError(f"{name} must have shape (1 or {batch}, {length}, 1, {dim}) ([1 or B, L, 1, D]), "
                              f"got {tuple(table.shape)}")
         check_device(name, table, x.device)
-    if cos.shape != sin.shape:
-        raise ValueError(f"cos and sin must have one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if cos.shape != sin.shape or cos.dtype != sin.dtype:
+        raise ValueError(f"cos and sin must have one shape and dtype, got {tuple(cos.shape)} {dtype_name(cos)} and "
+                         f"{tuple(sin.shape)} {dtype_name(sin)}")
     return RotaryCall(x, cos, sin)
 
 

@@ -15,6 +15,7 @@ struct CommitParams {
   int64_t* canvas;         // [batch, length], contiguous, int64
   const int64_t* tokens;   // [batch, length]
   const float* conf;       // [batch, length]; NaN ranks as -inf
+  const double* conf_f64;  // instead of conf: float64 confidences ranked as they are (CPU kernel only)
   const bool* eligible;    // [batch, length]
   bool* committed;         // [batch, length] out
   int64_t batch;
@@ -35,7 +36,9 @@ inline Status check_commit_params(const CommitParams& p) {
   if (p.batch * p.length > 0) {
     if (p.canvas == nullptr) return invalid_argument("canvas", 0, "must not be null");
     if (p.tokens == nullptr) return invalid_argument("tokens", 0, "must not be null");
-    if (p.conf == nullptr) return invalid_argument("conf", 0, "must not be null");
+    if ((p.conf == nullptr) == (p.conf_f64 == nullptr)) {
+      return invalid_argument("conf", 0, "exactly one of conf and conf_f64 must be set");
+    }
     if (p.eligible == nullptr) return invalid_argument("eligible", 0, "must not be null");
     if (p.committed == nullptr) return invalid_argument("committed", 0, "must not be null");
   }

@@ -115,25 +115,36 @@ class KVCache:
                 row += chosen.shape[0]
             return out
 
-        copy = object.__new__(KVCache)
         layers = range(len(pieces[0][0].keys))
-        copy.keys = [gather([cache.keys[layer] for cache, _ in pieces]) for layer in layers]
-        copy.values = [gather([cache.values[layer] for cache, _ in pieces]) for layer in layers]
-        return copy
+        return KVCache._of([gather([cache.keys[layer] for cache, _ in pieces]) for layer in layers],
+                           [gather([cache.values[layer] for cache, _ in pieces]) for layer in layers])
 
     def repeated(self, times: int, groups: int = 1) -> KVCache:
         """A copy for `times` canvases per row: the rows fall into `groups` equal groups
         (2 under classifier-free guidance: conditional rows, then unconditional ones) and
         each group becomes `times` copies of itself, one after another. Speculative
         decoding evaluates several canvases of a row that differ only where the segment
-        writes, so each needs its own copy of what lies outside."""
-        copy = object.__new__(KVCache)
+        writes, so each needs its own copy of what lies outside. One write of the copy
+        (an expanded view copied out), not a repeat and then a concatenation."""
 
         def spread(tensor: torch.Tensor) -> torch.Tensor:
-            return torch.cat([group.repeat(times, 1, 1, 1) for group in tensor.chunk(groups)])
+            grouped = tensor.unflatten(0, (groups, -1)).unsqueeze(1)  # [G, 1, B / G, L, H, D]
+            # Into new memory: reshaping the expanded view can itself be a view (stride 0
+            # where B / G is 1), whose canvases would all write one row.
+            copy = tensor.new_empty((groups, times, *grouped.shape[2:]))
+            return copy.copy_(grouped.expand_as(copy)).flatten(0, 2)
 
-        copy.keys, copy.values = [spread(k) for k in self.keys], [spread(v) for v in self.values]
-        return copy
+        return KVCache._of([spread(k) for k in self.keys], [spread(v) for v in self.values])
+
+    def leading(self, rows: int) -> KVCache:
+        """The first `rows` rows, a view (writes reach this cache)."""
+        return KVCache._of([k[:rows] for k in self.keys], [v[:rows] for v in self.values])
+
+    @staticmethod
+    def _of(keys: list[torch.Tensor], values: list[torch.Tensor]) -> KVCache:
+        cache = object.__new__(KVCache)
+        cache.keys, cache.values = keys, values
+        return cache
 
 
 class Block(nn.Module):
