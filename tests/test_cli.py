@@ -75,6 +75,45 @@ def test_generate_errors_are_messages_not_tracebacks(tmp_path, capsys):
         cli.main(["generate", "--model", str(tmp_path), "--prompt", "hello"])
 
 
+@pytest.mark.skipif(not (cli.default_model_path() / "config.json").exists(), reason="no bundled model in this tree")
+def test_bad_options_are_messages_naming_them(tmp_path, capsys):
+    # text the bundled character tokenizer does not know (a space) used to become <pad> ids
+    assert cli.main(["generate", "--prompt", "123 + 456 =", "--quiet"]) == 2
+    assert "--prompt holds text the model's tokenizer does not know: [' ']" in capsys.readouterr().err
+    # 0 used to be replaced by the default
+    assert cli.main(["generate", "--prompt", "1+2=", "--gen-length", "0", "--quiet"]) == 2
+    assert "gen_length must be a positive int, got 0" in capsys.readouterr().err
+    assert cli.main(["generate", "--prompt", "1+2=", "--block-length", "0", "--quiet"]) == 2
+    assert "block_length" in capsys.readouterr().err
+    # torch's RuntimeError used to come out as a traceback
+    assert cli.main(["generate", "--prompt", "1+2=", "--device", "foo", "--quiet"]) == 2
+    assert "--device 'foo'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["generate", "--prompt", "1+2=", "--device", "cuda", "--quiet"]) == 2
+        assert "--device 'cuda': this machine has no CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--n", "0"])
+    assert "argument --n: must be a positive int, got 0" in capsys.readouterr().err
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--batch-size", "0"]) == 2
+    assert "batch_size must be >= 1, got 0" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    assert cli.main(["distill", "--teacher", str(tmp_path / "none"), "--out", str(tmp_path / "student")]) == 2
+    assert not (tmp_path / "student").exists(), "a teacher that is not there writes nothing"
+
+
+def test_eval_tells_models_with_one_directory_name_apart(tmp_path, monkeypatch):
+    from unmask import evaluate
+
+    for run in ("a", "b"):
+        unmask.save_pretrained(tiny_model(seed=1), tmp_path / run / "model")
+    labels = []
+    monkeypatch.setattr(evaluate, "evaluate", lambda model, **kwargs: labels.append(kwargs["model_name"]) or [])
+    monkeypatch.setattr(evaluate, "format_table", lambda results: "")
+    paths = [str(tmp_path / "a" / "model"), str(tmp_path / "b" / "model")]
+    assert cli.main(["eval", "--model", paths[0], "--model", paths[1]]) == 0
+    assert labels == paths
+    assert cli.main(["eval", "--model", paths[0], "--model", paths[0]]) == 2
+
+
 @pytest.mark.slow
 def test_bench_quick_writes_json_lines(tmp_path, capsys):
     out = tmp_path / "results.jsonl"
@@ -83,6 +122,9 @@ def test_bench_quick_writes_json_lines(tmp_path, capsys):
     assert {row["bench"] for row in rows} == {"sample", "commit", "attention"}
     for row in rows:
         assert row["median_ms"] > 0 and row["device"] and row["commit"]
+    only = tmp_path / "commit.jsonl"
+    assert cli.main(["bench", "--quick", "--only", "commit", "--out", str(only)]) == 0
+    assert {json.loads(line)["bench"] for line in only.read_text().splitlines()} == {"commit"}
 
 
 def test_generate_with_cache(tmp_path, capsys):

@@ -124,7 +124,7 @@ def test_deterministic_under_a_seed_and_independent_of_the_batch(cache):
 
 
 def test_every_pair_of_positions_is_seen_apart_within_the_digit_count():
-    for length, groups in [(8, 2), (9, 2), (24, 2), (24, 3), (5, 4), (2, 2), (1, 2), (7, 1)]:
+    for length, groups in [(8, 2), (9, 2), (24, 2), (24, 3), (5, 4), (2, 2), (1, 2), (7, 1), (125, 5), (216, 6)]:
         digits, largest = 1, groups
         while largest < length and groups > 1:  # base-groups digits of the positions 0 .. length - 1
             digits, largest = digits + 1, largest * groups
@@ -135,6 +135,9 @@ def test_every_pair_of_positions_is_seen_apart_within_the_digit_count():
             seen_apart |= group[:, None] != group[None, :]
         expected = length * length - length if groups > 1 else 0
         assert seen_apart.sum() == expected, (length, groups)
+        for call in range(3 * digits):  # no call masks every position at once (125 in base 5 has 3 digits, not 4)
+            split = revise.verification_groups(length, groups, call, "cpu").unique().numel()
+            assert split > 1 or length == 1 or groups == 1, (length, groups, call)
 
 
 @pytest.mark.parametrize("bad, message", [

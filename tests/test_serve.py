@@ -129,6 +129,9 @@ def test_chat_content_as_text_parts(server, model):
     bad = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
         "model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
+    unknown = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "sort: 8531="}]})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "messages"
 
 
 def test_models_and_health(server):
@@ -213,6 +216,7 @@ ERRORS = [
     ({"model": MODEL, "prompt": "1", "n": True}, "n"),
     ({"model": MODEL, "prompt": "1", "max_completion_tokens": 8}, "max_completion_tokens"),  # chat's field
     ({"model": MODEL, "prompt": "1", "max_tokens": 8, "block_length": 10**12}, "block_length"),
+    ({"model": MODEL, "prompt": "1 + 2 ="}, "prompt"),  # a space: the bundled tokenizer's unknown, read as <pad>
     ("[" * 100_000 + "]" * 100_000, None),  # nested deeper than the JSON parser goes
 ]
 

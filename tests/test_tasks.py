@@ -1,6 +1,7 @@
 """Tasks, the diffusion training objective, training resumption, evaluation, and the
 bundled model (unmask train / unmask eval)."""
 
+import dataclasses
 import json
 import random
 
@@ -151,6 +152,53 @@ def test_training_resumes_exactly(tmp_path):
     assert json.loads((tmp_path / "a" / "config.json").read_text())["model_type"] == "llada"
     assert loaded.tokenizer.encode("12+3=").ids == tasks.CharTokenizer().encode("12+3=")
     assert json.loads((tmp_path / "a" / "train_result.json").read_text())["steps"] == 6
+    train.train(tmp_path / "a", config, progress=False)  # finished: resumed, it takes no step
+    assert json.loads((tmp_path / "a" / "train_result.json").read_text())["steps"] == 6
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("steps", 0, "steps must be >= 1, got 0"),
+    ("batch_size", 0, "batch_size must be >= 1, got 0"),
+    ("long_batch_size", -1, "long_batch_size must be >= 0, got -1"),
+    ("learning_rate", 0.0, "learning_rate must be > 0"),
+    ("max_minutes", -1.0, "max_minutes must be > 0"),
+])
+def test_a_run_of_nothing_is_refused_before_anything_is_written(tmp_path, field, value, message):
+    config = dataclasses.replace(tiny_train_config(2), **{field: value})
+    with pytest.raises(ValueError, match=message):
+        train.train(tmp_path / "run", config, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_short_task_run_has_the_bundled_models_vocabulary(tmp_path):
+    """The short tasks write only SHORT_CHARACTERS, and a run of them alone gets that
+    vocabulary: unmask-bundled's 46 ids (its embedding's size decides the weights a seed
+    draws; the two characters the long tasks added had made `unmask train
+    --long-batch-size 0` start elsewhere)."""
+    for example in tasks.examples(4000, seed=5):
+        assert set(example.prompt + example.answer) <= set(tasks.SHORT_CHARACTERS), example
+    config = dataclasses.replace(tiny_train_config(1), long_batch_size=0)
+    train.train(tmp_path / "short", config, progress=False)
+    bundled = json.loads((cli.default_model_path() / "config.json").read_text())
+    assert json.loads((tmp_path / "short" / "config.json").read_text())["vocab_size"] == bundled["vocab_size"] == 46
+    train.train(tmp_path / "both", dataclasses.replace(config, long_batch_size=2), progress=False)
+    assert json.loads((tmp_path / "both" / "config.json").read_text())["vocab_size"] == len(tasks.CharTokenizer().vocab)
+    with pytest.raises(ValueError, match="characters must be a prefix"):
+        tasks.CharTokenizer("ab")
+
+
+def test_an_answer_with_a_special_token_inside_is_wrong():
+    """decode drops PAD and MASK, so '5<pad>79' read as '579' used to score as right."""
+    tokenizer = tasks.CharTokenizer()
+    example = tasks.Example("add", "123+456=", "579")
+    ids = tokenizer.encode("579") + [tokenizer.eos_id] * 5
+    assert tasks.correct(example, tokenizer.answer(ids))
+    for special in (tokenizer.vocab.index(tasks.PAD), tokenizer.mask_id):
+        inside = ids[:1] + [special] + ids[1:7]
+        assert tokenizer.decode(inside) == "579" and tokenizer.answer(inside) is None
+        assert not tasks.correct(example, tokenizer.answer(inside))
+    after_eos = ids[:4] + [tokenizer.mask_id] * 4
+    assert tokenizer.answer(after_eos) == "579", "what follows the first EOS is not the answer"
 
 
 def test_gradients_flow_through_unmask_attention():

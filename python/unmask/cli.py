@@ -196,6 +196,29 @@ def model_path(name_or_dir: str) -> Path:
     return Path(name_or_dir)
 
 
+def _device(name: str | None) -> torch.device:
+    """--device: the named device, checked (a bad name or a CUDA device on a machine with
+    none is an error naming the option, not torch's traceback), or CUDA where there is one."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: this machine has no CUDA device torch can use")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: unmask runs on cpu or cuda devices")
+    return device
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+    return value
+
+
 def model_name(name_or_dir: str) -> str:
     return name_or_dir if name_or_dir in BUNDLED_MODELS else Path(name_or_dir).name
 
@@ -209,8 +232,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.prompt is None and args.ids is None:
             args.prompt = "123+456="
     # The bundled model answers in 8 positions; real checkpoints default to 64 tokens.
-    args.gen_length = args.gen_length or (8 if bundled else 64)
-    args.block_length = args.block_length or min(32, args.gen_length)
+    if args.gen_length is None:
+        args.gen_length = 8 if bundled else 64
+    if args.block_length is None:
+        args.block_length = min(32, args.gen_length)
     from unmask import distributed
 
     parallel = distributed.launched_world_size() > 1  # started by torchrun: tensor-parallel
@@ -218,8 +243,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         mesh = distributed.init(args.device)
         model = distributed.tensor_parallel(unmask.from_pretrained(args.model, dtype=_dtype(args.dtype)), mesh)
     else:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = unmask.from_pretrained(args.model, dtype=_dtype(args.dtype), device=device)
+        model = unmask.from_pretrained(args.model, dtype=_dtype(args.dtype), device=_device(args.device))
     speaks = not parallel or torch.distributed.get_rank() == 0  # one rank prints
     tokenizer = model.tokenizer
     if args.ids is not None:
@@ -230,7 +254,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if tokenizer is None:
             raise SystemExit(f"--prompt needs a tokenizer in {args.model} (tokenizer.json, or vocab.json and merges.txt "
                              "with transformers installed); pass token ids with --ids instead")
-        prompt = tokenizer.encode(args.prompt).ids
+        from unmask.models.checkpoint import encode_text
+
+        prompt = encode_text(tokenizer, args.prompt, "--prompt")
     else:
         raise SystemExit("give --prompt TEXT or --ids 1,2,3")
     printer = None if args.quiet or not speaks else CanvasPrinter(tokenizer, model.mask_id, len(prompt))
@@ -297,11 +323,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from unmask import evaluate
 
     results = []
-    for index, name in enumerate(args.model or ["unmask-bundled"]):
+    names = args.model or ["unmask-bundled"]
+    labels = [model_name(name) for name in names]
+    if len(set(labels)) < len(labels):  # runs/a/model and runs/b/model: the table and plot tell them apart by path
+        labels = list(names)
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"--model names one model twice: {names}")
+    for index, (name, label) in enumerate(zip(names, labels)):
         model = unmask.from_pretrained(model_path(name), dtype=torch.float32)
         # The first model runs every strategy; later ones (a distilled student) the
         # strategies they were made for.
-        results += evaluate.evaluate(model, n_per_task=args.n, model_name=model_name(name),
+        results += evaluate.evaluate(model, n_per_task=args.n, model_name=label,
                                      strategy_set="all" if index == 0 else "student")
     print(evaluate.format_table(results))
     if args.json:
@@ -317,9 +349,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from unmask.benchmarks import harness, suites
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     if args.quick:
-        rows, peaks = suites.quick(device)
+        rows, peaks = suites.quick(device, only=args.only)
     else:
         rows, peaks = [], {}
         for name in args.only or ["sample", "attention", "commit"]:
@@ -341,7 +373,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"unmask serve needs the serve extra ({missing.name} is missing): "
                          "pip install 'unmask[serve]'") from None
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
-          max_context=args.max_context, device=args.device, dtype=_dtype(args.dtype), block_length=args.block_length,
+          max_context=args.max_context, device=None if args.device is None else str(_device(args.device)),
+          dtype=_dtype(args.dtype), block_length=args.block_length,
           cache=args.cache, engine=args.engine, engine_threads=args.engine_threads,
           trust_remote_code=args.trust_remote_code)
     return 0
@@ -424,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--model", action="append",
                              help=f"checkpoint directory or {'/'.join(BUNDLED_MODELS)} (repeatable: the first runs "
                                   "every strategy, the others the steps and threshold ones); default: unmask-bundled")
-    eval_parser.add_argument("--n", type=int, default=256, help="examples per task")
+    eval_parser.add_argument("--n", type=_positive_int, default=256, help="examples per task")
     eval_parser.add_argument("--plot", help="write a PNG of accuracy against tokens per step")
     eval_parser.add_argument("--json", help="write the results as JSON lines")
     eval_parser.set_defaults(run=cmd_eval)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from unmask import tasks, validation
 from unmask.models import from_pretrained
-from unmask.train import exact_match, optimise
+from unmask.train import check_run, exact_match, optimise
 
 POOL_SEED = 2_000_029  # prompts the teacher decodes: neither training's seeds nor eval's
 
@@ -171,11 +171,12 @@ def distill(teacher_dir: str | Path, out: str | Path, config: DistillConfig, *, 
     for name, weight in config.task_weights.items():
         validation.check_choice("task_weights", name, tasks.ALL_TASKS)
         validation.check_float(f"task_weights[{name!r}]", weight, positive=True)
+    check_run(config)
+    teacher = from_pretrained(teacher_dir, dtype=torch.float32).eval()  # before --out is made: a bad path writes nothing
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     tokenizer = tasks.CharTokenizer()
-    teacher = from_pretrained(teacher_dir, dtype=torch.float32).eval()
     started = time.perf_counter()
     pools = [(teacher_pool(teacher, tasks.TASKS, config.prompts_per_task, POOL_SEED), config.batch_size)]
     if config.long_batch_size:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from unmask import tasks
+from unmask import tasks, validation
 from unmask.sampler import generate
 
 
@@ -131,6 +131,7 @@ def generate_arguments(kwargs: dict, answer_length: int) -> dict:
 @torch.no_grad()
 def evaluate(model, *, n_per_task: int = 256, seed: int = 1_000_003, model_name: str = "",
              task_names: tuple[str, ...] = tasks.ALL_TASKS, strategy_set: str = "all") -> list[StrategyResult]:
+    validation.check_int("n_per_task", n_per_task, low=1)
     tokenizer = tasks.CharTokenizer()
     data = {task: tasks.examples(n_per_task, seed=seed, tasks=(task,)) for task in task_names}
     encoded = {task: tasks.encode_batch(batch, tokenizer) for task, batch in data.items()}
@@ -144,7 +145,7 @@ def evaluate(model, *, n_per_task: int = 256, seed: int = 1_000_003, model_name:
                            gen_length=answer_length, block_length=answer_length, stop_at_eos=False,
                            **generate_arguments(kwargs, answer_length))
             seconds += time.perf_counter() - started
-            answers = [tokenizer.decode(row) for row in out.tokens.tolist()]
+            answers = [tokenizer.answer(row) for row in out.tokens.tolist()]
             correct = sum(tasks.correct(e, a) for a, e in zip(answers, data[task]))
             accuracy[task], interval[task] = correct / n_per_task, wilson_interval(correct, n_per_task)
             calls[task], canvases[task] = out.nfe, out.canvases

@@ -33,7 +33,6 @@ revocations, and the block ends within m (2 max_revisions + 1) + 1 calls.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -45,7 +44,9 @@ from unmask.validation import Revision, Rule, Sampling
 def verification_groups(length: int, groups: int, call: int, device) -> torch.Tensor:
     """int64 [length]: the verification canvas each block position is masked in at this
     call: digit (call mod D) of the position in base `groups`, D = digits of length."""
-    digits = max(1, math.ceil(math.log(length) / math.log(groups))) if groups > 1 and length > 1 else 1
+    digits = 1  # counted in integers: ceil(log(125) / log(5)) is 4 in floating point
+    while groups > 1 and groups ** digits < length:
+        digits += 1
     return (torch.arange(length, device=device) // groups ** (call % digits)) % groups
 
 

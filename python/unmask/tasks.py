@@ -27,6 +27,10 @@ PAD, MASK, EOS = "<pad>", "<mask>", "<eos>"
 SPECIALS = (PAD, MASK, EOS)
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 CHARACTERS = "0123456789+=abcdefghijklmnopqrstuvwxyz()[]:-,"  # new characters go last: ids stay stable
+# The short tasks' alphabet, a prefix of CHARACTERS: the vocabulary of a model trained on
+# them alone (unmask-bundled's 46 ids; its embedding's size decides the random weights
+# that seed makes, so `unmask train --long-batch-size 0` draws its starting point again).
+SHORT_CHARACTERS = CHARACTERS[:CHARACTERS.index(":") + 1]
 PROMPT_LENGTH = 16  # the short tasks' layout
 ANSWER_LENGTH = 8
 LONG_PROMPT_LENGTH = 32  # the long tasks' layout
@@ -47,10 +51,14 @@ def layout(task: str) -> tuple[int, int]:
 
 
 class CharTokenizer:
-    """One id per character, after the three special tokens (pad 0, mask 1, eos 2)."""
+    """One id per character, after the three special tokens (pad 0, mask 1, eos 2).
+    characters: CHARACTERS or a prefix of it (the ids of a character never change)."""
 
-    def __init__(self):
-        self.vocab = list(SPECIALS) + list(CHARACTERS)
+    def __init__(self, characters: str = CHARACTERS):
+        if not CHARACTERS.startswith(characters):
+            raise ValueError(f"characters must be a prefix of tasks.CHARACTERS, got {characters!r}")
+        self.characters = characters
+        self.vocab = list(SPECIALS) + list(characters)
         self.ids = {token: i for i, token in enumerate(self.vocab)}
 
     @property
@@ -66,7 +74,7 @@ class CharTokenizer:
         return self.ids[PAD]
 
     def encode(self, text: str) -> list[int]:
-        unknown = sorted(set(text) - set(CHARACTERS))
+        unknown = sorted(set(text) - set(self.characters))
         if unknown:
             raise ValueError(f"text has characters outside the task alphabet: {unknown}")
         return [self.ids[c] for c in text]
@@ -81,6 +89,17 @@ class CharTokenizer:
             if token not in SPECIALS:
                 out.append(token)
         return "".join(out)
+
+    def answer(self, ids) -> str | None:
+        """A generated answer to score: its characters up to the first EOS, or None (wrong
+        whatever the task) where a PAD or MASK comes before it, which decode would drop."""
+        for i in ids:
+            token = self.vocab[int(i)] if 0 <= int(i) < len(self.vocab) else None
+            if token == EOS:
+                break
+            if token is None or token in SPECIALS:
+                return None
+        return self.decode(ids)
 
     def save(self, path) -> None:
         """tokenizer.json for the tokenizers library: one token per character."""
@@ -211,9 +230,12 @@ def is_balanced(text: str) -> bool:
     return not stack
 
 
-def correct(example: Example, answer: str) -> bool:
+def correct(example: Example, answer: str | None) -> bool:
     """Exact match, or for the tasks with many answers, validity: a permutation of the
-    prompt's letters, or a balanced string of the asked length."""
+    prompt's letters, or a balanced string of the asked length. None (an answer with a
+    special token inside, CharTokenizer.answer) is wrong."""
+    if answer is None:
+        return False
     if example.task == "permute":
         return sorted(answer) == sorted(example.prompt[len("perm:"):-1])
     if example.task == "balanced":

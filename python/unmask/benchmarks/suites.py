@@ -384,13 +384,19 @@ def bench_attention_gpu(device: torch.device, *, reps: int = 10) -> tuple[list[R
     return rows, peaks
 
 
-def quick(device: torch.device) -> tuple[list[Row], dict]:
-    """A short run of every benchmark on small shapes (`unmask bench --quick`)."""
+def quick(device: torch.device, only: list[str] | None = None) -> tuple[list[Row], dict]:
+    """A short run of every benchmark (or of those in `only`) on small shapes (`unmask
+    bench --quick [--only ...]`)."""
+    only = only or ["sample", "attention", "commit"]
     peak = read_bandwidth(device, megabytes=256)
-    rows = bench_sample(device, [(32, 32768)], [torch.float32, torch.bfloat16], peak_gbps=peak, reps=5,
-                        total_bytes=64 * 2**20)
-    rows += bench_commit(device, [(8, 256)], reps=10)
-    rows += bench_attention(device, [(1, 256, 8, 64)], torch.float32, reps=3)
+    rows = []
+    if "sample" in only:
+        rows += bench_sample(device, [(32, 32768)], [torch.float32, torch.bfloat16], peak_gbps=peak, reps=5,
+                             total_bytes=64 * 2**20)
+    if "commit" in only:
+        rows += bench_commit(device, [(8, 256)], reps=10)
+    if "attention" in only:
+        rows += bench_attention(device, [(1, 256, 8, 64)], torch.float32, reps=3)
     return rows, {"read_bandwidth_gbps": peak}
 
 

@@ -225,6 +225,20 @@ def skeleton(path: str | Path) -> DiffusionTransformer:
     return model.eval()
 
 
+def encode_text(tokenizer, text: str, name: str) -> list[int]:
+    """tokenizer's ids of text; a piece the tokenizer only knows as its unknown token (the
+    bundled character tokenizer's <pad> for a space) is an error naming the argument, not
+    a silent id the model reads as real input."""
+    encoding = tokenizer.encode(text)
+    unknown_token = getattr(getattr(tokenizer, "model", None), "unk_token", None)
+    if unknown_token is not None:
+        unknown = [text[start:end] for token, (start, end) in zip(encoding.tokens, encoding.offsets)
+                   if token == unknown_token and text[start:end] != unknown_token]
+        if unknown:
+            raise ValueError(f"{name} holds text the model's tokenizer does not know: {sorted(set(unknown))!r}")
+    return list(encoding.ids)
+
+
 def load_tokenizer(directory: Path):
     """The checkpoint's tokenizer as a tokenizers.Tokenizer, or None when it has none.
     tokenizer.json where there is one (LLaDA's); else vocab.json and merges.txt, the files

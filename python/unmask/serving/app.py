@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from unmask import validation
 from unmask.models import DiffusionTransformer
+from unmask.models.checkpoint import encode_text
 from unmask.serving import protocol
 from unmask.serving.engine import Engine, Job, QueueFull, Unavailable
 from unmask.serving.protocol import RequestError
@@ -133,15 +134,18 @@ class Server:
             raise RequestError(f"unknown model {body['model']!r}; this server serves {self.model_name!r}", "model")
         return body
 
-    def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text).ids)
+    def _encode(self, text: str, param: str) -> list[int]:
+        try:
+            return encode_text(self.tokenizer, text, param)
+        except ValueError as error:
+            raise RequestError(str(error), param) from None
 
     def _prompt(self, body: dict) -> list[int]:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            return self._encode(prompt)
+            return self._encode(prompt, "prompt")
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return prompt  # token ids
         raise RequestError("prompt must be a string, a list of one string, or a list of token ids", "prompt")
@@ -155,7 +159,7 @@ class Server:
             users = [m["content"] for m in messages if m["role"] == "user"]
             if not users:
                 raise RequestError("messages hold no user turn", "messages")
-            return self._encode(users[-1])
+            return self._encode(users[-1], "messages")
         try:
             ids = self.chat_template.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         except Exception as error:  # the template's own rules (e.g. roles must alternate)
