@@ -29,7 +29,8 @@ from unmask.models.transformer import KVCache
 # With a cache, the drafted canvases get their own copy of it (KVCache.repeated, once per
 # block and canvas count): LLaDA-8B holds 32 layers x (K + V) x 4096 x 2 bytes = 512 KiB a
 # position, and a copy of n canvases of a 300-position canvas writes n such rows and reads
-# the source once, at the same 3.35 TB/s.
+# the source once, at the same 3.35 TB/s. Counted per row of the workload's batches, as
+# the calls are (the model is of one row at batch 1).
 GPU_WEIGHT_READ_MS = 16e9 / 3.35e12 * 1e3
 GPU_MS_PER_POSITION = 2 * 8e9 / (0.6 * 989e12) * 1e3
 GPU_CACHE_BYTES_PER_POSITION = 32 * 2 * 4096 * 2
@@ -118,6 +119,7 @@ def main() -> None:
                     calls, canvases, seconds, tokens, copied = run(model, batches, arguments, cache=cache,
                                                                    speculate=depth, speculate_siblings=siblings)
                 per_call = canvases / calls
+                copied /= batches[0][0].shape[0]  # per row, as the rest of the model (batch 1)
                 gpu = calls * gpu_call_ms(round(per_call), positions) + gpu_copy_ms(copied)
                 rows.append(Row(
                     "speculative", f"speculate={depth}" + (" siblings" if siblings else ""),

@@ -156,3 +156,14 @@ def test_float64_confidences_rank_as_they_are(mode, seed):
     committed = ops.commit(x, tokens, conf, eligible, **kwargs)
     check(x, tokens, committed, expected_commit(conf, eligible, **kwargs))
     assert committed.nonzero()[:, 1].tolist() == [q for _, q in pairs], "the float64 winner, not the lower position"
+
+
+def test_tokens_in_the_canvas_memory_are_read_before_the_commit():
+    """tokens a view of the memory x is: the kernels write x in place, so they read a copy
+    (they used to read tokens already overwritten)."""
+    buffer = torch.arange(10, 16)[None]
+    expected = buffer.clone()
+    reference_committed = torch.ones(1, 4, dtype=torch.bool)
+    expected[:, 1:5] = torch.where(reference_committed, expected[:, 0:4], expected[:, 1:5])
+    committed = ops.commit(buffer[:, 1:5], buffer[:, 0:4], torch.rand(1, 4), torch.ones(1, 4, dtype=torch.bool), k=4)
+    assert committed.all() and buffer.tolist() == expected.tolist() == [[10, 10, 11, 12, 13, 15]]

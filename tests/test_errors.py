@@ -25,6 +25,8 @@ BAD_CALLS = [
     ("attention mixed dtypes", lambda: ops.attention(q, kv.half(), kv.half()), TypeError, "share a dtype"),
     ("attention head dim", lambda: ops.attention(q, kv[..., :4], kv[..., :4]), ValueError, "k must have shape"),
     ("attention heads", lambda: ops.attention(torch.randn(1, 4, 3, 8), kv, kv), ValueError, "multiple of k/v heads"),
+    ("attention no q heads", lambda: ops.attention(torch.randn(1, 4, 0, 8), kv, kv), ValueError,
+     "q heads (0) must be a positive multiple of k/v heads (2)"),  # the kernels refused it after the checks
     ("attention v shape", lambda: ops.attention(q, kv, kv[:, :3]), ValueError, "v must have shape"),
     ("attention kv_len shape", lambda: ops.attention(q, kv, kv, kv_len=torch.tensor([1, 2])), ValueError, "kv_len"),
     ("attention kv_len dtype", lambda: ops.attention(q, kv, kv, kv_len=torch.tensor([1.0])), TypeError, "kv_len"),
@@ -180,7 +182,7 @@ def _qkv(q_shape=(1, 4, 2, 8), kv_shape=(1, 5, 2, 8), dtype=np.float32):
 BAD_ATTENTION = [
     ("rank", (np.zeros((4, 2, 8), np.float32), *_qkv()[1:]), {}, ValueError, "q must have 4 dimensions"),
     ("head dim", _qkv(kv_shape=(1, 5, 2, 4)), {}, ValueError, "k must have shape (1, 5, 2, 8)"),
-    ("heads", _qkv(q_shape=(1, 4, 3, 8)), {}, ValueError, "q heads (3) must be a multiple of k/v heads (2)"),
+    ("heads", _qkv(q_shape=(1, 4, 3, 8)), {}, ValueError, "q heads (3) must be a positive multiple of k/v heads (2)"),
     ("dtype", _qkv(dtype=np.int32), {}, TypeError, "q must have dtype in (float32, float16, bfloat16), got int32"),
     ("block_size", _qkv(), dict(block_size=0), ValueError, "block_size must be >= 1, got 0"),
     ("q_offset", _qkv(), dict(q_offset=-1), ValueError, "q_offset must be >= 0, got -1"),

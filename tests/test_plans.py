@@ -134,6 +134,26 @@ def test_the_backend_mode_and_instruction_set_are_part_of_the_plan(route_calls, 
             assert route_calls["attention"] == before + 1
 
 
+def test_a_plan_is_kept_under_the_mode_it_was_decided_in(monkeypatch):
+    """The mode is read once per routed call: another thread switching UNMASK_BACKEND
+    between the decision and the keeping used to file a native launch under "reference",
+    which later reference calls then replayed."""
+    q, k, v, _ = random_inputs(1, 8, 64, 2, 2, 16, torch.float32, seed=1)
+    modes = iter(["native", "reference", "reference", "reference"])
+    monkeypatch.setattr(dispatch, "backend_mode", lambda: next(modes))
+    ops.attention(q, k, v, q_offset=3)
+    kept = [key[2] for key in dispatch._plans if key[0] == "attention"]
+    assert kept == ["native"]
+
+
+def test_an_unhashable_argument_is_named_not_hashed():
+    q, k, v, _ = random_inputs(1, 8, 64, 2, 2, 16, torch.float32, seed=1)
+    with pytest.raises(TypeError, match="block_size must be an int"):
+        ops.attention(q, k, v, block_size=[2])
+    with pytest.raises(TypeError, match="eps must be a float"):
+        ops.rms_norm(torch.randn(2, 8), torch.ones(8), [1e-6])
+
+
 def test_calls_decided_by_their_data_are_not_planned(monkeypatch):
     """The native kernel takes a block-causal call SDPA is preferred for only when a key
     the mask hides from some queries is not finite: that decision reads the data, so it

@@ -106,9 +106,11 @@ def backend_mode() -> str:
     return mode
 
 
-def choose(kernel: str, call) -> tuple[native.NativeKernel | sdpa.SdpaKernel | ReferenceKernel, str | None]:
-    """The backend that runs `call`, and why the native one does not (None if it does)."""
-    mode = backend_mode()
+def choose(kernel: str, call, mode: str | None = None
+           ) -> tuple[native.NativeKernel | sdpa.SdpaKernel | ReferenceKernel, str | None]:
+    """The backend that runs `call` under `mode` (UNMASK_BACKEND's, read now where None),
+    and why the native one does not (None if it does)."""
+    mode = backend_mode() if mode is None else mode
     if mode == "reference":
         return REFERENCE[kernel], "UNMASK_BACKEND=reference"
     table = native.interpreted_kernels() if mode == "interpret" else native.kernels()
@@ -129,22 +131,25 @@ def choose(kernel: str, call) -> tuple[native.NativeKernel | sdpa.SdpaKernel | R
 def run(kernel: str, call, plan_key: tuple | None = None):
     """Runs `call` where choose() says; with plan_key (signature(...) of the op's
     arguments), keeps the launch the chosen native backend prepares for that signature."""
-    backend, reason = choose(kernel, call)
+    # The mode and instruction set are read once: the plan is kept under those it was
+    # decided for, even if another thread changes them meanwhile.
+    mode, isa = backend_mode(), native.cpu_isa()
+    backend, reason = choose(kernel, call, mode)
     prepare = getattr(backend, "prepare", None)
-    if plan_key is not None and reason is None and prepare is not None and _native_by_signature(kernel, call):
+    if plan_key is not None and reason is None and prepare is not None and _native_by_signature(kernel, call, mode):
         launch = prepare(call)
         if launch is not None:
             if len(_plans) >= MAX_PLANS:
                 _plans.clear()  # a server's shapes vary without bound; a step's are a few dozen
-            _plans[(kernel, plan_key, backend_mode(), native.cpu_isa())] = launch
+            _plans[(kernel, plan_key, mode, isa)] = launch
     return backend(call)
 
 
-def _native_by_signature(kernel: str, call) -> bool:
+def _native_by_signature(kernel: str, call, mode: str) -> bool:
     """Whether the native backend, having taken `call`, takes every call of its signature:
     not when torch's backend was preferred and passed over for what the data held (a
     non-finite key under the block-causal mask, SdpaKernel.supports)."""
-    torch_backend = TORCH.get(kernel) if backend_mode() == "auto" else None
+    torch_backend = TORCH.get(kernel) if mode == "auto" else None
     return torch_backend is None or torch_backend.preferred(call) is None
 
 
@@ -163,8 +168,12 @@ def signature(*arguments) -> tuple:
 
 def planned(kernel: str, plan_key: tuple) -> Callable | None:
     """The launch kept for calls of this signature under the current UNMASK_BACKEND and
-    instruction set, or None (an invalid UNMASK_BACKEND matches no plan: the route raises)."""
-    return _plans.get((kernel, plan_key, _mode_setting(), native.cpu_isa()))
+    instruction set, or None (an invalid UNMASK_BACKEND matches no plan: the route raises;
+    so does an unhashable argument, which the checks then name)."""
+    try:
+        return _plans.get((kernel, plan_key, _mode_setting(), native.cpu_isa()))
+    except TypeError:  # e.g. block_size=[2]
+        return None
 
 
 def clear_plans() -> None:

@@ -270,6 +270,8 @@ def _launch_commit(call: CommitCall, out=None, *, cuda: bool, interpret: bool = 
     canvas = validation.contiguous_as(x, torch.int64)
     committed = torch.empty(batch, length, dtype=torch.bool, device=x.device) if out is None else out
     tokens = validation.contiguous_as(call.tokens, torch.int64)
+    if tokens.untyped_storage().data_ptr() == canvas.untyped_storage().data_ptr():
+        tokens = tokens.clone()  # read from the memory the kernel writes: the values before the commit
     # float64 confidences rank as they are on the CPU (rounding them to float32 would tie
     # what the reference tells apart); the CUDA kernel's supports() sends them elsewhere.
     wide = call.conf.dtype == torch.float64 and not cuda

@@ -359,8 +359,8 @@ def attention_shape(q_shape, k_shape, v_shape) -> AttentionShape:
         check_shape("k", k_shape, (batch, k_len, kv_heads, head_dim), "[B, Lk, Hkv, D] with q's B and D")
     if v_shape != k_shape:
         check_shape("v", v_shape, tuple(k_shape), "the shape of k")
-    if kv_heads == 0 or q_heads % kv_heads != 0:
-        raise ValueError(f"q heads ({q_heads}) must be a multiple of k/v heads ({kv_heads})")
+    if kv_heads == 0 or q_heads == 0 or q_heads % kv_heads != 0:
+        raise ValueError(f"q heads ({q_heads}) must be a positive multiple of k/v heads ({kv_heads})")
     if head_dim == 0:
         raise ValueError("q, k, v must have a head dimension D > 0, got D = 0")
     return AttentionShape(batch, q_len, k_len, q_heads, kv_heads, head_dim)
