@@ -4,7 +4,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from unmask import native
-from tests.helpers import CUDA_RUNNERS, CudaRunner
+from tests.helpers import CUDA_RUNNERS, GPU_SKIP_REASON, CudaRunner
 
 # Hypothesis: a fixed budget per property keeps the suite inside CI's time; derandomised
 # in CI so a red run is reproducible from its log.
@@ -13,6 +13,14 @@ settings.register_profile(
 )
 settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+def pytest_collection_modifyitems(items):
+    """Cases skipped without a CUDA device (requires_gpu, the cuda_runner's "gpu" runner)
+    carry the gpu marker: `pytest -m gpu` runs them alone (unmask.gpucheck's tests stage)."""
+    for item in items:
+        if any(mark.kwargs.get("reason") == GPU_SKIP_REASON for mark in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.gpu)
 
 
 @pytest.fixture(autouse=True)

@@ -31,7 +31,8 @@ def has_gpu() -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() > 0
 
 
-requires_gpu = pytest.mark.skipif(not has_gpu(), reason="needs a CUDA device")
+GPU_SKIP_REASON = "needs a CUDA device"  # the cases that carry it are marked gpu (conftest.py)
+requires_gpu = pytest.mark.skipif(not has_gpu(), reason=GPU_SKIP_REASON)
 requires_extension = pytest.mark.skipif(not native.available(), reason="unmask._C not built")
 requires_cuda_build = pytest.mark.skipif(not native.available() or not native._C.cuda_compiled(),
                                          reason="unmask._C built without CUDA")

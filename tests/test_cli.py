@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 
 import unmask
 from unmask import cli
-from tests.helpers import tiny_model
+from tests.helpers import tiny_config, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,11 +172,60 @@ def test_gpucheck_plan_and_arguments(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert gpucheck.main(["--out", str(tmp_path), "--dry-run"]) == 0
     printed = capsys.readouterr().out
-    assert [line.split()[0] for line in printed.splitlines()] == list(gpucheck.STAGES)
-    assert "tests/test_cuda_attention.py" in printed and "tests/test_cli.py" not in printed
+    named = [line.split()[0] for line in printed.splitlines() if not line.startswith(" ")]
+    assert named == list(gpucheck.STAGES)
+    assert "-m gpu" in printed and "--stage generate" in printed
+    assert sum(gpucheck.STAGE_LIMITS.values()) <= 560, "the stages fit one 10-minute command with room to start"
+    assert f"total limit {sum(gpucheck.STAGE_LIMITS.values())} s" in printed
     with pytest.raises(SystemExit):
         gpucheck.main(["--out", str(tmp_path), "--only", "tests,warp_speed"])
     assert "unknown stages ['warp_speed']" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert gpucheck.main(["--out", str(tmp_path / "run")]) == 2
+        assert "no CUDA device visible" in capsys.readouterr().err
         assert not (tmp_path / "run").exists()
+
+
+def test_gpucheck_runs_the_gpu_cases_and_reads_a_steps_weights():
+    """The tests stage runs the cases marked gpu (every case skipped without a device, and
+    only those); the generate floor counts the weights a step reads, not the embedding."""
+    import subprocess
+    import sys
+
+    from unmask import gpucheck
+
+    command = gpucheck.test_command(ROOT / "tests")
+    listed = subprocess.run([*command, "--collect-only"], capture_output=True, text=True, cwd=ROOT).stdout
+    cases = [line for line in listed.splitlines() if "::" in line]
+    assert cases and any("test_cuda_attention.py" in case for case in cases)
+    assert not any("interpreter" in case.split("[")[-1] for case in cases), "no interpreter case under -m gpu"
+    assert sys.executable == command[0]
+    model = tiny_model()
+    every = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert gpucheck.step_weight_bytes(model) == every - model.embed.weight.numel() * 4
+    tied = unmask.DiffusionTransformer.random(tiny_config(weight_tying=True))
+    assert gpucheck.step_weight_bytes(tied) == sum(p.numel() * p.element_size() for p in tied.parameters())
+
+
+def test_bench_rows_name_the_commit_a_copied_tree_gives(monkeypatch):
+    from unmask.benchmarks import harness
+
+    monkeypatch.setenv("UNMASK_COMMIT", "abc1234")
+    assert harness.git_commit() == "abc1234"
+
+
+def test_gpucheck_stages_are_isolated_and_time_limited(tmp_path, monkeypatch):
+    """A bench stage runs in its own process: one that hangs is stopped at its limit, one
+    that fails (a GPU fault kills its process) is reported, and the next one runs."""
+    import sys
+
+    from unmask import gpucheck
+
+    scripts = {"sample": "import time; time.sleep(30)", "commit": "raise SystemExit(3)",
+               "attention": f"open({str(tmp_path / '.attention.md')!r}, 'w').write('a table')"}
+    monkeypatch.setattr(gpucheck, "stage_command", lambda stage, out: [sys.executable, "-c", scripts[stage]])
+    assert gpucheck.run_stage("sample", tmp_path, limit=1) == {
+        "failed": "ran past its 1 s limit (stages.log holds what it printed)"}
+    assert gpucheck.run_stage("commit", tmp_path, limit=30) == {"failed": "exit status 3 (see stages.log)"}
+    assert gpucheck.run_stage("attention", tmp_path, limit=30) == {"exit_code": 0, "table": "a table"}
+    assert "===== sample" in (tmp_path / "stages.log").read_text()

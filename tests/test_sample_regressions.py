@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from unmask import native, ops, reference
-from tests.helpers import (ENTROPY_ATOL, CudaRunner, has_gpu, requires_cuda_build, requires_extension,
-                           requires_interpreter, run_sample_kernel, sample_backend)
+from tests.helpers import (ENTROPY_ATOL, CudaRunner, requires_cuda_build, requires_extension,
+                           requires_gpu, requires_interpreter, run_sample_kernel, sample_backend)
 
 FLT_MAX = float(np.finfo(np.float32).max)
 NEG_MAX = "-max"  # stands for minus the dtype's largest finite value (-FLT_MAX is -inf in bfloat16)
@@ -47,8 +47,7 @@ def cuda_backend(runner_name):
 BACKENDS = [
     pytest.param(reference_backend, id="reference"),
     *(pytest.param(cpu_backend(isa), id=f"cpu-{isa}") for isa in native.runnable_cpu_isas()),
-    pytest.param(cuda_backend("gpu"), id="cuda", marks=[requires_cuda_build,
-                                                        pytest.mark.skipif(not has_gpu(), reason="needs a CUDA device")]),
+    pytest.param(cuda_backend("gpu"), id="cuda", marks=[requires_cuda_build, requires_gpu]),
     pytest.param(cuda_backend("interpreter"), id="cuda-interpreter", marks=requires_interpreter),
 ]
 

@@ -35,6 +35,10 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit; UNMASK_COMMIT where the tree came without its .git (a GPU
+    machine gets a copy of the working tree)."""
+    if os.environ.get("UNMASK_COMMIT"):
+        return os.environ["UNMASK_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)

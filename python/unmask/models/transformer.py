@@ -276,8 +276,8 @@ class DiffusionTransformer(nn.Module):
             model, generator = cls(config), torch.Generator().manual_seed(seed)  # float32 until the cast below
         else:
             with torch.device("meta"):
-                model = cls(config)
-            model = model.to_empty(device=target).to(dtype)
+                model = cls(config).to(dtype)  # made in dtype: an 8B model in float32 would need 32 GB there
+            model = model.to_empty(device=target)
             if config.weight_tying:
                 model.lm_head.weight = model.embed.weight
             generator = torch.Generator(device=target).manual_seed(seed)
