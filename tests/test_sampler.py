@@ -295,3 +295,28 @@ def test_a_transformers_dream_model_is_read_with_its_logits_shifted():
                           mask_id=MASK, eos_id=EOS, stop_at_eos=False)
     assert torch.equal(out.tokens, expected.tokens)
     assert len(set(expected.tokens.flatten().tolist())) > 3, "the test model must not be degenerate"
+
+
+def test_padding_is_checked_and_given_back_as_it_came():
+    """A right-padded attention_mask is refused (generation would continue after the pads);
+    pad ids outside the vocabulary (-1) reach no embedding, and the prompt region of
+    sequences, like infill's padding, comes back as given. infill's given ids are checked
+    against the vocabulary as generate's prompts are."""
+    model = tiny_model(seed=5)
+    arguments = dict(gen_length=4, block_length=4, steps=4)
+    left = torch.tensor([[-1, -1, 7, 8], [1, 2, 3, 4]])
+    mask = left >= 0
+    alone = unmask.generate(model, [[7, 8]], **arguments)
+    out = unmask.generate(model, left, attention_mask=mask, **arguments)
+    assert torch.equal(out.tokens[0], alone.tokens[0]) and torch.equal(out.sequences[:, :4], left)
+    right = torch.tensor([[7, 8, 0, 0], [1, 2, 3, 4]])
+    with pytest.raises(ValueError, match="attention_mask must be left-padded .* row 0 has padding after a real token"):
+        unmask.generate(model, right, attention_mask=right > 0, **arguments)
+    ids = torch.tensor([[-1, 60, 5, 60, 60, 7], [60, 60, 3, 4, 60, 9]])
+    filled = unmask.infill(model, ids, attention_mask=ids >= 0, block_length=6, steps=4)
+    assert filled.tokens[0, 0] == -1 and bool((filled.tokens[:, 1:] != 60).all())
+    masked_pad = torch.tensor([[60, 60, 5, 60]])  # a pad that holds the mask id stays one (it came back as 0)
+    filled = unmask.infill(model, masked_pad, attention_mask=torch.tensor([[False, True, True, True]]), steps=2)
+    assert filled.tokens[0, 0] == 60 and bool((filled.tokens[0, 1:] != 60).all())
+    with pytest.raises(ValueError, match=r"ids must hold token ids in \[0, 61\) \(the vocabulary\), got ids in \[3, 99\]"):
+        unmask.infill(model, torch.tensor([[99, 60, 3]]), steps=1)

@@ -311,3 +311,20 @@ def test_cuda_graph_captures_the_reference_kernels(monkeypatch):
     eager = unmask.generate(model, [[5, 9, 3], [2]], cuda_graph=False, **arguments)
     graphed = unmask.generate(model, [[5, 9, 3], [2]], cuda_graph=True, **arguments)
     assert torch.equal(graphed.tokens, eager.tokens)
+
+
+def test_a_compiled_step_follows_float_options_that_change():
+    """A float that changes between compiled generates (a temperature or threshold sweep)
+    is traced by dynamo as a symbol: the argument checks let it through (math.isfinite of
+    it stopped the fullgraph trace) and the op bodies check its values when they run. Each
+    value gives the eager tokens."""
+    torch._dynamo.reset()
+    model = tiny_model(seed=2)
+    arguments = dict(gen_length=4, block_length=4, stop_at_eos=False)
+    for options in (dict(steps=4, temperature=0.5), dict(steps=4, temperature=0.7, top_p=0.9),
+                    dict(steps=4, temperature=0.7, top_p=0.8), dict(threshold=0.5), dict(threshold=0.6)):
+        compiled = unmask.generate(model, [[1, 2, 3], [4]], compile=True, **options, **arguments)
+        eager = unmask.generate(model, [[1, 2, 3], [4]], **options, **arguments)
+        assert torch.equal(compiled.tokens, eager.tokens), options
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        unmask.generate(model, [[1, 2, 3]], compile=True, steps=4, temperature=-0.5, **arguments)

@@ -728,8 +728,11 @@ def generate(
         validation.prompt_lists(prompts, mask_id=mask_id, vocab=validation.model_vocab(model))
         padded = len({len(prompt) for prompt in prompts}) > 1
     else:
+        validation.left_padded(prompt_mask)
         validation.prompt_ids(ids, prompt_mask, mask_id=mask_id, vocab=validation.model_vocab(model))
         padded = not bool(prompt_mask.all())
+    given = ids  # sequences give the padding back as it came (-1, say)
+    ids = ids.masked_fill(~prompt_mask, eos_id if eos_id is not None else 0)  # the model embeds every position
     batch, prompt_len = ids.shape
     # The canvas, built on the host and copied over without blocking.
     x = _to_device(torch.cat([ids, torch.full((batch, gen_length), mask_id, dtype=torch.int64)], dim=1), device)
@@ -740,10 +743,13 @@ def generate(
 
     blocks = [(prompt_len + i * block_length, prompt_len + (i + 1) * block_length) for i in range(num_blocks)]
     step_model = _StepModel(model, cache, model_mask, prompt_positions, mask_id, cfg_scale)
-    return _run(step_model, x, blocks, rule, sampling, mask_id=mask_id, eos_id=eos_id if stop_at_eos else None,
-                generation_start=prompt_len, callback=callback, speculate=speculate, siblings=speculate_siblings,
-                revision=revision,
-                traced_step=_traced_step(cuda_graph, compile, step_model, device, _eager_loop(speculate, revision)))
+    out = _run(step_model, x, blocks, rule, sampling, mask_id=mask_id, eos_id=eos_id if stop_at_eos else None,
+               generation_start=prompt_len, callback=callback, speculate=speculate, siblings=speculate_siblings,
+               revision=revision,
+               traced_step=_traced_step(cuda_graph, compile, step_model, device, _eager_loop(speculate, revision)))
+    if padded:  # the prompt is never decoded: its region goes back as given, padding included
+        out.sequences[:, :prompt_len].copy_(_to_device(given, device))
+    return out
 
 
 def infill(
@@ -795,10 +801,18 @@ def infill(
         if tuple(attention_mask.shape) != tuple(ids.shape):
             raise ValueError(f"attention_mask must have the shape of ids {tuple(ids.shape)}, got {tuple(attention_mask.shape)}")
         model_mask = attention_mask.to(device=x.device, dtype=torch.bool)
-        x = x.masked_fill(~model_mask & (x == mask_id), 0)  # padding is never decoded
-    # The masks of every block (padding excluded), read once: the loop plans each block's
-    # steps from them, and the default step count is one token per step for the busiest row.
-    masked_counts = (x == mask_id).reshape(x.shape[0], num_blocks, block_length).sum(dim=-1).t().tolist()
+        given = x
+        x = x.masked_fill(~model_mask, 0)  # padding is never decoded; the model embeds any id it holds (-1, say)
+    # The masks of every block (padding excluded), read once with the range of the given
+    # ids: the loop plans each block's steps from them, and the default step count is one
+    # token per step for the busiest row.
+    masked = (x == mask_id) if model_mask is None else (x == mask_id) & model_mask
+    given_ids = ~masked if model_mask is None else model_mask & ~masked
+    read = torch.cat([masked.reshape(x.shape[0], num_blocks, block_length).sum(dim=-1).t().reshape(-1),
+                      torch.where(given_ids, x, torch.iinfo(torch.int64).max).min().reshape(1),
+                      torch.where(given_ids, x, -1).max().reshape(1)]).tolist()
+    validation.id_range(read[-2], read[-1], vocab=validation.model_vocab(model), name="ids")
+    masked_counts = [read[block * x.shape[0]:(block + 1) * x.shape[0]] for block in range(num_blocks)]
     default_steps = max(1, max(max(block) for block in masked_counts)) * num_blocks
     sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed)
     rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=default_steps,
@@ -807,6 +821,10 @@ def infill(
 
     blocks = [(i * block_length, (i + 1) * block_length) for i in range(num_blocks)]
     step_model = _StepModel(model, None, model_mask, torch.zeros_like(x, dtype=torch.bool), mask_id, 0.0)
-    return _run(step_model, x, blocks, rule, sampling, mask_id=mask_id, eos_id=None, generation_start=0,
-                callback=callback, masked_counts=masked_counts, speculate=speculate, siblings=speculate_siblings,
-                revision=revision)
+    out = _run(step_model, x, blocks, rule, sampling, mask_id=mask_id, eos_id=None, generation_start=0,
+               callback=callback, masked_counts=masked_counts, speculate=speculate, siblings=speculate_siblings,
+               revision=revision)
+    if model_mask is not None:  # padding goes back as given
+        out.sequences.copy_(torch.where(model_mask, out.sequences, given))
+        out.tokens.copy_(out.sequences)
+    return out

@@ -51,7 +51,12 @@ def check_int(name: str, value, *, low: int | None = None, high: int | None = No
 
 
 def check_float(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
-    """value is a finite real number (int or float, not a bool); returned as a float."""
+    """value is a finite real number (int or float, not a bool); returned as a float.
+    Inside torch.compile, a float that changed between calls is traced as a symbol, with
+    no value to check (math.isfinite of it stops a fullgraph trace): it passes here, and
+    the op's body checks the value it gets when the compiled code runs."""
+    if _traced_by_torch_compile():
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     if not math.isfinite(value):
@@ -61,6 +66,11 @@ def check_float(name: str, value, *, positive: bool = False, nonnegative: bool =
     if nonnegative and value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return float(value)
+
+
+def _traced_by_torch_compile() -> bool:
+    torch = sys.modules.get("torch")  # not imported: nothing traces
+    return torch is not None and torch.compiler.is_compiling()
 
 
 def check_positive_int(name: str, value) -> int:
@@ -720,14 +730,31 @@ def prompt_lists(prompts, *, mask_id: int, vocab: int | None) -> None:
         raise ValueError(f"prompts contain mask_id={mask_id}; use unmask.infill to fill masks inside a text")
 
 
-def prompt_ids(ids: torch.Tensor, known: torch.Tensor, *, mask_id: int, vocab: int | None) -> None:
-    """The real (known) prompt tokens are ids of the vocabulary and none is the mask."""
+def prompt_ids(ids: torch.Tensor, known: torch.Tensor, *, mask_id: int, vocab: int | None,
+               name: str = "prompts") -> None:
+    """The real (known) tokens are ids of the vocabulary and none is the mask."""
     real = ids[known]
     if math.prod(real.shape) == 0:
         return
-    low, high = int(real.min()), int(real.max())
+    id_range(int(real.min()), int(real.max()), vocab=vocab, name=name)
+    if bool((real == mask_id).any()):
+        raise ValueError(f"{name} contain mask_id={mask_id}; use unmask.infill to fill masks inside a text")
+
+
+def id_range(low: int, high: int, *, vocab: int | None, name: str) -> None:
+    """The smallest and largest given token ids lie in the vocabulary (low > high: none given)."""
+    if low > high:
+        return
     if low < 0 or (vocab is not None and high >= vocab):
         allowed = f"[0, {vocab}) (the vocabulary)" if vocab is not None else ">= 0"
-        raise ValueError(f"prompts must hold token ids in {allowed}, got ids in [{low}, {high}]")
-    if bool((real == mask_id).any()):
-        raise ValueError(f"prompts contain mask_id={mask_id}; use unmask.infill to fill masks inside a text")
+        raise ValueError(f"{name} must hold token ids in {allowed}, got ids in [{low}, {high}]")
+
+
+def left_padded(attention_mask: torch.Tensor) -> None:
+    """Each row's padding comes before its real tokens: generate continues every row at
+    the canvas's end, so a right-padded row would continue after its pads."""
+    holes = attention_mask[:, :-1] & ~attention_mask[:, 1:]
+    if bool(holes.any()):
+        row = int(holes.any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"attention_mask must be left-padded (padding before the prompt; generation continues "
+                         f"after the last position): row {row} has padding after a real token")
