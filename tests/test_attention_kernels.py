@@ -2,10 +2,13 @@
 tolerance rule (tests.helpers.check_attention_against_reference), under every
 instruction-set build this CPU runs."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
-from unmask import native, ops, reference, validation
+from unmask import dispatch, native, ops, reference, validation
 from tests.helpers import MASKS, check_attention_against_reference as check_against_reference, make_masks
 from tests.helpers import dirty_hidden_keys, random_inputs, requires_extension
 
@@ -266,3 +269,25 @@ def test_keys_the_block_causal_mask_hides_are_never_read(q_len, block_size, q_of
     reaches = (positions // block_size + 1) * block_size > hidden_from_first
     assert torch.equal(out[:, ~reaches], clean[:, ~reaches])
     assert torch.isnan(out[:, reaches]).all(dim=-1).all()
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident set from /proc")
+def test_a_large_calls_pack_is_given_back_by_a_small_one():
+    """The CPU kernel keeps its K/V pack across calls (fit_pack); one long prefill's pack
+    (here 2 x 96 MiB) used to stay held for the life of the process. A later call that
+    needs under a quarter of it gives it back."""
+    def resident_mib():
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    with dispatch.forced("native"):
+        q, k = torch.randn(1, 200, 8, 128), torch.randn(1, 24576, 8, 128)  # 200 queries: the shared pack
+        before = resident_mib()
+        ops.attention(q, k, k)
+        held = resident_mib() - before
+        del q, k
+        after_big = resident_mib()
+        small = torch.randn(1, 200, 8, 128)
+        torch.testing.assert_close(ops.attention(small, small, small), reference.attention(small, small, small),
+                                   rtol=1e-4, atol=1e-5)
+        given_back = after_big - resident_mib()
+    assert held > 150 and given_back > held / 2, (held, given_back)  # other allocations move a few MiB

@@ -54,3 +54,31 @@ def test_compiled_calls_the_wrappers_take_eagerly():
     eager = Q.clone().requires_grad_()
     ops.attention(eager, eager.detach(), eager.detach()).sum().backward()
     torch.testing.assert_close(q.grad, eager.grad)
+
+
+def test_forward_mode_and_torch_func_transforms_see_through_the_ops():
+    """Inside a forward-AD level or a torch.func transform the ops run the reference's
+    torch operations: the kernels dropped the tangent (dual tensors carry no
+    requires_grad) or could not read functorch's wrapped tensors."""
+    from torch.func import jvp, vmap
+
+    from unmask import reference
+
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(3, 8, generator=gen), torch.rand(8, generator=gen) + 0.5
+    q, k, v = (torch.randn(2, 5, 2, 8, generator=gen) for _ in range(3))
+    cos, sin = torch.rand(1, 5, 1, 8, generator=gen), torch.rand(1, 5, 1, 8, generator=gen)
+    cases = [
+        (lambda t: ops.rms_norm(t, weight, 1e-6), lambda t: reference.rms_norm(t, weight, 1e-6), x),
+        (lambda t: ops.rotary(t, cos, sin), lambda t: reference.rotary(t, cos, sin), q),
+        (lambda t: ops.attention(t, k, v, block_size=2), lambda t: reference.attention(t, k, v, block_size=2), q),
+    ]
+    for op, ref, primal in cases:
+        tangent = torch.randn(primal.shape, generator=gen)
+        got, got_tangent = jvp(op, (primal,), (tangent,))
+        want, want_tangent = jvp(ref, (primal,), (tangent,))
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got_tangent, want_tangent)
+        assert got_tangent.abs().sum() > 0
+        stacked = torch.stack([primal, primal * 2])
+        torch.testing.assert_close(vmap(op)(stacked), torch.stack([ref(primal), ref(primal * 2)]))

@@ -223,8 +223,8 @@ void pv_tile(const float* p, int64_t rows, int64_t keys, int64_t dim, const floa
 
 // ------------------------------------------------------------------ packing and masks
 
-// One buffer reused across calls (growing only): repacking into fresh memory every call
-// would page-fault tens of MB per attention layer. The mutex serialises concurrent calls.
+// One buffer reused across calls (sized by fit_pack): repacking into fresh memory every
+// call would page-fault tens of MB per attention layer. The mutex serialises concurrent calls.
 std::mutex pack_mutex;
 Packed& pack_buffers() {
   static Packed packed;

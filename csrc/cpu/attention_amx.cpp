@@ -437,8 +437,8 @@ Status attention_amx_bf16(const AttentionParams& p, Packed& packed) {
   static std::vector<int64_t> packed_nonfinite;
   if (!pack_locally) {
     const size_t halves = static_cast<size_t>(p.batch * p.kv_heads * tiles * kKeyTile * dp);
-    packed_kt.resize(halves);
-    packed_v.resize(halves);
+    fit_pack(packed_kt, halves);
+    fit_pack(packed_v, halves);
     packed_nonfinite.resize(static_cast<size_t>(p.batch * p.kv_heads * tiles));
 #pragma omp parallel for collapse(3) schedule(static)
     for (int64_t b = 0; b < p.batch; ++b) {

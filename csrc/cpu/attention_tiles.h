@@ -243,14 +243,27 @@ struct HeadGroups {
 
 inline int64_t key_tiles(const AttentionParams& p) { return (p.k_len + kKeyTile - 1) / kKeyTile; }
 
+// Sizes a pack buffer kept across calls: it grows as calls need (fresh memory every call
+// would page-fault tens of MB per layer), and gives its memory back when a call needs under
+// a quarter of what it holds above 64 MiB: one long prefill's pack (hundreds of MB at
+// 4096 positions and a batch of 16) would otherwise stay held for the life of a server.
+template <typename Buffer>
+inline void fit_pack(Buffer& buffer, size_t need) {
+  constexpr size_t kKeptBytes = size_t{64} << 20;
+  if (buffer.capacity() * sizeof(typename Buffer::value_type) > kKeptBytes && need < buffer.capacity() / 4) {
+    Buffer().swap(buffer);
+  }
+  buffer.resize(need);
+}
+
 // Sizes the buffers (the K and V ones when keys_too) and builds the key masks (K and V:
 // pack_key_tile).
 inline void pack_masks(const AttentionParams& p, Packed& packed, bool keys_too) {
   const int64_t tiles = key_tiles(p), dim = p.head_dim;
   const int64_t head_tile_floats = tiles * kKeyTile * dim;
   if (keys_too) {
-    packed.kt.resize(static_cast<size_t>(p.batch * p.kv_heads * head_tile_floats));
-    packed.v.resize(packed.kt.size());
+    fit_pack(packed.kt, static_cast<size_t>(p.batch * p.kv_heads * head_tile_floats));
+    fit_pack(packed.v, packed.kt.size());
   }
   packed.key_bias.resize(static_cast<size_t>(p.batch * tiles * kKeyTile));
   packed.visible_keys.resize(static_cast<size_t>(p.batch * tiles));

@@ -21,6 +21,7 @@ import types
 from collections.abc import Callable, Mapping
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from unmask import validation
 from unmask.validation import AttentionCall, CommitCall, RmsNormCall, RotaryCall, SampleCall
@@ -441,8 +442,17 @@ CPU_POINTWISE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def needs_gradient(*tensors: torch.Tensor | None) -> bool:
-    """Whether autograd would record a call on these tensors."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    """Whether autograd would record a call on these tensors, or a forward-mode or torch.func
+    transform sees through it (transformed())."""
+    return (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)) or transformed()
+
+
+def transformed() -> bool:
+    """Inside a forward-AD dual level (torch.autograd.forward_ad, dual tensors) or a
+    torch.func transform (vmap, jvp, grad): a kernel would drop the tangent or cannot read
+    the wrapped tensors, and the reference's torch operations carry both. (Private flags,
+    ~0.1 us each: nothing public says whether a level is open.)"""
+    return _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
 def _inference_only(kernel: str, *tensors: torch.Tensor) -> str | None:

@@ -145,6 +145,9 @@ def attention(
                                      q_offset=q_offset, scale=scale)
     if plan_key is not None:
         return dispatch.run("attention", call, plan_key=plan_key).contiguous()
+    if native.transformed():  # the custom op has no forward-mode or vmap rule: the reference's operations
+        return reference.attention(call.q, call.k, call.v, kv_len=call.kv_len, key_valid=call.key_valid,
+                                   block_size=call.block_size, q_offset=call.q_offset, scale=call.scale)
     return _attention_op(call.q, call.k, call.v, call.kv_len, call.key_valid, call.block_size or 0, call.q_offset,
                          call.scale)
 
