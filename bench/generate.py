@@ -68,8 +68,9 @@ def segment_lengths(cache: str | None, prompt_len: int, gen: int, block: int, st
 
 def matmul_products(model: unmask.DiffusionTransformer, tokens: int, block: int, device: torch.device):
     """The step's matrix products alone, as a function: every projection of every layer
-    over `tokens` positions and the LM head over the block, with the model's weights, in
-    the step's order."""
+    over `tokens` positions and the LM head over `block` positions (unmask's step: the
+    block; the Fast-dLLM loop's: every position it computes), with the model's weights,
+    in the step's order."""
     config = model.config
     x = torch.randn(1, tokens, config.d_model, dtype=model.embed.weight.dtype, device=device)
     hidden = torch.randn(1, tokens, config.mlp_hidden_size, dtype=x.dtype, device=device)
@@ -86,13 +87,15 @@ def matmul_products(model: unmask.DiffusionTransformer, tokens: int, block: int,
     return products
 
 
-def products_in_turn(functions: dict[int, object], seconds: dict[int, list[float]], device: torch.device):
-    """A round of the products of every distinct step length, each the median of three
-    timed calls (appended to seconds[n]): timed in turn with the generations, so the step
-    and its products meet the machine at the same speed (it drifts by 10-40%)."""
+def products_in_turn(functions: dict[tuple[int, int], object], seconds: dict[tuple[int, int], list[float]],
+                     device: torch.device):
+    """A round of the products of every distinct (step length, LM head length), each the
+    median of three timed calls (appended to seconds[key]): timed in turn with the
+    generations, so the step and its products meet the machine at the same speed (it
+    drifts by 10-40%)."""
     def run(i):
-        for n, products in functions.items():
-            seconds.setdefault(n, []).append(harness.median_seconds(products, device, warmup=0, reps=3))
+        for key, products in functions.items():
+            seconds.setdefault(key, []).append(harness.median_seconds(products, device, warmup=0, reps=3))
     return run
 
 
@@ -137,14 +140,15 @@ def main() -> None:
                                 speedup_vs_baseline=None if baseline_ms is None else baseline_ms / step_ms,
                                 extra=extra))
 
-    products_seconds: dict[int, list[float]] = {}  # by the positions a call computes: one entry per round
+    # by (positions a call computes, positions its LM head reads): one entry per round
+    products_seconds: dict[tuple[int, int], list[float]] = {}
 
-    def products_ms(lengths: list[int]) -> float:
-        for n in lengths:
-            if n not in products_seconds:  # a length no timed round met (the LLaDA loop's)
-                products_seconds[n] = [harness.median_seconds(matmul_products(model, n, block, device), device,
-                                                              warmup=2, reps=7)]
-        return statistics.mean(statistics.median(products_seconds[n]) for n in lengths) * 1e3
+    def products_ms(lengths: list[tuple[int, int]]) -> float:
+        for key in lengths:
+            if key not in products_seconds:  # a length no timed round met (the LLaDA loop's)
+                products_seconds[key] = [harness.median_seconds(matmul_products(model, *key, device), device,
+                                                                warmup=2, reps=7)]
+        return statistics.mean(statistics.median(products_seconds[key]) for key in lengths) * 1e3
 
     for cache in CACHES:
         lengths = segment_lengths(cache, prompt_len, gen, block, steps_per_block)
@@ -159,7 +163,10 @@ def main() -> None:
                                   stop_at_eos=False, compile=compile)
             outputs["compiled" if compile else "ours"] = out.tokens, out.nfe
 
-        products = {n: matmul_products(model, n, block, device) for n in sorted(set(lengths))}
+        # unmask's LM head reads the block; the loop's every position it computes
+        ours_lengths = [(n, block) for n in lengths]
+        loop_lengths = [(n, n) for n in lengths]
+        products = {key: matmul_products(model, *key, device) for key in sorted(set(ours_lengths + loop_lengths))}
         for function in products.values():
             function()  # warm-up
         products_seconds.clear()  # this mode's rounds only
@@ -167,23 +174,25 @@ def main() -> None:
         if args.compile:
             timed.append(lambda i: ours(i, compile=True))
             timed[-1](-1)  # compiles this cache mode's graphs
+        baseline(-1)  # a warm-up run of each generation (the products were warmed above)
+        ours(-1)
         # in turns, a round each: the machine's speed drifts
         baseline_seconds, our_seconds, _, *compiled_seconds = harness.alternating_median_seconds(
             timed, device, warmup=0, reps=args.rounds, max_seconds=math.inf)
         (reference_tokens, baseline_nfe), (our_tokens, our_nfe) = outputs["baseline"], outputs["ours"]
         agreement = float((our_tokens == reference_tokens).float().mean())
         baseline_step_ms = baseline_seconds / baseline_nfe * 1e3
-        record(f"Fast-dLLM loop cache={cache}", baseline_seconds, baseline_nfe, products_ms=products_ms(lengths),
+        record(f"Fast-dLLM loop cache={cache}", baseline_seconds, baseline_nfe, products_ms=products_ms(loop_lengths),
                agreement=1.0, baseline_ms=baseline_step_ms)
-        record(f"unmask cache={cache}", our_seconds, our_nfe, products_ms=products_ms(lengths), agreement=agreement,
-               baseline_ms=baseline_step_ms)
+        record(f"unmask cache={cache}", our_seconds, our_nfe, products_ms=products_ms(ours_lengths),
+               agreement=agreement, baseline_ms=baseline_step_ms)
         print(f"cache={cache}: Fast-dLLM {baseline_step_ms:.2f} ms/step, unmask {rows[-1].median_ms:.2f} ms/step "
               f"(x{rows[-1].speedup_vs_baseline:.2f}), matrix products {rows[-1].extra['matmul_ms_per_step']:.2f} ms "
               f"(step {rows[-1].extra['step_over_matmuls']:.2f}x), same tokens {agreement:.3f}", flush=True)
         if compiled_seconds:
             compiled_tokens, compiled_nfe = outputs["compiled"]
             record(f"unmask cache={cache} compile=True", compiled_seconds[0], compiled_nfe,
-                   products_ms=products_ms(lengths), agreement=float((compiled_tokens == reference_tokens).float().mean()),
+                   products_ms=products_ms(ours_lengths), agreement=float((compiled_tokens == reference_tokens).float().mean()),
                    baseline_ms=baseline_step_ms)
             print(f"cache={cache}: unmask compile=True {rows[-1].median_ms:.2f} ms/step "
                   f"(x{rows[-1].speedup_vs_baseline:.2f} the loop, step {rows[-1].extra['step_over_matmuls']:.2f}x its "
@@ -193,7 +202,7 @@ def main() -> None:
     started = time.perf_counter()
     _, calls = llada_generate(model, prompt, steps=gen, gen_length=gen, block_length=block)
     harness.synchronize(device)
-    record("LLaDA published loop", time.perf_counter() - started, calls, products_ms=products_ms([prompt_len + gen]),
+    record("LLaDA published loop", time.perf_counter() - started, calls, products_ms=products_ms([(prompt_len + gen, prompt_len + gen)]),
            agreement=None, baseline_ms=None)
 
     print(f"device: {harness.device_name(device)}  commit: {harness.git_commit()}")

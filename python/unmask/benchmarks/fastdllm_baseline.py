@@ -55,7 +55,8 @@ def sdpa_forward(model: DiffusionTransformer, ids: torch.Tensor, start: int = 0,
             keys, values = cache[index]
             keys[:, start:start + length], values[:, start:start + length] = k, v
             k, v = keys, values
-        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+        if group > 1:  # grouped heads only (Fast-dLLM repeats them then): repeat_interleave copies even by 1
+            k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
         attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         x = x + layer.o_proj(attn.transpose(1, 2).reshape(batch, length, config.d_model))
         h = _norm(layer.mlp_norm, x)

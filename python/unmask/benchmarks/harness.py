@@ -40,8 +40,9 @@ def git_commit() -> str:
     if os.environ.get("UNMASK_COMMIT"):
         return os.environ["UNMASK_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        # "-dirty" when the tree differs from the commit: rows then measured code it does not hold
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
+                             timeout=5, cwd=Path(__file__).resolve().parent)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
