@@ -108,28 +108,34 @@ def preflight() -> str | None:
     return None
 
 
+def run_logged(command: list[str], log_path: Path, limit: float, *, mode: str, header: str = "") -> int | None:
+    """command's exit status, its output written (mode "w") or appended ("a") to log_path
+    as it runs (a run cut short keeps it); None when it ran past `limit` seconds and was
+    killed."""
+    with open(log_path, mode) as log:
+        log.write(header)
+        log.flush()
+        try:
+            return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=limit).returncode
+        except subprocess.TimeoutExpired:
+            return None
+
+
 def run_tests(out: Path, limit: float) -> dict:
     command = test_command()
     if command is None:
         return {"failed": "no tests/ folder here: run from the repository's root"}
-    with open(out / "tests.log", "w") as log:  # written as it runs: a run cut short keeps its output
-        try:
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=limit).returncode
-        except subprocess.TimeoutExpired:
-            return {"failed": f"pytest ran past its {limit:.0f} s limit (tests.log holds what it printed)"}
+    code = run_logged(command, out / "tests.log", limit, mode="w")
+    if code is None:
+        return {"failed": f"pytest ran past its {limit:.0f} s limit (tests.log holds what it printed)"}
     lines = [line for line in (out / "tests.log").read_text().splitlines() if line.strip()]
     return {"exit_code": code, "summary": lines[-1] if lines else ""}
 
 
 def run_stage(stage: str, out: Path, limit: float) -> dict:
-    with open(out / "stages.log", "a") as log:
-        log.write(f"\n===== {stage}\n")
-        log.flush()
-        try:
-            code = subprocess.run(stage_command(stage, out), stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=limit).returncode
-        except subprocess.TimeoutExpired:
-            return {"failed": f"ran past its {limit:.0f} s limit (stages.log holds what it printed)"}
+    code = run_logged(stage_command(stage, out), out / "stages.log", limit, mode="a", header=f"\n===== {stage}\n")
+    if code is None:
+        return {"failed": f"ran past its {limit:.0f} s limit (stages.log holds what it printed)"}
     table = out / f".{stage}.md"
     text = table.read_text() if table.exists() else ""
     table.unlink(missing_ok=True)
