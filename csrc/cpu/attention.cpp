@@ -57,11 +57,12 @@ constexpr int64_t kQueryTile = 132;
   }
 }
 
-// orow[:] += sum_j prow[j] * v[j][:] over keys [first, end).
-void add_weighted_rows(const float* prow, int64_t first, int64_t end, int64_t dim, const float* v, float* orow) {
+// orow[:] += sum_j prow[j] * v[j][:] over keys [first, end) (rows of v v_row floats apart).
+void add_weighted_rows(const float* prow, int64_t first, int64_t end, int64_t dim, const float* v, int64_t v_row,
+                       float* orow) {
   for (int64_t j = first; j < end; ++j) {
     const float pj = prow[j];
-    const float* vrow = v + j * dim;
+    const float* vrow = v + j * v_row;
 #pragma omp simd
     for (int64_t d = 0; d < dim; ++d) orow[d] += pj * vrow[d];
   }
@@ -70,13 +71,14 @@ void add_weighted_rows(const float* prow, int64_t first, int64_t end, int64_t di
 // o[r][:] = alpha[r] * o[r][:] + sum_j p[r][j] * v[j][:] over `keys` keys.
 // row_keys (nullable): row r meets only the keys it sees (block-causal), so that a V it
 // gives weight 0 is never multiplied in (0 times a NaN or inf V is NaN).
-void pv_generic(const float* p, int64_t rows, int64_t keys, int64_t dim, const float* v, const int64_t* row_keys,
-                const float* alpha, float* o) {
+void pv_generic(const float* p, int64_t rows, int64_t keys, int64_t dim, const float* v, int64_t v_row,
+                const int64_t* row_keys, const float* alpha, float* o) {
   for (int64_t r = 0; r < rows; ++r) {
     float* orow = o + r * dim;
 #pragma omp simd
     for (int64_t d = 0; d < dim; ++d) orow[d] *= alpha[r];
-    add_weighted_rows(p + r * kKeyTile, 0, row_keys != nullptr ? std::min(keys, row_keys[r]) : keys, dim, v, orow);
+    add_weighted_rows(p + r * kKeyTile, 0, row_keys != nullptr ? std::min(keys, row_keys[r]) : keys, dim, v, v_row,
+                      orow);
   }
 }
 
@@ -139,30 +141,30 @@ void qk_band(const float* q, int64_t dim, const float* kt, float* s) {
     for (int c = 0; c < kBandVecs; ++c) Simd::store(s + r * kKeyTile + c * Simd::kWidth, acc[r][c]);
 }
 
-// kRows rows x one band of O columns (O and V rows both `stride` floats apart): o = alpha * o + p V over
+// kRows rows x one band of O columns (O rows `dim` floats apart, V rows v_row): o = alpha * o + p V over
 // `keys` keys, kBandVecs V loads and kRows broadcasts per key. Bands rather than whole rows:
 // a 3-row x 128-column AVX-512 block measured at half the speed, its V tile and O rows no
 // longer fitting in L1 together.
 // kVecs: the band's width in vectors, kBandVecs where D allows, else 1 (D 16, 32 or 48 with
 // AVX-512: one vector per row, so small head dims keep a register-blocked P V).
 template <int kRows, int kVecs = kBandVecs>
-void pv_band(const float* p, int64_t keys, const float* v, int64_t stride, const float* alpha,
+void pv_band(const float* p, int64_t keys, const float* v, int64_t v_row, int64_t dim, const float* alpha,
              float* o) {
   Simd::Reg acc[kRows][kVecs];
   for (int r = 0; r < kRows; ++r) {
     const Simd::Reg a = Simd::set1(alpha[r]);
-    for (int c = 0; c < kVecs; ++c) acc[r][c] = Simd::mul(a, Simd::load(o + r * stride + c * Simd::kWidth));
+    for (int c = 0; c < kVecs; ++c) acc[r][c] = Simd::mul(a, Simd::load(o + r * dim + c * Simd::kWidth));
   }
   for (int64_t j = 0; j < keys; ++j) {
     Simd::Reg vj[kVecs];
-    for (int c = 0; c < kVecs; ++c) vj[c] = Simd::load(v + j * stride + c * Simd::kWidth);
+    for (int c = 0; c < kVecs; ++c) vj[c] = Simd::load(v + j * v_row + c * Simd::kWidth);
     for (int r = 0; r < kRows; ++r) {
       const Simd::Reg pb = Simd::set1(p[r * kKeyTile + j]);
       for (int c = 0; c < kVecs; ++c) acc[r][c] = Simd::fmadd(pb, vj[c], acc[r][c]);
     }
   }
   for (int r = 0; r < kRows; ++r)
-    for (int c = 0; c < kVecs; ++c) Simd::store(o + r * stride + c * Simd::kWidth, acc[r][c]);
+    for (int c = 0; c < kVecs; ++c) Simd::store(o + r * dim + c * Simd::kWidth, acc[r][c]);
 }
 #endif
 
@@ -189,9 +191,9 @@ void qk_tile(const float* q, int64_t rows, int64_t dim, const float* kt, const i
 #endif
 }
 
-// v: the packed tile, `keys` rows of `dim` floats.
-void pv_tile(const float* p, int64_t rows, int64_t keys, int64_t dim, const float* v, const int64_t* row_keys,
-             const float* alpha, float* o) {
+// v: the tile's `keys` rows of `dim` floats, v_row floats apart (packed: dim).
+void pv_tile(const float* p, int64_t rows, int64_t keys, int64_t dim, const float* v, int64_t v_row,
+             const int64_t* row_keys, const float* alpha, float* o) {
 #if defined(UNMASK_SIMD)
   if (dim % Simd::kWidth == 0) {
     const bool wide = dim % kBand == 0;
@@ -203,22 +205,22 @@ void pv_tile(const float* p, int64_t rows, int64_t keys, int64_t dim, const floa
       const int64_t shared_keys = row_keys != nullptr ? std::min(keys, row_keys[r]) : keys;
       if (wide) {
         for (int64_t band = 0; band < dim; band += kBand) {
-          pv_band<kRows>(p + r * kKeyTile, shared_keys, v + band, dim, alpha + r, o + r * dim + band);
+          pv_band<kRows>(p + r * kKeyTile, shared_keys, v + band, v_row, dim, alpha + r, o + r * dim + band);
         }
       } else {
         for (int64_t band = 0; band < dim; band += Simd::kWidth) {
-          pv_band<kRows, 1>(p + r * kKeyTile, shared_keys, v + band, dim, alpha + r, o + r * dim + band);
+          pv_band<kRows, 1>(p + r * kKeyTile, shared_keys, v + band, v_row, dim, alpha + r, o + r * dim + band);
         }
       }
       for (int64_t i = 1; row_keys != nullptr && i < kRows; ++i) {
-        add_weighted_rows(p + (r + i) * kKeyTile, shared_keys, std::min(keys, row_keys[r + i]), dim, v,
+        add_weighted_rows(p + (r + i) * kKeyTile, shared_keys, std::min(keys, row_keys[r + i]), dim, v, v_row,
                           o + (r + i) * dim);
       }
     });
     return;
   }
 #endif
-  pv_generic(p, rows, keys, dim, v, row_keys, alpha, o);
+  pv_generic(p, rows, keys, dim, v, v_row, row_keys, alpha, o);
 }
 
 // ------------------------------------------------------------------ packing and masks
@@ -301,9 +303,10 @@ void start_query_tile(const AttentionParams& p, int64_t b, int64_t h, int64_t q_
 #endif
 }
 
-// One key tile (K^T kt [D][kKeyTile], V rows v [kKeyTile][D]) for a query head's rows.
+// One key tile (K^T kt [D][kKeyTile], V rows v [kKeyTile][D], v_row floats apart) for a
+// query head's rows.
 void attend_key_tile(const AttentionParams& p, const KeyTile& tile, int64_t rows, const int64_t* row_keys,
-                     const float* kt, const float* v, QueryTileState& state, TaskBuffers& buf) {
+                     const float* kt, const float* v, int64_t v_row, QueryTileState& state, TaskBuffers& buf) {
   float* s = buf.s.data();
   qk_tile(state.q.data(), rows, p.head_dim, kt, row_keys, s);
   for (int64_t r = 0; r < rows; ++r) {
@@ -312,7 +315,7 @@ void attend_key_tile(const AttentionParams& p, const KeyTile& tile, int64_t rows
     online_softmax_row(srow, tile.key_masked() ? tile.bias : nullptr, state.row_max[r], state.row_sum[r],
                        buf.alpha[r]);
   }
-  pv_tile(s, rows, tile.keys, p.head_dim, v, row_keys, buf.alpha.data(), state.o.data());
+  pv_tile(s, rows, tile.keys, p.head_dim, v, v_row, row_keys, buf.alpha.data(), state.o.data());
 }
 
 void finish_query_tile(const AttentionParams& p, int64_t b, int64_t h, int64_t q_begin, int64_t rows,
@@ -343,7 +346,7 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b
     const KeyTile tile = key_tile(p, packed, b, t, q_begin, rows);
     if (tile.hidden()) continue;
     attend_key_tile(p, tile, rows, tile_row_keys(p, tile, q_begin, rows, buf), kt_head + t * kKeyTile * dim,
-                    v_head + tile.begin * dim, state, buf);
+                    v_head + tile.begin * dim, dim, state, buf);
   }
   finish_query_tile(p, b, h, q_begin, rows, state);
 }
@@ -352,11 +355,13 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b
 // [first, last) and, of their query heads, those in [q_first, q_last), through every key
 // tile, packed here rather than in the global pack (each tile meets one query tile per
 // query head: packed here it stays in L1/L2, where the global pack writes every tile to
-// memory and reads it back). Each key's rows for the group are copied in memory order
-// ([B, L, H, D]: a key's heads are adjacent); head by head, a row of 16-32 floats lay on a
-// page of its own, and [4, 8, 32, 32] over 512 keys spent ~2.7x per tile what it did with
-// its keys in cache. Software prefetches of the rows, 4-16 keys or a tile ahead, measured
-// 0.72-1.06x with tasks of one head.
+// memory and reads it back). Where a tile is copied (hidden keys, half-precision inputs),
+// each key's rows for the group are copied in memory order ([B, L, H, D]: a key's heads
+// are adjacent); copied head by head, a row of 16-32 floats lay on a page of its own, and
+// [4, 8, 32, 32] over 512 keys spent ~2.7x per tile what it did with its keys in cache.
+// Software prefetches of the rows, 4-16 keys or a tile ahead, measured 0.72-1.06x with
+// tasks of one head, and spread over the tile's compute (SpreadPrefetch, which the lanes
+// kernel uses) 0.84-1.04x on [4, 8, H, D] over 512 keys.
 void attend_head_group(const AttentionParams& p, const Packed& packed, int64_t b, int64_t first, int64_t last,
                        int64_t q_first, int64_t q_last, TaskBuffers& buf) {
   const int64_t dim = p.head_dim, rows = p.q_len, group = p.q_heads / p.kv_heads, tile_floats = kKeyTile * dim;
@@ -365,7 +370,12 @@ void attend_head_group(const AttentionParams& p, const Packed& packed, int64_t b
     const KeyTile tile = key_tile(p, packed, b, t, 0, rows);
     if (tile.hidden()) continue;
     const int64_t* row_keys = tile_row_keys(p, tile, 0, rows, buf);
-    for (int64_t j = 0; j < kKeyTile; ++j) {  // hidden keys and those past k_len: zeros, never read
+    // float32 rows of a tile whose keys are all visible are read where they lie: K
+    // transposed straight from them, V in place. Copying them first measured 1.04-1.46x
+    // slower on [4, 8, H, D] over 512 keys (D 32 to 16). A tile with hidden keys is
+    // copied, its hidden rows as zeros: they are never read.
+    const bool in_place = p.dtype == ScalarType::kFloat32 && !tile.key_masked();
+    for (int64_t j = 0; !in_place && j < kKeyTile; ++j) {  // hidden keys and those past k_len: zeros
       for (int64_t h = first; h < last; ++h) {
         const int64_t at = (h - first) * tile_floats + j * dim;
         copy_key_rows(p, b, tile.begin + j, h, tile.bias[j] == 0.0f, buf.k_rows.data() + at, buf.v.data() + at);
@@ -374,10 +384,18 @@ void attend_head_group(const AttentionParams& p, const Packed& packed, int64_t b
     for (int64_t h = first; h < last; ++h) {
       const int64_t heads_begin = std::max(q_first, h * group), heads_end = std::min(q_last, (h + 1) * group);
       if (heads_begin >= heads_end) continue;
-      transpose(buf.k_rows.data() + (h - first) * tile_floats, kKeyTile, dim, dim, buf.kt.data(), kKeyTile);
+      const float* k_rows = buf.k_rows.data() + (h - first) * tile_floats;
+      const float* v_rows = buf.v.data() + (h - first) * tile_floats;
+      int64_t k_row = dim, v_row = dim;
+      if (in_place) {
+        k_rows = static_cast<const float*>(p.k) + row_offset(p.k_stride, b, tile.begin, h);
+        v_rows = static_cast<const float*>(p.v) + row_offset(p.v_stride, b, tile.begin, h);
+        k_row = p.k_stride[1];
+        v_row = p.v_stride[1];
+      }
+      transpose(k_rows, kKeyTile, dim, k_row, buf.kt.data(), kKeyTile);
       for (int64_t q_head = heads_begin; q_head < heads_end; ++q_head) {
-        attend_key_tile(p, tile, rows, row_keys, buf.kt.data(), buf.v.data() + (h - first) * tile_floats,
-                        buf.heads[q_head - q_first], buf);
+        attend_key_tile(p, tile, rows, row_keys, buf.kt.data(), v_rows, v_row, buf.heads[q_head - q_first], buf);
       }
     }
   }

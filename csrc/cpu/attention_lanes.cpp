@@ -35,6 +35,9 @@ static_assert(kLanes == kVecs * Simd::kWidth, "two zmm of lanes");
 // Accumulators of the two products: half the register file, the rest for operands:
 // 8 keys x 2 zmm of S^T, 8 dims x 2 zmm of O^T.
 constexpr int kAccumulators = 16;
+constexpr int kScoreKeys = std::min(8, kAccumulators / kVecs);  // keys of a block of scores
+constexpr int kOutputDims = kAccumulators / kVecs;              // dims of a block of P V
+static_assert(kKeyTile % kScoreKeys == 0, "key blocks tile a key tile");
 
 alignas(64) constexpr float kLaneIndex[kLaneRows] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15,
                                                      16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
@@ -56,12 +59,13 @@ struct LaneBuffers {
   AlignedFloats k, v;  // a key tile's rows of K and V per kv head [kv head][kKeyTile][D], hidden keys zero
   AlignedFloats st;    // S^T, then P^T, of one head and key tile [kKeyTile][lanes]
   AlignedFloats rows;  // a head's Q or O as rows [lanes][D], either side of their transposes
+  SpreadPrefetch next;  // the next key tile's rows
 };
 
-// st[j][:] = sum_d k[j][d] * qt[d][:] for kKeys keys (rows of k `dim` apart; at most 8,
-// so their row pointers stay in registers).
+// st[j][:] = sum_d k[j][d] * qt[d][:] for kKeys keys (rows of k `k_row` floats apart; at
+// most 8, so their row pointers stay in registers).
 template <int kKeys>
-void scores(const float* k, int64_t dim, const float* qt, float* st) {
+void scores(const float* k, int64_t dim, int64_t k_row, const float* qt, float* st) {
   Simd::Reg acc[kKeys][kVecs];
   for (int j = 0; j < kKeys; ++j)
     for (int c = 0; c < kVecs; ++c) acc[j][c] = Simd::zero();
@@ -69,7 +73,7 @@ void scores(const float* k, int64_t dim, const float* qt, float* st) {
     Simd::Reg q[kVecs];
     for (int c = 0; c < kVecs; ++c) q[c] = Simd::load(qt + d * kLanes + c * Simd::kWidth);
     for (int j = 0; j < kKeys; ++j) {
-      const Simd::Reg kb = Simd::set1(k[j * dim + d]);
+      const Simd::Reg kb = Simd::set1(k[j * k_row + d]);
       for (int c = 0; c < kVecs; ++c) acc[j][c] = Simd::fmadd(kb, q[c], acc[j][c]);
     }
   }
@@ -77,12 +81,13 @@ void scores(const float* k, int64_t dim, const float* qt, float* st) {
     for (int c = 0; c < kVecs; ++c) Simd::store(st + j * kLanes + c * Simd::kWidth, acc[j][c]);
 }
 
-// ot[d][:] += sum_j v[j][d] * pt[j][:] over `keys` keys for kDims dims from `first`.
+// ot[d][:] += sum_j v[j][d] * pt[j][:] over `keys` keys for kDims dims from `first` (rows
+// of v `v_row` floats apart).
 // first_lane (nullable, a tile the block-causal diagonal cuts): key j adds only to lanes
 // from first_lane[j] on. A lane that does not see a key must not meet its V at all: its
 // weight there is 0, but 0 times a NaN or inf V is NaN.
 template <int kDims>
-void accumulate(const float* pt, int64_t keys, const float* v, int64_t dim, int64_t first, const float* first_lane,
+void accumulate(const float* pt, int64_t keys, const float* v, int64_t v_row, int64_t first, const float* first_lane,
                 bool fresh, float* ot) {
   Simd::Reg acc[kDims][kVecs];
   for (int i = 0; i < kDims; ++i)
@@ -93,7 +98,7 @@ void accumulate(const float* pt, int64_t keys, const float* v, int64_t dim, int6
   for (int64_t j = 0; j < keys; ++j) {
     Simd::Reg w[kVecs];
     for (int c = 0; c < kVecs; ++c) w[c] = Simd::load(pt + j * kLanes + c * Simd::kWidth);
-    const float* vrow = v + j * dim + first;
+    const float* vrow = v + j * v_row + first;
     if (first_lane == nullptr) {
       for (int i = 0; i < kDims; ++i) {
         const Simd::Reg vb = Simd::set1(vrow[i]);
@@ -143,13 +148,11 @@ void start_head(const AttentionParams& p, int64_t b, int64_t h, HeadState& head,
   std::fill(head.row_sum, head.row_sum + kLaneRows, 0.0f);
 }
 
-// One query head through the first `keys` keys of a key tile (its kv head's rows k, v).
-void attend_tile(const AttentionParams& p, const KeyTile& tile, int64_t keys, const float* k, const float* v,
-                 HeadState& head, float* st) {
+// One query head through the first `keys` keys of a key tile (its kv head's rows k and v,
+// k_row and v_row floats apart), asking for the next tile's rows (next) as it goes.
+void attend_tile(const AttentionParams& p, const KeyTile& tile, int64_t keys, const float* k, int64_t k_row,
+                 const float* v, int64_t v_row, HeadState& head, float* st, SpreadPrefetch& next) {
   constexpr int kWidth = Simd::kWidth;
-  constexpr int kKeys = std::min(8, kAccumulators / kVecs);
-  constexpr int kDims = kAccumulators / kVecs;
-  static_assert(kKeyTile % kKeys == 0, "key blocks tile a key tile");
   const int64_t dim = p.head_dim;
   float* ot = head.ot.data();
   const Simd::Reg neg_inf = Simd::set1(-kInf), zero = Simd::zero(), lowest = Simd::set1(-126.0f);
@@ -161,7 +164,10 @@ void attend_tile(const AttentionParams& p, const KeyTile& tile, int64_t keys, co
 
   // Rows past `keys` in the last block of 8 hold other keys (an earlier tile's, or hidden
   // ones never copied): their scores are never read.
-  for (int64_t j = 0; j < keys; j += kKeys) scores<kKeys>(k + j * dim, dim, head.qt.data(), st + j * kLanes);
+  for (int64_t j = 0; j < keys; j += kScoreKeys) {
+    scores<kScoreKeys>(k + j * k_row, dim, k_row, head.qt.data(), st + j * kLanes);
+    next.step();
+  }
 
   // Masks (a select, not an add: a hidden key's NaN score, from NaN in Q, is -inf too)
   // and the tile's maximum per lane (a NaN score leaves it alone).
@@ -244,8 +250,11 @@ void attend_tile(const AttentionParams& p, const KeyTile& tile, int64_t keys, co
 
   const float* limits = causal ? first_lane : nullptr;
   int64_t d = 0;
-  for (; d + kDims <= dim; d += kDims) accumulate<kDims>(st, keys, v, dim, d, limits, head.fresh, ot);
-  for (; d < dim; ++d) accumulate<1>(st, keys, v, dim, d, limits, head.fresh, ot);
+  for (; d + kOutputDims <= dim; d += kOutputDims) {
+    accumulate<kOutputDims>(st, keys, v, v_row, d, limits, head.fresh, ot);
+    next.step();
+  }
+  for (; d < dim; ++d) accumulate<1>(st, keys, v, v_row, d, limits, head.fresh, ot);
   head.fresh = false;
 }
 
@@ -271,18 +280,29 @@ void attend_heads(const AttentionParams& p, const Packed& packed, int64_t b, int
                              ? tile.keys
                              : std::clamp<int64_t>(((p.q_offset + p.q_len - 1) / p.block_size + 1) * p.block_size -
                                                        tile.begin, 0, tile.keys);
-    // Copied even where no key of the tile is hidden: float32 rows read in place measured
-    // 0.77-0.94x on [1-4, 32, H, D] over 1024-4096 keys (1.06-1.11x over 192 keys, in cache).
-    copy_rows(p, tile, keys, b, first, last, buf);
-    // The next tile's rows, requested while this one computes. A task of one or two heads
-    // reads 0.5-1 KiB of a key's rows at a time, each key on a new page, where the hardware
-    // prefetcher stops: with this, [1, 32, H, D] over 4096 keys measured 1.18-1.43x faster
-    // (float32 and bfloat16, D 16-128), [4, 32, H, D] over 1024 keys 1.01-1.13x.
-    prefetch_key_rows(p, b, (t + 1) * kKeyTile, (t + 2) * kKeyTile, first, last);
+    // The next tile's rows, asked for while this one computes (SpreadPrefetch): a task of
+    // one or two heads reads 0.5-1 KiB of a key's rows at a time, each key on a new page,
+    // where the hardware prefetcher stops.
+    const int64_t steps = (q_last - q_first) * ((keys + kScoreKeys - 1) / kScoreKeys + p.head_dim / kOutputDims);
+    buf.next.start(p, b, (t + 1) * kKeyTile, (t + 2) * kKeyTile, first, last, steps);
+    // float32 rows of a tile whose keys are all visible are read where they lie (already in
+    // L2, asked for during the tile before): copying them measured 1.07-1.08x slower on
+    // [1-4, 32, 8, 128] over 1024-4096 keys. A tile with hidden keys is copied, its hidden
+    // rows as zeros: they are never read.
+    const bool in_place = p.dtype == ScalarType::kFloat32 && !tile.key_masked();
+    if (!in_place) copy_rows(p, tile, keys, b, first, last, buf);
     for (int64_t h = q_first; h < q_last; ++h) {
-      const int64_t kv = h / group - first;
-      attend_tile(p, tile, keys, buf.k.data() + kv * head_floats, buf.v.data() + kv * head_floats,
-                  buf.heads[h - q_first], buf.st.data());
+      const int64_t kv = h / group;
+      HeadState& head = buf.heads[h - q_first];
+      if (in_place) {
+        attend_tile(p, tile, keys, static_cast<const float*>(p.k) + row_offset(p.k_stride, b, tile.begin, kv),
+                    p.k_stride[1], static_cast<const float*>(p.v) + row_offset(p.v_stride, b, tile.begin, kv),
+                    p.v_stride[1], head, buf.st.data(), buf.next);
+      } else {
+        const int64_t at = (kv - first) * head_floats;
+        attend_tile(p, tile, keys, buf.k.data() + at, p.head_dim, buf.v.data() + at, p.head_dim, head, buf.st.data(),
+                    buf.next);
+      }
     }
   }
   for (int64_t h = q_first; h < q_last; ++h) finish_head(p, b, h, buf.heads[h - q_first], buf.rows.data());
