@@ -78,8 +78,14 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048) -> float:
     return 2 * n**3 / median_seconds(lambda i: a @ b, torch.device("cpu"), warmup=2, reps=5) / 1e9
 
 
+# Calls of each implementation per row, in turns. The 2-core machine's per-call times
+# scatter by 20-40%: with 9, the float32 D 128 cached-block row read 1.11-1.42x in three
+# runs of one build; with 31, 1.45-1.51x (and about 4x the sweep's 35 s).
+REPS = 31
+
+
 def sweep(*, dtypes=(torch.float32, torch.bfloat16), head_dims=HEAD_DIMS, quick: bool = False,
-          reps: int = 9) -> tuple[list[Row], dict]:
+          reps: int = REPS) -> tuple[list[Row], dict]:
     rows, peaks = [], {}
     for dtype in dtypes:
         name = str(dtype).removeprefix("torch.")
