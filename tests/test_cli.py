@@ -214,6 +214,32 @@ def test_bench_rows_name_the_commit_a_copied_tree_gives(monkeypatch):
     assert harness.git_commit() == "abc1234"
 
 
+def test_bench_rows_say_dirty_for_changed_code_not_for_appended_results(tmp_path, monkeypatch):
+    import subprocess
+
+    from unmask.benchmarks import harness
+
+    monkeypatch.delenv("UNMASK_COMMIT", raising=False)
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "cpu.jsonl").write_text("{}\n")
+    (tmp_path / "kernel.cpp").write_text("int x;\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-q", "-m", "one")
+    commit = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=tmp_path, capture_output=True,
+                            text=True).stdout.strip()
+    assert harness.git_commit(tmp_path / "bench") == commit
+    (tmp_path / "bench" / "results" / "cpu.jsonl").write_text("{}\n{}\n")  # a second run's rows
+    assert harness.git_commit(tmp_path / "bench") == commit
+    (tmp_path / "kernel.cpp").write_text("int y;\n")
+    assert harness.git_commit(tmp_path / "bench") == commit + "-dirty"
+
+
 def test_gpucheck_stages_are_isolated_and_time_limited(tmp_path, monkeypatch):
     """A bench stage runs in its own process: one that hangs is stopped at its limit, one
     that fails (a GPU fault kills its process) is reported, and the next one runs."""

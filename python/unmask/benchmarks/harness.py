@@ -34,16 +34,23 @@ def device_name(device: torch.device) -> str:
     return f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
-def git_commit() -> str:
-    """The checkout's commit; UNMASK_COMMIT where the tree came without its .git (a GPU
-    machine gets a copy of the working tree)."""
+def git_commit(here: Path | None = None) -> str:
+    """The commit of the checkout holding `here` (this package by default); UNMASK_COMMIT
+    where the tree came without its .git (a GPU machine gets a copy of the working tree)."""
     if os.environ.get("UNMASK_COMMIT"):
         return os.environ["UNMASK_COMMIT"]
+    here = here or Path(__file__).resolve().parent
     try:
-        # "-dirty" when the tree differs from the commit: rows then measured code it does not hold
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
-                             timeout=5, cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
+        out = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=here)
+        commit = out.stdout.strip()
+        if not commit:
+            return "unknown"
+        # "-dirty" when the tree differs from the commit, results files aside (a second run
+        # appends to the first's): rows then measured code the commit does not hold
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                  ":(exclude,top)bench/results"], capture_output=True, text=True, timeout=5, cwd=here)
+        return commit + ("-dirty" if changed.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
