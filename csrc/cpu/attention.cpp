@@ -57,21 +57,26 @@ constexpr int64_t kQueryTile = 132;
   }
 }
 
-// orow[:] += sum_j prow[j] * v[j][:] over keys [first, end) (rows of v v_row floats apart).
-void add_weighted_rows(const float* prow, int64_t first, int64_t end, int64_t dim, const float* v, int64_t v_row,
+// V's rows are float32 (a packed tile, or a float32 input read in place) or bfloat16 (an
+// input read in place, converted as loaded): T, rows v_row elements apart.
+
+// orow[:] += sum_j prow[j] * v[j][:] over keys [first, end).
+template <typename T>
+void add_weighted_rows(const float* prow, int64_t first, int64_t end, int64_t dim, const T* v, int64_t v_row,
                        float* orow) {
   for (int64_t j = first; j < end; ++j) {
     const float pj = prow[j];
-    const float* vrow = v + j * v_row;
+    const T* vrow = v + j * v_row;
 #pragma omp simd
-    for (int64_t d = 0; d < dim; ++d) orow[d] += pj * vrow[d];
+    for (int64_t d = 0; d < dim; ++d) orow[d] += pj * to_float(vrow[d]);
   }
 }
 
 // o[r][:] = alpha[r] * o[r][:] + sum_j p[r][j] * v[j][:] over `keys` keys.
 // row_keys (nullable): row r meets only the keys it sees (block-causal), so that a V it
 // gives weight 0 is never multiplied in (0 times a NaN or inf V is NaN).
-void pv_generic(const float* p, int64_t rows, int64_t keys, int64_t dim, const float* v, int64_t v_row,
+template <typename T>
+void pv_generic(const float* p, int64_t rows, int64_t keys, int64_t dim, const T* v, int64_t v_row,
                 const int64_t* row_keys, const float* alpha, float* o) {
   for (int64_t r = 0; r < rows; ++r) {
     float* orow = o + r * dim;
@@ -147,9 +152,11 @@ void qk_band(const float* q, int64_t dim, const float* kt, float* s) {
 // longer fitting in L1 together.
 // kVecs: the band's width in vectors, kBandVecs where D allows, else 1 (D 16, 32 or 48 with
 // AVX-512: one vector per row, so small head dims keep a register-blocked P V).
-template <int kRows, int kVecs = kBandVecs>
-void pv_band(const float* p, int64_t keys, const float* v, int64_t v_row, int64_t dim, const float* alpha,
-             float* o) {
+inline Simd::Reg load_floats(const float* at) { return Simd::load(at); }
+inline Simd::Reg load_floats(const BFloat16* at) { return Simd::load_bf16(reinterpret_cast<const uint16_t*>(at)); }
+
+template <int kRows, int kVecs = kBandVecs, typename T>
+void pv_band(const float* p, int64_t keys, const T* v, int64_t v_row, int64_t dim, const float* alpha, float* o) {
   Simd::Reg acc[kRows][kVecs];
   for (int r = 0; r < kRows; ++r) {
     const Simd::Reg a = Simd::set1(alpha[r]);
@@ -157,7 +164,7 @@ void pv_band(const float* p, int64_t keys, const float* v, int64_t v_row, int64_
   }
   for (int64_t j = 0; j < keys; ++j) {
     Simd::Reg vj[kVecs];
-    for (int c = 0; c < kVecs; ++c) vj[c] = Simd::load(v + j * v_row + c * Simd::kWidth);
+    for (int c = 0; c < kVecs; ++c) vj[c] = load_floats(v + j * v_row + c * Simd::kWidth);
     for (int r = 0; r < kRows; ++r) {
       const Simd::Reg pb = Simd::set1(p[r * kKeyTile + j]);
       for (int c = 0; c < kVecs; ++c) acc[r][c] = Simd::fmadd(pb, vj[c], acc[r][c]);
@@ -191,8 +198,9 @@ void qk_tile(const float* q, int64_t rows, int64_t dim, const float* kt, const i
 #endif
 }
 
-// v: the tile's `keys` rows of `dim` floats, v_row floats apart (packed: dim).
-void pv_tile(const float* p, int64_t rows, int64_t keys, int64_t dim, const float* v, int64_t v_row,
+// v: the tile's `keys` rows of `dim` elements, v_row apart (packed: dim floats).
+template <typename T>
+void pv_tile(const float* p, int64_t rows, int64_t keys, int64_t dim, const T* v, int64_t v_row,
              const int64_t* row_keys, const float* alpha, float* o) {
 #if defined(UNMASK_SIMD)
   if (dim % Simd::kWidth == 0) {
@@ -304,10 +312,11 @@ void start_query_tile(const AttentionParams& p, int64_t b, int64_t h, int64_t q_
 #endif
 }
 
-// One key tile (K^T kt [D][kKeyTile], V rows v [kKeyTile][D], v_row floats apart) for a
+// One key tile (K^T kt [D][kKeyTile], V rows v [kKeyTile][D], v_row elements apart) for a
 // query head's rows.
+template <typename T>
 void attend_key_tile(const AttentionParams& p, const KeyTile& tile, int64_t rows, const int64_t* row_keys,
-                     const float* kt, const float* v, int64_t v_row, QueryTileState& state, TaskBuffers& buf) {
+                     const float* kt, const T* v, int64_t v_row, QueryTileState& state, TaskBuffers& buf) {
   float* s = buf.s.data();
   qk_tile(state.q.data(), rows, p.head_dim, kt, row_keys, s);
   for (int64_t r = 0; r < rows; ++r) {
@@ -371,11 +380,11 @@ void attend_head_group(const AttentionParams& p, const Packed& packed, int64_t b
     const KeyTile tile = key_tile(p, packed, b, t, 0, rows);
     if (tile.hidden()) continue;
     const int64_t* row_keys = tile_row_keys(p, tile, 0, rows, buf);
-    // float32 rows of a tile whose keys are all visible are read where they lie: K
-    // transposed straight from them, V in place. Copying them first measured 1.04-1.46x
-    // slower on [4, 8, H, D] over 512 keys (D 32 to 16). A tile with hidden keys is
-    // copied, its hidden rows as zeros: they are never read.
-    const bool in_place = p.dtype == ScalarType::kFloat32 && !tile.key_masked();
+    // float32 and bfloat16 rows of a tile whose keys are all visible are read where they
+    // lie: K transposed straight from them, V in place. Copying them first measured
+    // 1.04-1.46x slower on float32 [4, 8, H, D] over 512 keys (D 32 to 16). A tile with
+    // hidden keys is copied, its hidden rows as zeros: they are never read.
+    const bool in_place = (p.dtype == ScalarType::kFloat32 || p.dtype == ScalarType::kBFloat16) && !tile.key_masked();
     for (int64_t j = 0; !in_place && j < kKeyTile; ++j) {  // hidden keys and those past k_len: zeros
       for (int64_t h = first; h < last; ++h) {
         const int64_t at = (h - first) * tile_floats + j * dim;
@@ -385,24 +394,28 @@ void attend_head_group(const AttentionParams& p, const Packed& packed, int64_t b
     for (int64_t h = first; h < last; ++h) {
       const int64_t heads_begin = std::max(q_first, h * group), heads_end = std::min(q_last, (h + 1) * group);
       if (heads_begin >= heads_end) continue;
-      const float* k_rows = buf.k_rows.data() + (h - first) * tile_floats;
-      const float* v_rows = buf.v.data() + (h - first) * tile_floats;
-      int64_t k_row = dim, v_row = dim;
-      if (in_place) {
-        k_rows = static_cast<const float*>(p.k) + row_offset(p.k_stride, b, tile.begin, h);
-        v_rows = static_cast<const float*>(p.v) + row_offset(p.v_stride, b, tile.begin, h);
-        k_row = p.k_stride[1];
-        v_row = p.v_stride[1];
-      }
+      // K^T and the query heads, from rows of K and V of element type T, k_row and v_row apart.
+      const auto attend = [&](const auto* k_rows, int64_t k_row, const auto* v_rows, int64_t v_row) {
+        transpose(k_rows, kKeyTile, dim, k_row, buf.kt.data(), kKeyTile);
+        for (int64_t q_head = heads_begin; q_head < heads_end; ++q_head) {
+          attend_key_tile(p, tile, rows, row_keys, buf.kt.data(), v_rows, v_row, buf.heads[q_head - q_first], buf);
+        }
+      };
       // The rows the next head reads (the next tile's first head after the last), asked for
       // while this one computes: 1.00-1.08x on [4, 8, H, D] over 512 keys (D 32 to 128).
       const bool last_head = h + 1 == last;
       buf.next.start(p, b, tile.begin + (last_head ? kKeyTile : 0), tile.begin + (last_head ? 2 : 1) * kKeyTile,
                      last_head ? first : h + 1, (last_head ? first : h + 1) + 1, /*steps=*/1);
       buf.next.step();
-      transpose(k_rows, kKeyTile, dim, k_row, buf.kt.data(), kKeyTile);
-      for (int64_t q_head = heads_begin; q_head < heads_end; ++q_head) {
-        attend_key_tile(p, tile, rows, row_keys, buf.kt.data(), v_rows, v_row, buf.heads[q_head - q_first], buf);
+      const int64_t k_at = row_offset(p.k_stride, b, tile.begin, h), v_at = row_offset(p.v_stride, b, tile.begin, h);
+      if (!in_place) {
+        attend(buf.k_rows.data() + (h - first) * tile_floats, dim, buf.v.data() + (h - first) * tile_floats, dim);
+      } else if (p.dtype == ScalarType::kFloat32) {
+        attend(static_cast<const float*>(p.k) + k_at, p.k_stride[1], static_cast<const float*>(p.v) + v_at,
+               p.v_stride[1]);
+      } else {
+        attend(static_cast<const BFloat16*>(p.k) + k_at, p.k_stride[1], static_cast<const BFloat16*>(p.v) + v_at,
+               p.v_stride[1]);
       }
     }
   }

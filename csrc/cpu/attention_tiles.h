@@ -9,6 +9,7 @@
 #include <cstring>
 #include <limits>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -150,20 +151,38 @@ inline void store_output_row(const AttentionParams& p, int64_t b, int64_t query,
   store_row(p.out, p.dtype, row_offset(p.out_stride, b, query, h), p.head_dim, o);
 }
 
-// dst[c][r] = src[r][c] for a rows x cols block (rows of src src_stride floats apart, of
-// dst dst_stride apart). In 8 x 8 blocks of AVX registers where the build has them (24
-// shuffles per 64 floats): the scalar walks took 15-20% of a cached-block call (the K
-// transpose, 32 queries x 1024 keys) and ~25% of a 32 x 32 one (the lanes kernel's Q^T
-// and O^T, attention_lanes.cpp), one strided store or load per float.
-inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t src_stride, float* dst,
-                      int64_t dst_stride) {
+// A bfloat16 element of an input read in place (the kernels' loads convert it to float32).
+struct BFloat16 {
+  uint16_t bits;
+};
+
+inline float to_float(float x) { return x; }
+inline float to_float(BFloat16 x) { return cpu::bf16_to_float(x.bits); }
+
+// dst[c][r] = src[r][c] as float32 for a rows x cols block (rows of src src_stride
+// elements apart, of dst dst_stride floats apart). In 8 x 8 blocks of AVX registers where
+// the build has them (24 shuffles per 64 floats): the scalar walks took 15-20% of a
+// cached-block call (the K transpose, 32 queries x 1024 keys) and ~25% of a 32 x 32 one
+// (the lanes kernel's Q^T and O^T, attention_lanes.cpp), one strided store or load per
+// float. A bfloat16 source (K read in place) is converted as it is loaded.
+template <typename T>
+inline void transpose(const T* src, int64_t rows, int64_t cols, int64_t src_stride, float* dst, int64_t dst_stride) {
   int64_t r0 = 0;
 #if defined(UNMASK_SIMD)
+  // Eight elements of a row as eight floats.
+  const auto load8 = [](const T* at) {
+    if constexpr (std::is_same_v<T, BFloat16>) {
+      const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(at));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+    } else {
+      return _mm256_loadu_ps(at);
+    }
+  };
   for (; r0 + 8 <= rows; r0 += 8) {
     int64_t c0 = 0;
     for (; c0 + 8 <= cols; c0 += 8) {
       __m256 r[8], t[8];
-      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (r0 + i) * src_stride + c0);
+      for (int i = 0; i < 8; ++i) r[i] = load8(src + (r0 + i) * src_stride + c0);
       for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved: (a0 b0 a1 b1 | a4 b4 a5 b5), ...
         t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
         t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
@@ -180,12 +199,12 @@ inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t src_
       }
     }
     for (; c0 < cols; ++c0) {
-      for (int64_t i = r0; i < r0 + 8; ++i) dst[c0 * dst_stride + i] = src[i * src_stride + c0];
+      for (int64_t i = r0; i < r0 + 8; ++i) dst[c0 * dst_stride + i] = to_float(src[i * src_stride + c0]);
     }
   }
 #endif
   for (int64_t c = 0; c < cols; ++c) {
-    for (int64_t i = r0; i < rows; ++i) dst[c * dst_stride + i] = src[i * src_stride + c];
+    for (int64_t i = r0; i < rows; ++i) dst[c * dst_stride + i] = to_float(src[i * src_stride + c]);
   }
 }
 
