@@ -228,18 +228,20 @@ def test_short_query_blocks_with_many_heads(batch, q_heads, kv_heads):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("q_len", [32, 27, 13, 8])  # the lanes kernel (AVX-512 builds, float32); the head groups
-@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("group,head_dim", [(1, 64), (4, 64), (2, 16), (1, 33), (4, 128)])
 @pytest.mark.parametrize("masks", [{}, {"block_size": 16, "q_offset": 130}])
-def test_short_blocks_read_visible_tiles_where_they_lie(dtype, q_len, group, masks):
+def test_short_blocks_read_visible_tiles_where_they_lie(dtype, q_len, group, head_dim, masks):
     """A short block's key tiles with no hidden key are read in place (float32 by both
-    kernels, bfloat16 by the head groups), with the inputs' own strides: here K and V
-    interleaved with a third tensor's rows (no two rows adjacent), and a last tile cut
-    short by k_len, which is copied."""
-    gen = torch.Generator().manual_seed(q_len * group)
-    base = torch.randn(2, 300, 3, 8, 64, generator=gen).to(dtype)
-    q = torch.randn(2, q_len, 8, 64, generator=gen).to(dtype)
-    k, v = base[:, :, 1, : 8 // group], base[:, :, 2, : 8 // group]
-    assert k.stride(1) == 3 * 8 * 64
+    kernels, bfloat16 by the head groups) with the inputs' own strides: here K's keys
+    interleaved with a third tensor's (a key's rows 3 x 8 rows apart) and V laid out
+    apart from K (a swapped stride reads the wrong rows), at head dims on and off the
+    register blocks; a last tile cut short by k_len is copied."""
+    gen = torch.Generator().manual_seed(q_len * group * head_dim)
+    base = torch.randn(2, 300, 3, 8, head_dim, generator=gen).to(dtype)
+    q = torch.randn(2, q_len, 8, head_dim, generator=gen).to(dtype)
+    k = base[:, :, 1, : 8 // group]
+    v = torch.randn(2, 300, 8 // group, head_dim, generator=gen).to(dtype)
+    assert k.stride(1) == 3 * 8 * head_dim and v.stride(1) == 8 // group * head_dim
     check_against_reference(q, k, v, **masks)
 
 

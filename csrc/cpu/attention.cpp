@@ -12,8 +12,9 @@
 //    each key tile the masks leave visible (tiles fully hidden by kv_len, key_valid or
 //    the block-causal mask are skipped, never computed), online softmax, O += P V.
 // A block of at most kQueryTile queries (one query tile) skips the global pack: a task
-// takes a batch row's group of kv heads, copies each key tile's rows for the group in
-// memory order and packs them itself (attend_head_group).
+// takes a batch row's group of kv heads and reads each key tile's rows where they lie
+// (float32 and bfloat16 tiles with no hidden key) or copies them for the group in memory
+// order (attend_head_group).
 // With AVX-512 or AVX2 + FMA the two products run in register-blocked micro-kernels
 // (6 rows x one band of columns); elsewhere plain loops the compiler vectorises.
 #include <algorithm>
@@ -401,12 +402,15 @@ void attend_head_group(const AttentionParams& p, const Packed& packed, int64_t b
           attend_key_tile(p, tile, rows, row_keys, buf.kt.data(), v_rows, v_row, buf.heads[q_head - q_first], buf);
         }
       };
-      // The rows the next head reads (the next tile's first head after the last), asked for
-      // while this one computes: 1.00-1.08x on [4, 8, H, D] over 512 keys (D 32 to 128).
+      // The input rows the next head reads in place (the next tile's first head after the
+      // last), asked for while this one computes: 1.00-1.08x on [4, 8, H, D] over 512 keys
+      // (D 32 to 128). A copied tile's next head reads the task's buffer.
       const bool last_head = h + 1 == last;
-      buf.next.start(p, b, tile.begin + (last_head ? kKeyTile : 0), tile.begin + (last_head ? 2 : 1) * kKeyTile,
-                     last_head ? first : h + 1, (last_head ? first : h + 1) + 1, /*steps=*/1);
-      buf.next.step();
+      if (in_place || last_head) {
+        buf.next.start(p, b, tile.begin + (last_head ? kKeyTile : 0), tile.begin + (last_head ? 2 : 1) * kKeyTile,
+                       last_head ? first : h + 1, (last_head ? first : h + 1) + 1, /*steps=*/1);
+        buf.next.step();
+      }
       const int64_t k_at = row_offset(p.k_stride, b, tile.begin, h), v_at = row_offset(p.v_stride, b, tile.begin, h);
       if (!in_place) {
         attend(buf.k_rows.data() + (h - first) * tile_floats, dim, buf.v.data() + (h - first) * tile_floats, dim);

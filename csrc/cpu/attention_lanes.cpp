@@ -10,8 +10,9 @@
 //   online softmax per lane              running maxima, sums and rescale factors are
 //                                        vectors, with no horizontal reduction;
 //   O^T[d] += sum_j V[j][d] P^T[j]       a broadcast of V[j][d] per vector FMA;
-// and O^T is transposed back once per (batch, head). A task takes a group of heads and
-// copies each key tile's rows key by key, in memory order (copy_rows). The arithmetic
+// and O^T is transposed back once per (batch, head). A task takes a group of heads; a
+// float32 key tile with no hidden key is read where it lies, any other is copied key by
+// key, in memory order, hidden rows as zeros (copy_rows). The arithmetic
 // per score is the tiled kernel's: the products in float32 with the same FMAs per term,
 // the softmax in base 2 with the same polynomial, the same lazy rescaling (kMaxSlack)
 // and the same NaN and hidden-key rules (attention_tiles.h, online_softmax_row), lane
@@ -162,8 +163,8 @@ void attend_tile(const AttentionParams& p, const KeyTile& tile, int64_t keys, co
     row_sum[c] = Simd::load(head.row_sum + c * kWidth);
   }
 
-  // Rows past `keys` in the last block of 8 hold other keys (an earlier tile's, or hidden
-  // ones never copied): their scores are never read.
+  // Rows past `keys` in the last block of 8 hold other keys (an earlier tile's or zeros
+  // in the copy; this tile's later, visible keys in place): their scores are never read.
   for (int64_t j = 0; j < keys; j += kScoreKeys) {
     scores<kScoreKeys>(k + j * k_row, dim, k_row, head.qt.data(), st + j * kLanes);
     next.step();
@@ -275,7 +276,8 @@ void attend_heads(const AttentionParams& p, const Packed& packed, int64_t b, int
     const KeyTile tile = key_tile(p, packed, b, t, 0, p.q_len);
     if (tile.hidden()) continue;
     // On the block-causal diagonal, the keys the block's last query sees: the rest are
-    // hidden from every query, never read.
+    // hidden from every query and never reach an output (a tile read in place may load up
+    // to 7 of their K rows, visible to the key masks, into scores that are never read).
     const int64_t keys = tile.causal != TileVisibility::kPartial
                              ? tile.keys
                              : std::clamp<int64_t>(((p.q_offset + p.q_len - 1) / p.block_size + 1) * p.block_size -

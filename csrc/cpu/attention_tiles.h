@@ -328,7 +328,8 @@ inline void copy_key_rows(const AttentionParams& p, int64_t b, int64_t key, int6
 // before), the prefetches filled the core's miss buffers and waited on memory as a copy
 // would: reading a tile and computing on it took turns. Spread, a cached-block call
 // ([1-4, 32, 8, 128] against 1024-4096 keys, K and V from DRAM) measured 1.04-1.13x
-// faster. A prefetch is a hint: a row is never faulted in, and a hidden one is never read.
+// faster. A prefetch is a hint: nothing is faulted in, and a hidden row it brings into
+// cache (its values are not looked at) is never read by the kernels.
 class SpreadPrefetch {
  public:
   // Keys [first_key, end_key) of kv heads [first_head, end_head) of batch row b, spread
@@ -350,17 +351,30 @@ class SpreadPrefetch {
     end_head_ = end_head;
     line_ = 0;
     row_bytes_ = p.head_dim * element_bytes;
-    const int64_t lines = std::max<int64_t>(0, end_key_ - key_) * (end_head - first_head) * ((row_bytes_ + 63) / 64);
+    // A row that may start inside a cache line can end in one more line than its length
+    // covers: then its last byte is asked for too.
+    misaligned_ = (reinterpret_cast<uintptr_t>(p.k) | reinterpret_cast<uintptr_t>(p.v) |
+                   static_cast<uintptr_t>(k_stride_[0] | k_stride_[1] | k_stride_[2] | v_stride_[0] | v_stride_[1] |
+                                          v_stride_[2])) % 64 != 0;
+    const int64_t per_row = (row_bytes_ + 63) / 64 + (misaligned_ ? 1 : 0);
+    const int64_t lines = std::max<int64_t>(0, end_key_ - key_) * (end_head - first_head) * per_row;
     per_step_ = (lines + std::max<int64_t>(steps, 1) - 1) / std::max<int64_t>(steps, 1);
   }
 
-  // The next per_step_ lines of K and of V.
+  // The next per_step_ lines of K and of V (a row's positions: every 64 bytes from its
+  // start, then its last byte where rows may start inside a line).
   void step() {
     for (int64_t n = 0; n < per_step_ && key_ < end_key_; ++n) {
       __builtin_prefetch(k_ + b_ * k_stride_[0] + key_ * k_stride_[1] + head_ * k_stride_[2] + line_, 0, 2);
       __builtin_prefetch(v_ + b_ * v_stride_[0] + key_ * v_stride_[1] + head_ * v_stride_[2] + line_, 0, 2);
-      line_ += 64;
-      if (line_ < row_bytes_) continue;
+      if (line_ + 64 < row_bytes_) {
+        line_ += 64;
+        continue;
+      }
+      if (misaligned_ && line_ != row_bytes_ - 1) {
+        line_ = row_bytes_ - 1;
+        continue;
+      }
       line_ = 0;
       if (++head_ < end_head_) continue;
       head_ = first_head_;
@@ -374,6 +388,7 @@ class SpreadPrefetch {
   int64_t k_stride_[3] = {}, v_stride_[3] = {};
   int64_t b_ = 0, key_ = 0, end_key_ = 0, first_head_ = 0, head_ = 0, end_head_ = 0, line_ = 0, row_bytes_ = 0;
   int64_t per_step_ = 0;
+  bool misaligned_ = false;
 };
 
 // The K^T and V tiles of key tile t of batch b, for every kv head. Key-major, the order
