@@ -147,15 +147,16 @@ void qk_band(const float* q, int64_t dim, const float* kt, float* s) {
     for (int c = 0; c < kBandVecs; ++c) Simd::store(s + r * kKeyTile + c * Simd::kWidth, acc[r][c]);
 }
 
+// A vector of V's elements as float32 (bfloat16 converted as loaded).
+inline Simd::Reg load_floats(const float* at) { return Simd::load(at); }
+inline Simd::Reg load_floats(const BFloat16* at) { return Simd::load_bf16(reinterpret_cast<const uint16_t*>(at)); }
+
 // kRows rows x one band of O columns (O rows `dim` floats apart, V rows v_row): o = alpha * o + p V over
 // `keys` keys, kBandVecs V loads and kRows broadcasts per key. Bands rather than whole rows:
 // a 3-row x 128-column AVX-512 block measured at half the speed, its V tile and O rows no
 // longer fitting in L1 together.
 // kVecs: the band's width in vectors, kBandVecs where D allows, else 1 (D 16, 32 or 48 with
 // AVX-512: one vector per row, so small head dims keep a register-blocked P V).
-inline Simd::Reg load_floats(const float* at) { return Simd::load(at); }
-inline Simd::Reg load_floats(const BFloat16* at) { return Simd::load_bf16(reinterpret_cast<const uint16_t*>(at)); }
-
 template <int kRows, int kVecs = kBandVecs, typename T>
 void pv_band(const float* p, int64_t keys, const T* v, int64_t v_row, int64_t dim, const float* alpha, float* o) {
   Simd::Reg acc[kRows][kVecs];

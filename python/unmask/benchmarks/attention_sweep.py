@@ -80,7 +80,8 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048) -> float:
 
 # Calls of each implementation per row, in turns. The 2-core machine's per-call times
 # scatter by 20-40%: with 9, the float32 D 128 cached-block row read 1.11-1.42x in three
-# runs of one build; with 31, 1.45-1.51x (and about 4x the sweep's 35 s).
+# runs of one build; with 31, 1.45-1.51x (the sweep 84 s instead of 33). Slower phases
+# of the machine, minutes long, still move whole runs: compare runs by their medians.
 REPS = 31
 
 
