@@ -19,6 +19,8 @@ uvicorn = pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
+import torch  # noqa: E402
+
 import unmask  # noqa: E402
 from unmask import cli  # noqa: E402
 from unmask.models import checkpoint  # noqa: E402
@@ -229,6 +231,18 @@ def test_bad_requests_get_400_naming_the_field(server, body, param):
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
 
 
+def test_a_chats_prompt_errors_name_messages(server):
+    """A chat's prompt comes from `messages`: an error about it names that field, not
+    `prompt`, which a chat body does not have."""
+    def chat(content):
+        return httpx.post(server.url + "/v1/chat/completions", timeout=30,
+                          json={"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 8})
+
+    for content in ("1" * 5000, "1 + 2 ="):  # longer than the context; a character the tokenizer lacks
+        reply = chat(content)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages", reply.text
+
+
 def test_fields_at_their_neutral_values_are_served(server, model):
     # what a client that sends every OpenAI field at its default sends
     neutral = {"n": None, "stream": None, "logprobs": None, "echo": False, "best_of": 1, "frequency_penalty": 0,
@@ -299,6 +313,39 @@ def test_a_failing_request_fails_alone(model, monkeypatch):
         assert bad.result().status_code == 500 and "injected" in bad.result().json()["error"]["message"]
         assert good.result().status_code == 200
         assert post(running, {"model": MODEL, "prompt": "2+2=", "max_tokens": 8}).status_code == 200
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("error", [RuntimeError("CUDA error: an illegal memory access was encountered"),
+                                   torch.OutOfMemoryError("CUDA out of memory")])
+def test_steps_that_keep_failing_stop_the_engine_out_of_memory_aside(model, monkeypatch, error):
+    """A sticky device error fails every model call: after MAX_FAILED_STEPS steps in a row
+    fail (each failing its own requests), the engine stops, /health answers 503 so that a
+    supervisor restarts the server, and new requests get 503. Steps that ran out of memory
+    (one huge request) do not count."""
+    from unmask.serving import engine as engine_module
+
+    running = start(model, max_batch=8, max_queue=8)
+    try:
+        engine = running.server.engine
+
+        def broken(jobs):
+            raise error
+
+        monkeypatch.setattr(engine, "_block_logits", broken)
+        for _ in range(engine_module.MAX_FAILED_STEPS):
+            failed = post(running, {"model": MODEL, "prompt": "1+1=", "max_tokens": 8})
+            assert failed.status_code == 500 and "the model step failed" in failed.json()["error"]["message"]
+        health = httpx.get(running.url + "/health", timeout=10)
+        if isinstance(error, torch.OutOfMemoryError):
+            assert health.status_code == 200 and engine.dead is None
+            monkeypatch.undo()
+            assert post(running, {"model": MODEL, "prompt": "1+1=", "max_tokens": 8}).status_code == 200
+        else:
+            assert health.status_code == 503 and "BrokenDevice: 3 model steps failed in a row" in health.json()["detail"]
+            refused = post(running, {"model": MODEL, "prompt": "1+1=", "max_tokens": 8})
+            assert refused.status_code == 503 and "the engine stopped" in refused.json()["error"]["message"]
     finally:
         running.stop()
 

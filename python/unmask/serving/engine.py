@@ -35,6 +35,12 @@ from unmask.models.transformer import DiffusionTransformer, KVCache, Rows, RowSe
 from unmask.serving.protocol import Settings, cut_at_stop
 
 MASK_PLACEHOLDER = "\u2591"  # one per masked position in the streamed canvas
+# Model steps failing in a row (running out of memory aside) that stop the engine (_loop).
+MAX_FAILED_STEPS = 3
+
+
+class BrokenDevice(RuntimeError):
+    """MAX_FAILED_STEPS model steps failed in a row: the engine stops."""
 
 
 class QueueFull(RuntimeError):
@@ -178,9 +184,11 @@ class Engine:
                     self._fail(job, f"the engine stopped: {self.dead}")
             if self.after_step is not None:
                 self.after_step()
-            raise
+            if not isinstance(error, BrokenDevice):  # that one is said in self.dead, and /health gives it
+                raise
 
     def _loop(self) -> None:
+        failed_in_a_row = 0  # model steps, out-of-memory aside
         while True:
             with self.condition:
                 self.active = [job for job in self.active if not (job.cancelled or job.finished)]
@@ -197,9 +205,18 @@ class Engine:
                 jobs = list(self.active)
             try:
                 self._step(jobs)
+                failed_in_a_row = 0
             except Exception as error:  # a failure of the shared model call: these requests fail, not the server
                 for job in jobs:
                     self._fail(job, f"the model step failed: {type(error).__name__}: {error}")
+                # Each failed step fails its own requests, so steps that keep failing for new
+                # ones mean a broken device (a sticky CUDA error fails every later call), not a
+                # bad request: the engine stops, /health answers 503 and a supervisor restarts
+                # the server. Running out of memory (one huge request) does not count.
+                failed_in_a_row = 0 if isinstance(error, torch.OutOfMemoryError) else failed_in_a_row + 1
+                if failed_in_a_row >= MAX_FAILED_STEPS:
+                    raise BrokenDevice(f"{failed_in_a_row} model steps failed in a row, the last with "
+                                       f"{type(error).__name__}: {error}") from error
             self.steps += 1
             if self.after_step is not None:
                 self.after_step()

@@ -115,15 +115,16 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int, max_co
     block_length = min(default_block_length, max_tokens) if block_length is None else block_length
     _checked("block_length", validation.check_positive_int, "block_length", block_length)
     gen_length = math.ceil(max_tokens / block_length) * block_length  # whole blocks; the answer is cut after
+    prompt_field = "messages" if chat else "prompt"  # where a chat's prompt came from
     if len(prompt) + gen_length > max_context:
         # the field to change: the prompt when it alone fills the context, block_length
         # when the answer fits but its rounding to whole blocks does not
-        param = ("prompt" if len(prompt) >= max_context else length_field if len(prompt) + max_tokens > max_context
-                 else "block_length")
+        param = (prompt_field if len(prompt) >= max_context else length_field
+                 if len(prompt) + max_tokens > max_context else "block_length")
         raise RequestError(f"the prompt ({len(prompt)} tokens) and {length_field}={max_tokens} rounded to whole "
                            f"blocks of {block_length} ({gen_length}) exceed the context of {max_context} tokens",
                            param)
-    _checked("prompt", validation.prompt_lists, [prompt], mask_id=mask_id, vocab=vocab)
+    _checked(prompt_field, validation.prompt_lists, [prompt], mask_id=mask_id, vocab=vocab)
     sampling_fields = ("temperature", "top_k", "top_p", "remasking", "seed")
     try:
         sampling = validation.sampling(temperature=_default(body, "temperature", 0.0), top_k=_default(body, "top_k", 0),
