@@ -124,6 +124,22 @@ def test_chat_uses_the_last_user_turn_without_a_template(server, model):
     assert reply.choices[0].message.role == "assistant"
 
 
+@pytest.mark.parametrize("declared", [True, False])
+def test_a_chat_template_that_cannot_be_loaded_is_said_at_start(model, tmp_path, monkeypatch, caplog, declared):
+    """An Instruct checkpoint served where its template cannot be loaded (transformers
+    missing: cli.chat_tokenizer gives None) answers chats with the last user turn alone:
+    the server says so in its log when it starts, and says nothing for a checkpoint that
+    has no template."""
+    config = {"chat_template": "{{ messages }}"} if declared else {}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(cli, "chat_tokenizer", lambda *args, **kwargs: None)
+    with caplog.at_level("WARNING", logger="unmask.serve"):
+        server = Server(model, model.tokenizer, model_name=MODEL, model_dir=str(tmp_path))
+    assert server.chat_template is None
+    said = [record.getMessage() for record in caplog.records if record.name == "unmask.serve"]
+    assert (len(said) == 1 and "could not be loaded" in said[0] and "transformers" in said[0]) if declared else not said
+
+
 def test_chat_content_as_text_parts(server, model):
     reply = server.client.chat.completions.create(model=MODEL, max_tokens=8, messages=[
         {"role": "user", "content": [{"type": "text", "text": "sort:"}, {"type": "text", "text": "8531="}]}])

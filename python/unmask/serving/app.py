@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -177,9 +179,17 @@ class Server:
             return None
         try:
             tokenizer = cli.chat_tokenizer(self.model_dir, trust_remote_code=self.trust_remote_code)
-        except Exception:
-            return None
-        return tokenizer if getattr(tokenizer, "chat_template", None) else None
+        except Exception as error:
+            tokenizer, why = None, f"{type(error).__name__}: {error}"
+        else:
+            why = "transformers is not installed (pip install 'unmask[hf]')"
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer
+        if _declares_chat_template(Path(self.model_dir)):  # an Instruct model served without its template
+            logging.getLogger("unmask.serve").warning(
+                "%s has a chat template that could not be loaded (%s): chat requests get the last user turn "
+                "alone, without the template, system prompt or history", self.model_dir, why)
+        return None
 
     async def _complete(self, request: Request, job: Job, events: asyncio.Queue, request_id: str, chat: bool):
         try:
@@ -292,3 +302,14 @@ def serve(model_dir: str | None = None, *, host: str = "127.0.0.1", port: int = 
                     default_block_length=block_length or (8 if bundled else 32), default_cache=cache, engine=runner,
                     trust_remote_code=trust_remote_code)
     uvicorn.run(server.app(), host=host, port=port, log_level="info", timeout_graceful_shutdown=60)
+
+
+def _declares_chat_template(model_dir: Path) -> bool:
+    """Whether a checkpoint ships a chat template (in tokenizer_config.json, or as
+    chat_template.jinja / .json beside it), read without transformers."""
+    if (model_dir / "chat_template.jinja").exists() or (model_dir / "chat_template.json").exists():
+        return True
+    try:
+        return bool(json.loads((model_dir / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
