@@ -3,6 +3,7 @@ streaming) and raw HTTP for the errors, against a server on 127.0.0.1 serving th
 model. Answers are compared with offline unmask.generate of the same request."""
 
 import concurrent.futures
+import importlib.util
 import json
 import os
 import signal
@@ -133,6 +134,7 @@ def test_a_chat_template_that_cannot_be_loaded_is_said_at_start(model, tmp_path,
     config = {"chat_template": "{{ messages }}"} if declared else {}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     monkeypatch.setattr(cli, "chat_tokenizer", lambda *args, **kwargs: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)  # as without transformers
     with caplog.at_level("WARNING", logger="unmask.serve"):
         server = Server(model, model.tokenizer, model_name=MODEL, model_dir=str(tmp_path))
     assert server.chat_template is None

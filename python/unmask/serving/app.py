@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import logging
 import time
@@ -182,7 +183,8 @@ class Server:
         except Exception as error:
             tokenizer, why = None, f"{type(error).__name__}: {error}"
         else:
-            why = "transformers is not installed (pip install 'unmask[hf]')"
+            why = ("transformers is not installed (pip install 'unmask[hf]')"
+                   if importlib.util.find_spec("transformers") is None else "no tokenizer_config.json beside it")
         if getattr(tokenizer, "chat_template", None):
             return tokenizer
         if _declares_chat_template(Path(self.model_dir)):  # an Instruct model served without its template
