@@ -367,7 +367,7 @@ void attend_query_tile(const AttentionParams& p, const Packed& packed, int64_t b
 // [first, last) and, of their query heads, those in [q_first, q_last), through every key
 // tile, packed here rather than in the global pack (each tile meets one query tile per
 // query head: packed here it stays in L1/L2, where the global pack writes every tile to
-// memory and reads it back). Where a tile is copied (hidden keys, half-precision inputs),
+// memory and reads it back). Where a tile is copied (hidden keys, float16 inputs),
 // each key's rows for the group are copied in memory order ([B, L, H, D]: a key's heads
 // are adjacent); copied head by head, a row of 16-32 floats lay on a page of its own, and
 // [4, 8, 32, 32] over 512 keys spent ~2.7x per tile what it did with its keys in cache.
