@@ -179,15 +179,15 @@ class Server:
         if not self.model_dir:
             return None
         try:
-            tokenizer = cli.chat_tokenizer(self.model_dir, trust_remote_code=self.trust_remote_code)
+            tokenizer, why = cli.chat_tokenizer(self.model_dir, trust_remote_code=self.trust_remote_code), None
         except Exception as error:
             tokenizer, why = None, f"{type(error).__name__}: {error}"
-        else:
-            why = ("transformers is not installed (pip install 'unmask[hf]')"
-                   if importlib.util.find_spec("transformers") is None else "no tokenizer_config.json beside it")
         if getattr(tokenizer, "chat_template", None):
             return tokenizer
         if _declares_chat_template(Path(self.model_dir)):  # an Instruct model served without its template
+            why = why or ("transformers loaded the tokenizer without it" if tokenizer is not None
+                          else "transformers is not installed (pip install 'unmask[hf]')"
+                          if importlib.util.find_spec("transformers") is None else "no tokenizer_config.json beside it")
             logging.getLogger("unmask.serve").warning(
                 "%s has a chat template that could not be loaded (%s): chat requests get the last user turn "
                 "alone, without the template, system prompt or history", self.model_dir, why)
