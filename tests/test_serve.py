@@ -238,6 +238,7 @@ ERRORS = [
     ({"model": MODEL, "prompt": "1", "max_tokens": 8, "block_length": 10**12}, "block_length"),
     ({"model": MODEL, "prompt": "1 + 2 ="}, "prompt"),  # a space: the bundled tokenizer's unknown, read as <pad>
     ("[" * 100_000 + "]" * 100_000, None),  # nested deeper than the JSON parser goes
+    ({"model": MODEL, "prompt": "1", "messages": [{"role": "user", "content": "2"}]}, "messages"),  # a chat's field
 ]
 
 
@@ -259,6 +260,21 @@ def test_a_chats_prompt_errors_name_messages(server):
     for content in ("1" * 5000, "1 + 2 ="):  # longer than the context; a character the tokenizer lacks
         reply = chat(content)
         assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages", reply.text
+    both = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
+        "model": MODEL, "prompt": "1", "messages": [{"role": "user", "content": "2"}], "max_tokens": 8})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "prompt", both.text  # a completion's field
+
+
+def test_a_body_past_the_limit_gets_413_before_it_is_read(server):
+    from unmask.serving import app
+
+    big = json.dumps({"model": MODEL, "prompt": "1" * app.MAX_BODY_BYTES}).encode()
+    declared = httpx.post(server.url + "/v1/completions", content=big, timeout=30)  # with its Content-Length
+    chunked = httpx.post(server.url + "/v1/completions", timeout=30,  # without: read until past the limit
+                         content=(big[i:i + (1 << 16)] for i in range(0, len(big), 1 << 16)))
+    for reply in (declared, chunked):
+        assert reply.status_code == 413 and "exceeds" in reply.json()["error"]["message"], reply.text
+    assert post(server, {"model": MODEL, "prompt": "1+1=", "max_tokens": 8}).status_code == 200
 
 
 def test_fields_at_their_neutral_values_are_served(server, model):
@@ -540,18 +556,51 @@ def test_an_engine_process_that_cannot_load_its_model_says_why(tmp_path):
 def test_a_crashed_engine_process_fails_its_requests_not_the_server():
     running = start_in_process(max_batch=4, max_queue=4)
     try:
-        # one block of 1024 steps: the request cannot end (at EOS, at a block's end) before the kill
-        body = {"model": MODEL, "prompt": "1+1=", "max_tokens": 1024, "block_length": 1024, "stream": True}
-        with httpx.stream("POST", running.url + "/v1/completions", json=body, timeout=30) as reply:
-            lines = reply.iter_lines()
-            next(lines)  # decoding
-            running.server.engine.process.kill()  # as a segfault in a kernel would end it
-            rest = [line for line in lines if line.startswith("data: ")]
+        # one block of 1024 steps: the requests cannot end (at EOS, at a block's end) before the kill
+        body = {"model": MODEL, "prompt": "1+1=", "max_tokens": 1024, "block_length": 1024}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            plain = pool.submit(post, running, body)
+            with httpx.stream("POST", running.url + "/v1/completions", json={**body, "stream": True},
+                              timeout=30) as reply:
+                lines = reply.iter_lines()
+                next(lines)  # decoding
+                _wait_for(lambda: running.server.engine.load()["active"] == 2, "the plain request was not admitted")
+                running.server.engine.process.kill()  # as a segfault in a kernel would end it
+                rest = [line for line in lines if line.startswith("data: ")]
         assert json.loads(rest[-2][6:])["error"]["message"].startswith("the engine process exited")
         assert rest[-1] == "data: [DONE]"
+        # a response not yet begun says 503 (a restarted server may serve it), not 500
+        assert plain.result().status_code == 503, plain.result().text
+        assert plain.result().json()["error"]["message"].startswith("the engine process exited")
         health = httpx.get(running.url + "/health", timeout=10)
         assert health.status_code == 503 and health.json()["status"] == "error"
         refused = post(running, {"model": MODEL, "prompt": "1+1=", "max_tokens": 8})
         assert refused.status_code == 503 and "the engine stopped" in refused.json()["error"]["message"]
+    finally:
+        running.stop()
+
+
+def test_an_engine_message_the_front_cannot_read_fails_its_requests_and_stops_the_engine():
+    """The thread that relays the engine's events must not end silently with clients
+    waiting: a message it cannot read fails what the engine held, marks the engine dead
+    (/health 503) and ends the engine process, whose steps nobody would hear."""
+    import pickle
+
+    running = start_in_process(max_batch=4, max_queue=4)
+    engine = running.server.engine
+    try:
+        def unreadable():
+            raise pickle.UnpicklingError("injected")
+
+        engine.connection.recv = unreadable  # the reader's next read (it waits in the one before)
+        body = {"model": MODEL, "prompt": "1+1=", "max_tokens": 1024, "block_length": 1024, "stream": True}
+        with httpx.stream("POST", running.url + "/v1/completions", json=body, timeout=30) as reply:
+            rest = [line for line in reply.iter_lines() if line.startswith("data: ")]
+        error = json.loads(rest[-2][6:])["error"]["message"]
+        assert error == "the engine's messages could not be read: UnpicklingError: injected" and rest[-1] == "data: [DONE]"
+        health = httpx.get(running.url + "/health", timeout=10)
+        assert health.status_code == 503 and "UnpicklingError" in health.json()["detail"]
+        engine.process.join(timeout=10)
+        assert engine.process.exitcode is not None  # killed, not left decoding
     finally:
         running.stop()

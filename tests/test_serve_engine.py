@@ -152,3 +152,52 @@ def test_a_tensor_parallel_model_is_refused():
     model.vocab_shard = object()  # what unmask.distributed.tensor_parallel sets
     with pytest.raises(ValueError, match="tensor-parallel"):
         Engine(model, None, max_batch=2, max_queue=2)
+
+
+class Letters(IdTokenizer):
+    """Token t is a letter (40 then 41 an e-acute, half of one a U+FFFD); its encode adds
+    a BOS, as LLaDA's and Llama's tokenizers do."""
+
+    decode = ByteLevel.decode
+
+    def __init__(self):
+        self.decodes = 0
+
+    def encode(self, text):
+        return type("Encoding", (), {"ids": [1] + [ord(c) - ord("a") for c in text]})()
+
+    def counted_decode(self, ids):
+        self.decodes += 1
+        return ByteLevel.decode(self, ids)
+
+
+@pytest.mark.parametrize("answer,stop,text,tokens", [
+    ([0, 1, 2, 3, 4, 5, 6, 7], "d", "abc", 3),
+    ([40, 41, 0, 3, 4, 5, 6, 7], "d", "\u00e9a", 3),  # a two-token character
+    ([0, 1, 2, 3, 4, 5, 6, 7], "a", "", 0),
+    ([0, 1, 2, 3, 4, 5, 6, 40], "\ufffd", "abcdefg", 7),  # the last token half a character
+])
+def test_usage_after_a_stop_string_counts_the_answers_own_tokens(answer, stop, text, tokens):
+    """completion_tokens of an answer cut at a stop string: the answer's tokens that
+    decode to the returned text, not a re-encoding of it (which adds this tokenizer's BOS)."""
+    model = tiny_model(seed=3)
+    engine = Engine(model, Letters(), max_batch=2, max_queue=2)
+    events = []
+    job = job_for(model, [5, 6, 7], events, max_tokens=8, block_length=8, stop=stop)
+    job.canvas[3:] = torch.tensor(answer)
+    engine._advance(job, block_done=True)
+    assert events[-1]["kind"] == "done" and events[-1]["text"] == text and events[-1]["finish_reason"] == "stop"
+    assert events[-1]["usage"]["completion_tokens"] == tokens
+
+
+def test_a_request_that_does_not_stream_decodes_its_text_at_block_ends_only():
+    # decoding the whole answer at every step costs a long answer quadratic tokenizer work
+    model = tiny_model(seed=3)
+    tokenizer = Letters()
+    tokenizer.decode = tokenizer.counted_decode
+    engine = Engine(model, tokenizer, max_batch=2, max_queue=2)
+    events = []
+    job = job_for(model, [5, 6, 7], events, max_tokens=12, block_length=4, steps=12)
+    run(engine, [job])
+    assert events[-1]["kind"] == "done", events[-1]
+    assert tokenizer.decodes == 3  # one per block, not one per step (12)

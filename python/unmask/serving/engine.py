@@ -181,7 +181,7 @@ class Engine:
                 self.waiting.clear()
             for job in stranded:
                 with contextlib.suppress(Exception):
-                    self._fail(job, f"the engine stopped: {self.dead}")
+                    self._fail(job, f"the engine stopped: {self.dead}", status=503)
             if self.after_step is not None:
                 self.after_step()
             if not isinstance(error, BrokenDevice):  # that one is said in self.dead, and /health gives it
@@ -405,6 +405,8 @@ class Engine:
 
     def _advance(self, job: Job, block_done: bool) -> None:
         """Stream what became final, and end the block or the request where it ends."""
+        if not (block_done or job.settings.stream):
+            return  # nothing to send or decide: the answer's text is decoded at block ends only, not every step
         generated = job.generated()
         tokens, at_eos = self._final_tokens(job, generated)
         decoded = self.tokenizer.decode(tokens)
@@ -430,7 +432,7 @@ class Engine:
             job.finished, job.kv = True, None
             # "stop" where EOS or a stop string ended the answer within max_tokens, else "length"
             reason = "stop" if at_eos or stopped else "length"
-            completion = len(tokens) if text == decoded else len(self.tokenizer.encode(text).ids)
+            completion = len(tokens) if text == decoded else self._tokens_of(text, tokens)
             usage = {"prompt_tokens": job.prompt_length, "completion_tokens": completion,
                      "total_tokens": job.prompt_length + completion}
             job.on_event({"kind": "done", "text": text, "finish_reason": reason, "usage": usage})
@@ -451,6 +453,21 @@ class Engine:
             final.append(token)
         return final, False
 
+    def _tokens_of(self, text: str, tokens: list[int]) -> int:
+        """How many of the answer's tokens the text cut at a stop string holds: the
+        shortest prefix of them that decodes to the text and beyond (so usage counts
+        the tokens that made the answer, as decoded, not a re-encoding of it, which may
+        split otherwise or add a BOS). Decoded prefixes grow with their length, so a
+        bisection takes log2(len(tokens)) decodes."""
+        low, high = 0, len(tokens)  # decode(tokens[:high]) starts with text (the text is a cut of it)
+        while low < high:
+            middle = (low + high) // 2
+            if self.tokenizer.decode(tokens[:middle]).startswith(text):
+                high = middle
+            else:
+                low = middle + 1
+        return high
+
     def _piece(self, token: int) -> str:
         piece = self._pieces.get(token)
         if piece is None:
@@ -461,11 +478,13 @@ class Engine:
         return "".join(MASK_PLACEHOLDER if t == job.mask_id else self._piece(t)
                        for t in generated[:job.settings.max_tokens])
 
-    def _fail(self, job: Job, message: str) -> None:
+    def _fail(self, job: Job, message: str, status: int = 500) -> None:
+        """status: the HTTP status a response not yet begun answers with (500: this
+        request's step failed; 503: the engine stopped, a restart may serve it)."""
         if not job.finished:
             job.finished, job.kv = True, None
             with contextlib.suppress(Exception):  # a client whose loop is gone hears nothing, the engine goes on
-                job.on_event({"kind": "error", "message": message})
+                job.on_event({"kind": "error", "message": message, "status": status})
 
 
 def _sampling_key(job: Job):

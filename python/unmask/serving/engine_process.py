@@ -132,30 +132,14 @@ class EngineProcess:
                 return False
 
     def _read(self) -> None:
-        """The front's end of the pipe: each step's events to their requests."""
-        why = None
-        while True:
-            try:
-                message = self.connection.recv()
-            except (EOFError, OSError):
-                break
-            if message[0] == "stopped":
-                break
-            if message[0] == "dead":  # the steps failed; the process exits
-                why = message[1]
-                break
-            _, events, self.last_steps = message
-            for remote, event in events:
-                ended = event["kind"] in ("done", "error")
-                with self.lock:
-                    job = self.jobs.pop(remote, None) if ended else self.jobs.get(remote)
-                    if ended and job is not None:
-                        self.remote.pop(job, None)
-                if job is None:
-                    continue
-                job.finished = job.finished or ended
-                with contextlib.suppress(Exception):  # a client whose loop is gone hears nothing
-                    job.on_event(event)
+        """The front's end of the pipe: each step's events to their requests, until the
+        engine stops or is gone; then whatever it still held fails."""
+        try:
+            why = self._relay()
+        except Exception as error:  # a message it cannot read: no later event can be trusted to arrive
+            why = f"the engine's messages could not be read: {type(error).__name__}: {error}"
+            with contextlib.suppress(Exception):  # the steps would go on for requests nobody hears
+                self.process.kill()
         with self.send_lock:
             self.closed = True
         with self.lock:  # the engine is gone: whatever it still held fails
@@ -168,7 +152,32 @@ class EngineProcess:
         for job in stranded:
             job.finished = True
             with contextlib.suppress(Exception):
-                job.on_event({"kind": "error", "message": self.dead})
+                job.on_event({"kind": "error", "message": self.dead, "status": 503})
+
+    def _relay(self) -> str | None:
+        """Each step's events to their requests until the pipe ends; why the engine
+        stopped if it failed (None after a drain, or when the pipe closed)."""
+        while True:
+            try:
+                message = self.connection.recv()
+            except (EOFError, OSError):
+                return None
+            if message[0] == "stopped":
+                return None
+            if message[0] == "dead":  # the steps failed; the process exits
+                return message[1]
+            _, events, self.last_steps = message
+            for remote, event in events:
+                ended = event["kind"] in ("done", "error")
+                with self.lock:
+                    job = self.jobs.pop(remote, None) if ended else self.jobs.get(remote)
+                    if ended and job is not None:
+                        self.remote.pop(job, None)
+                if job is None:
+                    continue
+                job.finished = job.finished or ended
+                with contextlib.suppress(Exception):  # a client whose loop is gone hears nothing
+                    job.on_event(event)
 
 
 def _serve_engine(connection, spec: EngineSpec) -> None:
@@ -230,7 +239,8 @@ def _serve_engine(connection, spec: EngineSpec) -> None:
                 engine.submit(job)
             except (QueueFull, Unavailable) as refused:
                 del jobs[remote]
-                post(remote, {"kind": "error", "message": str(refused)})
+                post(remote, {"kind": "error", "message": str(refused),
+                              "status": 429 if isinstance(refused, QueueFull) else 503})
                 flush()
         elif message[0] == "cancel":
             job = jobs.get(message[1])

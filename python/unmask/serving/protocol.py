@@ -86,9 +86,15 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int, max_co
     default_cache: the cache of a body without the field (null in the body means none);
     chat: a chat completion's body (max_completion_tokens, OpenAI's newer name for
     max_tokens there, is taken too)."""
-    own = ("prompt", "messages") + (("max_completion_tokens",) if chat else ())
+    # a completion's prompt is `prompt`, a chat's is `messages`: a body with the other
+    # field is refused, not served with that field silently unread
+    own = ("messages", "max_completion_tokens") if chat else ("prompt",)
     unknown = sorted(set(body) - set(OPENAI_FIELDS) - set(DIFFUSION_FIELDS) - set(NEUTRAL_FIELDS) - set(own))
     if unknown:
+        other = {"prompt": "/v1/completions", "messages": "/v1/chat/completions"}.get(unknown[0])
+        if other is not None:
+            raise RequestError(f"{unknown[0]} belongs to {other}; this endpoint takes "
+                               f"{'messages' if chat else 'prompt'}", unknown[0])
         raise RequestError(f"unknown field {unknown[0]!r}", unknown[0])
     for name, neutral in NEUTRAL_FIELDS.items():
         if name in body and not any(validation.same_value(body[name], value) for value in neutral):
