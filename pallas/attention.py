@@ -206,24 +206,35 @@ def attention_pallas(q, k, v, key_valid, *, block_size: int, q_offset: int, scal
     kernel = functools.partial(_attention_kernel, tile_q=tile_q, tile_k=tile_k, key_tiles=k_len // tile_k,
                                block_size=block_size, q_offset=q_offset, scale=scale,
                                queries=q_len if queries is None else queries)
-    kv_spec = pl.BlockSpec((None, None, k_len, head_dim), lambda b, h, i: (b, _div(h, group), 0, 0))
 
-    def call(compiler_params):
+    def call(compiler_params, width: int):
+        kv_spec = pl.BlockSpec((None, None, k_len, width), lambda b, h, i: (b, _div(h, group), 0, 0))
         return lambda *args: pl.pallas_call(
             kernel,
-            out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+            out_shape=jax.ShapeDtypeStruct(q.shape[:3] + (width,), q.dtype),
             grid=(batch, q_heads, q_len // tile_q),
             in_specs=[
-                pl.BlockSpec((None, None, tile_q, head_dim), lambda b, h, i: (b, h, i, 0)),
+                pl.BlockSpec((None, None, tile_q, width), lambda b, h, i: (b, h, i, 0)),
                 kv_spec,
                 kv_spec,
                 pl.BlockSpec((None, 1, k_len), lambda b, h, i: (b, 0, 0)),
             ],
-            out_specs=pl.BlockSpec((None, None, tile_q, head_dim), lambda b, h, i: (b, h, i, 0)),
+            out_specs=pl.BlockSpec((None, None, tile_q, width), lambda b, h, i: (b, h, i, 0)),
             compiler_params=compiler_params,
             interpret=interpret,
         )(*args)
 
-    tpu = call(_tpu_params(k_len, head_dim, q.dtype.itemsize, tile_q, tile_k))
-    return platform.by_platform((q, k, v, key_valid), tpu=tpu, gpu=call(_gpu_params(head_dim)), interpret=interpret,
-                                variant=variant)
+    tpu = call(_tpu_params(k_len, head_dim, q.dtype.itemsize, tile_q, tile_k), head_dim)
+    # Triton lowers power-of-two arrays only: a head dim such as 80 or 96 runs zero-padded
+    # to the next power of two (zeros add nothing to q.k, and the padded columns of P V
+    # are dropped), at the cost of the padded width's loads and products.
+    width = 1 << (head_dim - 1).bit_length()
+    gpu_padded = call(_gpu_params(width), width)
+
+    def gpu(q, k, v, key_valid):
+        if width == head_dim:
+            return gpu_padded(q, k, v, key_valid)
+        pad = ((0, 0), (0, 0), (0, 0), (0, width - head_dim))
+        return gpu_padded(jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad), key_valid)[..., :head_dim]
+
+    return platform.by_platform((q, k, v, key_valid), tpu=tpu, gpu=gpu, interpret=interpret, variant=variant)

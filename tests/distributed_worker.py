@@ -28,6 +28,8 @@ CASES = [
     ("random-remasking", {}, dict(gen_length=8, block_length=4, steps=4, temperature=0.5, remasking="random", seed=3)),
     ("top-k-top-p", {}, dict(gen_length=8, block_length=8, steps=8, temperature=1.0, top_k=7, top_p=0.9, seed=1)),
     ("dual-cache", {}, dict(gen_length=16, block_length=8, steps=16, cache="dual")),
+    ("speculate-threshold", {}, dict(gen_length=16, block_length=8, threshold=0.5, speculate=2, temperature=1.0,
+                                     seed=5)),
     ("qkv-bias-tied-shifted", dict(include_qkv_bias=True, weight_tying=True, model_type="dream"),
      dict(gen_length=8, block_length=8, steps=8, temperature=1.0, seed=2)),
 ]
@@ -47,11 +49,21 @@ def main(out_path: str) -> None:
     for name, overrides, arguments in CASES:
         model = distributed.tensor_parallel(model_for(overrides), mesh)
         results[name] = run_case(model, arguments)
-    try:
-        distributed.tensor_parallel(model_for(dict(n_heads=4, n_kv_heads=1)), mesh)
-        results["error"] = None
-    except ValueError as error:
-        results["error"] = str(error)
+    # rank 0's share of the sharded head (what the token comparisons cannot tell apart
+    # from a model left whole)
+    shard = model.vocab_shard
+    results["shard"] = {"sizes": list(shard.sizes), "start": shard.start,
+                        "local_head_rows": distributed._local(model.lm_head.weight).shape[0],
+                        "local_query_rows": distributed._local(model.layers[0].q_proj.weight).shape[0]}
+    for name, refused in (("error", lambda: distributed.tensor_parallel(model_for(dict(n_heads=4, n_kv_heads=1)),
+                                                                         mesh)),
+                          ("reversed-mesh", lambda: distributed.tensor_parallel(
+                              model_for({}), torch.distributed.device_mesh.DeviceMesh("cpu", [1, 0])))):
+        try:
+            refused()
+            results[name] = None
+        except ValueError as error:
+            results[name] = str(error)
     if torch.distributed.get_rank() == 0:
         Path(out_path).write_text(json.dumps(results))
     distributed.shutdown()

@@ -108,6 +108,18 @@ def test_two_ranks_reject_heads_that_do_not_split(two_rank_results):
     assert "n_kv_heads=1 must be a multiple of the number of ranks (2)" in two_rank_results["error"]
 
 
+def test_the_model_is_sharded_over_the_two_ranks(two_rank_results):
+    # rank 0 holds the first 31 of 61 vocabulary ids and 2 of the 4 query heads (of 8 dims)
+    assert two_rank_results["shard"] == {"sizes": [31, 30], "start": 0, "local_head_rows": 31,
+                                         "local_query_rows": 16}
+
+
+def test_a_mesh_with_its_ranks_out_of_order_is_refused(two_rank_results):
+    # torch would shard the head by mesh position while the vocabulary offsets go by rank:
+    # the tokens would come out wrong, silently
+    assert two_rank_results["reversed-mesh"] == "mesh must list its ranks in ascending order, got [1, 0]"
+
+
 def test_torchrun_cli_generate_matches_one_process(tmp_path):
     arguments = ["generate", "--prompt", "sort:8531=", "--quiet"]
     single = subprocess.run([sys.executable, "-m", "unmask", *arguments], cwd=ROOT, capture_output=True, text=True,

@@ -7,6 +7,7 @@ them with INTERPRET on: on a CPU-only machine only the interpret class runs; on 
 accelerator the compiled class runs too.
 """
 
+import re
 import subprocess
 import sys
 
@@ -44,6 +45,10 @@ class TestPallasCompiled:
         (1019, 9, torch.bfloat16, dict(temperature=0.7, top_k=7, confidence="margin", offset=4)),
         (1025, 4, torch.float16, dict(top_p=0.8, temperature=1.0, confidence="entropy", conf_temperature=0.5)),
         (300, 16, torch.float32, dict(confidence="random", seed=2**63 + 9, banned=[0, 299])),
+        # vocabulary tiles of 128: the running statistics merge across 8 and 6 tiles
+        (1000, 6, torch.float32, dict(confidence="margin", temperature=0.9, seed=1, tile_v=128)),
+        (700, 5, torch.bfloat16, dict(confidence="random", top_k=40, seed=4, tile_v=128)),
+        (1000, 4, torch.float32, dict(confidence="entropy", top_p=0.7, temperature=1.0, tile_v=128)),
     ])
     def test_sample(self, vocab, rows, dtype, kwargs):
         gen = torch.Generator().manual_seed(vocab)
@@ -51,8 +56,9 @@ class TestPallasCompiled:
         logits[-1, 1 % vocab] = float("nan")  # a NaN row is reported as -1 / -inf
         kwargs = dict(kwargs)  # parametrised dicts are shared between the two classes
         banned = kwargs.pop("banned", None)
+        tile = {"tile_v": kwargs.pop("tile_v")} if "tile_v" in kwargs else {}
         tokens, conf = uj.sample(jnp.asarray(logits.float().numpy()).astype(_jax_dtype(dtype)), banned=banned,
-                                 interpret=self.INTERPRET, **kwargs)
+                                 interpret=self.INTERPRET, **kwargs, **tile)
         expected_tokens, expected_conf = reference.sample(
             logits, banned=None if banned is None else torch.tensor(banned), **kwargs)
         ref_tokens, ref_conf = jnp_reference.sample(jnp.asarray(logits.float().numpy()).astype(_jax_dtype(dtype)),
@@ -77,12 +83,20 @@ class TestPallasCompiled:
         (17, 99, 4, dict(block_size=8)),
         (99, 17, 1, dict(key_valid=True)),
         (40, 130, 8, dict(kv_len=True, block_size=16, q_offset=32)),
+        # several query tiles of 128: each tile's first query, block ends and visited keys
+        (300, 700, 2, dict(kv_len=True, block_size=32, q_offset=10)),
+        (129, 131, 1, dict(block_size=5, key_valid=True)),
+        # head dims off the powers of two (the GPU variant pads them to one)
+        (33, 70, 2, dict(block_size=8, head_dim=80)),
+        (20, 40, 4, dict(head_dim=33)),
     ])
     def test_attention(self, q_len, k_len, group, masks):
         gen = torch.Generator().manual_seed(q_len + k_len)
-        q = torch.randn(2, q_len, 8, 64, generator=gen)
-        k = torch.randn(2, k_len, 8 // group, 64, generator=gen)
-        v = torch.randn(2, k_len, 8 // group, 64, generator=gen)
+        masks = dict(masks)
+        head_dim = masks.pop("head_dim", 64)
+        q = torch.randn(2, q_len, 8, head_dim, generator=gen)
+        k = torch.randn(2, k_len, 8 // group, head_dim, generator=gen)
+        v = torch.randn(2, k_len, 8 // group, head_dim, generator=gen)
         kwargs = dict(masks)
         if kwargs.pop("key_valid", False):
             kwargs["key_valid"] = torch.rand(2, k_len, generator=gen) > 0.3
@@ -276,3 +290,55 @@ def test_sample_offset_arrays_are_checked(offset, exception):
         uj.sample(logits, offset=offset)
     assert np.array_equal(np.asarray(uj.sample(logits, offset=jnp.int32(3))[0]),
                           np.asarray(uj.sample(logits, offset=3)[0]))
+
+
+def test_host_values_are_checked_as_the_torch_ops_check_them():
+    """numpy arrays hold their values on the host: kv_len and commit counts are checked
+    there, with the torch ops' messages (device arrays are not read)."""
+    q = np.zeros((1, 4, 2, 8), np.float32)
+    kv = np.zeros((1, 5, 2, 8), np.float32)
+    for kv_len in (np.array([99]), np.array([-1])):
+        with pytest.raises(ValueError) as torch_error:
+            ops.attention(*(torch.from_numpy(t) for t in (q, kv, kv)), kv_len=torch.from_numpy(kv_len))
+        with pytest.raises(ValueError) as jax_error:
+            uj.attention(jnp.asarray(q), jnp.asarray(kv), jnp.asarray(kv), kv_len=kv_len)
+        assert str(jax_error.value) == str(torch_error.value)
+    canvas = np.zeros((2, 4), np.int32)
+    args = (canvas, canvas, np.ones((2, 4), np.float32), np.ones((2, 4), bool))
+    with pytest.raises(ValueError, match=r"k must be >= 0, got a count of -2"):
+        uj.commit(*args, k=np.array([1, -2]))
+
+
+def test_float64_confidences_are_refused_where_the_kernel_decides_in_float32():
+    # rounded to float32, 0.79999999999 would pass threshold 0.8 where the torch op (float64) does not
+    canvas = np.zeros((1, 2), np.int32)
+    with pytest.raises(TypeError, match="conf must have dtype"):
+        uj.commit(canvas, canvas, np.array([[0.79999999999, 0.9]]), np.ones((1, 2), bool), threshold=0.8)
+
+
+def test_empty_inputs_give_empty_outputs():
+    assert uj.attention(*(jnp.zeros((0, 4, 2, 16), jnp.float32),) * 3).shape == (0, 4, 2, 16)
+    assert uj.attention(jnp.zeros((1, 0, 2, 16)), jnp.zeros((1, 5, 2, 16)), jnp.zeros((1, 5, 2, 16))).shape == (
+        1, 0, 2, 16)
+    x, committed = uj.commit(*(jnp.zeros((2, 0), jnp.int32),) * 2, jnp.zeros((2, 0)), jnp.zeros((2, 0), bool), k=1)
+    assert x.shape == committed.shape == (2, 0)
+    tokens, conf = uj.sample(jnp.zeros((0, 3, 11)))
+    assert tokens.shape == conf.shape == (0, 3)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(tile_v=0), "tile_v must be >= 1, got 0"),
+    (dict(tile_v=-128), "tile_v must be >= 1, got -128"),
+    (dict(tile_v=200), "tile_v=200 must be a positive multiple of 128"),
+    (dict(row_base=2**31), "row_base must be < 2147483644"),
+    (dict(row_base=-1), "row_base must be >= 0"),
+])
+def test_sample_tiles_and_row_base_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        uj.sample(jnp.zeros((4, 10), jnp.float32), **kwargs)
+
+
+def test_query_positions_past_int32_are_refused():
+    q = jnp.zeros((1, 4, 2, 8))
+    with pytest.raises(ValueError, match="q_offset=2147483645 plus the 4 queries must stay below 2"):
+        uj.attention(q, q, q, q_offset=2**31 - 3)

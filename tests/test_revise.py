@@ -86,15 +86,13 @@ def test_the_loop_ends_within_its_bound(max_revisions, rule):
 
 
 def test_given_tokens_are_never_masked_again():
-    """infill: the given tokens (and the prompt) stay, even under a model that believes none."""
+    """infill: the given tokens stay, even under a model that believes none of them. (A
+    generate's prompt is never inside a decoded block, so it cannot be tested there.)"""
     ids = torch.tensor([[3, MASK, 4, MASK, MASK, 6, MASK, 7]])
     out = unmask.infill(Doubter(), ids, threshold=0.9, mask_id=MASK, revise_threshold=0.5, max_revisions=2)
     given = ids != MASK
     assert torch.equal(out.tokens[given], ids[given])
     assert out.nfe > 1
-    generated = unmask.generate(Doubter(), torch.tensor([[3, 4, 6]]), gen_length=4, block_length=2, mask_id=MASK,
-                                threshold=0.9, stop_at_eos=False, revise_threshold=0.5)
-    assert generated.sequences[0, :3].tolist() == [3, 4, 6]
 
 
 def small_model():
@@ -123,6 +121,65 @@ def test_deterministic_under_a_seed_and_independent_of_the_batch(cache):
         assert torch.equal(alone.tokens[0], crowd.tokens[row]), row
 
 
+@pytest.mark.parametrize("cache", [None, "dual"])
+def test_a_check_that_takes_nothing_back_gives_the_plain_tokens_at_any_temperature(cache):
+    """A re-check that believes every token changes nothing: the tokens are plain threshold
+    decoding's, at temperature > 0 too, over several blocks (a call that only re-checks a
+    row draws no noise for it, so it must not move the row's RNG step)."""
+    model = small_model()
+    prompts = torch.randint(3, 24, (4, 5), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(gen_length=18, block_length=6, threshold=0.3, stop_at_eos=False, temperature=0.8, seed=11,
+                  cache=cache)
+    plain = unmask.generate(model, prompts, **kwargs)
+    checked = unmask.generate(model, prompts, revise_threshold=1e-30, **kwargs)
+    assert torch.equal(checked.tokens, plain.tokens)
+    assert checked.steps_per_block == plain.steps_per_block and checked.nfe > plain.nfe
+
+
+class MaskTwin(torch.nn.Module):
+    """Sure of token 5 among the real tokens everywhere, with [MASK] as likely as 5 (a model
+    may give the mask id any logit: the sampler never commits it)."""
+
+    def forward(self, ids, attention_mask=None):
+        logits = torch.zeros(*ids.shape, VOCAB)
+        logits[..., 5] = logits[..., MASK] = 20.0
+        return logits
+
+
+def test_a_token_is_judged_against_the_real_tokens_not_the_mask():
+    kwargs = dict(gen_length=4, block_length=4, threshold=0.9, mask_id=MASK, stop_at_eos=False)
+    plain = unmask.generate(MaskTwin(), torch.tensor([[3]]), **kwargs)
+    checked = unmask.generate(MaskTwin(), torch.tensor([[3]]), revise_threshold=0.6, max_revisions=3, **kwargs)
+    assert plain.nfe == 1 and torch.equal(checked.tokens, plain.tokens)
+    assert checked.nfe == 2  # the commit, then one check that believes all four (0.5 with [MASK] counted)
+
+
+class NaNWhenRechecked(torch.nn.Module):
+    """Sure of 5; NaN logits in a row holding both a 5 and a mask, as only a verification
+    canvas does here (the canvas is all masks, then all 5s)."""
+
+    def forward(self, ids, attention_mask=None):
+        logits = torch.zeros(*ids.shape, VOCAB)
+        logits[..., 5] = 20.0
+        mixed = ((ids == 5).any(dim=1) & (ids == MASK).any(dim=1))[:, None, None]
+        return torch.where(mixed, float("nan"), logits)
+
+
+def test_nan_logits_in_a_check_are_reported_not_believed():
+    with pytest.raises(unmask.ops.InvalidLogitsError):
+        unmask.generate(NaNWhenRechecked(), torch.tensor([[3]]), gen_length=4, block_length=4, threshold=0.9,
+                        mask_id=MASK, stop_at_eos=False, revise_threshold=0.5)
+
+
+def test_groups_past_the_block_length_cost_no_more_canvases():
+    prompt = torch.tensor([[4, 5]])
+    kwargs = dict(gen_length=6, block_length=6, threshold=0.5, mask_id=MASK, stop_at_eos=False, revise_threshold=0.5,
+                  max_revisions=6)
+    exact = unmask.generate(ChainModel(), prompt, revise_groups=6, **kwargs)
+    many = unmask.generate(ChainModel(), prompt, revise_groups=100, **kwargs)
+    assert torch.equal(many.tokens, exact.tokens) and (many.nfe, many.canvases) == (exact.nfe, exact.canvases)
+
+
 def test_every_pair_of_positions_is_seen_apart_within_the_digit_count():
     for length, groups in [(8, 2), (9, 2), (24, 2), (24, 3), (5, 4), (2, 2), (1, 2), (7, 1), (125, 5), (216, 6)]:
         digits, largest = 1, groups
@@ -144,6 +201,9 @@ def test_every_pair_of_positions_is_seen_apart_within_the_digit_count():
     ({"revise_threshold": 1.5, "threshold": 0.5}, "revise_threshold"),
     ({"revise_threshold": 0.5}, "threshold= or factor="),
     ({"revise_threshold": 0.5, "threshold": 0.5, "revise_groups": 0}, "revise_groups"),
+    ({"revise_threshold": 0.5, "threshold": 0.5, "revise_groups": 1}, "revise_groups must be >= 2"),
+    ({"threshold": 0.5, "revise_groups": 0}, "revise_groups"),  # checked without revise_threshold too
+    ({"threshold": 0.5, "max_revisions": -1}, "max_revisions"),
     ({"revise_threshold": 0.5, "threshold": 0.5, "max_revisions": 0}, "max_revisions"),
     ({"revise_threshold": 0.5, "steps": 4, "speculate": 2}, "threshold= or factor="),
     ({"revise_threshold": 0.5, "threshold": 0.5, "speculate": 2}, "speculate"),
@@ -151,3 +211,9 @@ def test_every_pair_of_positions_is_seen_apart_within_the_digit_count():
 def test_arguments_are_checked(bad, message):
     with pytest.raises(ValueError, match=message):
         unmask.generate(Doubter(), torch.tensor([[3]]), gen_length=4, block_length=4, mask_id=MASK, **bad)
+
+
+def test_a_revise_groups_that_is_not_an_int_is_a_type_error():
+    with pytest.raises(TypeError, match="revise_groups must be an int"):
+        unmask.generate(Doubter(), torch.tensor([[3]]), gen_length=4, block_length=4, mask_id=MASK, threshold=0.5,
+                        revise_threshold=0.5, revise_groups=2.0)

@@ -320,3 +320,10 @@ def test_padding_is_checked_and_given_back_as_it_came():
     assert filled.tokens[0, 0] == 60 and bool((filled.tokens[0, 1:] != 60).all())
     with pytest.raises(ValueError, match=r"ids must hold token ids in \[0, 61\) \(the vocabulary\), got ids in \[3, 99\]"):
         unmask.infill(model, torch.tensor([[99, 60, 3]]), steps=1)
+    # a model whose mask id is 0: its padding must not be taken for masks to decode
+    zero_mask = tiny_model(seed=5, mask_token_id=0)
+    ids = torch.tensor([[-1, -1, 7, 0, 0, 9], [3, 4, 5, 0, 8, 0]])
+    for rule in ({"steps": 6}, {"threshold": 0.5}):
+        filled = unmask.infill(zero_mask, ids, attention_mask=ids >= 0, mask_id=0, **rule)
+        assert filled.tokens[0, :2].tolist() == [-1, -1] and bool((filled.tokens[:, 2:] != 0).all()), rule
+        assert filled.nfe <= 3, rule  # the busiest row has 3 masks: no call is spent on padding

@@ -256,6 +256,11 @@ def tensor_parallel(model, mesh=None):
     mesh = init() if mesh is None else mesh
     if mesh.ndim != 1:
         raise ValueError(f"mesh must be one-dimensional (the tensor-parallel ranks), got {mesh.ndim} dimensions")
+    ranks = mesh.mesh.tolist()
+    if ranks != sorted(ranks):
+        # torch shards the head by mesh position, the vocabulary offsets and the gathers
+        # here go by rank in the process group (ascending): out of order, ids would be wrong
+        raise ValueError(f"mesh must list its ranks in ascending order, got {ranks}")
     world = mesh.size()
     config = model.config
     for name in ("n_heads", "n_kv_heads", "mlp_hidden_size"):

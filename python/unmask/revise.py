@@ -60,6 +60,7 @@ def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, rule: Rul
     if vocab is not None:
         raise ValueError("revise_threshold needs the whole vocabulary's logits; a tensor-parallel model gives a shard")
     batch, length, device = x.shape[0], end - start, x.device
+    groups = min(revision.groups, length)  # groups past the block's length would mask nothing
     mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
     apply_rule = speculative._Rule(sample, sampling, mode, None, mask_id, vocab,
                                    torch.full((1,), mask_id, dtype=torch.int64, device=device), running, offset_base)
@@ -77,9 +78,8 @@ def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, rule: Rul
         any_active, any_revisable = (bool(v) for v in torch.stack([active.any(), revisable.any()]).tolist())
         if not any_active:
             break
-        group = verification_groups(length, revision.groups, calls, device)
-        checks = ([block.masked_fill(revisable & (group == g), mask_id) for g in range(revision.groups)]
-                  if any_revisable else [])
+        group = verification_groups(length, groups, calls, device)
+        checks = [block.masked_fill(revisable & (group == g), mask_id) for g in range(groups)] if any_revisable else []
         n = 1 + len(checks)
         evaluated = x.repeat(n, 1)
         evaluated[:, start:end] = torch.cat([block] + checks)
@@ -89,16 +89,17 @@ def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, rule: Rul
         invalid.logical_or_(bad.any())
         revoked = torch.zeros_like(revisable)
         if checks:
-            # The probability of each committed token in the canvas that masks it.
-            tokens = block[None, :, :, None].expand(len(checks), -1, -1, 1)
-            per_canvas = torch.softmax(logits[1:].float(), dim=-1).gather(-1, tokens)[..., 0]  # [G, B, Lb]
-            believed = per_canvas.gather(0, group.view(1, 1, length).expand(1, batch, length))[0]
-            revoked = revisable & (believed < revision.threshold) & active[:, None]
+            believed = _belief(logits[1:], block, group, mask_id)
+            judged = revisable & active[:, None]
+            invalid.logical_or_((judged & believed.isnan()).any())  # NaN logits are reported, not believed
+            revoked = judged & (believed < revision.threshold)
         after = after.masked_fill(revoked, mask_id)
         revisions += revoked.to(revisions.dtype)
         changed = (committed | revoked).any(dim=1)
         block = torch.where(active[:, None], after, block)
-        steps += active.to(steps.dtype)
+        # the RNG step advances where the call sampled masks (as plain threshold decoding
+        # counts it); a call that only re-checked a row's tokens drew nothing for it
+        steps += (active & masked.any(dim=1)).to(steps.dtype)
         x[:, start:end] = block
         calls, canvases = calls + 1, canvases + n
         if callback is not None:
@@ -106,3 +107,19 @@ def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, rule: Rul
             everywhere[:, start:end] = committed | revoked
             callback(nfe + calls - 1, x, everywhere)
     return speculative.BlockResult(calls, canvases, int(steps.max()) if calls else 0)
+
+
+def _belief(check_logits: torch.Tensor, block: torch.Tensor, group: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """float32 [B, Lb]: each token's probability in the verification canvas that masks it
+    (check_logits [G, B, Lb, V]; position i is judged in canvas group[i]), over the
+    vocabulary without the mask id, which the sampler never commits (a model unsure
+    between a token and [MASK] still believes the token). NaN where the logits are NaN
+    or +inf. One canvas at a time in float32: [B, Lb, V] at once, not [G, B, Lb, V]
+    (LLaDA's 126464 ids, 64 rows of 128: 4 GB a canvas)."""
+    believed = torch.empty(block.shape, dtype=torch.float32, device=block.device)
+    for g, logits in enumerate(check_logits):
+        logits = logits.to(torch.float32, copy=True)  # a copy: the model's logits stay as they were
+        logits[..., mask_id] = float("-inf")
+        log_p = logits.gather(-1, block[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
+        believed = torch.where(group == g, log_p.exp(), believed)
+    return believed

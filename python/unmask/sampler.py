@@ -802,7 +802,9 @@ def infill(
             raise ValueError(f"attention_mask must have the shape of ids {tuple(ids.shape)}, got {tuple(attention_mask.shape)}")
         model_mask = attention_mask.to(device=x.device, dtype=torch.bool)
         given = x
-        x = x.masked_fill(~model_mask, 0)  # padding is never decoded; the model embeds any id it holds (-1, say)
+        # padding is never decoded: it holds an id the model embeds (not the -1 it may be
+        # given) and that is not the mask id (which the loop would take for a position to decode)
+        x = x.masked_fill(~model_mask, 1 if mask_id == 0 else 0)
     # The masks of every block (padding excluded), read once with the range of the given
     # ids: the loop plans each block's steps from them, and the default step count is one
     # token per step for the busiest row.

@@ -455,11 +455,14 @@ def commit_mode(k, threshold, factor) -> str:
 
 def check_counts(k, host: torch.Tensor | None) -> None:
     """Commit counts are >= 0 where they can be read for free (a negative count on a
-    device commits nothing)."""
+    device commits nothing). host: the counts on the host (a CPU tensor, or a numpy array
+    from unmask.jax), or None."""
     if isinstance(k, int):
         check_int("k", k, low=0)
-    elif host is not None and host.numel() > 0 and (low := int(host) if host.numel() == 1 else int(host.min())) < 0:
-        raise ValueError(f"k must be >= 0, got a count of {low}")
+    elif host is not None and math.prod(host.shape) > 0:
+        one = _is_torch_tensor(host) and host.numel() == 1  # int() of one element: cheaper than a reduction
+        if (low := int(host) if one else int(host.min())) < 0:
+            raise ValueError(f"k must be >= 0, got a count of {low}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -640,14 +643,17 @@ class Revision:
 
 
 def revision(threshold, groups, max_revisions, *, rule: Rule, speculate: int) -> Revision | None:
-    """None when revise_threshold is None (no self-correction)."""
+    """None when revise_threshold is None (no self-correction). revise_groups and
+    max_revisions are checked either way (a bad one is an error, not silently unread)."""
+    # one group would judge every token with every other committed token masked beside it:
+    # a contradiction between two of them would never be seen
+    groups = check_int("revise_groups", groups, low=2)
+    max_revisions = check_int("max_revisions", max_revisions, low=1)
     if threshold is None:
         return None
     threshold = check_float("revise_threshold", threshold)
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"revise_threshold={threshold} must lie in (0, 1): it is compared with a probability")
-    groups = check_positive_int("revise_groups", groups)
-    max_revisions = check_int("max_revisions", max_revisions, low=1)
     if rule.steps_per_block is not None:
         raise ValueError("revise_threshold needs threshold= or factor= decoding: the steps rule plans each block's "
                          "commits up front, and masking tokens again would break the plan")

@@ -101,6 +101,10 @@ def sample(logits, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1
         if isinstance(rows, np.ndarray):
             validation.check_index_range("rows", rows, logits.size // vocab,
                                          "the flattened rows of logits")
+    validation.check_int("tile_v", tile_v, low=1)
+    if tile_v % 128:
+        raise ValueError(f"tile_v={tile_v} must be a positive multiple of 128 (the TPU lane width)")
+    _check_row_base(row_base, logits.size // vocab)
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     flat = logits.reshape(-1, vocab)
     n_rows = flat.shape[0]
@@ -125,6 +129,15 @@ def sample(logits, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1
         tile_v=tile_v, interpret=default_interpret(interpret),
     )
     return only_rows(tokens[:n_rows, 0].reshape(lead), conf[:n_rows, 0].reshape(lead), rows)
+
+
+def _check_row_base(row_base, rows: int) -> None:
+    """row_base, where it is an int: the kernel adds the flattened row index to it in
+    int32, so base + rows must stay below 2^31 (a traced value is not read)."""
+    if isinstance(row_base, ARRAY_TYPES) and not isinstance(row_base, np.ndarray):
+        return
+    row_base = int(row_base) if isinstance(row_base, np.ndarray) and row_base.ndim == 0 else row_base
+    validation.check_int("row_base", row_base, low=0, high=2**31 - rows)
 
 
 def _check_offset(offset) -> None:
@@ -169,11 +182,17 @@ def attention(q, k, v, *, kv_len=None, key_valid=None, block_size: int | None = 
     if kv_len is not None:
         check_array("kv_len", kv_len, dtypes=validation.INT_DTYPES, ndim=1)
         validation.check_shape("kv_len", kv_len.shape, (batch,), "[B]")
+        if isinstance(kv_len, np.ndarray):  # values on the host: checked as the torch op checks them
+            validation.check_index_range("kv_len", kv_len, k_len + 1, "key counts, at most Lk")
     if key_valid is not None:
         check_array("key_valid", key_valid, dtypes=("bool",), ndim=2)
         validation.check_shape("key_valid", key_valid.shape, (batch, k_len), "[B, Lk]")
     block_size, q_offset, scale = validation.attention_scalars(shape, block_size=block_size, q_offset=q_offset,
                                                                scale=scale)
+    if q_offset + q_len >= 2**31:  # query positions are int32 in the kernel
+        raise ValueError(f"q_offset={q_offset} plus the {q_len} queries must stay below 2^31")
+    if batch == 0 or q_len == 0:  # nothing to compute
+        return jnp.zeros(q.shape, q.dtype)
     # Powers of two from 16 to 128 are valid tiles for both variants (unmask.pallas.attention).
     tile_q = min(128, 1 << (max(q_len, 16) - 1).bit_length())
     tile_k = 128
@@ -212,7 +231,9 @@ def commit(x, tokens, conf, eligible, *, k=None, threshold: float | None = None,
     mode = validation.commit_mode(k, threshold, factor)
     for name, value in (("x", x), ("tokens", tokens)):
         check_array(name, value, dtypes=validation.INT_DTYPES)
-    check_array("conf", conf, dtypes=validation.FLOAT_DTYPES + ("float64",))
+    # not float64: the kernel decides in float32, where its rank bounds are exact (a float64
+    # confidence would be rounded first and could commit where the torch op does not)
+    check_array("conf", conf, dtypes=validation.FLOAT_DTYPES)
     check_array("eligible", eligible, dtypes=("bool",))
     if x.ndim != 2:
         raise ValueError(f"x must have 2 dimensions, got shape {tuple(x.shape)}")
@@ -223,7 +244,11 @@ def commit(x, tokens, conf, eligible, *, k=None, threshold: float | None = None,
     elif k is not None:
         check_array("k", k, dtypes=validation.INT_DTYPES, ndim=1)
         validation.check_shape("k", k.shape, (x.shape[0],), "[B]")
+        if isinstance(k, np.ndarray):  # counts on the host: checked as the torch op checks them
+            validation.check_counts(k, k)
     batch, length = x.shape
+    if batch == 0 or length == 0:  # no position: nothing commits
+        return jnp.asarray(x), jnp.zeros(x.shape, bool)
     padded = _round_up(max(batch, 1), commit_kernel.ROW_BLOCK)
     counts = jnp.zeros((batch,), jnp.int32) if k is None else jnp.broadcast_to(jnp.asarray(k, jnp.int32), (batch,))
 
