@@ -22,12 +22,17 @@ def block_causal_model(model_type="llada", seed=0):
     dict(threshold=0.2, block_length=8),
     dict(steps=8, block_length=8, temperature=1.0, seed=3),
     dict(steps=16, block_length=4, cfg_scale=1.0),
-], ids=["steps", "threshold", "sampled", "cfg"])
-def test_block_causal_cache_is_exact(model_type, cache, kwargs):
-    # Prompts padded to 8 positions, a multiple of the model's block size, so generation
-    # blocks line up with the model's attention blocks.
+    dict(steps=16, block_length=2),  # generation blocks half the model's
+], ids=["steps", "threshold", "sampled", "cfg", "half-blocks"])
+@pytest.mark.parametrize("prompts", [
+    [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15]],  # padded to 8 positions, a multiple of the model's block size
+    [[5, 6, 7], [8, 9, 10, 11, 12]],  # padded to 5: every generation block straddles two model blocks
+], ids=["aligned", "straddling"])
+def test_block_causal_cache_is_exact(model_type, cache, kwargs, prompts):
+    # The cached step recomputes whole model blocks (DiffusionTransformer.recomputed_segment):
+    # a position sharing a model block with the generation block sees its tokens, so its
+    # cached keys would be stale.
     model = block_causal_model(model_type)
-    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15]]
     plain = unmask.generate(model, prompts, gen_length=16, stop_at_eos=False, **kwargs)
     cached = unmask.generate(model, prompts, gen_length=16, stop_at_eos=False, cache=cache, **kwargs)
     assert torch.equal(cached.tokens, plain.tokens)
@@ -85,7 +90,7 @@ def test_row_segments_equal_each_row_alone(model_type):
         model(ids, known, cache=batch_cache)
         for r, row in enumerate(rows):  # the segments change after the cache was filled
             ids[r, starts[r]:starts[r] + n] = torch.randint(0, 59, (n,))
-        for k in batch_cache.keys:
+        for k in batch_cache.keys + batch_cache.values:
             for r in range(3):
                 k[r, starts[r]:starts[r] + n] = float("nan")  # must be written before any query reads it
         together = model(ids, known, cache=batch_cache, segment=unmask.RowSegments(starts, n), logit_positions=wanted)
@@ -97,8 +102,8 @@ def test_row_segments_equal_each_row_alone(model_type):
                           logit_positions=slice(starts[r] + shift, starts[r] + n))
             torch.testing.assert_close(together[r], alone[0], rtol=1e-5, atol=1e-5)
             for layer in range(model.config.n_layers):
-                torch.testing.assert_close(batch_cache.keys[layer][r, :len(row)], cache.keys[layer][0],
-                                           rtol=1e-5, atol=1e-5)
+                for written, own in ((batch_cache.keys, cache.keys), (batch_cache.values, cache.values)):
+                    torch.testing.assert_close(written[layer][r, :len(row)], own[layer][0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_gpu)])
@@ -231,3 +236,24 @@ def test_gathered_takes_the_chosen_rows_of_each_cache_cut_or_padded():
             assert torch.equal(got_t, want)
     with pytest.raises(ValueError, match="pieces"):
         unmask.KVCache.gathered([], 4)
+    # rows past a cache's end (a run would shorten and shift the next piece's rows), or negative (would wrap)
+    for rows in ([2, 3], [-1], [3, 0], [True]):
+        with pytest.raises(ValueError, match=r"pieces\[0\]: rows must be ints in \[0, 3\)"):
+            unmask.KVCache.gathered([(narrow, rows), (wide, [0])], 4)
+
+
+def test_a_cache_made_for_another_model_is_refused_naming_it():
+    model = unmask.DiffusionTransformer.random(tiny_config(), seed=1)
+    ids = torch.randint(0, 59, (2, 6))
+    others = {
+        "fewer layers": unmask.DiffusionTransformer.random(tiny_config(n_layers=1), seed=1).new_cache(2, 6),
+        "other heads": unmask.DiffusionTransformer.random(tiny_config(n_kv_heads=4), seed=1).new_cache(2, 6),
+        "bfloat16": model.to(torch.bfloat16).new_cache(2, 6),
+        "other canvas": model.float().new_cache(2, 7),
+    }
+    model = model.float()
+    for what, cache in others.items():
+        with pytest.raises(ValueError, match="cache") as error:
+            model(ids, cache=cache)
+        assert "model" in str(error.value) or "canvas" in str(error.value), what
+    model(ids, cache=model.new_cache(2, 6))  # its own

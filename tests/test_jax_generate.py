@@ -74,13 +74,19 @@ def test_eos_stops_rows_as_torch_does(kwargs):
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
-def test_block_causal_cached_equals_uncached(cache):
+@pytest.mark.parametrize("prompts,block_length", [
+    ([[5, 6, 7, 9], [10, 11, 12, 13]], 4),  # generation blocks on the model's blocks
+    ([[5, 6, 7], [10, 11, 12, 13, 14]], 4),  # every generation block straddles two model blocks
+    ([[5, 6, 7], [10]], 2),  # generation blocks half the model's
+], ids=["aligned", "straddling", "half-blocks"])
+def test_block_causal_cached_equals_uncached(cache, prompts, block_length):
     """A block-causal model's finished blocks never see later ones, so their cached keys
-    and values are what a full forward computes: the cache changes nothing."""
+    and values are what a full forward computes: the cache changes nothing (the window
+    recomputes whole model blocks where generation blocks do not line up with them)."""
     model = uj.from_torch(tiny_model(seed=2, block_size=4))
-    arguments = {"gen_length": 12, "block_length": 4, "steps": 12, "stop_at_eos": False}
-    uncached = uj.generate(model, [[5, 6, 7, 9], [10, 11, 12, 13]], **arguments)
-    cached = uj.generate(model, [[5, 6, 7, 9], [10, 11, 12, 13]], cache=cache, **arguments)
+    arguments = {"gen_length": 12, "block_length": block_length, "steps": 12, "stop_at_eos": False}
+    uncached = uj.generate(model, prompts, **arguments)
+    cached = uj.generate(model, prompts, cache=cache, **arguments)
     assert np.array_equal(np.asarray(cached.tokens), np.asarray(uncached.tokens))
 
 

@@ -112,6 +112,14 @@ def test_logit_positions_select_the_head_rows():
     with torch.no_grad():
         full = model(ids)
         torch.testing.assert_close(model(ids, logit_positions=slice(3, 7)), full[:, 3:7])
+        torch.testing.assert_close(model(ids, logit_positions=torch.tensor([9, 0])), full[:, [9, 0]])
+        per_row = torch.tensor([[1, 2], [5, 6]])  # each row its own positions
+        torch.testing.assert_close(model(ids, logit_positions=per_row), torch.stack([full[0, 1:3], full[1, 5:7]]))
+        # other shapes indexed into other layouts than [B, n, V] ([1, n]: row 0's logits alone)
+        for bad in (torch.tensor([[1, 2]]), torch.zeros(2, 2, 2, dtype=torch.int64), torch.tensor(3),
+                    torch.tensor([1.0, 2.0]), torch.tensor([True, False]), 3, [1, 2]):
+            with pytest.raises(ValueError, match="logit_positions must be a slice, or an integer tensor"):
+                model(ids, logit_positions=bad)
 
 
 def test_block_causal_model_hides_later_blocks():

@@ -150,14 +150,13 @@ class _StepModel:
             return guided_logits(self.model, x, attention_mask, prompt_positions, self.mask_id, self.cfg_scale,
                                  positions)
         groups = 2 if self.cfg_scale > 0 else 1
-        if self.cache is None:
-            self.cache = self.model.new_cache(x.shape[0] * groups, x.shape[1])
         (start, end), segment = self.block, None
         if not self.first_step_of_block:
-            first = max(start - 1, 0) if self.model.config.shift_logits else start
-            segment = (first, end if self.cache_mode == "dual" else x.shape[1])
+            segment = self.model.recomputed_segment(start, end, x.shape[1], self.cache_mode)
         elif n > 1:
             raise ValueError("the first call of a block fills the cache from one canvas per row")
+        if self.cache is None:
+            self.cache = self.model.new_cache(x.shape[0] * groups, x.shape[1])
         self.first_step_of_block = False
         cache = self.cache if n == 1 else self._canvases_cache(n, groups)
         return guided_logits(self.model, x, attention_mask, prompt_positions, self.mask_id, self.cfg_scale,

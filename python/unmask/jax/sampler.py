@@ -91,13 +91,23 @@ def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params,
         if cache is None:  # no cache, or the block's first step, which fills it from a whole-canvas run
             logits, cache = model.window_logits(params, ids, mask, start, length)
             return guided(logits), cache if p.cache is not None else None
-        first = jnp.maximum(start - shift, 0)
+        first, size = jnp.maximum(start - shift, 0), model.config.block_size
+        # A block-causal model recomputes whole model blocks, as torch's
+        # DiffusionTransformer.recomputed_segment: a position sharing a model block with
+        # the generation block sees its tokens. The window's width is static, so it holds
+        # the widest such span (up to bs - 1 positions more on either side).
+        widen = 2 * (size - 1) if size else 0
+        if size:
+            first = first // size * size
         if p.cache == "dual":  # the block alone (and the position before it when shifted)
-            width, window_start, fresh_to = min(length + shift, canvas), first, start + length
+            fresh_to = start + length if not size else jnp.minimum(-(-(start + length) // size) * size, canvas)
+            width = min(length + shift + widen, canvas)
+            window_start = jnp.minimum(first, canvas - width)  # the window stays inside the canvas
         else:  # "prefix": the block and everything after it, in a window of static width that
             # starts where the generated text does (positions before `first` keep the cache)
-            width = canvas - max(p.generation_start - shift, 0)
-            window_start, fresh_to = canvas - width, canvas
+            window_start = max(p.generation_start - shift, 0)
+            window_start = window_start // size * size if size else window_start
+            width, fresh_to = canvas - window_start, canvas
         logits, cache = model.window_logits(params, ids, mask, start, length, cache=cache, window_start=window_start,
                                             window_length=width, fresh_from=first, fresh_to=fresh_to)
         return guided(logits), cache

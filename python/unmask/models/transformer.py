@@ -97,8 +97,13 @@ class KVCache:
         if not pieces:
             raise ValueError("pieces: one or more (cache, rows) pairs")
         indices = []
-        for cache, rows in pieces:
+        for number, (cache, rows) in enumerate(pieces):
             rows = list(rows)
+            # checked on the host: a run past the end would shorten silently (and shift every
+            # later piece's rows onto other requests'), a negative row would wrap
+            if any(isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < cache.shape[0] for r in rows):
+                raise ValueError(f"pieces[{number}]: rows must be ints in [0, {cache.shape[0]}) (its cache's rows), "
+                                 f"got {rows}")
             if rows and rows == list(range(rows[0], rows[0] + len(rows))):
                 indices.append(slice(rows[0], rows[0] + len(rows)))  # a run: a view, no index
             else:
@@ -289,13 +294,48 @@ class DiffusionTransformer(nn.Module):
                     param.normal_(0.0, std, generator=generator)
         return model.to(device=target, dtype=dtype).eval()
 
-    def new_cache(self, batch: int, length: int) -> KVCache:
-        """An empty KVCache for a [batch, length] canvas, with the heads this process holds."""
+    def _local_kv_heads(self) -> int:
+        """The key/value heads this process holds (a share under tensor parallelism)."""
         k_proj = self.layers[0].k_proj.weight if len(self.layers) else None
         local = getattr(k_proj, "to_local", lambda: k_proj)()  # a DTensor under tensor parallelism
-        kv_heads = self.config.n_kv_heads if local is None else local.shape[0] // self.config.head_dim
+        return self.config.n_kv_heads if local is None else local.shape[0] // self.config.head_dim
+
+    def new_cache(self, batch: int, length: int) -> KVCache:
+        """An empty KVCache for a [batch, length] canvas, with the heads this process holds."""
         embed = self.embed.weight
-        return KVCache(self.config, batch, length, dtype=embed.dtype, device=embed.device, kv_heads=kv_heads)
+        return KVCache(self.config, batch, length, dtype=embed.dtype, device=embed.device,
+                       kv_heads=self._local_kv_heads())
+
+    def _check_cache(self, cache: KVCache, batch: int, length: int, device: torch.device) -> None:
+        """A cache made for this model (new_cache) and this canvas; another one failed deep
+        in the layers (an index error, a head count that does not broadcast)."""
+        if cache.shape != (batch, length):
+            raise ValueError(f"cache holds a [{cache.shape[0]}, {cache.shape[1]}] canvas, input_ids is [{batch}, "
+                             f"{length}]")
+        heads = (self._local_kv_heads(), self.config.head_dim)
+        dtype = self.embed.weight.dtype
+        if len(cache.keys) != self.config.n_layers or tuple(cache.keys[0].shape[2:]) != heads:
+            raise ValueError(f"cache must hold {self.config.n_layers} layers of {heads[0]} key/value heads of "
+                             f"{heads[1]} dims (model.new_cache), got {len(cache.keys)} layers of shape "
+                             f"{tuple(cache.keys[0].shape) if cache.keys else ()}")
+        if cache.keys[0].dtype != dtype or cache.keys[0].device != device:
+            raise ValueError(f"cache must be {dtype} on {device} (the model's), got {cache.keys[0].dtype} on "
+                             f"{cache.keys[0].device}")
+
+    def recomputed_segment(self, start: int, end: int, length: int, cache: str) -> tuple[int, int]:
+        """The positions [first, stop) a cached step of block [start, end) of a canvas of
+        `length` recomputes: the block, and everything after it under cache "prefix"; the
+        position before it too where position i is predicted from i - 1 (Dream). A
+        block-causal model's segment is widened to its own attention blocks: a position
+        that shares a model block with the generation block sees that block's tokens (its
+        keys change as they are filled in), so a cached copy of it would be stale
+        wherever prompts or block_length are not multiples of block_size."""
+        first = max(start - 1, 0) if self.config.shift_logits else start
+        stop = end if cache == "dual" else length
+        size = self.config.block_size
+        if size is not None:
+            first, stop = first // size * size, min(-(-stop // size) * size, length)
+        return first, stop
 
     def _check_device_segment(self, segment: DeviceSegment, logit_positions, input_ids: torch.Tensor,
                               length: int) -> None:
@@ -429,6 +469,15 @@ class DiffusionTransformer(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
         batch, length = input_ids.shape
+        if logit_positions is not None and not isinstance(logit_positions, slice) and not (
+                isinstance(logit_positions, torch.Tensor) and not logit_positions.is_floating_point()
+                and logit_positions.dtype != torch.bool and not logit_positions.is_complex()
+                and (logit_positions.dim() == 1 or logit_positions.dim() == 2 and logit_positions.shape[0] == batch)):
+            # anything else indexed the positions into another layout than [B, n, V] (a
+            # [1, n] index returned row 0's logits alone, an int dropped the n axis)
+            shape = tuple(logit_positions.shape) if isinstance(logit_positions, torch.Tensor) else None
+            raise ValueError(f"logit_positions must be a slice, or an integer tensor [n] or [B={batch}, n], got "
+                             f"{type(logit_positions).__name__}" + (f" {logit_positions.dtype} {shape}" if shape else ""))
         key_valid = None
         if attention_mask is not None:
             if tuple(attention_mask.shape) != (batch, length):
@@ -436,8 +485,8 @@ class DiffusionTransformer(nn.Module):
             key_valid = attention_mask.to(device=input_ids.device, dtype=torch.bool)
         if segment is not None and cache is None:
             raise ValueError("segment needs a cache holding the keys and values of the other positions")
-        if cache is not None and cache.shape != (batch, length):
-            raise ValueError(f"cache holds a [{cache.shape[0]}, {cache.shape[1]}] canvas, input_ids is [{batch}, {length}]")
+        if cache is not None:
+            self._check_cache(cache, batch, length, input_ids.device)
         positions = self.positions(attention_mask, batch, length, input_ids.device)
         columns = None
         if isinstance(segment, RowSegments):

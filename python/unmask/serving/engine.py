@@ -316,12 +316,10 @@ class Engine:
         return Rows(ids, known, positions, self.model.new_cache(*ids.shape) if fill else None)
 
     def _segment(self, job: Job) -> tuple[int, int]:
-        """The positions a cached step recomputes, as unmask.generate's cache picks them:
-        the block (and the position before it for a model that predicts i from i - 1),
-        and under "prefix" everything after the block too."""
+        """The positions a cached step recomputes, as unmask.generate's cache picks them
+        (DiffusionTransformer.recomputed_segment)."""
         start, end = job.block_range()
-        first = max(start - 1, 0) if self.model.config.shift_logits else start
-        return first, end if job.settings.cache == "dual" else len(job.canvas)
+        return self.model.recomputed_segment(start, end, len(job.canvas), job.settings.cache)
 
     def _segment_key(self, job: Job):
         first, stop = self._segment(job)
