@@ -66,7 +66,8 @@ def _initial_state(rows: int) -> _State:
 
 
 class _Scalars(NamedTuple):
-    """seed low, seed high, offset (uint32) and the row base (int32)."""
+    """seed low, seed high, offset (uint32) and the row base (int32). Inside a kernel,
+    offset becomes each row's: the scalar plus the row's own (_with_row_offsets)."""
     seed_lo: jnp.ndarray
     seed_hi: jnp.ndarray
     offset: jnp.ndarray
@@ -77,6 +78,12 @@ def _read_scalars(scalars_ref) -> _Scalars:
     """The operand is int32 (scalar prefetch operands are); reinterpret the bits."""
     seed_lo, seed_hi, offset = (jax.lax.bitcast_convert_type(scalars_ref[i], jnp.uint32) for i in range(3))
     return _Scalars(seed_lo, seed_hi, offset, scalars_ref[3])
+
+
+def _with_row_offsets(scalars: _Scalars, row_offsets) -> _Scalars:
+    """The row block's offsets (8, 1): the scalar offset plus each row's own (int32 bits of
+    a uint32; the sum wraps as the uint32 counter word does)."""
+    return scalars._replace(offset=scalars.offset + jax.lax.bitcast_convert_type(row_offsets, jnp.uint32))
 
 
 def _row_ids(scalars: _Scalars, row_block, shape):
@@ -164,10 +171,10 @@ def _finish(state: _State, row_block, scalars: _Scalars, *, temperature: float, 
     return jnp.where(invalid, -1, token), jnp.where(invalid, neg_inf, conf).astype(jnp.float32)
 
 
-def _tpu_kernel(scalars_ref, logits_ref, banned_ref, kept_value_ref, kept_last_ref, tokens_ref, conf_ref,
-                *state_refs, tile_v: int, options: dict):
+def _tpu_kernel(scalars_ref, logits_ref, banned_ref, kept_value_ref, kept_last_ref, row_offsets_ref, tokens_ref,
+                conf_ref, *state_refs, tile_v: int, options: dict):
     row_block, tile = pl.program_id(0), pl.program_id(1)
-    scalars = _read_scalars(scalars_ref)
+    scalars = _with_row_offsets(_read_scalars(scalars_ref), row_offsets_ref[...])
 
     @pl.when(tile == 0)
     def _init():
@@ -186,10 +193,10 @@ def _tpu_kernel(scalars_ref, logits_ref, banned_ref, kept_value_ref, kept_last_r
         tokens_ref[...], conf_ref[...] = _finish(state, row_block, scalars, **options)
 
 
-def _gpu_kernel(scalars_ref, logits_ref, banned_ref, kept_value_ref, kept_last_ref, tokens_ref, conf_ref, *,
-                tile_v: int, options: dict):
+def _gpu_kernel(scalars_ref, logits_ref, banned_ref, kept_value_ref, kept_last_ref, row_offsets_ref, tokens_ref,
+                conf_ref, *, tile_v: int, options: dict):
     row_block = pl.program_id(0)
-    scalars = _read_scalars(scalars_ref)
+    scalars = _with_row_offsets(_read_scalars(scalars_ref), row_offsets_ref[...])
     kept_value, kept_last = kept_value_ref[...], kept_last_ref[...]
 
     def step(tile, state):
@@ -220,6 +227,7 @@ def _tpu_call(n_rows: int, vocab: int, tile_v: int, options: dict, interpret: bo
                 pl.BlockSpec((1, tile_v), lambda i, j, s: (0, j)),
                 row_spec,
                 row_spec,
+                row_spec,
             ],
             out_specs=(row_spec, row_spec),
             scratch_shapes=scratch,
@@ -243,6 +251,7 @@ def _gpu_call(n_rows: int, vocab: int, tile_v: int, options: dict, interpret: bo
             pl.BlockSpec((1, vocab), lambda i: (0, 0)),
             row_spec,
             row_spec,
+            row_spec,
         ],
         out_specs=(row_spec, row_spec),
         # 4 warps hold an (8, 2048) float32 tile at 128 values per thread (not measured).
@@ -253,12 +262,14 @@ def _gpu_call(n_rows: int, vocab: int, tile_v: int, options: dict, interpret: bo
 
 @functools.partial(jax.jit, static_argnames=("temperature", "confidence", "conf_temperature", "tile_v", "interpret",
                                              "variant"))
-def sample_pallas(logits, banned_mask, kept_value, kept_last, scalars, *, temperature: float, confidence: str,
-                  conf_temperature: float, tile_v: int = 2048, interpret: bool = False, variant: str | None = None):
+def sample_pallas(logits, banned_mask, kept_value, kept_last, row_offsets, scalars, *, temperature: float,
+                  confidence: str, conf_temperature: float, tile_v: int = 2048, interpret: bool = False,
+                  variant: str | None = None):
     """logits [N, V] (N a multiple of 8, V of tile_v, tile_v of 128), banned_mask [1, V]
-    int32 (1 = never sampled, padding included), kept_value / kept_last [N, 1], scalars
-    int32 [4] = (seed low, seed high, offset, row base) as two's complement. Returns
-    tokens int32 [N, 1] and conf float32 [N, 1].
+    int32 (1 = never sampled, padding included), kept_value / kept_last [N, 1], row_offsets
+    int32 [N, 1] (each row's RNG offset, added to the scalar one), scalars int32 [4] =
+    (seed low, seed high, offset, row base) as two's complement. Returns tokens int32
+    [N, 1] and conf float32 [N, 1].
 
     variant None picks Mosaic on TPU and Triton on GPU when the call is lowered; "tpu"
     or "gpu" forces one (unmask.pallas.platform.by_platform)."""
@@ -269,11 +280,11 @@ def sample_pallas(logits, banned_mask, kept_value, kept_last, scalars, *, temper
     tpu_call = _tpu_call(n_rows, vocab, tile_v, options, interpret)
     gpu_call = _gpu_call(n_rows, vocab, tile_v, options, interpret)
 
-    def tpu(logits, banned_mask, kept_value, kept_last, scalars):
-        return tpu_call(scalars, logits, banned_mask, kept_value, kept_last)
+    def tpu(logits, banned_mask, kept_value, kept_last, row_offsets, scalars):
+        return tpu_call(scalars, logits, banned_mask, kept_value, kept_last, row_offsets)
 
-    def gpu(logits, banned_mask, kept_value, kept_last, scalars):
-        return gpu_call(scalars, logits, banned_mask, kept_value, kept_last)
+    def gpu(logits, banned_mask, kept_value, kept_last, row_offsets, scalars):
+        return gpu_call(scalars, logits, banned_mask, kept_value, kept_last, row_offsets)
 
-    return platform.by_platform((logits, banned_mask, kept_value, kept_last, scalars), tpu=tpu, gpu=gpu,
-                                interpret=interpret, variant=variant)
+    return platform.by_platform((logits, banned_mask, kept_value, kept_last, row_offsets, scalars), tpu=tpu,
+                                gpu=gpu, interpret=interpret, variant=variant)

@@ -282,7 +282,7 @@ def test_sample_rows_outside_the_rows_select_nothing():
     assert np.asarray(tokens)[1] == int(np.argmax(np.asarray(logits)[1])) and np.isneginf(np.asarray(conf)[3])
 
 
-@pytest.mark.parametrize("offset,exception", [(jnp.zeros((4,), jnp.int32), ValueError),
+@pytest.mark.parametrize("offset,exception", [(jnp.zeros((3,), jnp.int32), ValueError),  # not one per row
                                               (jnp.float32(1.0), TypeError), (np.asarray(-1), ValueError)])
 def test_sample_offset_arrays_are_checked(offset, exception):
     logits = jnp.zeros((4, 10), jnp.float32)
@@ -342,3 +342,27 @@ def test_query_positions_past_int32_are_refused():
     q = jnp.zeros((1, 4, 2, 8))
     with pytest.raises(ValueError, match="q_offset=2147483645 plus the 4 queries must stay below 2"):
         uj.attention(q, q, q, q_offset=2**31 - 3)
+
+
+def test_sample_takes_one_offset_per_row_as_the_torch_op_does():
+    logits = torch.randn(3, 5, 50, generator=torch.Generator().manual_seed(3)) * 2
+    offsets = torch.tensor([[0, 1, 2, 3, 4], [7, 7, 7, 7, 7], [2**32 - 1, 0, 5, 9, 11]])
+    for confidence in ("prob", "random"):
+        tokens, conf = uj.sample(jnp.asarray(logits.numpy()), temperature=1.0, confidence=confidence, seed=9,
+                                 offset=offsets.numpy().astype(np.uint32))
+        expected_tokens, expected_conf = reference.sample(logits, temperature=1.0, confidence=confidence, seed=9,
+                                                          offset=offsets)
+        assert np.array_equal(np.asarray(tokens), expected_tokens.numpy())
+        np.testing.assert_allclose(np.asarray(conf), expected_conf.numpy(), rtol=JAX_CONF_RTOL, atol=1e-7)
+    # one offset per row is not a different scalar: a row's draws follow its own offset
+    shifted = uj.sample(jnp.asarray(logits.numpy()), temperature=1.0, seed=9, offset=jnp.asarray(offsets) + 1)[0]
+    assert not np.array_equal(np.asarray(shifted), np.asarray(tokens))
+
+
+@pytest.mark.parametrize("rule", [{"threshold": 0.4}, {"factor": 1.0}])
+def test_a_rows_noise_does_not_depend_on_its_companions(rule):
+    model = uj.from_torch(tiny_model(seed=6, std=1.0))
+    kwargs = dict(gen_length=16, block_length=8, temperature=1.0, seed=5, stop_at_eos=False, **rule)
+    first = uj.generate(model, [[1, 2, 3], [4, 5, 6]], **kwargs)
+    other = uj.generate(model, [[1, 2, 3], [40, 41, 42]], **kwargs)
+    assert np.array_equal(np.asarray(first.tokens[0]), np.asarray(other.tokens[0]))

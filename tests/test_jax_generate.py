@@ -58,6 +58,19 @@ def test_generate_equals_torch_generate(overrides, kwargs):
     assert got.nfe == expected.nfe and got.steps_per_block == expected.steps_per_block
 
 
+@pytest.mark.parametrize("rule", [{"threshold": 0.4}, {"factor": 1.0}], ids=["threshold", "factor"])
+def test_rows_that_step_apart_draw_as_in_torch(rule):
+    """Sampled threshold / factor decoding where rows take different numbers of steps per
+    block (a confident model): each row's RNG offset counts its own steps, in both."""
+    model = tiny_model(seed=6, std=1.0)
+    arguments = {"gen_length": 24, "block_length": 8, "temperature": 1.0, "seed": 5, "stop_at_eos": False, **rule}
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    expected = unmask.generate(model, prompts, **arguments)
+    got = uj.generate(uj.from_torch(model), prompts, **arguments)
+    assert np.array_equal(np.asarray(got.tokens), expected.tokens.numpy())
+    assert got.nfe == expected.nfe and got.steps_per_block == expected.steps_per_block
+
+
 @pytest.mark.parametrize("kwargs", [{"steps": 12}, {"threshold": 0.3}], ids=["steps", "threshold"])
 def test_eos_stops_rows_as_torch_does(kwargs):
     """EOS is a token the model writes in the first block: rows stop there, the rest of

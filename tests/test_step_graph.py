@@ -92,7 +92,9 @@ def test_the_step_traces_once_for_every_step_and_block(rule, cfg_scale, padded):
     with torch.inference_mode():
         run_blocks([eager, compiled], [eager_state, traced_state])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
-    assert int(traced_state.offset) == 3 * BLOCKS
+    # each row's RNG offset: every step under the steps rule, a step with masks under the others
+    offsets = traced_state.offset.tolist()
+    assert offsets == [3 * BLOCKS] * len(offsets) if rule == "count" else max(offsets) <= 3 * BLOCKS
     assert (traced_state.x[:, PROMPT:] != model.mask_id).sum() > 0, "the steps committed tokens"
 
 

@@ -52,7 +52,8 @@ def verification_groups(length: int, groups: int, call: int, device) -> torch.Te
 
 def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, rule: Rule, sampling: Sampling,
                  sample: Callable, vocab: int | None, mask_id: int, running: torch.Tensor, invalid: torch.Tensor,
-                 offset_base: int, revision: Revision, callback=None, nfe: int = 0) -> speculative.BlockResult:
+                 offset_base: torch.Tensor, revision: Revision, callback=None,
+                 nfe: int = 0) -> speculative.BlockResult:
     """Decode block [start, end) of x in place, masking committed tokens again where the
     model stops believing them. Only positions that were masked at the block's start are
     ever masked again (a prompt or an infill's given text is left alone). One host read
@@ -106,7 +107,7 @@ def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, rule: Rul
             everywhere = torch.zeros_like(x, dtype=torch.bool)
             everywhere[:, start:end] = committed | revoked
             callback(nfe + calls - 1, x, everywhere)
-    return speculative.BlockResult(calls, canvases, int(steps.max()) if calls else 0)
+    return speculative.BlockResult(calls, canvases, int(steps.max()) if calls else 0, steps)
 
 
 def _belief(check_logits: torch.Tensor, block: torch.Tensor, group: torch.Tensor, mask_id: int) -> torch.Tensor:

@@ -275,7 +275,7 @@ class StepState:
 
     x: torch.Tensor        # int64 [B, L], the canvas
     start: torch.Tensor    # int64 0-d, the active block's first position
-    offset: torch.Tensor   # int64 0-d, the RNG step offset (schedule steps so far)
+    offset: torch.Tensor   # int64 [B], each row's RNG step offset (its own schedule steps so far)
     k: torch.Tensor        # int64 [B], tokens each row commits this step (the steps rule)
     running: torch.Tensor  # bool [B], rows not stopped at EOS
     invalid: torch.Tensor  # bool 0-d, an eligible position got invalid logits
@@ -284,7 +284,8 @@ class StepState:
     def new(cls, x: torch.Tensor) -> StepState:
         device, batch = x.device, x.shape[0]
         scalar = functools.partial(torch.zeros, (), dtype=torch.int64, device=device)
-        return cls(x, scalar(), scalar(), torch.zeros(batch, dtype=torch.int64, device=device),
+        return cls(x, scalar(), torch.zeros(batch, dtype=torch.int64, device=device),
+                   torch.zeros(batch, dtype=torch.int64, device=device),
                    torch.ones(batch, dtype=torch.bool, device=device), torch.zeros((), dtype=torch.bool, device=device))
 
 
@@ -320,12 +321,16 @@ class DenoiseStep:
             raise ValueError(f"mask_id={self.mask_id} lies outside the model's vocabulary (V={logits.shape[-1]})")
         tokens, conf = self.sample(
             logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, banned=self.banned,
-            confidence=sampling.confidence, seed=sampling.seed, offset=state.offset, check=False,
+            confidence=sampling.confidence, seed=sampling.seed, offset=state.offset[:, None].expand_as(block),
+            check=False,
         )
         state.invalid.logical_or_(((tokens < 0) & eligible).any())
         committed = ops.commit(block, tokens, conf, eligible, **self.mode)
         state.x.scatter_(1, index, block)
-        state.offset.add_(1)
+        # Each row's own step count addresses its noise (docs/design.md, The sampler): the
+        # steps rule steps every row at once; under threshold and factor a row steps while
+        # it has masks, so a row's draws never depend on how long its companions take.
+        state.offset.add_(1 if "k" in self.mode else eligible.any(dim=1))
         return committed, (eligible & ~committed).any()
 
 
@@ -418,15 +423,15 @@ def _decode(
             if revision is not None:
                 result = revise.decode_block(
                     step_model, x, start, end, rule=rule, sampling=sampling, sample=sample, vocab=vocab,
-                    mask_id=mask_id, running=state.running, invalid=state.invalid, offset_base=int(state.offset),
+                    mask_id=mask_id, running=state.running, invalid=state.invalid, offset_base=state.offset,
                     revision=revision, callback=callback, nfe=nfe)
             else:
                 plan = None if rule.steps_per_block is None else schedule_counts(counts, rule.steps_per_block)
                 result = speculative.decode_block(
                     step_model, x, start, end, depth=speculate, rule=rule, sampling=sampling, sample=sample,
                     vocab=vocab, mask_id=mask_id, running=state.running, invalid=state.invalid,
-                    offset_base=int(state.offset), plan=plan, callback=callback, nfe=nfe, siblings=siblings)
-            state.offset.add_(result.steps)
+                    offset_base=state.offset, plan=plan, callback=callback, nfe=nfe, siblings=siblings)
+            state.offset.add_(result.row_steps)
             nfe, canvases = nfe + result.calls, canvases + result.canvases
             steps_per_block.append(result.steps)
             if eos_id is not None:
@@ -477,8 +482,8 @@ def _decode(
                 nfe, canvases, block_steps = nfe + 1, canvases + 1, block_steps + 1
                 if block_steps > flags.lag and not flags.read(nfe - 1 - flags.lag):
                     # The steps after the block's last commit committed nothing: they were
-                    # model calls (nfe counts them) but not steps of the schedule.
-                    state.offset.sub_(flags.lag)
+                    # model calls (nfe counts them) but not steps of the schedule (no row
+                    # had a mask, so none moved its RNG offset).
                     block_steps -= flags.lag
                     break
         steps_per_block.append(block_steps)

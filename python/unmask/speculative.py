@@ -36,7 +36,8 @@ from unmask.validation import Rule, Sampling
 class BlockResult:
     calls: int     # model calls
     canvases: int  # canvases evaluated per row, summed over the calls
-    steps: int     # schedule steps the block took (the RNG offset advances by this much)
+    steps: int     # schedule steps the block took (its slowest row's)
+    row_steps: torch.Tensor  # int64 [B]: each row's own steps (its RNG offset advances by this much)
 
 
 @dataclasses.dataclass
@@ -51,7 +52,7 @@ class _Rule:
     vocab: int | None
     banned: torch.Tensor
     running: torch.Tensor
-    offset_base: int       # RNG offset of the block's step 0
+    offset_base: torch.Tensor  # int64 [B]: each row's RNG offset at the block's step 0
 
     def sampled(self, block: torch.Tensor, logits: torch.Tensor, steps: torch.Tensor):
         """(eligible, tokens, conf) of block [B, Lb] at step `steps` [B] with its logits."""
@@ -102,7 +103,7 @@ class _Rule:
 
 def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, depth: int, rule: Rule, sampling: Sampling,
                  sample: Callable, vocab: int | None, mask_id: int, running: torch.Tensor, invalid: torch.Tensor,
-                 offset_base: int, plan: list[list[int]] | None, callback=None, nfe: int = 0,
+                 offset_base: torch.Tensor, plan: list[list[int]] | None, callback=None, nfe: int = 0,
                  siblings: bool = True) -> BlockResult:
     """Decode block [start, end) of x in place with up to `depth` steps per model call.
 
@@ -185,4 +186,4 @@ def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, depth: in
             everywhere[:, start:end] = changed & (advance > 0)[:, None]
             callback(nfe + calls - 1, x, everywhere)
     taken_steps = total if plan_tensor is not None else int(steps.max()) if calls else 0
-    return BlockResult(calls, canvases, taken_steps)
+    return BlockResult(calls, canvases, taken_steps, steps)

@@ -84,17 +84,18 @@ def sample(logits, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1
 
     Rows with NaN or +inf kept logits, or no finite kept logit, get -1 and -inf (this
     function does not raise on them: under jit it cannot look at the values). offset may
-    be a traced integer, and seed a traced pair of words (seed_words); everything else
-    that shapes the kernel is static. row_base
+    be a traced integer, or one per row of logits (an integer array of logits.shape[:-1],
+    as the torch op takes it: each row's own RNG step), and seed a traced pair of words
+    (seed_words); everything else that shapes the kernel is static. row_base
     (traced too) is added to each row's RNG row id: a device sampling rows
     row_base.. of a batch split across devices draws that batch's noise.
     """
     check_array("logits", logits, dtypes=validation.FLOAT_DTYPES)
     vocab = validation.check_logits_shape(logits.shape)
     words = seed_words(seed)
-    _check_offset(offset)
+    per_row = _check_offset(offset, logits.shape[:-1])
     validation.sample_options(temperature=temperature, top_k=top_k, top_p=top_p, confidence=confidence,
-                              conf_temperature=conf_temperature, seed=0, offset=offset)  # seed: checked above
+                              conf_temperature=conf_temperature, seed=0, offset=0 if per_row else offset)
     banned = _banned_ids(banned, vocab)
     if rows is not None:
         check_array("rows", rows, dtypes=validation.INT_DTYPES, ndim=1)
@@ -119,12 +120,18 @@ def sample(logits, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1
     kept_value, kept_last = kept_prefix(jnp.where(jnp.isnan(x), -jnp.inf, x), top_k, top_p)
 
     pad = ((0, padded_rows - n_rows), (0, padded_vocab - vocab))
+    # One offset per row rides in a column beside the kept prefix; a single offset in the
+    # scalars (the kernel adds the two).
+    row_offsets = jnp.asarray(offset).reshape(-1) if per_row else jnp.zeros((n_rows,), jnp.uint32)
+    row_offsets = jax.lax.bitcast_convert_type(row_offsets.astype(jnp.uint32), jnp.int32)
+    scalar_offset = jnp.asarray(0 if per_row else offset, jnp.uint32)
     scalars = jnp.concatenate([words, jnp.stack([
-        jax.lax.bitcast_convert_type(jnp.asarray(offset, jnp.uint32), jnp.int32), jnp.asarray(row_base, jnp.int32)])])
+        jax.lax.bitcast_convert_type(scalar_offset, jnp.int32), jnp.asarray(row_base, jnp.int32)])])
     tokens, conf = sample_kernel.sample_pallas(
         jnp.pad(flat, pad, constant_values=-jnp.inf), banned_mask,
         jnp.pad(kept_value, (0, padded_rows - n_rows))[:, None],
-        jnp.pad(kept_last, (0, padded_rows - n_rows))[:, None], scalars,
+        jnp.pad(kept_last, (0, padded_rows - n_rows))[:, None],
+        jnp.pad(row_offsets, (0, padded_rows - n_rows))[:, None], scalars,
         temperature=float(temperature), confidence=confidence, conf_temperature=float(conf_temperature),
         tile_v=tile_v, interpret=default_interpret(interpret),
     )
@@ -140,20 +147,21 @@ def _check_row_base(row_base, rows: int) -> None:
     validation.check_int("row_base", row_base, low=0, high=2**31 - rows)
 
 
-def _check_offset(offset) -> None:
+def _check_offset(offset, rows_shape) -> bool:
     """sample()'s offset: an int in [0, 2^32), as the torch op takes it (a float or a numpy
-    integer scalar is refused there too), or a 0-d integer array (a traced loop's step
-    counter; its value, on the device, is not read: it is taken modulo 2^32). One offset
-    per row, which the torch op also takes, is not implemented here."""
+    integer scalar is refused there too), a 0-d integer array (a traced loop's step
+    counter; its value, on the device, is not read: it is taken modulo 2^32), or one per
+    row of logits (an integer array of shape logits.shape[:-1]). Returns whether it is
+    one per row."""
     if not isinstance(offset, ARRAY_TYPES):
         validation.check_int("offset", offset, low=0, high=validation.OFFSET_LIMIT)
-        return
+        return False
     check_array("offset", offset, dtypes=validation.INT_DTYPES + ("uint32",))
     if offset.ndim != 0:
-        raise ValueError(f"offset must be an int or a 0-d integer array (unmask.jax takes no offset per row), "
-                         f"got shape {tuple(offset.shape)}")
+        validation.check_shape("offset", offset.shape, tuple(rows_shape), "one step offset per row of logits, or 0-d")
     if isinstance(offset, np.ndarray):
-        validation.check_int("offset", int(offset), low=0, high=validation.OFFSET_LIMIT)
+        validation.check_index_range("offset", offset, validation.OFFSET_LIMIT, "32-bit step offsets")
+    return offset.ndim != 0
 
 
 def only_rows(tokens, conf, rows):

@@ -65,8 +65,10 @@ def _stop_rows_at_eos(x, running, generation_start: int, decoded_end, eos_id: in
 
 
 def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params, x, model_mask, prompt_positions,
-                  running, offset, start, seed):
-    """One block decoded on the device. Returns (x, running, offset, steps, invalid)."""
+                  running, offset, start, seed, calls):
+    """One block decoded on the device. offset: int32 [B], each row's RNG step (its own
+    schedule steps so far); calls: model calls before the block (the callback's step).
+    Returns (x, running, offset, steps, invalid)."""
     p, length, canvas = program, program.block_length, x.shape[1]
     sampling = p.sampling
     shift = int(model.config.shift_logits)  # Dream: a block's first logits come from the position before it
@@ -113,22 +115,26 @@ def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params,
         return guided(logits), cache
 
     def step(state, mode):
-        x, cache, offset, invalid = state
+        x, cache, offset, calls, invalid = state
         block = jax.lax.dynamic_slice_in_dim(x, start, length, axis=1)
         eligible = (block == p.mask_id) & running[:, None]
         logits, cache = logits_of(x, cache)
         tokens, conf = model.sample_logits(
             logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-            banned=[p.mask_id], confidence=sampling.confidence, seed=seed, offset=offset)
+            banned=[p.mask_id], confidence=sampling.confidence, seed=seed,
+            offset=jnp.broadcast_to(offset[:, None], block.shape))
         invalid |= ((tokens < 0) & eligible).any()
         new_block, committed = commit(block, tokens, conf, eligible, interpret=model.interpret, **mode)
         x = jax.lax.dynamic_update_slice_in_dim(x, new_block.astype(x.dtype), start, axis=1)
         if host_callback is not None:
             everywhere = jax.lax.dynamic_update_slice_in_dim(jnp.zeros(x.shape, bool), committed, start, axis=1)
-            io_callback(host_callback, None, offset, x, everywhere, ordered=True)
-        return (x, cache, offset + 1, invalid), (eligible & ~committed).any()
+            io_callback(host_callback, None, calls, x, everywhere, ordered=True)
+        # each row's own step count addresses its noise, as torch's DenoiseStep counts it:
+        # every row at once under the steps rule, a row with masks under threshold / factor
+        offset = offset + (1 if "k" in mode else eligible.any(axis=1).astype(offset.dtype))
+        return (x, cache, offset, calls + 1, invalid), (eligible & ~committed).any()
 
-    state = (x, None, offset, jnp.zeros((), bool))
+    state = (x, None, offset, calls, jnp.zeros((), bool))
     # With a cache the block's first step (which fills it) is taken before the loop: the
     # loop's carry then holds the cache from its first iteration.
     peeled = int(p.cache is not None)
@@ -158,7 +164,7 @@ def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params,
         if peeled:
             carry = confident(carry)
         state, _, steps = jax.lax.while_loop(more, confident, carry)
-    x, _, offset, invalid = state
+    x, _, offset, _, invalid = state
     if p.eos_id is not None:
         x, running = _stop_rows_at_eos(x, running, p.generation_start, start + length, p.eos_id)
     return x, running, offset, steps, invalid
@@ -240,12 +246,12 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
         model.__dict__.setdefault("_callback_holder", {})["callback"] = callback
 
     started = time.perf_counter()
-    running, offset, seed_array = jnp.ones((batch,), bool), jnp.int32(0), seed_words(sampling.seed)
+    running, offset, seed_array = jnp.ones((batch,), bool), jnp.zeros((batch,), jnp.int32), seed_words(sampling.seed)
     nfe, steps_per_block = 0, []
     for block in range(num_blocks):
         x, running, offset, block_steps, invalid = decode(
             model.params, x, model_mask, prompt_positions, running, offset, jnp.int32(prompt_len + block * block_length),
-            seed_array)
+            seed_array, jnp.int32(nfe))
         block_steps, invalid, any_running = jax.device_get((block_steps, invalid, running.any()))  # the block's one read
         if invalid:
             raise validation.InvalidLogitsError(validation.INVALID_MODEL_LOGITS)

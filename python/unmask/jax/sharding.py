@@ -137,7 +137,8 @@ def sharded_attention(mesh: Mesh, q, k, v, *, key_valid=None, block_size=None, i
 def sharded_sample(mesh: Mesh, logits, *, rows=None, offset=0, seed=0, banned=None, **kwargs):
     """unmask.jax.sample with the rows split over the mesh; the same tokens and
     confidences as one device (each row keeps its RNG row id). Compiled once per mesh,
-    shape and sampling setting; offset (the step) and the seed are traced."""
+    shape and sampling setting; offset (the step, or one per row of logits) and the seed
+    are traced."""
     banned = None if banned is None else tuple(int(t) for t in np.asarray(banned).reshape(-1))
     tokens, conf = _sharded_sample(mesh, logits, jnp.asarray(offset, jnp.uint32), kernels.seed_words(seed),
                                    banned=banned, **kwargs)
@@ -153,10 +154,13 @@ def _sharded_sample(mesh: Mesh, logits, offset, seed, **kwargs):
     padded = _round_up(max(n_rows, 1), mesh.size * 8)  # 8: the sample kernel's row block
     local_rows = padded // mesh.size
     flat = jnp.pad(flat, ((0, padded - n_rows), (0, 0)))
+    offset_spec = P()
+    if offset.ndim:  # one per row: split with the rows
+        offset, offset_spec = jnp.pad(offset.reshape(-1), (0, padded - n_rows)), P(AXIS)
 
     def body(block, offset, seed):
         row_base = jax.lax.axis_index(AXIS) * local_rows
         return kernels.sample(block, offset=offset, seed=seed, row_base=row_base, **kwargs)
 
-    tokens, conf = _shard_map(body, mesh, (P(AXIS, None), P(), P()), (P(AXIS), P(AXIS)))(flat, offset, seed)
+    tokens, conf = _shard_map(body, mesh, (P(AXIS, None), offset_spec, P()), (P(AXIS), P(AXIS)))(flat, offset, seed)
     return tokens[:n_rows].reshape(lead), conf[:n_rows].reshape(lead)
