@@ -213,3 +213,15 @@ def test_logits_asked_for_outside_the_segment_are_an_error(model_type):
         if model_type == "dream":
             with pytest.raises(ValueError, match="logit_positions"):
                 model(ids, cache=cache, segment=(4, 8))
+
+
+def test_bad_input_ids_and_groups_are_refused_naming_them():
+    model = tiny_model(seed=6)
+    for bad, error, message in ((torch.zeros(0, 4, dtype=torch.int64), ValueError, "input_ids must be"),
+                                (torch.zeros(2, 0, dtype=torch.int64), ValueError, "input_ids must be"),
+                                (torch.zeros(2, 4), TypeError, "input_ids must hold integer token ids"),
+                                (torch.zeros(2, 4, dtype=torch.bool), TypeError, "input_ids must hold integer")):
+        with pytest.raises(error, match=message):
+            model(bad)
+    with pytest.raises(ValueError, match="groups: one or more Rows"):
+        model.forward_packed([])

@@ -412,6 +412,8 @@ class DiffusionTransformer(nn.Module):
         LM head together, and only attention runs per group. One call instead of several
         saves their fixed per-call cost (a server's step with some requests filling
         their caches beside others recomputing their blocks)."""
+        if not groups:
+            raise ValueError("groups: one or more Rows")
         parts, embedded, picks = [], [], []
         for rows in groups:
             part, ids, pick = self._lay_out(rows)
@@ -466,8 +468,10 @@ class DiffusionTransformer(nn.Module):
         (None: all of them)."""
         input_ids, attention_mask, logit_positions, cache, segment = (
             rows.input_ids, rows.attention_mask, rows.logit_positions, rows.cache, rows.segment)
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or 0 in input_ids.shape:
+            raise ValueError(f"input_ids must be [B, L] with B, L >= 1, got shape {tuple(input_ids.shape)}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
         batch, length = input_ids.shape
         if logit_positions is not None and not isinstance(logit_positions, slice) and not (
                 isinstance(logit_positions, torch.Tensor) and not logit_positions.is_floating_point()
