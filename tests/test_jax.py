@@ -366,3 +366,16 @@ def test_a_rows_noise_does_not_depend_on_its_companions(rule):
     first = uj.generate(model, [[1, 2, 3], [4, 5, 6]], **kwargs)
     other = uj.generate(model, [[1, 2, 3], [40, 41, 42]], **kwargs)
     assert np.array_equal(np.asarray(first.tokens[0]), np.asarray(other.tokens[0]))
+
+
+def test_the_sharded_sampler_checks_offsets_as_sample_does():
+    from unmask.jax import sharding
+
+    mesh = sharding.make_mesh()
+    logits = jnp.zeros((2, 3, 10), jnp.float32)
+    for bad in (np.array([[1, 2, 3], [4, 5, -1]]), np.zeros((2,), np.int32), np.array([[2**32, 0, 0], [0, 0, 0]])):
+        with pytest.raises(ValueError) as sharded:
+            sharding.sharded_sample(mesh, logits, offset=bad)
+        with pytest.raises(ValueError) as alone:
+            uj.sample(logits, offset=bad)
+        assert str(sharded.value) == str(alone.value)

@@ -344,3 +344,19 @@ def test_a_rows_noise_does_not_depend_on_its_companions(rule, extra):
     for companion in ([40, 41, 42], [9, 9, 9], [30, 20, 10]):
         other = unmask.generate(model, [rows[0], companion, rows[2]], **kwargs)
         assert torch.equal(other.tokens[0], first.tokens[0]) and torch.equal(other.tokens[2], first.tokens[2])
+
+
+@pytest.mark.parametrize("speculate", [0, 3])
+def test_an_infill_rows_noise_does_not_depend_on_its_companions_masks(speculate):
+    """infill under the steps rule: the rows of a block hold different numbers of masks, so
+    the block's plan is as long as its busiest row's; a row steps (and moves its RNG
+    offset) only while it has masks, so a companion with more or fewer masks leaves its
+    tokens as they were."""
+    model = tiny_model(seed=6, std=1.0)
+    m = model.mask_id
+    row = [3, m, 4, 5, m, m, m, m]
+    kwargs = dict(block_length=4, steps=8, temperature=1.0, seed=3, speculate=speculate)
+    first = unmask.infill(model, torch.tensor([row, [6, m, m, m, m, m, 7, m]]), **kwargs)
+    for companion in ([6, 7, 8, m, m, 7, m, m], [m, m, m, m, 9, 9, 9, m], [6, 7, 8, 9, 9, 9, 9, 9]):
+        other = unmask.infill(model, torch.tensor([row, companion]), **kwargs)
+        assert torch.equal(other.tokens[0], first.tokens[0]), companion

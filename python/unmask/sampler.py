@@ -327,10 +327,11 @@ class DenoiseStep:
         state.invalid.logical_or_(((tokens < 0) & eligible).any())
         committed = ops.commit(block, tokens, conf, eligible, **self.mode)
         state.x.scatter_(1, index, block)
-        # Each row's own step count addresses its noise (docs/design.md, The sampler): the
-        # steps rule steps every row at once; under threshold and factor a row steps while
-        # it has masks, so a row's draws never depend on how long its companions take.
-        state.offset.add_(1 if "k" in self.mode else eligible.any(dim=1))
+        # Each row's own step count addresses its noise (docs/design.md, The sampler): a
+        # row steps while it has masks, so its draws never depend on how long its
+        # companions take (under the steps rule a row's steps that commit nothing come
+        # after its last mask: its count is its own plan's, not the busiest row's).
+        state.offset.add_(eligible.any(dim=1))
         return committed, (eligible & ~committed).any()
 
 

@@ -186,4 +186,6 @@ def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, depth: in
             everywhere[:, start:end] = changed & (advance > 0)[:, None]
             callback(nfe + calls - 1, x, everywhere)
     taken_steps = total if plan_tensor is not None else int(steps.max()) if calls else 0
+    if plan_tensor is not None:  # a row steps while it has masks: its plan's leading nonzero counts
+        steps = (plan_tensor > 0).sum(dim=1) * running
     return BlockResult(calls, canvases, taken_steps, steps)

@@ -93,7 +93,7 @@ def sample(logits, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1
     check_array("logits", logits, dtypes=validation.FLOAT_DTYPES)
     vocab = validation.check_logits_shape(logits.shape)
     words = seed_words(seed)
-    per_row = _check_offset(offset, logits.shape[:-1])
+    per_row = check_offset(offset, logits.shape[:-1])
     validation.sample_options(temperature=temperature, top_k=top_k, top_p=top_p, confidence=confidence,
                               conf_temperature=conf_temperature, seed=0, offset=0 if per_row else offset)
     banned = _banned_ids(banned, vocab)
@@ -147,7 +147,7 @@ def _check_row_base(row_base, rows: int) -> None:
     validation.check_int("row_base", row_base, low=0, high=2**31 - rows)
 
 
-def _check_offset(offset, rows_shape) -> bool:
+def check_offset(offset, rows_shape) -> bool:
     """sample()'s offset: an int in [0, 2^32), as the torch op takes it (a float or a numpy
     integer scalar is refused there too), a 0-d integer array (a traced loop's step
     counter; its value, on the device, is not read: it is taken modulo 2^32), or one per

@@ -130,8 +130,8 @@ def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params,
             everywhere = jax.lax.dynamic_update_slice_in_dim(jnp.zeros(x.shape, bool), committed, start, axis=1)
             io_callback(host_callback, None, calls, x, everywhere, ordered=True)
         # each row's own step count addresses its noise, as torch's DenoiseStep counts it:
-        # every row at once under the steps rule, a row with masks under threshold / factor
-        offset = offset + (1 if "k" in mode else eligible.any(axis=1).astype(offset.dtype))
+        # a row steps while it has masks
+        offset = offset + eligible.any(axis=1).astype(offset.dtype)
         return (x, cache, offset, calls + 1, invalid), (eligible & ~committed).any()
 
     state = (x, None, offset, calls, jnp.zeros((), bool))

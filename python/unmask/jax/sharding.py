@@ -140,6 +140,7 @@ def sharded_sample(mesh: Mesh, logits, *, rows=None, offset=0, seed=0, banned=No
     shape and sampling setting; offset (the step, or one per row of logits) and the seed
     are traced."""
     banned = None if banned is None else tuple(int(t) for t in np.asarray(banned).reshape(-1))
+    kernels.check_offset(offset, logits.shape[:-1])  # before the rows are padded and split
     tokens, conf = _sharded_sample(mesh, logits, jnp.asarray(offset, jnp.uint32), kernels.seed_words(seed),
                                    banned=banned, **kwargs)
     return kernels.only_rows(tokens, conf, rows)
