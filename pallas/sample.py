@@ -9,7 +9,8 @@ and confidence. Both variants run these same functions:
 
 - TPU (Mosaic): grid (row blocks, vocabulary tiles), the vocabulary axis "arbitrary"
   (sequential) with the state in VMEM scratch; seed and offset are scalar prefetch
-  operands (SMEM), so a new step does not recompile the kernel. tile_v is a multiple
+  operands (SMEM), so a new step does not recompile the kernel, and each row's own
+  offset (added to the scalar one) is an (8, 1) column beside the kept prefix. tile_v is a multiple
   of 128 (the lane width; the caller rounds to it) and the row block 8 (sublanes).
   VMEM per program at tile_v 2048: logits 2 x 8 x 2048 x 4 B = 128 KiB double-buffered
   in float32, the banned mask (1, 2048) int32 padded to 8 sublanes 128 KiB, and the
@@ -18,7 +19,8 @@ and confidence. Both variants run these same functions:
 - GPU (Triton): Triton has no scalar prefetch, no scratch that persists across grid
   steps and no sequential grid axis (programs run concurrently), so the grid is the
   row blocks alone and each program walks its vocabulary tiles in a fori_loop with the
-  state as the loop carry; seed and offset are a plain int32 [4] operand. Triton loads
+  state as the loop carry; seed and offset are a plain int32 [4] operand (the rows'
+  own offsets a column, as on TPU). Triton loads
   power-of-two shapes only: its tile is the largest power of two dividing tile_v (at
   least 128, since tile_v is a multiple of 128), which divides the padded vocabulary.
 

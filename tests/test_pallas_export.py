@@ -110,10 +110,12 @@ def test_attention_vmem_against_tpu_defaults():
     dict(top_p=0.95, confidence="entropy"),
     dict(temperature=1.0, confidence="random", banned=[0, 5]),
 ])
-def test_sample_exports(platform, vocab, kwargs):
-    # offset traced, as the step loop passes it
+@pytest.mark.parametrize("offsets", ["one", "per-row"])
+def test_sample_exports(platform, vocab, kwargs, offsets):
+    # offset traced: one for every row, or one per row of logits (each row's own step, as
+    # the step loop passes it)
     fn = lambda logits, offset: uj.sample(logits, seed=7, offset=offset, interpret=False, **kwargs)  # noqa: E731
-    export(fn, platform, S((3, 32, vocab), jnp.bfloat16), S((), jnp.int32))
+    export(fn, platform, S((3, 32, vocab), jnp.bfloat16), S(() if offsets == "one" else (3, 32), jnp.int32))
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
