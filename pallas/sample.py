@@ -262,6 +262,11 @@ def _gpu_call(n_rows: int, vocab: int, tile_v: int, options: dict, interpret: bo
     )
 
 
+def check_tile_v(tile_v: int) -> None:
+    if tile_v <= 0 or tile_v % LANES:
+        raise ValueError(f"{tile_v=} must be a positive multiple of {LANES} (the TPU lane width)")
+
+
 @functools.partial(jax.jit, static_argnames=("temperature", "confidence", "conf_temperature", "tile_v", "interpret",
                                              "variant"))
 def sample_pallas(logits, banned_mask, kept_value, kept_last, row_offsets, scalars, *, temperature: float,
@@ -275,8 +280,7 @@ def sample_pallas(logits, banned_mask, kept_value, kept_last, row_offsets, scala
 
     variant None picks Mosaic on TPU and Triton on GPU when the call is lowered; "tpu"
     or "gpu" forces one (unmask.pallas.platform.by_platform)."""
-    if tile_v <= 0 or tile_v % LANES:
-        raise ValueError(f"{tile_v=} must be a positive multiple of {LANES} (the TPU lane width)")
+    check_tile_v(tile_v)
     n_rows, vocab = logits.shape
     options = dict(temperature=temperature, conf_temperature=conf_temperature, confidence=confidence)
     tpu_call = _tpu_call(n_rows, vocab, tile_v, options, interpret)

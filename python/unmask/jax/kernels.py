@@ -103,8 +103,7 @@ def sample(logits, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1
             validation.check_index_range("rows", rows, logits.size // vocab,
                                          "the flattened rows of logits")
     validation.check_int("tile_v", tile_v, low=1)
-    if tile_v % 128:
-        raise ValueError(f"tile_v={tile_v} must be a positive multiple of 128 (the TPU lane width)")
+    sample_kernel.check_tile_v(tile_v)  # before it rounds the vocabulary (sample_pallas checks only what is left)
     _check_row_base(row_base, logits.size // vocab)
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     flat = logits.reshape(-1, vocab)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from unmask import ops
+from unmask import ops, validation
 from unmask.models.config import ModelConfig
 
 
@@ -470,12 +470,11 @@ class DiffusionTransformer(nn.Module):
             rows.input_ids, rows.attention_mask, rows.logit_positions, rows.cache, rows.segment)
         if input_ids.dim() != 2 or 0 in input_ids.shape:
             raise ValueError(f"input_ids must be [B, L] with B, L >= 1, got shape {tuple(input_ids.shape)}")
-        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        if not _holds_ids(input_ids):
             raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
         batch, length = input_ids.shape
         if logit_positions is not None and not isinstance(logit_positions, slice) and not (
-                isinstance(logit_positions, torch.Tensor) and not logit_positions.is_floating_point()
-                and logit_positions.dtype != torch.bool and not logit_positions.is_complex()
+                _holds_ids(logit_positions)
                 and (logit_positions.dim() == 1 or logit_positions.dim() == 2 and logit_positions.shape[0] == batch)):
             # anything else indexed the positions into another layout than [B, n, V] (a
             # [1, n] index returned row 0's logits alone, an int dropped the n axis)
@@ -540,3 +539,8 @@ class DiffusionTransformer(nn.Module):
                 index = source - start
                 pick = lambda x: x[:, index]  # noqa: E731
         return part, ids, pick
+
+
+def _holds_ids(value) -> bool:
+    """A tensor of ids or positions in a dtype torch embeds and indexes with (int32, int64)."""
+    return isinstance(value, torch.Tensor) and validation.dtype_name(value) in validation.INT_DTYPES
