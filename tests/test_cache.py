@@ -19,7 +19,7 @@ def block_causal_model(model_type="llada", seed=0):
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 @pytest.mark.parametrize("kwargs", [
     dict(steps=16, block_length=4),
-    dict(threshold=0.2, block_length=8),
+    dict(threshold=0.3, block_length=8),
     dict(steps=8, block_length=8, temperature=1.0, seed=3),
     dict(steps=16, block_length=4, cfg_scale=1.0),
     dict(steps=16, block_length=2),  # generation blocks half the model's
@@ -38,6 +38,59 @@ def test_block_causal_cache_is_exact(model_type, cache, kwargs, prompts):
     assert torch.equal(cached.tokens, plain.tokens)
     assert cached.nfe == plain.nfe
     assert len(set(plain.tokens.flatten().tolist())) > 2
+
+
+RAGGED = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18], [19]]  # left-padded by 3, 1, 0 and 5
+
+
+@pytest.mark.parametrize("model_type", ["llada", "dream"])
+@pytest.mark.parametrize("cache", [None, "prefix", "dual"])
+@pytest.mark.parametrize("kwargs", [
+    dict(steps=16, block_length=4),
+    dict(threshold=0.3, block_length=8),
+    dict(steps=16, block_length=2),
+], ids=["steps", "threshold", "half-blocks"])
+def test_block_causal_rows_decode_as_they_do_alone(model_type, cache, kwargs):
+    # Each row's block grid starts at its own first token (DiffusionTransformer._grid_rotation),
+    # whatever padding the batch's longest prompt gives it: before, a row padded by other
+    # than a multiple of block_size met other model blocks than alone (23 of 64 tokens
+    # differed in the first case).
+    model = block_causal_model(model_type)
+    batch = unmask.generate(model, RAGGED, gen_length=16, stop_at_eos=False, cache=cache, **kwargs)
+    alone = [unmask.generate(model, [prompt], gen_length=16, stop_at_eos=False, cache=cache, **kwargs)
+             for prompt in RAGGED]
+    assert torch.equal(batch.tokens, torch.cat([row.tokens for row in alone]))
+    assert len(set(batch.tokens.flatten().tolist())) > 2
+
+
+@pytest.mark.parametrize("cache", [None, "dual"])
+def test_block_causal_sampled_row_ignores_its_companions_lengths(cache):
+    # Sampled with noise, a row keeps its place in the batch (its RNG stream) while the
+    # other prompts change length, so the batch's padding moves by 1, 2 and 3 positions.
+    model = block_causal_model("llada")
+    arguments = dict(gen_length=16, block_length=8, threshold=0.5, temperature=1.0, seed=5, stop_at_eos=False,
+                     cache=cache)
+    first = [5, 6, 7]
+    runs = [unmask.generate(model, [first] + others, **arguments).tokens[0]
+            for others in ([[8]], [[8, 9, 10, 11]], [[8, 9, 10, 11, 12]], [[8, 9, 10, 11, 12, 13]])]
+    assert all(torch.equal(run, runs[0]) for run in runs[1:])
+
+
+def test_block_causal_forward_sees_a_padded_row_as_alone():
+    # Logits of every real position, with and without a cache segment, equal the row's
+    # own unpadded forward.
+    model = block_causal_model("llada")
+    ids = torch.randint(0, MASK, (3, 11))
+    mask = torch.ones(3, 11, dtype=torch.bool)
+    mask[0, :3], mask[1, :6] = False, False
+    cache = unmask.KVCache(model.config, 3, 11, dtype=torch.float32, device=torch.device("cpu"))
+    with torch.no_grad():
+        full = model(ids, mask, cache=cache)
+        segment = model(ids, mask, cache=cache, segment=(7, 9), logit_positions=slice(7, 9))
+        for row, pad in enumerate((3, 6, 0)):
+            alone = model(ids[row:row + 1, pad:])
+            torch.testing.assert_close(full[row, pad:], alone[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(segment[row], alone[0, 7 - pad:9 - pad], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])

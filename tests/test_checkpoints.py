@@ -87,7 +87,13 @@ def plain_dream_forward(t, config, ids, attention_mask):
         m = rms(h, t[p + "post_attention_layernorm.weight"])
         h = h + (torch.nn.functional.silu(m @ t[p + "mlp.gate_proj.weight"].T) * (m @ t[p + "mlp.up_proj.weight"].T)) @ t[p + "mlp.down_proj.weight"].T
     logits = rms(h, t["model.norm.weight"]) @ t["lm_head.weight"].T
-    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+    shifted = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+    # A left-padded row's first real token keeps its own state, as position 0 does: unmask's
+    # choice (README, model), where Dream's code predicts it from the pad before it and a
+    # padded row decodes otherwise than alone. Every other position is Dream's.
+    rows, first = torch.arange(ids.shape[0]), attention_mask.to(torch.int32).argmax(dim=1)
+    shifted[rows, first] = logits[rows, first]
+    return shifted
 
 
 def write_dream(directory, tensors, config=DREAM_CONFIG, shards=2):

@@ -251,10 +251,13 @@ def test_gumbel_in_float32_never_overflows():
     np.testing.assert_allclose(g, exact, rtol=1e-5)
 
 
-def test_jax_model_matches_torch_model_on_dream_checkpoints(tmp_path):
+@pytest.mark.parametrize("block_size", [None, 3])
+def test_jax_model_matches_torch_model_on_dream_checkpoints(tmp_path, block_size):
+    # Row 0 left-padded by 2: its first real token predicted from its own position, and
+    # (block-causal) its block grid starting there, in both frameworks.
     config = unmask.ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=48, vocab_size=40,
                                 embedding_size=40, mask_token_id=39, eos_token_id=38, include_qkv_bias=True,
-                                model_type="dream")
+                                model_type="dream", block_size=block_size)
     model = unmask.DiffusionTransformer.random(config, seed=3, std=0.3)
     unmask.save_pretrained(model, tmp_path)
     jax_model = uj.from_pretrained(tmp_path)

@@ -103,6 +103,21 @@ def test_block_causal_cached_equals_uncached(cache, prompts, block_length):
     assert np.array_equal(np.asarray(cached.tokens), np.asarray(uncached.tokens))
 
 
+@pytest.mark.parametrize("cache", [None, "prefix", "dual"])
+@pytest.mark.parametrize("block_length", [4, 2, 6])
+def test_block_causal_ragged_batch_equals_torch(cache, block_length):
+    """Rows left-padded by 3, 1, 0 and 5 positions: each row's block grid starts at its own
+    first token (the torch model's _GridRotation), with and without a cache window."""
+    torch_model = tiny_model(seed=2, block_size=4)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18], [19]]
+    arguments = {"gen_length": 12, "block_length": block_length, "steps": 12, "stop_at_eos": False, "cache": cache}
+    expected = unmask.generate(torch_model, prompts, **arguments)
+    got = uj.generate(uj.from_torch(torch_model), prompts, **arguments)
+    assert np.array_equal(np.asarray(got.tokens), expected.tokens.numpy())
+    alone = unmask.generate(torch_model, prompts[:1], **arguments)
+    assert np.array_equal(expected.tokens[:1].numpy(), alone.tokens.numpy())
+
+
 def test_one_compilation_serves_every_block_and_call():
     """The block start and the seed are traced: a canvas shape compiles once, whatever the
     block, the prompt values or the seed."""

@@ -133,6 +133,43 @@ def test_block_causal_model_hides_later_blocks():
     assert not torch.allclose(a[:, 8:], b[:, 8:])
 
 
+@pytest.mark.parametrize("block_size", [None, 4])
+@pytest.mark.parametrize("model_type", ["llada", "dream"])
+def test_a_left_padded_row_has_the_logits_it_has_alone(model_type, block_size):
+    # Left padding is invisible: every real position's logits are the row's own, alone.
+    # Two cases needed the model to know where a row starts: a block-causal model's grid
+    # (it met the blocks shifted by the padding), and a shifted (Dream) model's first real
+    # token (predicted from the pad before it; alone, position 0 keeps its own state).
+    model = tiny_model(seed=5, model_type=model_type, include_qkv_bias=model_type == "dream", block_size=block_size)
+    ids = torch.randint(0, 59, (3, 11))
+    pads = (3, 6, 0)
+    mask = torch.arange(11) >= torch.tensor(pads)[:, None]
+    with torch.no_grad():
+        full = model(ids, mask)
+        picked = model(ids, mask, logit_positions=torch.tensor([[3, 4], [6, 10], [0, 5]]))
+        for row, pad in enumerate(pads):
+            alone = model(ids[row:row + 1, pad:])[0]
+            torch.testing.assert_close(full[row, pad:], alone, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(picked[row, 0], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_segment_gives_a_padded_rows_first_token_its_own_logits():
+    # Dream layout, row 0 padded by 5: position 5 is predicted from itself in a cached
+    # segment as in the full forward. Row 2, padded by 8, starts past the segment: its
+    # position 8 keeps the pad before it (its state is not computed; the index into the
+    # segment's rows ran off their end).
+    model = tiny_model(seed=1, model_type="dream", include_qkv_bias=True)
+    ids = torch.randint(0, 59, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.arange(12) >= torch.tensor([5, 0, 8])[:, None]
+    cache = model.new_cache(3, 12)
+    with torch.no_grad():
+        full = model(ids, mask, cache=cache)
+        segment = model(ids, mask, cache=cache, segment=(4, 8), logit_positions=slice(5, 9))
+        alone = model(ids[:1, 5:])
+    torch.testing.assert_close(segment[:2], full[:2, 5:9], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(segment[0, 0], alone[0, 0], rtol=1e-5, atol=1e-5)
+
+
 def test_tokenizer_is_loaded_when_present(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 

@@ -248,6 +248,24 @@ def test_infill_fills_masks_where_they_stand():
     assert not (by_blocks.tokens == MASK).any()
 
 
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_a_padded_dream_row_starting_with_a_mask_decodes_as_alone(block_size):
+    # The first real token of a left-padded row is predicted from its own position, as
+    # position 0 alone (it was predicted from the pad before it): infill of a row that
+    # starts with a mask, and generate from an empty prompt.
+    model = tiny_model(seed=6, std=1.0, model_type="dream", include_qkv_bias=True, block_size=block_size)
+    m = model.mask_id
+    ids = torch.tensor([[0, 0, m, 5, m, 7, m, m], [3, 4, m, m, 5, m, 6, m]])
+    mask = torch.tensor([[False, False] + [True] * 6, [True] * 8])
+    for kwargs in (dict(), dict(threshold=0.5)):
+        padded = unmask.infill(model, ids, attention_mask=mask, **kwargs).tokens
+        alone = unmask.infill(model, ids[:1, 2:], **kwargs).tokens
+        assert torch.equal(padded[0, 2:], alone[0]), kwargs
+    arguments = dict(gen_length=8, block_length=4, steps=8, stop_at_eos=False)
+    together = unmask.generate(model, [[], [3, 4, 5]], **arguments).tokens
+    assert torch.equal(together[0], unmask.generate(model, [[]], **arguments).tokens[0])
+
+
 def test_generic_callable_with_logits_attribute():
     model = tiny_model(seed=8)
 
@@ -284,12 +302,17 @@ class TransformersDreamLike(torch.nn.Module):
             assert torch.equal(position_ids[real], ((real.long().cumsum(-1) - 1)[real]))
         own = self.model(input_ids, real)  # unmask's Dream model shifts: position i holds its own prediction
         raw = torch.cat([own[:, 1:], torch.full_like(own[:, :1], float("nan"))], dim=1)
+        if real is not None:  # a pad's own prediction (what Dream reads for the first real token): token 7, sure
+            raw = torch.where(real[:, :, None], raw, torch.nn.functional.one_hot(torch.tensor(7), raw.shape[-1]) * 50.0)
         return type("Output", (), {"logits": raw})()
 
 
-def test_a_transformers_dream_model_is_read_with_its_logits_shifted():
+@pytest.mark.parametrize("prompts", [
+    [[1, 2, 3, 4], [5, 6]],  # left-padded: the mask and positions matter
+    [[1, 2, 3, 4], []],  # an empty prompt: row 1's first real token is generated, from its own state
+])
+def test_a_transformers_dream_model_is_read_with_its_logits_shifted(prompts):
     dream = tiny_model(seed=6, model_type="dream")
-    prompts = [[1, 2, 3, 4], [5, 6]]  # left-padded: the mask and positions matter
     expected = unmask.generate(dream, prompts, gen_length=8, block_length=4, steps=8, stop_at_eos=False)
     out = unmask.generate(TransformersDreamLike(dream), prompts, gen_length=8, block_length=4, steps=8,
                           mask_id=MASK, eos_id=EOS, stop_at_eos=False)

@@ -77,19 +77,27 @@ def transformers_dream_logits(model, x: torch.Tensor, attention_mask: torch.Tens
     generation loop calls it: a left-padded batch gets a [B, 1, L, L] mask of pairs of real
     tokens and positions counted over real tokens (1 on padding); and the logits, which the
     model returns unshifted (position i holds the prediction for i + 1), shifted right by
-    one, so that position i holds its own (position 0 keeps its own row). Called as a plain
-    callable, the model's logits would be read one position off: fluent-looking text from
-    the wrong predictions, and no error. No host read: every row builds the mask."""
-    position_ids = None
+    one, so that position i holds its own (position 0 keeps its own row, and so does a
+    left-padded row's first real token, as unmask's Dream-layout model does: Dream's own
+    loop reads it from the pad before it, and a padded row decoded otherwise than alone).
+    Called as a plain callable, the model's logits would be read one position off:
+    fluent-looking text from the wrong predictions, and no error. No host read: every row
+    builds the mask."""
+    position_ids = first_real = None
     if attention_mask is not None:
         real = attention_mask.bool()
         position_ids = (real.long().cumsum(-1) - 1).masked_fill(~real, 1)
+        first_real = real.to(torch.int32).argmax(dim=1)  # the first True
         attention_mask = real[:, None, None, :] & real[:, None, :, None]
     out = model(x, attention_mask=attention_mask, position_ids=position_ids)
     logits = getattr(out, "logits", out)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
         return logits  # model_logits names what came back
-    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+    shifted = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+    if first_real is None:
+        return shifted
+    own = torch.arange(logits.shape[1], device=logits.device) == first_real[:, None].to(logits.device)
+    return torch.where(own[:, :, None], logits, shifted)
 
 
 def guided_logits(model, x, attention_mask, prompt_positions, mask_id: int, cfg_scale: float,

@@ -78,12 +78,31 @@ def forward_window(params, input_ids, attention_mask, *, config: ModelConfig, lo
         positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
     else:
         positions = jnp.broadcast_to(jnp.arange(length)[None], (1, length))
+    fresh_to = length if fresh_to is None else fresh_to
+    # A shifted model's row predicts its first real token from its own position, as
+    # position 0 alone (the torch model's _sources).
+    first_real = None if attention_mask is None else jnp.argmax(attention_mask.astype(jnp.int32), axis=1)
+    shift = None
+    if c.block_size and attention_mask is not None:
+        # As the torch model (_GridRotation): each row rotated left so that its first real
+        # token starts a model block, as alone; the cache holds the rotated layout.
+        shift = jnp.argmax(attention_mask.astype(jnp.int32), axis=1) % c.block_size  # [B]
+        columns = (jnp.arange(length)[None] + shift[:, None]) % length
+        input_ids, attention_mask = (jnp.take_along_axis(a, columns, axis=1) for a in (input_ids, attention_mask))
+        positions = jnp.take_along_axis(jnp.broadcast_to(positions, (batch, length)), columns, axis=1)
+        if cache is not None:
+            # Each row recomputes its part of the fresh range, widened to its own model
+            # blocks; the window (static width) grows by one model block to hold them all.
+            size = c.block_size
+            fresh_from = jnp.maximum((fresh_from - shift) // size * size, 0)[:, None]
+            fresh_to = jnp.minimum(-(-(fresh_to - shift) // size) * size, length)[:, None]
+            window_length = min(window_length + size, length)
+            window_start = jnp.clip(window_start - size, 0, length - window_length)
     width = length if cache is None else window_length
     window = jax.lax.dynamic_slice_in_dim(positions, window_start, width, axis=1)
     x = params["embed"][jax.lax.dynamic_slice_in_dim(input_ids, window_start, width, axis=1)]
-    in_window = window_start + jnp.arange(width)
-    fresh_to = length if fresh_to is None else fresh_to
-    keep_cached = ((in_window < fresh_from) | (in_window >= fresh_to))[None, :, None, None]
+    in_window = (window_start + jnp.arange(width))[None]
+    keep_cached = ((in_window < fresh_from) | (in_window >= fresh_to))[:, :, None, None]
     new_cache = []
     for index, layer in enumerate(params["layers"]):
         h = _rms_norm(x, layer["attn_norm"], c.rms_norm_eps)
@@ -115,7 +134,15 @@ def forward_window(params, input_ids, attention_mask, *, config: ModelConfig, lo
         x = x + (jax.nn.silu(h @ layer["gate_proj"].T) * (h @ layer["up_proj"].T)) @ layer["down_proj"].T
     wanted = logit_start + jnp.arange(logit_length)
     source = jnp.maximum(wanted - 1, 0) if c.shift_logits else wanted
-    logits = _rms_norm(x[:, source - window_start], params["final_norm"], c.rms_norm_eps) @ params["lm_head"].T
+    if c.shift_logits and first_real is not None:
+        source = jnp.where(wanted[None] == first_real[:, None], wanted[None], source[None])  # [B, n]
+    if shift is None and source.ndim == 1:
+        hidden = x[:, source - window_start]
+    else:  # each row's own columns (rotated: padding's logits are not specified, clamped into the window)
+        columns = source if shift is None else (source - shift[:, None]) % length
+        rows = jnp.clip(jnp.broadcast_to(columns, (batch, logit_length)) - window_start, 0, width - 1)
+        hidden = jnp.take_along_axis(x, rows[:, :, None], axis=1)
+    logits = _rms_norm(hidden, params["final_norm"], c.rms_norm_eps) @ params["lm_head"].T
     return logits, new_cache
 
 

@@ -231,6 +231,38 @@ class _Part:
 
 
 @dataclasses.dataclass(frozen=True)
+class _GridRotation:
+    """A block-causal model's rows rotated so that each row's first real token starts a
+    model block (DiffusionTransformer._grid_rotation): row b's column c holds the canvas's
+    column (c + shift[b]) mod L. Without it a row left-padded by other than a multiple of
+    block_size met the block grid elsewhere than alone, and its tokens depended on the
+    length of the longest prompt in its batch."""
+
+    block_size: int
+    shift: torch.Tensor  # [B] int64 in [0, block_size)
+    columns: torch.Tensor  # [B, L]: the canvas column each rotated column holds
+
+    def segment(self, start: int, end: int, length: int) -> tuple[int, int]:
+        """The rotated columns a segment [start, end) of the canvas recomputes: each row's
+        part of it, [start - shift, end - shift), widened to whole model blocks (a position
+        sharing a model block with a recomputed one sees it, so its cached keys would be
+        stale), for every shift a row may have. One range for all rows: the block-causal
+        mask takes one query offset per call. At most one model block more than the rows
+        need; those positions are recomputed from the same canvas, so nothing changes."""
+        size = self.block_size
+        return max((start - size + 1) // size * size, 0), min(-(-end // size) * size, length)
+
+    def rotated(self, source: torch.Tensor, start: int, n: int) -> torch.Tensor:
+        """Canvas positions [n] or [B, n] -> their rotated columns [B, n], clamped into the
+        computed range [start, start + n) (a padding position left of it has no row of its
+        own there; padding's logits are not specified)."""
+        if source.dim() == 1:
+            source = source.expand(self.shift.shape[0], -1)
+        length = self.columns.shape[1]
+        return ((source - self.shift[:, None]) % length).clamp(start, start + n - 1)
+
+
+@dataclasses.dataclass(frozen=True)
 class Rows:
     """One group of a packed forward (DiffusionTransformer.forward_packed): the arguments
     DiffusionTransformer.forward takes for one call."""
@@ -433,10 +465,31 @@ class DiffusionTransformer(nn.Module):
         rows = logits.split([h.shape[0] * h.shape[1] for h in chosen])
         return [part_logits.view(*h.shape[:2], -1) for h, part_logits in zip(chosen, rows)]
 
-    def _sources(self, wanted: torch.Tensor) -> torch.Tensor:
+    def _grid_rotation(self, key_valid: torch.Tensor | None, length: int) -> "_GridRotation | None":
+        """How a block-causal model lays out rows with hidden keys (None: as they are)."""
+        size = self.config.block_size
+        if size is None or key_valid is None:
+            return None
+        # argmax returns the first maximum: each row's first real column (0 for a row of
+        # padding alone, which no one reads). No host read: a device batch does not sync.
+        shift = key_valid.to(torch.int32).argmax(dim=1).to(torch.int64) % size
+        columns = (torch.arange(length, device=key_valid.device) + shift[:, None]) % length
+        return _GridRotation(size, shift, columns)
+
+    def _sources(self, wanted: torch.Tensor, first_real: torch.Tensor | None, stop) -> torch.Tensor:
         """The positions whose hidden states give the logits of positions `wanted`: their
-        own, or the one before when logits shift (position 0 keeping its own row)."""
-        return (wanted - 1).clamp(min=0) if self.config.shift_logits else wanted
+        own, or the one before when logits shift, a row's first token keeping its own (as
+        position 0 does alone; first_real [B]: each left-padded row's first real column,
+        whose logit would otherwise come from the pad before it). stop (an int, or [B, 1]):
+        the end of the positions computed; a first token at or past it, whose state is not
+        computed, keeps the pad before it (that row's computed positions are all padding)."""
+        if not self.config.shift_logits:
+            return wanted
+        before = (wanted - 1).clamp(min=0)
+        if first_real is None:
+            return before
+        rows = wanted if wanted.dim() == 2 else wanted[None]
+        return torch.where((rows == first_real[:, None]) & (rows < stop), rows, before)
 
     def _check_sources(self, source: torch.Tensor, logit_positions, length: int, starts: list[int], n: int) -> None:
         """With a segment, the hidden states behind the logits asked for (source) must be
@@ -448,7 +501,8 @@ class DiffusionTransformer(nn.Module):
             wanted = range(length)[logit_positions]
             if len(wanted) == 0:
                 return
-            # the sources of its ends, as _sources maps them (monotone: they bound the rest)
+            # the sources of its ends, as _sources maps them (monotone: they bound the rest;
+            # a row's first token, keeping its own, lies inside whenever the one before does)
             ends = [max(w - int(self.config.shift_logits), 0) for w in (wanted[0], wanted[-1])]
             outside = min(ends) < max(starts) or max(ends) >= min(starts) + n
         elif source.device.type == "cpu" and source.numel() > 0:
@@ -491,6 +545,15 @@ class DiffusionTransformer(nn.Module):
         if cache is not None:
             self._check_cache(cache, batch, length, input_ids.device)
         positions = self.positions(attention_mask, batch, length, input_ids.device)
+        # A block-causal model sees each row with its block grid from its first real token,
+        # as the row alone (unpadded) sees it: the row's columns are rotated left by the
+        # first token's offset into its block (_grid_rotation). Padding, invisible, wraps
+        # round to the end; rotary attention is relative, so the positions move with the
+        # tokens. The cache, written here, holds the rotated layout.
+        rotation = self._grid_rotation(key_valid, length)
+        if rotation is not None:
+            input_ids, key_valid = input_ids.gather(1, rotation.columns), key_valid.gather(1, rotation.columns)
+            positions = positions.expand(batch, -1).gather(1, rotation.columns)
         columns = None
         if isinstance(segment, RowSegments):
             starts = self._row_starts(segment, batch, length)
@@ -511,6 +574,9 @@ class DiffusionTransformer(nn.Module):
             start, end = (0, length) if segment is None else segment
             if not 0 <= start < end <= length:
                 raise ValueError(f"segment must satisfy 0 <= start < end <= {length}, got {segment}")
+            asked = start, end
+            if rotation is not None and segment is not None:
+                start, end = rotation.segment(start, end, length)
             positions, ids = positions[:, start:end], input_ids[:, start:end]
         cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
         part = _Part(batch, ids.shape[1], start, columns, cos, sin, key_valid, cache, self.config.block_size)
@@ -523,15 +589,27 @@ class DiffusionTransformer(nn.Module):
         if segment is not None and self.config.shift_logits and logit_positions is None:
             raise ValueError("logit_positions: a model that predicts i from i - 1 needs them with a segment "
                              "(the segment's first position has no logit of its own)")
-        if logit_positions is not None or self.config.shift_logits:
+        if logit_positions is not None or self.config.shift_logits or rotation is not None:
             wanted = torch.arange(length, device=input_ids.device)
             if logit_positions is not None:
                 wanted = wanted[logit_positions]
-            source = self._sources(wanted)
+            elif segment is not None and rotation is not None:
+                wanted = wanted[asked[0]:asked[1]]  # the segment's own positions, as without rotation
+            first_real = None
+            if self.config.shift_logits and attention_mask is not None:  # argmax: the first True, read on the device
+                first_real = attention_mask.to(device=input_ids.device, dtype=torch.int32).argmax(dim=1)
+            if segment is None:
+                stop = length
+            else:
+                stop = start + ids.shape[1] if rows_apart else asked[1]
+            source = self._sources(wanted, first_real, stop)
             if rows_apart and source.dim() == 1:
                 source = source.expand(batch, -1)
             if segment is not None and not isinstance(segment, DeviceSegment):
-                self._check_sources(source, logit_positions, length, starts if rows_apart else [start], ids.shape[1])
+                checked = (starts, ids.shape[1]) if rows_apart else ([asked[0]], asked[1] - asked[0])
+                self._check_sources(source, logit_positions, length, *checked)
+            if rotation is not None:
+                source = rotation.rotated(source, start, ids.shape[1])
             if source.dim() == 2:  # per-row positions [B, n] (a server's rows at different depths)
                 index = (source - start)[:, :, None]
                 pick = lambda x: x.gather(1, index.expand(-1, -1, x.shape[-1]))  # noqa: E731
