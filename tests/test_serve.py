@@ -228,6 +228,7 @@ ERRORS = [
     ({"model": MODEL, "prompt": [1, 99999]}, "prompt"),
     ({"model": MODEL, "prompt": "1", "block_length": 0}, "block_length"),
     ({"model": MODEL, "prompt": "1", "cache": "triple"}, "cache"),
+    ({"model": MODEL, "prompt": "1", "cfg_scale": 1e308}, "cfg_scale"),  # guided logits overflowed: a 500
     ({"model": MODEL, "prompt": "1", "stream": True, "stream_options": "yes"}, "stream_options"),
     ({"model": MODEL, "prompt": "1", "stream": True, "stream_options": {"include_usage": 1}}, "stream_options"),
     ({"model": MODEL, "prompt": "1", "stream_options": {"include_usage": True}}, "stream_options"),  # not streaming

@@ -726,7 +726,7 @@ def generate(
     sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed)
     rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=gen_length,
                            confidence=sampling.confidence)
-    cfg_scale = validation.check_float("cfg_scale", cfg_scale, nonnegative=True)
+    cfg_scale = validation.check_cfg_scale(cfg_scale)
     validation.check_int("speculate", speculate, low=0)
     validation.check_bool("speculate_siblings", speculate_siblings)
     revision = validation.revision(revise_threshold, revise_groups, max_revisions, rule=rule, speculate=speculate)

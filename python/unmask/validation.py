@@ -68,6 +68,22 @@ def check_float(name: str, value, *, positive: bool = False, nonnegative: bool =
     return float(value)
 
 
+# Classifier-free guidance multiplies a difference of two logits by cfg_scale + 1. LLaDA
+# and Dream use scales of 0 to a few; up to 100 a finite float32 or bfloat16 difference
+# cannot overflow (it would take one over 3e36), where 1e308 made the guided logits
+# infinite: an error that blamed the model (a server answered 500 for a request's value).
+MAX_CFG_SCALE = 100.0
+
+
+def check_cfg_scale(value) -> float:
+    """cfg_scale: a finite float in [0, MAX_CFG_SCALE]."""
+    value = check_float("cfg_scale", value, nonnegative=True)
+    if not _traced_by_torch_compile() and value > MAX_CFG_SCALE:
+        raise ValueError(f"cfg_scale must be <= {MAX_CFG_SCALE:g} (guidance scales the logits' differences by "
+                         f"cfg_scale + 1; past that they can overflow), got {value}")
+    return value
+
+
 def _traced_by_torch_compile() -> bool:
     torch = sys.modules.get("torch")  # not imported: nothing traces
     return torch is not None and torch.compiler.is_compiling()

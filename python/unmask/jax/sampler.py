@@ -225,7 +225,7 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
     sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed)
     rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=gen_length,
                            confidence=sampling.confidence)
-    cfg_scale = validation.check_float("cfg_scale", cfg_scale, nonnegative=True)
+    cfg_scale = validation.check_cfg_scale(cfg_scale)
     validation.check_choice("cache", cache, validation.CACHE_MODES)
     mask_id, eos_id = validation.model_special_ids(model, mask_id, eos_id)
     if callback is not None and not callable(callback):

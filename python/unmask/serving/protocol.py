@@ -145,8 +145,7 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int, max_co
                                confidence=sampling.confidence)
     except (TypeError, ValueError) as error:
         raise RequestError(str(error), _param_of(error, ("steps", "threshold", "factor")) or "steps") from None
-    cfg_scale = _checked("cfg_scale", validation.check_float, "cfg_scale", _default(body, "cfg_scale", 0.0),
-                         nonnegative=True)
+    cfg_scale = _checked("cfg_scale", validation.check_cfg_scale, _default(body, "cfg_scale", 0.0))
     cache = body.get("cache", default_cache)
     _checked("cache", validation.check_choice, "cache", cache, validation.CACHE_MODES)
     if cache is not None and not caches:
