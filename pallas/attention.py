@@ -5,9 +5,10 @@ key tiles with an online softmax in float32. The key/value block of a program is
 whole (padded) sequence of its kv head, chosen by the index map h // group: GQA
 without copying keys. Masks are never materialised: key validity (key_valid and
 kv_len, folded by the caller) is one int32 per key, the block-causal mask compares
-key positions with each query's block end, key tiles past a query tile's last visible
-block are not visited (a loop bound computed from the program id), and key tiles with
-no valid key are skipped.
+key positions with each query's block end (one int32 per query, computed by the caller
+from q_offset, which may therefore be traced: a cached step's window passes its start),
+key tiles past a query tile's last visible block are not visited (a loop bound read from
+the tile's block ends), and key tiles with no valid key are skipped.
 
 Matrix products take the input dtype (bf16 runs the TPU MXU and GPU tensor cores at
 their bf16 rate) and accumulate in float32 (preferred_element_type).
@@ -44,15 +45,16 @@ def _div(a, b):
     return jax.lax.div(a, b)
 
 
-def _block_ends(first_query, tile_q: int, block_size: int):
-    """(tile_q, 1) int32: for each query, the first key position of the next block,
-    (floor(p / block_size) + 1) * block_size. The floor is taken in float32: (p + 0.5) /
-    block_size lies at least 0.5 / block_size away from an integer, and the float32
-    division errs by less than that for p < 2^23, so it is exact. This keeps integer
-    vector division (no VPU instruction on TPU) out of the kernel."""
-    pos = first_query + jax.lax.broadcasted_iota(jnp.int32, (tile_q, 1), 0)
-    block = jnp.floor((pos.astype(jnp.float32) + 0.5) / jnp.float32(block_size)).astype(jnp.int32)
-    return (block + 1) * block_size
+def block_ends(q_offset, q_len: int, padded_len: int, block_size: int):
+    """int32 [padded_len, 1]: for each query i, the first key position of the block after
+    query position q_offset + i, (floor((q_offset + i) / block_size) + 1) * block_size. Rows
+    past the q_len real queries repeat the last one's, so a tile's padding rows widen
+    neither its visited keys nor its partly visible ones. Plain XLA, outside the kernel:
+    q_offset may be traced, and the integer division (no TPU vector instruction) runs
+    once per call instead of once per program."""
+    rows = jnp.minimum(jnp.arange(padded_len, dtype=jnp.int32), q_len - 1)
+    position = jnp.asarray(q_offset, jnp.int32) + rows
+    return ((position // block_size + 1) * block_size)[:, None]
 
 
 def _weighted_values(probs, v):
@@ -85,19 +87,17 @@ def _weighted_values_exactly(probs, v, visible):
     return product + extra
 
 
-def _attention_kernel(q_ref, k_ref, v_ref, valid_ref, out_ref, *, tile_q: int, tile_k: int, key_tiles: int,
-                      block_size: int, q_offset: int, scale: float, queries: int):
-    q_tile = pl.program_id(2)
+def _attention_kernel(q_ref, k_ref, v_ref, valid_ref, *refs, tile_q: int, tile_k: int, key_tiles: int,
+                      block_causal: bool, scale: float):
+    ends_ref, out_ref = refs if block_causal else (None, refs[0])
     q = q_ref[...]
-    first_query = q_offset + q_tile * tile_q
-    if block_size:
-        # Keys of blocks after the last query's block are invisible to the whole tile (its
-        # last real query: the padding rows of the last tile see nothing that is output).
-        last_query = jnp.minimum(first_query + tile_q, q_offset + queries) - 1
-        last_visible = (_div(last_query, block_size) + 1) * block_size
-        first_visible = (_div(first_query, block_size) + 1) * block_size  # every row sees the keys before
+    if block_causal:
+        # Block ends grow with the query: the tile's last row bounds the keys it visits (keys
+        # of later blocks are invisible to the whole tile) and its first row sees every key
+        # before its own end.
+        block_end = ends_ref[...]  # (tile_q, 1)
+        last_visible, first_visible = jnp.max(block_end), jnp.min(block_end)
         visited = jnp.minimum(key_tiles, _div(last_visible + tile_k - 1, tile_k))
-        block_end = _block_ends(first_query, tile_q, block_size)
     else:
         visited = key_tiles
 
@@ -112,7 +112,7 @@ def _attention_kernel(q_ref, k_ref, v_ref, valid_ref, out_ref, *, tile_q: int, t
             # kv_len or key_valid hides a key, or past the block of the tile's last query.
             # A key only later queries of the tile see is handled below.
             key_ok = valid.reshape(tile_k, 1)
-            if block_size:
+            if block_causal:
                 key_col = start + jax.lax.broadcasted_iota(jnp.int32, (tile_k, 1), 0)
                 key_ok &= key_col < last_visible
             v = jnp.where(key_ok, v_ref[pl.ds(start, tile_k), :], 0)
@@ -121,7 +121,7 @@ def _attention_kernel(q_ref, k_ref, v_ref, valid_ref, out_ref, *, tile_q: int, t
             scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                          preferred_element_type=jnp.float32) * jnp.float32(scale)
             visible = jnp.broadcast_to(valid, scores.shape)
-            if block_size:
+            if block_causal:
                 key_pos = start + jax.lax.broadcasted_iota(jnp.int32, scores.shape, 1)
                 visible &= key_pos < block_end
             scores = jnp.where(visible, scores, -jnp.inf)
@@ -130,7 +130,7 @@ def _attention_kernel(q_ref, k_ref, v_ref, valid_ref, out_ref, *, tile_q: int, t
             alpha = jnp.exp(row_max - safe_max)
             probs = jnp.where(visible, jnp.exp(scores - safe_max), 0.0)
             row_sum = alpha * row_sum + jnp.sum(probs, axis=1, keepdims=True)  # float32, unrounded
-            if block_size:
+            if block_causal:
                 # A key the block-causal mask shows some rows of the tile and hides from
                 # others, whose V is not finite: the exact product (rare; one more pass over
                 # the tile's V decides).
@@ -190,22 +190,24 @@ def _gpu_params(head_dim: int):
     return pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "q_offset", "scale", "tile_q", "tile_k", "interpret",
-                                             "variant", "queries"))
-def attention_pallas(q, k, v, key_valid, *, block_size: int, q_offset: int, scale: float, tile_q: int,
-                     tile_k: int, interpret: bool = False, variant: str | None = None, queries: int | None = None):
+@functools.partial(jax.jit, static_argnames=("scale", "tile_q", "tile_k", "interpret", "variant"))
+def attention_pallas(q, k, v, key_valid, query_block_ends=None, *, scale: float, tile_q: int, tile_k: int,
+                     interpret: bool = False, variant: str | None = None):
     """q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D] with Lq a multiple of tile_q and Lk of
-    tile_k; key_valid int32 [B, 1, Lk]. Returns [B, Hq, Lq, D]. queries: how many of the Lq
-    rows are real (the rest padding; default all).
+    tile_k; key_valid int32 [B, 1, Lk]. Returns [B, Hq, Lq, D]. query_block_ends: None, or
+    the block-causal mask as int32 [Lq, 1] (block_ends): query i sees keys before entry i.
 
     variant None picks Mosaic on TPU and Triton on GPU when the call is lowered; "tpu"
     or "gpu" forces one (unmask.pallas.platform.by_platform)."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
+    block_causal = query_block_ends is not None
     kernel = functools.partial(_attention_kernel, tile_q=tile_q, tile_k=tile_k, key_tiles=k_len // tile_k,
-                               block_size=block_size, q_offset=q_offset, scale=scale,
-                               queries=q_len if queries is None else queries)
+                               block_causal=block_causal, scale=scale)
+    # (tile_q, 1): the last dim whole (TPU blocks need it a multiple of 128 or whole)
+    ends_spec = [pl.BlockSpec((tile_q, 1), lambda b, h, i: (i, 0))] if block_causal else []
+    ends = (query_block_ends,) if block_causal else ()
 
     def call(compiler_params, width: int):
         kv_spec = pl.BlockSpec((None, None, k_len, width), lambda b, h, i: (b, _div(h, group), 0, 0))
@@ -218,7 +220,7 @@ def attention_pallas(q, k, v, key_valid, *, block_size: int, q_offset: int, scal
                 kv_spec,
                 kv_spec,
                 pl.BlockSpec((None, 1, k_len), lambda b, h, i: (b, 0, 0)),
-            ],
+            ] + ends_spec,
             out_specs=pl.BlockSpec((None, None, tile_q, width), lambda b, h, i: (b, h, i, 0)),
             compiler_params=compiler_params,
             interpret=interpret,
@@ -231,10 +233,10 @@ def attention_pallas(q, k, v, key_valid, *, block_size: int, q_offset: int, scal
     width = 1 << (head_dim - 1).bit_length()
     gpu_padded = call(_gpu_params(width), width)
 
-    def gpu(q, k, v, key_valid):
+    def gpu(q, k, v, key_valid, *ends):
         if width == head_dim:
-            return gpu_padded(q, k, v, key_valid)
+            return gpu_padded(q, k, v, key_valid, *ends)
         pad = ((0, 0), (0, 0), (0, 0), (0, width - head_dim))
-        return gpu_padded(jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad), key_valid)[..., :head_dim]
+        return gpu_padded(jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad), key_valid, *ends)[..., :head_dim]
 
-    return platform.by_platform((q, k, v, key_valid), tpu=tpu, gpu=gpu, interpret=interpret, variant=variant)
+    return platform.by_platform((q, k, v, key_valid) + ends, tpu=tpu, gpu=gpu, interpret=interpret, variant=variant)

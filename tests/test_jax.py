@@ -109,6 +109,24 @@ class TestPallasCompiled:
         np.testing.assert_allclose(np.asarray(jnp_reference.attention(to_jax(q), to_jax(k), to_jax(v), **jax_kwargs)),
                                    expected, rtol=1e-4, atol=2e-5)
 
+    def test_attention_takes_a_traced_q_offset(self):
+        """A cached block-causal step passes its window's start as a traced q_offset: one
+        compiled call serves every offset, each equal to the reference at that offset
+        (block ends straddling query tiles, the window at the canvas's end)."""
+        gen = torch.Generator().manual_seed(9)
+        q, k, v = (torch.randn(2, length, 4, 64, generator=gen) for length in (150, 300, 300))
+        valid = torch.rand(2, 300, generator=gen) > 0.2
+        attend = jax.jit(lambda q, k, v, valid, offset: uj.attention(q, k, v, key_valid=valid, block_size=16,
+                                                                     q_offset=offset, interpret=self.INTERPRET))
+        for offset in (0, 7, 150):
+            out = attend(to_jax(q), to_jax(k), to_jax(v), to_jax(valid), jnp.int32(offset))
+            expected = reference.attention(q.double(), k.double(), v.double(), key_valid=valid, block_size=16,
+                                           q_offset=offset).numpy()
+            np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=2e-5)
+        assert attend._cache_size() == 1
+        with pytest.raises(TypeError, match="q_offset"):
+            uj.attention(to_jax(q), to_jax(k), to_jax(v), block_size=16, q_offset=jnp.float32(1.0))
+
     @pytest.mark.parametrize("masks", [dict(key_valid=True), dict(block_size=32), dict(block_size=8, q_offset=20),
                                        dict(block_size=1, q_offset=5)])
     def test_attention_never_reads_keys_hidden_from_every_query(self, masks):

@@ -64,6 +64,15 @@ def test_attention_exports(platform, dtype, head_dim, masks):
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
+def test_attention_exports_with_a_traced_q_offset(platform):
+    # A cached block-causal step's window of queries at a traced place in the canvas: one
+    # lowering serves every block (the block ends are data, not a static argument).
+    q, k = S((2, 48, 8, 64), jnp.bfloat16), S((2, 300, 2, 64), jnp.bfloat16)
+    fn = lambda q, k, v, offset: uj.attention(q, k, v, block_size=32, q_offset=offset, interpret=False)  # noqa: E731
+    export(fn, platform, q, k, k, S((), jnp.int32))
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
 def test_attention_exports_at_8k(platform):
     q = S((1, 8192, 8, 128), jnp.bfloat16)
     export(partial(uj.attention, block_size=32, interpret=False), platform, q, q, q)
@@ -87,8 +96,9 @@ def test_attention_products_take_bf16_with_float32_accumulation():
     three 0/1 counts."""
     q = jnp.zeros((1, 4, 128, 128), jnp.bfloat16)
     valid = jnp.ones((1, 1, 128), jnp.int32)
-    jaxpr = jax.make_jaxpr(partial(attention_kernel.attention_pallas, block_size=32, q_offset=0, scale=0.1,
-                                   tile_q=128, tile_k=128, interpret=True, variant="tpu"))(q, q, q, valid)
+    ends = attention_kernel.block_ends(0, 128, 128, 32)
+    jaxpr = jax.make_jaxpr(partial(attention_kernel.attention_pallas, scale=0.1, tile_q=128, tile_k=128,
+                                   interpret=True, variant="tpu"))(q, q, q, valid, ends)
     assert _dot_operand_dtypes(jaxpr.jaxpr) == [("bfloat16", "bfloat16", "float32")] * 6
 
 

@@ -176,9 +176,12 @@ def only_rows(tokens, conf, rows):
     return jnp.where(selected, tokens, -1), jnp.where(selected, conf, -jnp.inf)
 
 
-def attention(q, k, v, *, kv_len=None, key_valid=None, block_size: int | None = None, q_offset: int = 0,
+def attention(q, k, v, *, kv_len=None, key_valid=None, block_size: int | None = None, q_offset=0,
               scale: float | None = None, interpret: bool | None = None):
-    """Masked bidirectional attention: q [B, Lq, Hq, D], k and v [B, Lk, Hkv, D] -> [B, Lq, Hq, D]."""
+    """Masked bidirectional attention: q [B, Lq, Hq, D], k and v [B, Lk, Hkv, D] -> [B, Lq, Hq, D].
+
+    q_offset: an int, or a 0-d integer array that may be traced (one compiled call serves
+    every offset: a cached step's window of queries at its place in the canvas)."""
     for name, value in (("q", q), ("k", k), ("v", v)):
         check_array(name, value, dtypes=validation.FLOAT_DTYPES, ndim=4)
     if not (q.dtype == k.dtype == v.dtype):
@@ -194,9 +197,16 @@ def attention(q, k, v, *, kv_len=None, key_valid=None, block_size: int | None = 
     if key_valid is not None:
         check_array("key_valid", key_valid, dtypes=("bool",), ndim=2)
         validation.check_shape("key_valid", key_valid.shape, (batch, k_len), "[B, Lk]")
-    block_size, q_offset, scale = validation.attention_scalars(shape, block_size=block_size, q_offset=q_offset,
-                                                               scale=scale)
-    if q_offset + q_len >= 2**31:  # query positions are int32 in the kernel
+    traced_offset = isinstance(q_offset, (jax.Array, np.ndarray))
+    if traced_offset:  # an array: checked where its value is on the host, its type always
+        check_array("q_offset", q_offset, dtypes=validation.INT_DTYPES, ndim=0)
+        if not isinstance(q_offset, jax.core.Tracer):
+            q_offset = int(q_offset)
+            traced_offset = False
+    block_size, offset, scale = validation.attention_scalars(shape, block_size=block_size,
+                                                             q_offset=0 if traced_offset else q_offset, scale=scale)
+    q_offset = q_offset if traced_offset else offset
+    if not traced_offset and q_offset + q_len >= 2**31:  # query positions are int32 in the kernel
         raise ValueError(f"q_offset={q_offset} plus the {q_len} queries must stay below 2^31")
     if batch == 0 or q_len == 0:  # nothing to compute
         return jnp.zeros(q.shape, q.dtype)
@@ -212,10 +222,10 @@ def attention(q, k, v, *, kv_len=None, key_valid=None, block_size: int | None = 
     def heads_first(x, length):
         return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
 
+    ends = None if block_size is None else attention_kernel.block_ends(q_offset, q_len, padded_q, block_size)
     out = attention_kernel.attention_pallas(
-        heads_first(q, padded_q), heads_first(k, padded_k), heads_first(v, padded_k), valid,
-        block_size=block_size or 0, q_offset=int(q_offset), scale=scale, tile_q=tile_q, tile_k=tile_k,
-        interpret=default_interpret(interpret), queries=q_len,
+        heads_first(q, padded_q), heads_first(k, padded_k), heads_first(v, padded_k), valid, ends,
+        scale=scale, tile_q=tile_q, tile_k=tile_k, interpret=default_interpret(interpret),
     )
     return out.transpose(0, 2, 1, 3)[:, :q_len]
 

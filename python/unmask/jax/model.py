@@ -121,12 +121,10 @@ def forward_window(params, input_ids, attention_mask, *, config: ModelConfig, lo
             k, v = merged(k, cache[index][0]), merged(v, cache[index][1])
         new_cache.append((k, v))
         if cache is not None and c.block_size:
-            # The block-causal mask needs the queries' positions, and the kernel's q_offset
-            # is static: the window's queries go to their places in a canvas-long tile.
-            placed = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((batch, length) + q.shape[2:], q.dtype), q,
-                                                         window_start, axis=1)
-            out = attention_fn(placed, k, v, key_valid=attention_mask, block_size=c.block_size, interpret=interpret)
-            out = jax.lax.dynamic_slice_in_dim(out, window_start, width, axis=1)
+            # The block-causal mask needs the queries' positions: the window's start, traced
+            # (the kernel takes it as data, so one compiled step serves every block).
+            out = attention_fn(q, k, v, key_valid=attention_mask, block_size=c.block_size,
+                               q_offset=jnp.asarray(window_start, jnp.int32), interpret=interpret)
         else:
             out = attention_fn(q, k, v, key_valid=attention_mask, block_size=c.block_size, interpret=interpret)
         x = x + out.reshape(batch, width, c.d_model) @ layer["o_proj"].T

@@ -119,18 +119,25 @@ def shard(model: JaxModel, mesh: Mesh | None = None) -> ShardedJaxModel:
     return ShardedJaxModel(shard_params(model.params, mesh), config, model.interpret, mesh)
 
 
-def sharded_attention(mesh: Mesh, q, k, v, *, key_valid=None, block_size=None, interpret=None):
+def sharded_attention(mesh: Mesh, q, k, v, *, key_valid=None, block_size=None, q_offset=0, interpret=None):
     """unmask.jax.attention with the heads split over the mesh: [B, L, H, D] arrays,
-    each device running the Pallas kernel on its H / n heads."""
+    each device running the Pallas kernel on its H / n heads. q_offset: an int or a 0-d
+    array (a traced window start), replicated."""
     heads = P(None, None, AXIS, None)
+    offset_is_array = isinstance(q_offset, jax.Array)
 
-    def body(q, k, v, *key_valid_arg):
-        valid = key_valid_arg[0] if key_valid_arg else None
-        return kernels.attention(q, k, v, key_valid=valid, block_size=block_size, interpret=interpret)
+    def body(q, k, v, *rest):
+        rest = list(rest)
+        offset = rest.pop() if offset_is_array else q_offset
+        valid = rest[0] if rest else None
+        return kernels.attention(q, k, v, key_valid=valid, block_size=block_size, q_offset=offset,
+                                 interpret=interpret)
 
     operands, specs = (q, k, v), (heads, heads, heads)
     if key_valid is not None:
         operands, specs = operands + (key_valid,), specs + (P(),)
+    if offset_is_array:
+        operands, specs = operands + (q_offset,), specs + (P(),)
     return _shard_map(body, mesh, specs, heads)(*operands)
 
 
