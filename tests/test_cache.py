@@ -112,6 +112,47 @@ def test_bidirectional_cache_is_an_approximation_that_still_decodes(cache):
     assert torch.equal(log[0][1], plain_log[0][1]) and torch.equal(log[0][0], plain_log[0][0])
 
 
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_bidirectional_cache_every_step_reads_its_blocks_first_keys(cache):
+    # Every step of generate, replayed through the model's own cache API: each block's
+    # first step fills a fresh cache from the whole canvas, later steps recompute the
+    # block ("dual") or the block and all after it ("prefix") over it. The replay's
+    # commits and canvases equal generate's at every step, and an uncached step would
+    # have committed otherwise at several of them (so a cache refilled every step, or
+    # one kept across blocks, fails here; the test above checks the first step only).
+    from unmask import ops
+    from unmask.sampler import left_pad
+
+    model = unmask.DiffusionTransformer.random(tiny_config(), seed=1, std=0.3)
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    log = []
+    unmask.generate(model, prompts, gen_length=16, block_length=8, steps=16, stop_at_eos=False, cache=cache,
+                    callback=lambda step, canvas, committed: log.append((canvas.clone(), committed.clone())))
+    ids, mask = left_pad(prompts, model.config.eos_token_id)
+    canvas = torch.cat([ids, torch.full((2, 16), MASK)], dim=1)
+    canvas_mask = torch.cat([mask, torch.ones(2, 16, dtype=torch.bool)], dim=1)
+    length, replayed, uncached_differs = canvas.shape[1], iter(log), 0
+    with torch.no_grad():
+        for start in (4, 12):
+            end, kv = start + 8, model.new_cache(2, length)
+            for step in range(8):
+                segment = None if step == 0 else (start, end) if cache == "dual" else (start, length)
+                logits = model(canvas, canvas_mask, cache=kv, segment=segment, logit_positions=slice(start, end))
+                block = canvas[:, start:end].clone()
+                eligible = block == MASK
+                committed = ops.commit(block, *ops.sample(logits, banned=[MASK]), eligible, k=1)
+                plain_block = canvas[:, start:end].clone()
+                plain = model(canvas, canvas_mask, logit_positions=slice(start, end))
+                ops.commit(plain_block, *ops.sample(plain, banned=[MASK]), eligible, k=1)
+                uncached_differs += int(not torch.equal(plain_block, block))
+                canvas[:, start:end] = block
+                got_canvas, got_committed = next(replayed)
+                assert torch.equal(got_committed[:, start:end], committed), (start, step)
+                assert torch.equal(got_canvas, canvas), (start, step)
+    assert next(replayed, None) is None
+    assert uncached_differs >= 3
+
+
 def test_segment_forward_equals_full_forward_when_nothing_changed():
     model = unmask.DiffusionTransformer.random(tiny_config(), seed=2, std=0.3)
     ids = torch.randint(0, 59, (2, 12))
