@@ -203,6 +203,9 @@ def attention_pallas(q, k, v, key_valid, query_block_ends=None, *, scale: float,
     kv_heads, k_len = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
     block_causal = query_block_ends is not None
+    if block_causal and (query_block_ends.shape != (q_len, 1) or query_block_ends.dtype != jnp.int32):
+        raise ValueError(f"query_block_ends must be int32 [{q_len}, 1] (block_ends), got "
+                         f"{query_block_ends.dtype} {tuple(query_block_ends.shape)}")
     kernel = functools.partial(_attention_kernel, tile_q=tile_q, tile_k=tile_k, key_tiles=k_len // tile_k,
                                block_causal=block_causal, scale=scale)
     # (tile_q, 1): the last dim whole (TPU blocks need it a multiple of 128 or whole)

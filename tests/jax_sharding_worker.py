@@ -24,6 +24,12 @@ CASES = {
     "temperature-1": dict(gen_length=8, block_length=8, steps=4, temperature=1.0, seed=3),
     "threshold-margin-cfg": dict(gen_length=8, block_length=8, threshold=0.3, remasking="margin", cfg_scale=0.5),
 }
+# A block-causal model (block_size 4) with caches: each device's attention takes the
+# window's start as a traced q_offset, and the ragged rows are rotated to their own grids.
+BLOCK_CAUSAL_CASES = {
+    "block-causal-dual": dict(gen_length=24, block_length=4, steps=24, cache="dual"),  # canvas 29: the window moves off 0
+    "block-causal-prefix": dict(gen_length=12, block_length=6, steps=12, cache="prefix"),
+}
 
 
 def as_list(array) -> list:
@@ -39,11 +45,15 @@ def main() -> None:
     results["q_proj_spec"] = list(sharded.params["layers"][0]["q_proj"].sharding.spec)
     results["q_proj_devices"] = len(sharded.params["layers"][0]["q_proj"].sharding.device_set)
     results["lm_head_shape"] = list(sharded.params["lm_head"].shape)
-    for name, arguments in CASES.items():
+    block_causal = tiny_model(seed=4, d_model=64, n_heads=16, n_kv_heads=8, block_size=4)
+    models = {False: (torch_model, single, sharded),
+              True: (block_causal, uj.from_torch(block_causal), sharding.shard(uj.from_torch(block_causal)))}
+    for name, arguments in {**CASES, **BLOCK_CAUSAL_CASES}.items():
+        torch_one, single_one, sharded_one = models[name in BLOCK_CAUSAL_CASES]
         results[name] = {
-            "sharded": as_list(uj.generate(sharded, PROMPTS, **arguments).tokens),
-            "single": as_list(uj.generate(single, PROMPTS, **arguments).tokens),
-            "torch": unmask.generate(torch_model, PROMPTS, **arguments).tokens.tolist(),
+            "sharded": as_list(uj.generate(sharded_one, PROMPTS, **arguments).tokens),
+            "single": as_list(uj.generate(single_one, PROMPTS, **arguments).tokens),
+            "torch": unmask.generate(torch_one, PROMPTS, **arguments).tokens.tolist(),
         }
     logits = jax.random.normal(jax.random.key(0), (3, 7, 300)) * 3
     kwargs = dict(temperature=0.8, confidence="entropy", seed=11, offset=5, banned=[299], rows=np.array([0, 4, 20]))

@@ -44,6 +44,8 @@ CASES = [
     (DREAM, {"factor": 1.0, "block_length": 4, "cache": "dual"}),
     ({"block_size": 4}, {"steps": 8, "block_length": 4, "cache": "dual"}),
     ({"block_size": 4}, {"threshold": 0.3, "block_length": 4, "cache": "prefix"}),
+    (DREAM, {"steps": 6, "block_length": 8, "schedule": "dream"}),  # Dream: 1, 1, 1, 1, 1, 3 (LLaDA: 2, 2, 1, 1, 1, 1)
+    ({}, {"steps": 4, "block_length": 4, "schedule": "dream", "cache": "dual"}),
 ]
 
 

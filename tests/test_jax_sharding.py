@@ -30,7 +30,8 @@ def test_weights_are_split_over_eight_devices(results):
     assert results["lm_head_shape"] == [64, 64]  # 61 ids padded to a multiple of 8
 
 
-@pytest.mark.parametrize("case", ["greedy", "temperature-1", "threshold-margin-cfg"])
+@pytest.mark.parametrize("case", ["greedy", "temperature-1", "threshold-margin-cfg", "block-causal-dual",
+                                  "block-causal-prefix"])
 def test_sharded_generate_equals_one_device(results, case):
     tokens = results[case]
     assert tokens["sharded"] == tokens["single"] == tokens["torch"]

@@ -96,6 +96,7 @@ SETTINGS = [
     {"max_tokens": 8},
     {"max_tokens": 8, "threshold": 0.5},
     {"max_tokens": 8, "steps": 4},
+    {"max_tokens": 16, "block_length": 8, "steps": 4, "schedule": "dream"},  # "579"; LLaDA's schedule gives "578"
     {"max_tokens": 8, "temperature": 0.8, "seed": 5},
     {"max_tokens": 8, "temperature": 1.0, "seed": 9, "remasking": "random"},
     {"max_tokens": 12, "block_length": 4, "factor": 1.0},
@@ -104,7 +105,7 @@ SETTINGS = [
     {"max_tokens": 12, "block_length": 4, "threshold": 0.5, "cache": "prefix"},
     {"max_tokens": 8, "temperature": 0.8, "seed": 5, "cfg_scale": 0.5, "cache": "dual"},
 ]
-EXTRA_FIELDS = ("block_length", "steps", "threshold", "factor", "remasking", "cfg_scale", "cache")
+EXTRA_FIELDS = ("block_length", "steps", "schedule", "threshold", "factor", "remasking", "cfg_scale", "cache")
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=[str(i) for i in range(len(SETTINGS))])
@@ -229,6 +230,8 @@ ERRORS = [
     ({"model": MODEL, "prompt": "1", "block_length": 0}, "block_length"),
     ({"model": MODEL, "prompt": "1", "cache": "triple"}, "cache"),
     ({"model": MODEL, "prompt": "1", "cfg_scale": 1e308}, "cfg_scale"),  # guided logits overflowed: a 500
+    ({"model": MODEL, "prompt": "1", "schedule": "cosine"}, "schedule"),
+    ({"model": MODEL, "prompt": "1", "schedule": "dream", "threshold": 0.5}, "schedule"),
     ({"model": MODEL, "prompt": "1", "stream": True, "stream_options": "yes"}, "stream_options"),
     ({"model": MODEL, "prompt": "1", "stream": True, "stream_options": {"include_usage": 1}}, "stream_options"),
     ({"model": MODEL, "prompt": "1", "stream_options": {"include_usage": True}}, "stream_options"),  # not streaming

@@ -263,8 +263,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         out = unmask.generate(
             model, [prompt], gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
-            threshold=args.threshold, factor=args.factor, temperature=args.temperature, remasking=args.remasking,
-            cfg_scale=args.cfg_scale, seed=args.seed, callback=printer, cache=args.cache, speculate=args.speculate,
+            threshold=args.threshold, factor=args.factor, schedule=args.schedule, temperature=args.temperature,
+            remasking=args.remasking, cfg_scale=args.cfg_scale, seed=args.seed, callback=printer, cache=args.cache, speculate=args.speculate,
             revise_threshold=args.revise_threshold,
         )
     except BaseException:
@@ -401,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     rule.add_argument("--steps", type=int)
     rule.add_argument("--threshold", type=float)
     rule.add_argument("--factor", type=float)
+    gen.add_argument("--schedule", default="llada", choices=["llada", "dream"],
+                     help="how --steps spreads a block's commits: LLaDA's even split or Dream's timesteps")
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "margin", "entropy", "random"])
     gen.add_argument("--cfg-scale", type=float, default=0.0)

@@ -25,7 +25,7 @@ import torch
 
 from unmask import ops, revise, speculative, validation
 from unmask.output import GenerateOutput
-from unmask.schedule import schedule_counts  # noqa: F401 (unmask.sampler.schedule_counts, as before)
+from unmask.schedule import schedule_counts, step_counts  # noqa: F401 (unmask.sampler.schedule_counts, as before)
 from unmask.validation import CACHE_MODES, Revision, Rule, Sampling
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -435,7 +435,8 @@ def _decode(
                     mask_id=mask_id, running=state.running, invalid=state.invalid, offset_base=state.offset,
                     revision=revision, callback=callback, nfe=nfe)
             else:
-                plan = None if rule.steps_per_block is None else schedule_counts(counts, rule.steps_per_block)
+                plan = None if rule.steps_per_block is None else step_counts(counts, rule.steps_per_block,
+                                                                             rule.schedule)
                 result = speculative.decode_block(
                     step_model, x, start, end, depth=speculate, rule=rule, sampling=sampling, sample=sample,
                     vocab=vocab, mask_id=mask_id, running=state.running, invalid=state.invalid,
@@ -478,7 +479,7 @@ def _decode(
             return remaining
 
         if rule.steps_per_block is not None:
-            plan = schedule_counts(counts, rule.steps_per_block)  # [B][steps where some row commits], on the host
+            plan = step_counts(counts, rule.steps_per_block, rule.schedule)  # [B][steps where some row commits]
             plan_on_device = torch.tensor(plan, dtype=torch.int64).to(x.device, non_blocking=True)
             for i in range(len(plan[0])):
                 state.k.copy_(plan_on_device[:, i])
@@ -669,6 +670,7 @@ def generate(
     steps: int | None = None,
     threshold: float | None = None,
     factor: float | None = None,
+    schedule: str = "llada",
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -695,7 +697,10 @@ def generate(
     returning logits [B, L, V] (or an object with .logits). prompts: an int tensor
     [B, P] (attention_mask [B, P] marks real tokens) or a list of token-id lists,
     left-padded here. Exactly one of steps (default gen_length: one token per step),
-    threshold or factor picks the commit rule. callback(step, canvas, committed)
+    threshold or factor picks the commit rule; schedule spreads the steps rule's commits
+    over a block's steps: "llada" (an even split, the first steps taking the remainder)
+    or "dream" (Dream's timesteps from 1 to 1e-3, unmask.schedule.dream_counts).
+    callback(step, canvas, committed)
     runs after every model call, step counting the calls (with speculate, one call takes
     several schedule steps: committed is their union, and the canvases between them are
     not shown). cache: None (a full forward every step), "prefix" or
@@ -725,7 +730,7 @@ def generate(
     num_blocks = validation.block_count(gen_length, block_length)
     sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed)
     rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=gen_length,
-                           confidence=sampling.confidence)
+                           confidence=sampling.confidence, schedule=schedule)
     cfg_scale = validation.check_cfg_scale(cfg_scale)
     validation.check_int("speculate", speculate, low=0)
     validation.check_bool("speculate_siblings", speculate_siblings)
@@ -774,6 +779,7 @@ def infill(
     steps: int | None = None,
     threshold: float | None = None,
     factor: float | None = None,
+    schedule: str = "llada",
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -831,7 +837,7 @@ def infill(
     default_steps = max(1, max(max(block) for block in masked_counts)) * num_blocks
     sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed)
     rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=default_steps,
-                           confidence=sampling.confidence)
+                           confidence=sampling.confidence, schedule=schedule)
     revision = validation.revision(revise_threshold, revise_groups, max_revisions, rule=rule, speculate=speculate)
 
     blocks = [(i * block_length, (i + 1) * block_length) for i in range(num_blocks)]

@@ -1,20 +1,76 @@
-"""LLaDA's commit schedule, in plain Python: the torch loop (unmask.sampler), the server's
-engine and the JAX loop (unmask.jax.sampler, which runs without torch) plan from it."""
+"""Commit schedules of the steps rule, in plain Python: the torch loop (unmask.sampler), the
+server's engine and the JAX loop (unmask.jax.sampler, which runs without torch) plan from
+them. "llada" (LLaDA's even split, the default) and "dream" (Dream's time schedule)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
+SCHEDULES = ("llada", "dream")
+# Dream's generation config: timesteps run from 1 down to eps.
+DREAM_EPS = 1e-3
+# The Dream schedule is planned step by step (each count depends on what is left), so its
+# plan costs time linear in the steps: far past any block's positions, this bounds it.
+MAX_DREAM_STEPS = 1 << 16
+
+
+def step_counts(masked: Sequence[int], steps: int, schedule: str = "llada") -> list[list[int]]:
+    """counts[b][i]: tokens row b commits at the i-th step where some row commits, for
+    masked[b] positions over `steps` steps of `schedule`. The steps where no row commits
+    are left out (they cost no model call; a step that commits nothing changes nothing)."""
+    if schedule == "dream":
+        return _without_empty_steps(dream_counts(masked, steps))
+    return schedule_counts(masked, steps)
+
 
 def schedule_counts(masked: Sequence[int], steps: int) -> list[list[int]]:
-    """counts[b][i]: tokens row b commits at the i-th step where some row commits, for
-    masked[b] positions over `steps` steps.
-
-    m // s each step plus one for the first m % s steps (LLaDA's schedule), so the counts
-    of a row sum to m. The steps where no row commits are left out (they cost no model
-    call): those are the steps past the largest m when s exceeds it, so the plan holds at
-    most max(masked) steps however large `steps` is (steps=10**9 plans as fast as steps=m).
-    Host data: the loop plans a block's steps from it.
+    """LLaDA's schedule: m // s each step plus one for the first m % s steps, so the counts
+    of a row sum to m. The steps where no row commits are those past the largest m when s
+    exceeds it, so the plan holds at most max(masked) steps however large `steps` is
+    (steps=10**9 plans as fast as steps=m). Host data: the loop plans a block's steps from it.
     """
     steps = min(steps, max(masked, default=0))
     return [[m // steps + (i < m % steps) for i in range(steps)] for m in masked]
+
+
+def dream_timesteps(steps: int, eps: float = DREAM_EPS) -> np.ndarray:
+    """float32 [steps + 1]: torch.linspace(1, eps, steps + 1) as torch computes it (each value
+    from the nearer end, start + step * i or end - step * (n - 1 - i), in one fused rounding,
+    step rounded to float32), bit for bit, without torch (the JAX loop plans from it too).
+    The products are exact in float64 (24-bit step times i < 2^29) and so are the sums
+    with 1 or eps (under 53 bits), so a single float32 rounding of the float64 result is
+    the fused multiply-add's."""
+    n = steps + 1
+    start, end = np.float32(1.0), np.float32(eps)
+    step = (end - start) / np.float32(max(n - 1, 1))
+    i = np.arange(n, dtype=np.float64)
+    from_start = np.float64(start) + np.float64(step) * i
+    from_end = np.float64(end) - np.float64(step) * (n - 1 - i)
+    return np.where(np.arange(n) < n // 2, from_start, from_end).astype(np.float32)
+
+
+def dream_counts(masked: Sequence[int], steps: int, eps: float = DREAM_EPS) -> list[list[int]]:
+    """Dream's schedule (its generation loop's step counts): at step i of s, with t and s'
+    the timesteps i and i + 1, a row with m masks left commits int(m * (1 - s' / t)) in
+    float32 (Dream averages m over its batch; here each row counts its own, which is the
+    same in generate, whose rows share their masks), and the last step commits what is left.
+    Early steps often commit none: m (1 - s'/t) is just under 1 where m = steps."""
+    t = dream_timesteps(steps, eps)
+    fractions = np.float32(1.0) - t[1:] / t[:-1]  # float32, as Dream's 1 - s / t
+    plans = []
+    for m in masked:
+        left, counts = m, []
+        for i in range(steps - 1):
+            count = int(np.float32(left) * fractions[i])
+            counts.append(count)
+            left -= count
+        counts.append(left)
+        plans.append(counts)
+    return plans
+
+
+def _without_empty_steps(plans: list[list[int]]) -> list[list[int]]:
+    kept = [i for i in range(len(plans[0]) if plans else 0) if any(row[i] for row in plans)]
+    return [[row[i] for i in kept] for row in plans]

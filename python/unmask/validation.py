@@ -617,6 +617,7 @@ class Rule:
     steps_per_block: int | None = None
     threshold: float | None = None
     factor: float | None = None
+    schedule: str = "llada"  # how the steps rule spreads a block's commits (unmask.schedule)
 
 
 # The values each confidence kind takes: a threshold outside can never be passed, or is
@@ -624,11 +625,18 @@ class Rule:
 CONFIDENCE_RANGES = {"prob": (0.0, 1.0), "margin": (0.0, 1.0), "random": (0.0, 1.0), "entropy": (-math.inf, 0.0)}
 
 
-def rule(steps, threshold, factor, *, num_blocks: int, default_steps: int, confidence: str) -> Rule:
-    """Exactly one of steps (default default_steps), threshold, factor."""
+def rule(steps, threshold, factor, *, num_blocks: int, default_steps: int, confidence: str,
+         schedule: str = "llada") -> Rule:
+    """Exactly one of steps (default default_steps), threshold, factor; schedule (the
+    steps rule's, unmask.schedule) is "llada" with the other two."""
     given = [name for name, value in (("steps", steps), ("threshold", threshold), ("factor", factor)) if value is not None]
     if len(given) > 1:
         raise ValueError(f"give at most one of steps, threshold, factor; got {given}")
+    from unmask.schedule import MAX_DREAM_STEPS, SCHEDULES
+
+    check_choice("schedule", schedule, SCHEDULES)
+    if schedule != "llada" and given and given[0] != "steps":
+        raise ValueError(f"schedule={schedule!r} spreads the steps rule's commits; it does not apply with {given[0]}")
     if threshold is not None:
         threshold = check_float("threshold", threshold)
         low, high = CONFIDENCE_RANGES[confidence]
@@ -645,7 +653,10 @@ def rule(steps, threshold, factor, *, num_blocks: int, default_steps: int, confi
     check_positive_int("steps", steps)
     if steps % num_blocks != 0:
         raise ValueError(f"steps={steps} must be a multiple of the number of blocks ({num_blocks})")
-    return Rule(steps_per_block=steps // num_blocks)
+    if schedule == "dream" and steps // num_blocks > MAX_DREAM_STEPS:
+        raise ValueError(f"steps={steps} gives {steps // num_blocks} steps per block; schedule='dream' plans them one "
+                         f"by one and takes at most {MAX_DREAM_STEPS}")
+    return Rule(steps_per_block=steps // num_blocks, schedule=schedule)
 
 
 @dataclasses.dataclass(frozen=True)

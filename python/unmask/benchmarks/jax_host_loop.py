@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from unmask import sampler as torch_sampler
-from unmask.schedule import schedule_counts
+from unmask.schedule import step_counts
 from unmask import validation
 from unmask.jax.kernels import commit
 from unmask.jax.model import JaxModel
@@ -64,7 +64,7 @@ def host_loop_generate(model: JaxModel, prompts, *, attention_mask=None, gen_len
         masked = (np.asarray(x[:, start:end]) == mask_id) & running[:, None]
         counts = None
         if rule.steps_per_block is not None:
-            counts = np.asarray(schedule_counts(masked.sum(1).tolist(), rule.steps_per_block))
+            counts = np.asarray(step_counts(masked.sum(1).tolist(), rule.steps_per_block, rule.schedule))
         block_steps = 0
         for step in range(counts.shape[1] if counts is not None else end - start):
             eligible = (np.asarray(x[:, start:end]) == mask_id) & running[:, None]

@@ -181,7 +181,8 @@ def attention(q, k, v, *, kv_len=None, key_valid=None, block_size: int | None = 
     """Masked bidirectional attention: q [B, Lq, Hq, D], k and v [B, Lk, Hkv, D] -> [B, Lq, Hq, D].
 
     q_offset: an int, or a 0-d integer array that may be traced (one compiled call serves
-    every offset: a cached step's window of queries at its place in the canvas)."""
+    every offset: a cached step's window of queries at its place in the canvas). A traced
+    offset's value is not checked: it must be >= 0 with q_offset + Lq below 2^31."""
     for name, value in (("q", q), ("k", k), ("v", v)):
         check_array(name, value, dtypes=validation.FLOAT_DTYPES, ndim=4)
     if not (q.dtype == k.dtype == v.dtype):

@@ -71,7 +71,10 @@ def forward_window(params, input_ids, attention_mask, *, config: ModelConfig, lo
     their keys and values replace the cache's in [fresh_from, fresh_to) (traced; the
     window's other positions keep the cached ones, so their queries are computed but
     reach nothing), and every query attends over the whole cached canvas. The logits' positions
-    must lie in the window (one later when shifted)."""
+    must lie in the window (one later when shifted). A block-causal model given an
+    attention_mask rotates each row so that its block grid starts at its first real token
+    (as the torch model's _GridRotation): the cache then holds rotated rows, and the window
+    grows by one model block to cover every row's own blocks."""
     batch, length = input_ids.shape
     c = config
     if attention_mask is not None and c.positions_over_real_tokens:
@@ -86,7 +89,7 @@ def forward_window(params, input_ids, attention_mask, *, config: ModelConfig, lo
     if c.block_size and attention_mask is not None:
         # As the torch model (_GridRotation): each row rotated left so that its first real
         # token starts a model block, as alone; the cache holds the rotated layout.
-        shift = jnp.argmax(attention_mask.astype(jnp.int32), axis=1) % c.block_size  # [B]
+        shift = first_real % c.block_size  # [B]
         columns = (jnp.arange(length)[None] + shift[:, None]) % length
         input_ids, attention_mask = (jnp.take_along_axis(a, columns, axis=1) for a in (input_ids, attention_mask))
         positions = jnp.take_along_axis(jnp.broadcast_to(positions, (batch, length)), columns, axis=1)

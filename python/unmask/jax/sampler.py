@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from unmask import validation
-from unmask.schedule import schedule_counts
+from unmask.schedule import step_counts
 from unmask.jax.kernels import commit, default_interpret, seed_words
 from unmask.jax.model import JaxModel
 from unmask.output import GenerateOutput
@@ -45,11 +45,12 @@ class BlockProgram:
     mask_id: int
     eos_id: int | None  # set: rows stop at EOS
     callback: bool  # a host callback runs after every step (io_callback: a round trip each)
+    schedule: str = "llada"  # the steps rule's (unmask.schedule)
 
     def step_counts(self) -> np.ndarray:
-        """Tokens every row commits at each step that commits any (steps rule): LLaDA's
+        """Tokens every row commits at each step that commits any (steps rule): the
         schedule of a fully masked block (unmask.schedule, as the torch loop plans it)."""
-        return np.asarray(schedule_counts([self.block_length], self.steps_per_block)[0], np.int32)
+        return np.asarray(step_counts([self.block_length], self.steps_per_block, self.schedule)[0], np.int32)
 
 
 def _stop_rows_at_eos(x, running, generation_start: int, decoded_end, eos_id: int):
@@ -214,7 +215,7 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
              steps: int | None = None, threshold: float | None = None, factor: float | None = None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, remasking: str = "low_confidence",
              cfg_scale: float = 0.0, mask_id: int | None = None, eos_id: int | None = None, stop_at_eos: bool = True,
-             seed: int = 0, callback=None, cache: str | None = None) -> GenerateOutput:
+             seed: int = 0, callback=None, cache: str | None = None, schedule: str = "llada") -> GenerateOutput:
     """As unmask.generate; tokens and sequences come back as jnp arrays. callback(step, x,
     committed) gets numpy arrays, from inside the compiled loop (a host round trip per
     step: leave it None for speed)."""
@@ -224,7 +225,7 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
     num_blocks = validation.block_count(gen_length, block_length)
     sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed)
     rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=gen_length,
-                           confidence=sampling.confidence)
+                           confidence=sampling.confidence, schedule=schedule)
     cfg_scale = validation.check_cfg_scale(cfg_scale)
     validation.check_choice("cache", cache, validation.CACHE_MODES)
     mask_id, eos_id = validation.model_special_ids(model, mask_id, eos_id)
@@ -240,7 +241,8 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
     model_mask = None if canvas_mask.all() else jnp.asarray(canvas_mask)
     prompt_positions = jnp.asarray(np.concatenate([prompt_mask, np.zeros((batch, gen_length), bool)], axis=1))
     program = BlockProgram(block_length, prompt_len, rule.steps_per_block, rule.threshold, rule.factor,
-                           dataclasses.replace(sampling, seed=0), cfg_scale, cache, mask_id, eos_id, callback is not None)
+                           dataclasses.replace(sampling, seed=0), cfg_scale, cache, mask_id, eos_id, callback is not None,
+                           rule.schedule)
     decode = block_decoder(model, program)
     if callback is not None:
         model.__dict__.setdefault("_callback_holder", {})["callback"] = callback

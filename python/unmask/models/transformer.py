@@ -67,6 +67,10 @@ class KVCache:
     recomputes only a segment of positions per step (the block, or the block and what
     follows it), writing that segment's keys and values in place: positions outside the
     segment keep the keys and values of the block's start (docs/design.md, cache).
+
+    A block-causal model given an attention_mask writes each row rotated so that its block
+    grid starts at its first real token (DiffusionTransformer._grid_rotation): the calls
+    that read the cache must pass the attention_mask that filled it.
     """
 
     def __init__(self, config: ModelConfig, batch: int, length: int, *, dtype: torch.dtype, device: torch.device,

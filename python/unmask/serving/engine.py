@@ -105,7 +105,7 @@ class Job:
         self.step_in_block = 0
         steps = self.settings.rule.steps_per_block
         if steps is not None:  # a fully masked block, as unmask.generate plans it; zero-commit steps cost no call
-            self.plan = schedule.schedule_counts([self.settings.block_length], steps)[0]
+            self.plan = schedule.step_counts([self.settings.block_length], steps, self.settings.rule.schedule)[0]
 
     def generated(self) -> list[int]:
         return self.canvas[self.prompt_length:].tolist()

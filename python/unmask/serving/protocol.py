@@ -12,7 +12,8 @@ import uuid
 from unmask import validation
 
 # Diffusion decoding parameters a body may carry beside OpenAI's fields.
-DIFFUSION_FIELDS = ("block_length", "steps", "threshold", "factor", "remasking", "cfg_scale", "cache", "speculate")
+DIFFUSION_FIELDS = ("block_length", "steps", "schedule", "threshold", "factor", "remasking", "cfg_scale", "cache",
+                    "speculate")
 OPENAI_FIELDS = ("model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
                  "n", "user")
 # OpenAI fields the server does not implement, with the values that ask for nothing (a
@@ -60,7 +61,8 @@ class Settings:
         steps = None if rule.steps_per_block is None else rule.steps_per_block * (self.gen_length // self.block_length)
         remasking = {v: k for k, v in validation.REMASKING_TO_CONFIDENCE.items()}[self.sampling.confidence]
         return {"gen_length": self.gen_length, "block_length": self.block_length, "steps": steps,
-                "threshold": rule.threshold, "factor": rule.factor, "temperature": self.sampling.temperature,
+                "schedule": rule.schedule, "threshold": rule.threshold, "factor": rule.factor,
+                "temperature": self.sampling.temperature,
                 "top_k": self.sampling.top_k, "top_p": self.sampling.top_p, "remasking": remasking,
                 "cfg_scale": self.cfg_scale, "cache": self.cache, "seed": self.sampling.seed}
 
@@ -142,9 +144,9 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int, max_co
     try:
         rule = validation.rule(body.get("steps"), body.get("threshold"), body.get("factor"),
                                num_blocks=gen_length // block_length, default_steps=gen_length,
-                               confidence=sampling.confidence)
+                               confidence=sampling.confidence, schedule=_default(body, "schedule", "llada"))
     except (TypeError, ValueError) as error:
-        raise RequestError(str(error), _param_of(error, ("steps", "threshold", "factor")) or "steps") from None
+        raise RequestError(str(error), _param_of(error, ("schedule", "steps", "threshold", "factor")) or "steps") from None
     cfg_scale = _checked("cfg_scale", validation.check_cfg_scale, _default(body, "cfg_scale", 0.0))
     cache = body.get("cache", default_cache)
     _checked("cache", validation.check_choice, "cache", cache, validation.CACHE_MODES)
