@@ -94,6 +94,10 @@ def test_bad_options_are_messages_naming_them(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["eval", "--n", "0"])
     assert "argument --n: must be a positive int, got 0" in capsys.readouterr().err
+    for seconds in ("0", "-1", "inf", "soon"):
+        with pytest.raises(SystemExit):
+            cli.main(["serve", "--request-timeout", seconds])
+        assert "argument --request-timeout: " in capsys.readouterr().err
     assert cli.main(["train", "--out", str(tmp_path / "run"), "--batch-size", "0"]) == 2
     assert "batch_size must be >= 1, got 0" in capsys.readouterr().err and not (tmp_path / "run").exists()
     assert cli.main(["distill", "--teacher", str(tmp_path / "none"), "--out", str(tmp_path / "student")]) == 2

@@ -46,11 +46,20 @@ def test_step_counts_leave_out_steps_where_no_row_commits():
     assert schedule.step_counts([10], 4) == schedule.schedule_counts([10], 4) == [[3, 3, 2, 2]]
 
 
-def dream_greedy(model, prompts: list[list[int]], gen_length: int, steps: int) -> torch.Tensor:
-    """Dream's generation loop, greedy (temperature 0, no top-p or top-k), confidence the
-    top probability: every step runs the model, takes each mask's most likely token
-    (never the mask itself, as unmask's sampler bans it) and commits the int(m (1 - s/t))
-    most confident, per row."""
+def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Dream's top-p filter: logits outside the smallest most-likely set whose probability
+    exceeds top_p become -inf (the token that crosses it stays)."""
+    ordered, order = torch.sort(logits, descending=True)
+    beyond = torch.softmax(ordered, dim=-1).cumsum(dim=-1) > top_p
+    beyond = torch.cat([torch.zeros_like(beyond[..., :1]), beyond[..., :-1]], dim=-1)  # keep the crossing one
+    return logits.masked_fill(torch.zeros_like(beyond).scatter(-1, order, beyond), float("-inf"))
+
+
+def dream_greedy(model, prompts: list[list[int]], gen_length: int, steps: int, top_p: float | None = None):
+    """Dream's generation loop, greedy (temperature 0, no top-k), confidence the top
+    probability over what top-p keeps: every step runs the model, takes each mask's most
+    likely token (never the mask itself, as unmask's sampler bans it) and commits the
+    int(m (1 - s/t)) most confident, per row."""
     x = torch.cat([torch.tensor(prompts), torch.full((len(prompts), gen_length), MASK)], dim=1)
     timesteps = torch.linspace(1, 1e-3, steps + 1)
     rows = torch.arange(len(prompts))[:, None]
@@ -59,6 +68,8 @@ def dream_greedy(model, prompts: list[list[int]], gen_length: int, steps: int) -
             masked = x == MASK
             logits = model(x).float()
             logits[..., MASK] = float("-inf")
+            if top_p is not None:
+                logits = nucleus(logits, top_p)
             confidence, tokens = torch.softmax(logits, dim=-1).max(dim=-1)
             left = masked.sum() / masked.shape[0]
             count = int(left * (1 - timesteps[i + 1] / timesteps[i])) if i < steps - 1 else int(left)
@@ -68,13 +79,17 @@ def dream_greedy(model, prompts: list[list[int]], gen_length: int, steps: int) -
     return x[:, len(prompts[0]):]
 
 
+@pytest.mark.parametrize("top_p", [None, 0.9, 0.5])
 @pytest.mark.parametrize("steps", [16, 8, 5])
-def test_generate_with_the_dream_schedule_decodes_as_dreams_loop(steps):
+def test_generate_with_the_dream_schedule_decodes_as_dreams_loop(steps, top_p):
+    # top_p as Dream's Instruct settings use it (0.95), its confidence over what it keeps;
+    # a small top_p keeps one token at many positions, whose confidences tie at 1.0, and
+    # torch.topk leaves the order of ties unspecified where unmask takes the lower position.
     model = tiny_model(seed=3, model_type="dream", include_qkv_bias=True)
     prompts = [[1, 2, 3], [4, 5, 6]]
-    expected = dream_greedy(model, prompts, 16, steps)
+    expected = dream_greedy(model, prompts, 16, steps, top_p)
     out = unmask.generate(model, prompts, gen_length=16, block_length=16, steps=steps, schedule="dream",
-                          stop_at_eos=False)
+                          top_p=1.0 if top_p is None else top_p, stop_at_eos=False)
     assert torch.equal(out.tokens, expected)
     assert out.nfe == sum(1 for count in schedule.dream_counts([16], steps)[0] if count)
     llada = unmask.generate(model, prompts, gen_length=16, block_length=16, steps=steps, stop_at_eos=False)

@@ -608,3 +608,29 @@ def test_an_engine_message_the_front_cannot_read_fails_its_requests_and_stops_th
         assert engine.process.exitcode is not None  # killed, not left decoding
     finally:
         running.stop()
+
+
+def test_a_request_past_the_request_timeout_is_cancelled_and_answered_504(model):
+    # 2048 tokens one per step take seconds (~9 s here); the limit is 0.3 s from arrival.
+    # The request is answered 504 (streamed: an error event ends the stream), its rows
+    # leave the batch at once (a request left running would hold it for seconds), and a
+    # short request on the same server still completes.
+    running = start(model, max_batch=4, max_queue=4, request_timeout=0.3)
+    slow = {"model": MODEL, "prompt": "123+456=", "max_tokens": 2048, "steps": 2048}
+    try:
+        started = time.time()
+        reply = post(running, slow)
+        assert reply.status_code == 504, reply.text
+        assert "request_timeout of 0.3 s" in reply.json()["error"]["message"] and time.time() - started < 5
+        with httpx.stream("POST", running.url + "/v1/completions", json={**slow, "stream": True}, timeout=30) as stream:
+            lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]" and "request_timeout" in lines[-2]
+        deadline = time.time() + 1.5
+        while running.server.engine.load()["active"] or running.server.engine.load()["waiting"]:
+            assert time.time() < deadline, "the timed-out requests were not cancelled"
+            time.sleep(0.05)
+        assert post(running, {"model": MODEL, "prompt": "123+456=", "max_tokens": 8}).status_code == 200
+    finally:
+        running.stop()
+    with pytest.raises(ValueError, match="request_timeout"):
+        Server(model, model.tokenizer, model_name=MODEL, request_timeout=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
+import math
 import os
 import platform
 import sys
@@ -100,12 +101,24 @@ def _parse_ids(text: str) -> list[int]:
 
 def _positive_int(text: str) -> int:
     """An argparse type: a count of at least 1 (argparse names the option in its error)."""
-    from unmask import validation
-
     try:
-        return validation.check_positive_int("value", int(text))
+        value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, got {text}")
+    return value
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -210,13 +223,6 @@ def _device(name: str | None) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name!r}: unmask runs on cpu or cuda devices")
     return device
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
-    return value
 
 
 def model_name(name_or_dir: str) -> str:
@@ -376,7 +382,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           max_context=args.max_context, device=None if args.device is None else str(_device(args.device)),
           dtype=_dtype(args.dtype), block_length=args.block_length,
           cache=args.cache, engine=args.engine, engine_threads=args.engine_threads,
-          trust_remote_code=args.trust_remote_code)
+          trust_remote_code=args.trust_remote_code, request_timeout=args.request_timeout)
     return 0
 
 
@@ -485,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--engine-threads", type=_positive_int,
                               help="torch CPU threads for the steps (default: with --engine process one fewer than "
                                    "the cores, leaving one to HTTP; with --engine thread torch's default)")
+    serve_parser.add_argument("--request-timeout", type=_positive_seconds, metavar="SECONDS",
+                              help="cancel a request not finished this long after it arrived (504; default: none)")
     serve_parser.add_argument("--trust-remote-code", action="store_true",
                               help="let the chat template's tokenizer run code shipped with the checkpoint (Dream's)")
     serve_parser.set_defaults(run=cmd_serve)

@@ -46,11 +46,13 @@ class Server:
     def __init__(self, model, tokenizer, *, model_name: str, model_dir: str | None = None, max_batch: int = 16,
                  max_queue: int = 64, max_context: int = 4096, default_block_length: int = 32,
                  default_cache: str | None = None, engine=None, trust_remote_code: bool = False,
-                 max_body_bytes: int = MAX_BODY_BYTES):
+                 max_body_bytes: int = MAX_BODY_BYTES, request_timeout: float | None = None):
         """engine: an unmask.serving.engine_process.EngineProcess to run the steps (model
         then only describes the model: a weightless skeleton will do; the limits are the
         EngineProcess's own, max_batch and max_queue here are unread); None runs an Engine
-        on a thread of this process."""
+        on a thread of this process. request_timeout: seconds a request may take from its
+        arrival, queue included (None: no limit); past it the request is cancelled (its rows
+        leave the batch) and answered 504, or its stream ends with an error event."""
         self.model, self.tokenizer, self.model_name, self.model_dir = model, tokenizer, model_name, model_dir
         self.max_context, self.default_block_length = max_context, default_block_length
         self.engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue) if engine is None else engine
@@ -60,6 +62,9 @@ class Server:
             raise ValueError(f"default_cache={default_cache!r} needs the unmask model")
         self.default_cache, self.trust_remote_code = default_cache, trust_remote_code
         self.max_body_bytes = validation.check_positive_int("max_body_bytes", max_body_bytes)
+        if request_timeout is not None:
+            request_timeout = validation.check_float("request_timeout", request_timeout, positive=True)
+        self.request_timeout = request_timeout
         self.chat_template = self._load_chat_template()  # at start-up, not on the event loop of a first request
 
     @contextlib.asynccontextmanager
@@ -106,6 +111,7 @@ class Server:
     # ------------------------------------------------------------------ a request
 
     async def _serve(self, request: Request, *, chat: bool):
+        deadline = None if self.request_timeout is None else asyncio.get_running_loop().time() + self.request_timeout
         try:
             body = await self._body(request)
             prompt = self._chat_prompt(body) if chat else self._prompt(body)
@@ -126,9 +132,28 @@ class Server:
             return _error(RequestError(str(gone), None, status=503, kind="server_error"))
         request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
         if settings.stream:
-            return StreamingResponse(self._stream(job, events, request_id, chat, settings.include_usage),
+            return StreamingResponse(self._stream(job, events, request_id, chat, settings.include_usage, deadline),
                                      media_type="text/event-stream")
-        return await self._complete(request, job, events, request_id, chat)
+        return await self._complete(request, job, events, request_id, chat, deadline)
+
+    def _timed_out(self) -> RequestError:
+        return RequestError(f"the request did not finish within the server's request_timeout of "
+                            f"{self.request_timeout:g} s", None, status=504, kind="server_error")
+
+    @staticmethod
+    async def _next_event(events: asyncio.Queue, deadline: float | None, poll: float | None):
+        """The next event, waiting at most `poll` seconds and never past the deadline:
+        None when either passes first."""
+        wait = poll
+        if deadline is not None:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return None
+            wait = left if wait is None else min(wait, left)
+        try:
+            return await asyncio.wait_for(events.get(), timeout=wait)
+        except asyncio.TimeoutError:
+            return None
 
     async def _read_body(self, request: Request) -> bytes:
         """The body's bytes, refused (413) past max_body_bytes before they are all read:
@@ -215,12 +240,14 @@ class Server:
                 "alone, without the template, system prompt or history", self.model_dir, why)
         return None
 
-    async def _complete(self, request: Request, job: Job, events: asyncio.Queue, request_id: str, chat: bool):
+    async def _complete(self, request: Request, job: Job, events: asyncio.Queue, request_id: str, chat: bool,
+                        deadline: float | None):
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=0.25)
-                except asyncio.TimeoutError:
+                event = await self._next_event(events, deadline, poll=0.25)
+                if event is None:
+                    if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+                        return _error(self._timed_out())  # the finally below cancels the job
                     if await request.is_disconnected():  # the client went away: free its rows
                         return JSONResponse(protocol.error_body("client disconnected"), status_code=499)
                     continue
@@ -235,11 +262,15 @@ class Server:
             if not job.finished:
                 self.engine.cancel(job)
 
-    async def _stream(self, job: Job, events: asyncio.Queue, request_id: str, chat: bool, usage: bool):
+    async def _stream(self, job: Job, events: asyncio.Queue, request_id: str, chat: bool, usage: bool,
+                      deadline: float | None):
         first, created = True, int(time.time())
         try:
             while True:
-                event = await events.get()
+                event = await self._next_event(events, deadline, poll=None)
+                if event is None:  # past the deadline (the status line went out with the first byte)
+                    yield _sse(protocol.error_body(self._timed_out().message, kind="server_error"))
+                    break
                 if event["kind"] == "error":
                     yield _sse(protocol.error_body(event["message"], kind="server_error"))
                     break
@@ -292,7 +323,8 @@ def _sse(body: dict) -> str:
 def serve(model_dir: str | None = None, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
           max_queue: int = 64, max_context: int = 4096, device: str | None = None, dtype=None,
           block_length: int | None = None, cache: str | None = None, engine: str = "process",
-          engine_threads: int | None = None, trust_remote_code: bool = False) -> None:
+          engine_threads: int | None = None, trust_remote_code: bool = False,
+          request_timeout: float | None = None) -> None:
     """Load the model (the bundled one by default) and serve it until SIGINT/SIGTERM.
     engine "process" steps it in a child process (unmask.serving.engine_process), "thread"
     on a thread of this one; engine_threads: torch's CPU threads for the steps."""
@@ -326,7 +358,7 @@ def serve(model_dir: str | None = None, *, host: str = "127.0.0.1", port: int = 
     server = Server(model, model.tokenizer, model_name=name,
                     model_dir=model_dir, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
                     default_block_length=block_length or (8 if bundled else 32), default_cache=cache, engine=runner,
-                    trust_remote_code=trust_remote_code)
+                    trust_remote_code=trust_remote_code, request_timeout=request_timeout)
     uvicorn.run(server.app(), host=host, port=port, log_level="info", timeout_graceful_shutdown=60)
 
 
