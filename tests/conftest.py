@@ -33,6 +33,16 @@ def fresh_plans():
     dispatch.clear_plans()
 
 
+@pytest.fixture(autouse=True)
+def seeded_torch():
+    """Each test draws its unseeded torch.rand* values from the same start, whatever ran
+    before it: a test added earlier in the run once moved another's random ids onto a
+    case its tolerance did not cover, red in CI and green here."""
+    import torch
+
+    torch.manual_seed(0)
+
+
 @pytest.fixture(params=["reference", "native"])
 def backend(request, monkeypatch):
     """Run a test once through the reference and once through the native kernel of the device."""

@@ -155,7 +155,7 @@ def test_bidirectional_cache_every_step_reads_its_blocks_first_keys(cache):
 
 def test_segment_forward_equals_full_forward_when_nothing_changed():
     model = unmask.DiffusionTransformer.random(tiny_config(), seed=2, std=0.3)
-    ids = torch.randint(0, 59, (2, 12))
+    ids = torch.randint(0, 59, (2, 12), generator=torch.Generator().manual_seed(2))
     mask = torch.ones(2, 12, dtype=torch.bool)
     mask[0, :2] = False
     cache = unmask.KVCache(model.config, 2, 12, dtype=torch.float32, device=torch.device("cpu"))
@@ -173,7 +173,8 @@ def test_row_segments_equal_each_row_alone(model_type):
     model = unmask.DiffusionTransformer.random(tiny_config(model_type=model_type, include_qkv_bias=model_type == "dream"),
                                                seed=4, std=0.3)
     lengths, starts, n, width = [12, 9, 15], [4, 1, 10], 5, 15
-    rows = [torch.randint(0, 59, (length,)) for length in lengths]
+    gen = torch.Generator().manual_seed(7)
+    rows = [torch.randint(0, 59, (length,), generator=gen) for length in lengths]
     ids, known = torch.zeros(3, width, dtype=torch.long), torch.zeros(3, width, dtype=torch.bool)
     for r, row in enumerate(rows):
         ids[r, :len(row)], known[r, :len(row)] = row, True
@@ -183,7 +184,7 @@ def test_row_segments_equal_each_row_alone(model_type):
     with torch.no_grad():
         model(ids, known, cache=batch_cache)
         for r, row in enumerate(rows):  # the segments change after the cache was filled
-            ids[r, starts[r]:starts[r] + n] = torch.randint(0, 59, (n,))
+            ids[r, starts[r]:starts[r] + n] = torch.randint(0, 59, (n,), generator=gen)
         for k in batch_cache.keys + batch_cache.values:
             for r in range(3):
                 k[r, starts[r]:starts[r] + n] = float("nan")  # must be written before any query reads it
@@ -194,7 +195,9 @@ def test_row_segments_equal_each_row_alone(model_type):
             model(row[None], cache=cache)  # filled from the canvas before its segment changed, as the batch's
             alone = model(alone_ids, cache=cache, segment=(starts[r], starts[r] + n),
                           logit_positions=slice(starts[r] + shift, starts[r] + n))
-            torch.testing.assert_close(together[r], alone[0], rtol=1e-5, atol=1e-5)
+            # float32 through two layers, the batch's GEMMs of 3 rows against 1: reduction
+            # orders differ, and an unseeded draw once met 3e-5 relative on a logit of 0.5
+            torch.testing.assert_close(together[r], alone[0], rtol=1e-4, atol=1e-5)
             for layer in range(model.config.n_layers):
                 for written, own in ((batch_cache.keys, cache.keys), (batch_cache.values, cache.values)):
                     torch.testing.assert_close(written[layer][r, :len(row)], own[layer][0], rtol=1e-5, atol=1e-5)
