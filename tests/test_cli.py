@@ -41,6 +41,17 @@ def test_generate_speculates(capsys):
     assert "speculate must be >= 0, got -2" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not (cli.default_model_path() / "config.json").exists(), reason="no bundled model in this tree")
+def test_generate_with_dreams_schedule(capsys):
+    # two steps per block: Dream's timesteps commit 3 tokens then 5, LLaDA's 4 and 4
+    arguments = ["generate", "--prompt", "123+456=", "--gen-length", "16", "--block-length", "8", "--steps", "4",
+                 "--quiet"]
+    assert cli.main(arguments + ["--schedule", "dream"]) == 0
+    assert capsys.readouterr().out.strip() == "579"
+    assert cli.main(arguments) == 0
+    assert capsys.readouterr().out.strip() == "578"
+
+
 @pytest.mark.skipif(not (cli.model_path("unmask-long-k4") / "config.json").exists(), reason="no student in this tree")
 def test_generate_with_the_student_and_self_correction(capsys):
     assert cli.main(["generate", "--model", "unmask-long-k4", "--prompt", "sort:8531=", "--steps", "2",
