@@ -104,3 +104,16 @@ def test_the_dream_schedule_is_refused_where_it_does_not_apply():
         unmask.generate(model, [[1, 2]], gen_length=8, block_length=8, schedule="cosine")
     with pytest.raises(ValueError, match="takes at most 65536"):
         unmask.generate(model, [[1, 2]], gen_length=8, block_length=8, steps=10**9, schedule="dream")
+
+
+def test_infill_plans_each_rows_dream_schedule_from_its_own_masks():
+    # Rows with 6 and 5 masks: each row's counts come from its own (Dream averages over its
+    # batch), so a row decodes in a batch as alone.
+    model = tiny_model(seed=6, std=1.0)
+    m = model.mask_id
+    ids = torch.tensor([[3, m, 4, m, m, m, m, m], [m, m, m, m, 9, 9, 9, m]])
+    together = unmask.infill(model, ids, schedule="dream", steps=8).tokens
+    for row in range(2):
+        alone = unmask.infill(model, ids[row:row + 1], schedule="dream", steps=8).tokens
+        assert torch.equal(together[row], alone[0])
+    assert schedule.dream_counts([6, 5], 8) == [[0, 0, 0, 1, 1, 1, 1, 2], [0, 0, 0, 0, 1, 1, 1, 2]]

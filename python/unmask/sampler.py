@@ -796,7 +796,8 @@ def infill(
     """Decode the mask tokens of ids [B, L] wherever they stand (editing, fill-in-the-middle).
 
     Blocks of block_length (default: the whole sequence) go left to right; steps
-    defaults to one token per step for the row with the most masks per block.
+    defaults to one token per step for the row with the most masks per block, spread by
+    schedule as in generate (each row planned from its own masks).
     revise_threshold: self-correction as in generate (given tokens are never masked).
     Returns the filled ids as .tokens (and .sequences).
     """
