@@ -383,3 +383,17 @@ def test_an_infill_rows_noise_does_not_depend_on_its_companions_masks(speculate)
     for companion in ([6, 7, 8, m, m, 7, m, m], [m, m, m, m, 9, 9, 9, m], [6, 7, 8, 9, 9, 9, 9, 9]):
         other = unmask.infill(model, torch.tensor([row, companion]), **kwargs)
         assert torch.equal(other.tokens[0], first.tokens[0]), companion
+
+
+def test_float16_logits_are_guided_in_float32():
+    # A logit difference of 700 at cfg_scale 100 is 70700: past float16's 65504, infinite
+    # (an InvalidLogitsError blaming the model) had it been guided in float16.
+    from unmask.sampler import guide
+
+    cond = torch.tensor([[700.0, 0.0, -3.0]], dtype=torch.float16)
+    uncond = torch.zeros_like(cond)
+    guided = guide(cond, uncond, 100.0)
+    assert guided.dtype == torch.float32 and torch.isfinite(guided).all()
+    assert torch.equal(guided, torch.tensor([[70700.0, 0.0, -303.0]]))
+    bf16 = guide(cond.bfloat16(), uncond.bfloat16(), 1.0)
+    assert bf16.dtype == torch.bfloat16  # the dtypes that cannot overflow stay as they are

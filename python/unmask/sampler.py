@@ -114,7 +114,11 @@ def guided_logits(model, x, attention_mask, prompt_positions, mask_id: int, cfg_
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-    """Classifier-free guidance of conditional and unconditional logits, in their dtype."""
+    """Classifier-free guidance of conditional and unconditional logits, in their dtype, or
+    in float32 for float16 ones: float16 stops at 65504, which a logit difference of 650
+    reaches at cfg_scale 100 (float32 and bfloat16 reach 3e38)."""
+    if cond.dtype == torch.float16:
+        cond, uncond = cond.float(), uncond.float()
     return uncond + (cfg_scale + 1.0) * (cond - uncond)
 
 

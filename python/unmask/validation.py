@@ -70,8 +70,9 @@ def check_float(name: str, value, *, positive: bool = False, nonnegative: bool =
 
 # Classifier-free guidance multiplies a difference of two logits by cfg_scale + 1. LLaDA
 # and Dream use scales of 0 to a few; up to 100 a finite float32 or bfloat16 difference
-# cannot overflow (it would take one over 3e36), where 1e308 made the guided logits
-# infinite: an error that blamed the model (a server answered 500 for a request's value).
+# cannot overflow (it would take one over 3e36; float16 logits are guided in float32),
+# where 1e308 made the guided logits infinite: an error that blamed the model (a server
+# answered 500 for a request's value).
 MAX_CFG_SCALE = 100.0
 
 

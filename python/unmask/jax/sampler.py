@@ -85,6 +85,8 @@ def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params,
         if p.cfg_scale == 0.0:
             return logits
         cond, uncond = jnp.split(logits, 2)
+        if cond.dtype == jnp.float16:  # as torch's sampler.guide: float16 overflows at 65504
+            cond, uncond = cond.astype(jnp.float32), uncond.astype(jnp.float32)
         return uncond + (p.cfg_scale + 1.0) * (cond - uncond)
 
     def logits_of(x, cache):
