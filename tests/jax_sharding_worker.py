@@ -27,7 +27,7 @@ CASES = {
 # A block-causal model (block_size 4) with caches: each device's attention takes the
 # window's start as a traced q_offset, and the ragged rows are rotated to their own grids.
 BLOCK_CAUSAL_CASES = {
-    "block-causal-dual": dict(gen_length=24, block_length=4, steps=24, cache="dual"),  # canvas 29: the window moves off 0
+    "block-causal-dual": dict(gen_length=24, block_length=4, steps=24, cache="dual"),  # canvas 29: window off 0
     "block-causal-prefix": dict(gen_length=12, block_length=6, steps=12, cache="prefix"),
 }
 

@@ -270,8 +270,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out = unmask.generate(
             model, [prompt], gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
             threshold=args.threshold, factor=args.factor, schedule=args.schedule, temperature=args.temperature,
-            remasking=args.remasking, cfg_scale=args.cfg_scale, seed=args.seed, callback=printer, cache=args.cache, speculate=args.speculate,
-            revise_threshold=args.revise_threshold,
+            remasking=args.remasking, cfg_scale=args.cfg_scale, seed=args.seed, callback=printer, cache=args.cache,
+            speculate=args.speculate, revise_threshold=args.revise_threshold,
         )
     except BaseException:
         if parallel:  # no barrier: a rank that failed alone would wait there for the others forever

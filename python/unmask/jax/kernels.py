@@ -198,17 +198,17 @@ def attention(q, k, v, *, kv_len=None, key_valid=None, block_size: int | None = 
     if key_valid is not None:
         check_array("key_valid", key_valid, dtypes=("bool",), ndim=2)
         validation.check_shape("key_valid", key_valid.shape, (batch, k_len), "[B, Lk]")
-    traced_offset = isinstance(q_offset, (jax.Array, np.ndarray))
-    if traced_offset:  # an array: checked where its value is on the host, its type always
+    if isinstance(q_offset, (jax.Array, np.ndarray)):  # its type checked always, its value where readable
         check_array("q_offset", q_offset, dtypes=validation.INT_DTYPES, ndim=0)
         if not isinstance(q_offset, jax.core.Tracer):
             q_offset = int(q_offset)
-            traced_offset = False
-    block_size, offset, scale = validation.attention_scalars(shape, block_size=block_size,
-                                                             q_offset=0 if traced_offset else q_offset, scale=scale)
-    q_offset = q_offset if traced_offset else offset
-    if not traced_offset and q_offset + q_len >= 2**31:  # query positions are int32 in the kernel
-        raise ValueError(f"q_offset={q_offset} plus the {q_len} queries must stay below 2^31")
+    traced = isinstance(q_offset, jax.core.Tracer)
+    block_size, checked, scale = validation.attention_scalars(shape, block_size=block_size,
+                                                              q_offset=0 if traced else q_offset, scale=scale)
+    if not traced:
+        q_offset = checked
+        if q_offset + q_len >= 2**31:  # query positions are int32 in the kernel
+            raise ValueError(f"q_offset={q_offset} plus the {q_len} queries must stay below 2^31")
     if batch == 0 or q_len == 0:  # nothing to compute
         return jnp.zeros(q.shape, q.dtype)
     # Powers of two from 16 to 128 are valid tiles for both variants (unmask.pallas.attention).

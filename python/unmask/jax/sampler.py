@@ -243,8 +243,8 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
     model_mask = None if canvas_mask.all() else jnp.asarray(canvas_mask)
     prompt_positions = jnp.asarray(np.concatenate([prompt_mask, np.zeros((batch, gen_length), bool)], axis=1))
     program = BlockProgram(block_length, prompt_len, rule.steps_per_block, rule.threshold, rule.factor,
-                           dataclasses.replace(sampling, seed=0), cfg_scale, cache, mask_id, eos_id, callback is not None,
-                           rule.schedule)
+                           dataclasses.replace(sampling, seed=0), cfg_scale, cache, mask_id, eos_id,
+                           callback is not None, rule.schedule)
     decode = block_decoder(model, program)
     if callback is not None:
         model.__dict__.setdefault("_callback_holder", {})["callback"] = callback

@@ -469,15 +469,22 @@ class DiffusionTransformer(nn.Module):
         rows = logits.split([h.shape[0] * h.shape[1] for h in chosen])
         return [part_logits.view(*h.shape[:2], -1) for h, part_logits in zip(chosen, rows)]
 
-    def _grid_rotation(self, key_valid: torch.Tensor | None, length: int) -> "_GridRotation | None":
+    def _first_real(self, key_valid: torch.Tensor | None) -> torch.Tensor | None:
+        """Each row's first real column [B] int64, where the model needs it: a block-causal
+        model's grid starts there (_grid_rotation), a shifted model's first token keeps its
+        own state (_sources). argmax returns the first maximum (0 for a row of padding
+        alone, which no one reads); no host read, so a device batch does not sync."""
+        if key_valid is None or (self.config.block_size is None and not self.config.shift_logits):
+            return None
+        return key_valid.to(torch.int32).argmax(dim=1).to(torch.int64)
+
+    def _grid_rotation(self, first_real: torch.Tensor | None, length: int) -> "_GridRotation | None":
         """How a block-causal model lays out rows with hidden keys (None: as they are)."""
         size = self.config.block_size
-        if size is None or key_valid is None:
+        if size is None or first_real is None:
             return None
-        # argmax returns the first maximum: each row's first real column (0 for a row of
-        # padding alone, which no one reads). No host read: a device batch does not sync.
-        shift = key_valid.to(torch.int32).argmax(dim=1).to(torch.int64) % size
-        columns = (torch.arange(length, device=key_valid.device) + shift[:, None]) % length
+        shift = first_real % size
+        columns = (torch.arange(length, device=first_real.device) + shift[:, None]) % length
         return _GridRotation(size, shift, columns)
 
     def _sources(self, wanted: torch.Tensor, first_real: torch.Tensor | None, stop) -> torch.Tensor:
@@ -554,7 +561,8 @@ class DiffusionTransformer(nn.Module):
         # first token's offset into its block (_grid_rotation). Padding, invisible, wraps
         # round to the end; rotary attention is relative, so the positions move with the
         # tokens. The cache, written here, holds the rotated layout.
-        rotation = self._grid_rotation(key_valid, length)
+        first_real = self._first_real(key_valid)
+        rotation = self._grid_rotation(first_real, length)
         if rotation is not None:
             input_ids, key_valid = input_ids.gather(1, rotation.columns), key_valid.gather(1, rotation.columns)
             positions = positions.expand(batch, -1).gather(1, rotation.columns)
@@ -599,9 +607,6 @@ class DiffusionTransformer(nn.Module):
                 wanted = wanted[logit_positions]
             elif segment is not None and rotation is not None:
                 wanted = wanted[asked[0]:asked[1]]  # the segment's own positions, as without rotation
-            first_real = None
-            if self.config.shift_logits and attention_mask is not None:  # argmax: the first True, read on the device
-                first_real = attention_mask.to(device=input_ids.device, dtype=torch.int32).argmax(dim=1)
             if segment is None:
                 stop = length
             else:

@@ -146,7 +146,8 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int, max_co
                                num_blocks=gen_length // block_length, default_steps=gen_length,
                                confidence=sampling.confidence, schedule=_default(body, "schedule", "llada"))
     except (TypeError, ValueError) as error:
-        raise RequestError(str(error), _param_of(error, ("schedule", "steps", "threshold", "factor")) or "steps") from None
+        param = _param_of(error, ("schedule", "steps", "threshold", "factor")) or "steps"
+        raise RequestError(str(error), param) from None
     cfg_scale = _checked("cfg_scale", validation.check_cfg_scale, _default(body, "cfg_scale", 0.0))
     cache = body.get("cache", default_cache)
     _checked("cache", validation.check_choice, "cache", cache, validation.CACHE_MODES)
