@@ -52,6 +52,24 @@ def test_generate_with_dreams_schedule(capsys):
     assert capsys.readouterr().out.strip() == "578"
 
 
+@pytest.mark.skipif(not (cli.default_model_path() / "config.json").exists(), reason="no bundled model in this tree")
+def test_generate_takes_dreams_sampling_options(capsys, monkeypatch):
+    arguments = ["--prompt", "sort:8531=", "--temperature", "0.5", "--top-k", "40", "--top-p", "0.8",
+                 "--conf-temperature", "0.5", "--remasking", "entropy", "--seed", "3"]
+    seen, generate = [], unmask.generate
+    monkeypatch.setattr(unmask, "generate", lambda *args, **kwargs: seen.append(kwargs) or generate(*args, **kwargs))
+    assert cli.main(["generate", *arguments, "--quiet"]) == 0
+    options = dict(temperature=0.5, top_k=40, top_p=0.8, conf_temperature=0.5, remasking="entropy", seed=3)
+    assert {name: seen[0][name] for name in options} == options
+    model = unmask.from_pretrained(cli.default_model_path())
+    out = generate(model, [model.tokenizer.encode("sort:8531=").ids], gen_length=8, block_length=8, **options)
+    tokens = out.tokens[0].tolist()
+    expected = model.tokenizer.decode(tokens[:tokens.index(model.eos_id)] if model.eos_id in tokens else tokens)
+    assert capsys.readouterr().out == expected + "\n"
+    assert cli.main(["generate", "--prompt", "1", "--conf-temperature", "0", "--quiet"]) == 2
+    assert "conf_temperature must be > 0, got 0.0" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not (cli.model_path("unmask-long-k4") / "config.json").exists(), reason="no student in this tree")
 def test_generate_with_the_student_and_self_correction(capsys):
     assert cli.main(["generate", "--model", "unmask-long-k4", "--prompt", "sort:8531=", "--steps", "2",

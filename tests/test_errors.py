@@ -264,6 +264,7 @@ BAD_GENERATE = [
     ("temperature", dict(temperature=-0.1), "temperature"),
     ("cfg_scale", dict(cfg_scale=-1.0), "cfg_scale"),
     ("cfg_scale past its bound", dict(cfg_scale=1e308), "cfg_scale must be <= 100"),  # overflowed the guided logits
+    ("conf_temperature", dict(conf_temperature=0.0), "conf_temperature must be > 0"),
     ("mask_id outside vocabulary", dict(mask_id=500, gen_length=4, block_length=4), "mask_id=500 lies outside"),
     ("seed", dict(seed=2**64), "seed"),
     ("threshold above one", dict(threshold=1.5), "threshold=1.5 must lie in [0, 1) for 'prob' confidence"),

@@ -49,6 +49,9 @@ class TestPallasCompiled:
         (1000, 6, torch.float32, dict(confidence="margin", temperature=0.9, seed=1, tile_v=128)),
         (700, 5, torch.bfloat16, dict(confidence="random", top_k=40, seed=4, tile_v=128)),
         (1000, 4, torch.float32, dict(confidence="entropy", top_p=0.7, temperature=1.0, tile_v=128)),
+        # the nucleus measured at the sampling temperature, far from 1 both ways
+        (1019, 7, torch.float32, dict(top_p=0.9, temperature=0.25, conf_temperature=0.25, seed=8)),
+        (513, 6, torch.bfloat16, dict(top_p=0.5, temperature=3.0, confidence="margin", seed=2)),
     ])
     def test_sample(self, vocab, rows, dtype, kwargs):
         gen = torch.Generator().manual_seed(vocab)

@@ -46,6 +46,9 @@ CASES = [
     ({"block_size": 4}, {"threshold": 0.3, "block_length": 4, "cache": "prefix"}),
     (DREAM, {"steps": 6, "block_length": 8, "schedule": "dream"}),  # Dream: 1, 1, 1, 1, 1, 3 (LLaDA: 2, 2, 1, 1, 1, 1)
     ({}, {"steps": 4, "block_length": 4, "schedule": "dream", "cache": "dual"}),
+    # Dream's sampling: confidence at the sampling temperature, the nucleus measured there
+    (DREAM, {"steps": 8, "block_length": 8, "schedule": "dream", "temperature": 0.3, "top_p": 0.9,
+             "conf_temperature": 0.3, "remasking": "entropy", "seed": 6}),
 ]
 
 

@@ -71,11 +71,11 @@ def test_top_k_samples_stay_in_the_top_k():
     assert len(set(tokens.tolist())) > 5  # not stuck on a few ids
 
 
-@given(seed=st.integers(0, 2**20), top_p=st.floats(0.01, 0.999))
-def test_top_p_keeps_the_minimal_set(seed, top_p):
+@given(seed=st.integers(0, 2**20), top_p=st.floats(0.01, 0.999), temperature=st.sampled_from([1.0, 0.2, 3.0]))
+def test_top_p_keeps_the_minimal_set(seed, top_p, temperature):
     logits = random_logits(4, 23, seed).double()
-    keep = reference.keep_top_p(logits, top_p)
-    probs = torch.softmax(logits, dim=-1)
+    keep = reference.keep_top_p(logits, top_p, temperature)
+    probs = torch.softmax(logits / temperature, dim=-1)
     for row in range(logits.shape[0]):
         kept = probs[row][keep[row]]
         assert float(kept.sum()) >= top_p - 1e-12, "kept mass must reach top_p"
@@ -90,6 +90,67 @@ def test_top_p_then_samples_stay_in_the_nucleus():
     keep = reference.keep_top_p(logits.double(), 0.6)
     tokens, _ = ops.sample(logits, temperature=1.0, top_p=0.6, seed=9)
     assert keep.gather(-1, tokens[:, None]).all()
+
+
+# Logits 2, 1, 0: at temperature 1 the probabilities are 0.665, 0.245, 0.090, so top_p 0.9
+# keeps two tokens; at 0.2 they are 0.993, 0.007, 0.000 (one token); at 5, 0.402, 0.329,
+# 0.269 (all three). "margin" confidence (p(top1) - p(top2) at conf_temperature 1 over the
+# kept ids, whichever token is drawn) tells which: 0.4621, 1 - 0 and 0.4205.
+NUCLEUS_CASES = [(0.0, 0.4621), (1.0, 0.4621), (0.2, 1.0), (5.0, 0.4205)]
+
+
+@pytest.mark.usefixtures("cpu_isa")
+@pytest.mark.parametrize("temperature,conf", NUCLEUS_CASES)
+def test_top_p_nucleus_is_measured_at_the_sampling_temperature(temperature, conf):
+    """As transformers, vLLM and Dream measure it: under softmax(logits / T), T the
+    sampling temperature (1 for greedy rows), so a cold sampler keeps fewer tokens."""
+    logits = torch.tensor([[2.0, 1.0, 0.0] + [-1e4] * 5] * 3)
+    tokens, got = ops.sample(logits, temperature=temperature, top_p=0.9, confidence="margin", seed=4)
+    assert (tokens >= 0).all() and (tokens < 3).all()
+    expected = reference.sample(logits, temperature=temperature, top_p=0.9, confidence="margin", seed=4)[1]
+    torch.testing.assert_close(expected, torch.full((3,), conf), rtol=1e-4, atol=0)
+    if temperature <= 0.2:  # one kept token: every row draws it
+        assert (tokens == 0).all()
+    torch.testing.assert_close(got, expected, rtol=CONF_RTOL, atol=0)
+
+
+def dream_probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Dream's sample_tokens up to its softmax, transcribed from its description: logits
+    divided by the temperature (when above 0), then the top-p filter on those (a sorted
+    token is dropped once the mass before it exceeds top_p), then the softmax."""
+    if temperature > 0:
+        logits = logits / temperature
+    ordered, order = torch.sort(logits, descending=True)
+    beyond = torch.softmax(ordered, dim=-1).cumsum(dim=-1) > top_p
+    beyond = torch.cat([torch.zeros_like(beyond[..., :1]), beyond[..., :-1]], dim=-1)
+    logits = logits.masked_fill(torch.zeros_like(beyond).scatter(-1, order, beyond), float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+@pytest.mark.usefixtures("cpu_isa")
+@pytest.mark.parametrize("temperature", [0.0, 0.2, 0.7, 1.5])
+def test_confidence_at_the_sampling_temperature_is_dreams(temperature):
+    """Dream's confidences (maskgit_plus: the drawn token's probability; topk_margin;
+    entropy, sum p log(p + 1e-10)) come from the distribution it samples from: with
+    conf_temperature set to the sampling temperature (1 when greedy), unmask's are those,
+    whatever token the RNG draws."""
+    logits = random_logits(64, 151, 6).double()
+    conf_temperature = temperature if temperature > 0 else 1.0
+    probs = dream_probabilities(logits, temperature, 0.95)
+    for kind in ("prob", "margin", "entropy"):
+        tokens, conf = ops.sample(logits.float(), temperature=temperature, top_p=0.95, confidence=kind,
+                                  conf_temperature=conf_temperature, seed=11)
+        assert (probs.gather(-1, tokens[:, None]) > 0).all(), "drawn from Dream's nucleus"
+        if kind == "prob":
+            expected = probs.gather(-1, tokens[:, None]).squeeze(-1)
+        elif kind == "margin":
+            top2 = probs.topk(2, dim=-1).values
+            expected = top2[:, 0] - top2[:, 1]
+        else:
+            expected = (probs * torch.log(probs + 1e-10)).sum(dim=-1)
+        # float32 logits (their float32 copy here) against Dream's float64; its entropy's
+        # 1e-10 inside the logarithm moves the sum by at most 151e-10.
+        torch.testing.assert_close(conf.double(), expected, rtol=CONF_RTOL, atol=1e-7, msg=kind)
 
 
 def test_confidence_kinds_match_their_definitions():

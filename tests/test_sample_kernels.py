@@ -31,6 +31,9 @@ CASES = [
     (3, 126464, torch.bfloat16, dict(temperature=1.0, banned=[126336], offset=12, seed=2**63 + 5)),
     (2, 152064, torch.float32, dict(top_p=0.95, temperature=0.8, confidence="margin", banned=[151666])),
     (2, 152064, torch.float16, dict(confidence="entropy", conf_temperature=2.0)),
+    # top_p's nucleus at a temperature far from 1 (measured under softmax(x / T)).
+    (13, 1019, torch.float32, dict(temperature=0.25, top_p=0.9, conf_temperature=0.25)),
+    (7, 3001, torch.bfloat16, dict(temperature=3.0, top_k=200, top_p=0.5, confidence="margin")),
     # Greedy with prob confidence streams the row through one chunk slot (no row buffer).
     (6, 5001, torch.float32, dict()),
     (5, 4100, torch.bfloat16, dict(banned=[4099, 2048, 7])),

@@ -236,6 +236,32 @@ def test_eos_stops_rows_and_fills_the_rest():
     assert keep_going.nfe == 12 and keep_going.tokens[0, 2] == 7
 
 
+class TwoPositions:
+    """Two generated positions: A's best token barely leads a runner-up, B's leads six
+    flat ones by 1. At confidence temperature 1, A is the more confident (0.525 against
+    0.280); at 0.1, B is (0.9997 against 0.731). So which commits first tells the
+    temperature the sampler measured confidence at."""
+
+    mask_id, eos_id = 9, 8
+
+    def __call__(self, input_ids, attention_mask=None):
+        logits = torch.full((*input_ids.shape, 10), -1e4)
+        logits[:, -2, :2] = torch.tensor([5.0, 4.9])
+        logits[:, -1, 2:9] = 0.0
+        logits[:, -1, 2] = 1.0
+        return logits
+
+
+@pytest.mark.parametrize("conf_temperature,first", [(1.0, 0), (0.1, 1)])
+def test_conf_temperature_ranks_positions(conf_temperature, first):
+    seen = []
+    out = unmask.generate(TwoPositions(), [[1]], gen_length=2, block_length=2, steps=2, stop_at_eos=False,
+                          conf_temperature=conf_temperature, callback=lambda step, x, committed: seen.append(
+                              committed[0].nonzero().flatten().tolist()))
+    assert out.tokens[0].tolist() == [0, 2]
+    assert seen[0] == [1 + first]  # canvas column: the prompt is column 0
+
+
 def test_infill_fills_masks_where_they_stand():
     model = tiny_model(seed=7)
     ids = torch.tensor([[1, MASK, MASK, 4, MASK, 6, 7, MASK], [MASK, 2, 3, 4, 5, 6, 7, 8]])

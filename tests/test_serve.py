@@ -104,8 +104,11 @@ SETTINGS = [
     {"max_tokens": 16, "cache": "dual"},  # two blocks: the cache is filled again for the second
     {"max_tokens": 12, "block_length": 4, "threshold": 0.5, "cache": "prefix"},
     {"max_tokens": 8, "temperature": 0.8, "seed": 5, "cfg_scale": 0.5, "cache": "dual"},
+    # Dream's sampling: the nucleus and the confidence at the sampling temperature
+    {"max_tokens": 8, "temperature": 0.5, "top_p": 0.8, "conf_temperature": 0.5, "remasking": "entropy", "seed": 3},
 ]
-EXTRA_FIELDS = ("block_length", "steps", "schedule", "threshold", "factor", "remasking", "cfg_scale", "cache")
+EXTRA_FIELDS = ("block_length", "steps", "schedule", "threshold", "factor", "remasking", "conf_temperature",
+                "cfg_scale", "cache")
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=[str(i) for i in range(len(SETTINGS))])
@@ -224,6 +227,7 @@ ERRORS = [
     ({"model": MODEL, "prompt": "1", "steps": 3, "max_tokens": 16}, "steps"),
     ({"model": MODEL, "prompt": "1", "threshold": 1.5}, "threshold"),
     ({"model": MODEL, "prompt": "1", "remasking": "best"}, "remasking"),
+    ({"model": MODEL, "prompt": "1", "conf_temperature": 0}, "conf_temperature"),
     ({"model": MODEL, "prompt": "1", "seed": -1}, "seed"),
     ({"model": MODEL, "prompt": "1", "frequency_penalty": 1}, "frequency_penalty"),
     ({"model": MODEL, "prompt": [1, 99999]}, "prompt"),

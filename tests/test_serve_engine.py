@@ -47,6 +47,8 @@ REQUESTS = [
     ([3] * 9, {"max_tokens": 4, "block_length": 2, "factor": 1.0}),
     ([20, 21, 22, 23], {"max_tokens": 8, "cfg_scale": 0.5, "steps": 4}),
     ([7], {"max_tokens": 8, "remasking": "random", "temperature": 0.5, "seed": 2**63}),
+    # the first request's prompt and rule with a sharper confidence: its own call, its own order
+    ([5, 6, 7, 8, 9], {"max_tokens": 8, "conf_temperature": 0.05}),
 ]
 MODELS = {"llada": {}, "dream": {"model_type": "dream", "include_qkv_bias": True}, "block-causal": {"block_size": 4}}
 

@@ -30,7 +30,8 @@ def decoding_arguments(draw):
                      remasking=draw(st.sampled_from(["low_confidence", "margin", "entropy", "random"])),
                      seed=draw(st.integers(0, 2**40)), stop_at_eos=draw(st.booleans()),
                      cfg_scale=draw(st.sampled_from([0.0, 0.0, 1.5])),
-                     cache=draw(st.sampled_from([None, None, "prefix", "dual"])))
+                     cache=draw(st.sampled_from([None, None, "prefix", "dual"])),
+                     conf_temperature=draw(st.sampled_from([1.0, 1.0, 0.3])))
     if rule == "steps":
         arguments["steps"] = gen_length  # one token per step
     elif rule == "steps2":

@@ -246,11 +246,16 @@ Kept top_k_filter(const float* buf, int64_t vocab, int64_t k) {
   return kept;
 }
 
-Kept top_p_filter(const float* buf, int64_t vocab, float max, double top_p, const Kept& kept, float* mass) {
+// The nucleus is measured under softmax(x / temperature), the distribution the token is
+// drawn from (transformers, vLLM and Dream measure it so); greedy rows pass 1.
+Kept top_p_filter(const float* buf, int64_t vocab, float max, double top_p, double temperature, const Kept& kept,
+                  float* mass) {
   double total = 0.0;
   for (int64_t i = 0; i < vocab; ++i) {
     const float x = buf[i];
-    mass[i] = (kept.contains(x, i) && x != -kInf) ? static_cast<float>(std::exp(static_cast<double>(x) - max)) : 0.0f;
+    mass[i] = (kept.contains(x, i) && x != -kInf)
+                  ? static_cast<float>(std::exp((static_cast<double>(x) - max) / temperature))
+                  : 0.0f;
     total += mass[i];
   }
   const double target = top_p * total;
@@ -397,7 +402,9 @@ void sample_row(const SampleParams& p, int64_t row, float* buf, float* mass) {
   }
   Kept kept;
   if (p.top_k > 0 && p.top_k < p.vocab) kept = top_k_filter(buf, p.vocab, p.top_k);
-  if (p.top_p < 1.0) kept = top_p_filter(buf, p.vocab, scan.max, p.top_p, kept, mass);
+  if (p.top_p < 1.0) {
+    kept = top_p_filter(buf, p.vocab, scan.max, p.top_p, p.temperature > 0.0 ? p.temperature : 1.0, kept, mass);
+  }
 
   const uint32_t row_id = static_cast<uint32_t>(row), offset = row_offset(p, row);
   const int64_t token = p.temperature == 0.0

@@ -270,7 +270,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out = unmask.generate(
             model, [prompt], gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
             threshold=args.threshold, factor=args.factor, schedule=args.schedule, temperature=args.temperature,
-            remasking=args.remasking, cfg_scale=args.cfg_scale, seed=args.seed, callback=printer, cache=args.cache,
+            top_k=args.top_k, top_p=args.top_p, remasking=args.remasking, conf_temperature=args.conf_temperature,
+            cfg_scale=args.cfg_scale, seed=args.seed, callback=printer, cache=args.cache,
             speculate=args.speculate, revise_threshold=args.revise_threshold,
         )
     except BaseException:
@@ -410,7 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--schedule", default="llada", choices=["llada", "dream"],
                      help="how --steps spreads a block's commits: LLaDA's even split or Dream's timesteps")
     gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: all)")
+    gen.add_argument("--top-p", type=float, default=1.0,
+                     help="sample from the nucleus of mass P at the sampling temperature (1: all)")
     gen.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "margin", "entropy", "random"])
+    gen.add_argument("--conf-temperature", type=float, default=1.0,
+                     help="temperature of the confidence that ranks positions (1: LLaDA's; Dream's is "
+                          "its --temperature)")
     gen.add_argument("--cfg-scale", type=float, default=0.0)
     gen.add_argument("--cache", choices=["prefix", "dual"], help="reuse keys and values within a block")
     gen.add_argument("--speculate", type=int, default=0, metavar="D",

@@ -128,8 +128,10 @@ def keep_top_k(x: torch.Tensor, top_k: int) -> torch.Tensor:
     return keep.scatter(-1, order[:, :top_k], True)
 
 
-def keep_top_p(x: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Bool [N, V]: the smallest most-likely set whose softmax mass reaches top_p.
+def keep_top_p(x: torch.Tensor, top_p: float, temperature: float = 1.0) -> torch.Tensor:
+    """Bool [N, V]: the smallest most-likely set whose mass under softmax(x / temperature)
+    reaches top_p (the distribution tokens are drawn from, as transformers, vLLM and Dream
+    measure the nucleus).
 
     x holds -inf where earlier filters removed a token. A token is kept when the mass
     of the tokens ranked before it is still below top_p, so the most likely token is
@@ -137,7 +139,7 @@ def keep_top_p(x: torch.Tensor, top_p: float) -> torch.Tensor:
     """
     if top_p >= 1.0:
         return torch.ones_like(x, dtype=torch.bool)
-    probs = torch.softmax(x.double(), dim=-1)
+    probs = torch.softmax(x.double() / temperature, dim=-1)
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
     keep_sorted = mass_before < top_p
@@ -215,7 +217,8 @@ def sample(
     x, bad = banned_and_invalid(flat[row_ids], None if banned is None else banned.to(device))
 
     x = x.masked_fill(~keep_top_k(x, top_k), float("-inf"))
-    x = x.masked_fill(~keep_top_p(x, top_p), float("-inf"))
+    # Greedy rows measure the nucleus at temperature 1 (it only shapes their confidence).
+    x = x.masked_fill(~keep_top_p(x, top_p, temperature if temperature > 0 else 1.0), float("-inf"))
 
     if temperature == 0.0:
         scores = x

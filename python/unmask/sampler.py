@@ -333,7 +333,8 @@ class DenoiseStep:
             raise ValueError(f"mask_id={self.mask_id} lies outside the model's vocabulary (V={logits.shape[-1]})")
         tokens, conf = self.sample(
             logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, banned=self.banned,
-            confidence=sampling.confidence, seed=sampling.seed, offset=state.offset[:, None].expand_as(block),
+            confidence=sampling.confidence, conf_temperature=sampling.conf_temperature, seed=sampling.seed,
+            offset=state.offset[:, None].expand_as(block),
             check=False,
         )
         state.invalid.logical_or_(((tokens < 0) & eligible).any())
@@ -679,6 +680,7 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     remasking: str = "low_confidence",
+    conf_temperature: float = 1.0,
     cfg_scale: float = 0.0,
     mask_id: int | None = None,
     eos_id: int | None = None,
@@ -704,6 +706,9 @@ def generate(
     threshold or factor picks the commit rule; schedule spreads the steps rule's commits
     over a block's steps: "llada" (an even split, the first steps taking the remainder)
     or "dream" (Dream's timesteps from 1 to 1e-3, unmask.schedule.dream_counts).
+    remasking picks the confidence that ranks positions; conf_temperature is the temperature
+    of the softmax it is measured under (1: LLaDA's; Dream measures it at its sampling
+    temperature: pass conf_temperature=temperature when temperature > 0).
     callback(step, canvas, committed)
     runs after every model call, step counting the calls (with speculate, one call takes
     several schedule steps: committed is their union, and the canvases between them are
@@ -732,7 +737,8 @@ def generate(
     times per position; each call also evaluates revise_groups verification canvases.
     """
     num_blocks = validation.block_count(gen_length, block_length)
-    sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed)
+    sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed,
+                                   conf_temperature=conf_temperature)
     rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=gen_length,
                            confidence=sampling.confidence, schedule=schedule)
     cfg_scale = validation.check_cfg_scale(cfg_scale)
@@ -788,6 +794,7 @@ def infill(
     top_k: int = 0,
     top_p: float = 1.0,
     remasking: str = "low_confidence",
+    conf_temperature: float = 1.0,
     mask_id: int | None = None,
     seed: int = 0,
     callback: Callback | None = None,
@@ -840,7 +847,8 @@ def infill(
     validation.id_range(read[-2], read[-1], vocab=validation.model_vocab(model), name="ids")
     masked_counts = [read[block * x.shape[0]:(block + 1) * x.shape[0]] for block in range(num_blocks)]
     default_steps = max(1, max(max(block) for block in masked_counts)) * num_blocks
-    sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed)
+    sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed,
+                                   conf_temperature=conf_temperature)
     rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=default_steps,
                            confidence=sampling.confidence, schedule=schedule)
     revision = validation.revision(revise_threshold, revise_groups, max_revisions, rule=rule, speculate=speculate)

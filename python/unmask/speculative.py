@@ -62,7 +62,8 @@ class _Rule:
         s = self.sampling
         offsets = (self.offset_base + steps)[:, None].expand(block.shape)
         tokens, conf = self.sample(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                   banned=self.banned, confidence=s.confidence, seed=s.seed, offset=offsets,
+                                   banned=self.banned, confidence=s.confidence,
+                                   conf_temperature=s.conf_temperature, seed=s.seed, offset=offsets,
                                    check=False)
         return eligible, tokens, conf
 

@@ -601,14 +601,16 @@ class Sampling:
     top_p: float
     confidence: str
     seed: int
+    conf_temperature: float = 1.0
 
 
-def sampling(*, temperature, top_k, top_p, remasking, seed) -> Sampling:
+def sampling(*, temperature, top_k, top_p, remasking, seed, conf_temperature=1.0) -> Sampling:
     check_choice("remasking", remasking, tuple(REMASKING_TO_CONFIDENCE))
     confidence = REMASKING_TO_CONFIDENCE[remasking]
     options = sample_options(temperature=temperature, top_k=top_k, top_p=top_p, confidence=confidence,
-                             conf_temperature=1.0, seed=seed, offset=0)
-    return Sampling(options.temperature, options.top_k, options.top_p, confidence, options.seed)
+                             conf_temperature=conf_temperature, seed=seed, offset=0)
+    return Sampling(options.temperature, options.top_k, options.top_p, confidence, options.seed,
+                    options.conf_temperature)
 
 
 @dataclasses.dataclass(frozen=True)

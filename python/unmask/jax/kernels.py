@@ -45,9 +45,11 @@ def _int32_bits(value: int) -> int:
     return value - (1 << 32) if value >= (1 << 31) else value
 
 
-def kept_prefix(x: jnp.ndarray, top_k: int, top_p: float) -> tuple[jnp.ndarray, jnp.ndarray]:
+def kept_prefix(x: jnp.ndarray, top_k: int, top_p: float,
+                temperature: float = 1.0) -> tuple[jnp.ndarray, jnp.ndarray]:
     """The kept ids of each row as a prefix of the order (value desc, id asc): the value of
-    the last kept id and that id. x: float32 [N, V], -inf where banned."""
+    the last kept id and that id. x: float32 [N, V], -inf where banned. top_p's nucleus is
+    measured under softmax(x / temperature), as reference.keep_top_p measures it."""
     n_rows, vocab = x.shape
     if (top_k <= 0 or top_k >= vocab) and top_p >= 1.0:
         return jnp.full((n_rows,), -jnp.inf, jnp.float32), jnp.full((n_rows,), _INT32_MAX, jnp.int32)
@@ -58,7 +60,10 @@ def kept_prefix(x: jnp.ndarray, top_k: int, top_p: float) -> tuple[jnp.ndarray, 
         last = jnp.minimum(last, top_k - 1)
     if top_p < 1.0:
         in_top_k = jnp.arange(vocab)[None, :] <= last[:, None]
-        probs = jax.nn.softmax(jnp.where(in_top_k, ordered, -jnp.inf), axis=-1)
+        # Shifted by the row's maximum before the division: x / T overflows float32 for a
+        # small T where (x - max) / T only underflows to -inf.
+        scaled = (ordered - ordered[:, :1]) / temperature
+        probs = jax.nn.softmax(jnp.where(in_top_k, scaled, -jnp.inf), axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         last = jnp.minimum(last, jnp.maximum(jnp.sum(mass_before < top_p, axis=-1) - 1, 0).astype(jnp.int32))
     rows = jnp.arange(n_rows)
@@ -116,7 +121,8 @@ def sample(logits, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1
         banned_mask = banned_mask.at[0, jnp.asarray(banned, jnp.int32)].set(1)
     x = flat.astype(jnp.float32)
     x = jnp.where(banned_mask[:, :vocab] != 0, -jnp.inf, x)
-    kept_value, kept_last = kept_prefix(jnp.where(jnp.isnan(x), -jnp.inf, x), top_k, top_p)
+    kept_value, kept_last = kept_prefix(jnp.where(jnp.isnan(x), -jnp.inf, x), top_k, top_p,
+                                        temperature if temperature > 0 else 1.0)
 
     pad = ((0, padded_rows - n_rows), (0, padded_vocab - vocab))
     # One offset per row rides in a column beside the kept prefix; a single offset in the

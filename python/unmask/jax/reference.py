@@ -58,7 +58,7 @@ def sample(logits, *, temperature=0.0, top_k=0, top_p=1.0, banned=None, confiden
         x = x.at[:, jnp.asarray(banned)].set(-jnp.inf)
     bad = jnp.any(jnp.isnan(x) | (x == jnp.inf), axis=-1)
     x = jnp.where(jnp.isnan(x), -jnp.inf, x)
-    kept_value, kept_last = kept_prefix(x, top_k, top_p)
+    kept_value, kept_last = kept_prefix(x, top_k, top_p, temperature if temperature > 0 else 1.0)
     ids = jnp.arange(vocab)[None, :]
     kept = (x > kept_value[:, None]) | ((x == kept_value[:, None]) & (ids <= kept_last[:, None]))
     x = jnp.where(kept, x, -jnp.inf)

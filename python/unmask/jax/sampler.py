@@ -124,7 +124,8 @@ def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params,
         logits, cache = logits_of(x, cache)
         tokens, conf = model.sample_logits(
             logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-            banned=[p.mask_id], confidence=sampling.confidence, seed=seed,
+            banned=[p.mask_id], confidence=sampling.confidence, conf_temperature=sampling.conf_temperature,
+            seed=seed,
             offset=jnp.broadcast_to(offset[:, None], block.shape))
         invalid |= ((tokens < 0) & eligible).any()
         new_block, committed = commit(block, tokens, conf, eligible, interpret=model.interpret, **mode)
@@ -217,7 +218,8 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
              steps: int | None = None, threshold: float | None = None, factor: float | None = None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, remasking: str = "low_confidence",
              cfg_scale: float = 0.0, mask_id: int | None = None, eos_id: int | None = None, stop_at_eos: bool = True,
-             seed: int = 0, callback=None, cache: str | None = None, schedule: str = "llada") -> GenerateOutput:
+             seed: int = 0, callback=None, cache: str | None = None, schedule: str = "llada",
+             conf_temperature: float = 1.0) -> GenerateOutput:
     """As unmask.generate; tokens and sequences come back as jnp arrays. callback(step, x,
     committed) gets numpy arrays, from inside the compiled loop (a host round trip per
     step: leave it None for speed)."""
@@ -225,7 +227,8 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
         raise TypeError(f"model must be an unmask.jax.JaxModel (unmask.jax.from_torch or from_pretrained), got "
                         f"{type(model).__name__}")
     num_blocks = validation.block_count(gen_length, block_length)
-    sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed)
+    sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed,
+                                   conf_temperature=conf_temperature)
     rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=gen_length,
                            confidence=sampling.confidence, schedule=schedule)
     cfg_scale = validation.check_cfg_scale(cfg_scale)

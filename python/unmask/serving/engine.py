@@ -363,7 +363,8 @@ class Engine:
         stacked = torch.stack([logits[id(job)] for job in group])  # [n, block, V]
         offset = group[0].offset if len(group) == 1 else 0  # shared calls draw no noise
         got_tokens, got_conf = ops.sample(stacked, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                          banned=[group[0].mask_id], confidence=s.confidence, seed=s.seed,
+                                          banned=[group[0].mask_id], confidence=s.confidence,
+                                          conf_temperature=s.conf_temperature, seed=s.seed,
                                           offset=offset, check=False)
         # one host copy per group, not one per request and output
         for job, job_tokens, job_conf in zip(group, got_tokens.cpu().unbind(), got_conf.cpu().unbind()):
@@ -490,7 +491,8 @@ def _sampling_key(job: Job):
     draws_noise = s.temperature > 0 or s.confidence == "random"
     if draws_noise:
         return "alone", id(job)
-    return "shared", job.settings.block_length, s.temperature, s.top_k, s.top_p, s.confidence  # the seed is unread
+    return ("shared", job.settings.block_length, s.temperature, s.top_k, s.top_p, s.confidence,
+            s.conf_temperature)  # the seed is unread
 
 
 def _commit_key(job: Job):

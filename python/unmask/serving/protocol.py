@@ -12,8 +12,8 @@ import uuid
 from unmask import validation
 
 # Diffusion decoding parameters a body may carry beside OpenAI's fields.
-DIFFUSION_FIELDS = ("block_length", "steps", "schedule", "threshold", "factor", "remasking", "cfg_scale", "cache",
-                    "speculate")
+DIFFUSION_FIELDS = ("block_length", "steps", "schedule", "threshold", "factor", "remasking", "conf_temperature",
+                    "cfg_scale", "cache", "speculate")
 OPENAI_FIELDS = ("model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
                  "n", "user")
 # OpenAI fields the server does not implement, with the values that ask for nothing (a
@@ -64,6 +64,7 @@ class Settings:
                 "schedule": rule.schedule, "threshold": rule.threshold, "factor": rule.factor,
                 "temperature": self.sampling.temperature,
                 "top_k": self.sampling.top_k, "top_p": self.sampling.top_p, "remasking": remasking,
+                "conf_temperature": self.sampling.conf_temperature,
                 "cfg_scale": self.cfg_scale, "cache": self.cache, "seed": self.sampling.seed}
 
 
@@ -133,12 +134,13 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int, max_co
                            f"blocks of {block_length} ({gen_length}) exceed the context of {max_context} tokens",
                            param)
     _checked(prompt_field, validation.prompt_lists, [prompt], mask_id=mask_id, vocab=vocab)
-    sampling_fields = ("temperature", "top_k", "top_p", "remasking", "seed")
+    sampling_fields = ("temperature", "top_k", "top_p", "remasking", "seed", "conf_temperature")
     try:
         sampling = validation.sampling(temperature=_default(body, "temperature", 0.0), top_k=_default(body, "top_k", 0),
                                        top_p=_default(body, "top_p", 1.0),
                                        remasking=_default(body, "remasking", "low_confidence"),
-                                       seed=_default(body, "seed", 0))
+                                       seed=_default(body, "seed", 0),
+                                       conf_temperature=_default(body, "conf_temperature", 1.0))
     except (TypeError, ValueError) as error:
         raise RequestError(str(error), _param_of(error, sampling_fields)) from None
     try:
