@@ -1,5 +1,6 @@
-"""Dream checkpoints written here in the published on-disk format (Qwen2 names, qkv bias,
-logits shifted by one), loaded by unmask and checked against a plain forward."""
+"""Dream and Fast-dLLM v2 checkpoints written here in the published on-disk formats (Qwen2
+names, qkv bias, logits shifted by one; Fast-dLLM v2's block-causal attention over bd_size),
+loaded by unmask and checked against a plain forward."""
 
 import json
 import math
@@ -55,8 +56,9 @@ def dream_tensors(config, seed=0):
     return tensors
 
 
-def plain_dream_forward(t, config, ids, attention_mask):
-    """Qwen2 blocks, bidirectional, positions counted over real tokens, logits shifted right."""
+def plain_dream_forward(t, config, ids, attention_mask, block_size=None):
+    """Qwen2 blocks, bidirectional (or block-causal over blocks of block_size counted from
+    the row's first real token), positions counted over real tokens, logits shifted right."""
     t = {name: value.double() for name, value in t.items()}
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config["hidden_size"] // heads
@@ -82,7 +84,11 @@ def plain_dream_forward(t, config, ids, attention_mask):
         q, k = rope(q), rope(k)
         k, v = (z.repeat_interleave(heads // kv_heads, dim=2) for z in (k, v))
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
-        scores = scores.masked_fill(~attention_mask[:, None, None, :], float("-inf"))
+        hidden = ~attention_mask[:, None, None, :]
+        if block_size is not None:  # query block >= key block, on the real tokens' positions
+            blocks = positions.long() // block_size
+            hidden = hidden | (blocks[:, None, :, None] < blocks[:, None, None, :])
+        scores = scores.masked_fill(hidden, float("-inf"))
         h = h + torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(*ids.shape, -1) @ t[p + "self_attn.o_proj.weight"].T
         m = rms(h, t[p + "post_attention_layernorm.weight"])
         h = h + (torch.nn.functional.silu(m @ t[p + "mlp.gate_proj.weight"].T) * (m @ t[p + "mlp.up_proj.weight"].T)) @ t[p + "mlp.down_proj.weight"].T
@@ -125,6 +131,45 @@ def test_dream_checkpoint_matches_plain_forward(tmp_path):
         got = model(ids, mask)
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(model(ids, mask, logit_positions=slice(4, 9)), got[:, 4:9])
+
+
+# Fast-dLLM v2 (Efficient-Large-Model/Fast_dLLM_v2_7B) at a tiny size: its config.json's
+# fields (model_type, bd_size, its training-only "conplemenrary_mask" as it spells it);
+# mask_token_id is set because 151665 lies outside this vocabulary.
+FAST_DLLM_V2_CONFIG = {**DREAM_CONFIG, "architectures": ["Fast_dLLM_QwenForCausalLM"], "model_type": "Fast_dLLM_Qwen",
+                       "bd_size": 4, "conplemenrary_mask": True, "use_sliding_window": False,
+                       "auto_map": {"AutoConfig": "configuration.Fast_dLLM_QwenConfig"}}
+
+
+def test_fast_dllm_v2_checkpoint_matches_plain_forward(tmp_path):
+    tensors = dream_tensors(FAST_DLLM_V2_CONFIG, seed=2)
+    write_dream(tmp_path, tensors, config=FAST_DLLM_V2_CONFIG)
+    model = unmask.from_pretrained(tmp_path, dtype=torch.float32)
+    assert model.config.block_size == 4 and model.config.shift_logits and model.config.include_qkv_bias
+    ids = torch.randint(0, 48, (2, 13))
+    mask = torch.ones(2, 13, dtype=torch.bool)
+    mask[1, :3] = False  # a padded row: its blocks count from its first real token
+    stored = {name: value.to(torch.bfloat16).float() for name, value in tensors.items()}
+    expected = plain_dream_forward(stored, FAST_DLLM_V2_CONFIG, ids, mask, block_size=4)
+    with torch.no_grad():
+        # (a pad's own logits are nobody's: compared where tokens are real)
+        torch.testing.assert_close(model(ids, mask).double()[mask], expected[mask], rtol=1e-4, atol=1e-4)
+    bidirectional = plain_dream_forward(stored, FAST_DLLM_V2_CONFIG, ids, mask)
+    assert not torch.allclose(bidirectional, expected, rtol=1e-3, atol=1e-3)  # the mask is seen
+
+
+def test_fast_dllm_v2_config_reads_as_the_7b_model(tmp_path):
+    # config.json of Fast_dLLM_v2_7B (the fields that shape the model; no mask id in it)
+    fields = {"architectures": ["Fast_dLLM_QwenForCausalLM"], "model_type": "Fast_dLLM_Qwen", "bd_size": 32,
+              "conplemenrary_mask": True, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+              "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "rope_theta": 1000000.0,
+              "rms_norm_eps": 1e-06, "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645,
+              "hidden_act": "silu", "use_sliding_window": False, "rope_scaling": None}
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    config = unmask.models.checkpoint.skeleton(tmp_path).config  # on the meta device: no 7B in memory
+    assert (config.block_size, config.mask_token_id, config.eos_token_id) == (32, 151665, 151645)
+    assert (config.d_model, config.n_heads, config.n_kv_heads, config.head_dim) == (3584, 28, 4, 128)
+    assert config.shift_logits and config.include_qkv_bias and not config.weight_tying
 
 
 def test_dream_round_trip_and_generate(tmp_path):

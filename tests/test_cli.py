@@ -32,6 +32,24 @@ def test_generate_from_ids(tmp_path, capsys):
     assert all(token.isdigit() for token in result_line.split())
 
 
+def test_generate_on_the_models_block_grid(tmp_path, capsys):
+    model = tiny_model(seed=5, std=0.5, block_size=4, model_type="dream", include_qkv_bias=True)
+    unmask.save_pretrained(model, tmp_path)
+    arguments = ["generate", "--model", str(tmp_path), "--ids", "1,2,3,4,5,6", "--gen-length", "8", "--block-length",
+                 "2", "--threshold", "0.25", "--quiet"]
+    expected = {}
+    for grid in ("prompt", "model"):
+        out = unmask.generate(model, [[1, 2, 3, 4, 5, 6]], gen_length=8, block_length=2, threshold=0.25,
+                              block_grid=grid)
+        tokens = out.tokens[0].tolist()
+        expected[grid] = " ".join(map(str, tokens[:tokens.index(model.eos_id)] if model.eos_id in tokens else tokens))
+    assert expected["prompt"] != expected["model"]
+    assert cli.main(arguments + ["--block-grid", "model"]) == 0
+    assert capsys.readouterr().out.strip() == expected["model"]
+    assert cli.main(arguments) == 0
+    assert capsys.readouterr().out.strip() == expected["prompt"]
+
+
 @pytest.mark.skipif(not (cli.default_model_path() / "config.json").exists(), reason="no bundled model in this tree")
 def test_generate_speculates(capsys):
     assert cli.main(["generate", "--prompt", "sort:8531=", "--steps", "8", "--speculate", "4", "--quiet"]) == 0

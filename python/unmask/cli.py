@@ -271,7 +271,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             model, [prompt], gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
             threshold=args.threshold, factor=args.factor, schedule=args.schedule, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, remasking=args.remasking, conf_temperature=args.conf_temperature,
-            cfg_scale=args.cfg_scale, seed=args.seed, callback=printer, cache=args.cache,
+            cfg_scale=args.cfg_scale, seed=args.seed, callback=printer, cache=args.cache, block_grid=args.block_grid,
             speculate=args.speculate, revise_threshold=args.revise_threshold,
         )
     except BaseException:
@@ -420,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "its --temperature)")
     gen.add_argument("--cfg-scale", type=float, default=0.0)
     gen.add_argument("--cache", choices=["prefix", "dual"], help="reuse keys and values within a block")
+    gen.add_argument("--block-grid", choices=["prompt", "model"], default="prompt",
+                     help="blocks from the prompt's end, or on a block-causal model's own grid (as Fast-dLLM v2 "
+                          "and SDAR decode)")
     gen.add_argument("--speculate", type=int, default=0, metavar="D",
                      help="verify up to D drafted steps per model call (the same tokens in fewer calls)")
     gen.add_argument("--revise-threshold", type=float, metavar="R",

@@ -25,7 +25,7 @@ import torch
 
 from unmask import ops, revise, speculative, validation
 from unmask.output import GenerateOutput
-from unmask.schedule import schedule_counts, step_counts  # noqa: F401 (unmask.sampler.schedule_counts, as before)
+from unmask.schedule import capped_step_counts, schedule_counts, step_counts  # noqa: F401 (schedule_counts, as before)
 from unmask.validation import CACHE_MODES, Revision, Rule, Sampling
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -400,6 +400,7 @@ def _decode(
     speculate: int = 0,
     siblings: bool = True,
     revision: Revision | None = None,
+    full_block_plans: bool = False,
 ) -> tuple[int, list[int], int]:
     """Fill the masks of x block by block, in place. Returns (nfe, steps per block).
 
@@ -412,7 +413,8 @@ def _decode(
     replayed) or torch.compile; None runs it eagerly.
     speculate d > 0: up to d steps per model call, verified (unmask.speculative); siblings:
     each drafted step also drafts its runner-up. revision: committed tokens may be masked
-    again (unmask.revise).
+    again (unmask.revise). full_block_plans: the steps rule plans each block as if all its
+    positions were masks, capped by those present (schedule.capped_step_counts).
     Returns (model calls, schedule steps per block, canvases evaluated per row).
     """
     batch = x.shape[0]
@@ -440,8 +442,8 @@ def _decode(
                     mask_id=mask_id, running=state.running, invalid=state.invalid, offset_base=state.offset,
                     revision=revision, callback=callback, nfe=nfe)
             else:
-                plan = None if rule.steps_per_block is None else step_counts(counts, rule.steps_per_block,
-                                                                             rule.schedule)
+                plan = None if rule.steps_per_block is None else _block_plan(counts, end - start, rule,
+                                                                              full_block_plans)
                 result = speculative.decode_block(
                     step_model, x, start, end, depth=speculate, rule=rule, sampling=sampling, sample=sample,
                     vocab=vocab, mask_id=mask_id, running=state.running, invalid=state.invalid,
@@ -484,7 +486,7 @@ def _decode(
             return remaining
 
         if rule.steps_per_block is not None:
-            plan = step_counts(counts, rule.steps_per_block, rule.schedule)  # [B][steps where some row commits]
+            plan = _block_plan(counts, end - start, rule, full_block_plans)
             plan_on_device = torch.tensor(plan, dtype=torch.int64).to(x.device, non_blocking=True)
             for i in range(len(plan[0])):
                 state.k.copy_(plan_on_device[:, i])
@@ -509,11 +511,19 @@ def _decode(
     return nfe, steps_per_block, canvases
 
 
+def _block_plan(counts: list[int], length: int, rule: Rule, full_block_plans: bool) -> list[list[int]]:
+    """The steps rule's commits of a block: [B][steps where some row commits]."""
+    if full_block_plans:
+        return capped_step_counts(counts, length, rule.steps_per_block, rule.schedule)
+    return step_counts(counts, rule.steps_per_block, rule.schedule)
+
+
 def _run(step_model: _StepModel, x: torch.Tensor, blocks: list[tuple[int, int]], rule: Rule, sampling: Sampling, *,
          mask_id: int, eos_id: int | None, generation_start: int, callback: Callback | None,
          masked_counts: list[list[int]] | None = None,
          traced_step: Callable[[DenoiseStep], Callable] | None = None,
-         speculate: int = 0, siblings: bool = True, revision: Revision | None = None) -> GenerateOutput:
+         speculate: int = 0, siblings: bool = True, revision: Revision | None = None,
+         full_block_plans: bool = False) -> GenerateOutput:
     """The decoding loop of generate and infill, timed the same way for both: from the
     first model call to the last token on the host (a CUDA device is synchronised)."""
     sample, vocab = _sampler_of(step_model.model)
@@ -525,7 +535,7 @@ def _run(step_model: _StepModel, x: torch.Tensor, blocks: list[tuple[int, int]],
         nfe, steps_per_block, canvases = _decode(
             step_model, x, blocks, rule, sampling, sample=sample, vocab=vocab, mask_id=mask_id, eos_id=eos_id,
             generation_start=generation_start, callback=callback, masked_counts=masked_counts, traced_step=traced_step,
-            speculate=speculate, siblings=siblings, revision=revision,
+            speculate=speculate, siblings=siblings, revision=revision, full_block_plans=full_block_plans,
         )
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
@@ -688,6 +698,7 @@ def generate(
     seed: int = 0,
     callback: Callback | None = None,
     cache: str | None = None,
+    block_grid: str = "prompt",
     cuda_graph: bool | None = None,
     compile: bool = False,
     speculate: int = 0,
@@ -709,6 +720,13 @@ def generate(
     remasking picks the confidence that ranks positions; conf_temperature is the temperature
     of the softmax it is measured under (1: LLaDA's; Dream measures it at its sampling
     temperature: pass conf_temperature=temperature when temperature > 0).
+    block_grid: "prompt" (blocks of block_length from the prompt's end) or "model" (for a
+    block-causal model, config.block_size: blocks on the model's own grid, counted from
+    each row's first token, as block diffusion models decode: the prompt's last partial
+    block is completed first, and the last block runs to the grid's end, whose tokens past
+    gen_length are decoded and dropped; a model with shifted logits, such as Fast-dLLM
+    v2, commits the first position of each model block alone, predicted from the finished
+    blocks before it, before the rest of the block; _model_grid_blocks).
     callback(step, canvas, committed)
     runs after every model call, step counting the calls (with speculate, one call takes
     several schedule steps: committed is their union, and the canvases between them are
@@ -746,6 +764,7 @@ def generate(
     validation.check_bool("speculate_siblings", speculate_siblings)
     revision = validation.revision(revise_threshold, revise_groups, max_revisions, rule=rule, speculate=speculate)
     _check_cache(model, cache)
+    validation.check_choice("block_grid", block_grid, validation.BLOCK_GRIDS)
     mask_id, eos_id = special_ids(model, mask_id, eos_id)
 
     device = _model_device(model, device)
@@ -762,22 +781,74 @@ def generate(
     given = ids  # sequences give the padding back as it came (-1, say)
     ids = ids.masked_fill(~prompt_mask, eos_id if eos_id is not None else 0)  # the model embeds every position
     batch, prompt_len = ids.shape
+    if block_grid == "model":
+        blocks, masked_counts, decoded = _model_grid_blocks(model, prompt_mask, gen_length, block_length)
+    else:
+        blocks = [(prompt_len + i * block_length, prompt_len + (i + 1) * block_length) for i in range(num_blocks)]
+        masked_counts, decoded = None, gen_length
     # The canvas, built on the host and copied over without blocking.
-    x = _to_device(torch.cat([ids, torch.full((batch, gen_length), mask_id, dtype=torch.int64)], dim=1), device)
-    canvas_mask = torch.cat([prompt_mask, torch.ones(batch, gen_length, dtype=torch.bool)], dim=1)
+    x = _to_device(torch.cat([ids, torch.full((batch, decoded), mask_id, dtype=torch.int64)], dim=1), device)
+    canvas_mask = torch.cat([prompt_mask, torch.ones(batch, decoded, dtype=torch.bool)], dim=1)
     prompt_positions = _to_device(canvas_mask & (torch.arange(canvas_mask.shape[1]) < prompt_len), device)
     # Padding is invisible to attention; with no padding, pass no mask at all.
     model_mask = _to_device(canvas_mask, device) if padded else None
 
-    blocks = [(prompt_len + i * block_length, prompt_len + (i + 1) * block_length) for i in range(num_blocks)]
     step_model = _StepModel(model, cache, model_mask, prompt_positions, mask_id, cfg_scale)
     out = _run(step_model, x, blocks, rule, sampling, mask_id=mask_id, eos_id=eos_id if stop_at_eos else None,
-               generation_start=prompt_len, callback=callback, speculate=speculate, siblings=speculate_siblings,
-               revision=revision,
+               generation_start=prompt_len, callback=callback, masked_counts=masked_counts, speculate=speculate,
+               siblings=speculate_siblings, revision=revision, full_block_plans=block_grid == "model",
                traced_step=_traced_step(cuda_graph, compile, step_model, device, _eager_loop(speculate, revision)))
+    if decoded > gen_length:  # the model grid's tail past gen_length was decoded for its context alone
+        out = dataclasses.replace(out, tokens=out.tokens[:, :gen_length].clone(),
+                                  sequences=out.sequences[:, :prompt_len + gen_length].clone())
     if padded:  # the prompt is never decoded: its region goes back as given, padding included
         out.sequences[:, :prompt_len].copy_(_to_device(given, device))
     return out
+
+
+def _model_grid_blocks(model, prompt_mask: torch.Tensor, gen_length: int,
+                       block_length: int) -> tuple[list[tuple[int, int]], list[list[int]], int]:
+    """generate's blocks on a block-causal model's grid (block_grid="model"): (blocks,
+    masks per block and row, canvas length after the prompt).
+
+    With b = config.block_size, l = block_length and L = max(b, l) (the other must divide
+    it), a row with P real prompt tokens decodes the blocks of l that start at multiples
+    of l counted from its first token, from the one holding its prompt's end (its prompt
+    tokens stay) to the end of the grid block of L holding the (P + gen_length)-th token:
+    SDAR's and Fast-dLLM v2's loops decode so. Rows of a batch share their blocks, so their
+    P must agree modulo L (a ragged batch's rows still decode each as alone). With shifted
+    logits (Dream's layout, Fast-dLLM v2) a model block's first position is predicted from
+    the previous position, which the block-causal mask keeps from seeing its own block: it
+    is decoded alone first (a block of one), as Fast-dLLM v2 takes the token after a
+    finished block before the next block's steps."""
+    config = getattr(model, "config", None)
+    model_block = getattr(config, "block_size", None)
+    if model_block is None:
+        raise ValueError("block_grid='model' needs a block-causal model (the unmask model with config.block_size); "
+                         f"got {type(model).__name__} without one")
+    grid = max(model_block, block_length)
+    if grid % min(model_block, block_length):
+        raise ValueError(f"block_grid='model' needs block_length={block_length} to divide the model's block_size="
+                         f"{model_block} or be a multiple of it")
+    lengths = prompt_mask.sum(dim=1).tolist()  # a host tensor: no device read
+    if len({length % grid for length in lengths}) > 1:
+        raise ValueError(f"prompts: with block_grid='model' the prompt lengths of a batch must agree modulo {grid} "
+                         f"(their blocks lie on each row's own grid), got lengths {lengths}; decode them in "
+                         "separate calls")
+    width, length = prompt_mask.shape[1], lengths[0]
+    decoded = -(-(length + gen_length) // grid) * grid - length  # to the end of the grid block
+    first = width - length % block_length  # the block holding the prompt's end (or just after it)
+    shifted = bool(getattr(config, "shift_logits", False))
+    blocks = []
+    for start in range(first, width + decoded, block_length):
+        end = start + block_length
+        # (start - width + length) counts from the rows' first tokens
+        if shifted and start >= width and (start - width + length) % model_block == 0 and end - start > 1:
+            blocks.append((start, start + 1))
+            start += 1
+        blocks.append((start, end))
+    masked_counts = [[end - max(start, width)] * len(lengths) for start, end in blocks]
+    return blocks, masked_counts, decoded
 
 
 def infill(

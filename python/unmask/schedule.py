@@ -71,6 +71,22 @@ def dream_counts(masked: Sequence[int], steps: int, eps: float = DREAM_EPS) -> l
     return plans
 
 
+def capped_step_counts(masked: Sequence[int], capacity: int, steps: int, schedule: str = "llada") -> list[list[int]]:
+    """step_counts of a block of `capacity` positions, each row committing at a step what
+    that plan says or what it has left, whichever is less: how SDAR's and LLaDA 2.0's
+    loops spread a partly given block (the prompt's last one) over their steps, where
+    step_counts spreads the masks present."""
+    full = step_counts([capacity], steps, schedule)[0]
+    plans = []
+    for m in masked:
+        plan, left = [], m
+        for count in full:
+            plan.append(min(count, left))
+            left -= plan[-1]
+        plans.append(plan)
+    return _without_empty_steps(plans)
+
+
 def _without_empty_steps(plans: list[list[int]]) -> list[list[int]]:
     kept = [i for i in range(len(plans[0]) if plans else 0) if any(row[i] for row in plans)]
     return [[row[i] for i in kept] for row in plans]

@@ -25,6 +25,9 @@ CONFIDENCE_KINDS = ("prob", "margin", "entropy", "random")
 REMASKING_TO_CONFIDENCE = {"low_confidence": "prob", "margin": "margin", "entropy": "entropy", "random": "random"}
 COMMIT_MODES = ("count", "threshold", "factor")
 CACHE_MODES = (None, "prefix", "dual")
+# Where generate's blocks lie: from the prompt's end ("prompt"), or on a block-causal
+# model's own block grid, counted from each row's first token ("model").
+BLOCK_GRIDS = ("prompt", "model")
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 INT_DTYPES = ("int32", "int64")
 # The kernels scale by 1 / temperature and 1 / conf_temperature in float32, which

@@ -1,6 +1,6 @@
-"""Checkpoints in the published on-disk formats of LLaDA and Dream: config.json plus
-safetensors (one file, or shards with model.safetensors.index.json), with each
-family's own tensor names."""
+"""Checkpoints in the published on-disk formats of LLaDA, Dream and Fast-dLLM v2:
+config.json plus safetensors (one file, or shards with model.safetensors.index.json),
+with each family's own tensor names."""
 
 from __future__ import annotations
 
@@ -95,7 +95,12 @@ DREAM = CheckpointFormat(
     config_to_json=ModelConfig.to_dream_json,
 )
 
-FORMATS = {"llada": LLADA, "Dream": DREAM}
+# Fast-dLLM v2: Dream's tensor names, its own config.json (bd_size; no mask id). Saved
+# back in Dream's format (model_type "Dream" with block_size), which loads the same model.
+FAST_DLLM_V2 = dataclasses.replace(DREAM, model_type="Fast_dLLM_Qwen",
+                                   config_from_json=ModelConfig.from_fast_dllm_v2_json)
+
+FORMATS = {"llada": LLADA, "Dream": DREAM, "Fast_dLLM_Qwen": FAST_DLLM_V2}
 _FORMAT_OF_FAMILY = {"llada": LLADA, "dream": DREAM}
 
 

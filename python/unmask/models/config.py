@@ -17,6 +17,10 @@ LLADA_EOS_ID = 126081
 # Dream-v0's (Qwen2.5 tokenizer): <|mask|> and <|endoftext|>.
 DREAM_MASK_ID = 151666
 DREAM_EOS_ID = 151643
+# Fast-dLLM v2's |<MASK>|, added to Qwen2.5's tokenizer; its config.json carries no mask
+# id (its code, and SGLang's, use this constant), and its blocks are config.json's bd_size.
+FAST_DLLM_V2_MASK_ID = 151665
+FAST_DLLM_V2_BLOCK_SIZE = 32
 
 MODEL_TYPES = ("llada", "dream")
 
@@ -119,6 +123,14 @@ class ModelConfig:
             block_size=fields.get("block_size"),
             model_type="dream",
         )
+
+    @classmethod
+    def from_fast_dllm_v2_json(cls, fields: dict[str, Any]) -> ModelConfig:
+        """Fast-dLLM v2 (model_type "Fast_dLLM_Qwen"): Qwen2.5 turned block diffusion model,
+        Dream's layout (Qwen2 names, qkv bias, logits shifted right by one) with
+        block-causal attention over blocks of bd_size (bidirectional inside a block)."""
+        return cls.from_dream_json({**fields, "block_size": fields.get("bd_size", FAST_DLLM_V2_BLOCK_SIZE),
+                                    "mask_token_id": fields.get("mask_token_id", FAST_DLLM_V2_MASK_ID)})
 
     def to_llada_json(self) -> dict[str, Any]:
         """config.json in LLaDA's field names (plus the fields its loader expects)."""
