@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import unmask
-from unmask import schedule
+from unmask import revise, schedule
 from tests.helpers import tiny_model
 
 MASK = 60
@@ -60,7 +60,7 @@ def sdar(model, prompt: list[int], gen_length: int, block: int, steps: int):
     the most probable masks first."""
     end = -(-(len(prompt) + gen_length) // block) * block
     x = torch.cat([torch.tensor([prompt]), torch.full((1, end - len(prompt)), MASK)], dim=1)
-    counts = schedule.schedule_counts([block], steps)[0]
+    counts = [block // steps + (i < block % steps) for i in range(steps)]  # LLaDA's split of a whole block
     for start in range(len(prompt) // block * block, end, block):
         for count in counts:
             masked = x[0, start:start + block] == MASK
@@ -100,13 +100,70 @@ def test_decodes_as_sdar(prompt_length, block, steps_per_block):
     assert out.tokens[0].tolist() == expected.tolist()
 
 
-def test_ragged_rows_on_one_grid_decode_as_alone():
-    model = tiny_model(seed=5, std=0.5, block_size=4, **DREAM_LAYOUT)
+@pytest.mark.parametrize("layout", [{}, DREAM_LAYOUT], ids=["llada", "dream"])
+@pytest.mark.parametrize("options", [{"threshold": 0.25}, {"steps": 12, "cache": "dual"},
+                                     {"steps": 12, "cfg_scale": 1.0, "cache": "prefix"},
+                                     {"threshold": 0.25, "temperature": 0.8, "seed": 2}],
+                         ids=["threshold", "steps-dual", "cfg-prefix", "sampled"])
+def test_ragged_rows_on_one_grid_decode_as_alone(layout, options):
+    model = tiny_model(seed=5, std=0.5, block_size=4, **layout)
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18]]  # lengths 2 modulo 4
-    arguments = dict(gen_length=8, block_length=2, threshold=0.25, block_grid="model", stop_at_eos=False)
+    arguments = dict(gen_length=12, block_length=2, block_grid="model", stop_at_eos=False, **options)
     together = unmask.generate(model, prompts, **arguments)
-    for row, prompt in enumerate(prompts):
+    # a sampled row's noise follows its index in the batch (README, RNG): row 0 alone then
+    for row, prompt in enumerate(prompts[:1] if "temperature" in options else prompts):
         assert together.tokens[row].tolist() == unmask.generate(model, [prompt], **arguments).tokens[0].tolist()
+
+
+def test_eos_on_the_model_grid():
+    # EOS taken as the token row 0 gives at generated position 5 (its third block, past
+    # a block of one): that row stops after the block, the rest EOS; the other goes on.
+    model = tiny_model(seed=5, std=0.5, block_size=4, **DREAM_LAYOUT)
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8]]
+    arguments = dict(gen_length=12, block_length=2, threshold=0.25, block_grid="model")
+    free = unmask.generate(model, prompts, stop_at_eos=False, **arguments).tokens
+    eos = int(free[0, 5])
+    first = [row.tolist().index(eos) if eos in row.tolist() else 12 for row in free]
+    out = unmask.generate(model, prompts, eos_id=eos, **arguments)
+    for row in range(2):
+        expected = free[row].clone()
+        expected[first[row] + 1:] = eos
+        assert out.tokens[row].tolist() == expected.tolist()
+    assert out.tokens.shape == (2, 12) and out.sequences.shape == (2, 6 + 12)
+
+
+def test_callbacks_see_the_canvas_the_result_holds():
+    model = tiny_model(seed=5, std=0.5, block_size=4, **DREAM_LAYOUT)
+    widths = []
+    out = unmask.generate(model, [[1, 2, 3, 4, 5, 6]], gen_length=4, block_length=2, threshold=0.25,
+                          block_grid="model", stop_at_eos=False,
+                          callback=lambda step, x, committed: widths.append((x.shape[1], committed.shape[1])))
+    assert set(widths) == {(10, 10)} and out.sequences.shape == (1, 10)  # the grid's end lies at 12
+
+
+def test_revision_on_the_model_grid(monkeypatch):
+    # A block of one has nothing to verify it against (its logits cannot see its own
+    # model block): the plain loop decodes it, and the other blocks are revised.
+    revised, decode_block = [], revise.decode_block
+    monkeypatch.setattr(revise, "decode_block",
+                        lambda model, x, start, end, **kw: revised.append((start, end)) or decode_block(model, x, start,
+                                                                                                        end, **kw))
+    model = tiny_model(seed=5, std=0.5, block_size=4, **DREAM_LAYOUT)
+    out = unmask.generate(model, [[1, 2, 3, 4, 5, 6]], gen_length=8, block_length=4, threshold=0.25,
+                          block_grid="model", revise_threshold=0.2, stop_at_eos=False)
+    assert not (out.tokens == MASK).any()
+    assert revised == [(4, 8), (9, 12), (13, 16)]  # not (8, 9) nor (12, 13)
+
+
+def test_blocks_of_several_model_blocks():
+    # block_length a multiple of block_size: allowed without shifted logits, where each
+    # model block's first position needs no block of its own; cached equals uncached.
+    model = tiny_model(seed=6, std=0.5, block_size=4)
+    arguments = dict(gen_length=16, block_length=8, steps=8, block_grid="model", stop_at_eos=False)
+    plain = unmask.generate(model, [[1, 2, 3, 4, 5]], **arguments)
+    assert torch.equal(unmask.generate(model, [[1, 2, 3, 4, 5]], cache="dual", **arguments).tokens, plain.tokens)
+    with pytest.raises(ValueError, match="block_length=8 to divide the model's block_size=4 .its logits are shifted"):
+        unmask.generate(tiny_model(block_size=4, **DREAM_LAYOUT), [[1, 2]], **arguments)
 
 
 def test_where_the_model_grid_does_not_apply():
@@ -120,6 +177,9 @@ def test_where_the_model_grid_does_not_apply():
         unmask.generate(model, [[1, 2]], gen_length=12, block_length=6, block_grid="model")
     with pytest.raises(ValueError, match="block_grid must be one of"):
         unmask.generate(model, [[1, 2]], gen_length=8, block_length=4, block_grid="canvas")
+    uj = pytest.importorskip("unmask.jax", reason="JAX is not installed")
+    with pytest.raises(NotImplementedError, match="block_grid='model' is not implemented in unmask.jax"):
+        uj.generate(uj.from_torch(model), [[1, 2]], **arguments)
 
 
 def test_capped_plans_follow_the_whole_blocks_schedule():
@@ -127,6 +187,8 @@ def test_capped_plans_follow_the_whole_blocks_schedule():
     assert schedule.capped_step_counts([5], 8, 2) == [[4, 1]]  # step_counts spreads it [3, 2]
     assert schedule.capped_step_counts([3, 8], 8, 4) == [[2, 1, 0, 0], [2, 2, 2, 2]]
     assert schedule.capped_step_counts([1], 4, 4) == [[1]]  # the steps where no row commits are left out
+    with pytest.raises(ValueError, match="a block of 4 positions holds at most 4 masks"):
+        schedule.capped_step_counts([5], 4, 4)
 
 
 @pytest.mark.parametrize("layout", [{}, DREAM_LAYOUT], ids=["llada", "dream"])

@@ -52,6 +52,7 @@ class TestPallasCompiled:
         # the nucleus measured at the sampling temperature, far from 1 both ways
         (1019, 7, torch.float32, dict(top_p=0.9, temperature=0.25, conf_temperature=0.25, seed=8)),
         (513, 6, torch.bfloat16, dict(top_p=0.5, temperature=3.0, confidence="margin", seed=2)),
+        (257, 5, torch.float32, dict(top_p=0.9, temperature=1e-30, confidence="margin", seed=2)),  # x / T overflows
     ])
     def test_sample(self, vocab, rows, dtype, kwargs):
         gen = torch.Generator().manual_seed(vocab)

@@ -96,7 +96,7 @@ def test_top_p_then_samples_stay_in_the_nucleus():
 # keeps two tokens; at 0.2 they are 0.993, 0.007, 0.000 (one token); at 5, 0.402, 0.329,
 # 0.269 (all three). "margin" confidence (p(top1) - p(top2) at conf_temperature 1 over the
 # kept ids, whichever token is drawn) tells which: 0.4621, 1 - 0 and 0.4205.
-NUCLEUS_CASES = [(0.0, 0.4621), (1.0, 0.4621), (0.2, 1.0), (5.0, 0.4205)]
+NUCLEUS_CASES = [(0.0, 0.4621), (1.0, 0.4621), (0.2, 1.0), (5.0, 0.4205), (1e-30, 1.0)]  # 1e-30: the bound
 
 
 @pytest.mark.usefixtures("cpu_isa")

@@ -239,7 +239,7 @@ def test_eos_stops_rows_and_fills_the_rest():
 class TwoPositions:
     """Two generated positions: A's best token barely leads a runner-up, B's leads six
     flat ones by 1. At confidence temperature 1, A is the more confident (0.525 against
-    0.280); at 0.1, B is (0.9997 against 0.731). So which commits first tells the
+    0.312); at 0.1, B is (0.9997 against 0.731). So which commits first tells the
     temperature the sampler measured confidence at."""
 
     mask_id, eos_id = 9, 8

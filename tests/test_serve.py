@@ -228,6 +228,7 @@ ERRORS = [
     ({"model": MODEL, "prompt": "1", "threshold": 1.5}, "threshold"),
     ({"model": MODEL, "prompt": "1", "remasking": "best"}, "remasking"),
     ({"model": MODEL, "prompt": "1", "conf_temperature": 0}, "conf_temperature"),
+    ({"model": MODEL, "prompt": "1", "block_grid": "model"}, "block_grid"),
     ({"model": MODEL, "prompt": "1", "seed": -1}, "seed"),
     ({"model": MODEL, "prompt": "1", "frequency_penalty": 1}, "frequency_penalty"),
     ({"model": MODEL, "prompt": [1, 99999]}, "prompt"),

@@ -407,7 +407,7 @@ def _decode(
     sample: unmask.ops.sample, or a tensor-parallel model's sampler over its vocabulary
     shard (vocab: the whole vocabulary then; None reads it from the logits).
     masked_counts[i][b]: masks of row b in block i at its start (None: every position of
-    every block, as in generate). eos_id set: after each block, a row whose generated text
+    every block, as in generate on the prompt's grid). eos_id set: after each block, a row whose generated text
     holds EOS stops and the rest of it becomes EOS; decoding ends when no row is running.
     traced_step: wraps each DenoiseStep: _CudaGraphStep (captured once per block shape and
     replayed) or torch.compile; None runs it eagerly.
@@ -435,8 +435,10 @@ def _decode(
             continue
         state.start.fill_(start)
         step_model.begin_block(start, end)
-        if revision is not None or speculate:  # loops that read the host per call
-            if revision is not None:
+        # A block of one position has no other to verify it against: the plain loop decodes it.
+        revising = revision is not None and end - start > 1
+        if revising or speculate:  # loops that read the host per call
+            if revising:
                 result = revise.decode_block(
                     step_model, x, start, end, rule=rule, sampling=sampling, sample=sample, vocab=vocab,
                     mask_id=mask_id, running=state.running, invalid=state.invalid, offset_base=state.offset,
@@ -794,13 +796,18 @@ def generate(
     model_mask = _to_device(canvas_mask, device) if padded else None
 
     step_model = _StepModel(model, cache, model_mask, prompt_positions, mask_id, cfg_scale)
+    if callback is not None and decoded > gen_length:  # it sees the canvas the result holds
+        shown, inner = prompt_len + gen_length, callback
+
+        def callback(step, canvas, committed):
+            inner(step, canvas[:, :shown], committed[:, :shown])
     out = _run(step_model, x, blocks, rule, sampling, mask_id=mask_id, eos_id=eos_id if stop_at_eos else None,
                generation_start=prompt_len, callback=callback, masked_counts=masked_counts, speculate=speculate,
                siblings=speculate_siblings, revision=revision, full_block_plans=block_grid == "model",
                traced_step=_traced_step(cuda_graph, compile, step_model, device, _eager_loop(speculate, revision)))
     if decoded > gen_length:  # the model grid's tail past gen_length was decoded for its context alone
-        out = dataclasses.replace(out, tokens=out.tokens[:, :gen_length].clone(),
-                                  sequences=out.sequences[:, :prompt_len + gen_length].clone())
+        sequences = out.sequences[:, :prompt_len + gen_length].clone()
+        out = dataclasses.replace(out, tokens=sequences[:, prompt_len:], sequences=sequences)
     if padded:  # the prompt is never decoded: its region goes back as given, padding included
         out.sequences[:, :prompt_len].copy_(_to_device(given, device))
     return out
@@ -817,36 +824,23 @@ def _model_grid_blocks(model, prompt_mask: torch.Tensor, gen_length: int,
     tokens stay) to the end of the grid block of L holding the (P + gen_length)-th token:
     SDAR's and Fast-dLLM v2's loops decode so. Rows of a batch share their blocks, so their
     P must agree modulo L (a ragged batch's rows still decode each as alone). With shifted
-    logits (Dream's layout, Fast-dLLM v2) a model block's first position is predicted from
-    the previous position, which the block-causal mask keeps from seeing its own block: it
-    is decoded alone first (a block of one), as Fast-dLLM v2 takes the token after a
-    finished block before the next block's steps."""
+    logits (Dream's layout, Fast-dLLM v2; l <= b) a model block's first position is
+    predicted from the previous position, which the block-causal mask keeps from seeing
+    its own block: it is decoded alone first (a block of one), as Fast-dLLM v2 takes the
+    token after a finished block before the next block's steps."""
     config = getattr(model, "config", None)
     model_block = getattr(config, "block_size", None)
-    if model_block is None:
-        raise ValueError("block_grid='model' needs a block-causal model (the unmask model with config.block_size); "
-                         f"got {type(model).__name__} without one")
-    grid = max(model_block, block_length)
-    if grid % min(model_block, block_length):
-        raise ValueError(f"block_grid='model' needs block_length={block_length} to divide the model's block_size="
-                         f"{model_block} or be a multiple of it")
+    shifted = bool(getattr(config, "shift_logits", False))
     lengths = prompt_mask.sum(dim=1).tolist()  # a host tensor: no device read
-    if len({length % grid for length in lengths}) > 1:
-        raise ValueError(f"prompts: with block_grid='model' the prompt lengths of a batch must agree modulo {grid} "
-                         f"(their blocks lie on each row's own grid), got lengths {lengths}; decode them in "
-                         "separate calls")
+    grid = validation.model_grid(model_block, block_length, lengths, shifted=shifted, model_name=type(model).__name__)
     width, length = prompt_mask.shape[1], lengths[0]
     decoded = -(-(length + gen_length) // grid) * grid - length  # to the end of the grid block
-    first = width - length % block_length  # the block holding the prompt's end (or just after it)
-    shifted = bool(getattr(config, "shift_logits", False))
     blocks = []
-    for start in range(first, width + decoded, block_length):
-        end = start + block_length
-        # (start - width + length) counts from the rows' first tokens
-        if shifted and start >= width and (start - width + length) % model_block == 0 and end - start > 1:
-            blocks.append((start, start + 1))
-            start += 1
-        blocks.append((start, end))
+    for start in range(width - length % block_length, width + decoded, block_length):
+        # a model block's first position (counted from the rows' first tokens), not the prompt's
+        alone_first = shifted and start >= width and (start - width + length) % model_block == 0 and block_length > 1
+        blocks.extend([(start, start + 1), (start + 1, start + block_length)] if alone_first
+                      else [(start, start + block_length)])
     masked_counts = [[end - max(start, width)] * len(lengths) for start, end in blocks]
     return blocks, masked_counts, decoded
 

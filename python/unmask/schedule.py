@@ -76,6 +76,8 @@ def capped_step_counts(masked: Sequence[int], capacity: int, steps: int, schedul
     that plan says or what it has left, whichever is less: how SDAR's and LLaDA 2.0's
     loops spread a partly given block (the prompt's last one) over their steps, where
     step_counts spreads the masks present."""
+    if max(masked, default=0) > capacity:
+        raise ValueError(f"masked={list(masked)}: a block of {capacity} positions holds at most {capacity} masks")
     full = step_counts([capacity], steps, schedule)[0]
     plans = []
     for m in masked:

@@ -32,10 +32,11 @@ def host_loop_generate(model: JaxModel, prompts, *, attention_mask=None, gen_len
              steps: int | None = None, threshold: float | None = None, factor: float | None = None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, remasking: str = "low_confidence",
              cfg_scale: float = 0.0, mask_id: int | None = None, eos_id: int | None = None, stop_at_eos: bool = True,
-             seed: int = 0, callback=None) -> torch_sampler.GenerateOutput:
+             seed: int = 0, callback=None, conf_temperature: float = 1.0) -> torch_sampler.GenerateOutput:
     """As unmask.generate; tokens and sequences come back as jnp arrays."""
     num_blocks = validation.block_count(gen_length, block_length)
-    sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed)
+    sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed,
+                                   conf_temperature=conf_temperature)
     rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=gen_length,
                            confidence=sampling.confidence)
     cfg_scale = validation.check_float("cfg_scale", cfg_scale, nonnegative=True)

@@ -219,10 +219,10 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, remasking: str = "low_confidence",
              cfg_scale: float = 0.0, mask_id: int | None = None, eos_id: int | None = None, stop_at_eos: bool = True,
              seed: int = 0, callback=None, cache: str | None = None, schedule: str = "llada",
-             conf_temperature: float = 1.0) -> GenerateOutput:
+             conf_temperature: float = 1.0, block_grid: str = "prompt") -> GenerateOutput:
     """As unmask.generate; tokens and sequences come back as jnp arrays. callback(step, x,
     committed) gets numpy arrays, from inside the compiled loop (a host round trip per
-    step: leave it None for speed)."""
+    step: leave it None for speed). block_grid "model" is unmask.generate's alone for now."""
     if not isinstance(model, JaxModel):
         raise TypeError(f"model must be an unmask.jax.JaxModel (unmask.jax.from_torch or from_pretrained), got "
                         f"{type(model).__name__}")
@@ -233,6 +233,9 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
                            confidence=sampling.confidence, schedule=schedule)
     cfg_scale = validation.check_cfg_scale(cfg_scale)
     validation.check_choice("cache", cache, validation.CACHE_MODES)
+    validation.check_choice("block_grid", block_grid, validation.BLOCK_GRIDS)
+    if block_grid == "model":
+        raise NotImplementedError("block_grid='model' is not implemented in unmask.jax yet (unmask.generate has it)")
     mask_id, eos_id = validation.model_special_ids(model, mask_id, eos_id)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")

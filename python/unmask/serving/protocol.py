@@ -13,7 +13,7 @@ from unmask import validation
 
 # Diffusion decoding parameters a body may carry beside OpenAI's fields.
 DIFFUSION_FIELDS = ("block_length", "steps", "schedule", "threshold", "factor", "remasking", "conf_temperature",
-                    "cfg_scale", "cache", "speculate")
+                    "cfg_scale", "cache", "speculate", "block_grid")
 OPENAI_FIELDS = ("model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
                  "n", "user")
 # OpenAI fields the server does not implement, with the values that ask for nothing (a
@@ -108,6 +108,9 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int, max_co
         raise RequestError(f"n must be 1 (one completion per request), got {n!r}", "n")
     if body.get("speculate", 0) not in (0, None):
         raise RequestError("speculate is not supported by the server (use unmask.generate(speculate=d))", "speculate")
+    if _default(body, "block_grid", "prompt") != "prompt":
+        raise RequestError(f"block_grid={body['block_grid']!r} is not supported by the server, which decodes blocks "
+                           "from the prompt's end (use unmask.generate(block_grid='model'))", "block_grid")
     stream = _default(body, "stream", False)
     if not isinstance(stream, bool):
         raise RequestError(f"stream must be a bool, got {type(stream).__name__}", "stream")
