@@ -89,10 +89,14 @@ def test_decodes_as_fast_dllm_v2(prompt_length, block, sub_block, cache):
         assert plain.tokens[0].tolist() != expected.tolist()
 
 
+SDAR_LAYOUT = {"model_type": "sdar", "qk_norm": True, "attention_head_dim": 16}
+
+
+@pytest.mark.parametrize("layout", [{}, SDAR_LAYOUT], ids=["llada", "sdar"])
 @pytest.mark.parametrize("prompt_length,block,steps_per_block", [(6, 4, 4), (6, 4, 2), (13, 8, 3), (8, 4, 3),
                                                                  (1, 8, 8)])
-def test_decodes_as_sdar(prompt_length, block, steps_per_block):
-    model = tiny_model(seed=6, std=0.5, block_size=block)
+def test_decodes_as_sdar(prompt_length, block, steps_per_block, layout):
+    model = tiny_model(seed=6, std=0.5, block_size=block, **layout)
     prompt = [(5 * i + 1) % 50 for i in range(prompt_length)]
     expected = sdar(model, prompt, 16, block, steps_per_block)
     out = unmask.generate(model, [prompt], gen_length=16, block_length=block, steps=steps_per_block * 16 // block,

@@ -32,10 +32,12 @@ DREAM_CONFIG = {
 }
 
 
-def dream_tensors(config, seed=0):
+def dream_tensors(config, seed=0, qwen3=False):
+    """Qwen2's tensors (Dream's); qwen3: no biases, q/k norms, q and o sized by head_dim."""
     gen = torch.Generator().manual_seed(seed)
     d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    kv = config["num_key_value_heads"] * d // config["num_attention_heads"]
+    head_dim = config.get("head_dim") or d // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen) * 0.3
@@ -46,22 +48,28 @@ def dream_tensors(config, seed=0):
         tensors.update({
             p + "input_layernorm.weight": 1 + rand(d),
             p + "post_attention_layernorm.weight": 1 + rand(d),
-            p + "self_attn.q_proj.weight": rand(d, d), p + "self_attn.q_proj.bias": rand(d),
-            p + "self_attn.k_proj.weight": rand(kv, d), p + "self_attn.k_proj.bias": rand(kv),
-            p + "self_attn.v_proj.weight": rand(kv, d), p + "self_attn.v_proj.bias": rand(kv),
-            p + "self_attn.o_proj.weight": rand(d, d),
+            p + "self_attn.q_proj.weight": rand(q, d), p + "self_attn.k_proj.weight": rand(kv, d),
+            p + "self_attn.v_proj.weight": rand(kv, d), p + "self_attn.o_proj.weight": rand(d, q),
             p + "mlp.gate_proj.weight": rand(f, d), p + "mlp.up_proj.weight": rand(f, d),
             p + "mlp.down_proj.weight": rand(d, f),
         })
+        if qwen3:
+            tensors.update({p + "self_attn.q_norm.weight": 1 + rand(head_dim),
+                            p + "self_attn.k_norm.weight": 1 + rand(head_dim)})
+        else:
+            tensors.update({p + "self_attn.q_proj.bias": rand(q), p + "self_attn.k_proj.bias": rand(kv),
+                            p + "self_attn.v_proj.bias": rand(kv)})
     return tensors
 
 
-def plain_dream_forward(t, config, ids, attention_mask, block_size=None):
-    """Qwen2 blocks, bidirectional (or block-causal over blocks of block_size counted from
-    the row's first real token), positions counted over real tokens, logits shifted right."""
+def plain_dream_forward(t, config, ids, attention_mask, block_size=None, shift=True):
+    """Qwen2 blocks (Qwen3's where the tensors are: no biases, per-head q/k norms before
+    rotary, config's head_dim), bidirectional (or block-causal over blocks of block_size
+    counted from the row's first real token), positions counted over real tokens, logits
+    shifted right (shift)."""
     t = {name: value.double() for name, value in t.items()}
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    head_dim = config["hidden_size"] // heads
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
     positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0).double()
 
     def rms(x, w):
@@ -78,9 +86,15 @@ def plain_dream_forward(t, config, ids, attention_mask, block_size=None):
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         a = rms(h, t[p + "input_layernorm.weight"])
-        q = (a @ t[p + "self_attn.q_proj.weight"].T + t[p + "self_attn.q_proj.bias"]).view(*ids.shape, heads, head_dim)
-        k = (a @ t[p + "self_attn.k_proj.weight"].T + t[p + "self_attn.k_proj.bias"]).view(*ids.shape, kv_heads, head_dim)
-        v = (a @ t[p + "self_attn.v_proj.weight"].T + t[p + "self_attn.v_proj.bias"]).view(*ids.shape, kv_heads, head_dim)
+
+        def project(name, n):
+            out = a @ t[p + f"self_attn.{name}.weight"].T
+            return (out + t[p + f"self_attn.{name}.bias"] if p + f"self_attn.{name}.bias" in t else out).view(
+                *ids.shape, n, head_dim)
+
+        q, k, v = project("q_proj", heads), project("k_proj", kv_heads), project("v_proj", kv_heads)
+        if p + "self_attn.q_norm.weight" in t:
+            q, k = rms(q, t[p + "self_attn.q_norm.weight"]), rms(k, t[p + "self_attn.k_norm.weight"])
         q, k = rope(q), rope(k)
         k, v = (z.repeat_interleave(heads // kv_heads, dim=2) for z in (k, v))
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
@@ -93,6 +107,8 @@ def plain_dream_forward(t, config, ids, attention_mask, block_size=None):
         m = rms(h, t[p + "post_attention_layernorm.weight"])
         h = h + (torch.nn.functional.silu(m @ t[p + "mlp.gate_proj.weight"].T) * (m @ t[p + "mlp.up_proj.weight"].T)) @ t[p + "mlp.down_proj.weight"].T
     logits = rms(h, t["model.norm.weight"]) @ t["lm_head.weight"].T
+    if not shift:
+        return logits
     shifted = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
     # A left-padded row's first real token keeps its own state, as position 0 does: unmask's
     # choice (README, model), where Dream's code predicts it from the pad before it and a
@@ -172,6 +188,52 @@ def test_fast_dllm_v2_config_reads_as_the_7b_model(tmp_path):
     assert config.shift_logits and config.include_qkv_bias and not config.weight_tying
 
 
+# SDAR (JetLM/SDAR-4B-Chat) at a tiny size: Qwen3's config fields, a head dim (16) apart
+# from hidden_size / heads (8), and the block size and mask id its config.json lacks.
+SDAR_CONFIG = {"architectures": ["SDARForCausalLM"], "model_type": "sdar", "hidden_size": 32, "intermediate_size": 64,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+               "vocab_size": 50, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+               "attention_bias": False, "hidden_act": "silu", "use_sliding_window": False, "rope_scaling": None,
+               "bos_token_id": 48, "eos_token_id": 48, "block_size": 4, "mask_token_id": 49,
+               "fuse_cross_entropy": True, "torch_dtype": "bfloat16"}
+
+
+def test_sdar_checkpoint_matches_plain_forward(tmp_path):
+    tensors = dream_tensors(SDAR_CONFIG, seed=3, qwen3=True)
+    write_dream(tmp_path / "a", tensors, config=SDAR_CONFIG)
+    model = unmask.from_pretrained(tmp_path / "a", dtype=torch.float32)
+    assert (model.config.block_size, model.config.head_dim, model.config.qk_norm) == (4, 16, True)
+    assert not model.config.shift_logits and not model.config.include_qkv_bias
+    ids = torch.randint(0, 48, (2, 13))
+    mask = torch.ones(2, 13, dtype=torch.bool)
+    mask[1, :3] = False
+    stored = {name: value.to(torch.bfloat16).float() for name, value in tensors.items()}
+    expected = plain_dream_forward(stored, SDAR_CONFIG, ids, mask, block_size=4, shift=False)
+    with torch.no_grad():
+        got = model(ids, mask).double()
+        torch.testing.assert_close(got[mask], expected[mask], rtol=1e-4, atol=1e-4)
+    without_norms = {name: value for name, value in stored.items() if "_norm" not in name or "layernorm" in name}
+    unnormed = plain_dream_forward(without_norms, SDAR_CONFIG, ids, mask, block_size=4, shift=False)
+    assert not torch.allclose(unnormed[mask], expected[mask], rtol=1e-3, atol=1e-3)  # the q/k norms are read
+    unmask.save_pretrained(model, tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["model_type"] == "sdar"
+    with torch.no_grad():
+        torch.testing.assert_close(unmask.from_pretrained(tmp_path / "b")(ids, mask), model(ids, mask))
+
+
+def test_sdar_config_reads_as_the_4b_model(tmp_path):
+    # config.json of SDAR-4B-Chat (the fields that shape the model): no block size, no mask id
+    fields = {"architectures": ["SDARForCausalLM"], "model_type": "sdar", "hidden_size": 2560,
+              "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "head_dim": 128, "vocab_size": 151936, "rope_theta": 1000000, "rms_norm_eps": 1e-06,
+              "tie_word_embeddings": False, "attention_bias": False, "hidden_act": "silu", "bos_token_id": 151643,
+              "eos_token_id": 151643, "use_sliding_window": False, "rope_scaling": None}
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    config = unmask.models.checkpoint.skeleton(tmp_path).config
+    assert (config.block_size, config.mask_token_id, config.head_dim, config.d_model) == (4, 151669, 128, 2560)
+    assert config.qk_norm and not config.shift_logits and not config.include_qkv_bias
+
+
 def test_dream_round_trip_and_generate(tmp_path):
     write_dream(tmp_path / "a", dream_tensors(DREAM_CONFIG, seed=1))
     model = unmask.from_pretrained(tmp_path / "a", dtype=torch.float32)
@@ -213,6 +275,14 @@ def test_llada_config_fields_the_model_does_not_implement_are_refused(tmp_path, 
                                          ("use_sliding_window", True), ("hidden_act", "gelu")])
 def test_dream_config_fields_the_model_does_not_implement_are_refused(tmp_path, field, value):
     write_dream(tmp_path, dream_tensors(DREAM_CONFIG), config={**DREAM_CONFIG, field: value}, shards=1)
+    with pytest.raises(ValueError, match=f"config.json: {field}="):
+        unmask.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("field,value", [("attention_bias", True), ("rope_scaling", {"type": "yarn", "factor": 4.0}),
+                                         ("use_sliding_window", True)])
+def test_sdar_config_fields_the_model_does_not_implement_are_refused(tmp_path, field, value):
+    write_dream(tmp_path, dream_tensors(SDAR_CONFIG, qwen3=True), config={**SDAR_CONFIG, field: value}, shards=1)
     with pytest.raises(ValueError, match=f"config.json: {field}="):
         unmask.from_pretrained(tmp_path)
 

@@ -21,6 +21,7 @@ from tests.helpers import tiny_model  # noqa: E402
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]  # ragged: left-padded
 DREAM = {"model_type": "dream", "include_qkv_bias": True}
+SDAR = {"model_type": "sdar", "qk_norm": True, "attention_head_dim": 16, "block_size": 4}
 
 CASES = [
     # (model overrides, generate arguments)
@@ -46,6 +47,9 @@ CASES = [
     ({"block_size": 4}, {"threshold": 0.3, "block_length": 4, "cache": "prefix"}),
     (DREAM, {"steps": 6, "block_length": 8, "schedule": "dream"}),  # Dream: 1, 1, 1, 1, 1, 3 (LLaDA: 2, 2, 1, 1, 1, 1)
     ({}, {"steps": 4, "block_length": 4, "schedule": "dream", "cache": "dual"}),
+    # SDAR's Qwen3 layout: q/k norms, a head dim (16) apart from d_model / heads (8)
+    (SDAR, {"threshold": 0.3, "block_length": 4}),
+    (SDAR, {"steps": 8, "block_length": 4, "cache": "dual"}),
     # Dream's sampling: confidence at the sampling temperature, the nucleus measured there
     (DREAM, {"steps": 8, "block_length": 8, "schedule": "dream", "temperature": 0.3, "top_p": 0.9,
              "conf_temperature": 0.3, "remasking": "entropy", "seed": 6}),

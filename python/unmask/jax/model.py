@@ -27,6 +27,8 @@ def params_from_state_dict(state_dict, config: ModelConfig, dtype=jnp.float32) -
                  ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm", "gate_proj", "up_proj", "down_proj")}
         if config.include_qkv_bias:
             layer.update({f"{name}_bias": get(prefix + name + ".bias") for name in ("q_proj", "k_proj", "v_proj")})
+        if config.qk_norm:
+            layer.update({name: get(prefix + name + ".weight") for name in ("q_norm", "k_norm")})
         layers.append(layer)
     head = "embed.weight" if config.weight_tying else "lm_head.weight"
     return {"embed": get("embed.weight"), "layers": layers, "final_norm": get("final_norm.weight"), "lm_head": get(head)}
@@ -112,8 +114,10 @@ def forward_window(params, input_ids, attention_mask, *, config: ModelConfig, lo
         q, k, v = (h @ layer[name].T for name in ("q_proj", "k_proj", "v_proj"))
         if c.include_qkv_bias:
             q, k, v = q + layer["q_proj_bias"], k + layer["k_proj_bias"], v + layer["v_proj_bias"]
-        q = _rotary(q.reshape(batch, width, c.n_heads, c.head_dim), window, c.rope_theta)
-        k = _rotary(k.reshape(batch, width, c.n_kv_heads, c.head_dim), window, c.rope_theta)
+        q, k = q.reshape(batch, width, c.n_heads, c.head_dim), k.reshape(batch, width, c.n_kv_heads, c.head_dim)
+        if c.qk_norm:  # Qwen3's per-head norms, before rotary
+            q, k = _rms_norm(q, layer["q_norm"], c.rms_norm_eps), _rms_norm(k, layer["k_norm"], c.rms_norm_eps)
+        q, k = _rotary(q, window, c.rope_theta), _rotary(k, window, c.rope_theta)
         v = v.reshape(batch, width, c.n_kv_heads, c.head_dim)
         if cache is not None:
             def merged(fresh, cached):
@@ -130,7 +134,7 @@ def forward_window(params, input_ids, attention_mask, *, config: ModelConfig, lo
                                q_offset=jnp.asarray(window_start, jnp.int32), interpret=interpret)
         else:
             out = attention_fn(q, k, v, key_valid=attention_mask, block_size=c.block_size, interpret=interpret)
-        x = x + out.reshape(batch, width, c.d_model) @ layer["o_proj"].T
+        x = x + out.reshape(batch, width, c.n_heads * c.head_dim) @ layer["o_proj"].T
         h = _rms_norm(x, layer["mlp_norm"], c.rms_norm_eps)
         x = x + (jax.nn.silu(h @ layer["gate_proj"].T) * (h @ layer["up_proj"].T)) @ layer["down_proj"].T
     wanted = logit_start + jnp.arange(logit_length)

@@ -43,7 +43,7 @@ AXIS = "model"
 
 # How each parameter of a layer is split over AXIS (weights are [out, in], as in torch).
 LAYER_SPECS = {
-    "attn_norm": P(), "mlp_norm": P(),
+    "attn_norm": P(), "mlp_norm": P(), "q_norm": P(), "k_norm": P(),
     "q_proj": P(AXIS, None), "k_proj": P(AXIS, None), "v_proj": P(AXIS, None),
     "q_proj_bias": P(AXIS), "k_proj_bias": P(AXIS), "v_proj_bias": P(AXIS),
     "gate_proj": P(AXIS, None), "up_proj": P(AXIS, None),

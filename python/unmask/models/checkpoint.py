@@ -1,4 +1,4 @@
-"""Checkpoints in the published on-disk formats of LLaDA, Dream and Fast-dLLM v2:
+"""Checkpoints in the published on-disk formats of LLaDA, Dream, Fast-dLLM v2 and SDAR:
 config.json plus safetensors (one file, or shards with model.safetensors.index.json),
 with each family's own tensor names."""
 
@@ -100,8 +100,19 @@ DREAM = CheckpointFormat(
 FAST_DLLM_V2 = dataclasses.replace(DREAM, model_type="Fast_dLLM_Qwen",
                                    config_from_json=ModelConfig.from_fast_dllm_v2_json)
 
-FORMATS = {"llada": LLADA, "Dream": DREAM, "Fast_dLLM_Qwen": FAST_DLLM_V2}
-_FORMAT_OF_FAMILY = {"llada": LLADA, "dream": DREAM}
+# SDAR: Qwen3's names (Qwen2's without biases, plus each layer's q_norm and k_norm).
+SDAR = CheckpointFormat(
+    model_type="sdar",
+    global_names=DREAM.global_names,
+    layer_prefix=DREAM.layer_prefix,
+    layer_names={**{ours: theirs for ours, theirs in DREAM.layer_names.items() if not ours.endswith(".bias")},
+                 "q_norm.weight": "self_attn.q_norm.weight", "k_norm.weight": "self_attn.k_norm.weight"},
+    config_from_json=ModelConfig.from_sdar_json,
+    config_to_json=ModelConfig.to_sdar_json,
+)
+
+FORMATS = {"llada": LLADA, "Dream": DREAM, "Fast_dLLM_Qwen": FAST_DLLM_V2, "sdar": SDAR}
+_FORMAT_OF_FAMILY = {"llada": LLADA, "dream": DREAM, "sdar": SDAR}
 
 
 def llada_name(ours: str) -> str:

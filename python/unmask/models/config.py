@@ -21,8 +21,15 @@ DREAM_EOS_ID = 151643
 # id (its code, and SGLang's, use this constant), and its blocks are config.json's bd_size.
 FAST_DLLM_V2_MASK_ID = 151665
 FAST_DLLM_V2_BLOCK_SIZE = 32
+# SDAR's <|MASK|> (added to Qwen3's tokenizer) and its blocks of 4: SDAR-*-Chat's
+# config.json names neither (SGLang and LMDeploy use these constants); the -b16 and -b64
+# variants need "block_size" written into their config.json.
+SDAR_MASK_ID = 151669
+SDAR_BLOCK_SIZE = 4
 
-MODEL_TYPES = ("llada", "dream")
+# Layouts: "llada" (logits at their own position), "dream" (logits shifted right by one,
+# positions over real tokens), "sdar" (LLaDA's layout in Qwen3's names, with q/k norms).
+MODEL_TYPES = ("llada", "dream", "sdar")
 
 
 @dataclasses.dataclass
@@ -43,13 +50,22 @@ class ModelConfig:
     # Block diffusion: attention lets position p see key j when j // block_size <= p // block_size.
     block_size: int | None = None
     model_type: str = "llada"  # "dream": logits shifted right by one, positions over real tokens
+    # Qwen3: a head dim set apart from d_model / n_heads, and RMS norms of each head's
+    # query and key (over head_dim, weights shared by the heads) before rotary.
+    attention_head_dim: int | None = None
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size", "embedding_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"config.{name} must be a positive int, got {value!r}")
-        if self.d_model % self.n_heads != 0:
+        if self.attention_head_dim is not None and (not isinstance(self.attention_head_dim, int)
+                                                    or isinstance(self.attention_head_dim, bool)
+                                                    or self.attention_head_dim < 1):
+            raise ValueError(f"config.attention_head_dim must be None or a positive int, got "
+                             f"{self.attention_head_dim!r}")
+        if self.attention_head_dim is None and self.d_model % self.n_heads != 0:
             raise ValueError(f"config.d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(f"config.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
@@ -68,7 +84,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attention_head_dim if self.attention_head_dim is not None else self.d_model // self.n_heads
 
     @property
     def shift_logits(self) -> bool:
@@ -132,10 +148,61 @@ class ModelConfig:
         return cls.from_dream_json({**fields, "block_size": fields.get("bd_size", FAST_DLLM_V2_BLOCK_SIZE),
                                     "mask_token_id": fields.get("mask_token_id", FAST_DLLM_V2_MASK_ID)})
 
+    def to_sdar_json(self) -> dict[str, Any]:
+        """config.json in SDAR's (Qwen3) field names, with block_size and mask_token_id."""
+        return {
+            "architectures": ["SDARForCausalLM"],
+            "model_type": "sdar",
+            "hidden_size": self.d_model,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.mlp_hidden_size,
+            "vocab_size": self.vocab_size,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "mask_token_id": self.mask_token_id,
+            "eos_token_id": self.eos_token_id,
+            "tie_word_embeddings": self.weight_tying,
+            "attention_bias": False,
+            "hidden_act": "silu",
+            "block_size": self.block_size,
+        }
+
+    @classmethod
+    def from_sdar_json(cls, fields: dict[str, Any]) -> ModelConfig:
+        """SDAR (model_type "sdar", JetLM/SDAR-*-Chat): Qwen3 (per-head q/k norms, head_dim
+        apart from hidden size / heads, no biases), block-causal over blocks of
+        block_size (4 where config.json names none), logits at their own position."""
+        _check_supported(fields, SDAR_SUPPORTED)
+        n_heads = fields["num_attention_heads"]
+        return cls(
+            d_model=fields["hidden_size"],
+            n_layers=fields["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=fields.get("num_key_value_heads") or n_heads,
+            mlp_hidden_size=fields["intermediate_size"],
+            vocab_size=fields["vocab_size"],
+            embedding_size=fields["vocab_size"],
+            rope_theta=fields.get("rope_theta", 1000000.0),
+            rms_norm_eps=fields.get("rms_norm_eps", 1e-6),
+            mask_token_id=fields.get("mask_token_id", SDAR_MASK_ID),
+            eos_token_id=fields.get("eos_token_id", DREAM_EOS_ID),
+            weight_tying=fields.get("tie_word_embeddings", False),
+            block_size=fields.get("block_size") or SDAR_BLOCK_SIZE,
+            model_type="sdar",
+            attention_head_dim=fields.get("head_dim") or fields["hidden_size"] // n_heads,
+            qk_norm=True,
+        )
+
     def to_llada_json(self) -> dict[str, Any]:
         """config.json in LLaDA's field names (plus the fields its loader expects)."""
         fields = dataclasses.asdict(self)
         fields.pop("block_size")
+        for name, default in (("attention_head_dim", None), ("qk_norm", False)):  # LLaDA has neither
+            if fields[name] == default:
+                fields.pop(name)
         if self.block_size is not None:
             fields["block_size"] = self.block_size
         fields.update(
@@ -189,6 +256,8 @@ DREAM_SUPPORTED = {
     "rope_scaling": (None,),
     "use_sliding_window": (False,),
 }
+# SDAR's (Qwen3's): its attention_bias would add biases to q, k, v and o alike.
+SDAR_SUPPORTED = {**DREAM_SUPPORTED, "attention_bias": (False,)}
 
 
 def _check_supported(fields: dict[str, Any], supported: dict[str, tuple]) -> None:

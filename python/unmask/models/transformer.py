@@ -160,13 +160,16 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         d, hidden = config.d_model, config.mlp_hidden_size
-        kv_dim = config.n_kv_heads * config.head_dim
+        q_dim, kv_dim = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
         self.config = config
         self.attn_norm = RMSNorm(d, config.rms_norm_eps)
-        self.q_proj = nn.Linear(d, d, bias=config.include_qkv_bias)
+        self.q_proj = nn.Linear(d, q_dim, bias=config.include_qkv_bias)
         self.k_proj = nn.Linear(d, kv_dim, bias=config.include_qkv_bias)
         self.v_proj = nn.Linear(d, kv_dim, bias=config.include_qkv_bias)
-        self.o_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(q_dim, d, bias=False)
+        if config.qk_norm:  # Qwen3's, over each head's head_dim before rotary
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         self.mlp_norm = RMSNorm(d, config.rms_norm_eps)
         self.gate_proj = nn.Linear(d, hidden, bias=False)
         self.up_proj = nn.Linear(d, hidden, bias=False)
@@ -184,6 +187,8 @@ class Block(nn.Module):
         q = self.q_proj(h).unflatten(-1, (-1, c.head_dim))
         k = self.k_proj(h).unflatten(-1, (-1, c.head_dim))
         v = self.v_proj(h).unflatten(-1, (-1, c.head_dim))
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         attended = []
         sizes = [part.batch * part.length for part in parts]
         for part, part_q, part_k, part_v in zip(parts, q.split(sizes), k.split(sizes), v.split(sizes)):
