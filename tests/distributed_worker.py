@@ -31,7 +31,7 @@ CASES = [
     ("speculate-threshold", {}, dict(gen_length=16, block_length=8, threshold=0.5, speculate=2, temperature=1.0,
                                      seed=5)),
     # SDAR's Qwen3 layout: q/k norms (whole on each rank), a head dim apart from d / heads
-    ("sdar-qk-norm", dict(model_type="sdar", qk_norm=True, attention_head_dim=16, block_size=4),
+    ("sdar-qk-norm", dict(model_type="sdar", qk_norm=True, attention_head_dim=16, block_size=4, norm_std=0.3),
      dict(gen_length=8, block_length=4, steps=8, cache="dual")),
     ("qkv-bias-tied-shifted", dict(include_qkv_bias=True, weight_tying=True, model_type="dream"),
      dict(gen_length=8, block_length=8, steps=8, temperature=1.0, seed=2)),  # last: its shard is read below

@@ -80,9 +80,18 @@ def tiny_config(**overrides) -> unmask.ModelConfig:
     return unmask.ModelConfig(**fields)
 
 
-def tiny_model(seed: int = 0, std: float = 0.3, **overrides) -> unmask.DiffusionTransformer:
-    """A random model with weights large enough that its logits vary from position to position."""
-    return unmask.DiffusionTransformer.random(tiny_config(**overrides), seed=seed, std=std)
+def tiny_model(seed: int = 0, std: float = 0.3, norm_std: float = 0.0, **overrides) -> unmask.DiffusionTransformer:
+    """A random model with weights large enough that its logits vary from position to position.
+    norm_std > 0: norm weights 1 + normal(0, norm_std) instead of ones (so a norm read
+    from the wrong tensor, or not at all, shows)."""
+    model = unmask.DiffusionTransformer.random(tiny_config(**overrides), seed=seed, std=std)
+    if norm_std > 0:
+        generator = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.add_(torch.randn(param.shape, generator=generator) * norm_std)
+    return model
 
 
 # --------------------------------------------------------------------------- sample

@@ -47,7 +47,7 @@ def main() -> None:
     results["lm_head_shape"] = list(sharded.params["lm_head"].shape)
     # SDAR's Qwen3 layout besides: q/k norms, a head dim (8) apart from d_model / heads (4)
     block_causal = tiny_model(seed=4, d_model=64, n_heads=16, n_kv_heads=8, block_size=4, model_type="sdar",
-                              qk_norm=True, attention_head_dim=8)
+                              qk_norm=True, attention_head_dim=8, norm_std=0.3)
     models = {False: (torch_model, single, sharded),
               True: (block_causal, uj.from_torch(block_causal), sharding.shard(uj.from_torch(block_causal)))}
     for name, arguments in {**CASES, **BLOCK_CAUSAL_CASES}.items():

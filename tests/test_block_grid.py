@@ -89,7 +89,7 @@ def test_decodes_as_fast_dllm_v2(prompt_length, block, sub_block, cache):
         assert plain.tokens[0].tolist() != expected.tolist()
 
 
-SDAR_LAYOUT = {"model_type": "sdar", "qk_norm": True, "attention_head_dim": 16}
+SDAR_LAYOUT = {"model_type": "sdar", "qk_norm": True, "attention_head_dim": 16, "norm_std": 0.3}
 
 
 @pytest.mark.parametrize("layout", [{}, SDAR_LAYOUT], ids=["llada", "sdar"])

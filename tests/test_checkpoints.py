@@ -4,12 +4,14 @@ loaded by unmask and checked against a plain forward."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import unmask
+from tests.helpers import tiny_model
 
 DREAM_CONFIG = {
     "architectures": ["DreamModel"],
@@ -231,7 +233,38 @@ def test_sdar_config_reads_as_the_4b_model(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(fields))
     config = unmask.models.checkpoint.skeleton(tmp_path).config
     assert (config.block_size, config.mask_token_id, config.head_dim, config.d_model) == (4, 151669, 128, 2560)
+    assert (config.n_layers, config.n_heads, config.n_kv_heads, config.mlp_hidden_size) == (36, 32, 8, 9728)
     assert config.qk_norm and not config.shift_logits and not config.include_qkv_bias
+    fields.update(block_size=None, mask_token_id=None)  # null as absent
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    assert unmask.models.checkpoint.skeleton(tmp_path).config.block_size == 4
+    fields.update(block_size=0)
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    with pytest.raises(ValueError, match="config.block_size must be None or >= 1, got 0"):
+        unmask.models.checkpoint.skeleton(tmp_path)
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (dict(model_type="sdar", qk_norm=True), "config.block_size must be set for model_type 'sdar'"),
+    (dict(model_type="sdar", block_size=4), "config.qk_norm must be True for model_type 'sdar'"),
+    (dict(model_type="sdar", qk_norm=True, block_size=4, include_qkv_bias=True), "config.include_qkv_bias must be"),
+    (dict(qk_norm=True), "config.qk_norm needs model_type 'sdar'"),
+    (dict(model_type="dream", qk_norm=True), "config.qk_norm needs model_type 'sdar'"),
+    (dict(model_type="dream", attention_head_dim=16), "config.attention_head_dim must be d_model / n_heads (8)"),
+])
+def test_layouts_a_checkpoint_format_cannot_hold_are_refused(overrides, fragment):
+    # each would save a checkpoint that loads as another model, or not at all
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        unmask.ModelConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, mlp_hidden_size=64, vocab_size=50,
+                           embedding_size=50, mask_token_id=49, eos_token_id=48, **overrides)
+
+
+def test_a_llada_layout_keeps_its_own_head_dim(tmp_path):
+    model = tiny_model(seed=3, attention_head_dim=16)
+    unmask.save_pretrained(model, tmp_path)
+    ids = torch.randint(0, 59, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(unmask.from_pretrained(tmp_path)(ids), model(ids))
 
 
 def test_dream_round_trip_and_generate(tmp_path):

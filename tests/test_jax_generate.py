@@ -21,7 +21,7 @@ from tests.helpers import tiny_model  # noqa: E402
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]  # ragged: left-padded
 DREAM = {"model_type": "dream", "include_qkv_bias": True}
-SDAR = {"model_type": "sdar", "qk_norm": True, "attention_head_dim": 16, "block_size": 4}
+SDAR = {"model_type": "sdar", "qk_norm": True, "attention_head_dim": 16, "block_size": 4, "norm_std": 0.3}
 
 CASES = [
     # (model overrides, generate arguments)

@@ -41,6 +41,9 @@ def sdpa_forward(model: DiffusionTransformer, ids: torch.Tensor, start: int = 0,
     (keys, values) pair over the whole canvas [B, L, H, D]; the positions computed here
     write theirs, and their queries attend over the whole cached canvas."""
     config = model.config
+    if config.qk_norm or config.head_dim * config.n_heads != config.d_model:
+        raise NotImplementedError("the SDPA baseline is LLaDA's and Dream's forward: no q/k norms, head dim "
+                                  "d_model / n_heads (SDAR's Qwen3 layout is unmask.generate's alone)")
     batch, length = ids.shape
     cos, sin = rotary_tables(torch.arange(start, start + length, device=ids.device)[None], config.head_dim,
                              config.rope_theta)

@@ -26,6 +26,7 @@ FAST_DLLM_V2_BLOCK_SIZE = 32
 # variants need "block_size" written into their config.json.
 SDAR_MASK_ID = 151669
 SDAR_BLOCK_SIZE = 4
+QWEN3_HEAD_DIM = 128  # Qwen3Config's head_dim where config.json has none
 
 # Layouts: "llada" (logits at their own position), "dream" (logits shifted right by one,
 # positions over real tokens), "sdar" (LLaDA's layout in Qwen3's names, with q/k norms).
@@ -70,7 +71,8 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(f"config.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2 != 0:
-            raise ValueError(f"head dim d_model / n_heads must be even for rotary embeddings, got {self.head_dim}")
+            raise ValueError(f"the head dim (attention_head_dim, else d_model / n_heads) must be even for rotary "
+                             f"embeddings, got {self.head_dim}")
         if self.embedding_size < self.vocab_size:
             raise ValueError(f"config.embedding_size ({self.embedding_size}) must be >= vocab_size ({self.vocab_size})")
         for name in ("mask_token_id", "eos_token_id"):
@@ -81,6 +83,26 @@ class ModelConfig:
             raise ValueError(f"config.model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"config.block_size must be None or >= 1, got {self.block_size}")
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        """What each layout's checkpoint format can hold: a model it could not save and
+        load back as the same model is refused, naming the field."""
+        if self.model_type == "sdar":  # Qwen3's names: q/k norms, no biases; SDAR is block-causal
+            for name, wanted in (("qk_norm", True), ("include_qkv_bias", False)):
+                if getattr(self, name) != wanted:
+                    raise ValueError(f"config.{name} must be {wanted} for model_type 'sdar' (Qwen3's layout), got "
+                                     f"{getattr(self, name)}")
+            if self.block_size is None:
+                raise ValueError("config.block_size must be set for model_type 'sdar' (a block diffusion model)")
+            return
+        if self.qk_norm:
+            raise ValueError(f"config.qk_norm needs model_type 'sdar' (Qwen3's names); {self.model_type!r} "
+                             "checkpoints have no q/k norm weights")
+        if self.model_type == "dream" and self.attention_head_dim not in (None, self.d_model // self.n_heads):
+            raise ValueError(f"config.attention_head_dim must be d_model / n_heads ({self.d_model // self.n_heads}) "
+                             f"for model_type 'dream' (Qwen2 has no head_dim of its own), got "
+                             f"{self.attention_head_dim}")
 
     @property
     def head_dim(self) -> int:
@@ -187,12 +209,12 @@ class ModelConfig:
             embedding_size=fields["vocab_size"],
             rope_theta=fields.get("rope_theta", 1000000.0),
             rms_norm_eps=fields.get("rms_norm_eps", 1e-6),
-            mask_token_id=fields.get("mask_token_id", SDAR_MASK_ID),
-            eos_token_id=fields.get("eos_token_id", DREAM_EOS_ID),
+            mask_token_id=_given(fields, "mask_token_id", SDAR_MASK_ID),
+            eos_token_id=_given(fields, "eos_token_id", DREAM_EOS_ID),
             weight_tying=fields.get("tie_word_embeddings", False),
-            block_size=fields.get("block_size") or SDAR_BLOCK_SIZE,
+            block_size=_given(fields, "block_size", SDAR_BLOCK_SIZE),
             model_type="sdar",
-            attention_head_dim=fields.get("head_dim") or fields["hidden_size"] // n_heads,
+            attention_head_dim=_given(fields, "head_dim", QWEN3_HEAD_DIM),
             qk_norm=True,
         )
 
@@ -258,6 +280,12 @@ DREAM_SUPPORTED = {
 }
 # SDAR's (Qwen3's): its attention_bias would add biases to q, k, v and o alike.
 SDAR_SUPPORTED = {**DREAM_SUPPORTED, "attention_bias": (False,)}
+
+
+def _given(fields: dict[str, Any], name: str, default):
+    """config.json's value of a field, or default where it is absent or null."""
+    value = fields.get(name)
+    return default if value is None else value
 
 
 def _check_supported(fields: dict[str, Any], supported: dict[str, tuple]) -> None:
