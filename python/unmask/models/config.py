@@ -117,11 +117,9 @@ class ModelConfig:
     def positions_over_real_tokens(self) -> bool:
         return self.model_type == "dream"
 
-    def to_dream_json(self) -> dict[str, Any]:
-        """config.json in Dream's (Qwen2) field names."""
-        fields = {
-            "architectures": ["DreamModel"],
-            "model_type": "Dream",
+    def _qwen_json(self) -> dict[str, Any]:
+        """The config.json fields Dream's (Qwen2) and SDAR's (Qwen3) formats share."""
+        return {
             "hidden_size": self.d_model,
             "num_hidden_layers": self.n_layers,
             "num_attention_heads": self.n_heads,
@@ -132,10 +130,33 @@ class ModelConfig:
             "rms_norm_eps": self.rms_norm_eps,
             "mask_token_id": self.mask_token_id,
             "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.eos_token_id,
             "tie_word_embeddings": self.weight_tying,
             "hidden_act": "silu",
         }
+
+    @staticmethod
+    def _qwen_fields(fields: dict[str, Any], mask_id: int, eos_id: int) -> dict[str, Any]:
+        """ModelConfig's arguments from the config.json fields Qwen2 and Qwen3 share."""
+        n_heads = fields["num_attention_heads"]
+        return dict(
+            d_model=fields["hidden_size"],
+            n_layers=fields["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=fields.get("num_key_value_heads") or n_heads,
+            mlp_hidden_size=fields["intermediate_size"],
+            vocab_size=fields["vocab_size"],
+            embedding_size=fields["vocab_size"],
+            rope_theta=fields.get("rope_theta", 1000000.0),
+            rms_norm_eps=fields.get("rms_norm_eps", 1e-6),
+            mask_token_id=_given(fields, "mask_token_id", mask_id),
+            eos_token_id=_given(fields, "eos_token_id", eos_id),
+            weight_tying=fields.get("tie_word_embeddings", False),
+        )
+
+    def to_dream_json(self) -> dict[str, Any]:
+        """config.json in Dream's (Qwen2) field names."""
+        fields = {"architectures": ["DreamModel"], "model_type": "Dream", **self._qwen_json(),
+                  "pad_token_id": self.eos_token_id}
         if self.block_size is not None:
             fields["block_size"] = self.block_size
         return fields
@@ -143,54 +164,21 @@ class ModelConfig:
     @classmethod
     def from_dream_json(cls, fields: dict[str, Any]) -> ModelConfig:
         _check_supported(fields, DREAM_SUPPORTED)
-        n_heads = fields["num_attention_heads"]
-        return cls(
-            d_model=fields["hidden_size"],
-            n_layers=fields["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=fields.get("num_key_value_heads") or n_heads,
-            mlp_hidden_size=fields["intermediate_size"],
-            vocab_size=fields["vocab_size"],
-            embedding_size=fields["vocab_size"],
-            rope_theta=fields.get("rope_theta", 1000000.0),
-            rms_norm_eps=fields.get("rms_norm_eps", 1e-6),
-            mask_token_id=fields.get("mask_token_id", DREAM_MASK_ID),
-            eos_token_id=fields.get("eos_token_id", DREAM_EOS_ID),
-            weight_tying=fields.get("tie_word_embeddings", False),
-            include_qkv_bias=True,
-            block_size=fields.get("block_size"),
-            model_type="dream",
-        )
+        return cls(**cls._qwen_fields(fields, DREAM_MASK_ID, DREAM_EOS_ID), include_qkv_bias=True,
+                   block_size=fields.get("block_size"), model_type="dream")
 
     @classmethod
     def from_fast_dllm_v2_json(cls, fields: dict[str, Any]) -> ModelConfig:
         """Fast-dLLM v2 (model_type "Fast_dLLM_Qwen"): Qwen2.5 turned block diffusion model,
         Dream's layout (Qwen2 names, qkv bias, logits shifted right by one) with
         block-causal attention over blocks of bd_size (bidirectional inside a block)."""
-        return cls.from_dream_json({**fields, "block_size": fields.get("bd_size", FAST_DLLM_V2_BLOCK_SIZE),
-                                    "mask_token_id": fields.get("mask_token_id", FAST_DLLM_V2_MASK_ID)})
+        return cls.from_dream_json({**fields, "block_size": _given(fields, "bd_size", FAST_DLLM_V2_BLOCK_SIZE),
+                                    "mask_token_id": _given(fields, "mask_token_id", FAST_DLLM_V2_MASK_ID)})
 
     def to_sdar_json(self) -> dict[str, Any]:
         """config.json in SDAR's (Qwen3) field names, with block_size and mask_token_id."""
-        return {
-            "architectures": ["SDARForCausalLM"],
-            "model_type": "sdar",
-            "hidden_size": self.d_model,
-            "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim,
-            "intermediate_size": self.mlp_hidden_size,
-            "vocab_size": self.vocab_size,
-            "rope_theta": self.rope_theta,
-            "rms_norm_eps": self.rms_norm_eps,
-            "mask_token_id": self.mask_token_id,
-            "eos_token_id": self.eos_token_id,
-            "tie_word_embeddings": self.weight_tying,
-            "attention_bias": False,
-            "hidden_act": "silu",
-            "block_size": self.block_size,
-        }
+        return {"architectures": ["SDARForCausalLM"], "model_type": "sdar", **self._qwen_json(),
+                "head_dim": self.head_dim, "attention_bias": False, "block_size": self.block_size}
 
     @classmethod
     def from_sdar_json(cls, fields: dict[str, Any]) -> ModelConfig:
@@ -198,25 +186,9 @@ class ModelConfig:
         apart from hidden size / heads, no biases), block-causal over blocks of
         block_size (4 where config.json names none), logits at their own position."""
         _check_supported(fields, SDAR_SUPPORTED)
-        n_heads = fields["num_attention_heads"]
-        return cls(
-            d_model=fields["hidden_size"],
-            n_layers=fields["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=fields.get("num_key_value_heads") or n_heads,
-            mlp_hidden_size=fields["intermediate_size"],
-            vocab_size=fields["vocab_size"],
-            embedding_size=fields["vocab_size"],
-            rope_theta=fields.get("rope_theta", 1000000.0),
-            rms_norm_eps=fields.get("rms_norm_eps", 1e-6),
-            mask_token_id=_given(fields, "mask_token_id", SDAR_MASK_ID),
-            eos_token_id=_given(fields, "eos_token_id", DREAM_EOS_ID),
-            weight_tying=fields.get("tie_word_embeddings", False),
-            block_size=_given(fields, "block_size", SDAR_BLOCK_SIZE),
-            model_type="sdar",
-            attention_head_dim=_given(fields, "head_dim", QWEN3_HEAD_DIM),
-            qk_norm=True,
-        )
+        return cls(**cls._qwen_fields(fields, SDAR_MASK_ID, DREAM_EOS_ID),
+                   block_size=_given(fields, "block_size", SDAR_BLOCK_SIZE), model_type="sdar",
+                   attention_head_dim=_given(fields, "head_dim", QWEN3_HEAD_DIM), qk_norm=True)
 
     def to_llada_json(self) -> dict[str, Any]:
         """config.json in LLaDA's field names (plus the fields its loader expects)."""
