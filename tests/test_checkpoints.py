@@ -188,6 +188,9 @@ def test_fast_dllm_v2_config_reads_as_the_7b_model(tmp_path):
     assert (config.block_size, config.mask_token_id, config.eos_token_id) == (32, 151665, 151645)
     assert (config.d_model, config.n_heads, config.n_kv_heads, config.head_dim) == (3584, 28, 4, 128)
     assert config.shift_logits and config.include_qkv_bias and not config.weight_tying
+    (tmp_path / "config.json").write_text(json.dumps({**fields, "bd_size": None, "mask_token_id": None}))
+    config = unmask.models.checkpoint.skeleton(tmp_path).config  # null reads as absent
+    assert (config.block_size, config.mask_token_id) == (32, 151665)
 
 
 # SDAR (JetLM/SDAR-4B-Chat) at a tiny size: Qwen3's config fields, a head dim (16) apart
