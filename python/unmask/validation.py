@@ -28,30 +28,6 @@ CACHE_MODES = (None, "prefix", "dual")
 # Where generate's blocks lie: from the prompt's end ("prompt"), or on a block-causal
 # model's own block grid, counted from each row's first token ("model").
 BLOCK_GRIDS = ("prompt", "model")
-
-
-def model_grid(block_size, block_length: int, prompt_lengths: Sequence[int], *, shifted: bool,
-               model_name: str) -> int:
-    """generate(block_grid="model")'s grid, max(block_size, block_length), checked: a
-    block-causal model, one of the two lengths dividing the other (a model with shifted
-    logits: block_length dividing block_size, so that every model block begins a block),
-    and prompt lengths that agree modulo the grid (rows share their blocks)."""
-    if block_size is None:
-        raise ValueError("block_grid='model' needs a block-causal model (the unmask model with config.block_size); "
-                         f"got {model_name} without one")
-    grid = max(block_size, block_length)
-    if shifted and block_size % block_length:
-        raise ValueError(f"block_grid='model' needs block_length={block_length} to divide the model's block_size="
-                         f"{block_size} (its logits are shifted: each model block's first position is decoded "
-                         "alone, first)")
-    if grid % min(block_size, block_length):
-        raise ValueError(f"block_grid='model' needs block_length={block_length} to divide the model's block_size="
-                         f"{block_size} or be a multiple of it")
-    if len({length % grid for length in prompt_lengths}) > 1:
-        raise ValueError(f"prompts: with block_grid='model' the prompt lengths of a batch must agree modulo {grid} "
-                         f"(their blocks lie on each row's own grid), got lengths {list(prompt_lengths)}; decode "
-                         "them in separate calls")
-    return grid
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 INT_DTYPES = ("int32", "int64")
 # The kernels scale by 1 / temperature and 1 / conf_temperature in float32, which
@@ -638,6 +614,30 @@ def sampling(*, temperature, top_k, top_p, remasking, seed, conf_temperature=1.0
                              conf_temperature=conf_temperature, seed=seed, offset=0)
     return Sampling(options.temperature, options.top_k, options.top_p, confidence, options.seed,
                     options.conf_temperature)
+
+
+def model_grid(block_size, block_length: int, prompt_lengths: Sequence[int], *, shifted: bool,
+               model_name: str) -> int:
+    """generate(block_grid="model")'s grid, max(block_size, block_length), checked: a
+    block-causal model, one of the two lengths dividing the other (a model with shifted
+    logits: block_length dividing block_size, so that every model block begins a block),
+    and prompt lengths that agree modulo the grid (rows share their blocks)."""
+    if block_size is None:
+        raise ValueError("block_grid='model' needs a block-causal model (the unmask model with config.block_size); "
+                         f"got {model_name} without one")
+    grid = max(block_size, block_length)
+    if shifted and block_size % block_length:
+        raise ValueError(f"block_grid='model' needs block_length={block_length} to divide the model's block_size="
+                         f"{block_size} (its logits are shifted: each model block's first position is decoded "
+                         "alone, first)")
+    if grid % min(block_size, block_length):
+        raise ValueError(f"block_grid='model' needs block_length={block_length} to divide the model's block_size="
+                         f"{block_size} or be a multiple of it")
+    if len({length % grid for length in prompt_lengths}) > 1:
+        raise ValueError(f"prompts: with block_grid='model' the prompt lengths of a batch must agree modulo {grid} "
+                         f"(their blocks lie on each row's own grid), got lengths {list(prompt_lengths)}; decode "
+                         "them in separate calls")
+    return grid
 
 
 @dataclasses.dataclass(frozen=True)
