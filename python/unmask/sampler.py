@@ -331,12 +331,8 @@ class DenoiseStep:
         logits = self.logits_fn(positions)
         if self.mask_id >= (logits.shape[-1] if self.vocab is None else self.vocab):
             raise ValueError(f"mask_id={self.mask_id} lies outside the model's vocabulary (V={logits.shape[-1]})")
-        tokens, conf = self.sample(
-            logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, banned=self.banned,
-            confidence=sampling.confidence, conf_temperature=sampling.conf_temperature, seed=sampling.seed,
-            offset=state.offset[:, None].expand_as(block),
-            check=False,
-        )
+        tokens, conf = self.sample(logits, **sampling.options, banned=self.banned, seed=sampling.seed,
+                                   offset=state.offset[:, None].expand_as(block), check=False)
         state.invalid.logical_or_(((tokens < 0) & eligible).any())
         committed = ops.commit(block, tokens, conf, eligible, **self.mode)
         state.x.scatter_(1, index, block)

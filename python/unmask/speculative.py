@@ -61,10 +61,7 @@ class _Rule:
             raise ValueError(f"mask_id={self.mask_id} lies outside the model's vocabulary (V={logits.shape[-1]})")
         s = self.sampling
         offsets = (self.offset_base + steps)[:, None].expand(block.shape)
-        tokens, conf = self.sample(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                   banned=self.banned, confidence=s.confidence,
-                                   conf_temperature=s.conf_temperature, seed=s.seed, offset=offsets,
-                                   check=False)
+        tokens, conf = self.sample(logits, **s.options, banned=self.banned, seed=s.seed, offset=offsets, check=False)
         return eligible, tokens, conf
 
     @staticmethod

@@ -606,6 +606,13 @@ class Sampling:
     seed: int
     conf_temperature: float = 1.0
 
+    @property
+    def options(self) -> dict:
+        """The sample kernel's arguments that every step of a decoding shares (each call
+        adds its seed words, offsets and banned ids): one place for every loop to read."""
+        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, confidence=self.confidence,
+                    conf_temperature=self.conf_temperature)
+
 
 def sampling(*, temperature, top_k, top_p, remasking, seed, conf_temperature=1.0) -> Sampling:
     check_choice("remasking", remasking, tuple(REMASKING_TO_CONFIDENCE))

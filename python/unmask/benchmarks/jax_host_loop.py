@@ -76,9 +76,8 @@ def host_loop_generate(model: JaxModel, prompts, *, attention_mask=None, gen_len
             else:
                 mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
             logits = _block_logits(model, x, model_mask, prompt_positions, mask_id, cfg_scale, start, end)
-            tokens, conf = model.sample_logits(logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                                  banned=[mask_id], confidence=sampling.confidence,
-                                  conf_temperature=sampling.conf_temperature, seed=sampling.seed, offset=nfe)
+            tokens, conf = model.sample_logits(logits, **sampling.options, banned=[mask_id], seed=sampling.seed,
+                                               offset=nfe)
             if (np.asarray(tokens)[eligible] < 0).any():
                 raise ValueError("logits: rows with NaN or +inf logits or no finite kept logit")
             new_block, committed = commit(x[:, start:end], tokens, conf, jnp.asarray(eligible), **mode)

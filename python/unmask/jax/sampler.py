@@ -122,11 +122,8 @@ def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params,
         block = jax.lax.dynamic_slice_in_dim(x, start, length, axis=1)
         eligible = (block == p.mask_id) & running[:, None]
         logits, cache = logits_of(x, cache)
-        tokens, conf = model.sample_logits(
-            logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-            banned=[p.mask_id], confidence=sampling.confidence, conf_temperature=sampling.conf_temperature,
-            seed=seed,
-            offset=jnp.broadcast_to(offset[:, None], block.shape))
+        tokens, conf = model.sample_logits(logits, **sampling.options, banned=[p.mask_id], seed=seed,
+                                           offset=jnp.broadcast_to(offset[:, None], block.shape))
         invalid |= ((tokens < 0) & eligible).any()
         new_block, committed = commit(block, tokens, conf, eligible, interpret=model.interpret, **mode)
         x = jax.lax.dynamic_update_slice_in_dim(x, new_block.astype(x.dtype), start, axis=1)

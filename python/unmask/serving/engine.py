@@ -362,10 +362,8 @@ class Engine:
         s = group[0].settings.sampling
         stacked = torch.stack([logits[id(job)] for job in group])  # [n, block, V]
         offset = group[0].offset if len(group) == 1 else 0  # shared calls draw no noise
-        got_tokens, got_conf = ops.sample(stacked, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                          banned=[group[0].mask_id], confidence=s.confidence,
-                                          conf_temperature=s.conf_temperature, seed=s.seed,
-                                          offset=offset, check=False)
+        got_tokens, got_conf = ops.sample(stacked, **s.options, banned=[group[0].mask_id], seed=s.seed, offset=offset,
+                                          check=False)
         # one host copy per group, not one per request and output
         for job, job_tokens, job_conf in zip(group, got_tokens.cpu().unbind(), got_conf.cpu().unbind()):
             tokens[id(job)], conf[id(job)] = job_tokens, job_conf
@@ -491,8 +489,9 @@ def _sampling_key(job: Job):
     draws_noise = s.temperature > 0 or s.confidence == "random"
     if draws_noise:
         return "alone", id(job)
-    return ("shared", job.settings.block_length, s.temperature, s.top_k, s.top_p, s.confidence,
-            s.conf_temperature)  # the seed is unread
+    # every option but the seed, which a call that draws no noise does not read (as the JAX
+    # loop's BlockProgram keys its compiled programs)
+    return "shared", job.settings.block_length, dataclasses.replace(s, seed=0)
 
 
 def _commit_key(job: Job):
