@@ -48,7 +48,8 @@ def random_logits(n: int, vocab: int, device: torch.device, *, peaked: bool, see
 def bench_sample(device: torch.device, shapes: list[tuple[int, int]], dtypes: list[torch.dtype], *,
                  peak_gbps: float | None, temperature: float = 0.0, reps: int = 10,
                  baselines: tuple[str, ...] = ("reference",), total_bytes: int = 2**30,
-                 peaked: bool = False, conf_temperature: float = 1.0) -> list[Row]:
+                 peaked: bool = False, conf_temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0) -> list[Row]:
     """Bytes moved = logits read once + tokens (8 B) and confidences (4 B) written.
 
     peak_gbps None: the native kernel is timed in three rounds, each right after a
@@ -63,12 +64,13 @@ def bench_sample(device: torch.device, shapes: list[tuple[int, int]], dtypes: li
                                      total_bytes)
             count = len(inputs)
             moved = size + n * 12
+            filters = dict(top_k=top_k, top_p=top_p)
             backend = ops.backend_for("sample", inputs[0], temperature=temperature, banned=[vocab - 1],
-                                      conf_temperature=conf_temperature, check=False)
+                                      conf_temperature=conf_temperature, check=False, **filters)
             impls = {}
             if "reference" in baselines:
                 impls["reference (eager)"] = lambda i: reference.sample(
-                    inputs[i % count], temperature=temperature, seed=i, conf_temperature=conf_temperature)
+                    inputs[i % count], temperature=temperature, seed=i, conf_temperature=conf_temperature, **filters)
             if "compiled" in baselines:
                 # A fresh compile per shape and dtype: dynamo's recompile limit would
                 # otherwise send later shapes back to eager without saying so in the table.
@@ -80,7 +82,7 @@ def bench_sample(device: torch.device, shapes: list[tuple[int, int]], dtypes: li
                 impls["LLaDA float64 path"] = lambda i: llada_float64_sample(inputs[i % count], temperature, vocab - 1)
             impls[f"unmask.ops [{backend}]"] = lambda i: ops.sample(
                 inputs[i % count], temperature=temperature, seed=i, banned=[vocab - 1],
-                conf_temperature=conf_temperature, check=False)
+                conf_temperature=conf_temperature, check=False, **filters)
             timings = {}
             peak = peak_gbps
             for name, fn in impls.items():
@@ -95,7 +97,8 @@ def bench_sample(device: torch.device, shapes: list[tuple[int, int]], dtypes: li
                     timings[name] = statistics.median(t for _, t in rounds)
             baseline = next(iter(timings.values()))
             shape = {"N": n, "V": vocab, "T": temperature, **({"logits": "peaked"} if peaked else {}),
-                     **({"conf_T": conf_temperature} if conf_temperature != 1.0 else {})}
+                     **({"conf_T": conf_temperature} if conf_temperature != 1.0 else {}),
+                     **({"top_k": top_k} if top_k else {}), **({"top_p": top_p} if top_p < 1.0 else {})}
             for name, seconds in timings.items():
                 gbps = moved / seconds / 1e9
                 rows.append(Row("sample", name, shape, str(dtype).removeprefix("torch."),
@@ -417,6 +420,13 @@ def full_sample(device: torch.device, shapes: list[tuple[int, int]] | None = Non
     # shows a kernel making subnormals (13x slower on AVX-512 when the clamp was dropped).
     rows += bench_sample(device, shapes[:1], [torch.float32, torch.bfloat16], peak_gbps=peak,
                          conf_temperature=0.05)
+    # The filters: top_k, and top_p at Dream's recipe (temperature 0.2, top_p 0.95: the
+    # nucleus is measured at the sampling temperature), the kernel's slower path (radix
+    # selection and a pass for the nucleus's mass on top of the read).
+    rows += bench_sample(device, shapes[:1], [torch.float32, torch.bfloat16], peak_gbps=peak, temperature=0.7,
+                         top_k=50)
+    rows += bench_sample(device, shapes[:1], [torch.float32, torch.bfloat16], peak_gbps=peak, temperature=0.2,
+                         top_p=0.95)
     if peak is None:
         peak = statistics.median(row.extra["read_bandwidth_gbps"] for row in rows)
     return rows, {"read_bandwidth_gbps (median)": peak}
