@@ -134,6 +134,48 @@ def test_ties_and_signed_zeros():
         torch.testing.assert_close(got[1], expected[1], rtol=CONF_RTOL, atol=0)
 
 
+def _rows_for_each_filter_path(vocab, gen):
+    """Rows that send top_k and top_p down each of the kernel's paths (sample_filter.h):
+    few candidates, a nucleus of thousands found by the mass passes, ties across the
+    boundary, too many -inf ids or candidates for anything but radix selection."""
+    flat = torch.randn(3, vocab, generator=gen)             # at T = 1: a nucleus of ~1/3 of the ids
+    peaked = torch.randn(3, vocab, generator=gen) * 3
+    peaked[:, 7] += 25.0                                    # one id holds nearly all the mass
+    ties = torch.randint(0, 6, (3, vocab), generator=gen).float()  # six values, thousands of ties each
+    mostly_inf = torch.full((2, vocab), float("-inf"))
+    mostly_inf[:, ::97] = torch.randn(2, (vocab + 96) // 97, generator=gen)  # fewer finite ids than top_k
+    wide = torch.randn(2, vocab, generator=gen) * 20        # spread far beyond the Gumbel reach
+    return torch.cat([flat, peaked, ties, mostly_inf, wide])
+
+
+FILTER_PATHS = [
+    dict(top_k=50, temperature=1.0),
+    dict(top_k=3000, temperature=0.7),                      # more candidates than sorting pays for: radix
+    dict(top_p=0.9, temperature=1.0, confidence="entropy"),
+    dict(top_p=0.95, confidence="margin"),                  # greedy: the nucleus at T = 1
+    dict(top_p=0.5, temperature=0.3, conf_temperature=0.3),
+    dict(top_p=0.999999, temperature=1.0),                  # within 1e-5 of 1: radix
+    dict(top_k=400, top_p=0.8137, temperature=2.0),         # the nucleus of top_k's sorted ids (a top_p that no
+                                                            # count of equal masses reaches exactly)
+    dict(top_k=100, top_p=0.3, confidence="entropy"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kwargs", FILTER_PATHS, ids=[str(k) for k in FILTER_PATHS])
+def test_filters_on_every_path(kwargs, dtype):
+    """Tokens and confidences (sums over the kept ids, so a kept set off by one id shows)
+    equal the reference's on rows built for each selection path."""
+    vocab = 20011
+    logits = _rows_for_each_filter_path(vocab, torch.Generator().manual_seed(5)).to(dtype)
+    kwargs = dict(kwargs, seed=13)
+    expected_tokens, expected_conf = reference.sample(logits, **kwargs)
+    tokens, conf = run_native(logits, **kwargs)
+    assert_same_tokens(logits, expected_tokens, tokens, temperature=kwargs.get("temperature", 0.0), seed=13, offset=0)
+    same = tokens == expected_tokens
+    torch.testing.assert_close(conf[same].double(), expected_conf[same].double(), rtol=CONF_RTOL, atol=1e-9)
+
+
 def test_invalid_rows():
     logits = torch.randn(5, 64)
     logits[0, 3] = float("nan")

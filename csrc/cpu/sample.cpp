@@ -7,14 +7,15 @@
 //           Rows that are read again below keep the whole row in a per-thread buffer
 //           that stays in L2 (V = 152064 floats = 594 KiB); greedy rows reuse one
 //           chunk-sized slot.
-//   filter  top_k / top_p as a kept prefix of the order (value desc, id asc), found by
-//           radix selection on the float bits: three histogram passes over the buffer,
-//           no sort of the vocabulary;
+//   filter  top_k / top_p as a kept prefix of the order (value desc, id asc): vector
+//           passes find a few candidates, and only those are sorted (sample_filter.h);
 //   sums    for filtered rows and margin: one pass for the softmax denominator, sum
 //           e*z (entropy) and the runner-up (margin) under conf_temperature;
 //   token   temperature 0: the first argmax. T > 0: Gumbel-max over the kept ids; a
 //           vectorised bound on each id's draw leaves only the ids that can still win
 //           for the exact float64 score (see gumbel_max).
+//   When a filter leaves its kept ids sorted (a few hundred, usually), the token and the
+//   sums are taken over that list instead of the row (gumbel_max_of_listed).
 // DRAM traffic is N * V * element size. The vector loops are in sample_simd.h.
 #include <algorithm>
 #include <cmath>
@@ -24,6 +25,7 @@
 
 #include "kernels.h"
 #include "philox_rows.h"
+#include "sample_filter.h"
 #include "sample_simd.h"
 #include "unmask/philox.h"
 #include "unmask/sample.h"
@@ -33,6 +35,7 @@ namespace unmask::cpu {
 inline namespace UNMASK_CPU_ISA {  // isa.h
 namespace {
 
+using sample_filter::Kept;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 // The largest Gumbel draw is -log(-log(1 - 2^-25)) = 17.33; 17.5 leaves margin.
 constexpr double kGumbelMax = 17.5;
@@ -42,14 +45,6 @@ constexpr int64_t kChunk = 2048;  // 8 KiB of floats: a chunk stays in L1 betwee
 constexpr int64_t kPad = 32;
 
 constexpr int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
-
-// The kept ids: x > value, or x == value and id <= last_tie. With no filter, `all`.
-struct Kept {
-  float value = -kInf;
-  int64_t last_tie = std::numeric_limits<int64_t>::max();
-  bool all = true;
-  bool contains(float x, int64_t id) const { return x > value || (x == value && id <= last_tie); }
-};
 
 struct RowScan {
   float max = -kInf;
@@ -175,124 +170,28 @@ RowScan load_and_scan(const SampleParams& p, int64_t row, float* buf, bool keep_
   return load_and_scan<ScalarType::kFloat16>(p, row, buf, keep_row, fuse_sums, with_weighted, inv_t);
 }
 
-// Radix selection over order keys, 11 + 11 + 10 bits: `weight(i)` is what each id
-// contributes (1 for top-k, its probability mass for top-p); returns the largest value t
-// whose cumulative weight from the top reaches `target`, and the weight of the values
-// above t. Elements outside `kept` weigh nothing.
-template <typename Weight>
-float radix_select(const float* buf, int64_t vocab, double target, const Kept& kept, Weight weight,
-                   double* weight_above) {
-  constexpr int kShifts[3] = {21, 10, 0};
-  constexpr int kWidths[3] = {11, 11, 10};
-  std::vector<double> hist(1 << 11);
-  uint32_t prefix = 0, prefix_mask = 0;
-  double above = 0.0;
-  for (int level = 0; level < 3; ++level) {
-    const int shift = kShifts[level];
-    const uint32_t bins = 1u << kWidths[level];
-    std::fill(hist.begin(), hist.begin() + bins, 0.0);
-    for (int64_t i = 0; i < vocab; ++i) {
-      const float x = buf[i];
-      if (!kept.contains(x, i)) continue;
-      const uint32_t key = cpu::order_key(x);
-      if ((key & prefix_mask) == prefix) hist[(key >> shift) & (bins - 1)] += weight(i);
-    }
-    uint32_t chosen = 0;
-    bool found = false;
-    for (uint32_t bin = bins; bin-- > 0;) {
-      if (hist[bin] > 0 && above + hist[bin] >= target) {
-        chosen = bin;
-        found = true;
-        break;
-      }
-      above += hist[bin];
-    }
-    if (!found) {  // rounding left the total short of target: keep everything kept so far
-      *weight_above = -1.0;
-      return kept.value;
-    }
-    prefix |= chosen << shift;
-    prefix_mask |= (bins - 1) << shift;
-  }
-  *weight_above = above;
-  return cpu::key_to_float(prefix);
-}
-
-// Among ids with value t (in id order), keep while the weight before the id is below
-// target; returns the last kept id.
-template <typename Weight>
-int64_t last_kept_tie(const float* buf, int64_t vocab, float t, double above, double target, const Kept& kept,
-                      Weight weight) {
-  int64_t last = -1;
-  double before = above;
-  for (int64_t i = 0; i < vocab && before < target; ++i) {
-    if (buf[i] == t && kept.contains(buf[i], i)) {
-      before += weight(i);
-      last = i;
-    }
-  }
-  return last;
-}
-
-Kept top_k_filter(const float* buf, int64_t vocab, int64_t k) {
-  Kept all;
-  auto one = [](int64_t) { return 1.0; };
-  double above = 0.0;
-  const float t = radix_select(buf, vocab, static_cast<double>(k), all, one, &above);
-  Kept kept;
-  kept.all = false;
-  kept.value = t;
-  kept.last_tie = last_kept_tie(buf, vocab, t, above, static_cast<double>(k), all, one);
-  return kept;
-}
-
-// The nucleus is measured under softmax(x / temperature), the distribution the token is
-// drawn from (transformers, vLLM and Dream measure it so); greedy rows pass 1.
-Kept top_p_filter(const float* buf, int64_t vocab, float max, double top_p, double temperature, const Kept& kept,
-                  float* mass) {
-  double total = 0.0;
-  for (int64_t i = 0; i < vocab; ++i) {
-    const float x = buf[i];
-    mass[i] = (kept.contains(x, i) && x != -kInf)
-                  ? static_cast<float>(std::exp((static_cast<double>(x) - max) / temperature))
-                  : 0.0f;
-    total += mass[i];
-  }
-  const double target = top_p * total;
-  auto weight = [mass](int64_t i) { return static_cast<double>(mass[i]); };
-  double above = 0.0;
-  const float t = radix_select(buf, vocab, target, kept, weight, &above);
-  if (above < 0.0) return kept;
-  Kept nucleus;
-  nucleus.all = false;
-  nucleus.value = t;
-  nucleus.last_tie = last_kept_tie(buf, vocab, t, above, target, kept, weight);
-  return nucleus;
-}
-
 struct ConfidenceSums {
   double sum = 0.0;       // sum of e_i = exp(z_i), z_i = (x_i - max) / conf_temperature, over kept ids
   double weighted = 0.0;  // sum of e_i * z_i
   float runner_up = -kInf;  // the largest kept logit other than the argmax id
 };
 
-// One pass over the row; the filtered variant tests each id against the kept prefix.
-template <bool kFiltered>
-ConfidenceSums confidence_sums_pass(const float* buf, int64_t vocab, float max, float inv_t, const Kept& kept,
-                                    int64_t argmax) {
-  ConfidenceSums sums;
-  const float kept_value = kept.value;
-  const int64_t kept_last_tie = kept.last_tie;
+// One pass over ids [begin, end) of the row; kStrict: only ids above `bound` count
+// (else at or above it). The kept prefix is two such runs (ids up to its last tie, then
+// the rest), so the loop compares values only: an id compare inside it kept the compiler
+// from vectorising it (3.5 ms for [32, 126464] rows, 6x the unfiltered pass).
+template <bool kStrict>
+void confidence_sums_run(const float* buf, int64_t begin, int64_t end, float max, float inv_t, float bound,
+                         int64_t argmax, ConfidenceSums* sums) {
   // Base 2 as in cpu::exp_sums: z2 = (x - max) * inv_t * log2(e), e^z = 2^z2.
   const float a = inv_t * cpu::kLog2e;
-  for (int64_t begin = 0; begin < vocab; begin += kChunk) {
-    const int64_t end = std::min(vocab, begin + kChunk);
+  for (int64_t chunk = begin; chunk < end; chunk += kChunk) {
+    const int64_t chunk_end = std::min(end, chunk + kChunk);
     float sum = 0.0f, weighted = 0.0f, runner_up = -kInf;
 #pragma omp simd reduction(+ : sum, weighted) reduction(max : runner_up)
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t i = chunk; i < chunk_end; ++i) {
       const float x = buf[i];
-      bool in = true;
-      if constexpr (kFiltered) in = x > kept_value || (x == kept_value && i <= kept_last_tie);
+      const bool in = kStrict ? x > bound : x >= bound;
       const bool counts = in && x != -kInf;
       const float z = counts ? (x - max) * a : 0.0f;
       const float e = counts ? cpu::exp2_poly(z) : 0.0f;
@@ -300,18 +199,24 @@ ConfidenceSums confidence_sums_pass(const float* buf, int64_t vocab, float max, 
       weighted += e * z;
       runner_up = (in && i != argmax && x > runner_up) ? x : runner_up;
     }
-    sums.sum += sum;  // chunk partials in float, the row total in double
-    sums.weighted += static_cast<double>(weighted) * cpu::kLn2;
-    sums.runner_up = std::max(sums.runner_up, runner_up);
+    sums->sum += sum;  // chunk partials in float, the row total in double
+    sums->weighted += static_cast<double>(weighted) * cpu::kLn2;
+    sums->runner_up = std::max(sums->runner_up, runner_up);
   }
-  return sums;
 }
 
 ConfidenceSums confidence_sums(const float* buf, int64_t vocab, float max, double conf_temperature,
                                const Kept& kept, int64_t argmax) {
   const float inv_t = static_cast<float>(1.0 / conf_temperature);
-  return kept.all ? confidence_sums_pass<false>(buf, vocab, max, inv_t, kept, argmax)
-                  : confidence_sums_pass<true>(buf, vocab, max, inv_t, kept, argmax);
+  ConfidenceSums sums;
+  if (kept.all) {
+    confidence_sums_run<false>(buf, 0, vocab, max, inv_t, -kInf, argmax, &sums);
+    return sums;
+  }
+  const int64_t ties_end = std::min(vocab, kept.last_tie + 1);  // ids up to the last tie keep value ties
+  confidence_sums_run<false>(buf, 0, ties_end, max, inv_t, kept.value, argmax, &sums);
+  confidence_sums_run<true>(buf, ties_end, vocab, max, inv_t, kept.value, argmax, &sums);
+  return sums;
 }
 
 double gumbel_from_word(uint32_t word) { return -std::log(-std::log(uniform_from_draw(word))); }
@@ -385,7 +290,45 @@ int64_t gumbel_max(const float* buf, int64_t vocab, double temperature, const Ke
   return best_id;
 }
 
-void sample_row(const SampleParams& p, int64_t row, float* buf, float* mass) {
+// The kept ids listed by a filter, ids[0, n) in the order (value desc, id asc; ids[0] is
+// the row's first argmax): the draw and the confidence sums over them alone, in float64,
+// where the row passes read the whole vocabulary.
+//
+// Gumbel-max as gumbel_max, the same draws: the ids come in decreasing value, so once
+// x / T + kGumbelMax falls to the best score no later id can reach it.
+int64_t gumbel_max_of_listed(const float* buf, const int64_t* ids, int64_t n, double temperature, uint64_t seed,
+                             uint32_t row, uint32_t offset) {
+  int64_t best_id = ids[0];
+  double best = static_cast<double>(buf[best_id]) / temperature + gumbel(seed, best_id, row, offset);
+  for (int64_t j = 1; j < n; ++j) {
+    const int64_t id = ids[j];
+    const double scaled = static_cast<double>(buf[id]) / temperature;
+    if (!(scaled + kGumbelMax > best)) break;  // also ends at -inf
+    const double score = scaled + gumbel(seed, id, row, offset);
+    if (score > best || (score == best && id < best_id)) {
+      best = score;
+      best_id = id;
+    }
+  }
+  return best_id;
+}
+
+ConfidenceSums confidence_sums_of_listed(const float* buf, const int64_t* ids, int64_t n, float max,
+                                         double conf_temperature) {
+  ConfidenceSums sums;
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = buf[ids[j]];
+    if (x == -kInf) break;
+    const double z = (static_cast<double>(x) - max) / conf_temperature;
+    const double e = std::exp(z);
+    sums.sum += e;
+    sums.weighted += e * z;
+  }
+  if (n > 1) sums.runner_up = buf[ids[1]];
+  return sums;
+}
+
+void sample_row(const SampleParams& p, int64_t row, float* buf, sample_filter::Scratch& scratch) {
   const bool filtered = (p.top_k > 0 && p.top_k < p.vocab) || p.top_p < 1.0;
   const bool fuse_sums = !filtered && (p.confidence == ConfidenceKind::kProb || p.confidence == ConfidenceKind::kEntropy);
   const float inv_t = static_cast<float>(1.0 / p.conf_temperature);
@@ -401,15 +344,22 @@ void sample_row(const SampleParams& p, int64_t row, float* buf, float* mass) {
     return;
   }
   Kept kept;
-  if (p.top_k > 0 && p.top_k < p.vocab) kept = top_k_filter(buf, p.vocab, p.top_k);
+  scratch.n_sorted = 0;
+  const int64_t padded = round_up(p.vocab, kPad);
+  if (p.top_k > 0 && p.top_k < p.vocab) kept = sample_filter::top_k_filter(buf, p.vocab, padded, p.top_k, scratch);
   if (p.top_p < 1.0) {
-    kept = top_p_filter(buf, p.vocab, scan.max, p.top_p, p.temperature > 0.0 ? p.temperature : 1.0, kept, mass);
+    const double temperature = p.temperature > 0.0 ? p.temperature : 1.0;
+    kept = sample_filter::top_p_filter(buf, p.vocab, padded, scan.max, p.top_p, temperature, kept, scratch);
   }
 
+  const int64_t n_listed = scratch.n_sorted;
+  const int64_t* listed = scratch.ids.data();
   const uint32_t row_id = static_cast<uint32_t>(row), offset = row_offset(p, row);
-  const int64_t token = p.temperature == 0.0
-                            ? scan.argmax
-                            : gumbel_max(buf, p.vocab, p.temperature, kept, scan.argmax, p.seed, row_id, offset);
+  int64_t token = scan.argmax;
+  if (p.temperature > 0.0) {
+    token = n_listed > 0 ? gumbel_max_of_listed(buf, listed, n_listed, p.temperature, p.seed, row_id, offset)
+                         : gumbel_max(buf, p.vocab, p.temperature, kept, scan.argmax, p.seed, row_id, offset);
+  }
   double conf;
   if (p.confidence == ConfidenceKind::kRandom) {
     conf = uniform_from_draw(unmask_draw(p.seed, 0, row_id, offset, RngStream::kRandomConfidence));
@@ -418,6 +368,8 @@ void sample_row(const SampleParams& p, int64_t row, float* buf, float* mass) {
     if (scan.has_sums) {
       sums.sum = scan.sum;
       sums.weighted = scan.weighted;
+    } else if (n_listed > 0) {
+      sums = confidence_sums_of_listed(buf, listed, n_listed, scan.max, p.conf_temperature);
     } else {
       sums = confidence_sums(buf, p.vocab, scan.max, p.conf_temperature, kept, scan.argmax);
     }
@@ -470,16 +422,15 @@ Status sample(const SampleParams& params) {
       p.conf[i] = -kInf;
     }
   }
-  const bool needs_mass = p.top_p < 1.0;
 #pragma omp parallel if (work > 1)
   {
     // Reused across calls: a fresh 600 KiB buffer per call would page-fault every step.
-    thread_local std::vector<float> buf, mass;
+    thread_local std::vector<float> buf;
+    thread_local sample_filter::Scratch scratch;
     buf.resize(round_up(p.vocab, kPad));
-    mass.resize(needs_mass ? p.vocab : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < work; ++i) {
-      sample_row(p, p.select_rows ? p.rows[i] : i, buf.data(), mass.data());
+      sample_row(p, p.select_rows ? p.rows[i] : i, buf.data(), scratch);
     }
   }
   return ok_status();

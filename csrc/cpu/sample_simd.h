@@ -13,6 +13,7 @@
 
 #include "isa.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -306,6 +307,126 @@ inline uint32_t gumbel_candidates32(const float* x, const uint32_t* words, float
     mask |= static_cast<uint32_t>(score >= best_low) << i;
   }
   return mask;
+#endif
+}
+
+// The filters' candidate passes (sample_filter.h). Both read a row that sits in L2 at
+// vector speed, where the radix selection they usually replace took three scalar
+// histogram passes of ~1.5 ns per id.
+
+// Maxima of a partition of x[0, n) (n a multiple of 16) into groups of at most `group`
+// ids: block b spans ids [16 * group * b, 16 * group * (b + 1)), and its lane l (written
+// to out[16 * b + l]) is the maximum of the ids of the block equal to l modulo 16. Lanes
+// rather than runs of ids: vertical maxima need no horizontal reduction, and any
+// partition bounds the k-th largest id from below by the k-th largest group maximum.
+// Returns the number of maxima written: 16 per block.
+inline int64_t strided_group_maxima(const float* x, int64_t n, int64_t group, float* out) {
+  constexpr int64_t kLanes = 16;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  int64_t written = 0;
+  for (int64_t begin = 0; begin < n; begin += kLanes * group, written += kLanes) {
+    const int64_t end = std::min(n, begin + kLanes * group);
+#if defined(UNMASK_SIMD)
+    constexpr int kRegs = kLanes / Simd::kWidth;
+    constexpr int kChains = 4;  // independent max chains: one would be bound by max's latency
+    Simd::Reg m[kChains][kRegs];
+    for (auto& chain : m) {
+      for (auto& reg : chain) reg = Simd::set1(kNegInf);
+    }
+    int64_t i = begin;
+    for (; i + kChains * kLanes <= end; i += kChains * kLanes) {
+      for (int c = 0; c < kChains; ++c) {
+        for (int r = 0; r < kRegs; ++r) m[c][r] = Simd::max(Simd::load(x + i + c * kLanes + r * Simd::kWidth), m[c][r]);
+      }
+    }
+    for (; i < end; i += kLanes) {
+      for (int r = 0; r < kRegs; ++r) m[0][r] = Simd::max(Simd::load(x + i + r * Simd::kWidth), m[0][r]);
+    }
+    for (int r = 0; r < kRegs; ++r) {
+      Simd::store(out + written + r * Simd::kWidth,
+                  Simd::max(Simd::max(m[0][r], m[1][r]), Simd::max(m[2][r], m[3][r])));
+    }
+#else
+    float m[kLanes];
+    for (float& lane : m) lane = kNegInf;
+    for (int64_t i = begin; i < end; i += kLanes) {
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) m[l] = x[i + l] > m[l] ? x[i + l] : m[l];
+    }
+    for (int64_t l = 0; l < kLanes; ++l) out[written + l] = m[l];
+#endif
+  }
+  return written;
+}
+
+// Bit j of the result: lo <= x[j] < hi, for 32 floats.
+inline uint32_t in_range32(const float* x, float lo, float hi) {
+  uint32_t hits = 0;
+#if defined(UNMASK_SIMD)
+  const Simd::Reg low = Simd::set1(lo), high = Simd::set1(hi);
+  for (int j = 0; j < 32; j += Simd::kWidth) {
+    const Simd::Reg v = Simd::load(x + j);
+    hits |= (Simd::bits(Simd::at_least(v, low)) & ~Simd::bits(Simd::at_least(v, high))) << j;
+  }
+#else
+  for (int j = 0; j < 32; ++j) hits |= static_cast<uint32_t>(x[j] >= lo && x[j] < hi) << j;
+#endif
+  return hits;
+}
+
+// x[0, n) (n a multiple of 32): the count of ids with lo <= x[i] < hi. The vector test and a popcount per 32
+// ids, where collecting them (below) costs a few cycles per id found.
+inline int64_t count_in_range(const float* x, int64_t n, float lo, float hi) {
+  int64_t count = 0;
+  for (int64_t block = 0; block < n; block += 32) count += set_bit_count(in_range32(x + block, lo, hi));
+  return count;
+}
+
+// Ids i < n_valid with lo <= x[i] < hi, in increasing order, into out[0, count). Stops
+// at the (cap + 1)-th and returns cap + 1: the caller then selects another way. x is
+// padded to a multiple of 32 floats.
+inline int64_t ids_in_range(const float* x, int64_t n_valid, float lo, float hi, int64_t cap, int64_t* out) {
+  int64_t count = 0;
+  for (int64_t block = 0; block < n_valid; block += 32) {
+    uint32_t hits = in_range32(x + block, lo, hi);
+    if (n_valid - block < 32) hits &= (1u << (n_valid - block)) - 1u;
+    for (; hits != 0; hits &= hits - 1) {
+      if (count == cap) return cap + 1;
+      out[count++] = block + lowest_set_bit(hits);
+    }
+  }
+  return count;
+}
+
+// The softmax mass at or above each of kMassPivots thresholds: mass[j] = sum over
+// x[i] >= pivots[j] of 2^z, z = (x[i] - max) * a clamped at -126 as in exp_sums, for
+// x[0, n) (n a multiple of Simd::kWidth; the caller keeps n to a chunk, so each float
+// sum adds a few thousand terms). One exponential per id for all the thresholds: top_p
+// narrows where its nucleus ends eight ways per pass.
+constexpr int kMassPivots = 8;
+inline void mass_at_least(const float* x, int64_t n, float max, float a, const float* pivots, float* mass) {
+#if defined(UNMASK_SIMD)
+  const Simd::Reg va = Simd::set1(a), vmax = Simd::set1(max), lowest = Simd::set1(-126.0f);
+  Simd::Reg threshold[kMassPivots], sum[kMassPivots];
+  for (int j = 0; j < kMassPivots; ++j) {
+    threshold[j] = Simd::set1(pivots[j]);
+    sum[j] = Simd::zero();
+  }
+  for (int64_t i = 0; i < n; i += Simd::kWidth) {
+    const Simd::Reg v = Simd::load(x + i);
+    Simd::Reg e[1] = {Simd::max(Simd::mul(Simd::sub(v, vmax), va), lowest)};
+    exp2_interleaved(e);
+    for (int j = 0; j < kMassPivots; ++j) sum[j] = Simd::add_where(Simd::at_least(v, threshold[j]), sum[j], e[0]);
+  }
+  for (int j = 0; j < kMassPivots; ++j) mass[j] = Simd::reduce_add(sum[j]);
+#else
+  for (int j = 0; j < kMassPivots; ++j) {
+    const float pivot = pivots[j];
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) sum += x[i] >= pivot ? exp2_poly(std::max((x[i] - max) * a, -126.0f)) : 0.0f;
+    mass[j] = sum;
+  }
 #endif
 }
 

@@ -81,6 +81,7 @@ struct Simd {
   static Reg keep_or_zero(Mask m, Reg a) { return _mm512_maskz_mov_ps(m, a); }  // a where m, else 0
   static Reg select(Mask m, Reg a, Reg b) { return _mm512_mask_blend_ps(m, b, a); }  // a where m, else b
   static Reg fmadd_where(Mask m, Reg a, Reg b, Reg c) { return _mm512_mask3_fmadd_ps(a, b, c, m); }  // a*b+c where m, else c
+  static Reg add_where(Mask m, Reg a, Reg b) { return _mm512_mask_add_ps(a, m, a, b); }  // a+b where m, else a
   static uint32_t bits(Mask m) { return m; }
 
   static float reduce_max(Reg v) { return _mm512_reduce_max_ps(v); }
@@ -140,6 +141,7 @@ struct Simd {
   static Reg keep_or_zero(Mask m, Reg a) { return _mm256_and_ps(m, a); }
   static Reg select(Mask m, Reg a, Reg b) { return _mm256_blendv_ps(b, a, m); }  // a where m, else b
   static Reg fmadd_where(Mask m, Reg a, Reg b, Reg c) { return _mm256_blendv_ps(c, _mm256_fmadd_ps(a, b, c), m); }
+  static Reg add_where(Mask m, Reg a, Reg b) { return _mm256_add_ps(a, _mm256_and_ps(m, b)); }
   static uint32_t bits(Mask m) { return static_cast<uint32_t>(_mm256_movemask_ps(m)); }
 
   static float reduce_max(Reg v) {

@@ -39,6 +39,14 @@ inline int lowest_set_bit(uint32_t bits) {  // bits != 0
 #endif
 }
 
+inline int set_bit_count(uint32_t bits) {
+#if defined(_MSC_VER) && !defined(__clang__)
+  return static_cast<int>(__popcnt(bits));
+#else
+  return __builtin_popcount(bits);
+#endif
+}
+
 inline float bf16_to_float(uint16_t bits) { return bits_to_float(static_cast<uint32_t>(bits) << 16); }
 
 // IEEE half to float without branches on the common path: normals and zeros by
