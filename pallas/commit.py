@@ -54,9 +54,11 @@ def _commit_kernel(x_ref, tokens_ref, conf_ref, eligible_ref, k_ref, bounds_ref,
 
     rank = jax.lax.fori_loop(0, length, count_better, jnp.zeros(conf.shape, jnp.int32))
     n_eligible = jnp.sum(eligible.astype(jnp.int32), axis=1, keepdims=True)
-    at_least_one = (n_eligible > 0).astype(jnp.int32)
+    # count mode commits min(k, eligible); the other modes at least that many and whatever
+    # else passes (k is 1 there unless threshold mode is given a floor)
+    floor = jnp.minimum(jnp.maximum(k_ref[...], 0), n_eligible)
     if mode == "count":
-        n = jnp.minimum(k_ref[...], n_eligible)
+        n = floor
     else:
         bounds = bounds_ref[...]  # a position of rank r passes where conf > bounds[:, r]
         if mode == "threshold":
@@ -68,7 +70,7 @@ def _commit_kernel(x_ref, tokens_ref, conf_ref, eligible_ref, k_ref, bounds_ref,
 
             bound = jax.lax.fori_loop(0, length, bound_of_rank, jnp.full(conf.shape, jnp.inf, jnp.float32))
         passes = eligible & (conf > bound)
-        n = jnp.maximum(jnp.sum(passes.astype(jnp.int32), axis=1, keepdims=True), at_least_one)
+        n = jnp.maximum(jnp.sum(passes.astype(jnp.int32), axis=1, keepdims=True), floor)
     committed = eligible & (rank < n)
     committed_ref[...] = committed.astype(jnp.int32)
     out_ref[...] = jnp.where(committed, tokens_ref[...], x_ref[...])
@@ -91,7 +93,8 @@ def _call(kernel, batch: int, length: int, compiler_params, interpret: bool):
 @functools.partial(jax.jit, static_argnames=("mode", "interpret", "variant"))
 def commit_pallas(x, tokens, conf, eligible, k, bounds, *, mode: str, interpret: bool = False,
                   variant: str | None = None):
-    """x, tokens int32 [B, L], conf float32 [B, L], eligible int32 [B, L], k int32 [B, 1],
+    """x, tokens int32 [B, L], conf float32 [B, L], eligible int32 [B, L], k int32 [B, 1]
+    (count mode's counts; the other modes' floor, 1 for plain threshold and factor),
     bounds float32 [B, L] (threshold and factor: the bound of each rank, the same in
     every row; unread in count mode), B a multiple of 8. Returns (new canvas, committed
     int32).

@@ -53,11 +53,15 @@ def fast_dllm_v2(model, prompt: list[int], gen_length: int, block: int, sub_bloc
             return x[0, len(prompt):len(prompt) + gen_length]
 
 
-def sdar(model, prompt: list[int], gen_length: int, block: int, steps: int):
+def sdar(model, prompt: list[int], gen_length: int, block: int, steps: int, threshold: float | None = None,
+         calls: list | None = None):
     """SDAR's generation loop with its static rule, greedy: blocks on the grid from
     position 0, the prompt's last partial block decoded first; each block's steps commit
     the counts of LLaDA's schedule for a whole block (fewer when fewer masks are left),
-    the most probable masks first."""
+    the most probable masks first. With a threshold, its low_confidence_dynamic rule (and
+    LLaDA 2.0's): a step commits every mask above the threshold when there are at least
+    its count of them, else its count; a block ends when its masks do. calls, when
+    given, gets the model calls made."""
     end = -(-(len(prompt) + gen_length) // block) * block
     x = torch.cat([torch.tensor([prompt]), torch.full((1, end - len(prompt)), MASK)], dim=1)
     counts = [block // steps + (i < block % steps) for i in range(steps)]  # LLaDA's split of a whole block
@@ -67,8 +71,12 @@ def sdar(model, prompt: list[int], gen_length: int, block: int, steps: int):
             if not masked.any():
                 break
             tokens, conf = best(model, x, list(range(start, start + block)))
+            if calls is not None:
+                calls.append(start)
             conf = torch.where(masked, conf, -1.0)
             chosen = conf.topk(min(count, int(masked.sum()))).indices
+            if threshold is not None and int((conf > threshold).sum()) >= count:
+                chosen = (conf > threshold).nonzero()[:, 0]
             x[0, start + chosen] = tokens[chosen]
     return x[0, len(prompt):len(prompt) + gen_length]
 
@@ -102,6 +110,35 @@ def test_decodes_as_sdar(prompt_length, block, steps_per_block, layout):
     out = unmask.generate(model, [prompt], gen_length=16, block_length=block, steps=steps_per_block * 16 // block,
                           block_grid="model", stop_at_eos=False)
     assert out.tokens[0].tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("layout", [{}, SDAR_LAYOUT], ids=["llada", "sdar"])
+@pytest.mark.parametrize("threshold", [0.12, 0.3])
+@pytest.mark.parametrize("prompt_length,block,steps_per_block", [(6, 4, 4), (13, 8, 3), (8, 4, 2), (1, 8, 8)])
+def test_decodes_as_sdar_dynamic(prompt_length, block, steps_per_block, threshold, layout):
+    """steps with threshold: SDAR's low_confidence_dynamic, in the same model calls."""
+    model = tiny_model(seed=6, std=0.5, block_size=block, **layout)
+    prompt = [(5 * i + 1) % 50 for i in range(prompt_length)]
+    calls = []
+    expected = sdar(model, prompt, 16, block, steps_per_block, threshold=threshold, calls=calls)
+    out = unmask.generate(model, [prompt], gen_length=16, block_length=block, steps=steps_per_block * 16 // block,
+                          threshold=threshold, block_grid="model", stop_at_eos=False)
+    assert out.tokens[0].tolist() == expected.tolist()
+    assert out.nfe == len(calls)
+
+
+def test_the_dynamic_rule_is_not_the_static_one():
+    """The cases above would pass with the threshold ignored if it never decided: here it
+    commits past the plan (fewer calls) and changes the tokens."""
+    model = tiny_model(seed=6, std=0.5, block_size=8, **SDAR_LAYOUT)
+    prompt = [(5 * i + 1) % 50 for i in range(13)]
+    arguments = dict(gen_length=16, block_length=8, steps=16, block_grid="model", stop_at_eos=False)
+    static = unmask.generate(model, [prompt], **arguments)
+    dynamic = unmask.generate(model, [prompt], threshold=0.12, **arguments)
+    assert dynamic.nfe < static.nfe
+    assert dynamic.tokens[0].tolist() != static.tokens[0].tolist()
+    calls = []
+    assert dynamic.tokens[0].tolist() == sdar(model, prompt, 16, 8, 8, threshold=0.12, calls=calls).tolist()
 
 
 @pytest.mark.parametrize("layout", [{}, DREAM_LAYOUT], ids=["llada", "dream"])

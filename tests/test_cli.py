@@ -32,6 +32,22 @@ def test_generate_from_ids(tmp_path, capsys):
     assert all(token.isdigit() for token in result_line.split())
 
 
+def test_generate_with_steps_and_threshold(capsys):
+    """--steps with --threshold: SDAR's and LLaDA 2.0's rule, as generate decodes it."""
+    from unmask.models.checkpoint import encode_text
+
+    model = unmask.from_pretrained(cli.default_model_path())
+    prompt = encode_text(model.tokenizer, "sort:8531=", "prompt")
+    out = unmask.generate(model, [prompt], gen_length=16, block_length=8, steps=8, threshold=0.3)
+    steps_only = unmask.generate(model, [prompt], gen_length=16, block_length=8, steps=8)
+    assert out.nfe < steps_only.nfe, "the threshold must finish blocks early here, or this tests nothing"
+    assert cli.main(["generate", "--prompt", "sort:8531=", "--gen-length", "16", "--block-length", "8", "--steps", "8",
+                     "--threshold", "0.3", "--quiet"]) == 0
+    assert f"NFE {out.nfe} " in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: --threshold and --factor exclude each other
+        cli.main(["generate", "--prompt", "1+2=", "--threshold", "0.3", "--factor", "1.0", "--quiet"])
+
+
 def test_generate_on_the_models_block_grid(tmp_path, capsys):
     model = tiny_model(seed=5, std=0.5, block_size=4, model_type="dream", include_qkv_bias=True)
     unmask.save_pretrained(model, tmp_path)

@@ -74,6 +74,22 @@ def test_threshold_mode(batch, length, seed, ties, threshold):
     assert ((committed.sum(1) >= 1) == eligible.any(1)).all(), "at least one per row while any is eligible"
 
 
+@given(**shapes, threshold=st.floats(-0.5, 1.5), k=st.integers(0, 45))
+def test_threshold_mode_with_a_floor(batch, length, seed, ties, threshold, k):
+    """k with threshold: SDAR's low_confidence_dynamic (and LLaDA 2.0's rule), written as
+    they write it, row by row: the positions above the threshold when there are at
+    least k of them, else the k most confident."""
+    x, tokens, conf, eligible = canvas(batch, length, seed, ties)
+    ks = torch.randint(0, k + 1, (batch,))
+    committed = ops.commit(x, tokens, conf, eligible, k=ks, threshold=threshold)
+    expected = torch.zeros_like(eligible)
+    for b in range(batch):
+        order = best_first(conf[b], eligible[b])
+        high = [j for j in order if float(conf[b, j]) > threshold]
+        expected[b, high if len(high) >= int(ks[b]) else order[:int(ks[b])]] = True
+    check(x, tokens, committed, expected)
+
+
 @given(**shapes, factor=st.floats(0.01, 4.0))
 def test_factor_mode(batch, length, seed, ties, factor):
     x, tokens, conf, eligible = canvas(batch, length, seed, ties)

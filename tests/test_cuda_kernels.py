@@ -91,7 +91,7 @@ def test_cuda_commit_leaves_float64_confidences_to_the_reference(cuda_runner):
 
 
 @pytest.mark.parametrize("length", [1, 17, 99, 1025, 4096])
-@pytest.mark.parametrize("mode", ["k", "threshold", "factor"])
+@pytest.mark.parametrize("mode", ["k", "threshold", "threshold with k", "factor"])
 def test_cuda_commit_equals_reference(cuda_runner, length, mode):
     gen = torch.Generator().manual_seed(length)
     batch = 5
@@ -99,8 +99,9 @@ def test_cuda_commit_equals_reference(cuda_runner, length, mode):
     conf[0, 0] = float("nan")
     eligible = torch.rand(batch, length, generator=gen) > 0.4
     tokens = torch.randint(0, 1000, (batch, length), generator=gen)
-    kwargs = {"k": torch.randint(0, length + 1, (batch,), generator=gen)} if mode == "k" else (
-        {"threshold": 0.6} if mode == "threshold" else {"factor": 1.5})
+    counts = torch.randint(0, length + 1, (batch,), generator=gen)
+    kwargs = {"k": {"k": counts}, "threshold": {"threshold": 0.6}, "factor": {"factor": 1.5},
+              "threshold with k": {"k": counts // 3, "threshold": 0.6}}[mode]  # k // 3: the floor sometimes decides
     x = torch.full((batch, length), -1, dtype=torch.int64)
     expected_x = x.clone()
     expected = reference.commit(expected_x, tokens, conf, eligible, **kwargs)

@@ -69,7 +69,7 @@ BAD_CALLS = [
     ("sample rows dtype", lambda: ops.sample(logits, rows=torch.tensor([0.0])), TypeError, "rows"),
     ("sample NaN logits", lambda: ops.sample(torch.full((2, 3), float("nan"))), ValueError, "NaN"),
     ("commit no mode", lambda: ops.commit(x, x, conf, eligible), ValueError, "exactly one of k, threshold, factor"),
-    ("commit two modes", lambda: ops.commit(x, x, conf, eligible, k=1, threshold=0.5), ValueError, "exactly one"),
+    ("commit two modes", lambda: ops.commit(x, x, conf, eligible, k=1, factor=0.5), ValueError, "exactly one"),
     ("commit x dtype", lambda: ops.commit(x.float(), x, conf, eligible, k=1), TypeError, "x must have dtype"),
     ("commit tokens shape", lambda: ops.commit(x, x[:, :3], conf, eligible, k=1), ValueError, "tokens must have shape"),
     ("commit conf dtype", lambda: ops.commit(x, x, x, eligible, k=1), TypeError, "conf must have dtype"),
@@ -212,9 +212,11 @@ def _jax_commit(x, tokens, conf, eligible, **kwargs):
 
 
 BAD_COMMIT = [
-    ("no mode", {}, ValueError, "commit takes exactly one of k, threshold, factor; got none"),
-    ("two modes", dict(k=1, threshold=0.5), ValueError, "commit takes exactly one of k, threshold, factor; got ['k', "
-                                                        "'threshold']"),
+    ("no mode", {}, ValueError, "commit takes exactly one of k, threshold, factor, or k with threshold; got none"),
+    ("two modes", dict(k=1, factor=0.5), ValueError, "commit takes exactly one of k, threshold, factor, or k with "
+                                                     "threshold; got ['k', 'factor']"),
+    ("three modes", dict(k=1, threshold=0.5, factor=0.5), ValueError, "got ['k', 'threshold', 'factor']"),
+    ("floor negative", dict(k=-1, threshold=0.5), ValueError, "k must be >= 0, got -1"),
     ("k negative", dict(k=-1), ValueError, "k must be >= 0, got -1"),
     ("factor", dict(factor=0.0), ValueError, "factor must be > 0, got 0.0"),
     ("threshold nan", dict(threshold=float("nan")), ValueError, "threshold must be finite, got nan"),
@@ -258,7 +260,10 @@ model = tiny_model()
 BAD_GENERATE = [
     ("block_length does not divide", dict(gen_length=10, block_length=4), "block_length=4 must divide gen_length=10"),
     ("steps not a multiple of blocks", dict(gen_length=8, block_length=4, steps=3), "steps=3 must be a multiple"),
-    ("two rules", dict(steps=8, threshold=0.9), "at most one of steps, threshold, factor"),
+    ("two rules", dict(steps=8, factor=0.9), "at most one of steps, threshold, factor (or steps with threshold)"),
+    ("three rules", dict(steps=8, threshold=0.5, factor=0.9), "got ['steps', 'threshold', 'factor']"),
+    ("threshold and factor", dict(threshold=0.5, factor=0.9), "got ['threshold', 'factor']"),
+    ("steps with threshold checks the threshold", dict(steps=8, threshold=1.5), "threshold=1.5 must lie in [0, 1)"),
     ("gen_length zero", dict(gen_length=0), "gen_length"),
     ("remasking", dict(remasking="confident"), "remasking"),
     ("temperature", dict(temperature=-0.1), "temperature"),
@@ -283,6 +288,19 @@ def _jax_generate(prompts, **kwargs):
 
 GENERATE_FRONT_ENDS = {"torch": lambda prompts, **kwargs: unmask.generate(model, prompts, **kwargs),
                        "jax": _jax_generate}
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(speculate=2), "speculate does not take steps with threshold yet"),
+    (dict(revise_threshold=0.5), "revise_threshold needs threshold= or factor= decoding"),
+], ids=["speculate", "revise"])
+@pytest.mark.parametrize("entry", ["generate", "infill"])
+def test_steps_with_threshold_where_it_does_not_apply(kwargs, fragment, entry):
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        if entry == "generate":
+            unmask.generate(model, [[1, 2, 3]], gen_length=8, block_length=8, steps=8, threshold=0.5, **kwargs)
+        else:
+            unmask.infill(model, torch.tensor([[1, 60, 60, 2]]), mask_id=60, steps=2, threshold=0.5, **kwargs)
 
 
 @pytest.mark.parametrize("front_end", list(GENERATE_FRONT_ENDS))

@@ -183,7 +183,8 @@ class TestPallasCompiled:
         finite = np.isfinite(expected)
         np.testing.assert_allclose(dirty[finite], expected[finite], rtol=1e-4, atol=1e-5)
 
-    @pytest.mark.parametrize("mode", [dict(k=[2, 0, 5]), dict(threshold=0.5), dict(factor=1.2)])
+    @pytest.mark.parametrize("mode", [dict(k=[2, 0, 5]), dict(threshold=0.5), dict(factor=1.2),
+                                      dict(k=[9, 0, 1], threshold=0.5)])
     def test_commit(self, mode):
         gen = torch.Generator().manual_seed(1)
         x = torch.full((3, 37), -1, dtype=torch.long)

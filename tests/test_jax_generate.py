@@ -50,6 +50,11 @@ CASES = [
     # SDAR's Qwen3 layout: q/k norms, a head dim (16) apart from d_model / heads (8)
     (SDAR, {"threshold": 0.3, "block_length": 4}),
     (SDAR, {"steps": 8, "block_length": 4, "cache": "dual"}),
+    # steps with threshold (SDAR's low_confidence_dynamic): the plan's counts as floors,
+    # a block ending with its masks (0.2 decides on these models: fewer calls, or other tokens)
+    ({}, {"steps": 4, "block_length": 8, "threshold": 0.2}),
+    (SDAR, {"steps": 8, "block_length": 4, "threshold": 0.2, "cache": "dual"}),
+    ({}, {"steps": 8, "block_length": 4, "threshold": 0.2, "temperature": 0.8, "seed": 4}),
     # Dream's sampling: confidence at the sampling temperature, the nucleus measured there
     (DREAM, {"steps": 8, "block_length": 8, "schedule": "dream", "temperature": 0.3, "top_p": 0.9,
              "conf_temperature": 0.3, "remasking": "entropy", "seed": 6}),

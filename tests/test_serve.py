@@ -103,6 +103,12 @@ SETTINGS = [
     {"max_tokens": 8, "cfg_scale": 0.5},
     {"max_tokens": 16, "cache": "dual"},  # two blocks: the cache is filled again for the second
     {"max_tokens": 12, "block_length": 4, "threshold": 0.5, "cache": "prefix"},
+    # steps with a threshold: the plan's counts as floors, a block ending with its masks
+    {"max_tokens": 16, "block_length": 8, "steps": 8, "threshold": 0.3},
+    # sampled: a block that ends early must not move the next block's noise (its RNG step);
+    # blocks of two planned as 1 + 1, the threshold taking both at once (seed 2: a draw
+    # that an extra step would change)
+    {"max_tokens": 16, "block_length": 2, "steps": 16, "threshold": 0.3, "temperature": 3.0, "seed": 2},
     {"max_tokens": 8, "temperature": 0.8, "seed": 5, "cfg_scale": 0.5, "cache": "dual"},
     # Dream's sampling: the nucleus and the confidence at the sampling temperature
     {"max_tokens": 8, "temperature": 0.5, "top_p": 0.8, "conf_temperature": 0.5, "remasking": "entropy", "seed": 3},

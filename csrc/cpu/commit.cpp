@@ -21,7 +21,8 @@ int64_t commit_count(const CommitParams& p, int64_t row, const std::vector<std::
     case CommitMode::kThreshold: {
       int64_t passing = 0;
       while (passing < eligible && ranked[passing].first > p.threshold) ++passing;
-      return std::max<int64_t>(passing, 1);
+      const int64_t floor = p.k != nullptr ? std::max<int64_t>(p.k[row], 0) : 1;
+      return std::max(passing, std::min(floor, eligible));
     }
     case CommitMode::kFactor: {
       // (n + 1) * (1 - c_n) grows with n: the n that satisfy the rule form a prefix.

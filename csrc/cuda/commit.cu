@@ -50,13 +50,12 @@ __global__ void __launch_bounds__(kThreads) commit_kernel(CommitParams p) {
   atomicAdd(&passing_count, my_passing);
   __syncthreads();
 
-  int64_t n;
-  if (p.mode == CommitMode::kCount) {
-    const int64_t k = p.k[blockIdx.x] > 0 ? p.k[blockIdx.x] : 0;
-    n = k < eligible_count ? k : eligible_count;
-  } else {
-    n = passing_count > 0 ? passing_count : (eligible_count > 0 ? 1 : 0);  // at least one while any is eligible
-  }
+  // At least min(floor, eligible): count mode commits exactly that; the others at least
+  // one, or threshold mode's given floor (commit.h).
+  const bool has_floor = p.mode == CommitMode::kCount || (p.mode == CommitMode::kThreshold && p.k != nullptr);
+  const int64_t floor = has_floor ? (p.k[blockIdx.x] > 0 ? p.k[blockIdx.x] : 0) : 1;
+  int64_t n = floor < eligible_count ? floor : eligible_count;
+  if (p.mode != CommitMode::kCount && passing_count > n) n = passing_count;
   for (int64_t j = threadIdx.x; j < p.length; j += kThreads) {
     const bool commit = eligible[j] && rank[j] < n;
     p.committed[base + j] = commit;

@@ -404,8 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ids", help="prompt token ids, e.g. 1,2,3")
     gen.add_argument("--gen-length", type=int, help="default 64 (8 for the bundled model)")
     gen.add_argument("--block-length", type=int, help="default min(32, gen length)")
+    gen.add_argument("--steps", type=int, help="denoising steps in all; with --threshold, each step's floor (commit "
+                                                "the step's planned count, or more above the threshold: SDAR's and "
+                                                "LLaDA 2.0's rule)")
     rule = gen.add_mutually_exclusive_group()
-    rule.add_argument("--steps", type=int)
     rule.add_argument("--threshold", type=float)
     rule.add_argument("--factor", type=float)
     gen.add_argument("--schedule", default="llada", choices=["llada", "dream"],

@@ -268,16 +268,20 @@ def commit_counts(
     threshold: float | None = None,
     factor: float | None = None,
 ) -> torch.Tensor:
-    """How many positions each row commits (int64 [B]), from exactly one of the modes."""
+    """How many positions each row commits (int64 [B]): k alone, the k most confident
+    (none for a negative k); threshold, those above it, and at least min(k, eligible)
+    with k given (SDAR's and LLaDA 2.0's rule: a step's planned count, or more where
+    more pass), else at least one; factor, the factor rule's prefix, at least one."""
     n_eligible = eligible.sum(dim=-1)
-    if k is not None:
-        return torch.minimum(k.to(n_eligible.device, torch.int64), n_eligible)
+    floor = None if k is None else torch.minimum(k.to(n_eligible.device, torch.int64).clamp(min=0), n_eligible)
+    if k is not None and threshold is None:
+        return floor
     conf = ranking_confidence(conf)
     ranked = torch.sort(torch.where(eligible, conf, float("-inf")), dim=-1, descending=True).values
     at_least_one = (n_eligible > 0).to(torch.int64)
     if threshold is not None:
         passing = (eligible & (conf > threshold)).sum(dim=-1)
-        return torch.maximum(passing, at_least_one)
+        return torch.maximum(passing, at_least_one if floor is None else floor)
     # Factor rule: (n + 1) * (1 - c_n) grows with n, so the n that satisfy it form a prefix.
     n = torch.arange(1, conf.shape[-1] + 1, device=conf.device, dtype=torch.float64)
     passes = ((n + 1) * (1 - ranked) < factor) & (n <= n_eligible[:, None])

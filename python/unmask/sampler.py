@@ -315,8 +315,8 @@ class DenoiseStep:
                  vocab: int | None = None):
         self.state, self.block_length, self.logits_fn = state, block_length, logits_fn
         self.sampling, self.mask_id, self.sample, self.vocab = sampling, mask_id, sample, vocab
-        if rule.steps_per_block is not None:
-            self.mode = {"k": state.k}
+        if rule.steps_per_block is not None:  # with a threshold too, k is the step's floor
+            self.mode = {"k": state.k} if rule.threshold is None else {"k": state.k, "threshold": rule.threshold}
         else:
             self.mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
         self.banned = torch.full((1,), mask_id, dtype=torch.int64, device=state.x.device)  # (no host copy)
@@ -483,24 +483,26 @@ def _decode(
                 callback(nfe, x, everywhere)
             return remaining
 
-        if rule.steps_per_block is not None:
-            plan = _block_plan(counts, end - start, rule, full_block_plans)
+        # The steps rule runs its plan; a threshold, alone or beside the plan (which it can
+        # finish early), runs until the block's masks are gone: each step commits at least
+        # one position of every row with masks.
+        plan = None if rule.steps_per_block is None else _block_plan(counts, end - start, rule, full_block_plans)
+        if plan is not None:
             plan_on_device = torch.tensor(plan, dtype=torch.int64).to(x.device, non_blocking=True)
-            for i in range(len(plan[0])):
+        ends_early = plan is None or rule.threshold is not None
+        for i in range(end - start if plan is None else len(plan[0])):
+            if plan is not None:
                 state.k.copy_(plan_on_device[:, i])
-                step()
-                nfe, canvases, block_steps = nfe + 1, canvases + 1, block_steps + 1
-        else:
-            for _ in range(end - start):  # each step commits at least one position of every row with masks
-                remaining = step()
+            remaining = step()
+            if ends_early:
                 flags.post(nfe, remaining)
-                nfe, canvases, block_steps = nfe + 1, canvases + 1, block_steps + 1
-                if block_steps > flags.lag and not flags.read(nfe - 1 - flags.lag):
-                    # The steps after the block's last commit committed nothing: they were
-                    # model calls (nfe counts them) but not steps of the schedule (no row
-                    # had a mask, so none moved its RNG offset).
-                    block_steps -= flags.lag
-                    break
+            nfe, canvases, block_steps = nfe + 1, canvases + 1, block_steps + 1
+            if ends_early and block_steps > flags.lag and not flags.read(nfe - 1 - flags.lag):
+                # The steps after the block's last commit committed nothing: they were
+                # model calls (nfe counts them) but not steps of the schedule (no row
+                # had a mask, so none moved its RNG offset).
+                block_steps -= flags.lag
+                break
         steps_per_block.append(block_steps)
         if eos_id is not None:
             state.running.logical_and_(~_stop_rows_at_eos(x, generation_start, end, eos_id, state.running))
@@ -758,7 +760,7 @@ def generate(
     rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=gen_length,
                            confidence=sampling.confidence, schedule=schedule)
     cfg_scale = validation.check_cfg_scale(cfg_scale)
-    validation.check_int("speculate", speculate, low=0)
+    validation.check_speculate(speculate, rule)
     validation.check_bool("speculate_siblings", speculate_siblings)
     revision = validation.revision(revise_threshold, revise_groups, max_revisions, rule=rule, speculate=speculate)
     _check_cache(model, cache)
@@ -912,6 +914,7 @@ def infill(
                                    conf_temperature=conf_temperature)
     rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=default_steps,
                            confidence=sampling.confidence, schedule=schedule)
+    validation.check_speculate(speculate, rule)
     revision = validation.revision(revise_threshold, revise_groups, max_revisions, rule=rule, speculate=speculate)
 
     blocks = [(i * block_length, (i + 1) * block_length) for i in range(num_blocks)]

@@ -460,10 +460,12 @@ def attention_call(q, k, v, *, kv_len=None, key_valid=None, block_size=None, q_o
 
 
 def commit_mode(k, threshold, factor) -> str:
-    """Exactly one of k, threshold, factor; the checked scalar ones. Returns the mode."""
+    """Exactly one of k, threshold, factor, or k with threshold (k is then the floor: at
+    least min(k, eligible) commit); the checked scalar ones. Returns the mode."""
     given = [name for name, value in (("k", k), ("threshold", threshold), ("factor", factor)) if value is not None]
-    if len(given) != 1:
-        raise ValueError(f"commit takes exactly one of k, threshold, factor; got {given or 'none'}")
+    if len(given) != 1 and given != ["k", "threshold"]:
+        raise ValueError(f"commit takes exactly one of k, threshold, factor, or k with threshold; got "
+                         f"{given or 'none'}")
     if threshold is not None:
         check_float("threshold", threshold)
         return "threshold"
@@ -492,7 +494,7 @@ class CommitCall:
     conf: torch.Tensor
     eligible: torch.Tensor
     mode: str
-    k: torch.Tensor | None  # int64 [B] in count mode
+    k: torch.Tensor | None  # int64 [B]: count mode's counts, or threshold mode's floor
     threshold: float | None
     factor: float | None
 
@@ -649,7 +651,10 @@ def model_grid(block_size, block_length: int, prompt_lengths: Sequence[int], *, 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """How a block decides how many positions to commit each step (exactly one is set)."""
+    """How a block decides how many positions to commit each step: steps_per_block,
+    threshold or factor; or steps_per_block with threshold, where each step commits its
+    planned count and whatever else passes the threshold, and the block ends when its
+    masks do (SDAR's low_confidence_dynamic, LLaDA 2.0's rule)."""
 
     steps_per_block: int | None = None
     threshold: float | None = None
@@ -664,11 +669,11 @@ CONFIDENCE_RANGES = {"prob": (0.0, 1.0), "margin": (0.0, 1.0), "random": (0.0, 1
 
 def rule(steps, threshold, factor, *, num_blocks: int, default_steps: int, confidence: str,
          schedule: str = "llada") -> Rule:
-    """Exactly one of steps (default default_steps), threshold, factor; schedule (the
-    steps rule's, unmask.schedule) is "llada" with the other two."""
+    """One of steps (default default_steps), threshold, factor, or steps with threshold
+    (Rule); schedule (the steps rule's, unmask.schedule) is "llada" without steps."""
     given = [name for name, value in (("steps", steps), ("threshold", threshold), ("factor", factor)) if value is not None]
-    if len(given) > 1:
-        raise ValueError(f"give at most one of steps, threshold, factor; got {given}")
+    if len(given) > 1 and given != ["steps", "threshold"]:
+        raise ValueError(f"give at most one of steps, threshold, factor (or steps with threshold); got {given}")
     from unmask.schedule import MAX_DREAM_STEPS, SCHEDULES
 
     check_choice("schedule", schedule, SCHEDULES)
@@ -683,7 +688,8 @@ def rule(steps, threshold, factor, *, num_blocks: int, default_steps: int, confi
         if confidence != "entropy" and not low <= threshold < high:
             raise ValueError(f"threshold={threshold} must lie in [0, 1) for {confidence!r} confidence (values in "
                              f"[0, 1]); a threshold >= 1 is never exceeded")
-        return Rule(threshold=threshold)
+        if steps is None:
+            return Rule(threshold=threshold)
     if factor is not None:
         return Rule(factor=check_float("factor", factor, positive=True))
     steps = default_steps if steps is None else steps
@@ -693,7 +699,16 @@ def rule(steps, threshold, factor, *, num_blocks: int, default_steps: int, confi
     if schedule == "dream" and steps // num_blocks > MAX_DREAM_STEPS:
         raise ValueError(f"steps={steps} gives {steps // num_blocks} steps per block; schedule='dream' plans them one "
                          f"by one and takes at most {MAX_DREAM_STEPS}")
-    return Rule(steps_per_block=steps // num_blocks, schedule=schedule)
+    return Rule(steps_per_block=steps // num_blocks, threshold=threshold, schedule=schedule)
+
+
+def check_speculate(speculate, rule: Rule) -> int:
+    """speculate (drafted steps per model call, 0: none) for this rule."""
+    check_int("speculate", speculate, low=0)
+    if speculate and rule.steps_per_block is not None and rule.threshold is not None:
+        raise ValueError("speculate does not take steps with threshold yet: its drafts follow a plan that a step "
+                         "committing past it would change; use one rule, or speculate=0")
+    return speculate
 
 
 @dataclasses.dataclass(frozen=True)

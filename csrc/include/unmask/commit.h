@@ -9,6 +9,9 @@
 namespace unmask {
 
 // Bound to Python as unmask._C.CommitMode (count, threshold, factor).
+// The count each row commits, given its eligible positions and how many pass the
+// threshold or factor rule: count mode takes k; the others commit what passes, and at
+// least min(floor, eligible) where floor is k in threshold mode when given, else 1.
 enum class CommitMode : int { kCount = 0, kThreshold = 1, kFactor = 2 };
 
 struct CommitParams {
@@ -21,7 +24,10 @@ struct CommitParams {
   int64_t batch;
   int64_t length;
   CommitMode mode;
-  const int64_t* k;        // [batch], count mode; a negative count commits nothing
+  // [batch]: count mode's counts (a negative count commits nothing), or threshold mode's
+  // floor, at least min(k, eligible) committed (null: at least one; SDAR's and LLaDA
+  // 2.0's rule, a step's planned count plus whatever else passes the threshold)
+  const int64_t* k;
   double threshold;        // threshold mode
   double factor;           // factor mode
 };

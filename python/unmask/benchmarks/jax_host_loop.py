@@ -69,10 +69,12 @@ def host_loop_generate(model: JaxModel, prompts, *, attention_mask=None, gen_len
         block_steps = 0
         for step in range(counts.shape[1] if counts is not None else end - start):
             eligible = (np.asarray(x[:, start:end]) == mask_id) & running[:, None]
+            if not eligible.any() and (counts is None or rule.threshold is not None):
+                break  # a threshold (alone, or beside the plan) ends the block with its masks
             if counts is not None:
                 mode = {"k": jnp.asarray(counts[:, step])}
-            elif not eligible.any():
-                break
+                if rule.threshold is not None:
+                    mode["threshold"] = rule.threshold
             else:
                 mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
             logits = _block_logits(model, x, model_mask, prompt_positions, mask_id, cfg_scale, start, end)

@@ -274,7 +274,9 @@ def commit(x, tokens, conf, eligible, *, k=None, threshold: float | None = None,
     if batch == 0 or length == 0:  # no position: nothing commits
         return jnp.asarray(x), jnp.zeros(x.shape, bool)
     padded = _round_up(max(batch, 1), commit_kernel.ROW_BLOCK)
-    counts = jnp.zeros((batch,), jnp.int32) if k is None else jnp.broadcast_to(jnp.asarray(k, jnp.int32), (batch,))
+    # count mode's counts, or the other modes' floor (at least min(k, eligible) commit;
+    # one unless threshold mode is given k)
+    counts = jnp.broadcast_to(jnp.asarray(1 if k is None else k, jnp.int32), (batch,))
 
     def pad(a, dtype):
         return jnp.pad(jnp.asarray(a).astype(dtype), ((0, padded - batch), (0, 0)))

@@ -92,12 +92,15 @@ def commit(x, tokens, conf, eligible, *, k=None, threshold=None, factor=None):
     order = jnp.lexsort((jnp.arange(length)[None, :].repeat(x.shape[0], 0), -conf, ~eligible), axis=-1)
     rank = jnp.argsort(order, axis=-1)
     n_eligible = jnp.sum(eligible, axis=-1)
-    if k is not None:
-        n = jnp.minimum(jnp.asarray(k), n_eligible)
+    # count mode commits min(k, eligible); the others at least that many (k = 1 unless
+    # threshold mode is given one) and whatever else passes
+    floor = jnp.minimum(jnp.maximum(jnp.asarray(1 if k is None else k), 0), n_eligible)
+    if threshold is None and factor is None:
+        n = floor
     else:  # float32 bounds per rank that decide as float64 arithmetic does (commit_bounds)
         mode = "threshold" if threshold is not None else "factor"
         bounds = jnp.asarray(kernels.rank_bounds(mode, threshold, factor, length))
         passes = eligible & (conf > bounds[rank])
-        n = jnp.maximum(jnp.sum(passes, axis=-1), (n_eligible > 0).astype(jnp.int32))
+        n = jnp.maximum(jnp.sum(passes, axis=-1), floor)
     committed = eligible & (rank < n[:, None])
     return jnp.where(committed, tokens, x), committed

@@ -37,7 +37,7 @@ class BlockProgram:
     block_length: int
     generation_start: int  # the canvas position where the generated text begins
     steps_per_block: int | None  # the steps rule; else threshold or factor
-    threshold: float | None
+    threshold: float | None  # with steps_per_block: each step commits its planned count, or more above it
     factor: float | None
     sampling: validation.Sampling  # with seed 0: the seed is traced (one compilation for every seed)
     cfg_scale: float
@@ -139,7 +139,7 @@ def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params,
     # With a cache the block's first step (which fills it) is taken before the loop: the
     # loop's carry then holds the cache from its first iteration.
     peeled = int(p.cache is not None)
-    if p.steps_per_block is not None:
+    if p.steps_per_block is not None and p.threshold is None:
         counts = jnp.asarray(p.step_counts())
 
         def scheduled(i, state):
@@ -149,6 +149,23 @@ def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params,
             state = scheduled(0, state)
         state = jax.lax.fori_loop(peeled, counts.shape[0], scheduled, state)
         steps = jnp.int32(counts.shape[0])
+    elif p.steps_per_block is not None:  # the plan's counts as floors: the threshold may end the block early
+        counts = jnp.asarray(p.step_counts())
+
+        def planned_more(carry):
+            _, remaining, steps = carry
+            return remaining & (steps < counts.shape[0])
+
+        def planned(carry):
+            state, _, steps = carry
+            floor = jnp.broadcast_to(counts[steps], running.shape)
+            state, remaining = step(state, {"k": floor, "threshold": p.threshold})
+            return state, remaining, steps + 1
+
+        carry = (state, jnp.ones((), bool), jnp.int32(0))
+        if peeled:
+            carry = planned(carry)
+        state, _, steps = jax.lax.while_loop(planned_more, planned, carry)
     else:
         mode = {"threshold": p.threshold} if p.threshold is not None else {"factor": p.factor}
 

@@ -374,8 +374,10 @@ class Engine:
         eligible = blocks == group[0].mask_id
         token_rows = torch.stack([tokens[id(job)] for job in group])
         invalid = ((token_rows < 0) & eligible).any(dim=1)
-        if rule.steps_per_block is not None:
+        if rule.steps_per_block is not None:  # with a threshold too, the plan's count is each step's floor
             mode = {"k": torch.tensor([job.plan[job.step_in_block] for job in group], dtype=torch.int64)}
+            if rule.threshold is not None:
+                mode["threshold"] = rule.threshold
         else:
             mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
         committed = ops.commit(blocks, token_rows, torch.stack([conf[id(job)] for job in group]), eligible, **mode)
@@ -389,8 +391,8 @@ class Engine:
             job.canvas[slice(*job.block_range())] = block
             job.step_in_block += 1
             job.offset += 1
-            if rule.steps_per_block is not None:
-                block_done = job.step_in_block == len(job.plan)
+            if rule.steps_per_block is not None:  # a threshold beside the plan can finish the block early
+                block_done = job.step_in_block == len(job.plan) or (rule.threshold is not None and not masked_left)
             else:
                 block_done = not masked_left
             try:
