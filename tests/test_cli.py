@@ -32,6 +32,21 @@ def test_generate_from_ids(tmp_path, capsys):
     assert all(token.isdigit() for token in result_line.split())
 
 
+def test_generate_stops_at_the_eos_id_given(capsys):
+    """--eos-id: generate stops there (the rest EOS) and the answer is cut there."""
+    from unmask.models.checkpoint import encode_text
+
+    model = unmask.from_pretrained(cli.default_model_path())
+    prompt = encode_text(model.tokenizer, "sort:8531=", "prompt")
+    full = unmask.generate(model, [prompt], gen_length=8, block_length=4, steps=8, stop_at_eos=False).tokens[0].tolist()
+    eos_id = full[1]  # the answer's second token taken for the EOS
+    assert cli.main(["generate", "--prompt", "sort:8531=", "--block-length", "4", "--steps", "8", "--eos-id",
+                     str(eos_id), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == model.tokenizer.decode(full[:1])
+    assert "NFE 4 " in captured.err, "the first block holds the EOS: the second is not decoded"
+
+
 def test_generate_with_steps_and_threshold(capsys):
     """--steps with --threshold: SDAR's and LLaDA 2.0's rule, as generate decodes it."""
     from unmask.models.checkpoint import encode_text

@@ -272,7 +272,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             threshold=args.threshold, factor=args.factor, schedule=args.schedule, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, remasking=args.remasking, conf_temperature=args.conf_temperature,
             cfg_scale=args.cfg_scale, seed=args.seed, callback=printer, cache=args.cache, block_grid=args.block_grid,
-            speculate=args.speculate, revise_threshold=args.revise_threshold,
+            speculate=args.speculate, revise_threshold=args.revise_threshold, eos_id=args.eos_id,
         )
     except BaseException:
         if parallel:  # no barrier: a rank that failed alone would wait there for the others forever
@@ -285,8 +285,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if printer is not None and printer.interactive:
         print()
     tokens = out.tokens[0].tolist()
-    if model.eos_id in tokens:
-        tokens = tokens[: tokens.index(model.eos_id)]
+    eos_id = model.eos_id if args.eos_id is None else args.eos_id
+    if eos_id in tokens:
+        tokens = tokens[: tokens.index(eos_id)]
     print(tokenizer.decode(tokens) if tokenizer is not None else " ".join(map(str, tokens)))
     drafts = f"  canvases {out.canvases}" if args.speculate or args.revise_threshold is not None else ""
     print(f"NFE {out.nfe}{drafts}  steps per block {out.steps_per_block}  {out.seconds:.2f} s  "
@@ -434,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--trust-remote-code", action="store_true",
                      help="let --chat run a tokenizer shipped as code with the checkpoint (Dream's)")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--eos-id", type=int, help="stop at this id instead of the checkpoint's EOS (SDAR's config names "
+                                                "<|endoftext|>; its chat answers end at <|im_end|>, 151645)")
     gen.add_argument("--device", help="cpu or cuda; under torchrun the device type of every rank")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--quiet", action="store_true", help="print only the result")
