@@ -291,9 +291,10 @@ GENERATE_FRONT_ENDS = {"torch": lambda prompts, **kwargs: unmask.generate(model,
 
 
 @pytest.mark.parametrize("kwargs,fragment", [
-    (dict(speculate=2), "speculate does not take steps with threshold yet"),
-    (dict(revise_threshold=0.5), "revise_threshold needs threshold= or factor= decoding"),
-], ids=["speculate", "revise"])
+    (dict(revise_threshold=0.5), "revise_threshold does not take steps with threshold"),
+    (dict(schedule="dream"), "schedule='dream' spreads the steps rule's commits; it does not apply with steps and "
+                             "threshold"),
+], ids=["revise", "dream schedule"])
 @pytest.mark.parametrize("entry", ["generate", "infill"])
 def test_steps_with_threshold_where_it_does_not_apply(kwargs, fragment, entry):
     with pytest.raises(ValueError, match=re.escape(fragment)):

@@ -24,7 +24,7 @@ def decoding_arguments(draw):
     block_length = draw(st.sampled_from([4, 8]))
     blocks = draw(st.integers(1, 2))
     gen_length = block_length * blocks
-    rule = draw(st.sampled_from(["steps", "steps2", "steps_more", "threshold", "factor"]))
+    rule = draw(st.sampled_from(["steps", "steps2", "steps_more", "threshold", "factor", "steps_threshold"]))
     arguments = dict(gen_length=gen_length, block_length=block_length,
                      temperature=draw(st.sampled_from([0.0, 0.0, 0.7, 1.0])),
                      remasking=draw(st.sampled_from(["low_confidence", "margin", "entropy", "random"])),
@@ -40,6 +40,9 @@ def decoding_arguments(draw):
         arguments["steps"] = 2 * gen_length  # more steps than tokens: steps where no row commits
     elif rule == "threshold":
         arguments["threshold"] = draw(st.sampled_from([0.2, 0.5, 0.9])) if arguments["remasking"] != "entropy" else -1.0
+    elif rule == "steps_threshold":  # the plan's counts as floors (SDAR's dynamic rule): rows may finish early
+        arguments["steps"] = draw(st.sampled_from([gen_length // 2, gen_length, 2 * gen_length]))
+        arguments["threshold"] = draw(st.sampled_from([0.05, 0.2])) if arguments["remasking"] != "entropy" else -2.0
     else:
         arguments["factor"] = draw(st.sampled_from([0.5, 1.0, 2.0]))
     if draw(st.booleans()):
@@ -93,7 +96,8 @@ class Adversary:
 
 
 @pytest.mark.parametrize("arguments", [dict(steps=12), dict(steps=6, temperature=1.0), dict(threshold=0.3),
-                                       dict(factor=1.0, remasking="margin")])
+                                       dict(factor=1.0, remasking="margin"), dict(steps=6, threshold=0.3),
+                                       dict(steps=24, threshold=0.2, temperature=1.0)])
 def test_an_adversarial_model_gives_the_same_tokens_in_no_more_calls(arguments):
     model = Adversary()
     prompts = [[3, 4, 5], [7]]

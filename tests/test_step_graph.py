@@ -18,6 +18,7 @@ RULES = {
     "count": dict(steps=3 * BLOCKS),  # two tokens per step
     "threshold": dict(threshold=0.4),
     "factor": dict(factor=1.0),
+    "count with threshold": dict(steps=3 * BLOCKS, threshold=0.4),  # the counts as floors
 }
 
 
@@ -282,6 +283,7 @@ GPU_CASES = [
     dict(steps=16, cfg_scale=1.0),
     dict(threshold=0.3, stop_at_eos=True),
     dict(steps=16, remasking="random", temperature=1.0),
+    dict(steps=16, threshold=0.3, cache="dual"),  # a block may end before its plan (one step later)
 ]
 
 
@@ -328,7 +330,8 @@ def test_a_compiled_step_follows_float_options_that_change():
     model = tiny_model(seed=2)
     arguments = dict(gen_length=4, block_length=4, stop_at_eos=False)
     for options in (dict(steps=4, temperature=0.5), dict(steps=4, temperature=0.7, top_p=0.9),
-                    dict(steps=4, temperature=0.7, top_p=0.8), dict(threshold=0.5), dict(threshold=0.6)):
+                    dict(steps=4, temperature=0.7, top_p=0.8), dict(threshold=0.5), dict(threshold=0.6),
+                    dict(steps=4, threshold=0.2)):
         compiled = unmask.generate(model, [[1, 2, 3], [4]], compile=True, **options, **arguments)
         eager = unmask.generate(model, [[1, 2, 3], [4]], **options, **arguments)
         assert torch.equal(compiled.tokens, eager.tokens), options

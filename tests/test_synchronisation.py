@@ -67,6 +67,7 @@ CASES = [
     dict(steps=16, cache="dual", remasking="entropy"),
     dict(steps=16, stop_at_eos=True),
     dict(threshold=0.9, top_k=5, top_p=0.9, temperature=0.7),
+    dict(steps=16, threshold=0.2),  # the plan's counts as floors: blocks end early
 ]
 
 

@@ -317,8 +317,7 @@ ConfidenceSums confidence_sums_of_listed(const float* buf, const int64_t* ids, i
                                          double conf_temperature) {
   ConfidenceSums sums;
   for (int64_t j = 0; j < n; ++j) {
-    const float x = buf[ids[j]];
-    if (x == -kInf) break;
+    const float x = buf[ids[j]];  // (never -inf: the filters' lists hold finite values)
     const double z = (static_cast<double>(x) - max) / conf_temperature;
     const double e = std::exp(z);
     sums.sum += e;

@@ -8,15 +8,24 @@
 // 3% and top_p 0.95 at 1% of the read. So each filter first finds a small superset of
 // what it keeps with vector passes, then sorts only that:
 //   top_k  the k-th largest maximum of ~4k groups of ids bounds the k-th largest id from
-//          below (k groups reach it, so k ids do); the ids at or above it are ~1.2k of
-//          them on random rows (n * -ln(1 - k / n) for n groups of iid values).
+//          below (k groups reach it, so k ids do); the ids at or above it are about
+//          1.15 k on random rows (n * -ln(1 - k / n) for n = 4k groups of iid values).
 //   top_p  an id whose mass is below (1 - top_p) / (2 V) of the total cannot be kept:
 //          all such ids together hold less than (1 - top_p) / 2 of it, so the ids above
 //          them reach top_p first. On a sampling distribution with a short head (a
 //          trained model's, or any at a low temperature) few ids pass.
 //          After top_k, the nucleus is measured over the k sorted ids directly.
-// Radix selection stays for the rows these leave too large (flat rows, many -inf, a
-// top_p within 1e-5 of 1): exact, whatever the row.
+// Radix selection stays for the rows these leave too large (many -inf, a top_k above
+// ~V / 16, a top_p within 1e-5 of 1, ties no threshold splits): it works whatever the
+// row, from per-id float masses summed in double.
+//
+// Precision of top_p's end: the mass passes use the float 2^z of exp_sums, whose
+// polynomial is biased by ~1.4e-8 (1.7e-7 at most) relative, so the target top_p * total
+// can sit that far from the float64 reference's. Where the id at the nucleus's end holds
+// a large share of the mass (a trained model, a low temperature) that never moves it; on
+// flat rows at T = 1 (126k ids, the end's id ~5e-6 of the mass) about one row in a few
+// hundred may keep one id more or fewer than the reference. A token differs only if it
+// is that id; a confidence moves by its share of the mass.
 #pragma once
 
 #include "isa.h"
@@ -50,7 +59,7 @@ struct Kept {
 // Per-thread buffers, reused across rows and calls.
 struct Scratch {
   std::vector<float> maxima;  // top_k's group maxima
-  std::vector<int64_t> ids;   // candidates; after a filter that sorted them, the kept ids in order
+  std::vector<int64_t> ids;   // candidates; top_k's kept ids in order, or top_p's band sorted
   std::vector<uint64_t> keys;  // sort_in_order's
   // When nonzero, the kept ids are exactly ids[0, n_sorted), in order: the sampler then
   // draws and sums over them alone (set to 0 before each row's filters).
@@ -59,8 +68,8 @@ struct Scratch {
   std::vector<float> mass;    // the radix path's per-id mass for top_p
 };
 
-// Sorts the first `first` of ids[0, count) into the order (value desc, id asc) and leaves
-// the rest after them. The ids are sorted as 64-bit keys, the value's order key above
+// Writes the first `first` ids of ids[0, count) in the order (value desc, id asc) to
+// ids[0, first); ids[first, count) is left as it was (stale). The ids are sorted as 64-bit keys, the value's order key above
 // the complemented id: std::sort on those ran ~3x faster than on ids compared through
 // the row (a heap of 2000 ids took a third of a top_k 2000 row).
 constexpr int64_t kMaxSortedVocab = int64_t{1} << 32;  // ids fit sort_in_order's 32 bits
@@ -147,7 +156,7 @@ inline Kept prefix_ending_at(const float* buf, int64_t id) {
 // On success s.ids[0, k) holds the kept ids in order.
 inline bool top_k_by_candidates(const float* buf, int64_t vocab, int64_t padded, int64_t k, Scratch& s, Kept* kept) {
   if (vocab > kMaxSortedVocab) return false;
-  const int64_t group = std::max<int64_t>(1, padded / (4 * k));  // ~4k groups: ~1.2k candidates
+  const int64_t group = std::max<int64_t>(1, padded / (4 * k));  // ~4k groups: ~1.15 k candidates
   s.maxima.resize(round_up_to(padded, 16 * group) / group);
   const int64_t n_maxima = strided_group_maxima(buf, padded, group, s.maxima.data());
   std::nth_element(s.maxima.begin(), s.maxima.begin() + (k - 1), s.maxima.begin() + n_maxima, std::greater<float>());
@@ -214,16 +223,17 @@ inline void mass_at_pivots(const float* x, int64_t n, float max, float a, const 
 // has at most kListCap ids they are copied out, and later passes read only those. On
 // random rows at T = 1 (a nucleus of ~10k ids of 126k) one pass over the row and one
 // over ~8k listed ids leave a few hundred. Then the band is sorted and walked from hi's
-// mass. Masses summed in float chunks (relative error ~1e-6) only place the band: a
-// target within that of a band edge can move the boundary by an id, as a float total
-// would.
+// mass, in double with std::exp per id, against the target from the float total (the
+// header says how far that can move the end).
 inline bool top_p_by_bands(const float* buf, int64_t vocab, int64_t padded, float max, double top_p,
                            double temperature, Scratch& s, Kept* kept) {
   // The bound's factor of 2 needs the float totals well inside (1 - top_p) / 2.
   if (!(top_p < 1.0 - 1e-5) || vocab > kMaxSortedVocab) return false;
+  // T below ~1e-38: 1 / T leaves the float range (checked in double: the cast of an
+  // out-of-range double is undefined)
+  if (!(1.0 / temperature * kLog2e < std::numeric_limits<float>::max())) return false;
   const float inv_t = static_cast<float>(1.0 / temperature);
   const float a = inv_t * kLog2e;
-  if (!std::isfinite(a)) return false;  // T below ~1e-38: 1 / T leaves the float range
   constexpr int64_t kBandCap = 1024, kListCap = 16384, kMaxPasses = 8;
   double total = 0.0;
   for (int64_t begin = 0; begin < padded; begin += 2048) {
@@ -236,7 +246,7 @@ inline bool top_p_by_bands(const float* buf, int64_t vocab, int64_t padded, floa
   // every id at or above delta is in the band.
   const double delta = (1.0 - top_p) * total / (2.0 * static_cast<double>(vocab));
   const double exact = static_cast<double>(max) + temperature * std::log(delta);
-  float lo = static_cast<float>(exact), hi = kInf;
+  float lo = exact < -std::numeric_limits<float>::max() ? -kInf : static_cast<float>(exact), hi = kInf;
   if (static_cast<double>(lo) > exact) lo = std::nextafter(lo, -kInf);
   double mass_from_hi = 0.0;
   s.ids.resize(kListCap);

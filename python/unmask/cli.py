@@ -22,6 +22,9 @@ def backend_status() -> list[tuple[str, str, str]]:
     built = native.available()
     rows.append(("C++ extension (unmask._C)", "built" if built else "missing",
                  f"OpenMP threads: {native._C.openmp_threads()}" if built else "pip install . builds it"))
+    stale = native.stale_build()
+    if stale is not None:
+        rows.append(("C++ sources", "changed", stale))
     if built:
         runnable = native.runnable_cpu_isas()
         rows.append(("CPU instruction set", native.cpu_isa(),

@@ -93,6 +93,8 @@ def family(kwargs: dict) -> str:
         return "self-correction"
     if kwargs.get("remasking", "low_confidence") != "low_confidence":
         return f"steps, {kwargs['remasking']}"
+    if "threshold" in kwargs and ("steps" in kwargs or "tokens_per_step" in kwargs):
+        return "steps with threshold"
     return next(name for name in ("threshold", "factor", "tokens_per_step") if name in kwargs).replace(
         "tokens_per_step", "steps")
 

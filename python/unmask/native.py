@@ -16,9 +16,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import os
 import types
+import warnings
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -34,6 +37,39 @@ except ImportError:  # a source tree that was never built: the reference still w
 
 def available() -> bool:
     return _C is not None
+
+
+# --------------------------------------------------------------------------- a stale build
+
+SOURCE_SUFFIXES = (".h", ".cpp", ".cu", ".cuh")
+
+
+def source_tree_hash(csrc: Path) -> str:
+    """The SHA-256 cmake/source_hash.cmake builds into unmask._C: of a listing of csrc's
+    sources, each path (relative, '/'-separated) and its own SHA-256, in byte order."""
+    files = sorted(p.relative_to(csrc).as_posix() for p in csrc.rglob("*")
+                   if p.suffix in SOURCE_SUFFIXES and p.is_file())
+    listing = "".join(f"{name} {hashlib.sha256((csrc / name).read_bytes()).hexdigest()}\n" for name in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def stale_build() -> str | None:
+    """Why unmask._C does not match the C++ sources beside it, or None: it matches, or
+    there are no sources (an installed wheel) or no module. An editable install whose
+    extension was not rebuilt after its C++ changed would run the old kernels against
+    the new Python, silently."""
+    csrc = Path(__file__).resolve().parents[2] / "csrc"
+    if _C is None or not (csrc / "bindings.cpp").is_file():
+        return None
+    built = _C.source_hash() if hasattr(_C, "source_hash") else None
+    if built == source_tree_hash(csrc):
+        return None
+    return (f"unmask._C was built from other C++ sources than {csrc} holds; rebuild it "
+            f"(pip install --no-build-isolation --no-deps -e .)")
+
+
+if (_stale := stale_build()) is not None:
+    warnings.warn(_stale, RuntimeWarning, stacklevel=2)
 
 
 def require_extension() -> None:

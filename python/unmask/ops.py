@@ -296,8 +296,9 @@ def commit(
 
     Exactly one mode: k (int >= 0 or int tensor [B]) commits the k most confident
     eligible positions per row (a negative count in a device tensor commits nothing);
-    threshold commits those with conf > threshold (at least one; with k too, at least
-    the k most confident: SDAR's low_confidence_dynamic and LLaDA 2.0's rule); factor
+    threshold commits those with conf > threshold, and at least one (with k too, at
+    least min(k, eligible) instead, none for k = 0: SDAR's low_confidence_dynamic and
+    LLaDA 2.0's rule); factor
     commits the largest n with (n + 1) * (1 - c_n) < factor (at least one). Returns
     committed [B, L] bool.
     """

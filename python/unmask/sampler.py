@@ -8,7 +8,9 @@ commits some of them (unmask.ops.commit):
 - steps (LLaDA): a block with m masked positions and s steps commits m // s tokens
   per step, plus one in each of the first m % s steps;
 - threshold / factor (parallel decoding): every position whose confidence passes,
-  at least one per step, until the block has no mask.
+  at least one per step, until the block has no mask;
+- steps with threshold (SDAR, LLaDA 2.0): the steps rule's counts as floors, and every
+  position above the threshold; the block ends when its masks do.
 
 infill() runs the same loop over masks wherever they stand in a given sequence.
 """
@@ -236,7 +238,8 @@ class _StepModel:
 # - steps: the commit counts of a block depend only on its masked count per row at the
 #   block's start (block_length in generate; read once, up front, in infill), so the host
 #   plans every step of the block where some row commits (schedule_counts) without looking;
-# - threshold / factor: each step posts "masks remain" to pinned host memory without
+# - threshold / factor (and steps with threshold, which can end a block before its plan):
+#   each step posts "masks remain" to pinned host memory without
 #   blocking; the host reads it once that step has finished: at once on the CPU, one step
 #   later on a GPU (whose next step is already queued), so a GPU block may end with one
 #   extra step that commits nothing (it counts as a model call, not as a schedule step);
@@ -713,8 +716,9 @@ def generate(
     model: the unmask model, or any callable model(input_ids, attention_mask=None)
     returning logits [B, L, V] (or an object with .logits). prompts: an int tensor
     [B, P] (attention_mask [B, P] marks real tokens) or a list of token-id lists,
-    left-padded here. Exactly one of steps (default gen_length: one token per step),
-    threshold or factor picks the commit rule; schedule spreads the steps rule's commits
+    left-padded here. One of steps (default gen_length: one token per step), threshold
+    or factor picks the commit rule, or steps with threshold (each step's planned count
+    a floor: SDAR's and LLaDA 2.0's rule); schedule spreads the steps rule's commits
     over a block's steps: "llada" (an even split, the first steps taking the remainder)
     or "dream" (Dream's timesteps from 1 to 1e-3, unmask.schedule.dream_counts).
     remasking picks the confidence that ranks positions; conf_temperature is the temperature
@@ -760,7 +764,7 @@ def generate(
     rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=gen_length,
                            confidence=sampling.confidence, schedule=schedule)
     cfg_scale = validation.check_cfg_scale(cfg_scale)
-    validation.check_speculate(speculate, rule)
+    validation.check_int("speculate", speculate, low=0)
     validation.check_bool("speculate_siblings", speculate_siblings)
     revision = validation.revision(revise_threshold, revise_groups, max_revisions, rule=rule, speculate=speculate)
     _check_cache(model, cache)
@@ -914,7 +918,6 @@ def infill(
                                    conf_temperature=conf_temperature)
     rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=default_steps,
                            confidence=sampling.confidence, schedule=schedule)
-    validation.check_speculate(speculate, rule)
     revision = validation.revision(revise_threshold, revise_groups, max_revisions, rule=rule, speculate=speculate)
 
     blocks = [(i * block_length, (i + 1) * block_length) for i in range(num_blocks)]

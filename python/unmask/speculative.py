@@ -46,8 +46,8 @@ class _Rule:
 
     sample: Callable
     sampling: Sampling
-    mode: dict             # {"threshold": t} or {"factor": f}; the steps rule uses plan
-    plan: torch.Tensor | None  # int64 [B, S + depth]: tokens row b commits at step j (0 past S)
+    mode: dict             # {"threshold": t} or {"factor": f} ({} for the steps rule alone)
+    plan: torch.Tensor | None  # int64 [B, S + depth]: tokens row b commits at step j (0 past S); a floor with a threshold
     mask_id: int
     vocab: int | None
     banned: torch.Tensor
@@ -92,8 +92,8 @@ class _Rule:
         if samples is not None:
             samples.append((eligible, tokens, conf))
         mode = self.mode
-        if self.plan is not None:
-            mode = {"k": self.plan.gather(1, steps.clamp(max=self.plan.shape[1] - 1)[:, None])[:, 0]}
+        if self.plan is not None:  # a row's step count is its plan index while it has masks
+            mode = {**mode, "k": self.plan.gather(1, steps.clamp(max=self.plan.shape[1] - 1)[:, None])[:, 0]}
         after = block.clone()
         committed = ops.commit(after, tokens, conf, eligible, **mode)
         return after, committed, ((tokens < 0) & eligible).any(dim=1), eligible.any(dim=1)
@@ -107,7 +107,8 @@ def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, depth: in
 
     plan: the steps rule's tokens per row and step (host lists, the steps where no row
     commits already left out, as the step-by-step loop skips them); None for threshold
-    and factor, whose rows step until their block has no mask. invalid (bool 0-d) is
+    and factor, whose rows step until their block has no mask, as rows do under a plan
+    with a threshold (its counts floors: a row may finish ahead of it). invalid (bool 0-d) is
     or-ed in place with whether a true step sampled an invalid row. One synchronisation
     per call: the rows' remaining steps, to pick how many canvases the next call needs.
     siblings: each drafted step also drafts its runner-up (_Rule.runner_up): up to 2d - 1
@@ -120,6 +121,12 @@ def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, depth: in
         plan_tensor = F.pad(torch.tensor(plan, dtype=torch.int64).reshape(batch, -1), (0, depth)).to(device)
         total = len(plan[0])
     mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
+    if plan is not None and rule.threshold is None:
+        mode = {}
+    # Under a plan alone a row steps through its plan; with a threshold (alone, beside a
+    # plan, or the factor rule) until its block has no mask: a step without one counts
+    # for nothing (no commit, no RNG step), as in the step-by-step loop.
+    until_unmasked = plan is None or rule.threshold is not None
     apply_rule = _Rule(sample, sampling, mode, plan_tensor, mask_id, vocab,
                        torch.full((1,), mask_id, dtype=torch.int64, device=device), running, offset_base)
     positions = torch.arange(start, end, device=device)
@@ -128,10 +135,13 @@ def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, depth: in
     draft_logits = None  # [B, Lb, V]: the logits of the current canvas's predecessor
     calls = canvases = 0
     while True:
-        if plan_tensor is not None:
+        masks_left = ((block == mask_id) & running[:, None]).sum(dim=1)
+        if plan_tensor is None:  # every step commits at least one eligible position
+            remaining = masks_left
+        else:  # the plan's steps left (none once a row's masks are gone under a threshold)
             remaining = (total - steps).clamp(min=0)
-        else:  # every step commits at least one eligible position
-            remaining = ((block == mask_id) & running[:, None]).sum(dim=1)
+            if until_unmasked:
+                remaining = torch.where(masks_left > 0, remaining, 0)
         most = max(remaining.tolist())
         if most == 0:
             break
@@ -150,10 +160,12 @@ def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, depth: in
         accepted = torch.stack(matches).to(torch.int64).cumprod(dim=0).sum(dim=0) if matches else steps.new_zeros(batch)
         taken = torch.arange(n, device=device)[:, None] <= accepted  # [n, B]: the levels that were true steps
         rows = torch.arange(batch, device=device)
-        if plan_tensor is not None:
-            advance = torch.minimum(accepted + 1, remaining)
-        else:  # a row whose block has no mask left takes no more steps
+        if until_unmasked:  # a row whose block has no mask left takes no more steps
             advance = (torch.stack(had_masks) & taken).sum(dim=0)
+            if plan_tensor is not None:
+                advance = torch.minimum(advance, remaining)
+        else:
+            advance = torch.minimum(accepted + 1, remaining)
         new_block = torch.stack(truths)[accepted, rows]
         next_logits = logits[accepted, rows]
         step_bad = (torch.stack(bad) & taken).any()
@@ -167,7 +179,8 @@ def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, depth: in
                 rescued &= accepted + 2 <= remaining
             sibling_logits = logits[n - 1 + level, rows]
             s_truth, _, s_bad, s_had = apply_rule(sibling, sibling_logits, steps + level)
-            rescued &= s_had if plan_tensor is None else rescued
+            if until_unmasked:
+                rescued &= s_had
             new_block = torch.where(rescued[:, None], s_truth, new_block)
             next_logits = torch.where(rescued[:, None, None], sibling_logits, next_logits)
             advance = advance + rescued.to(advance.dtype)
@@ -183,7 +196,8 @@ def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, depth: in
             everywhere = torch.zeros_like(x, dtype=torch.bool)
             everywhere[:, start:end] = changed & (advance > 0)[:, None]
             callback(nfe + calls - 1, x, everywhere)
-    taken_steps = total if plan_tensor is not None else int(steps.max()) if calls else 0
-    if plan_tensor is not None:  # a row steps while it has masks: its plan's leading nonzero counts
+    taken_steps = int(steps.max()) if calls else 0
+    if not until_unmasked:  # a row steps while it has masks: its plan's leading nonzero counts
+        taken_steps = total
         steps = (plan_tensor > 0).sum(dim=1) * running
     return BlockResult(calls, canvases, taken_steps, steps)

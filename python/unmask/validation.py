@@ -677,8 +677,11 @@ def rule(steps, threshold, factor, *, num_blocks: int, default_steps: int, confi
     from unmask.schedule import MAX_DREAM_STEPS, SCHEDULES
 
     check_choice("schedule", schedule, SCHEDULES)
-    if schedule != "llada" and given and given[0] != "steps":
-        raise ValueError(f"schedule={schedule!r} spreads the steps rule's commits; it does not apply with {given[0]}")
+    if schedule != "llada" and given and given != ["steps"]:
+        # (with steps and threshold: Dream plans each step from the masks left, which a
+        # threshold committing ahead of the plan would change; no published loop does both)
+        raise ValueError(f"schedule={schedule!r} spreads the steps rule's commits; it does not apply with "
+                         f"{' and '.join(given)}")
     if threshold is not None:
         threshold = check_float("threshold", threshold)
         low, high = CONFIDENCE_RANGES[confidence]
@@ -701,14 +704,6 @@ def rule(steps, threshold, factor, *, num_blocks: int, default_steps: int, confi
                          f"by one and takes at most {MAX_DREAM_STEPS}")
     return Rule(steps_per_block=steps // num_blocks, threshold=threshold, schedule=schedule)
 
-
-def check_speculate(speculate, rule: Rule) -> int:
-    """speculate (drafted steps per model call, 0: none) for this rule."""
-    check_int("speculate", speculate, low=0)
-    if speculate and rule.steps_per_block is not None and rule.threshold is not None:
-        raise ValueError("speculate does not take steps with threshold yet: its drafts follow a plan that a step "
-                         "committing past it would change; use one rule, or speculate=0")
-    return speculate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -733,6 +728,9 @@ def revision(threshold, groups, max_revisions, *, rule: Rule, speculate: int) ->
     threshold = check_float("revise_threshold", threshold)
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"revise_threshold={threshold} must lie in (0, 1): it is compared with a probability")
+    if rule.steps_per_block is not None and rule.threshold is not None:
+        raise ValueError("revise_threshold does not take steps with threshold: the plan's counts are floors that "
+                         "masking tokens again would outrun; pass threshold= alone")
     if rule.steps_per_block is not None:
         raise ValueError("revise_threshold needs threshold= or factor= decoding: the steps rule plans each block's "
                          "commits up front, and masking tokens again would break the plan")

@@ -36,7 +36,7 @@ class BlockProgram:
 
     block_length: int
     generation_start: int  # the canvas position where the generated text begins
-    steps_per_block: int | None  # the steps rule; else threshold or factor
+    steps_per_block: int | None  # the steps rule (with threshold: its counts as floors); else threshold or factor
     threshold: float | None  # with steps_per_block: each step commits its planned count, or more above it
     factor: float | None
     sampling: validation.Sampling  # with seed 0: the seed is traced (one compilation for every seed)
