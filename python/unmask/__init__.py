@@ -30,6 +30,7 @@ _LAZY = {
     "RowSegments": "unmask.models",
     "Rows": "unmask.models",
     "ModelConfig": "unmask.models.config",
+    "MoeConfig": "unmask.models.config",
     "from_pretrained": "unmask.models",
     "save_pretrained": "unmask.models",
     "GenerateOutput": "unmask.output",
@@ -45,7 +46,7 @@ __getattr__, __dir__ = _lazy.attributes(__name__, globals(), _LAZY)
 
 if TYPE_CHECKING:  # what static checkers and IDEs see
     from unmask import ops, reference, rng
-    from unmask.models import (DeviceSegment, DiffusionTransformer, KVCache, ModelConfig, Rows, RowSegments,
-                               from_pretrained, save_pretrained)
+    from unmask.models import (DeviceSegment, DiffusionTransformer, KVCache, ModelConfig, MoeConfig, Rows,
+                               RowSegments, from_pretrained, save_pretrained)
     from unmask.output import GenerateOutput
     from unmask.sampler import generate, infill

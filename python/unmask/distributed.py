@@ -253,6 +253,9 @@ def tensor_parallel(model, mesh=None):
         raise TypeError(f"model must be an unmask DiffusionTransformer, got {type(model).__name__}")
     if getattr(model, "vocab_shard", None) is not None:
         raise ValueError("model is already tensor-parallel")
+    if model.config.moe is not None:
+        raise NotImplementedError("tensor parallelism does not split mixture-of-experts MLPs yet (LLaDA 2.0); "
+                                  "run the model on one device")
     mesh = init() if mesh is None else mesh
     if mesh.ndim != 1:
         raise ValueError(f"mesh must be one-dimensional (the tensor-parallel ranks), got {mesh.ndim} dimensions")

@@ -227,6 +227,8 @@ class _StepModel:
 
         if not isinstance(self.model, DiffusionTransformer) or self.model.vocab_shard is not None:
             return False
+        if self.model.config.moe is not None:  # its experts' token counts are read on the host
+            return False
         config = self.model.config
         return self.cache_mode is None or (config.block_size is None and not config.shift_logits)
 
@@ -649,7 +651,8 @@ def _use_cuda_graph(cuda_graph: bool | None, step_model: _StepModel, device: tor
     applies = device.type == "cuda" and step_model.graphable and not eager_loop
     if cuda_graph and not applies:
         raise ValueError("cuda_graph=True needs the unmask model on a CUDA device with cache=None, or a cache and "
-                         "neither a block-causal mask nor shifted logits, and no tensor parallelism (device "
+                         "neither a block-causal mask nor shifted logits, no tensor parallelism and no mixture of "
+                         "experts (device "
                          f"{device}, cache={step_model.cache_mode!r}, model {type(step_model.model).__name__})")
     return applies and (CUDA_GRAPH_BY_DEFAULT if cuda_graph is None else cuda_graph)
 

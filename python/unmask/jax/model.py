@@ -207,6 +207,10 @@ class JaxModel:
 
 def from_torch(model, *, dtype=jnp.float32, interpret: bool | None = None) -> JaxModel:
     """The JAX twin of an unmask.DiffusionTransformer (same weights)."""
+    config = model.config
+    if config.moe is not None or config.rotary_dim is not None:
+        raise NotImplementedError("unmask.jax does not run LLaDA 2.0's layout yet (mixture-of-experts MLPs, partial "
+                                  "rotary); unmask.generate does")
     return JaxModel(params_from_state_dict(model.state_dict(), model.config, dtype), model.config, interpret)
 
 

@@ -13,6 +13,7 @@ _LAZY = {
     "from_pretrained": "unmask.models.checkpoint",
     "save_pretrained": "unmask.models.checkpoint",
     "ModelConfig": "unmask.models.config",
+    "MoeConfig": "unmask.models.config",
     "DeviceSegment": "unmask.models.transformer",
     "DiffusionTransformer": "unmask.models.transformer",
     "KVCache": "unmask.models.transformer",
@@ -28,5 +29,5 @@ __getattr__, __dir__ = _lazy.attributes(__name__, globals(), _LAZY)
 
 if TYPE_CHECKING:
     from unmask.models.checkpoint import from_pretrained, save_pretrained
-    from unmask.models.config import ModelConfig
+    from unmask.models.config import ModelConfig, MoeConfig
     from unmask.models.transformer import DeviceSegment, DiffusionTransformer, KVCache, Rows, RowSegments

@@ -1,4 +1,4 @@
-"""Checkpoints in the published on-disk formats of LLaDA, Dream, Fast-dLLM v2 and SDAR:
+"""Checkpoints in the published on-disk formats of LLaDA, Dream, Fast-dLLM v2, SDAR and LLaDA 2.0:
 config.json plus safetensors (one file, or shards with model.safetensors.index.json),
 with each family's own tensor names."""
 
@@ -33,14 +33,37 @@ class CheckpointFormat:
     layer_names: dict[str, str]
     config_from_json: Callable[[dict], ModelConfig]
     config_to_json: Callable[[ModelConfig], dict]
+    # The checkpoint's layer tensors that hold several of ours, concatenated along dim 0
+    # in this order (LLaDA 2.0's query_key_value: q, k, v).
+    fused: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # (our layer name as a regex, the checkpoint's with its groups as {0}, {1}, ...):
+    # names with an index inside them (an expert's).
+    layer_patterns: tuple[tuple[str, str], ...] = ()
 
     def tensor_name(self, ours: str) -> str:
         if ours in self.global_names:
             return self.global_names[ours]
         match = _LAYER_PATTERN.fullmatch(ours)
-        if match is None or match.group(2) not in self.layer_names:
-            raise KeyError(f"no {self.model_type} name for parameter {ours!r}")
-        return self.layer_prefix.format(i=match.group(1)) + self.layer_names[match.group(2)]
+        if match is not None:
+            prefix, name = self.layer_prefix.format(i=match.group(1)), match.group(2)
+            if name in self.layer_names:
+                return prefix + self.layer_names[name]
+            for theirs, parts in self.fused.items():
+                if name in parts:
+                    return prefix + theirs
+            for pattern, template in self.layer_patterns:
+                found = re.fullmatch(pattern, name)
+                if found is not None:
+                    return prefix + template.format(*found.groups())
+        raise KeyError(f"no {self.model_type} name for parameter {ours!r}")
+
+    def parts_of(self, ours: str) -> tuple[str, ...] | None:
+        """Our names that share a fused checkpoint tensor with `ours`, in their order."""
+        match = _LAYER_PATTERN.fullmatch(ours)
+        for parts in self.fused.values():
+            if match is not None and match.group(2) in parts:
+                return tuple(f"layers.{match.group(1)}.{part}" for part in parts)
+        return None
 
 
 LLADA = CheckpointFormat(
@@ -111,22 +134,50 @@ SDAR = CheckpointFormat(
     config_to_json=ModelConfig.to_sdar_json,
 )
 
-FORMATS = {"llada": LLADA, "Dream": DREAM, "Fast_dLLM_Qwen": FAST_DLLM_V2, "sdar": SDAR}
-_FORMAT_OF_FAMILY = {"llada": LLADA, "dream": DREAM, "sdar": SDAR}
+# LLaDA 2.0 (LLaDA2MoeModelLM): Ling's names, one query_key_value tensor per layer (q's
+# heads, then k's, then v's rows), mixture-of-experts MLPs (mlp.gate is the router, with
+# its expert_bias) after the first dense ones.
+LLADA2 = CheckpointFormat(
+    model_type="llada2_moe",
+    global_names={"embed.weight": "model.word_embeddings.weight", "final_norm.weight": "model.norm.weight",
+                  "lm_head.weight": "lm_head.weight"},
+    layer_prefix="model.layers.{i}.",
+    layer_names={
+        "attn_norm.weight": "input_layernorm.weight",
+        "q_norm.weight": "attention.query_layernorm.weight",
+        "k_norm.weight": "attention.key_layernorm.weight",
+        "o_proj.weight": "attention.dense.weight",
+        "mlp_norm.weight": "post_attention_layernorm.weight",
+        "gate_proj.weight": "mlp.gate_proj.weight",
+        "up_proj.weight": "mlp.up_proj.weight",
+        "down_proj.weight": "mlp.down_proj.weight",
+        "moe.router.weight": "mlp.gate.weight",
+        "moe.expert_bias": "mlp.gate.expert_bias",
+    },
+    fused={"attention.query_key_value.weight": ("q_proj.weight", "k_proj.weight", "v_proj.weight")},
+    layer_patterns=((r"moe\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", "mlp.experts.{0}.{1}.weight"),
+                    (r"moe\.shared\.(gate_proj|up_proj|down_proj)\.weight", "mlp.shared_experts.{0}.weight")),
+    config_from_json=ModelConfig.from_llada2_json,
+    config_to_json=ModelConfig.to_llada2_json,
+)
+
+FORMATS = {"llada": LLADA, "Dream": DREAM, "Fast_dLLM_Qwen": FAST_DLLM_V2, "sdar": SDAR, "llada2_moe": LLADA2}
+_FORMAT_OF_FAMILY = {"llada": LLADA, "dream": DREAM, "sdar": SDAR, "llada2": LLADA2}
 
 
 def llada_name(ours: str) -> str:
     return LLADA.tensor_name(ours)
 
 
-def _expected_names(model: DiffusionTransformer) -> dict[str, str]:
-    """Checkpoint name -> our name, for every tensor the checkpoint must hold."""
+def _expected_names(model: DiffusionTransformer) -> dict[str, str | tuple[str, ...]]:
+    """Checkpoint name -> our name (or our names, for a fused tensor: concatenated along
+    dim 0 in that order), for every tensor the checkpoint must hold."""
     checkpoint_format = _FORMAT_OF_FAMILY[model.config.model_type]
     names = {}
     for ours in model.state_dict():
         if ours == "lm_head.weight" and model.config.weight_tying:
             continue  # tied to the embedding: no separate head is stored
-        names[checkpoint_format.tensor_name(ours)] = ours
+        names[checkpoint_format.tensor_name(ours)] = checkpoint_format.parts_of(ours) or ours
     return names
 
 
@@ -140,7 +191,8 @@ def save_pretrained(model: DiffusionTransformer, directory: str | Path, *, max_s
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     state = model.state_dict()
-    tensors = {name: state[ours].detach().contiguous().cpu() for name, ours in _expected_names(model).items()}
+    tensors = {name: (state[ours] if isinstance(ours, str) else torch.cat([state[part] for part in ours]))
+               .detach().contiguous().cpu() for name, ours in _expected_names(model).items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
     for name, tensor in tensors.items():
@@ -205,13 +257,19 @@ def from_pretrained(
                     continue
                 tensor = handle.get_tensor(name)
                 ours = expected[name]
-                if tuple(tensor.shape) != tuple(meta_state[ours].shape):
+                parts = (ours,) if isinstance(ours, str) else ours
+                shapes = [tuple(meta_state[part].shape) for part in parts]
+                implied = (sum(shape[0] for shape in shapes), *shapes[0][1:])
+                if tuple(tensor.shape) != implied:
                     raise ValueError(
                         f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
-                        f"the config implies {tuple(meta_state[ours].shape)}"
+                        f"the config implies {implied}"
                     )
-                state[ours] = tensor.to(dtype) if dtype is not None else tensor
-    missing = sorted(name for name, ours in expected.items() if ours not in state)
+                if dtype is not None and not name.endswith("expert_bias"):  # routing scores stay float32
+                    tensor = tensor.to(dtype)
+                for part, piece in zip(parts, tensor.split([shape[0] for shape in shapes])):
+                    state[part] = piece
+    missing = sorted(name for name, ours in expected.items() if (ours if isinstance(ours, str) else ours[0]) not in state)
     if missing:
         raise ValueError(f"checkpoint {directory} is missing tensors: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
     if unexpected:

@@ -27,10 +27,61 @@ FAST_DLLM_V2_BLOCK_SIZE = 32
 SDAR_MASK_ID = 151669
 SDAR_BLOCK_SIZE = 4
 QWEN3_HEAD_DIM = 128  # Qwen3Config's head_dim where config.json has none
+# LLaDA 2.0's <|mask|> and <|endoftext|> (its config.json names neither: its generate()'s
+# defaults, and SGLang's constants) and the blocks its generate() decodes in.
+LLADA2_MASK_ID = 156895
+LLADA2_EOS_ID = 156892
+LLADA2_BLOCK_SIZE = 32
 
 # Layouts: "llada" (logits at their own position), "dream" (logits shifted right by one,
-# positions over real tokens), "sdar" (LLaDA's layout in Qwen3's names, with q/k norms).
-MODEL_TYPES = ("llada", "dream", "sdar")
+# positions over real tokens), "sdar" (LLaDA's layout in Qwen3's names, with q/k norms),
+# "llada2" (LLaDA's layout in LLaDA 2.0's names: q/k norms, a fused qkv projection,
+# partial rotary, mixture-of-experts MLPs).
+MODEL_TYPES = ("llada", "dream", "sdar", "llada2")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    """Mixture-of-experts MLPs (LLaDA 2.0's, after DeepSeek-V3's routing): each token's
+    router scores sigmoid(W h) in float32; experts are chosen by score + expert_bias
+    (the bias balances load and only selects) within the top_groups of n_groups groups
+    (a group ranked by the sum of its two best biased scores); the chosen experts'
+    unbiased scores, normalised to sum to 1 and times routed_scaling, weight their SwiGLU
+    outputs; n_shared_experts more (one MLP of n_shared_experts * expert_hidden_size)
+    see every token. The first dense_layers layers keep the dense MLP."""
+
+    n_experts: int
+    experts_per_token: int
+    expert_hidden_size: int
+    n_shared_experts: int = 0
+    n_groups: int = 1
+    top_groups: int = 1
+    routed_scaling: float = 1.0
+    dense_layers: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_experts", "experts_per_token", "expert_hidden_size", "n_groups", "top_groups"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"config.moe.{name} must be a positive int, got {value!r}")
+        for name in ("n_shared_experts", "dense_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"config.moe.{name} must be an int >= 0, got {value!r}")
+        if self.n_experts % self.n_groups != 0:
+            raise ValueError(f"config.moe.n_experts ({self.n_experts}) must be a multiple of n_groups ({self.n_groups})")
+        if self.top_groups > self.n_groups:
+            raise ValueError(f"config.moe.top_groups ({self.top_groups}) must be <= n_groups ({self.n_groups})")
+        if self.experts_per_token > self.top_groups * (self.n_experts // self.n_groups):
+            raise ValueError(f"config.moe.experts_per_token ({self.experts_per_token}) must be at most the experts of "
+                             f"top_groups groups ({self.top_groups * (self.n_experts // self.n_groups)})")
+        if self.n_experts // self.n_groups < 2:
+            raise ValueError("config.moe needs at least 2 experts per group (a group is ranked by its best two)")
+        if not (isinstance(self.routed_scaling, (int, float)) and self.routed_scaling > 0):
+            raise ValueError(f"config.moe.routed_scaling must be > 0, got {self.routed_scaling!r}")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.dense_layers
 
 
 @dataclasses.dataclass
@@ -55,6 +106,10 @@ class ModelConfig:
     # query and key (over head_dim, weights shared by the heads) before rotary.
     attention_head_dim: int | None = None
     qk_norm: bool = False
+    # Rotary embeddings over each head's first rotary_dim dims only (LLaDA 2.0: half of
+    # them); None: all of them.
+    rotary_dim: int | None = None
+    moe: MoeConfig | None = None  # mixture-of-experts MLPs (model_type "llada2")
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size", "embedding_size"):
@@ -83,21 +138,35 @@ class ModelConfig:
             raise ValueError(f"config.model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"config.block_size must be None or >= 1, got {self.block_size}")
+        if self.rotary_dim is not None and (not isinstance(self.rotary_dim, int) or isinstance(self.rotary_dim, bool)
+                                            or not 2 <= self.rotary_dim <= self.head_dim or self.rotary_dim % 2):
+            raise ValueError(f"config.rotary_dim must be None or an even int in [2, head_dim={self.head_dim}], got "
+                             f"{self.rotary_dim!r}")
+        if isinstance(self.moe, dict):  # as dataclasses.asdict and JSON give it back
+            self.moe = MoeConfig(**self.moe)
+        if self.moe is not None and not isinstance(self.moe, MoeConfig):
+            raise ValueError(f"config.moe must be None or a MoeConfig, got {type(self.moe).__name__}")
         self._check_layout()
 
     def _check_layout(self) -> None:
         """What each layout's checkpoint format can hold: a model it could not save and
         load back as the same model is refused, naming the field."""
-        if self.model_type == "sdar":  # Qwen3's names: q/k norms, no biases; SDAR is block-causal
+        if self.model_type != "llada2":
+            for name in ("moe", "rotary_dim"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"config.{name} needs model_type 'llada2' (LLaDA 2.0's names); "
+                                     f"{self.model_type!r} checkpoints cannot hold it")
+        if self.model_type in ("sdar", "llada2"):  # q/k norms, no biases; both are block-causal
             for name, wanted in (("qk_norm", True), ("include_qkv_bias", False)):
                 if getattr(self, name) != wanted:
-                    raise ValueError(f"config.{name} must be {wanted} for model_type 'sdar' (Qwen3's layout), got "
+                    raise ValueError(f"config.{name} must be {wanted} for model_type {self.model_type!r}, got "
                                      f"{getattr(self, name)}")
             if self.block_size is None:
-                raise ValueError("config.block_size must be set for model_type 'sdar' (a block diffusion model)")
+                raise ValueError(f"config.block_size must be set for model_type {self.model_type!r} (a block "
+                                 "diffusion model)")
             return
         if self.qk_norm:
-            raise ValueError(f"config.qk_norm needs model_type 'sdar' (Qwen3's names); {self.model_type!r} "
+            raise ValueError(f"config.qk_norm needs model_type 'sdar' or 'llada2'; {self.model_type!r} "
                              "checkpoints have no q/k norm weights")
         if self.model_type == "dream" and self.attention_head_dim not in (None, self.d_model // self.n_heads):
             raise ValueError(f"config.attention_head_dim must be d_model / n_heads ({self.d_model // self.n_heads}) "
@@ -107,6 +176,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.attention_head_dim if self.attention_head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def rotated_dims(self) -> int:
+        """The dims of each head that rotary embeddings turn (the first ones)."""
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
     @property
     def shift_logits(self) -> bool:
@@ -190,11 +264,56 @@ class ModelConfig:
                    block_size=_given(fields, "block_size", SDAR_BLOCK_SIZE), model_type="sdar",
                    attention_head_dim=_given(fields, "head_dim", QWEN3_HEAD_DIM), qk_norm=True)
 
+    def to_llada2_json(self) -> dict[str, Any]:
+        """config.json in LLaDA 2.0's (LLaDA2MoeConfig's) field names."""
+        moe = self.moe
+        factor = self.rotated_dims / self.head_dim
+        if int(self.head_dim * factor) != self.rotated_dims:  # its loader truncates head_dim * factor
+            raise ValueError(f"config.rotary_dim={self.rotary_dim} has no partial_rotary_factor that LLaDA 2.0's "
+                             f"loader reads back for head_dim {self.head_dim}")
+        fields = {"architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe", **self._qwen_json(),
+                  "head_dim": self.head_dim, "partial_rotary_factor": factor, "use_qk_norm": True,
+                  "use_qkv_bias": False, "use_bias": False, "block_size": self.block_size,
+                  "pad_token_id": self.eos_token_id, "num_experts": None}
+        if moe is not None:
+            fields.update(num_experts=moe.n_experts, num_experts_per_tok=moe.experts_per_token,
+                          moe_intermediate_size=moe.expert_hidden_size, num_shared_experts=moe.n_shared_experts,
+                          n_group=moe.n_groups, topk_group=moe.top_groups, routed_scaling_factor=moe.routed_scaling,
+                          first_k_dense_replace=moe.dense_layers, score_function="sigmoid", norm_topk_prob=True,
+                          moe_router_enable_expert_bias=True)
+        return fields
+
+    @classmethod
+    def from_llada2_json(cls, fields: dict[str, Any]) -> ModelConfig:
+        """LLaDA 2.0 (model_type "llada2_moe", inclusionAI/LLaDA2.0-mini and -flash):
+        LLaDA's layout (logits at their own position) with per-head q/k norms, a fused
+        query_key_value projection, rotary over the first partial_rotary_factor of each
+        head, and mixture-of-experts MLPs (MoeConfig) after first_k_dense_replace dense
+        layers; block-causal over blocks of 32 (its generate()'s; config.json names none)."""
+        _check_supported(fields, LLADA2_SUPPORTED)
+        # absent fields as LLaDA2MoeConfig fills them (num_experts null: dense MLPs)
+        fields = {**{name: value for name, value in LLADA2_DEFAULTS.items() if name not in fields}, **fields}
+        base = cls._qwen_fields(fields, LLADA2_MASK_ID, LLADA2_EOS_ID)
+        head_dim = _given(fields, "head_dim", base["d_model"] // base["n_heads"])
+        rotary_dim = int(head_dim * fields["partial_rotary_factor"])  # truncated, as its rotary init does
+        moe = None
+        if fields["num_experts"] is not None:
+            moe = MoeConfig(
+                n_experts=fields["num_experts"], experts_per_token=fields["num_experts_per_tok"],
+                expert_hidden_size=fields["moe_intermediate_size"],
+                n_shared_experts=_given(fields, "num_shared_experts", 0), n_groups=fields["n_group"],
+                top_groups=fields["topk_group"], routed_scaling=float(fields["routed_scaling_factor"]),
+                dense_layers=_given(fields, "first_k_dense_replace", 0))
+        return cls(**base, block_size=_given(fields, "block_size", LLADA2_BLOCK_SIZE), model_type="llada2",
+                   attention_head_dim=head_dim, qk_norm=True, rotary_dim=None if rotary_dim == head_dim else rotary_dim,
+                   moe=moe)
+
     def to_llada_json(self) -> dict[str, Any]:
         """config.json in LLaDA's field names (plus the fields its loader expects)."""
         fields = dataclasses.asdict(self)
         fields.pop("block_size")
-        for name, default in (("attention_head_dim", None), ("qk_norm", False)):  # LLaDA has neither
+        for name, default in (("attention_head_dim", None), ("qk_norm", False), ("rotary_dim", None),
+                              ("moe", None)):  # LLaDA has none of them
             if fields[name] == default:
                 fields.pop(name)
         if self.block_size is not None:
@@ -252,6 +371,16 @@ DREAM_SUPPORTED = {
 }
 # SDAR's (Qwen3's): its attention_bias would add biases to q, k, v and o alike.
 SDAR_SUPPORTED = {**DREAM_SUPPORTED, "attention_bias": (False,)}
+# LLaDA 2.0's (LLaDA2MoeConfig). Its modeling code applies the q/k norms, scores experts
+# by sigmoid and normalises the chosen ones' weights whatever use_qk_norm, score_function
+# and norm_topk_prob say, and so does unmask (those fields are not read); biases (which
+# use_bias and use_qkv_bias would add) are not implemented.
+LLADA2_SUPPORTED = {"hidden_act": ("silu", None), "rope_scaling": (None,), "use_qkv_bias": (False, None),
+                    "use_bias": (False,), "moe_router_enable_expert_bias": (True, None)}
+# LLaDA2MoeConfig's defaults, for fields a config.json leaves out.
+LLADA2_DEFAULTS = {"num_experts": 16, "num_experts_per_tok": 2, "n_group": 8, "topk_group": 4,
+                   "routed_scaling_factor": 2.5, "partial_rotary_factor": 0.5, "rope_theta": 10000.0,
+                   "rms_norm_eps": 1e-5, "num_shared_experts": 0, "first_k_dense_replace": 0}
 
 
 def _given(fields: dict[str, Any], name: str, default):

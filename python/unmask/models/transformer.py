@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from unmask import ops, validation
-from unmask.models.config import ModelConfig
+from unmask.models.config import ModelConfig, MoeConfig
 
 
 class RMSNorm(nn.Module):
@@ -156,8 +156,73 @@ class KVCache:
         return cache
 
 
+class SwiGLU(nn.Module):
+    """down(silu(gate(h)) * up(h)): an expert of a mixture."""
+
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, hidden, bias=False)
+        self.up_proj = nn.Linear(d, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class MixtureOfExperts(nn.Module):
+    """The MLP of a mixture-of-experts layer (config.MoeConfig says the routing).
+
+    Each expert runs on the tokens routed to it: the counts are read on the host once per
+    layer (so such a model's step is not captured as a CUDA graph or traced whole)."""
+
+    def __init__(self, d: int, moe: MoeConfig):
+        super().__init__()
+        self.moe = moe
+        self.router = nn.Linear(d, moe.n_experts, bias=False)
+        # Added to the scores to choose experts, not to weight them; a buffer, as the
+        # checkpoints store it (a load balancer updates it in training, not the optimizer).
+        self.register_buffer("expert_bias", torch.zeros(moe.n_experts))
+        self.experts = nn.ModuleList(SwiGLU(d, moe.expert_hidden_size) for _ in range(moe.n_experts))
+        self.shared = SwiGLU(d, moe.expert_hidden_size * moe.n_shared_experts) if moe.n_shared_experts else None
+
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(experts [T, k], weights [T, k] float32) of tokens h [T, d]."""
+        m, tokens = self.moe, h.shape[0]
+        scores = nn.functional.linear(h.float(), self.router.weight.float()).sigmoid()  # in float32, as LLaDA 2.0
+        biased = scores + self.expert_bias.float()
+        per_group = m.n_experts // m.n_groups
+        group_scores = biased.view(tokens, m.n_groups, per_group).topk(2, dim=-1).values.sum(dim=-1)
+        kept_groups = group_scores.topk(m.top_groups, dim=-1).indices
+        in_kept_group = torch.zeros(tokens, m.n_groups, dtype=torch.bool, device=h.device)
+        in_kept_group.scatter_(1, kept_groups, True)
+        candidates = biased.masked_fill(~in_kept_group.repeat_interleave(per_group, dim=1), float("-inf"))
+        experts = candidates.topk(m.experts_per_token, dim=-1).indices
+        weights = scores.gather(1, experts)
+        if m.experts_per_token > 1:  # normalised among the chosen (LLaDA 2.0 adds 1e-20)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return experts, weights * m.routed_scaling
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        experts, weights = self.route(h)
+        out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.moe.n_experts).tolist()  # the layer's one host read
+        token_of = order // experts.shape[1]
+        weight_of = weights.flatten()[order]
+        begin = 0
+        for expert, count in enumerate(counts):
+            if count:
+                rows = token_of[begin:begin + count]
+                y = self.experts[expert](h[rows]).float() * weight_of[begin:begin + count, None]
+                out.index_add_(0, rows, y)
+                begin += count
+        out = out.to(h.dtype)  # the routed sum in float32, then the activations' dtype, as LLaDA 2.0
+        return out if self.shared is None else out + self.shared(h)
+
+
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         d, hidden = config.d_model, config.mlp_hidden_size
         q_dim, kv_dim = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
@@ -171,9 +236,13 @@ class Block(nn.Module):
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         self.mlp_norm = RMSNorm(d, config.rms_norm_eps)
-        self.gate_proj = nn.Linear(d, hidden, bias=False)
-        self.up_proj = nn.Linear(d, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d, bias=False)
+        self.moe = None
+        if config.moe is not None and config.moe.is_moe_layer(layer):
+            self.moe = MixtureOfExperts(d, config.moe)
+        else:
+            self.gate_proj = nn.Linear(d, hidden, bias=False)
+            self.up_proj = nn.Linear(d, hidden, bias=False)
+            self.down_proj = nn.Linear(hidden, d, bias=False)
 
     def forward(self, x: torch.Tensor, parts: Sequence[_Part], layer: int) -> torch.Tensor:
         """x [T, d]: the tokens of every part, one after another (part p's rows, each of
@@ -193,13 +262,23 @@ class Block(nn.Module):
         sizes = [part.batch * part.length for part in parts]
         for part, part_q, part_k, part_v in zip(parts, q.split(sizes), k.split(sizes), v.split(sizes)):
             shape = (part.batch, part.length, -1, c.head_dim)
-            part_q = ops.rotary(part_q.view(shape), part.cos, part.sin)
-            part_k = ops.rotary(part_k.view(shape), part.cos, part.sin)
+            part_q = _rotated(part_q.view(shape), part.cos, part.sin, c.rotated_dims)
+            part_k = _rotated(part_k.view(shape), part.cos, part.sin, c.rotated_dims)
             attended.append(part.attend(part_q, part_k, part_v.view(shape), layer))
         attn = attended[0] if len(attended) == 1 else torch.cat(attended)
         x = x + self.o_proj(attn.flatten(-2))
         h = self.mlp_norm(x)
+        if self.moe is not None:
+            return x + self.moe(h)
         return x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int) -> torch.Tensor:
+    """Rotary embeddings over each head's first `dims` dims (all of them, or LLaDA 2.0's
+    half); the rest pass through."""
+    if dims == x.shape[-1]:
+        return ops.rotary(x, cos, sin)
+    return torch.cat([ops.rotary(x[..., :dims].contiguous(), cos, sin), x[..., dims:]], dim=-1)
 
 
 @dataclasses.dataclass
@@ -290,7 +369,7 @@ class DiffusionTransformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.embedding_size, config.d_model)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, layer) for layer in range(config.n_layers))
         self.final_norm = RMSNorm(config.d_model, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.embedding_size, bias=False)
         if config.weight_tying:
@@ -595,7 +674,7 @@ class DiffusionTransformer(nn.Module):
             if rotation is not None and segment is not None:
                 start, end = rotation.segment(start, end, length)
             positions, ids = positions[:, start:end], input_ids[:, start:end]
-        cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
+        cos, sin = rotary_tables(positions, self.config.rotated_dims, self.config.rope_theta)
         part = _Part(batch, ids.shape[1], start, columns, cos, sin, key_valid, cache, self.config.block_size)
 
         pick = None
