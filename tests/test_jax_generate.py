@@ -61,6 +61,34 @@ CASES = [
 ]
 
 
+GRID_PROMPTS = [[5, 6, 7, 8, 9, 1], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]  # lengths 2 modulo 4
+GRID_CASES = [
+    # block_grid="model": blocks on the model's grid from each row's first token, the
+    # prompts' partial block first (planned as a whole block capped by its masks), the tail
+    # decoded then dropped; with shifted logits each model block's first position alone
+    (SDAR, {"steps": 12, "block_length": 4}),
+    (SDAR, {"steps": 12, "block_length": 4, "threshold": 0.2}),
+    (SDAR, {"threshold": 0.3, "block_length": 2, "temperature": 0.8, "seed": 3}),
+    ({"block_size": 4}, {"factor": 1.0, "block_length": 4, "gen_length": 8}),
+    ({**DREAM, "block_size": 4}, {"threshold": 0.25, "block_length": 2}),  # Fast-dLLM v2's layout
+    ({**DREAM, "block_size": 4}, {"steps": 8, "block_length": 2, "gen_length": 8}),
+]
+
+
+@pytest.mark.parametrize("overrides,kwargs", GRID_CASES, ids=[str(i) for i in range(len(GRID_CASES))])
+def test_the_model_grid_decodes_as_torch(overrides, kwargs):
+    model = tiny_model(seed=5, std=0.5, **overrides)
+    arguments = {"gen_length": 12, "stop_at_eos": False, "block_grid": "model", **kwargs}
+    expected = unmask.generate(model, GRID_PROMPTS, **arguments)
+    seen = []
+    got = uj.generate(uj.from_torch(model), GRID_PROMPTS, callback=lambda step, x, committed: seen.append(x.shape),
+                      **arguments)
+    assert np.array_equal(np.asarray(got.tokens), expected.tokens.numpy())
+    assert np.array_equal(np.asarray(got.sequences), expected.sequences.numpy())
+    assert got.nfe == expected.nfe and got.steps_per_block == expected.steps_per_block
+    assert set(seen) == {tuple(expected.sequences.shape)}, "the callback sees the canvas the result holds"
+
+
 @pytest.mark.parametrize("overrides,kwargs", CASES, ids=[str(i) for i in range(len(CASES))])
 def test_generate_equals_torch_generate(overrides, kwargs):
     model = tiny_model(seed=2, **overrides)

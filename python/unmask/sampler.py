@@ -27,7 +27,7 @@ import torch
 
 from unmask import ops, revise, speculative, validation
 from unmask.output import GenerateOutput
-from unmask.schedule import capped_step_counts, schedule_counts, step_counts  # noqa: F401 (schedule_counts, as before)
+from unmask.schedule import capped_step_counts, grid_blocks, schedule_counts, step_counts  # noqa: F401 (schedule_counts, as before)
 from unmask.validation import CACHE_MODES, Revision, Rule, Sampling
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -820,34 +820,12 @@ def generate(
 
 def _model_grid_blocks(model, prompt_mask: torch.Tensor, gen_length: int,
                        block_length: int) -> tuple[list[tuple[int, int]], list[list[int]], int]:
-    """generate's blocks on a block-causal model's grid (block_grid="model"): (blocks,
-    masks per block and row, canvas length after the prompt).
-
-    With b = config.block_size, l = block_length and L = max(b, l) (the other must divide
-    it), a row with P real prompt tokens decodes the blocks of l that start at multiples
-    of l counted from its first token, from the one holding its prompt's end (its prompt
-    tokens stay) to the end of the grid block of L holding the (P + gen_length)-th token:
-    SDAR's and Fast-dLLM v2's loops decode so. Rows of a batch share their blocks, so their
-    P must agree modulo L (a ragged batch's rows still decode each as alone). With shifted
-    logits (Dream's layout, Fast-dLLM v2; l <= b) a model block's first position is
-    predicted from the previous position, which the block-causal mask keeps from seeing
-    its own block: it is decoded alone first (a block of one), as Fast-dLLM v2 takes the
-    token after a finished block before the next block's steps."""
+    """generate's blocks on a block-causal model's grid (block_grid="model"):
+    unmask.schedule.grid_blocks for this model and these rows."""
     config = getattr(model, "config", None)
-    model_block = getattr(config, "block_size", None)
-    shifted = bool(getattr(config, "shift_logits", False))
-    lengths = prompt_mask.sum(dim=1).tolist()  # a host tensor: no device read
-    grid = validation.model_grid(model_block, block_length, lengths, shifted=shifted, model_name=type(model).__name__)
-    width, length = prompt_mask.shape[1], lengths[0]
-    decoded = -(-(length + gen_length) // grid) * grid - length  # to the end of the grid block
-    blocks = []
-    for start in range(width - length % block_length, width + decoded, block_length):
-        # a model block's first position (counted from the rows' first tokens), not the prompt's
-        alone_first = shifted and start >= width and (start - width + length) % model_block == 0 and block_length > 1
-        blocks.extend([(start, start + 1), (start + 1, start + block_length)] if alone_first
-                      else [(start, start + block_length)])
-    masked_counts = [[end - max(start, width)] * len(lengths) for start, end in blocks]
-    return blocks, masked_counts, decoded
+    return grid_blocks(getattr(config, "block_size", None), bool(getattr(config, "shift_logits", False)),
+                       prompt_mask.sum(dim=1).tolist(), prompt_mask.shape[1], gen_length, block_length,
+                       model_name=type(model).__name__)  # a host tensor: no device read
 
 
 def infill(

@@ -92,3 +92,34 @@ def capped_step_counts(masked: Sequence[int], capacity: int, steps: int, schedul
 def _without_empty_steps(plans: list[list[int]]) -> list[list[int]]:
     kept = [i for i in range(len(plans[0]) if plans else 0) if any(row[i] for row in plans)]
     return [[row[i] for i in kept] for row in plans]
+
+
+def grid_blocks(block_size: int | None, shifted: bool, prompt_lengths: Sequence[int], width: int, gen_length: int,
+                block_length: int, *, model_name: str) -> tuple[list[tuple[int, int]], list[list[int]], int]:
+    """generate's blocks on a block-causal model's grid (block_grid="model"): (blocks as
+    canvas [start, end), masks per block and row, canvas length after the prompt), for rows
+    of prompt_lengths real tokens left-padded to width.
+
+    With b = block_size, l = block_length and L = max(b, l) (the other must divide it), a
+    row with P real prompt tokens decodes the blocks of l that start at multiples of l
+    counted from its first token, from the one holding its prompt's end (its prompt tokens
+    stay) to the end of the grid block of L holding the (P + gen_length)-th token: SDAR's,
+    LLaDA 2.0's and Fast-dLLM v2's loops decode so. Rows of a batch share their blocks, so
+    their P must agree modulo L (a ragged batch's rows still decode each as alone). With
+    shifted logits (Dream's layout, Fast-dLLM v2; l <= b) a model block's first position
+    is predicted from the previous position, which the block-causal mask keeps from seeing
+    its own block: it is decoded alone first (a block of one), as Fast-dLLM v2 takes the
+    token after a finished block before the next block's steps."""
+    from unmask import validation
+
+    grid = validation.model_grid(block_size, block_length, prompt_lengths, shifted=shifted, model_name=model_name)
+    length = prompt_lengths[0]
+    decoded = -(-(length + gen_length) // grid) * grid - length  # to the end of the grid block
+    blocks = []
+    for start in range(width - length % block_length, width + decoded, block_length):
+        # a model block's first position (counted from the rows' first tokens), not the prompt's
+        alone_first = shifted and start >= width and (start - width + length) % block_size == 0 and block_length > 1
+        blocks.extend([(start, start + 1), (start + 1, start + block_length)] if alone_first
+                      else [(start, start + block_length)])
+    masked_counts = [[end - max(start, width)] * len(prompt_lengths) for start, end in blocks]
+    return blocks, masked_counts, decoded

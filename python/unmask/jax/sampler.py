@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from unmask import validation
-from unmask.schedule import step_counts
+from unmask.schedule import capped_step_counts, grid_blocks, step_counts
 from unmask.jax.kernels import commit, default_interpret, seed_words
 from unmask.jax.model import JaxModel
 from unmask.output import GenerateOutput
@@ -46,11 +46,19 @@ class BlockProgram:
     eos_id: int | None  # set: rows stop at EOS
     callback: bool  # a host callback runs after every step (io_callback: a round trip each)
     schedule: str = "llada"  # the steps rule's (unmask.schedule)
+    # block_grid="model": the masks the block starts with (a prompt's partial block holds
+    # fewer than its length), planned as a whole block capped by them; None: all masks
+    masked: int | None = None
 
     def step_counts(self) -> np.ndarray:
         """Tokens every row commits at each step that commits any (steps rule): the
-        schedule of a fully masked block (unmask.schedule, as the torch loop plans it)."""
-        return np.asarray(step_counts([self.block_length], self.steps_per_block, self.schedule)[0], np.int32)
+        schedule of a fully masked block, or on the model grid the whole block's capped by
+        the masks present (unmask.schedule, as the torch loop plans them)."""
+        if self.masked is not None:
+            plan = capped_step_counts([self.masked], self.block_length, self.steps_per_block, self.schedule)
+        else:
+            plan = step_counts([self.block_length], self.steps_per_block, self.schedule)
+        return np.asarray(plan[0], np.int32)
 
 
 def _stop_rows_at_eos(x, running, generation_start: int, decoded_end, eos_id: int):
@@ -236,7 +244,7 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
              conf_temperature: float = 1.0, block_grid: str = "prompt") -> GenerateOutput:
     """As unmask.generate; tokens and sequences come back as jnp arrays. callback(step, x,
     committed) gets numpy arrays, from inside the compiled loop (a host round trip per
-    step: leave it None for speed). block_grid "model" is unmask.generate's alone for now."""
+    step: leave it None for speed). block_grid="model" decodes without a cache for now."""
     if not isinstance(model, JaxModel):
         raise TypeError(f"model must be an unmask.jax.JaxModel (unmask.jax.from_torch or from_pretrained), got "
                         f"{type(model).__name__}")
@@ -248,8 +256,9 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
     cfg_scale = validation.check_cfg_scale(cfg_scale)
     validation.check_choice("cache", cache, validation.CACHE_MODES)
     validation.check_choice("block_grid", block_grid, validation.BLOCK_GRIDS)
-    if block_grid == "model":
-        raise NotImplementedError("block_grid='model' is not implemented in unmask.jax yet (unmask.generate has it)")
+    if block_grid == "model" and cache is not None:
+        raise NotImplementedError("block_grid='model' with a cache is not implemented in unmask.jax yet (unmask.generate "
+                                  "has it); pass cache=None")
     mask_id, eos_id = validation.model_special_ids(model, mask_id, eos_id)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
@@ -258,24 +267,34 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
     eos_id = eos_id if stop_at_eos else None
     validation.prompt_ids(ids, prompt_mask, mask_id=mask_id, vocab=validation.model_vocab(model))
     batch, prompt_len = ids.shape
-    x = jnp.asarray(np.concatenate([ids, np.full((batch, gen_length), mask_id)], axis=1), jnp.int32)
-    canvas_mask = np.concatenate([prompt_mask, np.ones((batch, gen_length), bool)], axis=1)
+    if block_grid == "model":  # the torch loop's blocks (unmask.schedule.grid_blocks)
+        blocks, masked_counts, decoded = grid_blocks(model.config.block_size, model.config.shift_logits,
+                                                     prompt_mask.sum(axis=1).tolist(), prompt_len, gen_length,
+                                                     block_length, model_name=type(model).__name__)
+        masked = [counts[0] for counts in masked_counts]
+    else:
+        blocks = [(prompt_len + i * block_length, prompt_len + (i + 1) * block_length) for i in range(num_blocks)]
+        masked, decoded = [None] * num_blocks, gen_length
+    x = jnp.asarray(np.concatenate([ids, np.full((batch, decoded), mask_id)], axis=1), jnp.int32)
+    canvas_mask = np.concatenate([prompt_mask, np.ones((batch, decoded), bool)], axis=1)
     model_mask = None if canvas_mask.all() else jnp.asarray(canvas_mask)
-    prompt_positions = jnp.asarray(np.concatenate([prompt_mask, np.zeros((batch, gen_length), bool)], axis=1))
-    program = BlockProgram(block_length, prompt_len, rule.steps_per_block, rule.threshold, rule.factor,
-                           dataclasses.replace(sampling, seed=0), cfg_scale, cache, mask_id, eos_id,
-                           callback is not None, rule.schedule)
-    decode = block_decoder(model, program)
+    prompt_positions = jnp.asarray(np.concatenate([prompt_mask, np.zeros((batch, decoded), bool)], axis=1))
+    shown = prompt_len + gen_length  # the canvas the result holds (the grid's tail past it is dropped)
     if callback is not None:
-        model.__dict__.setdefault("_callback_holder", {})["callback"] = callback
+        inner = callback
+        model.__dict__.setdefault("_callback_holder", {})["callback"] = lambda step, canvas, committed: inner(
+            step, canvas[:, :shown], committed[:, :shown])
 
     started = time.perf_counter()
     running, offset, seed_array = jnp.ones((batch,), bool), jnp.zeros((batch,), jnp.int32), seed_words(sampling.seed)
     nfe, steps_per_block = 0, []
-    for block in range(num_blocks):
-        x, running, offset, block_steps, invalid = decode(
-            model.params, x, model_mask, prompt_positions, running, offset, jnp.int32(prompt_len + block * block_length),
-            seed_array, jnp.int32(nfe))
+    for (start, end), block_masks in zip(blocks, masked):
+        program = BlockProgram(end - start, prompt_len, rule.steps_per_block, rule.threshold, rule.factor,
+                               dataclasses.replace(sampling, seed=0), cfg_scale, cache, mask_id, eos_id,
+                               callback is not None, rule.schedule, block_masks)
+        x, running, offset, block_steps, invalid = block_decoder(model, program)(
+            model.params, x, model_mask, prompt_positions, running, offset, jnp.int32(start), seed_array,
+            jnp.int32(nfe))
         block_steps, invalid, any_running = jax.device_get((block_steps, invalid, running.any()))  # the block's one read
         if invalid:
             raise validation.InvalidLogitsError(validation.INVALID_MODEL_LOGITS)
@@ -283,6 +302,7 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
         steps_per_block.append(int(block_steps))
         if eos_id is not None and not any_running:
             break
+    x = x[:, :shown]
     x.block_until_ready()
     seconds = time.perf_counter() - started
     return GenerateOutput(x[:, prompt_len:], x, nfe, steps_per_block, seconds, nfe)
