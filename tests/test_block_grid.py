@@ -219,8 +219,6 @@ def test_where_the_model_grid_does_not_apply():
     with pytest.raises(ValueError, match="block_grid must be one of"):
         unmask.generate(model, [[1, 2]], gen_length=8, block_length=4, block_grid="canvas")
     uj = pytest.importorskip("unmask.jax", reason="JAX is not installed")
-    with pytest.raises(NotImplementedError, match="block_grid='model' with a cache is not implemented in unmask.jax"):
-        uj.generate(uj.from_torch(model), [[1, 2]], cache="dual", **arguments)
     with pytest.raises(ValueError, match=r"lengths of a batch must agree modulo 4 .* got lengths \[2, 3\]"):
         uj.generate(uj.from_torch(model), [[1, 2], [3, 4, 5]], **arguments)
 

@@ -72,6 +72,14 @@ GRID_CASES = [
     ({"block_size": 4}, {"factor": 1.0, "block_length": 4, "gen_length": 8}),
     ({**DREAM, "block_size": 4}, {"threshold": 0.25, "block_length": 2}),  # Fast-dLLM v2's layout
     ({**DREAM, "block_size": 4}, {"steps": 8, "block_length": 2, "gen_length": 8}),
+    # with caches: a prompt's partial block starts before the generated text, but its
+    # masks do not, so the recomputed window covers every position decoded
+    (SDAR, {"steps": 12, "block_length": 4, "threshold": 0.2, "cache": "prefix"}),
+    (SDAR, {"threshold": 0.3, "block_length": 2, "cache": "dual"}),
+    (SDAR, {"steps": 8, "block_length": 8, "gen_length": 16, "cache": "prefix",  # blocks of two model blocks
+            "prompts": [[(3 * i + 1) % 50 for i in range(13)], [7, 8, 9, 10, 11]]}),  # lengths 5 modulo 8
+    ({**DREAM, "block_size": 4}, {"threshold": 0.25, "block_length": 2, "cache": "dual"}),
+    ({**DREAM, "block_size": 4}, {"steps": 8, "block_length": 2, "gen_length": 8, "cache": "prefix"}),
 ]
 
 
@@ -79,9 +87,10 @@ GRID_CASES = [
 def test_the_model_grid_decodes_as_torch(overrides, kwargs):
     model = tiny_model(seed=5, std=0.5, **overrides)
     arguments = {"gen_length": 12, "stop_at_eos": False, "block_grid": "model", **kwargs}
-    expected = unmask.generate(model, GRID_PROMPTS, **arguments)
+    prompts = arguments.pop("prompts", GRID_PROMPTS)
+    expected = unmask.generate(model, prompts, **arguments)
     seen = []
-    got = uj.generate(uj.from_torch(model), GRID_PROMPTS, callback=lambda step, x, committed: seen.append(x.shape),
+    got = uj.generate(uj.from_torch(model), prompts, callback=lambda step, x, committed: seen.append(x.shape),
                       **arguments)
     assert np.array_equal(np.asarray(got.tokens), expected.tokens.numpy())
     assert np.array_equal(np.asarray(got.sequences), expected.sequences.numpy())

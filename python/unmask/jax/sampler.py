@@ -244,7 +244,7 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
              conf_temperature: float = 1.0, block_grid: str = "prompt") -> GenerateOutput:
     """As unmask.generate; tokens and sequences come back as jnp arrays. callback(step, x,
     committed) gets numpy arrays, from inside the compiled loop (a host round trip per
-    step: leave it None for speed). block_grid="model" decodes without a cache for now."""
+    step: leave it None for speed)."""
     if not isinstance(model, JaxModel):
         raise TypeError(f"model must be an unmask.jax.JaxModel (unmask.jax.from_torch or from_pretrained), got "
                         f"{type(model).__name__}")
@@ -256,9 +256,6 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
     cfg_scale = validation.check_cfg_scale(cfg_scale)
     validation.check_choice("cache", cache, validation.CACHE_MODES)
     validation.check_choice("block_grid", block_grid, validation.BLOCK_GRIDS)
-    if block_grid == "model" and cache is not None:
-        raise NotImplementedError("block_grid='model' with a cache is not implemented in unmask.jax yet (unmask.generate "
-                                  "has it); pass cache=None")
     mask_id, eos_id = validation.model_special_ids(model, mask_id, eos_id)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
