@@ -144,6 +144,20 @@ int64_t last_kept_tie(const float* buf, int64_t vocab, float t, double above, do
   return last;
 }
 
+// The kept prefix of `within` whose weight reaches target, by radix selection (exact
+// whatever the row); `within` itself when rounding leaves its total short of target.
+template <typename Weight>
+Kept radix_prefix(const float* buf, int64_t vocab, double target, const Kept& within, Weight weight) {
+  double above = 0.0;
+  const float t = radix_select(buf, vocab, target, within, weight, &above);
+  if (above < 0.0) return within;
+  Kept kept;
+  kept.all = false;
+  kept.value = t;
+  kept.last_tie = last_kept_tie(buf, vocab, t, above, target, within, weight);
+  return kept;
+}
+
 inline Kept prefix_ending_at(const float* buf, int64_t id) {
   Kept kept;
   kept.all = false;
@@ -175,14 +189,7 @@ inline bool top_k_by_candidates(const float* buf, int64_t vocab, int64_t padded,
 inline Kept top_k_filter(const float* buf, int64_t vocab, int64_t padded, int64_t k, Scratch& s) {
   Kept kept;
   if (top_k_by_candidates(buf, vocab, padded, k, s, &kept)) return kept;
-  Kept all;
-  auto one = [](int64_t) { return 1.0; };
-  double above = 0.0;
-  const float t = radix_select(buf, vocab, static_cast<double>(k), all, one, &above);
-  kept.all = false;
-  kept.value = t;
-  kept.last_tie = last_kept_tie(buf, vocab, t, above, static_cast<double>(k), all, one);
-  return kept;
+  return radix_prefix(buf, vocab, static_cast<double>(k), Kept{}, [](int64_t) { return 1.0; });
 }
 
 // The nucleus of the ids s.ids[0, n) sorted in the order, after ids whose mass is
@@ -344,15 +351,7 @@ inline Kept top_p_filter(const float* buf, int64_t vocab, int64_t padded, float 
                   : 0.0f;
     total += mass[i];
   }
-  const double target = top_p * total;
-  auto weight = [mass](int64_t i) { return static_cast<double>(mass[i]); };
-  double above = 0.0;
-  const float t = radix_select(buf, vocab, target, kept, weight, &above);
-  if (above < 0.0) return kept;
-  nucleus.all = false;
-  nucleus.value = t;
-  nucleus.last_tie = last_kept_tie(buf, vocab, t, above, target, kept, weight);
-  return nucleus;
+  return radix_prefix(buf, vocab, top_p * total, kept, [mass](int64_t i) { return static_cast<double>(mass[i]); });
 }
 
 }  // namespace sample_filter
