@@ -62,7 +62,7 @@ def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, rule: Rul
         raise ValueError("revise_threshold needs the whole vocabulary's logits; a tensor-parallel model gives a shard")
     batch, length, device = x.shape[0], end - start, x.device
     groups = min(revision.groups, length)  # groups past the block's length would mask nothing
-    mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
+    mode = rule.commit_options()
     apply_rule = speculative._Rule(sample, sampling, mode, None, mask_id, vocab,
                                    torch.full((1,), mask_id, dtype=torch.int64, device=device), running, offset_base)
     positions = torch.arange(start, end, device=device)

@@ -320,10 +320,7 @@ class DenoiseStep:
                  vocab: int | None = None):
         self.state, self.block_length, self.logits_fn = state, block_length, logits_fn
         self.sampling, self.mask_id, self.sample, self.vocab = sampling, mask_id, sample, vocab
-        if rule.steps_per_block is not None:  # with a threshold too, k is the step's floor
-            self.mode = {"k": state.k} if rule.threshold is None else {"k": state.k, "threshold": rule.threshold}
-        else:
-            self.mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
+        self.mode = rule.commit_options(state.k)
         self.banned = torch.full((1,), mask_id, dtype=torch.int64, device=state.x.device)  # (no host copy)
         self.offsets = torch.arange(block_length, device=state.x.device)
 

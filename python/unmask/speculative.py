@@ -46,7 +46,7 @@ class _Rule:
 
     sample: Callable
     sampling: Sampling
-    mode: dict             # {"threshold": t} or {"factor": f} ({} for the steps rule alone)
+    mode: dict             # Rule.commit_options(): with a plan, its k is filled in per step
     plan: torch.Tensor | None  # int64 [B, S + depth]: tokens row b commits at step j (0 past S); a floor with a threshold
     mask_id: int
     vocab: int | None
@@ -120,9 +120,7 @@ def decode_block(step_model, x: torch.Tensor, start: int, end: int, *, depth: in
     if plan is not None:
         plan_tensor = F.pad(torch.tensor(plan, dtype=torch.int64).reshape(batch, -1), (0, depth)).to(device)
         total = len(plan[0])
-    mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
-    if plan is not None and rule.threshold is None:
-        mode = {}
+    mode = rule.commit_options()  # a plan's count k is filled in per step (_Rule.__call__)
     # Under a plan alone a row steps through its plan; with a threshold (alone, beside a
     # plan, or the factor rule) until its block has no mask: a step without one counts
     # for nothing (no commit, no RNG step), as in the step-by-step loop.

@@ -661,6 +661,13 @@ class Rule:
     factor: float | None = None
     schedule: str = "llada"  # how the steps rule spreads a block's commits (unmask.schedule)
 
+    def commit_options(self, k=None) -> dict:
+        """unmask.ops.commit's mode arguments for a step of this rule: the steps rule's
+        count k (with a threshold, as its floor), or the threshold or the factor (k unread)."""
+        if self.steps_per_block is not None:
+            return {"k": k} if self.threshold is None else {"k": k, "threshold": self.threshold}
+        return {"threshold": self.threshold} if self.threshold is not None else {"factor": self.factor}
+
 
 # The values each confidence kind takes: a threshold outside can never be passed, or is
 # always passed, and would silently turn parallel decoding into one token per step.

@@ -71,12 +71,7 @@ def host_loop_generate(model: JaxModel, prompts, *, attention_mask=None, gen_len
             eligible = (np.asarray(x[:, start:end]) == mask_id) & running[:, None]
             if not eligible.any() and (counts is None or rule.threshold is not None):
                 break  # a threshold (alone, or beside the plan) ends the block with its masks
-            if counts is not None:
-                mode = {"k": jnp.asarray(counts[:, step])}
-                if rule.threshold is not None:
-                    mode["threshold"] = rule.threshold
-            else:
-                mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
+            mode = rule.commit_options(None if counts is None else jnp.asarray(counts[:, step]))
             logits = _block_logits(model, x, model_mask, prompt_positions, mask_id, cfg_scale, start, end)
             tokens, conf = model.sample_logits(logits, **sampling.options, banned=[mask_id], seed=sampling.seed,
                                                offset=nfe)

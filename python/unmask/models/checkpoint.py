@@ -57,13 +57,14 @@ class CheckpointFormat:
                     return prefix + template.format(*found.groups())
         raise KeyError(f"no {self.model_type} name for parameter {ours!r}")
 
-    def parts_of(self, ours: str) -> tuple[str, ...] | None:
-        """Our names that share a fused checkpoint tensor with `ours`, in their order."""
+    def parts_of(self, ours: str) -> tuple[str, ...]:
+        """Our names in the checkpoint tensor that holds `ours`, in their order along dim 0:
+        `ours` alone, or the names sharing a fused tensor with it."""
         match = _LAYER_PATTERN.fullmatch(ours)
         for parts in self.fused.values():
             if match is not None and match.group(2) in parts:
                 return tuple(f"layers.{match.group(1)}.{part}" for part in parts)
-        return None
+        return (ours,)
 
 
 LLADA = CheckpointFormat(
@@ -169,15 +170,15 @@ def llada_name(ours: str) -> str:
     return LLADA.tensor_name(ours)
 
 
-def _expected_names(model: DiffusionTransformer) -> dict[str, str | tuple[str, ...]]:
-    """Checkpoint name -> our name (or our names, for a fused tensor: concatenated along
+def _expected_names(model: DiffusionTransformer) -> dict[str, tuple[str, ...]]:
+    """Checkpoint name -> our names in it (one, or a fused tensor's, concatenated along
     dim 0 in that order), for every tensor the checkpoint must hold."""
     checkpoint_format = _FORMAT_OF_FAMILY[model.config.model_type]
     names = {}
     for ours in model.state_dict():
         if ours == "lm_head.weight" and model.config.weight_tying:
             continue  # tied to the embedding: no separate head is stored
-        names[checkpoint_format.tensor_name(ours)] = checkpoint_format.parts_of(ours) or ours
+        names[checkpoint_format.tensor_name(ours)] = checkpoint_format.parts_of(ours)
     return names
 
 
@@ -191,8 +192,8 @@ def save_pretrained(model: DiffusionTransformer, directory: str | Path, *, max_s
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     state = model.state_dict()
-    tensors = {name: (state[ours] if isinstance(ours, str) else torch.cat([state[part] for part in ours]))
-               .detach().contiguous().cpu() for name, ours in _expected_names(model).items()}
+    tensors = {name: (state[parts[0]] if len(parts) == 1 else torch.cat([state[part] for part in parts]))
+               .detach().contiguous().cpu() for name, parts in _expected_names(model).items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
     for name, tensor in tensors.items():
@@ -256,8 +257,7 @@ def from_pretrained(
                     unexpected.append(name)
                     continue
                 tensor = handle.get_tensor(name)
-                ours = expected[name]
-                parts = (ours,) if isinstance(ours, str) else ours
+                parts = expected[name]
                 shapes = [tuple(meta_state[part].shape) for part in parts]
                 implied = (sum(shape[0] for shape in shapes), *shapes[0][1:])
                 if tuple(tensor.shape) != implied:
@@ -269,7 +269,7 @@ def from_pretrained(
                     tensor = tensor.to(dtype)
                 for part, piece in zip(parts, tensor.split([shape[0] for shape in shapes])):
                     state[part] = piece
-    missing = sorted(name for name, ours in expected.items() if (ours if isinstance(ours, str) else ours[0]) not in state)
+    missing = sorted(name for name, parts in expected.items() if parts[0] not in state)
     if missing:
         raise ValueError(f"checkpoint {directory} is missing tensors: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
     if unexpected:

@@ -374,12 +374,10 @@ class Engine:
         eligible = blocks == group[0].mask_id
         token_rows = torch.stack([tokens[id(job)] for job in group])
         invalid = ((token_rows < 0) & eligible).any(dim=1)
-        if rule.steps_per_block is not None:  # with a threshold too, the plan's count is each step's floor
-            mode = {"k": torch.tensor([job.plan[job.step_in_block] for job in group], dtype=torch.int64)}
-            if rule.threshold is not None:
-                mode["threshold"] = rule.threshold
-        else:
-            mode = {"threshold": rule.threshold} if rule.threshold is not None else {"factor": rule.factor}
+        counts = None
+        if rule.steps_per_block is not None:  # the plan's count (with a threshold, each step's floor)
+            counts = torch.tensor([job.plan[job.step_in_block] for job in group], dtype=torch.int64)
+        mode = rule.commit_options(counts)
         committed = ops.commit(blocks, token_rows, torch.stack([conf[id(job)] for job in group]), eligible, **mode)
         remaining = (eligible & ~committed).any(dim=1)
         # the group's flags as Python values once, not a tensor read per request
