@@ -176,6 +176,11 @@ def test_bad_options_are_messages_naming_them(tmp_path, capsys):
         with pytest.raises(SystemExit):
             cli.main(["serve", "--request-timeout", seconds])
         assert "argument --request-timeout: " in capsys.readouterr().err
+    # the server's defaults are checked before it starts (the bundled model has no blocks; 1 is its mask id)
+    assert cli.main(["serve", "--block-grid", "model"]) == 2
+    assert "--block-grid model) needs a block-causal model" in capsys.readouterr().err
+    assert cli.main(["serve", "--eos-id", "1"]) == 2
+    assert "eos_id and mask_id must differ" in capsys.readouterr().err
     assert cli.main(["train", "--out", str(tmp_path / "run"), "--batch-size", "0"]) == 2
     assert "batch_size must be >= 1, got 0" in capsys.readouterr().err and not (tmp_path / "run").exists()
     assert cli.main(["distill", "--teacher", str(tmp_path / "none"), "--out", str(tmp_path / "student")]) == 2

@@ -77,16 +77,18 @@ def server(model):
     running.stop()
 
 
-def offline(model, prompt: str, **body) -> str:
-    """What unmask.generate answers for the request body, cut as the server cuts."""
+def offline(model, prompt: str, eos_id: int | None = None, **body) -> str:
+    """What unmask.generate answers for the request body, cut as the server cuts (at
+    eos_id, default the model's)."""
     max_tokens = body.pop("max_tokens", 16)
     block = body.pop("block_length", min(8, max_tokens))
     gen_length = -(-max_tokens // block) * block
-    arguments = {"gen_length": gen_length, "block_length": block, **body}
+    eos_id = model.eos_id if eos_id is None else eos_id
+    arguments = {"gen_length": gen_length, "block_length": block, "eos_id": eos_id, **body}
     out = unmask.generate(model, [model.tokenizer.encode(prompt).ids], **arguments)
     tokens = []
     for token in out.tokens[0].tolist()[:max_tokens]:
-        if token == model.eos_id:
+        if token == eos_id:
             break
         tokens.append(token)
     return model.tokenizer.decode(tokens)
@@ -234,7 +236,8 @@ ERRORS = [
     ({"model": MODEL, "prompt": "1", "threshold": 1.5}, "threshold"),
     ({"model": MODEL, "prompt": "1", "remasking": "best"}, "remasking"),
     ({"model": MODEL, "prompt": "1", "conf_temperature": 0}, "conf_temperature"),
-    ({"model": MODEL, "prompt": "1", "block_grid": "model"}, "block_grid"),
+    ({"model": MODEL, "prompt": "1", "block_grid": "model"}, "block_grid"),  # the bundled model has no blocks
+    ({"model": MODEL, "prompt": "1", "block_grid": "diagonal"}, "block_grid"),
     ({"model": MODEL, "prompt": "1", "seed": -1}, "seed"),
     ({"model": MODEL, "prompt": "1", "frequency_penalty": 1}, "frequency_penalty"),
     ({"model": MODEL, "prompt": [1, 99999]}, "prompt"),
@@ -505,7 +508,67 @@ def test_sigterm_finishes_running_requests_then_exits():
         process.stdout.close()
 
 
+# --------------------------------------------------------------------------- a block-causal model
+
+
+class IdTokenizer:
+    """Text is the ids, comma-separated; a prompt is given as ids."""
+
+    def decode(self, ids):
+        return ",".join(str(i) for i in ids)
+
+
+GRID_BODIES = [
+    ([5, 6, 7, 8, 9], {"max_tokens": 6}),  # the server's default: the model's grid and block_size
+    ([10, 11], {"max_tokens": 7, "block_length": 2, "threshold": 0.3, "cache": "dual"}),
+    ([12, 13, 14], {"max_tokens": 6, "block_length": 8, "steps": 2, "temperature": 1.0, "seed": 3}),
+    ([15, 16, 17], {"max_tokens": 6, "block_length": 4, "block_grid": "prompt"}),
+]
+
+
+def test_a_block_causal_model_is_served_on_its_own_grid():
+    """unmask serve --block-grid model: requests decode as unmask.generate(block_grid=
+    "model") decodes them (ending at the server's --eos-id), a request may ask for the
+    prompt's grid, and a block_length off the model's grid is a 400 naming it."""
+    from tests.helpers import tiny_model
+
+    model = tiny_model(seed=11, std=0.5, block_size=4)
+    eos_id = 30  # the first answer's fifth token (the model's own EOS, 59, is in none of these answers)
+    running = Running(Server(model, IdTokenizer(), model_name="tiny", default_block_grid="model", eos_id=eos_id))
+    try:
+        for prompt, body in GRID_BODIES:
+            body = dict(body)
+            max_tokens, grid = body.pop("max_tokens"), body.pop("block_grid", "model")
+            block = body.pop("block_length", 4)
+            answer = running.client.completions.create(
+                model="tiny", prompt=prompt, max_tokens=max_tokens,
+                extra_body={**body, "block_length": block, **({} if grid == "model" else {"block_grid": grid})})
+            gen_length = -(-max_tokens // block) * block
+            out = unmask.generate(model, [prompt], gen_length=gen_length, block_length=block, block_grid=grid,
+                                  eos_id=eos_id, **body)
+            tokens = out.tokens[0].tolist()[:max_tokens]
+            tokens = tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens
+            assert answer.choices[0].text == IdTokenizer().decode(tokens), (prompt, body)
+        refused = httpx.post(running.url + "/v1/completions", json={"model": "tiny", "prompt": [5], "block_length": 3},
+                             timeout=30)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "block_length"
+    finally:
+        running.stop()
+    with pytest.raises(ValueError, match="block-causal"):
+        Server(tiny_model(), IdTokenizer(), model_name="tiny", default_block_grid="model")
+    with pytest.raises(ValueError, match="block_length=3"):
+        Server(model, IdTokenizer(), model_name="tiny", default_block_grid="model", default_block_length=3)
+    for bad in (60, 61, -1):  # the mask id, past the vocabulary, negative
+        with pytest.raises(ValueError, match="eos_id"):
+            Server(model, IdTokenizer(), model_name="tiny", eos_id=bad)
+
+
 # --------------------------------------------------------------------------- the engine in its own process
+
+# "7": the second token of the bundled model's answer to "123+456=" ("579"), taken for the
+# end of answers by the engine process's server (unmask serve --eos-id)
+PROCESS_EOS = 10
+
 
 def start_in_process(**limits) -> Running:
     """A server whose steps run in a child process (unmask serve's default)."""
@@ -519,7 +582,7 @@ def start_in_process(**limits) -> Running:
 
 @pytest.fixture(scope="module")
 def process_server():
-    running = start_in_process()
+    running = start_in_process(eos_id=PROCESS_EOS)
     yield running
     running.stop()
 
@@ -528,9 +591,11 @@ def test_the_engine_in_its_own_process_answers_as_offline(process_server, model)
     work = [(PROMPTS[i % len(PROMPTS)], SETTINGS[i % len(SETTINGS)]) for i in range(len(SETTINGS) + 3)]
     with concurrent.futures.ThreadPoolExecutor(len(work)) as pool:
         crowd = list(pool.map(lambda w: _request(process_server, *w), work))
-    assert crowd == [offline(model, prompt, **settings) for prompt, settings in work]
+    assert crowd == [offline(model, prompt, eos_id=PROCESS_EOS, **settings) for prompt, settings in work]
+    assert crowd[0] == "5"  # "579" ended at the server's EOS
     stream = process_server.client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=8, stream=True)
-    assert "".join(chunk.choices[0].text for chunk in stream) == offline(model, PROMPTS[1], max_tokens=8)
+    assert "".join(chunk.choices[0].text for chunk in stream) == offline(model, PROMPTS[1], eos_id=PROCESS_EOS,
+                                                                         max_tokens=8)
 
 
 def test_the_engine_process_refuses_beyond_its_queue_at_once():

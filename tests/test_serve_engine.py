@@ -24,9 +24,13 @@ class IdTokenizer:
         return type("Encoding", (), {"ids": [int(t) for t in text.split(",") if t]})()
 
 
-def job_for(model, prompt, events, **body):
-    settings = protocol.settings({"model": "m", "prompt": prompt, **body}, prompt=prompt, default_block_length=4,
-                                 max_context=4096, vocab=validation.model_vocab(model), mask_id=model.mask_id)
+def job_for(model, prompt, events, default_block_length=4, **body):
+    config = model.config
+    settings = protocol.settings({"model": "m", "prompt": prompt, **body}, prompt=prompt,
+                                 default_block_length=default_block_length, max_context=4096,
+                                 vocab=validation.model_vocab(model), mask_id=model.mask_id,
+                                 model_blocks=None if config.block_size is None else (config.block_size,
+                                                                                      config.shift_logits))
     return Job(settings, model.mask_id, None, on_event=events.append)  # no EOS: every position is decoded and compared
 
 
@@ -95,6 +99,66 @@ def test_cached_requests_at_different_depths_decode_as_alone(layout, device):
     assert segment_steps > step // 2
     for job, (prompt, _) in zip(jobs, CACHED_REQUESTS):
         assert job.generated() == alone(model, prompt, job.settings)
+
+
+GRID_LAYOUTS = {"sdar": {"block_size": 4}, "fast-dllm-v2": {"block_size": 4, **MODELS["dream"]}}
+GRID_REQUESTS = [
+    ([5, 6, 7, 8, 9], {"max_tokens": 8}),  # the prompt's partial block first
+    ([10, 11], {"max_tokens": 6, "steps": 6, "threshold": 0.3}),  # SDAR's dynamic rule
+    ([12, 13, 14, 15], {"max_tokens": 8, "threshold": 0.3, "block_length": 2}),  # a prompt ending on the grid
+    ([3] * 9, {"max_tokens": 3, "block_length": 2, "factor": 1.0}),  # generate decodes two blocks more
+    ([20, 21, 22], {"max_tokens": 8, "cfg_scale": 0.5, "steps": 4}),
+    ([7], {"max_tokens": 5, "temperature": 1.0, "seed": 4, "cache": "dual"}),
+    # a partial block planned as a whole one, capped by its masks ([2], where its masks spread give [1, 1])
+    ([30, 31, 32, 33, 34, 35], {"max_tokens": 8, "steps": 6, "cache": "prefix"}),
+    ([17, 18, 19], {"max_tokens": 6, "block_length": 2, "threshold": 0.5, "cache": "dual"}),
+    ([36, 37], {"max_tokens": 9}),  # the server's default block_length on this grid: the model's block_size
+]
+
+
+@pytest.mark.parametrize("layout", list(GRID_LAYOUTS))
+def test_requests_on_the_models_grid_decode_as_alone(layout):
+    """block_grid="model" (SDAR's, and with shifted logits Fast-dLLM v2's, blocks): a
+    request joining every step, so that blocks of other lengths and depths share the
+    steps, answers what unmask.generate(block_grid="model") answers alone; decoding ends
+    at the block holding the answer's last position."""
+    model = tiny_model(seed=7, std=0.5, **GRID_LAYOUTS[layout])
+    engine = Engine(model, IdTokenizer(), max_batch=16, max_queue=16)
+    jobs = [job_for(model, prompt, [], default_block_length=None, block_grid="model", **body)
+            for prompt, body in GRID_REQUESTS]
+    step = 0
+    while any(not job.finished for job in jobs):
+        engine._step([job for job in jobs[:step + 1] if not job.finished])
+        step += 1
+    block_lengths = set()
+    for job, (prompt, body) in zip(jobs, GRID_REQUESTS):
+        s = job.settings
+        answer_end = len(prompt) + s.max_tokens
+        assert s.blocks[-1][0] < answer_end <= s.blocks[-1][1]
+        assert s.block_length == body.get("block_length", 4)
+        block_lengths |= {end - start for start, end in s.blocks}
+        assert job.generated()[:s.max_tokens] == alone(model, prompt, s)[:s.max_tokens]
+    # a shifted model's blocks after the prompt start with a block of one (their first
+    # position, decoded alone)
+    assert block_lengths == ({1, 2, 3, 4} if layout == "fast-dllm-v2" else {2, 4})
+
+
+def test_a_request_on_the_models_grid_stops_after_the_block_holding_its_eos():
+    # as unmask.generate stops: the same model calls, the answer up to EOS
+    model = tiny_model(seed=11, std=0.5, block_size=4, eos_token_id=30)  # the answer's fifth token: a second block
+    engine = Engine(model, IdTokenizer(), max_batch=2, max_queue=2)
+    events = []
+    job = job_for(model, [5, 6, 7, 8, 9], events, default_block_length=None, max_tokens=12, block_grid="model")
+    job.eos_id = model.eos_id
+    steps = 0
+    while not job.finished:
+        engine._step([job])
+        steps += 1
+    out = unmask.generate(model, [[5, 6, 7, 8, 9]], **job.settings.generate_arguments())
+    answer = out.tokens[0].tolist()
+    assert events[-1]["text"] == IdTokenizer().decode(answer[:answer.index(30)]) and answer.index(30) == 4
+    assert events[-1]["finish_reason"] == "stop"
+    assert (job.block, len(job.settings.blocks)) == (1, 4) and steps == out.nfe == 7
 
 
 def test_cfg_in_bfloat16_guides_in_the_model_dtype():

@@ -386,8 +386,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
           max_context=args.max_context, device=None if args.device is None else str(_device(args.device)),
           dtype=_dtype(args.dtype), block_length=args.block_length,
-          cache=args.cache, engine=args.engine, engine_threads=args.engine_threads,
-          trust_remote_code=args.trust_remote_code, request_timeout=args.request_timeout)
+          cache=args.cache, block_grid=args.block_grid, engine=args.engine, engine_threads=args.engine_threads,
+          trust_remote_code=args.trust_remote_code, request_timeout=args.request_timeout, eos_id=args.eos_id)
     return 0
 
 
@@ -496,7 +496,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     serve_parser.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429")
     serve_parser.add_argument("--max-context", type=int, default=4096, help="prompt + generated tokens per request")
-    serve_parser.add_argument("--block-length", type=int, help="default block_length (32; 8 for the bundled model)")
+    serve_parser.add_argument("--block-length", type=int,
+                              help="default block_length (32, or the model's block_size with --block-grid model; 8 "
+                                   "for the bundled model)")
+    serve_parser.add_argument("--block-grid", choices=["prompt", "model"], default="prompt",
+                              help="the block_grid of requests that name none: blocks from the prompt's end, or on "
+                                   "a block-causal model's own grid (SDAR, Fast-dLLM v2, LLaDA 2.0), as "
+                                   "unmask.generate")
     serve_parser.add_argument("--device", help="cpu or cuda")
     serve_parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     serve_parser.add_argument("--cache", choices=["prefix", "dual"],
@@ -509,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--engine-threads", type=_positive_int,
                               help="torch CPU threads for the steps (default: with --engine process one fewer than "
                                    "the cores, leaving one to HTTP; with --engine thread torch's default)")
+    serve_parser.add_argument("--eos-id", type=int,
+                              help="end answers at this id instead of the checkpoint's EOS (a chat model's end of "
+                                   "turn: SDAR's chat answers end at <|im_end|>, 151645)")
     serve_parser.add_argument("--request-timeout", type=_positive_seconds, metavar="SECONDS",
                               help="cancel a request not finished this long after it arrived (504; default: none)")
     serve_parser.add_argument("--trust-remote-code", action="store_true",

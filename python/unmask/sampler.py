@@ -27,7 +27,7 @@ import torch
 
 from unmask import ops, revise, speculative, validation
 from unmask.output import GenerateOutput
-from unmask.schedule import capped_step_counts, grid_blocks, schedule_counts, step_counts  # noqa: F401 (schedule_counts, as before)
+from unmask.schedule import block_plans, capped_step_counts, grid_blocks, schedule_counts, step_counts  # noqa: F401 (schedule_counts, as before)
 from unmask.validation import CACHE_MODES, Revision, Rule, Sampling
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -442,8 +442,8 @@ def _decode(
                     mask_id=mask_id, running=state.running, invalid=state.invalid, offset_base=state.offset,
                     revision=revision, callback=callback, nfe=nfe)
             else:
-                plan = None if rule.steps_per_block is None else _block_plan(counts, end - start, rule,
-                                                                              full_block_plans)
+                plan = None if rule.steps_per_block is None else block_plans(
+                    counts, end - start, rule.steps_per_block, rule.schedule, full_block=full_block_plans)
                 result = speculative.decode_block(
                     step_model, x, start, end, depth=speculate, rule=rule, sampling=sampling, sample=sample,
                     vocab=vocab, mask_id=mask_id, running=state.running, invalid=state.invalid,
@@ -488,7 +488,8 @@ def _decode(
         # The steps rule runs its plan; a threshold, alone or beside the plan (which it can
         # finish early), runs until the block's masks are gone: each step commits at least
         # one position of every row with masks.
-        plan = None if rule.steps_per_block is None else _block_plan(counts, end - start, rule, full_block_plans)
+        plan = None if rule.steps_per_block is None else block_plans(counts, end - start, rule.steps_per_block,
+                                                                     rule.schedule, full_block=full_block_plans)
         if plan is not None:
             plan_on_device = torch.tensor(plan, dtype=torch.int64).to(x.device, non_blocking=True)
         ends_early = plan is None or rule.threshold is not None
@@ -511,13 +512,6 @@ def _decode(
     (bad,) = _host_read(state.invalid)
     _raise_if_invalid(bad)
     return nfe, steps_per_block, canvases
-
-
-def _block_plan(counts: list[int], length: int, rule: Rule, full_block_plans: bool) -> list[list[int]]:
-    """The steps rule's commits of a block: [B][steps where some row commits]."""
-    if full_block_plans:
-        return capped_step_counts(counts, length, rule.steps_per_block, rule.schedule)
-    return step_counts(counts, rule.steps_per_block, rule.schedule)
 
 
 def _run(step_model: _StepModel, x: torch.Tensor, blocks: list[tuple[int, int]], rule: Rule, sampling: Sampling, *,

@@ -89,6 +89,17 @@ def capped_step_counts(masked: Sequence[int], capacity: int, steps: int, schedul
     return _without_empty_steps(plans)
 
 
+def block_plans(masked: Sequence[int], length: int, steps: int, schedule: str = "llada", *,
+                full_block: bool) -> list[list[int]]:
+    """The steps rule's commits of a block of `length` positions whose rows hold masked[b]
+    masks: [B][steps where some row commits]. full_block (block_grid="model"): planned as
+    a whole block, each row capped by its masks (capped_step_counts); else the masks
+    present spread over the steps (step_counts)."""
+    if full_block:
+        return capped_step_counts(masked, length, steps, schedule)
+    return step_counts(masked, steps, schedule)
+
+
 def _without_empty_steps(plans: list[list[int]]) -> list[list[int]]:
     kept = [i for i in range(len(plans[0]) if plans else 0) if any(row[i] for row in plans)]
     return [[row[i] for i in kept] for row in plans]

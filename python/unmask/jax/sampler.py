@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from unmask import validation
-from unmask.schedule import capped_step_counts, grid_blocks, step_counts
+from unmask.schedule import block_plans, grid_blocks
 from unmask.jax.kernels import commit, default_interpret, seed_words
 from unmask.jax.model import JaxModel
 from unmask.output import GenerateOutput
@@ -54,10 +54,9 @@ class BlockProgram:
         """Tokens every row commits at each step that commits any (steps rule): the
         schedule of a fully masked block, or on the model grid the whole block's capped by
         the masks present (unmask.schedule, as the torch loop plans them)."""
-        if self.masked is not None:
-            plan = capped_step_counts([self.masked], self.block_length, self.steps_per_block, self.schedule)
-        else:
-            plan = step_counts([self.block_length], self.steps_per_block, self.schedule)
+        masked = self.block_length if self.masked is None else self.masked
+        plan = block_plans([masked], self.block_length, self.steps_per_block, self.schedule,
+                           full_block=self.masked is not None)
         return np.asarray(plan[0], np.int32)
 
 

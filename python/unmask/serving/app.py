@@ -44,19 +44,43 @@ class Server:
     """The routes over one model and its engine."""
 
     def __init__(self, model, tokenizer, *, model_name: str, model_dir: str | None = None, max_batch: int = 16,
-                 max_queue: int = 64, max_context: int = 4096, default_block_length: int = 32,
-                 default_cache: str | None = None, engine=None, trust_remote_code: bool = False,
-                 max_body_bytes: int = MAX_BODY_BYTES, request_timeout: float | None = None):
+                 max_queue: int = 64, max_context: int = 4096, default_block_length: int | None = None,
+                 default_cache: str | None = None, default_block_grid: str = "prompt", engine=None,
+                 trust_remote_code: bool = False, max_body_bytes: int = MAX_BODY_BYTES,
+                 request_timeout: float | None = None, eos_id: int | None = None):
         """engine: an unmask.serving.engine_process.EngineProcess to run the steps (model
         then only describes the model: a weightless skeleton will do; the limits are the
         EngineProcess's own, max_batch and max_queue here are unread); None runs an Engine
         on a thread of this process. request_timeout: seconds a request may take from its
         arrival, queue included (None: no limit); past it the request is cancelled (its rows
-        leave the batch) and answered 504, or its stream ends with an error event."""
+        leave the batch) and answered 504, or its stream ends with an error event.
+        default_block_length, default_cache, default_block_grid: what a body without the
+        field asks for (default_block_length None: 32 on the prompt's grid, cut to
+        max_tokens, and the model's block_size on its own; see protocol.settings).
+        eos_id: where answers end (None: the model's EOS; a chat model's turn ends at
+        another token: <|im_end|> for SDAR's chat answers)."""
         self.model, self.tokenizer, self.model_name, self.model_dir = model, tokenizer, model_name, model_dir
+        if default_block_length is not None:
+            validation.check_positive_int("default_block_length", default_block_length)
         self.max_context, self.default_block_length = max_context, default_block_length
         self.engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue) if engine is None else engine
         self.caches = isinstance(model, DiffusionTransformer)
+        config = model.config if self.caches else None
+        # a block-causal model's blocks, for block_grid="model" (None: it has none)
+        self.model_blocks = None if config is None or config.block_size is None else (
+            config.block_size, bool(config.shift_logits))
+        validation.check_choice("default_block_grid", default_block_grid, validation.BLOCK_GRIDS)
+        if default_block_grid == "model":  # the server's own defaults must make a request it can serve
+            if self.model_blocks is None:
+                raise ValueError("default_block_grid='model' (unmask serve --block-grid model) needs a block-causal "
+                                 f"model (config.block_size); {model_name} has none")
+            block_size, shifted = self.model_blocks
+            validation.model_grid(block_size, default_block_length or block_size, [0], shifted=shifted,
+                                  model_name=type(model).__name__)
+        self.default_block_grid = default_block_grid
+        if eos_id is not None:
+            validation.special_ids(mask_id=model.mask_id, eos_id=eos_id, vocab=validation.model_vocab(model))
+        self.eos_id = model.eos_id if eos_id is None else eos_id
         validation.check_choice("default_cache", default_cache, validation.CACHE_MODES)
         if default_cache is not None and not self.caches:
             raise ValueError(f"default_cache={default_cache!r} needs the unmask model")
@@ -118,11 +142,12 @@ class Server:
             settings = protocol.settings(body, prompt=prompt, default_block_length=self.default_block_length,
                                          max_context=self.max_context, vocab=validation.model_vocab(self.model),
                                          mask_id=self.model.mask_id, caches=self.caches,
-                                         default_cache=self.default_cache, chat=chat)
+                                         default_cache=self.default_cache, chat=chat,
+                                         model_blocks=self.model_blocks, default_block_grid=self.default_block_grid)
         except RequestError as error:
             return _error(error)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        job = Job(settings, self.model.mask_id, self.model.eos_id,
+        job = Job(settings, self.model.mask_id, self.eos_id,
                   on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         try:
             self.engine.submit(job)
@@ -322,9 +347,10 @@ def _sse(body: dict) -> str:
 
 def serve(model_dir: str | None = None, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
           max_queue: int = 64, max_context: int = 4096, device: str | None = None, dtype=None,
-          block_length: int | None = None, cache: str | None = None, engine: str = "process",
+          block_length: int | None = None, cache: str | None = None, block_grid: str = "prompt",
+          engine: str = "process",
           engine_threads: int | None = None, trust_remote_code: bool = False,
-          request_timeout: float | None = None) -> None:
+          request_timeout: float | None = None, eos_id: int | None = None) -> None:
     """Load the model (the bundled one by default) and serve it until SIGINT/SIGTERM.
     engine "process" steps it in a child process (unmask.serving.engine_process), "thread"
     on a thread of this one; engine_threads: torch's CPU threads for the steps."""
@@ -357,8 +383,9 @@ def serve(model_dir: str | None = None, *, host: str = "127.0.0.1", port: int = 
                          "vocab.json and merges.txt with transformers installed")
     server = Server(model, model.tokenizer, model_name=name,
                     model_dir=model_dir, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
-                    default_block_length=block_length or (8 if bundled else 32), default_cache=cache, engine=runner,
-                    trust_remote_code=trust_remote_code, request_timeout=request_timeout)
+                    default_block_length=block_length or (8 if bundled else None), default_cache=cache,
+                    default_block_grid=block_grid, engine=runner,
+                    trust_remote_code=trust_remote_code, request_timeout=request_timeout, eos_id=eos_id)
     uvicorn.run(server.app(), host=host, port=port, log_level="info", timeout_graceful_shutdown=60)
 
 

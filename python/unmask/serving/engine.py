@@ -62,7 +62,8 @@ def check_admission(stopping: bool, dead: str | None, held: int, max_batch: int,
 
 @dataclasses.dataclass(eq=False)  # a request is itself: found in queues by identity
 class Job:
-    """One request's state: its canvas [P + gen_length] and where its decoding stands."""
+    """One request's state: its canvas (settings.canvas_length) and where its decoding
+    stands: the active block, an index into settings.blocks."""
 
     settings: Settings
     mask_id: int
@@ -85,7 +86,8 @@ class Job:
 
     def __post_init__(self):
         s = self.settings
-        self.canvas = torch.tensor(list(s.prompt) + [self.mask_id] * s.gen_length, dtype=torch.int64)
+        self.canvas = torch.tensor(list(s.prompt) + [self.mask_id] * (s.canvas_length - len(s.prompt)),
+                                   dtype=torch.int64)
         self._start_block()
 
     @property
@@ -98,16 +100,28 @@ class Job:
         return 2 if self.settings.cfg_scale > 0 else 1
 
     def block_range(self) -> tuple[int, int]:
-        start = self.prompt_length + self.block * self.settings.block_length
-        return start, start + self.settings.block_length
+        """The active block's canvas positions [start, end)."""
+        return self.settings.blocks[self.block]
+
+    @property
+    def block_length(self) -> int:
+        """The active block's: block_length, or less on the model's grid where a model
+        with shifted logits decodes the first position of its blocks alone."""
+        start, end = self.block_range()
+        return end - start
 
     def _start_block(self) -> None:
         self.step_in_block = 0
-        steps = self.settings.rule.steps_per_block
-        if steps is not None:  # a fully masked block, as unmask.generate plans it; zero-commit steps cost no call
-            self.plan = schedule.step_counts([self.settings.block_length], steps, self.settings.rule.schedule)[0]
+        rule = self.settings.rule
+        if rule.steps_per_block is not None:  # as unmask.generate plans it; zero-commit steps cost no call
+            start, end = self.block_range()
+            masked = end - max(start, self.prompt_length)
+            self.plan = schedule.block_plans([masked], end - start, rule.steps_per_block, rule.schedule,
+                                             full_block=self.settings.block_grid == "model")[0]
 
     def generated(self) -> list[int]:
+        """The canvas after the prompt: the answer's positions (max_tokens, then the rest of
+        the last block) and, on the model's grid, the rest of the model's block."""
         return self.canvas[self.prompt_length:].tolist()
 
 
@@ -291,7 +305,7 @@ class Engine:
         known = None
         if min(lengths) != max(lengths):
             known = torch.arange(ids.shape[1]) < torch.tensor(lengths)[:, None]
-        widest = max(job.settings.block_length for job, _ in rows)
+        widest = max(job.block_length for job, _ in rows)
         block_ranges = torch.tensor([job.block_range() for job, _ in rows])  # [R, 2]: start, end
         positions = torch.minimum(block_ranges[:, :1] + torch.arange(widest), block_ranges[:, 1:] - 1)
         device = next(self.model.parameters()).device
@@ -303,9 +317,9 @@ class Engine:
         guided in the model's dtype as unmask.generate guides."""
         out, r = {}, 0
         for job in jobs:
-            block = logits[r, :job.settings.block_length]
+            block = logits[r, :job.block_length]
             if job.canvases == 2:
-                block = sampler.guide(block, logits[r + 1, :job.settings.block_length], job.settings.cfg_scale)
+                block = sampler.guide(block, logits[r + 1, :job.block_length], job.settings.cfg_scale)
             out[id(job)] = block
             r += job.canvases
         return out
@@ -324,7 +338,7 @@ class Engine:
     def _segment_key(self, job: Job):
         first, stop = self._segment(job)
         block_causal = self.model.config.block_size is not None  # its mask takes one query offset per call
-        return stop - first, job.settings.block_length, first if block_causal else None
+        return stop - first, job.block_length, first if block_causal else None
 
     def _segment_rows(self, jobs: list[Job], stacked: dict) -> tuple[list[Job], Rows]:
         """Later steps of cached blocks: every row its own segment over its own cache. The
@@ -408,10 +422,10 @@ class Engine:
         tokens, at_eos = self._final_tokens(job, generated)
         decoded = self.tokenizer.decode(tokens)
         text, stopped = cut_at_stop(decoded, job.settings.stop)
-        last_block = job.block == job.settings.gen_length // job.settings.block_length - 1
+        last_block = job.block == len(job.settings.blocks) - 1
         finish = None
         if block_done:
-            decoded_blocks = generated[:(job.block + 1) * job.settings.block_length]
+            decoded_blocks = generated[:job.block_range()[1] - job.prompt_length]
             if stopped or (job.eos_id is not None and job.eos_id in decoded_blocks):
                 finish = "stop"  # unmask.generate stops a row at the end of the block holding its EOS
             elif last_block:
@@ -491,11 +505,11 @@ def _sampling_key(job: Job):
         return "alone", id(job)
     # every option but the seed, which a call that draws no noise does not read (as the JAX
     # loop's BlockProgram keys its compiled programs)
-    return "shared", job.settings.block_length, dataclasses.replace(s, seed=0)
+    return "shared", job.block_length, dataclasses.replace(s, seed=0)
 
 
 def _commit_key(job: Job):
-    return job.settings.block_length, job.settings.rule
+    return job.block_length, job.settings.rule
 
 
 def _groups(jobs: list[Job], key) -> list[list[Job]]:

@@ -9,7 +9,7 @@ import math
 import time
 import uuid
 
-from unmask import validation
+from unmask import schedule, validation
 
 # Diffusion decoding parameters a body may carry beside OpenAI's fields.
 DIFFUSION_FIELDS = ("block_length", "steps", "schedule", "threshold", "factor", "remasking", "conf_temperature",
@@ -25,6 +25,9 @@ NEUTRAL_FIELDS = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": 
                   "logit_bias": (None, {}), "response_format": (None, {"type": "text"}), "tools": (None, []),
                   "tool_choice": (None, "none")}
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+# A body's block_length on the prompt's grid where neither it nor the server sets one (cut
+# to max_tokens); on the model's grid the default is the model's block_size.
+DEFAULT_BLOCK_LENGTH = 32
 
 
 class RequestError(ValueError):
@@ -53,7 +56,12 @@ class Settings:
     max_tokens: int  # the answer is cut to this many tokens (gen_length is whole blocks)
     stop: tuple[str, ...]
     stream: bool
-    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    include_usage: bool  # stream_options.include_usage: a last chunk with the usage
+    block_grid: str  # unmask.generate's: "prompt" or "model"
+    # the canvas positions [start, end) of the blocks decoded, in order: to the one holding
+    # the answer's last position (max_tokens), past which nothing can change the answer
+    blocks: tuple[tuple[int, int], ...]
+    canvas_length: int  # the prompt and the positions after it that the model sees
 
     def generate_arguments(self) -> dict:
         """The same decoding through unmask.generate (tests compare the two)."""
@@ -65,7 +73,8 @@ class Settings:
                 "temperature": self.sampling.temperature,
                 "top_k": self.sampling.top_k, "top_p": self.sampling.top_p, "remasking": remasking,
                 "conf_temperature": self.sampling.conf_temperature,
-                "cfg_scale": self.cfg_scale, "cache": self.cache, "seed": self.sampling.seed}
+                "cfg_scale": self.cfg_scale, "cache": self.cache, "seed": self.sampling.seed,
+                "block_grid": self.block_grid}
 
 
 def _checked(param: str, check, *args, **kwargs):
@@ -82,13 +91,19 @@ def _param_of(error: Exception, candidates: tuple[str, ...]) -> str | None:
     return next((name for name in candidates if text.startswith(name)), None)
 
 
-def settings(body: dict, *, prompt: list[int], default_block_length: int, max_context: int, vocab: int | None,
-             mask_id: int, caches: bool = True, default_cache: str | None = None, chat: bool = False) -> Settings:
+def settings(body: dict, *, prompt: list[int], default_block_length: int | None, max_context: int,
+             vocab: int | None, mask_id: int, caches: bool = True, default_cache: str | None = None,
+             chat: bool = False, model_blocks: tuple[int, bool] | None = None,
+             default_block_grid: str = "prompt") -> Settings:
     """A completion request's decoding settings, checked (RequestError on any bad field).
+    default_block_length: a body's block_length where it gives none (None: the model's
+    block_size on its grid, else DEFAULT_BLOCK_LENGTH; on the prompt's grid cut to max_tokens);
     caches: whether the model takes a key/value cache (the unmask model does);
     default_cache: the cache of a body without the field (null in the body means none);
     chat: a chat completion's body (max_completion_tokens, OpenAI's newer name for
-    max_tokens there, is taken too)."""
+    max_tokens there, is taken too); model_blocks: a block-causal model's block_size and
+    whether its logits are shifted (None: the model has no blocks, block_grid="model" is
+    refused); default_block_grid: the block_grid of a body without the field."""
     # a completion's prompt is `prompt`, a chat's is `messages`: a body with the other
     # field is refused, not served with that field silently unread
     own = ("messages", "max_completion_tokens") if chat else ("prompt",)
@@ -108,9 +123,11 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int, max_co
         raise RequestError(f"n must be 1 (one completion per request), got {n!r}", "n")
     if body.get("speculate", 0) not in (0, None):
         raise RequestError("speculate is not supported by the server (use unmask.generate(speculate=d))", "speculate")
-    if _default(body, "block_grid", "prompt") != "prompt":
-        raise RequestError(f"block_grid={body['block_grid']!r} is not supported by the server, which decodes blocks "
-                           "from the prompt's end (use unmask.generate(block_grid='model'))", "block_grid")
+    block_grid = _default(body, "block_grid", default_block_grid)
+    _checked("block_grid", validation.check_choice, "block_grid", block_grid, validation.BLOCK_GRIDS)
+    if block_grid == "model" and model_blocks is None:
+        raise RequestError("block_grid='model' needs a block-causal model (config.block_size); this server's model "
+                           "has none", "block_grid")
     stream = _default(body, "stream", False)
     if not isinstance(stream, bool):
         raise RequestError(f"stream must be a bool, got {type(stream).__name__}", "stream")
@@ -124,18 +141,28 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int, max_co
     max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else _checked(length_field, validation.check_int,
                                                                          length_field, max_tokens, low=1)
     block_length = body.get("block_length")
-    block_length = min(default_block_length, max_tokens) if block_length is None else block_length
+    if block_length is None and block_grid == "model":
+        block_length = model_blocks[0] if default_block_length is None else default_block_length
+    elif block_length is None:
+        block_length = min(DEFAULT_BLOCK_LENGTH if default_block_length is None else default_block_length, max_tokens)
     _checked("block_length", validation.check_positive_int, "block_length", block_length)
     gen_length = math.ceil(max_tokens / block_length) * block_length  # whole blocks; the answer is cut after
+    if block_grid == "model":
+        blocks, canvas_length = _model_grid_blocks(model_blocks, len(prompt), max_tokens, block_length)
+        rounding = f"decoded to the end of the model's block of {canvas_length - len(prompt)}"
+    else:
+        blocks = tuple((len(prompt) + start, len(prompt) + start + block_length)
+                       for start in range(0, gen_length, block_length))
+        canvas_length = len(prompt) + gen_length
+        rounding = f"rounded to whole blocks of {block_length} ({gen_length})"
     prompt_field = "messages" if chat else "prompt"  # where a chat's prompt came from
-    if len(prompt) + gen_length > max_context:
+    if canvas_length > max_context:
         # the field to change: the prompt when it alone fills the context, block_length
         # when the answer fits but its rounding to whole blocks does not
         param = (prompt_field if len(prompt) >= max_context else length_field
                  if len(prompt) + max_tokens > max_context else "block_length")
-        raise RequestError(f"the prompt ({len(prompt)} tokens) and {length_field}={max_tokens} rounded to whole "
-                           f"blocks of {block_length} ({gen_length}) exceed the context of {max_context} tokens",
-                           param)
+        raise RequestError(f"the prompt ({len(prompt)} tokens) and {length_field}={max_tokens} {rounding} exceed "
+                           f"the context of {max_context} tokens", param)
     _checked(prompt_field, validation.prompt_lists, [prompt], mask_id=mask_id, vocab=vocab)
     sampling_fields = ("temperature", "top_k", "top_p", "remasking", "seed", "conf_temperature")
     try:
@@ -159,7 +186,24 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int, max_co
     if cache is not None and not caches:
         raise RequestError(f"cache={cache!r} needs the unmask model; this server's model takes no cache", "cache")
     return Settings(tuple(prompt), gen_length, block_length, rule, sampling, cfg_scale, cache, max_tokens,
-                    _stop_strings(body.get("stop")), stream, include_usage)
+                    _stop_strings(body.get("stop")), stream, include_usage, block_grid, blocks, canvas_length)
+
+
+def _model_grid_blocks(model_blocks: tuple[int, bool], prompt_length: int, max_tokens: int,
+                       block_length: int) -> tuple[tuple[tuple[int, int], ...], int]:
+    """block_grid="model": the blocks unmask.generate decodes on the model's grid
+    (unmask.schedule.grid_blocks), up to the one holding the answer's last position, and
+    the canvas length, to the end of the model's grid block holding it. Later blocks only
+    fill positions after the answer, and the block-causal mask hides the grid blocks after
+    it from it, so the answer is generate's with any gen_length from max_tokens on."""
+    block_size, shifted = model_blocks
+    try:
+        blocks, _, decoded = schedule.grid_blocks(block_size, shifted, [prompt_length], prompt_length, max_tokens,
+                                                  block_length, model_name="the model")
+    except ValueError as error:
+        raise RequestError(str(error), "block_length") from None
+    answer_end = prompt_length + max_tokens
+    return tuple((start, end) for start, end in blocks if start < answer_end), prompt_length + decoded
 
 
 def _default(body: dict, name: str, default):
