@@ -6,6 +6,7 @@ attention, mixture-of-experts MLPs routed DeepSeek-V3's way), and its decoding l
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -168,6 +169,44 @@ def test_decodes_as_llada2s_loop(checkpoint, threshold):
         assert out.nfe == len(calls)
 
 
+@pytest.mark.parametrize("length", [5, 11])
+def test_the_jax_port_equals_a_plain_llada2_forward(checkpoint, length):
+    """unmask.jax runs LLaDA 2.0: partial rotary, and the experts as grouped products
+    (ragged_dot) over the routed pairs, within the float32 tolerance of the torch test."""
+    uj = pytest.importorskip("unmask.jax", reason="JAX is not installed")
+    directory, _ = checkpoint
+    ids = torch.randint(0, 59, (2, length), generator=torch.Generator().manual_seed(length))
+    got = np.asarray(uj.from_pretrained(directory)(ids.numpy()))
+    for row in range(2):
+        np.testing.assert_allclose(got[row], plain_forward(directory, ids[row]).numpy(), rtol=1e-4, atol=1e-4)
+    params = uj.from_pretrained(directory, dtype=jnp_bfloat16()).params["layers"]
+    assert "router" not in params[0] and params[1]["experts_gate"].shape == (MOE.n_experts, D, MOE.expert_hidden_size)
+    assert params[1]["expert_bias"].dtype == np.float32 and params[1]["router"].dtype != np.float32
+
+
+@pytest.mark.parametrize("cache", [None, "prefix", "dual"])
+@pytest.mark.parametrize("threshold", [None, 0.1])
+def test_the_jax_loop_decodes_llada2_as_torch(checkpoint, threshold, cache):
+    """unmask.jax.generate on LLaDA 2.0's grid and rule (rows left-padded by a grid block):
+    torch's tokens and model calls."""
+    uj = pytest.importorskip("unmask.jax", reason="JAX is not installed")
+    _, model = checkpoint
+    prompt = [(5 * i + 1) % 50 for i in range(6)]
+    rows = [prompt, [9, 8, 7, 6] + prompt]
+    arguments = dict(gen_length=12, block_length=BLOCK, steps=6, threshold=threshold, block_grid="model",
+                     cache=cache, stop_at_eos=False)
+    expected = unmask.generate(model, rows, **arguments)
+    got = uj.generate(uj.from_torch(model), rows, **arguments)
+    assert np.asarray(got.tokens).tolist() == expected.tokens.tolist()
+    assert got.nfe == expected.nfe
+
+
+def jnp_bfloat16():
+    import jax.numpy as jnp
+
+    return jnp.bfloat16
+
+
 def test_the_real_config_builds_the_real_shapes(tmp_path):
     """LLaDA2.0-mini's config.json (its published fields) on the meta device."""
     fields = {"architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe", "hidden_size": 2048,
@@ -224,9 +263,11 @@ def test_where_llada2_does_not_run_yet(checkpoint):
     _, model = checkpoint
     with pytest.raises(NotImplementedError, match="mixture-of-experts"):
         distributed.tensor_parallel(model)
-    jax_model = pytest.importorskip("unmask.jax", reason="JAX is not installed")
-    with pytest.raises(NotImplementedError, match="LLaDA 2.0"):
-        jax_model.from_torch(model)
+    uj = pytest.importorskip("unmask.jax", reason="JAX is not installed")
+    from unmask.jax import sharding
+
+    with pytest.raises(NotImplementedError, match="mixture-of-experts"):
+        sharding.shard(uj.from_torch(model))
     with pytest.raises(ValueError, match="cuda_graph=True needs"):
         unmask.generate(model, [[1, 2]], gen_length=4, block_length=4, cuda_graph=True)
     with pytest.raises(ValueError, match="config.moe needs model_type 'llada2'"):

@@ -230,6 +230,10 @@ ERRORS = [
     ({"model": MODEL, "prompt": "1", "top_p": 1.5}, "top_p"),
     ({"model": MODEL, "prompt": "1", "max_tokens": 0}, "max_tokens"),
     ({"model": MODEL, "prompt": "1", "max_tokens": 5000}, "max_tokens"),
+    # refused at once, not after listing 10**12 blocks (or a float overflow: a 500)
+    ({"model": MODEL, "prompt": "1", "max_tokens": 10**12, "block_length": 1}, "max_tokens"),
+    ({"model": MODEL, "prompt": "1", "max_tokens": 10**400}, "max_tokens"),
+    ({"model": MODEL, "prompt": "1", "max_tokens": 8, "block_length": 10**400}, "block_length"),
     ({"model": MODEL, "prompt": "1", "n": 2}, "n"),
     ({"model": MODEL, "prompt": "1", "stop": 5}, "stop"),
     ({"model": MODEL, "prompt": "1", "steps": 3, "max_tokens": 16}, "steps"),
@@ -519,7 +523,7 @@ class IdTokenizer:
 
 
 GRID_BODIES = [
-    ([5, 6, 7, 8, 9], {"max_tokens": 6}),  # the server's default: the model's grid and block_size
+    ([5, 6, 7, 8, 9], {"max_tokens": 6}),  # the server's defaults: the model's grid and block_size
     ([10, 11], {"max_tokens": 7, "block_length": 2, "threshold": 0.3, "cache": "dual"}),
     ([12, 13, 14], {"max_tokens": 6, "block_length": 8, "steps": 2, "temperature": 1.0, "seed": 3}),
     ([15, 16, 17], {"max_tokens": 6, "block_length": 4, "block_grid": "prompt"}),
@@ -539,16 +543,18 @@ def test_a_block_causal_model_is_served_on_its_own_grid():
         for prompt, body in GRID_BODIES:
             body = dict(body)
             max_tokens, grid = body.pop("max_tokens"), body.pop("block_grid", "model")
+            extra = dict(body, **({} if grid == "model" else {"block_grid": grid}))
             block = body.pop("block_length", 4)
-            answer = running.client.completions.create(
-                model="tiny", prompt=prompt, max_tokens=max_tokens,
-                extra_body={**body, "block_length": block, **({} if grid == "model" else {"block_grid": grid})})
+            answer = running.client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens,
+                                                       extra_body=extra)
             gen_length = -(-max_tokens // block) * block
             out = unmask.generate(model, [prompt], gen_length=gen_length, block_length=block, block_grid=grid,
                                   eos_id=eos_id, **body)
             tokens = out.tokens[0].tolist()[:max_tokens]
+            assert (eos_id in tokens) == (prompt == GRID_BODIES[0][0])
             tokens = tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens
             assert answer.choices[0].text == IdTokenizer().decode(tokens), (prompt, body)
+            assert answer.choices[0].finish_reason == ("stop" if prompt == GRID_BODIES[0][0] else "length")
         refused = httpx.post(running.url + "/v1/completions", json={"model": "tiny", "prompt": [5], "block_length": 3},
                              timeout=30)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "block_length"

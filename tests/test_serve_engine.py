@@ -143,6 +143,27 @@ def test_requests_on_the_models_grid_decode_as_alone(layout):
     assert block_lengths == ({1, 2, 3, 4} if layout == "fast-dllm-v2" else {2, 4})
 
 
+def test_a_request_on_the_models_grid_that_exceeds_the_context_names_the_field_to_change():
+    def refused(body, prompt_length=5, max_context=4095, default_block_length=None):
+        with pytest.raises(protocol.RequestError) as error:
+            protocol.settings({"block_grid": "model", **body}, prompt=[5] * prompt_length,
+                              default_block_length=default_block_length, max_context=max_context, vocab=61,
+                              mask_id=60, model_blocks=(4, False))
+        return error.value.param, error.value.message
+
+    # the model's blocks of 4 round 5 + 4090 to 4096: only max_tokens (or the prompt) can help
+    assert refused({"max_tokens": 4090})[0] == "max_tokens"
+    assert refused({"max_tokens": 4090, "block_length": 2})[0] == "max_tokens"
+    # blocks of 8 round 5 + 4086 to 4096 where blocks of 4 would give 4092
+    assert refused({"max_tokens": 4086, "block_length": 8})[0] == "block_length"
+    assert refused({"max_tokens": 10**12, "block_length": 1})[0] == "max_tokens"  # at once
+    assert refused({"max_tokens": 8}, prompt_length=4095)[0] == "prompt"
+    param, message = refused({"max_tokens": 8, "block_length": 3})
+    assert param == "block_length" and "server's default" not in message
+    param, message = refused({"max_tokens": 8}, default_block_length=3)  # the server's, off this model's grid
+    assert param == "block_length" and "the server's default block_length: send block_length" in message
+
+
 def test_a_request_on_the_models_grid_stops_after_the_block_holding_its_eos():
     # as unmask.generate stops: the same model calls, the answer up to EOS
     model = tiny_model(seed=11, std=0.5, block_size=4, eos_token_id=30)  # the answer's fifth token: a second block

@@ -1,6 +1,11 @@
 """The bidirectional transformer as a pure JAX function over a parameter pytree, with
 attention through the Pallas kernel. Weights come from the torch model (a state dict
-or a checkpoint directory), so both frameworks run the same checkpoint."""
+or a checkpoint directory), so both frameworks run the same checkpoint.
+
+LLaDA 2.0's mixture-of-experts MLPs route as the torch model does (MoeConfig) and run as
+grouped matrix products (jax.lax.ragged_dot) over the token-expert pairs sorted by expert:
+static shapes whatever the routing, so a step compiles once and never reads the host,
+where the torch model reads each layer's expert counts."""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unmask.jax.kernels import attention, default_interpret, sample
-from unmask.models.config import ModelConfig
+from unmask.models.config import ModelConfig, MoeConfig
 
 
 def params_from_state_dict(state_dict, config: ModelConfig, dtype=jnp.float32) -> dict:
@@ -20,11 +25,27 @@ def params_from_state_dict(state_dict, config: ModelConfig, dtype=jnp.float32) -
     def get(name):
         return jnp.asarray(state_dict[name].detach().float().cpu().numpy(), dtype)
 
+    def stacked(prefix, count, name):  # the experts' [out, in] weights as ragged_dot's [E, in, out]
+        return jnp.stack([get(f"{prefix}{e}.{name}.weight").T for e in range(count)])
+
     layers = []
     for i in range(config.n_layers):
         prefix = f"layers.{i}."
         layer = {name: get(prefix + name + ".weight") for name in
-                 ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm", "gate_proj", "up_proj", "down_proj")}
+                 ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm")}
+        moe = config.moe
+        if moe is not None and moe.is_moe_layer(i):
+            experts = prefix + "moe.experts."
+            layer.update({"router": get(prefix + "moe.router.weight"),
+                          # float32 whatever the dtype: it moves float32 scores (LLaDA 2.0 keeps it so)
+                          "expert_bias": jnp.asarray(state_dict[prefix + "moe.expert_bias"].float().cpu().numpy()),
+                          **{f"experts_{name}": stacked(experts, moe.n_experts, f"{name}_proj")
+                             for name in ("gate", "up", "down")}})
+            if moe.n_shared_experts:
+                layer.update({f"shared_{name}": get(f"{prefix}moe.shared.{name}_proj.weight")
+                              for name in ("gate", "up", "down")})
+        else:
+            layer.update({name: get(prefix + name + ".weight") for name in ("gate_proj", "up_proj", "down_proj")})
         if config.include_qkv_bias:
             layer.update({f"{name}_bias": get(prefix + name + ".bias") for name in ("q_proj", "k_proj", "v_proj")})
         if config.qk_norm:
@@ -39,7 +60,11 @@ def _rms_norm(x, weight, eps):
     return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps) * weight).astype(x.dtype)
 
 
-def _rotary(x, positions, theta):
+def _rotary(x, positions, theta, dims: int):
+    """Rotary embeddings (rotate-half) over each head's first `dims` dims; the rest pass
+    through (LLaDA 2.0 turns half of each head)."""
+    if dims < x.shape[-1]:
+        return jnp.concatenate([_rotary(x[..., :dims], positions, theta, dims), x[..., dims:]], axis=-1)
     head_dim = x.shape[-1]
     inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
@@ -117,7 +142,7 @@ def forward_window(params, input_ids, attention_mask, *, config: ModelConfig, lo
         q, k = q.reshape(batch, width, c.n_heads, c.head_dim), k.reshape(batch, width, c.n_kv_heads, c.head_dim)
         if c.qk_norm:  # Qwen3's per-head norms, before rotary
             q, k = _rms_norm(q, layer["q_norm"], c.rms_norm_eps), _rms_norm(k, layer["k_norm"], c.rms_norm_eps)
-        q, k = _rotary(q, window, c.rope_theta), _rotary(k, window, c.rope_theta)
+        q, k = _rotary(q, window, c.rope_theta, c.rotated_dims), _rotary(k, window, c.rope_theta, c.rotated_dims)
         v = v.reshape(batch, width, c.n_kv_heads, c.head_dim)
         if cache is not None:
             def merged(fresh, cached):
@@ -136,7 +161,10 @@ def forward_window(params, input_ids, attention_mask, *, config: ModelConfig, lo
             out = attention_fn(q, k, v, key_valid=attention_mask, block_size=c.block_size, interpret=interpret)
         x = x + out.reshape(batch, width, c.n_heads * c.head_dim) @ layer["o_proj"].T
         h = _rms_norm(x, layer["mlp_norm"], c.rms_norm_eps)
-        x = x + (jax.nn.silu(h @ layer["gate_proj"].T) * (h @ layer["up_proj"].T)) @ layer["down_proj"].T
+        if "router" in layer:
+            x = x + _mixture_of_experts(h.reshape(batch * width, -1), layer, c.moe).reshape(x.shape)
+        else:
+            x = x + _swiglu(h, layer["gate_proj"], layer["up_proj"], layer["down_proj"])
     wanted = logit_start + jnp.arange(logit_length)
     source = jnp.maximum(wanted - 1, 0) if c.shift_logits else wanted
     if c.shift_logits and first_real is not None:
@@ -149,6 +177,52 @@ def forward_window(params, input_ids, attention_mask, *, config: ModelConfig, lo
         hidden = jnp.take_along_axis(x, rows[:, :, None], axis=1)
     logits = _rms_norm(hidden, params["final_norm"], c.rms_norm_eps) @ params["lm_head"].T
     return logits, new_cache
+
+
+def _swiglu(h, gate, up, down):
+    """down(silu(gate h) * up h), weights [out, in] as in torch."""
+    return (jax.nn.silu(h @ gate.T) * (h @ up.T)) @ down.T
+
+
+def _route(h, router, expert_bias, moe: MoeConfig):
+    """(experts [T, k], weights [T, k] float32) of tokens h [T, d], as the torch model's
+    MixtureOfExperts.route: sigmoid scores in float32; experts chosen by score + bias
+    within the top_groups groups ranked by their two best biased scores; the chosen
+    unbiased scores normalised (k > 1) and scaled."""
+    tokens = h.shape[0]
+    scores = jax.nn.sigmoid(h.astype(jnp.float32) @ router.astype(jnp.float32).T)
+    biased = scores + expert_bias
+    per_group = moe.n_experts // moe.n_groups
+    group_scores = jax.lax.top_k(biased.reshape(tokens, moe.n_groups, per_group), 2)[0].sum(axis=-1)
+    kept_groups = jax.lax.top_k(group_scores, moe.top_groups)[1]
+    in_kept_group = jnp.zeros((tokens, moe.n_groups), bool).at[jnp.arange(tokens)[:, None], kept_groups].set(True)
+    candidates = jnp.where(jnp.repeat(in_kept_group, per_group, axis=1), biased, -jnp.inf)
+    experts = jax.lax.top_k(candidates, moe.experts_per_token)[1]
+    weights = jnp.take_along_axis(scores, experts, axis=1)
+    if moe.experts_per_token > 1:  # normalised among the chosen (LLaDA 2.0 adds 1e-20)
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+    return experts, weights * moe.routed_scaling
+
+
+def _mixture_of_experts(h, layer, moe: MoeConfig):
+    """The MoE MLP of tokens h [T, d]: the T * k (token, expert) pairs sorted by expert
+    run as three grouped products (ragged_dot: one pass over each expert's weights for all
+    its tokens, group sizes traced), weighted and summed per token in float32, then the
+    shared experts' MLP added, as the torch model sums."""
+    experts, weights = _route(h, layer["router"], layer["expert_bias"], moe)
+    pairs = experts.reshape(-1)
+    order = jnp.argsort(pairs, stable=True)
+    token_of = order // moe.experts_per_token
+    group_sizes = jnp.bincount(pairs, length=moe.n_experts).astype(jnp.int32)
+    routed_h = h[token_of]
+    gate = jax.lax.ragged_dot(routed_h, layer["experts_gate"], group_sizes)
+    up = jax.lax.ragged_dot(routed_h, layer["experts_up"], group_sizes)
+    y = jax.lax.ragged_dot(jax.nn.silu(gate) * up, layer["experts_down"], group_sizes)
+    y = y.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+    out = jnp.zeros(h.shape, jnp.float32).at[token_of].add(y).astype(h.dtype)
+    if "shared_gate" in layer:
+        out = out + _swiglu(h, layer["shared_gate"], layer["shared_up"], layer["shared_down"])
+    return out
 
 
 @dataclasses.dataclass
@@ -207,15 +281,12 @@ class JaxModel:
 
 def from_torch(model, *, dtype=jnp.float32, interpret: bool | None = None) -> JaxModel:
     """The JAX twin of an unmask.DiffusionTransformer (same weights)."""
-    config = model.config
-    if config.moe is not None or config.rotary_dim is not None:
-        raise NotImplementedError("unmask.jax does not run LLaDA 2.0's layout yet (mixture-of-experts MLPs, partial "
-                                  "rotary); unmask.generate does")
     return JaxModel(params_from_state_dict(model.state_dict(), model.config, dtype), model.config, interpret)
 
 
 def from_pretrained(path, *, dtype=jnp.float32, interpret: bool | None = None) -> JaxModel:
-    """Load a LLaDA or Dream checkpoint directory into JAX (through the torch loader)."""
+    """Load a checkpoint directory (LLaDA, Dream, SDAR, LLaDA 2.0, ...) into JAX (through
+    the torch loader)."""
     from unmask.models import from_pretrained as torch_from_pretrained
 
     return from_torch(torch_from_pretrained(path), dtype=dtype, interpret=interpret)

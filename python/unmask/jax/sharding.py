@@ -112,6 +112,9 @@ def shard(model: JaxModel, mesh: Mesh | None = None) -> ShardedJaxModel:
     if mesh.axis_names != (AXIS,):
         raise ValueError(f"mesh must have the single axis {AXIS!r}, got {mesh.axis_names}")
     config = model.config
+    if config.moe is not None:
+        raise NotImplementedError("unmask.jax.sharding does not split mixture-of-experts MLPs yet (LLaDA 2.0); the "
+                                  "model runs on one device")
     for name in ("n_heads", "n_kv_heads", "mlp_hidden_size"):
         value = getattr(config, name)
         if value % mesh.size != 0:

@@ -5,7 +5,6 @@ and the response and stream-chunk bodies."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 import uuid
 
@@ -146,23 +145,38 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int | None,
     elif block_length is None:
         block_length = min(DEFAULT_BLOCK_LENGTH if default_block_length is None else default_block_length, max_tokens)
     _checked("block_length", validation.check_positive_int, "block_length", block_length)
-    gen_length = math.ceil(max_tokens / block_length) * block_length  # whole blocks; the answer is cut after
+    # in integers: max_tokens and block_length may be any size here
+    gen_length = -(-max_tokens // block_length) * block_length  # whole blocks; the answer is cut after
+    prompt_field = "messages" if chat else "prompt"  # where a chat's prompt came from
+    # The canvas's length is checked before any block is listed (a list as long as a
+    # huge max_tokens would stall the event loop): the blocks fit the context after it.
     if block_grid == "model":
-        blocks, canvas_length = _model_grid_blocks(model_blocks, len(prompt), max_tokens, block_length)
-        rounding = f"decoded to the end of the model's block of {canvas_length - len(prompt)}"
+        block_size, shifted = model_blocks
+        try:
+            grid = validation.model_grid(block_size, block_length, [len(prompt)], shifted=shifted,
+                                         model_name="the model")
+        except ValueError as error:
+            default = "" if "block_length" in body else " (the server's default block_length: send block_length)"
+            raise RequestError(f"{error}{default}", "block_length") from None
+        canvas_length = -(-(len(prompt) + max_tokens) // grid) * grid
+        rounding, rounding_field = f"decoded to the end of the grid block of {grid} holding its end", (
+            "block_length" if block_length > block_size else length_field)  # the model's blocks set the grid
+    else:
+        canvas_length = len(prompt) + gen_length
+        rounding, rounding_field = f"rounded to whole blocks of {block_length} ({gen_length})", "block_length"
+    if canvas_length > max_context:
+        # the field to change: the prompt when it alone fills the context, else the one
+        # that rounds the answer past it (block_length, or max_tokens where the model's
+        # own blocks round it)
+        param = (prompt_field if len(prompt) >= max_context else length_field
+                 if len(prompt) + max_tokens > max_context else rounding_field)
+        raise RequestError(f"the prompt ({len(prompt)} tokens) and {length_field}={max_tokens} {rounding} "
+                           f"({canvas_length} tokens) exceed the context of {max_context} tokens", param)
+    if block_grid == "model":
+        blocks = _model_grid_blocks(model_blocks, len(prompt), max_tokens, block_length)
     else:
         blocks = tuple((len(prompt) + start, len(prompt) + start + block_length)
                        for start in range(0, gen_length, block_length))
-        canvas_length = len(prompt) + gen_length
-        rounding = f"rounded to whole blocks of {block_length} ({gen_length})"
-    prompt_field = "messages" if chat else "prompt"  # where a chat's prompt came from
-    if canvas_length > max_context:
-        # the field to change: the prompt when it alone fills the context, block_length
-        # when the answer fits but its rounding to whole blocks does not
-        param = (prompt_field if len(prompt) >= max_context else length_field
-                 if len(prompt) + max_tokens > max_context else "block_length")
-        raise RequestError(f"the prompt ({len(prompt)} tokens) and {length_field}={max_tokens} {rounding} exceed "
-                           f"the context of {max_context} tokens", param)
     _checked(prompt_field, validation.prompt_lists, [prompt], mask_id=mask_id, vocab=vocab)
     sampling_fields = ("temperature", "top_k", "top_p", "remasking", "seed", "conf_temperature")
     try:
@@ -190,20 +204,18 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int | None,
 
 
 def _model_grid_blocks(model_blocks: tuple[int, bool], prompt_length: int, max_tokens: int,
-                       block_length: int) -> tuple[tuple[tuple[int, int], ...], int]:
+                       block_length: int) -> tuple[tuple[int, int], ...]:
     """block_grid="model": the blocks unmask.generate decodes on the model's grid
-    (unmask.schedule.grid_blocks), up to the one holding the answer's last position, and
-    the canvas length, to the end of the model's grid block holding it. Later blocks only
-    fill positions after the answer, and the block-causal mask hides the grid blocks after
-    it from it, so the answer is generate's with any gen_length from max_tokens on."""
+    (unmask.schedule.grid_blocks), up to the one holding the answer's last position; the
+    canvas runs to the end of the grid block (of max(block_size, block_length)) holding
+    it. Later blocks only fill positions after the answer, and the block-causal mask hides
+    the grid blocks after it from it: the answer is generate's (same steps per block) with
+    any gen_length from max_tokens on."""
     block_size, shifted = model_blocks
-    try:
-        blocks, _, decoded = schedule.grid_blocks(block_size, shifted, [prompt_length], prompt_length, max_tokens,
-                                                  block_length, model_name="the model")
-    except ValueError as error:
-        raise RequestError(str(error), "block_length") from None
+    blocks, _, _ = schedule.grid_blocks(block_size, shifted, [prompt_length], prompt_length, max_tokens, block_length,
+                                        model_name="the model")
     answer_end = prompt_length + max_tokens
-    return tuple((start, end) for start, end in blocks if start < answer_end), prompt_length + decoded
+    return tuple((start, end) for start, end in blocks if start < answer_end)
 
 
 def _default(body: dict, name: str, default):
