@@ -308,13 +308,15 @@ inline bool top_p_by_bands(const float* buf, int64_t vocab, int64_t padded, floa
     lo = new_lo;
     hi = new_hi;
     if (listed >= 0) {  // keep the listed ids inside the new band, in id order
+      // Without a branch: every id is written at the next free place, which advances
+      // only for those kept (a branch on random values mispredicted every other id: a
+      // fifth of the filter's time on flat rows).
       int64_t kept_count = 0;
       for (int64_t j = 0; j < listed; ++j) {
         const float x = s.values[j];
-        if (x >= lo && x < hi) {
-          s.ids[kept_count] = s.ids[j];
-          s.values[kept_count++] = x;
-        }
+        s.ids[kept_count] = s.ids[j];
+        s.values[kept_count] = x;
+        kept_count += static_cast<int64_t>(x >= lo) & static_cast<int64_t>(x < hi);
       }
       listed = kept_count;
     }
