@@ -283,6 +283,34 @@ def test_dream_round_trip_and_generate(tmp_path):
     assert not (out.tokens == 49).any()
 
 
+def test_generation_configs_eos_list_is_where_rows_stop(tmp_path):
+    """generation_config.json's eos_token_id (one id or a list, as a Qwen-based chat model
+    lists <|im_end|> and <|endoftext|>) is the model's stop list: generate stops a row at
+    any of them by default; save_pretrained writes it back."""
+    write_dream(tmp_path / "a", dream_tensors(DREAM_CONFIG, seed=1))
+    model = unmask.from_pretrained(tmp_path / "a", dtype=torch.float32)
+    assert model.stop_ids is None and model.eos_ids == (model.eos_id,)
+    free = unmask.generate(model, [[1, 2, 3]], gen_length=8, block_length=4, steps=8, stop_at_eos=False)
+    end = int(free.tokens[0, 1])  # a token of the first block, taken for <|im_end|>
+    (tmp_path / "a" / "generation_config.json").write_text(json.dumps({"eos_token_id": [end, model.eos_id]}))
+    listed = unmask.from_pretrained(tmp_path / "a", dtype=torch.float32)
+    assert listed.eos_ids == (end, model.eos_id)
+    out = unmask.generate(listed, [[1, 2, 3]], gen_length=8, block_length=4, steps=8)
+    first = free.tokens[0].tolist().index(end)
+    assert out.tokens[0].tolist() == free.tokens[0].tolist()[:first + 1] + [end] * (7 - first)
+    assert out.nfe == 4  # the second block never ran
+    unmask.save_pretrained(listed, tmp_path / "b")
+    assert unmask.from_pretrained(tmp_path / "b").eos_ids == (end, model.eos_id)
+    (tmp_path / "a" / "generation_config.json").write_text(json.dumps({"eos_token_id": end, "do_sample": False}))
+    assert unmask.models.checkpoint.skeleton(tmp_path / "a").eos_ids == (end,)
+    (tmp_path / "a" / "generation_config.json").write_text(json.dumps({"eos_token_id": None}))
+    assert unmask.models.checkpoint.skeleton(tmp_path / "a").stop_ids is None
+    for bad in ("[]", '{"eos_token_id": []}', '{"eos_token_id": "</s>"}', '{"eos_token_id": [1, -2]}', "{"):
+        (tmp_path / "a" / "generation_config.json").write_text(bad)
+        with pytest.raises(ValueError, match="generation_config.json"):
+            unmask.models.checkpoint.skeleton(tmp_path / "a")
+
+
 def test_dream_mismatched_tensor_is_named(tmp_path):
     tensors = dream_tensors(DREAM_CONFIG)
     tensors["model.layers.1.self_attn.k_proj.bias"] = torch.zeros(5)

@@ -45,6 +45,11 @@ def test_generate_stops_at_the_eos_id_given(capsys):
     captured = capsys.readouterr()
     assert captured.out.strip() == model.tokenizer.decode(full[:1])
     assert "NFE 4 " in captured.err, "the first block holds the EOS: the second is not decoded"
+    # several (any of them ends the answer): the first token's stops it before the second's
+    assert cli.main(["generate", "--prompt", "sort:8531=", "--block-length", "4", "--steps", "8", "--eos-id",
+                     str(eos_id), str(full[0]), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "" and "NFE 4 " in captured.err
 
 
 def test_generate_with_steps_and_threshold(capsys):
@@ -179,7 +184,7 @@ def test_bad_options_are_messages_naming_them(tmp_path, capsys):
     # the server's defaults are checked before it starts (the bundled model has no blocks; 1 is its mask id)
     assert cli.main(["serve", "--block-grid", "model"]) == 2
     assert "--block-grid model) needs a block-causal model" in capsys.readouterr().err
-    assert cli.main(["serve", "--eos-id", "1"]) == 2
+    assert cli.main(["serve", "--eos-id", "2", "1"]) == 2
     assert "eos_id and mask_id must differ" in capsys.readouterr().err
     assert cli.main(["train", "--out", str(tmp_path / "run"), "--batch-size", "0"]) == 2
     assert "batch_size must be >= 1, got 0" in capsys.readouterr().err and not (tmp_path / "run").exists()

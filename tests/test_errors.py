@@ -278,6 +278,9 @@ BAD_GENERATE = [
     ("threshold entropy", dict(threshold=0.5, remasking="entropy"), "threshold=0.5 is never exceeded by 'entropy'"),
     ("eos is the mask", dict(eos_id=60), "eos_id and mask_id must differ, both are 60"),
     ("eos outside vocabulary", dict(eos_id=61), "eos_id=61 lies outside the model's vocabulary (V=61)"),
+    ("an eos list holding the mask", dict(eos_id=[59, 60]), "eos_id and mask_id must differ, both are 60"),
+    ("an eos list past the vocabulary", dict(eos_id=[59, 61]), "eos_id=61 lies outside the model's vocabulary"),
+    ("an empty eos list", dict(eos_id=[]), "eos_id: an empty list stops at nothing"),
 ]
 
 
@@ -309,6 +312,12 @@ def test_steps_with_threshold_where_it_does_not_apply(kwargs, fragment, entry):
 def test_bad_generate_arguments(front_end, kwargs, fragment):
     with pytest.raises(ValueError, match=re.escape(fragment)):
         GENERATE_FRONT_ENDS[front_end]([[1, 2, 3]], **kwargs)
+
+
+@pytest.mark.parametrize("front_end", list(GENERATE_FRONT_ENDS))
+def test_an_eos_given_as_text_is_refused(front_end):
+    with pytest.raises(TypeError, match="eos_id must be an int, got str"):
+        GENERATE_FRONT_ENDS[front_end]([[1, 2, 3]], eos_id=["</s>"])
 
 
 @pytest.mark.parametrize("front_end", list(GENERATE_FRONT_ENDS))

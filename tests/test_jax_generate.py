@@ -135,6 +135,13 @@ def test_eos_stops_rows_as_torch_does(kwargs):
     assert np.array_equal(np.asarray(got.tokens), expected.tokens.numpy())
     assert got.nfe == expected.nfe and got.steps_per_block == expected.steps_per_block
     assert (expected.tokens[0, 2:] == eos_id).all()  # the case holds what it means to test
+    # a list (generation_config.json's): a row stops at any, the rest is the first listed
+    other = int(free.tokens[1, 0])  # row 1's first token
+    expected = unmask.generate(model, PROMPTS, eos_id=[other, eos_id], **arguments)
+    got = uj.generate(uj.from_torch(model), PROMPTS, eos_id=[other, eos_id], **arguments)
+    assert np.array_equal(np.asarray(got.tokens), expected.tokens.numpy())
+    assert got.nfe == expected.nfe and got.steps_per_block == expected.steps_per_block
+    assert (expected.tokens[1, 1:] == other).all() and int(expected.tokens[0, 1]) in (other, eos_id)
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])

@@ -209,8 +209,9 @@ class ScriptedModel:
     mask_id = MASK
     eos_id = EOS
 
-    def __init__(self, eos_positions):
-        self.eos_positions = eos_positions  # row -> positions (absolute) that predict EOS
+    def __init__(self, eos_positions, end_token=EOS):
+        self.eos_positions = eos_positions  # row -> positions (absolute) that predict end_token
+        self.end_token = end_token
         self.calls = 0
 
     def __call__(self, input_ids, attention_mask=None):
@@ -219,7 +220,7 @@ class ScriptedModel:
         logits[..., 7] = 5.0
         for row, positions in self.eos_positions.items():
             for position in positions:
-                logits[row, position, EOS] = 10.0
+                logits[row, position, self.end_token] = 10.0
         return logits
 
 
@@ -234,6 +235,28 @@ def test_eos_stops_rows_and_fills_the_rest():
     keep_going = unmask.generate(ScriptedModel({0: [3], 1: [7]}), [[1, 2], [3, 4]], gen_length=12,
                                  block_length=4, steps=12, stop_at_eos=False)
     assert keep_going.nfe == 12 and keep_going.tokens[0, 2] == 7
+
+
+def test_a_row_stops_at_any_of_several_eos_ids():
+    # eos_id=[30, EOS] (generation_config.json's list, say <|im_end|> and <|endoftext|>):
+    # row 0 ends at 30, row 1 at EOS (its 30 comes later, in a block never decoded); the
+    # rest of a stopped row is the first listed id
+    class EndsOneWay(ScriptedModel):
+        def __call__(self, input_ids, attention_mask=None):
+            logits = super().__call__(input_ids, attention_mask)
+            logits[1, 7, EOS] = 10.0
+            logits[1, 11, 30] = 20.0
+            return logits
+
+    out = unmask.generate(EndsOneWay({0: [3]}, end_token=30), [[1, 2], [3, 4]], gen_length=12, block_length=4,
+                          steps=12, eos_id=[30, EOS])
+    assert out.tokens[0].tolist() == [7, 30] + [30] * 10
+    assert out.tokens[1].tolist() == [7, 7, 7, 7, 7, EOS] + [30] * 6
+    assert out.steps_per_block == [4, 4]
+    one = unmask.generate(EndsOneWay({0: [3]}, end_token=30), [[1, 2], [3, 4]], gen_length=12, block_length=4,
+                          steps=12, eos_id=EOS)  # 30 is a token like any other then
+    assert one.tokens[0].tolist() == [7, 30] + [7] * 10 and one.steps_per_block == [4, 4, 4]
+    assert one.tokens[1].tolist() == [7, 7, 7, 7, 7, EOS] + [EOS] * 6
 
 
 class TwoPositions:

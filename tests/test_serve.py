@@ -532,13 +532,15 @@ GRID_BODIES = [
 
 def test_a_block_causal_model_is_served_on_its_own_grid():
     """unmask serve --block-grid model: requests decode as unmask.generate(block_grid=
-    "model") decodes them (ending at the server's --eos-id), a request may ask for the
-    prompt's grid, and a block_length off the model's grid is a 400 naming it."""
+    "model") decodes them (ending at any of the model's EOS ids, generation_config.json's
+    list), a request may ask for the prompt's grid, and a block_length off the model's grid
+    is a 400 naming it."""
     from tests.helpers import tiny_model
 
     model = tiny_model(seed=11, std=0.5, block_size=4)
     eos_id = 30  # the first answer's fifth token (the model's own EOS, 59, is in none of these answers)
-    running = Running(Server(model, IdTokenizer(), model_name="tiny", default_block_grid="model", eos_id=eos_id))
+    model.stop_ids = (model.eos_id, eos_id)  # as a generation_config.json listing both sets it
+    running = Running(Server(model, IdTokenizer(), model_name="tiny", default_block_grid="model"))
     try:
         for prompt, body in GRID_BODIES:
             body = dict(body)
@@ -564,9 +566,11 @@ def test_a_block_causal_model_is_served_on_its_own_grid():
         Server(tiny_model(), IdTokenizer(), model_name="tiny", default_block_grid="model")
     with pytest.raises(ValueError, match="block_length=3"):
         Server(model, IdTokenizer(), model_name="tiny", default_block_grid="model", default_block_length=3)
-    for bad in (60, 61, -1):  # the mask id, past the vocabulary, negative
+    for bad in (60, 61, -1, [30, 60], []):  # the mask id, past the vocabulary, negative, in a list, none
         with pytest.raises(ValueError, match="eos_id"):
             Server(model, IdTokenizer(), model_name="tiny", eos_id=bad)
+    assert Server(model, IdTokenizer(), model_name="tiny", eos_id=[31, 32]).eos_ids == (31, 32)  # --eos-id 31 32
+    assert Server(model, IdTokenizer(), model_name="tiny", eos_id=31).eos_ids == (31,)
 
 
 # --------------------------------------------------------------------------- the engine in its own process
@@ -613,7 +617,7 @@ def test_the_engine_process_refuses_beyond_its_queue_at_once():
         settings = protocol.settings(long, prompt=[5, 6], default_block_length=8, max_context=4096, vocab=None,
                                      mask_id=model.mask_id)
         events = []
-        jobs = [Job(settings, model.mask_id, model.eos_id, on_event=events.append) for _ in range(3)]
+        jobs = [Job(settings, model.mask_id, model.eos_ids, on_event=events.append) for _ in range(3)]
         engine.submit(jobs[0])
         engine.submit(jobs[1])
         with pytest.raises(QueueFull):

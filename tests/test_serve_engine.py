@@ -170,7 +170,7 @@ def test_a_request_on_the_models_grid_stops_after_the_block_holding_its_eos():
     engine = Engine(model, IdTokenizer(), max_batch=2, max_queue=2)
     events = []
     job = job_for(model, [5, 6, 7, 8, 9], events, default_block_length=None, max_tokens=12, block_grid="model")
-    job.eos_id = model.eos_id
+    job.eos_ids = (58, model.eos_id)  # any of a list ends it (58 is in no answer here)
     steps = 0
     while not job.finished:
         engine._step([job])

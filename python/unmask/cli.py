@@ -288,9 +288,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if printer is not None and printer.interactive:
         print()
     tokens = out.tokens[0].tolist()
-    eos_id = model.eos_id if args.eos_id is None else args.eos_id
-    if eos_id in tokens:
-        tokens = tokens[: tokens.index(eos_id)]
+    eos_ids = set(model.eos_ids if args.eos_id is None else args.eos_id)
+    ends = [i for i, token in enumerate(tokens) if token in eos_ids]
+    if ends:
+        tokens = tokens[: ends[0]]
     print(tokenizer.decode(tokens) if tokenizer is not None else " ".join(map(str, tokens)))
     drafts = f"  canvases {out.canvases}" if args.speculate or args.revise_threshold is not None else ""
     print(f"NFE {out.nfe}{drafts}  steps per block {out.steps_per_block}  {out.seconds:.2f} s  "
@@ -438,8 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--trust-remote-code", action="store_true",
                      help="let --chat run a tokenizer shipped as code with the checkpoint (Dream's)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--eos-id", type=int, help="stop at this id instead of the checkpoint's EOS (SDAR's config names "
-                                                "<|endoftext|>; its chat answers end at <|im_end|>, 151645)")
+    gen.add_argument("--eos-id", type=int, nargs="+",
+                     help="stop at these ids (any of them) instead of the checkpoint's EOS (generation_config.json's "
+                          "list, else config.json's: SDAR's config names <|endoftext|>, its chat answers end at "
+                          "<|im_end|>, 151645)")
     gen.add_argument("--device", help="cpu or cuda; under torchrun the device type of every rank")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--quiet", action="store_true", help="print only the result")
@@ -515,9 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--engine-threads", type=_positive_int,
                               help="torch CPU threads for the steps (default: with --engine process one fewer than "
                                    "the cores, leaving one to HTTP; with --engine thread torch's default)")
-    serve_parser.add_argument("--eos-id", type=int,
-                              help="end answers at this id instead of the checkpoint's EOS (a chat model's end of "
-                                   "turn: SDAR's chat answers end at <|im_end|>, 151645)")
+    serve_parser.add_argument("--eos-id", type=int, nargs="+",
+                              help="end answers at these ids (any of them) instead of the checkpoint's EOS "
+                                   "(generation_config.json's list, else config.json's; SDAR's chat answers end at "
+                                   "<|im_end|>, 151645)")
     serve_parser.add_argument("--request-timeout", type=_positive_seconds, metavar="SECONDS",
                               help="cancel a request not finished this long after it arrived (504; default: none)")
     serve_parser.add_argument("--trust-remote-code", action="store_true",

@@ -390,7 +390,7 @@ def _decode(
     sample: Callable,
     vocab: int | None,
     mask_id: int,
-    eos_id: int | None,
+    eos_ids: tuple[int, ...] | None,
     generation_start: int,
     callback: Callback | None,
     masked_counts: list[list[int]] | None = None,
@@ -405,7 +405,7 @@ def _decode(
     sample: unmask.ops.sample, or a tensor-parallel model's sampler over its vocabulary
     shard (vocab: the whole vocabulary then; None reads it from the logits).
     masked_counts[i][b]: masks of row b in block i at its start (None: every position of
-    every block, as in generate on the prompt's grid). eos_id set: after each block, a row whose generated text
+    every block, as in generate on the prompt's grid). eos_ids set: after each block, a row whose generated text
     holds EOS stops and the rest of it becomes EOS; decoding ends when no row is running.
     traced_step: wraps each DenoiseStep: _CudaGraphStep (captured once per block shape and
     replayed) or torch.compile; None runs it eagerly.
@@ -422,7 +422,7 @@ def _decode(
     nfe = canvases = 0
     steps_per_block = []
     for index, (start, end) in enumerate(blocks):
-        if index > 0 and eos_id is not None:
+        if index > 0 and eos_ids is not None:
             any_running, bad = _host_read(state.running.any(), state.invalid)
             _raise_if_invalid(bad)
             if not any_running:
@@ -451,8 +451,8 @@ def _decode(
             state.offset.add_(result.row_steps)
             nfe, canvases = nfe + result.calls, canvases + result.canvases
             steps_per_block.append(result.steps)
-            if eos_id is not None:
-                state.running.logical_and_(~_stop_rows_at_eos(x, generation_start, end, eos_id, state.running))
+            if eos_ids is not None:
+                state.running.logical_and_(~_stop_rows_at_eos(x, generation_start, end, eos_ids, state.running))
             continue
         # A captured cached step is two graphs, the block's first call (fill) and the later
         # ones (recompute; with the prefix cache one per block, its segment running to the
@@ -507,15 +507,15 @@ def _decode(
                 block_steps -= flags.lag
                 break
         steps_per_block.append(block_steps)
-        if eos_id is not None:
-            state.running.logical_and_(~_stop_rows_at_eos(x, generation_start, end, eos_id, state.running))
+        if eos_ids is not None:
+            state.running.logical_and_(~_stop_rows_at_eos(x, generation_start, end, eos_ids, state.running))
     (bad,) = _host_read(state.invalid)
     _raise_if_invalid(bad)
     return nfe, steps_per_block, canvases
 
 
 def _run(step_model: _StepModel, x: torch.Tensor, blocks: list[tuple[int, int]], rule: Rule, sampling: Sampling, *,
-         mask_id: int, eos_id: int | None, generation_start: int, callback: Callback | None,
+         mask_id: int, eos_ids: tuple[int, ...] | None, generation_start: int, callback: Callback | None,
          masked_counts: list[list[int]] | None = None,
          traced_step: Callable[[DenoiseStep], Callable] | None = None,
          speculate: int = 0, siblings: bool = True, revision: Revision | None = None,
@@ -529,7 +529,7 @@ def _run(step_model: _StepModel, x: torch.Tensor, blocks: list[tuple[int, int]],
     device_guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
     with torch.inference_mode(), device_guard:
         nfe, steps_per_block, canvases = _decode(
-            step_model, x, blocks, rule, sampling, sample=sample, vocab=vocab, mask_id=mask_id, eos_id=eos_id,
+            step_model, x, blocks, rule, sampling, sample=sample, vocab=vocab, mask_id=mask_id, eos_ids=eos_ids,
             generation_start=generation_start, callback=callback, masked_counts=masked_counts, traced_step=traced_step,
             speculate=speculate, siblings=siblings, revision=revision, full_block_plans=full_block_plans,
         )
@@ -549,25 +549,24 @@ def _sampler_of(model) -> tuple[Callable, int | None]:
     return ops.sample, None
 
 
-def _stop_rows_at_eos(x: torch.Tensor, generation_start: int, decoded_end: int, eos_id: int, running: torch.Tensor):
-    """Rows (still running) whose decoded text holds EOS: everything after their first EOS
-    becomes EOS. Returns the bool [B] of rows that stop. On the device, no branch on data."""
+def _stop_rows_at_eos(x: torch.Tensor, generation_start: int, decoded_end: int, eos_ids: tuple[int, ...],
+                      running: torch.Tensor):
+    """Rows (still running) whose decoded text holds an EOS (any of eos_ids): everything
+    after their first becomes the first EOS id. Returns the bool [B] of rows that stop. On
+    the device, no branch on data."""
     decoded = x[:, generation_start:decoded_end]
-    is_eos = decoded == eos_id
+    is_eos = decoded == eos_ids[0]
+    for eos_id in eos_ids[1:]:  # a few ids: a compare each, no id tensor to copy over
+        is_eos |= decoded == eos_id
     stops = is_eos.any(dim=1) & running
     positions = torch.arange(x.shape[1] - generation_start, device=x.device)
     first_eos = torch.where(is_eos, positions[: decoded.shape[1]], x.shape[1]).min(dim=1).values
     after = (positions[None, :] > first_eos[:, None]) & stops[:, None]
-    x[:, generation_start:] = x[:, generation_start:].masked_fill(after, eos_id)
+    x[:, generation_start:] = x[:, generation_start:].masked_fill(after, eos_ids[0])
     return stops
 
 
 # --------------------------------------------------------------------------- arguments
-
-
-def special_ids(model, mask_id: int | None, eos_id: int | None) -> tuple[int, int | None]:
-    """The mask and EOS ids: given, else the model's; checked against its vocabulary."""
-    return validation.model_special_ids(model, mask_id, eos_id)
 
 
 def _check_cache(model, cache) -> None:
@@ -690,7 +689,7 @@ def generate(
     conf_temperature: float = 1.0,
     cfg_scale: float = 0.0,
     mask_id: int | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     stop_at_eos: bool = True,
     seed: int = 0,
     callback: Callback | None = None,
@@ -725,6 +724,10 @@ def generate(
     gen_length are decoded and dropped; a model with shifted logits, such as Fast-dLLM
     v2, commits the first position of each model block alone, predicted from the finished
     blocks before it, before the rest of the block; _model_grid_blocks).
+    eos_id: where a row stops (stop_at_eos): after the block holding it, the rest of the
+    row becomes EOS; an id, or a list of ids (any of them stops a row; the first pads and
+    fills), default the model's eos_ids (generation_config.json's eos_token_id where the
+    checkpoint has one, else config.json's).
     callback(step, canvas, committed)
     runs after every model call, step counting the calls (with speculate, one call takes
     several schedule steps: committed is their union, and the canvases between them are
@@ -763,12 +766,13 @@ def generate(
     revision = validation.revision(revise_threshold, revise_groups, max_revisions, rule=rule, speculate=speculate)
     _check_cache(model, cache)
     validation.check_choice("block_grid", block_grid, validation.BLOCK_GRIDS)
-    mask_id, eos_id = special_ids(model, mask_id, eos_id)
+    mask_id, eos_ids = validation.model_special_ids(model, mask_id, eos_id)
+    pad_id = eos_ids[0] if eos_ids is not None else 0
 
     device = _model_device(model, device)
     # Checked on the host: from the lists themselves, or from a host copy of a tensor (one
     # synchronisation, before decoding starts, when the tensor lives on a device).
-    ids, prompt_mask = prompt_batch(prompts, attention_mask, eos_id if eos_id is not None else 0, "cpu")
+    ids, prompt_mask = prompt_batch(prompts, attention_mask, pad_id, "cpu")
     if isinstance(prompts, (list, tuple)):
         validation.prompt_lists(prompts, mask_id=mask_id, vocab=validation.model_vocab(model))
         padded = len({len(prompt) for prompt in prompts}) > 1
@@ -777,7 +781,7 @@ def generate(
         validation.prompt_ids(ids, prompt_mask, mask_id=mask_id, vocab=validation.model_vocab(model))
         padded = not bool(prompt_mask.all())
     given = ids  # sequences give the padding back as it came (-1, say)
-    ids = ids.masked_fill(~prompt_mask, eos_id if eos_id is not None else 0)  # the model embeds every position
+    ids = ids.masked_fill(~prompt_mask, pad_id)  # the model embeds every position
     batch, prompt_len = ids.shape
     if block_grid == "model":
         blocks, masked_counts, decoded = _model_grid_blocks(model, prompt_mask, gen_length, block_length)
@@ -797,7 +801,7 @@ def generate(
 
         def callback(step, canvas, committed):
             inner(step, canvas[:, :shown], committed[:, :shown])
-    out = _run(step_model, x, blocks, rule, sampling, mask_id=mask_id, eos_id=eos_id if stop_at_eos else None,
+    out = _run(step_model, x, blocks, rule, sampling, mask_id=mask_id, eos_ids=eos_ids if stop_at_eos else None,
                generation_start=prompt_len, callback=callback, masked_counts=masked_counts, speculate=speculate,
                siblings=speculate_siblings, revision=revision, full_block_plans=block_grid == "model",
                traced_step=_traced_step(cuda_graph, compile, step_model, device, _eager_loop(speculate, revision)))
@@ -894,7 +898,7 @@ def infill(
 
     blocks = [(i * block_length, (i + 1) * block_length) for i in range(num_blocks)]
     step_model = _StepModel(model, None, model_mask, torch.zeros_like(x, dtype=torch.bool), mask_id, 0.0)
-    out = _run(step_model, x, blocks, rule, sampling, mask_id=mask_id, eos_id=None, generation_start=0,
+    out = _run(step_model, x, blocks, rule, sampling, mask_id=mask_id, eos_ids=None, generation_start=0,
                callback=callback, masked_counts=masked_counts, speculate=speculate, siblings=speculate_siblings,
                revision=revision)
     if model_mask is not None:  # padding goes back as given

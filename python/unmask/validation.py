@@ -754,20 +754,28 @@ def block_count(gen_length, block_length) -> int:
     return gen_length // block_length
 
 
-def special_ids(*, mask_id, eos_id, vocab: int | None) -> None:
-    """mask_id (required) and eos_id (optional) are token ids of the model's vocabulary,
-    and different."""
+def special_ids(*, mask_id, eos_id, vocab: int | None) -> tuple[int, ...] | None:
+    """mask_id (required) is a token id of the model's vocabulary; eos_id (optional) one
+    too, or a non-empty list or tuple of them (a row stops at any: generation_config.json's
+    list, say <|im_end|> and <|endoftext|>), none of them the mask id. Returns the EOS ids
+    as a tuple (None for none); the first is the one padding and filling writes."""
     if mask_id is None:
         raise ValueError("mask_id: the model does not name its mask token; pass mask_id=")
     check_int("mask_id", mask_id, low=0)
     if vocab is not None and mask_id >= vocab:
         raise ValueError(f"mask_id={mask_id} lies outside the model's vocabulary (V={vocab})")
-    if eos_id is not None:
-        check_int("eos_id", eos_id, low=0)
-        if vocab is not None and eos_id >= vocab:
-            raise ValueError(f"eos_id={eos_id} lies outside the model's vocabulary (V={vocab})")
-        if eos_id == mask_id:
+    if eos_id is None:
+        return None
+    ids = tuple(eos_id) if isinstance(eos_id, (list, tuple)) else (eos_id,)
+    if not ids:
+        raise ValueError("eos_id: an empty list stops at nothing; pass None (or stop_at_eos=False) for no EOS")
+    for one in ids:
+        check_int("eos_id", one, low=0)
+        if vocab is not None and one >= vocab:
+            raise ValueError(f"eos_id={one} lies outside the model's vocabulary (V={vocab})")
+        if one == mask_id:
             raise ValueError(f"eos_id and mask_id must differ, both are {mask_id}")
+    return ids
 
 
 def model_vocab(model) -> int | None:
@@ -786,13 +794,15 @@ def model_special_id(model, given: int | None, attr: str, config_attr: str) -> i
     return getattr(getattr(model, "config", None), config_attr, None)
 
 
-def model_special_ids(model, mask_id: int | None, eos_id: int | None) -> tuple[int, int | None]:
-    """The mask and EOS ids: given, else the model's (mask_id / eos_id, or its config's
-    mask_token_id / eos_token_id); checked against its vocabulary."""
+def model_special_ids(model, mask_id: int | None, eos_id) -> tuple[int, tuple[int, ...] | None]:
+    """The mask id and the EOS ids (a tuple, or None): given, else the model's (mask_id,
+    and eos_ids, its stop list, or eos_id; else its config's mask_token_id and
+    eos_token_id); checked against its vocabulary (special_ids)."""
     mask_id = model_special_id(model, mask_id, "mask_id", "mask_token_id")
+    if eos_id is None and getattr(model, "eos_ids", None) is not None:
+        eos_id = model.eos_ids
     eos_id = model_special_id(model, eos_id, "eos_id", "eos_token_id")
-    special_ids(mask_id=mask_id, eos_id=eos_id, vocab=model_vocab(model))
-    return mask_id, eos_id
+    return mask_id, special_ids(mask_id=mask_id, eos_id=eos_id, vocab=model_vocab(model))
 
 
 def prompt_list_batch(prompts, attention_mask) -> None:

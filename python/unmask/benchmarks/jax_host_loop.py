@@ -31,7 +31,7 @@ def _block_logits(model: JaxModel, x, mask, prompt_positions, mask_id: int, cfg_
 def host_loop_generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int = 128, block_length: int = 32,
              steps: int | None = None, threshold: float | None = None, factor: float | None = None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, remasking: str = "low_confidence",
-             cfg_scale: float = 0.0, mask_id: int | None = None, eos_id: int | None = None, stop_at_eos: bool = True,
+             cfg_scale: float = 0.0, mask_id: int | None = None, eos_id=None, stop_at_eos: bool = True,
              seed: int = 0, callback=None, conf_temperature: float = 1.0) -> torch_sampler.GenerateOutput:
     """As unmask.generate; tokens and sequences come back as jnp arrays."""
     num_blocks = validation.block_count(gen_length, block_length)
@@ -40,9 +40,9 @@ def host_loop_generate(model: JaxModel, prompts, *, attention_mask=None, gen_len
     rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=gen_length,
                            confidence=sampling.confidence)
     cfg_scale = validation.check_float("cfg_scale", cfg_scale, nonnegative=True)
-    mask_id, eos_id = validation.model_special_ids(model, mask_id, eos_id)
-    pad_id = eos_id if eos_id is not None else 0
-    eos_id = eos_id if stop_at_eos else None
+    mask_id, eos_ids = validation.model_special_ids(model, mask_id, eos_id)
+    pad_id = eos_ids[0] if eos_ids is not None else 0
+    eos_ids = eos_ids if stop_at_eos else None
 
     if isinstance(prompts, (list, tuple)):
         ids, prompt_mask = torch_sampler.prompt_batch(prompts, None, pad_id, "cpu")
@@ -85,9 +85,9 @@ def host_loop_generate(model: JaxModel, prompts, *, attention_mask=None, gen_len
                 everywhere = jnp.zeros(x.shape, bool).at[:, start:end].set(committed)
                 callback(nfe - 1, x, everywhere)
         steps_per_block.append(block_steps)
-        if eos_id is not None:
+        if eos_ids is not None:
             canvas = torch.from_numpy(np.array(x)).long()  # a writable copy
-            running &= ~torch_sampler._stop_rows_at_eos(canvas, prompt_len, end, eos_id, torch.as_tensor(running)).numpy()
+            running &= ~torch_sampler._stop_rows_at_eos(canvas, prompt_len, end, eos_ids, torch.as_tensor(running)).numpy()
             x = jnp.asarray(canvas.numpy(), jnp.int32)
             if not running.any():
                 break

@@ -232,6 +232,7 @@ class JaxModel:
     params: dict
     config: ModelConfig
     interpret: bool | None = None
+    stop_ids: tuple[int, ...] | None = None  # the torch model's (generation_config.json's EOS list)
 
     @property
     def mask_id(self) -> int:
@@ -240,6 +241,11 @@ class JaxModel:
     @property
     def eos_id(self) -> int:
         return self.config.eos_token_id
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Where generate stops a row by default, as the torch model's eos_ids."""
+        return self.stop_ids if self.stop_ids is not None else (self.eos_id,)
 
     def _jitted(self):
         """The jitted forward for the current interpret setting (kept per setting: a model
@@ -281,7 +287,8 @@ class JaxModel:
 
 def from_torch(model, *, dtype=jnp.float32, interpret: bool | None = None) -> JaxModel:
     """The JAX twin of an unmask.DiffusionTransformer (same weights)."""
-    return JaxModel(params_from_state_dict(model.state_dict(), model.config, dtype), model.config, interpret)
+    return JaxModel(params_from_state_dict(model.state_dict(), model.config, dtype), model.config, interpret,
+                    getattr(model, "stop_ids", None))
 
 
 def from_pretrained(path, *, dtype=jnp.float32, interpret: bool | None = None) -> JaxModel:

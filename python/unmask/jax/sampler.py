@@ -43,7 +43,7 @@ class BlockProgram:
     cfg_scale: float
     cache: str | None  # None, "prefix" or "dual" (unmask.generate's cache)
     mask_id: int
-    eos_id: int | None  # set: rows stop at EOS
+    eos_ids: tuple[int, ...] | None  # set: rows stop at any of them
     callback: bool  # a host callback runs after every step (io_callback: a round trip each)
     schedule: str = "llada"  # the steps rule's (unmask.schedule)
     # block_grid="model": the masks the block starts with (a prompt's partial block holds
@@ -60,16 +60,18 @@ class BlockProgram:
         return np.asarray(plan[0], np.int32)
 
 
-def _stop_rows_at_eos(x, running, generation_start: int, decoded_end, eos_id: int):
+def _stop_rows_at_eos(x, running, generation_start: int, decoded_end, eos_ids: tuple[int, ...]):
     """unmask.sampler's EOS stop on the device: a running row whose decoded text (up to
-    decoded_end, traced) holds EOS stops, and everything after its first EOS becomes EOS."""
+    decoded_end, traced) holds an EOS (any of eos_ids) stops, and everything after its
+    first becomes the first EOS id."""
     generated = x[:, generation_start:]
     positions = jnp.arange(generated.shape[1])
-    is_eos = (generated == eos_id) & (positions < decoded_end - generation_start)[None, :]
+    is_eos = functools.reduce(jnp.logical_or, [generated == eos_id for eos_id in eos_ids])
+    is_eos = is_eos & (positions < decoded_end - generation_start)[None, :]
     stops = is_eos.any(axis=1) & running
     first_eos = jnp.where(is_eos, positions[None, :], generated.shape[1]).min(axis=1)
     after = (positions[None, :] > first_eos[:, None]) & stops[:, None]
-    return x.at[:, generation_start:].set(jnp.where(after, eos_id, generated)), running & ~stops
+    return x.at[:, generation_start:].set(jnp.where(after, eos_ids[0], generated)), running & ~stops
 
 
 def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params, x, model_mask, prompt_positions,
@@ -190,8 +192,8 @@ def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params,
             carry = confident(carry)
         state, _, steps = jax.lax.while_loop(more, confident, carry)
     x, _, offset, _, invalid = state
-    if p.eos_id is not None:
-        x, running = _stop_rows_at_eos(x, running, p.generation_start, start + length, p.eos_id)
+    if p.eos_ids is not None:
+        x, running = _stop_rows_at_eos(x, running, p.generation_start, start + length, p.eos_ids)
     return x, running, offset, steps, invalid
 
 
@@ -238,7 +240,7 @@ def _prompt_batch(prompts, attention_mask, pad_id: int) -> tuple[np.ndarray, np.
 def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int = 128, block_length: int = 32,
              steps: int | None = None, threshold: float | None = None, factor: float | None = None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, remasking: str = "low_confidence",
-             cfg_scale: float = 0.0, mask_id: int | None = None, eos_id: int | None = None, stop_at_eos: bool = True,
+             cfg_scale: float = 0.0, mask_id: int | None = None, eos_id=None, stop_at_eos: bool = True,
              seed: int = 0, callback=None, cache: str | None = None, schedule: str = "llada",
              conf_temperature: float = 1.0, block_grid: str = "prompt") -> GenerateOutput:
     """As unmask.generate; tokens and sequences come back as jnp arrays. callback(step, x,
@@ -255,12 +257,12 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
     cfg_scale = validation.check_cfg_scale(cfg_scale)
     validation.check_choice("cache", cache, validation.CACHE_MODES)
     validation.check_choice("block_grid", block_grid, validation.BLOCK_GRIDS)
-    mask_id, eos_id = validation.model_special_ids(model, mask_id, eos_id)
+    mask_id, eos_ids = validation.model_special_ids(model, mask_id, eos_id)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
 
-    ids, prompt_mask = _prompt_batch(prompts, attention_mask, eos_id if eos_id is not None else 0)  # torch's padding
-    eos_id = eos_id if stop_at_eos else None
+    ids, prompt_mask = _prompt_batch(prompts, attention_mask, eos_ids[0] if eos_ids is not None else 0)  # torch's
+    eos_ids = eos_ids if stop_at_eos else None
     validation.prompt_ids(ids, prompt_mask, mask_id=mask_id, vocab=validation.model_vocab(model))
     batch, prompt_len = ids.shape
     if block_grid == "model":  # the torch loop's blocks (unmask.schedule.grid_blocks)
@@ -286,7 +288,7 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
     nfe, steps_per_block = 0, []
     for (start, end), block_masks in zip(blocks, masked):
         program = BlockProgram(end - start, prompt_len, rule.steps_per_block, rule.threshold, rule.factor,
-                               dataclasses.replace(sampling, seed=0), cfg_scale, cache, mask_id, eos_id,
+                               dataclasses.replace(sampling, seed=0), cfg_scale, cache, mask_id, eos_ids,
                                callback is not None, rule.schedule, block_masks)
         x, running, offset, block_steps, invalid = block_decoder(model, program)(
             model.params, x, model_mask, prompt_positions, running, offset, jnp.int32(start), seed_array,
@@ -296,7 +298,7 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
             raise validation.InvalidLogitsError(validation.INVALID_MODEL_LOGITS)
         nfe += int(block_steps)
         steps_per_block.append(int(block_steps))
-        if eos_id is not None and not any_running:
+        if eos_ids is not None and not any_running:
             break
     x = x[:, :shown]
     x.block_until_ready()

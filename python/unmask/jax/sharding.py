@@ -119,7 +119,7 @@ def shard(model: JaxModel, mesh: Mesh | None = None) -> ShardedJaxModel:
         value = getattr(config, name)
         if value % mesh.size != 0:
             raise ValueError(f"config.{name}={value} must be a multiple of the number of devices ({mesh.size})")
-    return ShardedJaxModel(shard_params(model.params, mesh), config, model.interpret, mesh)
+    return ShardedJaxModel(shard_params(model.params, mesh), config, model.interpret, model.stop_ids, mesh=mesh)
 
 
 def sharded_attention(mesh: Mesh, q, k, v, *, key_valid=None, block_size=None, q_offset=0, interpret=None):

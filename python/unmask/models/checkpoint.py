@@ -19,6 +19,7 @@ from unmask.models.transformer import DiffusionTransformer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
 
 _LAYER_PATTERN = re.compile(r"layers\.(\d+)\.(.+)")
 
@@ -184,12 +185,16 @@ def _expected_names(model: DiffusionTransformer) -> dict[str, tuple[str, ...]]:
 
 def save_pretrained(model: DiffusionTransformer, directory: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write config.json and the weights (sharded above max_shard_bytes) in the model
-    family's published format (LLaDA's or Dream's names)."""
+    family's published format (LLaDA's or Dream's names), and generation_config.json's
+    eos_token_id where the model has a stop list (model.stop_ids)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = _FORMAT_OF_FAMILY[model.config.model_type].config_to_json(model.config)
     config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if model.stop_ids is not None:
+        eos = model.stop_ids[0] if len(model.stop_ids) == 1 else list(model.stop_ids)
+        (directory / GENERATION_CONFIG).write_text(json.dumps({"eos_token_id": eos}, indent=2) + "\n")
 
     state = model.state_dict()
     tensors = {name: (state[parts[0]] if len(parts) == 1 else torch.cat([state[part] for part in parts]))
@@ -296,7 +301,26 @@ def skeleton(path: str | Path) -> DiffusionTransformer:
     with torch.device("meta"):
         model = DiffusionTransformer(FORMATS[model_type].config_from_json(fields))
     model.tokenizer = load_tokenizer(directory)
+    model.stop_ids = generation_eos_ids(directory)
     return model.eval()
+
+
+def generation_eos_ids(directory: Path) -> tuple[int, ...] | None:
+    """generation_config.json's eos_token_id as a tuple (one id or a list), or None where
+    the checkpoint has no such file or field."""
+    path = directory / GENERATION_CONFIG
+    if not path.exists():
+        return None
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except (ValueError, AttributeError) as error:
+        raise ValueError(f"{path} is not a JSON object: {error}") from None
+    if eos is None:
+        return None
+    ids = tuple(eos) if isinstance(eos, list) else (eos,)
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{path}: eos_token_id must be a token id or a non-empty list of them, got {eos!r}")
+    return ids
 
 
 def encode_text(tokenizer, text: str, name: str) -> list[int]:

@@ -375,6 +375,9 @@ class DiffusionTransformer(nn.Module):
         if config.weight_tying:
             self.lm_head.weight = self.embed.weight
         self.tokenizer = None  # a tokenizers.Tokenizer when loaded from a directory that has one
+        # The ids a row stops at, where a checkpoint's generation_config.json lists them
+        # (eos_ids); None: the config's EOS alone.
+        self.stop_ids: tuple[int, ...] | None = None
         # Set by unmask.distributed.tensor_parallel: the LM head then returns this rank's
         # slice of the vocabulary, and the sampler samples across the ranks.
         self.vocab_shard = None
@@ -386,6 +389,13 @@ class DiffusionTransformer(nn.Module):
     @property
     def eos_id(self) -> int:
         return self.config.eos_token_id
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Where generate stops a row by default: generation_config.json's eos_token_id (one
+        id or a list, as transformers and vLLM read it: a Qwen-based chat model lists
+        <|im_end|> and <|endoftext|>) where the checkpoint has one, else the config's EOS."""
+        return self.stop_ids if self.stop_ids is not None else (self.eos_id,)
 
     @classmethod
     def random(cls, config: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32,

@@ -47,7 +47,7 @@ class Server:
                  max_queue: int = 64, max_context: int = 4096, default_block_length: int | None = None,
                  default_cache: str | None = None, default_block_grid: str = "prompt", engine=None,
                  trust_remote_code: bool = False, max_body_bytes: int = MAX_BODY_BYTES,
-                 request_timeout: float | None = None, eos_id: int | None = None):
+                 request_timeout: float | None = None, eos_id=None):
         """engine: an unmask.serving.engine_process.EngineProcess to run the steps (model
         then only describes the model: a weightless skeleton will do; the limits are the
         EngineProcess's own, max_batch and max_queue here are unread); None runs an Engine
@@ -57,8 +57,9 @@ class Server:
         default_block_length, default_cache, default_block_grid: what a body without the
         field asks for (default_block_length None: 32 on the prompt's grid, cut to
         max_tokens, and the model's block_size on its own; see protocol.settings).
-        eos_id: where answers end (None: the model's EOS; a chat model's turn ends at
-        another token: <|im_end|> for SDAR's chat answers)."""
+        eos_id: where answers end, an id or a list of ids (any ends an answer; None: the
+        model's eos_ids, generation_config.json's list where the checkpoint has one; a
+        chat model's turn may end at another token: <|im_end|> for SDAR's chat answers)."""
         self.model, self.tokenizer, self.model_name, self.model_dir = model, tokenizer, model_name, model_dir
         if default_block_length is not None:
             validation.check_positive_int("default_block_length", default_block_length)
@@ -78,9 +79,7 @@ class Server:
             validation.model_grid(block_size, default_block_length or block_size, [0], shifted=shifted,
                                   model_name=type(model).__name__)
         self.default_block_grid = default_block_grid
-        if eos_id is not None:
-            validation.special_ids(mask_id=model.mask_id, eos_id=eos_id, vocab=validation.model_vocab(model))
-        self.eos_id = model.eos_id if eos_id is None else eos_id
+        self.eos_ids = validation.model_special_ids(model, None, eos_id)[1]
         validation.check_choice("default_cache", default_cache, validation.CACHE_MODES)
         if default_cache is not None and not self.caches:
             raise ValueError(f"default_cache={default_cache!r} needs the unmask model")
@@ -147,7 +146,7 @@ class Server:
         except RequestError as error:
             return _error(error)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        job = Job(settings, self.model.mask_id, self.eos_id,
+        job = Job(settings, self.model.mask_id, self.eos_ids,
                   on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         try:
             self.engine.submit(job)
@@ -350,7 +349,7 @@ def serve(model_dir: str | None = None, *, host: str = "127.0.0.1", port: int = 
           block_length: int | None = None, cache: str | None = None, block_grid: str = "prompt",
           engine: str = "process",
           engine_threads: int | None = None, trust_remote_code: bool = False,
-          request_timeout: float | None = None, eos_id: int | None = None) -> None:
+          request_timeout: float | None = None, eos_id=None) -> None:
     """Load the model (the bundled one by default) and serve it until SIGINT/SIGTERM.
     engine "process" steps it in a child process (unmask.serving.engine_process), "thread"
     on a thread of this one; engine_threads: torch's CPU threads for the steps."""

@@ -67,7 +67,7 @@ class Job:
 
     settings: Settings
     mask_id: int
-    eos_id: int | None
+    eos_ids: tuple[int, ...] | None  # where its answer ends (any of them)
     on_event: Callable[[dict], None]  # thread-safe: called from the engine thread
     canvas: torch.Tensor = None
     block: int = 0  # the active block
@@ -426,7 +426,7 @@ class Engine:
         finish = None
         if block_done:
             decoded_blocks = generated[:job.block_range()[1] - job.prompt_length]
-            if stopped or (job.eos_id is not None and job.eos_id in decoded_blocks):
+            if stopped or not set(job.eos_ids or ()).isdisjoint(decoded_blocks):
                 finish = "stop"  # unmask.generate stops a row at the end of the block holding its EOS
             elif last_block:
                 finish = "length"
@@ -459,7 +459,7 @@ class Engine:
         for token in generated[:job.settings.max_tokens]:
             if token == job.mask_id:
                 return final, False
-            if token == job.eos_id:
+            if token in (job.eos_ids or ()):
                 return final, True
             final.append(token)
         return final, False

@@ -7,7 +7,7 @@ held, not the server. (vLLM's V1 engine core runs apart from its API server for 
 reasons.) The front keeps a weightless copy of the model (unmask.models.checkpoint.
 skeleton) to check requests; the engine process loads the weights.
 
-Messages on one pipe. To the engine: ("submit", id, settings, eos_id), ("cancel", id), ("stop",).
+Messages on one pipe. To the engine: ("submit", id, settings, eos_ids), ("cancel", id), ("stop",).
 From it: ("ready", None) or ("failed", why) once at start; then ("events", [(id, event),
 ...], steps) once per step, holding every event of that step (one wake-up of the front
 per step, not one per request); ("stopped", None) after a drain, or ("dead", why) when
@@ -97,7 +97,7 @@ class EngineProcess:
         with self.lock:
             check_admission(self.stopping, self.dead, len(self.jobs), self.spec.max_batch, self.spec.max_queue)
             remote = next(self.ids)
-            if not self._send(("submit", remote, job.settings, job.eos_id)):
+            if not self._send(("submit", remote, job.settings, job.eos_ids)):
                 raise Unavailable("the engine stopped: its process is gone")
             self.jobs[remote], self.remote[job] = job, remote
 
@@ -232,8 +232,8 @@ def _serve_engine(connection, spec: EngineSpec) -> None:
         except (EOFError, OSError):  # the front is gone: finish what is running and exit
             message = ("stop",)
         if message[0] == "submit":
-            _, remote, settings, eos_id = message
-            job = jobs[remote] = Job(settings, model.mask_id, eos_id,
+            _, remote, settings, eos_ids = message
+            job = jobs[remote] = Job(settings, model.mask_id, eos_ids,
                                      on_event=lambda event, remote=remote: post(remote, event))
             try:
                 engine.submit(job)
