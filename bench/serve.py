@@ -167,6 +167,7 @@ def engine_level(prompts: list[str], clients: int, cache: str | None, max_batch:
     model = unmask.from_pretrained(cli.model_path(MODEL))
     engine = Engine(model, model.tokenizer, max_batch=max_batch, max_queue=len(prompts))
     todo, lock, done, left = list(prompts), threading.Lock(), threading.Event(), [len(prompts)]
+    failures = []  # a failed request is no timing: the run stops with its message
 
     def submit_next():
         with lock:
@@ -176,9 +177,11 @@ def engine_level(prompts: list[str], clients: int, cache: str | None, max_batch:
         settings = protocol.settings({"max_tokens": 8, "stream": True, "cache": cache},
                                      prompt=model.tokenizer.encode(prompt).ids, default_block_length=8,
                                      max_context=4096, vocab=None, mask_id=model.mask_id)
-        engine.submit(Job(settings, model.mask_id, model.eos_id, on_event=on_event))
+        engine.submit(Job(settings, model.mask_id, model.eos_ids, on_event=on_event))
 
     def on_event(event):
+        if event["kind"] == "error":
+            failures.append(event["message"])
         if event["kind"] in ("done", "error"):
             with lock:
                 left[0] -= 1
@@ -198,6 +201,8 @@ def engine_level(prompts: list[str], clients: int, cache: str | None, max_batch:
         engine.stop()
     finally:
         torch.set_num_threads(default_threads)
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {len(prompts)} requests failed, the first with: {failures[0]}")
     return seconds
 
 

@@ -294,18 +294,21 @@ def test_generation_configs_eos_list_is_where_rows_stop(tmp_path):
     end = int(free.tokens[0, 1])  # a token of the first block, taken for <|im_end|>
     (tmp_path / "a" / "generation_config.json").write_text(json.dumps({"eos_token_id": [end, model.eos_id]}))
     listed = unmask.from_pretrained(tmp_path / "a", dtype=torch.float32)
-    assert listed.eos_ids == (end, model.eos_id)
+    assert listed.stop_ids == (end, model.eos_id)
+    assert listed.eos_ids == (model.eos_id, end)  # the config's EOS first: it pads and fills, as before
     out = unmask.generate(listed, [[1, 2, 3]], gen_length=8, block_length=4, steps=8)
     first = free.tokens[0].tolist().index(end)
-    assert out.tokens[0].tolist() == free.tokens[0].tolist()[:first + 1] + [end] * (7 - first)
+    assert out.tokens[0].tolist() == free.tokens[0].tolist()[:first + 1] + [model.eos_id] * (7 - first)
     assert out.nfe == 4  # the second block never ran
     unmask.save_pretrained(listed, tmp_path / "b")
-    assert unmask.from_pretrained(tmp_path / "b").eos_ids == (end, model.eos_id)
+    assert unmask.from_pretrained(tmp_path / "b").stop_ids == (end, model.eos_id)
     (tmp_path / "a" / "generation_config.json").write_text(json.dumps({"eos_token_id": end, "do_sample": False}))
     assert unmask.models.checkpoint.skeleton(tmp_path / "a").eos_ids == (end,)
     (tmp_path / "a" / "generation_config.json").write_text(json.dumps({"eos_token_id": None}))
     assert unmask.models.checkpoint.skeleton(tmp_path / "a").stop_ids is None
-    for bad in ("[]", '{"eos_token_id": []}', '{"eos_token_id": "</s>"}', '{"eos_token_id": [1, -2]}', "{"):
+    mask = model.mask_id
+    for bad in ("[]", '{"eos_token_id": []}', '{"eos_token_id": "</s>"}', '{"eos_token_id": [1, -2]}', "{",
+                f'{{"eos_token_id": [1, {mask}]}}', '{"eos_token_id": 100000}'):  # the mask id, past the vocabulary
         (tmp_path / "a" / "generation_config.json").write_text(bad)
         with pytest.raises(ValueError, match="generation_config.json"):
             unmask.models.checkpoint.skeleton(tmp_path / "a")

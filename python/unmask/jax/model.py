@@ -5,7 +5,8 @@ or a checkpoint directory), so both frameworks run the same checkpoint.
 LLaDA 2.0's mixture-of-experts MLPs route as the torch model does (MoeConfig) and run as
 grouped matrix products (jax.lax.ragged_dot) over the token-expert pairs sorted by expert:
 static shapes whatever the routing, so a step compiles once and never reads the host,
-where the torch model reads each layer's expert counts."""
+where the torch model reads each layer's expert counts (see _mixture_of_experts for
+where ragged_dot is grouped and where it is not)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unmask.jax.kernels import attention, default_interpret, sample
-from unmask.models.config import ModelConfig, MoeConfig
+from unmask.models.config import ModelConfig, MoeConfig, stop_list
 
 
 def params_from_state_dict(state_dict, config: ModelConfig, dtype=jnp.float32) -> dict:
@@ -190,7 +191,10 @@ def _route(h, router, expert_bias, moe: MoeConfig):
     within the top_groups groups ranked by their two best biased scores; the chosen
     unbiased scores normalised (k > 1) and scaled."""
     tokens = h.shape[0]
-    scores = jax.nn.sigmoid(h.astype(jnp.float32) @ router.astype(jnp.float32).T)
+    # HIGHEST: strict float32 (the default is TF32 on a GPU, bfloat16 passes on a TPU),
+    # so near-ties choose the experts torch chooses
+    scores = jax.nn.sigmoid(jnp.matmul(h.astype(jnp.float32), router.astype(jnp.float32).T,
+                                       precision=jax.lax.Precision.HIGHEST))
     biased = scores + expert_bias
     per_group = moe.n_experts // moe.n_groups
     group_scores = jax.lax.top_k(biased.reshape(tokens, moe.n_groups, per_group), 2)[0].sum(axis=-1)
@@ -206,9 +210,12 @@ def _route(h, router, expert_bias, moe: MoeConfig):
 
 def _mixture_of_experts(h, layer, moe: MoeConfig):
     """The MoE MLP of tokens h [T, d]: the T * k (token, expert) pairs sorted by expert
-    run as three grouped products (ragged_dot: one pass over each expert's weights for all
-    its tokens, group sizes traced), weighted and summed per token in float32, then the
-    shared experts' MLP added, as the torch model sums."""
+    run as three grouped products (ragged_dot, group sizes traced), weighted and summed
+    per token in float32, then the shared experts' MLP added, as the torch model sums.
+    ragged_dot is grouped where the backend implements it (a TPU reads each expert's
+    weights once for all its tokens); XLA:CPU expands it to a masked dense product over
+    every expert (E times the work, [E, T * k, d] of temporaries): right on the CPU, but
+    for checking, not for a real model's size."""
     experts, weights = _route(h, layer["router"], layer["expert_bias"], moe)
     pairs = experts.reshape(-1)
     order = jnp.argsort(pairs, stable=True)
@@ -245,7 +252,7 @@ class JaxModel:
     @property
     def eos_ids(self) -> tuple[int, ...]:
         """Where generate stops a row by default, as the torch model's eos_ids."""
-        return self.stop_ids if self.stop_ids is not None else (self.eos_id,)
+        return stop_list(self.stop_ids, self.eos_id)
 
     def _jitted(self):
         """The jitted forward for the current interpret setting (kept per setting: a model

@@ -302,6 +302,14 @@ def skeleton(path: str | Path) -> DiffusionTransformer:
         model = DiffusionTransformer(FORMATS[model_type].config_from_json(fields))
     model.tokenizer = load_tokenizer(directory)
     model.stop_ids = generation_eos_ids(directory)
+    if model.stop_ids is not None:  # checked at load, not at a generate that may not stop at EOS at all
+        from unmask import validation
+
+        try:
+            validation.special_ids(mask_id=model.mask_id, eos_id=model.stop_ids,
+                                   vocab=validation.model_vocab(model))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{directory / GENERATION_CONFIG}: eos_token_id {list(model.stop_ids)}: {error}") from None
     return model.eval()
 
 

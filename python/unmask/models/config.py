@@ -40,6 +40,15 @@ LLADA2_BLOCK_SIZE = 32
 MODEL_TYPES = ("llada", "dream", "sdar", "llada2")
 
 
+def stop_list(listed: tuple[int, ...] | None, eos_id: int) -> tuple[int, ...]:
+    """A model's EOS ids (where generate stops a row): listed (generation_config.json's),
+    the config's eos_id first where it is among them (the first pads and fills), or
+    (eos_id,) where nothing is listed."""
+    if listed is None:
+        return (eos_id,)
+    return (eos_id, *(i for i in listed if i != eos_id)) if eos_id in listed else listed
+
+
 @dataclasses.dataclass(frozen=True)
 class MoeConfig:
     """Mixture-of-experts MLPs (LLaDA 2.0's, after DeepSeek-V3's routing): each token's

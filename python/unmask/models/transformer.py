@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from unmask import ops, validation
-from unmask.models.config import ModelConfig, MoeConfig
+from unmask.models.config import ModelConfig, MoeConfig, stop_list
 
 
 class RMSNorm(nn.Module):
@@ -394,8 +394,10 @@ class DiffusionTransformer(nn.Module):
     def eos_ids(self) -> tuple[int, ...]:
         """Where generate stops a row by default: generation_config.json's eos_token_id (one
         id or a list, as transformers and vLLM read it: a Qwen-based chat model lists
-        <|im_end|> and <|endoftext|>) where the checkpoint has one, else the config's EOS."""
-        return self.stop_ids if self.stop_ids is not None else (self.eos_id,)
+        <|im_end|> and <|endoftext|>) where the checkpoint has one, else the config's EOS.
+        The config's EOS comes first where it is listed: it pads and fills, as before a
+        list was read."""
+        return stop_list(self.stop_ids, self.eos_id)
 
     @classmethod
     def random(cls, config: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32,
