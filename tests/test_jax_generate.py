@@ -275,7 +275,7 @@ def test_a_model_whose_interpret_changes_gets_the_kernels_it_asks_for():
 
 def test_block_program_schedule_matches_torch():
     for length, steps in ((4, 4), (4, 2), (8, 6), (4, 16), (32, 5)):
-        program = jax_sampler.BlockProgram(length, 0, steps, None, None, None, 0.0, None, 0, None, False)
+        program = jax_sampler.BlockProgram(length, 0, validation.Rule(steps), None, 0.0, None, 0, None, False)
         plan = unmask.sampler.schedule_counts([length], steps)[0]
         assert program.step_counts().tolist() == [c for c in plan if c > 0]
 

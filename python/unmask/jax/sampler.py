@@ -36,16 +36,13 @@ class BlockProgram:
 
     block_length: int
     generation_start: int  # the canvas position where the generated text begins
-    steps_per_block: int | None  # the steps rule (with threshold: its counts as floors); else threshold or factor
-    threshold: float | None  # with steps_per_block: each step commits its planned count, or more above it
-    factor: float | None
+    rule: validation.Rule  # the commit rule and, for the steps rule, its schedule
     sampling: validation.Sampling  # with seed 0: the seed is traced (one compilation for every seed)
     cfg_scale: float
     cache: str | None  # None, "prefix" or "dual" (unmask.generate's cache)
     mask_id: int
     eos_ids: tuple[int, ...] | None  # set: rows stop at any of them
     callback: bool  # a host callback runs after every step (io_callback: a round trip each)
-    schedule: str = "llada"  # the steps rule's (unmask.schedule)
     # block_grid="model": the masks the block starts with (a prompt's partial block holds
     # fewer than its length), planned as a whole block capped by them; None: all masks
     masked: int | None = None
@@ -55,7 +52,7 @@ class BlockProgram:
         schedule of a fully masked block, or on the model grid the whole block's capped by
         the masks present (unmask.schedule, as the torch loop plans them)."""
         masked = self.block_length if self.masked is None else self.masked
-        plan = block_plans([masked], self.block_length, self.steps_per_block, self.schedule,
+        plan = block_plans([masked], self.block_length, self.rule.steps_per_block, self.rule.schedule,
                            full_block=self.masked is not None)
         return np.asarray(plan[0], np.int32)
 
@@ -148,17 +145,18 @@ def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params,
     # With a cache the block's first step (which fills it) is taken before the loop: the
     # loop's carry then holds the cache from its first iteration.
     peeled = int(p.cache is not None)
-    if p.steps_per_block is not None and p.threshold is None:
+    rule = p.rule
+    if rule.steps_per_block is not None and rule.threshold is None:
         counts = jnp.asarray(p.step_counts())
 
         def scheduled(i, state):
-            return step(state, {"k": jnp.broadcast_to(counts[i], running.shape)})[0]
+            return step(state, rule.commit_options(jnp.broadcast_to(counts[i], running.shape)))[0]
 
         if peeled:
             state = scheduled(0, state)
         state = jax.lax.fori_loop(peeled, counts.shape[0], scheduled, state)
         steps = jnp.int32(counts.shape[0])
-    elif p.steps_per_block is not None:  # the plan's counts as floors: the threshold may end the block early
+    elif rule.steps_per_block is not None:  # the plan's counts as floors: the threshold may end the block early
         counts = jnp.asarray(p.step_counts())
 
         def planned_more(carry):
@@ -167,8 +165,7 @@ def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params,
 
         def planned(carry):
             state, _, steps = carry
-            floor = jnp.broadcast_to(counts[steps], running.shape)
-            state, remaining = step(state, {"k": floor, "threshold": p.threshold})
+            state, remaining = step(state, rule.commit_options(jnp.broadcast_to(counts[steps], running.shape)))
             return state, remaining, steps + 1
 
         carry = (state, jnp.ones((), bool), jnp.int32(0))
@@ -176,7 +173,7 @@ def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params,
             carry = planned(carry)
         state, _, steps = jax.lax.while_loop(planned_more, planned, carry)
     else:
-        mode = {"threshold": p.threshold} if p.threshold is not None else {"factor": p.factor}
+        mode = rule.commit_options()
 
         def more(carry):  # every step commits at least one masked position of each running row
             _, remaining, steps = carry
@@ -287,9 +284,8 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
     running, offset, seed_array = jnp.ones((batch,), bool), jnp.zeros((batch,), jnp.int32), seed_words(sampling.seed)
     nfe, steps_per_block = 0, []
     for (start, end), block_masks in zip(blocks, masked):
-        program = BlockProgram(end - start, prompt_len, rule.steps_per_block, rule.threshold, rule.factor,
-                               dataclasses.replace(sampling, seed=0), cfg_scale, cache, mask_id, eos_ids,
-                               callback is not None, rule.schedule, block_masks)
+        program = BlockProgram(end - start, prompt_len, rule, dataclasses.replace(sampling, seed=0), cfg_scale, cache,
+                               mask_id, eos_ids, callback is not None, block_masks)
         x, running, offset, block_steps, invalid = block_decoder(model, program)(
             model.params, x, model_mask, prompt_positions, running, offset, jnp.int32(start), seed_array,
             jnp.int32(nfe))
