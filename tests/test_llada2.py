@@ -4,6 +4,7 @@ query_key_value, per-head q/k norms, rotary over half of each head, block-causal
 attention, mixture-of-experts MLPs routed DeepSeek-V3's way), and its decoding loop
 (SDAR's low_confidence_dynamic rule on the model's grid)."""
 
+import copy
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ from safetensors import safe_open
 
 import unmask
 from unmask import distributed
+from tests.helpers import requires_gpu
 from tests.test_block_grid import MASK, sdar
 
 D, HEADS, KV_HEADS, HEAD_DIM, ROTARY, BLOCK = 32, 4, 2, 16, 8, 4
@@ -124,16 +126,18 @@ def test_saved_in_llada2s_format(checkpoint):
     assert not any(".q_proj" in name or "moe." in name for name in names), "only LLaDA 2.0's names"
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_gpu)])
 @pytest.mark.parametrize("length", [5, 11])
-def test_forward_equals_a_plain_llada2_forward(checkpoint, length):
+def test_forward_equals_a_plain_llada2_forward(checkpoint, length, device):
     directory, model = checkpoint
-    loaded = unmask.from_pretrained(directory)
+    loaded = unmask.from_pretrained(directory, device=device)
     ids = torch.randint(0, 59, (length,), generator=torch.Generator().manual_seed(length))
     expected = plain_forward(directory, ids)
     with torch.no_grad():
-        got = loaded(ids[None])[0].float()
+        got = loaded(ids[None].to(device))[0].float().cpu()
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(model(ids[None])[0].float(), got, rtol=0, atol=0)
+        if device == "cpu":
+            torch.testing.assert_close(model(ids[None])[0].float(), got, rtol=0, atol=0)
 
 
 def test_routing_is_load_bearing(checkpoint):
@@ -153,8 +157,9 @@ def test_routing_is_load_bearing(checkpoint):
     assert experts.unique().numel() > MOE.experts_per_token, "tokens go to different experts"
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_gpu)])
 @pytest.mark.parametrize("threshold", [None, 0.1])
-def test_decodes_as_llada2s_loop(checkpoint, threshold):
+def test_decodes_as_llada2s_loop(checkpoint, threshold, device):
     """LLaDA 2.0's generate(): blocks of 32 on the grid from position 0, the prompt's partial
     block first, each step the plan's count or every mask above the threshold (SDAR's
     dynamic rule) — here with blocks of BLOCK."""
@@ -162,11 +167,13 @@ def test_decodes_as_llada2s_loop(checkpoint, threshold):
     prompt = [(5 * i + 1) % 50 for i in range(6)]
     calls = []
     expected = sdar(model, prompt, 12, BLOCK, 2, threshold=threshold, calls=calls)
+    model = copy.deepcopy(model).to(device) if device != "cpu" else model
     for cache in (None, "prefix", "dual"):
         out = unmask.generate(model, [prompt], gen_length=12, block_length=BLOCK, steps=6, threshold=threshold,
                               block_grid="model", stop_at_eos=False, cache=cache)
         assert out.tokens[0].tolist() == expected.tolist(), cache
-        assert out.nfe == len(calls)
+        if device == "cpu":  # on CUDA the block's end is read a step late: one commit-free call may follow
+            assert out.nfe == len(calls)
 
 
 @pytest.mark.parametrize("length", [5, 11])
