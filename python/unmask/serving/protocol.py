@@ -156,7 +156,8 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int | None,
             grid = validation.model_grid(block_size, block_length, [len(prompt)], shifted=shifted,
                                          model_name="the model")
         except ValueError as error:
-            default = "" if "block_length" in body else " (the server's default block_length: send block_length)"
+            default = "" if body.get("block_length") is not None else (
+                " (the server's default block_length: send block_length)")
             raise RequestError(f"{error}{default}", "block_length") from None
         canvas_length = -(-(len(prompt) + max_tokens) // grid) * grid
         rounding, rounding_field = f"decoded to the end of the grid block of {grid} holding its end", (
