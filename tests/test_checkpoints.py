@@ -300,8 +300,14 @@ def test_generation_configs_eos_list_is_where_rows_stop(tmp_path):
     first = free.tokens[0].tolist().index(end)
     assert out.tokens[0].tolist() == free.tokens[0].tolist()[:first + 1] + [model.eos_id] * (7 - first)
     assert out.nfe == 4  # the second block never ran
-    unmask.save_pretrained(listed, tmp_path / "b")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "generation_config.json").write_text(json.dumps({"eos_token_id": 3, "top_p": 0.95}))
+    unmask.save_pretrained(listed, tmp_path / "b")  # into a directory with another generation_config
     assert unmask.from_pretrained(tmp_path / "b").stop_ids == (end, model.eos_id)
+    assert json.loads((tmp_path / "b" / "generation_config.json").read_text())["top_p"] == 0.95  # kept
+    unmask.save_pretrained(model, tmp_path / "b")  # no list: the stale one goes, the rest stays
+    assert unmask.from_pretrained(tmp_path / "b").stop_ids is None
+    assert json.loads((tmp_path / "b" / "generation_config.json").read_text()) == {"top_p": 0.95}
     (tmp_path / "a" / "generation_config.json").write_text(json.dumps({"eos_token_id": end, "do_sample": False}))
     assert unmask.models.checkpoint.skeleton(tmp_path / "a").eos_ids == (end,)
     (tmp_path / "a" / "generation_config.json").write_text(json.dumps({"eos_token_id": None}))

@@ -164,6 +164,9 @@ def test_a_request_on_the_models_grid_that_exceeds_the_context_names_the_field_t
     assert param == "block_length" and "the server's default block_length: send block_length" in message
     param, message = refused({"max_tokens": 8, "block_length": None}, default_block_length=3)  # null: the default
     assert param == "block_length" and "the server's default block_length" in message
+    param, message = refused({"max_tokens": 4086}, default_block_length=8)  # the server's blocks of 8 overflow
+    assert param == "block_length" and "the server's default block_length" in message
+    assert "server's default" not in refused({"max_tokens": 4086, "block_length": 8})[1]
 
 
 def test_a_request_on_the_models_grid_stops_after_the_block_holding_its_eos():

@@ -186,15 +186,15 @@ def _expected_names(model: DiffusionTransformer) -> dict[str, tuple[str, ...]]:
 def save_pretrained(model: DiffusionTransformer, directory: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write config.json and the weights (sharded above max_shard_bytes) in the model
     family's published format (LLaDA's or Dream's names), and generation_config.json's
-    eos_token_id where the model has a stop list (model.stop_ids)."""
+    eos_token_id: the model's stop list (model.stop_ids), set in the directory's file
+    (its other fields kept) or a new one; without a list, a file already there loses its
+    eos_token_id, so the saved model loads with the stops it has."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = _FORMAT_OF_FAMILY[model.config.model_type].config_to_json(model.config)
     config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if model.stop_ids is not None:
-        eos = model.stop_ids[0] if len(model.stop_ids) == 1 else list(model.stop_ids)
-        (directory / GENERATION_CONFIG).write_text(json.dumps({"eos_token_id": eos}, indent=2) + "\n")
+    _write_generation_eos(directory / GENERATION_CONFIG, model.stop_ids)
 
     state = model.state_dict()
     tensors = {name: (state[parts[0]] if len(parts) == 1 else torch.cat([state[part] for part in parts]))
@@ -311,6 +311,24 @@ def skeleton(path: str | Path) -> DiffusionTransformer:
         except (TypeError, ValueError) as error:
             raise ValueError(f"{directory / GENERATION_CONFIG}: eos_token_id {list(model.stop_ids)}: {error}") from None
     return model.eval()
+
+
+def _write_generation_eos(path: Path, stop_ids: tuple[int, ...] | None) -> None:
+    fields = {}
+    if path.exists():
+        try:
+            fields = json.loads(path.read_text())
+        except ValueError:
+            fields = None
+        if not isinstance(fields, dict):  # not ours to mend: a new file in its place
+            fields = {}
+    if stop_ids is None:
+        if "eos_token_id" not in fields:
+            return
+        del fields["eos_token_id"]
+    else:
+        fields["eos_token_id"] = stop_ids[0] if len(stop_ids) == 1 else list(stop_ids)
+    path.write_text(json.dumps(fields, indent=2) + "\n")
 
 
 def generation_eos_ids(directory: Path) -> tuple[int, ...] | None:

@@ -156,9 +156,7 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int | None,
             grid = validation.model_grid(block_size, block_length, [len(prompt)], shifted=shifted,
                                          model_name="the model")
         except ValueError as error:
-            default = "" if body.get("block_length") is not None else (
-                " (the server's default block_length: send block_length)")
-            raise RequestError(f"{error}{default}", "block_length") from None
+            raise RequestError(f"{error}{_server_default(body)}", "block_length") from None
         canvas_length = -(-(len(prompt) + max_tokens) // grid) * grid
         rounding, rounding_field = f"decoded to the end of the grid block of {grid} holding its end", (
             "block_length" if block_length > block_size else length_field)  # the model's blocks set the grid
@@ -171,8 +169,9 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int | None,
         # own blocks round it)
         param = (prompt_field if len(prompt) >= max_context else length_field
                  if len(prompt) + max_tokens > max_context else rounding_field)
+        hint = _server_default(body) if param == "block_length" else ""
         raise RequestError(f"the prompt ({len(prompt)} tokens) and {length_field}={max_tokens} {rounding} "
-                           f"({canvas_length} tokens) exceed the context of {max_context} tokens", param)
+                           f"({canvas_length} tokens) exceed the context of {max_context} tokens{hint}", param)
     if block_grid == "model":
         blocks = _model_grid_blocks(model_blocks, len(prompt), max_tokens, block_length)
     else:
@@ -202,6 +201,12 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int | None,
         raise RequestError(f"cache={cache!r} needs the unmask model; this server's model takes no cache", "cache")
     return Settings(tuple(prompt), gen_length, block_length, rule, sampling, cfg_scale, cache, max_tokens,
                     _stop_strings(body.get("stop")), stream, include_usage, block_grid, blocks, canvas_length)
+
+
+def _server_default(body: dict) -> str:
+    """What a 400 naming block_length adds where the body gave none: the value was the
+    server's, which the client did not send."""
+    return "" if body.get("block_length") is not None else " (the server's default block_length: send block_length)"
 
 
 def _model_grid_blocks(model_blocks: tuple[int, bool], prompt_length: int, max_tokens: int,
