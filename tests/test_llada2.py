@@ -208,6 +208,30 @@ def test_the_jax_loop_decodes_llada2_as_torch(checkpoint, threshold, cache):
     assert got.nfe == expected.nfe
 
 
+def test_the_jax_experts_in_bfloat16_err_as_torchs_do(checkpoint):
+    """The MoE layer on bfloat16 weights and tokens: the same experts as torch (the
+    router in float32 from the same tokens), and an error against the float32 layer of
+    the same weights within twice torch's own bfloat16 error (STYLE.md 6), max and mean."""
+    uj = pytest.importorskip("unmask.jax", reason="JAX is not installed")
+    import jax.numpy as jnp
+    from unmask.jax import model as jax_model
+
+    _, model = checkpoint
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    exact = copy.deepcopy(bf16).float().layers[1].moe  # the bfloat16 weights, in float32
+    layer, params = bf16.layers[1].moe, uj.from_torch(bf16, dtype=jnp.bfloat16).params["layers"][1]
+    h = torch.randn(64, D, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    h_jax = jnp.asarray(h.float().numpy(), jnp.bfloat16)
+    experts, _ = jax_model._route(h_jax, params["router"], params["expert_bias"], MOE)
+    assert np.array_equal(np.sort(np.asarray(experts), 1), np.sort(layer.route(h)[0].numpy(), 1))
+    with torch.no_grad():
+        expected, torch_bf16 = exact(h.float()).numpy(), layer(h).float().numpy()
+    got = np.asarray(jax_model._mixture_of_experts(h_jax, params, MOE).astype(jnp.float32))
+    ours, theirs = np.abs(got - expected), np.abs(torch_bf16 - expected)
+    assert ours.max() <= 2 * theirs.max() + 1e-3 and ours.mean() <= 2 * theirs.mean() + 1e-4, (
+        f"max {ours.max():.3g} vs torch {theirs.max():.3g}, mean {ours.mean():.3g} vs {theirs.mean():.3g}")
+
+
 def jnp_bfloat16():
     import jax.numpy as jnp
 
