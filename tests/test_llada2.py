@@ -181,12 +181,14 @@ def test_the_jax_port_equals_a_plain_llada2_forward(checkpoint, length):
     """unmask.jax runs LLaDA 2.0: partial rotary, and the experts as grouped products
     (ragged_dot) over the routed pairs, within the float32 tolerance of the torch test."""
     uj = pytest.importorskip("unmask.jax", reason="JAX is not installed")
+    import jax.numpy as jnp
+
     directory, _ = checkpoint
     ids = torch.randint(0, 59, (2, length), generator=torch.Generator().manual_seed(length))
     got = np.asarray(uj.from_pretrained(directory)(ids.numpy()))
     for row in range(2):
         np.testing.assert_allclose(got[row], plain_forward(directory, ids[row]).numpy(), rtol=1e-4, atol=1e-4)
-    params = uj.from_pretrained(directory, dtype=jnp_bfloat16()).params["layers"]
+    params = uj.from_pretrained(directory, dtype=jnp.bfloat16).params["layers"]
     assert "router" not in params[0] and params[1]["experts_gate"].shape == (MOE.n_experts, D, MOE.expert_hidden_size)
     assert params[1]["expert_bias"].dtype == np.float32 and params[1]["router"].dtype != np.float32
 
@@ -230,12 +232,6 @@ def test_the_jax_experts_in_bfloat16_err_as_torchs_do(checkpoint):
     ours, theirs = np.abs(got - expected), np.abs(torch_bf16 - expected)
     assert ours.max() <= 2 * theirs.max() + 1e-3 and ours.mean() <= 2 * theirs.mean() + 1e-4, (
         f"max {ours.max():.3g} vs torch {theirs.max():.3g}, mean {ours.mean():.3g} vs {theirs.mean():.3g}")
-
-
-def jnp_bfloat16():
-    import jax.numpy as jnp
-
-    return jnp.bfloat16
 
 
 def test_the_real_config_builds_the_real_shapes(tmp_path):

@@ -27,7 +27,7 @@ import torch
 
 from unmask import ops, revise, speculative, validation
 from unmask.output import GenerateOutput
-from unmask.schedule import block_plans, capped_step_counts, grid_blocks, schedule_counts, step_counts  # noqa: F401 (schedule_counts, as before)
+from unmask.schedule import block_plans, grid_blocks, schedule_counts  # noqa: F401 (schedule_counts, as before)
 from unmask.validation import CACHE_MODES, Revision, Rule, Sampling
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]

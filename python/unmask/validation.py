@@ -712,7 +712,6 @@ def rule(steps, threshold, factor, *, num_blocks: int, default_steps: int, confi
     return Rule(steps_per_block=steps // num_blocks, threshold=threshold, schedule=schedule)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Revision:
     """Self-correction (unmask.revise): committed tokens of the active block whose

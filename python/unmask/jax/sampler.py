@@ -156,32 +156,19 @@ def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params,
             state = scheduled(0, state)
         state = jax.lax.fori_loop(peeled, counts.shape[0], scheduled, state)
         steps = jnp.int32(counts.shape[0])
-    elif rule.steps_per_block is not None:  # the plan's counts as floors: the threshold may end the block early
-        counts = jnp.asarray(p.step_counts())
+    else:  # a threshold (alone, or beside the plan: its counts floors) or the factor: until the masks end
+        counts = None if rule.steps_per_block is None else jnp.asarray(p.step_counts())
+        # every step commits at least one masked position of each running row
+        most = length if counts is None else counts.shape[0]
 
-        def planned_more(carry):
+        def more(carry):
             _, remaining, steps = carry
-            return remaining & (steps < counts.shape[0])
-
-        def planned(carry):
-            state, _, steps = carry
-            state, remaining = step(state, rule.commit_options(jnp.broadcast_to(counts[steps], running.shape)))
-            return state, remaining, steps + 1
-
-        carry = (state, jnp.ones((), bool), jnp.int32(0))
-        if peeled:
-            carry = planned(carry)
-        state, _, steps = jax.lax.while_loop(planned_more, planned, carry)
-    else:
-        mode = rule.commit_options()
-
-        def more(carry):  # every step commits at least one masked position of each running row
-            _, remaining, steps = carry
-            return remaining & (steps < length)
+            return remaining & (steps < most)
 
         def confident(carry):
             state, _, steps = carry
-            state, remaining = step(state, mode)
+            floor = None if counts is None else jnp.broadcast_to(counts[steps], running.shape)
+            state, remaining = step(state, rule.commit_options(floor))
             return state, remaining, steps + 1
 
         carry = (state, jnp.ones((), bool), jnp.int32(0))

@@ -4,6 +4,7 @@ with each family's own tensor names."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -14,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from unmask import validation
 from unmask.models.config import ModelConfig
 from unmask.models.transformer import DiffusionTransformer
 
@@ -303,8 +305,6 @@ def skeleton(path: str | Path) -> DiffusionTransformer:
     model.tokenizer = load_tokenizer(directory)
     model.stop_ids = generation_eos_ids(directory)
     if model.stop_ids is not None:  # checked at load, not at a generate that may not stop at EOS at all
-        from unmask import validation
-
         try:
             validation.special_ids(mask_id=model.mask_id, eos_id=model.stop_ids,
                                    vocab=validation.model_vocab(model))
@@ -316,10 +316,8 @@ def skeleton(path: str | Path) -> DiffusionTransformer:
 def _write_generation_eos(path: Path, stop_ids: tuple[int, ...] | None) -> None:
     fields = {}
     if path.exists():
-        try:
+        with contextlib.suppress(ValueError):
             fields = json.loads(path.read_text())
-        except ValueError:
-            fields = None
         if not isinstance(fields, dict):  # not ours to mend: a new file in its place
             fields = {}
     if stop_ids is None:
@@ -333,7 +331,7 @@ def _write_generation_eos(path: Path, stop_ids: tuple[int, ...] | None) -> None:
 
 def generation_eos_ids(directory: Path) -> tuple[int, ...] | None:
     """generation_config.json's eos_token_id as a tuple (one id or a list), or None where
-    the checkpoint has no such file or field."""
+    the checkpoint has no such file or field (skeleton checks the ids)."""
     path = directory / GENERATION_CONFIG
     if not path.exists():
         return None
@@ -343,10 +341,7 @@ def generation_eos_ids(directory: Path) -> tuple[int, ...] | None:
         raise ValueError(f"{path} is not a JSON object: {error}") from None
     if eos is None:
         return None
-    ids = tuple(eos) if isinstance(eos, list) else (eos,)
-    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-        raise ValueError(f"{path}: eos_token_id must be a token id or a non-empty list of them, got {eos!r}")
-    return ids
+    return tuple(eos) if isinstance(eos, list) else (eos,)
 
 
 def encode_text(tokenizer, text: str, name: str) -> list[int]:

@@ -156,8 +156,13 @@ class KVCache:
         return cache
 
 
+def swiglu(h: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> torch.Tensor:
+    """down(silu(gate(h)) * up(h)): the dense MLP, and each expert of a mixture."""
+    return down(nn.functional.silu(gate(h)) * up(h))
+
+
 class SwiGLU(nn.Module):
-    """down(silu(gate(h)) * up(h)): an expert of a mixture."""
+    """An expert of a mixture (swiglu with its own projections)."""
 
     def __init__(self, d: int, hidden: int):
         super().__init__()
@@ -166,7 +171,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, d, bias=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+        return swiglu(h, self.gate_proj, self.up_proj, self.down_proj)
 
 
 class MixtureOfExperts(nn.Module):
@@ -270,7 +275,7 @@ class Block(nn.Module):
         h = self.mlp_norm(x)
         if self.moe is not None:
             return x + self.moe(h)
-        return x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+        return x + swiglu(h, self.gate_proj, self.up_proj, self.down_proj)
 
 
 def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int) -> torch.Tensor:
