@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import unmask
 from unmask import distributed
@@ -250,7 +251,7 @@ def test_the_real_config_builds_the_real_shapes(tmp_path):
     c = model.config
     assert (c.mask_token_id, c.eos_token_id, c.block_size, c.rotated_dims, c.head_dim) == (156895, 156892, 32, 64, 128)
     assert model.layers[0].moe is None and model.layers[0].gate_proj.weight.shape == (5120, 2048)
-    assert len(model.layers[5].moe.experts) == 256 and model.layers[5].moe.shared.gate_proj.weight.shape == (512, 2048)
+    assert model.layers[5].moe.expert_gate.shape == (256, 512, 2048) and model.layers[5].moe.shared.gate_proj.weight.shape == (512, 2048)
     total = sum(p.numel() for p in model.parameters())
     assert 16.0e9 < total < 16.5e9, f"LLaDA2.0-mini has ~16B parameters, got {total / 1e9:.2f}B"
     with pytest.raises(ValueError, match="use_bias=True is not supported"):
@@ -277,6 +278,28 @@ def test_a_dense_llada2_round_trips(tmp_path):
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         assert torch.equal(loaded(ids), dense(ids))
+
+
+def test_the_stacked_experts_load_from_one_tensor_each(checkpoint, tmp_path):
+    """Our experts are stacked [E, out, in]; the checkpoint holds one tensor per expert and
+    projection. A load puts each in its slice; one missing or misshapen is named."""
+    directory, model = checkpoint
+    loaded = unmask.from_pretrained(directory)
+    for name in ("expert_gate", "expert_up", "expert_down"):
+        assert torch.equal(getattr(loaded.layers[2].moe, name), getattr(model.layers[2].moe, name)), name
+    with safe_open(directory / "model.safetensors", framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    torch.testing.assert_close(tensors["model.layers.2.mlp.experts.5.up_proj.weight"], model.layers[2].moe.expert_up[5],
+                               rtol=0, atol=0)
+    (tmp_path / "config.json").write_text((directory / "config.json").read_text())
+    missing = {name: t for name, t in tensors.items() if name != "model.layers.1.mlp.experts.6.gate_proj.weight"}
+    save_file(missing, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing tensors: \['model.layers.1.mlp.experts.6.gate_proj.weight'\]"):
+        unmask.from_pretrained(tmp_path)
+    misshapen = {**tensors, "model.layers.1.mlp.experts.3.down_proj.weight": torch.zeros(D, MOE.expert_hidden_size + 1)}
+    save_file(misshapen, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"experts.3.down_proj.weight has shape \(32, 13\), the config implies \(32, 12\)"):
+        unmask.from_pretrained(tmp_path)
 
 
 def test_the_expert_bias_stays_float32(checkpoint):

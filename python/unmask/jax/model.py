@@ -26,9 +26,6 @@ def params_from_state_dict(state_dict, config: ModelConfig, dtype=jnp.float32) -
     def get(name):
         return jnp.asarray(state_dict[name].detach().float().cpu().numpy(), dtype)
 
-    def stacked(prefix, count, name):  # the experts' [out, in] weights as ragged_dot's [E, in, out]
-        return jnp.stack([get(f"{prefix}{e}.{name}.weight").T for e in range(count)])
-
     layers = []
     for i in range(config.n_layers):
         prefix = f"layers.{i}."
@@ -36,11 +33,11 @@ def params_from_state_dict(state_dict, config: ModelConfig, dtype=jnp.float32) -
                  ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm")}
         moe = config.moe
         if moe is not None and moe.is_moe_layer(i):
-            experts = prefix + "moe.experts."
             layer.update({"router": get(prefix + "moe.router.weight"),
                           # float32 whatever the dtype: it moves float32 scores (LLaDA 2.0 keeps it so)
                           "expert_bias": jnp.asarray(state_dict[prefix + "moe.expert_bias"].float().cpu().numpy()),
-                          **{f"experts_{name}": stacked(experts, moe.n_experts, f"{name}_proj")
+                          # the experts' stacked [E, out, in] weights as ragged_dot's [E, in, out]
+                          **{f"experts_{name}": get(f"{prefix}moe.expert_{name}").transpose(0, 2, 1)
                              for name in ("gate", "up", "down")}})
             if moe.n_shared_experts:
                 layer.update({f"shared_{name}": get(f"{prefix}moe.shared.{name}_proj.weight")

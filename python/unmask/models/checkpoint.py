@@ -42,6 +42,9 @@ class CheckpointFormat:
     # (our layer name as a regex, the checkpoint's with its groups as {0}, {1}, ...):
     # names with an index inside them (an expert's).
     layer_patterns: tuple[tuple[str, str], ...] = ()
+    # Our layer tensors stacked from one checkpoint tensor per index along dim 0: our name ->
+    # the checkpoint's, with "{e}" for the index (LLaDA 2.0's experts, one tensor each).
+    stacked: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def tensor_name(self, ours: str) -> str:
         if ours in self.global_names:
@@ -59,6 +62,14 @@ class CheckpointFormat:
                 if found is not None:
                     return prefix + template.format(*found.groups())
         raise KeyError(f"no {self.model_type} name for parameter {ours!r}")
+
+    def stacked_name(self, ours: str) -> str | None:
+        """The checkpoint's name of each slice of `ours` ("{e}" for the index), or None
+        when `ours` is not stacked."""
+        match = _LAYER_PATTERN.fullmatch(ours)
+        if match is None or match.group(2) not in self.stacked:
+            return None
+        return self.layer_prefix.format(i=match.group(1)) + self.stacked[match.group(2)]
 
     def parts_of(self, ours: str) -> tuple[str, ...]:
         """Our names in the checkpoint tensor that holds `ours`, in their order along dim 0:
@@ -159,8 +170,8 @@ LLADA2 = CheckpointFormat(
         "moe.expert_bias": "mlp.gate.expert_bias",
     },
     fused={"attention.query_key_value.weight": ("q_proj.weight", "k_proj.weight", "v_proj.weight")},
-    layer_patterns=((r"moe\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", "mlp.experts.{0}.{1}.weight"),
-                    (r"moe\.shared\.(gate_proj|up_proj|down_proj)\.weight", "mlp.shared_experts.{0}.weight")),
+    layer_patterns=((r"moe\.shared\.(gate_proj|up_proj|down_proj)\.weight", "mlp.shared_experts.{0}.weight"),),
+    stacked={f"moe.expert_{name}": f"mlp.experts.{{e}}.{name}_proj.weight" for name in ("gate", "up", "down")},
     config_from_json=ModelConfig.from_llada2_json,
     config_to_json=ModelConfig.to_llada2_json,
 )
@@ -173,16 +184,29 @@ def llada_name(ours: str) -> str:
     return LLADA.tensor_name(ours)
 
 
-def _expected_names(model: DiffusionTransformer) -> dict[str, tuple[str, ...]]:
-    """Checkpoint name -> our names in it (one, or a fused tensor's, concatenated along
-    dim 0 in that order), for every tensor the checkpoint must hold."""
+# One of our tensors, whole (None) or the slice [index] of a stacked one.
+_Piece = tuple[str, "int | None"]
+
+
+def _expected_names(model: DiffusionTransformer) -> dict[str, tuple[_Piece, ...]]:
+    """Checkpoint name -> the pieces of ours it holds (one, or a fused tensor's,
+    concatenated along dim 0 in that order), for every tensor the checkpoint must hold."""
     checkpoint_format = _FORMAT_OF_FAMILY[model.config.model_type]
     names = {}
-    for ours in model.state_dict():
+    for ours, tensor in model.state_dict().items():
         if ours == "lm_head.weight" and model.config.weight_tying:
             continue  # tied to the embedding: no separate head is stored
-        names[checkpoint_format.tensor_name(ours)] = checkpoint_format.parts_of(ours)
+        stacked = checkpoint_format.stacked_name(ours)
+        if stacked is not None:
+            names.update({stacked.format(e=index): ((ours, index),) for index in range(tensor.shape[0])})
+        else:
+            names[checkpoint_format.tensor_name(ours)] = tuple((part, None) for part in checkpoint_format.parts_of(ours))
     return names
+
+
+def _piece(state: dict[str, torch.Tensor], piece: _Piece) -> torch.Tensor:
+    name, index = piece
+    return state[name] if index is None else state[name][index]
 
 
 def save_pretrained(model: DiffusionTransformer, directory: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
@@ -199,7 +223,7 @@ def save_pretrained(model: DiffusionTransformer, directory: str | Path, *, max_s
     _write_generation_eos(directory / GENERATION_CONFIG, model.stop_ids)
 
     state = model.state_dict()
-    tensors = {name: (state[parts[0]] if len(parts) == 1 else torch.cat([state[part] for part in parts]))
+    tensors = {name: (_piece(state, parts[0]) if len(parts) == 1 else torch.cat([_piece(state, p) for p in parts]))
                .detach().contiguous().cpu() for name, parts in _expected_names(model).items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
@@ -256,7 +280,7 @@ def from_pretrained(
     expected = _expected_names(model)
     meta_state = model.state_dict()
     state: dict[str, torch.Tensor] = {}
-    unexpected = []
+    found, unexpected = set(), []
     for file_name, names in _weight_files(directory).items():
         with safe_open(directory / file_name, framework="pt", device=str(device)) as handle:
             for name in names:
@@ -265,7 +289,7 @@ def from_pretrained(
                     continue
                 tensor = handle.get_tensor(name)
                 parts = expected[name]
-                shapes = [tuple(meta_state[part].shape) for part in parts]
+                shapes = [tuple(_piece(meta_state, part).shape) for part in parts]
                 implied = (sum(shape[0] for shape in shapes), *shapes[0][1:])
                 if tuple(tensor.shape) != implied:
                     raise ValueError(
@@ -274,9 +298,15 @@ def from_pretrained(
                     )
                 if dtype is not None and not name.endswith("expert_bias"):  # routing scores stay float32
                     tensor = tensor.to(dtype)
-                for part, piece in zip(parts, tensor.split([shape[0] for shape in shapes])):
-                    state[part] = piece
-    missing = sorted(name for name, parts in expected.items() if parts[0] not in state)
+                for (part, index), piece in zip(parts, tensor.split([shape[0] for shape in shapes])):
+                    if index is None:
+                        state[part] = piece
+                    else:  # a slice of a stacked tensor, made where the first slice arrives
+                        if part not in state:
+                            state[part] = torch.empty(meta_state[part].shape, dtype=piece.dtype, device=piece.device)
+                        state[part][index].copy_(piece)
+                found.add(name)
+    missing = sorted(set(expected) - found)
     if missing:
         raise ValueError(f"checkpoint {directory} is missing tensors: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
     if unexpected:

@@ -162,7 +162,7 @@ def swiglu(h: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> 
 
 
 class SwiGLU(nn.Module):
-    """An expert of a mixture (swiglu with its own projections)."""
+    """A shared expert of a mixture (swiglu with its own projections)."""
 
     def __init__(self, d: int, hidden: int):
         super().__init__()
@@ -174,11 +174,19 @@ class SwiGLU(nn.Module):
         return swiglu(h, self.gate_proj, self.up_proj, self.down_proj)
 
 
+def _stacked_linear(count: int, out_features: int, in_features: int) -> nn.Parameter:
+    """count [out, in] weights stacked: nn.Linear's layout and initial range per expert."""
+    bound = in_features ** -0.5
+    return nn.Parameter(torch.empty(count, out_features, in_features).uniform_(-bound, bound))
+
+
 class MixtureOfExperts(nn.Module):
     """The MLP of a mixture-of-experts layer (config.MoeConfig says the routing).
 
-    Each expert runs on the tokens routed to it: the counts are read on the host once per
-    layer (so such a model's step is not captured as a CUDA graph or traced whole)."""
+    The routed experts' weights are stacked, each expert's in nn.Linear's [out, in]
+    layout: expert_gate and expert_up [E, hidden, d], expert_down [E, d, hidden] (one
+    tensor per projection for a grouped kernel to walk; the checkpoint's per-expert
+    tensors are their slices). The routed sum runs through unmask.ops.moe_swiglu."""
 
     def __init__(self, d: int, moe: MoeConfig):
         super().__init__()
@@ -187,7 +195,9 @@ class MixtureOfExperts(nn.Module):
         # Added to the scores to choose experts, not to weight them; a buffer, as the
         # checkpoints store it (a load balancer updates it in training, not the optimizer).
         self.register_buffer("expert_bias", torch.zeros(moe.n_experts))
-        self.experts = nn.ModuleList(SwiGLU(d, moe.expert_hidden_size) for _ in range(moe.n_experts))
+        self.expert_gate = _stacked_linear(moe.n_experts, moe.expert_hidden_size, d)
+        self.expert_up = _stacked_linear(moe.n_experts, moe.expert_hidden_size, d)
+        self.expert_down = _stacked_linear(moe.n_experts, d, moe.expert_hidden_size)
         self.shared = SwiGLU(d, moe.expert_hidden_size * moe.n_shared_experts) if moe.n_shared_experts else None
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,8 +229,10 @@ class MixtureOfExperts(nn.Module):
         for expert, count in enumerate(counts):
             if count:
                 rows = token_of[begin:begin + count]
-                y = self.experts[expert](h[rows]).float() * weight_of[begin:begin + count, None]
-                out.index_add_(0, rows, y)
+                x = h[rows]
+                y = nn.functional.linear(nn.functional.silu(nn.functional.linear(x, self.expert_gate[expert]))
+                                         * nn.functional.linear(x, self.expert_up[expert]), self.expert_down[expert])
+                out.index_add_(0, rows, y.float() * weight_of[begin:begin + count, None])
                 begin += count
         out = out.to(h.dtype)  # the routed sum in float32, then the activations' dtype, as LLaDA 2.0
         return out if self.shared is None else out + self.shared(h)
