@@ -26,6 +26,7 @@
 #include "unmask/commit.h"
 #include "unmask/cpu_isa.h"
 #include "unmask/cuda_info.h"
+#include "unmask/moe.h"
 #include "unmask/rms_norm.h"
 #include "unmask/rng.h"
 #include "unmask/rotary.h"
@@ -326,6 +327,23 @@ void bind_structs(py::module_& m) {
       .value("table_batch", &RotaryParams::table_batch)
       .finish();
 
+  StructBinder<MoeParams>(m, "MoeParams", "unmask/moe.h: one moe_swiglu launch")
+      .pointer("x", &MoeParams::x)
+      .pointer("experts", &MoeParams::experts)
+      .pointer("weights", &MoeParams::weights)
+      .pointer("gate", &MoeParams::gate)
+      .pointer("up", &MoeParams::up)
+      .pointer("down", &MoeParams::down)
+      .pointer("out", &MoeParams::out)
+      .value("dtype", &MoeParams::dtype)
+      .value("tokens", &MoeParams::tokens)
+      .value("per_token", &MoeParams::per_token)
+      .value("n_experts", &MoeParams::n_experts)
+      .value("dim", &MoeParams::dim)
+      .value("hidden", &MoeParams::hidden)
+      .value("x_row_stride", &MoeParams::x_row_stride)
+      .finish();
+
   StructBinder<DrawParams>(m, "DrawParams", "unmask/rng.h: raw Philox draws")
       .pointer("out", &DrawParams::out)
       .value("rows", &DrawParams::rows)
@@ -490,6 +508,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("rms_norm_cpu", [](const RmsNormParams& params) { run_released(&rms_norm_cpu, params, "rms_norm_cpu"); },
         py::arg("params"));
   m.def("rotary_cpu", [](const RotaryParams& params) { run_released(&rotary_cpu, params, "rotary_cpu"); },
+        py::arg("params"));
+  m.def("moe_swiglu_cpu",
+        [](const MoeParams& params) { run_released(&moe_swiglu_cpu, params, "moe_swiglu_cpu"); },
         py::arg("params"));
   m.def("fill_draws_cpu", [](const DrawParams& params) { run_released(&fill_draws_cpu, params, "fill_draws_cpu"); },
         py::arg("params"));

@@ -100,6 +100,12 @@ def _attention_args(head_dim, q_len=5, dtype=torch.float32, heads=2, **kwargs):
     return (q, q.clone(), q.clone()), kwargs
 
 
+def _moe_args(tokens, dtype, n_experts=8, per_token=2, dim=24, hidden=8):
+    experts = torch.stack([torch.randperm(n_experts)[:per_token] for _ in range(tokens)])
+    return (torch.randn(tokens, dim).to(dtype), experts, torch.rand(tokens, per_token),
+            *(torch.randn(n_experts, *shape).to(dtype) for shape in ((hidden, dim), (hidden, dim), (dim, hidden))))
+
+
 CPU_CASES = [
     # (kernel, args, kwargs, the backend expected: "cpu" for the native kernel)
     ("attention", *_attention_args(64, q_len=1024), "cpu"),  # float32, 2^27 multiply-adds: native
@@ -115,6 +121,9 @@ CPU_CASES = [
     ("sample", (torch.randn(4, 50),), dict(top_k=3, top_p=0.5, temperature=1.0), "cpu"),
     ("commit", (torch.zeros(2, 5, dtype=torch.int32), torch.ones(2, 5, dtype=torch.int64), torch.rand(2, 5),
                 torch.ones(2, 5, dtype=torch.bool)), dict(k=2), "cpu"),  # an int32 canvas, through an int64 copy
+    ("moe_swiglu", _moe_args(16, torch.bfloat16), {}, "cpu"),  # 4 pairs per expert: the kernel
+    ("moe_swiglu", _moe_args(128, torch.bfloat16), {}, "torch-experts"),  # 32 per expert: torch's products
+    ("moe_swiglu", _moe_args(16, torch.float64), {}, "torch-experts"),  # float64: not the kernel's
 ]
 
 
@@ -123,7 +132,7 @@ CPU_CASES = [
                          ids=["attention native", "attention small", "attention 256 queries", "attention 64 keys",
                               "attention D=16 native",
                               "attention bf16", "attention D=1025", "attention block-causal", "sample top-k top-p",
-                              "commit int32 canvas"])
+                              "commit int32 canvas", "moe few per expert", "moe many per expert", "moe float64"])
 def test_reported_backend_is_the_one_that_ran(monkeypatch, ran, kernel, args, kwargs, expected):
     monkeypatch.setattr(native, "cpu_vendor", lambda: "GenuineIntel")  # the routes the cases name
     reported = ops.backend_for(kernel, *args, **kwargs)

@@ -166,5 +166,6 @@ Status fill_draws_cpu(const DrawParams& params) { return cpu::table().fill_draws
 Status philox_blocks_cpu(const PhiloxBlockParams& params) { return cpu::table().philox_blocks(params); }
 Status rms_norm_cpu(const RmsNormParams& params) { return cpu::table().rms_norm(params); }
 Status rotary_cpu(const RotaryParams& params) { return cpu::table().rotary(params); }
+Status moe_swiglu_cpu(const MoeParams& params) { return cpu::table().moe_swiglu(params); }
 
 }  // namespace unmask

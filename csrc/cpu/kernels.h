@@ -4,6 +4,7 @@
 #pragma once
 
 #include "unmask/attention.h"
+#include "unmask/moe.h"
 #include "unmask/rms_norm.h"
 #include "unmask/rng.h"
 #include "unmask/rotary.h"
@@ -19,6 +20,7 @@ struct KernelTable {
   Status (*philox_blocks)(const PhiloxBlockParams&);
   Status (*rms_norm)(const RmsNormParams&);
   Status (*rotary)(const RotaryParams&);
+  Status (*moe_swiglu)(const MoeParams&);
 };
 
 #if defined(UNMASK_CPU_ISA)
@@ -29,6 +31,7 @@ Status fill_draws(const DrawParams& params);      // rng.cpp
 Status philox_blocks(const PhiloxBlockParams& params);
 Status rms_norm(const RmsNormParams& params);     // rms_norm.cpp
 Status rotary(const RotaryParams& params);        // rotary.cpp
+Status moe_swiglu(const MoeParams& params);      // moe.cpp
 extern const KernelTable kernel_table;            // kernel_table.cpp
 }  // namespace UNMASK_CPU_ISA
 #endif

@@ -4,7 +4,7 @@ The table (unmask.native.kernels()) holds one native backend per (kernel, device
 each with a `supports(call)` that states every case it takes. Attention also has torch's
 SDPA under unmask's contract (unmask.sdpa): it runs the calls where it is measured to be
 faster than the native kernel (`preferred(call)`, a rule on the shape and dtype), and
-those the native kernel does not take. choose() picks, in order: SDPA where preferred,
+those the native kernel does not take; so do a mixture's experts (unmask.experts). choose() picks, in order: SDPA where preferred,
 the native backend of the call's device when it takes the call, SDPA, the reference
 (unmask.reference, the specification); what it picks is what runs and what
 backend_for() reports. UNMASK_BACKEND (read at each call):
@@ -37,8 +37,8 @@ from collections.abc import Callable
 
 import torch
 
-from unmask import native, reference, sdpa
-from unmask.validation import AttentionCall, CommitCall, RmsNormCall, RotaryCall, SampleCall
+from unmask import experts, native, reference, sdpa
+from unmask.validation import AttentionCall, CommitCall, MoeCall, RmsNormCall, RotaryCall, SampleCall
 
 BACKEND_MODES = ("auto", "native", "reference", "interpret")
 
@@ -68,6 +68,10 @@ def _reference_rotary(call: RotaryCall, out=None):
     return reference.rotary(call.x, call.cos, call.sin)
 
 
+def _reference_moe_swiglu(call: MoeCall, out=None):
+    return reference.moe_swiglu(call.x, call.experts, call.weights, call.gate, call.up, call.down)
+
+
 @dataclasses.dataclass(frozen=True)
 class ReferenceKernel:
     """The specification as a backend: any device, any case."""
@@ -89,9 +93,10 @@ REFERENCE = {
     "commit": ReferenceKernel("commit", _reference_commit),
     "rms_norm": ReferenceKernel("rms_norm", _reference_rms_norm),
     "rotary": ReferenceKernel("rotary", _reference_rotary),
+    "moe_swiglu": ReferenceKernel("moe_swiglu", _reference_moe_swiglu),
 }
 # Backends built on torch's own kernels, by kernel name (any device).
-TORCH = {"attention": sdpa.SDPA}
+TORCH = {"attention": sdpa.SDPA, "moe_swiglu": experts.EXPERTS}
 
 
 def _mode_setting() -> str:

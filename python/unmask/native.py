@@ -27,7 +27,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from unmask import validation
-from unmask.validation import AttentionCall, CommitCall, RmsNormCall, RotaryCall, SampleCall
+from unmask.validation import AttentionCall, CommitCall, MoeCall, RmsNormCall, RotaryCall, SampleCall
 
 try:
     from unmask import _C
@@ -587,6 +587,28 @@ def _supports_rotary_cpu(call: RotaryCall) -> str | None:
     return _inference_only("rotary", call.x, call.cos, call.sin)
 
 
+def _launch_moe_swiglu_cpu(call: MoeCall, out=None):
+    """out: optional contiguous float32 [T, d] to write into (tests poison it)."""
+    x = call.x if call.x.stride(-1) == 1 else call.x.contiguous()
+    experts = validation.contiguous_as(call.experts, torch.int64)
+    weights = validation.contiguous_as(call.weights, torch.float32)
+    gate, up, down = call.gate.contiguous(), call.up.contiguous(), call.down.contiguous()  # a model's: no copy
+    tokens, dim = x.shape
+    out = torch.empty(tokens, dim, dtype=torch.float32) if out is None else out
+    _C.moe_swiglu_cpu(_params(
+        _C.MoeParams, x=x.data_ptr(), experts=experts.data_ptr(), weights=weights.data_ptr(), gate=gate.data_ptr(),
+        up=up.data_ptr(), down=down.data_ptr(), out=out.data_ptr(), dtype=_scalar_type(x.dtype), tokens=tokens,
+        per_token=experts.shape[1], n_experts=gate.shape[0], dim=dim, hidden=gate.shape[1],
+        x_row_stride=x.stride(0) if tokens > 1 else dim))
+    return out
+
+
+def _supports_moe_swiglu_cpu(call: MoeCall) -> str | None:
+    if call.x.dtype not in CPU_POINTWISE_DTYPES:  # validation holds the weights to x's dtype
+        return f"dtype {validation.dtype_name(call.x)}: the CPU moe_swiglu kernel runs float32, float16 and bfloat16"
+    return _inference_only("moe_swiglu", call.x, call.weights, call.gate, call.up, call.down)
+
+
 KERNELS = (
     NativeKernel("sample", "cpu", _launch_sample_cpu, _supports_sample_cpu, _no_guard),
     NativeKernel("commit", "cpu", lambda call, out=None: _launch_commit(call, out, cuda=False), _supports_commit_cpu,
@@ -596,6 +618,7 @@ KERNELS = (
     NativeKernel("rms_norm", "cpu", _launch_rms_norm_cpu, _supports_rms_norm_cpu, _no_guard,
                  prepare=_prepare_rms_norm_cpu),
     NativeKernel("rotary", "cpu", _launch_rotary_cpu, _supports_rotary_cpu, _no_guard, prepare=_prepare_rotary_cpu),
+    NativeKernel("moe_swiglu", "cpu", _launch_moe_swiglu_cpu, _supports_moe_swiglu_cpu, _no_guard),
     NativeKernel("sample", "cuda", _launch_sample_cuda, _supports_sample_cuda, _cuda_guard),
     NativeKernel("commit", "cuda", lambda call, out=None: _launch_commit(call, out, cuda=True), _supports_commit_cuda,
                  _cuda_guard),

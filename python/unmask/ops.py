@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from unmask import dispatch, native, reference, validation
+from unmask import experts as experts_backend
 
 CALL_BUILDERS = {
     "attention": validation.attention_call,
@@ -24,6 +25,7 @@ CALL_BUILDERS = {
     "commit": validation.commit_call,
     "rms_norm": validation.rms_norm_call,
     "rotary": validation.rotary_call,
+    "moe_swiglu": validation.moe_swiglu_call,
 }
 
 
@@ -345,6 +347,23 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     if plan_key is None and _traced(call.x, call.cos, call.sin):  # (a plan key: found eager above)
         return reference.rotary(call.x, call.cos, call.sin)
     return dispatch.run("rotary", call, plan_key=plan_key)
+
+
+def moe_swiglu(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor,
+               up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """The routed sum of a mixture of SwiGLU experts (LLaDA 2.0's MoE MLP without its
+    shared experts), float32 [T, d] (float64 for float64 x):
+    out[t] = sum over j of weights[t, j] * down_e(silu(gate_e x[t]) * up_e x[t]), e = experts[t, j].
+    x [T, d]; experts [T, k] ids in [0, E); weights [T, k] float32; the experts' weights
+    stacked in nn.Linear's [out, in] layout, x's dtype: gate and up [E, f, d], down
+    [E, d, f]. The CPU kernel reads each chosen expert's weights once for all its tokens;
+    elsewhere, and from many tokens per expert, torch's products run (unmask.experts).
+    Traced (torch.compile), torch's products run, with a graph break where they read
+    the expert counts."""
+    call = validation.moe_swiglu_call(x, experts, weights, gate, up, down)
+    if _traced(call.x, call.experts, call.weights, call.gate, call.up, call.down):
+        return experts_backend.launch(call)
+    return dispatch.run("moe_swiglu", call)
 
 
 # --------------------------------------------------------------------------- raw RNG draws

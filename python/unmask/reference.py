@@ -1,5 +1,6 @@
 """The specification of unmask's kernels, in plain PyTorch: the three of a denoising
-step (attention, sample, commit) and the model's pointwise ones (rms_norm, rotary).
+step (attention, sample, commit), the model's pointwise ones (rms_norm, rotary) and a
+mixture's routed experts (moe_swiglu).
 
 Readable before fast: every C++, CUDA and Pallas kernel is tested against these
 functions (docs/design.md, Contracts). They take already-validated arguments; the public
@@ -9,7 +10,8 @@ Precision: attention computes in float32 (float64 for float64 inputs), so a test
 that wants a high-precision answer passes float64 tensors. sample computes the
 filters and confidences in float64 from the float32 value of each logit, and the
 Gumbel noise in float64 from the exact uniform of rng.py. rms_norm and rotary compute
-in float32 (float64 for float64 inputs) and return x's dtype.
+in float32 (float64 for float64 inputs) and return x's dtype; moe_swiglu computes and
+returns float32 (float64 for float64 inputs).
 """
 
 from __future__ import annotations
@@ -318,6 +320,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     wide = x.to(_compute_dtype(x))
     wide = wide * torch.rsqrt(wide.pow(2).mean(dim=-1, keepdim=True) + eps)
     return (wide * weight.to(wide.dtype)).to(x.dtype)
+
+
+def moe_swiglu(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor,
+               up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """The routed sum of a mixture of SwiGLU experts, in float32 (float64 for float64 x):
+    out[t] = sum over j, in j order, of weights[t, j] * down_e(silu(gate_e x[t]) * up_e x[t])
+    for e = experts[t, j]; gate, up [E, f, d] and down [E, d, f] stacked [out, in]."""
+    wide = _compute_dtype(x)
+    xs = x.to(wide)
+    each = torch.zeros(*experts.shape, x.shape[1], dtype=wide, device=x.device)  # [T, k, d]: each choice's output
+    for expert in experts.unique().tolist():
+        token, choice = (experts == expert).nonzero(as_tuple=True)
+        rows = xs[token]
+        hidden = torch.nn.functional.silu(rows @ gate[expert].to(wide).T) * (rows @ up[expert].to(wide).T)
+        each[token, choice] = hidden @ down[expert].to(wide).T
+    out = torch.zeros(x.shape, dtype=wide, device=x.device)
+    for j in range(experts.shape[1]):
+        out = out + weights[:, j, None].to(wide) * each[:, j]
+    return out
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -594,6 +594,52 @@ def rotary_call(x, cos, sin) -> RotaryCall:
     return RotaryCall(x, cos, sin)
 
 
+@dataclasses.dataclass(frozen=True)
+class MoeCall:
+    x: torch.Tensor
+    experts: torch.Tensor
+    weights: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+
+def moe_swiglu_call(x, experts, weights, gate, up, down) -> MoeCall:
+    """unmask.ops.moe_swiglu's arguments, checked: tokens x [T, d]; each token's experts
+    [T, k] (int32 or int64, 1 <= k <= E) and weights [T, k] (float32; float64 beside a
+    float64 x); the experts' stacked weights in nn.Linear's [out, in] layout, x's dtype:
+    gate and up [E, f, d], down [E, d, f]. The ids' range is checked where they are
+    read (a check here would read them on the host)."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES + ("float64",), ndim=2)
+    check_tensor("experts", experts, dtypes=INT_DTYPES, ndim=2)
+    wide = dtype_name(x) == "float64"
+    check_tensor("weights", weights, dtypes=("float32", "float64") if wide else ("float32",), ndim=2)
+    for name, value in (("gate", gate), ("up", up), ("down", down)):
+        check_tensor(name, value, dtypes=FLOAT_DTYPES + ("float64",), ndim=3)
+        if value.dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype {dtype_name(x)}, got {dtype_name(value)}")
+    tokens, dim = x.shape
+    n_experts, hidden = gate.shape[0], gate.shape[1]
+    if dim == 0 or hidden == 0 or n_experts == 0:
+        raise ValueError(f"x [T, d] and gate [E, f, d] need d, E and f of at least 1, got x {tuple(x.shape)} "
+                         f"and gate {tuple(gate.shape)}")
+    check_shape("gate", gate.shape, (n_experts, hidden, dim), "[E, f, d], d of x")
+    check_shape("up", up.shape, (n_experts, hidden, dim), "[E, f, d], gate's")
+    check_shape("down", down.shape, (n_experts, dim, hidden), "[E, d, f], gate's E and f")
+    per_token = experts.shape[1]
+    if experts.shape[0] != tokens or not 1 <= per_token <= n_experts:
+        raise ValueError(f"experts must have shape ({tokens}, k) with 1 <= k <= {n_experts} ([T, k], T of x, at "
+                         f"most E experts), got {tuple(experts.shape)}")
+    check_shape("weights", weights.shape, experts.shape, "[T, k], experts'")
+    for name, value in (("experts", experts), ("weights", weights), ("gate", gate), ("up", up), ("down", down)):
+        check_device(name, value, x.device)
+    return MoeCall(x, experts, weights, gate, up, down)
+
+
 # --------------------------------------------------------------------------- decoding
 
 

@@ -180,6 +180,57 @@ def bench_pointwise(device: torch.device, shapes=POINTWISE_SHAPES, dtypes=(torch
     return rows
 
 
+# (tokens, d_model, experts, expert hidden size, experts per token)
+MOE_SHAPES = ((64, 1024, 128, 256, 8),  # a small MoE's step: 4 pairs per expert
+              (32, 2048, 256, 512, 8),  # LLaDA2.0-mini, a 32-token block (a cached step): 1 per expert
+              (256, 2048, 256, 512, 8),  # LLaDA2.0-mini, 256 tokens (an uncached step): 8 per expert
+              (1024, 2048, 256, 512, 8))  # a prompt's first call: 32 per expert, torch's products
+
+
+def bench_moe(device: torch.device, shapes=MOE_SHAPES, dtype: torch.dtype = torch.bfloat16, *,
+              reps: int = 7) -> list[Row]:
+    """A mixture's routed experts (unmask.ops.moe_swiglu) beside torch's products one
+    expert at a time (unmask.experts: what the model ran before the kernel, and the
+    backend from many pairs per expert), timed in turns on weight sets rotated past the
+    caches. Bytes are the chosen experts' weights, read once: the call's floor at a
+    step's few pairs per expert; flops are two per weight element per pair."""
+    from unmask import experts as experts_backend
+    from unmask import validation
+
+    peak = read_bandwidth(device)
+    rows = []
+    for tokens, d_model, n_experts, hidden, per_token in shapes:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(tokens, d_model, generator=gen).to(device, dtype)
+        chosen = torch.stack([torch.randperm(n_experts, generator=gen)[:per_token] for _ in range(tokens)]).to(device)
+        weights = torch.rand(tokens, per_token, generator=gen).to(device)
+        expert_bytes = 3 * d_model * hidden * torch.tensor([], dtype=dtype).element_size()
+
+        def make(i):
+            g = torch.Generator().manual_seed(i + 1)
+            return [(torch.randn(n_experts, *shape, generator=g) * 0.03).to(device, dtype)
+                    for shape in ((hidden, d_model), (hidden, d_model), (d_model, hidden))]
+
+        weight_sets = rotating_inputs(make, n_experts * expert_bytes)
+        calls = [validation.moe_swiglu_call(x, chosen, weights, *w) for w in weight_sets]
+        backend = ops.backend_for("moe_swiglu", x, chosen, weights, *weight_sets[0])
+        impls = {"torch experts (eager)": lambda i: experts_backend.launch(calls[i % len(calls)]),
+                 f"unmask.ops [{backend}]": lambda i: ops.moe_swiglu(x, chosen, weights, *weight_sets[i % len(calls)])}
+        with torch.no_grad():
+            times = alternating_median_seconds(list(impls.values()), device, reps=reps)
+        read = int(chosen.unique().numel()) * expert_bytes
+        flops = 2 * chosen.numel() * expert_bytes // torch.tensor([], dtype=dtype).element_size()
+        for (name, _), seconds in zip(impls.items(), times):
+            gbps = read / seconds / 1e9
+            rows.append(Row("moe_swiglu", name, {"T": tokens, "d_model": d_model, "E": n_experts, "f": hidden,
+                                                 "k": per_token, "pairs_per_expert": tokens * per_token / n_experts},
+                            str(dtype).removeprefix("torch."), seconds * 1e3, gbps=gbps, gflops=flops / seconds / 1e9,
+                            fraction_of_peak=gbps / peak, peak="read bandwidth",
+                            speedup_vs_baseline=times[0] / seconds))
+        del weight_sets, calls
+    return rows
+
+
 def compiled_baseline(fn: Callable, *args, **kwargs) -> Callable | None:
     """torch.compile of a reference function on fixed inputs (a fresh compile: dynamo's
     recompile limit would otherwise send later shapes back to eager without saying so),

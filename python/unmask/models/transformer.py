@@ -186,7 +186,9 @@ class MixtureOfExperts(nn.Module):
     The routed experts' weights are stacked, each expert's in nn.Linear's [out, in]
     layout: expert_gate and expert_up [E, hidden, d], expert_down [E, d, hidden] (one
     tensor per projection for a grouped kernel to walk; the checkpoint's per-expert
-    tensors are their slices). The routed sum runs through unmask.ops.moe_swiglu."""
+    tensors are their slices). The routed sum runs through unmask.ops.moe_swiglu, whose
+    torch backend (CUDA) reads the expert counts on the host once per layer: such a
+    model's step is not captured as a CUDA graph."""
 
     def __init__(self, d: int, moe: MoeConfig):
         super().__init__()
@@ -219,22 +221,8 @@ class MixtureOfExperts(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         experts, weights = self.route(h)
-        out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-        flat = experts.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.moe.n_experts).tolist()  # the layer's one host read
-        token_of = order // experts.shape[1]
-        weight_of = weights.flatten()[order]
-        begin = 0
-        for expert, count in enumerate(counts):
-            if count:
-                rows = token_of[begin:begin + count]
-                x = h[rows]
-                y = nn.functional.linear(nn.functional.silu(nn.functional.linear(x, self.expert_gate[expert]))
-                                         * nn.functional.linear(x, self.expert_up[expert]), self.expert_down[expert])
-                out.index_add_(0, rows, y.float() * weight_of[begin:begin + count, None])
-                begin += count
-        out = out.to(h.dtype)  # the routed sum in float32, then the activations' dtype, as LLaDA 2.0
+        routed = ops.moe_swiglu(h, experts, weights, self.expert_gate, self.expert_up, self.expert_down)
+        out = routed.to(h.dtype)  # the routed sum in float32, then the activations' dtype, as LLaDA 2.0
         return out if self.shared is None else out + self.shared(h)
 
 

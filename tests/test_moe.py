@@ -1,0 +1,176 @@
+"""A mixture's routed experts (unmask.ops.moe_swiglu): the CPU kernel under every
+instruction-set build against the reference, on random data and odd shapes, into
+poisoned outputs; a token's result whatever shares its call; the torch backend; where
+the table sends a call; the argument checks."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from unmask import dispatch, experts, native, ops, reference, validation
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="unmask._C not built")
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def random_call(tokens, dim, hidden, n_experts, per_token, dtype, seed, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(tokens, dim, generator=gen) * scale).to(dtype)
+    chosen = torch.stack([torch.randperm(n_experts, generator=gen)[:per_token] for _ in range(tokens)]) if tokens \
+        else torch.zeros(0, per_token, dtype=torch.int64)
+    weights = torch.rand(tokens, per_token, generator=gen) + 0.1
+    gate = (torch.randn(n_experts, hidden, dim, generator=gen) * dim ** -0.5).to(dtype)
+    up = (torch.randn(n_experts, hidden, dim, generator=gen) * dim ** -0.5).to(dtype)
+    down = (torch.randn(n_experts, dim, hidden, generator=gen) * hidden ** -0.5).to(dtype)
+    return x, chosen, weights, gate, up, down
+
+
+def run_kernel(*arguments) -> torch.Tensor:
+    call = validation.moe_swiglu_call(*arguments)
+    out = torch.full(call.x.shape, float("nan"))
+    native.kernels()[("moe_swiglu", "cpu")](call, out=out)
+    return out
+
+
+def check_against_reference(got, arguments):
+    """The float64 reference of the same values as the truth: the error at most twice the
+    float32 reference's (the kernel computes in float32 from the inputs as they are),
+    plus eight float32 roundings of the output's scale, on the largest element and the
+    mean. Why eight: the kernel rounds at each of its steps (two dot products, silu, the
+    product, each weighted add), and where the weighted sum cancels, those are roundings
+    of intermediates larger than the output (the excess measured up to 3.8 over 3000
+    random calls of this test's shapes)."""
+    assert not torch.isnan(got).any(), "unwritten or NaN outputs"
+    x, chosen, weights, gate, up, down = arguments
+    exact = reference.moe_swiglu(x.double(), chosen, weights.double(), gate.double(), up.double(), down.double())
+    error = (got.double() - exact).abs()
+    baseline = (reference.moe_swiglu(x.float(), chosen, weights, gate.float(), up.float(), down.float()).double()
+                - exact).abs()
+    noise = 8 * torch.finfo(torch.float32).eps
+    message = (f"max error {float(error.max()):.3g} vs reference {float(baseline.max()):.3g}; "
+               f"mean {float(error.mean()):.3g} vs {float(baseline.mean()):.3g}")
+    assert float(error.max()) <= 2 * float(baseline.max()) + noise * float(exact.abs().max()), message
+    assert float(error.mean()) <= 2 * float(baseline.mean()) + noise * float(exact.abs().mean()), message
+
+
+@settings(deadline=None)
+@given(tokens=st.integers(1, 40), dim=st.sampled_from([1, 3, 16, 17, 33, 100]),
+       hidden=st.sampled_from([1, 5, 16, 31, 48]), n_experts=st.integers(1, 9), per_token=st.integers(1, 9),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_the_kernel_matches_the_reference(cpu_isa, tokens, dim, hidden, n_experts, per_token, dtype, seed):
+    """Odd widths (vector tails), experts chosen by 1 to 40 tokens (row tiles of 4 and 8
+    and their remainders), experts no token chose."""
+    arguments = random_call(tokens, dim, hidden, n_experts, min(per_token, n_experts), dtype, seed)
+    check_against_reference(run_kernel(*arguments), arguments)
+
+
+def test_a_tokens_result_does_not_depend_on_its_companions(cpu_isa):
+    """Above the threading threshold, experts split across threads and tiles: each token
+    comes out bit for bit as it does alone (and so does any subset's)."""
+    for dtype in DTYPES:
+        arguments = random_call(96, 256, 64, 16, 4, dtype, seed=7)
+        together = run_kernel(*arguments)
+        check_against_reference(together, arguments)
+        x, chosen, weights, gate, up, down = arguments
+        for token in (0, 41, 95):
+            alone = run_kernel(x[token:token + 1], chosen[token:token + 1], weights[token:token + 1], gate, up, down)
+            assert torch.equal(alone[0], together[token]), (dtype, token)
+        some = slice(10, 23)
+        assert torch.equal(run_kernel(x[some], chosen[some], weights[some], gate, up, down), together[some])
+
+
+def test_strided_rows_int32_ids_and_no_tokens():
+    x, chosen, weights, gate, up, down = random_call(9, 24, 12, 5, 2, torch.bfloat16, seed=3)
+    wide = torch.randn(9, 40).to(torch.bfloat16)
+    wide[:, 8:32] = x
+    strided = wide[:, 8:32]
+    assert ops.backend_for("moe_swiglu", strided, chosen, weights, gate, up, down).startswith("cpu:")
+    got = ops.moe_swiglu(strided, chosen.to(torch.int32), weights, gate, up, down)
+    assert torch.equal(got, ops.moe_swiglu(x, chosen, weights, gate, up, down))
+    check_against_reference(got, (x, chosen, weights, gate, up, down))
+    for backend in ("native", "reference"):
+        with dispatch.forced(backend):
+            empty = ops.moe_swiglu(x[:0], chosen[:0], weights[:0], gate, up, down)
+        assert empty.shape == (0, 24) and empty.dtype == torch.float32
+    empty = experts.EXPERTS(validation.moe_swiglu_call(x[:0], chosen[:0], weights[:0], gate, up, down))
+    assert empty.shape == (0, 24)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_torch_backend_matches_the_reference(dtype):
+    """torch's products in the input dtype (hidden activations rounded to it, as an
+    nn.Linear MLP does): float32 within float32's error; the half dtypes within a
+    half-dtype tolerance (torch.testing's for the dtype, times the sums' depth)."""
+    arguments = random_call(37, 40, 24, 6, 3, dtype, seed=11)
+    got = experts.EXPERTS(validation.moe_swiglu_call(*arguments))
+    expected = reference.moe_swiglu(*(a.float() if a.is_floating_point() else a for a in arguments))
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+
+
+def test_the_torch_backend_carries_gradients():
+    """A call that needs a gradient runs torch's products (the kernel is inference-only),
+    whose gradient equals the reference's."""
+    arguments = [a.double().requires_grad_(a.is_floating_point()) if a.is_floating_point() else a
+                 for a in random_call(7, 12, 8, 4, 2, torch.float32, seed=5)]
+    assert ops.backend_for("moe_swiglu", *arguments) == "torch-experts"
+    assert "gradient" in ops.fallback_reason("moe_swiglu", *[a.float() if a.is_floating_point() else a
+                                                             for a in arguments])
+    ops.moe_swiglu(*arguments).sum().backward()
+    got = [a.grad.clone() for a in arguments if a.is_floating_point()]
+    for a in arguments:
+        a.grad = None
+    reference.moe_swiglu(*arguments).sum().backward()
+    for mine, theirs in zip(got, [a.grad for a in arguments if a.is_floating_point()]):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_where_the_table_sends_a_call():
+    small = random_call(16, 32, 8, 8, 2, torch.bfloat16, seed=1)
+    assert ops.backend_for("moe_swiglu", *small) == f"cpu:{native.cpu_isa()}"
+    per_expert = experts.TORCH_FROM_PAIRS_PER_EXPERT
+    crowded = random_call(per_expert * 4, 32, 8, 8, 2, torch.bfloat16, seed=1)  # 32 pairs per expert
+    assert ops.backend_for("moe_swiglu", *crowded) == "torch-experts"
+    assert "pairs per expert" not in (ops.fallback_reason("moe_swiglu", *crowded) or "pairs per expert")
+    fewer = random_call(per_expert * 4 - 1, 32, 8, 8, 2, torch.bfloat16, seed=1)
+    assert ops.backend_for("moe_swiglu", *fewer) == f"cpu:{native.cpu_isa()}"
+    wide = random_call(5, 32, 8, 8, 2, torch.float64, seed=1)
+    assert ops.backend_for("moe_swiglu", *wide) == "torch-experts"
+    with dispatch.forced("reference"):
+        assert ops.backend_for("moe_swiglu", *small) == "reference"
+    with dispatch.forced("native"):
+        with pytest.raises(NotImplementedError, match="dtype float64"):
+            ops.moe_swiglu(*wide)
+
+
+@pytest.mark.parametrize("bad", [-1, 8, 2**40])
+def test_an_expert_id_out_of_range_is_named(bad):
+    x, chosen, weights, gate, up, down = random_call(6, 16, 8, 8, 2, torch.float32, seed=2)
+    chosen[4, 1] = bad
+    with pytest.raises(ValueError, match=f"experts.* {bad} .*n_experts"):
+        ops.moe_swiglu(x, chosen, weights, gate, up, down)
+    with pytest.raises(ValueError, match=f"experts must hold ids in \\[0, 8\\), got {bad}"):
+        experts.EXPERTS(validation.moe_swiglu_call(x, chosen, weights, gate, up, down))
+
+
+def test_the_checks_name_the_argument():
+    x, chosen, weights, gate, up, down = random_call(6, 16, 8, 8, 2, torch.float32, seed=2)
+    cases = [
+        ((x[0], chosen, weights, gate, up, down), ValueError, "x must have 2 dimensions"),
+        ((x, chosen.float(), weights, gate, up, down), TypeError, "experts must have dtype"),
+        ((x, chosen, weights.double(), gate, up, down), TypeError, "weights must have dtype"),
+        ((x, chosen, weights, gate.bfloat16(), up, down), TypeError, "gate must have x's dtype float32"),
+        ((x, chosen, weights, gate[:, :, :15], up, down), ValueError, r"gate must have shape \(8, 8, 16\)"),
+        ((x, chosen, weights, gate, up[:7], down), ValueError, r"up must have shape \(8, 8, 16\)"),
+        ((x, chosen, weights, gate, up, down.transpose(1, 2)), ValueError, r"down must have shape \(8, 16, 8\)"),
+        ((x, chosen[:5], weights, gate, up, down), ValueError, r"experts must have shape \(6, k\)"),
+        ((x[:, :0], chosen, weights, gate[:, :, :0], up[:, :, :0], down[:, :0]), ValueError, "need d, E and f"),
+        ((x, torch.zeros(6, 9, dtype=torch.int64), torch.ones(6, 9), gate, up, down), ValueError, "1 <= k <= 8"),
+        ((x, chosen, weights[:, :1], gate, up, down), ValueError, r"weights must have shape \(6, 2\)"),
+        ((x, chosen, weights.to("meta"), gate, up, down), ValueError, "weights must be on cpu"),
+    ]
+    for arguments, error, message in cases:
+        with pytest.raises(error, match=message):
+            ops.moe_swiglu(*arguments)
