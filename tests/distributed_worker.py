@@ -33,6 +33,13 @@ CASES = [
     # SDAR's Qwen3 layout: q/k norms (whole on each rank), a head dim apart from d / heads
     ("sdar-qk-norm", dict(model_type="sdar", qk_norm=True, attention_head_dim=16, block_size=4, norm_std=0.3),
      dict(gen_length=8, block_length=4, steps=8, cache="dual")),
+    # LLaDA 2.0's mixture of experts after a dense layer: 8 experts of 12 hidden units (6 a
+    # rank), 3 a token within 2 of 4 groups, a shared expert
+    ("llada2-moe", dict(model_type="llada2", qk_norm=True, attention_head_dim=8, block_size=4, norm_std=0.3,
+                        moe=unmask.MoeConfig(n_experts=8, experts_per_token=3, expert_hidden_size=12,
+                                             n_shared_experts=1, n_groups=4, top_groups=2, routed_scaling=2.5,
+                                             dense_layers=1)),
+     dict(gen_length=8, block_length=4, steps=8, cache="dual")),
     ("qkv-bias-tied-shifted", dict(include_qkv_bias=True, weight_tying=True, model_type="dream"),
      dict(gen_length=8, block_length=8, steps=8, temperature=1.0, seed=2)),  # last: its shard is read below
 ]
@@ -52,6 +59,11 @@ def main(out_path: str) -> None:
     for name, overrides, arguments in CASES:
         model = distributed.tensor_parallel(model_for(overrides), mesh)
         results[name] = run_case(model, arguments)
+        if model.config.moe is not None:  # rank 0's share of each expert and of the shared expert
+            moe = model.layers[1].moe
+            results["moe_shard"] = {"local_gate": list(distributed._local(moe.expert_gate).shape),
+                                    "local_down": list(distributed._local(moe.expert_down).shape),
+                                    "local_shared_up": list(distributed._local(moe.shared.up_proj.weight).shape)}
     # rank 0's share of the sharded head (what the token comparisons cannot tell apart
     # from a model left whole)
     shard = model.vocab_shard

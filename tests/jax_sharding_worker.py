@@ -30,6 +30,11 @@ BLOCK_CAUSAL_CASES = {
     "block-causal-dual": dict(gen_length=24, block_length=4, steps=24, cache="dual"),  # canvas 29: window off 0
     "block-causal-prefix": dict(gen_length=12, block_length=6, steps=12, cache="prefix"),
 }
+# LLaDA 2.0's layout with a mixture after a dense layer: 8 experts of 16 hidden units (2 a
+# device), 3 a token within 2 of 4 groups, a shared expert; its dynamic rule.
+MOE_CASES = {
+    "llada2-moe-dual": dict(gen_length=12, block_length=4, steps=12, threshold=0.5, cache="dual"),
+}
 
 
 def as_list(array) -> list:
@@ -48,10 +53,18 @@ def main() -> None:
     # SDAR's Qwen3 layout besides: q/k norms, a head dim (8) apart from d_model / heads (4)
     block_causal = tiny_model(seed=4, d_model=64, n_heads=16, n_kv_heads=8, block_size=4, model_type="sdar",
                               qk_norm=True, attention_head_dim=8, norm_std=0.3)
-    models = {False: (torch_model, single, sharded),
-              True: (block_causal, uj.from_torch(block_causal), sharding.shard(uj.from_torch(block_causal)))}
-    for name, arguments in {**CASES, **BLOCK_CAUSAL_CASES}.items():
-        torch_one, single_one, sharded_one = models[name in BLOCK_CAUSAL_CASES]
+    moe = unmask.MoeConfig(n_experts=8, experts_per_token=3, expert_hidden_size=16, n_shared_experts=1, n_groups=4,
+                           top_groups=2, routed_scaling=2.5, dense_layers=1)
+    mixture = tiny_model(seed=4, d_model=64, n_heads=16, n_kv_heads=8, block_size=4, model_type="llada2",
+                         qk_norm=True, attention_head_dim=8, norm_std=0.3, moe=moe)
+    sharded_mixture = sharding.shard(uj.from_torch(mixture))
+    results["experts_gate_spec"] = list(sharded_mixture.params["layers"][1]["experts_gate"].sharding.spec)
+    models = {"dense": (torch_model, single, sharded),
+              "block-causal": (block_causal, uj.from_torch(block_causal), sharding.shard(uj.from_torch(block_causal))),
+              "moe": (mixture, uj.from_torch(mixture), sharded_mixture)}
+    for name, arguments in {**CASES, **BLOCK_CAUSAL_CASES, **MOE_CASES}.items():
+        group = "block-causal" if name in BLOCK_CAUSAL_CASES else "moe" if name in MOE_CASES else "dense"
+        torch_one, single_one, sharded_one = models[group]
         results[name] = {
             "sharded": as_list(uj.generate(sharded_one, PROMPTS, **arguments).tokens),
             "single": as_list(uj.generate(single_one, PROMPTS, **arguments).tokens),

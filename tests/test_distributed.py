@@ -114,6 +114,12 @@ def test_the_model_is_sharded_over_the_two_ranks(two_rank_results):
                                          "local_query_rows": 16}
 
 
+def test_the_experts_are_split_by_their_hidden_units(two_rank_results):
+    # rank 0 holds 6 of each of the 8 experts' 12 hidden units, and 6 of the shared expert's
+    assert two_rank_results["moe_shard"] == {"local_gate": [8, 6, 32], "local_down": [8, 32, 6],
+                                             "local_shared_up": [6, 32]}
+
+
 def test_a_mesh_with_its_ranks_out_of_order_is_refused(two_rank_results):
     # torch would shard the head by mesh position while the vocabulary offsets go by rank:
     # the tokens would come out wrong, silently

@@ -28,10 +28,11 @@ def test_weights_are_split_over_eight_devices(results):
     assert results["devices"] == 8
     assert results["q_proj_spec"] == ["model", None] and results["q_proj_devices"] == 8
     assert results["lm_head_shape"] == [64, 64]  # 61 ids padded to a multiple of 8
+    assert results["experts_gate_spec"] == [None, None, "model"]  # each expert's hidden units
 
 
 @pytest.mark.parametrize("case", ["greedy", "temperature-1", "threshold-margin-cfg", "block-causal-dual",
-                                  "block-causal-prefix"])
+                                  "block-causal-prefix", "llada2-moe-dual"])
 def test_sharded_generate_equals_one_device(results, case):
     tokens = results[case]
     assert tokens["sharded"] == tokens["single"] == tokens["torch"]

@@ -15,6 +15,7 @@
 // ones: unmask.experts says from where.
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -50,6 +51,7 @@ constexpr int64_t kParallelMacs = int64_t{1} << 20;
 // (at d 1024, 128 experts of 256, 64 tokens in bfloat16 on the Zen 4 above: 20 GB/s with
 // none, 26 at 1024 bytes ahead, 30 at 2048, 28 at 4096).
 constexpr int kPrefetchBytes = 2048;
+constexpr std::size_t kKeptBufferBytes = std::size_t{64} << 20;
 
 template <ScalarType kType>
 using Element = std::conditional_t<kType == ScalarType::kFloat32, float, uint16_t>;
@@ -85,7 +87,10 @@ inline void dots(const float* const* x, const Element<kType>* const* w, int64_t 
   for (; i + Simd::kWidth <= n; i += Simd::kWidth) {
     Simd::Reg wv[kMats];
     for (int m = 0; m < kMats; ++m) {
-      _mm_prefetch(reinterpret_cast<const char*>(w[m] + i) + kPrefetchBytes, _MM_HINT_T0);
+      // As an integer: past a stack's last row the address is outside the tensor (a prefetch
+      // does not fault, but pointer arithmetic there would be undefined).
+      const std::uintptr_t ahead = reinterpret_cast<std::uintptr_t>(w[m] + i) + kPrefetchBytes;
+      _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
       wv[m] = weight_vector<kType>(w[m], i);
     }
     for (int r = 0; r < kRows; ++r) {
@@ -113,9 +118,12 @@ inline void dots(const float* const* x, const Element<kType>* const* w, int64_t 
       sums[r][m] = s;
     }
 #endif
+  // An explicit fused multiply-add: left to the compiler, a * b + c was contracted in one
+  // instantiation and vectorised across the rows unfused in another, so a token's sum
+  // depended on how many rows shared its tile (seen in the companions test at d 100).
   for (; i < n; ++i)
     for (int r = 0; r < kRows; ++r)
-      for (int m = 0; m < kMats; ++m) sums[r][m] += x[r][i] * weight_at<kType>(w[m], i);
+      for (int m = 0; m < kMats; ++m) sums[r][m] = std::fma(x[r][i], weight_at<kType>(w[m], i), sums[r][m]);
 }
 
 // dots for rows (1 to kRowTile) and mats (1 or kRowMats) known only at run time.
@@ -133,8 +141,8 @@ inline void dots_n(int rows, const float* const* x, const Element<kType>* const*
     case 4: dots<kType, 4, kMats>(x, w, n, sums); return;
     case 3: dots<kType, 3, kMats>(x, w, n, sums); return;
     case 2: dots<kType, 2, kMats>(x, w, n, sums); return;
-    default: dots<kType, 1, kMats>(x, w, n, sums); return;
-  }
+    case 1: dots<kType, 1, kMats>(x, w, n, sums); return;
+  }  // rows is min(kRowTile, slots left) >= 1: no other case
 }
 
 // The pairs sorted by expert: slot s holds pair pair_of_slot[s] (t * per_token + j),
@@ -265,7 +273,9 @@ Status moe_swiglu(const MoeParams& p) {
   const Status status = check_moe_params(p);
   if (!status.ok()) return status;
   if (p.tokens == 0) return ok_status();
-  // The calling thread's buffers, grown once: a step's calls all have the same size.
+  // The calling thread's buffers, kept from call to call (a decoding step's calls have
+  // one size) but not past kKeptBufferBytes (a long prompt's first call would otherwise
+  // hold hundreds of MB for the rest of the process).
   static thread_local Slots slots;
   static thread_local std::vector<float> x32, hidden, routed;
   const Status sorted = sort_pairs(p, slots);
@@ -278,6 +288,9 @@ Status moe_swiglu(const MoeParams& p) {
     case ScalarType::kFloat32: run<ScalarType::kFloat32>(p, slots, x32.data(), hidden.data(), routed.data()); break;
     case ScalarType::kBFloat16: run<ScalarType::kBFloat16>(p, slots, x32.data(), hidden.data(), routed.data()); break;
     case ScalarType::kFloat16: run<ScalarType::kFloat16>(p, slots, x32.data(), hidden.data(), routed.data()); break;
+  }
+  for (std::vector<float>* buffer : {&x32, &hidden, &routed}) {
+    if (buffer->capacity() * sizeof(float) > kKeptBufferBytes) std::vector<float>().swap(*buffer);
   }
   return ok_status();
 }

@@ -8,6 +8,10 @@ torch.distributed does: NCCL on GPUs, gloo on CPUs.
   columns (each rank holds a contiguous slice of the heads and of the MLP hidden
   units); o_proj and down_proj are split by input rows, so each rank's partial sum is
   completed by one all-reduce after attention and one after the MLP.
+- A mixture-of-experts layer (LLaDA 2.0) splits each routed expert's hidden units the
+  same way (its stacked weights as DTensors sharded along them) and its shared experts
+  as the dense MLP; every rank routes every token, and one float32 all-reduce sums the
+  routed outputs.
 - The LM head is split over the vocabulary and its logits stay split: each rank
   samples and scores its vocabulary shard (shard_statistics) and an all-gather of a
   few float64 numbers per row picks the winner (combine_statistics). The token and
@@ -41,8 +45,8 @@ from unmask import ops, reference, rng, validation
 STAT_MAX, STAT_BEST, STAT_BEST_ID, STAT_BEST_LOGIT, STAT_SECOND, STAT_SUM, STAT_WEIGHTED, STAT_BAD = range(8)
 N_STATS = 8
 
-COLUMN_SPLIT = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROW_SPLIT = ("o_proj", "down_proj")
+# Split by output columns (then the row-split projection after them sums the shares).
+ATTENTION_COLUMN_SPLIT, MLP_COLUMN_SPLIT = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
 
 def launched_world_size() -> int:
@@ -239,6 +243,20 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+def _shard_experts(moe, mesh) -> None:
+    """A mixture's routed experts split as its dense MLP is: each rank holds a contiguous
+    slice of every expert's hidden units (gate and up rows, down columns: dim 1 of the
+    [E, f, d] stacks, dim 2 of [E, d, f]), so it computes its share of each routed output
+    and the layer completes the sum with one float32 all-reduce (MixtureOfExperts.forward).
+    Every rank routes every token (the router is replicated): no token moves between ranks."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    for name, dim in (("expert_gate", 1), ("expert_up", 1), ("expert_down", 2)):
+        param = getattr(moe, name)
+        setattr(moe, name, nn.Parameter(distribute_tensor(param.data, mesh, [Shard(dim)]),
+                                        requires_grad=param.requires_grad))
+
+
 def tensor_parallel(model, mesh=None):
     """Shard an unmask DiffusionTransformer over a 1-D DeviceMesh (default: init()), in
     place, and return it. Every rank must hold the same weights (load the same checkpoint,
@@ -253,9 +271,6 @@ def tensor_parallel(model, mesh=None):
         raise TypeError(f"model must be an unmask DiffusionTransformer, got {type(model).__name__}")
     if getattr(model, "vocab_shard", None) is not None:
         raise ValueError("model is already tensor-parallel")
-    if model.config.moe is not None:
-        raise NotImplementedError("tensor parallelism does not split mixture-of-experts MLPs yet (LLaDA 2.0); "
-                                  "run the model on one device")
     mesh = init() if mesh is None else mesh
     if mesh.ndim != 1:
         raise ValueError(f"mesh must be one-dimensional (the tensor-parallel ranks), got {mesh.ndim} dimensions")
@@ -266,8 +281,8 @@ def tensor_parallel(model, mesh=None):
         raise ValueError(f"mesh must list its ranks in ascending order, got {ranks}")
     world = mesh.size()
     config = model.config
-    for name in ("n_heads", "n_kv_heads", "mlp_hidden_size"):
-        value = getattr(config, name)
+    for name in ("n_heads", "n_kv_heads", "mlp_hidden_size") + (("moe.expert_hidden_size",) if config.moe else ()):
+        value = getattr(config.moe, name.removeprefix("moe.")) if name.startswith("moe.") else getattr(config, name)
         if value % world != 0:
             raise ValueError(f"config.{name}={value} must be a multiple of the number of ranks ({world})")
     check_vocab_split(config.embedding_size, world)
@@ -276,9 +291,15 @@ def tensor_parallel(model, mesh=None):
         model.lm_head.weight = nn.Parameter(model.embed.weight.detach().clone())
     model.to(torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else "cpu")
     plan = {}
-    for index in range(config.n_layers):
-        plan.update({f"layers.{index}.{name}": ColwiseParallel() for name in COLUMN_SPLIT})
-        plan.update({f"layers.{index}.{name}": RowwiseParallel() for name in ROW_SPLIT})
+    for index, layer in enumerate(model.layers):
+        mlp = f"layers.{index}." if layer.moe is None else f"layers.{index}.moe.shared."
+        plan.update({f"layers.{index}.{name}": ColwiseParallel() for name in ATTENTION_COLUMN_SPLIT})
+        plan[f"layers.{index}.o_proj"] = RowwiseParallel()
+        if layer.moe is None or layer.moe.shared is not None:  # the dense MLP or the shared experts
+            plan.update({mlp + name: ColwiseParallel() for name in MLP_COLUMN_SPLIT})
+            plan[mlp + "down_proj"] = RowwiseParallel()
+        if layer.moe is not None:
+            _shard_experts(layer.moe, mesh)
     plan["lm_head"] = ColwiseParallel(output_layouts=Shard(-1))
     parallelize_module(model, mesh, plan)
 

@@ -1,6 +1,5 @@
 """moe_swiglu by torch's own products, one expert at a time: the backend of unmask.ops.moe_swiglu
-where no native kernel takes the call (CUDA; a call that needs a gradient; float64) and
-where it is measured to be faster (a CPU call with many tokens per expert).
+where no native kernel takes the call (CUDA; a call that needs a gradient; float64).
 
 Each expert's products run in the activations' dtype, as an nn.Linear would (a bfloat16
 model rounds its hidden activations to bfloat16, as LLaDA 2.0's own code does; the CPU
@@ -16,15 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from unmask import validation
 from unmask.validation import MoeCall
-
-# Mean (token, expert) pairs per expert from which torch's products beat the CPU kernel:
-# measured with bench/moe.py on a 2-core Zen 4 (AVX-512 with bf16 dot products, which
-# oneDNN uses and the kernel does not): at d 1024, 128 experts of 256, bfloat16, 8 per
-# token, 16 pairs per expert ran 17 ms in the kernel and 21 ms in torch, 32 ran 38 and
-# 36, 64 ran 68 and 36. A denoising step's block (LLaDA2.0-mini: 64 tokens, 8 of 256
-# experts, 2 per expert) is far below; a long prompt's first call is above.
-TORCH_FROM_PAIRS_PER_EXPERT = 32
 
 
 def launch(call: MoeCall, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,8 +30,7 @@ def launch(call: MoeCall, out: torch.Tensor | None = None) -> torch.Tensor:
     counts_and_range = torch.cat([torch.bincount(flat.clamp(0, n_experts - 1), minlength=n_experts),
                                   flat.min()[None], flat.max()[None]]).tolist()
     counts, (low, high) = counts_and_range[:-2], counts_and_range[-2:]
-    if low < 0 or high >= n_experts:
-        raise ValueError(f"experts must hold ids in [0, {n_experts}), got {low if low < 0 else high}")
+    validation.check_expert_ids(low, high, n_experts)
     order = flat.argsort(stable=True)
     token_of = order // per_token
     weight_of = call.weights.flatten()[order]
@@ -71,11 +62,11 @@ class ExpertsKernel:
         return None
 
     def preferred(self, call: MoeCall) -> str | None:
-        """Why this backend runs the call where the native kernel also could."""
-        pairs, n_experts = call.experts.numel(), call.gate.shape[0]
-        if call.device.type == "cpu" and pairs >= TORCH_FROM_PAIRS_PER_EXPERT * n_experts:
-            return (f"{pairs} pairs for {n_experts} experts: from {TORCH_FROM_PAIRS_PER_EXPERT} per expert torch's "
-                    "products are faster than the CPU kernel (unmask.experts)")
+        """Never over a native kernel that takes the call: which backend runs must not
+        depend on how many tokens share it, or a token's bits would (the CPU kernel keeps
+        its hidden activations float32, these products round them). With many pairs per
+        expert torch's bf16 products are faster on a CPU with bf16 dot products (README,
+        Performance): that is a cost taken for the invariance."""
         return None
 
     def __call__(self, call: MoeCall, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -589,7 +589,9 @@ def _supports_rotary_cpu(call: RotaryCall) -> str | None:
 
 def _launch_moe_swiglu_cpu(call: MoeCall, out=None):
     """out: optional contiguous float32 [T, d] to write into (tests poison it)."""
-    x = call.x if call.x.stride(-1) == 1 else call.x.contiguous()
+    x = call.x
+    if x.stride(-1) != 1 or (x.shape[0] > 1 and x.stride(0) < x.shape[1]):  # e.g. a row expanded
+        x = x.contiguous()
     experts = validation.contiguous_as(call.experts, torch.int64)
     weights = validation.contiguous_as(call.weights, torch.float32)
     gate, up, down = call.gate.contiguous(), call.up.contiguous(), call.down.contiguous()  # a model's: no copy

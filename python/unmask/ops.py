@@ -357,7 +357,9 @@ def moe_swiglu(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, ga
     x [T, d]; experts [T, k] ids in [0, E); weights [T, k] float32; the experts' weights
     stacked in nn.Linear's [out, in] layout, x's dtype: gate and up [E, f, d], down
     [E, d, f]. The CPU kernel reads each chosen expert's weights once for all its tokens;
-    elsewhere, and from many tokens per expert, torch's products run (unmask.experts).
+    elsewhere torch's products run (unmask.experts). On the CPU the kernel takes every
+    call it supports, however many tokens share it, so a token's result is the same bits
+    whatever its companions.
     Traced (torch.compile), torch's products run, with a graph break where they read
     the expert counts."""
     call = validation.moe_swiglu_call(x, experts, weights, gate, up, down)

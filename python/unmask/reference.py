@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from unmask import rng
+from unmask import rng, validation
 from unmask.validation import CONFIDENCE_KINDS
 
 
@@ -328,6 +328,8 @@ def moe_swiglu(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, ga
     out[t] = sum over j, in j order, of weights[t, j] * down_e(silu(gate_e x[t]) * up_e x[t])
     for e = experts[t, j]; gate, up [E, f, d] and down [E, d, f] stacked [out, in]."""
     wide = _compute_dtype(x)
+    if experts.numel():
+        validation.check_expert_ids(int(experts.min()), int(experts.max()), gate.shape[0])
     xs = x.to(wide)
     each = torch.zeros(*experts.shape, x.shape[1], dtype=wide, device=x.device)  # [T, k, d]: each choice's output
     for expert in experts.unique().tolist():

@@ -640,6 +640,13 @@ def moe_swiglu_call(x, experts, weights, gate, up, down) -> MoeCall:
     return MoeCall(x, experts, weights, gate, up, down)
 
 
+def check_expert_ids(low: int, high: int, n_experts: int) -> None:
+    """The smallest and largest expert id of a moe_swiglu call, read where the ids are
+    (the reference and the torch backend; the CPU kernel checks them as it counts)."""
+    if low < 0 or high >= n_experts:
+        raise ValueError(f"experts must hold ids in [0, n_experts) = [0, {n_experts}), got {low if low < 0 else high}")
+
+
 # --------------------------------------------------------------------------- decoding
 
 

@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 import torch
 
-from unmask import ops, reference
+from unmask import experts as experts_backend
+from unmask import ops, reference, validation
 from unmask.benchmarks.harness import (Row, alternating_median_seconds, copy_bandwidth, median_seconds, read_bandwidth,
                                        synchronize)
 
@@ -184,7 +185,8 @@ def bench_pointwise(device: torch.device, shapes=POINTWISE_SHAPES, dtypes=(torch
 MOE_SHAPES = ((64, 1024, 128, 256, 8),  # a small MoE's step: 4 pairs per expert
               (32, 2048, 256, 512, 8),  # LLaDA2.0-mini, a 32-token block (a cached step): 1 per expert
               (256, 2048, 256, 512, 8),  # LLaDA2.0-mini, 256 tokens (an uncached step): 8 per expert
-              (1024, 2048, 256, 512, 8))  # a prompt's first call: 32 per expert, torch's products
+              (1024, 2048, 256, 512, 8),  # a long prompt's first call: 32 per expert
+              (2048, 2048, 256, 512, 8))  # 64 per expert: torch's bf16 products ahead
 
 
 def bench_moe(device: torch.device, shapes=MOE_SHAPES, dtype: torch.dtype = torch.bfloat16, *,
@@ -194,9 +196,6 @@ def bench_moe(device: torch.device, shapes=MOE_SHAPES, dtype: torch.dtype = torc
     backend from many pairs per expert), timed in turns on weight sets rotated past the
     caches. Bytes are the chosen experts' weights, read once: the call's floor at a
     step's few pairs per expert; flops are two per weight element per pair."""
-    from unmask import experts as experts_backend
-    from unmask import validation
-
     peak = read_bandwidth(device)
     rows = []
     for tokens, d_model, n_experts, hidden, per_token in shapes:

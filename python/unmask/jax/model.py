@@ -73,20 +73,21 @@ def _rotary(x, positions, theta, dims: int):
 
 
 def forward(params, input_ids, attention_mask, *, config: ModelConfig, logit_start, logit_length: int,
-            interpret: bool, attention_fn=attention):
+            interpret: bool, attention_fn=attention, experts_fn=None):
     """Logits [B, logit_length, V] of positions logit_start.. (Dream: shifted right by
     one; V may carry zero-weight padding ids beyond the vocabulary, see
     unmask.jax.sharding). logit_start may be traced: one compiled forward serves every
-    block of a canvas. attention_fn: the attention kernel call (unmask.jax.sharding wraps
-    it in shard_map)."""
+    block of a canvas. attention_fn: the attention kernel call, experts_fn a mixture's
+    routed sum (default routed_experts; unmask.jax.sharding wraps each in shard_map)."""
     logits, _ = forward_window(params, input_ids, attention_mask, config=config, logit_start=logit_start,
-                               logit_length=logit_length, interpret=interpret, attention_fn=attention_fn)
+                               logit_length=logit_length, interpret=interpret, attention_fn=attention_fn,
+                               experts_fn=experts_fn)
     return logits
 
 
 def forward_window(params, input_ids, attention_mask, *, config: ModelConfig, logit_start, logit_length: int,
-                   interpret: bool, attention_fn=attention, cache=None, window_start=0, window_length=None,
-                   fresh_from=0, fresh_to=None):
+                   interpret: bool, attention_fn=attention, experts_fn=None, cache=None, window_start=0,
+                   window_length=None, fresh_from=0, fresh_to=None):
     """forward over a window of the canvas with a key/value cache (unmask.generate's
     cache="prefix" / "dual", docs/design.md): (logits, cache).
 
@@ -160,7 +161,8 @@ def forward_window(params, input_ids, attention_mask, *, config: ModelConfig, lo
         x = x + out.reshape(batch, width, c.n_heads * c.head_dim) @ layer["o_proj"].T
         h = _rms_norm(x, layer["mlp_norm"], c.rms_norm_eps)
         if "router" in layer:
-            x = x + _mixture_of_experts(h.reshape(batch * width, -1), layer, c.moe).reshape(x.shape)
+            x = x + _mixture_of_experts(h.reshape(batch * width, -1), layer, c.moe,
+                                        experts_fn or routed_experts).reshape(x.shape)
         else:
             x = x + _swiglu(h, layer["gate_proj"], layer["up_proj"], layer["down_proj"])
     wanted = logit_start + jnp.arange(logit_length)
@@ -205,25 +207,33 @@ def _route(h, router, expert_bias, moe: MoeConfig):
     return experts, weights * moe.routed_scaling
 
 
-def _mixture_of_experts(h, layer, moe: MoeConfig):
-    """The MoE MLP of tokens h [T, d]: the T * k (token, expert) pairs sorted by expert
-    run as three grouped products (ragged_dot, group sizes traced), weighted and summed
-    per token in float32, then the shared experts' MLP added, as the torch model sums.
-    ragged_dot is grouped where the backend implements it (a TPU reads each expert's
-    weights once for all its tokens); XLA:CPU expands it to a masked dense product over
-    every expert (E times the work, [E, T * k, d] of temporaries): right on the CPU, but
-    for checking, not for a real model's size."""
-    experts, weights = _route(h, layer["router"], layer["expert_bias"], moe)
+def routed_experts(h, experts, weights, gate, up, down):
+    """The routed sum float32 [T, d] of tokens h [T, d] (unmask.ops.moe_swiglu's contract,
+    the weights as ragged_dot's [E, in, out]: gate and up [E, d, f], down [E, f, d]): the
+    T * k (token, expert) pairs sorted by expert run as three grouped products (ragged_dot,
+    group sizes traced), weighted and summed per token in float32. ragged_dot is grouped
+    where the backend implements it (a TPU reads each expert's weights once for all its
+    tokens); XLA:CPU expands it to a masked dense product over every expert (E times the
+    work, [E, T * k, d] of temporaries): right on the CPU, but for checking, not for a
+    real model's size."""
     pairs = experts.reshape(-1)
     order = jnp.argsort(pairs, stable=True)
-    token_of = order // moe.experts_per_token
-    group_sizes = jnp.bincount(pairs, length=moe.n_experts).astype(jnp.int32)
+    token_of = order // experts.shape[1]
+    group_sizes = jnp.bincount(pairs, length=gate.shape[0]).astype(jnp.int32)
     routed_h = h[token_of]
-    gate = jax.lax.ragged_dot(routed_h, layer["experts_gate"], group_sizes)
-    up = jax.lax.ragged_dot(routed_h, layer["experts_up"], group_sizes)
-    y = jax.lax.ragged_dot(jax.nn.silu(gate) * up, layer["experts_down"], group_sizes)
-    y = y.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
-    out = jnp.zeros(h.shape, jnp.float32).at[token_of].add(y).astype(h.dtype)
+    hidden = jax.nn.silu(jax.lax.ragged_dot(routed_h, gate, group_sizes)) * jax.lax.ragged_dot(routed_h, up,
+                                                                                              group_sizes)
+    y = jax.lax.ragged_dot(hidden, down, group_sizes).astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+    return jnp.zeros(h.shape, jnp.float32).at[token_of].add(y)
+
+
+def _mixture_of_experts(h, layer, moe: MoeConfig, experts_fn=routed_experts):
+    """The MoE MLP of tokens h [T, d]: routed (_route), the routed sum (experts_fn:
+    routed_experts, or unmask.jax.sharding's over a mesh) cast to h's dtype, then the
+    shared experts' MLP added, as the torch model sums."""
+    experts, weights = _route(h, layer["router"], layer["expert_bias"], moe)
+    out = experts_fn(h, experts, weights, layer["experts_gate"], layer["experts_up"],
+                     layer["experts_down"]).astype(h.dtype)
     if "shared_gate" in layer:
         out = out + _swiglu(h, layer["shared_gate"], layer["shared_up"], layer["shared_down"])
     return out
@@ -258,13 +268,18 @@ class JaxModel:
         forwards = self.__dict__.setdefault("_jitted_forwards", {})
         if interpret not in forwards:
             forwards[interpret] = jax.jit(functools.partial(forward, config=self.config, interpret=interpret,
-                                                            attention_fn=self.attention_fn),
+                                                            attention_fn=self.attention_fn,
+                                                            experts_fn=self.experts_fn),
                                           static_argnames=("logit_length",))
         return forwards[interpret]
 
     @property
     def attention_fn(self):
         return attention
+
+    @property
+    def experts_fn(self):
+        return routed_experts
 
     def __call__(self, input_ids, attention_mask=None, *, logit_start: int = 0, logit_end: int | None = None):
         input_ids = jnp.asarray(np.asarray(input_ids), jnp.int32)
@@ -280,7 +295,8 @@ class JaxModel:
         The sampler's compiled block loop calls it (inside its jit) for every step."""
         logits, cache = forward_window(
             params, input_ids, attention_mask, config=self.config, logit_start=logit_start, logit_length=logit_length,
-            interpret=default_interpret(self.interpret), attention_fn=self.attention_fn, cache=cache,
+            interpret=default_interpret(self.interpret), attention_fn=self.attention_fn,
+            experts_fn=self.experts_fn, cache=cache,
             window_start=window_start, window_length=window_length, fresh_from=fresh_from, fresh_to=fresh_to)
         return logits[..., :self.config.embedding_size], cache
 

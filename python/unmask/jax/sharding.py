@@ -4,7 +4,8 @@ Pallas kernels, so the functional model runs on a TPU slice (or several GPUs).
 A Mesh with one named axis, "model", over the devices. Weights are placed with
 NamedSharding as in Megatron tensor parallelism: q, k, v, gate and up projections
 split by output features (heads and MLP units), o_proj and down_proj by input
-features, the LM head by vocabulary; embeddings and norms replicated. Under jit,
+features, the LM head by vocabulary; embeddings, norms and a mixture's router
+replicated. Under jit,
 XLA's SPMD partitioner runs the matrix products on the shards and inserts the two
 all-reduces per layer. The Pallas kernels are opaque to that partitioner, so each
 runs under shard_map on its slice:
@@ -16,7 +17,9 @@ runs under shard_map on its slice:
   sample kernel on its rows with its row base, so the RNG draws and the tokens are
   those of one device. Sampling needs the whole row (top_k, top_p, the softmax of
   the confidence), which is why the rows move rather than the statistics;
-- commit works on the [B, block] canvas, a few kilobytes: it runs replicated.
+- commit works on the [B, block] canvas, a few kilobytes: it runs replicated;
+- a mixture's routed experts (LLaDA 2.0): each device runs the grouped products on its
+  slice of every expert's hidden units, and a psum adds the shares.
 
     mesh = unmask.jax.sharding.make_mesh()          # every device
     model = unmask.jax.sharding.shard(unmask.jax.from_pretrained(DIR), mesh)
@@ -37,7 +40,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from unmask.jax import kernels
-from unmask.jax.model import JaxModel
+from unmask.jax.model import JaxModel, routed_experts
 
 AXIS = "model"
 
@@ -48,6 +51,12 @@ LAYER_SPECS = {
     "q_proj_bias": P(AXIS), "k_proj_bias": P(AXIS), "v_proj_bias": P(AXIS),
     "gate_proj": P(AXIS, None), "up_proj": P(AXIS, None),
     "o_proj": P(None, AXIS), "down_proj": P(None, AXIS),
+    # A mixture (LLaDA 2.0): each expert's hidden units split as the dense MLP's (the
+    # stacks are ragged_dot's [E, in, out]), the shared experts as the dense MLP, the
+    # router replicated (every device routes every token).
+    "router": P(), "expert_bias": P(),
+    "experts_gate": P(None, None, AXIS), "experts_up": P(None, None, AXIS), "experts_down": P(None, AXIS, None),
+    "shared_gate": P(AXIS, None), "shared_up": P(AXIS, None), "shared_down": P(None, AXIS),
 }
 
 
@@ -101,6 +110,10 @@ class ShardedJaxModel(JaxModel):
     def attention_fn(self):
         return functools.partial(sharded_attention, self.mesh)
 
+    @property
+    def experts_fn(self):
+        return functools.partial(sharded_routed_experts, self.mesh)
+
     def sample_logits(self, logits, **kwargs):
         return sharded_sample(self.mesh, logits, interpret=self.interpret, **kwargs)
 
@@ -112,11 +125,8 @@ def shard(model: JaxModel, mesh: Mesh | None = None) -> ShardedJaxModel:
     if mesh.axis_names != (AXIS,):
         raise ValueError(f"mesh must have the single axis {AXIS!r}, got {mesh.axis_names}")
     config = model.config
-    if config.moe is not None:
-        raise NotImplementedError("unmask.jax.sharding does not split mixture-of-experts MLPs yet (LLaDA 2.0); the "
-                                  "model runs on one device")
-    for name in ("n_heads", "n_kv_heads", "mlp_hidden_size"):
-        value = getattr(config, name)
+    for name in ("n_heads", "n_kv_heads", "mlp_hidden_size") + (("moe.expert_hidden_size",) if config.moe else ()):
+        value = getattr(config.moe, name.removeprefix("moe.")) if name.startswith("moe.") else getattr(config, name)
         if value % mesh.size != 0:
             raise ValueError(f"config.{name}={value} must be a multiple of the number of devices ({mesh.size})")
     return ShardedJaxModel(shard_params(model.params, mesh), config, model.interpret, model.stop_ids, mesh=mesh)
@@ -142,6 +152,20 @@ def sharded_attention(mesh: Mesh, q, k, v, *, key_valid=None, block_size=None, q
     if offset_is_array:
         operands, specs = operands + (q_offset,), specs + (P(),)
     return _shard_map(body, mesh, specs, heads)(*operands)
+
+
+def sharded_routed_experts(mesh: Mesh, h, experts, weights, gate, up, down):
+    """unmask.jax.model.routed_experts with each expert's hidden units split over the
+    mesh: each device runs the grouped products on its slice of every expert (the
+    tokens and their routing replicated) and one float32 psum adds the shares, as the
+    torch model's tensor parallelism does. Under shard_map rather than left to XLA's
+    partitioner, which need not split a ragged_dot along its groups' columns."""
+    def body(h, experts, weights, gate, up, down):
+        return jax.lax.psum(routed_experts(h, experts, weights, gate, up, down), AXIS)
+
+    hidden_out, hidden_in = P(None, None, AXIS), P(None, AXIS, None)
+    return _shard_map(body, mesh, (P(), P(), P(), hidden_out, hidden_out, hidden_in), P())(
+        h, experts, weights, gate, up, down)
 
 
 def sharded_sample(mesh: Mesh, logits, *, rows=None, offset=0, seed=0, banned=None, **kwargs):

@@ -304,6 +304,9 @@ def from_pretrained(
                     else:  # a slice of a stacked tensor, made where the first slice arrives
                         if part not in state:
                             state[part] = torch.empty(meta_state[part].shape, dtype=piece.dtype, device=piece.device)
+                        elif piece.dtype != state[part].dtype:  # not cast silently into its neighbours' dtype
+                            raise ValueError(f"checkpoint tensor {name} is {piece.dtype}, the other slices of its "
+                                             f"stack are {state[part].dtype}; pass dtype= to load them as one")
                         state[part][index].copy_(piece)
                 found.add(name)
     missing = sorted(set(expected) - found)

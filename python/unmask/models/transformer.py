@@ -221,7 +221,11 @@ class MixtureOfExperts(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         experts, weights = self.route(h)
-        routed = ops.moe_swiglu(h, experts, weights, self.expert_gate, self.expert_up, self.expert_down)
+        stacks = [getattr(w, "to_local", lambda w=w: w)() for w in (self.expert_gate, self.expert_up, self.expert_down)]
+        routed = ops.moe_swiglu(h, experts, weights, *stacks)
+        mesh = getattr(self.expert_gate, "device_mesh", None)
+        if mesh is not None:  # tensor-parallel (unmask.distributed): each rank summed its share of every
+            torch.distributed.all_reduce(routed, group=mesh.get_group())  # expert's hidden units; in float32
         out = routed.to(h.dtype)  # the routed sum in float32, then the activations' dtype, as LLaDA 2.0
         return out if self.shared is None else out + self.shared(h)
 
