@@ -13,5 +13,6 @@ from unmask.benchmarks import harness, suites
 if __name__ == "__main__":
     args = parse(__doc__)
     device = torch.device(args.device)
-    rows = suites.bench_moe(device)
-    report(args, rows, {"read_bandwidth_gbps": harness.read_bandwidth(device)})
+    peak = harness.read_bandwidth(device)
+    rows = suites.bench_moe(device, peak)
+    report(args, rows, {"read_bandwidth_gbps": peak})

@@ -5,14 +5,13 @@
 // every token that chose the expert. Activations stay float32 between the products (no
 // rounding to x's dtype, which the torch backend's products do).
 //
-// Cost. A denoising step's block of 64 tokens at LLaDA2.0-mini's shape (d 2048, 256
-// experts of 512, 8 per token) makes 512 pairs, ~2 per expert, and touches nearly every
-// expert: the call reads nearly all 1.6 GB of a layer's routed weights, and does 2 FMAs
-// per weight element per pair. On a 2-core Zen 4 (AVX-512) that ran at ~30 ms against
-// ~21 ms for the read alone at the 76 GB/s the sample benchmark measures, and ~64 ms for
-// torch's products one expert at a time (bench/moe.py has the rows). With many pairs per
-// expert the FMAs are the floor and torch's bf16 products (vdpbf16ps) beat these float32
-// ones: unmask.experts says from where.
+// Cost. A cached denoising step's 32 tokens at LLaDA2.0-mini's shape (d 2048, 256 experts
+// of 512, 8 per token) make 256 pairs, ~1 per expert, and touch most experts: the call
+// reads most of a layer's 1.6 GB of routed weights and does 2 FMAs per weight element
+// per pair, so the read is the floor (bench/moe.py on a 2-core Zen 4: 91% of the
+// measured read bandwidth, 2.5x torch's products one expert at a time). From ~32 pairs
+// per expert the float32 FMAs are the floor (~90% of the cores' peak there) and torch's
+// bf16 products (vdpbf16ps) are faster; README, Performance, has the rows.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>

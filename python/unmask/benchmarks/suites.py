@@ -189,14 +189,14 @@ MOE_SHAPES = ((64, 1024, 128, 256, 8),  # a small MoE's step: 4 pairs per expert
               (2048, 2048, 256, 512, 8))  # 64 per expert: torch's bf16 products ahead
 
 
-def bench_moe(device: torch.device, shapes=MOE_SHAPES, dtype: torch.dtype = torch.bfloat16, *,
+def bench_moe(device: torch.device, peak: float, shapes=MOE_SHAPES, dtype: torch.dtype = torch.bfloat16, *,
               reps: int = 7) -> list[Row]:
     """A mixture's routed experts (unmask.ops.moe_swiglu) beside torch's products one
     expert at a time (unmask.experts: what the model ran before the kernel, and the
     backend from many pairs per expert), timed in turns on weight sets rotated past the
     caches. Bytes are the chosen experts' weights, read once: the call's floor at a
-    step's few pairs per expert; flops are two per weight element per pair."""
-    peak = read_bandwidth(device)
+    step's few pairs per expert; flops are two per weight element per pair. peak: the
+    read bandwidth in GB/s the fractions are of (measured by the caller, who reports it)."""
     rows = []
     for tokens, d_model, n_experts, hidden, per_token in shapes:
         gen = torch.Generator().manual_seed(0)
