@@ -206,6 +206,45 @@ def _request(server, prompt, settings):
     return server.client.completions.create(model=MODEL, prompt=prompt, extra_body=extra, **body).choices[0].text
 
 
+@pytest.mark.parametrize("settings", [{"temperature": 10.0, "seed": 5}, {"temperature": 10.0, "seed": 0, "cache": "dual"},
+                                      {"threshold": 0.5}], ids=["sampled", "sampled-cached", "greedy"])
+def test_n_choices_are_the_answers_of_seed_plus_index(server, model, settings):
+    """n choices: choice i is the answer of the same request with seed + i and n = 1
+    (greedy choices are all the same answer); usage counts the prompt once and every
+    choice's completion."""
+    body = dict(settings, max_tokens=8)
+    extra = {k: body.pop(k) for k in list(body) if k in EXTRA_FIELDS}
+    reply = server.client.completions.create(model=MODEL, prompt=PROMPTS[1], n=3, extra_body=extra, **body)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    seed = settings.get("seed", 0)
+    for choice in reply.choices:
+        assert choice.text == offline(model, PROMPTS[1], **{**settings, "seed": seed + choice.index, "max_tokens": 8})
+    distinct = len({c.text for c in reply.choices})
+    assert distinct == 1 if "temperature" not in settings else distinct > 1, "sampled choices must differ"
+    assert reply.usage.prompt_tokens == len(model.tokenizer.encode(PROMPTS[1]).ids)
+    assert reply.usage.completion_tokens == sum(len(model.tokenizer.encode(c.text).ids) for c in reply.choices)
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_n_choices_stream_interleaved_each_with_its_index(server, model):
+    chunks = list(server.client.chat.completions.create(
+        model=MODEL, max_tokens=8, stream=True, n=2, temperature=10.0, seed=11, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "123+456="}]))
+    texts, roles, reasons = {0: "", 1: ""}, {0: [], 1: []}, {0: [], 1: []}
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        texts[choice.index] += choice.delta.content or ""
+        roles[choice.index].append(choice.delta.role)
+        reasons[choice.index].append(choice.finish_reason)
+    for index in (0, 1):
+        assert texts[index] == offline(model, "123+456=", max_tokens=8, temperature=10.0, seed=11 + index)
+        assert roles[index][0] == "assistant" and set(roles[index][1:]) <= {None}  # the role once, first
+        assert reasons[index][-1] in ("stop", "length") and set(reasons[index][:-1]) <= {None}
+    assert texts[0] != texts[1]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == sum(
+        len(model.tokenizer.encode(text).ids) for text in texts.values())
+
+
 def test_a_request_in_a_crowd_answers_as_alone(server):
     """Different prompts, lengths, rules and seeds decoded together: each answer equals
     the one it gets alone (its noise follows its own seed and steps, not its row)."""
@@ -234,7 +273,10 @@ ERRORS = [
     ({"model": MODEL, "prompt": "1", "max_tokens": 10**12, "block_length": 1}, "max_tokens"),
     ({"model": MODEL, "prompt": "1", "max_tokens": 10**400}, "max_tokens"),
     ({"model": MODEL, "prompt": "1", "max_tokens": 8, "block_length": 10**400}, "block_length"),
-    ({"model": MODEL, "prompt": "1", "n": 2}, "n"),
+    ({"model": MODEL, "prompt": "1", "n": 0}, "n"),
+    ({"model": MODEL, "prompt": "1", "n": 129}, "n"),  # OpenAI's limit is 128
+    ({"model": MODEL, "prompt": "1", "n": "2"}, "n"),
+    ({"model": MODEL, "prompt": "1", "n": 2, "seed": 2**64 - 1}, "n"),  # choice 1 would need seed 2**64
     ({"model": MODEL, "prompt": "1", "stop": 5}, "stop"),
     ({"model": MODEL, "prompt": "1", "steps": 3, "max_tokens": 16}, "steps"),
     ({"model": MODEL, "prompt": "1", "threshold": 1.5}, "threshold"),
@@ -452,6 +494,23 @@ def test_a_full_queue_answers_429_with_retry_after(model):
         running.stop()
 
 
+def test_choices_past_the_queue_leave_with_their_request(model):
+    """n choices are n requests to the engine: a request whose choices do not all fit is
+    refused (429) and the choices already admitted leave with it."""
+    running = start(model, max_batch=2, max_queue=1)
+    try:
+        _slow_steps(running.server.engine, 0.2)  # 64 steps: 13 s to finish, were the admitted choices kept
+        refused = post(running, {"model": MODEL, "prompt": "1+1=", "max_tokens": 64, "block_length": 8, "n": 4})
+        assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
+        _wait_for(lambda: running.server.engine.load()["active"] + running.server.engine.load()["waiting"] == 0,
+                  "the admitted choices kept their places", seconds=3)
+        assert running.server.engine.load()["steps"] < 10
+        served = post(running, {"model": MODEL, "prompt": "1+1=", "max_tokens": 8, "n": 3})
+        assert served.status_code == 200 and [c["index"] for c in served.json()["choices"]] == [0, 1, 2]
+    finally:
+        running.stop()
+
+
 def test_a_client_that_disconnects_frees_its_rows(model):
     running = start(model, max_batch=4, max_queue=4)
     try:
@@ -606,6 +665,10 @@ def test_the_engine_in_its_own_process_answers_as_offline(process_server, model)
     stream = process_server.client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=8, stream=True)
     assert "".join(chunk.choices[0].text for chunk in stream) == offline(model, PROMPTS[1], eos_id=PROCESS_EOS,
                                                                          max_tokens=8)
+    choices = process_server.client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=8, n=2,
+                                                       temperature=1.0, seed=4).choices
+    assert [c.text for c in choices] == [offline(model, PROMPTS[2], eos_id=PROCESS_EOS, max_tokens=8, temperature=1.0,
+                                                 seed=4 + i) for i in range(2)]
 
 
 def test_the_engine_process_refuses_beyond_its_queue_at_once():

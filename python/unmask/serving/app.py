@@ -145,20 +145,30 @@ class Server:
                                          model_blocks=self.model_blocks, default_block_grid=self.default_block_grid)
         except RequestError as error:
             return _error(error)
+        # One job per choice (n > 1: choice i with seed + i), each engine event tagged with
+        # its choice; the engine admits each as a request of its own.
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        job = Job(settings, self.model.mask_id, self.eos_ids,
-                  on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        jobs = [Job(settings.choice(index), self.model.mask_id, self.eos_ids,
+                    on_event=lambda event, index=index: loop.call_soon_threadsafe(events.put_nowait, (index, event)))
+                for index in range(settings.n)]
         try:
-            self.engine.submit(job)
-        except QueueFull as full:
-            return _error(RequestError(str(full), None, status=429, kind="rate_limit_error"))
-        except Unavailable as gone:
-            return _error(RequestError(str(gone), None, status=503, kind="server_error"))
+            for job in jobs:
+                self.engine.submit(job)
+        except (QueueFull, Unavailable) as refused:
+            self._cancel(jobs)  # the choices admitted before the refusal leave with it
+            if isinstance(refused, QueueFull):
+                return _error(RequestError(str(refused), None, status=429, kind="rate_limit_error"))
+            return _error(RequestError(str(refused), None, status=503, kind="server_error"))
         request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
         if settings.stream:
-            return StreamingResponse(self._stream(job, events, request_id, chat, settings.include_usage, deadline),
+            return StreamingResponse(self._stream(jobs, events, request_id, chat, settings.include_usage, deadline),
                                      media_type="text/event-stream")
-        return await self._complete(request, job, events, request_id, chat, deadline)
+        return await self._complete(request, jobs, events, request_id, chat, deadline)
+
+    def _cancel(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            if not job.finished:
+                self.engine.cancel(job)
 
     def _timed_out(self) -> RequestError:
         return RequestError(f"the request did not finish within the server's request_timeout of "
@@ -264,8 +274,9 @@ class Server:
                 "alone, without the template, system prompt or history", self.model_dir, why)
         return None
 
-    async def _complete(self, request: Request, job: Job, events: asyncio.Queue, request_id: str, chat: bool,
+    async def _complete(self, request: Request, jobs: list[Job], events: asyncio.Queue, request_id: str, chat: bool,
                         deadline: float | None):
+        done: dict[int, dict] = {}
         try:
             while True:
                 event = await self._next_event(events, deadline, poll=0.25)
@@ -275,43 +286,54 @@ class Server:
                     if await request.is_disconnected():  # the client went away: free its rows
                         return JSONResponse(protocol.error_body("client disconnected"), status_code=499)
                     continue
+                index, event = event
                 if event["kind"] == "error":  # 500: its step failed; 503: the engine stopped (429: its queue was full)
-                    status = event.get("status", 500)
+                    status = event.get("status", 500)  # (a choice that fails fails the request: the others leave)
                     return _error(RequestError(event["message"], None, status=status,
                                                kind="rate_limit_error" if status == 429 else "server_error"))
                 if event["kind"] == "done":
-                    return JSONResponse(protocol.completion_body(request_id, self.model_name, event["text"],
-                                                                 event["finish_reason"], event["usage"], chat))
+                    done[index] = event
+                    if len(done) == len(jobs):
+                        answers = [(done[i]["text"], done[i]["finish_reason"]) for i in range(len(jobs))]
+                        usage = protocol.total_usage([done[i]["usage"] for i in range(len(jobs))])
+                        return JSONResponse(protocol.completion_body(request_id, self.model_name, answers, usage, chat))
         finally:  # also when the handler is cancelled (shutdown timeout)
-            if not job.finished:
-                self.engine.cancel(job)
+            self._cancel(jobs)
 
-    async def _stream(self, job: Job, events: asyncio.Queue, request_id: str, chat: bool, usage: bool,
+    async def _stream(self, jobs: list[Job], events: asyncio.Queue, request_id: str, chat: bool, usage: bool,
                       deadline: float | None):
-        first, created = True, int(time.time())
+        """The choices' chunks as their steps come, interleaved (each names its index);
+        the usage chunk (all choices) after the last choice's end."""
+        created, first, usages = int(time.time()), set(range(len(jobs))), {}
         try:
             while True:
                 event = await self._next_event(events, deadline, poll=None)
                 if event is None:  # past the deadline (the status line went out with the first byte)
                     yield _sse(protocol.error_body(self._timed_out().message, kind="server_error"))
                     break
+                index, event = event
                 if event["kind"] == "error":
                     yield _sse(protocol.error_body(event["message"], kind="server_error"))
                     break
                 if event["kind"] == "delta":
                     yield _sse(protocol.chunk_body(request_id, self.model_name, event["text"], None, chat, created,
-                                                   canvas=event["canvas"], step=event["step"], first=first))
-                    first = False
+                                                   canvas=event["canvas"], step=event["step"], first=index in first,
+                                                   index=index))
+                    first.discard(index)
                 if event["kind"] == "done":
                     yield _sse(protocol.chunk_body(request_id, self.model_name, None, event["finish_reason"], chat,
-                                                   created, first=first))
+                                                   created, first=index in first, index=index))
+                    first.discard(index)
+                    usages[index] = event["usage"]
+                    if len(usages) < len(jobs):
+                        continue
                     if usage:  # stream_options.include_usage: OpenAI's last chunk, no choices
-                        yield _sse(protocol.usage_chunk(request_id, self.model_name, event["usage"], chat, created))
+                        total = protocol.total_usage([usages[i] for i in range(len(jobs))])
+                        yield _sse(protocol.usage_chunk(request_id, self.model_name, total, chat, created))
                     break
             yield "data: [DONE]\n\n"
         finally:  # also when the client disconnects (the response task is cancelled)
-            if not job.finished:
-                self.engine.cancel(job)
+            self._cancel(jobs)
 
 
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:

@@ -24,6 +24,7 @@ NEUTRAL_FIELDS = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": 
                   "logit_bias": (None, {}), "response_format": (None, {"type": "text"}), "tools": (None, []),
                   "tool_choice": (None, "none")}
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+MAX_CHOICES = 128  # n: OpenAI's limit
 # A body's block_length on the prompt's grid where neither it nor the server sets one (cut
 # to max_tokens); on the model's grid the default is the model's block_size.
 DEFAULT_BLOCK_LENGTH = 32
@@ -61,6 +62,14 @@ class Settings:
     # the answer's last position (max_tokens), past which nothing can change the answer
     blocks: tuple[tuple[int, int], ...]
     canvas_length: int  # the prompt and the positions after it that the model sees
+    n: int = 1  # choices: choice i decodes with seed + i (choice())
+
+    def choice(self, index: int) -> Settings:
+        """Choice `index` of n: one completion with seed + index, so each choice is the
+        answer a request with that seed and n = 1 gets, and choices that draw noise
+        differ (with temperature 0 and a confidence that draws none they are the same)."""
+        sampling = dataclasses.replace(self.sampling, seed=self.sampling.seed + index)
+        return dataclasses.replace(self, sampling=sampling, n=1)
 
     def generate_arguments(self) -> dict:
         """The same decoding through unmask.generate (tests compare the two)."""
@@ -117,9 +126,7 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int | None,
         if name in body and not any(validation.same_value(body[name], value) for value in neutral):
             raise RequestError(f"{name} is not supported by this server (it accepts only {neutral}), "
                                f"got {body[name]!r}", name)
-    n = _default(body, "n", 1)
-    if not validation.same_value(n, 1):
-        raise RequestError(f"n must be 1 (one completion per request), got {n!r}", "n")
+    n = _checked("n", validation.check_int, "n", _default(body, "n", 1), low=1, high=MAX_CHOICES + 1)
     if body.get("speculate", 0) not in (0, None):
         raise RequestError("speculate is not supported by the server (use unmask.generate(speculate=d))", "speculate")
     block_grid = _default(body, "block_grid", default_block_grid)
@@ -187,6 +194,9 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int | None,
                                        conf_temperature=_default(body, "conf_temperature", 1.0))
     except (TypeError, ValueError) as error:
         raise RequestError(str(error), _param_of(error, sampling_fields)) from None
+    if sampling.seed + n - 1 >= validation.SEED_LIMIT:
+        raise RequestError(f"choice i of n decodes with seed + i, which must be below 2**64: seed {sampling.seed} "
+                           f"leaves room for {validation.SEED_LIMIT - sampling.seed} choices, got n={n}", "n")
     try:
         rule = validation.rule(body.get("steps"), body.get("threshold"), body.get("factor"),
                                num_blocks=gen_length // block_length, default_steps=gen_length,
@@ -200,7 +210,7 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int | None,
     if cache is not None and not caches:
         raise RequestError(f"cache={cache!r} needs the unmask model; this server's model takes no cache", "cache")
     return Settings(tuple(prompt), gen_length, block_length, rule, sampling, cfg_scale, cache, max_tokens,
-                    _stop_strings(body.get("stop")), stream, include_usage, block_grid, blocks, canvas_length)
+                    _stop_strings(body.get("stop")), stream, include_usage, block_grid, blocks, canvas_length, n)
 
 
 def _server_default(body: dict) -> str:
@@ -264,16 +274,26 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def completion_body(request_id: str, model: str, text: str, finish_reason: str, usage: dict, chat: bool) -> dict:
+def completion_body(request_id: str, model: str, answers: list[tuple[str, str]], usage: dict, chat: bool) -> dict:
+    """answers: each choice's (text, finish_reason), in index order."""
     created = int(time.time())
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
-                  "logprobs": None}
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                    "logprobs": None} for i, (text, reason) in enumerate(answers)]
         return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
-                "choices": [choice], "usage": usage}
-    choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
-    return {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": [choice],
+                "choices": choices, "usage": usage}
+    choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
+               for i, (text, reason) in enumerate(answers)]
+    return {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": choices,
             "usage": usage}
+
+
+def total_usage(usages: list[dict]) -> dict:
+    """The usage of a request's choices together: its prompt once, every choice's
+    completion (as OpenAI counts n > 1)."""
+    prompt = usages[0]["prompt_tokens"]
+    completion = sum(usage["completion_tokens"] for usage in usages)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def usage_chunk(request_id: str, model: str, usage: dict, chat: bool, created: int) -> dict:
@@ -282,17 +302,18 @@ def usage_chunk(request_id: str, model: str, usage: dict, chat: bool, created: i
 
 
 def chunk_body(request_id: str, model: str, delta: str | None, finish_reason: str | None, chat: bool, created: int,
-               canvas: str | None = None, step: int | None = None, first: bool = False) -> dict:
-    """One server-sent event; created: the stream's time, the same in each of its chunks.
-    The extension field `unmask` carries the whole canvas (text with a placeholder per
-    masked position) and the step, for clients that draw the diffusion as it happens."""
+               canvas: str | None = None, step: int | None = None, first: bool = False, index: int = 0) -> dict:
+    """One server-sent event of choice `index`; created: the stream's time, the same in
+    each of its chunks. The extension field `unmask` carries that choice's whole canvas
+    (text with a placeholder per masked position) and step, for clients that draw the
+    diffusion as it happens."""
     if chat:
         content = {"role": "assistant", "content": delta or ""} if first else ({"content": delta} if delta else {})
-        choice = {"index": 0, "delta": content, "finish_reason": finish_reason, "logprobs": None}
+        choice = {"index": index, "delta": content, "finish_reason": finish_reason, "logprobs": None}
         body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [choice]}
     else:
-        choice = {"index": 0, "text": delta or "", "finish_reason": finish_reason, "logprobs": None}
+        choice = {"index": index, "text": delta or "", "finish_reason": finish_reason, "logprobs": None}
         body = {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
     if canvas is not None:
         body["unmask"] = {"canvas": canvas, "step": step}
