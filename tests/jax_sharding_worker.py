@@ -58,7 +58,8 @@ def main() -> None:
     mixture = tiny_model(seed=4, d_model=64, n_heads=16, n_kv_heads=8, block_size=4, model_type="llada2",
                          qk_norm=True, attention_head_dim=8, norm_std=0.3, moe=moe)
     sharded_mixture = sharding.shard(uj.from_torch(mixture))
-    results["experts_gate_spec"] = list(sharded_mixture.params["layers"][1]["experts_gate"].sharding.spec)
+    results["moe_specs"] = {name: list(sharded_mixture.params["layers"][1][name].sharding.spec)
+                            for name in ("experts_gate", "experts_down", "shared_up", "shared_down", "router")}
     models = {"dense": (torch_model, single, sharded),
               "block-causal": (block_causal, uj.from_torch(block_causal), sharding.shard(uj.from_torch(block_causal))),
               "moe": (mixture, uj.from_torch(mixture), sharded_mixture)}

@@ -118,6 +118,10 @@ def test_the_experts_are_split_by_their_hidden_units(two_rank_results):
     # rank 0 holds 6 of each of the 8 experts' 12 hidden units, and 6 of the shared expert's
     assert two_rank_results["moe_shard"] == {"local_gate": [8, 6, 32], "local_down": [8, 32, 6],
                                              "local_shared_up": [6, 32]}
+    # its logits are one device's to float32 rounding (a routed share left out or summed
+    # twice would move them by the weights' scale, ~1)
+    assert two_rank_results["moe_logits_error"] < 1e-4
+    assert "for inference" in two_rank_results["moe_gradient"]
 
 
 def test_a_mesh_with_its_ranks_out_of_order_is_refused(two_rank_results):

@@ -28,7 +28,10 @@ def test_weights_are_split_over_eight_devices(results):
     assert results["devices"] == 8
     assert results["q_proj_spec"] == ["model", None] and results["q_proj_devices"] == 8
     assert results["lm_head_shape"] == [64, 64]  # 61 ids padded to a multiple of 8
-    assert results["experts_gate_spec"] == [None, None, "model"]  # each expert's hidden units
+    # each expert's hidden units: the columns of gate [E, d, f], the rows of down [E, f, d];
+    # the shared expert as the dense MLP; the router whole on every device
+    assert results["moe_specs"] == {"experts_gate": [None, None, "model"], "experts_down": [None, "model", None],
+                                    "shared_up": ["model", None], "shared_down": [None, "model"], "router": []}
 
 
 @pytest.mark.parametrize("case", ["greedy", "temperature-1", "threshold-margin-cfg", "block-causal-dual",

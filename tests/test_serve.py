@@ -236,6 +236,8 @@ def test_n_choices_stream_interleaved_each_with_its_index(server, model):
         texts[choice.index] += choice.delta.content or ""
         roles[choice.index].append(choice.delta.role)
         reasons[choice.index].append(choice.finish_reason)
+    indices = [chunk.choices[0].index for chunk in chunks[:-1]]
+    assert indices != sorted(indices), "the choices' chunks come as their steps do, interleaved"
     for index in (0, 1):
         assert texts[index] == offline(model, "123+456=", max_tokens=8, temperature=10.0, seed=11 + index)
         assert roles[index][0] == "assistant" and set(roles[index][1:]) <= {None}  # the role once, first
@@ -494,20 +496,33 @@ def test_a_full_queue_answers_429_with_retry_after(model):
         running.stop()
 
 
-def test_choices_past_the_queue_leave_with_their_request(model):
-    """n choices are n requests to the engine: a request whose choices do not all fit is
-    refused (429) and the choices already admitted leave with it."""
+def test_choices_are_admitted_together_or_refused_together(model):
+    """n choices are n requests to the engine: admitted all at once or refused (429)
+    with none left behind; more than the server ever holds is a 400 naming n, not a 429
+    a client would retry forever."""
     running = start(model, max_batch=2, max_queue=1)
+    engine, release = running.server.engine, threading.Event()
+    original = engine._block_logits
+
+    def held(jobs):
+        release.wait(30)
+        return original(jobs)
+
+    engine._block_logits = held
     try:
-        _slow_steps(running.server.engine, 0.2)  # 64 steps: 13 s to finish, were the admitted choices kept
-        refused = post(running, {"model": MODEL, "prompt": "1+1=", "max_tokens": 64, "block_length": 8, "n": 4})
-        assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
-        _wait_for(lambda: running.server.engine.load()["active"] + running.server.engine.load()["waiting"] == 0,
-                  "the admitted choices kept their places", seconds=3)
-        assert running.server.engine.load()["steps"] < 10
-        served = post(running, {"model": MODEL, "prompt": "1+1=", "max_tokens": 8, "n": 3})
-        assert served.status_code == 200 and [c["index"] for c in served.json()["choices"]] == [0, 1, 2]
+        too_many = post(running, {"model": MODEL, "prompt": "1+1=", "max_tokens": 8, "n": 4})
+        assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "n"
+        body = {"model": MODEL, "prompt": "1+1=", "max_tokens": 8, "n": 2}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(post, running, body)
+            _wait_for(lambda: engine.load()["active"] + engine.load()["waiting"] == 2, "the first request's choices")
+            refused = post(running, body)  # 1 place left for 2 choices
+            assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
+            assert engine.load()["active"] + engine.load()["waiting"] == 2, "a refused choice was left in the engine"
+            release.set()
+            assert [c["index"] for c in first.result().json()["choices"]] == [0, 1]
     finally:
+        release.set()
         running.stop()
 
 

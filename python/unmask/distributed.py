@@ -11,7 +11,8 @@ torch.distributed does: NCCL on GPUs, gloo on CPUs.
 - A mixture-of-experts layer (LLaDA 2.0) splits each routed expert's hidden units the
   same way (its stacked weights as DTensors sharded along them) and its shared experts
   as the dense MLP; every rank routes every token, and one float32 all-reduce sums the
-  routed outputs.
+  routed outputs. Inference only: the experts' slices take no gradient (the manual
+  all-reduce is not differentiated).
 - The LM head is split over the vocabulary and its logits stay split: each rank
   samples and scores its vocabulary shard (shard_statistics) and an all-gather of a
   few float64 numbers per row picks the winner (combine_statistics). The token and
@@ -243,18 +244,22 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def _shard_experts(moe, mesh) -> None:
+def _shard_experts(moe, mesh, device) -> None:
     """A mixture's routed experts split as its dense MLP is: each rank holds a contiguous
     slice of every expert's hidden units (gate and up rows, down columns: dim 1 of the
     [E, f, d] stacks, dim 2 of [E, d, f]), so it computes its share of each routed output
     and the layer completes the sum with one float32 all-reduce (MixtureOfExperts.forward).
-    Every rank routes every token (the router is replicated): no token moves between ranks."""
-    from torch.distributed.tensor import Shard, distribute_tensor
+    Every rank routes every token (the router is replicated): no token moves between ranks.
+    Each rank cuts its slice where the stack is (the host, for a loaded checkpoint) and
+    moves only that to `device`: a whole stack never reaches it."""
+    from torch.distributed.tensor import DTensor, Shard
 
+    rank, world = mesh.get_local_rank(), mesh.size()
     for name, dim in (("expert_gate", 1), ("expert_up", 1), ("expert_down", 2)):
         param = getattr(moe, name)
-        setattr(moe, name, nn.Parameter(distribute_tensor(param.data, mesh, [Shard(dim)]),
-                                        requires_grad=param.requires_grad))
+        local = param.data.chunk(world, dim)[rank].contiguous().to(device)  # Shard(dim)'s piece of this rank
+        setattr(moe, name, nn.Parameter(DTensor.from_local(local, mesh, [Shard(dim)], run_check=False),
+                                        requires_grad=False))
 
 
 def tensor_parallel(model, mesh=None):
@@ -289,7 +294,11 @@ def tensor_parallel(model, mesh=None):
 
     if config.weight_tying:  # the head is split over the vocabulary; the embedding stays whole
         model.lm_head.weight = nn.Parameter(model.embed.weight.detach().clone())
-    model.to(torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else "cpu")
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else "cpu"
+    for layer in model.layers:  # before the rest moves: the experts are most of a mixture's weights
+        if layer.moe is not None:
+            _shard_experts(layer.moe, mesh, device)
+    model.to(device)
     plan = {}
     for index, layer in enumerate(model.layers):
         mlp = f"layers.{index}." if layer.moe is None else f"layers.{index}.moe.shared."
@@ -298,8 +307,6 @@ def tensor_parallel(model, mesh=None):
         if layer.moe is None or layer.moe.shared is not None:  # the dense MLP or the shared experts
             plan.update({mlp + name: ColwiseParallel() for name in MLP_COLUMN_SPLIT})
             plan[mlp + "down_proj"] = RowwiseParallel()
-        if layer.moe is not None:
-            _shard_experts(layer.moe, mesh)
     plan["lm_head"] = ColwiseParallel(output_layouts=Shard(-1))
     parallelize_module(model, mesh, plan)
 

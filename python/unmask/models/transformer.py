@@ -220,12 +220,15 @@ class MixtureOfExperts(nn.Module):
         return experts, weights * m.routed_scaling
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        mesh = getattr(self.expert_gate, "device_mesh", None)  # tensor-parallel (unmask.distributed)
+        if mesh is not None and torch.is_grad_enabled() and h.requires_grad:
+            raise NotImplementedError("a tensor-parallel mixture of experts is for inference: its routed shares are "
+                                      "summed by an all-reduce autograd does not see; run it under torch.no_grad()")
         experts, weights = self.route(h)
         stacks = [getattr(w, "to_local", lambda w=w: w)() for w in (self.expert_gate, self.expert_up, self.expert_down)]
         routed = ops.moe_swiglu(h, experts, weights, *stacks)
-        mesh = getattr(self.expert_gate, "device_mesh", None)
-        if mesh is not None:  # tensor-parallel (unmask.distributed): each rank summed its share of every
-            torch.distributed.all_reduce(routed, group=mesh.get_group())  # expert's hidden units; in float32
+        if mesh is not None:  # each rank summed its share of every expert's hidden units; in float32
+            torch.distributed.all_reduce(routed, group=mesh.get_group())
         out = routed.to(h.dtype)  # the routed sum in float32, then the activations' dtype, as LLaDA 2.0
         return out if self.shared is None else out + self.shared(h)
 

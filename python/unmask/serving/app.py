@@ -143,6 +143,9 @@ class Server:
                                          mask_id=self.model.mask_id, caches=self.caches,
                                          default_cache=self.default_cache, chat=chat,
                                          model_blocks=self.model_blocks, default_block_grid=self.default_block_grid)
+            if settings.n > self.engine.capacity:  # it could never be admitted: not a 429 to retry forever
+                raise RequestError(f"n={settings.n} choices are {settings.n} requests, more than this server holds at "
+                                   f"once ({self.engine.capacity}: --max-batch and --max-queue)", "n")
         except RequestError as error:
             return _error(error)
         # One job per choice (n > 1: choice i with seed + i), each engine event tagged with
@@ -152,13 +155,11 @@ class Server:
                     on_event=lambda event, index=index: loop.call_soon_threadsafe(events.put_nowait, (index, event)))
                 for index in range(settings.n)]
         try:
-            for job in jobs:
-                self.engine.submit(job)
-        except (QueueFull, Unavailable) as refused:
-            self._cancel(jobs)  # the choices admitted before the refusal leave with it
-            if isinstance(refused, QueueFull):
-                return _error(RequestError(str(refused), None, status=429, kind="rate_limit_error"))
-            return _error(RequestError(str(refused), None, status=503, kind="server_error"))
+            self.engine.submit(*jobs)  # all the choices or none
+        except QueueFull as full:
+            return _error(RequestError(str(full), None, status=429, kind="rate_limit_error"))
+        except Unavailable as gone:
+            return _error(RequestError(str(gone), None, status=503, kind="server_error"))
         request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
         if settings.stream:
             return StreamingResponse(self._stream(jobs, events, request_id, chat, settings.include_usage, deadline),

@@ -51,13 +51,17 @@ class Unavailable(RuntimeError):
     """The engine takes no more requests (shutting down, or its thread failed)."""
 
 
-def check_admission(stopping: bool, dead: str | None, held: int, max_batch: int, max_queue: int) -> None:
+def check_admission(stopping: bool, dead: str | None, held: int, max_batch: int, max_queue: int,
+                    adding: int = 1) -> None:
     """What submit() refuses: Unavailable when shutting down or the steps stopped,
-    QueueFull when the requests held (decoding or waiting) fill max_batch + max_queue."""
+    QueueFull when the requests held (decoding or waiting) and the `adding` new ones
+    would not fit max_batch + max_queue."""
     if stopping or dead is not None:
         raise Unavailable("the server is shutting down" if stopping else f"the engine stopped: {dead}")
-    if held >= max_batch + max_queue:
-        raise QueueFull(f"{held - max_batch} requests are waiting (--max-queue {max_queue})")
+    if held + adding > max_batch + max_queue:
+        waiting = max(0, held - max_batch)
+        more = "" if adding == 1 else f", no room for {adding} more"
+        raise QueueFull(f"{waiting} requests are waiting (--max-queue {max_queue}){more}")
 
 
 @dataclasses.dataclass(eq=False)  # a request is itself: found in queues by identity
@@ -163,11 +167,17 @@ class Engine:
             self.condition.notify_all()
         self.thread.join()
 
-    def submit(self, job: Job) -> None:
+    @property
+    def capacity(self) -> int:
+        """The requests it holds at once, decoding and waiting."""
+        return self.max_batch + self.max_queue
+
+    def submit(self, *jobs: Job) -> None:
+        """Queues the jobs (a request's choices), all or none (QueueFull, Unavailable)."""
         with self.condition:
             check_admission(self.stopping, self.dead, len(self.active) + len(self.waiting), self.max_batch,
-                            self.max_queue)
-            self.waiting.append(job)
+                            self.max_queue, adding=len(jobs))
+            self.waiting.extend(jobs)
             self.condition.notify_all()
 
     def cancel(self, job: Job) -> None:

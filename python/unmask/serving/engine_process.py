@@ -93,13 +93,26 @@ class EngineProcess:
                 self.process.kill()
                 self.process.join()
 
-    def submit(self, job: Job) -> None:
+    @property
+    def capacity(self) -> int:
+        """The requests it holds at once, decoding and waiting."""
+        return self.spec.max_batch + self.spec.max_queue
+
+    def submit(self, *jobs: Job) -> None:
+        """Hands the jobs (a request's choices) to the engine, all or none (QueueFull,
+        Unavailable; a process gone midway: the ones sent are taken back)."""
         with self.lock:
-            check_admission(self.stopping, self.dead, len(self.jobs), self.spec.max_batch, self.spec.max_queue)
-            remote = next(self.ids)
-            if not self._send(("submit", remote, job.settings, job.eos_ids)):
-                raise Unavailable("the engine stopped: its process is gone")
-            self.jobs[remote], self.remote[job] = job, remote
+            check_admission(self.stopping, self.dead, len(self.jobs), self.spec.max_batch, self.spec.max_queue,
+                            adding=len(jobs))
+            for job in jobs:
+                remote = next(self.ids)
+                if not self._send(("submit", remote, job.settings, job.eos_ids)):
+                    for sent in jobs:
+                        sent_remote = self.remote.pop(sent, None)
+                        if sent_remote is not None:
+                            self.jobs.pop(sent_remote, None)
+                    raise Unavailable("the engine stopped: its process is gone")
+                self.jobs[remote], self.remote[job] = job, remote
 
     def cancel(self, job: Job) -> None:
         """The client went away: the engine frees its rows at its next step (its place in
