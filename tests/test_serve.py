@@ -467,18 +467,24 @@ def _wait_for(condition, what: str, seconds: float = 10):
         time.sleep(0.01)
 
 
-def test_a_full_queue_answers_429_with_retry_after(model):
-    """One request decoding (its step held), one waiting: the next gets 429; both
-    admitted ones then finish."""
-    running = start(model, max_batch=1, max_queue=1)
-    engine, release = running.server.engine, threading.Event()
-    original = engine._block_logits
+def _held_steps(engine) -> threading.Event:
+    """The engine's steps wait (up to 30 s) until the returned event is set."""
+    release, original = threading.Event(), engine._block_logits
 
     def held(jobs):
         release.wait(30)
         return original(jobs)
 
     engine._block_logits = held
+    return release
+
+
+def test_a_full_queue_answers_429_with_retry_after(model):
+    """One request decoding (its step held), one waiting: the next gets 429; both
+    admitted ones then finish."""
+    running = start(model, max_batch=1, max_queue=1)
+    engine = running.server.engine
+    release = _held_steps(engine)
     try:
         body = {"model": MODEL, "prompt": "1+1=", "max_tokens": 8}
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -501,14 +507,8 @@ def test_choices_are_admitted_together_or_refused_together(model):
     with none left behind; more than the server ever holds is a 400 naming n, not a 429
     a client would retry forever."""
     running = start(model, max_batch=2, max_queue=1)
-    engine, release = running.server.engine, threading.Event()
-    original = engine._block_logits
-
-    def held(jobs):
-        release.wait(30)
-        return original(jobs)
-
-    engine._block_logits = held
+    engine = running.server.engine
+    release = _held_steps(engine)
     try:
         too_many = post(running, {"model": MODEL, "prompt": "1+1=", "max_tokens": 8, "n": 4})
         assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "n"
