@@ -276,6 +276,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             top_k=args.top_k, top_p=args.top_p, remasking=args.remasking, conf_temperature=args.conf_temperature,
             cfg_scale=args.cfg_scale, seed=args.seed, callback=printer, cache=args.cache, block_grid=args.block_grid,
             speculate=args.speculate, revise_threshold=args.revise_threshold, eos_id=args.eos_id,
+            alg_temp=args.alg_temp,
         )
     except BaseException:
         if parallel:  # no barrier: a rank that failed alone would wait there for the others forever
@@ -425,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--conf-temperature", type=float, default=1.0,
                      help="temperature of the confidence that ranks positions (1: LLaDA's; Dream's is "
                           "its --temperature)")
+    gen.add_argument("--alg-temp", type=float, default=None,
+                     help="Dream's alg_temp (with --steps): draw each step's positions with probabilities "
+                          "softmax(confidence / T) instead of taking the most confident (0 or unset: those)")
     gen.add_argument("--cfg-scale", type=float, default=0.0)
     gen.add_argument("--cache", choices=["prefix", "dual"], help="reuse keys and values within a block")
     gen.add_argument("--block-grid", choices=["prompt", "model"], default="prompt",

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from unmask import ops, revise, speculative, validation
+from unmask import ops, revise, rng, speculative, validation
 from unmask.output import GenerateOutput
 from unmask.schedule import block_plans, grid_blocks, schedule_counts  # noqa: F401 (schedule_counts, as before)
 from unmask.validation import CACHE_MODES, Revision, Rule, Sampling
@@ -519,10 +519,12 @@ def _run(step_model: _StepModel, x: torch.Tensor, blocks: list[tuple[int, int]],
          masked_counts: list[list[int]] | None = None,
          traced_step: Callable[[DenoiseStep], Callable] | None = None,
          speculate: int = 0, siblings: bool = True, revision: Revision | None = None,
-         full_block_plans: bool = False) -> GenerateOutput:
+         full_block_plans: bool = False, alg_temp: float | None = None) -> GenerateOutput:
     """The decoding loop of generate and infill, timed the same way for both: from the
     first model call to the last token on the host (a CUDA device is synchronised)."""
     sample, vocab = _sampler_of(step_model.model)
+    if alg_temp is not None:
+        sample = _drawn_positions(sample, alg_temp)
     started = time.perf_counter()
     # The model's device is the current one while decoding: streams, events and graphs
     # made without a device argument (here and in the kernels) then belong to it.
@@ -537,6 +539,24 @@ def _run(step_model: _StepModel, x: torch.Tensor, blocks: list[tuple[int, int]],
         torch.cuda.synchronize(x.device)
     seconds = time.perf_counter() - started
     return GenerateOutput(x[:, generation_start:].clone(), x, nfe, steps_per_block, seconds, canvases)
+
+
+def _drawn_positions(sample: Callable, alg_temp: float) -> Callable:
+    """sample, its confidences turned into conf / alg_temp + Gumbel noise: the commit's
+    top-k of those draws the step's positions without replacement with probabilities
+    softmax(conf / alg_temp) (the Gumbel-top-k trick; Dream's torch.multinomial over that
+    softmax, in distribution, with unmask's noise). The noise is Philox stream 1 at each
+    position's row id and step offset, the draw remasking="random" ranks by: so the same
+    seed draws the same positions on every backend, and a huge alg_temp commits what
+    remasking="random" commits. Ranked in float32, as the kernels rank."""
+    def drawn(logits, *, seed, offset, **options):
+        tokens, conf = sample(logits, seed=seed, offset=offset, **options)
+        rows = torch.arange(conf.numel(), device=conf.device)  # the sample call's row ids (no `rows` given)
+        offsets = torch.as_tensor(offset, device=conf.device).expand_as(conf).reshape(-1)
+        draws = rng.draws(seed, rows, 1, offset=offsets, stream=rng.RANDOM_CONFIDENCE_STREAM)[:, 0]
+        return tokens, (conf.double() / alg_temp + rng.gumbel_from_draws(draws).view_as(conf)).float()
+
+    return drawn
 
 
 def _sampler_of(model) -> tuple[Callable, int | None]:
@@ -702,6 +722,7 @@ def generate(
     revise_threshold: float | None = None,
     revise_groups: int = 2,
     max_revisions: int = 1,
+    alg_temp: float | None = None,
     device: torch.device | str | None = None,
 ) -> GenerateOutput:
     """Decode gen_length tokens after each prompt with a masked diffusion LM.
@@ -754,6 +775,9 @@ def generate(
     committed earlier in the active block is masked again when the model's probability
     of it, with its position masked, falls below revise_threshold, at most max_revisions
     times per position; each call also evaluates revise_groups verification canvases.
+    alg_temp (Dream's, with steps alone): None or 0 commits each step's most confident
+    positions; a positive temperature draws them, without replacement, with probabilities
+    softmax(confidence / alg_temp) (_drawn_positions), as Dream's torch.multinomial does.
     """
     num_blocks = validation.block_count(gen_length, block_length)
     sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed,
@@ -764,6 +788,8 @@ def generate(
     validation.check_int("speculate", speculate, low=0)
     validation.check_bool("speculate_siblings", speculate_siblings)
     revision = validation.revision(revise_threshold, revise_groups, max_revisions, rule=rule, speculate=speculate)
+    alg_temp = validation.position_temperature(alg_temp, rule=rule, confidence=sampling.confidence,
+                                               speculate=speculate)
     _check_cache(model, cache)
     validation.check_choice("block_grid", block_grid, validation.BLOCK_GRIDS)
     mask_id, eos_ids = validation.model_special_ids(model, mask_id, eos_id)
@@ -804,7 +830,8 @@ def generate(
     out = _run(step_model, x, blocks, rule, sampling, mask_id=mask_id, eos_ids=eos_ids if stop_at_eos else None,
                generation_start=prompt_len, callback=callback, masked_counts=masked_counts, speculate=speculate,
                siblings=speculate_siblings, revision=revision, full_block_plans=block_grid == "model",
-               traced_step=_traced_step(cuda_graph, compile, step_model, device, _eager_loop(speculate, revision)))
+               traced_step=_traced_step(cuda_graph, compile, step_model, device, _eager_loop(speculate, revision)),
+               alg_temp=alg_temp)
     if decoded > gen_length:  # the model grid's tail past gen_length was decoded for its context alone
         sequences = out.sequences[:, :prompt_len + gen_length].clone()
         out = dataclasses.replace(out, tokens=sequences[:, prompt_len:], sequences=sequences)

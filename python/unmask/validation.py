@@ -798,6 +798,30 @@ def revision(threshold, groups, max_revisions, *, rule: Rule, speculate: int) ->
     return Revision(threshold, groups, max_revisions)
 
 
+def position_temperature(alg_temp, *, rule: Rule, confidence: str, speculate: int) -> float | None:
+    """generate's alg_temp (Dream's): None or 0 commits each step's most confident
+    positions (top-k); a positive temperature draws them, without replacement, with
+    probabilities softmax(confidence / alg_temp). Only beside the steps rule alone (its
+    count is what is drawn), a confidence to temper (not remasking="random") and no
+    speculation (whose drafts assume the top-k)."""
+    if alg_temp is None:
+        return None
+    alg_temp = check_float("alg_temp", alg_temp, nonnegative=True)
+    if alg_temp == 0.0:  # Dream's alg_temp=0: the top-k
+        return None
+    if alg_temp < MIN_TEMPERATURE:  # confidence / alg_temp stays finite in float64
+        raise ValueError(f"alg_temp must be 0 or at least {MIN_TEMPERATURE:g}, got {alg_temp}")
+    if rule.steps_per_block is None or rule.threshold is not None:
+        raise ValueError("alg_temp draws each step's planned count of positions: it needs steps= alone, not "
+                         "threshold= or factor=")
+    if confidence == "random":
+        raise ValueError("alg_temp tempers the confidence that ranks positions; remasking='random' ranks them at "
+                         "random already")
+    if speculate:
+        raise ValueError("alg_temp and speculate cannot be combined (the drafts take each step's top-k)")
+    return alg_temp
+
+
 def block_count(gen_length, block_length) -> int:
     check_positive_int("gen_length", gen_length)
     check_positive_int("block_length", block_length)

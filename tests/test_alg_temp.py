@@ -1,0 +1,78 @@
+"""Dream's alg_temp (generate(alg_temp=T)): each step's positions drawn without replacement
+with probabilities softmax(confidence / T), by Gumbel-top-k with unmask's Philox noise
+(stream 1, the random-remasking draw): the limits are the top-k (T -> 0) and random
+remasking (T -> inf); the draw's distribution is the softmax; the checks name alg_temp."""
+
+import pytest
+import torch
+
+import unmask
+from unmask import dispatch, ops, sampler
+from tests.helpers import tiny_model
+
+PROMPTS = [[5, 9, 3, 7, 1], [11, 2, 8]]
+ARGS = dict(gen_length=16, block_length=8, steps=8)  # two positions a step
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=2)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_limits_are_the_top_k_and_random_remasking(model, temperature):
+    top_k = unmask.generate(model, PROMPTS, temperature=temperature, seed=3, **ARGS).tokens
+    for tiny in (0, 0.0, 1e-9):
+        assert torch.equal(unmask.generate(model, PROMPTS, temperature=temperature, seed=3, alg_temp=tiny,
+                                           **ARGS).tokens, top_k)
+    random = unmask.generate(model, PROMPTS, temperature=temperature, seed=3, remasking="random", **ARGS).tokens
+    assert not torch.equal(random, top_k), "the case must tell the two limits apart"
+    huge = unmask.generate(model, PROMPTS, temperature=temperature, seed=3, alg_temp=1e12, **ARGS).tokens
+    assert torch.equal(huge, random)
+
+
+def test_a_seed_draws_the_same_positions_on_every_backend(model):
+    arguments = dict(ARGS, temperature=0.5, alg_temp=0.3, seed=11)
+    native = unmask.generate(model, PROMPTS, **arguments).tokens
+    assert torch.equal(unmask.generate(model, PROMPTS, **arguments).tokens, native)
+    with dispatch.forced("reference"):
+        assert torch.equal(unmask.generate(model, PROMPTS, **arguments).tokens, native)
+    moderate = [unmask.generate(model, PROMPTS, **{**arguments, "seed": seed}).tokens for seed in range(4)]
+    assert any(not torch.equal(m, moderate[0]) for m in moderate[1:]), "the draw must depend on the seed"
+
+
+def test_the_first_position_drawn_follows_the_softmax():
+    """Rows of the same six confidences, each drawing its first position: the frequencies
+    are softmax(conf / T) within four standard deviations (a binomial's, per position)."""
+    conf = torch.tensor([0.9, 0.7, 0.5, 0.3, 0.2, 0.1])
+    rows, alg_temp = 6000, 0.2
+
+    def fixed(logits, **_):
+        return torch.zeros(rows, 6, dtype=torch.int64), conf.expand(rows, 6).clone()
+
+    _, drawn = sampler._drawn_positions(fixed, alg_temp)(None, seed=5, offset=torch.zeros(rows, 6, dtype=torch.int64))
+    committed = ops.commit(torch.zeros(rows, 6, dtype=torch.int64), torch.ones(rows, 6, dtype=torch.int64), drawn,
+                           torch.ones(rows, 6, dtype=torch.bool), k=1)
+    assert bool((committed.sum(dim=1) == 1).all())
+    frequency = committed.double().mean(dim=0)
+    expected = torch.softmax(conf.double() / alg_temp, dim=0)
+    bound = 4 * torch.sqrt(expected * (1 - expected) / rows)
+    assert bool(((frequency - expected).abs() <= bound).all()), (frequency.tolist(), expected.tolist())
+    # and not the top-k: the most confident position is drawn first only ~62% of the time
+    # (e^4.5 / (e^4.5 + e^3.5 + e^2.5 + e^1.5 + e^1 + e^0.5))
+    assert frequency[0] < 0.7
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (dict(alg_temp=-1.0), "alg_temp must be >= 0"),
+    (dict(alg_temp="hot"), "alg_temp must be"),
+    (dict(alg_temp=1e-40), "alg_temp must be 0 or at least"),
+    (dict(alg_temp=0.5, steps=None, threshold=0.5), "needs steps= alone"),
+    (dict(alg_temp=0.5, threshold=0.5), "needs steps= alone"),
+    (dict(alg_temp=0.5, steps=None, factor=1.0), "needs steps= alone"),
+    (dict(alg_temp=0.5, remasking="random"), "remasking='random' ranks them at random"),
+    (dict(alg_temp=0.5, speculate=2), "alg_temp and speculate"),
+])
+def test_the_checks_name_alg_temp(model, arguments, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        unmask.generate(model, PROMPTS, **{**ARGS, **arguments})
