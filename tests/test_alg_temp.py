@@ -3,12 +3,14 @@ with probabilities softmax(confidence / T), by Gumbel-top-k with unmask's Philox
 (stream 1, the random-remasking draw): the limits are the top-k (T -> 0) and random
 remasking (T -> inf); the draw's distribution is the softmax; the checks name alg_temp."""
 
+import copy
+
 import pytest
 import torch
 
 import unmask
 from unmask import dispatch, ops, sampler
-from tests.helpers import tiny_model
+from tests.helpers import requires_gpu, tiny_model
 
 PROMPTS = [[5, 9, 3, 7, 1], [11, 2, 8]]
 ARGS = dict(gen_length=16, block_length=8, steps=8)  # two positions a step
@@ -39,6 +41,22 @@ def test_a_seed_draws_the_same_positions_on_every_backend(model):
         assert torch.equal(unmask.generate(model, PROMPTS, **arguments).tokens, native)
     moderate = [unmask.generate(model, PROMPTS, **{**arguments, "seed": seed}).tokens for seed in range(4)]
     assert any(not torch.equal(m, moderate[0]) for m in moderate[1:]), "the draw must depend on the seed"
+
+
+def test_a_traced_step_draws_the_eager_positions(model):
+    """The noise is torch operations inside the step: torch.compile(fullgraph=True) traces
+    them (compile=True) and gives the eager tokens."""
+    arguments = dict(ARGS, temperature=0.5, alg_temp=0.3, seed=11)
+    assert torch.equal(unmask.generate(model, PROMPTS, compile=True, **arguments).tokens,
+                       unmask.generate(model, PROMPTS, **arguments).tokens)
+
+
+@requires_gpu
+def test_a_cuda_graph_draws_the_eager_positions(model):
+    device_model = copy.deepcopy(model).cuda()
+    arguments = dict(ARGS, temperature=0.5, alg_temp=0.3, seed=11)
+    assert torch.equal(unmask.generate(device_model, PROMPTS, cuda_graph=True, **arguments).tokens,
+                       unmask.generate(device_model, PROMPTS, cuda_graph=False, **arguments).tokens)
 
 
 def test_the_first_position_drawn_follows_the_softmax():
