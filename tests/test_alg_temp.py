@@ -68,7 +68,7 @@ def test_the_first_position_drawn_follows_the_softmax():
     def fixed(logits, **_):
         return torch.zeros(rows, 6, dtype=torch.int64), conf.expand(rows, 6).clone()
 
-    _, drawn = sampler._drawn_positions(fixed, alg_temp)(None, seed=5, offset=torch.zeros(rows, 6, dtype=torch.int64))
+    _, drawn = sampler.drawn_positions(fixed, alg_temp)(None, seed=5, offset=torch.zeros(rows, 6, dtype=torch.int64))
     committed = ops.commit(torch.zeros(rows, 6, dtype=torch.int64), torch.ones(rows, 6, dtype=torch.int64), drawn,
                            torch.ones(rows, 6, dtype=torch.bool), k=1)
     assert bool((committed.sum(dim=1) == 1).all())

@@ -114,9 +114,11 @@ SETTINGS = [
     {"max_tokens": 8, "temperature": 0.8, "seed": 5, "cfg_scale": 0.5, "cache": "dual"},
     # Dream's sampling: the nucleus and the confidence at the sampling temperature
     {"max_tokens": 8, "temperature": 0.5, "top_p": 0.8, "conf_temperature": 0.5, "remasking": "entropy", "seed": 3},
+    # Dream's alg_temp: positions drawn (greedy tokens; "579" here, where the top-k gives "578")
+    {"max_tokens": 16, "block_length": 8, "steps": 8, "alg_temp": 1.0, "seed": 1},
 ]
 EXTRA_FIELDS = ("block_length", "steps", "schedule", "threshold", "factor", "remasking", "conf_temperature",
-                "cfg_scale", "cache")
+                "cfg_scale", "cache", "alg_temp")
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=[str(i) for i in range(len(SETTINGS))])
@@ -276,6 +278,8 @@ ERRORS = [
     ({"model": MODEL, "prompt": "1", "max_tokens": 10**400}, "max_tokens"),
     ({"model": MODEL, "prompt": "1", "max_tokens": 8, "block_length": 10**400}, "block_length"),
     ({"model": MODEL, "prompt": "1", "n": 0}, "n"),
+    ({"model": MODEL, "prompt": "1", "alg_temp": -1}, "alg_temp"),
+    ({"model": MODEL, "prompt": "1", "alg_temp": 0.5, "threshold": 0.5}, "alg_temp"),
     ({"model": MODEL, "prompt": "1", "n": 129}, "n"),  # OpenAI's limit is 128
     ({"model": MODEL, "prompt": "1", "n": "2"}, "n"),
     ({"model": MODEL, "prompt": "1", "n": 2, "seed": 2**64 - 1}, "n"),  # choice 1 would need seed 2**64

@@ -524,7 +524,7 @@ def _run(step_model: _StepModel, x: torch.Tensor, blocks: list[tuple[int, int]],
     first model call to the last token on the host (a CUDA device is synchronised)."""
     sample, vocab = _sampler_of(step_model.model)
     if alg_temp is not None:
-        sample = _drawn_positions(sample, alg_temp)
+        sample = drawn_positions(sample, alg_temp)
     started = time.perf_counter()
     # The model's device is the current one while decoding: streams, events and graphs
     # made without a device argument (here and in the kernels) then belong to it.
@@ -541,7 +541,7 @@ def _run(step_model: _StepModel, x: torch.Tensor, blocks: list[tuple[int, int]],
     return GenerateOutput(x[:, generation_start:].clone(), x, nfe, steps_per_block, seconds, canvases)
 
 
-def _drawn_positions(sample: Callable, alg_temp: float) -> Callable:
+def drawn_positions(sample: Callable, alg_temp: float) -> Callable:
     """sample, its confidences turned into conf / alg_temp + Gumbel noise: the commit's
     top-k of those draws the step's positions without replacement with probabilities
     softmax(conf / alg_temp) (the Gumbel-top-k trick; Dream's torch.multinomial over that
@@ -777,7 +777,7 @@ def generate(
     times per position; each call also evaluates revise_groups verification canvases.
     alg_temp (Dream's, with steps alone): None or 0 commits each step's most confident
     positions; a positive temperature draws them, without replacement, with probabilities
-    softmax(confidence / alg_temp) (_drawn_positions), as Dream's torch.multinomial does.
+    softmax(confidence / alg_temp) (drawn_positions), as Dream's torch.multinomial does.
     """
     num_blocks = validation.block_count(gen_length, block_length)
     sampling = validation.sampling(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, seed=seed,

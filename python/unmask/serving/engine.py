@@ -386,8 +386,10 @@ class Engine:
         s = group[0].settings.sampling
         stacked = torch.stack([logits[id(job)] for job in group])  # [n, block, V]
         offset = group[0].offset if len(group) == 1 else 0  # shared calls draw no noise
-        got_tokens, got_conf = ops.sample(stacked, **s.options, banned=[group[0].mask_id], seed=s.seed, offset=offset,
-                                          check=False)
+        alg_temp = group[0].settings.alg_temp  # (a job with one samples alone: it draws noise)
+        sample = ops.sample if alg_temp is None else sampler.drawn_positions(ops.sample, alg_temp)
+        got_tokens, got_conf = sample(stacked, **s.options, banned=[group[0].mask_id], seed=s.seed, offset=offset,
+                                      check=False)
         # one host copy per group, not one per request and output
         for job, job_tokens, job_conf in zip(group, got_tokens.cpu().unbind(), got_conf.cpu().unbind()):
             tokens[id(job)], conf[id(job)] = job_tokens, job_conf
@@ -510,7 +512,7 @@ class Engine:
 
 def _sampling_key(job: Job):
     s = job.settings.sampling
-    draws_noise = s.temperature > 0 or s.confidence == "random"
+    draws_noise = s.temperature > 0 or s.confidence == "random" or job.settings.alg_temp is not None
     if draws_noise:
         return "alone", id(job)
     # every option but the seed, which a call that draws no noise does not read (as the JAX

@@ -12,7 +12,7 @@ from unmask import schedule, validation
 
 # Diffusion decoding parameters a body may carry beside OpenAI's fields.
 DIFFUSION_FIELDS = ("block_length", "steps", "schedule", "threshold", "factor", "remasking", "conf_temperature",
-                    "cfg_scale", "cache", "speculate", "block_grid")
+                    "cfg_scale", "cache", "speculate", "block_grid", "alg_temp")
 OPENAI_FIELDS = ("model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
                  "n", "user")
 # OpenAI fields the server does not implement, with the values that ask for nothing (a
@@ -63,6 +63,7 @@ class Settings:
     blocks: tuple[tuple[int, int], ...]
     canvas_length: int  # the prompt and the positions after it that the model sees
     n: int = 1  # choices: choice i decodes with seed + i (choice())
+    alg_temp: float | None = None  # Dream's: positions drawn (unmask.sampler.drawn_positions)
 
     def choice(self, index: int) -> Settings:
         """Choice `index` of n: one completion with seed + index, so each choice is the
@@ -82,7 +83,7 @@ class Settings:
                 "top_k": self.sampling.top_k, "top_p": self.sampling.top_p, "remasking": remasking,
                 "conf_temperature": self.sampling.conf_temperature,
                 "cfg_scale": self.cfg_scale, "cache": self.cache, "seed": self.sampling.seed,
-                "block_grid": self.block_grid}
+                "block_grid": self.block_grid, "alg_temp": self.alg_temp}
 
 
 def _checked(param: str, check, *args, **kwargs):
@@ -204,13 +205,16 @@ def settings(body: dict, *, prompt: list[int], default_block_length: int | None,
     except (TypeError, ValueError) as error:
         param = _param_of(error, ("schedule", "steps", "threshold", "factor")) or "steps"
         raise RequestError(str(error), param) from None
+    alg_temp = _checked("alg_temp", validation.position_temperature, body.get("alg_temp"), rule=rule,
+                        confidence=sampling.confidence, speculate=0)
     cfg_scale = _checked("cfg_scale", validation.check_cfg_scale, _default(body, "cfg_scale", 0.0))
     cache = body.get("cache", default_cache)
     _checked("cache", validation.check_choice, "cache", cache, validation.CACHE_MODES)
     if cache is not None and not caches:
         raise RequestError(f"cache={cache!r} needs the unmask model; this server's model takes no cache", "cache")
     return Settings(tuple(prompt), gen_length, block_length, rule, sampling, cfg_scale, cache, max_tokens,
-                    _stop_strings(body.get("stop")), stream, include_usage, block_grid, blocks, canvas_length, n)
+                    _stop_strings(body.get("stop")), stream, include_usage, block_grid, blocks, canvas_length, n,
+                    alg_temp)
 
 
 def _server_default(body: dict) -> str:
