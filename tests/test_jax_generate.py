@@ -58,6 +58,9 @@ CASES = [
     # Dream's sampling: confidence at the sampling temperature, the nucleus measured there
     (DREAM, {"steps": 8, "block_length": 8, "schedule": "dream", "temperature": 0.3, "top_p": 0.9,
              "conf_temperature": 0.3, "remasking": "entropy", "seed": 6}),
+    # Dream's alg_temp: positions drawn by Gumbel-top-k with torch's noise
+    (DREAM, {"steps": 4, "block_length": 8, "temperature": 0.5, "alg_temp": 0.3, "seed": 7}),
+    ({}, {"steps": 4, "block_length": 4, "alg_temp": 1.0, "seed": 8, "cache": "dual"}),
 ]
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from unmask import validation
+from unmask.pallas import philox
 from unmask.schedule import block_plans, grid_blocks
 from unmask.jax.kernels import commit, default_interpret, seed_words
 from unmask.jax.model import JaxModel
@@ -46,6 +47,7 @@ class BlockProgram:
     # block_grid="model": the masks the block starts with (a prompt's partial block holds
     # fewer than its length), planned as a whole block capped by them; None: all masks
     masked: int | None = None
+    alg_temp: float | None = None  # Dream's: positions drawn (_drawn_positions)
 
     def step_counts(self) -> np.ndarray:
         """Tokens every row commits at each step that commits any (steps rule): the
@@ -55,6 +57,17 @@ class BlockProgram:
         plan = block_plans([masked], self.block_length, self.rule.steps_per_block, self.rule.schedule,
                            full_block=self.masked is not None)
         return np.asarray(plan[0], np.int32)
+
+
+def _drawn_positions(conf, seed, offset, alg_temp: float):
+    """unmask.sampler.drawn_positions on the device: conf [B, block] / alg_temp plus the
+    Gumbel noise of Philox stream 1 at each position's row id (b * block + position, the
+    sample call's) and step offset [B, block], so the commit's top-k draws the positions
+    torch's loop draws (in float32 here, float64 there: the same order but at near-ties)."""
+    rows = jnp.arange(conf.size, dtype=jnp.uint32).reshape(conf.shape)
+    words = jax.lax.bitcast_convert_type(seed, jnp.uint32)
+    draws = philox.draws(words[0], words[1], rows, jnp.zeros_like(rows), offset.astype(jnp.uint32), 1)
+    return conf / alg_temp + philox.gumbel_from_draws(draws)
 
 
 def _stop_rows_at_eos(x, running, generation_start: int, decoded_end, eos_ids: tuple[int, ...]):
@@ -128,8 +141,10 @@ def _decode_block(model: JaxModel, program: BlockProgram, host_callback, params,
         block = jax.lax.dynamic_slice_in_dim(x, start, length, axis=1)
         eligible = (block == p.mask_id) & running[:, None]
         logits, cache = logits_of(x, cache)
-        tokens, conf = model.sample_logits(logits, **sampling.options, banned=[p.mask_id], seed=seed,
-                                           offset=jnp.broadcast_to(offset[:, None], block.shape))
+        offsets = jnp.broadcast_to(offset[:, None], block.shape)
+        tokens, conf = model.sample_logits(logits, **sampling.options, banned=[p.mask_id], seed=seed, offset=offsets)
+        if p.alg_temp is not None:
+            conf = _drawn_positions(conf, seed, offsets, p.alg_temp)
         invalid |= ((tokens < 0) & eligible).any()
         new_block, committed = commit(block, tokens, conf, eligible, interpret=model.interpret, **mode)
         x = jax.lax.dynamic_update_slice_in_dim(x, new_block.astype(x.dtype), start, axis=1)
@@ -226,7 +241,7 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, remasking: str = "low_confidence",
              cfg_scale: float = 0.0, mask_id: int | None = None, eos_id=None, stop_at_eos: bool = True,
              seed: int = 0, callback=None, cache: str | None = None, schedule: str = "llada",
-             conf_temperature: float = 1.0, block_grid: str = "prompt") -> GenerateOutput:
+             conf_temperature: float = 1.0, block_grid: str = "prompt", alg_temp: float | None = None) -> GenerateOutput:
     """As unmask.generate; tokens and sequences come back as jnp arrays. callback(step, x,
     committed) gets numpy arrays, from inside the compiled loop (a host round trip per
     step: leave it None for speed)."""
@@ -238,6 +253,7 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
                                    conf_temperature=conf_temperature)
     rule = validation.rule(steps, threshold, factor, num_blocks=num_blocks, default_steps=gen_length,
                            confidence=sampling.confidence, schedule=schedule)
+    alg_temp = validation.position_temperature(alg_temp, rule=rule, confidence=sampling.confidence, speculate=0)
     cfg_scale = validation.check_cfg_scale(cfg_scale)
     validation.check_choice("cache", cache, validation.CACHE_MODES)
     validation.check_choice("block_grid", block_grid, validation.BLOCK_GRIDS)
@@ -272,7 +288,7 @@ def generate(model: JaxModel, prompts, *, attention_mask=None, gen_length: int =
     nfe, steps_per_block = 0, []
     for (start, end), block_masks in zip(blocks, masked):
         program = BlockProgram(end - start, prompt_len, rule, dataclasses.replace(sampling, seed=0), cfg_scale, cache,
-                               mask_id, eos_ids, callback is not None, block_masks)
+                               mask_id, eos_ids, callback is not None, block_masks, alg_temp)
         x, running, offset, block_steps, invalid = block_decoder(model, program)(
             model.params, x, model_mask, prompt_positions, running, offset, jnp.int32(start), seed_array,
             jnp.int32(nfe))
