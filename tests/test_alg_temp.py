@@ -34,9 +34,10 @@ def test_the_limits_are_the_top_k_and_random_remasking(model, temperature):
 
 
 def test_a_seed_draws_the_same_positions_on_every_backend(model):
-    arguments = dict(ARGS, temperature=0.5, alg_temp=0.3, seed=11)
+    """Greedy tokens: only the drawn positions depend on the seed."""
+    arguments = dict(ARGS, alg_temp=0.3, seed=11)
     native = unmask.generate(model, PROMPTS, **arguments).tokens
-    assert torch.equal(unmask.generate(model, PROMPTS, **arguments).tokens, native)
+    assert not torch.equal(native, unmask.generate(model, PROMPTS, **ARGS).tokens), "the draw must move the tokens"
     with dispatch.forced("reference"):
         assert torch.equal(unmask.generate(model, PROMPTS, **arguments).tokens, native)
     moderate = [unmask.generate(model, PROMPTS, **{**arguments, "seed": seed}).tokens for seed in range(4)]
@@ -46,17 +47,19 @@ def test_a_seed_draws_the_same_positions_on_every_backend(model):
 def test_a_traced_step_draws_the_eager_positions(model):
     """The noise is torch operations inside the step: torch.compile(fullgraph=True) traces
     them (compile=True) and gives the eager tokens."""
-    arguments = dict(ARGS, temperature=0.5, alg_temp=0.3, seed=11)
-    assert torch.equal(unmask.generate(model, PROMPTS, compile=True, **arguments).tokens,
-                       unmask.generate(model, PROMPTS, **arguments).tokens)
+    arguments = dict(ARGS, alg_temp=0.3, seed=11)
+    eager = unmask.generate(model, PROMPTS, **arguments).tokens
+    assert not torch.equal(eager, unmask.generate(model, PROMPTS, **ARGS).tokens)
+    assert torch.equal(unmask.generate(model, PROMPTS, compile=True, **arguments).tokens, eager)
 
 
 @requires_gpu
 def test_a_cuda_graph_draws_the_eager_positions(model):
     device_model = copy.deepcopy(model).cuda()
-    arguments = dict(ARGS, temperature=0.5, alg_temp=0.3, seed=11)
-    assert torch.equal(unmask.generate(device_model, PROMPTS, cuda_graph=True, **arguments).tokens,
-                       unmask.generate(device_model, PROMPTS, cuda_graph=False, **arguments).tokens)
+    arguments = dict(ARGS, alg_temp=0.3, seed=11)
+    eager = unmask.generate(device_model, PROMPTS, cuda_graph=False, **arguments).tokens
+    assert not torch.equal(eager, unmask.generate(device_model, PROMPTS, cuda_graph=False, **ARGS).tokens)
+    assert torch.equal(unmask.generate(device_model, PROMPTS, cuda_graph=True, **arguments).tokens, eager)
 
 
 def test_the_first_position_drawn_follows_the_softmax():
@@ -76,9 +79,33 @@ def test_the_first_position_drawn_follows_the_softmax():
     expected = torch.softmax(conf.double() / alg_temp, dim=0)
     bound = 4 * torch.sqrt(expected * (1 - expected) / rows)
     assert bool(((frequency - expected).abs() <= bound).all()), (frequency.tolist(), expected.tolist())
-    # and not the top-k: the most confident position is drawn first only ~62% of the time
+    # not the top-k: the most confident position is drawn first ~62% of the time
     # (e^4.5 / (e^4.5 + e^3.5 + e^2.5 + e^1.5 + e^1 + e^0.5))
     assert frequency[0] < 0.7
+
+
+def test_two_drawn_positions_follow_plackett_luce_among_the_eligible():
+    """k = 2 with two of six positions not eligible (the most confident among them): those
+    are never drawn, and each eligible position's chance of being among the two is the
+    Plackett-Luce inclusion probability of softmax(conf / T) over the eligible ones."""
+    conf = torch.tensor([0.9, 0.8, 0.7, 0.5, 0.3, 0.1])
+    eligible = torch.tensor([False, True, True, True, False, True])
+    rows, alg_temp = 6000, 0.25
+
+    def fixed(logits, **_):
+        return torch.zeros(rows, 6, dtype=torch.int64), conf.expand(rows, 6).clone()
+
+    _, drawn = sampler.drawn_positions(fixed, alg_temp)(None, seed=9, offset=torch.zeros(rows, 6, dtype=torch.int64))
+    committed = ops.commit(torch.zeros(rows, 6, dtype=torch.int64), torch.ones(rows, 6, dtype=torch.int64), drawn,
+                           eligible.expand(rows, 6), k=2)
+    assert bool((committed.sum(dim=1) == 2).all()) and not bool(committed[:, ~eligible].any())
+    weights = torch.where(eligible, torch.exp(conf.double() / alg_temp), torch.zeros(()))
+    p = weights / weights.sum()
+    included = torch.stack([p[i] + sum(p[j] * p[i] / (1 - p[j]) for j in range(6) if j != i) for i in range(6)])
+    included = torch.where(eligible, included, torch.zeros(()))
+    frequency = committed.double().mean(dim=0)
+    bound = 4 * torch.sqrt(included * (1 - included) / rows)
+    assert bool(((frequency - included).abs() <= bound).all()), (frequency.tolist(), included.tolist())
 
 
 @pytest.mark.parametrize("arguments,message", [

@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="temperature of the confidence that ranks positions (1: LLaDA's; Dream's is "
                           "its --temperature)")
     gen.add_argument("--alg-temp", type=float, default=None,
-                     help="Dream's alg_temp (with --steps): draw each step's positions with probabilities "
+                     help="Dream's alg_temp (the steps rule): draw each step's positions with probabilities "
                           "softmax(confidence / T) instead of taking the most confident (0 or unset: those)")
     gen.add_argument("--cfg-scale", type=float, default=0.0)
     gen.add_argument("--cache", choices=["prefix", "dual"], help="reuse keys and values within a block")
