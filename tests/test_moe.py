@@ -39,25 +39,37 @@ def run_kernel(*arguments) -> torch.Tensor:
     return out
 
 
-def check_against_reference(got, arguments):
-    """The float64 reference of the same values as the truth: the error at most twice the
-    float32 reference's (the kernel computes in float32 from the inputs as they are),
-    plus eight float32 roundings of the output's scale, on the largest element and the
-    mean. Why eight: the kernel rounds at each of its steps (two dot products, silu, the
-    product, each weighted add), and where the weighted sum cancels, those are roundings
-    of intermediates larger than the output (the excess measured up to 3.8 over 3000
-    random calls of this test's shapes)."""
-    assert not torch.isnan(got).any(), "unwritten or NaN outputs"
+def absolute_scale(x, chosen, weights, gate, up, down):
+    """The reference on the inputs' absolute values (float64): the scale of the terms each
+    sum adds. A float32 sum's rounding error is bounded by that, not by the result (a dot
+    product of 17 terms summing to 1/120 of their absolute sum loses two digits in any
+    order: Higham, Accuracy and Stability of Numerical Algorithms, 3.1)."""
+    return reference.moe_swiglu(*(a.double().abs() if a.is_floating_point() else a
+                                  for a in (x, chosen, weights, gate, up, down)))
+
+
+def within_rounding(got, arguments, baseline):
+    """got's error against the float64 reference at most twice `baseline`'s, plus two
+    float32 roundings of the absolute scale (absolute_scale; over 4500 random calls of
+    these shapes, on every ISA build, the excess was at most 0.35 of one), on the largest
+    element and the mean."""
     x, chosen, weights, gate, up, down = arguments
     exact = reference.moe_swiglu(x.double(), chosen, weights.double(), gate.double(), up.double(), down.double())
-    error = (got.double() - exact).abs()
-    baseline = (reference.moe_swiglu(x.float(), chosen, weights, gate.float(), up.float(), down.float()).double()
-                - exact).abs()
-    noise = 8 * torch.finfo(torch.float32).eps
-    message = (f"max error {float(error.max()):.3g} vs reference {float(baseline.max()):.3g}; "
+    error, baseline = (got.double() - exact).abs(), (baseline.double() - exact).abs()
+    noise = 2 * torch.finfo(torch.float32).eps * absolute_scale(*arguments)
+    message = (f"max error {float(error.max()):.3g} vs baseline {float(baseline.max()):.3g}; "
                f"mean {float(error.mean()):.3g} vs {float(baseline.mean()):.3g}")
-    assert float(error.max()) <= 2 * float(baseline.max()) + noise * float(exact.abs().max()), message
-    assert float(error.mean()) <= 2 * float(baseline.mean()) + noise * float(exact.abs().mean()), message
+    assert float(error.max()) <= 2 * float(baseline.max()) + float(noise.max()), message
+    assert float(error.mean()) <= 2 * float(baseline.mean()) + float(noise.mean()), message
+
+
+def check_against_reference(got, arguments):
+    """The kernel (float32 arithmetic on the inputs as they are) within rounding of the
+    float32 reference's error."""
+    assert not torch.isnan(got).any(), "unwritten or NaN outputs"
+    x, chosen, weights, gate, up, down = arguments
+    within_rounding(got, arguments, reference.moe_swiglu(x.float(), chosen, weights, gate.float(), up.float(),
+                                                         down.float()))
 
 
 @settings(deadline=None)
@@ -138,19 +150,10 @@ def per_token_in_dtype(x, chosen, weights, gate, up, down):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_the_torch_backend_matches_the_reference(dtype):
     """torch's products in the input dtype (hidden activations rounded to it, as an
-    nn.Linear MLP does): against the float64 reference, at most twice the error of the
-    per-token computation in that dtype (its products group the tokens; the roundings
-    are the same kind), plus eight float32 roundings of the output's scale, max and mean."""
+    nn.Linear MLP does): within rounding (within_rounding) of the per-token computation in
+    that dtype (its products group the tokens; the roundings are the same kind)."""
     arguments = random_call(37, 40, 24, 6, 3, dtype, seed=11)
-    got = experts.EXPERTS(validation.moe_swiglu_call(*arguments)).double()
-    x, chosen, weights, gate, up, down = arguments
-    exact = reference.moe_swiglu(x.double(), chosen, weights.double(), gate.double(), up.double(), down.double())
-    error, baseline = (got - exact).abs(), (per_token_in_dtype(*arguments).double() - exact).abs()
-    noise = 8 * torch.finfo(torch.float32).eps
-    message = (f"max error {float(error.max()):.3g} vs per-token {float(baseline.max()):.3g}; "
-               f"mean {float(error.mean()):.3g} vs {float(baseline.mean()):.3g}")
-    assert float(error.max()) <= 2 * float(baseline.max()) + noise * float(exact.abs().max()), message
-    assert float(error.mean()) <= 2 * float(baseline.mean()) + noise * float(exact.abs().mean()), message
+    within_rounding(experts.EXPERTS(validation.moe_swiglu_call(*arguments)), arguments, per_token_in_dtype(*arguments))
 
 
 def test_the_torch_backend_carries_gradients():
