@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import unmask  # noqa: E402
 from unmask import distributed  # noqa: E402
+from unmask.models.transformer import local_share  # noqa: E402
 from tests.helpers import tiny_model  # noqa: E402
 
 PROMPTS = [[5, 9, 3, 7, 1], [11, 2], [4, 4, 8]]  # ragged: left-padded inside generate
@@ -63,9 +64,9 @@ def main(out_path: str) -> None:
         results[name] = run_case(model, arguments)
         if name == "llada2-moe":  # rank 0's share of each expert and of the shared expert; its logits
             moe = model.layers[1].moe
-            results["moe_shard"] = {"local_gate": list(distributed._local(moe.expert_gate).shape),
-                                    "local_down": list(distributed._local(moe.expert_down).shape),
-                                    "local_shared_up": list(distributed._local(moe.shared.up_proj.weight).shape)}
+            results["moe_shard"] = {"local_gate": list(local_share(moe.expert_gate).shape),
+                                    "local_down": list(local_share(moe.expert_down).shape),
+                                    "local_shared_up": list(local_share(moe.shared.up_proj.weight).shape)}
             ids = torch.tensor([PROMPTS[0] + [60, 60, 60]])
             with torch.no_grad():
                 local, whole = model(ids), model_for(overrides)(ids)
@@ -81,8 +82,8 @@ def main(out_path: str) -> None:
     # from a model left whole)
     shard = model.vocab_shard
     results["shard"] = {"sizes": list(shard.sizes), "start": shard.start,
-                        "local_head_rows": distributed._local(model.lm_head.weight).shape[0],
-                        "local_query_rows": distributed._local(model.layers[0].q_proj.weight).shape[0]}
+                        "local_head_rows": local_share(model.lm_head.weight).shape[0],
+                        "local_query_rows": local_share(model.layers[0].q_proj.weight).shape[0]}
     for name, refused in (("error", lambda: distributed.tensor_parallel(model_for(dict(n_heads=4, n_kv_heads=1)),
                                                                          mesh)),
                           ("reversed-mesh", lambda: distributed.tensor_parallel(

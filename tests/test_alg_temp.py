@@ -62,18 +62,23 @@ def test_a_cuda_graph_draws_the_eager_positions(model):
     assert torch.equal(unmask.generate(device_model, PROMPTS, cuda_graph=True, **arguments).tokens, eager)
 
 
+def drawn_commits(conf, eligible, k, rows, alg_temp, seed):
+    """What `rows` independent draws of k positions commit: rows of the same confidences
+    through drawn_positions (each row its own row id) and the commit's top-k."""
+    def fixed(logits, **_):
+        return torch.zeros(rows, conf.numel(), dtype=torch.int64), conf.expand(rows, -1).clone()
+
+    offsets = torch.zeros(rows, conf.numel(), dtype=torch.int64)
+    _, drawn = sampler.drawn_positions(fixed, alg_temp)(None, seed=seed, offset=offsets)
+    return ops.commit(torch.zeros_like(offsets), torch.ones_like(offsets), drawn, eligible.expand(rows, -1), k=k)
+
+
 def test_the_first_position_drawn_follows_the_softmax():
     """Rows of the same six confidences, each drawing its first position: the frequencies
     are softmax(conf / T) within four standard deviations (a binomial's, per position)."""
     conf = torch.tensor([0.9, 0.7, 0.5, 0.3, 0.2, 0.1])
     rows, alg_temp = 6000, 0.2
-
-    def fixed(logits, **_):
-        return torch.zeros(rows, 6, dtype=torch.int64), conf.expand(rows, 6).clone()
-
-    _, drawn = sampler.drawn_positions(fixed, alg_temp)(None, seed=5, offset=torch.zeros(rows, 6, dtype=torch.int64))
-    committed = ops.commit(torch.zeros(rows, 6, dtype=torch.int64), torch.ones(rows, 6, dtype=torch.int64), drawn,
-                           torch.ones(rows, 6, dtype=torch.bool), k=1)
+    committed = drawn_commits(conf, torch.ones(6, dtype=torch.bool), 1, rows, alg_temp, seed=5)
     assert bool((committed.sum(dim=1) == 1).all())
     frequency = committed.double().mean(dim=0)
     expected = torch.softmax(conf.double() / alg_temp, dim=0)
@@ -91,13 +96,7 @@ def test_two_drawn_positions_follow_plackett_luce_among_the_eligible():
     conf = torch.tensor([0.9, 0.8, 0.7, 0.5, 0.3, 0.1])
     eligible = torch.tensor([False, True, True, True, False, True])
     rows, alg_temp = 6000, 0.25
-
-    def fixed(logits, **_):
-        return torch.zeros(rows, 6, dtype=torch.int64), conf.expand(rows, 6).clone()
-
-    _, drawn = sampler.drawn_positions(fixed, alg_temp)(None, seed=9, offset=torch.zeros(rows, 6, dtype=torch.int64))
-    committed = ops.commit(torch.zeros(rows, 6, dtype=torch.int64), torch.ones(rows, 6, dtype=torch.int64), drawn,
-                           eligible.expand(rows, 6), k=2)
+    committed = drawn_commits(conf, eligible, 2, rows, alg_temp, seed=9)
     assert bool((committed.sum(dim=1) == 2).all()) and not bool(committed[:, ~eligible].any())
     weights = torch.where(eligible, torch.exp(conf.double() / alg_temp), torch.zeros(()))
     p = weights / weights.sum()

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from unmask import ops, reference, rng, validation
+from unmask.models.transformer import local_share
 
 # Columns of the per-row statistics one rank computes over its vocabulary shard.
 STAT_MAX, STAT_BEST, STAT_BEST_ID, STAT_BEST_LOGIT, STAT_SECOND, STAT_SUM, STAT_WEIGHTED, STAT_BAD = range(8)
@@ -240,10 +241,6 @@ def combine_statistics(stats: torch.Tensor, row_ids: torch.Tensor, *, confidence
 # --------------------------------------------------------------------------- sharding the model
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
 def _shard_experts(moe, mesh, device) -> None:
     """A mixture's routed experts split as its dense MLP is: each rank holds a contiguous
     slice of every expert's hidden units (gate and up rows, down columns: dim 1 of the
@@ -286,10 +283,7 @@ def tensor_parallel(model, mesh=None):
         raise ValueError(f"mesh must list its ranks in ascending order, got {ranks}")
     world = mesh.size()
     config = model.config
-    for name in ("n_heads", "n_kv_heads", "mlp_hidden_size") + (("moe.expert_hidden_size",) if config.moe else ()):
-        value = getattr(config.moe, name.removeprefix("moe.")) if name.startswith("moe.") else getattr(config, name)
-        if value % world != 0:
-            raise ValueError(f"config.{name}={value} must be a multiple of the number of ranks ({world})")
+    validation.check_even_split(config, world, "ranks")
     check_vocab_split(config.embedding_size, world)
 
     if config.weight_tying:  # the head is split over the vocabulary; the embedding stays whole
@@ -311,7 +305,7 @@ def tensor_parallel(model, mesh=None):
     parallelize_module(model, mesh, plan)
 
     group = mesh.get_group()
-    size = _local(model.lm_head.weight).shape[0]
+    size = local_share(model.lm_head.weight).shape[0]
     sizes = [torch.zeros(1, dtype=torch.int64, device=model.embed.weight.device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([size], device=model.embed.weight.device), group=group)
     sizes = tuple(int(s) for s in sizes)

@@ -822,6 +822,18 @@ def position_temperature(alg_temp, *, rule: Rule, confidence: str, speculate: in
     return alg_temp
 
 
+def check_even_split(config, parts: int, unit: str) -> None:
+    """What tensor parallelism splits into equal shares over `parts` ranks or devices
+    (unit names them) is a multiple of it: heads, key/value heads, the MLP's hidden units
+    and, in a mixture, each expert's (torch's unmask.distributed and unmask.jax.sharding)."""
+    sizes = {"n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads, "mlp_hidden_size": config.mlp_hidden_size}
+    if config.moe is not None:
+        sizes["moe.expert_hidden_size"] = config.moe.expert_hidden_size
+    for name, value in sizes.items():
+        if value % parts != 0:
+            raise ValueError(f"config.{name}={value} must be a multiple of the number of {unit} ({parts})")
+
+
 def block_count(gen_length, block_length) -> int:
     check_positive_int("gen_length", gen_length)
     check_positive_int("block_length", block_length)

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from unmask import validation
 from unmask.jax import kernels
 from unmask.jax.model import JaxModel, routed_experts
 
@@ -125,10 +126,7 @@ def shard(model: JaxModel, mesh: Mesh | None = None) -> ShardedJaxModel:
     if mesh.axis_names != (AXIS,):
         raise ValueError(f"mesh must have the single axis {AXIS!r}, got {mesh.axis_names}")
     config = model.config
-    for name in ("n_heads", "n_kv_heads", "mlp_hidden_size") + (("moe.expert_hidden_size",) if config.moe else ()):
-        value = getattr(config.moe, name.removeprefix("moe.")) if name.startswith("moe.") else getattr(config, name)
-        if value % mesh.size != 0:
-            raise ValueError(f"config.{name}={value} must be a multiple of the number of devices ({mesh.size})")
+    validation.check_even_split(config, mesh.size, "devices")
     return ShardedJaxModel(shard_params(model.params, mesh), config, model.interpret, model.stop_ids, mesh=mesh)
 
 

@@ -39,9 +39,6 @@ class CheckpointFormat:
     # The checkpoint's layer tensors that hold several of ours, concatenated along dim 0
     # in this order (LLaDA 2.0's query_key_value: q, k, v).
     fused: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
-    # (our layer name as a regex, the checkpoint's with its groups as {0}, {1}, ...):
-    # names with an index inside them (an expert's).
-    layer_patterns: tuple[tuple[str, str], ...] = ()
     # Our layer tensors stacked from one checkpoint tensor per index along dim 0: our name ->
     # the checkpoint's, with "{e}" for the index (LLaDA 2.0's experts, one tensor each).
     stacked: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -57,10 +54,6 @@ class CheckpointFormat:
             for theirs, parts in self.fused.items():
                 if name in parts:
                     return prefix + theirs
-            for pattern, template in self.layer_patterns:
-                found = re.fullmatch(pattern, name)
-                if found is not None:
-                    return prefix + template.format(*found.groups())
         raise KeyError(f"no {self.model_type} name for parameter {ours!r}")
 
     def stacked_name(self, ours: str) -> str | None:
@@ -168,9 +161,10 @@ LLADA2 = CheckpointFormat(
         "down_proj.weight": "mlp.down_proj.weight",
         "moe.router.weight": "mlp.gate.weight",
         "moe.expert_bias": "mlp.gate.expert_bias",
+        **{f"moe.shared.{name}.weight": f"mlp.shared_experts.{name}.weight"
+           for name in ("gate_proj", "up_proj", "down_proj")},
     },
     fused={"attention.query_key_value.weight": ("q_proj.weight", "k_proj.weight", "v_proj.weight")},
-    layer_patterns=((r"moe\.shared\.(gate_proj|up_proj|down_proj)\.weight", "mlp.shared_experts.{0}.weight"),),
     stacked={f"moe.expert_{name}": f"mlp.experts.{{e}}.{name}_proj.weight" for name in ("gate", "up", "down")},
     config_from_json=ModelConfig.from_llada2_json,
     config_to_json=ModelConfig.to_llada2_json,

@@ -174,6 +174,11 @@ class SwiGLU(nn.Module):
         return swiglu(h, self.gate_proj, self.up_proj, self.down_proj)
 
 
+def local_share(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's share of a DTensor (sharded by unmask.distributed), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def _stacked_linear(count: int, out_features: int, in_features: int) -> nn.Parameter:
     """count [out, in] weights stacked: nn.Linear's layout and initial range per expert."""
     bound = in_features ** -0.5
@@ -225,8 +230,8 @@ class MixtureOfExperts(nn.Module):
             raise NotImplementedError("a tensor-parallel mixture of experts is for inference: its routed shares are "
                                       "summed by an all-reduce autograd does not see; run it under torch.no_grad()")
         experts, weights = self.route(h)
-        stacks = [getattr(w, "to_local", lambda w=w: w)() for w in (self.expert_gate, self.expert_up, self.expert_down)]
-        routed = ops.moe_swiglu(h, experts, weights, *stacks)
+        routed = ops.moe_swiglu(h, experts, weights, local_share(self.expert_gate), local_share(self.expert_up),
+                                local_share(self.expert_down))
         if mesh is not None:  # each rank summed its share of every expert's hidden units; in float32
             torch.distributed.all_reduce(routed, group=mesh.get_group())
         out = routed.to(h.dtype)  # the routed sum in float32, then the activations' dtype, as LLaDA 2.0
@@ -440,9 +445,9 @@ class DiffusionTransformer(nn.Module):
 
     def _local_kv_heads(self) -> int:
         """The key/value heads this process holds (a share under tensor parallelism)."""
-        k_proj = self.layers[0].k_proj.weight if len(self.layers) else None
-        local = getattr(k_proj, "to_local", lambda: k_proj)()  # a DTensor under tensor parallelism
-        return self.config.n_kv_heads if local is None else local.shape[0] // self.config.head_dim
+        if not len(self.layers):
+            return self.config.n_kv_heads
+        return local_share(self.layers[0].k_proj.weight).shape[0] // self.config.head_dim
 
     def new_cache(self, batch: int, length: int) -> KVCache:
         """An empty KVCache for a [batch, length] canvas, with the heads this process holds."""
