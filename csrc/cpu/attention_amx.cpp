@@ -19,8 +19,6 @@
 #include "attention_tiles.h"
 
 #if defined(UNMASK_AMX)
-#include <immintrin.h>
-
 #include <cstdint>
 
 namespace unmask::cpu {
@@ -29,61 +27,16 @@ namespace attention_detail {
 namespace {
 
 using Halves = std::vector<uint16_t, CacheLineAllocator<uint16_t>>;
-constexpr int64_t kTileRows = 16;   // rows of an AMX tile (and 64 bytes each)
-constexpr int64_t kDepth = 32;      // bfloat16 values in a tile row: one dot product's depth
+using tiles::kDepth;
+using tiles::kTileRows;
+using tiles::transpose_16x16_dwords;
 constexpr int64_t kKeyBlocks = kKeyTile / kTileRows;
 // A multiple of 16 rows; the task's Q, S, P and O tiles (~100 KiB at D = 128) stay in L2.
 constexpr int64_t kAmxQueryTile = 128;
 
 int64_t padded_dim(int64_t dim) { return (dim + kDepth - 1) / kDepth * kDepth; }
 
-// The layout of LDTILECFG's 64-byte operand (Intel SDM vol. 1, 18.2).
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t bytes_per_row[16] = {};
-  uint8_t rows[16] = {};
-};
-
-void configure_tiles() {
-  TileConfig config;
-  for (int tile = 0; tile < 6; ++tile) {
-    config.bytes_per_row[tile] = 64;
-    config.rows[tile] = kTileRows;
-  }
-  // GCC's ldtilecfg builtin does not tell the optimiser it reads the operand: without this
-  // barrier -O3 dropped the stores above and configured zero-sized tiles (tilezero: SIGILL).
-  __asm__ __volatile__("" : : "r"(&config) : "memory");
-  _tile_loadconfig(&config);
-}
-
-// In-register transpose of a 16 x 16 matrix of 32-bit elements (r[i] is row i): 32-bit
-// and 64-bit interleaves within 128-bit lanes, then two rounds of lane shuffles.
-void transpose_16x16_dwords(__m512i r[16]) {
-  __m512i a[16], b[16];
-  for (int i = 0; i < 16; i += 2) {
-    a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  // b[4k + c], lane L: column 4L + c of rows 4k .. 4k + 3.
-  for (int k = 0; k < 16; k += 4) {
-    b[k] = _mm512_unpacklo_epi64(a[k], a[k + 2]);
-    b[k + 1] = _mm512_unpackhi_epi64(a[k], a[k + 2]);
-    b[k + 2] = _mm512_unpacklo_epi64(a[k + 1], a[k + 3]);
-    b[k + 3] = _mm512_unpackhi_epi64(a[k + 1], a[k + 3]);
-  }
-  for (int c = 0; c < 4; ++c) {
-    const __m512i low01 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44);
-    const __m512i low23 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
-    const __m512i high01 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
-    const __m512i high23 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
-    r[c] = _mm512_shuffle_i32x4(low01, low23, 0x88);
-    r[4 + c] = _mm512_shuffle_i32x4(low01, low23, 0xDD);
-    r[8 + c] = _mm512_shuffle_i32x4(high01, high23, 0x88);
-    r[12 + c] = _mm512_shuffle_i32x4(high01, high23, 0xDD);
-  }
-}
+void configure_tiles() { tiles::configure_tiles(6); }
 
 // The rows of K and V of key tile t of (batch b, kv head h), read in place by the packing
 // below: null for hidden keys and those past k_len, which are never read (a cache's stale

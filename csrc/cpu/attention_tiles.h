@@ -16,6 +16,7 @@
 #include <omp.h>
 #endif
 
+#include "amx_tiles.h"
 #include "isa.h"
 #include "rows.h"
 #include "simd.h"
@@ -458,8 +459,7 @@ inline bool lanes_apply(const AttentionParams&) { return false; }
 void attention_one_query(const AttentionParams& p, const Packed& packed);
 
 // The AMX build's bfloat16 kernel (attention_amx.cpp); other builds do not define it.
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#define UNMASK_AMX 1
+#if defined(UNMASK_AMX)  // amx_tiles.h
 Status attention_amx_bf16(const AttentionParams& p, Packed& packed);
 #endif
 

@@ -11,7 +11,8 @@
 // per pair, so the read is the floor (bench/moe.py on a 2-core Zen 4: 91% of the
 // measured read bandwidth, 2.5x torch's products one expert at a time). From ~32 pairs
 // per expert the float32 FMAs are the floor (~90% of the cores' peak there) and torch's
-// bf16 products (vdpbf16ps) are faster; README, Performance, has the rows.
+// bf16 products (vdpbf16ps) are faster; README, Performance, has the rows. The AMX build
+// runs bfloat16 calls on tiles instead (moe_amx.cpp), which lifts that floor.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -21,12 +22,14 @@
 
 #include "isa.h"
 #include "kernels.h"
+#include "moe_parts.h"
 #include "rows.h"
 #include "simd.h"
 #include "unmask/moe.h"
 
 namespace unmask::cpu {
 inline namespace UNMASK_CPU_ISA {  // isa.h
+namespace moe_detail {
 namespace {
 
 // Token rows per pass over a weight row: each weight vector, loaded and converted once,
@@ -43,14 +46,10 @@ constexpr int kRowMats = 2;  // gate and up rows together; two down rows togethe
 // enough that the dynamic schedule's bookkeeping is negligible.
 constexpr int64_t kGateRowsPerItem = 16;
 constexpr int64_t kDownRowsPerItem = 32;
-// A call of fewer multiply-adds runs on the calling thread (waking the team costs a few
-// microseconds).
-constexpr int64_t kParallelMacs = int64_t{1} << 20;
 // Weight bytes prefetched ahead of the loads: without it each thread waited on its rows
 // (at d 1024, 128 experts of 256, 64 tokens in bfloat16 on the Zen 4 above: 20 GB/s with
 // none, 26 at 1024 bytes ahead, 30 at 2048, 28 at 4096).
 constexpr int kPrefetchBytes = 2048;
-constexpr std::size_t kKeptBufferBytes = std::size_t{64} << 20;
 
 template <ScalarType kType>
 using Element = std::conditional_t<kType == ScalarType::kFloat32, float, uint16_t>;
@@ -144,12 +143,6 @@ inline void dots_n(int rows, const float* const* x, const Element<kType>* const*
   }  // rows is min(kRowTile, slots left) >= 1: no other case
 }
 
-// The pairs sorted by expert: slot s holds pair pair_of_slot[s] (t * per_token + j),
-// expert e's slots are [first_slot[e], first_slot[e + 1]), pairs in their order.
-struct Slots {
-  std::vector<int64_t> first_slot, pair_of_slot, slot_of_pair;
-};
-
 Status sort_pairs(const MoeParams& p, Slots& slots) {
   const int64_t pairs = p.tokens * p.per_token;
   slots.first_slot.assign(p.n_experts + 1, 0);
@@ -168,19 +161,6 @@ Status sort_pairs(const MoeParams& p, Slots& slots) {
     slots.slot_of_pair[q] = s;
   }
   return ok_status();
-}
-
-struct Item {
-  int64_t expert, row_begin, row_end;
-};
-
-std::vector<Item> items_of(const Slots& slots, int64_t n_experts, int64_t rows, int64_t rows_per_item) {
-  std::vector<Item> items;
-  for (int64_t e = 0; e < n_experts; ++e) {
-    if (slots.first_slot[e] == slots.first_slot[e + 1]) continue;  // no token chose it: not read
-    for (int64_t r = 0; r < rows; r += rows_per_item) items.push_back({e, r, std::min(rows, r + rows_per_item)});
-  }
-  return items;
 }
 
 template <ScalarType kType>
@@ -217,8 +197,7 @@ void run(const MoeParams& p, const Slots& slots, float* x32, float* hidden, floa
           float sums[kRowTile][kRowMats];
           dots_n<kType, 2>(rows, x, w, p.dim, sums);
           for (int r = 0; r < rows; ++r) {
-            const float g = sums[r][0];
-            hidden[(s + r) * p.hidden + j] = g / (1.0f + std::exp(-g)) * sums[r][1];  // silu(g) * u
+            hidden[(s + r) * p.hidden + j] = swiglu(sums[r][0], sums[r][1]);
           }
         }
       }
@@ -246,51 +225,43 @@ void run(const MoeParams& p, const Slots& slots, float* x32, float* hidden, floa
       }
     }
 
-    // out[t] = sum over j of weights[t, j] * routed[slot of (t, j)], in j order.
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < p.tokens; ++t) {
-      float* o = p.out + t * p.dim;
-      for (int64_t j = 0; j < p.per_token; ++j) {
-        const int64_t q = t * p.per_token + j;
-        const float weight = p.weights[q];
-        const float* y = routed + slots.slot_of_pair[q] * p.dim;
-        if (j == 0) {
-#pragma omp simd
-          for (int64_t i = 0; i < p.dim; ++i) o[i] = weight * y[i];
-        } else {
-#pragma omp simd
-          for (int64_t i = 0; i < p.dim; ++i) o[i] += weight * y[i];
-        }
-      }
-    }
+    for (int64_t t = 0; t < p.tokens; ++t) weighted_sum(p, slots, routed, t);
   }
 }
 
 }  // namespace
+}  // namespace moe_detail
 
 Status moe_swiglu(const MoeParams& p) {
   const Status status = check_moe_params(p);
   if (!status.ok()) return status;
   if (p.tokens == 0) return ok_status();
-  // The calling thread's buffers, kept from call to call (a decoding step's calls have
-  // one size) but not past kKeptBufferBytes (a long prompt's first call would otherwise
-  // hold hundreds of MB for the rest of the process).
+  using namespace moe_detail;
+  // The calling thread's buffers, kept from call to call up to kKeptBufferBytes.
   static thread_local Slots slots;
-  static thread_local std::vector<float> x32, hidden, routed;
+  static thread_local Scratch<float> x32, hidden, routed;
   const Status sorted = sort_pairs(p, slots);
   if (!sorted.ok()) return sorted;
   const int64_t pairs = p.tokens * p.per_token;
-  x32.resize(p.tokens * p.dim);
-  hidden.resize(pairs * p.hidden);
-  routed.resize(pairs * p.dim);
-  switch (p.dtype) {
-    case ScalarType::kFloat32: run<ScalarType::kFloat32>(p, slots, x32.data(), hidden.data(), routed.data()); break;
-    case ScalarType::kBFloat16: run<ScalarType::kBFloat16>(p, slots, x32.data(), hidden.data(), routed.data()); break;
-    case ScalarType::kFloat16: run<ScalarType::kFloat16>(p, slots, x32.data(), hidden.data(), routed.data()); break;
+  float* const h = hidden.take(pairs * p.hidden);
+  float* const y = routed.take(pairs * p.dim);
+#if defined(UNMASK_AMX)
+  if (p.dtype == ScalarType::kBFloat16) {  // bfloat16 products on tiles, whatever the call's size
+    moe_swiglu_bf16_amx(p, slots, h, y);
+  } else
+#endif
+  {
+    float* const x = x32.take(p.tokens * p.dim);
+    switch (p.dtype) {
+      case ScalarType::kFloat32: run<ScalarType::kFloat32>(p, slots, x, h, y); break;
+      case ScalarType::kBFloat16: run<ScalarType::kBFloat16>(p, slots, x, h, y); break;
+      case ScalarType::kFloat16: run<ScalarType::kFloat16>(p, slots, x, h, y); break;
+    }
+    x32.release_if_large();
   }
-  for (std::vector<float>* buffer : {&x32, &hidden, &routed}) {
-    if (buffer->capacity() * sizeof(float) > kKeptBufferBytes) std::vector<float>().swap(*buffer);
-  }
+  hidden.release_if_large();
+  routed.release_if_large();
   return ok_status();
 }
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from unmask import experts as experts_backend
-from unmask import ops, reference, validation
+from unmask import native, ops, reference, validation
 from unmask.benchmarks.harness import (Row, alternating_median_seconds, copy_bandwidth, median_seconds, read_bandwidth,
                                        synchronize)
 
@@ -196,7 +196,9 @@ def bench_moe(device: torch.device, peak: float, shapes=MOE_SHAPES, dtype: torch
     backend from many pairs per expert), timed in turns on weight sets rotated past the
     caches. Bytes are the chosen experts' weights, read once: the call's floor at a
     step's few pairs per expert; flops are two per weight element per pair. peak: the
-    read bandwidth in GB/s the fractions are of (measured by the caller, who reports it)."""
+    read bandwidth in GB/s the fractions are of (measured by the caller, who reports it).
+    Under the amx build, bfloat16 rows add the avx512 build's kernel (its vector units'
+    products) on the same CPU."""
     rows = []
     for tokens, d_model, n_experts, hidden, per_token in shapes:
         gen = torch.Generator().manual_seed(0)
@@ -215,6 +217,11 @@ def bench_moe(device: torch.device, peak: float, shapes=MOE_SHAPES, dtype: torch
         backend = ops.backend_for("moe_swiglu", x, chosen, weights, *weight_sets[0])
         impls = {"torch experts (eager)": lambda i: experts_backend.launch(calls[i % len(calls)]),
                  f"unmask.ops [{backend}]": lambda i: ops.moe_swiglu(x, chosen, weights, *weight_sets[i % len(calls)])}
+        if backend == "cpu:amx" and dtype == torch.bfloat16:  # the vector units' products, on the same CPU
+            def vector_build(i):
+                with native.cpu_isa_forced("avx512"):
+                    return ops.moe_swiglu(x, chosen, weights, *weight_sets[i % len(calls)])
+            impls["unmask.ops [cpu:avx512 build]"] = vector_build
         with torch.no_grad():
             times = alternating_median_seconds(list(impls.values()), device, reps=reps)
         read = int(chosen.unique().numel()) * expert_bytes
