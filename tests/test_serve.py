@@ -2,6 +2,7 @@
 streaming) and raw HTTP for the errors, against a server on 127.0.0.1 serving the bundled
 model. Answers are compared with offline unmask.generate of the same request."""
 
+import asyncio
 import concurrent.futures
 import importlib.util
 import json
@@ -544,6 +545,42 @@ def test_a_client_that_disconnects_frees_its_rows(model):
             time.sleep(0.05)
         assert running.server.engine.load()["steps"] < 64  # it did not run to the end
     finally:
+        running.stop()
+
+
+def test_a_stream_whose_client_leaves_before_its_first_chunk_is_cancelled(model):
+    """The client goes while the response's first message is being sent (the steps held,
+    no chunk yet): the response is cancelled before its generator starts, and the jobs
+    are cancelled all the same (an unstarted generator runs no finally)."""
+    running = start(model, max_batch=4, max_queue=4)
+    engine = running.server.engine
+    release, submitted, original_submit = _held_steps(engine), [], engine.submit
+
+    def recording_submit(*jobs):
+        submitted.extend(jobs)
+        return original_submit(*jobs)
+
+    engine.submit = recording_submit
+    body = json.dumps({"model": MODEL, "prompt": "1+1=", "max_tokens": 8, "stream": True, "n": 2}).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            await asyncio.sleep(0.2)  # the disconnect cancels the response here
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", running.port)}
+    try:
+        asyncio.run(running.uvicorn.config.app(scope, receive, send))
+        assert len(submitted) == 2
+        assert all(job.cancelled for job in submitted), "a job of a stream nobody reads was left decoding"
+    finally:
+        release.set()
         running.stop()
 
 

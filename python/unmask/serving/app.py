@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -162,8 +163,8 @@ class Server:
             return _error(RequestError(str(gone), None, status=503, kind="server_error"))
         request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
         if settings.stream:
-            return StreamingResponse(self._stream(jobs, events, request_id, chat, settings.include_usage, deadline),
-                                     media_type="text/event-stream")
+            return _CancellingStream(self._stream(jobs, events, request_id, chat, settings.include_usage, deadline),
+                                     lambda: self._cancel(jobs))
         return await self._complete(request, jobs, events, request_id, chat, deadline)
 
     def _cancel(self, jobs: list[Job]) -> None:
@@ -304,37 +305,53 @@ class Server:
     async def _stream(self, jobs: list[Job], events: asyncio.Queue, request_id: str, chat: bool, usage: bool,
                       deadline: float | None):
         """The choices' chunks as their steps come, interleaved (each names its index);
-        the usage chunk (all choices) after the last choice's end."""
+        the usage chunk (all choices) after the last choice's end. The response that
+        sends them cancels the jobs when it ends (_CancellingStream)."""
         created, first, usages = int(time.time()), set(range(len(jobs))), {}
+        while True:
+            event = await self._next_event(events, deadline, poll=None)
+            if event is None:  # past the deadline (the status line went out with the first byte)
+                yield _sse(protocol.error_body(self._timed_out().message, kind="server_error"))
+                break
+            index, event = event
+            if event["kind"] == "error":
+                yield _sse(protocol.error_body(event["message"], kind="server_error"))
+                break
+            if event["kind"] == "delta":
+                yield _sse(protocol.chunk_body(request_id, self.model_name, event["text"], None, chat, created,
+                                               canvas=event["canvas"], step=event["step"], first=index in first,
+                                               index=index))
+                first.discard(index)
+            if event["kind"] == "done":
+                yield _sse(protocol.chunk_body(request_id, self.model_name, None, event["finish_reason"], chat,
+                                               created, first=index in first, index=index))
+                first.discard(index)
+                usages[index] = event["usage"]
+                if len(usages) < len(jobs):
+                    continue
+                if usage:  # stream_options.include_usage: OpenAI's last chunk, no choices
+                    total = protocol.total_usage([usages[i] for i in range(len(jobs))])
+                    yield _sse(protocol.usage_chunk(request_id, self.model_name, total, chat, created))
+                break
+        yield "data: [DONE]\n\n"
+
+
+class _CancellingStream(StreamingResponse):
+    """A server-sent event stream that calls `finished` however its response ends: sent
+    whole, the client gone, the server shutting down. A finally in the generator would not
+    do: a client that leaves before the first chunk cancels the response before the
+    generator starts, and an unstarted generator runs no finally (its jobs decoded on to
+    max_tokens for nobody)."""
+
+    def __init__(self, content, finished: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream")
+        self._finished = finished
+
+    async def __call__(self, scope, receive, send) -> None:
         try:
-            while True:
-                event = await self._next_event(events, deadline, poll=None)
-                if event is None:  # past the deadline (the status line went out with the first byte)
-                    yield _sse(protocol.error_body(self._timed_out().message, kind="server_error"))
-                    break
-                index, event = event
-                if event["kind"] == "error":
-                    yield _sse(protocol.error_body(event["message"], kind="server_error"))
-                    break
-                if event["kind"] == "delta":
-                    yield _sse(protocol.chunk_body(request_id, self.model_name, event["text"], None, chat, created,
-                                                   canvas=event["canvas"], step=event["step"], first=index in first,
-                                                   index=index))
-                    first.discard(index)
-                if event["kind"] == "done":
-                    yield _sse(protocol.chunk_body(request_id, self.model_name, None, event["finish_reason"], chat,
-                                                   created, first=index in first, index=index))
-                    first.discard(index)
-                    usages[index] = event["usage"]
-                    if len(usages) < len(jobs):
-                        continue
-                    if usage:  # stream_options.include_usage: OpenAI's last chunk, no choices
-                        total = protocol.total_usage([usages[i] for i in range(len(jobs))])
-                        yield _sse(protocol.usage_chunk(request_id, self.model_name, total, chat, created))
-                    break
-            yield "data: [DONE]\n\n"
-        finally:  # also when the client disconnects (the response task is cancelled)
-            self._cancel(jobs)
+            await super().__call__(scope, receive, send)
+        finally:
+            self._finished()
 
 
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
