@@ -36,11 +36,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <vector>
 
 #include "moe_parts.h"
-#include "vec_math.h"
 
 namespace unmask::cpu {
 inline namespace UNMASK_CPU_ISA {  // isa.h
@@ -191,14 +189,6 @@ struct alignas(64) Sums {
   float v[4][kTileRows * kTileRows];
 };
 
-// silu(g) * u with exp as a polynomial the compiler vectorises (vec_math.h, 1.8e-7
-// relative; std::exp, called once a value, was a quarter of a long prompt's call).
-inline float swiglu_poly(float g, float u) {
-  const float z = -g * kLog2e;
-  const float e = z < 127.0f ? exp2_poly(z) : std::numeric_limits<float>::infinity();
-  return g / (1.0f + e) * u;
-}
-
 // A 16 x 16 float32 tile (row = weight row, column = slot) written transposed: rows
 // [0, rows) of column m to out + m * row_stride, for the first `count` columns.
 void store_transposed(const float* tile, int64_t rows, int64_t count, float* out, int64_t row_stride) {
@@ -250,7 +240,7 @@ void gate_up_block(const MoeParams& p, const Groups& groups, const uint16_t* xp,
       float* gate_sums = sums.v[2 * pair];
       const float* up_sums = sums.v[2 * pair + 1];
 #pragma omp simd
-      for (int64_t i = 0; i < kTileRows * kTileRows; ++i) gate_sums[i] = swiglu_poly(gate_sums[i], up_sums[i]);
+      for (int64_t i = 0; i < kTileRows * kTileRows; ++i) gate_sums[i] = swiglu(gate_sums[i], up_sums[i]);
       store_transposed(gate_sums, rows, groups.count[g + pair], hidden + groups.slot[g + pair] * p.hidden + j0, p.hidden);
     }
   }
@@ -289,6 +279,8 @@ void down_pass(const MoeParams& p, const Groups& groups, const uint16_t* hp, int
       _tile_loadd(5, pieces, kDepth * 2);
       _tile_loadd(6, pieces + piece_stride, kDepth * 2);
       _tile_loadd(7, pieces + 2 * piece_stride, kDepth * 2);
+      // Unrolled by hand: a tile register is an immediate of the instruction (the
+      // intrinsics paste its number into the assembly).
       TileSource a = block_tile(0, c);
       _tile_loadd(4, a.base, a.stride_bytes);
       _tile_dpbf16ps(0, 4, 5);
