@@ -35,7 +35,6 @@
 #if defined(UNMASK_AMX)
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "moe_parts.h"
