@@ -12,6 +12,7 @@
 #define UNMASK_AMX 1
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "isa.h"
@@ -22,6 +23,18 @@ namespace tiles {
 
 constexpr int64_t kTileRows = 16;  // rows of a tile (64 bytes each)
 constexpr int64_t kDepth = 32;     // bfloat16 values in a tile row: one product's depth
+
+// Chunks of kDepth values that n values fill (the last one padded with zeros).
+inline int64_t depth_chunks(int64_t n) { return (n + kDepth - 1) / kDepth; }
+
+// 32 bfloat16 values of a row from `first` on, zero past `width` (the padding) or for a
+// null row.
+inline __m512i load_depth_chunk(const uint16_t* row, int64_t first, int64_t width) {
+  if (row == nullptr) return _mm512_setzero_si512();
+  const int64_t lanes = std::clamp<int64_t>(width - first, 0, kDepth);
+  if (lanes == kDepth) return _mm512_loadu_si512(row + first);
+  return _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t{1} << lanes) - 1), row + first);
+}
 
 // The layout of LDTILECFG's 64-byte operand (Intel SDM vol. 1, 18.2).
 struct alignas(64) TileConfig {

@@ -28,13 +28,14 @@ namespace {
 
 using Halves = std::vector<uint16_t, CacheLineAllocator<uint16_t>>;
 using tiles::kDepth;
+using tiles::load_depth_chunk;
 using tiles::kTileRows;
 using tiles::transpose_16x16_dwords;
 constexpr int64_t kKeyBlocks = kKeyTile / kTileRows;
 // A multiple of 16 rows; the task's Q, S, P and O tiles (~100 KiB at D = 128) stay in L2.
 constexpr int64_t kAmxQueryTile = 128;
 
-int64_t padded_dim(int64_t dim) { return (dim + kDepth - 1) / kDepth * kDepth; }
+int64_t padded_dim(int64_t dim) { return tiles::depth_chunks(dim) * kDepth; }
 
 void configure_tiles() { tiles::configure_tiles(6); }
 
@@ -57,14 +58,6 @@ KeyTileRows key_tile_rows(const AttentionParams& p, const float* bias, int64_t b
     rows.v[j] = visible ? v + row_offset(p.v_stride, b, key, h) : nullptr;
   }
   return rows;
-}
-
-// 32 values of a row from `first` on, zero past `dim` (the padding) or for a null row.
-__m512i load_depth_chunk(const uint16_t* row, int64_t first, int64_t dim) {
-  if (row == nullptr) return _mm512_setzero_si512();
-  const int64_t lanes = std::clamp<int64_t>(dim - first, 0, kDepth);
-  if (lanes == kDepth) return _mm512_loadu_si512(row + first);
-  return _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t{1} << lanes) - 1), row + first);
 }
 
 // K as B operands of S = Q K^T: tile (chunk c, key block n) at kt + (n * chunks + c) * 512,

@@ -44,7 +44,9 @@ inline namespace UNMASK_CPU_ISA {  // isa.h
 namespace moe_detail {
 namespace {
 
+using tiles::depth_chunks;
 using tiles::kDepth;
+using tiles::load_depth_chunk;
 using tiles::kTileRows;
 constexpr int64_t kTileHalves = kTileRows * kDepth;  // bfloat16 values in one tile (1 KiB)
 constexpr int kPieces = 3;                           // bfloat16 pieces of a float32 activation
@@ -81,17 +83,6 @@ void group_slots(const Slots& slots, int64_t n_experts, Groups& groups) {
   groups.total = groups.first[n_experts];
 }
 
-// 32 bfloat16 values of `row` from `first` on, zero past `width` (or all zero: no row).
-__m512i load_chunk(const uint16_t* row, int64_t first, int64_t width) {
-  if (row == nullptr) return _mm512_setzero_si512();
-  const int64_t lanes = std::clamp<int64_t>(width - first, 0, kDepth);
-  if (lanes == kDepth) return _mm512_loadu_si512(row + first);
-  return _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t{1} << lanes) - 1), row + first);
-}
-
-// Where the A operand of rows [0, rows) of a weight block (row_halves apart) and inputs
-// [first, first + 32) is: in place when the block has 16 rows and the 32 inputs, else
-// copied into `staging` with zeros past the rows and the row's end.
 // Into L2, the kilobyte `ahead` bfloat16 values past `block` that matches chunk c of a
 // block: called with the next 16-row block (contiguous after this one), which arrives as
 // one sequential stream while this one is multiplied. A tile load in place touches 16
@@ -107,6 +98,9 @@ inline void prefetch_ahead(const uint16_t* block, int64_t ahead, int64_t c) {
   }
 }
 
+// Where the A operand of rows [0, rows) of a weight block (row_halves apart) and inputs
+// [first, first + 32) is: in place when the block has 16 rows and the 32 inputs, else
+// copied into `staging` with zeros past the rows and the row's end.
 struct TileSource {
   const uint16_t* base;
   int64_t stride_bytes;
@@ -116,7 +110,7 @@ TileSource weight_tile(const uint16_t* block, int64_t row_halves, int64_t rows, 
   if (rows == kTileRows && first + kDepth <= row_halves) return {block + first, row_halves * 2};
   tile_load_barrier();
   for (int64_t r = 0; r < kTileRows; ++r) {
-    _mm512_storeu_si512(staging + r * kDepth, load_chunk(r < rows ? block + r * row_halves : nullptr, first, row_halves));
+    _mm512_storeu_si512(staging + r * kDepth, load_depth_chunk(r < rows ? block + r * row_halves : nullptr, first, row_halves));
   }
   tile_load_barrier();
   return {staging, kDepth * 2};
@@ -125,7 +119,7 @@ TileSource weight_tile(const uint16_t* block, int64_t row_halves, int64_t rows, 
 // B operands of x: group g's tokens' rows, chunk c of 32 inputs at xp + (g * chunks + c) * 512.
 void pack_tokens(const MoeParams& p, const Slots& slots, const Groups& groups, int64_t g, uint16_t* xp) {
   const auto* x = static_cast<const uint16_t*>(p.x);
-  const int64_t chunks = (p.dim + kDepth - 1) / kDepth;
+  const int64_t chunks = depth_chunks(p.dim);
   const uint16_t* rows[kTileRows];
   for (int64_t m = 0; m < kTileRows; ++m) {
     rows[m] = m < groups.count[g] ? x + (slots.pair_of_slot[groups.slot[g] + m] / p.per_token) * p.x_row_stride
@@ -133,7 +127,7 @@ void pack_tokens(const MoeParams& p, const Slots& slots, const Groups& groups, i
   }
   for (int64_t c = 0; c < chunks; ++c) {
     __m512i r[kTileRows];
-    for (int64_t m = 0; m < kTileRows; ++m) r[m] = load_chunk(rows[m], c * kDepth, p.dim);
+    for (int64_t m = 0; m < kTileRows; ++m) r[m] = load_depth_chunk(rows[m], c * kDepth, p.dim);
     tiles::transpose_16x16_dwords(r);
     uint16_t* tile = xp + (g * chunks + c) * kTileHalves;
     for (int64_t i = 0; i < kTileRows; ++i) _mm512_storeu_si512(tile + i * kDepth, r[i]);
@@ -142,9 +136,9 @@ void pack_tokens(const MoeParams& p, const Slots& slots, const Groups& groups, i
 
 // The three bfloat16 pieces of 16 float32 values, hi + mid + lo == v exactly for finite
 // v of at least 2^-126 in magnitude, as what is left stays normal (each piece the
-// truncation of what is left, so no piece overflows; below, tiles read zero anyway). A NaN or inf is
-// its own hi piece with zero mid and lo (inf - inf would make NaN of an inf); an
-// activation's NaN is quiet, and its quiet bit is in the hi piece.
+// truncation of what is left, so no piece overflows; below, tiles read zero anyway). A
+// NaN or inf is its own hi piece with zero mid and lo (inf - inf would make NaN of an
+// inf); an activation's NaN is quiet, and its quiet bit is in the hi piece.
 void split_pieces(__m512 v, __m256i (&piece)[kPieces]) {
   const __m512i mask_high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   const __m512i exponent = _mm512_set1_epi32(0x7F800000);
@@ -160,7 +154,7 @@ void split_pieces(__m512 v, __m256i (&piece)[kPieces]) {
 // B operands of the hidden activations: group g's slots' rows of `hidden`, piece i and
 // chunk c of 32 at hp + ((i * groups + g) * chunks + c) * 512.
 void pack_hidden(const MoeParams& p, const Groups& groups, const float* hidden, int64_t g, uint16_t* hp) {
-  const int64_t chunks = (p.hidden + kDepth - 1) / kDepth;
+  const int64_t chunks = depth_chunks(p.hidden);
   for (int64_t c = 0; c < chunks; ++c) {
     __m512i r[kPieces][kTileRows];
     for (int64_t m = 0; m < kTileRows; ++m) {
@@ -202,7 +196,7 @@ void store_transposed(const float* tile, int64_t rows, int64_t count, float* out
 // of two groups, 4 and 5 the gate and up rows, 6 and 7 the groups' tokens.
 void gate_up_block(const MoeParams& p, const Groups& groups, const uint16_t* xp, int64_t e, int64_t j0, int64_t rows,
                    float* hidden, uint16_t* staging, Sums& sums) {
-  const int64_t chunks = (p.dim + kDepth - 1) / kDepth;
+  const int64_t chunks = depth_chunks(p.dim);
   const int64_t offset = (e * p.hidden + j0) * p.dim;
   const uint16_t* gate = static_cast<const uint16_t*>(p.gate) + offset;
   const uint16_t* up = static_cast<const uint16_t*>(p.up) + offset;
@@ -253,7 +247,7 @@ void gate_up_block(const MoeParams& p, const Groups& groups, const uint16_t* xp,
 // weights a block); one block a pass read the down weights at 70% of the read rate.
 void down_pass(const MoeParams& p, const Groups& groups, const uint16_t* hp, int64_t e, int64_t i0, int64_t rows,
                float* routed, uint16_t* staging, Sums& sums) {
-  const int64_t chunks = (p.hidden + kDepth - 1) / kDepth;
+  const int64_t chunks = depth_chunks(p.hidden);
   const uint16_t* down = static_cast<const uint16_t*>(p.down) + (e * p.dim + i0) * p.hidden;
   const int64_t blocks = (rows + kTileRows - 1) / kTileRows;
   const int64_t block_halves = kTileRows * p.hidden;
@@ -327,7 +321,7 @@ void moe_swiglu_bf16_amx(const MoeParams& p, const Slots& slots, float* hidden, 
   // By reference: inside the parallel region the name of a thread_local is each thread's own.
   Groups& groups = kept_groups;
   group_slots(slots, p.n_experts, groups);
-  const int64_t dim_chunks = (p.dim + kDepth - 1) / kDepth, hidden_chunks = (p.hidden + kDepth - 1) / kDepth;
+  const int64_t dim_chunks = depth_chunks(p.dim), hidden_chunks = depth_chunks(p.hidden);
   uint16_t* xp = packed_tokens.take(groups.total * dim_chunks * kTileHalves);
   uint16_t* hp = packed_hidden.take(kPieces * groups.total * hidden_chunks * kTileHalves);
   const std::vector<Item> gate_items = items_of(slots, p.n_experts, p.hidden, kTileRows);
