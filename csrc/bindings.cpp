@@ -27,6 +27,7 @@
 #include "unmask/cpu_isa.h"
 #include "unmask/cuda_info.h"
 #include "unmask/moe.h"
+#include "unmask/moe_cuda.h"
 #include "unmask/rms_norm.h"
 #include "unmask/rng.h"
 #include "unmask/rotary.h"
@@ -446,6 +447,16 @@ void bind_interpreter(py::module_& m) {
       py::arg("params"), py::kw_only(), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("buffers"));
   m.def("attention_cuda_interpret_workspace_bytes", &simt::attention_cuda_workspace_bytes, py::arg("params"));
   m.def(
+      "moe_swiglu_cuda_interpret",
+      [](const MoeParams& params, std::uintptr_t workspace, int64_t workspace_bytes, const BufferList& buffers) {
+        const MoeParams p = params;
+        run_interpreted(buffers, "moe_swiglu_cuda_interpret", [&] {
+          return simt::moe_swiglu_cuda(p, as_pointer<void>(workspace), workspace_bytes);
+        });
+      },
+      py::arg("params"), py::kw_only(), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("buffers"));
+  m.def("moe_swiglu_cuda_interpret_workspace_bytes", &simt::moe_swiglu_cuda_workspace_bytes, py::arg("params"));
+  m.def(
       "fill_draws_cuda_interpret",
       [](const DrawParams& params, const BufferList& buffers) {
         const DrawParams p = params;
@@ -536,6 +547,14 @@ PYBIND11_MODULE(_C, m) {
   // The shapes, block_size, q_offset and the current device's SM count decide the split
   // count and so the workspace; the pointers are not read.
   m.def("attention_cuda_workspace_bytes", &attention_cuda_workspace_bytes, py::arg("params"));
+  m.def(
+      "moe_swiglu_cuda",
+      [](const MoeParams& params, std::uintptr_t workspace, int64_t workspace_bytes, std::uintptr_t stream) {
+        raise_on_error(moe_swiglu_cuda(params, as_pointer<void>(workspace), workspace_bytes, as_pointer<void>(stream)),
+                       "moe_swiglu_cuda");
+      },
+      py::arg("params"), py::kw_only(), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"));
+  m.def("moe_swiglu_cuda_workspace_bytes", &moe_swiglu_cuda_workspace_bytes, py::arg("params"));
   m.def(
       "commit_cuda",
       [](const CommitParams& params, std::uintptr_t stream) {

@@ -302,6 +302,37 @@ def test_cuda_graph_replay_gives_the_eager_tokens(kwargs, dtype):
     assert graphed.nfe == eager.nfe and graphed.steps_per_block == eager.steps_per_block
 
 
+def tiny_mixture():
+    """A tiny LLaDA 2.0-style model: a dense layer, then a mixture of 8 experts, 3 a token."""
+    moe = unmask.MoeConfig(n_experts=8, experts_per_token=3, expert_hidden_size=16, n_shared_experts=1, n_groups=4,
+                           top_groups=2, routed_scaling=2.5, dense_layers=1)
+    return tiny_model(seed=4, d_model=64, n_heads=8, n_kv_heads=4, block_size=4, model_type="llada2", qk_norm=True,
+                      attention_head_dim=8, moe=moe)
+
+
+@requires_gpu
+def test_a_mixture_of_experts_in_bfloat16_replays_as_a_graph():
+    """The CUDA moe_swiglu kernel routes on the device: a bfloat16 MoE model's step is
+    captured, and replay gives the eager tokens; in float32 (torch's products, a host
+    read per layer) cuda_graph=True is refused."""
+    model = tiny_mixture().to(torch.bfloat16).cuda()
+    arguments = {"gen_length": 16, "block_length": 8, "steps": 8, "stop_at_eos": False}
+    eager = unmask.generate(model, [[5, 9, 3, 7, 1], [11, 2]], cuda_graph=False, **arguments)
+    graphed = unmask.generate(model, [[5, 9, 3, 7, 1], [11, 2]], cuda_graph=True, **arguments)
+    assert torch.equal(graphed.tokens, eager.tokens)
+    with pytest.raises(ValueError, match="experts"):
+        unmask.generate(model.float(), [[5, 9]], cuda_graph=True, **arguments)
+
+
+def test_a_mixture_of_experts_on_the_cpu_is_not_graphable():
+    """On the CPU torch.compile would meet the experts' host read (compile=True is refused)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny_mixture().to(dtype)
+        x, _ = canvas(model, padded=False)
+        assert not sampler._StepModel(model, None, None, torch.zeros_like(x, dtype=torch.bool), model.mask_id,
+                                      0.0).graphable
+
+
 @requires_gpu
 def test_cuda_graph_refuses_a_cache_with_shifted_logits():
     shifted = tiny_model(seed=4, model_type="dream").cuda()

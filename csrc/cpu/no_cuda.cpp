@@ -2,6 +2,7 @@
 #include "unmask/attention_cuda.h"
 #include "unmask/commit.h"
 #include "unmask/cuda_info.h"
+#include "unmask/moe_cuda.h"
 #include "unmask/rng.h"
 #include "unmask/sample_cuda.h"
 
@@ -22,5 +23,7 @@ int sample_cuda_splits(int64_t, int64_t) { return 1; }
 int64_t sample_cuda_workspace_bytes(const SampleParams&) { return 0; }
 Status attention_cuda(const AttentionParams&, void*, int64_t, void*) { return not_built(); }
 int64_t attention_cuda_workspace_bytes(const AttentionParams&) { return 0; }
+Status moe_swiglu_cuda(const MoeParams&, void*, int64_t, void*) { return not_built(); }
+int64_t moe_swiglu_cuda_workspace_bytes(const MoeParams&) { return 0; }
 
 }  // namespace unmask

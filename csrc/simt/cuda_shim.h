@@ -112,6 +112,8 @@ inline __half2 __floats2half2_rn(float lo, float hi) {
 // ------------------------------------------------------------------ math and intrinsics
 
 inline float __expf(float x) { return std::exp(x); }
+inline unsigned __float_as_uint(float x) { return simt::float_bits(x); }
+inline float __uint_as_float(unsigned x) { return simt::bits_float(x); }
 inline float __log2f(float x) { return std::log2(x); }
 
 inline void __syncthreads() { simt::sync_threads(); }

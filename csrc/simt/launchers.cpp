@@ -6,6 +6,7 @@
 #include "cuda/cuda_check.cuh"
 #include "unmask/attention_cuda.h"
 #include "unmask/cuda_info.h"
+#include "unmask/moe_cuda.h"
 
 namespace unmask {
 inline namespace simt {
@@ -39,6 +40,14 @@ unmask::Status attention_cuda(const unmask::AttentionParams& params, void* works
 
 int64_t attention_cuda_workspace_bytes(const unmask::AttentionParams& params) {
   return ::unmask::simt::attention_cuda_workspace_bytes(params);
+}
+
+unmask::Status moe_swiglu_cuda(const unmask::MoeParams& params, void* workspace, int64_t workspace_bytes) {
+  return ::unmask::simt::moe_swiglu_cuda(params, workspace, workspace_bytes, nullptr);
+}
+
+int64_t moe_swiglu_cuda_workspace_bytes(const unmask::MoeParams& params) {
+  return ::unmask::simt::moe_swiglu_cuda_workspace_bytes(params);
 }
 
 unmask::Status fill_draws_cuda(const unmask::DrawParams& params) { return ::unmask::simt::fill_draws_cuda(params, nullptr); }

@@ -8,6 +8,7 @@
 
 #include "unmask/attention.h"
 #include "unmask/commit.h"
+#include "unmask/moe.h"
 #include "unmask/rng.h"
 #include "unmask/sample.h"
 #include "unmask/sample_cuda.h"
@@ -21,6 +22,8 @@ int64_t sample_cuda_workspace_bytes(const unmask::SampleParams& params);
 unmask::Status commit_cuda(const unmask::CommitParams& params);
 unmask::Status attention_cuda(const unmask::AttentionParams& params, void* workspace, int64_t workspace_bytes);
 int64_t attention_cuda_workspace_bytes(const unmask::AttentionParams& params);
+unmask::Status moe_swiglu_cuda(const unmask::MoeParams& params, void* workspace, int64_t workspace_bytes);
+int64_t moe_swiglu_cuda_workspace_bytes(const unmask::MoeParams& params);
 unmask::Status fill_draws_cuda(const unmask::DrawParams& params);
 
 // The runtime's own test kernels (test_kernels.cpp): `name` picks one; `data` and `out` are

@@ -26,6 +26,8 @@ int64_t sample_cuda_workspace_bytes(const unmask::SampleParams&) { return 0; }
 unmask::Status commit_cuda(const unmask::CommitParams&) { return not_built(); }
 unmask::Status attention_cuda(const unmask::AttentionParams&, void*, int64_t) { return not_built(); }
 int64_t attention_cuda_workspace_bytes(const unmask::AttentionParams&) { return 0; }
+unmask::Status moe_swiglu_cuda(const unmask::MoeParams&, void*, int64_t) { return not_built(); }
+int64_t moe_swiglu_cuda_workspace_bytes(const unmask::MoeParams&) { return 0; }
 unmask::Status fill_draws_cuda(const unmask::DrawParams&) { return not_built(); }
 unmask::Status test_kernel(const std::string&, void*, int64_t, void*, int64_t) { return not_built(); }
 

@@ -1,9 +1,10 @@
 """moe_swiglu by torch's own products, one expert at a time: the backend of unmask.ops.moe_swiglu
-where no native kernel takes the call (CUDA; a call that needs a gradient; float64).
+where no native kernel takes the call (float16 and float32 on CUDA; a call that needs a
+gradient; float64).
 
 Each expert's products run in the activations' dtype, as an nn.Linear would (a bfloat16
 model rounds its hidden activations to bfloat16, as LLaDA 2.0's own code does; the CPU
-kernel keeps them float32), and the weighted outputs are summed in float32 in expert
+and CUDA kernels keep them float32), and the weighted outputs are summed in float32 in expert
 order. The expert counts are read on the host once per call, so a model calling this
 is not captured as a CUDA graph."""
 

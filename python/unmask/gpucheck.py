@@ -10,6 +10,7 @@ one 10-minute command on an H100:
   sample     the sampler at LLaDA's vocabulary against the measured read bandwidth;
   commit     confidence-based unmasking of a block;
   attention  the attention kernel beside every torch SDPA backend and FlexAttention;
+  moe        a mixture's routed experts at LLaDA2.0-mini's shape beside torch's products;
   generate   a denoising step at the LLaDA-8B shape with random bf16 weights, against the
              weight-read floor: no cache eager and as a CUDA graph, and the dual cache.
 It writes DIR/results.jsonl (the bench rows, as bench/ writes them), DIR/tests.log (the
@@ -37,14 +38,18 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import torch  # noqa: E402 - after the environment JAX reads
 
-STAGES = ("tests", "sample", "commit", "attention", "generate")
+STAGES = ("tests", "sample", "commit", "attention", "moe", "generate")
 # Seconds each stage may run (its process is killed past that). Estimates on an H100: the
 # tests ~2-3 min, sample ~20 s, commit seconds, attention 1-2 min (two FlexAttention
-# compiles), generate ~1 min. The sum, 510 s, leaves a 10-minute command room to start.
-STAGE_LIMITS = {"tests": 210, "sample": 60, "commit": 30, "attention": 120, "generate": 90}
+# compiles), moe ~20 s (weights made on the GPU), generate ~1 min. The sum, 555 s, leaves a
+# 10-minute command room to start.
+STAGE_LIMITS = {"tests": 210, "sample": 60, "commit": 30, "attention": 120, "moe": 45, "generate": 90}
 TEST_TIMEOUT = 120  # seconds per test case, where pytest-timeout is installed
 SAMPLE_SHAPES = ((32, 126464), (256, 126464))
 COMMIT_SHAPES = ((1, 32), (8, 256), (64, 1024))
+# LLaDA2.0-mini's experts (d 2048, 256 of 512, 8 a token) at a 32-token block step, an
+# uncached 256-token step and a 2048-token prompt: 1, 8 and 64 pairs an expert.
+MOE_SHAPES = ((32, 2048, 256, 512, 8), (256, 2048, 256, 512, 8), (2048, 2048, 256, 512, 8))
 LLADA_8B = dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, mlp_hidden_size=12288, vocab_size=126464,
                 embedding_size=126464, mask_token_id=126336, eos_token_id=126081)
 GENERATE = dict(prompt=256, gen_length=64, block_length=32)
@@ -82,6 +87,8 @@ def plan(out: Path) -> dict[str, str]:
         "attention": "bf16, D = 128, H = 32: lengths 1k-8k plain, 2k and 8k block-causal 32 + padding, "
                      "32 and 128 queries against 4096 cached keys (MHA and GQA); torch SDPA's flash, efficient "
                      "and cuDNN backends, FlexAttention; the bf16 matmul rate and the copy bandwidth",
+        "moe": f"unmask.ops.moe_swiglu beside torch's products one expert at a time, bf16, (T, d, E, f, k) "
+               f"{list(MOE_SHAPES)}, against the read bandwidth measured over 1 GiB",
         "generate": f"LLaDA-8B shape {LLADA_8B}, random bf16 weights, prompt {GENERATE['prompt']}, "
                     f"{GENERATE['gen_length']} tokens in blocks of {GENERATE['block_length']}, one per step; "
                     "no cache and dual cache, each eager and with cuda_graph=True, each after a warm-up run "
@@ -166,6 +173,12 @@ def bench_attention(device: torch.device) -> list:
     return rows
 
 
+def bench_moe(device: torch.device) -> list:
+    from unmask.benchmarks import harness, suites
+
+    return suites.bench_moe(device, harness.read_bandwidth(device, megabytes=1024), shapes=MOE_SHAPES)
+
+
 def step_weight_bytes(model) -> int:
     """The weights a denoising step reads: every parameter but the input embedding (a step
     gathers a few hundred of its rows), unless the LM head is that same tensor."""
@@ -203,7 +216,8 @@ def bench_generate(device: torch.device) -> list:
 
 
 BENCHES: dict[str, Callable[[torch.device], list]] = {
-    "sample": bench_sample, "commit": bench_commit, "attention": bench_attention, "generate": bench_generate,
+    "sample": bench_sample, "commit": bench_commit, "attention": bench_attention, "moe": bench_moe,
+    "generate": bench_generate,
 }
 
 

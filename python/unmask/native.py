@@ -587,27 +587,61 @@ def _supports_rotary_cpu(call: RotaryCall) -> str | None:
     return _inference_only("rotary", call.x, call.cos, call.sin)
 
 
-def _launch_moe_swiglu_cpu(call: MoeCall, out=None):
-    """out: optional contiguous float32 [T, d] to write into (tests poison it)."""
+def _moe_params(call: MoeCall, out: torch.Tensor | None):
+    """The launch's params and the tensors they point into (held by the caller until the
+    kernel ran: some are copies). out: optional contiguous float32 [T, d] (tests poison it)."""
     x = call.x
     if x.stride(-1) != 1 or (x.shape[0] > 1 and x.stride(0) < x.shape[1]):  # e.g. a row expanded
         x = x.contiguous()
-    experts = validation.contiguous_as(call.experts, torch.int64)
-    weights = validation.contiguous_as(call.weights, torch.float32)
-    gate, up, down = call.gate.contiguous(), call.up.contiguous(), call.down.contiguous()  # a model's: no copy
+    tensors = dict(x=x, experts=validation.contiguous_as(call.experts, torch.int64),
+                   weights=validation.contiguous_as(call.weights, torch.float32),
+                   gate=call.gate.contiguous(), up=call.up.contiguous(), down=call.down.contiguous())  # a model's: no copy
     tokens, dim = x.shape
-    out = torch.empty(tokens, dim, dtype=torch.float32) if out is None else out
-    _C.moe_swiglu_cpu(_params(
-        _C.MoeParams, x=x.data_ptr(), experts=experts.data_ptr(), weights=weights.data_ptr(), gate=gate.data_ptr(),
-        up=up.data_ptr(), down=down.data_ptr(), out=out.data_ptr(), dtype=_scalar_type(x.dtype), tokens=tokens,
-        per_token=experts.shape[1], n_experts=gate.shape[0], dim=dim, hidden=gate.shape[1],
-        x_row_stride=x.stride(0) if tokens > 1 else dim))
-    return out
+    tensors["out"] = torch.empty(tokens, dim, dtype=torch.float32, device=x.device) if out is None else out
+    params = _params(_C.MoeParams, **{name: t.data_ptr() for name, t in tensors.items()}, dtype=_scalar_type(x.dtype),
+                     tokens=tokens, per_token=call.experts.shape[1], n_experts=call.gate.shape[0], dim=dim,
+                     hidden=call.gate.shape[1], x_row_stride=x.stride(0) if tokens > 1 else dim)
+    return params, tensors
+
+
+def _launch_moe_swiglu_cpu(call: MoeCall, out=None):
+    params, tensors = _moe_params(call, out)
+    _C.moe_swiglu_cpu(params)
+    return tensors["out"]
+
+
+def _launch_moe_swiglu_cuda(call: MoeCall, out=None, *, interpret: bool = False):
+    """No host read: the kernel routes the pairs on the device (csrc/cuda/moe.cu)."""
+    params, tensors = _moe_params(call, out)
+    workspace_bytes = (_C.moe_swiglu_cuda_interpret_workspace_bytes if interpret
+                       else _C.moe_swiglu_cuda_workspace_bytes)(params)
+    workspace = torch.empty(max(1, workspace_bytes), dtype=torch.uint8, device=call.x.device)
+    if interpret:
+        workspace.fill_(0xFF)  # NaN floats, ids past every range: a read of a part no launch wrote shows
+        _C.moe_swiglu_cuda_interpret(params, workspace=workspace.data_ptr(), workspace_bytes=workspace.numel(),
+                                     buffers=_buffers(**tensors, workspace=workspace))
+    else:
+        _C.moe_swiglu_cuda(params, workspace=workspace.data_ptr(), workspace_bytes=workspace.numel(),
+                           stream=_stream(call.x.device))
+    return tensors["out"]
 
 
 def _supports_moe_swiglu_cpu(call: MoeCall) -> str | None:
     if call.x.dtype not in CPU_POINTWISE_DTYPES:  # validation holds the weights to x's dtype
         return f"dtype {validation.dtype_name(call.x)}: the CPU moe_swiglu kernel runs float32, float16 and bfloat16"
+    return _inference_only("moe_swiglu", call.x, call.weights, call.gate, call.up, call.down)
+
+
+CUDA_MOE_MAX_EXPERTS = 1024  # kMaxExperts of csrc/cuda/moe.cu: the route scans one expert per thread
+
+
+def _supports_moe_swiglu_cuda(call: MoeCall) -> str | None:
+    if call.x.dtype != torch.bfloat16:
+        return f"dtype {validation.dtype_name(call.x)}: the CUDA moe_swiglu kernel runs bfloat16 (tensor cores)"
+    if call.gate.shape[0] > CUDA_MOE_MAX_EXPERTS:
+        return f"{call.gate.shape[0]} experts: the CUDA moe_swiglu kernel takes at most {CUDA_MOE_MAX_EXPERTS}"
+    if call.experts.numel() > 2**30:
+        return "more than 2^30 (token, expert) pairs: the CUDA moe_swiglu kernel's slots are 32-bit"
     return _inference_only("moe_swiglu", call.x, call.weights, call.gate, call.up, call.down)
 
 
@@ -625,6 +659,7 @@ KERNELS = (
     NativeKernel("commit", "cuda", lambda call, out=None: _launch_commit(call, out, cuda=True), _supports_commit_cuda,
                  _cuda_guard),
     NativeKernel("attention", "cuda", _launch_attention_cuda, _supports_attention_cuda, _cuda_guard),
+    NativeKernel("moe_swiglu", "cuda", _launch_moe_swiglu_cuda, _supports_moe_swiglu_cuda, _cuda_guard),
 )
 
 
@@ -657,6 +692,8 @@ INTERPRETED_KERNELS = (
                  _no_guard, label="cuda-interpreter"),
     NativeKernel("attention", "cpu", functools.partial(_launch_attention_cuda, interpret=True),
                  _supports_attention_cuda, _no_guard, label="cuda-interpreter"),
+    NativeKernel("moe_swiglu", "cpu", functools.partial(_launch_moe_swiglu_cuda, interpret=True),
+                 _supports_moe_swiglu_cuda, _no_guard, label="cuda-interpreter"),
 )
 
 

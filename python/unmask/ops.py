@@ -357,9 +357,11 @@ def moe_swiglu(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, ga
     x [T, d]; experts [T, k] ids in [0, E); weights [T, k] float32; the experts' weights
     stacked in nn.Linear's [out, in] layout, x's dtype: gate and up [E, f, d], down
     [E, d, f]. The CPU kernel reads each chosen expert's weights once for all its tokens;
-    elsewhere torch's products run (unmask.experts). On the CPU the kernel takes every
-    call it supports, however many tokens share it, so a token's result is the same bits
-    whatever its companions.
+    so does the CUDA kernel (bfloat16), which reads nothing on the host: a CUDA graph may
+    hold it, and a token with an id outside [0, E) gets NaN outputs there instead of the
+    ValueError the other backends raise. Elsewhere torch's products run (unmask.experts).
+    Each kernel takes every call it supports, however many tokens share it, so a token's
+    result is the same bits whatever its companions.
     Traced (torch.compile), torch's products run, with a graph break where they read
     the expert counts."""
     call = validation.moe_swiglu_call(x, experts, weights, gate, up, down)

@@ -227,10 +227,26 @@ class _StepModel:
 
         if not isinstance(self.model, DiffusionTransformer) or self.model.vocab_shard is not None:
             return False
-        if self.model.config.moe is not None:  # its experts' token counts are read on the host
+        if self.model.config.moe is not None and not _experts_read_nothing_on_the_host(self.model):
             return False
         config = self.model.config
         return self.cache_mode is None or (config.block_size is None and not config.shift_logits)
+
+
+def _experts_read_nothing_on_the_host(model) -> bool:
+    """Whether a mixture's experts run the CUDA kernel (csrc/cuda/moe.cu), which routes the
+    pairs on the device: bfloat16 weights on a GPU, at most 1024 experts, a build with CUDA
+    kernels. Elsewhere torch's products one expert at a time read the counts on the host."""
+    from unmask import native
+    from unmask.models.transformer import MixtureOfExperts
+
+    for module in model.modules():
+        if isinstance(module, MixtureOfExperts):
+            weight = module.expert_gate
+            return (weight.device.type == "cuda" and weight.dtype == torch.bfloat16
+                    and module.moe.n_experts <= native.CUDA_MOE_MAX_EXPERTS
+                    and ("moe_swiglu", "cuda") in native.kernels())
+    return True
 
 
 # --------------------------------------------------------------------------- the step loop
@@ -661,8 +677,8 @@ def _use_cuda_graph(cuda_graph: bool | None, step_model: _StepModel, device: tor
     applies = device.type == "cuda" and step_model.graphable and not eager_loop
     if cuda_graph and not applies:
         raise ValueError("cuda_graph=True needs the unmask model on a CUDA device with cache=None, or a cache and "
-                         "neither a block-causal mask nor shifted logits, no tensor parallelism and no mixture of "
-                         "experts (device "
+                         "neither a block-causal mask nor shifted logits, no tensor parallelism, and experts (if "
+                         "any) in bfloat16 that the CUDA kernel takes (device "
                          f"{device}, cache={step_model.cache_mode!r}, model {type(step_model.model).__name__})")
     return applies and (CUDA_GRAPH_BY_DEFAULT if cuda_graph is None else cuda_graph)
 

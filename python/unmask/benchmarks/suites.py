@@ -207,9 +207,9 @@ def bench_moe(device: torch.device, peak: float, shapes=MOE_SHAPES, dtype: torch
         weights = torch.rand(tokens, per_token, generator=gen).to(device)
         expert_bytes = 3 * d_model * hidden * torch.tensor([], dtype=dtype).element_size()
 
-        def make(i):
-            g = torch.Generator().manual_seed(i + 1)
-            return [(torch.randn(n_experts, *shape, generator=g) * 0.03).to(device, dtype)
+        def make(i):  # on the device: a GPU's 1.6 GB a set would take seconds on its host
+            g = torch.Generator(device).manual_seed(i + 1)
+            return [(torch.randn(n_experts, *shape, generator=g, device=device) * 0.03).to(dtype)
                     for shape in ((hidden, d_model), (hidden, d_model), (d_model, hidden))]
 
         weight_sets = rotating_inputs(make, n_experts * expert_bytes)
