@@ -50,6 +50,19 @@ def test_many_tokens_per_expert(cuda_runner):
     check_against_reference(run_kernel(cuda_runner, *arguments), arguments)
 
 
+def test_calls_past_4096_tokens_run_in_ranges(cuda_runner):
+    """4100 tokens: a range of 4096 and one of 4 through one workspace; every token as it
+    comes out alone."""
+    arguments = random_call(4100, 8, 8, 3, 2, torch.bfloat16, seed=8)
+    got = run_kernel(cuda_runner, *arguments)
+    check_against_reference(got, arguments)
+    x, chosen, weights, gate, up, down = arguments
+    for token in (0, 4095, 4096, 4099):
+        alone = run_kernel(cuda_runner, x[token:token + 1], chosen[token:token + 1], weights[token:token + 1],
+                           gate, up, down)
+        assert torch.equal(alone[0], got[token]), token
+
+
 def test_a_tokens_result_does_not_depend_on_its_companions(cuda_runner):
     """Each token comes out bit for bit as it does alone, and so does a subset."""
     for dim, hidden in ((128, 64), (100, 31)):  # the 16-byte loads, then the element loads
@@ -104,6 +117,21 @@ def test_inf_and_nan_reach_the_outputs_the_reference_gives_them(cuda_runner):
     assert torch.equal(torch.isnan(got), torch.isnan(expected))
     assert torch.equal(got[torch.isinf(expected)], expected[torch.isinf(expected)])
 
+    # An infinite down weight: inf times each token's activation, as in float32. Expert 2's
+    # hidden unit 4 is silu(100) * 100 = 10000 for every token (bits past bfloat16's 8, so
+    # its third piece is 0, which must not meet the inf).
+    x, chosen, weights, gate, up, down = random_call(30, 40, 20, 4, 2, torch.bfloat16, seed=13)
+    x[:, 0] = 100.0
+    gate[2, 4], up[2, 4] = 0.0, 0.0
+    gate[2, 4, 0] = up[2, 4, 0] = 1.0
+    down[2, 1, 4] = float("inf")
+    down[3, 5, 0] = -float("inf")
+    got = run_kernel(cuda_runner, x, chosen, weights, gate, up, down)
+    expected = reference.moe_swiglu(x.float(), chosen, weights, gate.float(), up.float(), down.float())
+    assert torch.isinf(expected).sum() > 10
+    assert torch.equal(torch.isnan(got), torch.isnan(expected))
+    assert torch.equal(got[torch.isinf(expected)], expected[torch.isinf(expected)])
+
     x, chosen, weights, gate, up, down = random_call(3, 40, 20, 4, 2, torch.bfloat16, seed=12)
     x[0, 2] = float("inf")
     gate[:, :, 2], up[:, :, 2], down = -gate[:, :, 2].abs(), up[:, :, 2].abs(), down.abs()
@@ -144,14 +172,16 @@ def test_the_launcher_checks_its_workspace(cuda_runner):
     interpreted = cuda_runner.interpreted
     needed = (native._C.moe_swiglu_cuda_interpret_workspace_bytes if interpreted
               else native._C.moe_swiglu_cuda_workspace_bytes)(params)
-    workspace = torch.empty(needed, dtype=torch.uint8, device=cuda_runner.device)
-    with pytest.raises(ValueError, match="params.workspace_bytes"):
-        if interpreted:
-            native._C.moe_swiglu_cuda_interpret(params, workspace=workspace.data_ptr(), workspace_bytes=needed - 1,
-                                                buffers=native._buffers(**tensors, workspace=workspace))
-        else:
-            native._C.moe_swiglu_cuda(params, workspace=workspace.data_ptr(), workspace_bytes=needed - 1,
-                                      stream=torch.cuda.current_stream().cuda_stream)
+    workspace = torch.empty(needed + 16, dtype=torch.uint8, device=cuda_runner.device)
+    for offset, size, message in ((0, needed - 1, "params.workspace_bytes"), (1, needed, "params.workspace ")):
+        with pytest.raises(ValueError, match=message):
+            if interpreted:
+                native._C.moe_swiglu_cuda_interpret(params, workspace=workspace.data_ptr() + offset,
+                                                    workspace_bytes=size,
+                                                    buffers=native._buffers(**tensors, workspace=workspace))
+            else:
+                native._C.moe_swiglu_cuda(params, workspace=workspace.data_ptr() + offset, workspace_bytes=size,
+                                          stream=torch.cuda.current_stream().cuda_stream)
 
 
 def test_interpret_mode_routes_bfloat16_calls_to_it():

@@ -1,12 +1,15 @@
 // moe_swiglu on CUDA (unmask/moe.h's contract) for bfloat16 models such as LLaDA 2.0's,
-// in four launches and no host read, so that a model's step can be a CUDA graph:
+// in four launches per 4096 tokens and no host read, so that a model's step can be a CUDA
+// graph:
 //   1. route: one block counts each expert's (token, choice) pairs, lays every expert's
 //      pairs out as consecutive slots and cuts them into tiles of 16 slots;
-//   2. gate_up: hidden[slot] = silu(gate_e x) * up_e x, float32, per (tile, 64 hidden units);
+//   2. gate_up: hidden[slot] = silu(gate_e x) * up_e x per (tile, 64 hidden units), kept
+//      as the three bfloat16 pieces of its float32 value (below);
 //   3. down: routed[pair] = down_e hidden[slot], float32, per (tile, 64 outputs);
 //   4. combine: out[t] = sum over j, in j order, of weights[t, j] * routed[t, j].
 // Grids are sized for the worst routing (at most pairs / 16 + min(E, pairs) tiles);
-// blocks past the tiles the route made return at once.
+// blocks past the tiles the route made return at once. Longer calls run 4096 tokens at a
+// time through one workspace (~370 MB at LLaDA2.0-mini's widths; 128 pairs an expert).
 //
 // Products. mma.sync.m16n8k16 with the weights as the A operand, read in place as the
 // [out, in] rows they are (16 rows a warp), and 8 of the tile's tokens as the B operand
@@ -21,9 +24,13 @@
 // are inputs 8c..8c+3 of the step, and of the second 8c+4..8c+7).
 //
 // Precision, as the CPU kernels: x and the weights are bfloat16, so the gate and up
-// products are exact, summed in float32; the hidden activations stay float32, and the
-// down product runs on each split into three bfloat16 pieces that add up to it exactly
-// (a NaN or inf is one piece, the others zero), so it is float32's too.
+// products are exact, summed in float32 (as the tensor cores sum: Hopper's do not round
+// each addition to nearest, so the bits differ from the CPU's and the interpreter's); the
+// hidden activations stay float32, and the down product runs on each split into three
+// bfloat16 pieces that add up to it exactly (a NaN or inf is one piece, the others zero;
+// below ~2^-102 the last piece loses bits to bfloat16's range). The second and third
+// pieces meet the weights with inf and NaN zeroed, so an infinite weight times an
+// activation gives inf as in float32 (inf times the zero pieces would be NaN).
 //
 // Traffic. At a denoising step (a few tokens per expert) each chosen expert's weights
 // are read once per tile: the call's floor is one read of the chosen experts, as on the
@@ -55,7 +62,8 @@ constexpr int kRowsPerBlock = kWarps * 16;  // weight rows per block: one 16-row
 constexpr int kSlotsPerTile = 16;           // tokens per tile: two 8-token mma blocks
 constexpr int kStep = 32;                   // inputs per load step: 8 per lane of a quad
 constexpr int kMaxExperts = 1024;           // the route scans one expert per thread
-constexpr int kCombineThreads = 256;
+constexpr int kCombineWarps = 8;            // tokens per combine block, a warp each
+constexpr int64_t kTokensPerLaunch = 4096;  // bounds the workspace: routed is pairs x dim floats
 
 // The workspace, carved by layout_of().
 struct Layout {
@@ -64,7 +72,7 @@ struct Layout {
   int* tile_begin;   // [max_tiles]: first slot
   int* tile_end;     // [max_tiles]: the expert's end slot
   int* slot_pair;    // [pairs]: the pair (t * per_token + j) in each slot
-  float* hidden;     // [pairs][hidden_stride], by slot; rows hidden..hidden_stride are 0
+  uint16_t* pieces;  // [pairs][3][hidden_stride] bfloat16 bits, by slot; units past hidden are 0
   float* routed;     // [pairs][dim], by pair
   int64_t max_tiles, hidden_stride;
 };
@@ -78,7 +86,8 @@ int64_t max_tiles_of(const MoeParams& p) {
   return (pairs + kSlotsPerTile - 1) / kSlotsPerTile + (pairs < p.n_experts ? pairs : p.n_experts);
 }
 
-// Byte offsets of the workspace's parts (16-byte aligned) and its size; base may be null.
+// Byte offsets of the workspace's parts (16-byte aligned) and its size, for p.tokens up
+// to kTokensPerLaunch; base may be null.
 Layout layout_of(const MoeParams& p, void* base, int64_t* bytes) {
   Layout w{};
   w.max_tiles = max_tiles_of(p);
@@ -96,7 +105,7 @@ Layout layout_of(const MoeParams& p, void* base, int64_t* bytes) {
   w.tile_begin = reinterpret_cast<int*>(carve(w.max_tiles * sizeof(int)));
   w.tile_end = reinterpret_cast<int*>(carve(w.max_tiles * sizeof(int)));
   w.slot_pair = reinterpret_cast<int*>(carve(pairs * sizeof(int)));
-  w.hidden = reinterpret_cast<float*>(carve(pairs * w.hidden_stride * sizeof(float)));
+  w.pieces = reinterpret_cast<uint16_t*>(carve(pairs * 3 * w.hidden_stride * sizeof(uint16_t)));
   w.routed = reinterpret_cast<float*>(carve(pairs * p.dim * sizeof(float)));
   *bytes = used;
   return w;
@@ -173,6 +182,17 @@ __device__ __forceinline__ uint4 load8(const __nv_bfloat16* row, int64_t at, int
   for (int i = 0; i < 8; ++i) bits[i] = at + i < width ? reinterpret_cast<const uint16_t*>(row)[at + i] : 0;
   return uint4{bits[0] | (uint32_t{bits[1]} << 16), bits[2] | (uint32_t{bits[3]} << 16),
                bits[4] | (uint32_t{bits[5]} << 16), bits[6] | (uint32_t{bits[7]} << 16)};
+}
+
+// A word of two bfloat16 weights with an inf or NaN half made 0 (for the second and third
+// pieces of the activations, which are 0 where the first is inf or NaN).
+__device__ __forceinline__ uint32_t finite_halves(uint32_t word) {
+  const uint32_t low = (word & 0x7F80u) == 0x7F80u ? 0xFFFFu : 0u;
+  const uint32_t high = (word & 0x7F800000u) == 0x7F800000u ? 0xFFFF0000u : 0u;
+  return word & ~(low | high);
+}
+__device__ __forceinline__ uint4 finite_halves(const uint4& v) {
+  return uint4{finite_halves(v.x), finite_halves(v.y), finite_halves(v.z), finite_halves(v.w)};
 }
 
 // c += (rows a, b) x (token column) over one load step: two mmas (the permutation above).
@@ -252,9 +272,11 @@ __global__ void __launch_bounds__(kThreads) gate_up_kernel(MoeParams p, Layout w
       const int slot = begin + b * 8 + 2 * c + (i & 1);
       const int64_t unit = row + (i >= 2 ? 8 : 0);
       if (slot >= end) continue;
-      // Rows past hidden are the down product's zero padding (their sums may be NaN from
+      // Units past hidden are the down product's zero padding (their sums may be NaN from
       // an inf input times a zero row).
-      w.hidden[slot * w.hidden_stride + unit] = unit < p.hidden ? swiglu(gate_sum[b][i], up_sum[b][i]) : 0.0f;
+      const Pieces pieces = split3(unit < p.hidden ? swiglu(gate_sum[b][i], up_sum[b][i]) : 0.0f);
+      uint16_t* at = w.pieces + slot * 3 * w.hidden_stride + unit;
+      for (int piece = 0; piece < 3; ++piece) at[piece * w.hidden_stride] = pieces.bits[piece];
     }
   }
 }
@@ -274,34 +296,24 @@ __global__ void __launch_bounds__(kThreads) down_kernel(MoeParams p, Layout w, b
   const __nv_bfloat16* down = static_cast<const __nv_bfloat16*>(p.down) + expert * p.dim * p.hidden;
   const __nv_bfloat16* rows[2] = {row < p.dim ? down + row * p.hidden : nullptr,
                                   row + 8 < p.dim ? down + (row + 8) * p.hidden : nullptr};
-  const float* activations[2];  // this lane's slot (B column g) of each 8-token block
+  const uint16_t* activations[2];  // this lane's slot (B column g) of each 8-token block: its pieces
   for (int b = 0; b < 2; ++b) {
     const int slot = begin + b * 8 + g;
-    activations[b] = slot < end ? w.hidden + slot * w.hidden_stride : nullptr;
+    activations[b] = slot < end ? w.pieces + slot * 3 * w.hidden_stride : nullptr;
   }
 
   float sum[2][4] = {};
 #pragma unroll 2
   for (int64_t k = 0; k < w.hidden_stride; k += kStep) {
-    const int64_t at = k + 8 * c;  // < hidden_stride, a multiple of 64: whole float4s
+    const int64_t at = k + 8 * c;  // < hidden_stride, a multiple of 64: whole 16-byte loads
     const uint4 a = load8(rows[0], at, p.hidden, whole_w), b = load8(rows[1], at, p.hidden, whole_w);
+    const uint4 a_finite = finite_halves(a), b_finite = finite_halves(b);
     for (int block = 0; block < 2; ++block) {
       if (block == 1 && !second_block) break;
-      float h[8] = {};
-      if (activations[block] != nullptr) {
-        const float4 low = *reinterpret_cast<const float4*>(activations[block] + at);
-        const float4 high = *reinterpret_cast<const float4*>(activations[block] + at + 4);
-        const float values[8] = {low.x, low.y, low.z, low.w, high.x, high.y, high.z, high.w};
-        for (int i = 0; i < 8; ++i) h[i] = values[i];
-      }
-      Pieces pieces[8];
-      for (int i = 0; i < 8; ++i) pieces[i] = split3(h[i]);
       for (int piece = 0; piece < 3; ++piece) {
-        uint32_t words[4];
-        for (int i = 0; i < 4; ++i) {
-          words[i] = pieces[2 * i].bits[piece] | (uint32_t{pieces[2 * i + 1].bits[piece]} << 16);
-        }
-        mma_step(sum[block], a, b, uint4{words[0], words[1], words[2], words[3]});
+        const uint4 token = activations[block] == nullptr ? uint4{0, 0, 0, 0}
+            : *reinterpret_cast<const uint4*>(activations[block] + piece * w.hidden_stride + at);
+        mma_step(sum[block], piece == 0 ? a : a_finite, piece == 0 ? b : b_finite, token);
       }
     }
   }
@@ -317,13 +329,15 @@ __global__ void __launch_bounds__(kThreads) down_kernel(MoeParams p, Layout w, b
 
 // ------------------------------------------------------------------ 4. combine
 
-// Grid (tokens): out[t] = sum over j in j order of weights[t, j] * routed[t * k + j]; NaN
-// for a token with an expert id out of range (the route skipped its pairs).
-__global__ void __launch_bounds__(kCombineThreads) combine_kernel(MoeParams p, Layout w) {
-  const int64_t t = blockIdx.x;
+// Grid (ceil(tokens / 8)), a warp per token: out[t] = sum over j in j order of
+// weights[t, j] * routed[t * k + j]; NaN for a token with an expert id out of range (the
+// route skipped its pairs).
+__global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(MoeParams p, Layout w) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kCombineWarps + (threadIdx.x >> 5);
+  if (t >= p.tokens) return;
   bool valid = true;
   for (int64_t j = 0; j < p.per_token; ++j) valid = valid && valid_expert(p, p.experts[t * p.per_token + j]);
-  for (int64_t d = threadIdx.x; d < p.dim; d += kCombineThreads) {
+  for (int64_t d = threadIdx.x & 31; d < p.dim; d += 32) {
     float sum = 0.0f;
     if (valid) {
       for (int64_t j = 0; j < p.per_token; ++j) {
@@ -338,12 +352,24 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(MoeParams p, L
 
 bool aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
 
+// The params of tokens [first, first + count).
+MoeParams token_range(const MoeParams& p, int64_t first, int64_t count) {
+  MoeParams q = p;
+  q.x = static_cast<const __nv_bfloat16*>(p.x) + first * p.x_row_stride;
+  q.experts = p.experts + first * p.per_token;
+  q.weights = p.weights + first * p.per_token;
+  q.out = p.out + first * p.dim;
+  q.tokens = count;
+  return q;
+}
+
 }  // namespace
 
 int64_t moe_swiglu_cuda_workspace_bytes(const MoeParams& params) {
   if (!check_moe_params(params).ok()) return 0;
   int64_t bytes = 0;
-  layout_of(params, nullptr, &bytes);
+  layout_of(token_range(params, 0, params.tokens < kTokensPerLaunch ? params.tokens : kTokensPerLaunch), nullptr,
+            &bytes);
   return bytes;
 }
 
@@ -354,30 +380,37 @@ Status moe_swiglu_cuda(const MoeParams& p, void* workspace, int64_t workspace_by
     return unsupported("dtype", static_cast<double>(static_cast<int>(p.dtype)), "the CUDA kernel runs bfloat16");
   }
   if (p.n_experts > kMaxExperts) return unsupported("n_experts", static_cast<double>(p.n_experts), "must be <= 1024 on CUDA");
-  const int64_t pairs = p.tokens * p.per_token;
-  if (pairs > (int64_t{1} << 30)) return unsupported("tokens", static_cast<double>(p.tokens), "tokens * per_token must be <= 2^30 on CUDA");
   if (p.dim > 65535 * int64_t{kRowsPerBlock} || p.hidden > 65535 * int64_t{kRowsPerBlock}) {
     return unsupported("dim", static_cast<double>(p.dim > p.hidden ? p.dim : p.hidden),
                        "dim and hidden must be <= 65535 * 64 on CUDA");
   }
   if (p.tokens == 0) return ok_status();
-  int64_t needed = 0;
-  const Layout w = layout_of(p, workspace, &needed);
-  if (workspace == nullptr || workspace_bytes < needed) {
+  if (workspace == nullptr || !aligned16(workspace)) return invalid_argument("workspace", 0, "must be 16-byte aligned");
+  if (workspace_bytes < moe_swiglu_cuda_workspace_bytes(p)) {
     return invalid_argument("workspace_bytes", static_cast<double>(workspace_bytes), "is less than the launch needs");
   }
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   const bool whole_x = aligned16(p.x) && p.dim % 8 == 0 && (p.tokens == 1 || p.x_row_stride % 8 == 0);
   const bool whole_gate_up = aligned16(p.gate) && aligned16(p.up) && p.dim % 8 == 0;
   const bool whole_down = aligned16(p.down) && p.hidden % 8 == 0;
-  const unsigned tiles = static_cast<unsigned>(w.max_tiles);
-  launch_kernel("moe_route", route_kernel, dim3(1), dim3(kMaxExperts), 0, s, p, w);
-  launch_kernel("moe_gate_up", gate_up_kernel, dim3(tiles, static_cast<unsigned>(w.hidden_stride / kRowsPerBlock)),
-                dim3(kThreads), 0, s, p, w, whole_x, whole_gate_up);
-  launch_kernel("moe_down", down_kernel, dim3(tiles, static_cast<unsigned>((p.dim + kRowsPerBlock - 1) / kRowsPerBlock)),
-                dim3(kThreads), 0, s, p, w, whole_down);
-  launch_kernel("moe_combine", combine_kernel, dim3(static_cast<unsigned>(p.tokens)), dim3(kCombineThreads), 0, s, p, w);
-  return check_launch();
+  // One stream: each range's launches finish with the workspace before the next range's start.
+  for (int64_t first = 0; first < p.tokens; first += kTokensPerLaunch) {
+    const MoeParams q = token_range(p, first, p.tokens - first < kTokensPerLaunch ? p.tokens - first : kTokensPerLaunch);
+    int64_t bytes = 0;
+    const Layout w = layout_of(q, workspace, &bytes);
+    const unsigned tiles = static_cast<unsigned>(w.max_tiles);
+    launch_kernel("moe_route", route_kernel, dim3(1), dim3(kMaxExperts), 0, s, q, w);
+    launch_kernel("moe_gate_up", gate_up_kernel, dim3(tiles, static_cast<unsigned>(w.hidden_stride / kRowsPerBlock)),
+                  dim3(kThreads), 0, s, q, w, whole_x, whole_gate_up);
+    launch_kernel("moe_down", down_kernel,
+                  dim3(tiles, static_cast<unsigned>((q.dim + kRowsPerBlock - 1) / kRowsPerBlock)), dim3(kThreads), 0, s,
+                  q, w, whole_down);
+    launch_kernel("moe_combine", combine_kernel, dim3(static_cast<unsigned>((q.tokens + kCombineWarps - 1) / kCombineWarps)),
+                  dim3(kCombineWarps * 32), 0, s, q, w);
+    const Status launched = check_launch();
+    if (!launched.ok()) return launched;
+  }
+  return ok_status();
 }
 
 UNMASK_BUILD_NAMESPACE_END

@@ -633,6 +633,7 @@ def _supports_moe_swiglu_cpu(call: MoeCall) -> str | None:
 
 
 CUDA_MOE_MAX_EXPERTS = 1024  # kMaxExperts of csrc/cuda/moe.cu: the route scans one expert per thread
+CUDA_MOE_MAX_WIDTH = 65535 * 64  # dim and hidden: 64 rows a block on the grid's y (at most 65535)
 
 
 def _supports_moe_swiglu_cuda(call: MoeCall) -> str | None:
@@ -640,8 +641,8 @@ def _supports_moe_swiglu_cuda(call: MoeCall) -> str | None:
         return f"dtype {validation.dtype_name(call.x)}: the CUDA moe_swiglu kernel runs bfloat16 (tensor cores)"
     if call.gate.shape[0] > CUDA_MOE_MAX_EXPERTS:
         return f"{call.gate.shape[0]} experts: the CUDA moe_swiglu kernel takes at most {CUDA_MOE_MAX_EXPERTS}"
-    if call.experts.numel() > 2**30:
-        return "more than 2^30 (token, expert) pairs: the CUDA moe_swiglu kernel's slots are 32-bit"
+    if max(call.x.shape[1], call.gate.shape[1]) > CUDA_MOE_MAX_WIDTH:
+        return f"dim or hidden over {CUDA_MOE_MAX_WIDTH}: the CUDA moe_swiglu kernel's grid has 64 rows a block"
     return _inference_only("moe_swiglu", call.x, call.weights, call.gate, call.up, call.down)
 
 
