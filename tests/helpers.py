@@ -97,6 +97,14 @@ def tiny_model(seed: int = 0, std: float = 0.3, norm_std: float = 0.0, **overrid
 # --------------------------------------------------------------------------- sample
 
 
+def tiny_mixture():
+    """A tiny LLaDA 2.0-style model: a dense layer, then a mixture of 8 experts, 3 a token."""
+    moe = unmask.MoeConfig(n_experts=8, experts_per_token=3, expert_hidden_size=16, n_shared_experts=1, n_groups=4,
+                           top_groups=2, routed_scaling=2.5, dense_layers=1)
+    return tiny_model(seed=4, d_model=64, n_heads=8, n_kv_heads=4, block_size=4, model_type="llada2", qk_norm=True,
+                      attention_head_dim=8, moe=moe)
+
+
 def run_sample_kernel(backend, logits, rows=None, **kwargs):
     """One native sample backend (a kernel table entry) on poisoned outputs; every output
     must be written. Returns (tokens, conf) on the CPU."""

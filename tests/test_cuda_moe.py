@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unmask import dispatch, native, ops, reference, validation
-from tests.helpers import CudaRunner, requires_cuda_build, requires_gpu
+import unmask
+from tests.helpers import CudaRunner, requires_cuda_build, requires_gpu, tiny_mixture
 from tests.test_moe import check_against_reference, random_call
 
 
@@ -193,6 +194,24 @@ def test_interpret_mode_routes_bfloat16_calls_to_it():
         check_against_reference(ops.moe_swiglu(*arguments), arguments)
         x, chosen, weights, gate, up, down = arguments
         assert ops.backend_for("moe_swiglu", x.half(), chosen, weights, gate.half(), up.half(), down.half()) == "reference"
+
+
+def test_a_mixture_decodes_the_same_tokens_through_the_cuda_kernel(monkeypatch):
+    """A bfloat16 LLaDA 2.0-style model under UNMASK_BACKEND=interpret (its experts, sampling
+    and commits through the CUDA kernels on the interpreter) decodes the CPU kernels'
+    tokens."""
+    if not native.interpreter_available():
+        pytest.skip("this build has no SIMT interpreter")
+    model = tiny_mixture().to(torch.bfloat16)
+    arguments = dict(gen_length=16, block_length=8, steps=8, stop_at_eos=False)
+    on_the_cpu = unmask.generate(model, [[5, 9, 3, 7, 1], [11, 2]], **arguments)
+    calls = []
+    launch = native._C.moe_swiglu_cuda_interpret
+    monkeypatch.setattr(native._C, "moe_swiglu_cuda_interpret", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    with dispatch.forced("interpret"):
+        interpreted = unmask.generate(model, [[5, 9, 3, 7, 1], [11, 2]], **arguments)
+    assert len(calls) == 8  # one mixture layer (the first is dense), eight steps
+    assert torch.equal(interpreted.tokens, on_the_cpu.tokens)
 
 
 @requires_gpu

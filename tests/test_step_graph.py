@@ -11,7 +11,7 @@ import torch
 
 import unmask
 from unmask import sampler, validation
-from tests.helpers import requires_gpu, tiny_model
+from tests.helpers import requires_gpu, tiny_mixture, tiny_model
 
 BLOCK, PROMPT, BLOCKS = 6, 5, 2
 RULES = {
@@ -300,14 +300,6 @@ def test_cuda_graph_replay_gives_the_eager_tokens(kwargs, dtype):
     graphed = unmask.generate(model, prompts, cuda_graph=True, **arguments)
     assert torch.equal(graphed.tokens, eager.tokens)
     assert graphed.nfe == eager.nfe and graphed.steps_per_block == eager.steps_per_block
-
-
-def tiny_mixture():
-    """A tiny LLaDA 2.0-style model: a dense layer, then a mixture of 8 experts, 3 a token."""
-    moe = unmask.MoeConfig(n_experts=8, experts_per_token=3, expert_hidden_size=16, n_shared_experts=1, n_groups=4,
-                           top_groups=2, routed_scaling=2.5, dense_layers=1)
-    return tiny_model(seed=4, d_model=64, n_heads=8, n_kv_heads=4, block_size=4, model_type="llada2", qk_norm=True,
-                      attention_head_dim=8, moe=moe)
 
 
 @requires_gpu
