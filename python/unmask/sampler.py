@@ -236,7 +236,8 @@ class _StepModel:
 def _experts_read_nothing_on_the_host(model) -> bool:
     """Whether a mixture's experts run the CUDA kernel (csrc/cuda/moe.cu), which routes the
     pairs on the device: bfloat16 weights on a GPU, at most 1024 experts, a build with CUDA
-    kernels. Elsewhere torch's products one expert at a time read the counts on the host."""
+    kernels. Elsewhere a traced or captured step would run torch's products one expert at a
+    time (unmask.experts), which read the counts on the host."""
     from unmask import native
     from unmask.models.transformer import MixtureOfExperts
 

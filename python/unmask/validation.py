@@ -642,7 +642,8 @@ def moe_swiglu_call(x, experts, weights, gate, up, down) -> MoeCall:
 
 def check_expert_ids(low: int, high: int, n_experts: int) -> None:
     """The smallest and largest expert id of a moe_swiglu call, read where the ids are
-    (the reference and the torch backend; the CPU kernel checks them as it counts)."""
+    (the reference and the torch backend; the CPU kernel checks them as it counts; the
+    CUDA kernel, which reads nothing on the host, gives such a token NaN outputs)."""
     if low < 0 or high >= n_experts:
         raise ValueError(f"experts must hold ids in [0, n_experts) = [0, {n_experts}), got {low if low < 0 else high}")
 
