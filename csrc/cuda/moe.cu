@@ -222,6 +222,41 @@ __device__ __forceinline__ Pieces split3(float v) {
                  static_cast<uint16_t>(__float_as_uint(last) >> 16)}};
 }
 
+// ------------------------------------------------------------------ what a block of stages 2 and 3 works on
+
+// Block (tile, blockIdx.y)'s part: the tile's expert and slots, and this lane's place in
+// its warp's mma (g: its A row and B column, c: its 8 inputs of a load step), with the
+// first of its two weight rows (row and row + 8 of the block's 64).
+struct TileWork {
+  int64_t expert;
+  int begin, end;
+  int g, c;
+  int64_t row;
+  bool second_block;  // warp-uniform: the tile's tokens 8..15 exist
+};
+
+// False for a block past the tiles the route made.
+__device__ __forceinline__ bool tile_work(const Layout& w, TileWork* t) {
+  const int tile = blockIdx.x;
+  if (tile >= *w.tiles_used) return false;
+  t->expert = w.tile_expert[tile];
+  t->begin = w.tile_begin[tile];
+  t->end = w.tile_end[tile];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  t->g = lane >> 2;
+  t->c = lane & 3;
+  t->row = static_cast<int64_t>(blockIdx.y) * kRowsPerBlock + warp * 16 + t->g;
+  t->second_block = t->end - t->begin > 8;
+  return true;
+}
+
+// The lane's two rows (row, row + 8) of a [rows, width] matrix; null past its end.
+__device__ __forceinline__ void row_pair(const __nv_bfloat16* matrix, int64_t row, int64_t rows, int64_t width,
+                                         const __nv_bfloat16* (&out)[2]) {
+  out[0] = row < rows ? matrix + row * width : nullptr;
+  out[1] = row + 8 < rows ? matrix + (row + 8) * width : nullptr;
+}
+
 // ------------------------------------------------------------------ 2. gate and up
 
 __device__ __forceinline__ float swiglu(float gate, float up) { return gate / (1.0f + expf(-gate)) * up; }
@@ -229,20 +264,15 @@ __device__ __forceinline__ float swiglu(float gate, float up) { return gate / (1
 // Grid (max_tiles, hidden_stride / 64). whole_x, whole_w: x's rows and the gate and up
 // rows take 16-byte loads.
 __global__ void __launch_bounds__(kThreads) gate_up_kernel(MoeParams p, Layout w, bool whole_x, bool whole_w) {
-  const int tile = blockIdx.x;
-  if (tile >= *w.tiles_used) return;
-  const int64_t expert = w.tile_expert[tile];
-  const int begin = w.tile_begin[tile], end = w.tile_end[tile];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-  const int64_t row = static_cast<int64_t>(blockIdx.y) * kRowsPerBlock + warp * 16 + g;  // and row + 8
-  const bool second_block = end - begin > 8;  // warp-uniform: the tile's tokens 8..15 exist
-
-  const __nv_bfloat16* gate = static_cast<const __nv_bfloat16*>(p.gate) + expert * p.hidden * p.dim;
-  const __nv_bfloat16* up = static_cast<const __nv_bfloat16*>(p.up) + expert * p.hidden * p.dim;
-  const __nv_bfloat16* gate_rows[2] = {row < p.hidden ? gate + row * p.dim : nullptr,
-                                       row + 8 < p.hidden ? gate + (row + 8) * p.dim : nullptr};
-  const __nv_bfloat16* up_rows[2] = {row < p.hidden ? up + row * p.dim : nullptr,
-                                     row + 8 < p.hidden ? up + (row + 8) * p.dim : nullptr};
+  TileWork t;
+  if (!tile_work(w, &t)) return;
+  const int begin = t.begin, end = t.end, g = t.g, c = t.c;
+  const int64_t row = t.row;
+  const bool second_block = t.second_block;
+  const int64_t offset = t.expert * p.hidden * p.dim;
+  const __nv_bfloat16 *gate_rows[2], *up_rows[2];
+  row_pair(static_cast<const __nv_bfloat16*>(p.gate) + offset, row, p.hidden, p.dim, gate_rows);
+  row_pair(static_cast<const __nv_bfloat16*>(p.up) + offset, row, p.hidden, p.dim, up_rows);
   const __nv_bfloat16* tokens[2];  // this lane's token (B column g) of each 8-token block
   for (int b = 0; b < 2; ++b) {
     const int slot = begin + b * 8 + g;
@@ -285,17 +315,13 @@ __global__ void __launch_bounds__(kThreads) gate_up_kernel(MoeParams p, Layout w
 
 // Grid (max_tiles, ceil(dim / 64)). whole_w: the down rows take 16-byte loads.
 __global__ void __launch_bounds__(kThreads) down_kernel(MoeParams p, Layout w, bool whole_w) {
-  const int tile = blockIdx.x;
-  if (tile >= *w.tiles_used) return;
-  const int64_t expert = w.tile_expert[tile];
-  const int begin = w.tile_begin[tile], end = w.tile_end[tile];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-  const int64_t row = static_cast<int64_t>(blockIdx.y) * kRowsPerBlock + warp * 16 + g;  // output dims row, row + 8
-  const bool second_block = end - begin > 8;
-
-  const __nv_bfloat16* down = static_cast<const __nv_bfloat16*>(p.down) + expert * p.dim * p.hidden;
-  const __nv_bfloat16* rows[2] = {row < p.dim ? down + row * p.hidden : nullptr,
-                                  row + 8 < p.dim ? down + (row + 8) * p.hidden : nullptr};
+  TileWork t;
+  if (!tile_work(w, &t)) return;
+  const int begin = t.begin, end = t.end, g = t.g, c = t.c;
+  const int64_t row = t.row;  // output dims row and row + 8
+  const bool second_block = t.second_block;
+  const __nv_bfloat16* rows[2];
+  row_pair(static_cast<const __nv_bfloat16*>(p.down) + t.expert * p.dim * p.hidden, row, p.dim, p.hidden, rows);
   const uint16_t* activations[2];  // this lane's slot (B column g) of each 8-token block: its pieces
   for (int b = 0; b < 2; ++b) {
     const int slot = begin + b * 8 + g;
